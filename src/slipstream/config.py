@@ -1,0 +1,364 @@
+"""One typed config tree for every service, and the command-line flags that fill it.
+
+The tree is a handful of nested dataclasses (`Config.model`, `Config.rollout`, ...). Every
+field is also a command-line flag named after the field with dashes: `rollout_batch_size`
+becomes `--rollout-batch-size`. Field names are slime/miles' argument names wherever slime
+has the same knob, so a slime command line mostly works unchanged; the few we add
+(`--run-dir`, `--redis-url`, `--rollout-num-servers`, `--weight-sync-dtype`, ...) say so in
+their help.
+
+Values resolve in this order: field defaults, then a JSON/YAML file given by `--config`,
+then flags. Every service reads the same resolved file (the launcher writes it into the
+run directory) plus a few per-process flags such as `--port`.
+
+`Config.as_namespace()` gives the flat `argparse.Namespace` that slime hooks receive as
+`args` (for example `--custom-rm-path` functions), so those hooks port without changes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A config field with its flag help text (the field docstring, in one place)."""
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the CLI prints it as one line."""
+
+
+@dataclass
+class ModelConfig:
+    hf_checkpoint: str = opt("", "Hugging Face model directory (config.json, *.safetensors, tokenizer).")
+    ref_load: str = opt("", "Reference model for the KL loss (defaults to --hf-checkpoint).")
+    dtype: Literal["auto", "float32", "bfloat16"] = opt(
+        "auto", "Compute dtype: auto = bfloat16 on GPU, float32 on CPU. (Slipstream)"
+    )
+
+
+@dataclass
+class DataConfig:
+    prompt_data: str = opt("", "Prompt dataset: JSONL (one object per line) or Parquet.")
+    input_key: str = opt("prompt", "Key of the prompt in each record.")
+    label_key: str = opt("label", "Key of the ground-truth label in each record.")
+    metadata_key: str = opt("metadata", "Key of per-record metadata passed through to the reward.")
+    apply_chat_template: bool = opt(False, "Wrap each prompt in the tokenizer's chat template.")
+    rollout_shuffle: bool = opt(False, "Shuffle prompts each epoch.")
+
+
+@dataclass
+class RolloutConfig:
+    rollout_batch_size: int = opt(32, "Prompts per rollout step (groups per training step).")
+    n_samples_per_prompt: int = opt(8, "Responses sampled per prompt (the GRPO group size).")
+    num_rollout: int = opt(100, "Number of rollout/training steps to run.")
+    rollout_max_prompt_len: int = opt(1024, "Prompts longer than this (in tokens) are rejected.")
+    rollout_max_response_len: int = opt(1024, "Most tokens generated per response.")
+    rollout_temperature: float = opt(1.0, "Sampling temperature.")
+    rollout_top_p: float = opt(1.0, "Nucleus sampling threshold.")
+    rollout_top_k: int = opt(-1, "Top-k sampling; -1 disables it.")
+    rollout_stop_token_ids: list[int] = opt([], "Extra token ids that end a response (EOS always does).")
+    rollout_num_servers: int = opt(2, "Rollout servers the launcher starts. (Slipstream)")
+    rollout_max_batch_size: int = opt(256, "Most sequences one rollout server decodes at once. (Slipstream)")
+    max_staleness: int = opt(
+        1,
+        "Largest allowed gap, in policy versions, between the trained policy and the oldest "
+        "token of a trained batch; the coordinator admits new prompts only within it. (AReaL's eta)",
+    )
+    rollout_engine: Literal["native", "sglang"] = opt("native", "Inference engine of rollout servers.")
+
+
+@dataclass
+class AlgoConfig:
+    advantage_estimator: Literal["grpo"] = opt("grpo", "How advantages are computed.")
+    disable_grpo_std_normalization: bool = opt(False, "GRPO: subtract the group mean only (Dr.GRPO).")
+    eps_clip: float = opt(0.2, "PPO clip range (lower side, and upper when --eps-clip-high is unset).")
+    eps_clip_high: float | None = opt(None, "PPO clip range, upper side (DAPO clip-higher).")
+    use_tis: bool = opt(False, "Truncated importance sampling against the rollout log-probs.")
+    tis_clip: float = opt(2.0, "Upper truncation of the TIS weight.")
+    tis_clip_low: float = opt(0.0, "Lower truncation of the TIS weight.")
+    entropy_coef: float = opt(0.0, "Weight of the entropy bonus.")
+    use_rollout_logprobs: bool = opt(
+        False, "Use the engine's log-probs as the old policy instead of recomputing them."
+    )
+
+
+@dataclass
+class TrainConfig:
+    lr: float = opt(1e-6, "Learning rate (AdamW).")
+    weight_decay: float = opt(0.0, "AdamW weight decay.")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.98, "AdamW beta2.")
+    clip_grad: float = opt(1.0, "Gradient-norm clipping threshold.")
+    global_batch_size: int = opt(
+        0, "Samples per optimizer step; 0 = rollout-batch-size x n-samples-per-prompt (one step per rollout)."
+    )
+    micro_batch_size: int = opt(8, "Samples per forward/backward pass.")
+    update_weights_interval: int = opt(1, "Push new weights to rollout every N training steps.")
+    weight_sync_dtype: Literal["fp8", "bf16"] = opt(
+        "fp8", "Wire format of weight pushes: FP8 e4m3 with 128x128 block scales, or bf16. (Slipstream)"
+    )
+    save: str = opt("", "Directory for checkpoints (defaults to <run-dir>/checkpoints).")
+    save_interval: int = opt(0, "Save a checkpoint every N steps (0 = only at the end).")
+    load: str = opt("", "Checkpoint directory to resume from.")
+    seed: int = opt(1234, "Random seed (data order, sampling, init).")
+    device: str = opt("auto", "Torch device of this process: auto, cpu, cuda, cuda:N. (Slipstream)")
+
+
+@dataclass
+class RewardConfig:
+    rm_type: str = opt("math", "Built-in reward: math (final answer as number or string), exact, or remote_rm.")
+    rm_url: str = opt("", "Remote reward endpoint (slime's protocol: POST prompt/response/label JSON).")
+    rm_timeout: float = opt(30.0, "Seconds before a remote reward call is abandoned. (Slipstream)")
+    rm_max_retries: int = opt(3, "Retries of a failed remote reward call. (Slipstream)")
+    custom_rm_path: str = opt("", "module:function computing the reward, slime's signature (args, sample).")
+
+
+@dataclass
+class InfraConfig:
+    run_dir: str = opt("runs/latest", "Run directory: config, logs, metrics, checkpoints. (Slipstream)")
+    redis_url: str = opt("", "External Redis/Valkey; empty = start an embedded server. (Slipstream)")
+    coordinator_addr: str = opt("", "host:port of the coordinator (set by the launcher). (Slipstream)")
+    reward_addr: str = opt("", "host:port of the reward service (set by the launcher). (Slipstream)")
+    host: str = opt("127.0.0.1", "Address this service binds to. (Slipstream)")
+    port: int = opt(0, "Port this service binds to; 0 = any free port. (Slipstream)")
+    ready_file: str = opt("", "File this service writes its bound port into once serving. (Slipstream)")
+    server_id: str = opt("", "Name of this rollout server (defaults to host:pid). (Slipstream)")
+    rpc_timeout: float = opt(30.0, "Default deadline, in seconds, of unary RPCs. (Slipstream)")
+    torch_threads: int = opt(0, "Torch CPU threads of this process; 0 = torch's default. (Slipstream)")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    infra: InfraConfig = field(default_factory=InfraConfig)
+
+    def __post_init__(self) -> None:
+        r, t, a = self.rollout, self.train, self.algo
+        _require(r.rollout_batch_size > 0, "--rollout-batch-size must be positive")
+        _require(r.n_samples_per_prompt > 0, "--n-samples-per-prompt must be positive")
+        _require(r.num_rollout > 0, "--num-rollout must be positive")
+        _require(r.rollout_max_response_len > 0, "--rollout-max-response-len must be positive")
+        _require(r.rollout_temperature >= 0, "--rollout-temperature must be >= 0")
+        _require(0 < r.rollout_top_p <= 1, "--rollout-top-p must be in (0, 1]")
+        _require(r.rollout_num_servers >= 1, "--rollout-num-servers must be at least 1")
+        _require(r.max_staleness >= 0, "--max-staleness must be >= 0")
+        _require(a.eps_clip > 0, "--eps-clip must be positive")
+        _require(a.tis_clip > a.tis_clip_low >= 0, "--tis-clip must exceed --tis-clip-low >= 0")
+        _require(t.lr > 0, "--lr must be positive")
+        _require(t.micro_batch_size > 0, "--micro-batch-size must be positive")
+        _require(t.update_weights_interval > 0, "--update-weights-interval must be positive")
+        samples = r.rollout_batch_size * r.n_samples_per_prompt
+        _require(
+            t.global_batch_size >= 0 and (t.global_batch_size == 0 or samples % t.global_batch_size == 0),
+            f"--global-batch-size must divide rollout-batch-size x n-samples-per-prompt = {samples}",
+        )
+        _require(
+            self.reward.rm_type != "remote_rm" or bool(self.reward.rm_url),
+            "--rm-type remote_rm needs --rm-url",
+        )
+
+    # ---- derived values ------------------------------------------------------------------
+    @property
+    def samples_per_rollout(self) -> int:
+        return self.rollout.rollout_batch_size * self.rollout.n_samples_per_prompt
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.train.global_batch_size or self.samples_per_rollout
+
+    @property
+    def eps_clip_high(self) -> float:
+        return self.algo.eps_clip if self.algo.eps_clip_high is None else self.algo.eps_clip_high
+
+    @property
+    def save_dir(self) -> Path:
+        return Path(self.train.save) if self.train.save else Path(self.infra.run_dir) / "checkpoints"
+
+    # ---- views ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def as_namespace(self) -> argparse.Namespace:
+        """The flat namespace slime hooks receive as `args` (`args.rm_type`, `args.lr`, ...)."""
+        flat: dict[str, Any] = {}
+        for section in self.to_dict().values():
+            flat.update(section)
+        return argparse.Namespace(**flat)
+
+    def save_json(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+# ---- flags ---------------------------------------------------------------------------------
+
+_SECTION_TYPES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "rollout": RolloutConfig,
+    "algo": AlgoConfig,
+    "train": TrainConfig,
+    "reward": RewardConfig,
+    "infra": InfraConfig,
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _field_index() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Field name -> (section, field), for every leaf of the tree. Names are unique."""
+    index: dict[str, tuple[str, dataclasses.Field]] = {}
+    for section, cls in _SECTION_TYPES.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            f.type = hints[f.name]
+            assert f.name not in index, f"duplicate config field {f.name}"
+            index[f.name] = (section, f)
+    return index
+
+
+FIELDS = _field_index()
+
+
+def _scalar_parser(tp: Any):
+    """The argparse `type=` and `choices=` for a field's annotation."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        return type(choices[0]), list(choices)
+    if origin in (typing.Union, types.UnionType):
+        inner = [t for t in typing.get_args(tp) if t is not type(None)]
+        return _scalar_parser(inner[0])
+    return tp, None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that names the closest real flag when given an unknown one."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        if message.startswith("unrecognized arguments:"):
+            unknown = message.split(":", 1)[1].split()
+            flag = next((u for u in unknown if u.startswith("--")), unknown[0])
+            name = flag.split("=", 1)[0]
+            known = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            message = f"unknown flag {name}{hint}"
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser(prog: str = "slipstream", description: str | None = None) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description=description, allow_abbrev=False)
+    parser.add_argument("--config", default=None, help="JSON or YAML file with the config tree.")
+    for section, cls in _SECTION_TYPES.items():
+        group = parser.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            _, fld = FIELDS[f.name]
+            help_text = fld.metadata.get("help", "")
+            kind, choices = _scalar_parser(fld.type)
+            if kind is bool:
+                group.add_argument(
+                    _flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                    help=help_text,
+                )
+            elif typing.get_origin(kind) is list:
+                (elem,) = typing.get_args(kind)
+                group.add_argument(
+                    _flag(f.name), type=elem, nargs="*", default=argparse.SUPPRESS, help=help_text
+                )
+            else:
+                group.add_argument(
+                    _flag(f.name), type=kind, choices=choices, default=argparse.SUPPRESS, help=help_text,
+                    metavar=None if choices else f.name.upper(),
+                )
+    return parser
+
+
+def _read_file(path: str) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    text = p.read_text()
+    try:
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes one line
+        raise ConfigError(f"--config {path}: cannot parse: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: top level must be a mapping")
+    return data
+
+
+def _flatten_file(data: dict[str, Any], path: str) -> dict[str, Any]:
+    """Accept either the nested tree (as saved) or flat field names; return flat values."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        key = key.replace("-", "_")
+        if key in _SECTION_TYPES and isinstance(value, dict):
+            for k, v in value.items():
+                flat[k.replace("-", "_")] = v
+        else:
+            flat[key] = value
+    for key in flat:
+        if key not in FIELDS:
+            close = difflib.get_close_matches(key, list(FIELDS), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"--config {path}: unknown key {key}{hint}")
+    return flat
+
+
+def config_from_values(values: dict[str, Any]) -> Config:
+    """Build a Config from flat field values; missing fields keep their defaults."""
+    sections: dict[str, dict[str, Any]] = {s: {} for s in _SECTION_TYPES}
+    for key, value in values.items():
+        section, _ = FIELDS[key]
+        sections[section][key] = value
+    return Config(**{s: _SECTION_TYPES[s](**kw) for s, kw in sections.items()})
+
+
+def parse_config(argv: list[str] | None = None, prog: str = "slipstream", description: str | None = None) -> Config:
+    """Parse flags (and `--config`) into a validated Config. Errors exit 2 with one line."""
+    parser = build_parser(prog, description)
+    ns = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        values: dict[str, Any] = {}
+        if ns.config:
+            values.update(_flatten_file(_read_file(ns.config), ns.config))
+        values.update({k: v for k, v in vars(ns).items() if k != "config"})
+        return config_from_values(values)
+    except (ConfigError, TypeError) as e:
+        parser.exit(2, f"{prog}: error: {e}\n")
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a config saved with `Config.save_json` (or any file `--config` accepts)."""
+    return config_from_values(_flatten_file(_read_file(str(path)), str(path)))

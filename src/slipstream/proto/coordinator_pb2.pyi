@@ -1,0 +1,143 @@
+from slipstream.proto import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Hello(_message.Message):
+    __slots__ = ("server_id", "policy_version", "max_concurrent_samples")
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    policy_version: int
+    max_concurrent_samples: int
+    def __init__(self, server_id: _Optional[str] = ..., policy_version: _Optional[int] = ..., max_concurrent_samples: _Optional[int] = ...) -> None: ...
+
+class SampleResult(_message.Message):
+    __slots__ = ("work_id", "lease_epoch", "sample")
+    WORK_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    work_id: str
+    lease_epoch: int
+    sample: _types_pb2.Sample
+    def __init__(self, work_id: _Optional[str] = ..., lease_epoch: _Optional[int] = ..., sample: _Optional[_Union[_types_pb2.Sample, _Mapping]] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("policy_version", "num_running")
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    policy_version: int
+    num_running: int
+    def __init__(self, policy_version: _Optional[int] = ..., num_running: _Optional[int] = ...) -> None: ...
+
+class WeightsApplied(_message.Message):
+    __slots__ = ("version", "ok", "error", "seconds")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    ok: bool
+    error: str
+    seconds: float
+    def __init__(self, version: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class RolloutEvent(_message.Message):
+    __slots__ = ("hello", "result", "heartbeat", "weights_applied")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    result: SampleResult
+    heartbeat: Heartbeat
+    weights_applied: WeightsApplied
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., result: _Optional[_Union[SampleResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., weights_applied: _Optional[_Union[WeightsApplied, _Mapping]] = ...) -> None: ...
+
+class WorkItem(_message.Message):
+    __slots__ = ("work_id", "lease_epoch", "sample", "sampling")
+    WORK_ID_FIELD_NUMBER: _ClassVar[int]
+    LEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    work_id: str
+    lease_epoch: int
+    sample: _types_pb2.Sample
+    sampling: _types_pb2.SamplingParams
+    def __init__(self, work_id: _Optional[str] = ..., lease_epoch: _Optional[int] = ..., sample: _Optional[_Union[_types_pb2.Sample, _Mapping]] = ..., sampling: _Optional[_Union[_types_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+
+class NewWeights(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class RolloutCommand(_message.Message):
+    __slots__ = ("work", "new_weights", "shutdown")
+    WORK_FIELD_NUMBER: _ClassVar[int]
+    NEW_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    work: WorkItem
+    new_weights: NewWeights
+    shutdown: bool
+    def __init__(self, work: _Optional[_Union[WorkItem, _Mapping]] = ..., new_weights: _Optional[_Union[NewWeights, _Mapping]] = ..., shutdown: _Optional[bool] = ...) -> None: ...
+
+class PushWeightsReply(_message.Message):
+    __slots__ = ("version", "num_servers_notified")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_SERVERS_NOTIFIED_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    num_servers_notified: int
+    def __init__(self, version: _Optional[int] = ..., num_servers_notified: _Optional[int] = ...) -> None: ...
+
+class FetchWeightsRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class TrainerProgress(_message.Message):
+    __slots__ = ("step", "num_groups_consumed", "finished")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    NUM_GROUPS_CONSUMED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    num_groups_consumed: int
+    finished: bool
+    def __init__(self, step: _Optional[int] = ..., num_groups_consumed: _Optional[int] = ..., finished: _Optional[bool] = ...) -> None: ...
+
+class GetStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CoordinatorStatus(_message.Message):
+    __slots__ = ("policy_version", "num_groups_dispatched", "num_groups_completed", "num_samples_in_flight", "num_rollout_servers", "server_versions", "finished", "num_reward_failures")
+    class ServerVersionsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_GROUPS_DISPATCHED_FIELD_NUMBER: _ClassVar[int]
+    NUM_GROUPS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
+    NUM_SAMPLES_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    NUM_ROLLOUT_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    SERVER_VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    NUM_REWARD_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    policy_version: int
+    num_groups_dispatched: int
+    num_groups_completed: int
+    num_samples_in_flight: int
+    num_rollout_servers: int
+    server_versions: _containers.ScalarMap[str, int]
+    finished: bool
+    num_reward_failures: int
+    def __init__(self, policy_version: _Optional[int] = ..., num_groups_dispatched: _Optional[int] = ..., num_groups_completed: _Optional[int] = ..., num_samples_in_flight: _Optional[int] = ..., num_rollout_servers: _Optional[int] = ..., server_versions: _Optional[_Mapping[str, int]] = ..., finished: _Optional[bool] = ..., num_reward_failures: _Optional[int] = ...) -> None: ...

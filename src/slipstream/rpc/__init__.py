@@ -1,0 +1,1 @@
+"""gRPC plumbing shared by every service: proto <-> Python conversion, servers, channels."""

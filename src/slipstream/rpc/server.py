@@ -1,0 +1,106 @@
+"""Starting a gRPC service the same way everywhere.
+
+Every service: a `grpc.aio` server with the standard `grpc.health.v1` service, keepalive,
+message-size limits sized for weight chunks, bound to `--host/--port` (port 0 picks a free
+one), its actual port written to `--ready-file` once it serves, and a graceful stop on
+SIGTERM/SIGINT (health turns NOT_SERVING first, then in-flight calls get a grace period).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    *KEEPALIVE_OPTIONS,
+]
+
+
+class Service:
+    """A started server: its port, its health servicer, and a way to wait for shutdown."""
+
+    def __init__(self, server: grpc.aio.Server, health_servicer: health.HealthServicer, port: int):
+        self.server = server
+        self.health = health_servicer
+        self.port = port
+        self.stopping = asyncio.Event()
+
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        self.health.set("", status)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self.set_serving(False)
+        self.stopping.set()
+        await self.server.stop(grace)
+
+
+async def start_server(
+    add_servicers: Callable[[grpc.aio.Server], None],
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ready_file: str = "",
+    interceptors: list | None = None,
+) -> Service:
+    """Build, bind and start a server; `add_servicers(server)` registers the service's handlers."""
+    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors or [])
+    add_servicers(server)
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind {host}:{port}")
+    await server.start()
+    service = Service(server, health_servicer, bound)
+    service.set_serving(True)
+    if ready_file:
+        tmp = Path(ready_file).with_suffix(".tmp")
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(str(bound))
+        os.replace(tmp, ready_file)  # atomic: readers never see a half-written port
+    log.info("serving on %s:%d", host, bound)
+    return service
+
+
+def install_signal_handlers(on_signal: Callable[[], Awaitable[None]]) -> None:
+    """SIGTERM and SIGINT schedule `on_signal()` once (a graceful stop)."""
+    loop = asyncio.get_running_loop()
+    fired = False
+
+    def handler() -> None:
+        nonlocal fired
+        if not fired:
+            fired = True
+            loop.create_task(on_signal())
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, handler)
+
+
+def run_async(main: Awaitable[None]) -> None:
+    """asyncio.run with uvloop when it is installed."""
+    try:
+        import uvloop
+
+        uvloop.run(main)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(main)  # type: ignore[arg-type]
