@@ -130,6 +130,7 @@ class RewardConfig:
 class InfraConfig:
     run_dir: str = opt("runs/latest", "Run directory: config, logs, metrics, checkpoints. (Slipstream)")
     redis_url: str = opt("", "External Redis/Valkey; empty = start an embedded server. (Slipstream)")
+    run_id: str = opt("", "Name of this run's keys in Redis; empty = the run directory's name. (Slipstream)")
     coordinator_addr: str = opt("", "host:port of the coordinator (set by the launcher). (Slipstream)")
     reward_addr: str = opt("", "host:port of the reward service (set by the launcher). (Slipstream)")
     host: str = opt("127.0.0.1", "Address this service binds to. (Slipstream)")
@@ -187,6 +188,10 @@ class Config:
     @property
     def eps_clip_high(self) -> float:
         return self.algo.eps_clip if self.algo.eps_clip_high is None else self.algo.eps_clip_high
+
+    @property
+    def run_id(self) -> str:
+        return self.infra.run_id or Path(self.infra.run_dir).resolve().name
 
     @property
     def save_dir(self) -> Path:
