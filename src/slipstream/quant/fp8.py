@@ -1,0 +1,93 @@
+"""FP8 block quantization, the DeepSeek-V3 recipe: e4m3 values, one fp32 scale per 128x128 block.
+
+Why this format. Weight pushes are the largest thing Slipstream moves: every
+`--update-weights-interval` steps the whole policy goes from the trainer through the coordinator
+to every rollout server. One byte per weight halves the bf16 traffic, and the layout is the one
+DeepSeek-V3 checkpoints (and SGLang's FP8 GEMMs) already consume, so an engine can run on the
+bytes it receives without re-quantizing.
+
+Why blocks, and why e4m3. A single scale per matrix lets one outlier crush every small weight
+into e4m3's subnormals; one scale per output row does not help the input dimension. A 128x128
+tile bounds the damage of an outlier to 16k weights and maps onto the tiles FP8 GEMM kernels
+load anyway. e4m3 (3 mantissa bits, max 448, no infinities: the "fn" variant) trades range for
+precision, which is the right trade for weights: each block is scaled so its largest magnitude
+lands exactly on 448, so range is never the problem and precision is what is left.
+
+What the numbers promise. For a block with scale s = amax / 448, every weight x with
+|x| >= 2^-6 * s (a normal e4m3 number after scaling) is reproduced with relative error at most
+2^-4 (half of e4m3's 2^-3 relative step); smaller weights land on the subnormal grid, whose
+step is 2^-9 * s, so their absolute error is at most 2^-10 * s. In both cases the error is
+below 2^-3 * amax of the block, the bound the tests pin.
+
+Stored as `scale_inv` (w ~= q * scale_inv), shape [ceil(out/128), ceil(in/128)]: edge blocks may
+be partial, because the small demo model has matrices narrower than one block.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+BLOCK = 128
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
+
+# Linear projections of attention and MLP (dense and MoE experts, HF Llama/Qwen naming, plus
+# the fused variants some checkpoints use). Embeddings, lm_head, norms and MoE routers are left
+# out on purpose: they are small or precision-sensitive, and DeepSeek-V3 keeps them in bf16 too.
+_LINEAR = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj)\.weight$")
+
+
+def should_quantize(name: str, t: torch.Tensor) -> bool:
+    """True for the 2-D weight of a linear layer (q/k/v/o, gate/up/down projections)."""
+    return t.dim() == 2 and t.is_floating_point() and _LINEAR.search(name) is not None
+
+
+def scale_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
+    """Shape of the `scale_inv` of a [out, in] matrix: one entry per (possibly partial) block."""
+    out_f, in_f = shape
+    return (-(-out_f // BLOCK), -(-in_f // BLOCK))
+
+
+def _blocks(w: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> [out_blocks, BLOCK, in_blocks, BLOCK], zero-padding partial edge blocks."""
+    out_f, in_f = w.shape
+    ob, ib = scale_shape(w.shape)
+    pad_out, pad_in = ob * BLOCK - out_f, ib * BLOCK - in_f
+    if pad_out or pad_in:
+        w = F.pad(w, (0, pad_in, 0, pad_out))
+    return w.view(ob, BLOCK, ib, BLOCK)
+
+
+def quantize_blockwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a [out, in] matrix to (q: float8_e4m3fn [out, in], scale_inv: float32 [ob, ib])."""
+    if w.dim() != 2:
+        raise ValueError(f"quantize_blockwise expects a 2-D matrix, got shape {tuple(w.shape)}")
+    out_f, in_f = w.shape
+    blocks = _blocks(w.float())
+    amax = blocks.abs().amax(dim=(1, 3))
+    # An all-zero block would get scale 0 and divide 0 by 0; any positive scale reproduces zeros.
+    scale_inv = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    scaled = blocks / scale_inv[:, None, :, None]
+    # amax / (amax / 448) can round a hair above 448, and e4m3fn has no infinity: what a cast
+    # does past the largest finite value (saturate or NaN) differs between kernels, so clamp.
+    q = scaled.clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q = q.view(q.shape[0] * BLOCK, q.shape[2] * BLOCK)[:out_f, :in_f].contiguous()
+    return q, scale_inv
+
+
+def dequantize_blockwise(
+    q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Inverse of `quantize_blockwise`: q * scale_inv, block by block, in `dtype`."""
+    if q.dim() != 2 or tuple(scale_inv.shape) != scale_shape(q.shape):
+        raise ValueError(
+            f"scale_inv shape {tuple(scale_inv.shape)} does not fit a {tuple(q.shape)} matrix "
+            f"with {BLOCK}x{BLOCK} blocks (expected {scale_shape(q.shape)})"
+        )
+    out_f, in_f = q.shape
+    blocks = _blocks(q.float())
+    w = blocks * scale_inv.float()[:, None, :, None]
+    return w.view(blocks.shape[0] * BLOCK, blocks.shape[2] * BLOCK)[:out_f, :in_f].to(dtype)

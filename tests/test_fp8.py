@@ -1,0 +1,114 @@
+"""FP8 block quantization: error bounds, partial edge blocks, zero blocks, round-trip types.
+
+The bound pinned here (see slipstream.quant.fp8's docstring): with s = amax / 448 per block,
+every weight is reproduced within max(2^-4 * |x|, 2^-10 * s) (half an e4m3 step, normal or
+subnormal), hence within 2^-3 * amax of its block: e4m3's relative step.
+"""
+
+import pytest
+import torch
+
+from slipstream.quant import (
+    BLOCK,
+    FP8_DTYPE,
+    FP8_MAX,
+    dequantize_blockwise,
+    quantize_blockwise,
+    scale_shape,
+    should_quantize,
+)
+
+torch.set_num_threads(1)
+
+
+def _blockwise_amax(w: torch.Tensor) -> torch.Tensor:
+    """amax of the block each element belongs to, broadcast back to [out, in] (test reference)."""
+    amax = torch.empty_like(w)
+    for i in range(0, w.shape[0], BLOCK):
+        for j in range(0, w.shape[1], BLOCK):
+            amax[i : i + BLOCK, j : j + BLOCK] = w[i : i + BLOCK, j : j + BLOCK].abs().max()
+    return amax
+
+
+@pytest.mark.parametrize("shape", [(256, 384), (300, 70), (1, 1), (129, 257), (64, 128)])
+def test_error_within_e4m3_bound(shape):
+    g = torch.Generator().manual_seed(0)
+    # Heavy-tailed weights: outliers make small values fall into the subnormal range.
+    w = torch.randn(shape, generator=g) * torch.exp(2 * torch.randn(shape, generator=g))
+    q, scale_inv = quantize_blockwise(w)
+    back = dequantize_blockwise(q, scale_inv)
+    err = (back - w).abs()
+
+    amax = _blockwise_amax(w)
+    s = amax / FP8_MAX
+    # Per element: half a step, normal (relative 2^-4) or subnormal (absolute 2^-10 * s); the
+    # 1e-6 relative slack covers fp32 rounding of the division and multiplication.
+    per_element = torch.maximum(w.abs() * 2**-4, s * 2**-10) * (1 + 1e-6)
+    assert (err <= per_element).all(), (err - per_element).max()
+    # Per block: within e4m3's relative step of the block's largest magnitude.
+    assert (err <= amax * 2**-3).all()
+    # And the top of each block is hit exactly (amax maps onto 448, a representable value).
+    assert torch.equal(back.abs().amax(), w.abs().amax())
+
+
+def test_shapes_and_dtypes_with_partial_edge_blocks():
+    w = torch.randn(300, 70, dtype=torch.bfloat16)
+    q, scale_inv = quantize_blockwise(w)
+    assert q.dtype == FP8_DTYPE and q.shape == (300, 70) and q.is_contiguous()
+    # ceil(300/128) = 3 row blocks, ceil(70/128) = 1 column block
+    assert scale_inv.dtype == torch.float32 and scale_inv.shape == (3, 1) == scale_shape(w.shape)
+    back = dequantize_blockwise(q, scale_inv, dtype=torch.bfloat16)
+    assert back.dtype == torch.bfloat16 and back.shape == w.shape
+    # The edge block's scale comes from its own 44 rows only, not from the zero padding.
+    assert scale_inv[2, 0] == w[256:].float().abs().max() / FP8_MAX
+
+
+def test_zero_blocks_get_a_safe_scale():
+    w = torch.zeros(256, 256)
+    w[:128, :128] = torch.randn(128, 128)  # one live block, three all-zero blocks
+    q, scale_inv = quantize_blockwise(w)
+    assert torch.isfinite(scale_inv).all() and (scale_inv > 0).all()
+    back = dequantize_blockwise(q, scale_inv)
+    assert not torch.isnan(back).any()
+    assert torch.equal(back[128:], torch.zeros(128, 256)) and torch.equal(back[:128, 128:], torch.zeros(128, 128))
+
+
+def test_one_outlier_only_hurts_its_own_block():
+    w = torch.full((128, 256), 0.01)
+    w[0, 0] = 1000.0  # crushes block (0, 0); block (0, 1) must stay exact-ish
+    q, scale_inv = quantize_blockwise(w)
+    back = dequantize_blockwise(q, scale_inv)
+    assert torch.allclose(back[:, 128:], w[:, 128:], rtol=2**-4)
+
+
+def test_dequantize_refuses_mismatched_scales():
+    q, scale_inv = quantize_blockwise(torch.randn(200, 200))
+    with pytest.raises(ValueError, match="scale_inv shape"):
+        dequantize_blockwise(q, scale_inv[:1])
+
+
+def test_should_quantize_only_linear_projections():
+    m = torch.zeros(8, 8)
+    for name in [
+        "model.layers.0.self_attn.q_proj.weight",
+        "model.layers.0.self_attn.k_proj.weight",
+        "model.layers.0.self_attn.v_proj.weight",
+        "model.layers.0.self_attn.o_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.mlp.up_proj.weight",
+        "model.layers.0.mlp.down_proj.weight",
+        "model.layers.3.mlp.experts.7.down_proj.weight",
+    ]:
+        assert should_quantize(name, m), name
+    for name in [
+        "model.embed_tokens.weight",
+        "lm_head.weight",
+        "model.norm.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.layers.0.self_attn.q_norm.weight",
+        "model.layers.3.mlp.gate.weight",  # MoE router
+        "model.layers.0.self_attn.q_proj.bias",
+    ]:
+        assert not should_quantize(name, m), name
+    assert not should_quantize("model.layers.0.self_attn.q_proj.weight", torch.zeros(8))
+    assert not should_quantize("model.layers.0.mlp.up_proj.weight", torch.zeros(8, 8, dtype=torch.int64))
