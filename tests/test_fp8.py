@@ -70,7 +70,8 @@ def test_zero_blocks_get_a_safe_scale():
     assert torch.isfinite(scale_inv).all() and (scale_inv > 0).all()
     back = dequantize_blockwise(q, scale_inv)
     assert not torch.isnan(back).any()
-    assert torch.equal(back[128:], torch.zeros(128, 256)) and torch.equal(back[:128, 128:], torch.zeros(128, 128))
+    assert torch.equal(back[128:], torch.zeros(128, 256))
+    assert torch.equal(back[:128, 128:], torch.zeros(128, 128))
 
 
 def test_one_outlier_only_hurts_its_own_block():

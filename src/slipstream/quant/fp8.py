@@ -37,7 +37,9 @@ FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 # Linear projections of attention and MLP (dense and MoE experts, HF Llama/Qwen naming, plus
 # the fused variants some checkpoints use). Embeddings, lm_head, norms and MoE routers are left
 # out on purpose: they are small or precision-sensitive, and DeepSeek-V3 keeps them in bf16 too.
-_LINEAR = re.compile(r"(^|\.)(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj)\.weight$")
+_LINEAR = re.compile(
+    r"(^|\.)(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj)\.weight$"
+)
 
 
 def should_quantize(name: str, t: torch.Tensor) -> bool:
