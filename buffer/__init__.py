@@ -1,0 +1,1 @@
+"""Redis Streams replay buffer (`replay`), its key names (`keys`), and the embedded server (`embedded`)."""

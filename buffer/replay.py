@@ -1,0 +1,283 @@
+"""The replay buffer: scored groups on a Redis stream, consumed by trainers through a consumer group.
+
+Life of a group: the coordinator `put_group`s it (XADD, protobuf bytes); a trainer
+`read_groups` it (XREADGROUP `>`: each entry goes to exactly one consumer of the group and sits
+in that consumer's pending list); the trainer trains on it and `ack`s it only once the step that
+used it is committed (checkpointed), so a trainer that dies mid-step loses nothing: its pending
+entries are `claim_stale`d (XAUTOCLAIM) by a live consumer once idle long enough. Acknowledged
+entries are dead weight; `trim_acknowledged` drops everything strictly behind the oldest entry
+the group still needs.
+
+Partial trajectories (aborted on a weight update, to be continued) wait in a second stream;
+`take_partials` pops them atomically so two takers never get the same one.
+
+A payload that cannot be decoded is data, not a reason to crash a trainer: it is copied to the
+dead-letter stream with the reason and acknowledged (or removed) in the same MULTI/EXEC, so it
+is neither lost nor read twice.
+
+Everything is synchronous `redis.Redis`: the trainer calls it directly, the coordinator through
+`asyncio.to_thread`. One instance is safe to share between threads (redis-py pools connections).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from google.protobuf.message import DecodeError
+from slipstream.buffer.keys import DEFAULT_CONSUMER_GROUP, Keys
+
+from slipstream.proto import types_pb2
+
+log = logging.getLogger(__name__)
+
+PAYLOAD = b"p"  # the one field of a stream entry: the protobuf bytes
+DEAD_LETTER_MAXLEN = 10_000  # approximate; dead letters are for inspection, not an archive
+
+
+class CorruptPayload(ValueError):
+    """A stream entry whose payload is not the message it should be."""
+
+
+def _decode_group(fields: dict[bytes, bytes]) -> types_pb2.Group:
+    data = fields.get(PAYLOAD)
+    if data is None:
+        raise CorruptPayload(f"no {PAYLOAD.decode()!r} field (fields: {sorted(k.decode() for k in fields)})")
+    group = types_pb2.Group()
+    try:
+        group.ParseFromString(data)
+    except DecodeError as e:
+        raise CorruptPayload(f"not a Group: {e}") from None
+    if not group.samples:
+        raise CorruptPayload("Group without samples")
+    return group
+
+
+def _decode_sample(fields: dict[bytes, bytes]) -> types_pb2.Sample:
+    data = fields.get(PAYLOAD)
+    if data is None:
+        raise CorruptPayload(f"no {PAYLOAD.decode()!r} field")
+    sample = types_pb2.Sample()
+    try:
+        sample.ParseFromString(data)
+    except DecodeError as e:
+        raise CorruptPayload(f"not a Sample: {e}") from None
+    return sample
+
+
+def _next_id(entry_id: str) -> str:
+    """The smallest stream id greater than `entry_id`."""
+    ms, seq = entry_id.split("-")
+    return f"{ms}-{int(seq) + 1}"
+
+
+def _id_key(entry_id: str) -> tuple[int, int]:
+    ms, seq = entry_id.split("-")
+    return int(ms), int(seq)
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class ReplayBuffer:
+    """Groups stream + partials stream + dead letters of one run, over one Redis."""
+
+    def __init__(self, url: str, run_id: str, consumer_group: str = DEFAULT_CONSUMER_GROUP):
+        self.keys = Keys(run_id)
+        self.consumer_group = consumer_group
+        # RESP2 pinned: the reply shapes parsed below do not depend on the server's default.
+        self.redis = redis.Redis.from_url(url, protocol=2, health_check_interval=30)
+        self._group_ready = False
+
+    # ---- groups --------------------------------------------------------------------------
+    def put_group(self, group: types_pb2.Group) -> str:
+        """Append a scored group; returns its stream entry id."""
+        if not group.samples:
+            raise ValueError(f"group {group.group_id!r} has no samples")
+        return _str(self.redis.xadd(self.keys.groups, {PAYLOAD: group.SerializeToString()}))
+
+    def ensure_consumer_group(self) -> None:
+        """Create the consumer group (and the stream) if missing; it starts at the stream's start."""
+        if self._group_ready:
+            return
+        try:
+            self.redis.xgroup_create(self.keys.groups, self.consumer_group, id="0", mkstream=True)
+        except redis.exceptions.ResponseError as e:
+            if "BUSYGROUP" not in str(e):
+                raise
+        self._group_ready = True
+
+    def read_groups(
+        self, consumer: str, count: int, block_ms: int = 1000
+    ) -> list[tuple[str, types_pb2.Group]]:
+        """Up to `count` never-delivered groups for `consumer`, waiting up to `block_ms` (0 = don't wait).
+
+        Each returned entry is pending for `consumer` until `ack`ed or claimed by another one.
+        """
+        self.ensure_consumer_group()
+        try:
+            reply = self._xreadgroup(consumer, count, block_ms)
+        except redis.exceptions.ResponseError as e:
+            if "NOGROUP" not in str(e):
+                raise
+            # The stream was deleted under us (a reset run); recreate and read again.
+            self._group_ready = False
+            self.ensure_consumer_group()
+            reply = self._xreadgroup(consumer, count, block_ms)
+        entries = reply[0][1] if reply else []
+        return self._decode_entries(entries)
+
+    def _xreadgroup(self, consumer: str, count: int, block_ms: int):
+        return self.redis.xreadgroup(
+            self.consumer_group, consumer, {self.keys.groups: ">"}, count=count,
+            block=block_ms if block_ms > 0 else None,
+        )  # fmt: skip
+
+    def _decode_entries(self, entries) -> list[tuple[str, types_pb2.Group]]:
+        good: list[tuple[str, types_pb2.Group]] = []
+        for raw_id, fields in entries:
+            entry_id = _str(raw_id)
+            if fields is None:  # deleted while pending (RESP2 gives a nil body)
+                continue
+            try:
+                good.append((entry_id, _decode_group(fields)))
+            except CorruptPayload as e:
+                self._dead_letter_group_entry(entry_id, fields, str(e))
+        return good
+
+    def _dead_letter_group_entry(self, entry_id: str, fields: dict[bytes, bytes], reason: str) -> None:
+        log.warning("groups entry %s is corrupt (%s): moved to %s", entry_id, reason, self.keys.dead_letter)
+        payload = fields.get(PAYLOAD, b"")
+        with self.redis.pipeline(transaction=True) as pipe:
+            self._queue_dead_letter(pipe, payload, reason, self.keys.groups, entry_id)
+            pipe.xack(self.keys.groups, self.consumer_group, entry_id)
+            pipe.execute()
+
+    def ack(self, entry_ids: list[str]) -> int:
+        """Acknowledge entries whose training step is committed; returns how many were pending."""
+        if not entry_ids:
+            return 0
+        return int(self.redis.xack(self.keys.groups, self.consumer_group, *entry_ids))
+
+    def claim_stale(
+        self, consumer: str, min_idle_ms: int, count: int = 100
+    ) -> list[tuple[str, types_pb2.Group]]:
+        """Take over up to `count` entries pending on any consumer for at least `min_idle_ms`."""
+        self.ensure_consumer_group()
+        claimed: list[tuple[str, types_pb2.Group]] = []
+        cursor = "0-0"
+        while len(claimed) < count:
+            reply = self.redis.xautoclaim(
+                self.keys.groups, self.consumer_group, consumer, min_idle_ms,
+                start_id=cursor, count=count - len(claimed),
+            )  # fmt: skip
+            cursor = _str(reply[0])
+            claimed += self._decode_entries(reply[1])
+            if cursor == "0-0":  # the whole pending list was scanned
+                break
+        return claimed
+
+    def num_groups(self) -> int:
+        """Entries in the groups stream (read or not; until trimmed)."""
+        return int(self.redis.xlen(self.keys.groups))
+
+    def num_pending(self) -> int:
+        """Entries delivered to some consumer and not acknowledged yet."""
+        try:
+            return int(self.redis.xpending(self.keys.groups, self.consumer_group)["pending"])
+        except redis.exceptions.ResponseError as e:
+            if "NOGROUP" in str(e):
+                return 0
+            raise
+
+    def trim_acknowledged(self) -> int:
+        """Delete entries strictly behind the oldest one the consumer group still needs; returns how many.
+
+        Needed = pending (delivered, unacked) or never delivered. Both facts are read in one
+        MULTI/EXEC so they describe the same instant; acknowledgements only move forward, so
+        trimming on that snapshot afterwards is safe even while consumers keep working.
+        """
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xinfo_groups(self.keys.groups)
+            pipe.xpending(self.keys.groups, self.consumer_group)
+            try:
+                groups_info, pending = pipe.execute()
+            except redis.exceptions.ResponseError as e:
+                if "no such key" in str(e) or "NOGROUP" in str(e):
+                    return 0
+                raise
+        info = next((g for g in groups_info if _str(g["name"]) == self.consumer_group), None)
+        if info is None:
+            return 0
+        if pending["pending"]:
+            min_id = _str(pending["min"])
+        else:
+            last = _str(info["last-delivered-id"])
+            if _id_key(last) == (0, 0):
+                return 0
+            min_id = _next_id(last)
+        return int(self.redis.xtrim(self.keys.groups, minid=min_id, approximate=False))
+
+    # ---- partial trajectories ------------------------------------------------------------
+    def put_partial(self, sample: types_pb2.Sample) -> str:
+        """Park a partial trajectory until the coordinator re-dispatches it."""
+        return _str(self.redis.xadd(self.keys.partials, {PAYLOAD: sample.SerializeToString()}))
+
+    def take_partials(self, count: int) -> list[types_pb2.Sample]:
+        """Remove and return up to `count` of the oldest partials; corrupt ones go to dead letters."""
+        if count <= 0:
+            return []
+        taken: list[types_pb2.Sample] = []
+
+        def take(pipe: redis.client.Pipeline) -> None:
+            taken.clear()  # the transaction reruns if another taker changed the stream meanwhile
+            entries = pipe.xrange(self.keys.partials, count=count)
+            if not entries:
+                return
+            pipe.multi()
+            for raw_id, fields in entries:
+                entry_id = _str(raw_id)
+                try:
+                    taken.append(_decode_sample(fields))
+                except CorruptPayload as e:
+                    log.warning("partials entry %s is corrupt (%s): moved to dead letters", entry_id, e)
+                    self._queue_dead_letter(pipe, fields.get(PAYLOAD, b""), str(e), self.keys.partials, entry_id)
+            pipe.xdel(self.keys.partials, *[_str(raw_id) for raw_id, _ in entries])
+
+        self.redis.transaction(take, self.keys.partials)
+        return taken
+
+    def num_partials(self) -> int:
+        return int(self.redis.xlen(self.keys.partials))
+
+    # ---- dead letters --------------------------------------------------------------------
+    def dead_letter(self, payload: bytes, reason: str, source: str = "", entry_id: str = "") -> str:
+        """Keep an unusable payload with why, where from; returns its dead-letter entry id."""
+        return _str(self._queue_dead_letter(self.redis, payload, reason, source, entry_id))
+
+    def _queue_dead_letter(self, client, payload: bytes, reason: str, source: str, entry_id: str):
+        fields = {PAYLOAD: payload, b"reason": reason, b"source": source, b"entry_id": entry_id}
+        return client.xadd(self.keys.dead_letter, fields, maxlen=DEAD_LETTER_MAXLEN, approximate=True)
+
+    def dead_letters(self, count: int = 100) -> list[tuple[str, dict[str, bytes | str]]]:
+        """The oldest dead letters: (id, {payload, reason, source, entry_id})."""
+        out = []
+        for raw_id, fields in self.redis.xrange(self.keys.dead_letter, count=count):
+            row: dict[str, bytes | str] = {k.decode(): v.decode() for k, v in fields.items() if k != PAYLOAD}
+            row["payload"] = fields.get(PAYLOAD, b"")
+            out.append((_str(raw_id), row))
+        return out
+
+    # ---- connection ----------------------------------------------------------------------
+    def ping(self) -> None:
+        self.redis.ping()
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def __enter__(self) -> ReplayBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
