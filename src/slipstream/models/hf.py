@@ -1,0 +1,114 @@
+"""Hugging Face checkpoints in and out: `config.json`, `*.safetensors`, tokenizer files.
+
+Users bring their own checkpoints, so this reads what `save_pretrained` writes (one file or
+shards) and writes what `from_pretrained` reads. Only safetensors: a pickle can run code. Problems
+surface as `FileNotFoundError`/`ValueError` naming the path, which the CLI prints as one line.
+
+Loading builds the model on the meta device and assigns the checkpoint tensors into it, so a
+large model is never allocated twice (random init then overwrite).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from slipstream.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
+
+# Buffers some older exports carry; recomputed here, never needed from disk.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def load_config(path: str | Path) -> Qwen3Config:
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
+    try:
+        d = json.loads(config_path.read_text())
+        return Qwen3Config.from_hf_dict(d)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"malformed {config_path}: {e}") from e
+
+
+def load_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Qwen3ForCausalLM:
+    """The model in `path` (config.json + every *.safetensors there), on `device` in `dtype`."""
+    path = Path(path)
+    config = load_config(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors weights in checkpoint directory {path}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for name in f.keys():
+                    if not name.endswith(_IGNORED_SUFFIXES):
+                        state[name] = f.get_tensor(name).to(dtype)
+        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+            raise ValueError(f"cannot read safetensors file {file}: {e}") from e
+
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(config)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # some exports write the tied copy too
+    expected = {name for name, _ in model.named_parameters()}  # tied lm_head appears once, as embed
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint {path} does not match the Qwen3 config: "
+            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    shapes = dict(model.state_dict().items())
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(shapes[name].shape):
+            raise ValueError(
+                f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
+                f"config implies {tuple(shapes[name].shape)}"
+            )
+    model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    return model.eval()
+
+
+def save_model(model: Qwen3ForCausalLM, path: str | Path) -> None:
+    """Write `config.json` + `model.safetensors` (a tied lm_head is left out, as HF does)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    dtype = next(iter(state.values())).dtype
+    config = model.config.to_hf_dict()
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    config.pop("dtype", None)
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def init_model(config: Qwen3Config, seed: int = 0) -> Qwen3ForCausalLM:
+    """A randomly initialised model (normal std 0.02 for matrices, ones for norms, like HF)."""
+    model = Qwen3ForCausalLM(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    return model
+
+
+def load_tokenizer(path: str | Path):
+    """The checkpoint's tokenizer (`transformers.AutoTokenizer`), imported lazily: it is slow."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
