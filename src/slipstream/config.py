@@ -172,6 +172,10 @@ class Config:
             f"--global-batch-size must divide rollout-batch-size x n-samples-per-prompt = {samples}",
         )
         _require(
+            self.global_batch_size % t.micro_batch_size == 0,
+            f"--micro-batch-size must divide the global batch size ({self.global_batch_size})",
+        )
+        _require(
             self.reward.rm_type != "remote_rm" or bool(self.reward.rm_url),
             "--rm-type remote_rm needs --rm-url",
         )

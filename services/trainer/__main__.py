@@ -1,0 +1,31 @@
+"""`slipstream trainer` / `python -m slipstream.services.trainer`: the trainer process."""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    from slipstream.config import parse_config
+
+    cfg = parse_config(argv, prog="slipstream trainer", description="Train the policy from the replay buffer.")
+    from slipstream.log import setup_logging
+
+    setup_logging("trainer")
+    import torch
+
+    if cfg.infra.torch_threads:
+        torch.set_num_threads(cfg.infra.torch_threads)
+    from slipstream.rpc.server import run_async
+
+    from .server import serve
+
+    try:
+        run_async(serve(cfg))
+    except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
+        print(f"slipstream trainer: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

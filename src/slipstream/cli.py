@@ -1,0 +1,58 @@
+"""The `slipstream` command.
+
+    slipstream train <flags>        the whole mesh on this machine (same as `python train.py <flags>`)
+    slipstream demo [<flags>]       build the tiny demo model and task, then train it through the mesh
+    slipstream coordinator|rollout|reward|trainer <flags>
+                                    one service, as containers and Kubernetes run it
+
+Flags are slime/miles' names (`slipstream train --help` lists them all). Imports stay inside
+the commands so `--help` answers at once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+SERVICES = ("coordinator", "rollout", "reward", "trainer")
+USAGE = __doc__.split("\n\n", 1)[1].split("\n\nFlags")[0]
+
+
+def _train(argv: list[str]) -> int:
+    from slipstream.config import parse_config
+
+    cfg = parse_config(argv, prog="slipstream train", description="Run the whole mesh on this machine.")
+    from slipstream.launcher import run
+    from slipstream.log import print_config
+
+    print_config(cfg)
+    return run(cfg)
+
+
+def _demo(argv: list[str]) -> int:
+    from slipstream.demo.run import main as demo_main
+
+    return demo_main(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: slipstream <command> [flags]\n\n" + USAGE)
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    if command == "train":
+        sys.exit(_train(rest))
+    if command == "demo":
+        sys.exit(_demo(rest))
+    if command in SERVICES:
+        importlib.import_module(f"slipstream.services.{command}.__main__").main(rest)
+        return
+    if command.startswith("--"):  # `slipstream --rollout-batch-size ...` is `train`
+        sys.exit(_train(argv))
+    import difflib
+
+    close = difflib.get_close_matches(command, ["train", "demo", *SERVICES], n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    print(f"slipstream: error: unknown command {command}{hint}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,261 @@
+"""One machine, one command: every service as its own process, supervised.
+
+`slipstream train` (and `python train.py`) resolves the config, writes it into the run
+directory and starts, in order, an embedded Redis/Valkey (unless `--redis-url`), the reward
+service, the coordinator, `--rollout-num-servers` rollout servers and the trainer. Each is a
+separate `python -m slipstream.services.<name>` process logging to `logs/<name>.log`, bound to
+a free loopback port that it reports through a ready file.
+
+The launcher then watches: a live progress line from `metrics.jsonl`; success when the trainer
+exits 0; and if any process dies, or on Ctrl-C/SIGTERM, it stops every other process (SIGTERM,
+then SIGKILL after a grace period) and exits non-zero naming the dead service and the tail of
+its log. Children are bound to the launcher's life (PR_SET_PDEATHSIG), so even a killed
+launcher leaves no orphan.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from slipstream.config import Config
+
+GRACE_S = 5.0
+READY_TIMEOUT_S = 120.0
+
+
+class LaunchError(RuntimeError):
+    """A service failed to start or died; the message is the one line the user sees."""
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen
+    log_path: Path
+    ready_file: Path | None = None
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").rstrip().splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+    def last_error_line(self) -> str:
+        for line in reversed(self.tail(40).splitlines()):
+            if "error" in line.lower():
+                return line.strip()
+        return ""
+
+
+@dataclass
+class Mesh:
+    cfg: Config
+    config_path: Path
+    procs: list[Proc] = field(default_factory=list)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.infra.run_dir)
+
+    def spawn(self, name: str, argv: list[str], ready: bool = True) -> Proc:
+        logs = self.run_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        ready_file = self.run_dir / "ports" / f"{name}.port" if ready else None
+        if ready_file is not None:
+            ready_file.parent.mkdir(parents=True, exist_ok=True)
+            ready_file.unlink(missing_ok=True)
+            argv = [*argv, "--ready-file", str(ready_file)]
+        log_path = logs / f"{name}.log"
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(log_path, "ab") as log:
+            popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     env=env, preexec_fn=_die_with_parent)
+        proc = Proc(name, popen, log_path, ready_file)
+        self.procs.append(proc)
+        return proc
+
+    def service(self, name: str, module: str, *extra: str, threads: int = 1) -> Proc:
+        argv = [sys.executable, "-m", f"slipstream.services.{module}", "--config", str(self.config_path),
+                "--host", "127.0.0.1", "--port", "0", "--torch-threads", str(threads), *extra]
+        return self.spawn(name, argv)
+
+    def wait_ready(self, proc: Proc, timeout: float = READY_TIMEOUT_S) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.ready_file and proc.ready_file.exists():
+                text = proc.ready_file.read_text().strip()
+                if text:
+                    return int(text)
+            if proc.popen.poll() is not None:
+                raise LaunchError(self.death_message(proc))
+            self.check_others(proc)
+            time.sleep(0.05)
+        raise LaunchError(f"{proc.name} did not become ready within {timeout:.0f}s; see {proc.log_path}")
+
+    def check_others(self, skip: Proc | None = None) -> None:
+        for p in self.procs:
+            if p is not skip and p.popen.poll() is not None:
+                raise LaunchError(self.death_message(p))
+
+    def death_message(self, proc: Proc) -> str:
+        code = proc.popen.returncode
+        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        reason = proc.last_error_line()
+        return f"{proc.name} died ({how})" + (f": {reason}" if reason else f"; last lines of {proc.log_path}:\n{proc.tail()}")
+
+    def stop_all(self, grace: float = GRACE_S) -> None:
+        alive = [p for p in self.procs if p.popen.poll() is None]
+        for p in alive:
+            try:
+                p.popen.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        for p in alive:
+            try:
+                p.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.popen.kill()
+                p.popen.wait()
+
+
+def start_mesh(mesh: Mesh) -> Proc:
+    """Start every service in dependency order; return the trainer's process."""
+    cfg = mesh.cfg
+    if not cfg.infra.redis_url:
+        from slipstream.buffer.embedded import free_port, server_command, wait_for_redis
+
+        port = free_port()
+        data = mesh.run_dir / "redis"
+        if not cfg.train.load:  # a fresh run starts from an empty buffer; a resumed one keeps it
+            shutil.rmtree(data, ignore_errors=True)
+        data.mkdir(parents=True, exist_ok=True)
+        mesh.spawn("redis", server_command(data, port), ready=False)
+        cfg.infra.redis_url = f"redis://127.0.0.1:{port}/0"
+        wait_for_redis(cfg.infra.redis_url, timeout=30)
+        cfg.save_json(mesh.config_path)  # every service reads the URL from the config
+
+    reward = mesh.service("reward", "reward")
+    reward_addr = f"127.0.0.1:{mesh.wait_ready(reward)}"
+    coordinator = mesh.service("coordinator", "coordinator", "--reward-addr", reward_addr)
+    coord_addr = f"127.0.0.1:{mesh.wait_ready(coordinator)}"
+    rollouts = [
+        mesh.service(f"rollout-{i}", "rollout", "--coordinator-addr", coord_addr, "--server-id", f"rollout-{i}")
+        for i in range(cfg.rollout.rollout_num_servers)
+    ]
+    trainer = mesh.service("trainer", "trainer", "--coordinator-addr", coord_addr)
+    for p in [*rollouts, trainer]:
+        mesh.wait_ready(p)
+    return trainer
+
+
+def _read_metrics(path: Path, offset: int) -> tuple[list[dict], int]:
+    try:
+        with path.open() as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return [], offset
+    complete = data[: data.rfind("\n") + 1]
+    rows = [json.loads(line) for line in complete.splitlines() if line.strip()]
+    return rows, offset + len(complete)
+
+
+def preflight(cfg: Config) -> None:
+    """Fail fast, with one line, on what would otherwise fail inside a service minutes later."""
+    from slipstream.data import DataError, load_prompts
+
+    ckpt = Path(cfg.model.hf_checkpoint) if cfg.model.hf_checkpoint else None
+    if ckpt is None:
+        raise LaunchError("--hf-checkpoint is required")
+    if not (ckpt / "config.json").is_file():
+        raise LaunchError(f"--hf-checkpoint {ckpt}: not a Hugging Face model directory (no config.json)")
+    if not any(ckpt.glob("*.safetensors")):
+        raise LaunchError(f"--hf-checkpoint {ckpt}: no *.safetensors weights")
+    try:
+        load_prompts(cfg.data.prompt_data, cfg.data.input_key, cfg.data.label_key, cfg.data.metadata_key)
+    except DataError as e:
+        raise LaunchError(str(e)) from None
+
+
+def run(cfg: Config) -> int:
+    """Run the whole mesh until the trainer finishes. Returns the process exit code."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    try:
+        preflight(cfg)
+    except LaunchError as e:
+        console.print(f"[red]slipstream: error:[/] {e}", highlight=False)
+        return 2
+    run_dir = Path(cfg.infra.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    config_path = run_dir / "config.json"
+    cfg.save_json(config_path)
+    mesh = Mesh(cfg, config_path)
+
+    stop_signal: list[int] = []
+
+    def on_signal(signum, frame):  # noqa: ARG001
+        stop_signal.append(signum)
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        console.print(f"[bold]slipstream[/] run directory {run_dir} (logs in {run_dir / 'logs'})")
+        trainer = start_mesh(mesh)
+        offset = 0
+        with Progress(TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                      TimeElapsedColumn(), console=console, transient=False) as progress:
+            task = progress.add_task("train", total=cfg.rollout.num_rollout, info="waiting for the first batch")
+            while True:
+                if stop_signal:
+                    raise KeyboardInterrupt
+                rows, offset = _read_metrics(run_dir / "metrics.jsonl", offset)
+                for r in rows:
+                    progress.update(task, completed=r["step"], info=(
+                        f"reward {r['reward_mean']:.3f}  acc {r['accuracy']:.3f}  "
+                        f"{r['tokens_per_s']:.0f} tok/s  v{r['policy_version']}"
+                    ))
+                code = trainer.popen.poll()
+                if code is not None:
+                    if code != 0:
+                        raise LaunchError(mesh.death_message(trainer))
+                    break
+                mesh.check_others(trainer)
+                time.sleep(0.2)
+        mesh.stop_all()
+        summary = run_dir / "summary.json"
+        if summary.exists():
+            console.print(f"summary: {summary.read_text().strip()}")
+        return 0
+    except LaunchError as e:
+        mesh.stop_all()
+        console.print(f"[red]slipstream: error:[/] {e}", highlight=False)
+        return 1
+    except KeyboardInterrupt:
+        console.print("slipstream: stopping all services")
+        mesh.stop_all()
+        return 128 + (stop_signal[0] if stop_signal else signal.SIGINT)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)

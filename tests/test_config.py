@@ -1,0 +1,77 @@
+"""Config and flags: slime names, file + flag precedence, one-line errors naming the closest flag."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from slipstream.config import Config, ConfigError, TrainConfig, load_config, parse_config
+
+SLIME_FLAGS = (
+    "--hf-checkpoint --prompt-data --input-key --label-key --apply-chat-template --rollout-batch-size "
+    "--n-samples-per-prompt --num-rollout --rollout-max-response-len --rollout-temperature --rollout-top-p "
+    "--advantage-estimator --eps-clip --eps-clip-high --lr --global-batch-size --update-weights-interval "
+    "--use-tis --tis-clip --save --save-interval --load --rm-type --rm-url --custom-rm-path --seed "
+    "--run-dir --redis-url --rollout-num-servers --weight-sync-dtype"
+).split()
+
+
+def test_every_required_flag_exists():
+    from slipstream.config import build_parser
+
+    known = {s for a in build_parser()._actions for s in a.option_strings}
+    assert [f for f in SLIME_FLAGS if f not in known] == []
+
+
+def test_flags_fill_the_tree():
+    cfg = parse_config(["--rollout-batch-size", "4", "--use-tis", "--eps-clip-high", "0.28", "--weight-sync-dtype", "bf16"])
+    assert cfg.rollout.rollout_batch_size == 4
+    assert cfg.algo.use_tis is True
+    assert cfg.eps_clip_high == pytest.approx(0.28)
+    assert cfg.train.weight_sync_dtype == "bf16"
+    assert cfg.as_namespace().rollout_batch_size == 4  # slime's flat args
+
+
+def test_file_then_flags(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"rollout": {"rollout_batch_size": 7}, "lr": 3e-4}))
+    cfg = parse_config(["--config", str(path), "--lr", "1e-5"])
+    assert cfg.rollout.rollout_batch_size == 7
+    assert cfg.train.lr == pytest.approx(1e-5)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = parse_config(["--num-rollout", "3", "--rollout-stop-token-ids", "5", "6"])
+    cfg.save_json(tmp_path / "config.json")
+    assert load_config(tmp_path / "config.json") == cfg
+
+
+def test_invariants_are_checked():
+    with pytest.raises(ConfigError, match="global-batch-size must divide"):
+        Config(train=TrainConfig(global_batch_size=3))
+    with pytest.raises(ConfigError, match="micro-batch-size must divide"):
+        Config(train=TrainConfig(global_batch_size=64, micro_batch_size=48))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rollout-batchsize", "4"], "unknown flag --rollout-batchsize (did you mean --rollout-batch-size?)"),
+        (["--num-rollout", "0"], "--num-rollout must be positive"),
+        (["--weight-sync-dtype", "int3"], "invalid choice"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(argv, message):
+    proc = subprocess.run([sys.executable, "train.py", *argv], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert message in lines[-1]
+    assert "Traceback" not in proc.stderr
+
+
+def test_unknown_key_in_config_file(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"rollout_batchsize": 3}))
+    with pytest.raises(SystemExit):
+        parse_config(["--config", str(path)])
