@@ -45,7 +45,7 @@ class ModelConfig:
     hf_checkpoint: str = opt("", "Hugging Face model directory (config.json, *.safetensors, tokenizer).")
     ref_load: str = opt("", "Reference model for the KL loss (defaults to --hf-checkpoint).")
     dtype: Literal["auto", "float32", "bfloat16"] = opt(
-        "auto", "Compute dtype: auto = bfloat16 on GPU, float32 on CPU. (Slipstream)"
+        "auto", "Parameter dtype: auto = float32 (the trainer keeps float32 weights; GPU bf16 comes with --dtype bfloat16). (Slipstream)"
     )
 
 
