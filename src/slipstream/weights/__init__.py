@@ -1,0 +1,10 @@
+"""Weights on the wire: a versioned manifest plus sha256-checked chunks of one blob.
+
+`pack` / `iter_messages` write a version (trainer side); `WeightStager` reads, verifies and
+decodes one (rollout side). The coordinator only relays the messages.
+"""
+
+from slipstream.weights.packer import WeightError, iter_messages, model_fingerprint, pack
+from slipstream.weights.stager import WeightStager
+
+__all__ = ["WeightError", "WeightStager", "iter_messages", "model_fingerprint", "pack"]

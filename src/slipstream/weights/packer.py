@@ -1,0 +1,123 @@
+"""The weight wire format, writer side: a state dict becomes one manifest plus chunks of one blob.
+
+A weight version travels as a `WeightManifest` followed by `WeightChunk`s (protos: types.proto).
+The manifest says everything a receiver needs to check before it trusts a byte: every tensor's
+Hugging Face name, shape, wire dtype and byte range in the blob; the sha256 of every chunk; a
+fingerprint of the model's (name, shape) set, so weights of another model are refused before
+they are staged. The blob is the raw little-endian bytes of the tensors, laid end to end
+(safetensors-style, each start aligned to 64 bytes so a reader can view it in place); nothing
+is pickled, so a weight stream can never execute code on the receiver.
+
+In the "fp8" format every linear projection (see `quant.should_quantize`) travels as
+float8_e4m3fn plus a float32 `<name>_scale_inv` entry (DeepSeek-V3's name and layout); every
+other floating tensor travels as bf16. Integer buffers travel unchanged. The coordinator relays
+the messages without decoding them; `WeightStager` is the reader.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Literal
+
+import torch
+
+from slipstream.proto import types_pb2
+from slipstream.quant import BLOCK, quantize_blockwise, should_quantize
+
+FORMATS = {"fp8": "fp8-block128", "bf16": "bf16"}
+SCALE_SUFFIX = "_scale_inv"
+ALIGN = 64
+WIRE_DTYPES: dict[str, torch.dtype] = {
+    "float8_e4m3fn": torch.float8_e4m3fn,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "int64": torch.int64,
+    "int32": torch.int32,
+}
+_WIRE_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
+
+
+class WeightError(ValueError):
+    """A weight version that cannot be packed or must not be applied; the message says why."""
+
+
+def model_fingerprint(named_shapes: Iterable[tuple[str, Sequence[int]]]) -> str:
+    """sha256 of the sorted (name, shape) pairs: equal for the same architecture, in any order."""
+    lines = sorted(f"{name}:{','.join(str(int(d)) for d in shape)}" for name, shape in named_shapes)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _wire(name: str, t: torch.Tensor, fmt: str) -> list[tuple[str, torch.Tensor, str]]:
+    """(entry name, tensor as it travels, scale entry name or "") for one state-dict tensor."""
+    if fmt == "fp8" and should_quantize(name, t):
+        q, scale_inv = quantize_blockwise(t)
+        return [(name, q, name + SCALE_SUFFIX), (name + SCALE_SUFFIX, scale_inv, "")]
+    if t.is_floating_point():
+        return [(name, t.to(torch.bfloat16), "")]
+    if t.dtype in _WIRE_NAMES:
+        return [(name, t, "")]
+    raise WeightError(f"{name}: dtype {t.dtype} has no wire encoding (floating or int32/int64 only)")
+
+
+def pack(
+    state_dict: dict[str, torch.Tensor],
+    version: int,
+    fmt: Literal["fp8", "bf16"] = "fp8",
+    chunk_bytes: int = 1 << 20,
+) -> tuple[types_pb2.WeightManifest, list[bytes]]:
+    """Encode `state_dict` as weight version `version`: (manifest, chunks of the blob, in order)."""
+    if fmt not in FORMATS:
+        raise WeightError(f"unknown weight format {fmt!r} (expected one of {sorted(FORMATS)})")
+    if chunk_bytes <= 0:
+        raise WeightError(f"chunk_bytes must be positive, got {chunk_bytes}")
+
+    manifest = types_pb2.WeightManifest(
+        version=version,
+        format=FORMATS[fmt],
+        chunk_bytes=chunk_bytes,
+        model_fingerprint=model_fingerprint((n, t.shape) for n, t in state_dict.items()),
+    )
+    pieces: list[tuple[int, torch.Tensor]] = []
+    offset = 0
+    for name, tensor in state_dict.items():
+        for entry_name, t, scale_name in _wire(name, tensor.detach(), fmt):
+            if entry_name != name and entry_name in state_dict:
+                raise WeightError(f"{entry_name}: the scale entry of {name} collides with a model tensor")
+            nbytes = t.numel() * t.element_size()
+            manifest.tensors.append(
+                types_pb2.TensorEntry(
+                    name=entry_name,
+                    shape=list(t.shape),
+                    dtype=_WIRE_NAMES[t.dtype],
+                    offset=offset,
+                    nbytes=nbytes,
+                    scale_name=scale_name,
+                    block_size=BLOCK if scale_name else 0,
+                )
+            )
+            pieces.append((offset, t))
+            offset += -(-nbytes // ALIGN) * ALIGN
+    total = manifest.tensors[-1].offset + manifest.tensors[-1].nbytes if pieces else 0
+    manifest.total_bytes = total
+
+    # One host blob; each tensor lands in it with a single copy (from whatever device it is on).
+    blob = torch.zeros(total, dtype=torch.uint8)
+    for off, t in pieces:
+        raw = t.contiguous().reshape(-1).view(torch.uint8)
+        blob[off : off + raw.numel()].copy_(raw)
+    view = memoryview(blob.numpy())
+    chunks = [view[i : i + chunk_bytes].tobytes() for i in range(0, total, chunk_bytes)]
+    manifest.chunk_sha256.extend(hashlib.sha256(c).hexdigest() for c in chunks)
+    return manifest, chunks
+
+
+def iter_messages(
+    manifest: types_pb2.WeightManifest, chunks: Sequence[bytes]
+) -> Iterator[types_pb2.WeightMessage]:
+    """The messages of one weight stream: the manifest first, then the chunks in order."""
+    yield types_pb2.WeightMessage(manifest=manifest)
+    for index, data in enumerate(chunks):
+        yield types_pb2.WeightMessage(
+            chunk=types_pb2.WeightChunk(version=manifest.version, index=index, data=data)
+        )
