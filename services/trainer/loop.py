@@ -60,6 +60,16 @@ def _advantages(groups: list[list[Sample]], cfg: Config) -> list[list[float]]:
     return adv.tolist()
 
 
+def _await_rollout_versions(coordinator, version: int, timeout: float) -> coordinator_pb2.CoordinatorStatus:
+    """At the end of a run, give rollout servers a moment to apply the last version (for the record)."""
+    deadline = time.monotonic() + min(timeout, 15.0)
+    while True:
+        status = coordinator.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=timeout)
+        if all(v >= version for v in status.server_versions.values()) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.2)
+
+
 def train(cfg: Config, state: TrainerState) -> None:
     torch.manual_seed(cfg.train.seed)
     buffer = ReplayBuffer(cfg.infra.redis_url, cfg.run_id)
@@ -136,7 +146,10 @@ def train(cfg: Config, state: TrainerState) -> None:
 
     checkpoint(state.step)
     state.finished = state.step >= cfg.rollout.num_rollout
+    status = _await_rollout_versions(coordinator, state.policy_version, cfg.infra.rpc_timeout)
     metrics.write_summary(finished=state.finished, policy_version=state.policy_version,
-                          num_groups_consumed=state.num_groups_consumed)
+                          num_groups_consumed=state.num_groups_consumed,
+                          rollout_server_versions=dict(status.server_versions),
+                          num_reward_failures=status.num_reward_failures)
     buffer.close()
     channel.close()

@@ -33,7 +33,11 @@ READY_TIMEOUT_S = 120.0
 
 
 class LaunchError(RuntimeError):
-    """A service failed to start or died; the message is the one line the user sees."""
+    """A service failed to start or died; the message is the one line the user sees last."""
+
+    def __init__(self, message: str, tail: str = ""):
+        super().__init__(message)
+        self.tail = tail  # the end of the dead service's log, shown above the message
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -90,6 +94,9 @@ class Mesh:
                                      env=env, preexec_fn=_die_with_parent)
         proc = Proc(name, popen, log_path, ready_file)
         self.procs.append(proc)
+        # Operators (and the tests) find every process of the run here.
+        pids = {p.name: p.popen.pid for p in self.procs}
+        (self.run_dir / "pids.json").write_text(json.dumps(pids, indent=2) + "\n")
         return proc
 
     def service(self, name: str, module: str, *extra: str, threads: int = 1) -> Proc:
@@ -105,7 +112,7 @@ class Mesh:
                 if text:
                     return int(text)
             if proc.popen.poll() is not None:
-                raise LaunchError(self.death_message(proc))
+                raise self.death(proc)
             self.check_others(proc)
             time.sleep(0.05)
         raise LaunchError(f"{proc.name} did not become ready within {timeout:.0f}s; see {proc.log_path}")
@@ -113,13 +120,14 @@ class Mesh:
     def check_others(self, skip: Proc | None = None) -> None:
         for p in self.procs:
             if p is not skip and p.popen.poll() is not None:
-                raise LaunchError(self.death_message(p))
+                raise self.death(p)
 
-    def death_message(self, proc: Proc) -> str:
+    def death(self, proc: Proc) -> LaunchError:
         code = proc.popen.returncode
         how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
         reason = proc.last_error_line()
-        return f"{proc.name} died ({how})" + (f": {reason}" if reason else f"; last lines of {proc.log_path}:\n{proc.tail()}")
+        message = f"{proc.name} died ({how})" + (f": {reason}" if reason else f"; see {proc.log_path}")
+        return LaunchError(message, tail=proc.tail())
 
     def stop_all(self, grace: float = GRACE_S) -> None:
         alive = [p for p in self.procs if p.popen.poll() is None]
@@ -179,6 +187,14 @@ def _read_metrics(path: Path, offset: int) -> tuple[list[dict], int]:
     return rows, offset + len(complete)
 
 
+def _error(e: Exception) -> None:
+    # Plain print: one line, never re-wrapped to the terminal width, always the last one.
+    tail = getattr(e, "tail", "")
+    if tail:
+        print("\n".join("  | " + line for line in tail.splitlines()), file=sys.stderr)
+    print(f"slipstream: error: {e}", file=sys.stderr, flush=True)
+
+
 def preflight(cfg: Config) -> None:
     """Fail fast, with one line, on what would otherwise fail inside a service minutes later."""
     from slipstream.data import DataError, load_prompts
@@ -205,7 +221,7 @@ def run(cfg: Config) -> int:
     try:
         preflight(cfg)
     except LaunchError as e:
-        console.print(f"[red]slipstream: error:[/] {e}", highlight=False)
+        _error(e)
         return 2
     run_dir = Path(cfg.infra.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -239,7 +255,7 @@ def run(cfg: Config) -> int:
                 code = trainer.popen.poll()
                 if code is not None:
                     if code != 0:
-                        raise LaunchError(mesh.death_message(trainer))
+                        raise mesh.death(trainer)
                     break
                 mesh.check_others(trainer)
                 time.sleep(0.2)
@@ -250,7 +266,7 @@ def run(cfg: Config) -> int:
         return 0
     except LaunchError as e:
         mesh.stop_all()
-        console.print(f"[red]slipstream: error:[/] {e}", highlight=False)
+        _error(e)
         return 1
     except KeyboardInterrupt:
         console.print("slipstream: stopping all services")

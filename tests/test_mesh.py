@@ -1,0 +1,131 @@
+"""The whole mesh as separate processes: launcher, embedded-style Redis, reward, coordinator,
+two rollout servers, trainer — real gRPC on loopback, real Redis, FP8 weights on the wire.
+
+Marked slow: each test starts ~6 processes and runs a few training steps on a tiny model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from mesh_fixtures import build_prompts, build_tiny_model
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("mesh")
+    return build_tiny_model(d / "model"), build_prompts(d / "train.jsonl")
+
+
+def _argv(model: Path, prompts: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(ROOT / "train.py"),
+        "--hf-checkpoint", str(model), "--prompt-data", str(prompts), "--run-dir", str(run_dir),
+        "--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--num-rollout", "3",
+        "--rollout-max-response-len", "4", "--global-batch-size", "8", "--micro-batch-size", "8",
+        "--lr", "1e-3", "--rollout-num-servers", "2", *extra,
+    ]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_mesh_trains_and_syncs_weights(assets, tmp_path, redis_url):
+    model, prompts = assets
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(_argv(model, prompts, run_dir, "--redis-url", redis_url), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for key in ("policy_version", "reward_mean", "accuracy", "response_len_mean", "staleness_mean",
+                "staleness_max", "logprob_abs_diff_mean", "loss", "grad_norm", "tokens_per_s", "elapsed_s"):
+        assert all(key in r for r in rows), key
+    assert rows[-1]["policy_version"] == 3
+    assert all(r["num_samples"] == 16 for r in rows)
+    # Rewards were computed by the reward service: the math rule gives exactly 0 or 1.
+    assert all(0.0 <= r["reward_mean"] <= 1.0 for r in rows)
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # Every rollout server received, verified and applied every pushed version.
+    assert summary["rollout_server_versions"] == {"rollout-0": 3, "rollout-1": 3}
+
+    # Every buffer entry was acknowledged once its step was done.
+    r = redis.Redis.from_url(redis_url)
+    run_id = run_dir.resolve().name
+    streams = [k.decode() for k in r.keys(f"slipstream:{run_id}:*")]
+    group_stream = next(k for k in streams if k.endswith("groups"))
+    pending = r.xpending(group_stream, "trainers")
+    assert pending["pending"] == 0
+    assert r.xlen(group_stream) >= 12
+
+    assert (run_dir / "config.json").exists()
+    assert (run_dir / "checkpoints" / "latest").exists()
+    for name in ("reward", "coordinator", "rollout-0", "rollout-1", "trainer"):
+        assert (run_dir / "logs" / f"{name}.log").exists()
+    pids = json.loads((run_dir / "pids.json").read_text())
+    assert not [n for n, pid in pids.items() if _alive(pid)]
+
+
+@pytest.mark.parametrize("victim", ["rollout-1", "coordinator"])
+def test_killing_a_service_stops_the_run(assets, tmp_path, victim):
+    model, prompts = assets
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(_argv(model, prompts, run_dir, "--num-rollout", "1000"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 180
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the run never finished a step"
+            time.sleep(0.2)
+        pids = json.loads((run_dir / "pids.json").read_text())
+        os.kill(pids[victim], signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, err = launcher.communicate(timeout=30)
+        assert time.monotonic() - killed_at < 10
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode not in (0, None)
+    assert victim in err.splitlines()[-1] if err.strip() else False
+    assert not [n for n, pid in pids.items() if _alive(pid)]
+
+
+def test_bad_input_gives_one_line(assets, tmp_path):
+    model, prompts = assets
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "label": "2"}\n{"prompt": "2+2=", "label": \n')
+    cases = {
+        "malformed": (_argv(model, bad, tmp_path / "r1"), "bad.jsonl:2: malformed JSON"),
+        "checkpoint": (_argv(tmp_path / "nope", prompts, tmp_path / "r2"), "--hf-checkpoint"),
+        "rm-url": (_argv(model, prompts, tmp_path / "r3", "--rm-url", "http://127.0.0.1:9/rm"), "--rm-url"),
+    }
+    for name, (argv, needle) in cases.items():
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0, name
+        last = proc.stderr.strip().splitlines()[-1]
+        assert needle in last, (name, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, name
