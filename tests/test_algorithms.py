@@ -162,9 +162,17 @@ def test_policy_loss_with_tis_by_hand():
     raw_tis = torch.tensor([[0.5, 1.0, 3.0, 1.5, 1.2, 10.0]])
     rollout = (torch.tensor([OLD]) - torch.log(raw_tis)).requires_grad_()
     loss, metrics = policy_loss(
-        log_probs, old, adv, mask, eps_clip=0.2, eps_clip_high=0.28,
-        rollout_log_probs=rollout, use_tis=True, tis_clip=2.0, tis_clip_low=0.6,
-    )  # fmt: skip
+        log_probs,
+        old,
+        adv,
+        mask,
+        eps_clip=0.2,
+        eps_clip_high=0.28,
+        rollout_log_probs=rollout,
+        use_tis=True,
+        tis_clip=2.0,
+        tis_clip_low=0.6,
+    )
     # weights = clamp(tis, 0.6, 2.0) = [0.6, 1, 2, 1.5, 1.2, (2, masked)]
     # pg * w = [-1.28*0.6, -0.5*1, 0.8*2, 1.5*1.5, -2*1.2] = [-0.768, -0.5, 1.6, 2.25, -2.4]
     # loss = 0.182 / 5 = 0.0364
