@@ -1,0 +1,33 @@
+"""`python -m slipstream.services.reward <flags>` (or `slipstream reward <flags>`): the reward service.
+
+Flags are the shared config's (`--config run.json --port 0 --ready-file f --rm-type math ...`);
+gRPC and the reward code are imported only after parsing, so `--help` answers at once. A reward
+setting that cannot work (a custom function that does not load, an unreachable `--rm-url`)
+exits 2 with one line before serving.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    from slipstream.config import parse_config
+
+    cfg = parse_config(argv, prog="slipstream reward", description="Score samples over gRPC (Reward.Score).")
+    from slipstream.log import setup_logging
+
+    setup_logging("reward")
+    from slipstream.rpc.server import run_async
+    from slipstream.services.reward import RewardConfigError
+    from slipstream.services.reward.server import serve
+
+    try:
+        run_async(serve(cfg))
+    except RewardConfigError as e:
+        print(f"slipstream reward: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

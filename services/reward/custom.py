@@ -1,0 +1,103 @@
+"""User reward functions: `--custom-rm-path module:function` or `path/to/file.py:function`.
+
+The function has slime's signature, `func(args, sample) -> float | dict`, sync or async:
+`args` is the flat namespace of the whole config (`cfg.as_namespace()`: `args.rm_type`,
+`args.n_samples_per_prompt`, ...), `sample` a `slipstream.types.Sample` with slime's fields.
+A dict result is reduced to its `"reward"` entry (slime's `reward_key` if the namespace has
+one), since the wire carries one number per sample.
+
+A path that does not load is a one-line config error at start, not a traceback on the first
+request. Sync functions run in a worker thread so a slow one does not stall the others.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from slipstream.services.reward import RewardConfigError
+from slipstream.types import Sample
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+    """Import `module:function` or `file.py:function`; RewardConfigError (one line) if it does not load."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name:
+        raise RewardConfigError(f"--custom-rm-path {spec}: expected module:function or path/to/file.py:function")
+    try:
+        if where.endswith(".py") or "/" in where:
+            module = _load_file(Path(where))
+        else:
+            module = importlib.import_module(where)
+    except RewardConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the user's module raises on import, one line
+        raise RewardConfigError(f"--custom-rm-path {spec}: cannot import: {type(e).__name__}: {e}") from None
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise RewardConfigError(f"--custom-rm-path {spec}: {where} has no attribute {name!r}")
+    if not callable(fn):
+        raise RewardConfigError(f"--custom-rm-path {spec}: {name!r} is not callable")
+    return fn
+
+
+def _load_file(path: Path):
+    if not path.is_file():
+        raise RewardConfigError(f"--custom-rm-path {path}: no such file")
+    resolved = path.resolve()
+    # A stable, unique module name: two reward files both called reward.py do not collide.
+    mod_name = f"_slipstream_custom_rm_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
+    spec = importlib.util.spec_from_file_location(mod_name, resolved)
+    if spec is None or spec.loader is None:
+        raise RewardConfigError(f"--custom-rm-path {path}: not a loadable Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = module  # lets the file's dataclasses and pickling find their module
+    spec.loader.exec_module(module)
+    return module
+
+
+def reward_value(result: Any, args: argparse.Namespace) -> float:
+    """The number a user function's result stands for; ValueError if there is none."""
+    if isinstance(result, dict):
+        key = getattr(args, "reward_key", None) or "reward"
+        if key not in result:
+            raise ValueError(f"reward function returned a dict without {key!r}: keys {sorted(result)[:10]}")
+        result = result[key]
+    if isinstance(result, bool) or not isinstance(result, int | float):
+        raise ValueError(f"reward function returned {type(result).__name__}, not a number")
+    if not math.isfinite(result):
+        raise ValueError(f"reward function returned {result}")
+    return float(result)
+
+
+class CustomReward:
+    """Calls a user function `(args, sample)` and reduces its result to a float."""
+
+    def __init__(self, fn: Callable[..., Any], args: argparse.Namespace):
+        self.fn = fn
+        self.args = args
+        self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None)  # noqa: B004 - an object with an async __call__
+        )
+
+    @classmethod
+    def from_path(cls, spec: str, args: argparse.Namespace) -> CustomReward:
+        return cls(load_function(spec), args)
+
+    async def __call__(self, sample: Sample) -> float:
+        if self.is_async:
+            result = await self.fn(self.args, sample)
+        else:
+            result = await asyncio.to_thread(self.fn, self.args, sample)
+            if inspect.isawaitable(result):
+                result = await result
+        return reward_value(result, self.args)

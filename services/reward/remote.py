@@ -1,0 +1,132 @@
+"""Remote reward-model endpoints, slime's protocol.
+
+The request is one HTTP POST per sample to `--rm-url` with the JSON body
+`{"prompt": ..., "response": ..., "label": ...}`; the reply body is the reward, either a JSON
+number or an object whose `"reward"` is one (slime's `remote_rm` does exactly this, so a
+reward server written for slime works here unchanged).
+
+Transient trouble is retried with exponential backoff, up to `--rm-max-retries` times: a
+refused or dropped connection, a timeout (`--rm-timeout` per attempt), an HTTP 5xx or 429.
+Anything else (4xx, a body that is not a reward) is the endpoint's final word and fails the
+sample at once with a one-line reason. The standard library's `urllib` does the HTTP, in a
+worker thread, so the service needs no HTTP client dependency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+from urllib.parse import urlsplit
+
+from slipstream.services.reward import RewardConfigError
+from slipstream.types import Sample
+
+BACKOFF_S = 0.2
+BACKOFF_MAX_S = 5.0
+
+
+class RemoteRewardError(RuntimeError):
+    """The endpoint did not produce a reward for this sample."""
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise RewardConfigError(f"--rm-url {url}: not an http(s) URL")
+    return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+
+
+def check_reachable(url: str, timeout: float = 5.0) -> None:
+    """Raise RewardConfigError (one line) unless something accepts TCP connections at `url`."""
+    host, port = _host_port(url)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return
+    except ConnectionRefusedError:
+        reason = "connection refused"
+    except TimeoutError:
+        reason = f"no answer after {timeout:g}s"
+    except socket.gaierror as e:
+        reason = f"unknown host ({e.strerror})"
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+    raise RewardConfigError(f"--rm-url {url}: unreachable ({reason})")
+
+
+def parse_reward(body: bytes) -> float:
+    """The reward in a reply body: a JSON number, or an object with a numeric "reward"."""
+    try:
+        value: Any = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RemoteRewardError(f"reply is not JSON: {body[:100]!r}") from None
+    if isinstance(value, dict):
+        if "reward" not in value:
+            raise RemoteRewardError(f"reply object has no 'reward': {sorted(value)[:10]}")
+        value = value["reward"]
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise RemoteRewardError(f"reply reward is not a finite number: {str(value)[:100]}")
+    return float(value)
+
+
+class RemoteReward:
+    """Scores a sample by POSTing it to a reward endpoint."""
+
+    def __init__(self, url: str, timeout: float = 30.0, max_retries: int = 3):
+        _host_port(url)
+        self.url = url
+        self.timeout = timeout
+        self.max_retries = max_retries
+
+    async def __call__(self, sample: Sample) -> float:
+        # A chat prompt travels as its list of messages, as slime sends it.
+        payload = {"prompt": sample.prompt, "response": sample.response, "label": sample.label}
+        return await asyncio.to_thread(self.score_payload, payload)
+
+    def score_payload(self, payload: dict[str, Any]) -> float:
+        """POST `payload`, retrying transient failures; the reward, or RemoteRewardError."""
+        body = json.dumps(payload).encode()
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
+            try:
+                return parse_reward(self._post(body))
+            except _Transient as e:
+                if attempt + 1 == attempts:
+                    raise RemoteRewardError(f"{self.url}: {e} (after {attempts} attempts)") from None
+                time.sleep(min(BACKOFF_S * 2**attempt, BACKOFF_MAX_S))
+        raise AssertionError("unreachable")
+
+    def _post(self, body: bytes) -> bytes:
+        request = urllib.request.Request(
+            self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as reply:
+                return reply.read()
+        except urllib.error.HTTPError as e:
+            detail = e.read()[:200].decode(errors="replace").strip()
+            message = f"HTTP {e.code}" + (f": {detail}" if detail else "")
+            if e.code >= 500 or e.code == 429:
+                raise _Transient(message) from None
+            raise RemoteRewardError(f"{self.url}: {message}") from None
+        except urllib.error.URLError as e:
+            raise _Transient(_reason(e.reason)) from None
+        except (TimeoutError, ConnectionError) as e:  # timeouts and resets while reading the body
+            raise _Transient(_reason(e)) from None
+
+
+class _Transient(Exception):
+    """A failure worth another attempt."""
+
+
+def _reason(e: object) -> str:
+    if isinstance(e, TimeoutError):
+        return "timed out"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower()
+    return str(e) or type(e).__name__

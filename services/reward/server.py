@@ -1,0 +1,130 @@
+"""The reward service: `Reward.Score` over gRPC, one result per sample, in request order.
+
+The scorer is picked once at start (`build_scorer`): `--custom-rm-path` wins, then a remote
+endpoint (`--rm-url`, or `--rm-type remote_rm`), then the built-in rule `--rm-type`. A request's
+samples are scored concurrently (remote endpoints and user functions are mostly waiting), at
+most `max_concurrency` at a time across all requests.
+
+Per-sample failures are the boundary here: whatever a reward function raises, or a remote
+endpoint answers, becomes `failed=True` with a one-line `error` for that sample alone, so the
+coordinator can mark it FAILED and count it; the other samples of the batch are unaffected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable, Callable
+
+import grpc
+
+from slipstream.config import Config
+from slipstream.proto import reward_pb2, reward_pb2_grpc, types_pb2
+from slipstream.rpc.convert import sample_from_proto
+from slipstream.rpc.server import Service, install_signal_handlers, start_server
+from slipstream.services.reward import RewardConfigError
+from slipstream.services.reward.custom import CustomReward
+from slipstream.services.reward.remote import RemoteReward, check_reachable
+from slipstream.services.reward.rules import RULES, RuleFn, warm_up
+from slipstream.types import Sample
+
+log = logging.getLogger(__name__)
+
+Scorer = Callable[[Sample], Awaitable[float]]
+MAX_CONCURRENCY = 64
+MAX_ERROR_CHARS = 500
+
+
+class RuleReward:
+    """A built-in rule, `rule(response, label)`; cheap, so it runs on the event loop."""
+
+    def __init__(self, name: str, fn: RuleFn):
+        self.name = name
+        self.fn = fn
+
+    async def __call__(self, sample: Sample) -> float:
+        if sample.label is None:
+            raise ValueError(f"rm-type {self.name}: sample has no label")
+        return self.fn(sample.response, sample.label)
+
+
+def build_scorer(cfg: Config) -> Scorer:
+    """The reward source the flags select; RewardConfigError (one line) if they select none."""
+    r = cfg.reward
+    if r.custom_rm_path:
+        return CustomReward.from_path(r.custom_rm_path, cfg.as_namespace())
+    if r.rm_url or r.rm_type == "remote_rm":
+        if not r.rm_url:
+            raise RewardConfigError("--rm-type remote_rm needs --rm-url")
+        return RemoteReward(r.rm_url, timeout=r.rm_timeout, max_retries=r.rm_max_retries)
+    if r.rm_type not in RULES:
+        choices = ", ".join([*RULES, "remote_rm"])
+        raise RewardConfigError(f"--rm-type {r.rm_type}: unknown (choices: {choices}; or --custom-rm-path)")
+    return RuleReward(r.rm_type, RULES[r.rm_type])
+
+
+def describe(cfg: Config) -> str:
+    r = cfg.reward
+    if r.custom_rm_path:
+        return f"custom {r.custom_rm_path}"
+    if r.rm_url:
+        return f"remote {r.rm_url}"
+    return f"rule {r.rm_type}"
+
+
+def _one_line(e: BaseException) -> str:
+    text = f"{type(e).__name__}: {e}".replace("\n", " ")
+    return text[:MAX_ERROR_CHARS]
+
+
+class RewardServicer(reward_pb2_grpc.RewardServicer):
+    def __init__(self, scorer: Scorer, max_concurrency: int = MAX_CONCURRENCY):
+        self.scorer = scorer
+        self._slots = asyncio.Semaphore(max_concurrency)
+        self.num_scored = 0
+        self.num_failed = 0
+
+    async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreReply:
+        results = await asyncio.gather(*(self._score_one(p) for p in request.samples))
+        return reward_pb2.ScoreReply(results=results)
+
+    async def _score_one(self, proto: types_pb2.Sample) -> reward_pb2.ScoreResult:
+        async with self._slots:
+            try:
+                reward = float(await self.scorer(sample_from_proto(proto)))
+                if not math.isfinite(reward):
+                    raise ValueError(f"reward is {reward}")
+            except Exception as e:  # noqa: BLE001 - the per-sample boundary: report, never crash
+                self.num_failed += 1
+                log.warning("reward failed for sample %s: %s", proto.uid or "?", _one_line(e))
+                return reward_pb2.ScoreResult(failed=True, error=_one_line(e))
+        self.num_scored += 1
+        return reward_pb2.ScoreResult(reward=reward)
+
+
+async def start_reward_server(cfg: Config) -> tuple[Service, RewardServicer]:
+    """Build the scorer, check a remote endpoint is up, bind and start serving."""
+    scorer = build_scorer(cfg)
+    if isinstance(scorer, RemoteReward):
+        await asyncio.to_thread(check_reachable, scorer.url, min(cfg.reward.rm_timeout, 5.0))
+    if isinstance(scorer, RuleReward) and scorer.name == "math":
+        warm_up()
+    servicer = RewardServicer(scorer)
+
+    def add_servicers(server: grpc.aio.Server) -> None:
+        reward_pb2_grpc.add_RewardServicer_to_server(servicer, server)
+
+    service = await start_server(
+        add_servicers, host=cfg.infra.host, port=cfg.infra.port, ready_file=cfg.infra.ready_file
+    )
+    log.info("scoring with %s", describe(cfg))
+    return service, servicer
+
+
+async def serve(cfg: Config) -> None:
+    """Serve until SIGTERM/SIGINT."""
+    service, servicer = await start_reward_server(cfg)
+    install_signal_handlers(service.stop)
+    await service.server.wait_for_termination()
+    log.info("stopped: %d scored, %d failed", servicer.num_scored, servicer.num_failed)
