@@ -25,8 +25,8 @@ import logging
 
 import redis
 from google.protobuf.message import DecodeError
-from slipstream.buffer.keys import DEFAULT_CONSUMER_GROUP, Keys
 
+from slipstream.buffer.keys import DEFAULT_CONSUMER_GROUP, Keys
 from slipstream.proto import types_pb2
 
 log = logging.getLogger(__name__)

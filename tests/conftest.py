@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
+
 from slipstream.buffer.embedded import EmbeddedRedis
 
 

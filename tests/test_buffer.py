@@ -6,10 +6,10 @@ import time
 
 import pytest
 import redis
+
 from slipstream.buffer.embedded import EmbeddedRedis, RedisServerError, server_command, wait_for_redis
 from slipstream.buffer.keys import Keys
 from slipstream.buffer.replay import ReplayBuffer
-
 from slipstream.proto import types_pb2
 
 
