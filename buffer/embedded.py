@@ -153,7 +153,9 @@ class EmbeddedRedis:
                 self.port = free_port()
             cmd = server_command(self.data_dir, self.port, self.password, self.binary)
             with open(self.log_path, "ab") as log:
-                self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                self._proc = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+                )
             try:
                 self._wait_started()
                 return self

@@ -242,7 +242,9 @@ class ReplayBuffer:
                     taken.append(_decode_sample(fields))
                 except CorruptPayload as e:
                     log.warning("partials entry %s is corrupt (%s): moved to dead letters", entry_id, e)
-                    self._queue_dead_letter(pipe, fields.get(PAYLOAD, b""), str(e), self.keys.partials, entry_id)
+                    self._queue_dead_letter(
+                        pipe, fields.get(PAYLOAD, b""), str(e), self.keys.partials, entry_id
+                    )
             pipe.xdel(self.keys.partials, *[_str(raw_id) for raw_id, _ in entries])
 
         self.redis.transaction(take, self.keys.partials)

@@ -15,7 +15,9 @@ from slipstream.proto import types_pb2
 
 def make_group(i: int, n: int = 2) -> types_pb2.Group:
     samples = [
-        types_pb2.Sample(uid=f"p{i}/{j}", group_index=i, index=j, tokens=[1, 2, 3], response_length=1, reward=0.5)
+        types_pb2.Sample(
+            uid=f"p{i}/{j}", group_index=i, index=j, tokens=[1, 2, 3], response_length=1, reward=0.5
+        )
         for j in range(n)
     ]
     return types_pb2.Group(group_id=f"g{i}", samples=samples, created_unix_ms=1000 + i)
@@ -166,7 +168,15 @@ def test_consumer_group_survives_stream_deletion(buf: ReplayBuffer):
 
 def test_keys_share_one_prefix_per_run():
     k = Keys("run7")
-    names = [k.groups, k.partials, k.dead_letter, k.coordinator_state, k.leases, k.trainer_state, k.heartbeat("r0")]
+    names = [
+        k.groups,
+        k.partials,
+        k.dead_letter,
+        k.coordinator_state,
+        k.leases,
+        k.trainer_state,
+        k.heartbeat("r0"),
+    ]
     assert all(n.startswith("slipstream:run7:") for n in names)
     assert len(set(names)) == len(names)
     with pytest.raises(ValueError):

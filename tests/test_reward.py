@@ -232,7 +232,9 @@ def test_custom_reward_by_module_path():
 def test_custom_reward_path_errors_are_one_line(spec: str, message: str):
     with pytest.raises(RewardConfigError, match=message) as info:
         build_scorer(config_from_values({"custom_rm_path": spec}))
-    assert "\n" not in str(info.value) and str(info.value).startswith(f"--custom-rm-path {spec.split(':')[0]}")
+    assert "\n" not in str(info.value) and str(info.value).startswith(
+        f"--custom-rm-path {spec.split(':')[0]}"
+    )
 
 
 def test_custom_reward_file_that_raises_on_import(tmp_path):
@@ -250,14 +252,18 @@ def test_unknown_rm_type_lists_the_choices():
 def test_custom_path_wins_over_rm_url(tmp_path):
     path = tmp_path / "r.py"
     path.write_text("def f(args, sample):\n    return 7\n")
-    scorer = build_scorer(config_from_values({"custom_rm_path": f"{path}:f", "rm_url": "http://127.0.0.1:1/"}))
+    scorer = build_scorer(
+        config_from_values({"custom_rm_path": f"{path}:f", "rm_url": "http://127.0.0.1:1/"})
+    )
     assert type(scorer).__name__ == "CustomReward"
 
 
 def test_remote_reward_number_and_object_replies(http_url: str):
     (right, wrong) = score({"rm_url": f"{http_url}/number"}, [sample(0, "4"), sample(1, "5")])
     assert (right.reward, right.failed, wrong.reward, wrong.failed) == (1.0, False, 0.0, False)
-    chat = types_pb2.Sample(uid="c/0", prompt=json.dumps([{"role": "user", "content": "hi"}]), response="r", label="l")
+    chat = types_pb2.Sample(
+        uid="c/0", prompt=json.dumps([{"role": "user", "content": "hi"}]), response="r", label="l"
+    )
     (obj,) = score({"rm_url": f"{http_url}/object", "rm_type": "remote_rm"}, [chat])
     assert obj.reward == 0.25 and not obj.failed
 
@@ -277,7 +283,9 @@ def test_remote_reward_failures_are_marked_failed(http_url: str):
     }
     for path, message in cases.items():
         retries = 0 if path == "/slow" else 1
-        (r,) = score({"rm_url": f"{http_url}{path}", "rm_timeout": 0.3, "rm_max_retries": retries}, [sample(0, "x")])
+        (r,) = score(
+            {"rm_url": f"{http_url}{path}", "rm_timeout": 0.3, "rm_max_retries": retries}, [sample(0, "x")]
+        )
         assert r.failed and r.reward == 0.0, path
         assert message in r.error, (path, r.error)
     assert _Handler.calls["/bad-request"] == 1  # a 4xx is final: not retried
@@ -300,7 +308,10 @@ def test_check_reachable_open_port(http_url: str):
 def test_main_help_is_fast_and_unreachable_url_exits_with_one_line():
     start = time.monotonic()
     out = subprocess.run(
-        [sys.executable, "-m", "slipstream.services.reward", "--help"], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "slipstream.services.reward", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert out.returncode == 0 and "--rm-url" in out.stdout
     assert time.monotonic() - start < 5.0
@@ -315,4 +326,7 @@ def test_main_help_is_fast_and_unreachable_url_exits_with_one_line():
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines()[-1] == f"slipstream reward: error: --rm-url {url}: unreachable (connection refused)"
+    assert (
+        out.stderr.strip().splitlines()[-1]
+        == f"slipstream reward: error: --rm-url {url}: unreachable (connection refused)"
+    )

@@ -32,7 +32,9 @@ def load_function(spec: str) -> Callable[..., Any]:
     """Import `module:function` or `file.py:function`; RewardConfigError (one line) if it does not load."""
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name:
-        raise RewardConfigError(f"--custom-rm-path {spec}: expected module:function or path/to/file.py:function")
+        raise RewardConfigError(
+            f"--custom-rm-path {spec}: expected module:function or path/to/file.py:function"
+        )
     try:
         if where.endswith(".py") or "/" in where:
             module = _load_file(Path(where))

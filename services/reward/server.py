@@ -85,7 +85,9 @@ class RewardServicer(reward_pb2_grpc.RewardServicer):
         self.num_scored = 0
         self.num_failed = 0
 
-    async def Score(self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext) -> reward_pb2.ScoreReply:
+    async def Score(
+        self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext
+    ) -> reward_pb2.ScoreReply:
         results = await asyncio.gather(*(self._score_one(p) for p in request.samples))
         return reward_pb2.ScoreReply(results=results)
 
