@@ -1,0 +1,1 @@
+"""The coordinator service: the control plane of the mesh (see `server.py`)."""

@@ -1,0 +1,188 @@
+"""The assignment ledger: GRPO groups in flight and the lease of every sample.
+
+A group is one prompt times `n_samples_per_prompt` samples. Its samples wait in a FIFO
+queue until a rollout server has room for them; all samples of a group go to the same
+server when any server can hold them (the engine can then share the prompt's prefix).
+Each dispatched sample holds a lease: (the attached stream it went to, an epoch). A result
+counts only when it names the current epoch of a live lease; anything else is a late
+answer from a server the coordinator already gave up on, and is ignored. When a stream
+ends, its leases are released and the samples go back to the *front* of the queue with a
+new epoch, so recovered work is served before new prompts are admitted.
+
+The ledger is plain bookkeeping: no I/O, no clock, no asyncio. The servicer drives it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from slipstream.proto import types_pb2
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Lease:
+    conn_id: str  # the attached stream holding the sample
+    epoch: int
+
+
+@dataclass
+class GroupState:
+    group_id: str
+    samples: list[types_pb2.Sample]  # [n] templates: prompt tokens, uid, label
+    results: dict[int, types_pb2.Sample] = field(default_factory=dict)  # index -> finished sample
+
+    @property
+    def complete(self) -> bool:
+        return len(self.results) == len(self.samples)
+
+    def finished_samples(self) -> list[types_pb2.Sample]:
+        return [self.results[i] for i in range(len(self.samples))]
+
+
+@dataclass
+class Assignment:
+    """One sample handed to one stream: what becomes a `WorkItem`."""
+
+    conn_id: str
+    work_id: str
+    epoch: int
+    sample: types_pb2.Sample
+
+
+@dataclass
+class Slots:
+    """A stream's capacity as the dispatcher sees it."""
+
+    in_flight: int
+    max_concurrent: int
+
+    @property
+    def free(self) -> int:
+        return self.max_concurrent - self.in_flight
+
+
+def pick_server(need: int, slots: dict[str, Slots]) -> tuple[str, int] | None:
+    """(stream, how many of `need` samples it takes) or None to wait.
+
+    Least-loaded first among the streams with room for the whole chunk. A chunk larger than
+    every stream's capacity could never go out whole, so it is split over the least-loaded
+    stream with any room (otherwise it would wait forever).
+    """
+    whole = [(s.in_flight, -s.free, cid) for cid, s in slots.items() if s.free >= need]
+    if whole:
+        return min(whole)[2], need
+    if all(s.max_concurrent < need for s in slots.values()):
+        some = [(s.in_flight, -s.free, cid) for cid, s in slots.items() if s.free > 0]
+        if some:
+            cid = min(some)[2]
+            return cid, slots[cid].free
+    return None
+
+
+class Ledger:
+    def __init__(self) -> None:
+        self.groups: dict[str, GroupState] = {}
+        self.leases: dict[str, Lease] = {}  # work_id -> lease of a dispatched sample
+        self._where: dict[str, tuple[str, int]] = {}  # work_id -> (group_id, index)
+        self._epochs: dict[str, int] = {}  # work_id -> last epoch issued
+        self._queue: deque[tuple[str, list[int]]] = deque()  # (group_id, sample indices) to place
+
+    # ---- groups ------------------------------------------------------------------------
+    def add_group(self, group_id: str, samples: list[types_pb2.Sample]) -> None:
+        if group_id in self.groups:
+            raise ValueError(f"group {group_id} already exists")
+        self.groups[group_id] = GroupState(group_id, samples)
+        for i, s in enumerate(samples):
+            self._where[s.uid] = (group_id, i)
+        self._queue.append((group_id, list(range(len(samples)))))
+
+    @property
+    def num_queued(self) -> int:
+        return sum(len(idx) for _, idx in self._queue)
+
+    def in_flight(self, conn_id: str) -> int:
+        return sum(1 for lease in self.leases.values() if lease.conn_id == conn_id)
+
+    # ---- dispatch ----------------------------------------------------------------------
+    def place_next(self, slots: dict[str, Slots]) -> list[Assignment]:
+        """Lease the head of the queue to a stream (updating `slots`); [] when it must wait."""
+        if not self._queue or not slots:
+            return []
+        group_id, indices = self._queue[0]
+        choice = pick_server(len(indices), slots)
+        if choice is None:
+            return []
+        conn_id, take = choice
+        self._queue.popleft()
+        if take < len(indices):
+            self._queue.appendleft((group_id, indices[take:]))
+        group = self.groups[group_id]
+        out = []
+        for i in indices[:take]:
+            sample = group.samples[i]
+            epoch = self._epochs.get(sample.uid, 0) + 1
+            self._epochs[sample.uid] = epoch
+            self.leases[sample.uid] = Lease(conn_id, epoch)
+            out.append(Assignment(conn_id, sample.uid, epoch, sample))
+        slots[conn_id].in_flight += take
+        return out
+
+    def release(self, conn_id: str) -> int:
+        """Give up every lease of a gone stream; its samples go back to the front of the queue."""
+        by_group: dict[str, list[int]] = {}
+        for work_id, lease in list(self.leases.items()):
+            if lease.conn_id == conn_id:
+                del self.leases[work_id]
+                group_id, index = self._where[work_id]
+                by_group.setdefault(group_id, []).append(index)
+        for group_id, indices in reversed(list(by_group.items())):
+            self._queue.appendleft((group_id, sorted(indices)))
+        return sum(len(v) for v in by_group.values())
+
+    # ---- results -----------------------------------------------------------------------
+    def accept_result(self, conn_id: str, work_id: str, epoch: int,
+                      sample: types_pb2.Sample) -> GroupState | None:
+        """Record a result; the group when this result completed it (it leaves the ledger).
+
+        An ABORTED result is a partial trajectory: it replaces the sample's template and is
+        queued again to be continued.
+
+        Raises `StaleResult` for an unknown work id, an old epoch or another stream's lease.
+        """
+        lease = self.leases.get(work_id)
+        if lease is None:
+            raise StaleResult(f"result for {work_id!r}: no live lease (unknown or already done)")
+        if lease.epoch != epoch or lease.conn_id != conn_id:
+            raise StaleResult(f"result for {work_id!r}: epoch {epoch}, lease is at epoch {lease.epoch}")
+        del self.leases[work_id]
+        group_id, index = self._where[work_id]
+        group = self.groups[group_id]
+        template = group.samples[index]
+        done = types_pb2.Sample()
+        done.CopyFrom(sample)
+        # Identity and ground truth come from the ledger, not from the server's echo.
+        done.uid, done.group_index, done.index = template.uid, template.group_index, template.index
+        done.prompt, done.label, done.metadata_json = template.prompt, template.label, template.metadata_json
+        if done.status == types_pb2.SAMPLE_STATUS_ABORTED:
+            # A partial trajectory: it goes back to the front of the queue and is continued
+            # (possibly elsewhere, under newer weights) from where it stopped.
+            done.status = types_pb2.SAMPLE_STATUS_PENDING
+            group.samples[index] = done
+            self._queue.appendleft((group_id, [index]))
+            return None
+        group.results[index] = done
+        if not group.complete:
+            return None
+        del self.groups[group_id]
+        for s in group.samples:
+            self._where.pop(s.uid, None)
+            self._epochs.pop(s.uid, None)
+        return group
+
+
+class StaleResult(Exception):
+    """A result that no live lease is waiting for (ignored, logged)."""

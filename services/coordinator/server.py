@@ -1,0 +1,375 @@
+"""The coordinator service: admission, leases, group assembly, weight relay, over gRPC.
+
+Rollout servers dial in and hold one `Attach` stream each. The coordinator turns prompts
+into GRPO groups (one prompt x `n_samples_per_prompt` samples), leases the samples of a
+group to the least-loaded server with room for them, and collects results. When the last
+sample of a group is in, the group is scored with one `Reward.Score` call and appended to
+the replay buffer. A new group is admitted only while the staleness bound allows it
+(`admission.py`); a stream that ends gives its leases back and they are re-dispatched.
+
+Weights pushed by the trainer are checked and kept (`weights_relay.py`); every attached
+server is told the new version and pulls it with `FetchWeights`.
+
+Everything runs on one asyncio loop, so the state below needs no locks: each handler
+updates the ledger and calls `_dispatch()`, which hands out whatever may go out now.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from slipstream.config import Config
+from slipstream.data import DataError, PromptCursor, PromptRecord, encode_prompt, load_prompts
+from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, reward_pb2, reward_pb2_grpc, types_pb2
+from slipstream.rpc.channel import aio_channel, wait_healthy
+from slipstream.rpc.convert import sample_to_proto
+from slipstream.rpc.server import Service, install_signal_handlers, start_server
+from slipstream.services.coordinator.admission import may_dispatch_group
+from slipstream.services.coordinator.groups import (
+    Assignment,
+    GroupState,
+    Ledger,
+    Slots,
+    StaleResult,
+    pick_server,
+)
+from slipstream.services.coordinator.weights_relay import PushError, WeightRelay, receive_push
+from slipstream.types import Sample
+
+log = logging.getLogger(__name__)
+
+
+def sample_seed(base_seed: int, uid: str) -> int:
+    """A per-sample sampling seed: reproducible for a run, distinct across samples (int63)."""
+    digest = hashlib.sha256(f"{base_seed}:{uid}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def tokenize_prompts(tokenizer: Any, records: list[PromptRecord], cfg: Config) -> list[list[int]]:
+    """Every prompt's tokens, checked against `--rollout-max-prompt-len` before serving."""
+    out = []
+    limit = cfg.rollout.rollout_max_prompt_len
+    for i, record in enumerate(records, 1):
+        try:
+            tokens = encode_prompt(tokenizer, record.prompt, cfg.data.apply_chat_template)
+        except DataError as e:
+            raise DataError(f"{cfg.data.prompt_data}: record {i}: {e}") from None
+        if len(tokens) > limit:
+            raise DataError(
+                f"{cfg.data.prompt_data}: record {i}: prompt is {len(tokens)} tokens, "
+                f"longer than --rollout-max-prompt-len {limit}"
+            )
+        if not tokens:
+            raise DataError(f"{cfg.data.prompt_data}: record {i}: prompt encodes to no tokens")
+        out.append(tokens)
+    return out
+
+
+@dataclass
+class Attached:
+    """One rollout server's live `Attach` stream."""
+
+    conn_id: str  # unique per stream: a server that reconnects gets a new one
+    server_id: str
+    max_concurrent: int
+    version: int
+    outbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # RolloutCommand, None = close
+
+
+class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    def __init__(self, cfg: Config, records: list[PromptRecord], prompt_tokens: list[list[int]],
+                 buffer: Any, reward: reward_pb2_grpc.RewardStub):
+        self.cfg = cfg
+        self.buffer = buffer  # slipstream.buffer.replay.ReplayBuffer (sync; called in a thread)
+        self.reward = reward
+        self.cursor = PromptCursor(records, shuffle=cfg.data.rollout_shuffle, seed=cfg.train.seed)
+        # The cursor hands out records; their tokens were computed once at start.
+        self._tokens = {id(r): t for r, t in zip(records, prompt_tokens, strict=True)}
+        self.ledger = Ledger()
+        self.relay = WeightRelay()
+        self.conns: dict[str, Attached] = {}
+        self._conn_seq = itertools.count(1)
+        self._tasks: set[asyncio.Task] = set()
+        rm = cfg.reward
+        self.score_timeout = max(cfg.infra.rpc_timeout, rm.rm_timeout * (rm.rm_max_retries + 1) + 5.0)
+        # Counters (groups unless named otherwise).
+        self.num_dispatched = 0
+        self.num_accepted = 0  # scored and in the buffer
+        self.num_running = 0  # dispatched, not yet in the buffer
+        self.num_replaced = 0  # lost (could not be stored), dispatched again as a new group
+        self.num_reward_failures = 0  # samples
+        self.trained_steps = 0
+        self.finished = False
+
+    # ---- admission and dispatch --------------------------------------------------------
+    def _admit(self) -> bool:
+        r = self.cfg.rollout
+        return not self.finished and may_dispatch_group(
+            max_staleness=r.max_staleness, trained_steps=self.trained_steps,
+            rollout_batch_size=r.rollout_batch_size, num_rollout=r.num_rollout,
+            num_accepted=self.num_accepted, num_running=self.num_running,
+            num_dispatched=self.num_dispatched, num_replaced=self.num_replaced,
+        )
+
+    def _dispatch(self) -> None:
+        """Hand out queued samples, then admit new groups while there is room and budget."""
+        slots = {cid: Slots(self.ledger.in_flight(cid), c.max_concurrent) for cid, c in self.conns.items()}
+        n = self.cfg.rollout.n_samples_per_prompt
+        while True:
+            placed = self.ledger.place_next(slots)
+            if placed:
+                for a in placed:
+                    self.conns[a.conn_id].outbox.put_nowait(self._work_item(a))
+                continue
+            if self.ledger.num_queued or pick_server(n, slots) is None or not self._admit():
+                return
+            self._new_group()
+
+    def _new_group(self) -> None:
+        index, record = self.cursor.next()
+        group_id = f"p{index}"
+        tokens = self._tokens[id(record)]
+        samples = [
+            sample_to_proto(Sample(
+                uid=f"{group_id}/{i}", group_index=index, index=i, prompt=record.prompt,
+                tokens=list(tokens), label=record.label, metadata=dict(record.metadata),
+            ))
+            for i in range(self.cfg.rollout.n_samples_per_prompt)
+        ]
+        self.ledger.add_group(group_id, samples)
+        self.num_dispatched += 1
+        self.num_running += 1
+
+    def _work_item(self, a: Assignment) -> coordinator_pb2.RolloutCommand:
+        r = self.cfg.rollout
+        sampling = types_pb2.SamplingParams(
+            temperature=r.rollout_temperature, top_p=r.rollout_top_p, top_k=max(r.rollout_top_k, 0),
+            # A continued (partial) sample only gets what is left of the response budget.
+            max_new_tokens=r.rollout_max_response_len - a.sample.response_length,
+            stop_token_ids=r.rollout_stop_token_ids,
+            seed=sample_seed(self.cfg.train.seed, a.work_id),
+        )
+        work = coordinator_pb2.WorkItem(work_id=a.work_id, lease_epoch=a.epoch, sample=a.sample, sampling=sampling)
+        return coordinator_pb2.RolloutCommand(work=work)
+
+    # ---- rollout servers ---------------------------------------------------------------
+    async def Attach(self, request_iterator, context):
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("kind") != "hello":
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first Attach message must be Hello")
+        hello = first.hello
+        if hello.max_concurrent_samples <= 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Hello.max_concurrent_samples must be positive")
+        server_id = hello.server_id or context.peer()
+        conn = Attached(f"{server_id}#{next(self._conn_seq)}", server_id, hello.max_concurrent_samples,
+                        hello.policy_version)
+        self.conns[conn.conn_id] = conn
+        log.info("rollout server %s attached (capacity %d, version %d)", server_id,
+                 conn.max_concurrent, conn.version)
+        if self.relay.version > conn.version:
+            conn.outbox.put_nowait(coordinator_pb2.RolloutCommand(
+                new_weights=coordinator_pb2.NewWeights(version=self.relay.version)))
+        reader = asyncio.create_task(self._read_events(conn, request_iterator))
+        self._dispatch()
+        try:
+            while (cmd := await conn.outbox.get()) is not None:
+                yield cmd
+        finally:
+            reader.cancel()
+            self._detach(conn)
+
+    async def _read_events(self, conn: Attached, events) -> None:
+        try:
+            async for event in events:
+                self._on_event(conn, event)
+        except (grpc.aio.AioRpcError, grpc.aio.UsageError) as e:
+            log.info("stream of %s broke: %s", conn.server_id, e)
+        finally:
+            conn.outbox.put_nowait(None)
+
+    def _on_event(self, conn: Attached, event: coordinator_pb2.RolloutEvent) -> None:
+        kind = event.WhichOneof("kind")
+        if kind == "result":
+            self._on_result(conn, event.result)
+        elif kind == "heartbeat":
+            conn.version = event.heartbeat.policy_version
+        elif kind == "weights_applied":
+            w = event.weights_applied
+            if w.ok:
+                conn.version = w.version
+                log.info("%s serves version %d (%.2fs)", conn.server_id, w.version, w.seconds)
+            else:
+                log.warning("%s could not apply version %d: %s", conn.server_id, w.version, w.error)
+        else:
+            log.warning("ignoring an unexpected %s event from %s", kind, conn.server_id)
+
+    def _on_result(self, conn: Attached, result: coordinator_pb2.SampleResult) -> None:
+        try:
+            group = self.ledger.accept_result(conn.conn_id, result.work_id, result.lease_epoch, result.sample)
+        except StaleResult as e:
+            log.info("ignored from %s: %s", conn.server_id, e)
+            return
+        if group is not None:
+            self._spawn(self._store_group(group))
+        self._dispatch()
+
+    def _detach(self, conn: Attached) -> None:
+        if self.conns.pop(conn.conn_id, None) is None:
+            return
+        released = self.ledger.release(conn.conn_id)
+        log.info("rollout server %s detached; %d samples go to other servers", conn.server_id, released)
+        self._dispatch()
+
+    # ---- finished groups ---------------------------------------------------------------
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _score(self, samples: list[types_pb2.Sample]) -> list[reward_pb2.ScoreResult]:
+        try:
+            reply = await self.reward.Score(reward_pb2.ScoreRequest(samples=samples), timeout=self.score_timeout)
+        except grpc.aio.AioRpcError as e:
+            error = f"reward service: {e.code().name}: {e.details()}"
+            return [reward_pb2.ScoreResult(failed=True, error=error) for _ in samples]
+        if len(reply.results) != len(samples):
+            error = f"reward service returned {len(reply.results)} results for {len(samples)} samples"
+            return [reward_pb2.ScoreResult(failed=True, error=error) for _ in samples]
+        return list(reply.results)
+
+    async def _store_group(self, group: GroupState) -> None:
+        samples = group.finished_samples()
+        for sample, scored in zip(samples, await self._score(samples), strict=True):
+            if scored.failed:
+                sample.status = types_pb2.SAMPLE_STATUS_FAILED
+                sample.reward = 0.0
+                self.num_reward_failures += 1
+                log.warning("reward failed for %s: %s", sample.uid, scored.error)
+            else:
+                sample.reward = scored.reward
+        pb = types_pb2.Group(group_id=group.group_id, samples=samples, created_unix_ms=int(time.time() * 1000))
+        self.num_running -= 1
+        try:
+            await asyncio.to_thread(self.buffer.put_group, pb)
+        except Exception:  # noqa: BLE001 - a lost group is replaced, the run goes on
+            log.exception("could not store group %s; it will be replaced", group.group_id)
+            self.num_replaced += 1
+        else:
+            self.num_accepted += 1
+        self._dispatch()
+
+    # ---- weights -----------------------------------------------------------------------
+    async def PushWeights(self, request_iterator, context):
+        try:
+            stored = await receive_push(request_iterator, self.relay.version)
+            self.relay.commit(stored)
+        except PushError as e:
+            log.warning("weight push refused: %s", e)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        notice = coordinator_pb2.RolloutCommand(new_weights=coordinator_pb2.NewWeights(version=stored.version))
+        for conn in self.conns.values():
+            conn.outbox.put_nowait(notice)
+        log.info("weights version %d received (%d bytes), %d servers notified",
+                 stored.version, stored.total_bytes, len(self.conns))
+        return coordinator_pb2.PushWeightsReply(version=stored.version, num_servers_notified=len(self.conns))
+
+    async def FetchWeights(self, request, context):
+        stored = self.relay.lookup(request.version)
+        if stored is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"weights version {request.version} not held (latest is {self.relay.version})",
+            )
+        for msg in stored.messages:
+            yield msg
+
+    # ---- trainer and status ------------------------------------------------------------
+    async def ReportProgress(self, request, context):
+        self.trained_steps = max(self.trained_steps, request.step)
+        if request.finished and not self.finished:
+            self.finished = True
+            log.info("trainer finished at step %d; no new groups", request.step)
+        self._dispatch()
+        return self.status()
+
+    async def GetStatus(self, request, context):
+        return self.status()
+
+    def status(self) -> coordinator_pb2.CoordinatorStatus:
+        return coordinator_pb2.CoordinatorStatus(
+            policy_version=self.relay.version,
+            num_groups_dispatched=self.num_dispatched,
+            num_groups_completed=self.num_accepted,
+            num_samples_in_flight=len(self.ledger.leases),
+            num_rollout_servers=len(self.conns),
+            server_versions={c.server_id: c.version for c in self.conns.values()},
+            finished=self.finished,
+            num_reward_failures=self.num_reward_failures,
+        )
+
+    async def close(self) -> None:
+        for conn in self.conns.values():
+            conn.outbox.put_nowait(None)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@dataclass
+class RunningCoordinator:
+    service: Service
+    servicer: CoordinatorServicer
+    reward_channel: grpc.aio.Channel
+    buffer: Any
+
+    @property
+    def port(self) -> int:
+        return self.service.port
+
+    async def stop(self, grace: float = 2.0) -> None:
+        await self.servicer.close()
+        await self.service.stop(grace)
+        await self.reward_channel.close()
+        self.buffer.close()
+
+
+async def start_coordinator(cfg: Config) -> RunningCoordinator:
+    """Load and check the prompts, connect to the buffer and reward service, then serve.
+
+    Raises `DataError` for unusable prompts before anything listens.
+    """
+    from slipstream.buffer.replay import ReplayBuffer
+    from slipstream.models.hf import load_tokenizer
+
+    records = load_prompts(cfg.data.prompt_data, cfg.data.input_key, cfg.data.label_key, cfg.data.metadata_key)
+    tokenizer = load_tokenizer(cfg.model.hf_checkpoint)
+    prompt_tokens = tokenize_prompts(tokenizer, records, cfg)
+    log.info("%d prompts from %s", len(records), cfg.data.prompt_data)
+    buffer = ReplayBuffer(cfg.infra.redis_url, cfg.run_id)
+    await asyncio.to_thread(buffer.ping)
+    reward_channel = aio_channel(cfg.infra.reward_addr)
+    await wait_healthy(reward_channel, timeout=cfg.infra.rpc_timeout,
+                       what=f"reward service at {cfg.infra.reward_addr}")
+    servicer = CoordinatorServicer(cfg, records, prompt_tokens, buffer, reward_pb2_grpc.RewardStub(reward_channel))
+    service = await start_server(
+        lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
+        host=cfg.infra.host, port=cfg.infra.port, ready_file=cfg.infra.ready_file,
+    )
+    return RunningCoordinator(service, servicer, reward_channel, buffer)
+
+
+async def serve(cfg: Config) -> None:
+    running = await start_coordinator(cfg)
+    install_signal_handlers(running.stop)
+    await running.service.server.wait_for_termination()

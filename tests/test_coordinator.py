@@ -1,0 +1,405 @@
+"""The coordinator: admission control by hand, the ledger's leases, the weight relay's checks,
+and the service itself on port 0 over real gRPC with a real Redis and a real reward service.
+
+The rollout side of the Attach protocol is played by `FakeRollout`, a test-side peer that
+speaks the stream (Hello, results, WeightsApplied) and lets the test decide what comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from slipstream.buffer.replay import ReplayBuffer
+from slipstream.config import config_from_values
+from slipstream.demo.tokenizer import build_char_tokenizer
+from slipstream.models.hf import load_tokenizer
+from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, types_pb2
+from slipstream.rpc.channel import aio_channel
+from slipstream.services.coordinator.admission import may_dispatch_group, staleness_capacity
+from slipstream.services.coordinator.groups import Ledger, Slots, StaleResult, pick_server
+from slipstream.services.coordinator.server import start_coordinator
+from slipstream.services.coordinator.weights_relay import PushError, receive_push
+from slipstream.weights import iter_messages, pack
+
+pytestmark = pytest.mark.timeout(60)
+STEP = 10.0  # seconds any single expected event may take
+
+
+# ---- admission control, by hand ------------------------------------------------------------
+
+def test_staleness_capacity_by_hand():
+    # (eta + steps + 1) * batch - (accepted + running): (1 + 0 + 1) * 4 - (3 + 2) = 3
+    assert staleness_capacity(1, 0, 4, 3, 2) == 3
+    # eta = 0, nothing trained: exactly one batch may exist
+    assert staleness_capacity(0, 0, 4, 0, 4) == 0
+    # two steps trained open two more batches: (0 + 2 + 1) * 4 - 8 = 4
+    assert staleness_capacity(0, 2, 4, 8, 0) == 4
+
+
+def test_may_dispatch_group_bounds():
+    kw = dict(max_staleness=1, rollout_batch_size=2, num_rollout=3)
+    assert may_dispatch_group(**kw, trained_steps=0, num_accepted=0, num_running=3, num_dispatched=3)
+    # (1 + 0 + 1) * 2 = 4 groups exist: full
+    assert not may_dispatch_group(**kw, trained_steps=0, num_accepted=1, num_running=3, num_dispatched=4)
+    # the trainer stepped: room again
+    assert may_dispatch_group(**kw, trained_steps=1, num_accepted=1, num_running=3, num_dispatched=4)
+    # the run needs num_rollout * batch = 6 groups, never more ...
+    assert not may_dispatch_group(**kw, trained_steps=5, num_accepted=6, num_running=0, num_dispatched=6)
+    # ... plus one replacement per lost group
+    assert may_dispatch_group(**kw, trained_steps=5, num_accepted=5, num_running=0, num_dispatched=6,
+                              num_replaced=1)
+
+
+# ---- the ledger ----------------------------------------------------------------------------
+
+def _group(gid: str, n: int) -> list[types_pb2.Sample]:
+    return [types_pb2.Sample(uid=f"{gid}/{i}", index=i, tokens=[1, 2]) for i in range(n)]
+
+
+def test_pick_server_least_loaded_whole_group_or_split_when_it_can_never_fit():
+    slots = {"a": Slots(3, 8), "b": Slots(1, 8), "c": Slots(0, 2)}
+    assert pick_server(4, slots) == ("b", 4)  # c is emptier but cannot hold the whole group
+    assert pick_server(8, slots) is None  # b could hold it later: wait, do not split
+    small = {"a": Slots(1, 3), "b": Slots(0, 3)}
+    assert pick_server(5, small) == ("b", 3)  # no server can ever hold 5: split
+
+
+def test_ledger_leases_release_and_stale_epochs():
+    ledger = Ledger()
+    ledger.add_group("p0", _group("p0", 2))
+    slots = {"a#1": Slots(0, 4), "b#2": Slots(1, 4)}
+    first = ledger.place_next(slots)
+    assert [(a.conn_id, a.work_id, a.epoch) for a in first] == [("a#1", "p0/0", 1), ("a#1", "p0/1", 1)]
+    assert ledger.place_next(slots) == []
+    # a's stream ends: both samples go back to the queue and out again with epoch 2
+    assert ledger.release("a#1") == 2
+    again = ledger.place_next({"b#2": Slots(1, 4)})
+    assert [(a.conn_id, a.epoch) for a in again] == [("b#2", 2), ("b#2", 2)]
+    done = types_pb2.Sample(uid="p0/0", tokens=[1, 2, 3], response_length=1)
+    with pytest.raises(StaleResult):
+        ledger.accept_result("b#2", "p0/0", 1, done)  # the old epoch
+    with pytest.raises(StaleResult):
+        ledger.accept_result("b#2", "nope/0", 2, done)  # unknown work id
+    assert ledger.accept_result("b#2", "p0/0", 2, done) is None
+    with pytest.raises(StaleResult):
+        ledger.accept_result("b#2", "p0/0", 2, done)  # already done
+    group = ledger.accept_result("b#2", "p0/1", 2, types_pb2.Sample(uid="p0/1", tokens=[1, 2, 4], response_length=1))
+    assert group is not None and [s.tokens[-1] for s in group.finished_samples()] == [3, 4]
+    assert not ledger.groups and not ledger.leases
+
+
+def test_aborted_result_is_requeued_as_a_continuation():
+    ledger = Ledger()
+    ledger.add_group("p0", _group("p0", 1))
+    (a,) = ledger.place_next({"s#1": Slots(0, 4)})
+    partial = types_pb2.Sample(uid="p0/0", tokens=[1, 2, 9], response_length=1,
+                               status=types_pb2.SAMPLE_STATUS_ABORTED)
+    assert ledger.accept_result("s#1", "p0/0", a.epoch, partial) is None
+    (b,) = ledger.place_next({"s#1": Slots(0, 4)})
+    assert list(b.sample.tokens) == [1, 2, 9] and b.sample.response_length == 1 and b.epoch == 2
+
+
+# ---- the weight relay's checks -------------------------------------------------------------
+
+def _weights(version: int):
+    import torch
+
+    g = torch.Generator().manual_seed(version)
+    state = {"model.layers.0.mlp.up_proj.weight": torch.randn(256, 64, generator=g),
+             "model.norm.weight": torch.ones(64)}
+    return pack(state, version, "fp8", chunk_bytes=4096)
+
+
+async def _aiter(messages):
+    for m in messages:
+        yield m
+
+
+def test_receive_push_checks_order_hashes_and_version():
+    manifest, chunks = _weights(3)
+    msgs = list(iter_messages(manifest, chunks))
+    assert len(chunks) > 2
+    stored = asyncio.run(receive_push(_aiter(msgs), current_version=2))
+    assert stored.version == 3 and [m.SerializeToString() for m in stored.messages] == [
+        m.SerializeToString() for m in msgs]
+
+    def refused(messages, current=0) -> str:
+        with pytest.raises(PushError) as e:
+            asyncio.run(receive_push(_aiter(messages), current))
+        return str(e.value)
+
+    assert "not newer" in refused(msgs, current=3)
+    assert "manifest" in refused(msgs[1:])
+    assert "out of order" in refused([msgs[0], msgs[2], msgs[1], *msgs[3:]])
+    bad = types_pb2.WeightMessage()
+    bad.CopyFrom(msgs[1])
+    bad.chunk.data = b"x" + bad.chunk.data[1:]
+    assert "sha256" in refused([msgs[0], bad, *msgs[2:]])
+    assert "chunks" in refused(msgs[:-1])
+
+
+# ---- the service over real gRPC ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("coord")
+    build_char_tokenizer(d / "model")
+    prompts = d / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i}+1=", "label": str(i + 1)}) + "\n" for i in range(8)))
+    return d
+
+
+@pytest.fixture(scope="module")
+def reward_addr(assets):
+    """A real reward service (math rule) as its own process."""
+    ready = assets / "reward.port"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "slipstream.services.reward", "--rm-type", "math", "--port", "0",
+         "--ready-file", str(ready)],
+        stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 30
+    while not (ready.exists() and ready.read_text().strip()):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"reward service did not start: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    yield f"127.0.0.1:{ready.read_text().strip()}"
+    proc.terminate()
+    proc.wait(10)
+
+
+def _cfg(assets: Path, redis_url: str, run_id: str, reward_addr: str, **rollout):
+    values = dict(
+        hf_checkpoint=str(assets / "model"), prompt_data=str(assets / "prompts.jsonl"),
+        redis_url=redis_url, run_id=run_id, reward_addr=reward_addr, rm_type="math",
+        rollout_batch_size=2, n_samples_per_prompt=2, num_rollout=1, max_staleness=0,
+        rollout_max_response_len=8, rollout_temperature=1.0, seed=7, micro_batch_size=1,
+    )
+    values.update(rollout)
+    return config_from_values(values)
+
+
+class FakeRollout:
+    """A rollout server as the coordinator sees it: a peer on the Attach stream."""
+
+    def __init__(self, channel: grpc.aio.Channel, server_id: str, capacity: int, version: int = 0):
+        self.stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        self.server_id = server_id
+        self.outbox: asyncio.Queue = asyncio.Queue()
+        self.commands: asyncio.Queue = asyncio.Queue()
+        self.outbox.put_nowait(coordinator_pb2.RolloutEvent(hello=coordinator_pb2.Hello(
+            server_id=server_id, policy_version=version, max_concurrent_samples=capacity)))
+
+    async def _events(self):
+        while (event := await self.outbox.get()) is not None:
+            yield event
+
+    async def _read(self) -> None:
+        async for cmd in self.call:
+            await self.commands.put(cmd)
+
+    def start(self) -> FakeRollout:
+        self.call = self.stub.Attach(self._events())
+        self.reader = asyncio.create_task(self._read())
+        return self
+
+    async def next(self, kind: str):
+        """The next command of this kind (others of a different kind are skipped)."""
+        while True:
+            cmd = await asyncio.wait_for(self.commands.get(), STEP)
+            if cmd.WhichOneof("kind") == kind:
+                return getattr(cmd, kind)
+
+    async def work(self, count: int) -> list[coordinator_pb2.WorkItem]:
+        return [await self.next("work") for _ in range(count)]
+
+    async def nothing_more(self, seconds: float = 0.5) -> None:
+        await asyncio.sleep(seconds)
+        assert self.commands.empty(), f"unexpected command: {self.commands.get_nowait()}"
+
+    def answer(self, item: coordinator_pb2.WorkItem, text: str, epoch: int | None = None) -> None:
+        sample = types_pb2.Sample()
+        sample.CopyFrom(item.sample)
+        response = [ord(c) % 16 for c in text] + [0]  # the coordinator never decodes: any ids do
+        sample.tokens.extend(response)
+        sample.response_length = len(response)
+        sample.response = text
+        sample.rollout_log_probs.extend([-0.5] * len(response))
+        sample.policy_versions.extend([0] * len(response))
+        sample.loss_mask.extend([1] * len(response))
+        sample.status = types_pb2.SAMPLE_STATUS_COMPLETED
+        self.outbox.put_nowait(coordinator_pb2.RolloutEvent(result=coordinator_pb2.SampleResult(
+            work_id=item.work_id, lease_epoch=item.lease_epoch if epoch is None else epoch, sample=sample)))
+
+    async def close(self) -> None:
+        self.outbox.put_nowait(None)
+        await asyncio.wait_for(self.reader, STEP)
+
+
+async def _until(predicate, what: str) -> None:
+    deadline = time.monotonic() + STEP
+    while not await predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def _read_all(redis_url: str, run_id: str) -> list[types_pb2.Group]:
+    buffer = ReplayBuffer(redis_url, run_id)
+    try:
+        return [g for _, g in buffer.read_groups("test", count=100, block_ms=0)]
+    finally:
+        buffer.close()
+
+
+def test_groups_are_scored_and_land_in_the_buffer(assets, redis_url, run_id, reward_addr):
+    cfg = _cfg(assets, redis_url, run_id, reward_addr)
+    tokenizer = load_tokenizer(assets / "model")
+
+    async def scenario():
+        coord = await start_coordinator(cfg)
+        channel = aio_channel(f"127.0.0.1:{coord.port}")
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        try:
+            rollout = FakeRollout(channel, "r0", capacity=8).start()
+            # max_staleness 0, nothing trained: exactly one batch (2 groups x 2 samples) goes out
+            items = await rollout.work(4)
+            await rollout.nothing_more()
+            by_group: dict[str, list] = {}
+            for item in items:
+                by_group.setdefault(item.work_id.split("/")[0], []).append(item)
+                assert list(item.sample.tokens) == tokenizer(item.sample.prompt, add_special_tokens=False)["input_ids"]
+                assert item.sampling.max_new_tokens == 8 and item.sampling.temperature == 1.0
+                assert item.sample.uid == item.work_id and item.lease_epoch == 1
+            assert len(by_group) == 2 and all(len(v) == 2 for v in by_group.values())
+            assert len({i.sampling.seed for i in items}) == 4  # distinct seeds per sample
+            for item in items:  # index 0 answers right, index 1 wrong
+                label = item.sample.label
+                rollout.answer(item, label if item.sample.index == 0 else label + "7")
+
+            async def stored():
+                return (await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)).num_groups_completed == 2
+            await _until(stored, "2 groups in the buffer")
+            status = await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
+            assert status.num_groups_dispatched == 2 and status.num_samples_in_flight == 0
+            assert status.num_rollout_servers == 1 and dict(status.server_versions) == {"r0": 0}
+            assert status.num_reward_failures == 0
+            # The trainer finishing a step would open room, but num_rollout x batch = 2 groups is the run
+            progress = await stub.ReportProgress(coordinator_pb2.TrainerProgress(step=1, finished=True), timeout=5)
+            assert progress.finished
+            await rollout.nothing_more()
+            await rollout.close()
+        finally:
+            await channel.close()
+            await coord.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 45))
+    groups = _read_all(redis_url, run_id)
+    assert len(groups) == 2
+    for group in groups:
+        assert [s.index for s in group.samples] == [0, 1]
+        assert [s.reward for s in group.samples] == [1.0, 0.0]
+        assert all(s.status == types_pb2.SAMPLE_STATUS_COMPLETED for s in group.samples)
+        assert all(len(s.rollout_log_probs) == s.response_length == len(s.policy_versions) for s in group.samples)
+        assert group.group_id == group.samples[0].uid.split("/")[0]
+
+
+def test_dropped_stream_is_redispatched_and_stale_epochs_ignored(assets, redis_url, run_id, reward_addr):
+    cfg = _cfg(assets, redis_url, run_id, reward_addr, rollout_batch_size=1)
+
+    async def scenario():
+        coord = await start_coordinator(cfg)
+        channel = aio_channel(f"127.0.0.1:{coord.port}")
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        try:
+            a = FakeRollout(channel, "a", capacity=4).start()
+            first = await a.work(2)  # the run's only group
+            b = FakeRollout(channel, "b", capacity=4).start()
+            await b.nothing_more(0.3)
+            await a.close()  # a goes away without answering
+            again = await b.work(2)
+            assert sorted(i.work_id for i in again) == sorted(i.work_id for i in first)
+            assert all(i.lease_epoch == 2 for i in again)
+            for item in again:  # a late answer under the old lease is ignored
+                b.answer(item, item.sample.label, epoch=1)
+            await asyncio.sleep(0.3)
+            status = await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
+            assert status.num_groups_completed == 0 and status.num_samples_in_flight == 2
+            for item in again:
+                b.answer(item, item.sample.label)
+
+            async def stored():
+                return (await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)).num_groups_completed == 1
+            await _until(stored, "the re-dispatched group in the buffer")
+            await b.close()
+        finally:
+            await channel.close()
+            await coord.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 45))
+    (group,) = _read_all(redis_url, run_id)
+    assert [s.reward for s in group.samples] == [1.0, 1.0]
+
+
+def test_push_and_fetch_weights_round_trip_and_refusals(assets, redis_url, run_id, reward_addr):
+    cfg = _cfg(assets, redis_url, run_id, reward_addr)
+    manifest, chunks = _weights(1)
+    pushed = [m.SerializeToString() for m in iter_messages(manifest, chunks)]
+
+    async def scenario():
+        coord = await start_coordinator(cfg)
+        channel = aio_channel(f"127.0.0.1:{coord.port}")
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        try:
+            rollout = FakeRollout(channel, "r0", capacity=2).start()
+
+            async def attached():
+                return (await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)).num_rollout_servers == 1
+            await _until(attached, "the rollout server to attach")
+            reply = await stub.PushWeights(_aiter(iter_messages(manifest, chunks)), timeout=10)
+            assert reply.version == 1 and reply.num_servers_notified == 1
+            notice = await rollout.next("new_weights")
+            assert notice.version == 1
+            for version in (0, 1):
+                got = [m.SerializeToString() async for m in stub.FetchWeights(
+                    coordinator_pb2.FetchWeightsRequest(version=version), timeout=10)]
+                assert got == pushed  # relayed byte for byte
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                [m async for m in stub.FetchWeights(coordinator_pb2.FetchWeightsRequest(version=7), timeout=10)]
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            with pytest.raises(grpc.aio.AioRpcError) as e:  # the same (not newer) version again
+                await stub.PushWeights(_aiter(iter_messages(manifest, chunks)), timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not newer" in e.value.details()
+            rollout.outbox.put_nowait(coordinator_pb2.RolloutEvent(
+                weights_applied=coordinator_pb2.WeightsApplied(version=1, ok=True, seconds=0.1)))
+
+            async def applied():
+                status = await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
+                return dict(status.server_versions) == {"r0": 1} and status.policy_version == 1
+            await _until(applied, "the server's version to reach 1")
+            await rollout.close()
+        finally:
+            await channel.close()
+            await coord.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 45))
+
+
+def test_malformed_prompt_file_exits_2_with_one_line(assets, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "1+1=", "label": "2"}\n{"prompt": oops}\n')
+    proc = subprocess.run(
+        [sys.executable, "-m", "slipstream.services.coordinator", "--hf-checkpoint", str(assets / "model"),
+         "--prompt-data", str(bad), "--port", "0"],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert proc.returncode == 2
+    assert f"{bad}:2: malformed JSON" in proc.stderr.strip().splitlines()[-1]
