@@ -16,7 +16,7 @@ from slipstream.models import Qwen3Config, Qwen3ForCausalLM, init_model, load_co
 
 ATOL = 1e-5
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)
 
 
 def tiny_config(**overrides) -> Qwen3Config:

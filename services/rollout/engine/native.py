@@ -1,0 +1,250 @@
+"""The native engine: batched prefill and decode over a slot-based KV cache, continuous batching.
+
+One `step()` is: admit waiting requests (one right-padded prefill that also samples each one's
+first token), decode one token for every sequence that was already running, then retire the
+finished ones and hand back their `Result`s. Requests join between steps, so the batch refills
+as soon as a slot frees up; the decode step is one batched forward and one vectorised sample,
+with no Python loop over sequences.
+
+Weights are swapped in place between steps (`load_weights`): the KV cache is kept, and every
+token sampled afterwards carries the new policy version, so a trajectory that spans the swap
+reports exactly which tokens came from which weights. Whether to drain, abort or keep going
+across a version change is the rollout server's policy, built from `abort`/`abort_all`.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+from slipstream.models import Qwen3ForCausalLM
+from slipstream.services.rollout.engine.kv_cache import KVCache
+from slipstream.services.rollout.engine.request import FinishReason, Request, Result
+from slipstream.services.rollout.engine.sampler import sample
+from slipstream.services.rollout.engine.slots import Slots
+
+_RUNNING, _STOP, _LENGTH = 0, 1, 2
+_REASONS: dict[int, FinishReason] = {_STOP: "stop", _LENGTH: "length"}
+
+
+class NativeEngine:
+    def __init__(
+        self,
+        model: Qwen3ForCausalLM,
+        eos_token_ids: list[int],
+        max_batch_size: int = 256,
+        max_seq_len: int | None = None,
+        policy_version: int = 0,
+        *,
+        seed: int = 0,
+        max_prefill_tokens: int = 16384,
+    ) -> None:
+        """`seed` seeds requests that bring none; `max_prefill_tokens` bounds one prefill's padded
+        batch (batch x longest prompt), one request always fits."""
+        self.model = model.eval()
+        self.eos_token_ids = list(eos_token_ids)
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len or model.config.max_position_embeddings
+        self.max_prefill_tokens = max_prefill_tokens
+        self.policy_version = policy_version
+        weight = model.model.embed_tokens.weight
+        self.device = weight.device
+        cfg = model.config
+        self.cache = KVCache(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+            max_batch_size, self.max_seq_len, weight.dtype, self.device,
+        )  # fmt: skip
+        self.slots = Slots(self.device)
+        self.waiting: deque[Request] = deque()
+        self._rng = torch.Generator().manual_seed(seed)
+        self._params = dict(model.named_parameters())
+
+    # -- queue -----------------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return self.slots.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or self.num_running > 0
+
+    def add_request(self, req: Request) -> None:
+        if any(r.rid == req.rid for r in self.waiting) or any(r.rid == req.rid for r in self.slots.requests):
+            raise ValueError(f"request {req.rid} is already in the engine")
+        self.waiting.append(req)
+
+    # -- the step --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> list[Result]:
+        """Admit waiting requests, decode one token for the running ones; return the finished."""
+        results: list[Result] = []
+        num_old = self.num_running
+        codes = []
+        if num_old:
+            codes.append(self._decode(num_old))
+        admitted = self._admit(results)
+        if admitted is not None:
+            codes.append(admitted)
+        if codes:
+            status = torch.cat(codes)
+            done = torch.nonzero(status).squeeze(1)
+            pairs = torch.stack([done, status[done]], dim=1).tolist()  # the step's one sync
+            if pairs:
+                rows, reasons = zip(*pairs, strict=True)
+                results += self._retire(list(rows), [_REASONS[c] for c in reasons])
+        return results
+
+    def _admit(self, results: list[Result]) -> torch.Tensor | None:
+        """Prefill as many waiting requests as fit; status codes of the new rows, or None."""
+        batch: list[Request] = []
+        longest = 0
+        while self.waiting and self.num_running + len(batch) < self.max_batch_size:
+            req = self.waiting[0]
+            if req.max_new_tokens <= 0 or len(req.tokens) >= self.max_seq_len:
+                results.append(Result(req.rid, [], [], [], "length"))
+                self.waiting.popleft()
+                continue
+            t = max(longest, len(req.tokens))
+            if batch and t * (len(batch) + 1) > self.max_prefill_tokens:
+                break
+            batch.append(self.waiting.popleft())
+            longest = t
+        if not batch:
+            return None
+
+        first = self.num_running
+        self._reserve(first + len(batch), longest + 1)
+        seeds = torch.randint(0, 1 << 62, (len(batch),), generator=self._rng).tolist()
+        self.slots.fill(first, batch, self.eos_token_ids, seeds)
+        ids = torch.zeros((len(batch), longest), dtype=torch.int64)
+        for i, req in enumerate(batch):
+            ids[i, : len(req.tokens)] = torch.tensor(req.tokens)
+        ids = ids.to(self.device)
+        rows = slice(first, first + len(batch))
+        hidden = self.model.model(ids, attention=self.cache.prefill(first))
+        last = (self.slots.length[rows] - 1).to(self.device)
+        logits = self.model.lm_head(hidden[torch.arange(len(batch), device=self.device), last])
+        return self._sample(rows, logits)
+
+    def _decode(self, n: int) -> torch.Tensor:
+        """One token for slots 0..n-1: feed each last token, attend over its cached prefix."""
+        kv_len = int(self.slots.length[:n].max())
+        self._reserve(n, kv_len + 1)
+        positions = (self.slots.length[:n] - 1).to(self.device)
+        attention = self.cache.decode(positions, kv_len)
+        hidden = self.model.model(self.slots.last_token[:n, None], positions[:, None], attention)
+        return self._sample(slice(0, n), self.model.lm_head(hidden[:, -1]))
+
+    def _sample(self, rows: slice, logits: torch.Tensor) -> torch.Tensor:
+        """Sample and record one token per row; each row's status code (running/stop/length)."""
+        s = self.slots
+        params, truncate = s.sampling(rows)
+        tokens, log_probs = sample(logits, params, truncate)
+        index = torch.arange(rows.start, rows.stop, device=self.device)
+        s.out_tokens[index, params.positions] = tokens
+        s.out_log_probs[index, params.positions] = log_probs
+        s.out_versions[index, params.positions] = self.policy_version
+        s.last_token[rows] = tokens
+        s.length[rows] += 1
+        hit_length = (s.length[rows] - s.prompt_len[rows] >= s.max_new[rows]) | (
+            s.length[rows] >= self.max_seq_len
+        )
+        stopped = (tokens[:, None] == s.stop_ids[rows].to(self.device)).any(-1)
+        status = torch.where(hit_length.to(self.device), _LENGTH, _RUNNING)
+        return torch.where(stopped, _STOP, status)
+
+    def _reserve(self, num_slots: int, length: int) -> None:
+        if self.cache.reserve(num_slots, length):
+            self.slots.resize(self.cache.num_slots, self.cache.capacity)
+
+    def _retire(self, rows: list[int], reasons: list[FinishReason]) -> list[Result]:
+        """Build the results of `rows` and free their slots, keeping running slots contiguous."""
+        s = self.slots
+        index = torch.tensor(rows, device=self.device)
+        tokens, log_probs, versions = (
+            t[index].cpu() for t in (s.out_tokens, s.out_log_probs, s.out_versions)
+        )
+        results = []
+        for k, (row, reason) in enumerate(zip(rows, reasons, strict=True)):
+            span = slice(int(s.prompt_len[row]), int(s.length[row]))
+            results.append(
+                Result(
+                    rid=s.requests[row].rid,
+                    tokens=tokens[k, span].tolist(),
+                    log_probs=log_probs[k, span].tolist(),
+                    versions=versions[k, span].tolist(),
+                    finish_reason=reason,
+                )
+            )
+        n, gone = self.num_running, set(rows)
+        keep = n - len(gone)
+        holes = [r for r in rows if r < keep]
+        movers = [r for r in range(keep, n) if r not in gone]
+        if holes:
+            s.move(movers, holes)
+            self.cache.move(torch.tensor(movers, device=self.device), torch.tensor(holes, device=self.device))
+        del s.requests[keep:]
+        return results
+
+    # -- control ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Copy (a subset of) weights into the model in place, dtype-cast; later tokens get `version`.
+
+        Every name and shape is checked before anything is copied, so a bad update changes nothing.
+        """
+        tied = self.model.config.tie_word_embeddings
+        updates = []
+        for name, tensor in state_dict.items():
+            if tied and name == "lm_head.weight":
+                continue  # the same tensor as the embedding, which the update also carries
+            param = self._params.get(name)
+            if param is None:
+                raise ValueError(f"load_weights: unknown parameter {name!r}")
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"load_weights: {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                )
+            updates.append((param, tensor))
+        for param, tensor in updates:
+            param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+        self.policy_version = version
+
+    @torch.no_grad()
+    def abort(self, rid: str) -> Result | None:
+        """Stop one request now; its partial result (tokens so far), or None if unknown."""
+        for req in self.waiting:
+            if req.rid == rid:
+                self.waiting.remove(req)
+                return Result(rid, [], [], [], "abort")
+        for row, req in enumerate(self.slots.requests):
+            if req.rid == rid:
+                return self._retire([row], ["abort"])[0]
+        return None
+
+    @torch.no_grad()
+    def abort_all(self) -> list[Result]:
+        results = [Result(r.rid, [], [], [], "abort") for r in self.waiting]
+        self.waiting.clear()
+        if self.num_running:
+            results += self._retire(list(range(self.num_running)), ["abort"] * self.num_running)
+        return results
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        """Run `requests` to completion on an idle engine; results in the same order."""
+        if self.has_work():
+            raise RuntimeError("generate() needs an idle engine; use add_request/step alongside other work")
+        for req in requests:
+            self.add_request(req)
+        done: dict[str, Result] = {}
+        while self.has_work():
+            for result in self.step():
+                done[result.rid] = result
+        return [done[req.rid] for req in requests]

@@ -1,0 +1,233 @@
+"""The native engine against the simplest possible reference: recompute the full forward for every
+token (no cache, one sequence at a time). Greedy tokens must be identical and log-probs equal
+within fp32 noise (atol 1e-5; logits are O(1)). The model is a tiny random Qwen3 whose LM head is
+scaled up so the next-token distributions are peaked: greedy has clear winners and the sampling
+tests have something to tell apart.
+"""
+
+from collections import Counter
+
+import pytest
+import torch
+
+from slipstream.models import Qwen3Config, init_model
+from slipstream.services.rollout.engine import NativeEngine, Request
+from slipstream.services.rollout.engine.sampler import SamplingParams, sample
+
+torch.set_num_threads(1)
+ATOL = 1e-5
+VOCAB = 64
+
+
+def make_model(seed: int = 0, head_scale: float = 8.0):
+    config = Qwen3Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rope_theta=10000.0,
+        max_position_embeddings=256,
+    )
+    model = init_model(config, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(head_scale)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+def prompt(n: int, offset: int = 0) -> list[int]:
+    return [(7 * i + 3 * offset + 1) % VOCAB for i in range(n)]
+
+
+@torch.no_grad()
+def reference_greedy(model, tokens: list[int], max_new: int) -> list[int]:
+    ids, out = list(tokens), []
+    for _ in range(max_new):
+        nxt = int(model(torch.tensor([ids]))[0, -1].argmax())
+        ids.append(nxt)
+        out.append(nxt)
+    return out
+
+
+@torch.no_grad()
+def reference_log_probs(model, tokens: list[int], response: list[int], temperature: float) -> torch.Tensor:
+    """log_softmax(logits / T) at each response token, from one full forward (T=0: raw logits)."""
+    logits = model(torch.tensor([tokens + response]))[0, len(tokens) - 1 : -1]
+    scaled = logits / (temperature if temperature > 0 else 1.0)
+    return scaled.log_softmax(-1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1)
+
+
+def test_greedy_batch_matches_full_recompute(model):
+    """Different prompt lengths, more requests than slots (so requests queue and join later)."""
+    reqs = [
+        Request(f"r{i}", prompt(n, i), max_new_tokens=12, temperature=0.0)
+        for i, n in enumerate([3, 9, 1, 17, 6])
+    ]
+    engine = NativeEngine(model, eos_token_ids=[], max_batch_size=3)
+    results = engine.generate(reqs)
+    assert [r.rid for r in results] == [r.rid for r in reqs]
+    for req, res in zip(reqs, results, strict=True):
+        assert res.tokens == reference_greedy(model, req.tokens, 12)
+        assert res.finish_reason == "length" and res.versions == [0] * 12
+        torch.testing.assert_close(
+            torch.tensor(res.log_probs),
+            reference_log_probs(model, req.tokens, res.tokens, 0.0),
+            atol=ATOL,
+            rtol=0,
+        )
+    assert not engine.has_work() and engine.num_running == 0
+
+
+def test_sampled_log_probs_are_full_vocab_tempered(model):
+    """Log-probs are log_softmax(logits/T) before truncation, whatever top-k/top-p cut."""
+    engine = NativeEngine(model, eos_token_ids=[], seed=1)
+    reqs = [
+        Request("plain", prompt(5), 16, temperature=0.7),
+        Request("topk", prompt(8, 1), 16, temperature=1.3, top_k=3),
+        Request("topp", prompt(2, 2), 16, temperature=1.0, top_p=0.8),
+    ]
+    for req, res in zip(reqs, engine.generate(reqs), strict=True):
+        expected = reference_log_probs(model, req.tokens, res.tokens, req.temperature)
+        torch.testing.assert_close(torch.tensor(res.log_probs), expected, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_top_k_draws_only_from_the_top_k(model):
+    req = Request("k", prompt(4), 24, temperature=2.0, top_k=2, seed=3)
+    res = NativeEngine(model, eos_token_ids=[]).generate([req])[0]
+    logits = model(torch.tensor([req.tokens + res.tokens]))[0, len(req.tokens) - 1 : -1]
+    top2 = logits.topk(2, dim=-1).indices
+    assert (top2 == torch.tensor(res.tokens)[:, None]).any(-1).all()
+
+
+def test_top_k_one_and_tiny_top_p_are_greedy(model):
+    greedy = NativeEngine(model, eos_token_ids=[]).generate([Request("g", prompt(6), 10, temperature=0.0)])[0]
+    engine = NativeEngine(model, eos_token_ids=[])
+    k1, p0 = engine.generate(
+        [
+            Request("k1", prompt(6), 10, temperature=1.5, top_k=1, seed=4),
+            Request("p0", prompt(6), 10, temperature=1.5, top_p=1e-6, seed=5),
+        ]
+    )
+    assert k1.tokens == greedy.tokens and p0.tokens == greedy.tokens
+
+
+def test_seeds_reproduce_and_differ(model):
+    def run(seed, companions=0, engine_seed=0):
+        reqs = [Request("x", prompt(5), 20, temperature=1.0, seed=seed)]
+        reqs += [Request(f"c{i}", prompt(3 + i, i), 7, temperature=1.0) for i in range(companions)]
+        return NativeEngine(model, eos_token_ids=[], seed=engine_seed).generate(reqs)[0].tokens
+
+    assert run(11) == run(11)
+    assert run(11) == run(11, companions=3)  # a request's draws do not depend on its batch
+    assert run(11) != run(12)
+    # Requests without a seed are seeded from the engine's seed.
+    assert run(None, engine_seed=5) == run(None, engine_seed=5)
+    assert run(None, engine_seed=5) != run(None, engine_seed=6)
+
+
+def test_sampler_matches_the_distribution():
+    """Gumbel-max over hashed noise: empirical frequencies match softmax(logits/T)."""
+    n = 20000
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0]).repeat(n, 1)
+    params = SamplingParams(
+        temperature=torch.full((n,), 0.8),
+        top_p=torch.ones(n),
+        top_k=torch.zeros(n, dtype=torch.int64),
+        seeds=torch.arange(n, dtype=torch.int64) * 7919,
+        positions=torch.full((n,), 5, dtype=torch.int64),
+    )
+    tokens, log_probs = sample(logits, params, truncate=False)
+    expected = (logits[0] / 0.8).softmax(-1)
+    counts = torch.bincount(tokens, minlength=6).float() / n
+    assert (counts - expected).abs().max() < 0.015  # ~4 standard errors at n=20000
+    torch.testing.assert_close(log_probs, expected.log()[tokens], atol=1e-6, rtol=0)
+    # top-p 0.7 keeps tokens 0 and 1 only (mass before token 1 is < 0.7, before token 2 it is not).
+    params.top_p = torch.full((n,), 0.7)
+    tokens, _ = sample(logits, params, truncate=True)
+    assert set(Counter(tokens.tolist())) == {0, 1}
+
+
+def test_stops_on_eos_stop_token_and_lengths(model):
+    base = reference_greedy(model, prompt(5), 12)
+    eos = base[4]
+    first = base.index(eos)
+    res = NativeEngine(model, eos_token_ids=[eos]).generate([Request("e", prompt(5), 12, temperature=0.0)])[0]
+    assert res.finish_reason == "stop" and res.tokens == base[: first + 1]
+    stop = base[6]
+    res = NativeEngine(model, eos_token_ids=[]).generate(
+        [Request("s", prompt(5), 12, temperature=0.0, stop_token_ids=[stop])]
+    )[0]
+    assert res.finish_reason == "stop" and res.tokens == base[: base.index(stop) + 1]
+    res = NativeEngine(model, eos_token_ids=[], max_seq_len=9).generate(
+        [Request("m", prompt(5), 12, temperature=0.0)]
+    )
+    assert res[0].finish_reason == "length" and res[0].tokens == base[:4]  # 5 prompt + 4 new = 9
+    res = NativeEngine(model, eos_token_ids=[], max_seq_len=5).generate([Request("m", prompt(5), 12)])
+    assert res[0].finish_reason == "length" and res[0].tokens == []
+    res = NativeEngine(model, eos_token_ids=[]).generate([Request("z", prompt(5), 0)])
+    assert res[0].finish_reason == "length" and res[0].tokens == []
+
+
+def test_request_joining_mid_way_matches_running_alone(model):
+    alone = reference_greedy(model, prompt(7, 3), 10)
+    engine = NativeEngine(model, eos_token_ids=[])
+    engine.add_request(Request("a", prompt(12), 20, temperature=0.0))
+    finished = []
+    for _ in range(4):
+        finished += engine.step()
+    engine.add_request(Request("b", prompt(7, 3), 10, temperature=0.0))
+    assert engine.num_waiting == 1 and engine.num_running == 1
+    while engine.has_work():
+        finished += engine.step()
+    by_rid = {r.rid: r for r in finished}
+    assert by_rid["b"].tokens == alone
+    assert by_rid["a"].tokens == reference_greedy(model, prompt(12), 20)
+
+
+def test_load_weights_mid_generation_versions_later_tokens(model):
+    engine = NativeEngine(make_model(), eos_token_ids=[], policy_version=3)
+    engine.add_request(Request("v", prompt(4), 10, temperature=0.0))
+    for _ in range(4):
+        assert engine.step() == []
+    new_weights = {k: v.to(torch.bfloat16) for k, v in make_model(seed=1).state_dict().items()}
+    engine.load_weights(new_weights, version=4)
+    got = engine.model.model.layers[0].mlp.up_proj.weight
+    assert got.dtype == torch.float32 and torch.equal(
+        got, new_weights["model.layers.0.mlp.up_proj.weight"].float()
+    )
+    results = []
+    while engine.has_work():
+        results += engine.step()
+    (res,) = results
+    assert res.versions == [3] * 4 + [4] * 6 and len(res.tokens) == 10
+    assert res.tokens[:4] == reference_greedy(make_model(), prompt(4), 4)
+    with pytest.raises(ValueError, match="unknown parameter"):
+        engine.load_weights({"model.layers.0.mlp.up_proj.weight": got, "nope": got}, version=5)
+    assert engine.policy_version == 4
+
+
+def test_abort_returns_partial_that_continues_identically(model):
+    full = reference_greedy(model, prompt(6), 14)
+    engine = NativeEngine(model, eos_token_ids=[])
+    engine.add_request(Request("p", prompt(6), 14, temperature=0.0))
+    engine.add_request(Request("q", prompt(3), 14, temperature=0.0))
+    for _ in range(5):
+        engine.step()
+    part = engine.abort("p")
+    assert part.finish_reason == "abort" and part.tokens == full[:5] and len(part.log_probs) == 5
+    assert engine.abort("p") is None and engine.num_running == 1
+    # A partial rollout continues as a longer prompt and lands where it would have.
+    rest = Request("p2", prompt(6) + part.tokens, 14 - 5, temperature=0.0)
+    engine.add_request(rest)
+    engine.add_request(Request("w", prompt(2), 4))
+    aborted = engine.abort_all()
+    assert {r.rid for r in aborted} == {"q", "p2", "w"} and not engine.has_work()
+    assert NativeEngine(model, eos_token_ids=[]).generate([rest])[0].tokens == full[5:]
