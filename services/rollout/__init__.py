@@ -1,0 +1,1 @@
+"""The rollout server: an inference engine attached to the coordinator (see `server.py`)."""

@@ -1,0 +1,28 @@
+"""`python -m slipstream.services.rollout --config run.json --coordinator-addr H:P --port 0 --ready-file f`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> None:
+    from slipstream.config import parse_config
+
+    prog = "slipstream rollout"
+    cfg = parse_config(argv, prog=prog, description="A rollout server: one inference engine attached to the coordinator.")
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s rollout %(levelname)s %(message)s")
+    # Heavy imports (torch, transformers, grpc) only once the flags are known to be good.
+    from slipstream.rpc.server import run_async
+    from slipstream.services.rollout.server import CoordinatorLost, serve
+
+    try:
+        run_async(serve(cfg))
+    except (CoordinatorLost, FileNotFoundError, ValueError, OSError, RuntimeError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

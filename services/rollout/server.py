@@ -1,0 +1,379 @@
+"""The rollout server: one engine, its own `Rollout` endpoint, and a client of the coordinator.
+
+Training work does not come in as RPCs to this server. The server dials the coordinator and
+holds one `Attach` stream: it says `Hello` (who it is, which weights it serves, how many
+samples it wants in flight), then receives `WorkItem`s and `NewWeights` notices and sends
+back results, heartbeats and `WeightsApplied`. Scaling rollout is starting or stopping
+servers; the coordinator re-dispatches the leases of a stream that breaks, so on a break
+this side aborts what it was generating for that stream and reconnects with backoff.
+
+A new weight version is fetched from the coordinator, staged and verified completely
+(`slipstream.weights.WeightStager`), and only then handed to the engine thread, which swaps
+it in between two decode steps. A version that fails verification is reported and dropped;
+the old one keeps serving.
+
+`Rollout.Generate` runs samples through the same engine directly (evaluation, tests,
+benchmarks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from slipstream.config import Config
+from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, rollout_pb2, rollout_pb2_grpc, types_pb2
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 2.0
+RECONNECT_FIRST, RECONNECT_MAX, RECONNECT_GIVE_UP = 0.5, 5.0, 30.0
+WEIGHT_FETCH_TIMEOUT = 300.0  # a whole version streams within this deadline
+
+_STATUS = {
+    "stop": types_pb2.SAMPLE_STATUS_COMPLETED,
+    "length": types_pb2.SAMPLE_STATUS_TRUNCATED,
+    "abort": types_pb2.SAMPLE_STATUS_ABORTED,
+}
+
+
+class CoordinatorLost(RuntimeError):
+    """The coordinator stayed unreachable past the reconnect window."""
+
+
+def make_request(rid: str, sample: types_pb2.Sample, sampling: types_pb2.SamplingParams,
+                 default_max_new_tokens: int) -> Any:
+    """The engine request for a sample (its tokens may already hold a partial response)."""
+    from slipstream.services.rollout.engine import Request
+
+    return Request(
+        rid=rid,
+        tokens=list(sample.tokens),
+        max_new_tokens=sampling.max_new_tokens or default_max_new_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p or 1.0,
+        top_k=sampling.top_k if sampling.top_k > 0 else -1,
+        stop_token_ids=list(sampling.stop_token_ids),
+        seed=sampling.seed or None,
+    )
+
+
+def finish_sample(sample: types_pb2.Sample, result: Any, tokenizer: Any) -> types_pb2.Sample:
+    """The sample with the engine's result appended (a continued sample keeps its earlier part)."""
+    out = types_pb2.Sample()
+    out.CopyFrom(sample)
+    out.tokens.extend(result.tokens)
+    out.response_length = sample.response_length + len(result.tokens)
+    out.rollout_log_probs.extend(result.log_probs)
+    out.policy_versions.extend(result.versions)
+    del out.loss_mask[:]
+    out.loss_mask.extend([1] * out.response_length)
+    response = out.tokens[len(out.tokens) - out.response_length:] if out.response_length else []
+    out.response = tokenizer.decode(list(response), skip_special_tokens=True)
+    out.status = _STATUS[result.finish_reason]
+    return out
+
+
+def _with_status(sample: types_pb2.Sample, status: int) -> types_pb2.Sample:
+    out = types_pb2.Sample()
+    out.CopyFrom(sample)
+    out.status = status
+    return out
+
+
+class RolloutServer(rollout_pb2_grpc.RolloutServicer):
+    def __init__(self, cfg: Config, server_id: str, worker: Any, tokenizer: Any,
+                 expected_shapes: dict[str, tuple[int, ...]], coordinator: grpc.aio.Channel | None = None):
+        self.cfg = cfg
+        self.server_id = server_id
+        self.worker = worker  # EngineWorker
+        self.tokenizer = tokenizer
+        self.expected_shapes = expected_shapes
+        self.coordinator = coordinator
+        self.stopping = asyncio.Event()
+        self._rids = itertools.count(1)
+        self._outbox: asyncio.Queue | None = None  # events for the live Attach stream
+        self._attached_rids: set[str] = set()  # engine requests of the live stream
+        self._weights_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def default_max_new_tokens(self) -> int:
+        return self.cfg.rollout.rollout_max_response_len
+
+    # ---- the Rollout service -----------------------------------------------------------
+    async def Generate(self, request, context):
+        if not request.samples:
+            return rollout_pb2.GenerateReply()
+        if any(not s.tokens for s in request.samples):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "every sample needs prompt tokens")
+        try:
+            requests = [make_request(f"gen{next(self._rids)}", s, request.sampling, self.default_max_new_tokens)
+                        for s in request.samples]
+        except ValueError as e:  # bad sampling parameters
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        futures = [self.worker.submit(r) for r in requests]
+        try:
+            results = await asyncio.gather(*futures)
+        except asyncio.CancelledError:
+            self.worker.abort([r.rid for r in requests])
+            raise
+        return rollout_pb2.GenerateReply(
+            samples=[finish_sample(s, r, self.tokenizer) for s, r in zip(request.samples, results, strict=True)]
+        )
+
+    async def GetInfo(self, request, context):
+        return rollout_pb2.RolloutInfo(
+            server_id=self.server_id, policy_version=self.worker.policy_version,
+            num_running=self.worker.num_running, engine="native",
+            num_generated_tokens=self.worker.num_generated_tokens,
+        )
+
+    # ---- the coordinator stream --------------------------------------------------------
+    async def attach_forever(self) -> None:
+        """Hold an Attach stream, reconnecting with backoff; raise `CoordinatorLost` after 30 s down."""
+        assert self.coordinator is not None
+        health = health_pb2_grpc.HealthStub(self.coordinator)
+        down_since: float | None = None
+        backoff = RECONNECT_FIRST
+        while not self.stopping.is_set():
+            try:
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=2.0)
+                if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                    raise ConnectionError("coordinator not serving")
+                down_since, backoff = None, RECONNECT_FIRST
+                reason = await self._attach_once()
+            except (grpc.aio.AioRpcError, ConnectionError) as e:
+                reason = e.details() if isinstance(e, grpc.aio.AioRpcError) else str(e)
+            if self.stopping.is_set():
+                return
+            now = time.monotonic()
+            down_since = down_since or now
+            if now - down_since >= RECONNECT_GIVE_UP:
+                raise CoordinatorLost(
+                    f"coordinator at {self.cfg.infra.coordinator_addr} unreachable for "
+                    f"{RECONNECT_GIVE_UP:.0f}s ({reason})"
+                )
+            log.warning("coordinator stream down (%s); retrying in %.1fs", reason, backoff)
+            try:
+                await asyncio.wait_for(self.stopping.wait(), backoff)
+            except TimeoutError:
+                pass
+            backoff = min(backoff * 2, RECONNECT_MAX)
+
+    async def _attach_once(self) -> str:
+        """One Attach stream, until it ends; returns why it ended."""
+        outbox: asyncio.Queue = asyncio.Queue()
+        outbox.put_nowait(coordinator_pb2.RolloutEvent(hello=coordinator_pb2.Hello(
+            server_id=self.server_id, policy_version=self.worker.policy_version,
+            max_concurrent_samples=self.cfg.rollout.rollout_max_batch_size,
+        )))
+
+        async def events():
+            while (event := await outbox.get()) is not None:
+                yield event
+
+        stub = coordinator_pb2_grpc.CoordinatorStub(self.coordinator)
+        call = stub.Attach(events())
+        self._outbox = outbox
+        heartbeat = asyncio.create_task(self._heartbeat(outbox))
+        stop_wait = asyncio.create_task(self.stopping.wait())
+        stop_wait.add_done_callback(lambda _t: call.cancel())
+        log.info("attached to coordinator %s as %s", self.cfg.infra.coordinator_addr, self.server_id)
+        try:
+            async for cmd in call:
+                self._on_command(cmd, outbox)
+            return "the coordinator ended the stream"
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED and self.stopping.is_set():
+                return "stopping"
+            return f"{e.code().name}: {e.details()}"
+        finally:
+            stop_wait.cancel()
+            heartbeat.cancel()
+            outbox.put_nowait(None)
+            self._outbox = None
+            # The coordinator re-dispatches this stream's leases: stop generating them here.
+            if self._attached_rids:
+                self.worker.abort(list(self._attached_rids))
+                self._attached_rids.clear()
+
+    async def _heartbeat(self, outbox: asyncio.Queue) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_SECONDS)
+            outbox.put_nowait(coordinator_pb2.RolloutEvent(heartbeat=coordinator_pb2.Heartbeat(
+                policy_version=self.worker.policy_version, num_running=self.worker.num_running)))
+
+    def _on_command(self, cmd: coordinator_pb2.RolloutCommand, outbox: asyncio.Queue) -> None:
+        kind = cmd.WhichOneof("kind")
+        if kind == "work":
+            self._spawn(self._serve_work(cmd.work, outbox))
+        elif kind == "new_weights":
+            self._spawn(self._apply_weights(cmd.new_weights.version))
+        elif kind == "shutdown":
+            log.info("the coordinator asked this server to shut down")
+            self.stopping.set()
+        else:
+            log.warning("ignoring an unknown command from the coordinator")
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _serve_work(self, item: coordinator_pb2.WorkItem, outbox: asyncio.Queue) -> None:
+        sample = await self._generate_one(item)
+        outbox.put_nowait(coordinator_pb2.RolloutEvent(result=coordinator_pb2.SampleResult(
+            work_id=item.work_id, lease_epoch=item.lease_epoch, sample=sample)))
+
+    async def _generate_one(self, item: coordinator_pb2.WorkItem) -> types_pb2.Sample:
+        if item.sampling.max_new_tokens <= 0 and item.sample.response_length > 0:
+            # A continued sample with no budget left is already complete.
+            return _with_status(item.sample, types_pb2.SAMPLE_STATUS_TRUNCATED)
+        rid = f"{item.work_id}#{item.lease_epoch}"  # unique even when a lease comes back re-issued
+        try:
+            request = make_request(rid, item.sample, item.sampling, self.default_max_new_tokens)
+            self._attached_rids.add(rid)
+            try:
+                result = await self.worker.submit(request)
+            finally:
+                self._attached_rids.discard(rid)
+        except ValueError as e:
+            # Unusable work (bad parameters, refused by the engine): answer FAILED, do not sit on the lease.
+            log.error("work item %s refused: %s", item.work_id, e)
+            return _with_status(item.sample, types_pb2.SAMPLE_STATUS_FAILED)
+        return finish_sample(item.sample, result, self.tokenizer)
+
+    async def _apply_weights(self, version: int) -> None:
+        """Fetch, stage and verify `version`, then swap it in; report the outcome either way."""
+        from slipstream.weights import WeightError, WeightStager
+
+        async with self._weights_lock:  # versions are applied one at a time, in order
+            current = self.worker.policy_version
+            if version <= current:
+                return
+            t0 = time.monotonic()
+            error = ""
+            try:
+                stager = WeightStager(self.expected_shapes, current)
+                stub = coordinator_pb2_grpc.CoordinatorStub(self.coordinator)
+                call = stub.FetchWeights(coordinator_pb2.FetchWeightsRequest(version=version),
+                                         timeout=WEIGHT_FETCH_TIMEOUT)
+                async for msg in call:
+                    stager.add(msg)
+                staged_version, tensors = await asyncio.to_thread(stager.finish)
+                if staged_version != version:
+                    raise WeightError(f"asked for version {version}, received {staged_version}")
+                await self.worker.load_weights(tensors, staged_version)
+            except ValueError as e:  # WeightError, or the engine refusing a name/shape
+                error = str(e)
+            except grpc.aio.AioRpcError as e:
+                error = f"FetchWeights: {e.code().name}: {e.details()}"
+            seconds = time.monotonic() - t0
+            if error:
+                log.warning("weights version %d refused, still serving %d: %s", version, current, error)
+            else:
+                log.info("now serving weights version %d (%.2fs)", version, seconds)
+            if self._outbox is not None:
+                self._outbox.put_nowait(coordinator_pb2.RolloutEvent(weights_applied=coordinator_pb2.WeightsApplied(
+                    version=version, ok=not error, error=error, seconds=seconds)))
+
+    async def close(self) -> None:
+        self.stopping.set()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _device_and_dtype(cfg: Config):
+    import torch
+
+    device = cfg.train.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.model.dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    else:
+        dtype = getattr(torch, cfg.model.dtype)
+    return device, dtype
+
+
+def eos_token_ids(model_config: Any, tokenizer: Any) -> list[int]:
+    """EOS ids from config.json and the tokenizer, both honoured (they differ in some releases)."""
+    ids = list(model_config.eos_token_ids)
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    if not ids:
+        raise ValueError(f"{model_config}: no EOS token in config.json or the tokenizer")
+    return ids
+
+
+async def _engine_death(worker: Any) -> None:
+    await worker.died.wait()
+    raise RuntimeError(f"the engine thread failed: {worker.error}")
+
+
+async def serve(cfg: Config) -> None:
+    import os
+    import socket
+
+    import torch
+
+    from slipstream.models.hf import load_model, load_tokenizer
+    from slipstream.rpc.channel import aio_channel
+    from slipstream.rpc.server import install_signal_handlers, start_server
+    from slipstream.services.rollout.engine import NativeEngine
+    from slipstream.services.rollout.worker import EngineWorker
+
+    torch.set_num_threads(cfg.infra.torch_threads or 1)
+    device, dtype = _device_and_dtype(cfg)
+    path = cfg.model.hf_checkpoint
+    model = load_model(path, device=device, dtype=dtype)
+    tokenizer = load_tokenizer(path)
+    engine = NativeEngine(
+        model, eos_token_ids(model.config, tokenizer), max_batch_size=cfg.rollout.rollout_max_batch_size,
+        max_seq_len=cfg.rollout.rollout_max_prompt_len + cfg.rollout.rollout_max_response_len,
+    )
+    expected_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    worker = EngineWorker(engine, asyncio.get_running_loop())
+    worker.start()
+    server_id = cfg.infra.server_id or f"{socket.gethostname()}:{os.getpid()}"
+    coordinator = aio_channel(cfg.infra.coordinator_addr) if cfg.infra.coordinator_addr else None
+    servicer = RolloutServer(cfg, server_id, worker, tokenizer, expected_shapes, coordinator)
+    service = await start_server(
+        lambda server: rollout_pb2_grpc.add_RolloutServicer_to_server(servicer, server),
+        host=cfg.infra.host, port=cfg.infra.port, ready_file=cfg.infra.ready_file,
+    )
+    log.info("rollout server %s: model %s on %s (%s)", server_id, path, device, dtype)
+
+    async def on_signal() -> None:
+        servicer.stopping.set()
+
+    install_signal_handlers(on_signal)
+    waits = [asyncio.create_task(servicer.stopping.wait()), asyncio.create_task(_engine_death(worker))]
+    if coordinator is not None:
+        waits.append(asyncio.create_task(servicer.attach_forever()))
+    else:
+        log.info("no --coordinator-addr: serving Rollout.Generate only")
+    try:
+        done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()  # CoordinatorLost propagates to the CLI
+    finally:
+        servicer.stopping.set()
+        for task in waits:
+            task.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+        service.set_serving(False)
+        worker.abort_all()  # Generate callers get their partial samples back, ABORTED
+        await servicer.close()
+        await service.stop(grace=2.0)
+        worker.stop()
+        if coordinator is not None:
+            await coordinator.close()

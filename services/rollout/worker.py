@@ -1,0 +1,157 @@
+"""The engine thread: one thread owns the engine, the asyncio loop only talks to it.
+
+The native engine is single-threaded and its `step()` is compute-bound, so it cannot run on
+the event loop (heartbeats and gRPC would stall). One dedicated thread loops `step()` while
+there is work and sleeps on an event otherwise. The loop hands it commands through a queue
+(add a request, abort, load weights); the thread answers through futures resolved with
+`loop.call_soon_threadsafe`. New weights are applied by the same thread, between two decode
+steps, which is what makes the swap atomic for the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _resolve(fut: asyncio.Future, value: Any = None, error: BaseException | None = None) -> None:
+    if fut.done():  # the waiter went away (cancelled RPC, dropped stream)
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)
+
+
+class EngineWorker:
+    """Runs `engine` (a NativeEngine) in its own thread; every public method is called from the loop."""
+
+    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop):
+        self.engine = engine
+        self.loop = loop
+        self.num_generated_tokens = 0
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stopping = False
+        self._waiters: dict[str, asyncio.Future] = {}  # rid -> future of its Result
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.error: BaseException | None = None
+        self.died = asyncio.Event()  # set (on the loop) if the engine thread fails
+
+    # ---- loop side ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def policy_version(self) -> int:
+        return self.engine.policy_version
+
+    @property
+    def num_running(self) -> int:
+        return len(self._waiters)
+
+    def submit(self, request: Any) -> asyncio.Future:
+        """Queue a request; the future resolves to its engine `Result`."""
+        if request.rid in self._waiters:
+            raise ValueError(f"request id {request.rid!r} is already running")
+        # Sent first: if the thread is dead this raises before a waiter is left behind. The result
+        # cannot overtake the registration below: it is delivered through this same loop.
+        self._send(lambda: self._add(request))
+        fut = self.loop.create_future()
+        self._waiters[request.rid] = fut
+        fut.add_done_callback(lambda _f, rid=request.rid: self._waiters.pop(rid, None))
+        return fut
+
+    def abort(self, rids: list[str]) -> None:
+        """Stop these requests; their futures resolve with an "abort" result."""
+        def run() -> None:
+            for rid in rids:
+                result = self.engine.abort(rid)
+                if result is not None:
+                    self._deliver(result)
+        self._send(run)
+
+    def abort_all(self) -> None:
+        def run() -> None:
+            for result in self.engine.abort_all():
+                self._deliver(result)
+        self._send(run)
+
+    def load_weights(self, state_dict: dict, version: int) -> asyncio.Future:
+        """Apply weights between two decode steps; resolves once the engine serves `version`."""
+        fut = self.loop.create_future()
+
+        def run() -> None:
+            try:
+                self.engine.load_weights(state_dict, version)
+            except Exception as e:  # noqa: BLE001 - handed to the awaiting coroutine
+                self.loop.call_soon_threadsafe(_resolve, fut, None, e)
+            else:
+                self.loop.call_soon_threadsafe(_resolve, fut, None)
+        self._send(run)
+        return fut
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _send(self, command: Callable[[], None]) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the engine thread died: {self.error}")
+        self._commands.put(command)
+        self._wake.set()
+
+    # ---- engine thread -----------------------------------------------------------------
+    def _add(self, request: Any) -> None:
+        try:
+            self.engine.add_request(request)
+        except ValueError as e:  # this request is refused; the engine and the others go on
+            self.loop.call_soon_threadsafe(self._on_error, request.rid, e)
+
+    def _on_error(self, rid: str, error: BaseException) -> None:
+        fut = self._waiters.get(rid)
+        if fut is not None:
+            _resolve(fut, None, error)
+
+    def _deliver(self, result: Any) -> None:
+        self.num_generated_tokens += len(result.tokens)
+        # The waiter table belongs to the loop thread: look the future up there.
+        self.loop.call_soon_threadsafe(self._on_result, result)
+
+    def _on_result(self, result: Any) -> None:
+        fut = self._waiters.get(result.rid)
+        if fut is not None:
+            _resolve(fut, result)
+
+    def _fail_all(self, error: BaseException) -> None:
+        for fut in list(self._waiters.values()):
+            _resolve(fut, None, error)
+        self.died.set()
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                while True:
+                    try:
+                        command = self._commands.get_nowait()
+                    except queue.Empty:
+                        break
+                    command()
+                if self.engine.has_work():
+                    for result in self.engine.step():
+                        self._deliver(result)
+                else:
+                    self._wake.wait()
+                    self._wake.clear()
+        except BaseException as e:  # noqa: BLE001 - surfaced to every waiter, then to the service
+            self.error = e
+            log.exception("engine thread failed")
+            self.loop.call_soon_threadsafe(self._fail_all, RuntimeError(f"engine failed: {e}"))
