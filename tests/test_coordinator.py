@@ -79,6 +79,7 @@ def test_ledger_leases_release_and_stale_epochs():
     first = ledger.place_next(slots)
     assert [(a.conn_id, a.work_id, a.epoch) for a in first] == [("a#1", "p0/0", 1), ("a#1", "p0/1", 1)]
     assert ledger.place_next(slots) == []
+    assert (ledger.in_flight("a#1"), ledger.in_flight("b#2")) == (2, 0)
     # a's stream ends: both samples go back to the queue and out again with epoch 2
     assert ledger.release("a#1") == 2
     again = ledger.place_next({"b#2": Slots(1, 4)})
@@ -94,6 +95,7 @@ def test_ledger_leases_release_and_stale_epochs():
     group = ledger.accept_result("b#2", "p0/1", 2, types_pb2.Sample(uid="p0/1", tokens=[1, 2, 4], response_length=1))
     assert group is not None and [s.tokens[-1] for s in group.finished_samples()] == [3, 4]
     assert not ledger.groups and not ledger.leases
+    assert (ledger.in_flight("a#1"), ledger.in_flight("b#2")) == (0, 0)
 
 
 def test_aborted_result_is_requeued_as_a_continuation():
@@ -403,3 +405,13 @@ def test_malformed_prompt_file_exits_2_with_one_line(assets, tmp_path):
     )
     assert proc.returncode == 2
     assert f"{bad}:2: malformed JSON" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_prompt_longer_than_the_limit_is_refused_naming_the_record(assets):
+    from slipstream.data import DataError, load_prompts
+    from slipstream.services.coordinator.server import tokenize_prompts
+
+    cfg = config_from_values({"prompt_data": str(assets / "prompts.jsonl"), "rollout_max_prompt_len": 3})
+    records = load_prompts(cfg.data.prompt_data)
+    with pytest.raises(DataError, match=r"prompts.jsonl: record 1: prompt is 4 tokens, longer than --rollout-max-prompt-len 3"):
+        tokenize_prompts(load_tokenizer(assets / "model"), records, cfg)

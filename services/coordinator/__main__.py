@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 
@@ -11,8 +10,9 @@ def main(argv: list[str] | None = None) -> None:
 
     prog = "slipstream coordinator"
     cfg = parse_config(argv, prog=prog, description="The control plane: prompts, leases, groups, weights.")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s coordinator %(levelname)s %(message)s")
+    from slipstream.log import setup_logging
+
+    setup_logging("coordinator")
     # Heavy imports (grpc, transformers, redis) only once the flags are known to be good.
     from slipstream.data import DataError
     from slipstream.rpc.server import run_async

@@ -15,7 +15,7 @@ The ledger is plain bookkeeping: no I/O, no clock, no asyncio. The servicer driv
 from __future__ import annotations
 
 import logging
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from slipstream.proto import types_pb2
@@ -90,6 +90,7 @@ class Ledger:
         self._where: dict[str, tuple[str, int]] = {}  # work_id -> (group_id, index)
         self._epochs: dict[str, int] = {}  # work_id -> last epoch issued
         self._queue: deque[tuple[str, list[int]]] = deque()  # (group_id, sample indices) to place
+        self._in_flight: Counter[str] = Counter()  # conn_id -> leases held
 
     # ---- groups ------------------------------------------------------------------------
     def add_group(self, group_id: str, samples: list[types_pb2.Sample]) -> None:
@@ -105,7 +106,7 @@ class Ledger:
         return sum(len(idx) for _, idx in self._queue)
 
     def in_flight(self, conn_id: str) -> int:
-        return sum(1 for lease in self.leases.values() if lease.conn_id == conn_id)
+        return self._in_flight[conn_id]
 
     # ---- dispatch ----------------------------------------------------------------------
     def place_next(self, slots: dict[str, Slots]) -> list[Assignment]:
@@ -129,6 +130,7 @@ class Ledger:
             self.leases[sample.uid] = Lease(conn_id, epoch)
             out.append(Assignment(conn_id, sample.uid, epoch, sample))
         slots[conn_id].in_flight += take
+        self._in_flight[conn_id] += take
         return out
 
     def release(self, conn_id: str) -> int:
@@ -139,6 +141,7 @@ class Ledger:
                 del self.leases[work_id]
                 group_id, index = self._where[work_id]
                 by_group.setdefault(group_id, []).append(index)
+        self._in_flight.pop(conn_id, None)
         for group_id, indices in reversed(list(by_group.items())):
             self._queue.appendleft((group_id, sorted(indices)))
         return sum(len(v) for v in by_group.values())
@@ -159,6 +162,7 @@ class Ledger:
         if lease.epoch != epoch or lease.conn_id != conn_id:
             raise StaleResult(f"result for {work_id!r}: epoch {epoch}, lease is at epoch {lease.epoch}")
         del self.leases[work_id]
+        self._in_flight[conn_id] -= 1
         group_id, index = self._where[work_id]
         group = self.groups[group_id]
         template = group.samples[index]

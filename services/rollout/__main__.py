@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 
@@ -11,8 +10,9 @@ def main(argv: list[str] | None = None) -> None:
 
     prog = "slipstream rollout"
     cfg = parse_config(argv, prog=prog, description="A rollout server: one inference engine attached to the coordinator.")
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s rollout %(levelname)s %(message)s")
+    from slipstream.log import setup_logging
+
+    setup_logging("rollout")
     # Heavy imports (torch, transformers, grpc) only once the flags are known to be good.
     from slipstream.rpc.server import run_async
     from slipstream.services.rollout.server import CoordinatorLost, serve
