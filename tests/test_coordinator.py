@@ -380,6 +380,10 @@ def test_push_and_fetch_weights_round_trip_and_refusals(assets, redis_url, run_i
             with pytest.raises(grpc.aio.AioRpcError) as e:  # the same (not newer) version again
                 await stub.PushWeights(_aiter(iter_messages(manifest, chunks)), timeout=10)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not newer" in e.value.details()
+            with pytest.raises(grpc.aio.AioRpcError) as e:  # a stream must open with Hello
+                no_hello = _aiter([coordinator_pb2.RolloutEvent(heartbeat=coordinator_pb2.Heartbeat())])
+                [c async for c in stub.Attach(no_hello, timeout=10)]
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             rollout.outbox.put_nowait(coordinator_pb2.RolloutEvent(
                 weights_applied=coordinator_pb2.WeightsApplied(version=1, ok=True, seconds=0.1)))
 
