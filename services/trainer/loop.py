@@ -62,7 +62,7 @@ def _advantages(groups: list[list[Sample]], cfg: Config) -> list[list[float]]:
 
 def _await_rollout_versions(coordinator, version: int, timeout: float) -> coordinator_pb2.CoordinatorStatus:
     """At the end of a run, give rollout servers a moment to apply the last version (for the record)."""
-    deadline = time.monotonic() + min(timeout, 15.0)
+    deadline = time.monotonic() + 60.0
     while True:
         status = coordinator.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=timeout)
         if all(v >= version for v in status.server_versions.values()) or time.monotonic() > deadline:
