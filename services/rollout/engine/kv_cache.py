@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from slipstream.models import Attention
 
-_LEN_ALIGN = 64
+KV_ALIGN = 64
 
 
 class KVCache:
@@ -59,7 +59,7 @@ class KVCache:
             return False
         slots = min(self.max_slots, max(num_slots, 2 * self.num_slots))
         length = max(length, min(self.max_len, 2 * self.capacity))
-        length = min(self.max_len, -(-length // _LEN_ALIGN) * _LEN_ALIGN)
+        length = min(self.max_len, -(-length // KV_ALIGN) * KV_ALIGN)
         self.k = _grown(self.k, slots, length)
         self.v = _grown(self.v, slots, length)
         return True

@@ -19,7 +19,7 @@ from collections import deque
 import torch
 
 from slipstream.models import Qwen3ForCausalLM
-from slipstream.services.rollout.engine.kv_cache import KVCache
+from slipstream.services.rollout.engine.kv_cache import KV_ALIGN, KVCache
 from slipstream.services.rollout.engine.request import FinishReason, Request, Result
 from slipstream.services.rollout.engine.sampler import sample
 from slipstream.services.rollout.engine.slots import Slots
@@ -136,6 +136,10 @@ class NativeEngine:
         """One token for slots 0..n-1: feed each last token, attend over its cached prefix."""
         kv_len = int(self.slots.length[:n].max())
         self._reserve(n, kv_len + 1)
+        # Attend over a length rounded up to the cache's alignment (the mask hides the rest): the
+        # attention shape then repeats across steps and backends cache their plans (cuDNN builds
+        # a new one per shape, which cost more than the whole forward).
+        kv_len = min(self.cache.capacity, -(-kv_len // KV_ALIGN) * KV_ALIGN)
         positions = (self.slots.length[:n] - 1).to(self.device)
         attention = self.cache.decode(positions, kv_len)
         hidden = self.model.model(self.slots.last_token[:n, None], positions[:, None], attention)

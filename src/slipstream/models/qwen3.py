@@ -16,6 +16,7 @@ cache and attends over the cached prefix; the model never sees the cache layout.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -129,18 +130,23 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in fp32, cast back, then scale: the order transformers uses (bf16 logits match).
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        # F.rms_norm is one fused kernel where the backend has one (decode is launch-bound).
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+@functools.cache
+def _inv_freq(head_dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    # Computed on the CPU like transformers does, so the angles agree bit for bit; cached per
+    # device because a host-to-device copy per forward is a sync the decode loop cannot afford.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    return inv_freq.to(device)
 
 
 def rope_cos_sin(
     positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin [B,T,head_dim] for integer positions [B,T] (angles in fp32, halves duplicated)."""
-    # inv_freq is computed on the CPU like transformers does, so the angles agree bit for bit.
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs = positions[..., None].float() * inv_freq.to(positions.device)
+    freqs = positions[..., None].float() * _inv_freq(head_dim, theta, positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
