@@ -1,0 +1,346 @@
+"""The demo's warm start: a tiny Qwen3 taught the task just well enough for RL to matter.
+
+RL with GRPO sharpens a policy toward what it already does best; it cannot teach from
+nothing. So the demo starts from a model whose *greedy* answer is nearly always right but
+whose *sampled* answer at temperature 1.0 is right only about a third of the time. RL then
+has an honest job that shows on a 2-core CPU within a few dozen steps: turn a model that
+knows the answer into one that says it every time.
+
+Two knobs put the model in that state, deterministically:
+
+1. The SFT loss is cross-entropy against *smoothed* targets: 1 - eps on the right token,
+   eps spread over the digits and EOS. The model learns the task (the argmax), but each
+   answer token keeps a fixed share of doubt, and a wrong sample is always a different
+   number (a wrong digit, a missing or an extra one), never punctuation that a lenient
+   answer checker could read past.
+2. A calibration: all logits are scaled by one factor, found by bisection, that makes the
+   exact probability of sampling the right answer equal `target_sampled_accuracy` on the
+   eval problems. The factor is folded into the final RMSNorm weight (logits are linear in
+   it), so the checkpoint is an ordinary Qwen3; scaling logits never moves an argmax, so
+   greedy accuracy is untouched.
+
+Both accuracies are computed exactly from one teacher-forced forward pass, no sampling:
+greedy = every answer token and the EOS are the argmax; sampled = the product of their
+probabilities, i.e. the chance that temperature-1.0 sampling writes exactly the label.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from slipstream.data import encode_prompt
+from slipstream.demo.task import DIGITS, Problem, all_problems, sample_problems, write_prompts
+from slipstream.demo.tokenizer import build_char_tokenizer
+from slipstream.models.hf import init_model, save_model
+from slipstream.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
+from slipstream.quant.fp8 import dequantize_blockwise, quantize_blockwise, should_quantize
+
+IGNORE = -100
+
+
+@dataclass
+class WarmStartConfig:
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    head_dim: int = 64
+    sft_steps: int = 800  # most optimizer steps of the SFT (the LR schedule spans them)
+    check_every: int = 50  # steps between greedy-accuracy checks on the check problems
+    stop_greedy_accuracy: float = 0.97  # stop the SFT once greedy accuracy reaches this
+    num_check: int = 512  # train problems used for the stopping check and the calibration
+    batch_size: int = 128
+    lr: float = 6e-3
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.15  # share of each answer token's target spread over digits+EOS
+    target_sampled_accuracy: float | None = 0.35  # calibrate logits so sampling is right this often
+    num_eval: int = 1000  # eval problems (never trained on) for the report
+    num_train_prompts: int = 4096  # records in train.jsonl (the RL prompts)
+    num_eval_prompts: int = 256  # records in eval.jsonl
+    num_threads: int = 2
+
+
+@dataclass
+class EncodedProblems:
+    """A batch of problems as right-padded tensors, the answer positions marked."""
+
+    input_ids: torch.Tensor  # [N, T] prompt + answer + EOS, right-padded
+    targets: torch.Tensor  # [N, T] next-token target at answer/EOS positions, IGNORE elsewhere
+    allowed: torch.Tensor  # [N, T, V] bool: tokens that receive smoothing mass at each position
+
+
+def encode_problems(tokenizer: Any, problems: list[Problem], vocab_size: int) -> EncodedProblems:
+    """Tokenize prompts exactly as the mesh does; targets are the answer then EOS."""
+    rows, starts = [], []
+    for p in problems:
+        prompt_ids = encode_prompt(tokenizer, p.prompt, apply_chat_template=False)
+        answer_ids = list(tokenizer(p.label, add_special_tokens=False)["input_ids"])
+        rows.append(prompt_ids + answer_ids + [tokenizer.eos_token_id])
+        starts.append(len(prompt_ids))
+    n, t = len(rows), max(len(r) for r in rows)
+    input_ids = torch.full((n, t), tokenizer.pad_token_id, dtype=torch.long)
+    targets = torch.full((n, t), IGNORE, dtype=torch.long)
+    for i, (row, start) in enumerate(zip(rows, starts, strict=True)):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        # Logits at position j predict token j+1: answer tokens and EOS sit at start..len-1.
+        targets[i, start - 1 : len(row) - 1] = torch.tensor(row[start:])
+
+    digit_ids = tokenizer.convert_tokens_to_ids(list(DIGITS))
+    support = torch.zeros(vocab_size, dtype=torch.bool)
+    support[digit_ids + [tokenizer.eos_token_id]] = True
+    first = support.clone()
+    # A leading '0' would give "081", which a numeric checker reads as 81: no mass there.
+    first[tokenizer.convert_tokens_to_ids("0")] = False
+    first[tokenizer.eos_token_id] = False
+    answer = targets != IGNORE
+    is_first = answer & ~torch.cat([torch.zeros(n, 1, dtype=torch.bool), answer[:, :-1]], dim=1)
+    allowed = (answer & ~is_first)[..., None] & support
+    allowed |= is_first[..., None] & first
+    return EncodedProblems(input_ids=input_ids, targets=targets, allowed=allowed)
+
+
+def smoothed_loss(logits: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor, eps: float) -> torch.Tensor:
+    """Cross-entropy against (1-eps) on the target plus eps uniform over `allowed`, answer tokens only."""
+    mask = targets != IGNORE
+    logp = F.log_softmax(logits[mask].float(), dim=-1)  # [M, V]
+    tgt = targets[mask]
+    allow = allowed[mask].float()
+    allow[torch.arange(len(tgt)), tgt] = 1.0  # the target itself is always in the support
+    soft = eps * allow / allow.sum(-1, keepdim=True)
+    soft[torch.arange(len(tgt)), tgt] += 1.0 - eps
+    return -(soft * logp).sum(-1).mean()
+
+
+def _logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    out = model(input_ids)
+    # Ours returns logits; a `transformers` model (handy for cross-checking) returns an output object.
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def answer_logprobs(model: Any, enc: EncodedProblems) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p of each answer token/EOS, whether it is the argmax), both [N, T], zero/True off-answer."""
+    logits = _logits(model, enc.input_ids).float()
+    logp = F.log_softmax(logits, dim=-1)
+    mask = enc.targets != IGNORE
+    tgt = enc.targets.clamp(min=0)
+    tok_logp = logp.gather(-1, tgt[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
+    is_max = (logits.argmax(-1) == tgt) | ~mask
+    return tok_logp, is_max
+
+
+def _accuracies(tok_logp: torch.Tensor, is_max: torch.Tensor) -> dict[str, float]:
+    return {
+        "greedy_accuracy": is_max.all(-1).float().mean().item(),
+        "sampled_accuracy": tok_logp.sum(-1).exp().mean().item(),
+    }
+
+
+@torch.no_grad()
+def evaluate(model: Any, tokenizer: Any, records: list[Problem] | list[dict[str, str]]) -> dict[str, float]:
+    """Exact greedy and temperature-1.0 sampled accuracy of `model` on `records`.
+
+    greedy_accuracy: fraction of records whose every answer token and EOS is the argmax.
+    sampled_accuracy: mean over records of prod_i p(answer token i) * p(EOS).
+    """
+    problems = [r if isinstance(r, Problem) else Problem(prompt=r["prompt"], label=r["label"]) for r in records]
+    enc = encode_problems(tokenizer, problems, _vocab_size(model))
+    was_training = model.training
+    model.eval()
+    try:
+        return _accuracies(*answer_logprobs(model, enc))
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def calibrate_logit_scale(model: Any, enc: EncodedProblems, target: float, iters: int = 40) -> float:
+    """The factor s for which sampling from softmax(s * logits) is right `target` of the time.
+
+    Sampled accuracy rises monotonically with s when the argmax is mostly right, so bisection
+    on log s is enough; the forward pass is done once and only the softmax is repeated.
+    """
+    logits = _logits(model, enc.input_ids).float()
+    mask = enc.targets != IGNORE
+    tgt = enc.targets.clamp(min=0)
+
+    def sampled(s: float) -> float:
+        logp = F.log_softmax(logits * s, dim=-1).gather(-1, tgt[..., None]).squeeze(-1)
+        return logp.masked_fill(~mask, 0.0).sum(-1).exp().mean().item()
+
+    lo, hi = math.log(1 / 64), math.log(64)
+    if not sampled(math.exp(lo)) <= target <= sampled(math.exp(hi)):
+        raise RuntimeError(f"no logit scale reaches sampled accuracy {target}: the SFT did not learn the task")
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sampled(math.exp(mid)) < target else (lo, mid)
+    return math.exp((lo + hi) / 2)
+
+
+def _vocab_size(model: Any) -> int:
+    return model.config.vocab_size if hasattr(model, "config") else model.vocab_size
+
+
+def _lr_at(step: int, cfg: WarmStartConfig) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.sft_steps - cfg.warmup_steps)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def sft(
+    model: Any,
+    enc: EncodedProblems,
+    cfg: WarmStartConfig,
+    seed: int,
+    check: EncodedProblems | None = None,
+    log: Any = print,
+) -> int:
+    """Train on random batches of `enc` with the smoothed loss (in place); return the steps taken.
+
+    Every `check_every` steps the greedy accuracy on `check` is measured; training stops as
+    soon as it reaches `stop_greedy_accuracy` (how fast the carry is learned varies with the
+    seed, so a fixed step count is either slow or unreliable). Everything is seeded, so the
+    stopping step is too.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    model.train()
+    n = enc.input_ids.shape[0]
+    step = 0
+    while step < cfg.sft_steps:
+        idx = torch.randint(n, (cfg.batch_size,), generator=gen)
+        logits = _logits(model, enc.input_ids[idx])
+        loss = smoothed_loss(logits, enc.targets[idx], enc.allowed[idx], cfg.label_smoothing)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, cfg)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        if check is not None and step % cfg.check_every == 0:
+            model.eval()
+            with torch.no_grad():
+                greedy = _accuracies(*answer_logprobs(model, check))["greedy_accuracy"]
+            model.train()
+            log(f"sft step {step:4d}  loss {loss.item():.4f}  lr {_lr_at(step - 1, cfg):.2e}  greedy {greedy:.3f}")
+            if greedy >= cfg.stop_greedy_accuracy:
+                break
+    model.eval()
+    return step
+
+
+def model_config(cfg: WarmStartConfig, tokenizer: Any) -> Qwen3Config:
+    """The demo model's architecture: a Qwen3 shape with tied embeddings over the char vocabulary."""
+    return Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        head_dim=cfg.head_dim,
+        rope_theta=10_000.0,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+@torch.no_grad()
+def fp8_roundtrip(model: Qwen3ForCausalLM) -> Qwen3ForCausalLM:
+    """A copy of `model` whose linear weights went through FP8 and back, as a weight push does."""
+    out = copy.deepcopy(model)
+    for name, p in out.named_parameters():
+        if should_quantize(name, p):
+            p.copy_(dequantize_blockwise(*quantize_blockwise(p), dtype=p.dtype))
+    return out
+
+
+def prepare_demo(run_dir: str | Path, seed: int = 0, cfg: WarmStartConfig | None = None, log: Any = print) -> Path:
+    """Write prompts, tokenizer and a warm-started checkpoint into `run_dir`; return `run_dir/model`.
+
+    Files: `train.jsonl` (the RL prompts) and `eval.jsonl` (held-out problems), `model/`
+    (config.json, model.safetensors, tokenizer files) and `model/warmstart.json` (the settings
+    and the measured accuracies, also after an FP8 round trip of the weights).
+    """
+    cfg = cfg or WarmStartConfig()
+    run_dir = Path(run_dir)
+    model_dir = run_dir / "model"
+    torch.set_num_threads(cfg.num_threads)
+
+    write_prompts(run_dir / "train.jsonl", cfg.num_train_prompts, seed, split="train")
+    write_prompts(run_dir / "eval.jsonl", cfg.num_eval_prompts, seed, split="eval")
+    tokenizer = build_char_tokenizer(model_dir)
+    model = init_model(model_config(cfg, tokenizer), seed)
+    vocab = model.config.vocab_size
+
+    train_problems = all_problems("train")
+    train_enc = encode_problems(tokenizer, train_problems, vocab)
+    check_problems = sample_problems(cfg.num_check, seed, split="train")
+    check_enc = encode_problems(tokenizer, check_problems, vocab)
+    eval_problems = all_problems("eval")[: cfg.num_eval]
+
+    t0 = time.perf_counter()
+    steps = sft(model, train_enc, cfg, seed, check=check_enc, log=log)
+    sft_seconds = time.perf_counter() - t0
+    after_sft = evaluate(model, tokenizer, eval_problems)
+    log(
+        f"SFT: {steps} steps in {sft_seconds:.1f}s; eval greedy {after_sft['greedy_accuracy']:.3f}  "
+        f"sampled {after_sft['sampled_accuracy']:.3f}"
+    )
+
+    scale = 1.0
+    if cfg.target_sampled_accuracy is not None:
+        scale = calibrate_logit_scale(model, check_enc, cfg.target_sampled_accuracy)
+        with torch.no_grad():
+            model.model.norm.weight.mul_(scale)  # logits are linear in the final norm's weight
+    calibrated = evaluate(model, tokenizer, eval_problems)
+    fp8 = evaluate(fp8_roundtrip(model), tokenizer, eval_problems)
+    log(
+        f"calibrated (logit scale {scale:.3f}): eval greedy {calibrated['greedy_accuracy']:.3f}  "
+        f"sampled {calibrated['sampled_accuracy']:.3f}; with FP8 weights greedy {fp8['greedy_accuracy']:.3f}  "
+        f"sampled {fp8['sampled_accuracy']:.3f}"
+    )
+    save_model(model, model_dir)
+    report = {
+        "seed": seed,
+        "settings": asdict(cfg),
+        "num_parameters": sum(p.numel() for p in model.parameters()),
+        "sft_steps": steps,
+        "sft_seconds": round(sft_seconds, 2),
+        "logit_scale": scale,
+        "eval_after_sft": after_sft,
+        "eval_calibrated": calibrated,
+        "eval_calibrated_fp8": fp8,
+    }
+    (model_dir / "warmstart.json").write_text(json.dumps(report, indent=2) + "\n")
+    return model_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m slipstream.demo.warmstart --run-dir DIR [--seed N]`: the preparation alone."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m slipstream.demo.warmstart", description=main.__doc__)
+    parser.add_argument("--run-dir", required=True, help="Where train.jsonl, eval.jsonl and model/ go.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the prompts, the init and the SFT.")
+    args = parser.parse_args(argv)
+    print(prepare_demo(args.run_dir, args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
