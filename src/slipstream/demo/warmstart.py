@@ -59,7 +59,7 @@ class WarmStartConfig:
     check_every: int = 50  # steps between greedy-accuracy checks on the check problems
     stop_greedy_accuracy: float = 0.97  # stop the SFT once greedy accuracy reaches this
     num_check: int = 512  # train problems used for the stopping check and the calibration
-    batch_size: int = 128
+    batch_size: int = 192
     lr: float = 6e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
