@@ -27,12 +27,11 @@ def build_model(out: Path) -> Path:
     from slipstream.demo.tokenizer import build_char_tokenizer
     from slipstream.demo.warmstart import WarmStartConfig, model_config
     from slipstream.models.hf import init_model, save_model
-    from slipstream.models.qwen3 import Qwen3Config
 
     tok = build_char_tokenizer(out)
-    hf = model_config(WarmStartConfig(), tok)
-    hf["max_position_embeddings"] = 512
-    save_model(init_model(Qwen3Config.from_hf_dict(hf), seed=0), out)
+    config = model_config(WarmStartConfig(), tok)
+    config.max_position_embeddings = 512
+    save_model(init_model(config, seed=0), out)
     return out
 
 
