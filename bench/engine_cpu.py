@@ -49,8 +49,10 @@ def bench_ours(path: Path, batch: int, new_tokens: int, repeats: int) -> float:
     engine = NativeEngine(model, eos_token_ids=[], max_batch_size=max(batch, 1))
     best = float("inf")
     for r in range(repeats + 1):  # the first run warms up
-        reqs = [Request(rid=f"{r}-{i}", tokens=p, max_new_tokens=new_tokens, temperature=1.0, seed=i)
-                for i, p in enumerate(prompts(batch, model.config.vocab_size, r))]
+        reqs = [
+            Request(rid=f"{r}-{i}", tokens=p, max_new_tokens=new_tokens, temperature=1.0, seed=i)
+            for i, p in enumerate(prompts(batch, model.config.vocab_size, r))
+        ]
         t0 = time.perf_counter()
         out = engine.generate(reqs)
         dt = time.perf_counter() - t0
@@ -73,8 +75,16 @@ def bench_hf(path: Path, batch: int, new_tokens: int, repeats: int) -> float:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps])
         t0 = time.perf_counter()
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0,
-                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=pad)
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                pad_token_id=pad,
+            )
         dt = time.perf_counter() - t0
         assert out.shape[1] - width == new_tokens
         if r:
@@ -97,12 +107,22 @@ def main() -> None:
         for b in args.batch_sizes:
             ours = bench_ours(path, b, args.new_tokens, args.repeats)
             hf = bench_hf(path, b, args.new_tokens, args.repeats)
-            rows.append({"batch": b, "ours_tok_s": round(ours, 1), "transformers_tok_s": round(hf, 1),
-                         "ratio": round(ours / hf, 2)})
+            rows.append(
+                {
+                    "batch": b,
+                    "ours_tok_s": round(ours, 1),
+                    "transformers_tok_s": round(hf, 1),
+                    "ratio": round(ours / hf, 2),
+                }
+            )
             print(f"batch {b:4d}: ours {ours:9.1f} tok/s   transformers {hf:9.1f} tok/s   x{ours / hf:.2f}")
     result = {
-        "bench": "engine_cpu", "new_tokens": args.new_tokens, "threads": args.threads,
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(), "rows": rows,
+        "bench": "engine_cpu",
+        "new_tokens": args.new_tokens,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "machine": platform.processor() or platform.machine(),
+        "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -32,13 +32,19 @@ def summarize(rows: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "trainer_breakdown.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "trainer_breakdown.json"
+    )
     args = parser.parse_args()
-    rows = [json.loads(line) for line in (args.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line) for line in (args.run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()
+    ]
     result = summarize(rows)
     print(json.dumps(result, indent=2))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"bench": "trainer_breakdown", "run_dir": str(args.run_dir), **result}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps({"bench": "trainer_breakdown", "run_dir": str(args.run_dir), **result}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

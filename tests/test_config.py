@@ -25,7 +25,9 @@ def test_every_required_flag_exists():
 
 
 def test_flags_fill_the_tree():
-    cfg = parse_config(["--rollout-batch-size", "4", "--use-tis", "--eps-clip-high", "0.28", "--weight-sync-dtype", "bf16"])
+    cfg = parse_config(
+        ["--rollout-batch-size", "4", "--use-tis", "--eps-clip-high", "0.28", "--weight-sync-dtype", "bf16"]
+    )
     assert cfg.rollout.rollout_batch_size == 4
     assert cfg.algo.use_tis is True
     assert cfg.eps_clip_high == pytest.approx(0.28)
@@ -57,7 +59,10 @@ def test_invariants_are_checked():
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--rollout-batchsize", "4"], "unknown flag --rollout-batchsize (did you mean --rollout-batch-size?)"),
+        (
+            ["--rollout-batchsize", "4"],
+            "unknown flag --rollout-batchsize (did you mean --rollout-batch-size?)",
+        ),
         (["--num-rollout", "0"], "--num-rollout must be positive"),
         (["--weight-sync-dtype", "int3"], "invalid choice"),
     ],

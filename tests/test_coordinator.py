@@ -35,6 +35,7 @@ STEP = 10.0  # seconds any single expected event may take
 
 # ---- admission control, by hand ------------------------------------------------------------
 
+
 def test_staleness_capacity_by_hand():
     # (eta + steps + 1) * batch - (accepted + running): (1 + 0 + 1) * 4 - (3 + 2) = 3
     assert staleness_capacity(1, 0, 4, 3, 2) == 3
@@ -54,11 +55,13 @@ def test_may_dispatch_group_bounds():
     # the run needs num_rollout * batch = 6 groups, never more ...
     assert not may_dispatch_group(**kw, trained_steps=5, num_accepted=6, num_running=0, num_dispatched=6)
     # ... plus one replacement per lost group
-    assert may_dispatch_group(**kw, trained_steps=5, num_accepted=5, num_running=0, num_dispatched=6,
-                              num_replaced=1)
+    assert may_dispatch_group(
+        **kw, trained_steps=5, num_accepted=5, num_running=0, num_dispatched=6, num_replaced=1
+    )
 
 
 # ---- the ledger ----------------------------------------------------------------------------
+
 
 def _group(gid: str, n: int) -> list[types_pb2.Sample]:
     return [types_pb2.Sample(uid=f"{gid}/{i}", index=i, tokens=[1, 2]) for i in range(n)]
@@ -92,7 +95,9 @@ def test_ledger_leases_release_and_stale_epochs():
     assert ledger.accept_result("b#2", "p0/0", 2, done) is None
     with pytest.raises(StaleResult):
         ledger.accept_result("b#2", "p0/0", 2, done)  # already done
-    group = ledger.accept_result("b#2", "p0/1", 2, types_pb2.Sample(uid="p0/1", tokens=[1, 2, 4], response_length=1))
+    group = ledger.accept_result(
+        "b#2", "p0/1", 2, types_pb2.Sample(uid="p0/1", tokens=[1, 2, 4], response_length=1)
+    )
     assert group is not None and [s.tokens[-1] for s in group.finished_samples()] == [3, 4]
     assert not ledger.groups and not ledger.leases
     assert (ledger.in_flight("a#1"), ledger.in_flight("b#2")) == (0, 0)
@@ -102,8 +107,9 @@ def test_aborted_result_is_requeued_as_a_continuation():
     ledger = Ledger()
     ledger.add_group("p0", _group("p0", 1))
     (a,) = ledger.place_next({"s#1": Slots(0, 4)})
-    partial = types_pb2.Sample(uid="p0/0", tokens=[1, 2, 9], response_length=1,
-                               status=types_pb2.SAMPLE_STATUS_ABORTED)
+    partial = types_pb2.Sample(
+        uid="p0/0", tokens=[1, 2, 9], response_length=1, status=types_pb2.SAMPLE_STATUS_ABORTED
+    )
     assert ledger.accept_result("s#1", "p0/0", a.epoch, partial) is None
     (b,) = ledger.place_next({"s#1": Slots(0, 4)})
     assert list(b.sample.tokens) == [1, 2, 9] and b.sample.response_length == 1 and b.epoch == 2
@@ -111,12 +117,15 @@ def test_aborted_result_is_requeued_as_a_continuation():
 
 # ---- the weight relay's checks -------------------------------------------------------------
 
+
 def _weights(version: int):
     import torch
 
     g = torch.Generator().manual_seed(version)
-    state = {"model.layers.0.mlp.up_proj.weight": torch.randn(256, 64, generator=g),
-             "model.norm.weight": torch.ones(64)}
+    state = {
+        "model.layers.0.mlp.up_proj.weight": torch.randn(256, 64, generator=g),
+        "model.norm.weight": torch.ones(64),
+    }
     return pack(state, version, "fp8", chunk_bytes=4096)
 
 
@@ -131,7 +140,8 @@ def test_receive_push_checks_order_hashes_and_version():
     assert len(chunks) > 2
     stored = asyncio.run(receive_push(_aiter(msgs), current_version=2))
     assert stored.version == 3 and [m.SerializeToString() for m in stored.messages] == [
-        m.SerializeToString() for m in msgs]
+        m.SerializeToString() for m in msgs
+    ]
 
     def refused(messages, current=0) -> str:
         with pytest.raises(PushError) as e:
@@ -150,12 +160,15 @@ def test_receive_push_checks_order_hashes_and_version():
 
 # ---- the service over real gRPC ------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("coord")
     build_char_tokenizer(d / "model")
     prompts = d / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"{i}+1=", "label": str(i + 1)}) + "\n" for i in range(8)))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"{i}+1=", "label": str(i + 1)}) + "\n" for i in range(8))
+    )
     return d
 
 
@@ -164,9 +177,19 @@ def reward_addr(assets):
     """A real reward service (math rule) as its own process."""
     ready = assets / "reward.port"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "slipstream.services.reward", "--rm-type", "math", "--port", "0",
-         "--ready-file", str(ready)],
-        stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "slipstream.services.reward",
+            "--rm-type",
+            "math",
+            "--port",
+            "0",
+            "--ready-file",
+            str(ready),
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 30
     while not (ready.exists() and ready.read_text().strip()):
@@ -181,10 +204,20 @@ def reward_addr(assets):
 
 def _cfg(assets: Path, redis_url: str, run_id: str, reward_addr: str, **rollout):
     values = dict(
-        hf_checkpoint=str(assets / "model"), prompt_data=str(assets / "prompts.jsonl"),
-        redis_url=redis_url, run_id=run_id, reward_addr=reward_addr, rm_type="math",
-        rollout_batch_size=2, n_samples_per_prompt=2, num_rollout=1, max_staleness=0,
-        rollout_max_response_len=8, rollout_temperature=1.0, seed=7, micro_batch_size=1,
+        hf_checkpoint=str(assets / "model"),
+        prompt_data=str(assets / "prompts.jsonl"),
+        redis_url=redis_url,
+        run_id=run_id,
+        reward_addr=reward_addr,
+        rm_type="math",
+        rollout_batch_size=2,
+        n_samples_per_prompt=2,
+        num_rollout=1,
+        max_staleness=0,
+        rollout_max_response_len=8,
+        rollout_temperature=1.0,
+        seed=7,
+        micro_batch_size=1,
     )
     values.update(rollout)
     return config_from_values(values)
@@ -198,8 +231,13 @@ class FakeRollout:
         self.server_id = server_id
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.commands: asyncio.Queue = asyncio.Queue()
-        self.outbox.put_nowait(coordinator_pb2.RolloutEvent(hello=coordinator_pb2.Hello(
-            server_id=server_id, policy_version=version, max_concurrent_samples=capacity)))
+        self.outbox.put_nowait(
+            coordinator_pb2.RolloutEvent(
+                hello=coordinator_pb2.Hello(
+                    server_id=server_id, policy_version=version, max_concurrent_samples=capacity
+                )
+            )
+        )
 
     async def _events(self):
         while (event := await self.outbox.get()) is not None:
@@ -239,8 +277,15 @@ class FakeRollout:
         sample.policy_versions.extend([0] * len(response))
         sample.loss_mask.extend([1] * len(response))
         sample.status = types_pb2.SAMPLE_STATUS_COMPLETED
-        self.outbox.put_nowait(coordinator_pb2.RolloutEvent(result=coordinator_pb2.SampleResult(
-            work_id=item.work_id, lease_epoch=item.lease_epoch if epoch is None else epoch, sample=sample)))
+        self.outbox.put_nowait(
+            coordinator_pb2.RolloutEvent(
+                result=coordinator_pb2.SampleResult(
+                    work_id=item.work_id,
+                    lease_epoch=item.lease_epoch if epoch is None else epoch,
+                    sample=sample,
+                )
+            )
+        )
 
     async def close(self) -> None:
         self.outbox.put_nowait(None)
@@ -278,7 +323,10 @@ def test_groups_are_scored_and_land_in_the_buffer(assets, redis_url, run_id, rew
             by_group: dict[str, list] = {}
             for item in items:
                 by_group.setdefault(item.work_id.split("/")[0], []).append(item)
-                assert list(item.sample.tokens) == tokenizer(item.sample.prompt, add_special_tokens=False)["input_ids"]
+                assert (
+                    list(item.sample.tokens)
+                    == tokenizer(item.sample.prompt, add_special_tokens=False)["input_ids"]
+                )
                 assert item.sampling.max_new_tokens == 8 and item.sampling.temperature == 1.0
                 assert item.sample.uid == item.work_id and item.lease_epoch == 1
             assert len(by_group) == 2 and all(len(v) == 2 for v in by_group.values())
@@ -288,14 +336,19 @@ def test_groups_are_scored_and_land_in_the_buffer(assets, redis_url, run_id, rew
                 rollout.answer(item, label if item.sample.index == 0 else label + "7")
 
             async def stored():
-                return (await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)).num_groups_completed == 2
+                return (
+                    await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
+                ).num_groups_completed == 2
+
             await _until(stored, "2 groups in the buffer")
             status = await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
             assert status.num_groups_dispatched == 2 and status.num_samples_in_flight == 0
             assert status.num_rollout_servers == 1 and dict(status.server_versions) == {"r0": 0}
             assert status.num_reward_failures == 0
             # The trainer finishing a step would open room, but num_rollout x batch = 2 groups is the run
-            progress = await stub.ReportProgress(coordinator_pb2.TrainerProgress(step=1, finished=True), timeout=5)
+            progress = await stub.ReportProgress(
+                coordinator_pb2.TrainerProgress(step=1, finished=True), timeout=5
+            )
             assert progress.finished
             await rollout.nothing_more()
             await rollout.close()
@@ -310,7 +363,9 @@ def test_groups_are_scored_and_land_in_the_buffer(assets, redis_url, run_id, rew
         assert [s.index for s in group.samples] == [0, 1]
         assert [s.reward for s in group.samples] == [1.0, 0.0]
         assert all(s.status == types_pb2.SAMPLE_STATUS_COMPLETED for s in group.samples)
-        assert all(len(s.rollout_log_probs) == s.response_length == len(s.policy_versions) for s in group.samples)
+        assert all(
+            len(s.rollout_log_probs) == s.response_length == len(s.policy_versions) for s in group.samples
+        )
         assert group.group_id == group.samples[0].uid.split("/")[0]
 
 
@@ -339,7 +394,10 @@ def test_dropped_stream_is_redispatched_and_stale_epochs_ignored(assets, redis_u
                 b.answer(item, item.sample.label)
 
             async def stored():
-                return (await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)).num_groups_completed == 1
+                return (
+                    await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
+                ).num_groups_completed == 1
+
             await _until(stored, "the re-dispatched group in the buffer")
             await b.close()
         finally:
@@ -364,18 +422,30 @@ def test_push_and_fetch_weights_round_trip_and_refusals(assets, redis_url, run_i
             rollout = FakeRollout(channel, "r0", capacity=2).start()
 
             async def attached():
-                return (await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)).num_rollout_servers == 1
+                return (
+                    await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
+                ).num_rollout_servers == 1
+
             await _until(attached, "the rollout server to attach")
             reply = await stub.PushWeights(_aiter(iter_messages(manifest, chunks)), timeout=10)
             assert reply.version == 1 and reply.num_servers_notified == 1
             notice = await rollout.next("new_weights")
             assert notice.version == 1
             for version in (0, 1):
-                got = [m.SerializeToString() async for m in stub.FetchWeights(
-                    coordinator_pb2.FetchWeightsRequest(version=version), timeout=10)]
+                got = [
+                    m.SerializeToString()
+                    async for m in stub.FetchWeights(
+                        coordinator_pb2.FetchWeightsRequest(version=version), timeout=10
+                    )
+                ]
                 assert got == pushed  # relayed byte for byte
             with pytest.raises(grpc.aio.AioRpcError) as e:
-                [m async for m in stub.FetchWeights(coordinator_pb2.FetchWeightsRequest(version=7), timeout=10)]
+                [
+                    m
+                    async for m in stub.FetchWeights(
+                        coordinator_pb2.FetchWeightsRequest(version=7), timeout=10
+                    )
+                ]
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
             with pytest.raises(grpc.aio.AioRpcError) as e:  # the same (not newer) version again
                 await stub.PushWeights(_aiter(iter_messages(manifest, chunks)), timeout=10)
@@ -384,12 +454,16 @@ def test_push_and_fetch_weights_round_trip_and_refusals(assets, redis_url, run_i
                 no_hello = _aiter([coordinator_pb2.RolloutEvent(heartbeat=coordinator_pb2.Heartbeat())])
                 [c async for c in stub.Attach(no_hello, timeout=10)]
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            rollout.outbox.put_nowait(coordinator_pb2.RolloutEvent(
-                weights_applied=coordinator_pb2.WeightsApplied(version=1, ok=True, seconds=0.1)))
+            rollout.outbox.put_nowait(
+                coordinator_pb2.RolloutEvent(
+                    weights_applied=coordinator_pb2.WeightsApplied(version=1, ok=True, seconds=0.1)
+                )
+            )
 
             async def applied():
                 status = await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
                 return dict(status.server_versions) == {"r0": 1} and status.policy_version == 1
+
             await _until(applied, "the server's version to reach 1")
             await rollout.close()
         finally:
@@ -403,9 +477,20 @@ def test_malformed_prompt_file_exits_2_with_one_line(assets, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1=", "label": "2"}\n{"prompt": oops}\n')
     proc = subprocess.run(
-        [sys.executable, "-m", "slipstream.services.coordinator", "--hf-checkpoint", str(assets / "model"),
-         "--prompt-data", str(bad), "--port", "0"],
-        capture_output=True, text=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "slipstream.services.coordinator",
+            "--hf-checkpoint",
+            str(assets / "model"),
+            "--prompt-data",
+            str(bad),
+            "--port",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert proc.returncode == 2
     assert f"{bad}:2: malformed JSON" in proc.stderr.strip().splitlines()[-1]
@@ -417,5 +502,8 @@ def test_prompt_longer_than_the_limit_is_refused_naming_the_record(assets):
 
     cfg = config_from_values({"prompt_data": str(assets / "prompts.jsonl"), "rollout_max_prompt_len": 3})
     records = load_prompts(cfg.data.prompt_data)
-    with pytest.raises(DataError, match=r"prompts.jsonl: record 1: prompt is 4 tokens, longer than --rollout-max-prompt-len 3"):
+    with pytest.raises(
+        DataError,
+        match=r"prompts.jsonl: record 1: prompt is 4 tokens, longer than --rollout-max-prompt-len 3",
+    ):
         tokenize_prompts(load_tokenizer(assets / "model"), records, cfg)

@@ -65,7 +65,9 @@ def test_tokenizer_is_one_token_per_character_and_round_trips(tokenizer):
     assert len(ids) == len(text)
     assert tokenizer.decode(ids) == text
     assert tokenizer.convert_ids_to_tokens(ids) == list(text)
-    assert encode_prompt(tokenizer, "7+5=", apply_chat_template=False) == tokenizer.convert_tokens_to_ids(list("7+5="))
+    assert encode_prompt(tokenizer, "7+5=", apply_chat_template=False) == tokenizer.convert_tokens_to_ids(
+        list("7+5=")
+    )
     assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token is not None
     assert len({tokenizer.eos_token_id, tokenizer.pad_token_id}) == 2
     assert tokenizer.decode(ids + [tokenizer.eos_token_id], skip_special_tokens=True) == text

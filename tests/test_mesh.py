@@ -31,11 +31,31 @@ def assets(tmp_path_factory):
 
 def _argv(model: Path, prompts: Path, run_dir: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, str(ROOT / "train.py"),
-        "--hf-checkpoint", str(model), "--prompt-data", str(prompts), "--run-dir", str(run_dir),
-        "--rollout-batch-size", "4", "--n-samples-per-prompt", "4", "--num-rollout", "3",
-        "--rollout-max-response-len", "4", "--global-batch-size", "8", "--micro-batch-size", "8",
-        "--lr", "1e-3", "--rollout-num-servers", "2", *extra,
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--hf-checkpoint",
+        str(model),
+        "--prompt-data",
+        str(prompts),
+        "--run-dir",
+        str(run_dir),
+        "--rollout-batch-size",
+        "4",
+        "--n-samples-per-prompt",
+        "4",
+        "--num-rollout",
+        "3",
+        "--rollout-max-response-len",
+        "4",
+        "--global-batch-size",
+        "8",
+        "--micro-batch-size",
+        "8",
+        "--lr",
+        "1e-3",
+        "--rollout-num-servers",
+        "2",
+        *extra,
     ]
 
 
@@ -53,14 +73,26 @@ def _alive(pid: int) -> bool:
 def test_mesh_trains_and_syncs_weights(assets, tmp_path, redis_url):
     model, prompts = assets
     run_dir = tmp_path / "run"
-    proc = subprocess.run(_argv(model, prompts, run_dir, "--redis-url", redis_url), capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        _argv(model, prompts, run_dir, "--redis-url", redis_url), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    for key in ("policy_version", "reward_mean", "accuracy", "response_len_mean", "staleness_mean",
-                "staleness_max", "logprob_abs_diff_mean", "loss", "grad_norm", "tokens_per_s", "elapsed_s"):
+    for key in (
+        "policy_version",
+        "reward_mean",
+        "accuracy",
+        "response_len_mean",
+        "staleness_mean",
+        "staleness_max",
+        "logprob_abs_diff_mean",
+        "loss",
+        "grad_norm",
+        "tokens_per_s",
+        "elapsed_s",
+    ):
         assert all(key in r for r in rows), key
     assert rows[-1]["policy_version"] == 3
     assert all(r["num_samples"] == 16 for r in rows)
@@ -92,8 +124,12 @@ def test_mesh_trains_and_syncs_weights(assets, tmp_path, redis_url):
 def test_killing_a_service_stops_the_run(assets, tmp_path, victim):
     model, prompts = assets
     run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(_argv(model, prompts, run_dir, "--num-rollout", "1000"),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(
+        _argv(model, prompts, run_dir, "--num-rollout", "1000"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         metrics = run_dir / "metrics.jsonl"
         deadline = time.monotonic() + 180

@@ -30,10 +30,13 @@ def test_no_bare_top_level_services_or_buffer():
     assert Path(slipstream.buffer.__file__).parent == ROOT / "buffer"
 
 
-@pytest.mark.parametrize("command", [["train"], ["demo"], ["coordinator"], ["rollout"], ["reward"], ["trainer"]])
+@pytest.mark.parametrize(
+    "command", [["train"], ["demo"], ["coordinator"], ["rollout"], ["reward"], ["trainer"]]
+)
 def test_entry_points_answer_help(command):
-    proc = subprocess.run([sys.executable, "-m", "slipstream", *command, "--help"], capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "slipstream", *command, "--help"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     assert "--rollout-batch-size" in proc.stdout
 
@@ -55,6 +58,9 @@ def test_services_never_import_each_other():
         for path in (ROOT / "services" / service).rglob("*.py"):
             text = path.read_text()
             for other in {"coordinator", "rollout", "reward", "trainer"} - {service}:
-                if f"from slipstream.services.{other}" in text or f"import slipstream.services.{other}" in text:
+                if (
+                    f"from slipstream.services.{other}" in text
+                    or f"import slipstream.services.{other}" in text
+                ):
                     offenders.append(f"{path.relative_to(ROOT)} imports {other}")
     assert offenders == []

@@ -38,10 +38,28 @@ def model_dir(tmp_path_factory) -> Path:
 
 def _spawn(model_dir: Path, ready: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "slipstream.services.rollout", "--hf-checkpoint", str(model_dir),
-         "--port", "0", "--ready-file", str(ready), "--rollout-max-batch-size", "8",
-         "--rollout-max-prompt-len", "16", "--rollout-max-response-len", "6", "--torch-threads", "1", *extra],
-        stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "slipstream.services.rollout",
+            "--hf-checkpoint",
+            str(model_dir),
+            "--port",
+            "0",
+            "--ready-file",
+            str(ready),
+            "--rollout-max-batch-size",
+            "8",
+            "--rollout-max-prompt-len",
+            "16",
+            "--rollout-max-response-len",
+            "6",
+            "--torch-threads",
+            "1",
+            *extra,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -72,8 +90,10 @@ def test_generate_and_get_info(model_dir, tmp_path):
         port = _wait_port(proc, tmp_path / "port")
         stub = rollout_pb2_grpc.RolloutStub(sync_channel(f"127.0.0.1:{port}"))
         prompts = ["12+34=", "7*8="]
-        samples = [types_pb2.Sample(uid=f"s{i}", prompt=p, tokens=tok(p, add_special_tokens=False)["input_ids"])
-                   for i, p in enumerate(prompts)]
+        samples = [
+            types_pb2.Sample(uid=f"s{i}", prompt=p, tokens=tok(p, add_special_tokens=False)["input_ids"])
+            for i, p in enumerate(prompts)
+        ]
         greedy = types_pb2.SamplingParams(temperature=0.0, max_new_tokens=5)
         reply = stub.Generate(rollout_pb2.GenerateRequest(samples=samples, sampling=greedy), timeout=30)
         assert [s.uid for s in reply.samples] == ["s0", "s1"]
@@ -85,15 +105,23 @@ def test_generate_and_get_info(model_dir, tmp_path):
             assert list(out.policy_versions) == [0] * n and list(out.loss_mask) == [1] * n
             assert out.response == tok.decode(list(out.tokens[-n:]), skip_special_tokens=True)
             eos_last = out.tokens[-1] == tok.eos_token_id
-            assert out.status == (types_pb2.SAMPLE_STATUS_COMPLETED if eos_last else types_pb2.SAMPLE_STATUS_TRUNCATED)
+            assert out.status == (
+                types_pb2.SAMPLE_STATUS_COMPLETED if eos_last else types_pb2.SAMPLE_STATUS_TRUNCATED
+            )
         again = stub.Generate(rollout_pb2.GenerateRequest(samples=samples, sampling=greedy), timeout=30)
-        assert [list(s.tokens) for s in again.samples] == [list(s.tokens) for s in reply.samples]  # greedy repeats
+        assert [list(s.tokens) for s in again.samples] == [
+            list(s.tokens) for s in reply.samples
+        ]  # greedy repeats
         info = stub.GetInfo(rollout_pb2.GetInfoRequest(), timeout=5)
         assert info.server_id == "solo" and info.engine == "native" and info.policy_version == 0
         assert info.num_generated_tokens == 2 * sum(s.response_length for s in reply.samples)
         with pytest.raises(grpc.RpcError) as e:
-            stub.Generate(rollout_pb2.GenerateRequest(samples=samples, sampling=types_pb2.SamplingParams(
-                temperature=-1.0, max_new_tokens=2)), timeout=10)
+            stub.Generate(
+                rollout_pb2.GenerateRequest(
+                    samples=samples, sampling=types_pb2.SamplingParams(temperature=-1.0, max_new_tokens=2)
+                ),
+                timeout=10,
+            )
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         assert _stop(proc) == 0
@@ -118,6 +146,7 @@ class PeerCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
             async for event in request_iterator:
                 await self.events.put((number, event))
             await outbox.put(None)
+
         reader = asyncio.create_task(read())
         try:
             while (cmd := await outbox.get()) is not None:
@@ -152,7 +181,8 @@ def test_attached_server_generates_swaps_weights_and_reconnects(model_dir, tmp_p
 
     def work(work_id: str, epoch: int) -> coordinator_pb2.WorkItem:
         return coordinator_pb2.WorkItem(
-            work_id=work_id, lease_epoch=epoch,
+            work_id=work_id,
+            lease_epoch=epoch,
             sample=types_pb2.Sample(uid=work_id, prompt="5+5=", tokens=prompt, label="10"),
             sampling=types_pb2.SamplingParams(temperature=1.0, top_p=1.0, max_new_tokens=4, seed=5),
         )
@@ -160,9 +190,17 @@ def test_attached_server_generates_swaps_weights_and_reconnects(model_dir, tmp_p
     async def scenario():
         peer = PeerCoordinator()
         peer.weights = {1: good, 2: bad}
-        service = await start_server(lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(peer, s))
-        proc = _spawn(model_dir, tmp_path / "port", "--server-id", "r7",
-                      "--coordinator-addr", f"127.0.0.1:{service.port}")
+        service = await start_server(
+            lambda s: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(peer, s)
+        )
+        proc = _spawn(
+            model_dir,
+            tmp_path / "port",
+            "--server-id",
+            "r7",
+            "--coordinator-addr",
+            f"127.0.0.1:{service.port}",
+        )
         try:
             _, hello = await peer.next("hello")
             assert (hello.server_id, hello.policy_version, hello.max_concurrent_samples) == ("r7", 0, 8)

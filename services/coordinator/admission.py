@@ -15,15 +15,24 @@ tested by hand.
 from __future__ import annotations
 
 
-def staleness_capacity(max_staleness: int, trained_steps: int, rollout_batch_size: int,
-                       num_accepted: int, num_running: int) -> int:
+def staleness_capacity(
+    max_staleness: int, trained_steps: int, rollout_batch_size: int, num_accepted: int, num_running: int
+) -> int:
     """Groups that may still be dispatched without exceeding the staleness bound (may be <= 0)."""
     return (max_staleness + trained_steps + 1) * rollout_batch_size - (num_accepted + num_running)
 
 
-def may_dispatch_group(*, max_staleness: int, trained_steps: int, rollout_batch_size: int,
-                       num_rollout: int, num_accepted: int, num_running: int,
-                       num_dispatched: int, num_replaced: int = 0) -> bool:
+def may_dispatch_group(
+    *,
+    max_staleness: int,
+    trained_steps: int,
+    rollout_batch_size: int,
+    num_rollout: int,
+    num_accepted: int,
+    num_running: int,
+    num_dispatched: int,
+    num_replaced: int = 0,
+) -> bool:
     """True when one more group may be dispatched now.
 
     `num_dispatched` counts every group ever dispatched; the run needs `num_rollout *
@@ -32,5 +41,4 @@ def may_dispatch_group(*, max_staleness: int, trained_steps: int, rollout_batch_
     """
     if num_dispatched >= num_rollout * rollout_batch_size + num_replaced:
         return False
-    return staleness_capacity(max_staleness, trained_steps, rollout_batch_size,
-                              num_accepted, num_running) > 0
+    return staleness_capacity(max_staleness, trained_steps, rollout_batch_size, num_accepted, num_running) > 0

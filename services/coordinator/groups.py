@@ -147,8 +147,9 @@ class Ledger:
         return sum(len(v) for v in by_group.values())
 
     # ---- results -----------------------------------------------------------------------
-    def accept_result(self, conn_id: str, work_id: str, epoch: int,
-                      sample: types_pb2.Sample) -> GroupState | None:
+    def accept_result(
+        self, conn_id: str, work_id: str, epoch: int, sample: types_pb2.Sample
+    ) -> GroupState | None:
         """Record a result; the group when this result completed it (it leaves the ledger).
 
         An ABORTED result is a partial trajectory: it replaces the sample's template and is

@@ -85,8 +85,14 @@ class Attached:
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
-    def __init__(self, cfg: Config, records: list[PromptRecord], prompt_tokens: list[list[int]],
-                 buffer: Any, reward: reward_pb2_grpc.RewardStub):
+    def __init__(
+        self,
+        cfg: Config,
+        records: list[PromptRecord],
+        prompt_tokens: list[list[int]],
+        buffer: Any,
+        reward: reward_pb2_grpc.RewardStub,
+    ):
         self.cfg = cfg
         self.buffer = buffer  # slipstream.buffer.replay.ReplayBuffer (sync; called in a thread)
         self.reward = reward
@@ -113,10 +119,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def _admit(self) -> bool:
         r = self.cfg.rollout
         return not self.finished and may_dispatch_group(
-            max_staleness=r.max_staleness, trained_steps=self.trained_steps,
-            rollout_batch_size=r.rollout_batch_size, num_rollout=r.num_rollout,
-            num_accepted=self.num_accepted, num_running=self.num_running,
-            num_dispatched=self.num_dispatched, num_replaced=self.num_replaced,
+            max_staleness=r.max_staleness,
+            trained_steps=self.trained_steps,
+            rollout_batch_size=r.rollout_batch_size,
+            num_rollout=r.num_rollout,
+            num_accepted=self.num_accepted,
+            num_running=self.num_running,
+            num_dispatched=self.num_dispatched,
+            num_replaced=self.num_replaced,
         )
 
     def _dispatch(self) -> None:
@@ -138,10 +148,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         group_id = f"p{index}"
         tokens = self._tokens[id(record)]
         samples = [
-            sample_to_proto(Sample(
-                uid=f"{group_id}/{i}", group_index=index, index=i, prompt=record.prompt,
-                tokens=list(tokens), label=record.label, metadata=dict(record.metadata),
-            ))
+            sample_to_proto(
+                Sample(
+                    uid=f"{group_id}/{i}",
+                    group_index=index,
+                    index=i,
+                    prompt=record.prompt,
+                    tokens=list(tokens),
+                    label=record.label,
+                    metadata=dict(record.metadata),
+                )
+            )
             for i in range(self.cfg.rollout.n_samples_per_prompt)
         ]
         self.ledger.add_group(group_id, samples)
@@ -151,13 +168,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def _work_item(self, a: Assignment) -> coordinator_pb2.RolloutCommand:
         r = self.cfg.rollout
         sampling = types_pb2.SamplingParams(
-            temperature=r.rollout_temperature, top_p=r.rollout_top_p, top_k=max(r.rollout_top_k, 0),
+            temperature=r.rollout_temperature,
+            top_p=r.rollout_top_p,
+            top_k=max(r.rollout_top_k, 0),
             # A continued (partial) sample only gets what is left of the response budget.
             max_new_tokens=r.rollout_max_response_len - a.sample.response_length,
             stop_token_ids=r.rollout_stop_token_ids,
             seed=sample_seed(self.cfg.train.seed, a.work_id),
         )
-        work = coordinator_pb2.WorkItem(work_id=a.work_id, lease_epoch=a.epoch, sample=a.sample, sampling=sampling)
+        work = coordinator_pb2.WorkItem(
+            work_id=a.work_id, lease_epoch=a.epoch, sample=a.sample, sampling=sampling
+        )
         return coordinator_pb2.RolloutCommand(work=work)
 
     # ---- rollout servers ---------------------------------------------------------------
@@ -170,16 +191,29 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first Attach message must be Hello")
         hello = first.hello
         if hello.max_concurrent_samples <= 0:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "Hello.max_concurrent_samples must be positive")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "Hello.max_concurrent_samples must be positive"
+            )
         server_id = hello.server_id or context.peer()
-        conn = Attached(f"{server_id}#{next(self._conn_seq)}", server_id, hello.max_concurrent_samples,
-                        hello.policy_version)
+        conn = Attached(
+            f"{server_id}#{next(self._conn_seq)}",
+            server_id,
+            hello.max_concurrent_samples,
+            hello.policy_version,
+        )
         self.conns[conn.conn_id] = conn
-        log.info("rollout server %s attached (capacity %d, version %d)", server_id,
-                 conn.max_concurrent, conn.version)
+        log.info(
+            "rollout server %s attached (capacity %d, version %d)",
+            server_id,
+            conn.max_concurrent,
+            conn.version,
+        )
         if self.relay.version > conn.version:
-            conn.outbox.put_nowait(coordinator_pb2.RolloutCommand(
-                new_weights=coordinator_pb2.NewWeights(version=self.relay.version)))
+            conn.outbox.put_nowait(
+                coordinator_pb2.RolloutCommand(
+                    new_weights=coordinator_pb2.NewWeights(version=self.relay.version)
+                )
+            )
         reader = asyncio.create_task(self._read_events(conn, request_iterator))
         self._dispatch()
         try:
@@ -239,7 +273,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def _score(self, samples: list[types_pb2.Sample]) -> list[reward_pb2.ScoreResult]:
         try:
-            reply = await self.reward.Score(reward_pb2.ScoreRequest(samples=samples), timeout=self.score_timeout)
+            reply = await self.reward.Score(
+                reward_pb2.ScoreRequest(samples=samples), timeout=self.score_timeout
+            )
         except grpc.aio.AioRpcError as e:
             error = f"reward service: {e.code().name}: {e.details()}"
             return [reward_pb2.ScoreResult(failed=True, error=error) for _ in samples]
@@ -258,7 +294,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 log.warning("reward failed for %s: %s", sample.uid, scored.error)
             else:
                 sample.reward = scored.reward
-        pb = types_pb2.Group(group_id=group.group_id, samples=samples, created_unix_ms=int(time.time() * 1000))
+        pb = types_pb2.Group(
+            group_id=group.group_id, samples=samples, created_unix_ms=int(time.time() * 1000)
+        )
         self.num_running -= 1
         try:
             await asyncio.to_thread(self.buffer.put_group, pb)
@@ -277,11 +315,17 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         except PushError as e:
             log.warning("weight push refused: %s", e)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        notice = coordinator_pb2.RolloutCommand(new_weights=coordinator_pb2.NewWeights(version=stored.version))
+        notice = coordinator_pb2.RolloutCommand(
+            new_weights=coordinator_pb2.NewWeights(version=stored.version)
+        )
         for conn in self.conns.values():
             conn.outbox.put_nowait(notice)
-        log.info("weights version %d received (%d bytes), %d servers notified",
-                 stored.version, stored.total_bytes, len(self.conns))
+        log.info(
+            "weights version %d received (%d bytes), %d servers notified",
+            stored.version,
+            stored.total_bytes,
+            len(self.conns),
+        )
         return coordinator_pb2.PushWeightsReply(version=stored.version, num_servers_notified=len(self.conns))
 
     async def FetchWeights(self, request, context):
@@ -352,19 +396,26 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
     from slipstream.buffer.replay import ReplayBuffer
     from slipstream.models.hf import load_tokenizer
 
-    records = load_prompts(cfg.data.prompt_data, cfg.data.input_key, cfg.data.label_key, cfg.data.metadata_key)
+    records = load_prompts(
+        cfg.data.prompt_data, cfg.data.input_key, cfg.data.label_key, cfg.data.metadata_key
+    )
     tokenizer = load_tokenizer(cfg.model.hf_checkpoint)
     prompt_tokens = tokenize_prompts(tokenizer, records, cfg)
     log.info("%d prompts from %s", len(records), cfg.data.prompt_data)
     buffer = ReplayBuffer(cfg.infra.redis_url, cfg.run_id)
     await asyncio.to_thread(buffer.ping)
     reward_channel = aio_channel(cfg.infra.reward_addr)
-    await wait_healthy(reward_channel, timeout=cfg.infra.rpc_timeout,
-                       what=f"reward service at {cfg.infra.reward_addr}")
-    servicer = CoordinatorServicer(cfg, records, prompt_tokens, buffer, reward_pb2_grpc.RewardStub(reward_channel))
+    await wait_healthy(
+        reward_channel, timeout=cfg.infra.rpc_timeout, what=f"reward service at {cfg.infra.reward_addr}"
+    )
+    servicer = CoordinatorServicer(
+        cfg, records, prompt_tokens, buffer, reward_pb2_grpc.RewardStub(reward_channel)
+    )
     service = await start_server(
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
-        host=cfg.infra.host, port=cfg.infra.port, ready_file=cfg.infra.ready_file,
+        host=cfg.infra.host,
+        port=cfg.infra.port,
+        ready_file=cfg.infra.ready_file,
     )
     return RunningCoordinator(service, servicer, reward_channel, buffer)
 

@@ -29,8 +29,9 @@ class StoredVersion:
     total_bytes: int
 
 
-async def receive_push(messages: AsyncIterator[types_pb2.WeightMessage],
-                       current_version: int) -> StoredVersion:
+async def receive_push(
+    messages: AsyncIterator[types_pb2.WeightMessage], current_version: int
+) -> StoredVersion:
     """Read and check one push stream; raise `PushError` on the first thing that is wrong."""
     kept: list[types_pb2.WeightMessage] = []
     manifest: types_pb2.WeightManifest | None = None
@@ -47,11 +48,15 @@ async def receive_push(messages: AsyncIterator[types_pb2.WeightMessage],
             chunk = msg.chunk
             expected = len(kept) - 1
             if chunk.version != manifest.version:
-                raise PushError(f"chunk {chunk.index} has version {chunk.version}, manifest {manifest.version}")
+                raise PushError(
+                    f"chunk {chunk.index} has version {chunk.version}, manifest {manifest.version}"
+                )
             if chunk.index != expected:
                 raise PushError(f"chunk {chunk.index} out of order (expected {expected})")
             if expected >= len(manifest.chunk_sha256):
-                raise PushError(f"chunk {chunk.index} beyond the manifest's {len(manifest.chunk_sha256)} chunks")
+                raise PushError(
+                    f"chunk {chunk.index} beyond the manifest's {len(manifest.chunk_sha256)} chunks"
+                )
             if hashlib.sha256(chunk.data).hexdigest() != manifest.chunk_sha256[expected]:
                 raise PushError(f"chunk {chunk.index}: sha256 does not match the manifest")
             total += len(chunk.data)

@@ -9,7 +9,9 @@ def main(argv: list[str] | None = None) -> None:
     from slipstream.config import parse_config
 
     prog = "slipstream rollout"
-    cfg = parse_config(argv, prog=prog, description="A rollout server: one inference engine attached to the coordinator.")
+    cfg = parse_config(
+        argv, prog=prog, description="A rollout server: one inference engine attached to the coordinator."
+    )
     from slipstream.log import setup_logging
 
     setup_logging("rollout")

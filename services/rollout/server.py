@@ -47,8 +47,9 @@ class CoordinatorLost(RuntimeError):
     """The coordinator stayed unreachable past the reconnect window."""
 
 
-def make_request(rid: str, sample: types_pb2.Sample, sampling: types_pb2.SamplingParams,
-                 default_max_new_tokens: int) -> Any:
+def make_request(
+    rid: str, sample: types_pb2.Sample, sampling: types_pb2.SamplingParams, default_max_new_tokens: int
+) -> Any:
     """The engine request for a sample (its tokens may already hold a partial response)."""
     from slipstream.services.rollout.engine import Request
 
@@ -74,7 +75,7 @@ def finish_sample(sample: types_pb2.Sample, result: Any, tokenizer: Any) -> type
     out.policy_versions.extend(result.versions)
     del out.loss_mask[:]
     out.loss_mask.extend([1] * out.response_length)
-    response = out.tokens[len(out.tokens) - out.response_length:] if out.response_length else []
+    response = out.tokens[len(out.tokens) - out.response_length :] if out.response_length else []
     out.response = tokenizer.decode(list(response), skip_special_tokens=True)
     out.status = _STATUS[result.finish_reason]
     return out
@@ -88,8 +89,15 @@ def _with_status(sample: types_pb2.Sample, status: int) -> types_pb2.Sample:
 
 
 class RolloutServer(rollout_pb2_grpc.RolloutServicer):
-    def __init__(self, cfg: Config, server_id: str, worker: Any, tokenizer: Any,
-                 expected_shapes: dict[str, tuple[int, ...]], coordinator: grpc.aio.Channel | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        server_id: str,
+        worker: Any,
+        tokenizer: Any,
+        expected_shapes: dict[str, tuple[int, ...]],
+        coordinator: grpc.aio.Channel | None = None,
+    ):
         self.cfg = cfg
         self.server_id = server_id
         self.worker = worker  # EngineWorker
@@ -114,8 +122,10 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
         if any(not s.tokens for s in request.samples):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "every sample needs prompt tokens")
         try:
-            requests = [make_request(f"gen{next(self._rids)}", s, request.sampling, self.default_max_new_tokens)
-                        for s in request.samples]
+            requests = [
+                make_request(f"gen{next(self._rids)}", s, request.sampling, self.default_max_new_tokens)
+                for s in request.samples
+            ]
         except ValueError as e:  # bad sampling parameters
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         futures = [self.worker.submit(r) for r in requests]
@@ -125,13 +135,17 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
             self.worker.abort([r.rid for r in requests])
             raise
         return rollout_pb2.GenerateReply(
-            samples=[finish_sample(s, r, self.tokenizer) for s, r in zip(request.samples, results, strict=True)]
+            samples=[
+                finish_sample(s, r, self.tokenizer) for s, r in zip(request.samples, results, strict=True)
+            ]
         )
 
     async def GetInfo(self, request, context):
         return rollout_pb2.RolloutInfo(
-            server_id=self.server_id, policy_version=self.worker.policy_version,
-            num_running=self.worker.num_running, engine="native",
+            server_id=self.server_id,
+            policy_version=self.worker.policy_version,
+            num_running=self.worker.num_running,
+            engine="native",
             num_generated_tokens=self.worker.num_generated_tokens,
         )
 
@@ -170,10 +184,15 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
     async def _attach_once(self) -> str:
         """One Attach stream, until it ends; returns why it ended."""
         outbox: asyncio.Queue = asyncio.Queue()
-        outbox.put_nowait(coordinator_pb2.RolloutEvent(hello=coordinator_pb2.Hello(
-            server_id=self.server_id, policy_version=self.worker.policy_version,
-            max_concurrent_samples=self.cfg.rollout.rollout_max_batch_size,
-        )))
+        outbox.put_nowait(
+            coordinator_pb2.RolloutEvent(
+                hello=coordinator_pb2.Hello(
+                    server_id=self.server_id,
+                    policy_version=self.worker.policy_version,
+                    max_concurrent_samples=self.cfg.rollout.rollout_max_batch_size,
+                )
+            )
+        )
 
         async def events():
             while (event := await outbox.get()) is not None:
@@ -207,8 +226,13 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
     async def _heartbeat(self, outbox: asyncio.Queue) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
-            outbox.put_nowait(coordinator_pb2.RolloutEvent(heartbeat=coordinator_pb2.Heartbeat(
-                policy_version=self.worker.policy_version, num_running=self.worker.num_running)))
+            outbox.put_nowait(
+                coordinator_pb2.RolloutEvent(
+                    heartbeat=coordinator_pb2.Heartbeat(
+                        policy_version=self.worker.policy_version, num_running=self.worker.num_running
+                    )
+                )
+            )
 
     def _on_command(self, cmd: coordinator_pb2.RolloutCommand, outbox: asyncio.Queue) -> None:
         kind = cmd.WhichOneof("kind")
@@ -229,8 +253,13 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
 
     async def _serve_work(self, item: coordinator_pb2.WorkItem, outbox: asyncio.Queue) -> None:
         sample = await self._generate_one(item)
-        outbox.put_nowait(coordinator_pb2.RolloutEvent(result=coordinator_pb2.SampleResult(
-            work_id=item.work_id, lease_epoch=item.lease_epoch, sample=sample)))
+        outbox.put_nowait(
+            coordinator_pb2.RolloutEvent(
+                result=coordinator_pb2.SampleResult(
+                    work_id=item.work_id, lease_epoch=item.lease_epoch, sample=sample
+                )
+            )
+        )
 
     async def _generate_one(self, item: coordinator_pb2.WorkItem) -> types_pb2.Sample:
         if item.sampling.max_new_tokens <= 0 and item.sample.response_length > 0:
@@ -263,8 +292,9 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
             try:
                 stager = WeightStager(self.expected_shapes, current)
                 stub = coordinator_pb2_grpc.CoordinatorStub(self.coordinator)
-                call = stub.FetchWeights(coordinator_pb2.FetchWeightsRequest(version=version),
-                                         timeout=WEIGHT_FETCH_TIMEOUT)
+                call = stub.FetchWeights(
+                    coordinator_pb2.FetchWeightsRequest(version=version), timeout=WEIGHT_FETCH_TIMEOUT
+                )
                 async for msg in call:
                     stager.add(msg)
                 staged_version, tensors = await asyncio.to_thread(stager.finish)
@@ -281,8 +311,13 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
             else:
                 log.info("now serving weights version %d (%.2fs)", version, seconds)
             if self._outbox is not None:
-                self._outbox.put_nowait(coordinator_pb2.RolloutEvent(weights_applied=coordinator_pb2.WeightsApplied(
-                    version=version, ok=not error, error=error, seconds=seconds)))
+                self._outbox.put_nowait(
+                    coordinator_pb2.RolloutEvent(
+                        weights_applied=coordinator_pb2.WeightsApplied(
+                            version=version, ok=not error, error=error, seconds=seconds
+                        )
+                    )
+                )
 
     async def close(self) -> None:
         self.stopping.set()
@@ -337,7 +372,9 @@ async def serve(cfg: Config) -> None:
     model = load_model(path, device=device, dtype=dtype)
     tokenizer = load_tokenizer(path)
     engine = NativeEngine(
-        model, eos_token_ids(model.config, tokenizer), max_batch_size=cfg.rollout.rollout_max_batch_size,
+        model,
+        eos_token_ids(model.config, tokenizer),
+        max_batch_size=cfg.rollout.rollout_max_batch_size,
         max_seq_len=cfg.rollout.rollout_max_prompt_len + cfg.rollout.rollout_max_response_len,
     )
     expected_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
@@ -348,7 +385,9 @@ async def serve(cfg: Config) -> None:
     servicer = RolloutServer(cfg, server_id, worker, tokenizer, expected_shapes, coordinator)
     service = await start_server(
         lambda server: rollout_pb2_grpc.add_RolloutServicer_to_server(servicer, server),
-        host=cfg.infra.host, port=cfg.infra.port, ready_file=cfg.infra.ready_file,
+        host=cfg.infra.host,
+        port=cfg.infra.port,
+        ready_file=cfg.infra.ready_file,
     )
     log.info("rollout server %s: model %s on %s (%s)", server_id, path, device, dtype)
 

@@ -70,17 +70,20 @@ class EngineWorker:
 
     def abort(self, rids: list[str]) -> None:
         """Stop these requests; their futures resolve with an "abort" result."""
+
         def run() -> None:
             for rid in rids:
                 result = self.engine.abort(rid)
                 if result is not None:
                     self._deliver(result)
+
         self._send(run)
 
     def abort_all(self) -> None:
         def run() -> None:
             for result in self.engine.abort_all():
                 self._deliver(result)
+
         self._send(run)
 
     def load_weights(self, state_dict: dict, version: int) -> asyncio.Future:
@@ -94,6 +97,7 @@ class EngineWorker:
                 self.loop.call_soon_threadsafe(_resolve, fut, None, e)
             else:
                 self.loop.call_soon_threadsafe(_resolve, fut, None)
+
         self._send(run)
         return fut
 

@@ -8,7 +8,9 @@ import sys
 def main(argv: list[str] | None = None) -> None:
     from slipstream.config import parse_config
 
-    cfg = parse_config(argv, prog="slipstream trainer", description="Train the policy from the replay buffer.")
+    cfg = parse_config(
+        argv, prog="slipstream trainer", description="Train the policy from the replay buffer."
+    )
     from slipstream.log import setup_logging
 
     setup_logging("trainer")

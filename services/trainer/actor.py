@@ -47,8 +47,12 @@ class Actor:
         self.model.train()
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
-            foreach=self.device.type != "cuda", fused=self.device.type == "cuda",
+            self.model.parameters(),
+            lr=t.lr,
+            betas=(t.adam_beta1, t.adam_beta2),
+            weight_decay=t.weight_decay,
+            foreach=self.device.type != "cuda",
+            fused=self.device.type == "cuda",
         )
 
     # ---- log-probs -------------------------------------------------------------------------
@@ -69,13 +73,20 @@ class Actor:
     # ---- one rollout step ------------------------------------------------------------------
     def train_rollout(self, samples: list, advantages: list[float]) -> StepStats:
         cfg = self.cfg
-        micro = [collate(s, a).to(self.device) for s, a in zip(
-            split(samples, cfg.train.micro_batch_size), split(advantages, cfg.train.micro_batch_size), strict=True
-        )]
+        micro = [
+            collate(s, a).to(self.device)
+            for s, a in zip(
+                split(samples, cfg.train.micro_batch_size),
+                split(advantages, cfg.train.micro_batch_size),
+                strict=True,
+            )
+        ]
         rollout_lp = [b.rollout_log_probs for b in micro]
         old = rollout_lp if cfg.algo.use_rollout_logprobs else self.old_log_probs(micro)
 
-        diff_sum = sum(((o - r).abs() * b.loss_mask).sum().item() for o, r, b in zip(old, rollout_lp, micro, strict=True))
+        diff_sum = sum(
+            ((o - r).abs() * b.loss_mask).sum().item() for o, r, b in zip(old, rollout_lp, micro, strict=True)
+        )
         total_tokens = sum(b.num_tokens for b in micro)
 
         per_step = max(1, cfg.global_batch_size // cfg.train.micro_batch_size)
@@ -94,10 +105,16 @@ class Actor:
                     continue
                 lp = self.log_probs(b)
                 loss, metrics = policy_loss(
-                    lp, old[i], b.advantages, b.loss_mask,
-                    eps_clip=cfg.algo.eps_clip, eps_clip_high=cfg.eps_clip_high,
+                    lp,
+                    old[i],
+                    b.advantages,
+                    b.loss_mask,
+                    eps_clip=cfg.algo.eps_clip,
+                    eps_clip_high=cfg.eps_clip_high,
                     rollout_log_probs=b.rollout_log_probs if cfg.algo.use_tis else None,
-                    use_tis=cfg.algo.use_tis, tis_clip=cfg.algo.tis_clip, tis_clip_low=cfg.algo.tis_clip_low,
+                    use_tis=cfg.algo.use_tis,
+                    tis_clip=cfg.algo.tis_clip,
+                    tis_clip_low=cfg.algo.tis_clip_low,
                 )
                 weight = b.num_tokens / step_tokens
                 (loss * weight).backward()
@@ -122,5 +139,3 @@ class Actor:
 
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
         return {k: v.detach() for k, v in self.model.state_dict().items()}
-
-

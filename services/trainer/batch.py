@@ -27,8 +27,17 @@ class Batch:
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
-            *(t.to(device) for t in (self.input_ids, self.targets, self.loss_mask,
-                                     self.rollout_log_probs, self.advantages, self.versions)),
+            *(
+                t.to(device)
+                for t in (
+                    self.input_ids,
+                    self.targets,
+                    self.loss_mask,
+                    self.rollout_log_probs,
+                    self.advantages,
+                    self.versions,
+                )
+            ),
             num_tokens=self.num_tokens,
         )
 

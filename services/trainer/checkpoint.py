@@ -24,8 +24,15 @@ from safetensors.torch import load_file, save_file
 
 from slipstream.models.hf import save_model
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "chat_template.jinja", "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
 def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -40,8 +47,12 @@ def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer)
 
 
 def save_checkpoint(
-    save_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    state: dict[str, Any], tokenizer_dir: str | None = None,
+    save_dir: Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: dict[str, Any],
+    tokenizer_dir: str | None = None,
 ) -> Path:
     save_dir.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
@@ -74,7 +85,9 @@ def resolve_checkpoint(path: str) -> Path:
     return p
 
 
-def load_trainer_state(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_trainer_state(
+    ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
     """Restore optimizer moments and RNG into an already-loaded model; return the saved state."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
     tensors = load_file(str(ckpt / "optimizer.safetensors"))

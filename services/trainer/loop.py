@@ -47,7 +47,9 @@ class TrainerState:
     stop: threading.Event = field(default_factory=threading.Event)
 
 
-def _collect(buffer: ReplayBuffer, consumer: str, count: int, state: TrainerState) -> list[tuple[str, types_pb2.Group]]:
+def _collect(
+    buffer: ReplayBuffer, consumer: str, count: int, state: TrainerState
+) -> list[tuple[str, types_pb2.Group]]:
     got: list[tuple[str, types_pb2.Group]] = []
     while len(got) < count and not state.stop.is_set():
         got.extend(buffer.read_groups(consumer, count - len(got), block_ms=500))
@@ -88,13 +90,26 @@ def train(cfg: Config, state: TrainerState) -> None:
         state.num_groups_consumed = saved.get("num_groups_consumed", 0)
         log.info("resumed from %s at step %d (policy v%d)", ckpt, state.step, state.policy_version)
         if state.policy_version > 0:
-            push_weights(coordinator, actor.state_dict_for_sync(), state.policy_version,
-                         cfg.train.weight_sync_dtype, cfg.infra.rpc_timeout)
+            push_weights(
+                coordinator,
+                actor.state_dict_for_sync(),
+                state.policy_version,
+                cfg.train.weight_sync_dtype,
+                cfg.infra.rpc_timeout,
+            )
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(cfg.save_dir, step, actor.model, actor.optimizer, {
-            "policy_version": state.policy_version, "num_groups_consumed": state.num_groups_consumed,
-        }, tokenizer_dir=cfg.model.hf_checkpoint)
+        save_checkpoint(
+            cfg.save_dir,
+            step,
+            actor.model,
+            actor.optimizer,
+            {
+                "policy_version": state.policy_version,
+                "num_groups_consumed": state.num_groups_consumed,
+            },
+            tokenizer_dir=cfg.model.hf_checkpoint,
+        )
 
     for step in range(state.step, cfg.rollout.num_rollout):
         t0 = time.perf_counter()
@@ -116,13 +131,22 @@ def train(cfg: Config, state: TrainerState) -> None:
         push_s = 0.0
         if (step + 1) % cfg.train.update_weights_interval == 0:
             state.policy_version += 1
-            push_s, _ = push_weights(coordinator, actor.state_dict_for_sync(), state.policy_version,
-                                     cfg.train.weight_sync_dtype, cfg.infra.rpc_timeout)
+            push_s, _ = push_weights(
+                coordinator,
+                actor.state_dict_for_sync(),
+                state.policy_version,
+                cfg.train.weight_sync_dtype,
+                cfg.infra.rpc_timeout,
+            )
         state.step = step + 1
-        coordinator.ReportProgress(coordinator_pb2.TrainerProgress(
-            step=state.step, num_groups_consumed=state.num_groups_consumed,
-            finished=state.step >= cfg.rollout.num_rollout,
-        ), timeout=cfg.infra.rpc_timeout)
+        coordinator.ReportProgress(
+            coordinator_pb2.TrainerProgress(
+                step=state.step,
+                num_groups_consumed=state.num_groups_consumed,
+                finished=state.step >= cfg.rollout.num_rollout,
+            ),
+            timeout=cfg.infra.rpc_timeout,
+        )
         if cfg.train.save_interval and state.step % cfg.train.save_interval == 0:
             checkpoint(state.step)
         t_end = time.perf_counter()
@@ -147,9 +171,12 @@ def train(cfg: Config, state: TrainerState) -> None:
     checkpoint(state.step)
     state.finished = state.step >= cfg.rollout.num_rollout
     status = _await_rollout_versions(coordinator, state.policy_version, cfg.infra.rpc_timeout)
-    metrics.write_summary(finished=state.finished, policy_version=state.policy_version,
-                          num_groups_consumed=state.num_groups_consumed,
-                          rollout_server_versions=dict(status.server_versions),
-                          num_reward_failures=status.num_reward_failures)
+    metrics.write_summary(
+        finished=state.finished,
+        policy_version=state.policy_version,
+        num_groups_consumed=state.num_groups_consumed,
+        rollout_server_versions=dict(status.server_versions),
+        num_reward_failures=status.num_reward_failures,
+    )
     buffer.close()
     channel.close()

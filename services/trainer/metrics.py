@@ -58,8 +58,11 @@ class MetricsLog:
             "accuracy_first5": sum(acc[:5]) / max(len(acc[:5]), 1) if acc else None,
             "accuracy_last5": sum(acc[-5:]) / max(len(acc[-5:]), 1) if acc else None,
             "reward_mean_last5": (sum(r["reward_mean"] for r in self.rows[-5:]) / len(self.rows[-5:]))
-            if self.rows else None,
-            "tokens_per_s_mean": (sum(r["tokens_per_s"] for r in self.rows) / len(self.rows)) if self.rows else None,
+            if self.rows
+            else None,
+            "tokens_per_s_mean": (sum(r["tokens_per_s"] for r in self.rows) / len(self.rows))
+            if self.rows
+            else None,
             "elapsed_s": round(time.monotonic() - self.start, 3),
             **extra,
         }

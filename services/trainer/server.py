@@ -24,15 +24,21 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
 
     async def GetState(self, request, context):  # noqa: N802 - gRPC method name
         s = self.state
-        return trainer_pb2.TrainerState(step=s.step, policy_version=s.policy_version,
-                                        num_groups_consumed=s.num_groups_consumed, finished=s.finished)
+        return trainer_pb2.TrainerState(
+            step=s.step,
+            policy_version=s.policy_version,
+            num_groups_consumed=s.num_groups_consumed,
+            finished=s.finished,
+        )
 
 
 async def serve(cfg: Config) -> None:
     state = TrainerState()
     service = await start_server(
         lambda server: trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(state), server),
-        host=cfg.infra.host, port=cfg.infra.port, ready_file=cfg.infra.ready_file,
+        host=cfg.infra.host,
+        port=cfg.infra.port,
+        ready_file=cfg.infra.ready_file,
     )
 
     async def on_signal() -> None:

@@ -16,8 +16,11 @@ from slipstream.weights import iter_messages, pack
 
 
 def push_weights(
-    stub: coordinator_pb2_grpc.CoordinatorStub, state_dict: dict[str, torch.Tensor], version: int,
-    fmt: str, timeout: float,
+    stub: coordinator_pb2_grpc.CoordinatorStub,
+    state_dict: dict[str, torch.Tensor],
+    version: int,
+    fmt: str,
+    timeout: float,
 ) -> tuple[float, int]:
     """Pack and push one version; returns (seconds, bytes on the wire)."""
     t0 = time.perf_counter()

@@ -45,7 +45,8 @@ class ModelConfig:
     hf_checkpoint: str = opt("", "Hugging Face model directory (config.json, *.safetensors, tokenizer).")
     ref_load: str = opt("", "Reference model for the KL loss (defaults to --hf-checkpoint).")
     dtype: Literal["auto", "float32", "bfloat16"] = opt(
-        "auto", "Parameter dtype: auto = float32 (the trainer keeps float32 weights; GPU bf16 comes with --dtype bfloat16). (Slipstream)"
+        "auto",
+        "Parameter dtype: auto = float32 (the trainer keeps float32 weights; GPU bf16 comes with --dtype bfloat16). (Slipstream)",
     )
 
 
@@ -119,7 +120,9 @@ class TrainConfig:
 
 @dataclass
 class RewardConfig:
-    rm_type: str = opt("math", "Built-in reward: math (final answer as number or string), exact, or remote_rm.")
+    rm_type: str = opt(
+        "math", "Built-in reward: math (final answer as number or string), exact, or remote_rm."
+    )
     rm_url: str = opt("", "Remote reward endpoint (slime's protocol: POST prompt/response/label JSON).")
     rm_timeout: float = opt(30.0, "Seconds before a remote reward call is abandoned. (Slipstream)")
     rm_max_retries: int = opt(3, "Retries of a failed remote reward call. (Slipstream)")
@@ -292,7 +295,9 @@ def build_parser(prog: str = "slipstream", description: str | None = None) -> ar
             kind, choices = _scalar_parser(fld.type)
             if kind is bool:
                 group.add_argument(
-                    _flag(f.name), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                    _flag(f.name),
+                    action=argparse.BooleanOptionalAction,
+                    default=argparse.SUPPRESS,
                     help=help_text,
                 )
             elif typing.get_origin(kind) is list:
@@ -302,7 +307,11 @@ def build_parser(prog: str = "slipstream", description: str | None = None) -> ar
                 )
             else:
                 group.add_argument(
-                    _flag(f.name), type=kind, choices=choices, default=argparse.SUPPRESS, help=help_text,
+                    _flag(f.name),
+                    type=kind,
+                    choices=choices,
+                    default=argparse.SUPPRESS,
+                    help=help_text,
                     metavar=None if choices else f.name.upper(),
                 )
     return parser
@@ -354,7 +363,9 @@ def config_from_values(values: dict[str, Any]) -> Config:
     return Config(**{s: _SECTION_TYPES[s](**kw) for s, kw in sections.items()})
 
 
-def parse_config(argv: list[str] | None = None, prog: str = "slipstream", description: str | None = None) -> Config:
+def parse_config(
+    argv: list[str] | None = None, prog: str = "slipstream", description: str | None = None
+) -> Config:
     """Parse flags (and `--config`) into a validated Config. Errors exit 2 with one line."""
     parser = build_parser(prog, description)
     ns = parser.parse_args(sys.argv[1:] if argv is None else argv)

@@ -54,8 +54,9 @@ def _records_from_parquet(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def load_prompts(path: str, input_key: str = "prompt", label_key: str = "label",
-                 metadata_key: str = "metadata") -> list[PromptRecord]:
+def load_prompts(
+    path: str, input_key: str = "prompt", label_key: str = "label", metadata_key: str = "metadata"
+) -> list[PromptRecord]:
     """Read and validate every record of a JSONL or Parquet prompt file."""
     p = Path(path)
     if not path:

@@ -90,8 +90,14 @@ class Mesh:
         log_path = logs / f"{name}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(log_path, "ab") as log:
-            popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=env, preexec_fn=_die_with_parent)
+            popen = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
         proc = Proc(name, popen, log_path, ready_file)
         self.procs.append(proc)
         # Operators (and the tests) find every process of the run here.
@@ -100,8 +106,20 @@ class Mesh:
         return proc
 
     def service(self, name: str, module: str, *extra: str, threads: int = 1) -> Proc:
-        argv = [sys.executable, "-m", f"slipstream.services.{module}", "--config", str(self.config_path),
-                "--host", "127.0.0.1", "--port", "0", "--torch-threads", str(threads), *extra]
+        argv = [
+            sys.executable,
+            "-m",
+            f"slipstream.services.{module}",
+            "--config",
+            str(self.config_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--torch-threads",
+            str(threads),
+            *extra,
+        ]
         return self.spawn(name, argv)
 
     def wait_ready(self, proc: Proc, timeout: float = READY_TIMEOUT_S) -> int:
@@ -124,7 +142,11 @@ class Mesh:
 
     def death(self, proc: Proc) -> LaunchError:
         code = proc.popen.returncode
-        how = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        how = (
+            f"killed by {signal.Signals(-code).name}"
+            if code is not None and code < 0
+            else f"exit code {code}"
+        )
         reason = proc.last_error_line()
         message = f"{proc.name} died ({how})" + (f": {reason}" if reason else f"; see {proc.log_path}")
         return LaunchError(message, tail=proc.tail())
@@ -166,7 +188,9 @@ def start_mesh(mesh: Mesh) -> Proc:
     coordinator = mesh.service("coordinator", "coordinator", "--reward-addr", reward_addr)
     coord_addr = f"127.0.0.1:{mesh.wait_ready(coordinator)}"
     rollouts = [
-        mesh.service(f"rollout-{i}", "rollout", "--coordinator-addr", coord_addr, "--server-id", f"rollout-{i}")
+        mesh.service(
+            f"rollout-{i}", "rollout", "--coordinator-addr", coord_addr, "--server-id", f"rollout-{i}"
+        )
         for i in range(cfg.rollout.rollout_num_servers)
     ]
     trainer = mesh.service("trainer", "trainer", "--coordinator-addr", coord_addr)
@@ -240,18 +264,31 @@ def run(cfg: Config) -> int:
         console.print(f"[bold]slipstream[/] run directory {run_dir} (logs in {run_dir / 'logs'})")
         trainer = start_mesh(mesh)
         offset = 0
-        with Progress(TextColumn("[bold]GRPO"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                      TimeElapsedColumn(), console=console, transient=False) as progress:
-            task = progress.add_task("train", total=cfg.rollout.num_rollout, info="waiting for the first batch")
+        with Progress(
+            TextColumn("[bold]GRPO"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+            console=console,
+            transient=False,
+        ) as progress:
+            task = progress.add_task(
+                "train", total=cfg.rollout.num_rollout, info="waiting for the first batch"
+            )
             while True:
                 if stop_signal:
                     raise KeyboardInterrupt
                 rows, offset = _read_metrics(run_dir / "metrics.jsonl", offset)
                 for r in rows:
-                    progress.update(task, completed=r["step"], info=(
-                        f"reward {r['reward_mean']:.3f}  acc {r['accuracy']:.3f}  "
-                        f"{r['tokens_per_s']:.0f} tok/s  v{r['policy_version']}"
-                    ))
+                    progress.update(
+                        task,
+                        completed=r["step"],
+                        info=(
+                            f"reward {r['reward_mean']:.3f}  acc {r['accuracy']:.3f}  "
+                            f"{r['tokens_per_s']:.0f} tok/s  v{r['policy_version']}"
+                        ),
+                    )
                 code = trainer.popen.poll()
                 if code is not None:
                     if code != 0:

@@ -23,22 +23,37 @@ DEMO_RUN_DIR = "runs/demo"
 # keeps the step-to-step accuracy noise low; lr 1e-3 collapsed, 2e-4 was too slow for 100
 # steps; TIS against the rollout log-probs smoothed the one-version-stale updates.
 DEMO_FLAGS = [
-    "--rollout-batch-size", "64",
-    "--n-samples-per-prompt", "8",
-    "--num-rollout", "100",
-    "--rollout-max-response-len", "8",
-    "--rollout-temperature", "1.0",
-    "--rollout-num-servers", "2",
-    "--rollout-max-batch-size", "256",
-    "--global-batch-size", "256",
-    "--micro-batch-size", "64",
-    "--lr", "3e-4",
-    "--max-staleness", "1",
+    "--rollout-batch-size",
+    "64",
+    "--n-samples-per-prompt",
+    "8",
+    "--num-rollout",
+    "100",
+    "--rollout-max-response-len",
+    "8",
+    "--rollout-temperature",
+    "1.0",
+    "--rollout-num-servers",
+    "2",
+    "--rollout-max-batch-size",
+    "256",
+    "--global-batch-size",
+    "256",
+    "--micro-batch-size",
+    "64",
+    "--lr",
+    "3e-4",
+    "--max-staleness",
+    "1",
     "--use-tis",
-    "--update-weights-interval", "1",
-    "--rm-type", "math",
-    "--weight-sync-dtype", "fp8",
-    "--seed", "1234",
+    "--update-weights-interval",
+    "1",
+    "--rm-type",
+    "math",
+    "--weight-sync-dtype",
+    "fp8",
+    "--seed",
+    "1234",
 ]
 
 
@@ -52,12 +67,18 @@ def main(argv: list[str]) -> int:
         elif a.startswith("--run-dir="):
             run_dir = a.split("=", 1)[1]
     defaults = [
-        "--run-dir", run_dir,
-        "--hf-checkpoint", str(Path(run_dir) / "prep" / "model"),
-        "--prompt-data", str(Path(run_dir) / "prep" / "train.jsonl"),
+        "--run-dir",
+        run_dir,
+        "--hf-checkpoint",
+        str(Path(run_dir) / "prep" / "model"),
+        "--prompt-data",
+        str(Path(run_dir) / "prep" / "train.jsonl"),
     ]
-    cfg = parse_config([*defaults, *DEMO_FLAGS, *argv], prog="slipstream demo",
-                       description="Train a tiny model on arithmetic through the full mesh.")
+    cfg = parse_config(
+        [*defaults, *DEMO_FLAGS, *argv],
+        prog="slipstream demo",
+        description="Train a tiny model on arithmetic through the full mesh.",
+    )
 
     from rich.console import Console
 
@@ -66,8 +87,12 @@ def main(argv: list[str]) -> int:
     if not (model_dir / "config.json").exists():
         from slipstream.demo.warmstart import prepare_demo
 
-        console.print(f"[bold]demo[/]: preparing the task and warm-starting a tiny model in {model_dir.parent}")
-        prepare_demo(model_dir.parent, seed=cfg.train.seed, log=lambda m: console.print(f"  {m}", highlight=False))
+        console.print(
+            f"[bold]demo[/]: preparing the task and warm-starting a tiny model in {model_dir.parent}"
+        )
+        prepare_demo(
+            model_dir.parent, seed=cfg.train.seed, log=lambda m: console.print(f"  {m}", highlight=False)
+        )
 
     from slipstream.launcher import run
     from slipstream.log import print_config

@@ -110,7 +110,9 @@ def encode_problems(tokenizer: Any, problems: list[Problem], vocab_size: int) ->
     return EncodedProblems(input_ids=input_ids, targets=targets, allowed=allowed)
 
 
-def smoothed_loss(logits: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor, eps: float) -> torch.Tensor:
+def smoothed_loss(
+    logits: torch.Tensor, targets: torch.Tensor, allowed: torch.Tensor, eps: float
+) -> torch.Tensor:
     """Cross-entropy against (1-eps) on the target plus eps uniform over `allowed`, answer tokens only."""
     mask = targets != IGNORE
     logp = F.log_softmax(logits[mask].float(), dim=-1)  # [M, V]
@@ -153,7 +155,9 @@ def evaluate(model: Any, tokenizer: Any, records: list[Problem] | list[dict[str,
     greedy_accuracy: fraction of records whose every answer token and EOS is the argmax.
     sampled_accuracy: mean over records of prod_i p(answer token i) * p(EOS).
     """
-    problems = [r if isinstance(r, Problem) else Problem(prompt=r["prompt"], label=r["label"]) for r in records]
+    problems = [
+        r if isinstance(r, Problem) else Problem(prompt=r["prompt"], label=r["label"]) for r in records
+    ]
     enc = encode_problems(tokenizer, problems, _vocab_size(model))
     was_training = model.training
     model.eval()
@@ -180,7 +184,9 @@ def calibrate_logit_scale(model: Any, enc: EncodedProblems, target: float, iters
 
     lo, hi = math.log(1 / 64), math.log(64)
     if not sampled(math.exp(lo)) <= target <= sampled(math.exp(hi)):
-        raise RuntimeError(f"no logit scale reaches sampled accuracy {target}: the SFT did not learn the task")
+        raise RuntimeError(
+            f"no logit scale reaches sampled accuracy {target}: the SFT did not learn the task"
+        )
     for _ in range(iters):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if sampled(math.exp(mid)) < target else (lo, mid)
@@ -234,7 +240,9 @@ def sft(
             with torch.no_grad():
                 greedy = _accuracies(*answer_logprobs(model, check))["greedy_accuracy"]
             model.train()
-            log(f"sft step {step:4d}  loss {loss.item():.4f}  lr {_lr_at(step - 1, cfg):.2e}  greedy {greedy:.3f}")
+            log(
+                f"sft step {step:4d}  loss {loss.item():.4f}  lr {_lr_at(step - 1, cfg):.2e}  greedy {greedy:.3f}"
+            )
             if greedy >= cfg.stop_greedy_accuracy:
                 break
     model.eval()
@@ -269,7 +277,9 @@ def fp8_roundtrip(model: Qwen3ForCausalLM) -> Qwen3ForCausalLM:
     return out
 
 
-def prepare_demo(run_dir: str | Path, seed: int = 0, cfg: WarmStartConfig | None = None, log: Any = print) -> Path:
+def prepare_demo(
+    run_dir: str | Path, seed: int = 0, cfg: WarmStartConfig | None = None, log: Any = print
+) -> Path:
     """Write prompts, tokenizer and a warm-started checkpoint into `run_dir`; return `run_dir/model`.
 
     Files: `train.jsonl` (the RL prompts) and `eval.jsonl` (held-out problems), `model/`

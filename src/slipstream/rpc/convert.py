@@ -44,9 +44,7 @@ def sample_to_proto(s: Sample) -> types_pb2.Sample:
         rollout_log_probs=s.rollout_log_probs or [],
         policy_versions=s.policy_versions or [],
         status=_STATUS_TO_PB[s.status],
-        rollout_routed_experts=[
-            types_pb2.RoutedExperts(experts=e) for e in (s.rollout_routed_experts or [])
-        ],
+        rollout_routed_experts=[types_pb2.RoutedExperts(experts=e) for e in (s.rollout_routed_experts or [])],
         metadata_json=json.dumps(metadata) if metadata else "",
     )
 

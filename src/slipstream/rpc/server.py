@@ -45,7 +45,9 @@ class Service:
         self.stopping = asyncio.Event()
 
     def set_serving(self, serving: bool) -> None:
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         self.health.set("", status)
 
     async def stop(self, grace: float = 5.0) -> None:
