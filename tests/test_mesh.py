@@ -120,7 +120,7 @@ def test_mesh_trains_and_syncs_weights(assets, tmp_path, redis_url):
     assert not [n for n, pid in pids.items() if _alive(pid)]
 
 
-@pytest.mark.parametrize("victim", ["rollout-1", "coordinator"])
+@pytest.mark.parametrize("victim", ["rollout-1", "coordinator", "reward", "trainer", "redis"])
 def test_killing_a_service_stops_the_run(assets, tmp_path, victim):
     model, prompts = assets
     run_dir = tmp_path / "run"
