@@ -165,3 +165,33 @@ def test_bad_input_gives_one_line(assets, tmp_path):
         last = proc.stderr.strip().splitlines()[-1]
         assert needle in last, (name, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr, name
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_stopping_the_launcher_leaves_no_process(assets, tmp_path, sig):
+    """SIGTERM stops every service gracefully; even a SIGKILLed launcher leaves no orphan."""
+    model, prompts = assets
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        _argv(model, prompts, run_dir, "--num-rollout", "1000"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 180
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert launcher.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        pids = json.loads((run_dir / "pids.json").read_text())
+        launcher.send_signal(sig)
+        launcher.wait(timeout=30)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    if sig == signal.SIGTERM:
+        assert launcher.returncode == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while [n for n, pid in pids.items() if _alive(pid)] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [n for n, pid in pids.items() if _alive(pid)]
