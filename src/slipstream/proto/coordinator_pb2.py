@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from slipstream.proto import types_pb2 as slipstream_dot_proto_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"slipstream/proto/coordinator.proto\x12\rslipstream.v1\x1a\x1cslipstream/proto/types.proto\"R\n\x05Hello\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x1e\n\x16max_concurrent_samples\x18\x03 \x01(\x05\"[\n\x0cSampleResult\x12\x0f\n\x07work_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12%\n\x06sample\x18\x03 \x01(\x0b\x32\x15.slipstream.v1.Sample\"8\n\tHeartbeat\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\"M\n\x0eWeightsApplied\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\xd5\x01\n\x0cRolloutEvent\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.slipstream.v1.HelloH\x00\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1b.slipstream.v1.SampleResultH\x00\x12-\n\theartbeat\x18\x03 \x01(\x0b\x32\x18.slipstream.v1.HeartbeatH\x00\x12\x38\n\x0fweights_applied\x18\x04 \x01(\x0b\x32\x1d.slipstream.v1.WeightsAppliedH\x00\x42\x06\n\x04kind\"\x88\x01\n\x08WorkItem\x12\x0f\n\x07work_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12%\n\x06sample\x18\x03 \x01(\x0b\x32\x15.slipstream.v1.Sample\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.slipstream.v1.SamplingParams\"\x1d\n\nNewWeights\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\x87\x01\n\x0eRolloutCommand\x12\'\n\x04work\x18\x01 \x01(\x0b\x32\x17.slipstream.v1.WorkItemH\x00\x12\x30\n\x0bnew_weights\x18\x02 \x01(\x0b\x32\x19.slipstream.v1.NewWeightsH\x00\x12\x12\n\x08shutdown\x18\x03 \x01(\x08H\x00\x42\x06\n\x04kind\"A\n\x10PushWeightsReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x1c\n\x14num_servers_notified\x18\x02 \x01(\x05\"&\n\x13\x46\x65tchWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"N\n\x0fTrainerProgress\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x1b\n\x13num_groups_consumed\x18\x02 \x01(\x03\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\"\x12\n\x10GetStatusRequest\"\xd9\x02\n\x11\x43oordinatorStatus\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x1d\n\x15num_groups_dispatched\x18\x02 \x01(\x03\x12\x1c\n\x14num_groups_completed\x18\x03 \x01(\x03\x12\x1d\n\x15num_samples_in_flight\x18\x04 \x01(\x03\x12\x1b\n\x13num_rollout_servers\x18\x05 \x01(\x05\x12M\n\x0fserver_versions\x18\x06 \x03(\x0b\x32\x34.slipstream.v1.CoordinatorStatus.ServerVersionsEntry\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x1b\n\x13num_reward_failures\x18\x08 \x01(\x03\x1a\x35\n\x13ServerVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\x9f\x03\n\x0b\x43oordinator\x12H\n\x06\x41ttach\x12\x1b.slipstream.v1.RolloutEvent\x1a\x1d.slipstream.v1.RolloutCommand(\x01\x30\x01\x12N\n\x0bPushWeights\x12\x1c.slipstream.v1.WeightMessage\x1a\x1f.slipstream.v1.PushWeightsReply(\x01\x12R\n\x0c\x46\x65tchWeights\x12\".slipstream.v1.FetchWeightsRequest\x1a\x1c.slipstream.v1.WeightMessage0\x01\x12R\n\x0eReportProgress\x12\x1e.slipstream.v1.TrainerProgress\x1a .slipstream.v1.CoordinatorStatus\x12N\n\tGetStatus\x12\x1f.slipstream.v1.GetStatusRequest\x1a .slipstream.v1.CoordinatorStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"slipstream/proto/coordinator.proto\x12\rslipstream.v1\x1a\x1cslipstream/proto/types.proto\"R\n\x05Hello\x12\x11\n\tserver_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x1e\n\x16max_concurrent_samples\x18\x03 \x01(\x05\"[\n\x0cSampleResult\x12\x0f\n\x07work_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12%\n\x06sample\x18\x03 \x01(\x0b\x32\x15.slipstream.v1.Sample\"f\n\tHeartbeat\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x13\n\x0bnum_running\x18\x02 \x01(\x05\x12\x14\n\x0cidle_seconds\x18\x03 \x01(\x01\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\"M\n\x0eWeightsApplied\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\"\xd5\x01\n\x0cRolloutEvent\x12%\n\x05hello\x18\x01 \x01(\x0b\x32\x14.slipstream.v1.HelloH\x00\x12-\n\x06result\x18\x02 \x01(\x0b\x32\x1b.slipstream.v1.SampleResultH\x00\x12-\n\theartbeat\x18\x03 \x01(\x0b\x32\x18.slipstream.v1.HeartbeatH\x00\x12\x38\n\x0fweights_applied\x18\x04 \x01(\x0b\x32\x1d.slipstream.v1.WeightsAppliedH\x00\x42\x06\n\x04kind\"\xa4\x01\n\x08WorkItem\x12\x0f\n\x07work_id\x18\x01 \x01(\t\x12\x13\n\x0blease_epoch\x18\x02 \x01(\x03\x12%\n\x06sample\x18\x03 \x01(\x0b\x32\x15.slipstream.v1.Sample\x12/\n\x08sampling\x18\x04 \x01(\x0b\x32\x1d.slipstream.v1.SamplingParams\x12\x1a\n\x12min_policy_version\x18\x05 \x01(\x03\"\x1d\n\tAbortWork\x12\x10\n\x08work_ids\x18\x01 \x03(\t\"\x1d\n\nNewWeights\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\xb2\x01\n\x0eRolloutCommand\x12\'\n\x04work\x18\x01 \x01(\x0b\x32\x17.slipstream.v1.WorkItemH\x00\x12\x30\n\x0bnew_weights\x18\x02 \x01(\x0b\x32\x19.slipstream.v1.NewWeightsH\x00\x12\x12\n\x08shutdown\x18\x03 \x01(\x08H\x00\x12)\n\x05\x61\x62ort\x18\x04 \x01(\x0b\x32\x18.slipstream.v1.AbortWorkH\x00\x42\x06\n\x04kind\"A\n\x10PushWeightsReply\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x1c\n\x14num_servers_notified\x18\x02 \x01(\x05\"&\n\x13\x46\x65tchWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"N\n\x0fTrainerProgress\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x1b\n\x13num_groups_consumed\x18\x02 \x01(\x03\x12\x10\n\x08\x66inished\x18\x03 \x01(\x08\"\x12\n\x10GetStatusRequest\"\xcf\x03\n\x11\x43oordinatorStatus\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x1d\n\x15num_groups_dispatched\x18\x02 \x01(\x03\x12\x1c\n\x14num_groups_completed\x18\x03 \x01(\x03\x12\x1d\n\x15num_samples_in_flight\x18\x04 \x01(\x03\x12\x1b\n\x13num_rollout_servers\x18\x05 \x01(\x05\x12M\n\x0fserver_versions\x18\x06 \x03(\x0b\x32\x34.slipstream.v1.CoordinatorStatus.ServerVersionsEntry\x12\x10\n\x08\x66inished\x18\x07 \x01(\x08\x12\x1b\n\x13num_reward_failures\x18\x08 \x01(\x03\x12\x1d\n\x15num_partials_recycled\x18\t \x01(\x03\x12\x1b\n\x13num_groups_filtered\x18\n \x01(\x03\x12\x19\n\x11num_stale_samples\x18\x0b \x01(\x03\x12\x1d\n\x15rollout_idle_fraction\x18\x0c \x01(\x01\x1a\x35\n\x13ServerVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\x9f\x03\n\x0b\x43oordinator\x12H\n\x06\x41ttach\x12\x1b.slipstream.v1.RolloutEvent\x1a\x1d.slipstream.v1.RolloutCommand(\x01\x30\x01\x12N\n\x0bPushWeights\x12\x1c.slipstream.v1.WeightMessage\x1a\x1f.slipstream.v1.PushWeightsReply(\x01\x12R\n\x0c\x46\x65tchWeights\x12\".slipstream.v1.FetchWeightsRequest\x1a\x1c.slipstream.v1.WeightMessage0\x01\x12R\n\x0eReportProgress\x12\x1e.slipstream.v1.TrainerProgress\x1a .slipstream.v1.CoordinatorStatus\x12N\n\tGetStatus\x12\x1f.slipstream.v1.GetStatusRequest\x1a .slipstream.v1.CoordinatorStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,29 +39,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLERESULT']._serialized_start=167
   _globals['_SAMPLERESULT']._serialized_end=258
   _globals['_HEARTBEAT']._serialized_start=260
-  _globals['_HEARTBEAT']._serialized_end=316
-  _globals['_WEIGHTSAPPLIED']._serialized_start=318
-  _globals['_WEIGHTSAPPLIED']._serialized_end=395
-  _globals['_ROLLOUTEVENT']._serialized_start=398
-  _globals['_ROLLOUTEVENT']._serialized_end=611
-  _globals['_WORKITEM']._serialized_start=614
-  _globals['_WORKITEM']._serialized_end=750
-  _globals['_NEWWEIGHTS']._serialized_start=752
-  _globals['_NEWWEIGHTS']._serialized_end=781
-  _globals['_ROLLOUTCOMMAND']._serialized_start=784
-  _globals['_ROLLOUTCOMMAND']._serialized_end=919
-  _globals['_PUSHWEIGHTSREPLY']._serialized_start=921
-  _globals['_PUSHWEIGHTSREPLY']._serialized_end=986
-  _globals['_FETCHWEIGHTSREQUEST']._serialized_start=988
-  _globals['_FETCHWEIGHTSREQUEST']._serialized_end=1026
-  _globals['_TRAINERPROGRESS']._serialized_start=1028
-  _globals['_TRAINERPROGRESS']._serialized_end=1106
-  _globals['_GETSTATUSREQUEST']._serialized_start=1108
-  _globals['_GETSTATUSREQUEST']._serialized_end=1126
-  _globals['_COORDINATORSTATUS']._serialized_start=1129
-  _globals['_COORDINATORSTATUS']._serialized_end=1474
-  _globals['_COORDINATORSTATUS_SERVERVERSIONSENTRY']._serialized_start=1421
-  _globals['_COORDINATORSTATUS_SERVERVERSIONSENTRY']._serialized_end=1474
-  _globals['_COORDINATOR']._serialized_start=1477
-  _globals['_COORDINATOR']._serialized_end=1892
+  _globals['_HEARTBEAT']._serialized_end=362
+  _globals['_WEIGHTSAPPLIED']._serialized_start=364
+  _globals['_WEIGHTSAPPLIED']._serialized_end=441
+  _globals['_ROLLOUTEVENT']._serialized_start=444
+  _globals['_ROLLOUTEVENT']._serialized_end=657
+  _globals['_WORKITEM']._serialized_start=660
+  _globals['_WORKITEM']._serialized_end=824
+  _globals['_ABORTWORK']._serialized_start=826
+  _globals['_ABORTWORK']._serialized_end=855
+  _globals['_NEWWEIGHTS']._serialized_start=857
+  _globals['_NEWWEIGHTS']._serialized_end=886
+  _globals['_ROLLOUTCOMMAND']._serialized_start=889
+  _globals['_ROLLOUTCOMMAND']._serialized_end=1067
+  _globals['_PUSHWEIGHTSREPLY']._serialized_start=1069
+  _globals['_PUSHWEIGHTSREPLY']._serialized_end=1134
+  _globals['_FETCHWEIGHTSREQUEST']._serialized_start=1136
+  _globals['_FETCHWEIGHTSREQUEST']._serialized_end=1174
+  _globals['_TRAINERPROGRESS']._serialized_start=1176
+  _globals['_TRAINERPROGRESS']._serialized_end=1254
+  _globals['_GETSTATUSREQUEST']._serialized_start=1256
+  _globals['_GETSTATUSREQUEST']._serialized_end=1274
+  _globals['_COORDINATORSTATUS']._serialized_start=1277
+  _globals['_COORDINATORSTATUS']._serialized_end=1740
+  _globals['_COORDINATORSTATUS_SERVERVERSIONSENTRY']._serialized_start=1687
+  _globals['_COORDINATORSTATUS_SERVERVERSIONSENTRY']._serialized_end=1740
+  _globals['_COORDINATOR']._serialized_start=1743
+  _globals['_COORDINATOR']._serialized_end=2158
 # @@protoc_insertion_point(module_scope)

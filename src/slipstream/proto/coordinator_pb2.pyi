@@ -2,7 +2,7 @@ from slipstream.proto import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -28,12 +28,16 @@ class SampleResult(_message.Message):
     def __init__(self, work_id: _Optional[str] = ..., lease_epoch: _Optional[int] = ..., sample: _Optional[_Union[_types_pb2.Sample, _Mapping]] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("policy_version", "num_running")
+    __slots__ = ("policy_version", "num_running", "idle_seconds", "uptime_seconds")
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     policy_version: int
     num_running: int
-    def __init__(self, policy_version: _Optional[int] = ..., num_running: _Optional[int] = ...) -> None: ...
+    idle_seconds: float
+    uptime_seconds: float
+    def __init__(self, policy_version: _Optional[int] = ..., num_running: _Optional[int] = ..., idle_seconds: _Optional[float] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
 
 class WeightsApplied(_message.Message):
     __slots__ = ("version", "ok", "error", "seconds")
@@ -60,16 +64,24 @@ class RolloutEvent(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., result: _Optional[_Union[SampleResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., weights_applied: _Optional[_Union[WeightsApplied, _Mapping]] = ...) -> None: ...
 
 class WorkItem(_message.Message):
-    __slots__ = ("work_id", "lease_epoch", "sample", "sampling")
+    __slots__ = ("work_id", "lease_epoch", "sample", "sampling", "min_policy_version")
     WORK_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_EPOCH_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    MIN_POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     work_id: str
     lease_epoch: int
     sample: _types_pb2.Sample
     sampling: _types_pb2.SamplingParams
-    def __init__(self, work_id: _Optional[str] = ..., lease_epoch: _Optional[int] = ..., sample: _Optional[_Union[_types_pb2.Sample, _Mapping]] = ..., sampling: _Optional[_Union[_types_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    min_policy_version: int
+    def __init__(self, work_id: _Optional[str] = ..., lease_epoch: _Optional[int] = ..., sample: _Optional[_Union[_types_pb2.Sample, _Mapping]] = ..., sampling: _Optional[_Union[_types_pb2.SamplingParams, _Mapping]] = ..., min_policy_version: _Optional[int] = ...) -> None: ...
+
+class AbortWork(_message.Message):
+    __slots__ = ("work_ids",)
+    WORK_IDS_FIELD_NUMBER: _ClassVar[int]
+    work_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, work_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NewWeights(_message.Message):
     __slots__ = ("version",)
@@ -78,14 +90,16 @@ class NewWeights(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class RolloutCommand(_message.Message):
-    __slots__ = ("work", "new_weights", "shutdown")
+    __slots__ = ("work", "new_weights", "shutdown", "abort")
     WORK_FIELD_NUMBER: _ClassVar[int]
     NEW_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
     work: WorkItem
     new_weights: NewWeights
     shutdown: bool
-    def __init__(self, work: _Optional[_Union[WorkItem, _Mapping]] = ..., new_weights: _Optional[_Union[NewWeights, _Mapping]] = ..., shutdown: _Optional[bool] = ...) -> None: ...
+    abort: AbortWork
+    def __init__(self, work: _Optional[_Union[WorkItem, _Mapping]] = ..., new_weights: _Optional[_Union[NewWeights, _Mapping]] = ..., shutdown: _Optional[bool] = ..., abort: _Optional[_Union[AbortWork, _Mapping]] = ...) -> None: ...
 
 class PushWeightsReply(_message.Message):
     __slots__ = ("version", "num_servers_notified")
@@ -116,7 +130,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CoordinatorStatus(_message.Message):
-    __slots__ = ("policy_version", "num_groups_dispatched", "num_groups_completed", "num_samples_in_flight", "num_rollout_servers", "server_versions", "finished", "num_reward_failures")
+    __slots__ = ("policy_version", "num_groups_dispatched", "num_groups_completed", "num_samples_in_flight", "num_rollout_servers", "server_versions", "finished", "num_reward_failures", "num_partials_recycled", "num_groups_filtered", "num_stale_samples", "rollout_idle_fraction")
     class ServerVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +146,10 @@ class CoordinatorStatus(_message.Message):
     SERVER_VERSIONS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     NUM_REWARD_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    NUM_PARTIALS_RECYCLED_FIELD_NUMBER: _ClassVar[int]
+    NUM_GROUPS_FILTERED_FIELD_NUMBER: _ClassVar[int]
+    NUM_STALE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_IDLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     policy_version: int
     num_groups_dispatched: int
     num_groups_completed: int
@@ -140,4 +158,8 @@ class CoordinatorStatus(_message.Message):
     server_versions: _containers.ScalarMap[str, int]
     finished: bool
     num_reward_failures: int
-    def __init__(self, policy_version: _Optional[int] = ..., num_groups_dispatched: _Optional[int] = ..., num_groups_completed: _Optional[int] = ..., num_samples_in_flight: _Optional[int] = ..., num_rollout_servers: _Optional[int] = ..., server_versions: _Optional[_Mapping[str, int]] = ..., finished: _Optional[bool] = ..., num_reward_failures: _Optional[int] = ...) -> None: ...
+    num_partials_recycled: int
+    num_groups_filtered: int
+    num_stale_samples: int
+    rollout_idle_fraction: float
+    def __init__(self, policy_version: _Optional[int] = ..., num_groups_dispatched: _Optional[int] = ..., num_groups_completed: _Optional[int] = ..., num_samples_in_flight: _Optional[int] = ..., num_rollout_servers: _Optional[int] = ..., server_versions: _Optional[_Mapping[str, int]] = ..., finished: _Optional[bool] = ..., num_reward_failures: _Optional[int] = ..., num_partials_recycled: _Optional[int] = ..., num_groups_filtered: _Optional[int] = ..., num_stale_samples: _Optional[int] = ..., rollout_idle_fraction: _Optional[float] = ...) -> None: ...
