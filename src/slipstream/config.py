@@ -8,8 +8,9 @@ has the same knob, so a slime command line mostly works unchanged; the few we ad
 their help.
 
 Values resolve in this order: field defaults, then a JSON/YAML file given by `--config`,
-then flags. Every service reads the same resolved file (the launcher writes it into the
-run directory) plus a few per-process flags such as `--port`.
+then `SLIPSTREAM_<FIELD>` environment variables (`SLIPSTREAM_REDIS_URL=...`: how containers
+are configured), then flags. Every service reads the same resolved file (the launcher writes
+it into the run directory) plus a few per-process flags such as `--port`.
 
 `Config.as_namespace()` gives the flat `argparse.Namespace` that slime hooks receive as
 `args` (for example `--custom-rm-path` functions), so those hooks port without changes.
@@ -21,6 +22,7 @@ import argparse
 import dataclasses
 import difflib
 import json
+import os
 import sys
 import types
 import typing
@@ -142,6 +144,10 @@ class InfraConfig:
     server_id: str = opt("", "Name of this rollout server (defaults to host:pid). (Slipstream)")
     rpc_timeout: float = opt(30.0, "Default deadline, in seconds, of unary RPCs. (Slipstream)")
     torch_threads: int = opt(0, "Torch CPU threads of this process; 0 = torch's default. (Slipstream)")
+    metrics_port: int = opt(0, "Port of this service's Prometheus /metrics endpoint; 0 = off. (Slipstream)")
+    redis_password_file: str = opt(
+        "", "File holding the Redis password (a mounted secret), filled into --redis-url. (Slipstream)"
+    )
 
 
 @dataclass
@@ -182,6 +188,13 @@ class Config:
             self.reward.rm_type != "remote_rm" or bool(self.reward.rm_url),
             "--rm-type remote_rm needs --rm-url",
         )
+        i = self.infra
+        _require(0 <= i.metrics_port < 65536, "--metrics-port must be in [0, 65535]")
+        _require(not i.redis_password_file or bool(i.redis_url), "--redis-password-file needs --redis-url")
+        _require(
+            not i.redis_password_file or Path(i.redis_password_file).is_file(),
+            f"--redis-password-file {i.redis_password_file}: no such file",
+        )
 
     # ---- derived values ------------------------------------------------------------------
     @property
@@ -199,6 +212,20 @@ class Config:
     @property
     def run_id(self) -> str:
         return self.infra.run_id or Path(self.infra.run_dir).resolve().name
+
+    @property
+    def redis_connect_url(self) -> str:
+        """--redis-url with the password of --redis-password-file in it (the secret stays out of flags)."""
+        url, secret = self.infra.redis_url, self.infra.redis_password_file
+        if not secret:
+            return url
+        from urllib.parse import quote, urlsplit, urlunsplit
+
+        password = Path(secret).read_text().strip()
+        parts = urlsplit(url)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        user = quote(parts.username or "", safe="")
+        return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
 
     @property
     def save_dir(self) -> Path:
@@ -363,6 +390,41 @@ def config_from_values(values: dict[str, Any]) -> Config:
     return Config(**{s: _SECTION_TYPES[s](**kw) for s, kw in sections.items()})
 
 
+ENV_PREFIX = "SLIPSTREAM_"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+
+
+def _env_values(environ: typing.Mapping[str, str], prog: str) -> dict[str, Any]:
+    """Config from `SLIPSTREAM_<FIELD>` variables (containers set config this way).
+
+    They rank between the `--config` file and flags. Each value is parsed by the flag's own
+    parser, so types and choices are checked the same way; names that are no field (such as
+    SLIPSTREAM_LOG_LEVEL) are left alone.
+    """
+    parser = build_parser(prog)
+    parser.exit_on_error = False  # a bad value raises, and is reported under its variable's name
+    values: dict[str, Any] = {}
+    for key, raw in sorted(environ.items()):
+        name = key[len(ENV_PREFIX) :].lower()
+        if not key.startswith(ENV_PREFIX) or name not in FIELDS:
+            continue
+        flag, kind = _flag(name), _scalar_parser(FIELDS[name][1].type)[0]
+        if kind is bool:
+            if raw.strip().lower() not in _TRUE | _FALSE:
+                raise ConfigError(f"{key}={raw!r}: expected true or false")
+            argv = [flag if raw.strip().lower() in _TRUE else "--no-" + flag[2:]]
+        elif typing.get_origin(kind) is list:
+            argv = [flag, *raw.replace(",", " ").split()]
+        else:
+            argv = [flag, raw]
+        try:
+            values.update(vars(parser.parse_args(argv)))
+        except argparse.ArgumentError as e:
+            raise ConfigError(f"{key}={raw!r}: {e.message}") from None
+    values.pop("config", None)
+    return values
+
+
 def parse_config(
     argv: list[str] | None = None, prog: str = "slipstream", description: str | None = None
 ) -> Config:
@@ -373,6 +435,7 @@ def parse_config(
         values: dict[str, Any] = {}
         if ns.config:
             values.update(_flatten_file(_read_file(ns.config), ns.config))
+        values.update(_env_values(os.environ, prog))
         values.update({k: v for k, v in vars(ns).items() if k != "config"})
         return config_from_values(values)
     except (ConfigError, TypeError) as e:
