@@ -81,6 +81,33 @@ class RolloutConfig:
         "token of a trained batch; the coordinator admits new prompts only within it. (AReaL's eta)",
     )
     rollout_engine: Literal["native", "sglang"] = opt("native", "Inference engine of rollout servers.")
+    sync: bool = opt(
+        False,
+        "Strict on-policy baseline: generate, train, update, repeat (sets --max-staleness 0; servers "
+        "drain). (Slipstream)",
+    )
+    partial_rollout: bool = opt(
+        False,
+        "Recycle unfinished samples instead of draining: on a weight update (per "
+        "--pause-generation-mode) they are continued under the new weights, keeping what was generated.",
+    )
+    pause_generation_mode: Literal["abort", "in_place"] = opt(
+        "abort",
+        "With --partial-rollout, what a weight update does to requests in flight: abort (return the "
+        "partial trajectory, continue it under the new weights) or in_place (swap between decode "
+        "steps, keep the KV cache). Without --partial-rollout servers drain (finish on the old weights).",
+    )
+    over_sampling_batch_size: int = opt(
+        0,
+        "Groups dispatched per rollout step (>= --rollout-batch-size; 0 = --rollout-batch-size): the "
+        "first that pass --dynamic-sampling-filter-path fill the batch, the rest are aborted and "
+        "recycled into the next round.",
+    )
+    dynamic_sampling_filter_path: str = opt(
+        "",
+        "module:function(args, samples, **kwargs) -> bool keeping a finished group or not (slime's "
+        "signature); built-in: slipstream.rollout_filters:check_reward_nonzero_std.",
+    )
 
 
 @dataclass
@@ -170,6 +197,17 @@ class Config:
         _require(0 < r.rollout_top_p <= 1, "--rollout-top-p must be in (0, 1]")
         _require(r.rollout_num_servers >= 1, "--rollout-num-servers must be at least 1")
         _require(r.max_staleness >= 0, "--max-staleness must be >= 0")
+        _require(
+            r.over_sampling_batch_size == 0 or r.over_sampling_batch_size >= r.rollout_batch_size,
+            "--over-sampling-batch-size must be >= --rollout-batch-size (or 0)",
+        )
+        if r.sync:
+            _require(not r.partial_rollout, "--sync drains; it cannot be combined with --partial-rollout")
+            _require(
+                self.over_sampling_batch_size == r.rollout_batch_size,
+                "--sync cannot over-sample (--over-sampling-batch-size > --rollout-batch-size)",
+            )
+            r.max_staleness = 0
         _require(a.eps_clip > 0, "--eps-clip must be positive")
         _require(a.tis_clip > a.tis_clip_low >= 0, "--tis-clip must exceed --tis-clip-low >= 0")
         _require(t.lr > 0, "--lr must be positive")
@@ -200,6 +238,10 @@ class Config:
     @property
     def samples_per_rollout(self) -> int:
         return self.rollout.rollout_batch_size * self.rollout.n_samples_per_prompt
+
+    @property
+    def over_sampling_batch_size(self) -> int:
+        return self.rollout.over_sampling_batch_size or self.rollout.rollout_batch_size
 
     @property
     def global_batch_size(self) -> int:
