@@ -1,4 +1,4 @@
-"""The coordinator: admission control by hand, the ledger's leases, the weight relay's checks,
+"""The coordinator: the ledger's leases, the weight relay's checks,
 and the service itself on port 0 over real gRPC with a real Redis and a real reward service.
 
 The rollout side of the Attach protocol is played by `FakeRollout`, a test-side peer that
@@ -23,7 +23,6 @@ from slipstream.demo.tokenizer import build_char_tokenizer
 from slipstream.models.hf import load_tokenizer
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, types_pb2
 from slipstream.rpc.channel import aio_channel
-from slipstream.services.coordinator.admission import may_dispatch_group, staleness_capacity
 from slipstream.services.coordinator.groups import Ledger, Slots, StaleResult, pick_server
 from slipstream.services.coordinator.server import start_coordinator
 from slipstream.services.coordinator.weights_relay import PushError, receive_push
@@ -31,33 +30,6 @@ from slipstream.weights import iter_messages, pack
 
 pytestmark = pytest.mark.timeout(60)
 STEP = 10.0  # seconds any single expected event may take
-
-
-# ---- admission control, by hand ------------------------------------------------------------
-
-
-def test_staleness_capacity_by_hand():
-    # (eta + steps + 1) * batch - (accepted + running): (1 + 0 + 1) * 4 - (3 + 2) = 3
-    assert staleness_capacity(1, 0, 4, 3, 2) == 3
-    # eta = 0, nothing trained: exactly one batch may exist
-    assert staleness_capacity(0, 0, 4, 0, 4) == 0
-    # two steps trained open two more batches: (0 + 2 + 1) * 4 - 8 = 4
-    assert staleness_capacity(0, 2, 4, 8, 0) == 4
-
-
-def test_may_dispatch_group_bounds():
-    kw = dict(max_staleness=1, rollout_batch_size=2, num_rollout=3)
-    assert may_dispatch_group(**kw, trained_steps=0, num_accepted=0, num_running=3, num_dispatched=3)
-    # (1 + 0 + 1) * 2 = 4 groups exist: full
-    assert not may_dispatch_group(**kw, trained_steps=0, num_accepted=1, num_running=3, num_dispatched=4)
-    # the trainer stepped: room again
-    assert may_dispatch_group(**kw, trained_steps=1, num_accepted=1, num_running=3, num_dispatched=4)
-    # the run needs num_rollout * batch = 6 groups, never more ...
-    assert not may_dispatch_group(**kw, trained_steps=5, num_accepted=6, num_running=0, num_dispatched=6)
-    # ... plus one replacement per lost group
-    assert may_dispatch_group(
-        **kw, trained_steps=5, num_accepted=5, num_running=0, num_dispatched=6, num_replaced=1
-    )
 
 
 # ---- the ledger ----------------------------------------------------------------------------
@@ -111,8 +83,14 @@ def test_aborted_result_is_requeued_as_a_continuation():
         uid="p0/0", tokens=[1, 2, 9], response_length=1, status=types_pb2.SAMPLE_STATUS_ABORTED
     )
     assert ledger.accept_result("s#1", "p0/0", a.epoch, partial) is None
+    # parked (on its way to the partial stream): nothing to place until it is resumed
+    assert ledger.parked == {"p0/0"} and ledger.place_next({"s#1": Slots(0, 4)}) == []
+    assert list(ledger.sample_of("p0/0").tokens) == [1, 2, 9]
+    assert not ledger.resume(types_pb2.Sample(uid="p9/0"))  # nobody waits for that one
+    assert ledger.resume(partial)
     (b,) = ledger.place_next({"s#1": Slots(0, 4)})
     assert list(b.sample.tokens) == [1, 2, 9] and b.sample.response_length == 1 and b.epoch == 2
+    assert b.continued and b.sample.status == types_pb2.SAMPLE_STATUS_PENDING
 
 
 # ---- the weight relay's checks -------------------------------------------------------------

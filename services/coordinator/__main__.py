@@ -15,12 +15,13 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging("coordinator")
     # Heavy imports (grpc, transformers, redis) only once the flags are known to be good.
     from slipstream.data import DataError
+    from slipstream.rollout_filters import FilterLoadError
     from slipstream.rpc.server import run_async
     from slipstream.services.coordinator.server import serve
 
     try:
         run_async(serve(cfg))
-    except DataError as e:
+    except (DataError, FilterLoadError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except (TimeoutError, OSError) as e:

@@ -9,6 +9,11 @@ answer from a server the coordinator already gave up on, and is ignored. When a 
 ends, its leases are released and the samples go back to the *front* of the queue with a
 new epoch, so recovered work is served before new prompts are admitted.
 
+A sample that comes back ABORTED is a partial trajectory: the ledger *parks* it (no lease,
+not queued) while the servicer writes it to the buffer's partial stream in Redis; when the
+servicer takes it back out, `resume` puts it at the front of the queue to be continued, with
+what it generated so far, under newer weights.
+
 The ledger is plain bookkeeping: no I/O, no clock, no asyncio. The servicer drives it.
 """
 
@@ -34,6 +39,8 @@ class GroupState:
     group_id: str
     samples: list[types_pb2.Sample]  # [n] templates: prompt tokens, uid, label
     results: dict[int, types_pb2.Sample] = field(default_factory=dict)  # index -> finished sample
+    version: int = 0  # policy version it was admitted under: its samples are generated on >= this
+    deadline: int = 0  # it must land among the first `deadline` groups of the buffer (admission.py)
 
     @property
     def complete(self) -> bool:
@@ -51,6 +58,8 @@ class Assignment:
     work_id: str
     epoch: int
     sample: types_pb2.Sample
+    group_version: int = 0  # the group's admission version
+    continued: bool = False  # a parked partial being continued
 
 
 @dataclass
@@ -91,12 +100,16 @@ class Ledger:
         self._epochs: dict[str, int] = {}  # work_id -> last epoch issued
         self._queue: deque[tuple[str, list[int]]] = deque()  # (group_id, sample indices) to place
         self._in_flight: Counter[str] = Counter()  # conn_id -> leases held
+        self.parked: set[str] = set()  # work ids of partials waiting in the partial stream
+        self._continued: set[str] = set()  # work ids resumed from the partial stream
 
     # ---- groups ------------------------------------------------------------------------
-    def add_group(self, group_id: str, samples: list[types_pb2.Sample]) -> None:
+    def add_group(
+        self, group_id: str, samples: list[types_pb2.Sample], version: int = 0, deadline: int = 0
+    ) -> None:
         if group_id in self.groups:
             raise ValueError(f"group {group_id} already exists")
-        self.groups[group_id] = GroupState(group_id, samples)
+        self.groups[group_id] = GroupState(group_id, samples, version=version, deadline=deadline)
         for i, s in enumerate(samples):
             self._where[s.uid] = (group_id, i)
         self._queue.append((group_id, list(range(len(samples)))))
@@ -128,7 +141,9 @@ class Ledger:
             epoch = self._epochs.get(sample.uid, 0) + 1
             self._epochs[sample.uid] = epoch
             self.leases[sample.uid] = Lease(conn_id, epoch)
-            out.append(Assignment(conn_id, sample.uid, epoch, sample))
+            out.append(
+                Assignment(conn_id, sample.uid, epoch, sample, group.version, sample.uid in self._continued)
+            )
         slots[conn_id].in_flight += take
         self._in_flight[conn_id] += take
         return out
@@ -173,11 +188,10 @@ class Ledger:
         done.uid, done.group_index, done.index = template.uid, template.group_index, template.index
         done.prompt, done.label, done.metadata_json = template.prompt, template.label, template.metadata_json
         if done.status == types_pb2.SAMPLE_STATUS_ABORTED:
-            # A partial trajectory: it goes back to the front of the queue and is continued
-            # (possibly elsewhere, under newer weights) from where it stopped.
-            done.status = types_pb2.SAMPLE_STATUS_PENDING
+            # A partial trajectory: parked until the servicer resumes it from the partial stream;
+            # it is then continued (possibly elsewhere, under newer weights) from where it stopped.
             group.samples[index] = done
-            self._queue.appendleft((group_id, [index]))
+            self.parked.add(work_id)
             return None
         group.results[index] = done
         if not group.complete:
@@ -186,7 +200,31 @@ class Ledger:
         for s in group.samples:
             self._where.pop(s.uid, None)
             self._epochs.pop(s.uid, None)
+            self._continued.discard(s.uid)
         return group
+
+    def resume(self, partial: types_pb2.Sample) -> bool:
+        """Queue a parked partial (back from the partial stream) first; False if nobody waits for it."""
+        if partial.uid not in self.parked:
+            return False
+        self.parked.discard(partial.uid)
+        group_id, index = self._where[partial.uid]
+        sample = types_pb2.Sample()
+        sample.CopyFrom(partial)
+        sample.status = types_pb2.SAMPLE_STATUS_PENDING
+        self.groups[group_id].samples[index] = sample
+        self._continued.add(partial.uid)
+        self._queue.appendleft((group_id, [index]))
+        return True
+
+    def sample_of(self, work_id: str) -> types_pb2.Sample:
+        """The ledger's current copy of a sample in flight (a parked partial: what it generated)."""
+        group_id, index = self._where[work_id]
+        return self.groups[group_id].samples[index]
+
+    def running_on(self, conn_id: str) -> list[str]:
+        """Work ids leased to a stream."""
+        return [w for w, lease in self.leases.items() if lease.conn_id == conn_id]
 
 
 class StaleResult(Exception):

@@ -4,8 +4,17 @@ Rollout servers dial in and hold one `Attach` stream each. The coordinator turns
 into GRPO groups (one prompt x `n_samples_per_prompt` samples), leases the samples of a
 group to the least-loaded server with room for them, and collects results. When the last
 sample of a group is in, the group is scored with one `Reward.Score` call and appended to
-the replay buffer. A new group is admitted only while the staleness bound allows it
-(`admission.py`); a stream that ends gives its leases back and they are re-dispatched.
+the replay buffer. A new group is admitted only while the staleness bound allows it, is
+generated on weights at least as new as the version it was admitted under, and is stored in
+deadline order (`admission.py`); a stream that ends gives its leases back and they are
+re-dispatched.
+
+Partial rollout: a sample that comes back ABORTED (its server swapped weights with
+`--pause-generation-mode abort`, or over-sampling filled the batch and the coordinator
+aborted what still ran) is written to the buffer's partial stream in Redis and, before any
+new prompt is admitted, taken back and re-dispatched to continue under the newest weights.
+With `--dynamic-sampling-filter-path` a finished group the filter rejects is counted and
+dropped, and another prompt takes its place.
 
 Weights pushed by the trainer are checked and kept (`weights_relay.py`); every attached
 server is told the new version and pulls it with `FetchWeights`.
@@ -29,10 +38,11 @@ import grpc
 from slipstream.config import Config
 from slipstream.data import DataError, PromptCursor, PromptRecord, encode_prompt, load_prompts
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, reward_pb2, reward_pb2_grpc, types_pb2
+from slipstream.rollout_filters import FilterFn, keeps, load_filter
 from slipstream.rpc.channel import aio_channel, wait_healthy
-from slipstream.rpc.convert import sample_to_proto
+from slipstream.rpc.convert import sample_from_proto, sample_to_proto
 from slipstream.rpc.server import Service, install_signal_handlers, start_server
-from slipstream.services.coordinator.admission import may_dispatch_group
+from slipstream.services.coordinator.admission import StalenessBound, may_store
 from slipstream.services.coordinator.groups import (
     Assignment,
     GroupState,
@@ -82,6 +92,8 @@ class Attached:
     max_concurrent: int
     version: int
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # RolloutCommand, None = close
+    idle_s: float = 0.0  # from its last heartbeat: engine idle time since the server started
+    uptime_s: float = 0.0
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
@@ -92,6 +104,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         prompt_tokens: list[list[int]],
         buffer: Any,
         reward: reward_pb2_grpc.RewardStub,
+        group_filter: FilterFn | None = None,
     ):
         self.cfg = cfg
         self.buffer = buffer  # slipstream.buffer.replay.ReplayBuffer (sync; called in a thread)
@@ -106,31 +119,58 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self._tasks: set[asyncio.Task] = set()
         rm = cfg.reward
         self.score_timeout = max(cfg.infra.rpc_timeout, rm.rm_timeout * (rm.rm_max_retries + 1) + 5.0)
+        r = cfg.rollout
+        self.bound = StalenessBound(
+            max_staleness=r.max_staleness,
+            groups_per_version=r.rollout_batch_size * cfg.train.update_weights_interval,
+            total_groups=r.num_rollout * r.rollout_batch_size,
+            over_sampling=cfg.over_sampling_batch_size - r.rollout_batch_size,
+        )
+        self.group_filter = group_filter
+        self.args = cfg.as_namespace()  # what slime hooks receive as `args`
+        self.unstored: dict[str, int] = {}  # group id -> deadline, for every group admitted, not yet stored
+        self.ready: list[GroupState] = []  # scored and kept, waiting for their turn in the buffer
+        self._store_queue: asyncio.Queue = asyncio.Queue()  # groups in buffer order
+        self._storer: asyncio.Task | None = None
+        self._aborting: set[str] = set()  # work ids an abort was sent for
+        self._num_parking = 0  # partials being written to the partial stream
+        self._taking = False  # a take_partials is under way
         # Counters (groups unless named otherwise).
         self.num_dispatched = 0
-        self.num_accepted = 0  # scored and in the buffer
-        self.num_running = 0  # dispatched, not yet in the buffer
-        self.num_replaced = 0  # lost (could not be stored), dispatched again as a new group
+        self.num_accepted = 0  # given a buffer position (stored, or being stored)
+        self.num_stored = 0  # in the buffer
+        self.num_running = 0  # admitted, not yet given a position nor filtered nor lost
         self.num_reward_failures = 0  # samples
+        self.num_partials_recycled = 0  # samples
+        self.num_groups_filtered = 0
+        self.num_stale_samples = 0
+        self.rollout_idle_fraction = 0.0
+        self._gone_idle = [0.0, 0.0]  # idle and uptime seconds of detached servers
+        self._idle_mark = (0.0, 0.0)  # totals at the last trainer report
         self.trained_steps = 0
         self.finished = False
 
     # ---- admission and dispatch --------------------------------------------------------
+    @property
+    def version(self) -> int:
+        return self.relay.version
+
     def _admit(self) -> bool:
-        r = self.cfg.rollout
-        return not self.finished and may_dispatch_group(
-            max_staleness=r.max_staleness,
-            trained_steps=self.trained_steps,
-            rollout_batch_size=r.rollout_batch_size,
-            num_rollout=r.num_rollout,
-            num_accepted=self.num_accepted,
-            num_running=self.num_running,
-            num_dispatched=self.num_dispatched,
-            num_replaced=self.num_replaced,
+        # Parked partials go out before any new prompt: they are older work.
+        return (
+            not self.finished
+            and not self.ledger.parked
+            and self.bound.may_dispatch(self.version, self.num_accepted, self.num_running)
         )
 
     def _dispatch(self) -> None:
-        """Hand out queued samples, then admit new groups while there is room and budget."""
+        """Store what may be stored, hand out queued samples, then admit new groups while there is room."""
+        self._flush_ready()
+        if self.bound.window_full(self.version, self.num_accepted):
+            # The trainer cannot take another group before the next version: recycle what still runs.
+            self._abort_running()
+            return
+        self._recycle_partials()
         slots = {cid: Slots(self.ledger.in_flight(cid), c.max_concurrent) for cid, c in self.conns.items()}
         n = self.cfg.rollout.n_samples_per_prompt
         while True:
@@ -142,6 +182,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             if self.ledger.num_queued or pick_server(n, slots) is None or not self._admit():
                 return
             self._new_group()
+
+    def _abort_running(self) -> None:
+        for cid, conn in self.conns.items():
+            ids = [w for w in self.ledger.running_on(cid) if w not in self._aborting]
+            if ids:
+                self._aborting.update(ids)
+                conn.outbox.put_nowait(
+                    coordinator_pb2.RolloutCommand(abort=coordinator_pb2.AbortWork(work_ids=ids))
+                )
+                log.info("batch full: aborting %d samples on %s to recycle them", len(ids), conn.server_id)
 
     def _new_group(self) -> None:
         index, record = self.cursor.next()
@@ -161,7 +211,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             )
             for i in range(self.cfg.rollout.n_samples_per_prompt)
         ]
-        self.ledger.add_group(group_id, samples)
+        version = self.version
+        deadline = self.bound.accept_limit(version)
+        self.ledger.add_group(group_id, samples, version=version, deadline=deadline)
+        self.unstored[group_id] = deadline
         self.num_dispatched += 1
         self.num_running += 1
 
@@ -176,8 +229,14 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             stop_token_ids=r.rollout_stop_token_ids,
             seed=sample_seed(self.cfg.train.seed, a.work_id),
         )
+        # Fresh work is generated on the version it was admitted under (or newer); a partial
+        # being continued goes on under the newest weights.
         work = coordinator_pb2.WorkItem(
-            work_id=a.work_id, lease_epoch=a.epoch, sample=a.sample, sampling=sampling
+            work_id=a.work_id,
+            lease_epoch=a.epoch,
+            sample=a.sample,
+            sampling=sampling,
+            min_policy_version=self.version if a.continued else a.group_version,
         )
         return coordinator_pb2.RolloutCommand(work=work)
 
@@ -237,7 +296,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         if kind == "result":
             self._on_result(conn, event.result)
         elif kind == "heartbeat":
-            conn.version = event.heartbeat.policy_version
+            hb = event.heartbeat
+            conn.version = hb.policy_version
+            conn.idle_s, conn.uptime_s = hb.idle_seconds, hb.uptime_seconds
         elif kind == "weights_applied":
             w = event.weights_applied
             if w.ok:
@@ -254,14 +315,21 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         except StaleResult as e:
             log.info("ignored from %s: %s", conn.server_id, e)
             return
+        self._aborting.discard(result.work_id)
+        if result.sample.status == types_pb2.SAMPLE_STATUS_ABORTED:
+            self.num_partials_recycled += 1
+            self._spawn(self._park(self.ledger.sample_of(result.work_id)))
         if group is not None:
-            self._spawn(self._store_group(group))
+            self._spawn(self._finish_group(group))
         self._dispatch()
 
     def _detach(self, conn: Attached) -> None:
         if self.conns.pop(conn.conn_id, None) is None:
             return
         released = self.ledger.release(conn.conn_id)
+        self._aborting.difference_update(w for w in list(self._aborting) if w not in self.ledger.leases)
+        self._gone_idle[0] += conn.idle_s
+        self._gone_idle[1] += conn.uptime_s
         log.info("rollout server %s detached; %d samples go to other servers", conn.server_id, released)
         self._dispatch()
 
@@ -284,7 +352,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             return [reward_pb2.ScoreResult(failed=True, error=error) for _ in samples]
         return list(reply.results)
 
-    async def _store_group(self, group: GroupState) -> None:
+    async def _finish_group(self, group: GroupState) -> None:
+        """Score a complete group, run the dynamic filter, and queue it for its buffer position."""
         samples = group.finished_samples()
         for sample, scored in zip(samples, await self._score(samples), strict=True):
             if scored.failed:
@@ -294,17 +363,99 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 log.warning("reward failed for %s: %s", sample.uid, scored.error)
             else:
                 sample.reward = scored.reward
+        if self.group_filter is not None and not self._keep(group.group_id, samples):
+            self.num_groups_filtered += 1
+            self.num_running -= 1
+            del self.unstored[group.group_id]
+            self._dispatch()  # another prompt takes its place
+            return
+        self.ready.append(group)
+        self._dispatch()
+
+    def _keep(self, group_id: str, samples: list[types_pb2.Sample]) -> bool:
+        try:
+            return keeps(self.group_filter(self.args, [sample_from_proto(s) for s in samples]))
+        except Exception:  # noqa: BLE001 - a broken user filter keeps the group rather than lose it
+            log.exception("--dynamic-sampling-filter-path failed on group %s; keeping it", group_id)
+            return True
+
+    def _flush_ready(self) -> None:
+        """Give buffer positions to ready groups, earliest deadline first, while the bound allows."""
+        while self.ready and not self.bound.window_full(self.version, self.num_accepted):
+            for group in sorted(self.ready, key=lambda g: g.deadline):
+                others = [d for gid, d in self.unstored.items() if gid != group.group_id]
+                if may_store(self.num_accepted, group.deadline, others):
+                    break
+            else:
+                return  # each ready group would take a position an earlier, running group needs
+            self.ready.remove(group)
+            self._reserve_position(group)
+
+    def _reserve_position(self, group: GroupState) -> None:
+        position = self.num_accepted
+        self.num_accepted += 1
+        self.num_running -= 1
+        del self.unstored[group.group_id]
+        samples = group.finished_samples()
+        stale = [
+            s for s in samples if s.policy_versions and self.bound.is_stale(position, min(s.policy_versions))
+        ]
+        if stale:
+            self.num_stale_samples += len(stale)
+            log.warning(
+                "group %s: %d samples hold tokens older than --max-staleness %d allows at position %d",
+                group.group_id,
+                len(stale),
+                self.bound.max_staleness,
+                position,
+            )
         pb = types_pb2.Group(
             group_id=group.group_id, samples=samples, created_unix_ms=int(time.time() * 1000)
         )
-        self.num_running -= 1
+        self._store_queue.put_nowait(pb)
+        if self._storer is None:
+            self._storer = asyncio.create_task(self._store_loop())
+
+    async def _store_loop(self) -> None:
+        """Append groups to the buffer one at a time, in the order their positions were given."""
+        while True:
+            pb = await self._store_queue.get()
+            try:
+                await asyncio.to_thread(self.buffer.put_group, pb)
+            except Exception:  # noqa: BLE001 - a lost group is replaced, the run goes on
+                log.exception("could not store group %s; it will be replaced", pb.group_id)
+                self.num_accepted -= 1  # later groups only move up: still within the bound
+            else:
+                self.num_stored += 1
+            self._dispatch()
+
+    # ---- partial trajectories ----------------------------------------------------------
+    async def _park(self, sample: types_pb2.Sample) -> None:
+        """Write a partial to the partial stream; it stays parked in the ledger until taken back."""
+        self._num_parking += 1
         try:
-            await asyncio.to_thread(self.buffer.put_group, pb)
-        except Exception:  # noqa: BLE001 - a lost group is replaced, the run goes on
-            log.exception("could not store group %s; it will be replaced", group.group_id)
-            self.num_replaced += 1
-        else:
-            self.num_accepted += 1
+            await asyncio.to_thread(self.buffer.put_partial, sample)
+        except Exception:  # noqa: BLE001 - Redis refused it: continue it from memory, nothing lost
+            log.exception("could not park partial %s; continuing it from memory", sample.uid)
+            self.ledger.resume(sample)
+        finally:
+            self._num_parking -= 1
+        self._dispatch()
+
+    def _recycle_partials(self) -> None:
+        in_stream = len(self.ledger.parked) - self._num_parking
+        if in_stream > 0 and not self._taking:
+            self._taking = True
+            self._spawn(self._take_partials(in_stream))
+
+    async def _take_partials(self, count: int) -> None:
+        try:
+            partials = await asyncio.to_thread(self.buffer.take_partials, count)
+        finally:
+            self._taking = False
+        for partial in partials:
+            if not self.ledger.resume(partial):
+                log.warning("partial %s belongs to no group in flight; dropped", partial.uid)
         self._dispatch()
 
     # ---- weights -----------------------------------------------------------------------
@@ -326,6 +477,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             stored.total_bytes,
             len(self.conns),
         )
+        self._dispatch()  # a new version opens the staleness window
         return coordinator_pb2.PushWeightsReply(version=stored.version, num_servers_notified=len(self.conns))
 
     async def FetchWeights(self, request, context):
@@ -341,6 +493,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     # ---- trainer and status ------------------------------------------------------------
     async def ReportProgress(self, request, context):
         self.trained_steps = max(self.trained_steps, request.step)
+        idle, uptime = self._idle_totals()
+        if uptime > self._idle_mark[1]:
+            self.rollout_idle_fraction = (idle - self._idle_mark[0]) / (uptime - self._idle_mark[1])
+            self._idle_mark = (idle, uptime)
         if request.finished and not self.finished:
             self.finished = True
             log.info("trainer finished at step %d; no new groups", request.step)
@@ -350,24 +506,35 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     async def GetStatus(self, request, context):
         return self.status()
 
+    def _idle_totals(self) -> tuple[float, float]:
+        """Idle and up seconds summed over every rollout server this coordinator has seen."""
+        idle = self._gone_idle[0] + sum(c.idle_s for c in self.conns.values())
+        uptime = self._gone_idle[1] + sum(c.uptime_s for c in self.conns.values())
+        return idle, uptime
+
     def status(self) -> coordinator_pb2.CoordinatorStatus:
         return coordinator_pb2.CoordinatorStatus(
             policy_version=self.relay.version,
             num_groups_dispatched=self.num_dispatched,
-            num_groups_completed=self.num_accepted,
+            num_groups_completed=self.num_stored,
             num_samples_in_flight=len(self.ledger.leases),
             num_rollout_servers=len(self.conns),
             server_versions={c.server_id: c.version for c in self.conns.values()},
             finished=self.finished,
             num_reward_failures=self.num_reward_failures,
+            num_partials_recycled=self.num_partials_recycled,
+            num_groups_filtered=self.num_groups_filtered,
+            num_stale_samples=self.num_stale_samples,
+            rollout_idle_fraction=self.rollout_idle_fraction,
         )
 
     async def close(self) -> None:
         for conn in self.conns.values():
             conn.outbox.put_nowait(None)
-        for task in list(self._tasks):
+        tasks = list(self._tasks) + ([self._storer] if self._storer else [])
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 @dataclass
@@ -402,6 +569,8 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
     tokenizer = load_tokenizer(cfg.model.hf_checkpoint)
     prompt_tokens = tokenize_prompts(tokenizer, records, cfg)
     log.info("%d prompts from %s", len(records), cfg.data.prompt_data)
+    spec = cfg.rollout.dynamic_sampling_filter_path
+    group_filter = load_filter(spec) if spec else None  # FilterLoadError: one line, before serving
     buffer = ReplayBuffer(cfg.infra.redis_url, cfg.run_id)
     await asyncio.to_thread(buffer.ping)
     reward_channel = aio_channel(cfg.infra.reward_addr)
@@ -409,7 +578,7 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
         reward_channel, timeout=cfg.infra.rpc_timeout, what=f"reward service at {cfg.infra.reward_addr}"
     )
     servicer = CoordinatorServicer(
-        cfg, records, prompt_tokens, buffer, reward_pb2_grpc.RewardStub(reward_channel)
+        cfg, records, prompt_tokens, buffer, reward_pb2_grpc.RewardStub(reward_channel), group_filter
     )
     service = await start_server(
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),

@@ -1,0 +1,106 @@
+"""Admission control by hand: the staleness window, deadline-ordered storing, over-sampling.
+
+The bound (admission.py): a group generated on version v must land among the first
+(N + v + 1) x groups_per_version groups of the buffer, because the trainer takes
+groups_per_version groups per version, in buffer order.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from slipstream.config import ConfigError, config_from_values
+from slipstream.rollout_filters import check_reward_nonzero_std, keeps, load_filter
+from slipstream.services.coordinator.admission import StalenessBound, may_store, staleness_capacity
+from slipstream.types import Sample
+
+
+def test_staleness_capacity_by_hand():
+    # (eta + version + 1) * batch - (accepted + running): (1 + 0 + 1) * 4 - (3 + 2) = 3
+    assert staleness_capacity(1, 0, 4, 3, 2) == 3
+    # eta = 0, nothing trained: exactly one batch may exist
+    assert staleness_capacity(0, 0, 4, 0, 4) == 0
+    # two versions trained open two more batches: (0 + 2 + 1) * 4 - 8 = 4
+    assert staleness_capacity(0, 2, 4, 8, 0) == 4
+
+
+def test_bound_limits_dispatch_and_the_run_total():
+    bound = StalenessBound(max_staleness=1, groups_per_version=2, total_groups=6)
+    assert bound.accept_limit(0) == 4  # (1 + 0 + 1) * 2
+    assert bound.may_dispatch(0, num_accepted=0, num_running=3)
+    assert not bound.may_dispatch(0, num_accepted=1, num_running=3)  # 4 groups exist: full
+    assert bound.may_dispatch(1, num_accepted=1, num_running=3)  # a new version: room again
+    assert bound.accept_limit(5) == 6  # never more than the run trains on
+    assert not bound.may_dispatch(5, num_accepted=6, num_running=0)
+    assert bound.may_dispatch(5, num_accepted=5, num_running=0)  # a lost group is replaced
+    # update_weights_interval 2: four groups per version -> (0 + 0 + 1) * 4
+    assert StalenessBound(0, 4, 100).accept_limit(0) == 4
+
+
+def test_over_sampling_runs_extra_groups_and_the_window_closes_at_the_limit():
+    # rollout_batch_size 2, over_sampling_batch_size 5: 3 extra groups may run
+    bound = StalenessBound(max_staleness=0, groups_per_version=2, total_groups=10, over_sampling=3)
+    assert bound.may_dispatch(0, num_accepted=0, num_running=4)
+    assert not bound.may_dispatch(0, num_accepted=0, num_running=5)
+    assert not bound.window_full(0, num_accepted=1)
+    assert bound.window_full(0, num_accepted=2)  # batch complete: abort and recycle the rest
+    assert not bound.window_full(1, num_accepted=2)  # the trainer moved on
+
+
+def test_stale_positions_by_hand():
+    bound = StalenessBound(max_staleness=1, groups_per_version=2, total_groups=100)
+    # positions 0-1 train on version 0, 2-3 on 1, 4-5 on 2
+    assert [bound.trained_version(p) for p in range(6)] == [0, 0, 1, 1, 2, 2]
+    assert not bound.is_stale(3, oldest_token_version=0)  # 1 - 0 <= 1
+    assert bound.is_stale(4, oldest_token_version=0)  # 2 - 0 > 1
+    assert not bound.is_stale(4, oldest_token_version=1)
+
+
+def test_may_store_keeps_positions_for_earlier_deadlines():
+    # nothing else waits: any group may take the next position
+    assert may_store(0, 4, [])
+    # A straggler due by 4 still runs; 3 groups stored. A later group (due by 6) taking
+    # position 3 would push the straggler to position 4: too late. It waits.
+    assert not may_store(3, 6, [4])
+    assert may_store(2, 6, [4])  # position 2 leaves position 3 for the straggler
+    # the straggler itself may always go
+    assert may_store(5, 4, [6, 6])
+    # two stragglers due by 4 (positions < 4) and a ready group due by 6:
+    assert may_store(1, 6, [4, 4])  # it takes 1, the stragglers 2 and 3
+    assert not may_store(2, 6, [4, 4])  # it would take 2, leaving only 3 for two stragglers
+    # equal deadlines do not hold each other back (they are interchangeable)
+    assert may_store(3, 4, [4])
+
+
+def test_reward_nonzero_std_filter_by_hand():
+    def group(*rewards):
+        return [Sample(reward=r) for r in rewards]
+
+    assert not check_reward_nonzero_std(None, group(1.0, 1.0, 1.0))
+    assert not check_reward_nonzero_std(None, group(0.0, 0.0))
+    assert check_reward_nonzero_std(None, group(0.0, 1.0, 1.0))
+    assert check_reward_nonzero_std(None, group(0.0))  # one sample: nothing to compare
+    assert keeps(True) and not keeps(type("Out", (), {"keep": False})())
+
+
+def test_load_filter_accepts_colon_and_slime_dotted_paths():
+    assert load_filter("slipstream.rollout_filters:check_reward_nonzero_std") is check_reward_nonzero_std
+    assert load_filter("slipstream.rollout_filters.check_reward_nonzero_std") is check_reward_nonzero_std
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        load_filter("slipstream.rollout_filters:nope")
+    with pytest.raises(ValueError, match="cannot import"):
+        load_filter("no_such_module_xyz:f")
+
+
+def test_sync_and_over_sampling_flags():
+    cfg = config_from_values({"sync": True, "max_staleness": 3})
+    assert cfg.rollout.max_staleness == 0
+    with pytest.raises(ConfigError, match="--partial-rollout"):
+        config_from_values({"sync": True, "partial_rollout": True})
+    with pytest.raises(ConfigError, match="--over-sampling-batch-size"):
+        config_from_values({"rollout_batch_size": 4, "over_sampling_batch_size": 3})
+    assert config_from_values({"rollout_batch_size": 4}).over_sampling_batch_size == 4
+    assert (
+        config_from_values({"rollout_batch_size": 4, "over_sampling_batch_size": 6}).over_sampling_batch_size
+        == 6
+    )
