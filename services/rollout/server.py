@@ -10,7 +10,11 @@ this side aborts what it was generating for that stream and reconnects with back
 A new weight version is fetched from the coordinator, staged and verified completely
 (`slipstream.weights.WeightStager`), and only then handed to the engine thread, which swaps
 it in between two decode steps. A version that fails verification is reported and dropped;
-the old one keeps serving.
+the old one keeps serving. What the swap does to work in flight is the partial-rollout mode
+(`version_gate.py`): drain (default: finish on the old weights, then swap), abort (with
+`--partial-rollout`: stop, send each partial back ABORTED, swap) or in_place (swap between
+decode steps, keep the KV cache). A work item starts only once the engine serves at least its
+`min_policy_version`; the coordinator can also abort items (`AbortWork`, over-sampling).
 
 `Rollout.Generate` runs samples through the same engine directly (evaluation, tests,
 benchmarks).
@@ -22,6 +26,7 @@ import asyncio
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -29,10 +34,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from slipstream.config import Config
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, rollout_pb2, rollout_pb2_grpc, types_pb2
+from slipstream.services.rollout.version_gate import VersionGate
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_SECONDS = 2.0
+HEARTBEAT_SECONDS = 1.0
 RECONNECT_FIRST, RECONNECT_MAX, RECONNECT_GIVE_UP = 0.5, 5.0, 30.0
 WEIGHT_FETCH_TIMEOUT = 300.0  # a whole version streams within this deadline
 
@@ -41,6 +47,15 @@ _STATUS = {
     "length": types_pb2.SAMPLE_STATUS_TRUNCATED,
     "abort": types_pb2.SAMPLE_STATUS_ABORTED,
 }
+
+
+@dataclass
+class _Work:
+    """An attached work item on this server: its engine request id, and whether it was aborted."""
+
+    rid: str
+    aborted: bool = False
+    submitted: bool = False
 
 
 class CoordinatorLost(RuntimeError):
@@ -108,6 +123,10 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
         self._rids = itertools.count(1)
         self._outbox: asyncio.Queue | None = None  # events for the live Attach stream
         self._attached_rids: set[str] = set()  # engine requests of the live stream
+        self._work: dict[str, _Work] = {}  # work id -> attached work item not yet answered
+        self.gate = VersionGate(lambda: self.worker.policy_version)
+        r = cfg.rollout
+        self.pause_mode = r.pause_generation_mode if r.partial_rollout else "drain"
         self._weights_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
 
@@ -222,6 +241,8 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
             if self._attached_rids:
                 self.worker.abort(list(self._attached_rids))
                 self._attached_rids.clear()
+            if self._work:  # items still waiting at the gate: let them go
+                self._abort_work(list(self._work))
 
     async def _heartbeat(self, outbox: asyncio.Queue) -> None:
         while True:
@@ -229,7 +250,10 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
             outbox.put_nowait(
                 coordinator_pb2.RolloutEvent(
                     heartbeat=coordinator_pb2.Heartbeat(
-                        policy_version=self.worker.policy_version, num_running=self.worker.num_running
+                        policy_version=self.worker.policy_version,
+                        num_running=self.worker.num_running,
+                        idle_seconds=self.worker.idle_seconds,
+                        uptime_seconds=self.worker.uptime_seconds,
                     )
                 )
             )
@@ -237,9 +261,14 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
     def _on_command(self, cmd: coordinator_pb2.RolloutCommand, outbox: asyncio.Queue) -> None:
         kind = cmd.WhichOneof("kind")
         if kind == "work":
-            self._spawn(self._serve_work(cmd.work, outbox))
+            item = cmd.work
+            # Registered now, not in the task: an AbortWork right behind it must find it.
+            self._work[item.work_id] = _Work(rid=f"{item.work_id}#{item.lease_epoch}")
+            self._spawn(self._serve_work(item, outbox))
         elif kind == "new_weights":
             self._spawn(self._apply_weights(cmd.new_weights.version))
+        elif kind == "abort":
+            self._abort_work(list(cmd.abort.work_ids))
         elif kind == "shutdown":
             log.info("the coordinator asked this server to shut down")
             self.stopping.set()
@@ -251,8 +280,33 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _abort_work(self, work_ids: list[str]) -> None:
+        """Stop these items: running ones return their partial, waiting ones return unchanged."""
+        running = []
+        for work_id in work_ids:
+            work = self._work.get(work_id)
+            if work is None:
+                continue  # already answered
+            work.aborted = True
+            if work.submitted:
+                running.append(work.rid)
+        if running:
+            self.worker.abort(running)
+        self._spawn(self.gate.poke())
+
     async def _serve_work(self, item: coordinator_pb2.WorkItem, outbox: asyncio.Queue) -> None:
-        sample = await self._generate_one(item)
+        work = self._work.setdefault(item.work_id, _Work(rid=f"{item.work_id}#{item.lease_epoch}"))
+        try:
+            if not await self.gate.enter(item.min_policy_version, lambda: work.aborted):
+                sample = _with_status(item.sample, types_pb2.SAMPLE_STATUS_ABORTED)
+            else:
+                try:
+                    sample = await self._generate_one(item, work)
+                finally:
+                    await self.gate.leave()
+        finally:
+            if self._work.get(item.work_id) is work:  # a re-issued lease may have replaced it
+                del self._work[item.work_id]
         outbox.put_nowait(
             coordinator_pb2.RolloutEvent(
                 result=coordinator_pb2.SampleResult(
@@ -261,16 +315,20 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
             )
         )
 
-    async def _generate_one(self, item: coordinator_pb2.WorkItem) -> types_pb2.Sample:
+    async def _generate_one(self, item: coordinator_pb2.WorkItem, work: _Work) -> types_pb2.Sample:
         if item.sampling.max_new_tokens <= 0 and item.sample.response_length > 0:
             # A continued sample with no budget left is already complete.
             return _with_status(item.sample, types_pb2.SAMPLE_STATUS_TRUNCATED)
-        rid = f"{item.work_id}#{item.lease_epoch}"  # unique even when a lease comes back re-issued
+        rid = work.rid  # "<work id>#<epoch>": unique even when a lease comes back re-issued
         try:
             request = make_request(rid, item.sample, item.sampling, self.default_max_new_tokens)
             self._attached_rids.add(rid)
             try:
-                result = await self.worker.submit(request)
+                future = self.worker.submit(request)
+                work.submitted = True
+                if work.aborted:  # the abort came while it was passing the gate
+                    self.worker.abort([rid])
+                result = await future
             finally:
                 self._attached_rids.discard(rid)
         except ValueError as e:
@@ -300,7 +358,13 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
                 staged_version, tensors = await asyncio.to_thread(stager.finish)
                 if staged_version != version:
                     raise WeightError(f"asked for version {version}, received {staged_version}")
-                await self.worker.load_weights(tensors, staged_version)
+                async with self.gate.swapping(drain=self.pause_mode == "drain"):
+                    if self.pause_mode == "abort" and self._attached_rids:
+                        # Each comes back ABORTED with what it generated; the coordinator
+                        # continues it under the new weights. The engine thread runs the abort
+                        # before the swap, so every token it kept is of the old version.
+                        self.worker.abort(list(self._attached_rids))
+                    await self.worker.load_weights(tensors, staged_version)
             except ValueError as e:  # WeightError, or the engine refusing a name/shape
                 error = str(e)
             except grpc.aio.AioRpcError as e:

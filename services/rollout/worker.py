@@ -6,6 +6,9 @@ there is work and sleeps on an event otherwise. The loop hands it commands throu
 (add a request, abort, load weights); the thread answers through futures resolved with
 `loop.call_soon_threadsafe`. New weights are applied by the same thread, between two decode
 steps, which is what makes the swap atomic for the engine.
+
+The thread also keeps the time it spent with nothing to do (`idle_seconds`): heartbeats carry
+it, and the coordinator reports the rollout idle fraction from it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +47,9 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.error: BaseException | None = None
         self.died = asyncio.Event()  # set (on the loop) if the engine thread fails
+        self._started = time.monotonic()
+        self._idle_total = 0.0  # finished idle periods
+        self._idle_since: float | None = None  # start of the current idle period (engine thread)
 
     # ---- loop side ---------------------------------------------------------------------
     def start(self) -> None:
@@ -55,6 +62,16 @@ class EngineWorker:
     @property
     def num_running(self) -> int:
         return len(self._waiters)
+
+    @property
+    def uptime_seconds(self) -> float:
+        return time.monotonic() - self._started
+
+    @property
+    def idle_seconds(self) -> float:
+        """Seconds the engine had no work, the current idle period included."""
+        since = self._idle_since
+        return self._idle_total + (time.monotonic() - since if since is not None else 0.0)
 
     def submit(self, request: Any) -> asyncio.Future:
         """Queue a request; the future resolves to its engine `Result`."""
@@ -153,8 +170,11 @@ class EngineWorker:
                     for result in self.engine.step():
                         self._deliver(result)
                 else:
+                    self._idle_since = time.monotonic()
                     self._wake.wait()
                     self._wake.clear()
+                    self._idle_total += time.monotonic() - self._idle_since
+                    self._idle_since = None
         except BaseException as e:  # noqa: BLE001 - surfaced to every waiter, then to the service
             self.error = e
             log.exception("engine thread failed")
