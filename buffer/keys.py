@@ -39,6 +39,11 @@ class Keys:
         return f"{self.base}:groups"
 
     @property
+    def reuse(self) -> str:
+        """Stream of trained groups requeued for another training (--max-reuse), oldest first."""
+        return f"{self.base}:reuse"
+
+    @property
     def partials(self) -> str:
         """Stream of partial trajectories (types_pb2.Sample bytes) waiting to be continued."""
         return f"{self.base}:partials"

@@ -8,6 +8,12 @@ entries are `claim_stale`d (XAUTOCLAIM) by a live consumer once idle long enough
 entries are dead weight; `trim_acknowledged` drops everything strictly behind the oldest entry
 the group still needs.
 
+Reuse (`--max-reuse K`): after a step commits, `commit` acknowledges what it trained and, in
+the same MULTI/EXEC, re-appends the groups that may be trained again to the reuse stream with
+their training count (`n`). Trainers take reuse entries (`read_reuse`, oldest first) only to
+complete a batch that fresh groups cannot fill right now; a reuse entry is deleted when it is
+committed, so each group is trained at most K times and every training is accounted for once.
+
 Partial trajectories (aborted on a weight update, to be continued) wait in a second stream;
 `take_partials` pops them atomically so two takers never get the same one.
 
@@ -22,6 +28,7 @@ Everything is synchronous `redis.Redis`: the trainer calls it directly, the coor
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import redis
 from google.protobuf.message import DecodeError
@@ -32,6 +39,7 @@ from slipstream.proto import types_pb2
 log = logging.getLogger(__name__)
 
 PAYLOAD = b"p"  # the one field of a stream entry: the protobuf bytes
+TIMES_TRAINED = b"n"  # on reuse-stream entries: how many times the group was trained already
 DEAD_LETTER_MAXLEN = 10_000  # approximate; dead letters are for inspection, not an archive
 
 
@@ -80,6 +88,15 @@ def _str(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+@dataclass
+class ReusedGroup:
+    """A group from the reuse stream: trained `times_trained` times already."""
+
+    entry_id: str
+    group: types_pb2.Group
+    times_trained: int
+
+
 class ReplayBuffer:
     """Groups stream + partials stream + dead letters of one run, over one Redis."""
 
@@ -101,11 +118,12 @@ class ReplayBuffer:
         """Create the consumer group (and the stream) if missing; it starts at the stream's start."""
         if self._group_ready:
             return
-        try:
-            self.redis.xgroup_create(self.keys.groups, self.consumer_group, id="0", mkstream=True)
-        except redis.exceptions.ResponseError as e:
-            if "BUSYGROUP" not in str(e):
-                raise
+        for stream in (self.keys.groups, self.keys.reuse):
+            try:
+                self.redis.xgroup_create(stream, self.consumer_group, id="0", mkstream=True)
+            except redis.exceptions.ResponseError as e:
+                if "BUSYGROUP" not in str(e):
+                    raise
         self._group_ready = True
 
     def read_groups(
@@ -146,12 +164,19 @@ class ReplayBuffer:
                 self._dead_letter_group_entry(entry_id, fields, str(e))
         return good
 
-    def _dead_letter_group_entry(self, entry_id: str, fields: dict[bytes, bytes], reason: str) -> None:
-        log.warning("groups entry %s is corrupt (%s): moved to %s", entry_id, reason, self.keys.dead_letter)
+    def _dead_letter_group_entry(
+        self, entry_id: str, fields: dict[bytes, bytes], reason: str, stream: str | None = None
+    ) -> None:
+        stream = stream or self.keys.groups
+        log.warning(
+            "%s entry %s is corrupt (%s): moved to %s", stream, entry_id, reason, self.keys.dead_letter
+        )
         payload = fields.get(PAYLOAD, b"")
         with self.redis.pipeline(transaction=True) as pipe:
-            self._queue_dead_letter(pipe, payload, reason, self.keys.groups, entry_id)
-            pipe.xack(self.keys.groups, self.consumer_group, entry_id)
+            self._queue_dead_letter(pipe, payload, reason, stream, entry_id)
+            pipe.xack(stream, self.consumer_group, entry_id)
+            if stream == self.keys.reuse:
+                pipe.xdel(stream, entry_id)
             pipe.execute()
 
     def ack(self, entry_ids: list[str]) -> int:
@@ -159,6 +184,49 @@ class ReplayBuffer:
         if not entry_ids:
             return 0
         return int(self.redis.xack(self.keys.groups, self.consumer_group, *entry_ids))
+
+    # ---- reuse ---------------------------------------------------------------------------
+    def read_reuse(self, consumer: str, count: int) -> list[ReusedGroup]:
+        """Up to `count` requeued groups, oldest first, without waiting; pending until `commit`."""
+        if count <= 0:
+            return []
+        self.ensure_consumer_group()
+        reply = self.redis.xreadgroup(self.consumer_group, consumer, {self.keys.reuse: ">"}, count=count)
+        out: list[ReusedGroup] = []
+        for raw_id, fields in reply[0][1] if reply else []:
+            entry_id = _str(raw_id)
+            if fields is None:
+                continue
+            try:
+                group = _decode_group(fields)
+                times = int(fields.get(TIMES_TRAINED, b"1"))
+            except (CorruptPayload, ValueError) as e:
+                self._dead_letter_group_entry(entry_id, fields, str(e), self.keys.reuse)
+                continue
+            out.append(ReusedGroup(entry_id, group, times))
+        return out
+
+    def commit(
+        self,
+        fresh_ids: list[str],
+        reused_ids: list[str] = (),
+        requeue: list[tuple[types_pb2.Group, int]] = (),
+    ) -> None:
+        """One MULTI/EXEC after a step: ack the fresh groups it trained, delete the reused ones,
+        and append `requeue` (group, times trained so far) to the reuse stream."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            if fresh_ids:
+                pipe.xack(self.keys.groups, self.consumer_group, *fresh_ids)
+            if reused_ids:
+                pipe.xack(self.keys.reuse, self.consumer_group, *reused_ids)
+                pipe.xdel(self.keys.reuse, *reused_ids)
+            for group, times in requeue:
+                pipe.xadd(self.keys.reuse, {PAYLOAD: group.SerializeToString(), TIMES_TRAINED: str(times)})
+            pipe.execute()
+
+    def num_reuse(self) -> int:
+        """Groups waiting in the reuse stream (read or not)."""
+        return int(self.redis.xlen(self.keys.reuse))
 
     def claim_stale(
         self, consumer: str, min_idle_ms: int, count: int = 100

@@ -6,13 +6,24 @@ import pytest
 import torch
 
 from slipstream.algorithms import (
+    apply_staleness_policy,
+    approx_kl,
+    behaviour_correction,
+    chunked_log_probs_and_entropy,
     chunked_token_log_probs,
     entropy_from_logits,
+    group_scores,
     grpo_advantages,
+    loss_token_weights,
     masked_mean,
+    masked_whiten,
     policy_loss,
+    reinforce_plus_plus_baseline_advantages,
+    reinforce_plus_plus_returns,
+    step_totals,
     token_log_probs,
 )
+from slipstream.types import Sample, Status
 
 torch.set_num_threads(1)
 
@@ -193,3 +204,241 @@ def test_policy_loss_tis_needs_rollout_log_probs():
     log_probs, old, adv, mask = _inputs()
     with pytest.raises(ValueError, match="rollout_log_probs"):
         policy_loss(log_probs, old, adv, mask, eps_clip=0.2, eps_clip_high=0.2, use_tis=True)
+    with pytest.raises(ValueError, match="rollout_log_probs"):
+        policy_loss(log_probs, old, adv, mask, eps_clip=0.2, eps_clip_high=0.2, use_mis=True)
+
+
+# ---- GSPO: one ratio per sequence ---------------------------------------------------------------
+
+
+def test_gspo_sequence_ratio_by_hand():
+    old = torch.zeros(2, 2)
+    # row 0: log-ratios [ln 2, 0] -> mean ln 2 / 2 -> ratio sqrt 2 = 1.4142, A = +1
+    # row 1: log-ratios [ln 0.5, ln 2] -> mean 0 -> ratio 1, A = -1
+    log_probs = torch.tensor([[math.log(2), 0.0], [math.log(0.5), math.log(2)]], requires_grad=True)
+    adv = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+    mask = torch.ones(2, 2)
+    loss, metrics = policy_loss(
+        log_probs, old, adv, mask, eps_clip=0.2, eps_clip_high=0.2, sequence_ratio=True
+    )
+    # row 0: max(-1.4142, -1.2) = -1.2 (clipped) on both tokens; row 1: max(1, 1) = 1 on both
+    # token mean: (-1.2 * 2 + 1 * 2) / 4 = -0.1
+    assert _close(loss, -0.1)
+    assert _close(metrics["pg_clipfrac"], 0.5)
+    assert _close(metrics["ppo_kl"], -math.log(2) / 4)  # row 0: -ln2/2 twice, row 1: 0 twice, / 4
+    loss.backward()
+    # row 0 clipped: no gradient. row 1: its two tokens contribute 2 * (-r A) / 4 = r / 2, and the
+    # sequence ratio depends on every token: dr/d lp_t = r / 2 = 0.5 -> gradient 0.25 on each
+    assert _close(log_probs.grad, [[0.0, 0.0], [0.25, 0.25]])
+
+
+# ---- behaviour corrections: TIS levels and MIS ---------------------------------------------------
+
+# log(proximal / behaviour) per token; row 0's last token is masked out.
+RHO = [[2.0, 1.5, 10.0], [0.5, 0.5, 1.0]]
+RHO_MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+
+
+def _rho_inputs():
+    old = torch.zeros(2, 3)
+    return old, old - torch.log(torch.tensor(RHO))  # rollout = old - log rho
+
+
+def test_tis_sequence_and_geometric_levels_by_hand():
+    old, rollout = _rho_inputs()
+    seq = behaviour_correction(
+        old, rollout, RHO_MASK, use_tis=True, tis_clip=2.0, tis_clip_low=0.5, tis_level="sequence"
+    )
+    # row 0: 2 * 1.5 = 3 (the masked 10 is not in the product) -> truncated to 2
+    # row 1: 0.5 * 0.5 * 1 = 0.25 -> raised to 0.5
+    assert _close(seq.weights, [[2.0, 2.0, 2.0], [0.5, 0.5, 0.5]])
+    assert _close(seq.metrics["tis_mean"], (3 * 2 + 0.25 * 3) / 5)  # per trained token: 1.35
+    assert _close(seq.metrics["tis_max"], 3.0)
+    assert _close(seq.metrics["tis_clipfrac"], 1.0)
+    assert torch.equal(seq.keep, torch.ones(2, 3))
+
+    geo = behaviour_correction(old, rollout, RHO_MASK, use_tis=True, tis_clip=2.0, tis_level="geometric")
+    # row 0: sqrt(2 * 1.5) = 1.7321; row 1: 0.25 ** (1/3) = 0.62996
+    assert _close(geo.weights[:, 0], [math.sqrt(3), 0.25 ** (1 / 3)])
+
+    tok = behaviour_correction(old, rollout, RHO_MASK, use_tis=True, tis_clip=1.8, tis_clip_low=0.0)
+    assert _close(tok.weights, [[1.8, 1.5, 1.8], [0.5, 0.5, 1.0]])
+
+
+def test_mis_token_and_sequence_by_hand():
+    old, rollout = _rho_inputs()
+    tok = behaviour_correction(old, rollout, RHO_MASK, use_mis=True, mis_low=0.6, mis_high=1.8)
+    # token ratios outside [0.6, 1.8]: 2 (row 0), 0.5 and 0.5 (row 1) -> 3 of 5 trained tokens
+    assert torch.equal(tok.keep[:, :2], torch.tensor([[0.0, 1.0], [0.0, 0.0]]))
+    assert tok.keep[1, 2] == 1.0
+    assert _close(tok.metrics["mis_masked_frac"], 3 / 5)
+    assert torch.equal(tok.weights, torch.ones(2, 3))  # MIS alone weights nothing
+
+    seq = behaviour_correction(
+        old, rollout, RHO_MASK, use_mis=True, mis_low=0.2, mis_high=2.5, mis_level="sequence"
+    )
+    # row 0: 3 > 2.5 -> the whole sequence goes; row 1: 0.25 is inside -> kept
+    assert torch.equal(seq.keep, torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]]))
+    assert _close(seq.metrics["mis_masked_frac"], 2 / 5)
+
+
+def test_policy_loss_mis_zeroes_rejected_tokens_but_keeps_denominator():
+    log_probs, old, adv, mask = _inputs()
+    # rollout chosen so that rho = [0.5, 1, 3, 1.5, 1.2, 10]; band [0.8, 2] rejects tokens 1 and 3
+    rollout = torch.tensor([OLD]) - torch.log(torch.tensor([[0.5, 1.0, 3.0, 1.5, 1.2, 10.0]]))
+    loss, metrics = policy_loss(
+        log_probs, old, adv, mask, eps_clip=0.2, eps_clip_high=0.28,
+        rollout_log_probs=rollout, use_mis=True, mis_low=0.8, mis_high=2.0,
+    )  # fmt: skip
+    # per-token losses (see the clip-higher test): [-1.28, -0.5, 0.8, 1.5, -2]; tokens 1 and 3 zeroed
+    # -> (-0.5 + 1.5 - 2) / 5 (slime's mis.py: the denominator stays the trained tokens) = -0.2
+    assert _close(loss, -0.2)
+    assert _close(metrics["mis_masked_frac"], 2 / 5)
+
+
+# ---- KL estimators -------------------------------------------------------------------------------
+
+
+def test_kl_estimators_by_hand():
+    # log pi - log pi_ref = [ln 2, -ln 2]
+    lp = torch.tensor([math.log(0.5), math.log(0.25)], requires_grad=True)
+    ref = torch.tensor([math.log(0.25), math.log(0.5)])
+    ln2 = math.log(2)
+    assert _close(approx_kl(lp, ref, "k1"), [ln2, -ln2])
+    assert _close(approx_kl(lp, ref, "k2"), [ln2**2 / 2, ln2**2 / 2])
+    # k3 = exp(-r) - 1 + r: r = ln2 -> 0.5 - 1 + 0.6931 = 0.1931; r = -ln2 -> 2 - 1 - 0.6931 = 0.3069
+    assert _close(approx_kl(lp, ref, "k3"), [0.5 - 1 + ln2, 1 - ln2])
+    assert _close(approx_kl(lp, ref, "low_var_kl"), [0.5 - 1 + ln2, 1 - ln2])
+    # low_var_kl clamps: r = -20 -> e^20 - 21 -> 10
+    assert _close(approx_kl(torch.tensor([-20.0]), torch.tensor([0.0]), "low_var_kl"), [10.0])
+    # gradient of k3 through log pi only: d/dr = 1 - exp(-r) -> [0.5, -1]
+    approx_kl(lp, ref, "k3").sum().backward()
+    assert _close(lp.grad, [0.5, -1.0])
+    with pytest.raises(ValueError, match="unknown KL type"):
+        approx_kl(lp, ref, "k4")
+
+
+# ---- loss aggregation ----------------------------------------------------------------------------
+
+
+def test_loss_agg_modes_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0, 50.0], [4.0, 60.0, 70.0, 80.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    # token-mean: (1 + 2 + 3 + 4) / 4 = 2.5
+    assert _close((x * loss_token_weights(mask, "token-mean")).sum(), 2.5)
+    # seq-mean-token-mean: (mean(1, 2, 3) + 4) / 2 = 3
+    assert _close((x * loss_token_weights(mask, "seq-mean-token-mean")).sum(), 3.0)
+    # seq-mean-token-sum-norm (max_len 4): ((1 + 2 + 3) / 4 + 4 / 4) / 2 = 1.25
+    assert _close((x * loss_token_weights(mask, "seq-mean-token-sum-norm", max_len=4)).sum(), 1.25)
+    # a sequence with nothing to train is not a sequence of the step
+    assert _close(
+        loss_token_weights(torch.tensor([[1.0, 1.0], [0.0, 0.0]]), "seq-mean-token-mean"),
+        [[0.5, 0.5], [0, 0]],
+    )
+    with pytest.raises(ValueError, match="max_len"):
+        loss_token_weights(mask, "seq-mean-token-sum-norm")
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_loss_agg_weights_do_not_depend_on_micro_batching(mode):
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+    whole = loss_token_weights(mask, mode, max_len=4)
+    tokens, seqs = step_totals([mask[:1], mask[1:]])
+    parts = [
+        loss_token_weights(m, mode, step_tokens=tokens, step_seqs=seqs, max_len=4)
+        for m in (mask[:1], mask[1:])
+    ]
+    assert _close(torch.cat(parts), whole)
+
+
+# ---- advantage estimators ------------------------------------------------------------------------
+
+
+def test_group_scores_per_estimator():
+    rewards = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
+    s = 0.5 / math.sqrt(1 / 3)
+    assert _close(group_scores(rewards, "grpo"), [[s, -s, -s, s]])
+    assert _close(group_scores(rewards, "gspo"), [[s, -s, -s, s]])
+    assert _close(group_scores(rewards, "reinforce_plus_plus_baseline"), [[0.5, -0.5, -0.5, 0.5]])  # no std
+    assert _close(group_scores(rewards, "reinforce_plus_plus"), rewards)
+    with pytest.raises(ValueError, match="unknown advantage estimator"):
+        group_scores(rewards, "ppo")
+
+
+def test_reinforce_plus_plus_returns_by_hand():
+    rewards = torch.tensor([1.0, 2.0, 5.0])
+    kl = torch.tensor([[0.1, 0.2, 0.3, 0.0], [9.0, 0.4, 0.2, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    got = reinforce_plus_plus_returns(rewards, kl, mask, kl_coef=0.5, gamma=0.9)
+    # row 0: token rewards -0.5 * kl = [-0.05, -0.1, -0.15], + 1 on the last trained token -> 0.85
+    #        returns: 0.85; -0.1 + 0.9 * 0.85 = 0.665; -0.05 + 0.9 * 0.665 = 0.5485; padding 0
+    # row 1: the 9 sits on an untrained position and is ignored: [0, -0.2, -0.1 + 2 = 1.9, 0]
+    #        returns: 1.9; -0.2 + 1.71 = 1.51; 0 + 0.9 * 1.51 = 1.359
+    # row 2: nothing trained -> no reward, no KL -> zeros
+    assert _close(got, [[0.5485, 0.665, 0.85, 0.0], [1.359, 1.51, 1.9, 0.0], [0.0, 0.0, 0.0, 0.0]])
+
+
+def test_reinforce_plus_plus_baseline_and_whitening_by_hand():
+    adv = reinforce_plus_plus_baseline_advantages(
+        torch.tensor([0.5, -0.5]), torch.tensor([[0.2, 0.4]] * 2), 0.5
+    )
+    assert _close(adv, [[0.4, 0.3], [-0.6, -0.7]])
+    # whitening over every masked entry of every tensor: entries 1, 2, 3 -> mean 2, unbiased var 1
+    a, b = masked_whiten(
+        [torch.tensor([[1.0, 2.0, 99.0]]), torch.tensor([[3.0]])],
+        [torch.tensor([[1.0, 1.0, 0.0]]), torch.ones(1, 1)],
+    )
+    assert _close(a, [[-1.0, 0.0, 97.0]]) and _close(b, [[1.0]])
+
+
+# ---- staleness policy ----------------------------------------------------------------------------
+
+
+def _sample(versions, loss_mask=None, status=Status.COMPLETED):
+    n = len(versions)
+    return Sample(
+        tokens=[1, 2] + [3] * n,
+        response_length=n,
+        policy_versions=versions,
+        loss_mask=loss_mask,
+        status=status,
+    )
+
+
+def test_staleness_policy_drop_and_correct():
+    samples = [
+        _sample([3, 3], loss_mask=[1, 0]),  # staleness 2 (at the bound)
+        _sample([1, 4]),  # staleness 4: stale
+        _sample([5]),  # fresh
+        _sample([0], status=Status.FAILED),  # not trainable: not counted
+        Sample(tokens=[1, 2, 3], response_length=1),  # no versions known: kept, not in the histogram
+    ]
+    out, rep = apply_staleness_policy(samples, 5, max_staleness=2, policy="drop")
+    assert rep.hist_json() == {"0": 1, "2": 1, "4": 1}
+    assert (rep.num_stale, rep.num_dropped) == (1, 1)
+    assert [s.loss_mask for s in out[:3]] == [[1, 0], [0, 0], [1]]
+    assert samples[1].loss_mask is None  # inputs untouched
+
+    out, rep = apply_staleness_policy(samples, 5, max_staleness=2, policy="correct", mask_offpolicy=True)
+    assert (rep.num_stale, rep.num_dropped) == (1, 0)
+    # kept, and only its newest segment (version 4) trains
+    assert out[1].loss_mask == [0, 1] and rep.num_offpolicy_masked_tokens == 1
+    assert rep.num_response_tokens == 1 + 2 + 1 + 1
+    with pytest.raises(ValueError, match="stale sample policy"):
+        apply_staleness_policy(samples, 5, max_staleness=2, policy="keep")
+
+
+# ---- chunked entropy -----------------------------------------------------------------------------
+
+
+def test_chunked_entropy_equals_full_logits():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    weight = torch.randn(11, 8, generator=g)
+    targets = torch.randint(0, 11, (2, 5), generator=g)
+    lp, ent = chunked_log_probs_and_entropy(hidden, weight, targets, 0.7, chunk_tokens=3)
+    assert _close(lp, token_log_probs(hidden @ weight.T, targets, 0.7))
+    assert _close(ent, entropy_from_logits(hidden @ weight.T, 0.7))
+    (g_chunked,) = torch.autograd.grad(ent.sum(), hidden)
+    (g_full,) = torch.autograd.grad(entropy_from_logits(hidden @ weight.T, 0.7).sum(), hidden)
+    assert _close(g_chunked, g_full)

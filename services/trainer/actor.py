@@ -1,20 +1,37 @@
 """The policy being trained: model, optimizer, and one rollout's worth of optimizer steps.
 
-One rollout step (the trainer's "step") trains on `rollout_batch_size` groups. It first
-recomputes the proximal ("old") log-probs of every response token under the current weights
-(unless `--use-rollout-logprobs`), then runs `samples / global_batch_size` optimizer steps,
-each accumulated over micro-batches. Losses are aggregated per token over the whole global
-batch: each micro-batch's masked mean is reweighted by its share of the global batch's tokens.
+One rollout step (the trainer's "step") trains on `rollout_batch_size` groups:
+
+1. recompute the proximal ("old") log-probs of every response token under the current weights
+   (unless `--use-rollout-logprobs`), and the reference model's when a KL term needs them;
+2. turn the per-sample scores into per-token advantages (`--advantage-estimator`; REINFORCE++
+   puts the KL penalty in the reward here) and whiten them over the step if asked;
+3. run `samples / global_batch_size` optimizer steps, each accumulated over micro-batches.
+   Each micro-batch's loss is a weighted token sum whose weights (`--loss-agg-mode`) are
+   normalized over its whole optimizer step, so micro-batching never changes the gradient.
+
+The loss per optimizer step is pg_loss (PPO-clip or GSPO, times the TIS weight, zeroed by MIS)
+- entropy_coef * entropy + kl_loss_coef * KL(policy || reference), as slime adds them.
+The reference model is loaded once (`--ref-load`, default `--hf-checkpoint`), frozen, and only
+ever run under no_grad.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 import torch
 
-from slipstream.algorithms.losses import chunked_token_log_probs, policy_loss
+from slipstream.algorithms.advantages import (
+    masked_whiten,
+    reinforce_plus_plus_baseline_advantages,
+    reinforce_plus_plus_returns,
+)
+from slipstream.algorithms.aggregation import loss_token_weights, step_totals
+from slipstream.algorithms.kl import approx_kl
+from slipstream.algorithms.losses import chunked_log_probs_and_entropy, chunked_token_log_probs, policy_loss
 from slipstream.config import Config
 from slipstream.models.hf import load_model
 
@@ -36,6 +53,37 @@ class StepStats:
     num_tokens: int
     num_optimizer_steps: int
     tis_mean: float | None = None
+    # Everything else worth a column in metrics.jsonl: token means over trained tokens (ppo_kl,
+    # entropy, kl_loss, tis_*, mis_masked_frac), maxima (logprob_abs_diff_max, tis_max) and
+    # the largest staleness among trained tokens (staleness_max_trained).
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class _Means:
+    """Token-weighted means (and maxima) of per-micro-batch metrics over a rollout step."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = defaultdict(float)
+        self.weights: dict[str, float] = defaultdict(float)
+        self.maxima: dict[str, float] = {}
+
+    def add(self, name: str, value: float, weight: float) -> None:
+        self.sums[name] += value * weight
+        self.weights[name] += weight
+
+    def max(self, name: str, value: float) -> None:
+        self.maxima[name] = max(self.maxima.get(name, -math.inf), value)
+
+    def result(self) -> dict[str, float]:
+        out = {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
+        out.update(self.maxima)
+        return out
+
+
+def _needs_ref(cfg: Config) -> bool:
+    a = cfg.algo
+    kl_in_reward = a.kl_coef > 0 and a.advantage_estimator.startswith("reinforce_plus_plus")
+    return (a.use_kl_loss and a.kl_loss_coef > 0) or kl_in_reward
 
 
 class Actor:
@@ -45,6 +93,13 @@ class Actor:
         dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
         self.model = load_model(model_path or cfg.model.hf_checkpoint, device=self.device, dtype=dtype)
         self.model.train()
+        self.ref_model = None
+        if _needs_ref(cfg):
+            # The reference stays the initial policy even when resuming from a checkpoint.
+            self.ref_model = load_model(
+                cfg.model.ref_load or cfg.model.hf_checkpoint, device=self.device, dtype=dtype
+            )
+            self.ref_model.eval().requires_grad_(False)
         t = cfg.train
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
@@ -56,10 +111,17 @@ class Actor:
         )
 
     # ---- log-probs -------------------------------------------------------------------------
-    def log_probs(self, batch: Batch) -> torch.Tensor:
-        """Per-token log-probs of `batch.targets` under the current weights, [B, T]."""
-        hidden = self.model.model(batch.input_ids)
+    def log_probs(self, batch: Batch, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Per-token log-probs of `batch.targets` under the current (or given) weights, [B, T]."""
+        model = model or self.model
+        hidden = model.model(batch.input_ids)
         return chunked_token_log_probs(
+            hidden, model.lm_head.weight, batch.targets, temperature=self.cfg.rollout.rollout_temperature
+        )
+
+    def log_probs_and_entropy(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.model.model(batch.input_ids)
+        return chunked_log_probs_and_entropy(
             hidden, self.model.lm_head.weight, batch.targets, temperature=self.cfg.rollout.rollout_temperature
         )
 
@@ -70,31 +132,83 @@ class Actor:
         self.model.train()
         return out
 
+    @torch.no_grad()
+    def ref_log_probs(self, batches: list[Batch]) -> list[torch.Tensor] | None:
+        if self.ref_model is None:
+            return None
+        return [self.log_probs(b, self.ref_model) for b in batches]
+
+    # ---- advantages ------------------------------------------------------------------------
+    def _token_advantages(
+        self,
+        micro: list[Batch],
+        scores: list[torch.Tensor],
+        old: list[torch.Tensor],
+        ref: list[torch.Tensor] | None,
+    ) -> list[torch.Tensor]:
+        """Per-token advantages of each micro-batch (collate broadcast the GRPO scalar already)."""
+        a = self.cfg.algo
+        est = a.advantage_estimator
+        if est.startswith("reinforce_plus_plus"):
+            kls = [
+                approx_kl(o, r, a.kl_loss_type) if ref is not None and a.kl_coef > 0 else torch.zeros_like(o)
+                for o, r in zip(old, ref or old, strict=True)
+            ]
+            if est == "reinforce_plus_plus":
+                advs = [
+                    reinforce_plus_plus_returns(s, kl, b.loss_mask, a.kl_coef, a.gamma)
+                    for s, kl, b in zip(scores, kls, micro, strict=True)
+                ]
+            else:
+                advs = [
+                    reinforce_plus_plus_baseline_advantages(s, kl, a.kl_coef)
+                    for s, kl in zip(scores, kls, strict=True)
+                ]
+        else:
+            advs = [b.advantages for b in micro]
+        if a.normalize_advantages:
+            advs = masked_whiten(advs, [b.loss_mask for b in micro])
+        return advs
+
     # ---- one rollout step ------------------------------------------------------------------
-    def train_rollout(self, samples: list, advantages: list[float]) -> StepStats:
-        cfg = self.cfg
+    def train_rollout(self, samples: list, scores: list[float], trained_version: int = 0) -> StepStats:
+        """Train on `samples` (their loss masks already narrowed by the staleness policy).
+
+        `scores` are the per-sample scalars of `advantages.group_scores` (the GRPO advantage,
+        or the reward / centered reward for REINFORCE++); `trained_version` is the version of
+        the weights being trained, for the staleness metric.
+        """
+        cfg, a = self.cfg, self.cfg.algo
+        mbs = cfg.train.micro_batch_size
         micro = [
-            collate(s, a).to(self.device)
-            for s, a in zip(
-                split(samples, cfg.train.micro_batch_size),
-                split(advantages, cfg.train.micro_batch_size),
-                strict=True,
-            )
+            collate(s, sc).to(self.device)
+            for s, sc in zip(split(samples, mbs), split(scores, mbs), strict=True)
         ]
+        score_rows = [torch.tensor(sc, dtype=torch.float32, device=self.device) for sc in split(scores, mbs)]
         rollout_lp = [b.rollout_log_probs for b in micro]
-        old = rollout_lp if cfg.algo.use_rollout_logprobs else self.old_log_probs(micro)
+        old = rollout_lp if a.use_rollout_logprobs else self.old_log_probs(micro)
+        ref = self.ref_log_probs(micro)
+        for b, adv in zip(micro, self._token_advantages(micro, score_rows, old, ref), strict=True):
+            b.advantages = adv
 
-        diff_sum = sum(
-            ((o - r).abs() * b.loss_mask).sum().item() for o, r, b in zip(old, rollout_lp, micro, strict=True)
-        )
+        means = _Means()
         total_tokens = sum(b.num_tokens for b in micro)
+        for b, o in zip(micro, old, strict=True):
+            trained = b.loss_mask > 0
+            known = trained & (b.versions >= 0)
+            if known.any():
+                means.max("staleness_max_trained", float((trained_version - b.versions[known]).max()))
+            if not a.use_rollout_logprobs and trained.any():
+                diff = (o - b.rollout_log_probs).abs()[trained]
+                means.add("logprob_abs_diff_mean", float(diff.mean()), diff.numel())
+                means.max("logprob_abs_diff_max", float(diff.max()))
 
-        per_step = max(1, cfg.global_batch_size // cfg.train.micro_batch_size)
-        losses, norms, clipfracs, tis = [], [], [], []
+        per_step = max(1, cfg.global_batch_size // mbs)
+        losses, norms = [], []
         steps = 0
         for start in range(0, len(micro), per_step):
             chunk = list(range(start, min(start + per_step, len(micro))))
-            step_tokens = sum(micro[i].num_tokens for i in chunk)
+            step_tokens, step_seqs = step_totals([micro[i].loss_mask for i in chunk])
             if step_tokens == 0:
                 continue
             self.optimizer.zero_grad(set_to_none=True)
@@ -103,38 +217,56 @@ class Actor:
                 b = micro[i]
                 if b.num_tokens == 0:
                     continue
-                lp = self.log_probs(b)
+                weights = loss_token_weights(
+                    b.loss_mask, a.loss_agg_mode, step_tokens=step_tokens, step_seqs=step_seqs,
+                    max_len=cfg.rollout.rollout_max_response_len,
+                )  # fmt: skip
+                lp, entropy = self.log_probs_and_entropy(b)
                 loss, metrics = policy_loss(
-                    lp,
-                    old[i],
-                    b.advantages,
-                    b.loss_mask,
-                    eps_clip=cfg.algo.eps_clip,
-                    eps_clip_high=cfg.eps_clip_high,
-                    rollout_log_probs=b.rollout_log_probs if cfg.algo.use_tis else None,
-                    use_tis=cfg.algo.use_tis,
-                    tis_clip=cfg.algo.tis_clip,
-                    tis_clip_low=cfg.algo.tis_clip_low,
-                )
-                weight = b.num_tokens / step_tokens
-                (loss * weight).backward()
-                step_loss += loss.item() * weight
-                clipfracs.append(float(metrics["pg_clipfrac"]))
-                if "tis_mean" in metrics:
-                    tis.append(float(metrics["tis_mean"]))
+                    lp, old[i], b.advantages, b.loss_mask,
+                    eps_clip=a.eps_clip, eps_clip_high=cfg.eps_clip_high,
+                    rollout_log_probs=b.rollout_log_probs,
+                    use_tis=a.use_tis, tis_clip=a.tis_clip, tis_clip_low=a.tis_clip_low, tis_level=a.tis_level,
+                    use_mis=a.use_mis, mis_low=a.mis_low, mis_high=a.mis_high, mis_level=a.mis_level,
+                    sequence_ratio=a.advantage_estimator == "gspo",
+                    loss_weights=weights,
+                )  # fmt: skip
+                if a.entropy_coef:
+                    loss = loss - a.entropy_coef * (entropy * weights).sum()
+                if ref is not None and a.use_kl_loss and a.kl_loss_coef > 0:
+                    kl = approx_kl(lp, ref[i], a.kl_loss_type)
+                    loss = loss + a.kl_loss_coef * (kl * weights).sum()
+                    means.add(
+                        "kl_loss", float((kl.detach() * b.loss_mask).sum() / b.num_tokens), b.num_tokens
+                    )
+                loss.backward()
+                step_loss += loss.item()
+                n = b.num_tokens
+                means.add("entropy", float((entropy.detach() * b.loss_mask).sum() / n), n)
+                if a.use_rollout_logprobs:
+                    diff = (lp.detach() - b.rollout_log_probs).abs()[b.loss_mask > 0]
+                    means.add("logprob_abs_diff_mean", float(diff.mean()), diff.numel())
+                    means.max("logprob_abs_diff_max", float(diff.max()))
+                for k, v in metrics.items():
+                    if k == "tis_max":
+                        means.max(k, float(v))
+                    else:
+                        means.add(k, float(v), n)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.clip_grad)
             self.optimizer.step()
             losses.append(step_loss)
             norms.append(float(norm))
             steps += 1
+        out = means.result()
         return StepStats(
             loss=sum(losses) / max(len(losses), 1),
             grad_norm=sum(norms) / max(len(norms), 1) if norms else math.nan,
-            logprob_abs_diff_mean=diff_sum / max(total_tokens, 1),
-            pg_clipfrac=sum(clipfracs) / max(len(clipfracs), 1),
+            logprob_abs_diff_mean=out.pop("logprob_abs_diff_mean", 0.0),
+            pg_clipfrac=out.pop("pg_clipfrac", 0.0),
             num_tokens=total_tokens,
             num_optimizer_steps=steps,
-            tis_mean=sum(tis) / len(tis) if tis else None,
+            tis_mean=out.pop("tis_mean", None),
+            metrics=out,
         )
 
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]:

@@ -1,15 +1,19 @@
-"""The training loop, top to bottom: pull groups -> advantages -> train -> ack -> push weights.
+"""The training loop, top to bottom: pull groups -> staleness -> advantages -> train -> commit -> push.
 
     for step in range(start, num_rollout):
-        groups   = buffer.read_groups(...)          # wait for rollout_batch_size scored groups
-        adv      = grpo_advantages(rewards)         # per group
-        stats    = actor.train_rollout(samples)     # recompute old log-probs, optimizer steps
-        buffer.ack(ids)                             # only now: the step that used them is done
+        groups   = fresh groups, topped up with reused ones (--max-reuse) when fresh are short
+        samples  = apply_staleness_policy(...)      # --max-staleness, --stale-sample-policy,
+                                                    # --mask-offpolicy-in-partial-rollout
+        scores   = group_scores(rewards)            # per group, per --advantage-estimator
+        stats    = actor.train_rollout(samples)     # old/ref log-probs, advantages, optimizer steps
+        buffer.commit(ids, requeue)                 # only now: the step that used them is done
         push weights every --update-weights-interval steps (a new policy version)
         report progress to the coordinator (admission control), write metrics.jsonl
 
 Entries are acknowledged only after the optimizer step that consumed them; a trainer that dies
-before that leaves them pending in the consumer group, where they can be reclaimed.
+before that leaves them pending in the consumer group, where they can be reclaimed. The same
+MULTI/EXEC requeues the groups that may be trained again: fewer than --max-reuse trainings so
+far and still within --max-staleness of the next version.
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slipstream.algorithms.advantages import grpo_advantages
-from slipstream.buffer.replay import ReplayBuffer
+from slipstream.algorithms.advantages import group_scores
+from slipstream.algorithms.staleness import apply_staleness_policy
+from slipstream.buffer.replay import ReplayBuffer, ReusedGroup
 from slipstream.config import Config
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, types_pb2
 from slipstream.rpc.channel import sync_channel, wait_healthy_sync
@@ -32,7 +37,7 @@ from slipstream.types import Sample, Status
 from .actor import Actor
 from .batch import trainable
 from .checkpoint import load_trainer_state, resolve_checkpoint, save_checkpoint
-from .metrics import MetricsLog, group_metrics
+from .metrics import MetricsLog, coordinator_counters, group_metrics
 from .weight_push import push_weights
 
 log = logging.getLogger("slipstream.trainer")
@@ -42,24 +47,67 @@ log = logging.getLogger("slipstream.trainer")
 class TrainerState:
     step: int = 0
     policy_version: int = 0
-    num_groups_consumed: int = 0
+    num_groups_consumed: int = 0  # fresh groups acknowledged (each once)
+    num_group_trainings: int = 0  # groups trained, reuses included
+    wait_data_s: float = 0.0  # time spent waiting for data, over the run
+    busy_s: float = 0.0  # wall time of steps, over the run
     finished: bool = False
     stop: threading.Event = field(default_factory=threading.Event)
 
 
-def _collect(
-    buffer: ReplayBuffer, consumer: str, count: int, state: TrainerState
-) -> list[tuple[str, types_pb2.Group]]:
-    got: list[tuple[str, types_pb2.Group]] = []
-    while len(got) < count and not state.stop.is_set():
-        got.extend(buffer.read_groups(consumer, count - len(got), block_ms=500))
-    return got
+def _group_staleness(group: types_pb2.Group, version: int) -> int:
+    oldest = min((min(s.policy_versions) for s in group.samples if s.policy_versions), default=version)
+    return version - oldest
 
 
-def _advantages(groups: list[list[Sample]], cfg: Config) -> list[list[float]]:
+@dataclass
+class StepGroups:
+    """The groups of one step: fresh (stream ids to ack) and reused (to delete), plus expired reuses."""
+
+    fresh: list[tuple[str, types_pb2.Group]] = field(default_factory=list)
+    reused: list[ReusedGroup] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)  # reuse entries too stale to train: deleted
+
+    def __len__(self) -> int:
+        return len(self.fresh) + len(self.reused)
+
+    def trained(self) -> list[tuple[types_pb2.Group, int]]:
+        """(group, times trained before this step), fresh first."""
+        return [(g, 0) for _, g in self.fresh] + [(r.group, r.times_trained) for r in self.reused]
+
+
+def _collect(buffer: ReplayBuffer, consumer: str, count: int, state: TrainerState, cfg: Config) -> StepGroups:
+    """`count` groups: fresh ones first; reused ones (oldest first) only to fill what fresh cannot now."""
+    batch = StepGroups()
+    reuse = cfg.train.max_reuse > 1
+    while len(batch) < count and not state.stop.is_set():
+        batch.fresh += buffer.read_groups(consumer, count - len(batch), block_ms=0)
+        if reuse and len(batch) < count:
+            for r in buffer.read_reuse(consumer, count - len(batch)):
+                if _group_staleness(r.group, state.policy_version) > cfg.rollout.max_staleness:
+                    batch.expired.append(r.entry_id)
+                else:
+                    batch.reused.append(r)
+        if len(batch) < count:
+            batch.fresh += buffer.read_groups(consumer, count - len(batch), block_ms=500)
+    return batch
+
+
+def _requeue(batch: StepGroups, cfg: Config, next_version: int) -> list[tuple[types_pb2.Group, int]]:
+    """Groups to train again: fewer than --max-reuse trainings, within --max-staleness of the next version."""
+    return [
+        (g, times + 1)
+        for g, times in batch.trained()
+        if times + 1 < cfg.train.max_reuse and _group_staleness(g, next_version) <= cfg.rollout.max_staleness
+    ]
+
+
+def _scores(groups: list[list[Sample]], cfg: Config) -> list[list[float]]:
     rewards = torch.tensor([[s.get_reward_value() if trainable(s) else 0.0 for s in g] for g in groups])
-    adv = grpo_advantages(rewards, normalize_std=not cfg.algo.disable_grpo_std_normalization)
-    return adv.tolist()
+    a = cfg.algo
+    return group_scores(
+        rewards, a.advantage_estimator, normalize_std=not a.disable_grpo_std_normalization
+    ).tolist()
 
 
 def _await_rollout_versions(coordinator, version: int, timeout: float) -> coordinator_pb2.CoordinatorStatus:
@@ -74,7 +122,7 @@ def _await_rollout_versions(coordinator, version: int, timeout: float) -> coordi
 
 def train(cfg: Config, state: TrainerState) -> None:
     torch.manual_seed(cfg.train.seed)
-    buffer = ReplayBuffer(cfg.infra.redis_url, cfg.run_id)
+    buffer = ReplayBuffer(cfg.redis_connect_url, cfg.run_id)
     channel = sync_channel(cfg.infra.coordinator_addr)
     wait_healthy_sync(channel, timeout=60, what=f"coordinator at {cfg.infra.coordinator_addr}")
     coordinator = coordinator_pb2_grpc.CoordinatorStub(channel)
@@ -88,6 +136,7 @@ def train(cfg: Config, state: TrainerState) -> None:
         saved = load_trainer_state(ckpt, actor.model, actor.optimizer)
         state.step, state.policy_version = saved["step"], saved["policy_version"]
         state.num_groups_consumed = saved.get("num_groups_consumed", 0)
+        state.num_group_trainings = saved.get("num_group_trainings", state.num_groups_consumed)
         log.info("resumed from %s at step %d (policy v%d)", ckpt, state.step, state.policy_version)
         if state.policy_version > 0:
             push_weights(
@@ -107,27 +156,40 @@ def train(cfg: Config, state: TrainerState) -> None:
             {
                 "policy_version": state.policy_version,
                 "num_groups_consumed": state.num_groups_consumed,
+                "num_group_trainings": state.num_group_trainings,
             },
             tokenizer_dir=cfg.model.hf_checkpoint,
         )
 
     for step in range(state.step, cfg.rollout.num_rollout):
         t0 = time.perf_counter()
-        entries = _collect(buffer, consumer, cfg.rollout.rollout_batch_size, state)
+        batch = _collect(buffer, consumer, cfg.rollout.rollout_batch_size, state, cfg)
         if state.stop.is_set():
-            log.info("stop requested; leaving %d read entries unacknowledged", len(entries))
+            log.info("stop requested; leaving %d read entries unacknowledged", len(batch))
             break
         t_data = time.perf_counter()
-        groups = [[sample_from_proto(p) for p in g.samples] for _, g in entries]
-        advantages = _advantages(groups, cfg)
-        samples = [s for g in groups for s in g]
-        flat_adv = [a for g in advantages for a in g]
-        stats = actor.train_rollout(samples, flat_adv)
+        trained_version = state.policy_version
+        groups = [[sample_from_proto(p) for p in g.samples] for g, _ in batch.trained()]
+        scores = _scores(groups, cfg)
+        samples, report = apply_staleness_policy(
+            [s for g in groups for s in g],
+            trained_version,
+            max_staleness=cfg.rollout.max_staleness,
+            policy=cfg.algo.stale_sample_policy,
+            mask_offpolicy=cfg.algo.mask_offpolicy_in_partial_rollout,
+        )
+        stats = actor.train_rollout(samples, [x for g in scores for x in g], trained_version)
         t_compute = time.perf_counter()
 
-        buffer.ack([entry_id for entry_id, _ in entries])
-        state.num_groups_consumed += len(entries)
-        trained_version = state.policy_version
+        next_version = trained_version + int((step + 1) % cfg.train.update_weights_interval == 0)
+        requeue = _requeue(batch, cfg, next_version)
+        buffer.commit(
+            [entry_id for entry_id, _ in batch.fresh],
+            [r.entry_id for r in batch.reused] + batch.expired,
+            requeue,
+        )
+        state.num_groups_consumed += len(batch.fresh)
+        state.num_group_trainings += len(batch)
         push_s = 0.0
         if (step + 1) % cfg.train.update_weights_interval == 0:
             state.policy_version += 1
@@ -139,7 +201,7 @@ def train(cfg: Config, state: TrainerState) -> None:
                 cfg.infra.rpc_timeout,
             )
         state.step = step + 1
-        coordinator.ReportProgress(
+        status = coordinator.ReportProgress(
             coordinator_pb2.TrainerProgress(
                 step=state.step,
                 num_groups_consumed=state.num_groups_consumed,
@@ -150,22 +212,42 @@ def train(cfg: Config, state: TrainerState) -> None:
         if cfg.train.save_interval and state.step % cfg.train.save_interval == 0:
             checkpoint(state.step)
         t_end = time.perf_counter()
+        state.wait_data_s += t_data - t0
+        state.busy_s += t_end - t0
+        mis_masked = stats.metrics.get("mis_masked_frac", 0.0) * stats.num_tokens
+        response_tokens = max(report.num_response_tokens, 1)
 
         metrics.write(
             step=state.step,
             policy_version=state.policy_version,
+            trained_version=trained_version,
             **group_metrics(samples, trained_version),
+            staleness_hist=report.hist_json(),
+            num_stale=report.num_stale,
+            num_stale_dropped=report.num_dropped,
             logprob_abs_diff_mean=stats.logprob_abs_diff_mean,
             loss=stats.loss,
             grad_norm=stats.grad_norm,
             pg_clipfrac=stats.pg_clipfrac,
             tis_mean=stats.tis_mean,
+            **stats.metrics,
+            offpolicy_masked_frac=report.num_offpolicy_masked_tokens / response_tokens,
+            masked_frac=1.0 - (stats.num_tokens - mis_masked) / response_tokens,
+            num_trained_tokens=stats.num_tokens,
+            num_fresh_groups=len(batch.fresh),
+            num_reused_groups=len(batch.reused),
+            num_requeued_groups=len(requeue),
+            num_reuse_expired=len(batch.expired),
+            num_group_trainings=state.num_group_trainings,
             tokens_per_s=stats.num_tokens / max(t_end - t0, 1e-9),
             wait_data_s=t_data - t0,
             compute_s=t_compute - t_data,
             push_weights_s=push_s,
+            trainer_idle_frac=(t_data - t0) / max(t_end - t0, 1e-9),
+            trainer_idle_frac_run=state.wait_data_s / max(state.busy_s, 1e-9),
             num_optimizer_steps=stats.num_optimizer_steps,
             num_failed=sum(s.status is Status.FAILED for s in samples),
+            **coordinator_counters(status),
         )
 
     checkpoint(state.step)
@@ -175,6 +257,8 @@ def train(cfg: Config, state: TrainerState) -> None:
         finished=state.finished,
         policy_version=state.policy_version,
         num_groups_consumed=state.num_groups_consumed,
+        num_group_trainings=state.num_group_trainings,
+        trainer_idle_frac=state.wait_data_s / max(state.busy_s, 1e-9),
         rollout_server_versions=dict(status.server_versions),
         num_reward_failures=status.num_reward_failures,
     )

@@ -30,6 +30,21 @@ def group_metrics(samples: list[Sample], trained_version: int) -> dict[str, Any]
     }
 
 
+def coordinator_counters(status: Any) -> dict[str, Any]:
+    """Every scalar number of a `CoordinatorStatus` reply, as `coord_<field>`.
+
+    Read from the message's descriptor, so counters the coordinator adds later (partials
+    recycled, groups filtered, rollout idle fraction, ...) reach metrics.jsonl unchanged.
+    """
+    out: dict[str, Any] = {}
+    for f in status.DESCRIPTOR.fields:
+        if f.is_repeated or f.cpp_type in (f.CPPTYPE_MESSAGE, f.CPPTYPE_STRING, f.CPPTYPE_ENUM):
+            continue  # maps and lists (server_versions), names: not counters
+        value = getattr(status, f.name)
+        out[f"coord_{f.name}"] = int(value) if f.cpp_type == f.CPPTYPE_BOOL else value
+    return out
+
+
 def _clean(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None

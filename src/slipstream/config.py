@@ -112,13 +112,58 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    advantage_estimator: Literal["grpo"] = opt("grpo", "How advantages are computed.")
+    advantage_estimator: Literal["grpo", "gspo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"] = opt(
+        "grpo",
+        "How advantages are computed: grpo (group-normalized reward), gspo (GRPO advantages, "
+        "sequence-level ratio clipped per sequence), reinforce_plus_plus (token-level discounted "
+        "returns with the KL penalty in the reward), reinforce_plus_plus_baseline (group-mean "
+        "baseline); the last two need --normalize-advantages, as in slime.",
+    )
     disable_grpo_std_normalization: bool = opt(False, "GRPO: subtract the group mean only (Dr.GRPO).")
+    normalize_advantages: bool = opt(False, "Whiten advantages over every trained token of the rollout step.")
+    kl_coef: float = opt(
+        0.0, "KL penalty in the reward (reinforce_plus_plus*), against the --ref-load model."
+    )
+    gamma: float = opt(1.0, "Discount of the token-level returns (reinforce_plus_plus).")
+    use_kl_loss: bool = opt(False, "Add a KL loss against the frozen reference model (--ref-load).")
+    kl_loss_coef: float = opt(0.0, "Weight of the KL loss.")
+    kl_loss_type: Literal["k1", "k2", "k3", "low_var_kl"] = opt(
+        "k1", "KL estimator of --use-kl-loss and --kl-coef (Schulman's k1/k2/k3; low_var_kl = k3 clamped)."
+    )
     eps_clip: float = opt(0.2, "PPO clip range (lower side, and upper when --eps-clip-high is unset).")
     eps_clip_high: float | None = opt(None, "PPO clip range, upper side (DAPO clip-higher).")
     use_tis: bool = opt(False, "Truncated importance sampling against the rollout log-probs.")
     tis_clip: float = opt(2.0, "Upper truncation of the TIS weight.")
     tis_clip_low: float = opt(0.0, "Lower truncation of the TIS weight.")
+    tis_level: Literal["token", "sequence", "geometric"] = opt(
+        "token",
+        "TIS weight per token, per sequence (product of token ratios), or per sequence as their "
+        "geometric mean (slime's mis.py tis_level). (Slipstream)",
+    )
+    use_mis: bool = opt(
+        False,
+        "Masked importance sampling: drop from the loss tokens (or sequences) whose behaviour ratio "
+        "proximal/rollout leaves [--mis-low, --mis-high] (slime's mis.py use_rs). (Slipstream)",
+    )
+    mis_low: float = opt(0.5, "Lower edge of the MIS band. (Slipstream)")
+    mis_high: float = opt(2.0, "Upper edge of the MIS band. (Slipstream)")
+    mis_level: Literal["token", "sequence", "geometric"] = opt(
+        "token", "MIS ratio per token, per sequence (product), or geometric mean. (Slipstream)"
+    )
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = opt(
+        "token-mean",
+        "How per-token losses become one number (verl's name): token-mean (every token weighs the "
+        "same; slime's --calculate-per-token-loss), seq-mean-token-mean (slime's default), "
+        "seq-mean-token-sum-norm (Dr.GRPO: token sums over a constant --rollout-max-response-len). (Slipstream)",
+    )
+    stale_sample_policy: Literal["drop", "correct"] = opt(
+        "drop",
+        "A sample older than --max-staleness versions when trained: drop (out of the loss, counted) "
+        "or correct (trained, with --use-tis/--use-mis). (Slipstream)",
+    )
+    mask_offpolicy_in_partial_rollout: bool = opt(
+        False, "Train only the newest-version segment of a partial rollout; older segments are masked."
+    )
     entropy_coef: float = opt(0.0, "Weight of the entropy bonus.")
     use_rollout_logprobs: bool = opt(
         False, "Use the engine's log-probs as the old policy instead of recomputing them."
@@ -137,6 +182,11 @@ class TrainConfig:
     )
     micro_batch_size: int = opt(8, "Samples per forward/backward pass.")
     update_weights_interval: int = opt(1, "Push new weights to rollout every N training steps.")
+    max_reuse: int = opt(
+        1,
+        "Most times one group is trained; above 1, a trained group is requeued and fills later steps "
+        "when fresh groups are short, while within --max-staleness. (Slipstream)",
+    )
     weight_sync_dtype: Literal["fp8", "bf16"] = opt(
         "fp8", "Wire format of weight pushes: FP8 e4m3 with 128x128 block scales, or bf16. (Slipstream)"
     )
@@ -210,6 +260,26 @@ class Config:
             r.max_staleness = 0
         _require(a.eps_clip > 0, "--eps-clip must be positive")
         _require(a.tis_clip > a.tis_clip_low >= 0, "--tis-clip must exceed --tis-clip-low >= 0")
+        _require(a.mis_high > a.mis_low >= 0, "--mis-high must exceed --mis-low >= 0")
+        _require(0 <= a.gamma <= 1, "--gamma must be in [0, 1]")
+        _require(a.kl_coef >= 0 and a.kl_loss_coef >= 0, "--kl-coef and --kl-loss-coef must be >= 0")
+        _require(
+            not (a.kl_coef and a.use_kl_loss and a.kl_loss_coef),
+            "only one of --kl-coef and --kl-loss-coef can be set (as in slime)",
+        )
+        _require(
+            a.normalize_advantages or not a.advantage_estimator.startswith("reinforce_plus_plus"),
+            f"--advantage-estimator {a.advantage_estimator} needs --normalize-advantages (as in slime)",
+        )
+        _require(
+            not (a.use_rollout_logprobs and (a.use_tis or a.use_mis)),
+            "--use-rollout-logprobs makes the behaviour ratio 1: it cannot go with --use-tis/--use-mis",
+        )
+        _require(
+            a.stale_sample_policy != "correct" or a.use_tis or a.use_mis,
+            "--stale-sample-policy correct needs --use-tis or --use-mis",
+        )
+        _require(t.max_reuse >= 1, "--max-reuse must be at least 1")
         _require(t.lr > 0, "--lr must be positive")
         _require(t.micro_batch_size > 0, "--micro-batch-size must be positive")
         _require(t.update_weights_interval > 0, "--update-weights-interval must be positive")
