@@ -451,6 +451,111 @@ def test_push_and_fetch_weights_round_trip_and_refusals(assets, redis_url, run_i
     asyncio.run(asyncio.wait_for(scenario(), 45))
 
 
+def _partial(item: coordinator_pb2.WorkItem, new_tokens: list[int]) -> coordinator_pb2.RolloutEvent:
+    """An ABORTED result: what a server returns for an item it was told to abort."""
+    sample = types_pb2.Sample()
+    sample.CopyFrom(item.sample)
+    sample.tokens.extend(new_tokens)
+    sample.response_length += len(new_tokens)
+    sample.rollout_log_probs.extend([-0.5] * len(new_tokens))
+    sample.policy_versions.extend([0] * len(new_tokens))
+    sample.status = types_pb2.SAMPLE_STATUS_ABORTED
+    return coordinator_pb2.RolloutEvent(
+        result=coordinator_pb2.SampleResult(work_id=item.work_id, lease_epoch=item.lease_epoch, sample=sample)
+    )
+
+
+def test_over_sampling_fills_the_batch_with_passing_groups_and_recycles_the_rest(
+    assets, redis_url, run_id, reward_addr
+):
+    # one group per step, three dispatched; a group whose rewards all agree is filtered
+    cfg = _cfg(
+        assets,
+        redis_url,
+        run_id,
+        reward_addr,
+        rollout_batch_size=1,
+        over_sampling_batch_size=3,
+        num_rollout=2,
+        dynamic_sampling_filter_path="slipstream.rollout_filters:check_reward_nonzero_std",
+    )
+    manifest, chunks = _weights(1)
+
+    async def scenario():
+        coord = await start_coordinator(cfg)
+        channel = aio_channel(f"127.0.0.1:{coord.port}")
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        buffer = ReplayBuffer(redis_url, run_id)
+
+        async def status():
+            return await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
+
+        def by_group(items):
+            out: dict[str, list] = {}
+            for item in items:
+                out.setdefault(item.work_id.split("/")[0], []).append(item)
+            return out
+
+        try:
+            rollout = FakeRollout(channel, "r0", capacity=16).start()
+            groups = by_group(await rollout.work(6))  # over-sampled: 3 groups go out, not 1
+            await rollout.nothing_more(0.3)
+            assert sorted(groups) == ["p0", "p1", "p2"]
+            for item in groups["p0"]:  # both right: all rewards agree -> filtered
+                rollout.answer(item, item.sample.label)
+
+            async def filtered():
+                return (await status()).num_groups_filtered == 1
+
+            await _until(filtered, "p0 to be filtered")
+            groups.update(by_group(await rollout.work(2)))  # another prompt takes its place
+            for item in groups["p1"]:  # one right, one wrong: passes, and completes the batch
+                rollout.answer(item, item.sample.label if item.sample.index == 0 else "x")
+            abort = await rollout.next("abort")  # the rest still running is recycled
+            assert sorted(abort.work_ids) == sorted(i.work_id for g in ("p2", "p3") for i in groups[g])
+            for g in ("p2", "p3"):
+                for item in groups[g]:
+                    rollout.outbox.put_nowait(_partial(item, [5, 6]))
+
+            async def parked():
+                s = await status()
+                return s.num_partials_recycled == 4 and buffer.num_partials() == 4
+
+            await _until(parked, "4 partials in the Redis partial stream")
+            await rollout.nothing_more(0.3)  # the batch is full: nothing new until the next version
+            s = await status()
+            assert (s.num_groups_completed, s.num_groups_filtered) == (1, 1)
+
+            await stub.PushWeights(_aiter(iter_messages(manifest, chunks)), timeout=10)
+            again = await rollout.work(4)  # the partials come back first, to be continued
+            assert sorted(i.work_id for i in again) == sorted(abort.work_ids)
+            for item in again:
+                assert item.sample.response_length == 2 and list(item.sample.tokens)[-2:] == [5, 6]
+                assert item.min_policy_version == 1  # continued under the new weights
+                assert item.sampling.max_new_tokens == 8 - 2  # what is left of the budget
+            assert buffer.num_partials() == 0
+            for item in again:
+                rollout.answer(item, item.sample.label if item.sample.index == 0 else "x")
+
+            async def done():
+                return (await status()).num_groups_completed == 2
+
+            await _until(done, "the second batch in the buffer")
+            await rollout.close()
+        finally:
+            buffer.close()
+            await channel.close()
+            await coord.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 45))
+    stored = _read_all(redis_url, run_id)
+    # p1 filled the first batch; the first recycled group to finish fills the second
+    assert stored[0].group_id == "p1" and stored[1].group_id in ("p2", "p3") and len(stored) == 2
+    for sample in stored[1].samples:  # the continued one: the partial's tokens, then the rest
+        # (FakeRollout.answer counts only what it appended as the response)
+        assert list(sample.tokens)[-sample.response_length - 2 : -sample.response_length] == [5, 6]
+
+
 def test_malformed_prompt_file_exits_2_with_one_line(assets, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1=", "label": "2"}\n{"prompt": oops}\n')
