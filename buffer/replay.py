@@ -211,9 +211,14 @@ class ReplayBuffer:
         fresh_ids: list[str],
         reused_ids: list[str] = (),
         requeue: list[tuple[types_pb2.Group, int]] = (),
+        reuse_maxlen: int | None = None,
     ) -> None:
         """One MULTI/EXEC after a step: ack the fresh groups it trained, delete the reused ones,
-        and append `requeue` (group, times trained so far) to the reuse stream."""
+        and append `requeue` (group, times trained so far) to the reuse stream.
+
+        `reuse_maxlen` caps the reuse stream (oldest entries go first): when fresh groups keep
+        up, reuse entries are never read, and past the staleness bound they are useless anyway.
+        """
         with self.redis.pipeline(transaction=True) as pipe:
             if fresh_ids:
                 pipe.xack(self.keys.groups, self.consumer_group, *fresh_ids)
@@ -221,7 +226,8 @@ class ReplayBuffer:
                 pipe.xack(self.keys.reuse, self.consumer_group, *reused_ids)
                 pipe.xdel(self.keys.reuse, *reused_ids)
             for group, times in requeue:
-                pipe.xadd(self.keys.reuse, {PAYLOAD: group.SerializeToString(), TIMES_TRAINED: str(times)})
+                fields = {PAYLOAD: group.SerializeToString(), TIMES_TRAINED: str(times)}
+                pipe.xadd(self.keys.reuse, fields, maxlen=reuse_maxlen, approximate=False)
             pipe.execute()
 
     def num_reuse(self) -> int:

@@ -10,7 +10,7 @@ import pytest
 from slipstream.buffer.replay import PAYLOAD, ReplayBuffer
 from slipstream.config import config_from_values
 from slipstream.proto import types_pb2
-from slipstream.services.trainer.loop import TrainerState, _collect, _requeue
+from slipstream.services.trainer.loop import TrainerState, _collect, _requeue, _reuse_capacity
 
 
 def group(i: int, version: int = 0) -> types_pb2.Group:
@@ -45,7 +45,12 @@ def step(buf: ReplayBuffer, c, state: TrainerState, count: int = 2):
     """Collect, "train", commit with requeues, bump the version: what the loop does around training."""
     batch = _collect(buf, "t", count, state, c)
     requeue = _requeue(batch, c, state.policy_version + 1)
-    buf.commit([i for i, _ in batch.fresh], [r.entry_id for r in batch.reused] + batch.expired, requeue)
+    buf.commit(
+        [i for i, _ in batch.fresh],
+        [r.entry_id for r in batch.reused] + batch.expired,
+        requeue,
+        reuse_maxlen=_reuse_capacity(c),
+    )
     state.policy_version += 1
     return batch, requeue
 
@@ -107,6 +112,18 @@ def test_stale_groups_are_not_reused(buf: ReplayBuffer):
     late.join()
     assert [g.group_id for _, g in batch.fresh] == ["g9", "g10"] and not batch.reused
     assert len(batch.expired) == 1 and buf.num_reuse() == 2  # g9, g10 requeued; g0 gone
+
+
+def test_reuse_stream_stays_bounded_when_fresh_data_keeps_up(buf: ReplayBuffer):
+    c, state = cfg(max_reuse=3, max_staleness=1), TrainerState()
+    for s in range(5):
+        buf.put_group(group(2 * s, version=s))
+        buf.put_group(group(2 * s + 1, version=s))
+        batch, requeue = step(buf, c, state)
+        assert not batch.reused and len(requeue) == 2  # fresh data always there: reuse never read
+    # (max_staleness + 1) x rollout_batch_size entries at most, the newest ones
+    assert buf.num_reuse() == _reuse_capacity(c) == 4
+    assert [r.group.group_id for r in buf.read_reuse("t", 10)] == ["g6", "g7", "g8", "g9"]
 
 
 def test_reuse_off_by_default(buf: ReplayBuffer):

@@ -102,6 +102,12 @@ def _requeue(batch: StepGroups, cfg: Config, next_version: int) -> list[tuple[ty
     ]
 
 
+def _reuse_capacity(cfg: Config) -> int:
+    """Reuse entries worth keeping: a step requeues at most a batch, and a group requeued more
+    than max_staleness + 1 steps ago is past the bound by the time it could be read."""
+    return (cfg.rollout.max_staleness + 1) * cfg.rollout.rollout_batch_size
+
+
 def _scores(groups: list[list[Sample]], cfg: Config) -> list[list[float]]:
     rewards = torch.tensor([[s.get_reward_value() if trainable(s) else 0.0 for s in g] for g in groups])
     a = cfg.algo
@@ -187,6 +193,7 @@ def train(cfg: Config, state: TrainerState) -> None:
             [entry_id for entry_id, _ in batch.fresh],
             [r.entry_id for r in batch.reused] + batch.expired,
             requeue,
+            reuse_maxlen=_reuse_capacity(cfg),
         )
         state.num_groups_consumed += len(batch.fresh)
         state.num_group_trainings += len(batch)
