@@ -231,3 +231,49 @@ def test_abort_returns_partial_that_continues_identically(model):
     aborted = engine.abort_all()
     assert {r.rid for r in aborted} == {"q", "p2", "w"} and not engine.has_work()
     assert NativeEngine(model, eos_token_ids=[]).generate([rest])[0].tokens == full[5:]
+
+
+def test_group_prompts_are_prefilled_once_and_sample_independently(model):
+    """The n samples of a group share one prefill; each still draws exactly what it would alone."""
+    group = [Request(f"g{i}", prompt(9), 10, temperature=1.0, seed=100 + i) for i in range(4)]
+    other = Request("o", prompt(5, 2), 10, temperature=1.0, seed=7)
+    engine = NativeEngine(model, eos_token_ids=[])
+    shared = engine.generate([group[0], other, *group[1:]])
+    assert engine.num_prefill_tokens == 9 + 5  # the group's prompt once, not four times
+    by_rid = {r.rid: r for r in shared}
+    for req in [*group, other]:
+        alone = NativeEngine(model, eos_token_ids=[]).generate([req])[0]
+        assert by_rid[req.rid].tokens == alone.tokens
+        torch.testing.assert_close(
+            torch.tensor(by_rid[req.rid].log_probs), torch.tensor(alone.log_probs), atol=ATOL, rtol=0
+        )
+    assert len({tuple(by_rid[r.rid].tokens) for r in group}) > 1  # different seeds, different samples
+
+
+def test_preallocated_cache_gives_the_same_results(model):
+    reqs = [Request(f"r{i}", prompt(n, i), 9, temperature=0.0) for i, n in enumerate([4, 11, 2])]
+    grown = NativeEngine(model, eos_token_ids=[]).generate(reqs)
+    engine = NativeEngine(model, eos_token_ids=[], max_batch_size=2, max_seq_len=32, preallocate=True)
+    assert engine.cache.fixed and engine.cache.k.shape[1] == 2 and engine.cache.capacity == 32
+    fixed = engine.generate(reqs)
+    assert [r.tokens for r in fixed] == [r.tokens for r in grown]
+
+
+def test_fp8_engine_tracks_full_precision_and_requantizes_updates():
+    """FP8 linears (fallback path on CPU): same greedy tokens as full precision on a peaked model,
+    log-probs within FP8 noise; a weight update is re-quantized into the FP8 layers."""
+    reqs = [Request(f"r{i}", prompt(n, i), 8, temperature=0.0) for i, n in enumerate([6, 3])]
+    full = NativeEngine(make_model(), eos_token_ids=[]).generate(reqs)
+    engine = NativeEngine(make_model(), eos_token_ids=[], fp8=True)
+    assert len(engine.fp8_layers) == 2 * 7  # q/k/v/o + gate/up/down per layer
+    fp8 = engine.generate(reqs)
+    for a, b in zip(full, fp8, strict=True):
+        assert a.tokens == b.tokens
+        assert (torch.tensor(a.log_probs) - torch.tensor(b.log_probs)).abs().max() < 0.1
+    other = make_model(seed=1)
+    engine.load_weights(other.state_dict(), version=1)
+    updated = engine.generate(reqs)
+    fresh = NativeEngine(make_model(seed=1), eos_token_ids=[], fp8=True).generate(reqs)
+    assert [r.tokens for r in updated] == [r.tokens for r in fresh]
+    with pytest.raises(ValueError, match="expected"):
+        engine.load_weights({"model.layers.0.mlp.up_proj.weight": torch.zeros(3, 3)}, version=2)

@@ -440,6 +440,7 @@ async def serve(cfg: Config) -> None:
         eos_token_ids(model.config, tokenizer),
         max_batch_size=cfg.rollout.rollout_max_batch_size,
         max_seq_len=cfg.rollout.rollout_max_prompt_len + cfg.rollout.rollout_max_response_len,
+        fp8=cfg.rollout.rollout_fp8,
     )
     expected_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     worker = EngineWorker(engine, asyncio.get_running_loop())

@@ -75,6 +75,11 @@ class RolloutConfig:
     rollout_stop_token_ids: list[int] = opt([], "Extra token ids that end a response (EOS always does).")
     rollout_num_servers: int = opt(2, "Rollout servers the launcher starts. (Slipstream)")
     rollout_max_batch_size: int = opt(256, "Most sequences one rollout server decodes at once. (Slipstream)")
+    rollout_fp8: bool = opt(
+        False,
+        "Run the rollout engine's linear projections in FP8 (e4m3, row-wise scales; FP8 tensor cores "
+        "on Hopper, a dequantizing fallback elsewhere). (Slipstream)",
+    )
     max_staleness: int = opt(
         1,
         "Largest allowed gap, in policy versions, between the trained policy and the oldest "

@@ -4,9 +4,10 @@ Running sequences always occupy slots 0..n-1, so a decode step attends over one 
 slice of the cache with no gather; when a sequence leaves, the engine moves a survivor from the
 end into its slot (`move`), which copies only that one sequence.
 
-The cache grows on demand (slots doubling up to `max_slots`, length doubling up to `max_len`)
-instead of allocating `max_slots x max_len` up front, which for a real model and context would
-not fit. Positions past a sequence's length may hold stale or padding values: the decode mask
+On the CPU the cache grows on demand (slots doubling up to `max_slots`, length doubling up to
+`max_len`), so tests and the demo never pay for the largest shape. On a GPU the engine calls
+`preallocate` once, sized from a memory fraction: the tensors then never move, which is what lets
+a CUDA graph captured over them be replayed for the rest of the run. Positions past a sequence's length may hold stale or padding values: the decode mask
 hides them and later writes overwrite them.
 
 Attention itself is the model's business; this file hands the model `Attention` callables that
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slipstream.kernels import attention as decode_kernel
 from slipstream.models import Attention
 
 KV_ALIGN = 64
@@ -36,9 +38,30 @@ class KVCache:
     ) -> None:
         self.max_slots = max_slots
         self.max_len = max_len
+        self._dtype, self.device = dtype, device
         shape = (num_layers, 0, num_kv_heads, 0, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.fixed = False  # preallocated: never reallocated again
+
+    @staticmethod
+    def bytes_per_slot(
+        num_layers: int, num_kv_heads: int, head_dim: int, length: int, dtype: torch.dtype
+    ) -> int:
+        return 2 * num_layers * num_kv_heads * length * head_dim * dtype.itemsize
+
+    def preallocate(self, num_slots: int, length: int) -> None:
+        """Allocate `num_slots x length` now, once; later `reserve` calls must fit inside it."""
+        self.max_slots, self.max_len = num_slots, length
+        shape = (self.k.shape[0], num_slots, self.k.shape[2], length, self.k.shape[4])
+        self.k = self.v = None  # drop the old tensors before allocating the new ones
+        self.k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.fixed = True
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
 
     @property
     def num_slots(self) -> int:
@@ -69,6 +92,11 @@ class KVCache:
         self.k[:, dst] = self.k[:, src]
         self.v[:, dst] = self.v[:, src]
 
+    def share(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Copy the first `length` positions of slots src -> dst: a prompt prefilled once for a group."""
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
     def prefill(self, first_slot: int) -> Attention:
         """Causal attention over a right-padded batch [B, T] that lands in slots first_slot.. +B."""
 
@@ -82,17 +110,34 @@ class KVCache:
         return attend
 
     def decode(self, positions: torch.Tensor, kv_len: int) -> Attention:
-        """One new token per slot 0..n-1 at `positions` [n]; attends over cached 0..position."""
+        """One new token per slot 0..n-1 at `positions` [n]; attends over cached 0..position.
+
+        Shapes depend only on (n, kv_len), never on the positions' values, so a CUDA graph of a
+        step replays for any lengths up to kv_len: the mask, not the shape, hides the rest.
+        """
         n = positions.shape[0]
         rows = torch.arange(n, device=positions.device)
         mask = (torch.arange(kv_len, device=positions.device)[None, :] <= positions[:, None])[:, None, None]
 
+        lengths = positions + 1
+        fast = decode_kernel.available(self.k)
+
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.k[layer, rows, :, positions] = k[:, :, 0]
             self.v[layer, rows, :, positions] = v[:, :, 0]
+            if fast:  # reads each slot only up to its own length (kernels/attention.py)
+                return decode_kernel.decode_attention(q, self.k[layer], self.v[layer], lengths)
             keys = self.k[layer, :n, :, :kv_len]
             values = self.v[layer, :n, :, :kv_len]
-            return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            # The query heads that share a KV head become that head's "query positions"
+            # ([n, Hkv, group, D]): one attention per KV head, no repeated keys, and the
+            # memory-efficient kernel (which takes a mask) instead of a GQA expansion.
+            b, h, _, d = q.shape
+            group = h // keys.shape[1]
+            out = F.scaled_dot_product_attention(
+                q.view(b, h // group, group, d), keys, values, attn_mask=mask
+            )
+            return out.reshape(b, h, 1, d)
 
         return attend
 

@@ -6,6 +6,15 @@ finished ones and hand back their `Result`s. Requests join between steps, so the
 as soon as a slot frees up; the decode step is one batched forward and one vectorised sample,
 with no Python loop over sequences.
 
+Prefill is shared within a group: requests admitted together with the same prompt (the n samples
+of a GRPO group) are prefilled once and the prompt's KV is copied into the others' slots; each
+then samples its own first token with its own seed.
+
+On a GPU the KV cache is preallocated once from a fraction of the free memory and each decode
+step (forward and sampling) is replayed from a CUDA graph captured per batch/length bucket
+(`graphs.py`); the CPU path is the same code run eagerly. With `fp8=True` every linear projection
+holds e4m3 weights and runs through `slipstream.kernels.fp8_linear` (FP8 tensor cores on Hopper).
+
 Weights are swapped in place between steps (`load_weights`): the KV cache is kept, and every
 token sampled afterwards carries the new policy version, so a trajectory that spans the swap
 reports exactly which tokens came from which weights. Whether to drain, abort or keep going
@@ -14,18 +23,23 @@ across a version change is the rollout server's policy, built from `abort`/`abor
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 
 import torch
 
+from slipstream.kernels.fp8_linear import convert_to_fp8
 from slipstream.models import Qwen3ForCausalLM
+from slipstream.services.rollout.engine.graphs import DecodeGraphs
 from slipstream.services.rollout.engine.kv_cache import KV_ALIGN, KVCache
 from slipstream.services.rollout.engine.request import FinishReason, Request, Result
-from slipstream.services.rollout.engine.sampler import sample
+from slipstream.services.rollout.engine.sampler import SamplingParams, sample
 from slipstream.services.rollout.engine.slots import Slots
 
 _RUNNING, _STOP, _LENGTH = 0, 1, 2
 _REASONS: dict[int, FinishReason] = {_STOP: "stop", _LENGTH: "length"}
+
+log = logging.getLogger(__name__)
 
 
 class NativeEngine:
@@ -39,10 +53,21 @@ class NativeEngine:
         *,
         seed: int = 0,
         max_prefill_tokens: int = 16384,
+        fp8: bool = False,
+        kv_memory_fraction: float = 0.8,
+        preallocate: bool | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         """`seed` seeds requests that bring none; `max_prefill_tokens` bounds one prefill's padded
-        batch (batch x longest prompt), one request always fits."""
+        batch (batch x distinct prompts' longest length), one request always fits.
+
+        `fp8` converts the linear projections to FP8 (in place: the engine owns `model`).
+        `preallocate` (default: on CUDA) allocates the KV cache once, `max_batch_size` slots of
+        `max_seq_len`, fewer if they do not fit in `kv_memory_fraction` of the memory free after
+        the weights. `cuda_graphs` replays decode steps from CUDA graphs (CUDA and a
+        preallocated cache only)."""
         self.model = model.eval()
+        self.fp8_layers = convert_to_fp8(model) if fp8 else {}
         self.eos_token_ids = list(eos_token_ids)
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len or model.config.max_position_embeddings
@@ -55,10 +80,47 @@ class NativeEngine:
             cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
             max_batch_size, self.max_seq_len, weight.dtype, self.device,
         )  # fmt: skip
+        if preallocate is None:
+            preallocate = self.device.type == "cuda"
+        if preallocate:
+            self._preallocate(kv_memory_fraction)
         self.slots = Slots(self.device)
+        self.slots.resize(self.cache.num_slots, self.cache.capacity)
+        self.graphs = (
+            DecodeGraphs(model, self.cache, self.max_batch_size)
+            if cuda_graphs and preallocate and self.device.type == "cuda"
+            else None
+        )
         self.waiting: deque[Request] = deque()
         self._rng = torch.Generator().manual_seed(seed)
         self._params = dict(model.named_parameters())
+        self.num_prefill_tokens = 0  # prompt tokens actually run through prefill (shared ones once)
+
+    def _preallocate(self, fraction: float) -> None:
+        cfg = self.model.config
+        per_slot = KVCache.bytes_per_slot(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.max_seq_len, self.cache.dtype
+        )
+        slots = self.max_batch_size
+        if self.device.type == "cuda":
+            if not 0 < fraction <= 1:
+                raise ValueError(f"kv_memory_fraction must be in (0, 1], got {fraction}")
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * fraction)
+            slots = min(slots, budget // per_slot)
+            if slots < 1:
+                raise ValueError(
+                    f"KV cache: one slot of {self.max_seq_len} positions needs {per_slot / 2**30:.2f} GiB, "
+                    f"but {fraction:.0%} of the free GPU memory is {budget / 2**30:.2f} GiB; "
+                    "lower the maximum sequence length or raise the fraction"
+                )
+            if slots < self.max_batch_size:
+                log.warning(
+                    "KV cache fits %d of %d slots of %d positions; the batch is capped at %d",
+                    slots, self.max_batch_size, self.max_seq_len, slots,
+                )  # fmt: skip
+                self.max_batch_size = slots
+        self.cache.preallocate(slots, self.max_seq_len)
 
     # -- queue -----------------------------------------------------------------------------------
 
@@ -102,54 +164,83 @@ class NativeEngine:
 
     def _admit(self, results: list[Result]) -> torch.Tensor | None:
         """Prefill as many waiting requests as fit; status codes of the new rows, or None."""
-        batch: list[Request] = []
+        # Requests with the same prompt form one group: its first member ("leader") is prefilled,
+        # the others copy the leader's KV. Only distinct prompts count against the budget.
+        leaders: list[Request] = []
+        followers: list[Request] = []
+        group_of: dict[tuple[int, ...], int] = {}
         longest = 0
-        while self.waiting and self.num_running + len(batch) < self.max_batch_size:
+        while self.waiting and self.num_running + len(leaders) + len(followers) < self.max_batch_size:
             req = self.waiting[0]
             if req.max_new_tokens <= 0 or len(req.tokens) >= self.max_seq_len:
                 results.append(Result(req.rid, [], [], [], "length"))
                 self.waiting.popleft()
                 continue
-            t = max(longest, len(req.tokens))
-            if batch and t * (len(batch) + 1) > self.max_prefill_tokens:
-                break
-            batch.append(self.waiting.popleft())
-            longest = t
-        if not batch:
+            prompt = tuple(req.tokens)
+            if prompt not in group_of:
+                t = max(longest, len(req.tokens))
+                if leaders and t * (len(leaders) + 1) > self.max_prefill_tokens:
+                    break
+                group_of[prompt] = len(leaders)
+                leaders.append(req)
+                longest = t
+            else:
+                followers.append(req)
+            self.waiting.popleft()
+        if not leaders:
             return None
 
+        # Slots: the leaders first (one right-padded prefill), then the followers.
+        batch = leaders + followers
         first = self.num_running
         self._reserve(first + len(batch), longest + 1)
         seeds = torch.randint(0, 1 << 62, (len(batch),), generator=self._rng).tolist()
         self.slots.fill(first, batch, self.eos_token_ids, seeds)
-        ids = torch.zeros((len(batch), longest), dtype=torch.int64)
-        for i, req in enumerate(batch):
+        ids = torch.zeros((len(leaders), longest), dtype=torch.int64)
+        for i, req in enumerate(leaders):
             ids[i, : len(req.tokens)] = torch.tensor(req.tokens)
         ids = ids.to(self.device)
-        rows = slice(first, first + len(batch))
+        self.num_prefill_tokens += sum(len(r.tokens) for r in leaders)
         hidden = self.model.model(ids, attention=self.cache.prefill(first))
-        last = (self.slots.length[rows] - 1).to(self.device)
-        logits = self.model.lm_head(hidden[torch.arange(len(batch), device=self.device), last])
-        return self._sample(rows, logits)
+        last = torch.tensor([len(r.tokens) - 1 for r in leaders], device=self.device)
+        logits = self.model.lm_head(hidden[torch.arange(len(leaders), device=self.device), last])
+        if followers:
+            group = torch.tensor([group_of[tuple(r.tokens)] for r in followers], device=self.device)
+            dst = torch.arange(first + len(leaders), first + len(batch), device=self.device)
+            self.cache.share(first + group, dst, max(len(r.tokens) for r in followers))
+            logits = torch.cat([logits, logits[group]])
+        return self._sample(slice(first, first + len(batch)), logits)
 
     def _decode(self, n: int) -> torch.Tensor:
         """One token for slots 0..n-1: feed each last token, attend over its cached prefix."""
         kv_len = int(self.slots.length[:n].max())
         self._reserve(n, kv_len + 1)
+        rows = slice(0, n)
+        params, truncate = self.slots.sampling(rows)
+        if self.graphs is not None:
+            tokens, log_probs = self.graphs.run(n, kv_len, self.slots.last_token[:n], params, truncate)
+            return self._record(rows, params, tokens, log_probs)
         # Attend over a length rounded up to the cache's alignment (the mask hides the rest): the
         # attention shape then repeats across steps and backends cache their plans (cuDNN builds
         # a new one per shape, which cost more than the whole forward).
         kv_len = min(self.cache.capacity, -(-kv_len // KV_ALIGN) * KV_ALIGN)
-        positions = (self.slots.length[:n] - 1).to(self.device)
+        positions = params.positions - 1
         attention = self.cache.decode(positions, kv_len)
         hidden = self.model.model(self.slots.last_token[:n, None], positions[:, None], attention)
-        return self._sample(slice(0, n), self.model.lm_head(hidden[:, -1]))
+        tokens, log_probs = sample(self.model.lm_head(hidden[:, -1]), params, truncate)
+        return self._record(rows, params, tokens, log_probs)
 
     def _sample(self, rows: slice, logits: torch.Tensor) -> torch.Tensor:
         """Sample and record one token per row; each row's status code (running/stop/length)."""
-        s = self.slots
-        params, truncate = s.sampling(rows)
+        params, truncate = self.slots.sampling(rows)
         tokens, log_probs = sample(logits, params, truncate)
+        return self._record(rows, params, tokens, log_probs)
+
+    def _record(
+        self, rows: slice, params: SamplingParams, tokens: torch.Tensor, log_probs: torch.Tensor
+    ) -> torch.Tensor:
+        """Write the sampled tokens into the rows' outputs; each row's status (running/stop/length)."""
+        s = self.slots
         index = torch.arange(rows.start, rows.stop, device=self.device)
         s.out_tokens[index, params.positions] = tokens
         s.out_log_probs[index, params.positions] = log_probs
@@ -209,6 +300,15 @@ class NativeEngine:
         for name, tensor in state_dict.items():
             if tied and name == "lm_head.weight":
                 continue  # the same tensor as the embedding, which the update also carries
+            if name in self.fp8_layers:
+                layer = self.fp8_layers[name]
+                if tuple(tensor.shape) != (layer.out_features, layer.in_features):
+                    raise ValueError(
+                        f"load_weights: {name} has shape {tuple(tensor.shape)}, "
+                        f"expected {(layer.out_features, layer.in_features)}"
+                    )
+                updates.append((layer, tensor))
+                continue
             param = self._params.get(name)
             if param is None:
                 raise ValueError(f"load_weights: unknown parameter {name!r}")
@@ -218,7 +318,10 @@ class NativeEngine:
                 )
             updates.append((param, tensor))
         for param, tensor in updates:
-            param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+            if isinstance(param, torch.Tensor):
+                param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+            else:  # an Fp8Linear: re-quantized row-wise into its own buffers
+                param.load_(tensor)
         self.policy_version = version
 
     @torch.no_grad()

@@ -10,6 +10,10 @@ turned into Gumbel noise and added to the truncated log-probs (Gumbel-max draws 
 softmax). No generator state is carried between steps, so there is no per-row loop over
 `torch.Generator`s, a request draws the same numbers whatever batch it shares, and a partial
 rollout continued at token index t draws what it would have drawn uninterrupted.
+
+On CUDA, rows without truncation go through one fused Triton pass over the logits
+(`slipstream.kernels.sampling`, same function, bit-identical noise); this file is the reference
+and the path everywhere else.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from slipstream.kernels import sampling as fused
 
 _MASK32 = 0xFFFFFFFF
 
@@ -56,6 +62,8 @@ def sample(
 
     `truncate=False` skips the top-k/top-p sort when the caller knows no row asks for it.
     """
+    if not truncate and fused.available(logits):
+        return fused.sample(logits, params.temperature, params.seeds, params.positions)
     logits = logits.float()
     greedy = params.temperature <= 0
     temperature = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
