@@ -6,9 +6,12 @@
         trainer_state.json                                 <- step, policy version, RNG, counters
     checkpoints/latest                                     <- name of the newest complete one
 
-Nothing is pickled: a checkpoint from an untrusted place cannot run code when loaded. A
-checkpoint directory is written under a temporary name and renamed when complete, so
-`latest` never points at half a checkpoint.
+States are gathered and scattered with `torch.distributed.checkpoint`'s state-dict API in
+full (unsharded) form, so a checkpoint written by N FSDP2 ranks loads on M ranks or on one
+process. Storage is safetensors + JSON rather than DCP's own files because DCP's metadata is
+a pickle: nothing a trainer loads from disk can run code. A checkpoint directory is written
+under a temporary name and renamed when complete, so `latest` never points at half a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from safetensors.torch import load_file, save_file
 
 from slipstream.models.hf import save_model
 
+from .parallel import Parallel, full_model_state, full_optimizer_state, load_full_state
+
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -33,17 +38,24 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+SEP = "::"  # optimizer tensor keys: "<parameter name>::<state key>"
 
 
-def _optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    names = {id(p): n for n, p in model.named_parameters()}
-    out: dict[str, torch.Tensor] = {}
-    for p, state in optimizer.state.items():
-        name = names[id(p)]
+def _flatten_optimizer(osd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    tensors = {}
+    for name, state in osd["state"].items():
         for key, value in state.items():
             t = value if torch.is_tensor(value) else torch.tensor(value)
-            out[f"{name}::{key}"] = t.detach().cpu().contiguous()
-    return out
+            tensors[f"{name}{SEP}{key}"] = t.detach().cpu().contiguous()
+    return tensors, osd["param_groups"]
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups: list[dict]) -> dict:
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        name, field = key.rsplit(SEP, 1)
+        state.setdefault(name, {})[field] = value
+    return {"state": state, "param_groups": param_groups}
 
 
 def save_checkpoint(
@@ -53,20 +65,29 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     state: dict[str, Any],
     tokenizer_dir: str | None = None,
+    par: Parallel | None = None,
 ) -> Path:
-    save_dir.mkdir(parents=True, exist_ok=True)
+    """Write one checkpoint (a collective under FSDP2: every rank calls it, rank 0 writes)."""
+    par = par or Parallel()
+    model_state = full_model_state(model)
+    optim_state = full_optimizer_state(model, optimizer)  # both collectives; only rank 0 gets data
     name = f"step_{step:06d}"
     final = save_dir / name
+    if not par.is_main:
+        return final
+    optim_tensors, param_groups = _flatten_optimizer(optim_state)
+    save_dir.mkdir(parents=True, exist_ok=True)
     tmp = save_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp)
+    save_model(model, tmp, state_dict=model_state)
     if tokenizer_dir:
         for f in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / f).exists():
                 shutil.copy2(Path(tokenizer_dir) / f, tmp / f)
-    save_file(_optimizer_tensors(model, optimizer), str(tmp / "optimizer.safetensors"))
+    save_file(optim_tensors, str(tmp / "optimizer.safetensors"))
     rng = {"torch": torch.get_rng_state().tolist()}
-    (tmp / "trainer_state.json").write_text(json.dumps({**state, "step": step, "rng": rng}) + "\n")
+    meta = {**state, "step": step, "rng": rng, "param_groups": param_groups, "world_size": par.world_size}
+    (tmp / "trainer_state.json").write_text(json.dumps(meta) + "\n")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     latest_tmp = save_dir / ".latest.tmp"
@@ -88,13 +109,17 @@ def resolve_checkpoint(path: str) -> Path:
 def load_trainer_state(
     ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
-    """Restore optimizer moments and RNG into an already-loaded model; return the saved state."""
+    """Restore weights, optimizer moments and RNG into a (possibly sharded) model; return the state."""
+    from safetensors.torch import load_file as load_weights
+
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    params = dict(model.named_parameters())
-    for key, value in tensors.items():
-        name, field = key.split("::", 1)
-        p = params[name]
-        optimizer.state[p][field] = value.to(p.device) if field != "step" else value
+    weights = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        if f.name != "optimizer.safetensors":
+            weights.update(load_weights(str(f)))
+    if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
+        weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied
+    osd = _unflatten_optimizer(load_file(str(ckpt / "optimizer.safetensors")), state["param_groups"])
+    load_full_state(model, optimizer, weights, osd)
     torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
     return state

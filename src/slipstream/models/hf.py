@@ -77,11 +77,18 @@ def load_model(
     return model.eval()
 
 
-def save_model(model: Qwen3ForCausalLM, path: str | Path) -> None:
-    """Write `config.json` + `model.safetensors` (a tied lm_head is left out, as HF does)."""
+def save_model(
+    model: Qwen3ForCausalLM, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write `config.json` + `model.safetensors` (a tied lm_head is left out, as HF does).
+
+    `state_dict` overrides the model's own tensors: a sharded trainer passes the full state it
+    gathered (the model's own parameters are then only its shards).
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = {name: t.detach().contiguous().cpu() for name, t in model.state_dict().items()}
+    source = model.state_dict() if state_dict is None else state_dict
+    state = {name: t.detach().contiguous().cpu() for name, t in source.items()}
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     dtype = next(iter(state.values())).dtype

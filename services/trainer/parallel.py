@@ -1,0 +1,120 @@
+"""Data parallelism for the trainer: FSDP2 across the trainer's processes (torchrun).
+
+One trainer process is the default. Under `torchrun --nproc-per-node N` (or any launcher that
+sets RANK/WORLD_SIZE/MASTER_ADDR), every process holds a shard of the parameters, gradients and
+AdamW state (`torch.distributed.fsdp.fully_shard`, one unit per decoder layer plus the root),
+trains on its slice of each global batch, and FSDP reduce-scatters the gradients. NCCL on GPUs,
+gloo on CPU, so the same code runs in CI with two CPU processes.
+
+Rank 0 is the trainer's face to the mesh (buffer reads and acks, weight pushes, metrics); the
+other ranks receive each step's samples from it as protobuf bytes over the process group.
+Checkpoints and weight pushes go through `torch.distributed.checkpoint`'s state-dict API with
+`full_state_dict=True`: the state is gathered world-size-independent, so a run saved on N
+processes resumes on M.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+
+@dataclass
+class Parallel:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_parallel(device: torch.device) -> Parallel:
+    """Join the process group when started by torchrun; a single process otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Parallel(device=device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return Parallel(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+
+
+def shard_model(model: torch.nn.Module, par: Parallel) -> torch.nn.Module:
+    """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, lm_head)."""
+    if not par.enabled:
+        return model
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh(par.device.type, (par.world_size,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+_FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter, unsharded, on the CPU (a collective: every rank calls it; rank 0 uses it)."""
+    return get_model_state_dict(model, options=_FULL)
+
+
+def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """AdamW state keyed by parameter name, unsharded (a collective, like `full_model_state`)."""
+    return get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def load_full_state(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    model_state: dict,
+    optim_state: dict | None,
+) -> None:
+    """Scatter full (world-size-independent) states into this rank's shards."""
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, model_state, options=options)
+    if optimizer is not None and optim_state is not None:
+        set_optimizer_state_dict(model, optimizer, optim_state, options=options)
+
+
+def broadcast_bytes(payload: bytes | None, par: Parallel) -> bytes:
+    """Rank 0's bytes on every rank (protobuf payloads: no pickling across processes)."""
+    if not par.enabled:
+        assert payload is not None
+        return payload
+    dev = par.device  # NCCL broadcasts device tensors; gloo CPU ones
+    size = torch.tensor(
+        [len(payload) if par.is_main and payload is not None else 0], dtype=torch.long, device=dev
+    )
+    dist.broadcast(size, src=0)
+    buf = torch.empty(int(size.item()), dtype=torch.uint8, device=dev)
+    if par.is_main:
+        buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+    dist.broadcast(buf, src=0)
+    return buf.cpu().numpy().tobytes()
+
+
+def shutdown(par: Parallel) -> None:
+    if par.enabled and dist.is_initialized():
+        dist.destroy_process_group()
