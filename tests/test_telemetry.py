@@ -160,7 +160,8 @@ def test_coordinator_status_and_buffer_depth(metrics_port, redis_url, run_id):
             sample = types_pb2.Sample(uid=f"g{i}/0", tokens=[1, 2])
             buffer.put_group(types_pb2.Group(group_id=f"g{i}", samples=[sample]))
         buffer.read_groups("trainer-0", 2, block_ms=0)  # two delivered, not acknowledged
-        telemetry.watch("test_coordinator", lambda: telemetry.coordinator_metrics(status, buffer))
+        telemetry.watch("test_coordinator", lambda: telemetry.coordinator_metrics(status))
+        telemetry.watch("test_buffer", lambda: telemetry.buffer_metrics(buffer))
         samples = scrape(metrics_port)
     assert value(samples, "slipstream_coordinator_policy_version") == 4
     assert value(samples, "slipstream_coordinator_num_samples_in_flight") == 12

@@ -35,6 +35,7 @@ from typing import Any
 
 import grpc
 
+from slipstream import telemetry
 from slipstream.config import Config
 from slipstream.data import DataError, PromptCursor, PromptRecord, encode_prompt, load_prompts
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, reward_pb2, reward_pb2_grpc, types_pb2
@@ -571,7 +572,7 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
     log.info("%d prompts from %s", len(records), cfg.data.prompt_data)
     spec = cfg.rollout.dynamic_sampling_filter_path
     group_filter = load_filter(spec) if spec else None  # FilterLoadError: one line, before serving
-    buffer = ReplayBuffer(cfg.infra.redis_url, cfg.run_id)
+    buffer = ReplayBuffer(cfg.redis_connect_url, cfg.run_id)
     await asyncio.to_thread(buffer.ping)
     reward_channel = aio_channel(cfg.infra.reward_addr)
     await wait_healthy(
@@ -582,6 +583,7 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
     )
     service = await start_server(
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
+        interceptors=[telemetry.RpcMetrics()],
         host=cfg.infra.host,
         port=cfg.infra.port,
         ready_file=cfg.infra.ready_file,
@@ -591,5 +593,10 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
 
 async def serve(cfg: Config) -> None:
     running = await start_coordinator(cfg)
+    status, buffer = running.servicer.status, running.buffer
+    loop = asyncio.get_running_loop()
+    telemetry.watch("coordinator", lambda: telemetry.coordinator_metrics(status()), loop)
+    telemetry.watch("buffer", lambda: telemetry.buffer_metrics(buffer))  # sync Redis: off the event loop
+    telemetry.serve_metrics(cfg.infra.host, cfg.infra.metrics_port)
     install_signal_handlers(running.stop)
     await running.service.server.wait_for_termination()

@@ -21,6 +21,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -77,11 +78,14 @@ def parse_reward(body: bytes) -> float:
 class RemoteReward:
     """Scores a sample by POSTing it to a reward endpoint."""
 
-    def __init__(self, url: str, timeout: float = 30.0, max_retries: int = 3):
+    def __init__(
+        self, url: str, timeout: float = 30.0, max_retries: int = 3, headers: dict[str, str] | None = None
+    ):
         _host_port(url)
         self.url = url
         self.timeout = timeout
         self.max_retries = max_retries
+        self.headers = {"Content-Type": "application/json", **(headers or {})}  # auth: never logged
 
     async def __call__(self, sample: Sample) -> float:
         # A chat prompt travels as its list of messages, as slime sends it.
@@ -102,9 +106,7 @@ class RemoteReward:
         raise AssertionError("unreachable")
 
     def _post(self, body: bytes) -> bytes:
-        request = urllib.request.Request(
-            self.url, data=body, method="POST", headers={"Content-Type": "application/json"}
-        )
+        request = urllib.request.Request(self.url, data=body, method="POST", headers=self.headers)
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as reply:
                 return reply.read()
@@ -118,6 +120,18 @@ class RemoteReward:
             raise _Transient(_reason(e.reason)) from None
         except (TimeoutError, ConnectionError) as e:  # timeouts and resets while reading the body
             raise _Transient(_reason(e)) from None
+
+
+def read_header_file(path: str) -> dict[str, str]:
+    """The one `Name: value` header line in `path` (a mounted secret), for every request."""
+    try:
+        line = Path(path).read_text().strip()
+    except OSError as e:
+        raise RewardConfigError(f"--rm-auth-header-file {path}: {e.strerror}") from None
+    name, sep, value = line.partition(":")
+    if not sep or not name.strip() or "\n" in line or " " in name.strip():
+        raise RewardConfigError(f"--rm-auth-header-file {path}: expected one line `Name: value`")
+    return {name.strip(): value.strip()}
 
 
 class _Transient(Exception):

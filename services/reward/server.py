@@ -19,13 +19,14 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
+from slipstream import telemetry
 from slipstream.config import Config
 from slipstream.proto import reward_pb2, reward_pb2_grpc, types_pb2
 from slipstream.rpc.convert import sample_from_proto
 from slipstream.rpc.server import Service, install_signal_handlers, start_server
 from slipstream.services.reward import RewardConfigError
 from slipstream.services.reward.custom import CustomReward
-from slipstream.services.reward.remote import RemoteReward, check_reachable
+from slipstream.services.reward.remote import RemoteReward, check_reachable, read_header_file
 from slipstream.services.reward.rules import RULES, RuleFn, warm_up
 from slipstream.types import Sample
 
@@ -57,7 +58,8 @@ def build_scorer(cfg: Config) -> Scorer:
     if r.rm_url or r.rm_type == "remote_rm":
         if not r.rm_url:
             raise RewardConfigError("--rm-type remote_rm needs --rm-url")
-        return RemoteReward(r.rm_url, timeout=r.rm_timeout, max_retries=r.rm_max_retries)
+        headers = read_header_file(r.rm_auth_header_file) if r.rm_auth_header_file else None
+        return RemoteReward(r.rm_url, timeout=r.rm_timeout, max_retries=r.rm_max_retries, headers=headers)
     if r.rm_type not in RULES:
         choices = ", ".join([*RULES, "remote_rm"])
         raise RewardConfigError(f"--rm-type {r.rm_type}: unknown (choices: {choices}; or --custom-rm-path)")
@@ -118,7 +120,11 @@ async def start_reward_server(cfg: Config) -> tuple[Service, RewardServicer]:
         reward_pb2_grpc.add_RewardServicer_to_server(servicer, server)
 
     service = await start_server(
-        add_servicers, host=cfg.infra.host, port=cfg.infra.port, ready_file=cfg.infra.ready_file
+        add_servicers,
+        host=cfg.infra.host,
+        port=cfg.infra.port,
+        ready_file=cfg.infra.ready_file,
+        interceptors=[telemetry.RpcMetrics()],
     )
     log.info("scoring with %s", describe(cfg))
     return service, servicer
@@ -127,6 +133,8 @@ async def start_reward_server(cfg: Config) -> tuple[Service, RewardServicer]:
 async def serve(cfg: Config) -> None:
     """Serve until SIGTERM/SIGINT."""
     service, servicer = await start_reward_server(cfg)
+    telemetry.watch("reward", lambda: telemetry.reward_metrics(servicer), asyncio.get_running_loop())
+    telemetry.serve_metrics(cfg.infra.host, cfg.infra.metrics_port)
     install_signal_handlers(service.stop)
     await service.server.wait_for_termination()
     log.info("stopped: %d scored, %d failed", servicer.num_scored, servicer.num_failed)

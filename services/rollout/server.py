@@ -32,6 +32,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from slipstream import telemetry
 from slipstream.config import Config
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, rollout_pb2, rollout_pb2_grpc, types_pb2
 from slipstream.services.rollout.version_gate import VersionGate
@@ -370,6 +371,7 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
             except grpc.aio.AioRpcError as e:
                 error = f"FetchWeights: {e.code().name}: {e.details()}"
             seconds = time.monotonic() - t0
+            telemetry.WEIGHT_APPLY_SECONDS.labels(ok=str(not error).lower()).observe(seconds)
             if error:
                 log.warning("weights version %d refused, still serving %d: %s", version, current, error)
             else:
@@ -450,11 +452,14 @@ async def serve(cfg: Config) -> None:
     servicer = RolloutServer(cfg, server_id, worker, tokenizer, expected_shapes, coordinator)
     service = await start_server(
         lambda server: rollout_pb2_grpc.add_RolloutServicer_to_server(servicer, server),
+        interceptors=[telemetry.RpcMetrics()],
         host=cfg.infra.host,
         port=cfg.infra.port,
         ready_file=cfg.infra.ready_file,
     )
     log.info("rollout server %s: model %s on %s (%s)", server_id, path, device, dtype)
+    telemetry.watch("rollout", lambda: telemetry.rollout_metrics(worker), asyncio.get_running_loop())
+    telemetry.serve_metrics(cfg.infra.host, cfg.infra.metrics_port)
 
     async def on_signal() -> None:
         servicer.stopping.set()

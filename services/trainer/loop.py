@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +54,7 @@ class TrainerState:
     busy_s: float = 0.0  # wall time of steps, over the run
     finished: bool = False
     stop: threading.Event = field(default_factory=threading.Event)
+    observers: list[Callable[[dict], None]] = field(default_factory=list)  # get each step's metrics row
 
 
 def _group_staleness(group: types_pb2.Group, version: int) -> int:
@@ -256,6 +258,8 @@ def train(cfg: Config, state: TrainerState) -> None:
             num_failed=sum(s.status is Status.FAILED for s in samples),
             **coordinator_counters(status),
         )
+        for observe in state.observers:  # e.g. Prometheus (slipstream.telemetry)
+            observe(metrics.rows[-1])
 
     checkpoint(state.step)
     state.finished = state.step >= cfg.rollout.num_rollout

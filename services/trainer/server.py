@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from slipstream import telemetry
 from slipstream.config import Config
 from slipstream.proto import trainer_pb2, trainer_pb2_grpc
 from slipstream.rpc.server import install_signal_handlers, start_server
@@ -36,6 +37,7 @@ async def serve(cfg: Config) -> None:
     state = TrainerState()
     service = await start_server(
         lambda server: trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(state), server),
+        interceptors=[telemetry.RpcMetrics()],
         host=cfg.infra.host,
         port=cfg.infra.port,
         ready_file=cfg.infra.ready_file,
@@ -46,6 +48,8 @@ async def serve(cfg: Config) -> None:
         state.stop.set()
 
     install_signal_handlers(on_signal)
+    if telemetry.serve_metrics(cfg.infra.host, cfg.infra.metrics_port, rank_zero_only=True):
+        state.observers.append(telemetry.observe_trainer_step)
     try:
         await asyncio.to_thread(train, cfg, state)
     finally:

@@ -211,6 +211,11 @@ class RewardConfig:
     rm_timeout: float = opt(30.0, "Seconds before a remote reward call is abandoned. (Slipstream)")
     rm_max_retries: int = opt(3, "Retries of a failed remote reward call. (Slipstream)")
     custom_rm_path: str = opt("", "module:function computing the reward, slime's signature (args, sample).")
+    rm_auth_header_file: str = opt(
+        "",
+        "File holding one HTTP header sent with every --rm-url request, `Name: value` (e.g. "
+        "`Authorization: Bearer ...`; a mounted secret). (Slipstream)",
+    )
 
 
 @dataclass
@@ -301,6 +306,8 @@ class Config:
             self.reward.rm_type != "remote_rm" or bool(self.reward.rm_url),
             "--rm-type remote_rm needs --rm-url",
         )
+        header = self.reward.rm_auth_header_file
+        _require(not header or Path(header).is_file(), f"--rm-auth-header-file {header}: no such file")
         i = self.infra
         _require(0 <= i.metrics_port < 65536, "--metrics-port must be in [0, 65535]")
         _require(not i.redis_password_file or bool(i.redis_url), "--redis-password-file needs --redis-url")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -255,8 +256,8 @@ def message_gauges(prefix: str, message: Any, doc: str) -> Iterable[Metric]:
             yield gauge(f"{prefix}_{f.name}", f"{doc} ({f.name})", float(value))
 
 
-def coordinator_metrics(status: Any, buffer: Any | None) -> Iterable[Metric]:
-    """The coordinator's status message, the version each rollout server serves, the buffer depth."""
+def coordinator_metrics(status: Any) -> Iterable[Metric]:
+    """The coordinator's status message and the policy version each rollout server serves."""
     yield from message_gauges("slipstream_coordinator", status, "Coordinator status")
     versions = GaugeMetricFamily(
         "slipstream_rollout_server_policy_version",
@@ -266,8 +267,6 @@ def coordinator_metrics(status: Any, buffer: Any | None) -> Iterable[Metric]:
     for server_id, version in sorted(status.server_versions.items()):
         versions.add_metric([server_id], float(version))
     yield versions
-    if buffer is not None:
-        yield from buffer_metrics(buffer)
 
 
 def buffer_metrics(buffer: Any) -> Iterable[Metric]:
@@ -295,6 +294,12 @@ def rollout_metrics(worker: Any) -> Iterable[Metric]:
     )
     tokens.add_metric([], float(worker.num_generated_tokens))
     yield tokens
+
+
+def reward_metrics(servicer: Any) -> Iterable[Metric]:
+    """The reward service's samples scored and failed (RPC counts come from the interceptor)."""
+    yield gauge("slipstream_reward_scored", "Samples scored since start.", servicer.num_scored)
+    yield gauge("slipstream_reward_failed", "Samples whose reward failed since start.", servicer.num_failed)
 
 
 # ---- events ------------------------------------------------------------------------------------
@@ -329,9 +334,13 @@ watch("trainer_step", _trainer_step_gauges)
 # ---- the endpoint ------------------------------------------------------------------------------
 
 
-def serve_metrics(host: str, port: int) -> int | None:
-    """Start the /metrics HTTP endpoint in a daemon thread; port 0 means off. Returns the port."""
-    if not port:
+def serve_metrics(host: str, port: int, rank_zero_only: bool = False) -> int | None:
+    """Start the /metrics HTTP endpoint in a daemon thread; port 0 means off. Returns the port.
+
+    Under torchrun every rank runs the same command; with `rank_zero_only` only rank 0 (the
+    trainer's face to the mesh) binds the port.
+    """
+    if not port or (rank_zero_only and os.environ.get("RANK", "0") != "0"):
         return None
     start_http_server(port, addr=host, registry=REGISTRY)
     log.info("metrics on http://%s:%d/metrics", host, port)
