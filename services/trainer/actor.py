@@ -14,6 +14,13 @@ The loss per optimizer step is pg_loss (PPO-clip or GSPO, times the TIS weight, 
 - entropy_coef * entropy + kl_loss_coef * KL(policy || reference), as slime adds them.
 The reference model is loaded once (`--ref-load`, default `--hf-checkpoint`), frozen, and only
 ever run under no_grad.
+
+Under torchrun the policy is sharded with FSDP2 (`parallel.py`). Every rank holds the whole
+step's samples (rank 0 shares them), computes the proximal/reference log-probs, advantages and
+loss weights of all of them (so whitening and token totals need no extra collective), and
+trains on its own micro-batches: micro-batch j of an optimizer step belongs to rank j % world.
+FSDP averages gradients over ranks, so each rank's loss is scaled by the world size to keep
+the per-token sum normalised over the whole global batch. Metrics are rank 0's view.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from slipstream.config import Config
 from slipstream.models.hf import load_model
 
 from .batch import Batch, collate, split
+from .parallel import Parallel, full_model_state, init_parallel, shard_model
 
 
 def pick_device(spec: str) -> torch.device:
@@ -89,9 +97,11 @@ def _needs_ref(cfg: Config) -> bool:
 class Actor:
     def __init__(self, cfg: Config, model_path: str | None = None):
         self.cfg = cfg
-        self.device = pick_device(cfg.train.device)
+        self.par: Parallel = init_parallel(pick_device(cfg.train.device))
+        self.device = self.par.device
         dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
-        self.model = load_model(model_path or cfg.model.hf_checkpoint, device=self.device, dtype=dtype)
+        model = load_model(model_path or cfg.model.hf_checkpoint, device=self.device, dtype=dtype)
+        self.model = shard_model(model, self.par)
         self.model.train()
         self.ref_model = None
         if _needs_ref(cfg):
@@ -204,6 +214,12 @@ class Actor:
                 means.max("logprob_abs_diff_max", float(diff.max()))
 
         per_step = max(1, cfg.global_batch_size // mbs)
+        world, rank = self.par.world_size, self.par.rank
+        if per_step % world:
+            raise ValueError(
+                f"global batch ({cfg.global_batch_size}) / micro batch ({mbs}) = {per_step} micro-batches "
+                f"per optimizer step must be a multiple of the trainer world size ({world})"
+            )
         losses, norms = [], []
         steps = 0
         for start in range(0, len(micro), per_step):
@@ -213,9 +229,11 @@ class Actor:
                 continue
             self.optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
-            for i in chunk:
+            for j, i in enumerate(chunk):
                 b = micro[i]
-                if b.num_tokens == 0:
+                if j % world != rank or (b.num_tokens == 0 and world == 1):
+                    # Another rank's micro-batch. (An empty one is still run under FSDP: every
+                    # rank must join the same number of forward/backward collectives.)
                     continue
                 weights = loss_token_weights(
                     b.loss_mask, a.loss_agg_mode, step_tokens=step_tokens, step_seqs=step_seqs,
@@ -239,9 +257,11 @@ class Actor:
                     means.add(
                         "kl_loss", float((kl.detach() * b.loss_mask).sum() / b.num_tokens), b.num_tokens
                     )
-                loss.backward()
+                (loss * world).backward()  # FSDP averages gradients over ranks
                 step_loss += loss.item()
                 n = b.num_tokens
+                if n == 0:
+                    continue
                 means.add("entropy", float((entropy.detach() * b.loss_mask).sum() / n), n)
                 if a.use_rollout_logprobs:
                     diff = (lp.detach() - b.rollout_log_probs).abs()[b.loss_mask > 0]
@@ -254,6 +274,8 @@ class Actor:
                         means.add(k, float(v), n)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.clip_grad)
             self.optimizer.step()
+            if self.par.enabled:  # each rank summed its own micro-batches' share of the loss
+                step_loss = self.par.all_sum(step_loss)
             losses.append(step_loss)
             norms.append(float(norm))
             steps += 1
@@ -270,4 +292,7 @@ class Actor:
         )
 
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
+        """The full weights to push (a collective under FSDP2; only rank 0's result is used)."""
+        if self.par.enabled:
+            return full_model_state(self.model)
         return {k: v.detach() for k, v in self.model.state_dict().items()}

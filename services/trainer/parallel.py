@@ -43,6 +43,21 @@ class Parallel:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def all_sum(self, value: float) -> float:
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def broadcast_floats(self, values: list[float] | None) -> list[float]:
+        """Rank 0's list on every rank."""
+        n = torch.tensor([len(values) if self.is_main and values is not None else 0], device=self.device)
+        dist.broadcast(n, src=0)
+        t = torch.zeros(int(n.item()), dtype=torch.float64, device=self.device)
+        if self.is_main:
+            t.copy_(torch.tensor(values, dtype=torch.float64))
+        dist.broadcast(t, src=0)
+        return t.cpu().tolist()
+
 
 def init_parallel(device: torch.device) -> Parallel:
     """Join the process group when started by torchrun; a single process otherwise."""
