@@ -238,6 +238,21 @@ class InfraConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Placement, with slime's names. On a CPU-only machine GPU counts are ignored."""
+
+    actor_num_nodes: int = opt(1, "Nodes of the trainer job (the launcher runs one node; more via torchrun).")
+    actor_num_gpus_per_node: int = opt(
+        1, "Trainer processes per node (FSDP2 under torchrun); on CPU, gloo processes."
+    )
+    rollout_num_gpus: int = opt(
+        0, "GPUs for rollout in total; 0 = as many rollout servers as --rollout-num-servers."
+    )
+    rollout_num_gpus_per_engine: int = opt(1, "GPUs per rollout engine (servers = rollout GPUs / this).")
+    colocate: bool = opt(False, "Trainer and rollout share the same GPUs.")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -246,6 +261,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     infra: InfraConfig = field(default_factory=InfraConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
         r, t, a = self.rollout, self.train, self.algo
@@ -293,6 +309,15 @@ class Config:
         _require(t.lr > 0, "--lr must be positive")
         _require(t.micro_batch_size > 0, "--micro-batch-size must be positive")
         _require(t.update_weights_interval > 0, "--update-weights-interval must be positive")
+        c = self.cluster
+        _require(
+            c.actor_num_nodes >= 1 and c.actor_num_gpus_per_node >= 1, "--actor-num-* must be at least 1"
+        )
+        _require(c.rollout_num_gpus_per_engine >= 1, "--rollout-num-gpus-per-engine must be at least 1")
+        _require(
+            c.rollout_num_gpus % c.rollout_num_gpus_per_engine == 0,
+            "--rollout-num-gpus must be a multiple of --rollout-num-gpus-per-engine",
+        )
         samples = r.rollout_batch_size * r.n_samples_per_prompt
         _require(
             t.global_batch_size >= 0 and (t.global_batch_size == 0 or samples % t.global_batch_size == 0),
@@ -386,6 +411,7 @@ _SECTION_TYPES = {
     "train": TrainConfig,
     "reward": RewardConfig,
     "infra": InfraConfig,
+    "cluster": ClusterConfig,
 }
 
 
