@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; on a GPU machine set TORCH_SPEC to the build you want.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint protos clean
+.PHONY: install demo test lint protos clean compose-data images images-offline compose-up compose-down compose-smoke
 
 install: $(VENV)/.installed
 
@@ -33,3 +33,35 @@ protos: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+
+# ---- deploy (docs/deploy.md) -------------------------------------------------------------
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+
+# The demo's tiny model and prompts, where deploy/config/config.yaml expects them.
+compose-data: install
+	@test -f deploy/data/model/config.json || $(PY) -c "from slipstream.demo.warmstart import prepare_demo; prepare_demo('deploy/data')"
+	@test -f deploy/secrets/redis_password || (umask 077; $(PY) -c "import secrets; print(secrets.token_hex(24))" > deploy/secrets/redis_password)
+
+# The CPU image from the public python base (needs a registry and the package index).
+images:
+	docker build -f deploy/docker/Dockerfile -t slipstream:cpu .
+
+# No registry, no index from inside builds: a debootstrap base and a host-built wheelhouse.
+images-offline: install
+	deploy/docker/make-base-image.sh
+	deploy/docker/build-wheelhouse.sh $(PY)
+	docker build --network host -f deploy/docker/Dockerfile --build-arg BASE=local/debian:bookworm \
+	  --build-arg PIP_ARGS="--no-index --find-links /wheels" -t slipstream:cpu .
+
+# The whole single-node stack (add -f deploy/docker-compose.gpu.yml for GPUs).
+compose-up: compose-data
+	$(COMPOSE) -f deploy/docker-compose.yml up -d
+	$(COMPOSE) -f deploy/docker-compose.yml ps
+
+compose-down:
+	$(COMPOSE) -f deploy/docker-compose.yml down
+
+# The real stack on this machine, host networking, a short run; not part of `make test`.
+compose-smoke: compose-data
+	deploy/docker/compose-smoke.sh
+

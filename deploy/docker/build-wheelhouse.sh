@@ -1,0 +1,16 @@
+#!/bin/sh
+# Fill deploy/docker/wheels with every wheel the image needs (Slipstream, torch, all
+# dependencies), so the image builds with no package index: an air-gapped cluster's build, or a
+# machine whose containers cannot verify the index's certificates.
+#   deploy/docker/build-wheelhouse.sh [PYTHON] [extra pip args, e.g. --extra-index-url ...]
+# Then: docker build -f deploy/docker/Dockerfile --build-arg PIP_ARGS="--no-index --find-links /wheels" .
+# The wheels must match the image's Python (3.11 for the CPU image) and platform.
+set -eu
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+PYTHON=${1:-python3}
+[ $# -gt 0 ] && shift
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+OUT="$ROOT/deploy/docker/wheels"
+mkdir -p "$OUT"
+"$PYTHON" -m pip wheel --wheel-dir "$OUT" "$@" "$TORCH_SPEC" "$ROOT"
+echo "wheelhouse: $(ls "$OUT" | grep -c '\.whl$') wheels in $OUT"
