@@ -13,6 +13,9 @@ def main(argv: list[str] | None = None) -> None:
     from slipstream.log import setup_logging
 
     setup_logging("coordinator")
+    from slipstream.rpc import security
+
+    security.configure_process(cfg, "coordinator", prog)  # secrets from files; one line on error
     # Heavy imports (grpc, transformers, redis) only once the flags are known to be good.
     from slipstream.data import DataError
     from slipstream.rollout_filters import FilterLoadError

@@ -18,6 +18,9 @@ def main(argv: list[str] | None = None) -> None:
     from slipstream.log import setup_logging
 
     setup_logging("reward")
+    from slipstream.rpc import security
+
+    security.configure_process(cfg, "reward", "slipstream reward")  # secrets from files; one line on error
     from slipstream.rpc.server import run_async
     from slipstream.services.reward import RewardConfigError
     from slipstream.services.reward.server import serve

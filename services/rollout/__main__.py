@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> None:
     from slipstream.log import setup_logging
 
     setup_logging("rollout")
+    from slipstream.rpc import security
+
+    security.configure_process(cfg, "rollout", prog)  # secrets from files; one line on error
     # Heavy imports (torch, transformers, grpc) only once the flags are known to be good.
     from slipstream.rpc.server import run_async
     from slipstream.services.rollout.server import CoordinatorLost, serve

@@ -14,6 +14,9 @@ def main(argv: list[str] | None = None) -> None:
     from slipstream.log import setup_logging
 
     setup_logging("trainer")
+    from slipstream.rpc import security
+
+    security.configure_process(cfg, "trainer", "slipstream trainer")  # secrets from files; one line on error
     import torch
 
     if cfg.infra.torch_threads:

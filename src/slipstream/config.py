@@ -235,6 +235,23 @@ class InfraConfig:
     redis_password_file: str = opt(
         "", "File holding the Redis password (a mounted secret), filled into --redis-url. (Slipstream)"
     )
+    auth_token_file: str = opt(
+        "",
+        "File holding the token every RPC must carry (metadata `authorization: Bearer <token>`); "
+        "health checks stay open for probes; empty = no authentication. (Slipstream)",
+    )
+    trainer_token_file: str = opt(
+        "",
+        "File holding the trainer's own token: the trainer sends it, and the coordinator accepts "
+        "PushWeights only with it (PERMISSION_DENIED otherwise). (Slipstream)",
+    )
+    tls_cert: str = opt("", "PEM certificate of this service (with --tls-key): gRPC over TLS. (Slipstream)")
+    tls_key: str = opt("", "PEM private key of --tls-cert. (Slipstream)")
+    tls_ca: str = opt(
+        "",
+        "PEM CA certificates peers must chain to; servers then also require client certificates "
+        "(mTLS). Without it, clients verify servers against the system roots. (Slipstream)",
+    )
 
 
 @dataclass
@@ -340,6 +357,16 @@ class Config:
             not i.redis_password_file or Path(i.redis_password_file).is_file(),
             f"--redis-password-file {i.redis_password_file}: no such file",
         )
+        for flag, path in (
+            ("--auth-token-file", i.auth_token_file),
+            ("--trainer-token-file", i.trainer_token_file),
+            ("--tls-cert", i.tls_cert),
+            ("--tls-key", i.tls_key),
+            ("--tls-ca", i.tls_ca),
+        ):
+            _require(not path or Path(path).is_file(), f"{flag} {path}: no such file")
+        _require(bool(i.tls_cert) == bool(i.tls_key), "--tls-cert and --tls-key go together")
+        _require(not i.tls_ca or bool(i.tls_cert), "--tls-ca (mTLS) needs --tls-cert and --tls-key")
 
     # ---- derived values ------------------------------------------------------------------
     @property

@@ -1,4 +1,11 @@
-"""Client channels: same options everywhere, waiting for a peer to become healthy."""
+"""Client channels: same options everywhere, waiting for a peer to become healthy.
+
+Every channel gets the message-size limits and keepalive of the servers (`rpc/server.py`), the
+retry policy of `rpc/retry.py` (idempotent calls only, on UNAVAILABLE only), and the process's
+security settings (`rpc/security.py`): TLS credentials when configured, and an interceptor that
+adds the token and gives any call made without a deadline the default one (`--rpc-timeout`;
+the long-lived `Attach` stream excepted).
+"""
 
 from __future__ import annotations
 
@@ -8,21 +15,36 @@ import time
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from slipstream.rpc import retry, security
 from slipstream.rpc.server import KEEPALIVE_OPTIONS, MAX_MESSAGE_BYTES
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     *KEEPALIVE_OPTIONS,
+    ("grpc.enable_retries", 1),
+    ("grpc.service_config", retry.service_config()),
 ]
 
 
-def aio_channel(addr: str) -> grpc.aio.Channel:
-    return grpc.aio.insecure_channel(addr, options=CHANNEL_OPTIONS)
+def aio_channel(addr: str, options: list | None = None) -> grpc.aio.Channel:
+    sec = security.current()
+    opts = options or CHANNEL_OPTIONS
+    interceptors = security.aio_client_interceptors(sec)
+    creds = sec.channel_credentials()
+    if creds is not None:
+        return grpc.aio.secure_channel(addr, creds, options=opts, interceptors=interceptors)
+    return grpc.aio.insecure_channel(addr, options=opts, interceptors=interceptors)
 
 
-def sync_channel(addr: str) -> grpc.Channel:
-    return grpc.insecure_channel(addr, options=CHANNEL_OPTIONS)
+def sync_channel(addr: str, options: list | None = None) -> grpc.Channel:
+    sec = security.current()
+    opts = options or CHANNEL_OPTIONS
+    creds = sec.channel_credentials()
+    raw = (
+        grpc.secure_channel(addr, creds, options=opts) if creds else grpc.insecure_channel(addr, options=opts)
+    )
+    return grpc.intercept_channel(raw, security.SyncClientInterceptor(sec))
 
 
 async def wait_healthy(channel: grpc.aio.Channel, timeout: float = 30.0, what: str = "service") -> None:

@@ -4,6 +4,17 @@ Every service: a `grpc.aio` server with the standard `grpc.health.v1` service, k
 message-size limits sized for weight chunks, bound to `--host/--port` (port 0 picks a free
 one), its actual port written to `--ready-file` once it serves, and a graceful stop on
 SIGTERM/SIGINT (health turns NOT_SERVING first, then in-flight calls get a grace period).
+
+Security comes from the process's settings (`slipstream.rpc.security`, configured once in the
+service's `main()`): a TLS port instead of a plaintext one, and the token check as the first
+interceptor, so a refused call never reaches a handler or the metrics of one.
+
+Keepalive is configured on both ends (`keepalive_options`, shared with `channel.py`): each side
+pings an idle connection every 20 s and drops it when a ping goes unanswered for 10 s, so a
+peer that froze or vanished without closing its socket (a SIGSTOPped process, a dead host, a cut
+network) breaks its streams within ~30 s, and the coordinator re-dispatches its leases. Servers
+accept pings every 10 s even without calls in flight; otherwise they would count the clients'
+20 s pings as abuse and answer GOAWAY "too_many_pings".
 """
 
 from __future__ import annotations
@@ -18,16 +29,28 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from slipstream.rpc import security
+
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-KEEPALIVE_OPTIONS = [
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-]
+KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS = 20_000, 10_000
+
+
+def keepalive_options(time_ms: int = KEEPALIVE_TIME_MS, timeout_ms: int = KEEPALIVE_TIMEOUT_MS) -> list:
+    """Keepalive channel arguments, the same on servers and clients (tests shrink the times)."""
+    return [
+        ("grpc.keepalive_time_ms", time_ms),
+        ("grpc.keepalive_timeout_ms", timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # What a server accepts from clients (and a client's own floor): half the ping period.
+        ("grpc.http2.min_ping_interval_without_data_ms", time_ms // 2),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", time_ms // 2),
+    ]
+
+
+KEEPALIVE_OPTIONS = keepalive_options()
 SERVER_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -62,13 +85,19 @@ async def start_server(
     port: int = 0,
     ready_file: str = "",
     interceptors: list | None = None,
+    options: list | None = None,
 ) -> Service:
     """Build, bind and start a server; `add_servicers(server)` registers the service's handlers."""
-    server = grpc.aio.server(options=SERVER_OPTIONS, interceptors=interceptors or [])
+    sec = security.current()
+    if security.needs_server_interceptor(sec):
+        interceptors = [security.AuthInterceptor(sec), *(interceptors or [])]
+    server = grpc.aio.server(options=options or SERVER_OPTIONS, interceptors=interceptors or [])
     add_servicers(server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    creds = sec.server_credentials()
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()
@@ -79,7 +108,7 @@ async def start_server(
         tmp.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(str(bound))
         os.replace(tmp, ready_file)  # atomic: readers never see a half-written port
-    log.info("serving on %s:%d", host, bound)
+    log.info("serving on %s:%d (%s)", host, bound, sec.describe())
     return service
 
 
