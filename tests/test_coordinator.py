@@ -556,6 +556,40 @@ def test_over_sampling_fills_the_batch_with_passing_groups_and_recycles_the_rest
         assert list(sample.tokens)[-sample.response_length - 2 : -sample.response_length] == [5, 6]
 
 
+def test_rollout_idle_fraction_from_heartbeats(assets, redis_url, run_id, reward_addr):
+    cfg = _cfg(assets, redis_url, run_id, reward_addr)
+
+    async def scenario():
+        coord = await start_coordinator(cfg)
+        channel = aio_channel(f"127.0.0.1:{coord.port}")
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        try:
+            rollout = FakeRollout(channel, "r0", capacity=8).start()
+
+            def beat(idle: float, up: float) -> None:
+                rollout.outbox.put_nowait(
+                    coordinator_pb2.RolloutEvent(
+                        heartbeat=coordinator_pb2.Heartbeat(idle_seconds=idle, uptime_seconds=up)
+                    )
+                )
+
+            beat(100.0, 120.0)  # the first heartbeat is the baseline: earlier idling does not count
+            beat(103.0, 124.0)  # then 3 s idle out of 4
+            await asyncio.sleep(0.3)
+            status = await stub.ReportProgress(coordinator_pb2.TrainerProgress(step=1), timeout=5)
+            assert status.rollout_idle_fraction == pytest.approx(0.75)
+            beat(103.0, 126.0)  # busy for the next 2 s: the fraction is per report window
+            await asyncio.sleep(0.3)
+            status = await stub.ReportProgress(coordinator_pb2.TrainerProgress(step=2), timeout=5)
+            assert status.rollout_idle_fraction == pytest.approx(0.0)
+            await rollout.close()
+        finally:
+            await channel.close()
+            await coord.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 45))
+
+
 def test_malformed_prompt_file_exits_2_with_one_line(assets, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "1+1=", "label": "2"}\n{"prompt": oops}\n')

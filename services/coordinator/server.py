@@ -93,8 +93,9 @@ class Attached:
     max_concurrent: int
     version: int
     outbox: asyncio.Queue = field(default_factory=asyncio.Queue)  # RolloutCommand, None = close
-    idle_s: float = 0.0  # from its last heartbeat: engine idle time since the server started
-    uptime_s: float = 0.0
+    idle_s: float = 0.0  # engine idle seconds since its first heartbeat on this stream
+    uptime_s: float = 0.0  # seconds since its first heartbeat on this stream
+    idle_base: tuple[float, float] | None = None  # (idle, uptime) of that first heartbeat
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
@@ -299,7 +300,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         elif kind == "heartbeat":
             hb = event.heartbeat
             conn.version = hb.policy_version
-            conn.idle_s, conn.uptime_s = hb.idle_seconds, hb.uptime_seconds
+            if conn.idle_base is None:  # time before it attached is not rollout idling
+                conn.idle_base = (hb.idle_seconds, hb.uptime_seconds)
+            conn.idle_s = hb.idle_seconds - conn.idle_base[0]
+            conn.uptime_s = hb.uptime_seconds - conn.idle_base[1]
         elif kind == "weights_applied":
             w = event.weights_applied
             if w.ok:

@@ -246,8 +246,7 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
                 self._abort_work(list(self._work))
 
     async def _heartbeat(self, outbox: asyncio.Queue) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT_SECONDS)
+        while True:  # the first one at once: the coordinator's baseline for idle time
             outbox.put_nowait(
                 coordinator_pb2.RolloutEvent(
                     heartbeat=coordinator_pb2.Heartbeat(
@@ -258,6 +257,7 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
                     )
                 )
             )
+            await asyncio.sleep(HEARTBEAT_SECONDS)
 
     def _on_command(self, cmd: coordinator_pb2.RolloutCommand, outbox: asyncio.Queue) -> None:
         kind = cmd.WhichOneof("kind")
