@@ -195,3 +195,17 @@ def test_stopping_the_launcher_leaves_no_process(assets, tmp_path, sig):
     while [n for n, pid in pids.items() if _alive(pid)] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [n for n, pid in pids.items() if _alive(pid)]
+
+
+def test_mesh_with_a_two_rank_fsdp2_trainer(assets, tmp_path):
+    """--actor-num-gpus-per-node 2 on CPU: torchrun starts two gloo ranks of the FSDP2 trainer."""
+    model, prompts = assets
+    run_dir = tmp_path / "run"
+    argv = _argv(model, prompts, run_dir, "--actor-num-gpus-per-node", "2", "--micro-batch-size", "4")
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["finished"] and summary["policy_version"] == 3
+    assert summary["rollout_server_versions"] == {"rollout-0": 3, "rollout-1": 3}
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["num_optimizer_steps"] == 2 for r in rows)

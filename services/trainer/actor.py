@@ -124,15 +124,16 @@ class Actor:
     def log_probs(self, batch: Batch, model: torch.nn.Module | None = None) -> torch.Tensor:
         """Per-token log-probs of `batch.targets` under the current (or given) weights, [B, T]."""
         model = model or self.model
-        hidden = model.model(batch.input_ids)
-        return chunked_token_log_probs(
-            hidden, model.lm_head.weight, batch.targets, temperature=self.cfg.rollout.rollout_temperature
+        t = self.cfg.rollout.rollout_temperature
+        return model(
+            batch.input_ids, head=lambda h, w: chunked_token_log_probs(h, w, batch.targets, temperature=t)
         )
 
     def log_probs_and_entropy(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden = self.model.model(batch.input_ids)
-        return chunked_log_probs_and_entropy(
-            hidden, self.model.lm_head.weight, batch.targets, temperature=self.cfg.rollout.rollout_temperature
+        t = self.cfg.rollout.rollout_temperature
+        return self.model(
+            batch.input_ids,
+            head=lambda h, w: chunked_log_probs_and_entropy(h, w, batch.targets, temperature=t),
         )
 
     @torch.no_grad()

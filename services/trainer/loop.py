@@ -32,13 +32,14 @@ from slipstream.buffer.replay import ReplayBuffer, ReusedGroup
 from slipstream.config import Config
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, types_pb2
 from slipstream.rpc.channel import sync_channel, wait_healthy_sync
-from slipstream.rpc.convert import sample_from_proto
+from slipstream.rpc.convert import sample_from_proto, sample_to_proto
 from slipstream.types import Sample, Status
 
 from .actor import Actor
 from .batch import trainable
 from .checkpoint import load_trainer_state, resolve_checkpoint, save_checkpoint
 from .metrics import MetricsLog, coordinator_counters, group_metrics
+from .parallel import Parallel, broadcast_bytes
 from .weight_push import push_weights
 
 log = logging.getLogger("slipstream.trainer")
@@ -128,32 +129,52 @@ def _await_rollout_versions(coordinator, version: int, timeout: float) -> coordi
         time.sleep(0.2)
 
 
+def _share_step(
+    par: Parallel, samples: list[Sample] | None, scores: list[float] | None, stop: bool, trained_version: int
+) -> tuple[list[Sample], list[float], bool, int]:
+    """Rank 0's step (or its decision to stop) on every rank; protobuf bytes, never pickles."""
+    if not par.enabled:
+        return samples or [], scores or [], stop, trained_version
+    head = par.broadcast_floats([float(stop), float(trained_version)] if par.is_main else None)
+    if head[0]:
+        return [], [], True, int(head[1])
+    payload = (
+        types_pb2.Group(samples=[sample_to_proto(x) for x in samples]).SerializeToString()
+        if par.is_main
+        else None
+    )
+    group = types_pb2.Group.FromString(broadcast_bytes(payload, par))
+    return [sample_from_proto(p) for p in group.samples], par.broadcast_floats(scores), False, int(head[1])
+
+
 def train(cfg: Config, state: TrainerState) -> None:
     torch.manual_seed(cfg.train.seed)
-    buffer = ReplayBuffer(cfg.redis_connect_url, cfg.run_id)
-    channel = sync_channel(cfg.infra.coordinator_addr)
-    wait_healthy_sync(channel, timeout=60, what=f"coordinator at {cfg.infra.coordinator_addr}")
-    coordinator = coordinator_pb2_grpc.CoordinatorStub(channel)
-    actor = Actor(cfg)
-    metrics = MetricsLog(cfg.infra.run_dir)
-    consumer = "trainer-0"
-
-    if cfg.train.load:
-        ckpt = resolve_checkpoint(cfg.train.load)
-        actor = Actor(cfg, model_path=str(ckpt))
+    ckpt = resolve_checkpoint(cfg.train.load) if cfg.train.load else None
+    actor = Actor(cfg, model_path=str(ckpt) if ckpt else None)
+    par = actor.par
+    if ckpt:
         saved = load_trainer_state(ckpt, actor.model, actor.optimizer)
         state.step, state.policy_version = saved["step"], saved["policy_version"]
         state.num_groups_consumed = saved.get("num_groups_consumed", 0)
         state.num_group_trainings = saved.get("num_group_trainings", state.num_groups_consumed)
         log.info("resumed from %s at step %d (policy v%d)", ckpt, state.step, state.policy_version)
-        if state.policy_version > 0:
-            push_weights(
-                coordinator,
-                actor.state_dict_for_sync(),
-                state.policy_version,
-                cfg.train.weight_sync_dtype,
-                cfg.infra.rpc_timeout,
-            )
+    if not par.is_main:
+        return _follow(cfg, state, actor)
+    buffer = ReplayBuffer(cfg.redis_connect_url, cfg.run_id)
+    channel = sync_channel(cfg.infra.coordinator_addr)
+    wait_healthy_sync(channel, timeout=60, what=f"coordinator at {cfg.infra.coordinator_addr}")
+    coordinator = coordinator_pb2_grpc.CoordinatorStub(channel)
+    metrics = MetricsLog(cfg.infra.run_dir)
+    consumer = "trainer-0"
+
+    if ckpt and state.policy_version > 0:
+        push_weights(
+            coordinator,
+            actor.state_dict_for_sync(),
+            state.policy_version,
+            cfg.train.weight_sync_dtype,
+            cfg.infra.rpc_timeout,
+        )
 
     def checkpoint(step: int) -> None:
         save_checkpoint(
@@ -167,6 +188,7 @@ def train(cfg: Config, state: TrainerState) -> None:
                 "num_group_trainings": state.num_group_trainings,
             },
             tokenizer_dir=cfg.model.hf_checkpoint,
+            par=par,
         )
 
     for step in range(state.step, cfg.rollout.num_rollout):
@@ -186,7 +208,9 @@ def train(cfg: Config, state: TrainerState) -> None:
             policy=cfg.algo.stale_sample_policy,
             mask_offpolicy=cfg.algo.mask_offpolicy_in_partial_rollout,
         )
-        stats = actor.train_rollout(samples, [x for g in scores for x in g], trained_version)
+        flat_scores = [x for g in scores for x in g]
+        _share_step(par, samples, flat_scores, False, trained_version)
+        stats = actor.train_rollout(samples, flat_scores, trained_version)
         t_compute = time.perf_counter()
 
         next_version = trained_version + int((step + 1) % cfg.train.update_weights_interval == 0)
@@ -261,6 +285,7 @@ def train(cfg: Config, state: TrainerState) -> None:
         for observe in state.observers:  # e.g. Prometheus (slipstream.telemetry)
             observe(metrics.rows[-1])
 
+    _share_step(par, None, None, True, state.policy_version)  # followers: the run is over
     checkpoint(state.step)
     state.finished = state.step >= cfg.rollout.num_rollout
     status = _await_rollout_versions(coordinator, state.policy_version, cfg.infra.rpc_timeout)
@@ -275,3 +300,21 @@ def train(cfg: Config, state: TrainerState) -> None:
     )
     buffer.close()
     channel.close()
+
+
+def _follow(cfg: Config, state: TrainerState, actor: Actor) -> None:
+    """A rank other than 0: train on what rank 0 shares, join every collective, talk to no one."""
+    if cfg.train.load and state.policy_version > 0:
+        actor.state_dict_for_sync()  # rank 0 re-pushes the resumed version: join its gather
+    while True:
+        samples, scores, stop, trained_version = _share_step(actor.par, None, None, False, 0)
+        if stop:
+            break
+        actor.train_rollout(samples, scores, trained_version)
+        state.step += 1
+        if state.step % cfg.train.update_weights_interval == 0:
+            state.policy_version += 1
+            actor.state_dict_for_sync()  # the gather is a collective; rank 0 pushes
+        if cfg.train.save_interval and state.step % cfg.train.save_interval == 0:
+            save_checkpoint(cfg.save_dir, state.step, actor.model, actor.optimizer, {}, par=actor.par)
+    save_checkpoint(cfg.save_dir, state.step, actor.model, actor.optimizer, {}, par=actor.par)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from slipstream import telemetry
 from slipstream.config import Config
@@ -35,6 +36,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
 
 async def serve(cfg: Config) -> None:
     state = TrainerState()
+    if int(os.environ.get("RANK", "0")) != 0:
+        # A torchrun rank other than 0 serves nothing: rank 0 is the trainer's face to the mesh.
+        await asyncio.to_thread(train, cfg, state)
+        return
     service = await start_server(
         lambda server: trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(state), server),
         interceptors=[telemetry.RpcMetrics()],

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slipstream.config import Config
+from slipstream.placement import cuda_visible, plan
 
 GRACE_S = 5.0
 READY_TIMEOUT_S = 120.0
@@ -79,7 +80,9 @@ class Mesh:
     def run_dir(self) -> Path:
         return Path(self.cfg.infra.run_dir)
 
-    def spawn(self, name: str, argv: list[str], ready: bool = True) -> Proc:
+    def spawn(
+        self, name: str, argv: list[str], ready: bool = True, env: dict[str, str] | None = None
+    ) -> Proc:
         logs = self.run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         ready_file = self.run_dir / "ports" / f"{name}.port" if ready else None
@@ -88,7 +91,7 @@ class Mesh:
             ready_file.unlink(missing_ok=True)
             argv = [*argv, "--ready-file", str(ready_file)]
         log_path = logs / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
                 argv,
@@ -105,9 +108,24 @@ class Mesh:
         (self.run_dir / "pids.json").write_text(json.dumps(pids, indent=2) + "\n")
         return proc
 
-    def service(self, name: str, module: str, *extra: str, threads: int = 1) -> Proc:
+    def service(
+        self,
+        name: str,
+        module: str,
+        *extra: str,
+        threads: int = 1,
+        env: dict[str, str] | None = None,
+        ranks: int = 1,
+    ) -> Proc:
+        # Several ranks (the FSDP2 trainer): torchrun starts them and waits for all.
+        runner = (
+            ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)]
+            if ranks > 1
+            else []
+        )
         argv = [
             sys.executable,
+            *runner,
             "-m",
             f"slipstream.services.{module}",
             "--config",
@@ -120,7 +138,7 @@ class Mesh:
             str(threads),
             *extra,
         ]
-        return self.spawn(name, argv)
+        return self.spawn(name, argv, env=env)
 
     def wait_ready(self, proc: Proc, timeout: float = READY_TIMEOUT_S) -> int:
         deadline = time.monotonic() + timeout
@@ -187,15 +205,26 @@ def start_mesh(mesh: Mesh) -> Proc:
     reward_addr = f"127.0.0.1:{mesh.wait_ready(reward)}"
     coordinator = mesh.service("coordinator", "coordinator", "--reward-addr", reward_addr)
     coord_addr = f"127.0.0.1:{mesh.wait_ready(coordinator)}"
+    place = plan(cfg)
     rollouts = [
         mesh.service(
-            f"rollout-{i}", "rollout", "--coordinator-addr", coord_addr, "--server-id", f"rollout-{i}"
+            f"rollout-{i}",
+            "rollout",
+            "--coordinator-addr",
+            coord_addr,
+            "--server-id",
+            f"rollout-{i}",
+            env=cuda_visible(gpus),
         )
-        for i in range(cfg.rollout.rollout_num_servers)
+        for i, gpus in enumerate(place.rollout_gpus)
     ]
-    trainer = mesh.service("trainer", "trainer", "--coordinator-addr", coord_addr)
-    for p in [*rollouts, trainer]:
+    for p in rollouts:  # every server attached before the first step: all see every version
         mesh.wait_ready(p)
+    trainer = mesh.service(
+        "trainer", "trainer", "--coordinator-addr", coord_addr,
+        env=cuda_visible(place.trainer_gpus), ranks=place.trainer_procs,
+    )  # fmt: skip
+    mesh.wait_ready(trainer)
     return trainer
 
 

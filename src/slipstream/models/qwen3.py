@@ -264,5 +264,15 @@ class Qwen3ForCausalLM(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         attention: Attention | None = None,
-    ) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids, positions, attention))
+        head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+    ) -> Any:
+        """Logits, or `head(hidden, lm_head_weight)` when given.
+
+        `head` lets the trainer turn hidden states into per-token log-probs chunk by chunk
+        without materialising full-vocabulary logits, inside this forward: under FSDP2 the
+        LM-head weight is only gathered (unsharded) while the root module's forward runs.
+        """
+        hidden = self.model(input_ids, positions, attention)
+        if head is not None:
+            return head(hidden, self.lm_head.weight)
+        return self.lm_head(hidden)
