@@ -40,6 +40,7 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 # The demo's tiny model and prompts, where deploy/config/config.yaml expects them.
 compose-data: install
 	@test -f deploy/data/model/config.json || $(PY) -c "from slipstream.demo.warmstart import prepare_demo; prepare_demo('deploy/data')"
+	chmod -R a+rX deploy/data  # the containers' user (uid 10001) reads it
 	@test -f deploy/secrets/redis_password || (umask 077; $(PY) -c "import secrets; print(secrets.token_hex(24))" > deploy/secrets/redis_password)
 
 # The CPU image from the public python base (needs a registry and the package index).

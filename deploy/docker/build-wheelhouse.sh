@@ -12,5 +12,8 @@ PYTHON=${1:-python3}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 OUT="$ROOT/deploy/docker/wheels"
 mkdir -p "$OUT"
-"$PYTHON" -m pip wheel --wheel-dir "$OUT" "$@" "$TORCH_SPEC" "$ROOT"
+# setuptools and wheel: the build backend pip needs to build Slipstream itself in the image.
+# async-timeout: redis needs it below Python 3.11.3 (Debian bookworm has 3.11.2), pip on a newer
+# host Python would not fetch it.
+"$PYTHON" -m pip wheel --wheel-dir "$OUT" "$@" "$TORCH_SPEC" "setuptools>=69" wheel "async-timeout>=4.0.3" "$ROOT"
 echo "wheelhouse: $(ls "$OUT" | grep -c '\.whl$') wheels in $OUT"

@@ -554,6 +554,7 @@ class RunningCoordinator:
         return self.service.port
 
     async def stop(self, grace: float = 2.0) -> None:
+        await self.service.health.enter_graceful_shutdown()  # probers learn first
         await self.servicer.close()
         await self.service.stop(grace)
         await self.reward_channel.close()

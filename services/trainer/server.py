@@ -50,6 +50,7 @@ async def serve(cfg: Config) -> None:
 
     async def on_signal() -> None:
         log.info("stop requested")
+        await service.health.enter_graceful_shutdown()  # probers learn first
         state.stop.set()
 
     install_signal_handlers(on_signal)
