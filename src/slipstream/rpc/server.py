@@ -27,9 +27,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from slipstream.rpc import security
+from slipstream.rpc.health import HealthServicer
 
 log = logging.getLogger(__name__)
 
@@ -61,20 +62,25 @@ SERVER_OPTIONS = [
 class Service:
     """A started server: its port, its health servicer, and a way to wait for shutdown."""
 
-    def __init__(self, server: grpc.aio.Server, health_servicer: health.HealthServicer, port: int):
+    def __init__(self, server: grpc.aio.Server, health_servicer: HealthServicer, port: int):
         self.server = server
         self.health = health_servicer
         self.port = port
         self.stopping = asyncio.Event()
+        self._health_updates: set[asyncio.Task] = set()
 
     def set_serving(self, serving: bool) -> None:
+        """Report SERVING or NOT_SERVING (to Check at once, to Watch streams on the next loop turn)."""
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        self.health.set("", status)
+        task = asyncio.get_running_loop().create_task(self.health.set("", status))
+        self._health_updates.add(task)
+        task.add_done_callback(self._health_updates.discard)
 
     async def stop(self, grace: float = 5.0) -> None:
-        self.set_serving(False)
+        """NOT_SERVING for good (probers and load balancers learn first), then finish in-flight calls."""
+        await self.health.enter_graceful_shutdown()
         self.stopping.set()
         await self.server.stop(grace)
 
@@ -93,7 +99,7 @@ async def start_server(
         interceptors = [security.AuthInterceptor(sec), *(interceptors or [])]
     server = grpc.aio.server(options=options or SERVER_OPTIONS, interceptors=interceptors or [])
     add_servicers(server)
-    health_servicer = health.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     creds = sec.server_credentials()
     address = f"{host}:{port}"
@@ -101,8 +107,7 @@ async def start_server(
     if bound == 0:
         raise OSError(f"cannot bind {host}:{port}")
     await server.start()
-    service = Service(server, health_servicer, bound)
-    service.set_serving(True)
+    service = Service(server, health_servicer, bound)  # health starts SERVING
     if ready_file:
         tmp = Path(ready_file).with_suffix(".tmp")
         tmp.parent.mkdir(parents=True, exist_ok=True)
