@@ -35,6 +35,7 @@ from google.protobuf.message import DecodeError
 
 from slipstream.buffer.keys import DEFAULT_CONSUMER_GROUP, Keys
 from slipstream.proto import types_pb2
+from slipstream.rpc.convert import SampleError, check_sample, sample_from_proto
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,12 @@ def _decode_group(fields: dict[bytes, bytes]) -> types_pb2.Group:
         raise CorruptPayload(f"not a Group: {e}") from None
     if not group.samples:
         raise CorruptPayload("Group without samples")
+    try:  # parseable is not enough: the trainer must be able to use every number in it
+        for sample in group.samples:
+            check_sample(sample)
+            sample_from_proto(sample)
+    except SampleError as e:
+        raise CorruptPayload(str(e)) from None
     return group
 
 

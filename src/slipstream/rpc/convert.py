@@ -3,11 +3,17 @@
 `Sample` (slipstream.types) is what code works with; `types_pb2.Sample` is what travels.
 Everything that crosses a process boundary goes through these two functions, so a field
 added to one side and forgotten on the other fails `tests/test_convert.py`.
+
+What arrives may be hostile or corrupt (a buggy peer, a damaged Redis entry): `sample_from_proto`
+raises `SampleError` (a ValueError, one line) for anything it cannot turn into a `Sample`, and
+`check_sample` is the boundary check services apply before trusting a sample's numbers: token
+ids inside the vocabulary, lengths consistent and bounded, floats finite.
 """
 
 from __future__ import annotations
 
 import json
+import math
 
 from slipstream.proto import types_pb2
 from slipstream.types import Sample, Status
@@ -20,6 +26,35 @@ _STATUS_TO_PB = {
     Status.FAILED: types_pb2.SAMPLE_STATUS_FAILED,
 }
 _STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+
+
+class SampleError(ValueError):
+    """A sample off the wire that is malformed or out of bounds; the message names the field."""
+
+
+def check_sample(p: types_pb2.Sample, vocab_size: int = 0, max_tokens: int = 0) -> None:
+    """Raise `SampleError` unless `p`'s numbers can be trusted (vocab_size/max_tokens 0 = unchecked)."""
+    n, total = p.response_length, len(p.tokens)
+    where = f"sample {p.uid[:80]!r}"
+    if p.status not in _STATUS_FROM_PB:
+        raise SampleError(f"{where}: unknown status {p.status}")
+    if not 0 <= n <= total:
+        raise SampleError(f"{where}: response_length {n} outside [0, {total} tokens]")
+    if max_tokens and total > max_tokens:
+        raise SampleError(f"{where}: {total} tokens, more than the {max_tokens} allowed")
+    if vocab_size and total and not (0 <= min(p.tokens) and max(p.tokens) < vocab_size):
+        bad = next(t for t in p.tokens if not 0 <= t < vocab_size)
+        raise SampleError(f"{where}: token id {bad} outside the vocabulary [0, {vocab_size})")
+    for name in ("loss_mask", "rollout_log_probs", "policy_versions"):
+        got = len(getattr(p, name))
+        if got not in (0, n):
+            raise SampleError(f"{where}: {got} {name} for a {n}-token response")
+    if not math.isfinite(p.reward):
+        raise SampleError(f"{where}: reward is {p.reward}")
+    if not all(math.isfinite(x) and x <= 0.0 for x in p.rollout_log_probs):
+        raise SampleError(f"{where}: rollout_log_probs must be finite and <= 0")
+    if any(v < 0 for v in p.policy_versions):
+        raise SampleError(f"{where}: negative policy version")
 
 
 def sample_to_proto(s: Sample) -> types_pb2.Sample:
@@ -50,15 +85,29 @@ def sample_to_proto(s: Sample) -> types_pb2.Sample:
 
 
 def sample_from_proto(p: types_pb2.Sample) -> Sample:
-    metadata = json.loads(p.metadata_json) if p.metadata_json else {}
+    """The Sample of a proto; `SampleError` if it cannot be one (bad status, metadata, lengths)."""
+    if p.status not in _STATUS_FROM_PB:
+        raise SampleError(f"sample {p.uid[:80]!r}: unknown status {p.status}")
+    if not 0 <= p.response_length <= len(p.tokens):
+        raise SampleError(
+            f"sample {p.uid[:80]!r}: response_length {p.response_length} > {len(p.tokens)} tokens"
+        )
+    try:
+        metadata = json.loads(p.metadata_json) if p.metadata_json else {}
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise SampleError(f"sample {p.uid[:80]!r}: metadata_json is not JSON ({e})") from None
+    if not isinstance(metadata, dict):
+        raise SampleError(f"sample {p.uid[:80]!r}: metadata_json must be an object")
     reward: float | dict | None = p.reward
     if "_reward_dict" in metadata:
         reward = metadata.pop("_reward_dict")
+        if not isinstance(reward, dict):
+            raise SampleError(f"sample {p.uid[:80]!r}: a reward dict must be an object")
     prompt: str | list = p.prompt
     if p.prompt.startswith("[{"):
         try:
             prompt = json.loads(p.prompt)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             prompt = p.prompt
     n = p.response_length
     return Sample(

@@ -20,7 +20,7 @@ import torch
 
 from slipstream.proto import types_pb2
 from slipstream.quant import BLOCK, FP8_DTYPE, dequantize_blockwise, scale_shape
-from slipstream.weights.packer import FORMATS, WIRE_DTYPES, WeightError, model_fingerprint
+from slipstream.weights.packer import ALIGN, FORMATS, WIRE_DTYPES, WeightError, model_fingerprint
 
 
 def _numel(shape) -> int:
@@ -193,6 +193,12 @@ def _check_manifest(
                 f"expected float32 {list(scale_shape(tuple(e.shape)))}"
             )
         scale_names.add(e.scale_name)
+
+    # The blob is the entries laid end to end (64-byte aligned): a larger total is padding nobody
+    # reads, and would let a manifest make this process allocate whatever it claims.
+    laid_out = sum(-(-e.nbytes // ALIGN) * ALIGN for e in m.tensors)
+    if m.total_bytes > laid_out:
+        raise WeightError(f"version {v}: total_bytes {m.total_bytes} exceeds its tensors' {laid_out} bytes")
 
     model = {name: tuple(e.shape) for name, e in entries.items() if name not in scale_names}
     missing = sorted(expected_shapes.keys() - model.keys())
