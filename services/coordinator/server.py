@@ -41,7 +41,7 @@ from slipstream.data import DataError, PromptCursor, PromptRecord, encode_prompt
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, reward_pb2, reward_pb2_grpc, types_pb2
 from slipstream.rollout_filters import FilterFn, keeps, load_filter
 from slipstream.rpc.channel import aio_channel, wait_healthy
-from slipstream.rpc.convert import sample_from_proto, sample_to_proto
+from slipstream.rpc.convert import SampleError, check_sample, sample_from_proto, sample_to_proto
 from slipstream.rpc.server import Service, install_signal_handlers, start_server
 from slipstream.services.coordinator.admission import StalenessBound, may_store
 from slipstream.services.coordinator.groups import (
@@ -151,6 +151,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self._idle_mark = (0.0, 0.0)  # totals at the last trainer report
         self.trained_steps = 0
         self.finished = False
+        # Bounds every result is checked against (0 = unchecked; start_coordinator sets the vocabulary).
+        self.vocab_size = 0
+        self.max_tokens = r.rollout_max_prompt_len + r.rollout_max_response_len
 
     # ---- admission and dispatch --------------------------------------------------------
     @property
@@ -315,8 +318,19 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             log.warning("ignoring an unexpected %s event from %s", kind, conn.server_id)
 
     def _on_result(self, conn: Attached, result: coordinator_pb2.SampleResult) -> None:
+        sample = result.sample
         try:
-            group = self.ledger.accept_result(conn.conn_id, result.work_id, result.lease_epoch, result.sample)
+            check_sample(sample, self.vocab_size, self.max_tokens)
+        except SampleError as e:
+            # Garbage from a server (ids past the vocabulary, NaN log-probs...) must not reach the
+            # trainer: the sample counts as FAILED, with the prompt only, and the run goes on.
+            log.warning("result from %s refused: %s", conn.server_id, e)
+            if result.work_id in self.ledger.leases:
+                sample = types_pb2.Sample()
+                sample.CopyFrom(self.ledger.sample_of(result.work_id))
+                sample.status = types_pb2.SAMPLE_STATUS_FAILED
+        try:
+            group = self.ledger.accept_result(conn.conn_id, result.work_id, result.lease_epoch, sample)
         except StaleResult as e:
             log.info("ignored from %s: %s", conn.server_id, e)
             return
@@ -567,7 +581,7 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
     Raises `DataError` for unusable prompts before anything listens.
     """
     from slipstream.buffer.replay import ReplayBuffer
-    from slipstream.models.hf import load_tokenizer
+    from slipstream.models.hf import load_config, load_tokenizer
 
     records = load_prompts(
         cfg.data.prompt_data, cfg.data.input_key, cfg.data.label_key, cfg.data.metadata_key
@@ -586,6 +600,7 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
     servicer = CoordinatorServicer(
         cfg, records, prompt_tokens, buffer, reward_pb2_grpc.RewardStub(reward_channel), group_filter
     )
+    servicer.vocab_size = load_config(cfg.model.hf_checkpoint).vocab_size  # results are checked against it
     service = await start_server(
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
         interceptors=[telemetry.RpcMetrics()],
