@@ -31,6 +31,7 @@ import itertools
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -600,7 +601,8 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
     servicer = CoordinatorServicer(
         cfg, records, prompt_tokens, buffer, reward_pb2_grpc.RewardStub(reward_channel), group_filter
     )
-    servicer.vocab_size = load_config(cfg.model.hf_checkpoint).vocab_size  # results are checked against it
+    if (Path(cfg.model.hf_checkpoint) / "config.json").is_file():  # results are checked against it
+        servicer.vocab_size = load_config(cfg.model.hf_checkpoint).vocab_size
     service = await start_server(
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
         interceptors=[telemetry.RpcMetrics()],
