@@ -48,6 +48,11 @@ class CorruptPayload(ValueError):
     """A stream entry whose payload is not the message it should be."""
 
 
+class BufferFull(RuntimeError):
+    """Redis refused a write: it is at `maxmemory` with `noeviction`. Nothing was written or evicted;
+    the writer should wait for trainers to acknowledge (and trim) and try again: backpressure."""
+
+
 def _decode_group(fields: dict[bytes, bytes]) -> types_pb2.Group:
     data = fields.get(PAYLOAD)
     if data is None:
@@ -119,7 +124,12 @@ class ReplayBuffer:
         """Append a scored group; returns its stream entry id."""
         if not group.samples:
             raise ValueError(f"group {group.group_id!r} has no samples")
-        return _str(self.redis.xadd(self.keys.groups, {PAYLOAD: group.SerializeToString()}))
+        try:
+            return _str(self.redis.xadd(self.keys.groups, {PAYLOAD: group.SerializeToString()}))
+        except redis.exceptions.OutOfMemoryError as e:
+            raise BufferFull(
+                f"Redis is full (maxmemory, noeviction): group {group.group_id} not stored: {e}"
+            ) from None
 
     def ensure_consumer_group(self) -> None:
         """Create the consumer group (and the stream) if missing; it starts at the stream's start."""

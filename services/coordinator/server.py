@@ -37,6 +37,7 @@ from typing import Any
 import grpc
 
 from slipstream import telemetry
+from slipstream.buffer.replay import BufferFull
 from slipstream.config import Config
 from slipstream.data import DataError, PromptCursor, PromptRecord, encode_prompt, load_prompts
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, reward_pb2, reward_pb2_grpc, types_pb2
@@ -57,6 +58,8 @@ from slipstream.services.coordinator.weights_relay import PushError, WeightRelay
 from slipstream.types import Sample
 
 log = logging.getLogger(__name__)
+
+BUFFER_FULL_RETRY_S = 1.0
 
 
 def sample_seed(base_seed: int, uid: str) -> int:
@@ -441,7 +444,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         while True:
             pb = await self._store_queue.get()
             try:
-                await asyncio.to_thread(self.buffer.put_group, pb)
+                while True:  # a full Redis is backpressure: the group waits, nothing is dropped
+                    try:
+                        await asyncio.to_thread(self.buffer.put_group, pb)
+                        break
+                    except BufferFull as e:
+                        log.warning("%s; retrying in %.0fs", e, BUFFER_FULL_RETRY_S)
+                        await asyncio.sleep(BUFFER_FULL_RETRY_S)
             except Exception:  # noqa: BLE001 - a lost group is replaced, the run goes on
                 log.exception("could not store group %s; it will be replaced", pb.group_id)
                 self.num_accepted -= 1  # later groups only move up: still within the bound
