@@ -43,6 +43,10 @@ def keepalive_options(time_ms: int = KEEPALIVE_TIME_MS, timeout_ms: int = KEEPAL
     return [
         ("grpc.keepalive_time_ms", time_ms),
         ("grpc.keepalive_timeout_ms", timeout_ms),
+        # gRPC core (1.7x/1.8x) times keepalive pings out with the *ping* timeout (default 60 s)
+        # and never fires keepalive_timeout alone (grpc/grpc#39239): set both, or a frozen peer
+        # takes keepalive time + 60 s to detect. Measured by tests/chaos/test_chaos_keepalive.py.
+        ("grpc.http2.ping_timeout_ms", timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         # What a server accepts from clients (and a client's own floor): half the ping period.
