@@ -36,7 +36,7 @@ from slipstream.models.qwen3 import Qwen3Config
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 from slipstream.rpc.channel import aio_channel
 from slipstream.services.coordinator.server import start_coordinator
-from slipstream.weights import iter_messages, pack
+from slipstream.weights import iter_messages, pack, weights_to_sync
 
 pytestmark = pytest.mark.timeout(120)
 RESPONSE_LEN = 900
@@ -137,7 +137,7 @@ def _run(assets: Path, redis_url: str, run_id: str, reward_addr: str, mode: str)
         )
     )
     new_state, engine_state = _new_weights(assets / "model")
-    manifest, chunks = pack(new_state, 1, "bf16")
+    manifest, chunks = pack(weights_to_sync(new_state, tie_word_embeddings=True), 1, "bf16")
     ready = assets / f"rollout-{mode}.port"
 
     async def scenario():

@@ -25,7 +25,7 @@ from slipstream.models.hf import init_model, load_config, load_tokenizer
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, rollout_pb2, rollout_pb2_grpc, types_pb2
 from slipstream.rpc.channel import sync_channel
 from slipstream.rpc.server import start_server
-from slipstream.weights import iter_messages, pack
+from slipstream.weights import iter_messages, pack, weights_to_sync
 
 pytestmark = pytest.mark.timeout(90)
 STEP = 20.0  # seconds any single expected event may take (process start included)
@@ -173,8 +173,9 @@ class PeerCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
 def test_attached_server_generates_swaps_weights_and_reconnects(model_dir, tmp_path):
     tok = load_tokenizer(model_dir)
     new_model = init_model(load_config(model_dir), seed=99)
-    good = list(iter_messages(*pack(new_model.state_dict(), 1, "fp8")))
-    wrong_shape = {k: v for k, v in new_model.state_dict().items()}
+    synced = weights_to_sync(new_model.state_dict(), new_model.config.tie_word_embeddings)
+    good = list(iter_messages(*pack(synced, 1, "fp8")))
+    wrong_shape = dict(synced)
     wrong_shape["model.norm.weight"] = torch.ones(3)
     bad = list(iter_messages(*pack(wrong_shape, 2, "bf16")))
     prompt = tok("5+5=", add_special_tokens=False)["input_ids"]

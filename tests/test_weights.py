@@ -256,3 +256,11 @@ def test_one_stager_stages_one_version(packed):
     stager.finish()
     with pytest.raises(WeightError, match="already finished"):
         stager.add(types_pb2.WeightMessage(manifest=manifest))
+
+
+def test_a_tied_lm_head_is_not_sent():
+    from slipstream.weights import weights_to_sync
+
+    sd = {"model.embed_tokens.weight": torch.zeros(4, 2), "lm_head.weight": torch.zeros(4, 2)}
+    assert list(weights_to_sync(sd, tie_word_embeddings=True)) == ["model.embed_tokens.weight"]
+    assert list(weights_to_sync(sd, tie_word_embeddings=False)) == list(sd)

@@ -431,6 +431,7 @@ async def serve(cfg: Config) -> None:
     from slipstream.rpc.server import install_signal_handlers, start_server
     from slipstream.services.rollout.engine import NativeEngine
     from slipstream.services.rollout.worker import EngineWorker
+    from slipstream.weights import weights_to_sync
 
     torch.set_num_threads(cfg.infra.torch_threads or 1)
     device, dtype = _device_and_dtype(cfg)
@@ -444,7 +445,8 @@ async def serve(cfg: Config) -> None:
         max_seq_len=cfg.rollout.rollout_max_prompt_len + cfg.rollout.rollout_max_response_len,
         fp8=cfg.rollout.rollout_fp8,
     )
-    expected_shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    synced = weights_to_sync(model.state_dict(), model.config.tie_word_embeddings)
+    expected_shapes = {name: tuple(t.shape) for name, t in synced.items()}
     worker = EngineWorker(engine, asyncio.get_running_loop())
     worker.start()
     server_id = cfg.infra.server_id or f"{socket.gethostname()}:{os.getpid()}"

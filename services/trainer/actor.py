@@ -41,6 +41,7 @@ from slipstream.algorithms.kl import approx_kl
 from slipstream.algorithms.losses import chunked_log_probs_and_entropy, chunked_token_log_probs, policy_loss
 from slipstream.config import Config
 from slipstream.models.hf import load_model
+from slipstream.weights import weights_to_sync
 
 from .batch import Batch, collate, split
 from .parallel import Parallel, full_model_state, init_parallel, shard_model
@@ -294,6 +295,6 @@ class Actor:
 
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
         """The full weights to push (a collective under FSDP2; only rank 0's result is used)."""
-        if self.par.enabled:
-            return full_model_state(self.model)
-        return {k: v.detach() for k, v in self.model.state_dict().items()}
+        full = full_model_state(self.model) if self.par.enabled else self.model.state_dict()
+        tied = self.model.config.tie_word_embeddings
+        return {k: v.detach() for k, v in weights_to_sync(full, tied).items()}

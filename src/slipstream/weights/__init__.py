@@ -4,7 +4,7 @@
 decodes one (rollout side). The coordinator only relays the messages.
 """
 
-from slipstream.weights.packer import WeightError, iter_messages, model_fingerprint, pack
+from slipstream.weights.packer import WeightError, iter_messages, model_fingerprint, pack, weights_to_sync
 from slipstream.weights.stager import WeightStager
 
-__all__ = ["WeightError", "WeightStager", "iter_messages", "model_fingerprint", "pack"]
+__all__ = ["WeightError", "WeightStager", "iter_messages", "model_fingerprint", "pack", "weights_to_sync"]

@@ -60,6 +60,20 @@ def _wire(name: str, t: torch.Tensor, fmt: str) -> list[tuple[str, torch.Tensor,
     raise WeightError(f"{name}: dtype {t.dtype} has no wire encoding (floating or int32/int64 only)")
 
 
+def weights_to_sync(
+    state_dict: dict[str, torch.Tensor], tie_word_embeddings: bool
+) -> dict[str, torch.Tensor]:
+    """The tensors a version carries: all of them, less a tied LM head (it *is* the embedding).
+
+    For Qwen3-0.6B the tied head is 156 M parameters, 29% of an FP8 version; the receiving
+    model re-ties it. Trainer and rollout server both call this, so the manifest's names and
+    the stager's expected names agree.
+    """
+    if tie_word_embeddings:
+        return {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
+    return dict(state_dict)
+
+
 def pack(
     state_dict: dict[str, torch.Tensor],
     version: int,
