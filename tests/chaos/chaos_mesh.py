@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ def tiny_values(model: Path, prompts: Path, run_dir: Path, redis_url: str, **ove
         "micro_batch_size": 8,
         "lr": 1e-3,
         "rpc_timeout": 10.0,
+        "run_id": f"chaos-{uuid.uuid4().hex[:10]}",  # tests share one Redis: keys never meet
     }
     values.update(over)
     return values
