@@ -265,6 +265,26 @@ def preflight(cfg: Config) -> None:
         raise LaunchError(str(e)) from None
 
 
+def keep_password_out_of_config(cfg: Config, run_dir: Path) -> None:
+    """A password inside --redis-url moves to `<run-dir>/secrets/redis-password` (mode 0600) and
+    --redis-password-file points there: config.json, which every service reads and people copy
+    around, holds paths to secrets, never their values."""
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(cfg.infra.redis_url)
+    if parts.password is None or cfg.infra.redis_password_file:
+        return
+    secret = run_dir / "secrets" / "redis-password"
+    secret.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(unquote(parts.password))
+    host = parts.netloc.rsplit("@", 1)[-1]
+    user = f"{parts.username}@" if parts.username else ""
+    cfg.infra.redis_url = urlunsplit(parts._replace(netloc=user + host))
+    cfg.infra.redis_password_file = str(secret.resolve())
+
+
 def run(cfg: Config) -> int:
     """Run the whole mesh until the trainer finishes. Returns the process exit code."""
     from rich.console import Console
@@ -280,6 +300,7 @@ def run(cfg: Config) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     config_path = run_dir / "config.json"
+    keep_password_out_of_config(cfg, run_dir)
     cfg.save_json(config_path)
     mesh = Mesh(cfg, config_path)
 

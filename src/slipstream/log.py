@@ -21,7 +21,11 @@ def print_config(cfg) -> None:
     from rich.table import Table
 
     table = Table(title="resolved config", show_header=False, box=None, pad_edge=False)
+    from slipstream.buffer.embedded import redact
+
     for section, values in cfg.to_dict().items():
         for key, value in values.items():
+            if key == "redis_url":  # secrets are read from files; one typed into the URL is hidden
+                value = redact(value)
             table.add_row(f"[dim]{section}[/]", "--" + key.replace("_", "-"), repr(value))
     Console(stderr=True).print(table)
