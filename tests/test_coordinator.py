@@ -249,7 +249,7 @@ class FakeRollout:
         sample.CopyFrom(item.sample)
         response = [ord(c) % 16 for c in text] + [0]  # the coordinator never decodes: any ids do
         sample.tokens.extend(response)
-        sample.response_length = len(response)
+        sample.response_length += len(response)  # a continued sample keeps its earlier part
         sample.response = text
         sample.rollout_log_probs.extend([-0.5] * len(response))
         sample.policy_versions.extend([0] * len(response))
@@ -459,6 +459,7 @@ def _partial(item: coordinator_pb2.WorkItem, new_tokens: list[int]) -> coordinat
     sample.response_length += len(new_tokens)
     sample.rollout_log_probs.extend([-0.5] * len(new_tokens))
     sample.policy_versions.extend([0] * len(new_tokens))
+    sample.loss_mask.extend([1] * len(new_tokens))  # as the real server's finish_sample does
     sample.status = types_pb2.SAMPLE_STATUS_ABORTED
     return coordinator_pb2.RolloutEvent(
         result=coordinator_pb2.SampleResult(work_id=item.work_id, lease_epoch=item.lease_epoch, sample=sample)
@@ -552,8 +553,7 @@ def test_over_sampling_fills_the_batch_with_passing_groups_and_recycles_the_rest
     # p1 filled the first batch; the first recycled group to finish fills the second
     assert stored[0].group_id == "p1" and stored[1].group_id in ("p2", "p3") and len(stored) == 2
     for sample in stored[1].samples:  # the continued one: the partial's tokens, then the rest
-        # (FakeRollout.answer counts only what it appended as the response)
-        assert list(sample.tokens)[-sample.response_length - 2 : -sample.response_length] == [5, 6]
+        assert list(sample.tokens)[-sample.response_length :][:2] == [5, 6]
 
 
 def test_rollout_idle_fraction_from_heartbeats(assets, redis_url, run_id, reward_addr):
