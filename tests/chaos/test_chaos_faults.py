@@ -29,7 +29,7 @@ from slipstream.models.hf import load_model
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, rollout_pb2, rollout_pb2_grpc, types_pb2
 from slipstream.rpc import security
 from slipstream.rpc.channel import aio_channel
-from slipstream.weights import iter_messages, pack
+from slipstream.weights import iter_messages, pack, weights_to_sync
 
 
 def _client(mesh: ChaosMesh, addr: str, settings: security.Settings) -> grpc.aio.Channel:
@@ -63,12 +63,7 @@ async def _stall(messages, after: int):
 def _synced_weights(path) -> dict:
     """The tensors a version carries, as the trainer sends them (a tied LM head stays home)."""
     m = load_model(path)
-    sd = m.state_dict()
-    try:
-        from slipstream.weights import weights_to_sync
-    except ImportError:  # before weights_to_sync: every tensor travels
-        return sd
-    return weights_to_sync(sd, m.config.tie_word_embeddings)
+    return weights_to_sync(m.state_dict(), m.config.tie_word_embeddings)
 
 
 @pytest.fixture
