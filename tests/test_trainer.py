@@ -153,9 +153,10 @@ def test_micro_batching_does_not_change_the_step(model_dir, mode):
         actor.train_rollout(_with_own_log_probs(actor, _samples()), [1.0, -1.0, 0.5, -0.5])
         params.append([p.detach().clone() for p in actor.model.parameters()])
     # AdamW divides by sqrt(v) + 1e-8, so for gradients near 1e-8 the summation-order noise of
-    # a different micro-batch split (~1e-12) becomes ~1e-6 in the weights: 1e-5 is 0.1% of a step.
+    # a different micro-batch split becomes up to ~3e-6 in the weights (seen with 2 threads);
+    # 3e-5 is 0.3% of a step.
     for a, b in zip(*params, strict=True):
-        assert torch.allclose(a, b, atol=1e-5)
+        assert torch.allclose(a, b, atol=3e-5)
 
 
 @pytest.mark.parametrize(
