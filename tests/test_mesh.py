@@ -146,7 +146,8 @@ def test_killing_a_service_stops_the_run(assets, tmp_path, victim):
         if launcher.poll() is None:
             launcher.kill()
     assert launcher.returncode not in (0, None)
-    assert victim in err.splitlines()[-1] if err.strip() else False
+    assert err.strip(), "the launcher printed nothing"
+    assert victim in err.strip().splitlines()[-1]
     assert not [n for n, pid in pids.items() if _alive(pid)]
 
 

@@ -110,13 +110,11 @@ def load_trainer_state(
     ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
     """Restore weights, optimizer moments and RNG into a (possibly sharded) model; return the state."""
-    from safetensors.torch import load_file as load_weights
-
     state = json.loads((ckpt / "trainer_state.json").read_text())
     weights = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         if f.name != "optimizer.safetensors":
-            weights.update(load_weights(str(f)))
+            weights.update(load_file(str(f)))
     if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied
     osd = _unflatten_optimizer(load_file(str(ckpt / "optimizer.safetensors")), state["param_groups"])

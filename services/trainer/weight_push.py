@@ -24,8 +24,9 @@ def push_weights(
 ) -> tuple[float, int]:
     """Pack and push one version; returns (seconds, bytes on the wire)."""
     t0 = time.perf_counter()
-    cpu = {k: v.detach().to("cpu") for k, v in state_dict.items()}
-    manifest, chunks = pack(cpu, version, fmt)
+    # `pack` quantizes where the tensors are (on the GPU for a GPU trainer) and copies each
+    # result to the host once; copying the full-precision weights first would double the traffic.
+    manifest, chunks = pack({k: v.detach() for k, v in state_dict.items()}, version, fmt)
     try:
         reply = stub.PushWeights(iter_messages(manifest, chunks), timeout=timeout)
     except grpc.RpcError as e:
