@@ -187,3 +187,21 @@ def test_coordinator_counters_are_read_generically():
     assert got["coord_finished"] == 1 and got["coord_num_samples_in_flight"] == 0  # zeros too
     assert "coord_server_versions" not in got  # a map is not a counter
     assert all(isinstance(v, int | float) for v in got.values())
+
+
+def test_a_non_finite_step_is_skipped_and_leaves_weights_and_moments_alone(model_dir):
+    actor = Actor(_cfg(model_dir))
+    samples = _with_own_log_probs(actor, _samples())
+    actor.train_rollout(samples, [1.0, -1.0, 0.5, -0.5])  # AdamW has moments now
+    weights = {k: v.clone() for k, v in actor.model.state_dict().items()}
+    moments = {k: v["exp_avg"].clone() for k, v in zip(weights, actor.optimizer.state.values(), strict=False)}
+
+    stats = actor.train_rollout(samples, [float("nan"), -1.0, 0.5, -0.5])
+
+    assert stats.num_skipped_steps == 1 and stats.num_optimizer_steps == 0
+    for k, v in actor.model.state_dict().items():
+        assert torch.equal(v, weights[k]), k
+    for (k, m), state in zip(moments.items(), actor.optimizer.state.values(), strict=False):
+        assert torch.equal(state["exp_avg"], m), k
+    healthy = actor.train_rollout(samples, [1.0, -1.0, 0.5, -0.5])
+    assert healthy.num_skipped_steps == 0 and healthy.num_optimizer_steps == 1

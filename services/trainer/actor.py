@@ -9,6 +9,8 @@ One rollout step (the trainer's "step") trains on `rollout_batch_size` groups:
 3. run `samples / global_batch_size` optimizer steps, each accumulated over micro-batches.
    Each micro-batch's loss is a weighted token sum whose weights (`--loss-agg-mode`) are
    normalized over its whole optimizer step, so micro-batching never changes the gradient.
+   An optimizer step whose loss or gradient norm is not finite is skipped (weights and moments
+   untouched) and counted; the loop stops the run after `--max-nonfinite-steps` in a row.
 
 The loss per optimizer step is pg_loss (PPO-clip or GSPO, times the TIS weight, zeroed by MIS)
 - entropy_coef * entropy + kl_loss_coef * KL(policy || reference), as slime adds them.
@@ -62,6 +64,9 @@ class StepStats:
     num_tokens: int
     num_optimizer_steps: int
     tis_mean: float | None = None
+    # Optimizer steps skipped because the loss or the gradient norm was not finite: the
+    # weights (and AdamW's moments) were left as they were.
+    num_skipped_steps: int = 0
     # Everything else worth a column in metrics.jsonl: token means over trained tokens (ppo_kl,
     # entropy, kl_loss, tis_*, mis_masked_frac), maxima (logprob_abs_diff_max, tis_max) and
     # the largest staleness among trained tokens (staleness_max_trained).
@@ -223,7 +228,7 @@ class Actor:
                 f"per optimizer step must be a multiple of the trainer world size ({world})"
             )
         losses, norms = [], []
-        steps = 0
+        steps = skipped = 0
         for start in range(0, len(micro), per_step):
             chunk = list(range(start, min(start + per_step, len(micro))))
             step_tokens, step_seqs = step_totals([micro[i].loss_mask for i in chunk])
@@ -275,9 +280,15 @@ class Actor:
                     else:
                         means.add(k, float(v), n)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.clip_grad)
-            self.optimizer.step()
             if self.par.enabled:  # each rank summed its own micro-batches' share of the loss
                 step_loss = self.par.all_sum(step_loss)
+            # The norm is over the whole (sharded) model and the loss is summed over ranks, so
+            # every rank takes the same decision.
+            if not (math.isfinite(float(norm)) and math.isfinite(step_loss)):
+                self.optimizer.zero_grad(set_to_none=True)
+                skipped += 1
+                continue
+            self.optimizer.step()
             losses.append(step_loss)
             norms.append(float(norm))
             steps += 1
@@ -290,6 +301,7 @@ class Actor:
             num_tokens=total_tokens,
             num_optimizer_steps=steps,
             tis_mean=out.pop("tis_mean", None),
+            num_skipped_steps=skipped,
             metrics=out,
         )
 
