@@ -198,6 +198,11 @@ class TrainConfig:
     save: str = opt("", "Directory for checkpoints (defaults to <run-dir>/checkpoints).")
     save_interval: int = opt(0, "Save a checkpoint every N steps (0 = only at the end).")
     load: str = opt("", "Checkpoint directory to resume from.")
+    max_nonfinite_steps: int = opt(
+        3,
+        "Optimizer steps with a non-finite loss or gradient are skipped (weights unchanged); this many "
+        "in a row stop the run with an error and a checkpoint of the last good state. (Slipstream)",
+    )
     seed: int = opt(1234, "Random seed (data order, sampling, init).")
     device: str = opt("auto", "Torch device of this process: auto, cpu, cuda, cuda:N. (Slipstream)")
 
@@ -210,6 +215,11 @@ class RewardConfig:
     rm_url: str = opt("", "Remote reward endpoint (slime's protocol: POST prompt/response/label JSON).")
     rm_timeout: float = opt(30.0, "Seconds before a remote reward call is abandoned. (Slipstream)")
     rm_max_retries: int = opt(3, "Retries of a failed remote reward call. (Slipstream)")
+    reward_max_failures: int = opt(
+        3,
+        "Times a sample's scoring may fail before the sample goes to the dead-letter stream with the "
+        "reason (it is then FAILED in its group and never trained on). (Slipstream)",
+    )
     custom_rm_path: str = opt("", "module:function computing the reward, slime's signature (args, sample).")
     rm_auth_header_file: str = opt(
         "",
@@ -230,6 +240,16 @@ class InfraConfig:
     ready_file: str = opt("", "File this service writes its bound port into once serving. (Slipstream)")
     server_id: str = opt("", "Name of this rollout server (defaults to host:pid). (Slipstream)")
     rpc_timeout: float = opt(30.0, "Default deadline, in seconds, of unary RPCs. (Slipstream)")
+    reconnect_timeout: float = opt(
+        120.0,
+        "Seconds a service keeps reconnecting, with backoff, to an unreachable coordinator or "
+        "Redis before it gives up with an error (a restart takes a few seconds). (Slipstream)",
+    )
+    lease_timeout: float = opt(
+        30.0,
+        "Seconds without a heartbeat after which a rollout server loses its leases and its work is "
+        "re-dispatched; a slow server that keeps heartbeating keeps its work. (Slipstream)",
+    )
     torch_threads: int = opt(0, "Torch CPU threads of this process; 0 = torch's default. (Slipstream)")
     metrics_port: int = opt(0, "Port of this service's Prometheus /metrics endpoint; 0 = off. (Slipstream)")
     redis_password_file: str = opt(
@@ -326,6 +346,8 @@ class Config:
         _require(t.lr > 0, "--lr must be positive")
         _require(t.micro_batch_size > 0, "--micro-batch-size must be positive")
         _require(t.update_weights_interval > 0, "--update-weights-interval must be positive")
+        _require(t.max_nonfinite_steps >= 1, "--max-nonfinite-steps must be at least 1")
+        _require(self.reward.reward_max_failures >= 1, "--reward-max-failures must be at least 1")
         c = self.cluster
         _require(
             c.actor_num_nodes >= 1 and c.actor_num_gpus_per_node >= 1, "--actor-num-* must be at least 1"
@@ -352,6 +374,8 @@ class Config:
         _require(not header or Path(header).is_file(), f"--rm-auth-header-file {header}: no such file")
         i = self.infra
         _require(0 <= i.metrics_port < 65536, "--metrics-port must be in [0, 65535]")
+        _require(i.reconnect_timeout > 0, "--reconnect-timeout must be positive")
+        _require(i.lease_timeout > 0, "--lease-timeout must be positive")
         _require(not i.redis_password_file or bool(i.redis_url), "--redis-password-file needs --redis-url")
         _require(
             not i.redis_password_file or Path(i.redis_password_file).is_file(),

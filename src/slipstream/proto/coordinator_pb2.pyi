@@ -130,7 +130,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CoordinatorStatus(_message.Message):
-    __slots__ = ("policy_version", "num_groups_dispatched", "num_groups_completed", "num_samples_in_flight", "num_rollout_servers", "server_versions", "finished", "num_reward_failures", "num_partials_recycled", "num_groups_filtered", "num_stale_samples", "rollout_idle_fraction")
+    __slots__ = ("policy_version", "num_groups_dispatched", "num_groups_completed", "num_samples_in_flight", "num_rollout_servers", "server_versions", "finished", "num_reward_failures", "num_partials_recycled", "num_groups_filtered", "num_stale_samples", "rollout_idle_fraction", "weights_held")
     class ServerVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class CoordinatorStatus(_message.Message):
     NUM_GROUPS_FILTERED_FIELD_NUMBER: _ClassVar[int]
     NUM_STALE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_IDLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_HELD_FIELD_NUMBER: _ClassVar[int]
     policy_version: int
     num_groups_dispatched: int
     num_groups_completed: int
@@ -162,4 +163,5 @@ class CoordinatorStatus(_message.Message):
     num_groups_filtered: int
     num_stale_samples: int
     rollout_idle_fraction: float
-    def __init__(self, policy_version: _Optional[int] = ..., num_groups_dispatched: _Optional[int] = ..., num_groups_completed: _Optional[int] = ..., num_samples_in_flight: _Optional[int] = ..., num_rollout_servers: _Optional[int] = ..., server_versions: _Optional[_Mapping[str, int]] = ..., finished: _Optional[bool] = ..., num_reward_failures: _Optional[int] = ..., num_partials_recycled: _Optional[int] = ..., num_groups_filtered: _Optional[int] = ..., num_stale_samples: _Optional[int] = ..., rollout_idle_fraction: _Optional[float] = ...) -> None: ...
+    weights_held: bool
+    def __init__(self, policy_version: _Optional[int] = ..., num_groups_dispatched: _Optional[int] = ..., num_groups_completed: _Optional[int] = ..., num_samples_in_flight: _Optional[int] = ..., num_rollout_servers: _Optional[int] = ..., server_versions: _Optional[_Mapping[str, int]] = ..., finished: _Optional[bool] = ..., num_reward_failures: _Optional[int] = ..., num_partials_recycled: _Optional[int] = ..., num_groups_filtered: _Optional[int] = ..., num_stale_samples: _Optional[int] = ..., rollout_idle_fraction: _Optional[float] = ..., weights_held: _Optional[bool] = ...) -> None: ...
