@@ -9,6 +9,9 @@ One rollout step (the trainer's "step") trains on `rollout_batch_size` groups:
 3. run `samples / global_batch_size` optimizer steps, each accumulated over micro-batches.
    Each micro-batch's loss is a weighted token sum whose weights (`--loss-agg-mode`) are
    normalized over its whole optimizer step, so micro-batching never changes the gradient.
+   Micro-batches are `--micro-batch-size` samples right-padded, or under
+   `--use-dynamic-batch-size` first-fit bins of at most `--max-tokens-per-gpu` tokens packed
+   into one row each (`batch.py`); a bin never mixes two optimizer steps' samples.
    An optimizer step whose loss or gradient norm is not finite is skipped (weights and moments
    untouched) and counted; the loop stops the run after `--max-nonfinite-steps` in a row.
 
@@ -16,6 +19,13 @@ The loss per optimizer step is pg_loss (PPO-clip or GSPO, times the TIS weight, 
 - entropy_coef * entropy + kl_loss_coef * KL(policy || reference), as slime adds them.
 The reference model is loaded once (`--ref-load`, default `--hf-checkpoint`), frozen, and only
 ever run under no_grad.
+
+Precision and memory: `--bf16` keeps float32 parameters, gradients and AdamW moments (the
+master weights: a 1e-6 step is below bf16's resolution for most weights, so bf16 parameters
+would silently not move) and runs every forward under bf16 autocast, so the matmuls run on bf16
+tensor cores. AdamW is fused on CUDA. `--gradient-checkpointing` recomputes each decoder layer
+in backward. The LM head never materialises full-vocabulary fp32 logits for a whole batch:
+`chunked_*` in `losses.py` works through the tokens a chunk at a time, checkpointed.
 
 Under torchrun the policy is sharded with FSDP2 (`parallel.py`). Every rank holds the whole
 step's samples (rank 0 shares them), computes the proximal/reference log-probs, advantages and
@@ -27,11 +37,13 @@ the per-token sum normalised over the whole global batch. Metrics are rank 0's v
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from slipstream.algorithms.advantages import (
     masked_whiten,
@@ -43,9 +55,10 @@ from slipstream.algorithms.kl import approx_kl
 from slipstream.algorithms.losses import chunked_log_probs_and_entropy, chunked_token_log_probs, policy_loss
 from slipstream.config import Config
 from slipstream.models.hf import load_model
+from slipstream.models.packed import packed_causal_attention
 from slipstream.weights import weights_to_sync
 
-from .batch import Batch, collate, split
+from .batch import Batch, collate, first_fit, pack, split
 from .parallel import Parallel, full_model_state, init_parallel, shard_model
 
 
@@ -94,6 +107,35 @@ class _Means:
         return out
 
 
+def _checkpoint_layers(model: torch.nn.Module) -> None:
+    """Activation checkpointing per decoder layer (only while gradients are recorded)."""
+    for layer in model.model.layers:
+        forward = layer.forward
+
+        def checkpointed(*args, _forward=forward):
+            if torch.is_grad_enabled():
+                return checkpoint(_forward, *args, use_reentrant=False)
+            return _forward(*args)
+
+        layer.forward = checkpointed
+
+
+def _split_for_ranks(bins: list[list[int]], lengths: list[int], world: int) -> list[list[int]]:
+    """Split the fullest multi-sample bins until every rank gets as many micro-batches."""
+    bins = [list(b) for b in bins]
+    while len(bins) % world:
+        splittable = [b for b in bins if len(b) > 1]
+        if not splittable:
+            raise ValueError(
+                f"{len(bins)} packed micro-batches cannot be shared evenly by {world} trainer ranks "
+                "(too few samples per optimizer step)"
+            )
+        big = max(splittable, key=lambda b: sum(lengths[i] for i in b))
+        i = bins.index(big)
+        bins[i : i + 1] = [big[: len(big) // 2], big[len(big) // 2 :]]
+    return bins
+
+
 def _needs_ref(cfg: Config) -> bool:
     a = cfg.algo
     kl_in_reward = a.kl_coef > 0 and a.advantage_estimator.startswith("reinforce_plus_plus")
@@ -106,7 +148,11 @@ class Actor:
         self.par: Parallel = init_parallel(pick_device(cfg.train.device))
         self.device = self.par.device
         dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
+        if cfg.train.bf16:
+            dtype = torch.float32  # master weights; autocast makes the bf16 copies per forward
         model = load_model(model_path or cfg.model.hf_checkpoint, device=self.device, dtype=dtype)
+        if cfg.train.gradient_checkpointing:
+            _checkpoint_layers(model)
         self.model = shard_model(model, self.par)
         self.model.train()
         self.ref_model = None
@@ -127,20 +173,38 @@ class Actor:
         )
 
     # ---- log-probs -------------------------------------------------------------------------
+    def _autocast(self):
+        if not self.cfg.train.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def _forward(self, model: torch.nn.Module, batch: Batch, head_fn):
+        """`head_fn(hidden, lm_head_weight, targets, temperature=)` of `batch`, in the padded [B, T] frame."""
+        t = self.cfg.rollout.rollout_temperature
+        p = batch.packed
+        with self._autocast():
+            if p is None:
+                return model(batch.input_ids, head=lambda h, w: head_fn(h, w, batch.targets, temperature=t))
+            rows, cols = batch.input_ids.shape
+
+            def head(h, w):
+                # Response positions only, then back into the padded frame (zeros elsewhere).
+                out = head_fn(h[0, p.head_rows][None], w, p.head_targets[None], temperature=t)
+                outs = out if isinstance(out, tuple) else (out,)
+                frame = [
+                    x.new_zeros(rows * cols).index_copy(0, p.head_index, x[0]).view(rows, cols) for x in outs
+                ]
+                return tuple(frame) if isinstance(out, tuple) else frame[0]
+
+            attention = packed_causal_attention(p.cu_seqlens, p.max_len)
+            return model(p.input_ids, positions=p.positions, attention=attention, head=head)
+
     def log_probs(self, batch: Batch, model: torch.nn.Module | None = None) -> torch.Tensor:
         """Per-token log-probs of `batch.targets` under the current (or given) weights, [B, T]."""
-        model = model or self.model
-        t = self.cfg.rollout.rollout_temperature
-        return model(
-            batch.input_ids, head=lambda h, w: chunked_token_log_probs(h, w, batch.targets, temperature=t)
-        )
+        return self._forward(model or self.model, batch, chunked_token_log_probs)
 
     def log_probs_and_entropy(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.cfg.rollout.rollout_temperature
-        return self.model(
-            batch.input_ids,
-            head=lambda h, w: chunked_log_probs_and_entropy(h, w, batch.targets, temperature=t),
-        )
+        return self._forward(self.model, batch, chunked_log_probs_and_entropy)
 
     @torch.no_grad()
     def old_log_probs(self, batches: list[Batch]) -> list[torch.Tensor]:
@@ -196,12 +260,12 @@ class Actor:
         the weights being trained, for the staleness metric.
         """
         cfg, a = self.cfg, self.cfg.algo
-        mbs = cfg.train.micro_batch_size
-        micro = [
-            collate(s, sc).to(self.device)
-            for s, sc in zip(split(samples, mbs), split(scores, mbs), strict=True)
+        members, steps_of_micro = self.micro_batches(samples)
+        make = pack if cfg.train.use_dynamic_batch_size else collate
+        micro = [make([samples[j] for j in m], [scores[j] for j in m]).to(self.device) for m in members]
+        score_rows = [
+            torch.tensor([scores[j] for j in m], dtype=torch.float32, device=self.device) for m in members
         ]
-        score_rows = [torch.tensor(sc, dtype=torch.float32, device=self.device) for sc in split(scores, mbs)]
         rollout_lp = [b.rollout_log_probs for b in micro]
         old = rollout_lp if a.use_rollout_logprobs else self.old_log_probs(micro)
         ref = self.ref_log_probs(micro)
@@ -220,17 +284,10 @@ class Actor:
                 means.add("logprob_abs_diff_mean", float(diff.mean()), diff.numel())
                 means.max("logprob_abs_diff_max", float(diff.max()))
 
-        per_step = max(1, cfg.global_batch_size // mbs)
         world, rank = self.par.world_size, self.par.rank
-        if per_step % world:
-            raise ValueError(
-                f"global batch ({cfg.global_batch_size}) / micro batch ({mbs}) = {per_step} micro-batches "
-                f"per optimizer step must be a multiple of the trainer world size ({world})"
-            )
         losses, norms = [], []
         steps = skipped = 0
-        for start in range(0, len(micro), per_step):
-            chunk = list(range(start, min(start + per_step, len(micro))))
+        for chunk in steps_of_micro:
             step_tokens, step_seqs = step_totals([micro[i].loss_mask for i in chunk])
             if step_tokens == 0:
                 continue
@@ -304,6 +361,35 @@ class Actor:
             num_skipped_steps=skipped,
             metrics=out,
         )
+
+    def micro_batches(self, samples: list) -> tuple[list[list[int]], list[list[int]]]:
+        """(sample indices of each micro-batch, micro-batch indices of each optimizer step).
+
+        Optimizer step k trains samples [k * global_batch_size, (k + 1) * global_batch_size).
+        Padded: micro-batches of --micro-batch-size in order. Packed: first fit of the step's
+        samples into --max-tokens-per-gpu tokens, split further until the trainer ranks share
+        the micro-batches evenly (micro-batch j of a step runs on rank j % world).
+        """
+        t, world = self.cfg.train, self.par.world_size
+        gbs = self.cfg.global_batch_size
+        members: list[list[int]] = []
+        steps: list[list[int]] = []
+        for start in range(0, len(samples), gbs):
+            idx = list(range(start, min(start + gbs, len(samples))))
+            if t.use_dynamic_batch_size:
+                lengths = [len(samples[i].tokens) - 1 for i in idx]
+                bins = _split_for_ranks(first_fit(lengths, t.max_tokens_per_gpu), lengths, world)
+                groups = [[idx[j] for j in b] for b in bins]
+            else:
+                groups = split(idx, t.micro_batch_size)
+                if len(groups) % world:
+                    raise ValueError(
+                        f"global batch ({gbs}) / micro batch ({t.micro_batch_size}) = {len(groups)} "
+                        f"micro-batches per optimizer step must be a multiple of the trainer world size ({world})"
+                    )
+            steps.append(list(range(len(members), len(members) + len(groups))))
+            members.extend(groups)
+        return members, steps
 
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
         """The full weights to push (a collective under FSDP2; only rank 0's result is used)."""

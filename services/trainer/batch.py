@@ -1,9 +1,17 @@
-"""Groups from the buffer -> padded tensors for the policy loss.
+"""Groups from the buffer -> tensors for the policy loss, padded or packed.
 
 A sample's `tokens` are prompt + response. The model reads `tokens[:-1]` and predicts
 `tokens[1:]`, so response token j (0-based) is predicted at input position
 `prompt_length - 1 + j`. Everything per token below ([B, T]) is laid out in that
 shifted frame; positions outside the response have `loss_mask` 0.
+
+Packing (`--use-dynamic-batch-size`, slime's flag): `first_fit` cuts an optimizer step's samples
+into micro-batches of at most `--max-tokens-per-gpu` tokens, and `pack` lays each micro-batch's
+sequences end to end in one row (`Packed`: positions restart per sequence, attention stays
+inside each one). Only the model's forward reads the packed row; the log-probs it gives are
+scattered back into the padded [B, T] frame, so advantages, loss weights and every metric are
+computed by exactly the code the padded path runs, on tensors a few KB large. The LM head runs
+on response positions only: nothing reads a log-prob anywhere else.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ class Batch:
     advantages: torch.Tensor  # [B, T], the sample's advantage on each of its tokens
     versions: torch.Tensor  # [B, T] long, policy version per response token (-1 outside)
     num_tokens: int  # sum of loss_mask
+    packed: Packed | None = None  # the same samples as one packed row (dynamic batch size)
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
@@ -39,10 +48,28 @@ class Batch:
                 )
             ),
             num_tokens=self.num_tokens,
+            packed=self.packed.to(device) if self.packed is not None else None,
         )
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+
+@dataclass
+class Packed:
+    """A micro-batch's sequences end to end in one row of N tokens (no padding)."""
+
+    input_ids: torch.Tensor  # [1, N]
+    positions: torch.Tensor  # [1, N], restarting at 0 at each sequence start
+    cu_seqlens: torch.Tensor  # [S+1] int32, sequence boundaries in the row
+    max_len: int  # longest sequence
+    head_rows: torch.Tensor  # [M] long: row positions of the response tokens (the LM head's inputs)
+    head_targets: torch.Tensor  # [M] long: the token each of them predicts
+    head_index: torch.Tensor  # [M] long: where each lands in the padded frame, flattened [B * T]
+
+    def to(self, device: torch.device) -> Packed:
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return Packed(**moved)
 
 
 def trainable(sample: Sample) -> bool:
@@ -75,6 +102,55 @@ def collate(samples: list[Sample], advantages: list[float], pad_id: int = 0) -> 
             versions[i, start : start + r] = torch.tensor(s.policy_versions, dtype=torch.long)
         adv[i, start : start + r] = a
     return Batch(input_ids, targets, loss_mask, rollout_lp, adv, versions, int(loss_mask.sum().item()))
+
+
+def pack(samples: list[Sample], advantages: list[float], pad_id: int = 0) -> Batch:
+    """`collate` plus the same samples packed into one row (`Batch.packed`)."""
+    batch = collate(samples, advantages, pad_id)
+    width = batch.input_ids.shape[1]
+    ids, positions, rows, index, bounds = [], [], [], [], [0]
+    for i, s in enumerate(samples):
+        n = len(s.tokens) - 1
+        ids.append(batch.input_ids[i, :n])
+        positions.append(torch.arange(n))
+        if trainable(s):
+            start = s.prompt_length - 1
+            rows.append(bounds[-1] + start + torch.arange(s.response_length))
+            index.append(i * width + start + torch.arange(s.response_length))
+        bounds.append(bounds[-1] + n)
+    rows_t = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.long)
+    flat_targets = batch.targets.reshape(-1)
+    index_t = torch.cat(index) if index else torch.zeros(0, dtype=torch.long)
+    batch.packed = Packed(
+        input_ids=torch.cat(ids)[None],
+        positions=torch.cat(positions)[None],
+        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+        max_len=max(len(s.tokens) - 1 for s in samples),
+        head_rows=rows_t,
+        head_targets=flat_targets[index_t],
+        head_index=index_t,
+    )
+    return batch
+
+
+def first_fit(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """Indices of `lengths` in bins of at most `max_tokens` (one too long for any bin sits alone).
+
+    First fit in arrival order, as slime's dynamic batch size packs: each sample goes into the
+    first bin it fits in, so bins stay full and samples keep their relative order inside a bin.
+    """
+    bins: list[list[int]] = []
+    sums: list[int] = []
+    for i, n in enumerate(lengths):
+        for j, total in enumerate(sums):
+            if total + n <= max_tokens:
+                bins[j].append(i)
+                sums[j] += n
+                break
+        else:
+            bins.append([i])
+            sums.append(n)
+    return bins
 
 
 def split(samples: list, size: int) -> list[list]:

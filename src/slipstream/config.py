@@ -185,7 +185,28 @@ class TrainConfig:
     global_batch_size: int = opt(
         0, "Samples per optimizer step; 0 = rollout-batch-size x n-samples-per-prompt (one step per rollout)."
     )
-    micro_batch_size: int = opt(8, "Samples per forward/backward pass.")
+    micro_batch_size: int = opt(
+        8, "Samples per forward/backward pass (ignored under --use-dynamic-batch-size)."
+    )
+    use_dynamic_batch_size: bool = opt(
+        False,
+        "Form micro-batches by token budget instead of sample count: first fit of each optimizer "
+        "step's samples into micro-batches of at most --max-tokens-per-gpu tokens, each packed into "
+        "one row without padding (attention confined to each sequence).",
+    )
+    max_tokens_per_gpu: int = opt(
+        0, "Token budget of one micro-batch under --use-dynamic-batch-size (a longer sample sits alone)."
+    )
+    gradient_checkpointing: bool = opt(
+        False,
+        "Recompute each decoder layer's activations in backward instead of keeping them (slime's FSDP "
+        "backend name; Megatron's --recompute-granularity full).",
+    )
+    bf16: bool = opt(
+        False,
+        "Mixed precision: float32 parameters and AdamW state (the master weights), forward and "
+        "backward under bf16 autocast; the trainer's parameters stay float32 whatever --dtype says.",
+    )
     update_weights_interval: int = opt(1, "Push new weights to rollout every N training steps.")
     max_reuse: int = opt(
         1,
@@ -345,6 +366,11 @@ class Config:
         _require(t.max_reuse >= 1, "--max-reuse must be at least 1")
         _require(t.lr > 0, "--lr must be positive")
         _require(t.micro_batch_size > 0, "--micro-batch-size must be positive")
+        _require(
+            not t.use_dynamic_batch_size or t.max_tokens_per_gpu > 0,
+            "--use-dynamic-batch-size needs a positive --max-tokens-per-gpu",
+        )
+        _require(t.max_tokens_per_gpu >= 0, "--max-tokens-per-gpu must be >= 0")
         _require(t.update_weights_interval > 0, "--update-weights-interval must be positive")
         _require(t.max_nonfinite_steps >= 1, "--max-nonfinite-steps must be at least 1")
         _require(self.reward.reward_max_failures >= 1, "--reward-max-failures must be at least 1")
@@ -363,7 +389,7 @@ class Config:
             f"--global-batch-size must divide rollout-batch-size x n-samples-per-prompt = {samples}",
         )
         _require(
-            self.global_batch_size % t.micro_batch_size == 0,
+            t.use_dynamic_batch_size or self.global_batch_size % t.micro_batch_size == 0,
             f"--micro-batch-size must divide the global batch size ({self.global_batch_size})",
         )
         _require(

@@ -1,0 +1,66 @@
+"""Causal attention over packed sequences: several sequences concatenated into one row.
+
+The trainer packs a micro-batch's samples end to end (no padding) and restarts RoPE positions
+at each sequence start; this module supplies the other half, attention that stays inside each
+sequence (document masking). `cu_seqlens` [S+1] int32 are the sequence boundaries in the row,
+as FlashAttention's varlen kernels take them.
+
+On CUDA the work goes to PyTorch's FlashAttention varlen kernel (`torch.nn.attention.varlen`),
+which reads only the S causal triangles. Where that kernel is missing (the CPU, an older torch)
+the fallback runs plain causal SDPA on each sequence in turn: the same function, tested against
+the padded path, just slower.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from .qwen3 import Attention
+
+
+@functools.cache
+def _varlen_kernel():
+    """(varlen_attn, keyword arguments for causal + GQA) or None where torch has no such kernel."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    # torch 2.9 spelled causality `is_causal`; later releases use a (left, right) window.
+    causal = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    return varlen_attn, causal, "enable_gqa" in params
+
+
+def _per_sequence(q, k, v, bounds: list[int]) -> torch.Tensor:
+    out = torch.empty_like(q)
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+        out[:, :, s:e] = F.scaled_dot_product_attention(
+            q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True, enable_gqa=True
+        )
+    return out
+
+
+def packed_causal_attention(cu_seqlens: torch.Tensor, max_len: int, use_kernel: bool = True) -> Attention:
+    """An `Attention` for one packed row (q/k/v [1,H,N,D]) whose sequences end at `cu_seqlens[1:]`."""
+    kernel = _varlen_kernel() if use_kernel and cu_seqlens.is_cuda else None
+    bounds = None if kernel else cu_seqlens.tolist()
+
+    def attention(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if kernel is None:
+            return _per_sequence(q, k, v, bounds)
+        varlen_attn, causal, gqa = kernel
+        qt, kt, vt = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))  # [N, H, D]
+        extra = dict(causal)
+        if gqa:
+            extra["enable_gqa"] = True
+        elif kt.shape[1] != qt.shape[1]:
+            rep = qt.shape[1] // kt.shape[1]
+            kt, vt = kt.repeat_interleave(rep, dim=1), vt.repeat_interleave(rep, dim=1)
+        out = varlen_attn(qt, kt, vt, cu_seqlens, cu_seqlens, max_len, max_len, **extra)
+        return out.transpose(0, 1)[None]
+
+    return attention
