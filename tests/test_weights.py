@@ -228,8 +228,14 @@ def test_refuses_a_bad_hash(packed):
     stager.add(types_pb2.WeightMessage(manifest=manifest))
     corrupt = bytearray(chunks[0])
     corrupt[17] ^= 0x01
+    # Hashes are checked on a thread pool as chunks arrive: the refusal comes at a later `add`
+    # or at `finish` at the latest, always before anything is decoded.
     with pytest.raises(WeightError, match="chunk 0 fails its sha256 check"):
         stager.add(_chunk(5, 0, bytes(corrupt)))
+        for i, data in enumerate(chunks[1:], start=1):
+            stager.add(_chunk(5, i, data))
+        stager.finish()
+    assert stager.current_version == 0
 
 
 def test_refuses_to_finish_with_missing_chunks(packed):

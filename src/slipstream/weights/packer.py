@@ -12,12 +12,20 @@ In the "fp8" format every linear projection (see `quant.should_quantize`) travel
 float8_e4m3fn plus a float32 `<name>_scale_inv` entry (DeepSeek-V3's name and layout); every
 other floating tensor travels as bf16. Integer buffers travel unchanged. The coordinator relays
 the messages without decoding them; `WeightStager` is the reader.
+
+How it is fast. `plan` lays the version out; `fill` writes every wire tensor into one flat
+buffer on the trainer's device (quantized there, so full-precision weights never cross PCIe);
+`pack` then copies that buffer to pinned host memory in one transfer and cuts it into chunks,
+each chunk's bytes and sha256 made on a thread pool (hashlib releases the GIL). The colocated
+path (`ipc.py`) shares the same device buffer by CUDA IPC handle instead of copying it out.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import torch
@@ -28,6 +36,9 @@ from slipstream.quant import BLOCK, quantize_blockwise, should_quantize
 FORMATS = {"fp8": "fp8-block128", "bf16": "bf16"}
 SCALE_SUFFIX = "_scale_inv"
 ALIGN = 64
+# 8 MiB: per-message costs (protobuf, gRPC framing, a Python call per chunk on every hop) fall
+# away, and a chunk is still far under the mesh's 64 MiB message limit (rpc/server.py).
+DEFAULT_CHUNK_BYTES = 8 << 20
 WIRE_DTYPES: dict[str, torch.dtype] = {
     "float8_e4m3fn": torch.float8_e4m3fn,
     "bfloat16": torch.bfloat16,
@@ -36,10 +47,19 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "int32": torch.int32,
 }
 _WIRE_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
+_pool: ThreadPoolExecutor | None = None
 
 
 class WeightError(ValueError):
     """A weight version that cannot be packed or must not be applied; the message says why."""
+
+
+def hash_pool() -> ThreadPoolExecutor:
+    """Threads for sha256 over chunks, shared by writer and reader (hashlib drops the GIL)."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sha256")
+    return _pool
 
 
 def model_fingerprint(named_shapes: Iterable[tuple[str, Sequence[int]]]) -> str:
@@ -74,22 +94,18 @@ def weights_to_sync(
     return dict(state_dict)
 
 
-def pack(
-    state_dict: dict[str, torch.Tensor],
-    version: int,
-    fmt: Literal["fp8", "bf16"] = "fp8",
-    chunk_bytes: int = 1 << 20,
-) -> tuple[types_pb2.WeightManifest, list[bytes]]:
-    """Encode `state_dict` as weight version `version`: (manifest, chunks of the blob, in order)."""
+def plan(
+    state_dict: dict[str, torch.Tensor], version: int, fmt: Literal["fp8", "bf16"]
+) -> tuple[types_pb2.WeightManifest, list[tuple[int, torch.Tensor]], int]:
+    """Lay a version out: (manifest with its tensor entries, [(offset, wire tensor)], blob bytes).
+
+    The wire tensors are made where the weights are (quantized on the GPU for a GPU trainer).
+    The manifest's chunk fields are left for the transport (`pack`, or `ipc.IpcExporter`)."""
     if fmt not in FORMATS:
         raise WeightError(f"unknown weight format {fmt!r} (expected one of {sorted(FORMATS)})")
-    if chunk_bytes <= 0:
-        raise WeightError(f"chunk_bytes must be positive, got {chunk_bytes}")
-
     manifest = types_pb2.WeightManifest(
         version=version,
         format=FORMATS[fmt],
-        chunk_bytes=chunk_bytes,
         model_fingerprint=model_fingerprint((n, t.shape) for n, t in state_dict.items()),
     )
     pieces: list[tuple[int, torch.Tensor]] = []
@@ -113,16 +129,53 @@ def pack(
             pieces.append((offset, t))
             offset += -(-nbytes // ALIGN) * ALIGN
     total = manifest.tensors[-1].offset + manifest.tensors[-1].nbytes if pieces else 0
-    manifest.total_bytes = total
+    return manifest, pieces, total
 
-    # One host blob; each tensor lands in it with a single copy (from whatever device it is on).
-    blob = torch.zeros(total, dtype=torch.uint8)
+
+def fill(pieces: list[tuple[int, torch.Tensor]], out: torch.Tensor) -> torch.Tensor:
+    """Write each wire tensor's bytes at its offset in `out` (flat uint8; padding zeroed)."""
+    out.zero_()  # the alignment gaps are hashed too: make them deterministic
     for off, t in pieces:
         raw = t.contiguous().reshape(-1).view(torch.uint8)
-        blob[off : off + raw.numel()].copy_(raw)
-    view = memoryview(blob.numpy())
-    chunks = [view[i : i + chunk_bytes].tobytes() for i in range(0, total, chunk_bytes)]
-    manifest.chunk_sha256.extend(hashlib.sha256(c).hexdigest() for c in chunks)
+        out[off : off + raw.numel()].copy_(raw)
+    return out
+
+
+def _device_of(pieces: list[tuple[int, torch.Tensor]]) -> torch.device:
+    return pieces[0][1].device if pieces else torch.device("cpu")
+
+
+def _cut(view: memoryview, start: int, end: int) -> tuple[bytes, str]:
+    data = view[start:end].tobytes()
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def pack(
+    state_dict: dict[str, torch.Tensor],
+    version: int,
+    fmt: Literal["fp8", "bf16"] = "fp8",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[types_pb2.WeightManifest, list[bytes]]:
+    """Encode `state_dict` as weight version `version`: (manifest, chunks of the blob, in order)."""
+    if chunk_bytes <= 0:
+        raise WeightError(f"chunk_bytes must be positive, got {chunk_bytes}")
+    manifest, pieces, total = plan(state_dict, version, fmt)
+    manifest.chunk_bytes = chunk_bytes
+    manifest.total_bytes = total
+
+    # One flat buffer on the weights' device, then (on a GPU) one copy into pinned host memory.
+    device = _device_of(pieces)
+    blob = fill(pieces, torch.empty(total, dtype=torch.uint8, device=device))
+    if device.type == "cuda":
+        host = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+        host.copy_(blob)
+        blob = host
+    view = memoryview(blob.numpy()) if total else memoryview(b"")
+    cuts = hash_pool().map(lambda i: _cut(view, i, min(i + chunk_bytes, total)), range(0, total, chunk_bytes))
+    chunks: list[bytes] = []
+    for data, digest in cuts:
+        chunks.append(data)
+        manifest.chunk_sha256.append(digest)
     return manifest, chunks
 
 

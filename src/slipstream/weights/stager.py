@@ -10,17 +10,31 @@ raises `WeightError` naming what is wrong; the caller drops the stager and keeps
 
 One stager stages one version: the rollout server makes a fresh one for every FetchWeights
 stream, and after a successful `finish()` its `current_version` is the version just staged.
+
+Speed. Chunk hashes run on a thread pool while later chunks arrive (at most `_WINDOW` in
+flight; a bad one is reported at the next `add` that finds it done, at the latest by `finish`,
+and nothing is decoded before all have passed). With `device="cuda"` the blob is staged in
+pinned memory, crosses to the GPU in one copy and is dequantized there.
+
+A colocated version (format "<fmt>+cuda-ipc", `ipc.py`) is the same manifest with one chunk: a
+JSON document holding the CUDA IPC handle of the sender's device buffer. `finish()` opens it,
+copies the payload into this process's own memory, and decodes that exactly like the byte path.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections import deque
+from concurrent.futures import Future
 
 import torch
 
 from slipstream.proto import types_pb2
 from slipstream.quant import BLOCK, FP8_DTYPE, dequantize_blockwise, scale_shape
-from slipstream.weights.packer import ALIGN, FORMATS, WIRE_DTYPES, WeightError, model_fingerprint
+from slipstream.weights import ipc
+from slipstream.weights.packer import ALIGN, FORMATS, WIRE_DTYPES, WeightError, hash_pool, model_fingerprint
+
+_WINDOW = 16  # chunk hashes in flight: bounds the chunks held only for their pending check
 
 
 def _numel(shape) -> int:
@@ -31,12 +45,26 @@ def _numel(shape) -> int:
 
 
 class WeightStager:
-    def __init__(self, expected_shapes: dict[str, tuple[int, ...]], current_version: int):
+    def __init__(
+        self,
+        expected_shapes: dict[str, tuple[int, ...]],
+        current_version: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        """`device`: where the byte path decodes (default: the host); a colocated (CUDA IPC)
+        version always decodes on the sender's GPU. `dtype`: of the floating tensors returned."""
         self.expected_shapes = {name: tuple(int(d) for d in shape) for name, shape in expected_shapes.items()}
         self.current_version = current_version
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.dtype = dtype
         self._fingerprint = model_fingerprint(self.expected_shapes.items())
         self._manifest: types_pb2.WeightManifest | None = None
-        self._blob: bytearray | None = None
+        self._ipc = False
+        self._blob: torch.Tensor | None = None
+        self._doc = b""
+        self._hashes: deque[tuple[int, Future]] = deque()
         self._next_chunk = 0
         self._done = False
 
@@ -53,7 +81,7 @@ class WeightStager:
             raise WeightError("empty WeightMessage (neither manifest nor chunk)")
 
     def finish(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """(version, float32 tensors by Hugging Face name; integer buffers keep their dtype)."""
+        """(version, floating tensors in `dtype` by Hugging Face name; integer buffers keep theirs)."""
         m = self._manifest
         if m is None:
             raise WeightError("no manifest received")
@@ -64,17 +92,24 @@ class WeightStager:
             raise WeightError(
                 f"version {m.version}: missing chunks {self._next_chunk}..{num_chunks - 1} of {num_chunks}"
             )
+        self._check_hashes(wait=True)
+        if self._ipc:
+            blob = ipc.open_payload(ipc.IpcDoc.from_json(self._doc, m.version), m)
+        elif self.device.type == "cuda":
+            blob = self._blob.to(self.device, non_blocking=True)
+        else:
+            blob = self._blob
         entries = {e.name: e for e in m.tensors}
         scale_names = {e.scale_name for e in m.tensors if e.scale_name}
         out: dict[str, torch.Tensor] = {}
         for e in m.tensors:
             if e.name in scale_names:
                 continue
-            t = self._view(e)
+            t = _view(blob, e)
             if e.scale_name:
-                out[e.name] = dequantize_blockwise(t, self._view(entries[e.scale_name]))
+                out[e.name] = dequantize_blockwise(t, _view(blob, entries[e.scale_name]), self.dtype)
             elif t.is_floating_point():
-                out[e.name] = t.to(torch.float32, copy=True)
+                out[e.name] = t.to(self.dtype, copy=True)
             else:
                 out[e.name] = t.clone()
         self._blob = None
@@ -84,15 +119,6 @@ class WeightStager:
 
     # ---- internals ------------------------------------------------------------------------
 
-    def _view(self, e: types_pb2.TensorEntry) -> torch.Tensor:
-        """The entry's bytes in the blob, viewed as its wire dtype and shape (no copy)."""
-        shape = tuple(e.shape)
-        dtype = WIRE_DTYPES[e.dtype]
-        numel = _numel(shape)
-        if numel == 0:
-            return torch.empty(shape, dtype=dtype)
-        return torch.frombuffer(self._blob, dtype=dtype, count=numel, offset=e.offset).view(shape)
-
     def _begin(self, m: types_pb2.WeightManifest) -> None:
         if self._manifest is not None:
             raise WeightError(
@@ -100,7 +126,10 @@ class WeightStager:
             )
         _check_manifest(m, self.current_version, self._fingerprint, self.expected_shapes)
         self._manifest = m
-        self._blob = bytearray(m.total_bytes)
+        self._ipc = m.format.endswith(ipc.IPC_SUFFIX)
+        if not self._ipc:
+            pin = self.device.type == "cuda" and torch.cuda.is_available()
+            self._blob = torch.empty(m.total_bytes, dtype=torch.uint8, pin_memory=pin)
 
     def _take(self, c: types_pb2.WeightChunk) -> None:
         m = self._manifest
@@ -121,11 +150,36 @@ class WeightStager:
                 f"version {m.version}: chunk {c.index} has {len(c.data)} bytes, expected {expected_len} "
                 f"(total {m.total_bytes} in chunks of {m.chunk_bytes})"
             )
-        digest = hashlib.sha256(c.data).hexdigest()
-        if digest != m.chunk_sha256[c.index]:
-            raise WeightError(f"version {m.version}: chunk {c.index} fails its sha256 check")
-        memoryview(self._blob)[start : start + expected_len] = c.data
+        self._hashes.append((c.index, hash_pool().submit(_sha256, c.data)))
+        if self._ipc:
+            self._doc = c.data
+        elif expected_len:
+            memoryview(self._blob.numpy())[start : start + expected_len] = c.data
         self._next_chunk += 1
+        self._check_hashes()
+
+    def _check_hashes(self, wait: bool = False) -> None:
+        """Compare finished chunk hashes in order, waiting while more than `_WINDOW` are in
+        flight; with `wait`, until all are done."""
+        m = self._manifest
+        while self._hashes and (wait or len(self._hashes) > _WINDOW or self._hashes[0][1].done()):
+            index, future = self._hashes.popleft()
+            if future.result() != m.chunk_sha256[index]:
+                self._hashes.clear()
+                raise WeightError(f"version {m.version}: chunk {index} fails its sha256 check")
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _view(blob: torch.Tensor, e: types_pb2.TensorEntry) -> torch.Tensor:
+    """The entry's bytes in the (uint8) blob, viewed as its wire dtype and shape (no copy)."""
+    shape = tuple(e.shape)
+    dtype = WIRE_DTYPES[e.dtype]
+    if _numel(shape) == 0:
+        return torch.empty(shape, dtype=dtype, device=blob.device)
+    return blob[e.offset : e.offset + e.nbytes].view(dtype).view(shape)
 
 
 def _check_manifest(
@@ -138,7 +192,9 @@ def _check_manifest(
     v = m.version
     if v <= current_version:
         raise WeightError(f"version {v} is not newer than the current version {current_version}")
-    if m.format not in FORMATS.values():
+    colocated = m.format.endswith(ipc.IPC_SUFFIX)
+    base_format = m.format.removesuffix(ipc.IPC_SUFFIX)
+    if base_format not in FORMATS.values():
         raise WeightError(f"version {v}: unknown format {m.format!r}")
     if m.total_bytes < 0 or m.chunk_bytes <= 0:
         raise WeightError(f"version {v}: bad sizes total_bytes={m.total_bytes} chunk_bytes={m.chunk_bytes}")
@@ -148,6 +204,16 @@ def _check_manifest(
             f"version {v}: {len(m.chunk_sha256)} chunk hashes listed, but {m.total_bytes} bytes "
             f"in chunks of {m.chunk_bytes} make {num_chunks}"
         )
+    if colocated and (num_chunks != 1 or m.total_bytes > ipc.MAX_DOC_BYTES):
+        raise WeightError(
+            f"version {v}: a CUDA IPC version is one chunk of at most {ipc.MAX_DOC_BYTES} bytes "
+            f"(its handle document), got {num_chunks} chunks and {m.total_bytes} bytes"
+        )
+    # The tensors' byte ranges are in the blob: the chunks' bytes, or for a colocated version
+    # the sender's device buffer, whose size is what its entries lay out (checked when opened).
+    blob_bytes = m.total_bytes
+    if colocated:
+        blob_bytes = max((e.offset + e.nbytes for e in m.tensors), default=0)
 
     entries: dict[str, types_pb2.TensorEntry] = {}
     for e in m.tensors:
@@ -164,10 +230,10 @@ def _check_manifest(
                 f"version {v}: {e.name} is {e.nbytes} bytes, its shape and dtype need "
                 f"{_numel(e.shape) * itemsize}"
             )
-        if e.offset < 0 or e.offset + e.nbytes > m.total_bytes:
+        if e.offset < 0 or e.offset + e.nbytes > blob_bytes:
             raise WeightError(
                 f"version {v}: {e.name} spans bytes {e.offset}..{e.offset + e.nbytes}, "
-                f"outside the {m.total_bytes}-byte blob"
+                f"outside the {blob_bytes}-byte blob"
             )
         if e.offset % itemsize:
             raise WeightError(f"version {v}: {e.name} starts at offset {e.offset}, not aligned to {itemsize}")
@@ -179,7 +245,7 @@ def _check_manifest(
             raise WeightError(f"version {v}: {e.name} ({e.dtype}) must have a scale entry iff it is FP8")
         if not is_fp8:
             continue
-        if m.format != FORMATS["fp8"]:
+        if base_format != FORMATS["fp8"]:
             raise WeightError(f"version {v}: FP8 tensor {e.name} in a {m.format!r} version")
         scale = entries.get(e.scale_name)
         if len(e.shape) != 2 or e.block_size != BLOCK or scale is None:
@@ -197,8 +263,8 @@ def _check_manifest(
     # The blob is the entries laid end to end (64-byte aligned): a larger total is padding nobody
     # reads, and would let a manifest make this process allocate whatever it claims.
     laid_out = sum(-(-e.nbytes // ALIGN) * ALIGN for e in m.tensors)
-    if m.total_bytes > laid_out:
-        raise WeightError(f"version {v}: total_bytes {m.total_bytes} exceeds its tensors' {laid_out} bytes")
+    if blob_bytes > laid_out:
+        raise WeightError(f"version {v}: total_bytes {blob_bytes} exceeds its tensors' {laid_out} bytes")
 
     model = {name: tuple(e.shape) for name, e in entries.items() if name not in scale_names}
     missing = sorted(expected_shapes.keys() - model.keys())
