@@ -60,6 +60,11 @@ class Keys:
         return f"{self.base}:coordinator"
 
     @property
+    def assembly(self) -> str:
+        """Hash group id -> JournalGroup bytes: every group the coordinator admitted and has not stored."""
+        return f"{self.base}:assembly"
+
+    @property
     def leases(self) -> str:
         """Hash sample/group id -> lease record of work dispatched to rollout servers."""
         return f"{self.base}:leases"

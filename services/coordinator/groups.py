@@ -102,6 +102,9 @@ class Ledger:
         self._in_flight: Counter[str] = Counter()  # conn_id -> leases held
         self.parked: set[str] = set()  # work ids of partials waiting in the partial stream
         self._continued: set[str] = set()  # work ids resumed from the partial stream
+        # Every epoch issued is above this. A coordinator resumed from its journal sets it above
+        # any epoch an earlier incarnation could have issued, so their late results are refused.
+        self.epoch_base = 0
 
     # ---- groups ------------------------------------------------------------------------
     def add_group(
@@ -113,6 +116,22 @@ class Ledger:
         for i, s in enumerate(samples):
             self._where[s.uid] = (group_id, i)
         self._queue.append((group_id, list(range(len(samples)))))
+
+    def restore_group(self, group: GroupState, parked: set[int]) -> None:
+        """Put back a journaled group: its finished results kept, its parked partials parked
+        (the servicer takes them back from the partial stream), every other sample queued."""
+        if group.group_id in self.groups:
+            raise ValueError(f"group {group.group_id} already exists")
+        self.groups[group.group_id] = group
+        for i, s in enumerate(group.samples):
+            self._where[s.uid] = (group.group_id, i)
+            if i in parked:
+                self.parked.add(s.uid)
+            elif s.response_length > 0:  # a partial that was being continued: continue it again
+                self._continued.add(s.uid)
+        todo = [i for i in range(len(group.samples)) if i not in group.results and i not in parked]
+        if todo:
+            self._queue.append((group.group_id, todo))
 
     @property
     def num_queued(self) -> int:
@@ -138,7 +157,7 @@ class Ledger:
         out = []
         for i in indices[:take]:
             sample = group.samples[i]
-            epoch = self._epochs.get(sample.uid, 0) + 1
+            epoch = max(self._epochs.get(sample.uid, 0), self.epoch_base) + 1
             self._epochs[sample.uid] = epoch
             self.leases[sample.uid] = Lease(conn_id, epoch)
             out.append(

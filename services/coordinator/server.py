@@ -35,17 +35,20 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import redis
 
 from slipstream import telemetry
+from slipstream.buffer.coordinator_store import CoordinatorStore, Snapshot
 from slipstream.buffer.replay import BufferFull
 from slipstream.config import Config
 from slipstream.data import DataError, PromptCursor, PromptRecord, encode_prompt, load_prompts
-from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, reward_pb2, reward_pb2_grpc, types_pb2
+from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, reward_pb2_grpc, types_pb2
 from slipstream.rollout_filters import FilterFn, keeps, load_filter
 from slipstream.rpc.channel import aio_channel, wait_healthy
 from slipstream.rpc.convert import SampleError, check_sample, sample_from_proto, sample_to_proto
 from slipstream.rpc.server import Service, install_signal_handlers, start_server
 from slipstream.services.coordinator.admission import StalenessBound, may_store
+from slipstream.services.coordinator.dispatch_log import DispatchLog
 from slipstream.services.coordinator.groups import (
     Assignment,
     GroupState,
@@ -54,12 +57,20 @@ from slipstream.services.coordinator.groups import (
     StaleResult,
     pick_server,
 )
+from slipstream.services.coordinator.journal import Journal, from_record, to_record
+from slipstream.services.coordinator.scoring import score_with_retries
 from slipstream.services.coordinator.weights_relay import PushError, WeightRelay, receive_push
 from slipstream.types import Sample
 
 log = logging.getLogger(__name__)
 
 BUFFER_FULL_RETRY_S = 1.0
+REDIS_CHECK_S = 1.0  # how often the coordinator asks Redis whether it restarted
+EPOCH_BITS = 32  # lease epochs are (incarnation << EPOCH_BITS) + a per-sample count
+
+
+class RedisLost(ConnectionError):
+    """Redis stayed unreachable past --reconnect-timeout: the coordinator stops with this line."""
 
 
 def sample_seed(base_seed: int, uid: str) -> int:
@@ -100,6 +111,7 @@ class Attached:
     idle_s: float = 0.0  # engine idle seconds since its first heartbeat on this stream
     uptime_s: float = 0.0  # seconds since its first heartbeat on this stream
     idle_base: tuple[float, float] | None = None  # (idle, uptime) of that first heartbeat
+    last_seen: float = field(default_factory=time.monotonic)  # its last event: the lease clock
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
@@ -111,9 +123,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         buffer: Any,
         reward: reward_pb2_grpc.RewardStub,
         group_filter: FilterFn | None = None,
+        store: CoordinatorStore | None = None,
     ):
         self.cfg = cfg
         self.buffer = buffer  # slipstream.buffer.replay.ReplayBuffer (sync; called in a thread)
+        self.store = store or CoordinatorStore(cfg.redis_connect_url, cfg.run_id)
         self.reward = reward
         self.cursor = PromptCursor(records, shuffle=cfg.data.rollout_shuffle, seed=cfg.train.seed)
         # The cursor hands out records; their tokens were computed once at start.
@@ -153,8 +167,23 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self.rollout_idle_fraction = 0.0
         self._gone_idle = [0.0, 0.0]  # idle and uptime seconds of detached servers
         self._idle_mark = (0.0, 0.0)  # totals at the last trainer report
+        self.num_dead_lettered = 0  # samples whose reward failed --reward-max-failures times
+        self.num_lease_expiries = 0  # streams detached for lack of heartbeats
         self.trained_steps = 0
         self.finished = False
+        # Durability (journal.py, buffer/coordinator_store.py). All Redis writes of the ledger
+        # (journal rounds, stores, reloads) take this lock, so they never interleave.
+        self._redis_lock = asyncio.Lock()
+        self.journal = Journal(self.store, self._journal_snapshot, self._redis_lock)
+        self.finishing: dict[str, GroupState] = {}  # complete, out of the ledger, not stored nor filtered
+        self.incarnation = 0  # bumped at each resume from the journal; lease epochs are issued above it
+        self.generation = 0  # bumped when the ledger is reloaded: work of an older generation is dropped
+        self.redis_run_id = ""  # the Redis server's run_id: a new one means Redis restarted
+        self._resync = asyncio.Event()  # a Redis write failed: reload from the journal once it answers
+        self._background: list[asyncio.Task] = []
+        self.fatal = ""  # why the coordinator must stop (Redis lost for good)
+        self.on_fatal = lambda: None
+        self.dispatch_log = DispatchLog(cfg.infra.run_dir)
         # Bounds every result is checked against (0 = unchecked; start_coordinator sets the vocabulary).
         self.vocab_size = 0
         self.max_tokens = r.rollout_max_prompt_len + r.rollout_max_response_len
@@ -226,6 +255,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self.unstored[group_id] = deadline
         self.num_dispatched += 1
         self.num_running += 1
+        self.journal.mark(group_id)
+        self.dispatch_log.event("dispatched", group_id, [s.uid for s in samples])
 
     def _work_item(self, a: Assignment) -> coordinator_pb2.RolloutCommand:
         r = self.cfg.rollout
@@ -276,7 +307,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             conn.max_concurrent,
             conn.version,
         )
-        if self.relay.version > conn.version:
+        if self.relay.held and self.relay.version > conn.version:  # not held: told when it is pushed
             conn.outbox.put_nowait(
                 coordinator_pb2.RolloutCommand(
                     new_weights=coordinator_pb2.NewWeights(version=self.relay.version)
@@ -301,6 +332,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             conn.outbox.put_nowait(None)
 
     def _on_event(self, conn: Attached, event: coordinator_pb2.RolloutEvent) -> None:
+        conn.last_seen = time.monotonic()  # any event renews the stream's leases
         kind = event.WhichOneof("kind")
         if kind == "result":
             self._on_result(conn, event.result)
@@ -339,11 +371,13 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             log.info("ignored from %s: %s", conn.server_id, e)
             return
         self._aborting.discard(result.work_id)
+        self.journal.mark(result.work_id.rsplit("/", 1)[0])
         if result.sample.status == types_pb2.SAMPLE_STATUS_ABORTED:
             self.num_partials_recycled += 1
-            self._spawn(self._park(self.ledger.sample_of(result.work_id)))
+            self._spawn(self._park(self.ledger.sample_of(result.work_id), self.generation))
         if group is not None:
-            self._spawn(self._finish_group(group))
+            self.finishing[group.group_id] = group
+            self._spawn(self._finish_group(group, self.generation))
         self._dispatch()
 
     def _detach(self, conn: Attached) -> None:
@@ -362,34 +396,46 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _score(self, samples: list[types_pb2.Sample]) -> list[reward_pb2.ScoreResult]:
-        try:
-            reply = await self.reward.Score(
-                reward_pb2.ScoreRequest(samples=samples), timeout=self.score_timeout
-            )
-        except grpc.aio.AioRpcError as e:
-            error = f"reward service: {e.code().name}: {e.details()}"
-            return [reward_pb2.ScoreResult(failed=True, error=error) for _ in samples]
-        if len(reply.results) != len(samples):
-            error = f"reward service returned {len(reply.results)} results for {len(samples)} samples"
-            return [reward_pb2.ScoreResult(failed=True, error=error) for _ in samples]
-        return list(reply.results)
-
-    async def _finish_group(self, group: GroupState) -> None:
+    async def _finish_group(self, group: GroupState, generation: int) -> None:
         """Score a complete group, run the dynamic filter, and queue it for its buffer position."""
         samples = group.finished_samples()
-        for sample, scored in zip(samples, await self._score(samples), strict=True):
-            if scored.failed:
-                sample.status = types_pb2.SAMPLE_STATUS_FAILED
+
+        def failed(sample: types_pb2.Sample, error: str) -> None:
+            log.warning("reward failed for %s: %s", sample.uid, error)
+            self.dispatch_log.event("reward_failed", group.group_id, [sample.uid])
+
+        scored = await score_with_retries(
+            self.reward, samples, self.score_timeout, self.cfg.reward.reward_max_failures, failed
+        )
+        if generation != self.generation:
+            return  # the ledger was reloaded from Redis meanwhile: this group is someone else's now
+        dead = []
+        for sample, result in zip(samples, scored, strict=True):
+            if result.failed:
+                sample.status = types_pb2.SAMPLE_STATUS_FAILED  # never trained on
                 sample.reward = 0.0
                 self.num_reward_failures += 1
-                log.warning("reward failed for %s: %s", sample.uid, scored.error)
+                self.num_dead_lettered += 1
+                dead.append((sample, f"reward failed {result.attempts} times: {result.error}"))
             else:
-                sample.reward = scored.reward
+                sample.reward = result.reward
+        for sample, reason in dead:
+            try:
+                await asyncio.to_thread(
+                    self.buffer.dead_letter, sample.SerializeToString(), reason, "reward", sample.uid
+                )
+            except redis.exceptions.RedisError as e:
+                log.error("could not dead-letter %s (%s): %s", sample.uid, reason, e)
+            self.dispatch_log.event("dead_lettered", group.group_id, [sample.uid])
+        if generation != self.generation:
+            return
         if self.group_filter is not None and not self._keep(group.group_id, samples):
             self.num_groups_filtered += 1
             self.num_running -= 1
             del self.unstored[group.group_id]
+            self.finishing.pop(group.group_id, None)
+            self.journal.drop(group.group_id)
+            self.dispatch_log.event("filtered", group.group_id, [s.uid for s in samples])
             self._dispatch()  # another prompt takes its place
             return
         self.ready.append(group)
@@ -435,38 +481,53 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         pb = types_pb2.Group(
             group_id=group.group_id, samples=samples, created_unix_ms=int(time.time() * 1000)
         )
-        self._store_queue.put_nowait(pb)
+        self._store_queue.put_nowait((self.generation, pb))
         if self._storer is None:
             self._storer = asyncio.create_task(self._store_loop())
 
     async def _store_loop(self) -> None:
-        """Append groups to the buffer one at a time, in the order their positions were given."""
+        """Append groups to the buffer one at a time, in the order their positions were given.
+
+        Each store is one transaction (`CoordinatorStore.store_group`): in the buffer and out of
+        assembly together. A Redis error leaves it unknown whether the transaction ran, so the
+        group is not retried: the coordinator reloads its state from Redis, which knows.
+        """
         while True:
-            pb = await self._store_queue.get()
-            try:
-                while True:  # a full Redis is backpressure: the group waits, nothing is dropped
-                    try:
-                        await asyncio.to_thread(self.buffer.put_group, pb)
-                        break
-                    except BufferFull as e:
-                        log.warning("%s; retrying in %.0fs", e, BUFFER_FULL_RETRY_S)
-                        await asyncio.sleep(BUFFER_FULL_RETRY_S)
-            except Exception:  # noqa: BLE001 - a lost group is replaced, the run goes on
-                log.exception("could not store group %s; it will be replaced", pb.group_id)
-                self.num_accepted -= 1  # later groups only move up: still within the bound
-            else:
+            generation, pb = await self._store_queue.get()
+            while generation == self.generation:  # a reload drops what was queued before it
+                try:
+                    async with self._redis_lock:
+                        if generation != self.generation:
+                            break
+                        await asyncio.to_thread(self.store.store_group, pb)
+                        self.finishing.pop(pb.group_id, None)
+                except BufferFull as e:  # backpressure: the group waits, nothing is dropped
+                    log.warning("%s; retrying in %.0fs", e, BUFFER_FULL_RETRY_S)
+                    await asyncio.sleep(BUFFER_FULL_RETRY_S)
+                    continue
+                except redis.exceptions.RedisError as e:
+                    log.warning("could not store group %s (%s); reloading from Redis", pb.group_id, e)
+                    self._resync.set()
+                    break
+                except Exception:  # noqa: BLE001 - a lost group is replaced, the run goes on
+                    log.exception("could not store group %s; it will be replaced", pb.group_id)
+                    self.num_accepted -= 1  # later groups only move up: still within the bound
+                    break
                 self.num_stored += 1
+                self.dispatch_log.event("stored", pb.group_id, [smp.uid for smp in pb.samples])
+                break
             self._dispatch()
 
     # ---- partial trajectories ----------------------------------------------------------
-    async def _park(self, sample: types_pb2.Sample) -> None:
+    async def _park(self, sample: types_pb2.Sample, generation: int) -> None:
         """Write a partial to the partial stream; it stays parked in the ledger until taken back."""
         self._num_parking += 1
         try:
             await asyncio.to_thread(self.buffer.put_partial, sample)
-        except Exception:  # noqa: BLE001 - Redis refused it: continue it from memory, nothing lost
-            log.exception("could not park partial %s; continuing it from memory", sample.uid)
-            self.ledger.resume(sample)
+        except Exception as e:  # noqa: BLE001 - Redis refused it: continue it from memory, nothing lost
+            log.warning("could not park partial %s (%s); continuing it from memory", sample.uid, e)
+            if generation == self.generation:
+                self.ledger.resume(sample)
         finally:
             self._num_parking -= 1
         self._dispatch()
@@ -477,20 +538,36 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             self._taking = True
             self._spawn(self._take_partials(in_stream))
 
-    async def _take_partials(self, count: int) -> None:
+    async def _take_partials(self, count: int | None = None) -> None:
+        """Take partials back from the stream and queue them (None: all of them, after a reload:
+        a parked partial the stream lost is then continued from the journal's copy)."""
+        generation, everything = self.generation, count is None
         try:
+            if count is None:
+                count = await asyncio.to_thread(self.buffer.num_partials)
             partials = await asyncio.to_thread(self.buffer.take_partials, count)
+        except redis.exceptions.RedisError as e:
+            log.warning("could not take partials back: %s", e)
+            return
         finally:
             self._taking = False
+        if generation != self.generation:
+            return  # taken by a ledger that was replaced since: the reload takes them again
         for partial in partials:
-            if not self.ledger.resume(partial):
+            if self.ledger.resume(partial):
+                self.journal.mark(partial.uid.rsplit("/", 1)[0])
+            else:
                 log.warning("partial %s belongs to no group in flight; dropped", partial.uid)
+        if everything:
+            for uid in sorted(self.ledger.parked):  # the stream lost it (Redis restart): the journal has it
+                log.warning("partial %s is not in the partial stream; continuing it from the journal", uid)
+                self.ledger.resume(self.ledger.sample_of(uid))
         self._dispatch()
 
     # ---- weights -----------------------------------------------------------------------
     async def PushWeights(self, request_iterator, context):
         try:
-            stored = await receive_push(request_iterator, self.relay.version)
+            stored = await receive_push(request_iterator, self.relay.floor)
             self.relay.commit(stored)
         except PushError as e:
             log.warning("weight push refused: %s", e)
@@ -506,6 +583,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             stored.total_bytes,
             len(self.conns),
         )
+        self.journal.touch()  # the version is journaled
         self._dispatch()  # a new version opens the staleness window
         return coordinator_pb2.PushWeightsReply(version=stored.version, num_servers_notified=len(self.conns))
 
@@ -555,15 +633,178 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             num_groups_filtered=self.num_groups_filtered,
             num_stale_samples=self.num_stale_samples,
             rollout_idle_fraction=self.rollout_idle_fraction,
+            weights_held=self.relay.held,
         )
+
+    # ---- durability: the journal, restart, Redis restart, leases ----------------------
+    def _counters(self) -> dict[str, int]:
+        return {
+            "cursor": self.cursor.position,
+            "version": self.relay.version,
+            "incarnation": self.incarnation,
+            "num_filtered": self.num_groups_filtered,
+            "num_reward_failures": self.num_reward_failures,
+            "num_partials_recycled": self.num_partials_recycled,
+            "num_stale_samples": self.num_stale_samples,
+            "num_dead_lettered": self.num_dead_lettered,
+        }
+
+    def _journal_snapshot(self, dirty: set[str]) -> tuple[dict[str, int], dict[str, bytes]]:
+        """Counters, and the records of the dirty groups still in assembly (stored ones are gone)."""
+        put = {}
+        for group_id in dirty:
+            group = self.ledger.groups.get(group_id) or self.finishing.get(group_id)
+            if group is not None:
+                put[group_id] = to_record(group, self.ledger.parked).SerializeToString()
+        return self._counters(), put
+
+    def restore(self, snap: Snapshot) -> None:
+        """Take up the journal's state: cursor, version, counters, and every group in assembly
+        (finished results kept, unfinished samples queued under epochs above any issued before)."""
+        self.cursor.position = self.num_dispatched = snap.get("cursor")
+        self.relay.known_version = max(self.relay.known_version, snap.get("version"))
+        self.num_stored = self.num_accepted = snap.get("num_stored")
+        self.num_groups_filtered = snap.get("num_filtered")
+        self.num_reward_failures = snap.get("num_reward_failures")
+        self.num_partials_recycled = snap.get("num_partials_recycled")
+        self.num_stale_samples = snap.get("num_stale_samples")
+        self.num_dead_lettered = snap.get("num_dead_lettered")
+        self.ledger.epoch_base = self.incarnation << EPOCH_BITS
+        self.num_running = len(snap.groups)
+        for group_id in snap.corrupt:
+            log.error("journal record of group %s does not decode; it is lost", group_id)
+        for record in snap.groups:
+            group = from_record(record)
+            self.unstored[group.group_id] = group.deadline
+            if group.complete:  # finished before the crash: score it again and store it
+                self.finishing[group.group_id] = group
+                self._spawn(self._finish_group(group, self.generation))
+            else:
+                self.ledger.restore_group(group, set(record.parked))
+        if self.ledger.parked:
+            self._taking = True
+            self._spawn(self._take_partials(None))
+        log.info(
+            "resumed (incarnation %d): cursor %d, version %d%s, %d stored, %d groups in assembly "
+            "(%d samples to generate, %d partials parked)",
+            self.incarnation,
+            self.cursor.position,
+            self.relay.version,
+            "" if self.relay.held else " (weights not held: waiting for the trainer's push)",
+            self.num_stored,
+            len(snap.groups),
+            self.ledger.num_queued,
+            len(self.ledger.parked),
+        )
+
+    async def reload(self, reason: str) -> None:
+        """Replace the in-memory ledger by the journal's (Redis restarted or a write failed).
+
+        Redis holds a consistent prefix of what was written (AOF), buffer and journal alike; the
+        coordinator goes back to it. Leases are voided (their servers are told to abort; their
+        results come back under old epochs and are refused), everything unfinished is generated
+        again, and whatever was admitted after the journal's cursor is admitted again, under
+        the same group ids.
+        """
+        run_id = await self._wait_for_redis(reason)
+        async with self._redis_lock:
+            snap = await asyncio.to_thread(self.store.load) or Snapshot()
+            self.generation += 1
+            for cid, conn in self.conns.items():
+                running = self.ledger.running_on(cid)
+                if running:
+                    conn.outbox.put_nowait(
+                        coordinator_pb2.RolloutCommand(abort=coordinator_pb2.AbortWork(work_ids=running))
+                    )
+            self.ledger, self.ready, self.finishing, self.unstored = Ledger(), [], {}, {}
+            self._aborting.clear()
+            while not self._store_queue.empty():
+                self._store_queue.get_nowait()
+            self.journal.reset()
+            self.incarnation = max(self.incarnation, snap.get("incarnation")) + 1
+            self.restore(snap)
+            await asyncio.to_thread(self.store.write, self._counters(), {}, [])
+            self.redis_run_id = run_id
+            self._resync.clear()
+        self._dispatch()
+
+    async def _wait_for_redis(self, reason: str) -> str:
+        """Redis's run_id once it answers again; `RedisLost` after --reconnect-timeout."""
+        limit = self.cfg.infra.reconnect_timeout
+        log.warning("Redis %s; waiting up to %.0fs for it, then reloading from the journal", reason, limit)
+        t0, backoff = time.monotonic(), 0.1
+        while True:
+            try:
+                return await asyncio.to_thread(self.store.server_run_id)
+            except redis.exceptions.RedisError as e:
+                if time.monotonic() - t0 > limit:
+                    raise RedisLost(
+                        f"Redis unreachable for {limit:.0f}s (--reconnect-timeout): {e}"
+                    ) from None
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _watch_redis(self) -> None:
+        """Every second: is Redis the same server as before? If not (or a write failed), reload."""
+        while True:
+            try:
+                await asyncio.wait_for(self._resync.wait(), REDIS_CHECK_S)
+                reason = "write failed"
+            except TimeoutError:
+                try:
+                    run_id = await asyncio.to_thread(self.store.server_run_id)
+                except redis.exceptions.RedisError as e:
+                    reason = f"unreachable ({e})"
+                else:
+                    if run_id == self.redis_run_id:
+                        continue
+                    reason = "restarted (new run_id)"
+            try:
+                t0 = time.monotonic()
+                await self.reload(reason)
+                log.info("reloaded from the journal in %.2fs", time.monotonic() - t0)
+            except RedisLost as e:
+                self.fatal = str(e)
+                log.error("%s", e)
+                self.on_fatal()
+                return
+
+    async def _watch_leases(self) -> None:
+        """Detach a stream silent for --lease-timeout: its leases go to other servers (new epochs)."""
+        timeout = self.cfg.infra.lease_timeout
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            now = time.monotonic()
+            for conn in list(self.conns.values()):
+                silent = now - conn.last_seen
+                if silent > timeout:
+                    log.warning(
+                        "rollout server %s silent for %.1fs (--lease-timeout %g): detaching it",
+                        conn.server_id,
+                        silent,
+                        timeout,
+                    )
+                    self.num_lease_expiries += 1
+                    conn.outbox.put_nowait(None)  # ends its Attach stream; it re-attaches when alive
+                    self._detach(conn)
+
+    def start_background(self) -> None:
+        self.journal.start()
+        self._background += [
+            asyncio.create_task(self._watch_leases()),
+            asyncio.create_task(self._watch_redis()),
+        ]
 
     async def close(self) -> None:
         for conn in self.conns.values():
             conn.outbox.put_nowait(None)
-        tasks = list(self._tasks) + ([self._storer] if self._storer else [])
+        tasks = list(self._tasks) + self._background + ([self._storer] if self._storer else [])
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.journal.close()
+        await self.journal.flush()  # what changed last (best effort: a crash would lose it too)
+        self.dispatch_log.close()
 
 
 @dataclass
@@ -583,6 +824,7 @@ class RunningCoordinator:
         await self.service.stop(grace)
         await self.reward_channel.close()
         self.buffer.close()
+        self.servicer.store.close()
 
 
 async def start_coordinator(cfg: Config) -> RunningCoordinator:
@@ -603,13 +845,22 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
     group_filter = load_filter(spec) if spec else None  # FilterLoadError: one line, before serving
     buffer = ReplayBuffer(cfg.redis_connect_url, cfg.run_id)
     await asyncio.to_thread(buffer.ping)
+    store = CoordinatorStore(cfg.redis_connect_url, cfg.run_id)
+    snapshot = await asyncio.to_thread(store.load)
     reward_channel = aio_channel(cfg.infra.reward_addr)
     await wait_healthy(
         reward_channel, timeout=cfg.infra.rpc_timeout, what=f"reward service at {cfg.infra.reward_addr}"
     )
     servicer = CoordinatorServicer(
-        cfg, records, prompt_tokens, buffer, reward_pb2_grpc.RewardStub(reward_channel), group_filter
+        cfg, records, prompt_tokens, buffer, reward_pb2_grpc.RewardStub(reward_channel), group_filter, store
     )
+    if snapshot is not None:  # this run has a journal: a restarted coordinator resumes it
+        servicer.incarnation = snapshot.get("incarnation") + 1
+        servicer.restore(snapshot)
+    # Written before serving: the new incarnation must be durable before any epoch above it goes out.
+    await asyncio.to_thread(store.write, servicer._counters(), {}, [])
+    servicer.redis_run_id = await asyncio.to_thread(store.server_run_id)
+    servicer.start_background()
     if (Path(cfg.model.hf_checkpoint) / "config.json").is_file():  # results are checked against it
         servicer.vocab_size = load_config(cfg.model.hf_checkpoint).vocab_size
     service = await start_server(
@@ -630,4 +881,7 @@ async def serve(cfg: Config) -> None:
     telemetry.watch("buffer", lambda: telemetry.buffer_metrics(buffer))  # sync Redis: off the event loop
     telemetry.serve_metrics(cfg.infra.host, cfg.infra.metrics_port)
     install_signal_handlers(running.stop)
+    running.servicer.on_fatal = lambda: asyncio.ensure_future(running.stop())
     await running.service.server.wait_for_termination()
+    if running.servicer.fatal:
+        raise RedisLost(running.servicer.fatal)

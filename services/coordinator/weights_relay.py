@@ -74,18 +74,35 @@ async def receive_push(
 
 
 class WeightRelay:
-    """Holds the latest pushed version for fetching."""
+    """Holds the latest pushed version for fetching.
 
-    def __init__(self) -> None:
+    A restarted coordinator knows the run's version (from its journal) but not its bytes:
+    `known_version` is that version, `held` is False until a push brings it (or a newer one),
+    and until then a push of the *same* version is accepted: the trainer re-pushes what it has
+    when it sees `weights_held == false`.
+    """
+
+    def __init__(self, known_version: int = 0) -> None:
         self.latest: StoredVersion | None = None
+        self.known_version = known_version
 
     @property
     def version(self) -> int:
-        return self.latest.version if self.latest else 0
+        return max(self.latest.version if self.latest else 0, self.known_version)
+
+    @property
+    def held(self) -> bool:
+        """Whether the bytes of `version` are here (version 0 is the base checkpoint: nothing to hold)."""
+        return self.version == 0 or (self.latest is not None and self.latest.version == self.version)
+
+    @property
+    def floor(self) -> int:
+        """A push must carry a version greater than this."""
+        return self.version if self.held else self.version - 1
 
     def commit(self, stored: StoredVersion) -> None:
         # Re-checked here: two pushes may have been received concurrently.
-        if stored.version <= self.version:
+        if stored.version <= self.floor:
             raise PushError(f"version {stored.version} is not newer than the current {self.version}")
         self.latest = stored
 

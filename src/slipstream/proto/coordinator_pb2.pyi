@@ -165,3 +165,26 @@ class CoordinatorStatus(_message.Message):
     rollout_idle_fraction: float
     weights_held: bool
     def __init__(self, policy_version: _Optional[int] = ..., num_groups_dispatched: _Optional[int] = ..., num_groups_completed: _Optional[int] = ..., num_samples_in_flight: _Optional[int] = ..., num_rollout_servers: _Optional[int] = ..., server_versions: _Optional[_Mapping[str, int]] = ..., finished: _Optional[bool] = ..., num_reward_failures: _Optional[int] = ..., num_partials_recycled: _Optional[int] = ..., num_groups_filtered: _Optional[int] = ..., num_stale_samples: _Optional[int] = ..., rollout_idle_fraction: _Optional[float] = ..., weights_held: _Optional[bool] = ...) -> None: ...
+
+class JournalGroup(_message.Message):
+    __slots__ = ("group_id", "samples", "results", "version", "deadline", "parked")
+    class ResultsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: _types_pb2.Sample
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[_Union[_types_pb2.Sample, _Mapping]] = ...) -> None: ...
+    GROUP_ID_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_FIELD_NUMBER: _ClassVar[int]
+    PARKED_FIELD_NUMBER: _ClassVar[int]
+    group_id: str
+    samples: _containers.RepeatedCompositeFieldContainer[_types_pb2.Sample]
+    results: _containers.MessageMap[int, _types_pb2.Sample]
+    version: int
+    deadline: int
+    parked: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, group_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[_types_pb2.Sample, _Mapping]]] = ..., results: _Optional[_Mapping[int, _types_pb2.Sample]] = ..., version: _Optional[int] = ..., deadline: _Optional[int] = ..., parked: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -1,0 +1,132 @@
+"""The coordinator's journal in Redis: its counters, its groups in assembly, and the atomic store.
+
+The coordinator keeps its ledger in memory and journals it here, so a restarted coordinator
+(or one whose Redis restarted) resumes where the journal says it was:
+
+- `Keys.coordinator_state`, a hash of counters: the prompt cursor's position, the policy
+  version, the incarnation (bumped at every resume; lease epochs are issued above it), and the
+  run's totals (stored, filtered, reward failures...).
+- `Keys.assembly`, a hash with one field per group admitted and not yet stored: its
+  `JournalGroup` (templates, finished results by index, admission version, deadline, parked
+  partials).
+
+Only one write must be atomic, and is: `store_group` appends a finished group to the groups
+stream, removes it from the assembly hash and bumps `num_stored` in ONE MULTI/EXEC. A crash
+at any instant leaves a group either in the buffer or in assembly, never both (both would
+train it twice) and never neither. Every other write may lag: a lost journal write only means
+some work is generated again, under the same group id (`p<cursor index>`), which the trainer
+deduplicates.
+
+AOF gives Redis its own version of the same property: a restarted Redis holds a prefix of the
+writes it acknowledged, so the journal and the buffer still agree with each other, only older.
+
+Synchronous redis-py, like the replay buffer: the coordinator calls it through `asyncio.to_thread`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import redis
+from google.protobuf.message import DecodeError
+
+from slipstream.buffer.keys import Keys
+from slipstream.buffer.replay import PAYLOAD, BufferFull
+from slipstream.proto import coordinator_pb2, types_pb2
+
+log = logging.getLogger(__name__)
+
+# Counters the journal writes (HSET). `num_stored` is not among them: only `store_group` moves it.
+COUNTERS = (
+    "cursor",
+    "version",
+    "incarnation",
+    "num_filtered",
+    "num_reward_failures",
+    "num_partials_recycled",
+    "num_stale_samples",
+    "num_dead_lettered",
+)
+STORED = "num_stored"
+
+
+@dataclass
+class Snapshot:
+    """What the journal holds for a run."""
+
+    counters: dict[str, int] = field(default_factory=dict)  # missing counters read as 0
+    groups: list[coordinator_pb2.JournalGroup] = field(default_factory=list)
+    corrupt: list[str] = field(default_factory=list)  # group ids whose record did not decode
+
+    def get(self, name: str) -> int:
+        return self.counters.get(name, 0)
+
+
+def _str(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class CoordinatorStore:
+    def __init__(self, url: str, run_id: str):
+        self.keys = Keys(run_id)
+        # Timeouts: a Redis that died must fail a call, not hang the coordinator's writer thread.
+        self.redis = redis.Redis.from_url(url, protocol=2, socket_timeout=5.0, socket_connect_timeout=2.0)
+
+    def load(self) -> Snapshot | None:
+        """The run's journal, or None when this run has none (a fresh start)."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hgetall(self.keys.coordinator_state)
+            pipe.hgetall(self.keys.assembly)
+            state, assembly = pipe.execute()
+        if not state:
+            return None
+        snap = Snapshot(counters={_str(k): int(v) for k, v in state.items()})
+        for raw_id, data in sorted(assembly.items()):
+            group = coordinator_pb2.JournalGroup()
+            try:
+                group.ParseFromString(data)
+            except DecodeError:
+                snap.corrupt.append(_str(raw_id))
+                continue
+            snap.groups.append(group)
+        return snap
+
+    def write(self, counters: dict[str, int], put: dict[str, bytes], drop: list[str]) -> None:
+        """One journal write: counters, the groups that changed, the groups that left without being stored."""
+        with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(
+                self.keys.coordinator_state, mapping={k: counters[k] for k in COUNTERS if k in counters}
+            )
+            if put:
+                pipe.hset(self.keys.assembly, mapping=put)
+            if drop:
+                pipe.hdel(self.keys.assembly, *drop)
+            pipe.execute()
+
+    def store_group(self, group: types_pb2.Group) -> str:
+        """Append a finished group to the buffer and take it out of assembly, atomically; its entry id."""
+        if not group.samples:
+            raise ValueError(f"group {group.group_id!r} has no samples")
+        try:
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xadd(self.keys.groups, {PAYLOAD: group.SerializeToString()})
+                pipe.hdel(self.keys.assembly, group.group_id)
+                pipe.hincrby(self.keys.coordinator_state, STORED, 1)
+                entry_id, _, _ = pipe.execute()
+        except (redis.exceptions.OutOfMemoryError, redis.exceptions.ExecAbortError) as e:
+            # noeviction refuses the queued XADD and EXEC aborts the whole transaction: nothing written.
+            raise BufferFull(
+                f"Redis is full (maxmemory, noeviction): group {group.group_id} not stored: {e}"
+            ) from None
+        return _str(entry_id)
+
+    def set_counter(self, name: str, value: int) -> None:
+        self.redis.hset(self.keys.coordinator_state, name, value)
+
+    def server_run_id(self) -> str:
+        """The Redis server's run id: it changes when the server restarts."""
+        return _str(self.redis.info("server")["run_id"])
+
+    def close(self) -> None:
+        self.redis.close()

@@ -1,0 +1,48 @@
+"""The dispatch ledger: `<run-dir>/dispatch.jsonl`, one JSON line per thing that happened to work.
+
+Events: `dispatched` (a sample handed to generation for the first time in this incarnation),
+`stored` (its group reached the buffer), `filtered` (its group was dropped by the dynamic
+filter), `reward_failed` (a scoring attempt failed), `dead_lettered` (it failed its reward
+`--reward-max-failures` times: FAILED in its group, copied to the dead-letter stream). Each line
+is `{"event", "group_id", "uid", "t"}` and is flushed as written, so a coordinator killed at
+any instant leaves whole lines; a restarted one appends. `scripts/check_ledger.py` joins this
+with the trainer's `trained.jsonl`: every dispatched sample must end trained or accounted for.
+A sample may be `dispatched` more than once (its work regenerated after a crash); it is stored
+once per group id.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+NAME = "dispatch.jsonl"
+
+
+class DispatchLog:
+    def __init__(self, run_dir: str | Path | None):
+        # Only a run directory that exists (the launcher or the test made it) gets a ledger:
+        # a coordinator started bare must not litter its working directory.
+        self._file = None
+        if run_dir and Path(run_dir).is_dir():
+            self._file = open(Path(run_dir) / NAME, "a", buffering=1)  # noqa: SIM115 - lives with the service
+
+    @property
+    def enabled(self) -> bool:
+        return self._file is not None
+
+    def event(self, event: str, group_id: str, uids: list[str] | tuple[str, ...] = ()) -> None:
+        if self._file is None:
+            return
+        t = time.time()
+        lines = [{"event": event, "group_id": group_id, "uid": uid, "t": t} for uid in uids] or [
+            {"event": event, "group_id": group_id, "t": t}
+        ]
+        self._file.write("".join(json.dumps(line) + "\n" for line in lines))
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,128 @@
+"""The journal writer: the coordinator's in-memory ledger, copied to Redis off the event loop.
+
+The ledger in memory is the truth while the coordinator runs; Redis is its journal, read only
+when a coordinator starts on a run that has one, or after Redis itself restarted. Handlers
+call `mark(group_id)` when a group changes (admitted, a result in, a partial parked or taken
+back), `drop(group_id)` when it leaves without being stored (filtered), and `touch()` when only
+counters moved; one writer task coalesces whatever accumulated into a single MULTI/EXEC per
+round (`CoordinatorStore.write`), in a worker thread.
+
+Ordering with the store. The writer and the store path take the same lock, and the writer
+builds its snapshot *inside* the lock, so a group being stored is either journaled before its
+store transaction (which then deletes it) or no longer in assembly when the snapshot is taken:
+the journal can never put back a group the buffer already holds.
+
+A failed write (Redis down) keeps the changes dirty and is retried; after a Redis restart the
+coordinator reloads from Redis anyway, so nothing here needs to be smarter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import redis
+
+from slipstream.proto import coordinator_pb2, types_pb2
+from slipstream.services.coordinator.groups import GroupState
+
+log = logging.getLogger(__name__)
+
+RETRY_S = 0.5
+COALESCE_S = 0.02  # let a burst of results land in one write
+
+
+def to_record(group: GroupState, parked: set[str]) -> coordinator_pb2.JournalGroup:
+    record = coordinator_pb2.JournalGroup(
+        group_id=group.group_id, samples=group.samples, version=group.version, deadline=group.deadline
+    )
+    for index, sample in group.results.items():
+        record.results[index].CopyFrom(sample)
+    record.parked.extend(i for i, s in enumerate(group.samples) if s.uid in parked)
+    return record
+
+
+def from_record(record: coordinator_pb2.JournalGroup) -> GroupState:
+    samples = []
+    for s in record.samples:
+        copy = types_pb2.Sample()
+        copy.CopyFrom(s)
+        samples.append(copy)
+    return GroupState(
+        record.group_id,
+        samples,
+        results={i: record.results[i] for i in record.results},
+        version=record.version,
+        deadline=record.deadline,
+    )
+
+
+Snapshotter = Callable[[set[str]], tuple[dict[str, int], dict[str, bytes]]]
+
+
+class Journal:
+    def __init__(self, store, snapshot: Snapshotter, lock: asyncio.Lock):
+        self.store = store  # slipstream.buffer.coordinator_store.CoordinatorStore
+        self.snapshot = snapshot  # dirty group ids -> (counters, {group id: record bytes} still in assembly)
+        self.lock = lock
+        self.dirty: set[str] = set()
+        self.dropped: set[str] = set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.num_writes = 0
+        self.num_failed_writes = 0
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    def mark(self, group_id: str) -> None:
+        self.dirty.add(group_id)
+        self._wake.set()
+
+    def drop(self, group_id: str) -> None:
+        self.dirty.discard(group_id)
+        self.dropped.add(group_id)
+        self._wake.set()
+
+    def touch(self) -> None:
+        self._wake.set()
+
+    def reset(self) -> None:
+        """Forget pending changes (the ledger was just reloaded from Redis)."""
+        self.dirty.clear()
+        self.dropped.clear()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(COALESCE_S)
+            self._wake.clear()
+            if not await self.flush():
+                await asyncio.sleep(RETRY_S)
+                self._wake.set()
+
+    async def flush(self) -> bool:
+        """Write what changed now; False when Redis refused (the changes stay pending)."""
+        async with self.lock:
+            dirty, dropped = self.dirty, self.dropped
+            self.dirty, self.dropped = set(), set()
+            counters, put = self.snapshot(dirty)
+            try:
+                await asyncio.to_thread(self.store.write, counters, put, sorted(dropped))
+            except redis.exceptions.RedisError as e:
+                self.num_failed_writes += 1
+                if self.num_failed_writes == 1 or self.num_failed_writes % 20 == 0:
+                    log.warning("journal write failed (%d so far): %s", self.num_failed_writes, e)
+                self.dirty |= dirty
+                self.dropped |= dropped
+                return False
+        self.num_writes += 1
+        return True
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
