@@ -40,7 +40,7 @@ from slipstream.services.rollout.version_gate import VersionGate
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 1.0
-RECONNECT_FIRST, RECONNECT_MAX, RECONNECT_GIVE_UP = 0.5, 5.0, 30.0
+RECONNECT_FIRST, RECONNECT_MAX = 0.5, 5.0  # backoff; the give-up window is --reconnect-timeout
 WEIGHT_FETCH_TIMEOUT = 300.0  # a whole version streams within this deadline
 
 _STATUS = {
@@ -171,7 +171,11 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
 
     # ---- the coordinator stream --------------------------------------------------------
     async def attach_forever(self) -> None:
-        """Hold an Attach stream, reconnecting with backoff; raise `CoordinatorLost` after 30 s down."""
+        """Hold an Attach stream, reconnecting with backoff; `CoordinatorLost` after --reconnect-timeout down.
+
+        A restarted coordinator (same address) is simply attached to again: it re-dispatches what
+        this server was generating, under new epochs.
+        """
         assert self.coordinator is not None
         health = health_pb2_grpc.HealthStub(self.coordinator)
         down_since: float | None = None
@@ -189,10 +193,11 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
                 return
             now = time.monotonic()
             down_since = down_since or now
-            if now - down_since >= RECONNECT_GIVE_UP:
+            give_up = self.cfg.infra.reconnect_timeout
+            if now - down_since >= give_up:
                 raise CoordinatorLost(
                     f"coordinator at {self.cfg.infra.coordinator_addr} unreachable for "
-                    f"{RECONNECT_GIVE_UP:.0f}s ({reason})"
+                    f"{give_up:.0f}s (--reconnect-timeout; {reason})"
                 )
             log.warning("coordinator stream down (%s); retrying in %.1fs", reason, backoff)
             try:
