@@ -151,6 +151,43 @@ def test_killing_a_service_stops_the_run(assets, tmp_path, victim):
     assert not [n for n, pid in pids.items() if _alive(pid)]
 
 
+def test_max_restarts_brings_dead_services_back(assets, tmp_path):
+    """Supervised like a Kubernetes pod: the reward service and a rollout server are SIGKILLed
+    after the first step, the launcher starts each again on its port, and the run finishes."""
+    model, prompts = assets
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        _argv(model, prompts, run_dir, "--num-rollout", "6", "--max-restarts", "1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.monotonic() + 180
+        while not (metrics.exists() and metrics.read_text().strip()):
+            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the run never finished a step"
+            time.sleep(0.2)
+        before = json.loads((run_dir / "pids.json").read_text())
+        for victim in ("reward", "rollout-1"):
+            os.kill(before[victim], signal.SIGKILL)
+        _, err = launcher.communicate(timeout=180)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode == 0, err[-3000:]
+    after = json.loads((run_dir / "pids.json").read_text())
+    for victim in ("reward", "rollout-1"):
+        assert after[victim] != before[victim]
+        assert any(
+            line.startswith(f"slipstream: {victim} died (killed by SIGKILL)") and "restarting it (1/1)" in line
+            for line in err.splitlines()
+        ), err[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["finished"] is True
+
+
 def test_bad_input_gives_one_line(assets, tmp_path):
     model, prompts = assets
     bad = tmp_path / "bad.jsonl"

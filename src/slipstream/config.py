@@ -266,6 +266,12 @@ class InfraConfig:
         "Seconds a service keeps reconnecting, with backoff, to an unreachable coordinator or "
         "Redis before it gives up with an error (a restart takes a few seconds). (Slipstream)",
     )
+    max_restarts: int = opt(
+        0,
+        "Times the launcher restarts each service that dies (same port, same data; the trainer "
+        "resumes from its latest checkpoint), as Kubernetes would; 0 = any death stops the run. "
+        "(Slipstream)",
+    )
     lease_timeout: float = opt(
         30.0,
         "Seconds without a heartbeat after which a rollout server loses its leases and its work is "
@@ -402,6 +408,7 @@ class Config:
         _require(0 <= i.metrics_port < 65536, "--metrics-port must be in [0, 65535]")
         _require(i.reconnect_timeout > 0, "--reconnect-timeout must be positive")
         _require(i.lease_timeout > 0, "--lease-timeout must be positive")
+        _require(i.max_restarts >= 0, "--max-restarts must be >= 0")
         _require(not i.redis_password_file or bool(i.redis_url), "--redis-password-file needs --redis-url")
         _require(
             not i.redis_password_file or Path(i.redis_password_file).is_file(),

@@ -11,6 +11,11 @@ exits 0; and if any process dies, or on Ctrl-C/SIGTERM, it stops every other pro
 then SIGKILL after a grace period) and exits non-zero naming the dead service and the tail of
 its log. Children are bound to the launcher's life (PR_SET_PDEATHSIG), so even a killed
 launcher leaves no orphan.
+
+With `--max-restarts N` the launcher supervises instead, as Kubernetes would: a service that dies
+is started again, up to N times each, on the port it had (Redis on its data directory, so its
+AOF is replayed; the trainer with `--load` on its latest checkpoint). The services themselves
+reconnect, resume and fence; the launcher only restarts.
 """
 
 from __future__ import annotations
@@ -55,6 +60,10 @@ class Proc:
     popen: subprocess.Popen
     log_path: Path
     ready_file: Path | None = None
+    argv: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    port: int = 0  # once ready (a restart binds the same one)
+    restarts: int = 0
 
     def tail(self, lines: int = 15) -> str:
         try:
@@ -86,22 +95,23 @@ class Mesh:
         logs = self.run_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         ready_file = self.run_dir / "ports" / f"{name}.port" if ready else None
+        command = argv
         if ready_file is not None:
             ready_file.parent.mkdir(parents=True, exist_ok=True)
             ready_file.unlink(missing_ok=True)
-            argv = [*argv, "--ready-file", str(ready_file)]
+            command = [*argv, "--ready-file", str(ready_file)]
         log_path = logs / f"{name}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
-                argv,
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
-                env=env,
+                env=full_env,
                 preexec_fn=_die_with_parent,
             )
-        proc = Proc(name, popen, log_path, ready_file)
+        proc = Proc(name, popen, log_path, ready_file, argv=argv, env=env)
         self.procs.append(proc)
         # Operators (and the tests) find every process of the run here.
         pids = {p.name: p.popen.pid for p in self.procs}
@@ -140,23 +150,66 @@ class Mesh:
         ]
         return self.spawn(name, argv, env=env)
 
-    def wait_ready(self, proc: Proc, timeout: float = READY_TIMEOUT_S) -> int:
+    def wait_ready(self, proc: Proc, timeout: float = READY_TIMEOUT_S, others: bool = True) -> int:
+        """The port `proc` reports once serving; its death (or, with `others`, any other's) raises."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if proc.ready_file and proc.ready_file.exists():
                 text = proc.ready_file.read_text().strip()
                 if text:
-                    return int(text)
+                    proc.port = int(text)
+                    return proc.port
             if proc.popen.poll() is not None:
                 raise self.death(proc)
-            self.check_others(proc)
+            if others:
+                self.check_others(proc)
             time.sleep(0.05)
         raise LaunchError(f"{proc.name} did not become ready within {timeout:.0f}s; see {proc.log_path}")
 
     def check_others(self, skip: Proc | None = None) -> None:
         for p in self.procs:
-            if p is not skip and p.popen.poll() is not None:
+            if p is not skip and p.popen.poll() is not None and p is self.get(p.name):
                 raise self.death(p)
+
+    def get(self, name: str) -> Proc:
+        """The live incarnation of service `name`."""
+        return next(p for p in reversed(self.procs) if p.name == name)
+
+    def supervise(self) -> None:
+        """Restart dead services within --max-restarts; raise the death of one past it.
+
+        The trainer's exit is the run's outcome and is judged by the caller, except a crash,
+        which is restarted like any other service while restarts are left.
+        """
+        for p in list(self.procs):
+            code = p.popen.poll()
+            if code is None or p is not self.get(p.name) or (p.name == "trainer" and code == 0):
+                continue
+            if p.restarts >= self.cfg.infra.max_restarts:
+                raise self.death(p)
+            self.restart(p)
+
+    def restart(self, proc: Proc) -> Proc:
+        death = self.death(proc)
+        argv = list(proc.argv)
+        if proc.port and "--port" in argv:  # bind the port the others dial
+            argv[argv.index("--port") + 1] = str(proc.port)
+        if proc.name == "trainer":
+            save_dir = self.cfg.save_dir
+            if (save_dir / "latest").is_file():
+                argv += ["--load", str(save_dir)]
+        print(f"slipstream: {death}; restarting it ({proc.restarts + 1}/{self.cfg.infra.max_restarts})",
+              file=sys.stderr, flush=True)  # fmt: skip
+        new = self.spawn(proc.name, argv, ready=proc.ready_file is not None, env=proc.env)
+        new.restarts = proc.restarts + 1
+        new.port = proc.port
+        if proc.name == "redis":
+            from slipstream.buffer.embedded import wait_for_redis
+
+            wait_for_redis(self.cfg.infra.redis_url, timeout=30)
+        elif new.ready_file is not None:
+            self.wait_ready(new, others=False)  # another dead service is restarted next
+        return new
 
     def death(self, proc: Proc) -> LaunchError:
         code = proc.popen.returncode
@@ -312,7 +365,7 @@ def run(cfg: Config) -> int:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         console.print(f"[bold]slipstream[/] run directory {run_dir} (logs in {run_dir / 'logs'})")
-        trainer = start_mesh(mesh)
+        start_mesh(mesh)
         offset = 0
         with Progress(
             TextColumn("[bold]GRPO"),
@@ -339,12 +392,9 @@ def run(cfg: Config) -> int:
                             f"{r['tokens_per_s']:.0f} tok/s  v{r['policy_version']}"
                         ),
                     )
-                code = trainer.popen.poll()
-                if code is not None:
-                    if code != 0:
-                        raise mesh.death(trainer)
+                if mesh.get("trainer").popen.poll() == 0:
                     break
-                mesh.check_others(trainer)
+                mesh.supervise()
                 time.sleep(0.2)
         mesh.stop_all()
         summary = run_dir / "summary.json"
