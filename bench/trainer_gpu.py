@@ -1,12 +1,24 @@
-"""Trainer throughput and MFU for one rollout step of a Qwen3-0.6B-shaped policy.
+"""Trainer throughput and MFU for one rollout step of a Qwen3-0.6B-shaped policy, padded and packed.
 
     python bench/trainer_gpu.py [--samples 64] [--prompt-len 128] [--response-len 256]
+                                [--max-tokens-per-gpu 16384] [--variants ...] [--out ...]
 
 The real `Actor.train_rollout` (proximal log-prob recompute, GRPO-scored PPO loss, AdamW) on
-random weights with synthetic samples; one optimizer step over all samples, micro-batches of 16.
-MFU counts 6 x params x trained tokens per step (forward + backward) against the dense bf16
-peak given by --peak-tflops (the H200's 989); the proximal log-prob forward (another 2 x
-params per token) is extra work not credited, so the hardware does ~4/3 of what MFU says.
+random weights with synthetic samples; one optimizer step over all samples. Variants, in one run:
+
+- `padded-bf16params`: last session's configuration (bf16 parameters, micro-batches of 16);
+- `padded`: `--bf16` (fp32 master weights, bf16 autocast), micro-batches of 16;
+- `packed`: `--bf16 --use-dynamic-batch-size --max-tokens-per-gpu N`;
+- `packed-compile`: the same plus `--torch-compile`;
+- `*-mix`: responses uniform in [32, --response-len] instead of all --response-len (a realistic
+  length mix: padding is then most of a padded batch's work).
+
+MFU: model FLOPs over wall time against the dense bf16 peak (--peak-tflops, the H200's 989).
+`mfu` counts 6 x params x tokens (the usual convention, every token through every parameter);
+`mfu_needed` counts what a step must compute, 6 x (params - LM head) x tokens + 6 x LM head x
+response tokens (no log-prob of a prompt position is ever read), and is the fair figure when
+packing runs the head on response positions only. Attention score FLOPs and the proximal
+log-prob forward (another 2 x params per token) are not credited in either.
 """
 
 from __future__ import annotations
@@ -27,17 +39,77 @@ from slipstream.types import Sample, Status
 
 SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
              num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)  # fmt: skip
+VARIANTS = (
+    "padded-bf16params",
+    "padded",
+    "packed",
+    "padded-mix",
+    "packed-mix",
+    "packed-compile",
+    "packed-compile-mix",
+)
 
 
-def samples(n: int, prompt_len: int, response_len: int, vocab: int) -> list[Sample]:
+def samples(n: int, prompt_len: int, response_len: int, vocab: int, mix: bool) -> list[Sample]:
     g = torch.Generator().manual_seed(0)
     out = []
     for i in range(n):
-        toks = torch.randint(0, vocab, (prompt_len + response_len,), generator=g).tolist()
-        out.append(Sample(tokens=toks, response_length=response_len, status=Status.COMPLETED, reward=float(i % 2),
-                          rollout_log_probs=[-1.0] * response_len, policy_versions=[0] * response_len,
-                          loss_mask=[1] * response_len))  # fmt: skip
+        r = int(torch.randint(32, response_len + 1, (1,), generator=g)) if mix else response_len
+        toks = torch.randint(0, vocab, (prompt_len + r,), generator=g).tolist()
+        out.append(Sample(tokens=toks, response_length=r, status=Status.COMPLETED, reward=float(i % 2),
+                          rollout_log_probs=[-1.0] * r, policy_versions=[0] * r, loss_mask=[1] * r))  # fmt: skip
     return out
+
+
+def flags(variant: str, args) -> list[str]:
+    out = ["--dtype", "bfloat16"]
+    if variant != "padded-bf16params":
+        out.append("--bf16")
+    if variant.startswith("packed"):
+        out += ["--use-dynamic-batch-size", "--max-tokens-per-gpu", str(args.max_tokens_per_gpu)]
+    if "compile" in variant:
+        out.append("--torch-compile")
+    if args.gradient_checkpointing:
+        out.append("--gradient-checkpointing")
+    return out
+
+
+def run_variant(variant: str, model_dir: str, args, params: int, head: int) -> dict:
+    cfg = parse_config([
+        "--hf-checkpoint", model_dir, "--rollout-batch-size", str(args.samples // 8),
+        "--n-samples-per-prompt", "8", "--micro-batch-size", "16", "--lr", "1e-6", *flags(variant, args),
+    ])  # fmt: skip
+    actor = Actor(cfg)
+    batch = samples(
+        args.samples, args.prompt_len, args.response_len, SHAPE["vocab_size"], variant.endswith("-mix")
+    )
+    scores = [s.reward - 0.5 for s in batch]
+    t0 = time.perf_counter()
+    actor.train_rollout(batch, scores)  # warm-up (and compilation)
+    torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        stats = actor.train_rollout(batch, scores)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    dt = sorted(times)[len(times) // 2]
+    tokens = sum(len(s.tokens) for s in batch)
+    response = sum(s.response_length for s in batch)
+    peak = args.peak_tflops * 1e12
+    members, _ = actor.micro_batches(batch)
+    del actor
+    torch.cuda.empty_cache()
+    return {
+        "variant": variant, "flags": flags(variant, args), "step_s": round(dt, 4), "steps_s": [round(t, 4) for t in times],
+        "warmup_s": round(warmup_s, 2), "tokens_per_step": tokens, "response_tokens": response,
+        "tokens_per_s": round(tokens / dt, 1), "micro_batches": len(members),
+        "mfu": round(6 * params * tokens / dt / peak, 4),
+        "mfu_needed": round((6 * (params - head) * tokens + 6 * head * response) / dt / peak, 4),
+        "loss": stats.loss, "grad_norm": stats.grad_norm, "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1),
+    }  # fmt: skip
 
 
 def main() -> None:
@@ -45,39 +117,41 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--response-len", type=int, default=256)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--max-tokens-per-gpu", type=int, default=16384)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "trainer_gpu.json")
     args = parser.parse_args()
+    results = []
     with tempfile.TemporaryDirectory() as d:
+        torch.manual_seed(0)
         model = Qwen3ForCausalLM(Qwen3Config(**SHAPE)).to(torch.bfloat16)
         save_model(model, d)
         params = sum(p.numel() for p in model.parameters())
+        head = model.lm_head.weight.numel()
         del model
-        cfg = parse_config([
-            "--hf-checkpoint", d, "--dtype", args.dtype, "--rollout-batch-size", str(args.samples // 8),
-            "--n-samples-per-prompt", "8", "--micro-batch-size", "16", "--lr", "1e-6",
-        ])  # fmt: skip
-        actor = Actor(cfg)
-        batch = samples(args.samples, args.prompt_len, args.response_len, SHAPE["vocab_size"])
-        scores = [s.reward - 0.5 for s in batch]
-        actor.train_rollout(batch, scores)  # warm-up
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-        t0 = time.perf_counter()
-        steps = 3
-        for _ in range(steps):
-            stats = actor.train_rollout(batch, scores)
-        torch.cuda.synchronize() if torch.cuda.is_available() else None
-        dt = (time.perf_counter() - t0) / steps
-    tokens = args.samples * (args.prompt_len + args.response_len)
-    mfu = 6 * params * tokens / dt / (args.peak_tflops * 1e12)
+        for v in args.variants:
+            try:
+                r = run_variant(v, d, args, params, head)
+            except Exception as e:  # one broken variant must not cost the others their figures
+                r = {"variant": v, "error": f"{type(e).__name__}: {e}"[:2000]}
+                torch.cuda.empty_cache()
+            print(json.dumps(r), flush=True)
+            results.append(r)
     result = {
-        "bench": "trainer_gpu", "params": params, "dtype": args.dtype, "samples": args.samples,
-        "tokens_per_step": tokens, "step_s": round(dt, 4), "tokens_per_s": round(tokens / dt, 1),
-        "mfu": round(mfu, 4), "loss": stats.loss,
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "bench": "trainer_gpu", "params": params, "lm_head_params": head, "samples": args.samples,
+        "prompt_len": args.prompt_len, "response_len": args.response_len,
+        "max_tokens_per_gpu": args.max_tokens_per_gpu, "peak_tflops": args.peak_tflops,
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": results,
     }  # fmt: skip
-    print(json.dumps(result, indent=2))
+    print(f"{'variant':<20} {'step s':>8} {'tok/s':>10} {'MFU':>6} {'MFU needed':>10} {'loss':>10}")
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:<20} ERROR {r['error'][:200]}")
+        else:
+            print(f"{r['variant']:<20} {r['step_s']:>8} {r['tokens_per_s']:>10} {r['mfu']:>6} {r['mfu_needed']:>10} {r['loss']:>10.6f}")  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 

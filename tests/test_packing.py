@@ -162,7 +162,9 @@ def test_varlen_kernel_matches_the_fallback_on_gpu():
     lengths = [100, 37, 300, 1]
     n = sum(lengths)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    q, k, v = (torch.randn(1, h, n, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (16, 8, 8))
+    q, k, v = (
+        torch.randn(1, h, n, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for h in (16, 8, 8)
+    )
     fast = packed_causal_attention(cu, max(lengths))(0, q, k, v)
     slow = packed_causal_attention(cu, max(lengths), use_kernel=False)(0, q, k, v)
     torch.testing.assert_close(fast, slow, atol=2e-2, rtol=2e-2)

@@ -205,3 +205,22 @@ def test_a_non_finite_step_is_skipped_and_leaves_weights_and_moments_alone(model
         assert torch.equal(state["exp_avg"], m), k
     healthy = actor.train_rollout(samples, [1.0, -1.0, 0.5, -0.5])
     assert healthy.num_skipped_steps == 0 and healthy.num_optimizer_steps == 1
+
+
+def test_gradient_checkpointing_and_bf16_master_weights(model_dir):
+    """Recomputing layers in backward gives the same step; --bf16 keeps float32 master weights."""
+    params = []
+    for extra in ({}, dict(gradient_checkpointing=True)):
+        actor = Actor(_cfg(model_dir, **extra))
+        actor.train_rollout(_with_own_log_probs(actor, _samples()), [1.0, -1.0, 0.5, -0.5])
+        params.append([p.detach().clone() for p in actor.model.parameters()])
+    for a, b in zip(*params, strict=True):
+        assert torch.allclose(a, b, atol=3e-5)
+    actor = Actor(_cfg(model_dir, bf16=True, dtype="bfloat16", lr=1e-6))
+    before = [p.detach().clone() for p in actor.model.parameters()]
+    assert all(p.dtype == torch.float32 for p in before)
+    stats = actor.train_rollout(_with_own_log_probs(actor, _samples()), [1.0, -1.0, 0.5, -0.5])
+    assert stats.num_optimizer_steps == 1 and torch.isfinite(torch.tensor(stats.loss))
+    # a 1e-6 step survives in float32 (bf16 parameters would have rounded most of it away)
+    moved = sum(int((a != b).sum()) for a, b in zip(before, actor.model.parameters(), strict=True))
+    assert moved > 0.5 * sum(p.numel() for p in before)

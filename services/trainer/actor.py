@@ -52,7 +52,13 @@ from slipstream.algorithms.advantages import (
 )
 from slipstream.algorithms.aggregation import loss_token_weights, step_totals
 from slipstream.algorithms.kl import approx_kl
-from slipstream.algorithms.losses import chunked_log_probs_and_entropy, chunked_token_log_probs, policy_loss
+from slipstream.algorithms.losses import (
+    chunked_log_probs_and_entropy,
+    chunked_token_log_probs,
+    compiled_log_probs_and_entropy,
+    compiled_token_log_probs,
+    policy_loss,
+)
 from slipstream.config import Config
 from slipstream.models.hf import load_model
 from slipstream.models.packed import packed_causal_attention
@@ -151,6 +157,10 @@ class Actor:
         if cfg.train.bf16:
             dtype = torch.float32  # master weights; autocast makes the bf16 copies per forward
         model = load_model(model_path or cfg.model.hf_checkpoint, device=self.device, dtype=dtype)
+        if cfg.train.torch_compile:
+            for layer in model.model.layers:
+                for piece in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
+                    piece.compile(dynamic=True)
         if cfg.train.gradient_checkpointing:
             _checkpoint_layers(model)
         self.model = shard_model(model, self.par)
@@ -201,10 +211,12 @@ class Actor:
 
     def log_probs(self, batch: Batch, model: torch.nn.Module | None = None) -> torch.Tensor:
         """Per-token log-probs of `batch.targets` under the current (or given) weights, [B, T]."""
-        return self._forward(model or self.model, batch, chunked_token_log_probs)
+        fn = compiled_token_log_probs if self.cfg.train.torch_compile else chunked_token_log_probs
+        return self._forward(model or self.model, batch, fn)
 
     def log_probs_and_entropy(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._forward(self.model, batch, chunked_log_probs_and_entropy)
+        fn = compiled_log_probs_and_entropy if self.cfg.train.torch_compile else chunked_log_probs_and_entropy
+        return self._forward(self.model, batch, fn)
 
     @torch.no_grad()
     def old_log_probs(self, batches: list[Batch]) -> list[torch.Tensor]:

@@ -207,6 +207,11 @@ class TrainConfig:
         "Mixed precision: float32 parameters and AdamW state (the master weights), forward and "
         "backward under bf16 autocast; the trainer's parameters stay float32 whatever --dtype says.",
     )
+    torch_compile: bool = opt(
+        False,
+        "torch.compile the trainer's elementwise glue: each decoder layer's norms and MLP and the "
+        "LM head's log-prob/entropy chunks (attention stays eager). (Slipstream)",
+    )
     update_weights_interval: int = opt(1, "Push new weights to rollout every N training steps.")
     max_reuse: int = opt(
         1,

@@ -27,6 +27,8 @@ temperature 0 means greedy sampling and is treated as 1.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -88,6 +90,23 @@ def chunked_log_probs_and_entropy(
     return _chunked(_chunk_log_probs_entropy, hidden, lm_head_weight, targets, temperature, chunk_tokens)
 
 
+@functools.cache
+def compiled(fn):
+    """`fn` under torch.compile (one fused kernel per chunk for the cast, softmax and gather)."""
+    return torch.compile(fn, dynamic=True)
+
+
+def compiled_token_log_probs(hidden, lm_head_weight, targets, temperature=1.0, chunk_tokens=4096):
+    """`chunked_token_log_probs` with each chunk's arithmetic compiled (CUDA)."""
+    return _chunked(compiled(_chunk_log_probs), hidden, lm_head_weight, targets, temperature, chunk_tokens)
+
+
+def compiled_log_probs_and_entropy(hidden, lm_head_weight, targets, temperature=1.0, chunk_tokens=4096):
+    """`chunked_log_probs_and_entropy` with each chunk's arithmetic compiled (CUDA)."""
+    fn = compiled(_chunk_log_probs_entropy)
+    return _chunked(fn, hidden, lm_head_weight, targets, temperature, chunk_tokens)
+
+
 def _chunked(fn, hidden, lm_head_weight, targets, temperature, chunk_tokens):
     if chunk_tokens <= 0:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
@@ -105,7 +124,7 @@ def _chunked(fn, hidden, lm_head_weight, targets, temperature, chunk_tokens):
             pieces.append(fn(h, lm_head_weight, t, temperature))
     if not pieces:
         out = torch.zeros(batch, seq, device=hidden.device)
-        return out if fn is _chunk_log_probs else (out, out.clone())
+        return out if fn in (_chunk_log_probs, compiled(_chunk_log_probs)) else (out, out.clone())
     if isinstance(pieces[0], tuple):
         return tuple(torch.cat(p).view(batch, seq) for p in zip(*pieces, strict=True))
     return torch.cat(pieces).view(batch, seq)
