@@ -95,25 +95,36 @@ class CoordinatorStore:
     def write(self, counters: dict[str, int], put: dict[str, bytes], drop: list[str]) -> None:
         """One journal write: counters, the groups that changed, the groups that left without being stored."""
         with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                self.keys.coordinator_state, mapping={k: counters[k] for k in COUNTERS if k in counters}
-            )
-            if put:
-                pipe.hset(self.keys.assembly, mapping=put)
-            if drop:
-                pipe.hdel(self.keys.assembly, *drop)
+            self._queue_write(pipe, counters, put, drop)
             pipe.execute()
 
-    def store_group(self, group: types_pb2.Group) -> str:
-        """Append a finished group to the buffer and take it out of assembly, atomically; its entry id."""
+    def _queue_write(self, pipe, counters: dict[str, int], put: dict[str, bytes], drop: list[str]) -> None:
+        mapping = {k: counters[k] for k in COUNTERS if k in counters}
+        if mapping:
+            pipe.hset(self.keys.coordinator_state, mapping=mapping)
+        if put:
+            pipe.hset(self.keys.assembly, mapping=put)
+        if drop:
+            pipe.hdel(self.keys.assembly, *drop)
+
+    def store_group(
+        self,
+        group: types_pb2.Group,
+        counters: dict[str, int] | None = None,
+        put: dict[str, bytes] | None = None,
+        drop: list[str] = (),
+    ) -> str:
+        """Append a finished group to the buffer and take it out of assembly, atomically, with
+        whatever journal write was pending (`write`'s arguments); its entry id."""
         if not group.samples:
             raise ValueError(f"group {group.group_id!r} has no samples")
         try:
             with self.redis.pipeline(transaction=True) as pipe:
+                self._queue_write(pipe, counters or {}, put or {}, drop)
                 pipe.xadd(self.keys.groups, {PAYLOAD: group.SerializeToString()})
                 pipe.hdel(self.keys.assembly, group.group_id)
                 pipe.hincrby(self.keys.coordinator_state, STORED, 1)
-                entry_id, _, _ = pipe.execute()
+                entry_id = pipe.execute()[-3]
         except (redis.exceptions.OutOfMemoryError, redis.exceptions.ExecAbortError) as e:
             # noeviction refuses the queued XADD and EXEC aborts the whole transaction: nothing written.
             raise BufferFull(

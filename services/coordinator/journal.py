@@ -7,10 +7,13 @@ back), `drop(group_id)` when it leaves without being stored (filtered), and `tou
 counters moved; one writer task coalesces whatever accumulated into a single MULTI/EXEC per
 round (`CoordinatorStore.write`), in a worker thread.
 
-Ordering with the store. The writer and the store path take the same lock, and the writer
-builds its snapshot *inside* the lock, so a group being stored is either journaled before its
-store transaction (which then deletes it) or no longer in assembly when the snapshot is taken:
-the journal can never put back a group the buffer already holds.
+Ordering with the store. The writer and the store path take the same lock, and snapshots are
+built *inside* it, so a group being stored is either journaled before its store transaction
+(which then deletes it) or no longer in assembly when the snapshot is taken: the journal can
+never put back a group the buffer already holds. The store transaction also carries whatever
+the journal had pending (`take()`): the buffer never gets ahead of the journal, so a group in
+the buffer was always admitted under a journaled cursor (otherwise a crash could admit its
+prompt again and store it twice).
 
 A failed write (Redis down) keeps the changes dirty and is retried; after a Redis restart the
 coordinator reloads from Redis anyway, so nothing here needs to be smarter.
@@ -103,20 +106,29 @@ class Journal:
                 await asyncio.sleep(RETRY_S)
                 self._wake.set()
 
+    def take(self) -> tuple[set[str], set[str], dict[str, int], dict[str, bytes]]:
+        """What is pending, as a write (call it holding the lock): (dirty, dropped, counters, records)."""
+        dirty, dropped = self.dirty, self.dropped
+        self.dirty, self.dropped = set(), set()
+        counters, put = self.snapshot(dirty)
+        return dirty, dropped, counters, put
+
+    def give_back(self, dirty: set[str], dropped: set[str]) -> None:
+        """A write of `take()` failed: keep its changes pending."""
+        self.dirty |= dirty
+        self.dropped |= dropped
+
     async def flush(self) -> bool:
         """Write what changed now; False when Redis refused (the changes stay pending)."""
         async with self.lock:
-            dirty, dropped = self.dirty, self.dropped
-            self.dirty, self.dropped = set(), set()
-            counters, put = self.snapshot(dirty)
+            dirty, dropped, counters, put = self.take()
             try:
                 await asyncio.to_thread(self.store.write, counters, put, sorted(dropped))
             except redis.exceptions.RedisError as e:
                 self.num_failed_writes += 1
                 if self.num_failed_writes == 1 or self.num_failed_writes % 20 == 0:
                     log.warning("journal write failed (%d so far): %s", self.num_failed_writes, e)
-                self.dirty |= dirty
-                self.dropped |= dropped
+                self.give_back(dirty, dropped)
                 return False
         self.num_writes += 1
         return True

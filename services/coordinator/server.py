@@ -499,7 +499,15 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     async with self._redis_lock:
                         if generation != self.generation:
                             break
-                        await asyncio.to_thread(self.store.store_group, pb)
+                        # With the journal's pending changes: the buffer never gets ahead of it.
+                        dirty, dropped, counters, put = self.journal.take()
+                        try:
+                            await asyncio.to_thread(
+                                self.store.store_group, pb, counters, put, sorted(dropped)
+                            )
+                        except BaseException:
+                            self.journal.give_back(dirty, dropped)
+                            raise
                         self.finishing.pop(pb.group_id, None)
                 except BufferFull as e:  # backpressure: the group waits, nothing is dropped
                     log.warning("%s; retrying in %.0fs", e, BUFFER_FULL_RETRY_S)
