@@ -183,7 +183,7 @@ RECEIVER = textwrap.dedent(
     import torch
     from slipstream.proto import types_pb2
     from slipstream.weights import WeightError, WeightStager
-    shapes = json.loads(sys.stdin.readline())
+    shapes = json.loads(sys.stdin.buffer.readline())
     current = 0
     while True:
         head = sys.stdin.buffer.read(4)
@@ -270,3 +270,24 @@ def test_two_processes_on_one_gpu():
     assert "does not open in this process" in replies[3]["error"], replies[3]
     exporter.confirm(3)
     assert exporter.held_versions == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", [(200, 24), (24, 300), (1024, 3072), (128, 128), (1, 1)])
+def test_block_kernels_equal_the_pytorch_definition(shape):
+    from slipstream.kernels import fp8_block
+    from slipstream.quant import fp8
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(shape, generator=g, device="cuda") * torch.logspace(-6, 2, shape[1], device="cuda")
+    w = w.to(torch.bfloat16)
+    w[0, 0] = 0.0
+    if shape[0] > 128:
+        w[128:256] = 0.0  # an all-zero block row
+    q, s = fp8_block.quantize(w)
+    rq, rs = fp8.quantize_blockwise(w.cpu())  # the PyTorch definition
+    assert torch.equal(s.cpu(), rs)
+    assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8))
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(fp8_block.dequantize(q, s, dtype).cpu(), fp8.dequantize_blockwise(rq, rs, dtype))

@@ -21,6 +21,9 @@ below 2^-3 * amax of the block, the bound the tests pin.
 
 Stored as `scale_inv` (w ~= q * scale_inv), shape [ceil(out/128), ceil(in/128)]: edge blocks may
 be partial, because the small demo model has matrices narrower than one block.
+
+On CUDA both directions run as one Triton launch per matrix (`kernels/fp8_block.py`, the same
+numbers bit for bit); the PyTorch code below is the definition and the CPU path.
 """
 
 from __future__ import annotations
@@ -67,6 +70,10 @@ def quantize_blockwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a [out, in] matrix to (q: float8_e4m3fn [out, in], scale_inv: float32 [ob, ib])."""
     if w.dim() != 2:
         raise ValueError(f"quantize_blockwise expects a 2-D matrix, got shape {tuple(w.shape)}")
+    from slipstream.kernels import fp8_block  # here: kernels.fp8_linear imports this module
+
+    if fp8_block.available(w):
+        return fp8_block.quantize(w)
     out_f, in_f = w.shape
     blocks = _blocks(w.float())
     amax = blocks.abs().amax(dim=(1, 3))
@@ -89,6 +96,10 @@ def dequantize_blockwise(
             f"scale_inv shape {tuple(scale_inv.shape)} does not fit a {tuple(q.shape)} matrix "
             f"with {BLOCK}x{BLOCK} blocks (expected {scale_shape(q.shape)})"
         )
+    from slipstream.kernels import fp8_block
+
+    if fp8_block.available(q):
+        return fp8_block.dequantize(q, scale_inv, dtype)
     out_f, in_f = q.shape
     blocks = _blocks(q.float())
     w = blocks * scale_inv.float()[:, None, :, None]
