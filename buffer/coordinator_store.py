@@ -136,8 +136,11 @@ class CoordinatorStore:
         self.redis.hset(self.keys.coordinator_state, name, value)
 
     def server_run_id(self) -> str:
-        """The Redis server's run id: it changes when the server restarts."""
-        return _str(self.redis.info("server")["run_id"])
+        """The Redis server's run id (it changes when the server restarts), once it has loaded its data."""
+        info = self.redis.info()
+        if int(info.get("loading", 0)):  # replaying its AOF: data commands would answer LOADING
+            raise redis.exceptions.BusyLoadingError("Redis is loading its data")
+        return _str(info["run_id"])
 
     def close(self) -> None:
         self.redis.close()

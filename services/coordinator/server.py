@@ -776,6 +776,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 log.error("%s", e)
                 self.on_fatal()
                 return
+            except redis.exceptions.RedisError as e:  # it went away again mid-reload: start over
+                log.warning("reload from the journal failed (%s); retrying", e)
+                self._resync.set()
 
     async def _watch_leases(self) -> None:
         """Detach a stream silent for --lease-timeout: its leases go to other servers (new epochs)."""
