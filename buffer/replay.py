@@ -209,8 +209,11 @@ class ReplayBuffer:
             return []
         self.ensure_consumer_group()
         reply = self.redis.xreadgroup(self.consumer_group, consumer, {self.keys.reuse: ">"}, count=count)
+        return self._decode_reuse(reply[0][1] if reply else [])
+
+    def _decode_reuse(self, entries) -> list[ReusedGroup]:
         out: list[ReusedGroup] = []
-        for raw_id, fields in reply[0][1] if reply else []:
+        for raw_id, fields in entries:
             entry_id = _str(raw_id)
             if fields is None:
                 continue
@@ -268,6 +271,32 @@ class ReplayBuffer:
             if cursor == "0-0":  # the whole pending list was scanned
                 break
         return claimed
+
+    def read_pending_groups(self, consumer: str) -> list[tuple[str, types_pb2.Group]]:
+        """Every groups-stream entry pending on `consumer` (delivered, not acknowledged), oldest first.
+
+        A restarted trainer reads these (XREADGROUP from id 0) before anything new: they are the
+        entries its predecessor read but had not committed when it died.
+        """
+        return self._decode_entries(self._pending(self.keys.groups, consumer))
+
+    def read_pending_reuse(self, consumer: str) -> list[ReusedGroup]:
+        """Every reuse-stream entry pending on `consumer`, oldest first (see `read_pending_groups`)."""
+        return self._decode_reuse(self._pending(self.keys.reuse, consumer))
+
+    def _pending(self, stream: str, consumer: str) -> list:
+        self.ensure_consumer_group()
+        out, cursor = [], "0"
+        while True:
+            reply = self.redis.xreadgroup(self.consumer_group, consumer, {stream: cursor}, count=1000)
+            entries = reply[0][1] if reply else []
+            if not entries:
+                return out
+            gone = [_str(raw_id) for raw_id, fields in entries if fields is None]
+            if gone:  # deleted while pending: nothing left to train, so nothing left to wait for
+                self.redis.xack(stream, self.consumer_group, *gone)
+            out += [(raw_id, fields) for raw_id, fields in entries if fields is not None]
+            cursor = _str(entries[-1][0])
 
     def num_groups(self) -> int:
         """Entries in the groups stream (read or not; until trimmed)."""

@@ -2,8 +2,11 @@
 
     checkpoints/step_000010/
         config.json, model.safetensors, tokenizer files   <- loadable by transformers as is
-        optimizer.safetensors                              <- AdamW moments, per parameter name
-        trainer_state.json                                 <- step, policy version, RNG, counters
+        optimizer/optimizer.safetensors                    <- AdamW moments, per parameter name (in a
+                                                              folder: a model loader reads every
+                                                              *.safetensors beside config.json)
+        trainer_state.json                                 <- step, policy version, RNG, counters,
+                                                              groups trained, steps since the last one
     checkpoints/latest                                     <- name of the newest complete one
 
 States are gathered and scattered with `torch.distributed.checkpoint`'s state-dict API in
@@ -11,20 +14,24 @@ full (unsharded) form, so a checkpoint written by N FSDP2 ranks loads on M ranks
 process. Storage is safetensors + JSON rather than DCP's own files because DCP's metadata is
 a pickle: nothing a trainer loads from disk can run code. A checkpoint directory is written
 under a temporary name and renamed when complete, so `latest` never points at half a
-checkpoint.
+checkpoint. Redis hears about the entries a checkpoint trained only after it is renamed
+(`loop.py`): the checkpoint is the truth about what was trained, Redis follows it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from slipstream.faults import crash_point
 from slipstream.models.hf import save_model
 
 from .parallel import Parallel, full_model_state, full_optimizer_state, load_full_state
@@ -38,6 +45,7 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "generation_config.json",
 )
+OPTIMIZER = "optimizer/optimizer.safetensors"
 SEP = "::"  # optimizer tensor keys: "<parameter name>::<state key>"
 
 
@@ -56,6 +64,36 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], param_groups: list[di
         name, field = key.rsplit(SEP, 1)
         state.setdefault(name, {})[field] = value
     return {"state": state, "param_groups": param_groups}
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator the trainer may draw from, as JSON (torch CPU, CUDA, random, numpy)."""
+    out: dict[str, Any] = {"torch": torch.get_rng_state().tolist(), "python": _jsonable(random.getstate())}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    np = sys.modules.get("numpy")  # only if something imported it: its state is then worth keeping
+    if np is not None:
+        name, keys, pos, has_gauss, gauss = np.random.get_state()
+        out["numpy"] = [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+    return out
+
+
+def set_rng_state(rng: dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(rng["torch"], dtype=torch.uint8))
+    if "python" in rng:
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in rng["cuda"]])
+    if "numpy" in rng:
+        import numpy as np
+
+        name, keys, pos, has_gauss, gauss = rng["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+
+
+def _jsonable(value: Any) -> Any:
+    return [_jsonable(v) for v in value] if isinstance(value, tuple | list) else value
 
 
 def save_checkpoint(
@@ -84,16 +122,42 @@ def save_checkpoint(
         for f in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / f).exists():
                 shutil.copy2(Path(tokenizer_dir) / f, tmp / f)
-    save_file(optim_tensors, str(tmp / "optimizer.safetensors"))
-    rng = {"torch": torch.get_rng_state().tolist()}
-    meta = {**state, "step": step, "rng": rng, "param_groups": param_groups, "world_size": par.world_size}
+    (tmp / OPTIMIZER).parent.mkdir()
+    save_file(optim_tensors, str(tmp / OPTIMIZER))
+    meta = {
+        **state,
+        "step": step,
+        "rng": rng_state(),
+        "param_groups": param_groups,
+        "world_size": par.world_size,
+    }
     (tmp / "trainer_state.json").write_text(json.dumps(meta) + "\n")
+    _fsync_dir_files(tmp)
+    crash_point("mid_checkpoint", step)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     latest_tmp = save_dir / ".latest.tmp"
     latest_tmp.write_text(name + "\n")
     os.replace(latest_tmp, save_dir / "latest")
+    _fsync(save_dir)  # the renames themselves: a checkpoint Redis is told about must survive power loss
     return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir_files(d: Path) -> None:
+    for f in d.iterdir():
+        if f.is_dir():
+            _fsync_dir_files(f)
+        elif f.is_file():
+            _fsync(f)
+    _fsync(d)
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -113,11 +177,11 @@ def load_trainer_state(
     state = json.loads((ckpt / "trainer_state.json").read_text())
     weights = {}
     for f in sorted(ckpt.glob("*.safetensors")):
-        if f.name != "optimizer.safetensors":
+        if f.name != "optimizer.safetensors":  # where checkpoints before the optimizer/ folder kept it
             weights.update(load_file(str(f)))
     if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied
-    osd = _unflatten_optimizer(load_file(str(ckpt / "optimizer.safetensors")), state["param_groups"])
+    osd = _unflatten_optimizer(load_file(str(ckpt / OPTIMIZER)), state["param_groups"])
     load_full_state(model, optimizer, weights, osd)
-    torch.set_rng_state(torch.tensor(state["rng"]["torch"], dtype=torch.uint8))
+    set_rng_state(state["rng"])
     return state

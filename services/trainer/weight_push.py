@@ -2,35 +2,95 @@
 
 The weights are packed in the wire format of `slipstream.weights` (FP8 e4m3 with 128x128
 block scales by default) and streamed as one manifest followed by chunks.
+
+A push survives a coordinator restart. PushWeights is not idempotent (a version is accepted
+once), so a push whose reply was lost (UNAVAILABLE) is not simply repeated: GetStatus says
+whether the coordinator holds that version now, and only if not is it sent again. The bytes of
+the last version pushed are kept, so a coordinator that restarted and holds no weights
+(`CoordinatorStatus.weights_held` false; it persisted only the version number) gets exactly the
+same version again without the trainer touching its model.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 import grpc
 import torch
 
-from slipstream.proto import coordinator_pb2_grpc
+from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, types_pb2
 from slipstream.weights import iter_messages, pack
 
+from .reconnect import Reconnect, Unreachable, describe, retryable
 
-def push_weights(
-    stub: coordinator_pb2_grpc.CoordinatorStub,
-    state_dict: dict[str, torch.Tensor],
-    version: int,
-    fmt: str,
-    timeout: float,
-) -> tuple[float, int]:
-    """Pack and push one version; returns (seconds, bytes on the wire)."""
-    t0 = time.perf_counter()
-    # `pack` quantizes where the tensors are (on the GPU for a GPU trainer) and copies each
-    # result to the host once; copying the full-precision weights first would double the traffic.
-    manifest, chunks = pack({k: v.detach() for k, v in state_dict.items()}, version, fmt)
-    try:
-        reply = stub.PushWeights(iter_messages(manifest, chunks), timeout=timeout)
-    except grpc.RpcError as e:
-        raise RuntimeError(f"pushing weights v{version} failed: {e.code().name}: {e.details()}") from None
-    if reply.version != version:
-        raise RuntimeError(f"coordinator accepted v{reply.version}, expected v{version}")
-    return time.perf_counter() - t0, manifest.total_bytes
+log = logging.getLogger("slipstream.trainer")
+
+
+class WeightPusher:
+    def __init__(
+        self,
+        stub: coordinator_pb2_grpc.CoordinatorStub,
+        fmt: str,
+        timeout: float,
+        reconnect: Reconnect,
+        what: str = "coordinator",
+    ):
+        self.stub, self.fmt, self.timeout, self.reconnect, self.what = stub, fmt, timeout, reconnect, what
+        self.last: tuple[types_pb2.WeightManifest, list[bytes]] | None = None  # the last version pushed
+
+    @property
+    def version(self) -> int:
+        return self.last[0].version if self.last else 0
+
+    def push(self, state_dict: dict[str, torch.Tensor], version: int) -> tuple[float, int]:
+        """Pack and push one version; returns (seconds, bytes on the wire)."""
+        t0 = time.perf_counter()
+        # `pack` quantizes where the tensors are (on the GPU for a GPU trainer) and copies each
+        # result to the host once; copying the full-precision weights first would double the traffic.
+        self.last = pack({k: v.detach() for k, v in state_dict.items()}, version, self.fmt)
+        self._send()
+        return time.perf_counter() - t0, self.last[0].total_bytes
+
+    def push_again(self) -> None:
+        """The last version again, to a coordinator that restarted without it."""
+        if self.last is None:
+            return
+        log.info("coordinator holds no weights (it restarted): pushing v%d again", self.version)
+        try:
+            self._send()
+        except RuntimeError as e:
+            if "not newer" not in str(e):
+                raise
+            log.info("coordinator already holds v%d", self.version)  # another report got there first
+
+    def status(self) -> coordinator_pb2.CoordinatorStatus:
+        return self.reconnect.call(
+            f"{self.what} (GetStatus)",
+            lambda: self.stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=self.timeout),
+        )
+
+    def _send(self) -> None:
+        manifest, chunks = self.last
+        version = manifest.version
+        deadline = time.monotonic() + self.reconnect.timeout
+        while True:
+            try:
+                reply = self.stub.PushWeights(iter_messages(manifest, chunks), timeout=self.timeout)
+            except grpc.RpcError as e:
+                if not (retryable(e) or e.code() == grpc.StatusCode.DEADLINE_EXCEEDED):  # type: ignore[attr-defined]
+                    raise RuntimeError(f"pushing weights v{version} failed: {describe(e)}") from None
+                if time.monotonic() > deadline:
+                    raise Unreachable(
+                        f"{self.what} unreachable for {self.reconnect.timeout:.0f}s (--reconnect-timeout) "
+                        f"while pushing weights v{version}: {describe(e)}"
+                    ) from None
+                status = self.status()  # waits for the coordinator to come back
+                if status.policy_version >= version and status.weights_held:
+                    log.info("push of v%d: the reply was lost but the version landed", version)
+                    return
+                log.warning("push of v%d did not land (%s); pushing again", version, describe(e))
+                continue
+            if reply.version != version:
+                raise RuntimeError(f"coordinator accepted v{reply.version}, expected v{version}")
+            return
