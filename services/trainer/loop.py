@@ -78,6 +78,7 @@ from .weight_push import WeightPusher
 
 log = logging.getLogger("slipstream.trainer")
 CONSUMER = "trainer-0"
+REDIS = "Redis (replay buffer)"
 
 
 class NonFiniteStop(RuntimeError):
@@ -130,6 +131,7 @@ class Feed:
     reconnect: Reconnect
     replay_fresh: deque[tuple[str, types_pb2.Group]] = field(default_factory=deque)
     replay_reuse: deque[ReusedGroup] = field(default_factory=deque)
+    redis_recoveries: int = 0  # Redis comebacks already resynced
 
     @staticmethod
     def default(cfg: Config) -> Feed:
@@ -150,7 +152,9 @@ def _collect(
     batch = StepGroups()
     planned: dict[str, int] = {}  # trainings this batch adds, so a batch never holds a group twice
     reuse = cfg.train.max_reuse > 1
-    redis = "Redis (replay buffer)"
+    redis = REDIS
+    if feed.reconnect.recoveries.get(REDIS, 0) != feed.redis_recoveries:
+        _resync(buffer, consumer, feed)
 
     def take_fresh(entries) -> None:
         for entry_id, g in entries:
@@ -193,6 +197,30 @@ def _collect(
     return batch
 
 
+def _resync(buffer: ReplayBuffer, consumer: str, feed: Feed) -> None:
+    """After Redis came back: look at this consumer's pending list again.
+
+    A restarted Redis (AOF, everysec) may have lost the last second of acknowledgements, and a
+    read whose reply the connection drop swallowed left entries pending that this trainer never
+    saw. Entries of steps not yet committed are expected there; of the rest, groups trained as
+    often as allowed are acknowledged (duplicates), the others are trained like replayed ones.
+    """
+    feed.redis_recoveries = feed.reconnect.recoveries.get(REDIS, 0)
+    fresh = feed.reconnect.call(REDIS, lambda: buffer.read_pending_groups(consumer))
+    reused = feed.reconnect.call(REDIS, lambda: buffer.read_pending_reuse(consumer))
+    known = {i for r in feed.consumption.uncommitted for i in r.entry_ids}
+    known |= {i for i, _ in feed.replay_fresh} | {r.entry_id for r in feed.replay_reuse}
+    fresh = [(i, g) for i, g in fresh if i not in known]
+    reused = [r for r in reused if r.entry_id not in known]
+    if fresh or reused:
+        log.info(
+            "Redis came back: %d entries pending that this trainer had not trained or committed",
+            len(fresh) + len(reused),
+        )
+    feed.replay_fresh.extend(fresh)  # _collect acks the duplicates among them
+    feed.replay_reuse.extend(reused)
+
+
 def _requeue(batch: StepGroups, cfg: Config, next_version: int) -> list[tuple[types_pb2.Group, int]]:
     """Groups to train again: fewer than --max-reuse trainings, within --max-staleness of the next version."""
     return [
@@ -222,7 +250,7 @@ def _commit(
     reused = [i for r in records for i in r.reused_ids]
     requeue = [(groups[gid], times) for r in records for gid, times in r.requeue]
     reconnect.call(
-        "Redis (replay buffer)",
+        REDIS,
         lambda: buffer.commit(fresh, reused, requeue, reuse_maxlen=_reuse_capacity(cfg)),
     )
 
@@ -235,7 +263,7 @@ def _recover(
     cfg: Config,
 ) -> None:
     """Before the first step: take over what a dead predecessor left pending, and finish its commit."""
-    rc, redis = feed.reconnect, "Redis (replay buffer)"
+    rc, redis = feed.reconnect, REDIS
     claimed = rc.call(
         redis, lambda: buffer.claim_stale(CONSUMER, min_idle_ms=int(cfg.infra.lease_timeout * 1000))
     )

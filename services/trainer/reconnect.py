@@ -46,6 +46,7 @@ def describe(e: BaseException) -> str:
 class Reconnect:
     def __init__(self, timeout: float):
         self.timeout = timeout
+        self.recoveries: dict[str, int] = {}  # what -> times it came back after being unreachable
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         """`fn()`, retried while `what` is unreachable, for up to the reconnect timeout."""
@@ -56,6 +57,7 @@ class Reconnect:
                 result = fn()
                 if started is not None:
                     log.info("%s reachable again after %.1fs", what, time.monotonic() - started)
+                    self.recoveries[what] = self.recoveries.get(what, 0) + 1
                 return result
             except Exception as e:
                 if not retryable(e):
