@@ -185,6 +185,8 @@ def main() -> None:
         "bench": "grpo_step_gpu", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
         "config": {k: v for k, v in vars(args).items() if k != "out"}, "ours": ours,
     }  # fmt: skip
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")  # ours lands even if TRL hangs
     if not args.skip_trl:
         try:
             result["trl"] = bench_trl(args, model)

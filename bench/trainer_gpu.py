@@ -140,6 +140,8 @@ def main() -> None:
                 torch.cuda.empty_cache()
             print(json.dumps(r), flush=True)
             results.append(r)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.with_suffix(".partial.json").write_text(json.dumps(results, indent=2) + "\n")
     result = {
         "bench": "trainer_gpu", "params": params, "lm_head_params": head, "samples": args.samples,
         "prompt_len": args.prompt_len, "response_len": args.response_len,

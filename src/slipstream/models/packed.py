@@ -50,8 +50,13 @@ def packed_causal_attention(cu_seqlens: torch.Tensor, max_len: int, use_kernel: 
     bounds = None if kernel else cu_seqlens.tolist()
 
     def attention(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        if kernel is None:
-            return _per_sequence(q, k, v, bounds)
+        half = (torch.bfloat16, torch.float16)
+        if kernel is not None and q.dtype not in half and torch.is_autocast_enabled(q.device.type):
+            # A custom op is invisible to autocast: cast as SDPA would be (q/k leave fp32 RMSNorms).
+            dtype = torch.get_autocast_dtype(q.device.type)
+            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if kernel is None or q.dtype not in half:  # FlashAttention has no fp32 kernel
+            return _per_sequence(q, k, v, bounds if bounds is not None else cu_seqlens.tolist())
         varlen_attn, causal, gqa = kernel
         qt, kt, vt = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))  # [N, H, D]
         extra = dict(causal)
