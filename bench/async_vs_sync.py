@@ -1,6 +1,7 @@
 """Issue 3's async-against-sync and stability measurements, on the demo, as one command.
 
     .venv/bin/python bench/async_vs_sync.py [--num-rollout 100] [--out bench/results/async_vs_sync.json]
+        [--only NAME ...] [--seeds 1234 7 ...] [--parallel N]
 
 Runs `slipstream demo` (its settings unchanged, warm start shared from runs/demo/prep) one run
 after another -- never in parallel, the box has 2 cores -- as
@@ -12,7 +13,10 @@ after another -- never in parallel, the box has 2 cores -- as
     staleness-4-plain --max-staleness 4 --no-use-tis   (proximal log-probs recomputed, no TIS)
     staleness-4-naive --max-staleness 4 --no-use-tis --use-rollout-logprobs   (plain PPO)
 
-and reads each run's metrics.jsonl. "Time to 0.85" is the `elapsed_s` (trainer wall clock since
+plus two corrections at staleness 4 on top of TIS (MIS masking tokens whose behaviour ratio
+leaves [0.5, 2]; TIS at sequence level), and reads each run's metrics.jsonl. `--seeds` repeats
+each variant per RL seed (the warm start is shared); `--parallel N` runs N at once, for a
+machine with the cores for it (each run's async timing then shares the CPUs). "Time to 0.85" is the `elapsed_s` (trainer wall clock since
 its first step) of the first step whose 5-step trailing moving average of sampled accuracy
 reaches 0.85; "final accuracy" is the mean over the last 5 steps (the demo's own yardstick).
 Sampled accuracy at temperature 1 is noisy (512 samples a step), so both figures are single
@@ -27,6 +31,7 @@ import platform
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +47,8 @@ VARIANTS: dict[str, list[str]] = {
     "staleness-4-plain": ["--max-staleness", "4", "--no-use-tis"],
     # AReaL's "naive PPO": the behaviour policy's own log-probs as the old policy, no TIS.
     "staleness-4-naive": ["--max-staleness", "4", "--no-use-tis", "--use-rollout-logprobs"],
+    "staleness-4-mis": ["--max-staleness", "4", "--use-mis", "--mis-low", "0.5", "--mis-high", "2.0"],
+    "staleness-4-seq": ["--max-staleness", "4", "--tis-level", "sequence"],
 }
 
 
@@ -70,12 +77,15 @@ def summarize(rows: list[dict]) -> dict:
     }
 
 
-def run_variant(name: str, flags: list[str], num_rollout: int, run_root: str) -> dict:
+def run_variant(
+    name: str, flags: list[str], num_rollout: int, run_root: str, seed: int | None = None
+) -> dict:
     run_dir = f"{run_root}/{name}"
+    seeded = ["--seed", str(seed)] if seed is not None else []
     cmd = [
         sys.executable, "-m", "slipstream", "demo",
         "--hf-checkpoint", f"{PREP}/model", "--prompt-data", f"{PREP}/train.jsonl",
-        "--run-dir", run_dir, "--num-rollout", str(num_rollout), *flags,
+        "--run-dir", run_dir, "--num-rollout", str(num_rollout), *flags, *seeded,
     ]  # fmt: skip
     print(f"[{name}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
     t0 = time.monotonic()
@@ -86,7 +96,11 @@ def run_variant(name: str, flags: list[str], num_rollout: int, run_root: str) ->
         tail = "\n".join(proc.stderr.splitlines()[-15:])
         raise SystemExit(f"async_vs_sync: run {name} failed (exit {proc.returncode}):\n{tail}")
     rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    out = {"flags": flags, "run_dir": run_dir, "process_wall_s": round(time.monotonic() - t0, 1)}
+    out = {"flags": flags + seeded, "run_dir": run_dir, "process_wall_s": round(time.monotonic() - t0, 1)}
+    out["accuracy_by_10_steps"] = [
+        round(sum(r["accuracy"] for r in rows[i : i + 10]) / len(rows[i : i + 10]), 3)
+        for i in range(0, len(rows), 10)
+    ]
     out.update(summarize(rows))
     print(f"[{name}] {json.dumps(out)}", file=sys.stderr, flush=True)
     return out
@@ -96,6 +110,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-rollout", type=int, default=100, help="RL steps per run (the demo's 100)")
     parser.add_argument("--only", nargs="*", choices=list(VARIANTS), help="run a subset of the variants")
+    parser.add_argument("--seeds", nargs="*", type=int, help="RL seeds; each variant runs once per seed")
+    parser.add_argument(
+        "--parallel", type=int, default=1, help="runs at once (default 1: the box has 2 cores)"
+    )
     parser.add_argument("--run-root", default="runs/bench-async")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "async_vs_sync.json")
     args = parser.parse_args()
@@ -104,8 +122,16 @@ def main() -> None:
     runs: dict[str, dict] = {}
     if args.only and args.out.exists():  # a subset re-run joins the runs already measured
         runs = json.loads(args.out.read_text())["runs"]
-    runs.update({n: run_variant(n, VARIANTS[n], args.num_rollout, args.run_root) for n in names})
-    sync = runs.get("sync")
+    jobs = [(n, None) for n in names] if not args.seeds else [(n, s) for n in names for s in args.seeds]
+
+    def one(job: tuple[str, int | None]) -> tuple[str, dict]:
+        name, seed = job
+        key = name if seed is None else f"{name}@{seed}"
+        return key, run_variant(key, VARIANTS[name], args.num_rollout, args.run_root, seed)
+
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        runs.update(dict(pool.map(one, jobs)))
+    sync = runs.get("sync") or next((r for k, r in runs.items() if k.startswith("sync@")), None)
     for r in runs.values():
         t, ts = r["time_to_target_s"], sync and sync["time_to_target_s"]
         r["time_ratio_to_sync"] = round(t / ts, 3) if t and ts else None
