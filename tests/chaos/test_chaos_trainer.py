@@ -24,7 +24,7 @@ import redis
 from chaos_mesh import ChaosMesh, tiny_values, wait_for
 from test_resume import NUM_GROUPS, _group
 
-from slipstream.buffer.embedded import EmbeddedRedis
+from slipstream.buffer.embedded import EmbeddedRedis, free_port
 from slipstream.buffer.replay import ReplayBuffer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,3 +156,20 @@ def test_trainer_rides_out_redis_and_coordinator_restarts(chaos_assets, tmp_path
         mesh.stop()
         buffer.close()
         server.stop()
+
+
+def test_an_unreachable_redis_is_one_line_after_the_reconnect_timeout(chaos_assets, tmp_path, redis_url):
+    model, prompts = chaos_assets
+    mesh = ChaosMesh(tmp_path / "run", tiny_values(model, prompts, tmp_path / "run", redis_url))
+    try:
+        mesh.start_reward()
+        mesh.start_coordinator()
+        nobody = f"redis://127.0.0.1:{free_port()}/0"
+        trainer = mesh.start("trainer", "trainer", "--coordinator-addr", mesh.services["coordinator"].addr,
+                             "--redis-url", nobody, "--reconnect-timeout", "1.5")  # fmt: skip
+        assert trainer.popen.wait(timeout=60) == 1
+        last = trainer.log().strip().splitlines()[-1]
+        assert "Redis (replay buffer) unreachable for 2s (--reconnect-timeout)" in last, trainer.log()[-2000:]
+        assert "Traceback" not in trainer.log()
+    finally:
+        mesh.stop()
