@@ -4,7 +4,9 @@ Life of a group: the coordinator `put_group`s it (XADD, protobuf bytes); a train
 `read_groups` it (XREADGROUP `>`: each entry goes to exactly one consumer of the group and sits
 in that consumer's pending list); the trainer trains on it and `ack`s it only once the step that
 used it is committed (checkpointed), so a trainer that dies mid-step loses nothing: its pending
-entries are `claim_stale`d (XAUTOCLAIM) by a live consumer once idle long enough. Acknowledged
+entries are `claim_stale`d (XAUTOCLAIM) by a live consumer once idle long enough, or re-read
+by its successor under the same consumer name (`read_pending_groups`: XREADGROUP from id 0,
+what the trainer does first when it starts). Acknowledged
 entries are dead weight; `trim_acknowledged` drops everything strictly behind the oldest entry
 the group still needs.
 
@@ -233,8 +235,8 @@ class ReplayBuffer:
         requeue: list[tuple[types_pb2.Group, int]] = (),
         reuse_maxlen: int | None = None,
     ) -> None:
-        """One MULTI/EXEC after a step: ack the fresh groups it trained, delete the reused ones,
-        and append `requeue` (group, times trained so far) to the reuse stream.
+        """One MULTI/EXEC after a checkpoint: ack the fresh groups its steps trained, delete the reused
+        ones, and append `requeue` (group, times trained so far) to the reuse stream.
 
         `reuse_maxlen` caps the reuse stream (oldest entries go first): when fresh groups keep
         up, reuse entries are never read, and past the staleness bound they are useless anyway.

@@ -368,7 +368,11 @@ def train(cfg: Config, state: TrainerState) -> None:
     reconnect = Reconnect(cfg.infra.reconnect_timeout)
     buffer = ReplayBuffer(cfg.redis_connect_url, cfg.run_id)
     channel = sync_channel(cfg.infra.coordinator_addr)
-    wait_healthy_sync(channel, timeout=60, what=f"coordinator at {cfg.infra.coordinator_addr}")
+    wait_healthy_sync(
+        channel,
+        timeout=max(60.0, cfg.infra.reconnect_timeout),
+        what=f"coordinator at {cfg.infra.coordinator_addr}",
+    )
     coordinator = coordinator_pb2_grpc.CoordinatorStub(channel)
     pusher = WeightPusher(coordinator, cfg.train.weight_sync_dtype, cfg.infra.rpc_timeout, reconnect)
     metrics = MetricsLog(cfg.infra.run_dir)
