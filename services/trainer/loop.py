@@ -381,9 +381,12 @@ def train(cfg: Config, state: TrainerState) -> None:
     _recover(buffer, feed, last_steps, ledger, cfg)
 
     version = _startup_push(pusher, state)
-    if _share_flag(par, version is not None):
-        state.policy_version = version
-        pusher.push(actor.state_dict_for_sync(), version)
+    # A resumed trainer keeps its version's bytes even when the coordinator has them: should the
+    # coordinator restart later, they are what it must get again. (The gather is a collective.)
+    if _share_flag(par, version is not None or state.policy_version > 0):
+        if version is not None:
+            state.policy_version = version
+        pusher.push(actor.state_dict_for_sync(), state.policy_version, send=version is not None)
 
     last_saved = state.step if ckpt else -1
 

@@ -43,13 +43,14 @@ class WeightPusher:
     def version(self) -> int:
         return self.last[0].version if self.last else 0
 
-    def push(self, state_dict: dict[str, torch.Tensor], version: int) -> tuple[float, int]:
-        """Pack and push one version; returns (seconds, bytes on the wire)."""
+    def push(self, state_dict: dict[str, torch.Tensor], version: int, send: bool = True) -> tuple[float, int]:
+        """Pack and push one version (send=False: only keep its bytes); returns (seconds, bytes)."""
         t0 = time.perf_counter()
         # `pack` quantizes where the tensors are (on the GPU for a GPU trainer) and copies each
         # result to the host once; copying the full-precision weights first would double the traffic.
         self.last = pack({k: v.detach() for k, v in state_dict.items()}, version, self.fmt)
-        self._send()
+        if send:
+            self._send()
         return time.perf_counter() - t0, self.last[0].total_bytes
 
     def push_again(self) -> None:
