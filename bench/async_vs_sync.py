@@ -1,7 +1,7 @@
 """Issue 3's async-against-sync and stability measurements, on the demo, as one command.
 
     .venv/bin/python bench/async_vs_sync.py [--num-rollout 100] [--out bench/results/async_vs_sync.json]
-        [--only NAME ...] [--seeds 1234 7 ...] [--parallel N]
+        [--only NAME ...] [--seeds 1234 7 ...] [--parallel N] [demo flags for every run, e.g. --lr 2e-4]
 
 Runs `slipstream demo` (its settings unchanged, warm start shared from runs/demo/prep) one run
 after another -- never in parallel, the box has 2 cores -- as
@@ -116,7 +116,7 @@ def main() -> None:
     )
     parser.add_argument("--run-root", default="runs/bench-async")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "async_vs_sync.json")
-    args = parser.parse_args()
+    args, common = parser.parse_known_args()  # the rest goes to every run (e.g. --lr 2e-4)
 
     names = args.only or list(VARIANTS)
     runs: dict[str, dict] = {}
@@ -127,7 +127,7 @@ def main() -> None:
     def one(job: tuple[str, int | None]) -> tuple[str, dict]:
         name, seed = job
         key = name if seed is None else f"{name}@{seed}"
-        return key, run_variant(key, VARIANTS[name], args.num_rollout, args.run_root, seed)
+        return key, run_variant(key, VARIANTS[name] + common, args.num_rollout, args.run_root, seed)
 
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         runs.update(dict(pool.map(one, jobs)))
