@@ -354,7 +354,10 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
             t0 = time.monotonic()
             error = ""
             try:
-                stager = WeightStager(self.expected_shapes, current)
+                # Decoded where the engine computes (one host-to-GPU copy of the blob, then FP8
+                # dequantized on the GPU); a colocated (CUDA IPC) version is opened there too.
+                device, dtype = _device_and_dtype(self.cfg)
+                stager = WeightStager(self.expected_shapes, current, device=device, dtype=dtype)
                 stub = coordinator_pb2_grpc.CoordinatorStub(self.coordinator)
                 call = stub.FetchWeights(
                     coordinator_pb2.FetchWeightsRequest(version=version), timeout=WEIGHT_FETCH_TIMEOUT
@@ -380,7 +383,7 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
             if error:
                 log.warning("weights version %d refused, still serving %d: %s", version, current, error)
             else:
-                log.info("now serving weights version %d (%.2fs)", version, seconds)
+                log.info("now serving weights version %d (%s, %.2fs)", version, stager.format, seconds)
             if self._outbox is not None:
                 self._outbox.put_nowait(
                     coordinator_pb2.RolloutEvent(

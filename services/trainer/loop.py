@@ -374,7 +374,10 @@ def train(cfg: Config, state: TrainerState) -> None:
         what=f"coordinator at {cfg.infra.coordinator_addr}",
     )
     coordinator = coordinator_pb2_grpc.CoordinatorStub(channel)
-    pusher = WeightPusher(coordinator, cfg.train.weight_sync_dtype, cfg.infra.rpc_timeout, reconnect)
+    pusher = WeightPusher(
+        coordinator, cfg.train.weight_sync_dtype, cfg.infra.rpc_timeout, reconnect,
+        colocate=cfg.cluster.colocate and actor.device.type == "cuda",
+    )  # fmt: skip
     metrics = MetricsLog(cfg.infra.run_dir)
     ledger = TrainedLedger(cfg.infra.run_dir)
     feed = Feed(consumption, reconnect)
@@ -428,6 +431,7 @@ def train(cfg: Config, state: TrainerState) -> None:
                 timeout=cfg.infra.rpc_timeout,
             ),
         )
+        pusher.confirm(status)
         if not status.weights_held and pusher.version and status.policy_version <= pusher.version:
             pusher.push_again()  # the coordinator restarted and kept only the version number
         if status.policy_version > state.policy_version:  # another pusher, or a lost future

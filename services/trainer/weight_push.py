@@ -20,7 +20,7 @@ import grpc
 import torch
 
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, types_pb2
-from slipstream.weights import iter_messages, pack
+from slipstream.weights import IpcExporter, iter_messages, pack
 
 from .reconnect import Reconnect, Unreachable, describe, retryable
 
@@ -35,9 +35,13 @@ class WeightPusher:
         timeout: float,
         reconnect: Reconnect,
         what: str = "coordinator",
+        colocate: bool = False,
     ):
         self.stub, self.fmt, self.timeout, self.reconnect, self.what = stub, fmt, timeout, reconnect, what
         self.last: tuple[types_pb2.WeightManifest, list[bytes]] | None = None  # the last version pushed
+        # --colocate on a GPU: a version travels as CUDA IPC handles of a device buffer this process
+        # keeps until every rollout server serves it (`confirm`); the same manifest and protocol.
+        self.ipc = IpcExporter() if colocate else None
 
     @property
     def version(self) -> int:
@@ -48,7 +52,10 @@ class WeightPusher:
         t0 = time.perf_counter()
         # `pack` quantizes where the tensors are (on the GPU for a GPU trainer) and copies each
         # result to the host once; copying the full-precision weights first would double the traffic.
-        self.last = pack({k: v.detach() for k, v in state_dict.items()}, version, self.fmt)
+        weights = {k: v.detach() for k, v in state_dict.items()}
+        self.last = (
+            self.ipc.pack(weights, version, self.fmt) if self.ipc else pack(weights, version, self.fmt)
+        )
         if send:
             self._send()
         return time.perf_counter() - t0, self.last[0].total_bytes
@@ -64,6 +71,11 @@ class WeightPusher:
             if "not newer" not in str(e):
                 raise
             log.info("coordinator already holds v%d", self.version)  # another report got there first
+
+    def confirm(self, status: coordinator_pb2.CoordinatorStatus) -> None:
+        """Free the IPC buffers of versions every rollout server now serves."""
+        if self.ipc is not None and status.server_versions:
+            self.ipc.confirm(min(status.server_versions.values()))
 
     def status(self) -> coordinator_pb2.CoordinatorStatus:
         return self.reconnect.call(

@@ -80,6 +80,11 @@ class WeightStager:
         else:
             raise WeightError("empty WeightMessage (neither manifest nor chunk)")
 
+    @property
+    def format(self) -> str:
+        """The staged version's wire format (e.g. `fp8-block128`, `bf16+cuda-ipc`); '' before its manifest."""
+        return self._manifest.format if self._manifest is not None else ""
+
     def finish(self) -> tuple[int, dict[str, torch.Tensor]]:
         """(version, floating tensors in `dtype` by Hugging Face name; integer buffers keep theirs)."""
         m = self._manifest
