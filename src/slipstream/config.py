@@ -216,13 +216,18 @@ class TrainConfig:
     max_reuse: int = opt(
         1,
         "Most times one group is trained; above 1, a trained group is requeued and fills later steps "
-        "when fresh groups are short, while within --max-staleness. (Slipstream)",
+        "when fresh groups are short, while within --max-staleness; requeued groups become readable at "
+        "the next checkpoint (--save-interval). (Slipstream)",
     )
     weight_sync_dtype: Literal["fp8", "bf16"] = opt(
         "fp8", "Wire format of weight pushes: FP8 e4m3 with 128x128 block scales, or bf16. (Slipstream)"
     )
     save: str = opt("", "Directory for checkpoints (defaults to <run-dir>/checkpoints).")
-    save_interval: int = opt(0, "Save a checkpoint every N steps (0 = only at the end).")
+    save_interval: int = opt(
+        0,
+        "Save a checkpoint every N steps; buffer entries are acknowledged only at checkpoints, so a "
+        "killed trainer resumes exactly (0 = only at the end).",
+    )
     load: str = opt("", "Checkpoint directory to resume from.")
     max_nonfinite_steps: int = opt(
         3,
