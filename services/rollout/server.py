@@ -41,7 +41,19 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 1.0
 RECONNECT_FIRST, RECONNECT_MAX = 0.5, 5.0  # backoff; the give-up window is --reconnect-timeout
-WEIGHT_FETCH_TIMEOUT = 300.0  # a whole version streams within this deadline
+WEIGHT_FETCH_TIMEOUT = 300.0  # a whole version streams within this deadline, retries included
+FETCH_ATTEMPTS, FETCH_RETRY_FIRST = 4, 0.5  # a broken fetch is tried again after 0.5, 1, 2 s
+# What a second FetchWeights of the same version can cure: the connection or the coordinator
+# hiccuped. NOT_FOUND (a newer version replaced it) and refusals (auth, bad request) cannot.
+_TRANSIENT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
 
 _STATUS = {
     "stop": types_pb2.SAMPLE_STATUS_COMPLETED,
@@ -61,6 +73,15 @@ class _Work:
 
 class CoordinatorLost(RuntimeError):
     """The coordinator stayed unreachable past the reconnect window."""
+
+
+class _FetchFailed(Exception):
+    """One FetchWeights attempt failed; `transient` when fetching the same version again may work."""
+
+    def __init__(self, reason: str, transient: bool, kind: str):
+        super().__init__(reason)
+        self.transient = transient
+        self.kind = kind  # for the retry counter: a gRPC code name, or "bytes"
 
 
 def make_request(
@@ -129,6 +150,7 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
         r = cfg.rollout
         self.pause_mode = r.pause_generation_mode if r.partial_rollout else "drain"
         self._weights_lock = asyncio.Lock()
+        self._newest_notice = 0  # the newest version the coordinator announced
         self._tasks: set[asyncio.Task] = set()
 
     @property
@@ -272,6 +294,7 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
             self._work[item.work_id] = _Work(rid=f"{item.work_id}#{item.lease_epoch}")
             self._spawn(self._serve_work(item, outbox))
         elif kind == "new_weights":
+            self._newest_notice = max(self._newest_notice, cmd.new_weights.version)
             self._spawn(self._apply_weights(cmd.new_weights.version))
         elif kind == "abort":
             self._abort_work(list(cmd.abort.work_ids))
@@ -344,40 +367,55 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
         return finish_sample(item.sample, result, self.tokenizer)
 
     async def _apply_weights(self, version: int) -> None:
-        """Fetch, stage and verify `version`, then swap it in; report the outcome either way."""
-        from slipstream.weights import WeightError, WeightStager
+        """Fetch, stage and verify `version`, then swap it in; report the outcome either way.
 
+        A fetch that breaks (the connection cut, the coordinator briefly away, bytes damaged in
+        transit) is tried again from scratch, with a fresh stager, up to `FETCH_ATTEMPTS` times
+        within `WEIGHT_FETCH_TIMEOUT`; the old version serves meanwhile and nothing half-staged
+        is ever applied. A refusal a second fetch cannot cure (NOT_FOUND, a manifest that does
+        not match the model) ends it at once, and so does a newer version's notice.
+        """
         async with self._weights_lock:  # versions are applied one at a time, in order
             current = self.worker.policy_version
             if version <= current:
                 return
             t0 = time.monotonic()
-            error = ""
-            try:
-                # Decoded where the engine computes (one host-to-GPU copy of the blob, then FP8
-                # dequantized on the GPU); a colocated (CUDA IPC) version is opened there too.
-                device, dtype = _device_and_dtype(self.cfg)
-                stager = WeightStager(self.expected_shapes, current, device=device, dtype=dtype)
-                stub = coordinator_pb2_grpc.CoordinatorStub(self.coordinator)
-                call = stub.FetchWeights(
-                    coordinator_pb2.FetchWeightsRequest(version=version), timeout=WEIGHT_FETCH_TIMEOUT
-                )
-                async for msg in call:
-                    stager.add(msg)
-                staged_version, tensors = await asyncio.to_thread(stager.finish)
-                if staged_version != version:
-                    raise WeightError(f"asked for version {version}, received {staged_version}")
-                async with self.gate.swapping(drain=self.pause_mode == "drain"):
-                    if self.pause_mode == "abort" and self._attached_rids:
-                        # Each comes back ABORTED with what it generated; the coordinator
-                        # continues it under the new weights. The engine thread runs the abort
-                        # before the swap, so every token it kept is of the old version.
-                        self.worker.abort(list(self._attached_rids))
-                    await self.worker.load_weights(tensors, staged_version)
-            except ValueError as e:  # WeightError, or the engine refusing a name/shape
-                error = str(e)
-            except grpc.aio.AioRpcError as e:
-                error = f"FetchWeights: {e.code().name}: {e.details()}"
+            deadline = t0 + WEIGHT_FETCH_TIMEOUT
+            error, stager = "", None
+            for attempt in itertools.count(1):
+                try:
+                    stager, staged_version, tensors = await self._fetch(version, current, deadline)
+                    error = ""
+                    break
+                except _FetchFailed as e:
+                    error = str(e)
+                    backoff = FETCH_RETRY_FIRST * 2 ** (attempt - 1)
+                    why_not = self._why_not_retry(e, attempt, version, deadline - time.monotonic() - backoff)
+                    if why_not:
+                        if attempt > 1:
+                            error += f" ({attempt} attempts; {why_not})"
+                        break
+                    telemetry.WEIGHT_FETCH_RETRIES.labels(reason=e.kind).inc()
+                    log.warning(
+                        "weights version %d: fetch attempt %d of %d failed (%s); retrying in %.1fs",
+                        version,
+                        attempt,
+                        FETCH_ATTEMPTS,
+                        e,
+                        backoff,
+                    )
+                    await asyncio.sleep(backoff)
+            if not error:
+                try:
+                    async with self.gate.swapping(drain=self.pause_mode == "drain"):
+                        if self.pause_mode == "abort" and self._attached_rids:
+                            # Each comes back ABORTED with what it generated; the coordinator
+                            # continues it under the new weights. The engine thread runs the abort
+                            # before the swap, so every token it kept is of the old version.
+                            self.worker.abort(list(self._attached_rids))
+                        await self.worker.load_weights(tensors, staged_version)
+                except ValueError as e:  # the engine refusing a name/shape
+                    error = str(e)
             seconds = time.monotonic() - t0
             telemetry.WEIGHT_APPLY_SECONDS.labels(ok=str(not error).lower()).observe(seconds)
             if error:
@@ -392,6 +430,66 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
                         )
                     )
                 )
+
+    async def _fetch(self, version: int, current: int, deadline: float) -> tuple[Any, int, dict]:
+        """One FetchWeights stream into a fresh stager: (stager, version, tensors), or `_FetchFailed`."""
+        from slipstream.weights import WeightError, WeightStager, ipc
+
+        # Decoded where the engine computes (one host-to-GPU copy of the blob, then FP8
+        # dequantized on the GPU); a colocated (CUDA IPC) version is opened there too.
+        device, dtype = _device_and_dtype(self.cfg)
+        stager = WeightStager(self.expected_shapes, current, device=device, dtype=dtype)
+        stub = coordinator_pb2_grpc.CoordinatorStub(self.coordinator)
+        call = stub.FetchWeights(
+            coordinator_pb2.FetchWeightsRequest(version=version),
+            timeout=max(deadline - time.monotonic(), 0.001),
+        )
+
+        def bytes_failed(e: WeightError) -> _FetchFailed:
+            # The stager checks the manifest against the model before any byte: a refusal there
+            # is final. What fails after it (a chunk's hash or length, chunks missing) is the
+            # bytes, which the coordinator verified when they were pushed: damaged or cut in
+            # transit, so a second fetch can succeed. (A CUDA IPC handle is not bytes in transit.)
+            colocated = stager.format.endswith(ipc.IPC_SUFFIX)
+            return _FetchFailed(str(e), transient=bool(stager.format) and not colocated, kind="bytes")
+
+        try:
+            async for msg in call:
+                try:
+                    stager.add(msg)
+                except WeightError as e:
+                    raise bytes_failed(e) from None
+            try:
+                staged_version, tensors = await asyncio.to_thread(stager.finish)
+            except WeightError as e:
+                raise bytes_failed(e) from None
+        except grpc.aio.AioRpcError as e:
+            code = e.code()
+            ours = code == grpc.StatusCode.CANCELLED and self.stopping.is_set()
+            raise _FetchFailed(
+                f"FetchWeights: {code.name}: {e.details()}",
+                transient=code in _TRANSIENT_CODES and not ours,
+                kind=code.name,
+            ) from None
+        finally:
+            call.cancel()  # a stream left early (a bad chunk) must not keep streaming
+        if staged_version != version:
+            raise _FetchFailed(f"asked for version {version}, received {staged_version}", False, "bytes")
+        return stager, staged_version, tensors
+
+    def _why_not_retry(self, e: _FetchFailed, attempt: int, version: int, time_left: float) -> str:
+        """Why this failed fetch is not tried again ('' when it is)."""
+        if not e.transient:
+            return "not transient"
+        if attempt >= FETCH_ATTEMPTS:
+            return "attempts exhausted"
+        if self.stopping.is_set():
+            return "stopping"
+        if self._newest_notice > version:
+            return f"version {self._newest_notice} announced"
+        if time_left <= 0:
+            return f"the {WEIGHT_FETCH_TIMEOUT:.0f}s fetch deadline is spent"
+        return ""
 
     async def close(self) -> None:
         self.stopping.set()

@@ -13,7 +13,7 @@ the pod/container labels say which is which. What a service knows comes out thre
   consistent state without locks). Nothing is copied on the hot path and nothing goes stale.
 - **Events**, observed where they happen: a trained step (`observe_trainer_step`, with
   staleness, tokens/s and weight-push time), a weight version swapped in on a rollout server
-  (`WEIGHT_APPLY_SECONDS`).
+  (`WEIGHT_APPLY_SECONDS`; fetches tried again, `WEIGHT_FETCH_RETRIES`).
 
 The registry is ours, not prometheus_client's global one, so importing a library that
 registers its own metrics never adds to (or collides with) what a service exports.
@@ -83,6 +83,12 @@ WEIGHT_APPLY_SECONDS = Histogram(
     "Rollout server: fetch, verify and swap in one weight version.",
     ["ok"],
     buckets=SYNC_BUCKETS,
+    registry=REGISTRY,
+)
+WEIGHT_FETCH_RETRIES = Counter(
+    "slipstream_rollout_weight_fetch_retries",
+    "Rollout server: weight fetches tried again after a transient failure, by gRPC code ('bytes': damaged or cut in transit).",
+    ["reason"],
     registry=REGISTRY,
 )
 TRAINER_STEP_SECONDS = Histogram(
