@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; on a GPU machine set TORCH_SPEC to the build you want.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint protos clean compose-data images images-offline compose-up compose-down compose-smoke
+.PHONY: install demo test chaos-demo lint protos clean compose-data images images-offline compose-up compose-down compose-smoke
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,11 @@ test: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
+
+# The demo under faults (a rollout server, the coordinator and Redis each SIGKILLed): issue 4's
+# acceptance run, also run by `make test` (tests/chaos/test_chaos_demo.py).
+chaos-demo: install
+	$(PY) scripts/chaos_demo.py --run-dir runs/chaos-demo --save-interval 10
 
 lint: install
 	$(PY) -m ruff check .

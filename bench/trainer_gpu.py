@@ -13,6 +13,10 @@ random weights with synthetic samples; one optimizer step over all samples. Vari
 - `*-mix`: responses uniform in [32, --response-len] instead of all --response-len (a realistic
   length mix: padding is then most of a padded batch's work).
 
+`--profile VARIANT` adds a `torch.profiler` trace of one step of that variant: GPU kernel time by
+kind (GEMM, attention, elementwise/norm glue, log-softmax/entropy, optimizer, copies), the GPU's
+busy fraction of the step's wall time (low = launch- or host-bound) and the top kernels.
+
 MFU: model FLOPs over wall time against the dense bf16 peak (--peak-tflops, the H200's 989).
 `mfu` counts 6 x params x tokens (the usual convention, every token through every parameter);
 `mfu_needed` counts what a step must compute, 6 x (params - LM head) x tokens + 6 x LM head x
@@ -74,6 +78,48 @@ def flags(variant: str, args) -> list[str]:
     return out
 
 
+KINDS = (  # first match wins; lower-case substrings of kernel names
+    ("gemm", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "matmul")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("log_softmax_entropy", ("softmax", "logsumexp", "log_softmax")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("copy_cast", ("copy", "memcpy", "memset", "cast", "to_copy")),
+    ("reduce", ("reduce",)),
+    ("elementwise_glue", ("elementwise", "vectorized", "triton", "unrolled", "fused")),
+)
+
+
+def profile_step(actor: Actor, batch: list[Sample], scores: list[float]) -> dict:
+    """Kernel time by kind for one `train_rollout`, and how busy the GPU was."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        actor.train_rollout(batch, scores)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels: dict[str, float] = {}
+    launches = 0
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            kernels[e.name] = kernels.get(e.name, 0.0) + e.device_time / 1e6
+            launches += 1
+    by_kind: dict[str, float] = {}
+    for name, t in kernels.items():
+        low = name.lower()
+        kind = next((k for k, keys in KINDS if any(x in low for x in keys)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + t
+    busy = sum(kernels.values())
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:20]
+    return {
+        "wall_s": round(wall, 4), "gpu_kernel_s": round(busy, 4), "gpu_busy_frac": round(busy / wall, 3),
+        "kernel_launches": launches,
+        "by_kind_s": {k: round(v, 4) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "top_kernels": [{"name": n[:120], "s": round(t, 4)} for n, t in top],
+    }  # fmt: skip
+
+
 def run_variant(variant: str, model_dir: str, args, params: int, head: int) -> dict:
     cfg = parse_config([
         "--hf-checkpoint", model_dir, "--rollout-batch-size", str(args.samples // 8),
@@ -100,6 +146,7 @@ def run_variant(variant: str, model_dir: str, args, params: int, head: int) -> d
     response = sum(s.response_length for s in batch)
     peak = args.peak_tflops * 1e12
     members, _ = actor.micro_batches(batch)
+    profiled = profile_step(actor, batch, scores) if variant == args.profile else None
     del actor
     torch.cuda.empty_cache()
     return {
@@ -109,6 +156,7 @@ def run_variant(variant: str, model_dir: str, args, params: int, head: int) -> d
         "mfu": round(6 * params * tokens / dt / peak, 4),
         "mfu_needed": round((6 * (params - head) * tokens + 6 * head * response) / dt / peak, 4),
         "loss": stats.loss, "grad_norm": stats.grad_norm, "peak_mem_gb": round(torch.cuda.max_memory_allocated() / 1e9, 1),
+        **({"profile": profiled} if profiled else {}),
     }  # fmt: skip
 
 
@@ -122,6 +170,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
+    parser.add_argument("--profile", choices=VARIANTS, help="also profile one step of this variant")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "trainer_gpu.json")
     args = parser.parse_args()
     results = []
