@@ -87,7 +87,8 @@ WEIGHT_APPLY_SECONDS = Histogram(
 )
 WEIGHT_FETCH_RETRIES = Counter(
     "slipstream_rollout_weight_fetch_retries",
-    "Rollout server: weight fetches tried again after a transient failure, by gRPC code ('bytes': damaged or cut in transit).",
+    "Rollout server: weight fetches tried again after a transient failure, by gRPC code "
+    "('bytes': damaged or cut short in transit).",
     ["reason"],
     registry=REGISTRY,
 )
