@@ -9,10 +9,10 @@ this side aborts what it was generating for that stream and reconnects with back
 
 A new weight version is fetched from the coordinator, staged and verified completely
 (`slipstream.weights.WeightStager`), and only then handed to the engine thread, which swaps
-it in between two decode steps. A fetch cut or damaged in
-transit is fetched again (4 attempts, backoff); a version that fails verification otherwise is
-reported and dropped. The old one keeps serving throughout. What the swap does to work in flight is the partial-rollout mode
-(`version_gate.py`): drain (default: finish on the old weights, then swap), abort (with
+it in between two decode steps. A fetch cut or damaged in transit is fetched again (4
+attempts, backoff); a version that fails verification otherwise is reported and dropped. The
+old one keeps serving throughout. What the swap does to work in flight is the partial-rollout
+mode (`version_gate.py`): drain (default: finish on the old weights, then swap), abort (with
 `--partial-rollout`: stop, send each partial back ABORTED, swap) or in_place (swap between
 decode steps, keep the KV cache). A work item starts only once the engine serves at least its
 `min_policy_version`; the coordinator can also abort items (`AbortWork`, over-sampling).
