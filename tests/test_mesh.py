@@ -110,7 +110,12 @@ def test_mesh_trains_and_syncs_weights(assets, tmp_path, redis_url):
     group_stream = next(k for k in streams if k.endswith("groups"))
     pending = r.xpending(group_stream, "trainers")
     assert pending["pending"] == 0
-    assert r.xlen(group_stream) >= 12
+    # ...and trimmed away: what is left was never delivered (stored past the last step).
+    info = next(g for g in r.xinfo_groups(group_stream) if g["name"] == b"trainers")
+    last = tuple(int(x) for x in info["last-delivered-id"].decode().split("-"))
+    left = [tuple(int(x) for x in i.decode().split("-")) for i, _ in r.xrange(group_stream)]
+    assert all(i > last for i in left), (last, left)
+    assert last > (0, 0)
 
     assert (run_dir / "config.json").exists()
     assert (run_dir / "checkpoints" / "latest").exists()
@@ -181,7 +186,8 @@ def test_max_restarts_brings_dead_services_back(assets, tmp_path):
     for victim in ("reward", "rollout-1"):
         assert after[victim] != before[victim]
         assert any(
-            line.startswith(f"slipstream: {victim} died (killed by SIGKILL)") and "restarting it (1/1)" in line
+            line.startswith(f"slipstream: {victim} died (killed by SIGKILL)")
+            and "restarting it (1/1)" in line
             for line in err.splitlines()
         ), err[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -253,6 +253,11 @@ def _commit(
         REDIS,
         lambda: buffer.commit(fresh, reused, requeue, reuse_maxlen=_reuse_capacity(cfg)),
     )
+    # Acknowledged entries are dead weight: drop everything behind the oldest entry the consumer
+    # group still needs (pending or never delivered), so a long run's stream stays bounded and a
+    # full Redis (maxmemory, noeviction) gets its room back.
+    trimmed = reconnect.call(REDIS, buffer.trim_acknowledged)
+    log.debug("trimmed %d acknowledged entries from the groups stream", trimmed)
 
 
 def _recover(
