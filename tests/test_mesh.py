@@ -125,23 +125,30 @@ def test_mesh_trains_and_syncs_weights(assets, tmp_path, redis_url):
     assert not [n for n, pid in pids.items() if _alive(pid)]
 
 
-@pytest.mark.parametrize("victim", ["rollout-1", "coordinator", "reward", "trainer", "redis"])
-def test_killing_a_service_stops_the_run(assets, tmp_path, victim):
-    model, prompts = assets
-    run_dir = tmp_path / "run"
+def _launch_until_first_step(model: Path, prompts: Path, run_dir: Path, *extra: str) -> subprocess.Popen:
+    """Start the launcher and return once the trainer has written its first metrics row."""
     launcher = subprocess.Popen(
-        _argv(model, prompts, run_dir, "--num-rollout", "1000"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        _argv(model, prompts, run_dir, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.monotonic() + 180
     try:
-        metrics = run_dir / "metrics.jsonl"
-        deadline = time.monotonic() + 180
         while not (metrics.exists() and metrics.read_text().strip()):
             assert launcher.poll() is None, launcher.stderr.read()[-3000:]
             assert time.monotonic() < deadline, "the run never finished a step"
             time.sleep(0.2)
+    except BaseException:
+        launcher.kill()
+        raise
+    return launcher
+
+
+@pytest.mark.parametrize("victim", ["rollout-1", "coordinator", "reward", "trainer", "redis"])
+def test_killing_a_service_stops_the_run(assets, tmp_path, victim):
+    model, prompts = assets
+    run_dir = tmp_path / "run"
+    launcher = _launch_until_first_step(model, prompts, run_dir, "--num-rollout", "1000")
+    try:
         pids = json.loads((run_dir / "pids.json").read_text())
         os.kill(pids[victim], signal.SIGKILL)
         killed_at = time.monotonic()
@@ -161,19 +168,8 @@ def test_max_restarts_brings_dead_services_back(assets, tmp_path):
     after the first step, the launcher starts each again on its port, and the run finishes."""
     model, prompts = assets
     run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(
-        _argv(model, prompts, run_dir, "--num-rollout", "6", "--max-restarts", "1"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    launcher = _launch_until_first_step(model, prompts, run_dir, "--num-rollout", "6", "--max-restarts", "1")
     try:
-        metrics = run_dir / "metrics.jsonl"
-        deadline = time.monotonic() + 180
-        while not (metrics.exists() and metrics.read_text().strip()):
-            assert launcher.poll() is None, launcher.stderr.read()[-3000:]
-            assert time.monotonic() < deadline, "the run never finished a step"
-            time.sleep(0.2)
         before = json.loads((run_dir / "pids.json").read_text())
         for victim in ("reward", "rollout-1"):
             os.kill(before[victim], signal.SIGKILL)
