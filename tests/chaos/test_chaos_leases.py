@@ -147,7 +147,9 @@ def test_a_silent_server_loses_its_work_after_the_lease_timeout(assets, redis_ur
             moved_s = time.monotonic() - t0
             assert sorted(i.work_id for i in again) == sorted(i.work_id for i in first)
             assert all(i.lease_epoch == 2 for i in again)
-            assert 0.5 < moved_s < 2.5, moved_s
+            # After the 1 s lease (checked about every second), not at once; the upper bound only
+            # says "the lease did it" and leaves room for a loaded 2-core CI box.
+            assert 0.5 < moved_s < 6.0, moved_s
             for item in first:  # the silent one wakes up: its answers are refused
                 silent.answer(item, "late")
             for item in again:
