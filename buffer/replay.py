@@ -393,6 +393,15 @@ class ReplayBuffer:
             out.append((_str(raw_id), row))
         return out
 
+    # ---- the whole run -------------------------------------------------------------------
+    def clear_run(self) -> int:
+        """Delete every key of this run (buffer, coordinator journal, trainer state); returns how many.
+
+        For a fresh start on a Redis that may hold an earlier run of the same id; a restarted
+        service or a resumed run (`--load`) must never call it."""
+        keys = list(self.redis.scan_iter(match=self.keys.pattern, count=1000))
+        return int(self.redis.delete(*keys)) if keys else 0
+
     # ---- connection ----------------------------------------------------------------------
     def ping(self) -> None:
         self.redis.ping()

@@ -217,3 +217,17 @@ def test_embedded_restart_keeps_data_and_password(tmp_path):
         assert ids_of(b.read_groups("t", count=5, block_ms=0)) == ["g0"]
         with pytest.raises(RedisServerError, match=r"redis://:\*\*\*@127\.0\.0\.1"):
             wait_for_redis(server.url.replace(":pw@", ":wrong@"), timeout=1.0)
+
+
+def test_clear_run_deletes_this_run_only(redis_url: str, run_id: str):
+    with ReplayBuffer(redis_url, run_id) as mine, ReplayBuffer(redis_url, run_id + "-other") as other:
+        mine.put_group(make_group(0))
+        mine.put_partial(make_group(1).samples[0])
+        mine.redis.hset(mine.keys.coordinator_state, "cursor", 3)
+        other.put_group(make_group(2))
+
+        assert mine.clear_run() == 3
+        assert mine.num_groups() == 0 and mine.num_partials() == 0
+        assert not mine.redis.exists(mine.keys.coordinator_state)
+        assert other.num_groups() == 1  # another run's keys are untouched
+        assert mine.clear_run() == 0

@@ -84,6 +84,7 @@ class Mesh:
     cfg: Config
     config_path: Path
     procs: list[Proc] = field(default_factory=list)
+    started_at: float = field(default_factory=time.time)
 
     @property
     def run_dir(self) -> Path:
@@ -195,9 +196,10 @@ class Mesh:
         if proc.port and "--port" in argv:  # bind the port the others dial
             argv[argv.index("--port") + 1] = str(proc.port)
         if proc.name == "trainer":
-            save_dir = self.cfg.save_dir
-            if (save_dir / "latest").is_file():
-                argv += ["--load", str(save_dir)]
+            # Its own latest checkpoint: one written by this launch, never an earlier run's.
+            latest = self.cfg.save_dir / "latest"
+            if latest.is_file() and latest.stat().st_mtime >= self.started_at:
+                argv += ["--load", str(self.cfg.save_dir)]
         print(f"slipstream: {death}; restarting it ({proc.restarts + 1}/{self.cfg.infra.max_restarts})",
               file=sys.stderr, flush=True)  # fmt: skip
         new = self.spawn(proc.name, argv, ready=proc.ready_file is not None, env=proc.env)
@@ -253,6 +255,16 @@ def start_mesh(mesh: Mesh) -> Proc:
         cfg.infra.redis_url = f"redis://127.0.0.1:{port}/0"
         wait_for_redis(cfg.infra.redis_url, timeout=30)
         cfg.save_json(mesh.config_path)  # every service reads the URL from the config
+    elif not cfg.train.load:
+        # An external Redis may hold an earlier run of this run id: the coordinator would resume
+        # its journal and the trainer its consumer group. A fresh run starts from nothing.
+        from slipstream.buffer.replay import ReplayBuffer
+
+        with ReplayBuffer(cfg.redis_connect_url, cfg.run_id) as buffer:
+            cleared = buffer.clear_run()
+        if cleared:
+            print(f"slipstream: fresh run: cleared {cleared} Redis keys of run {cfg.run_id!r} "
+                  "(--load resumes instead)", file=sys.stderr, flush=True)  # fmt: skip
 
     reward = mesh.service("reward", "reward")
     reward_addr = f"127.0.0.1:{mesh.wait_ready(reward)}"
@@ -351,7 +363,9 @@ def run(cfg: Config) -> int:
         return 2
     run_dir = Path(cfg.infra.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    if not cfg.train.load:  # a fresh run's records start empty; a resumed one appends
+        for record in ("metrics.jsonl", "trained.jsonl", "dispatch.jsonl"):
+            (run_dir / record).unlink(missing_ok=True)
     config_path = run_dir / "config.json"
     keep_password_out_of_config(cfg, run_dir)
     cfg.save_json(config_path)
