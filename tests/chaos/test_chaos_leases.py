@@ -87,6 +87,17 @@ def test_a_frozen_rollout_server_loses_its_leases_and_comes_back(chaos_assets, t
 
 
 @pytest.mark.timeout(60)
+def keep_beating(rollout: FakeRollout) -> asyncio.Task:
+    """Heartbeats every 0.3 s until cancelled: a live server, as far as its leases go."""
+
+    async def beat() -> None:
+        while True:
+            rollout.outbox.put_nowait(coordinator_pb2.RolloutEvent(heartbeat=coordinator_pb2.Heartbeat()))
+            await asyncio.sleep(0.3)
+
+    return asyncio.create_task(beat())
+
+
 def test_a_slow_server_that_heartbeats_keeps_its_work_a_silent_one_loses_it(
     assets, redis_url, run_id, reward_addr
 ):
@@ -97,19 +108,15 @@ def test_a_slow_server_that_heartbeats_keeps_its_work_a_silent_one_loses_it(
         channel = aio_channel(f"127.0.0.1:{coord.port}")
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
 
-        async def beat(rollout: FakeRollout, seconds: float) -> None:
-            end = time.monotonic() + seconds
-            while time.monotonic() < end:
-                rollout.outbox.put_nowait(coordinator_pb2.RolloutEvent(heartbeat=coordinator_pb2.Heartbeat()))
-                await asyncio.sleep(0.3)
-
         try:
             slow = FakeRollout(channel, "slow", capacity=4).start()
+            beats = [keep_beating(slow)]
             items = await slow.work(2)  # the run's only group
             other = FakeRollout(channel, "other", capacity=4).start()
+            beats.append(keep_beating(other))
             # Three lease timeouts of "generation", heartbeating all along (the other one too, so
             # it would be there to take the work if the coordinator wrongly gave up on the slow one).
-            await asyncio.gather(beat(slow, 3.0), beat(other, 3.0))
+            await asyncio.sleep(3.0)
             await other.nothing_more(0.1)  # nothing was taken from the slow server
             for item in items:
                 slow.answer(item, item.sample.label)
@@ -120,6 +127,8 @@ def test_a_slow_server_that_heartbeats_keeps_its_work_a_silent_one_loses_it(
                 ).num_groups_completed == 1
 
             await _until(stored, "the slow server's group stored")
+            for task in beats:
+                task.cancel()
             await slow.close()
             await other.close()
         finally:
@@ -142,6 +151,7 @@ def test_a_silent_server_loses_its_work_after_the_lease_timeout(assets, redis_ur
             silent = FakeRollout(channel, "silent", capacity=4).start()
             first = await silent.work(2)
             other = FakeRollout(channel, "other", capacity=4).start()
+            beating = keep_beating(other)  # alive however loaded the box: only the silent one lapses
             t0 = time.monotonic()
             again = await other.work(2)  # moved once the silent server's lease lapsed
             moved_s = time.monotonic() - t0
@@ -162,6 +172,7 @@ def test_a_silent_server_loses_its_work_after_the_lease_timeout(assets, redis_ur
                 ).num_groups_completed == 1
 
             await _until(stored, "the group stored from the other server")
+            beating.cancel()
             await other.close()
         finally:
             await channel.close()
