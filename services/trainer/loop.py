@@ -137,6 +137,25 @@ class Feed:
     def default(cfg: Config) -> Feed:
         return Feed(Consumption(max_reuse=cfg.train.max_reuse), Reconnect(cfg.infra.reconnect_timeout))
 
+    def read_pending(
+        self, buffer: ReplayBuffer, consumer: str
+    ) -> tuple[list[tuple[str, types_pb2.Group]], list[ReusedGroup]]:
+        """Every entry pending on `consumer`: (groups-stream entries, reuse-stream entries)."""
+        fresh = self.reconnect.call(REDIS, lambda: buffer.read_pending_groups(consumer))
+        reused = self.reconnect.call(REDIS, lambda: buffer.read_pending_reuse(consumer))
+        return fresh, reused
+
+    def replay(
+        self, fresh: list[tuple[str, types_pb2.Group]], reused: list[ReusedGroup], skip: set[str]
+    ) -> int:
+        """Queue pending entries (all but `skip`) to be trained before anything new; returns how many.
+        `_collect` acknowledges the duplicates among them."""
+        fresh = [(i, g) for i, g in fresh if i not in skip]
+        reused = [r for r in reused if r.entry_id not in skip]
+        self.replay_fresh.extend(fresh)
+        self.replay_reuse.extend(reused)
+        return len(fresh) + len(reused)
+
 
 def _collect(
     buffer: ReplayBuffer,
@@ -206,19 +225,10 @@ def _resync(buffer: ReplayBuffer, consumer: str, feed: Feed) -> None:
     often as allowed are acknowledged (duplicates), the others are trained like replayed ones.
     """
     feed.redis_recoveries = feed.reconnect.recoveries.get(REDIS, 0)
-    fresh = feed.reconnect.call(REDIS, lambda: buffer.read_pending_groups(consumer))
-    reused = feed.reconnect.call(REDIS, lambda: buffer.read_pending_reuse(consumer))
     known = {i for r in feed.consumption.uncommitted for i in r.entry_ids}
     known |= {i for i, _ in feed.replay_fresh} | {r.entry_id for r in feed.replay_reuse}
-    fresh = [(i, g) for i, g in fresh if i not in known]
-    reused = [r for r in reused if r.entry_id not in known]
-    if fresh or reused:
-        log.info(
-            "Redis came back: %d entries pending that this trainer had not trained or committed",
-            len(fresh) + len(reused),
-        )
-    feed.replay_fresh.extend(fresh)  # _collect acks the duplicates among them
-    feed.replay_reuse.extend(reused)
+    if queued := feed.replay(*feed.read_pending(buffer, consumer), skip=known):
+        log.info("Redis came back: %d entries pending that this trainer had not trained or committed", queued)
 
 
 def _requeue(batch: StepGroups, cfg: Config, next_version: int) -> list[tuple[types_pb2.Group, int]]:
@@ -268,14 +278,13 @@ def _recover(
     cfg: Config,
 ) -> None:
     """Before the first step: take over what a dead predecessor left pending, and finish its commit."""
-    rc, redis = feed.reconnect, REDIS
+    rc = feed.reconnect
     claimed = rc.call(
-        redis, lambda: buffer.claim_stale(CONSUMER, min_idle_ms=int(cfg.infra.lease_timeout * 1000))
+        REDIS, lambda: buffer.claim_stale(CONSUMER, min_idle_ms=int(cfg.infra.lease_timeout * 1000))
     )
     if claimed:
         log.info("claimed %d entries another consumer left pending", len(claimed))
-    fresh = rc.call(redis, lambda: buffer.read_pending_groups(CONSUMER))
-    reused = rc.call(redis, lambda: buffer.read_pending_reuse(CONSUMER))
+    fresh, reused = feed.read_pending(buffer, CONSUMER)
     pending = {i for i, _ in fresh} | {r.entry_id for r in reused}
     ledger.append(last_steps)  # again: the crash may have come before they were written
     last_ids = {i for r in last_steps for i in r.entry_ids}
@@ -283,15 +292,8 @@ def _recover(
         groups = {g.group_id: g for _, g in fresh} | {r.group.group_id: r.group for r in reused}
         _commit(buffer, last_steps, groups, cfg, rc)
         log.info("committed the %d steps of the checkpoint its predecessor did not", len(last_steps))
-    fresh = [(i, g) for i, g in fresh if i not in last_ids]
-    reused = [r for r in reused if r.entry_id not in last_ids]
-    if fresh or reused:
-        log.info(
-            "%d pending entries from before the restart: trained first, in stream order",
-            len(fresh) + len(reused),
-        )
-    feed.replay_fresh.extend(fresh)
-    feed.replay_reuse.extend(reused)
+    if queued := feed.replay(fresh, reused, skip=last_ids):
+        log.info("%d pending entries from before the restart: trained first, in stream order", queued)
 
 
 def _scores(groups: list[list[Sample]], cfg: Config) -> list[list[float]]:
