@@ -277,6 +277,16 @@ async def _until(predicate, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
+async def _until_stored(stub: coordinator_pb2_grpc.CoordinatorStub, count: int, what: str) -> None:
+    """Wait until the coordinator reports `count` groups in the buffer."""
+
+    async def stored() -> bool:
+        status = await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
+        return status.num_groups_completed == count
+
+    await _until(stored, what)
+
+
 def _read_all(redis_url: str, run_id: str) -> list[types_pb2.Group]:
     buffer = ReplayBuffer(redis_url, run_id)
     try:
@@ -313,12 +323,7 @@ def test_groups_are_scored_and_land_in_the_buffer(assets, redis_url, run_id, rew
                 label = item.sample.label
                 rollout.answer(item, label if item.sample.index == 0 else label + "7")
 
-            async def stored():
-                return (
-                    await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
-                ).num_groups_completed == 2
-
-            await _until(stored, "2 groups in the buffer")
+            await _until_stored(stub, 2, "2 groups in the buffer")
             status = await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
             assert status.num_groups_dispatched == 2 and status.num_samples_in_flight == 0
             assert status.num_rollout_servers == 1 and dict(status.server_versions) == {"r0": 0}
@@ -371,12 +376,7 @@ def test_dropped_stream_is_redispatched_and_stale_epochs_ignored(assets, redis_u
             for item in again:
                 b.answer(item, item.sample.label)
 
-            async def stored():
-                return (
-                    await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
-                ).num_groups_completed == 1
-
-            await _until(stored, "the re-dispatched group in the buffer")
+            await _until_stored(stub, 1, "the re-dispatched group in the buffer")
             await b.close()
         finally:
             await channel.close()

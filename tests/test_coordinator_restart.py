@@ -13,7 +13,7 @@ import grpc
 import pytest
 import redis
 import test_coordinator
-from test_coordinator import FakeRollout, _aiter, _cfg, _read_all, _until, _weights
+from test_coordinator import FakeRollout, _aiter, _cfg, _read_all, _until, _until_stored, _weights
 
 from slipstream.buffer.coordinator_store import CoordinatorStore
 from slipstream.buffer.keys import Keys
@@ -97,10 +97,7 @@ def test_state_is_journaled_and_a_restarted_coordinator_resumes_it(assets, redis
             assert (await _status(stub)).num_groups_completed == 1
             rollout.answer(item, item.sample.label)
 
-            async def stored():
-                return (await _status(stub)).num_groups_completed == 2
-
-            await _until(stored, "p1 in the buffer")
+            await _until_stored(stub, 2, "p1 in the buffer")
             await rollout.close()
         finally:
             await channel.close()

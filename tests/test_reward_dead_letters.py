@@ -13,7 +13,7 @@ import json
 
 import pytest
 import test_coordinator
-from test_coordinator import FakeRollout, _cfg, _read_all, _until
+from test_coordinator import FakeRollout, _cfg, _read_all, _until_stored
 
 from slipstream.buffer.replay import ReplayBuffer
 from slipstream.config import config_from_values
@@ -60,11 +60,7 @@ def test_reward_failing_n_times_is_dead_lettered_and_the_group_still_stored(
             for item in await rollout.work(4):  # p0 is "0+1=", p1 is "1+1=" (the one that fails)
                 rollout.answer(item, item.sample.label)
 
-            async def stored():
-                status = await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
-                return status.num_groups_completed == 2
-
-            await _until(stored, "both groups stored")
+            await _until_stored(stub, 2, "both groups stored")
             status = await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
             assert status.num_reward_failures == 2  # the two samples of p1
             await rollout.close()

@@ -21,7 +21,7 @@ import pytest
 import test_coordinator
 from chaos_mesh import ChaosMesh, tiny_values, wait_for
 from test_chaos_coordinator import buffer_group_ids, ledger_rows, status
-from test_coordinator import FakeRollout, _cfg, _read_all, _until
+from test_coordinator import FakeRollout, _cfg, _read_all, _until_stored
 
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc
 from slipstream.rpc.channel import aio_channel
@@ -121,12 +121,7 @@ def test_a_slow_server_that_heartbeats_keeps_its_work_a_silent_one_loses_it(
             for item in items:
                 slow.answer(item, item.sample.label)
 
-            async def stored():
-                return (
-                    await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
-                ).num_groups_completed == 1
-
-            await _until(stored, "the slow server's group stored")
+            await _until_stored(stub, 1, "the slow server's group stored")
             for task in beats:
                 task.cancel()
             await slow.close()
@@ -165,13 +160,9 @@ def test_a_silent_server_loses_its_work_after_the_lease_timeout(assets, redis_ur
             for item in again:
                 other.answer(item, item.sample.label)
 
-            async def stored():
-                stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-                return (
-                    await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
-                ).num_groups_completed == 1
-
-            await _until(stored, "the group stored from the other server")
+            await _until_stored(
+                coordinator_pb2_grpc.CoordinatorStub(channel), 1, "the group stored from the other server"
+            )
             beating.cancel()
             await other.close()
         finally:
