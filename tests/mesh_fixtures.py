@@ -10,11 +10,13 @@ from slipstream.models.hf import init_model, save_model
 from slipstream.models.qwen3 import Qwen3Config
 
 
-def build_tiny_model(out: Path, seed: int = 0) -> Path:
-    """A random ~50k-parameter Qwen3 with the demo's character tokenizer, in Hugging Face format."""
+def build_tiny_model(out: Path, seed: int = 0, **shape: int) -> Path:
+    """A random ~50k-parameter Qwen3 with the demo's character tokenizer, in Hugging Face format.
+
+    `shape` overrides any of the sizes below (a larger model for weight-transfer tests, longer
+    positions for long generations)."""
     tok = build_char_tokenizer(out)
-    config = Qwen3Config(
-        vocab_size=len(tok),
+    sizes = dict(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -22,6 +24,10 @@ def build_tiny_model(out: Path, seed: int = 0) -> Path:
         num_key_value_heads=2,
         head_dim=8,
         max_position_embeddings=64,
+    )
+    config = Qwen3Config(
+        vocab_size=len(tok),
+        **{**sizes, **shape},
         tie_word_embeddings=True,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

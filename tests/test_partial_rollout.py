@@ -28,11 +28,10 @@ import grpc
 import pytest
 import torch
 
+from mesh_fixtures import build_tiny_model
 from slipstream.buffer.replay import ReplayBuffer
 from slipstream.config import config_from_values
-from slipstream.demo.tokenizer import build_char_tokenizer
-from slipstream.models.hf import init_model, load_model, save_model
-from slipstream.models.qwen3 import Qwen3Config
+from slipstream.models.hf import load_model
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 from slipstream.rpc.channel import aio_channel
 from slipstream.services.coordinator.server import start_coordinator
@@ -46,21 +45,9 @@ STEP = 30.0
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     d = tmp_path_factory.mktemp("partial")
-    tok = build_char_tokenizer(d / "model")
-    config = Qwen3Config(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
+    build_tiny_model(
+        d / "model", hidden_size=64, intermediate_size=128, head_dim=16, max_position_embeddings=1024
     )
-    save_model(init_model(config, seed=0), d / "model")
     (d / "prompts.jsonl").write_text(
         "".join(json.dumps({"prompt": f"{i}+{i}=", "label": str(2 * i)}) + "\n" for i in range(4))
     )

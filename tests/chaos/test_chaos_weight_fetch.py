@@ -30,9 +30,8 @@ import grpc
 import pytest
 from chaos_mesh import ChaosMesh, tiny_values, wait_for
 
-from slipstream.demo.tokenizer import build_char_tokenizer
-from slipstream.models.hf import init_model, load_model, save_model
-from slipstream.models.qwen3 import Qwen3Config
+from mesh_fixtures import build_tiny_model
+from slipstream.models.hf import load_model
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, rollout_pb2, rollout_pb2_grpc
 from slipstream.rpc import security
 from slipstream.rpc.channel import aio_channel
@@ -125,22 +124,7 @@ class HurtingProxy:
 def larger_model(tmp_path_factory):
     """~1.6M parameters: a version is ~1.6 MB in FP8, far past HURT_AFTER."""
     out = tmp_path_factory.mktemp("weight-fetch") / "model"
-    tok = build_char_tokenizer(out)
-    config = Qwen3Config(
-        vocab_size=len(tok),
-        hidden_size=256,
-        intermediate_size=768,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=64,
-        max_position_embeddings=64,
-        tie_word_embeddings=True,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
-    save_model(init_model(config, seed=0), out)
-    return out
+    return build_tiny_model(out, hidden_size=256, intermediate_size=768, head_dim=64)
 
 
 def _client(addr: str, settings: security.Settings) -> grpc.aio.Channel:
