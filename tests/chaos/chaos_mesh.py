@@ -127,10 +127,12 @@ class ChaosMesh:
     def start_coordinator(self) -> Service:
         return self.start("coordinator", "coordinator", "--reward-addr", self.services["reward"].addr)
 
-    def start_rollout(self, i: int) -> Service:
+    def start_rollout(self, i: int, wait: bool = True) -> Service:
+        """Rollout server `rollout-{i}`; wait=False returns at once (start several together, so all
+        are attached before the work runs out)."""
         coord = self.services["coordinator"].addr
         return self.start(
-            f"rollout-{i}", "rollout", "--coordinator-addr", coord, "--server-id", f"rollout-{i}"
+            f"rollout-{i}", "rollout", "--coordinator-addr", coord, "--server-id", f"rollout-{i}", wait=wait
         )
 
     def start_trainer(self) -> Service:

@@ -71,8 +71,7 @@ def test_coordinator_sigkilled_mid_generation_resumes(chaos_assets, tmp_path, re
         coordinator = mesh.start_coordinator()
         port = coordinator.port
         for i in (0, 1):  # started together, so both are attached before the work runs out
-            mesh.start(f"rollout-{i}", "rollout", "--coordinator-addr", coordinator.addr,
-                       "--server-id", f"rollout-{i}", wait=False)  # fmt: skip
+            mesh.start_rollout(i, wait=False)
 
         def mid_generation():
             s = status(mesh)

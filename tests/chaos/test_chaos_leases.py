@@ -43,10 +43,9 @@ def test_a_frozen_rollout_server_loses_its_leases_and_comes_back(chaos_assets, t
     mesh = ChaosMesh(run_dir, values)
     try:
         mesh.start_reward()
-        coordinator = mesh.start_coordinator()
+        mesh.start_coordinator()
         for i in (0, 1):
-            mesh.start(f"rollout-{i}", "rollout", "--coordinator-addr", coordinator.addr,
-                       "--server-id", f"rollout-{i}", wait=False)  # fmt: skip
+            mesh.start_rollout(i, wait=False)
 
         def both_busy():
             s = status(mesh)

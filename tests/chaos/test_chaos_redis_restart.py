@@ -58,10 +58,9 @@ def test_redis_sigkilled_and_restarted_mid_generation(chaos_assets, tmp_path):
         assert r.config_get("maxmemory-policy")["maxmemory-policy"] == "noeviction"
         assert r.config_get("appendfsync")["appendfsync"] == "everysec"
         mesh.start_reward()
-        coordinator = mesh.start_coordinator()
+        mesh.start_coordinator()
         for i in (0, 1):
-            mesh.start(f"rollout-{i}", "rollout", "--coordinator-addr", coordinator.addr,
-                       "--server-id", f"rollout-{i}", wait=False)  # fmt: skip
+            mesh.start_rollout(i, wait=False)
 
         def busy():
             s = status(mesh)
