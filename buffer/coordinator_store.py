@@ -132,9 +132,6 @@ class CoordinatorStore:
             ) from None
         return _str(entry_id)
 
-    def set_counter(self, name: str, value: int) -> None:
-        self.redis.hset(self.keys.coordinator_state, name, value)
-
     def server_run_id(self) -> str:
         """The Redis server's run id (it changes when the server restarts), once it has loaded its data."""
         info = self.redis.info()
