@@ -6,14 +6,17 @@
 The real `Actor.train_rollout` (proximal log-prob recompute, GRPO-scored PPO loss, AdamW) on
 random weights with synthetic samples; one optimizer step over all samples. Variants, in one run:
 
-- `padded-bf16params`: last session's configuration (bf16 parameters, micro-batches of 16);
-- `padded`: `--bf16` (fp32 master weights, bf16 autocast), micro-batches of 16;
-- `packed`: `--bf16 --use-dynamic-batch-size --max-tokens-per-gpu N`;
+- `padded-bf16params`: bf16 parameters (no fp32 masters), micro-batches of 16;
+- `padded`: `--bf16` as it ran before this session's change (fp32 parameters under bf16
+  autocast: `Actor(bf16_autocast=True)`), micro-batches of 16;
+- `packed`: the same with `--use-dynamic-batch-size --max-tokens-per-gpu N`;
 - `packed-compile`: the same plus `--torch-compile`;
+- `*-bf16w`: `--bf16` as it runs now: bf16 compute weights refreshed once per optimizer step
+  from the fp32 masters (`services/trainer/precision.py`), no autocast;
 - `*-mix`: responses uniform in [32, --response-len] instead of all --response-len (a realistic
   length mix: padding is then most of a padded batch's work).
 
-`--profile VARIANT` adds a `torch.profiler` trace of one step of that variant: GPU kernel time by
+`--profile VARIANT ...` adds a `torch.profiler` trace of one step of that variant: GPU kernel time by
 kind (GEMM, attention, elementwise/norm glue, log-softmax/entropy, optimizer, copies), the GPU's
 busy fraction of the step's wall time (low = launch- or host-bound) and the top kernels.
 
@@ -51,6 +54,9 @@ VARIANTS = (
     "packed-mix",
     "packed-compile",
     "packed-compile-mix",
+    "packed-bf16w",
+    "packed-compile-bf16w",
+    "packed-compile-bf16w-mix",
 )
 
 
@@ -125,7 +131,7 @@ def run_variant(variant: str, model_dir: str, args, params: int, head: int) -> d
         "--hf-checkpoint", model_dir, "--rollout-batch-size", str(args.samples // 8),
         "--n-samples-per-prompt", "8", "--micro-batch-size", "16", "--lr", "1e-6", *flags(variant, args),
     ])  # fmt: skip
-    actor = Actor(cfg)
+    actor = Actor(cfg, bf16_autocast="bf16w" not in variant)
     batch = samples(
         args.samples, args.prompt_len, args.response_len, SHAPE["vocab_size"], variant.endswith("-mix")
     )
@@ -146,7 +152,7 @@ def run_variant(variant: str, model_dir: str, args, params: int, head: int) -> d
     response = sum(s.response_length for s in batch)
     peak = args.peak_tflops * 1e12
     members, _ = actor.micro_batches(batch)
-    profiled = profile_step(actor, batch, scores) if variant == args.profile else None
+    profiled = profile_step(actor, batch, scores) if variant in (args.profile or ()) else None
     del actor
     torch.cuda.empty_cache()
     return {
@@ -170,7 +176,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--peak-tflops", type=float, default=989.0)
-    parser.add_argument("--profile", choices=VARIANTS, help="also profile one step of this variant")
+    parser.add_argument(
+        "--profile", nargs="+", choices=VARIANTS, help="also profile one step of these variants"
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "trainer_gpu.json")
     args = parser.parse_args()
     results = []

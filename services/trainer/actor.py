@@ -22,8 +22,10 @@ ever run under no_grad.
 
 Precision and memory: `--bf16` keeps float32 parameters, gradients and AdamW moments (the
 master weights: a 1e-6 step is below bf16's resolution for most weights, so bf16 parameters
-would silently not move) and runs every forward under bf16 autocast, so the matmuls run on bf16
-tensor cores. AdamW is fused on CUDA. `--gradient-checkpointing` recomputes each decoder layer
+would silently not move) and runs forward and backward on a bf16 copy of the weights made once
+per optimizer step (`precision.py`; FSDP2's `MixedPrecisionPolicy` under torchrun), so the
+whole forward, residual stream included, is bf16 and no weight is cast at its use. AdamW is
+fused on CUDA. `--gradient-checkpointing` recomputes each decoder layer
 in backward. The LM head never materialises full-vocabulary fp32 logits for a whole batch:
 `chunked_*` in `losses.py` works through the tokens a chunk at a time, checkpointed.
 
@@ -66,6 +68,7 @@ from slipstream.weights import weights_to_sync
 
 from .batch import Batch, collate, first_fit, pack, split
 from .parallel import Parallel, full_model_state, init_parallel, shard_model
+from .precision import MasterWeights
 
 
 def pick_device(spec: str) -> torch.device:
@@ -149,30 +152,46 @@ def _needs_ref(cfg: Config) -> bool:
 
 
 class Actor:
-    def __init__(self, cfg: Config, model_path: str | None = None):
+    """`model` holds the weights that checkpoints, the weight push and AdamW see (the fp32
+    masters under `--bf16`); `compute` is the module forward and backward run on (a bf16 copy
+    under `--bf16` in one process, else `model` itself).
+
+    `bf16_autocast=True` keeps the previous `--bf16` path (fp32 parameters run under bf16
+    autocast) so the benchmark and the precision test can set the two side by side.
+    """
+
+    def __init__(self, cfg: Config, model_path: str | None = None, bf16_autocast: bool = False):
         self.cfg = cfg
         self.par: Parallel = init_parallel(pick_device(cfg.train.device))
         self.device = self.par.device
+        t = cfg.train
         dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
-        if cfg.train.bf16:
-            dtype = torch.float32  # master weights; autocast makes the bf16 copies per forward
+        if t.bf16:
+            dtype = torch.float32  # the master weights
+        self.autocast = t.bf16 and bf16_autocast
+        split = t.bf16 and not bf16_autocast
         model = load_model(model_path or cfg.model.hf_checkpoint, device=self.device, dtype=dtype)
-        if cfg.train.torch_compile:
-            for layer in model.model.layers:
+        self.masters = MasterWeights(model) if split and not self.par.enabled else None
+        compute = self.masters.compute if self.masters else model
+        if t.torch_compile:
+            for layer in compute.model.layers:
                 for piece in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
                     piece.compile(dynamic=True)
-        if cfg.train.gradient_checkpointing:
-            _checkpoint_layers(model)
-        self.model = shard_model(model, self.par)
-        self.model.train()
+        if t.gradient_checkpointing:
+            _checkpoint_layers(compute)
+        self.model = shard_model(model, self.par, param_dtype=torch.bfloat16 if split else None)
+        self.compute = compute if self.masters else self.model
+        self.compute.train()
         self.ref_model = None
         if _needs_ref(cfg):
-            # The reference stays the initial policy even when resuming from a checkpoint.
+            # The reference stays the initial policy even when resuming from a checkpoint. It
+            # only runs forward, so under --bf16 (without autocast) it is simply bf16.
             self.ref_model = load_model(
-                cfg.model.ref_load or cfg.model.hf_checkpoint, device=self.device, dtype=dtype
+                cfg.model.ref_load or cfg.model.hf_checkpoint,
+                device=self.device,
+                dtype=torch.bfloat16 if split else dtype,
             )
             self.ref_model.eval().requires_grad_(False)
-        t = cfg.train
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(),
             lr=t.lr,
@@ -184,7 +203,7 @@ class Actor:
 
     # ---- log-probs -------------------------------------------------------------------------
     def _autocast(self):
-        if not self.cfg.train.bf16:
+        if not self.autocast:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
@@ -192,6 +211,8 @@ class Actor:
         """`head_fn(hidden, lm_head_weight, targets, temperature=)` of `batch`, in the padded [B, T] frame."""
         t = self.cfg.rollout.rollout_temperature
         p = batch.packed
+        if self.masters is not None and model is self.compute:
+            self.masters.refresh_if_changed()  # e.g. a checkpoint was loaded into the masters
         with self._autocast():
             if p is None:
                 return model(batch.input_ids, head=lambda h, w: head_fn(h, w, batch.targets, temperature=t))
@@ -212,17 +233,17 @@ class Actor:
     def log_probs(self, batch: Batch, model: torch.nn.Module | None = None) -> torch.Tensor:
         """Per-token log-probs of `batch.targets` under the current (or given) weights, [B, T]."""
         fn = compiled_token_log_probs if self.cfg.train.torch_compile else chunked_token_log_probs
-        return self._forward(model or self.model, batch, fn)
+        return self._forward(model or self.compute, batch, fn)
 
     def log_probs_and_entropy(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         fn = compiled_log_probs_and_entropy if self.cfg.train.torch_compile else chunked_log_probs_and_entropy
-        return self._forward(self.model, batch, fn)
+        return self._forward(self.compute, batch, fn)
 
     @torch.no_grad()
     def old_log_probs(self, batches: list[Batch]) -> list[torch.Tensor]:
-        self.model.eval()
+        self.compute.eval()
         out = [self.log_probs(b) for b in batches]
-        self.model.train()
+        self.compute.train()
         return out
 
     @torch.no_grad()
@@ -358,6 +379,8 @@ class Actor:
                 skipped += 1
                 continue
             self.optimizer.step()
+            if self.masters is not None:
+                self.masters.refresh()
             losses.append(step_loss)
             norms.append(float(norm))
             steps += 1

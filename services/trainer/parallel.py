@@ -73,17 +73,27 @@ def init_parallel(device: torch.device) -> Parallel:
     return Parallel(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
 
 
-def shard_model(model: torch.nn.Module, par: Parallel) -> torch.nn.Module:
-    """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, lm_head)."""
+def shard_model(
+    model: torch.nn.Module, par: Parallel, param_dtype: torch.dtype | None = None
+) -> torch.nn.Module:
+    """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, lm_head).
+
+    `param_dtype=torch.bfloat16` (`--bf16`): the sharded parameters stay what they are (the fp32
+    masters AdamW steps) and FSDP2 all-gathers bf16 copies for forward and backward, reducing
+    gradients in fp32 (`MixedPrecisionPolicy`), the multi-process form of `precision.py`.
+    """
     if not par.enabled:
         return model
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(par.device.type, (par.world_size,))
+    policy = MixedPrecisionPolicy(
+        param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None
+    )
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 
