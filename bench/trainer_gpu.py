@@ -7,12 +7,13 @@ The real `Actor.train_rollout` (proximal log-prob recompute, GRPO-scored PPO los
 random weights with synthetic samples; one optimizer step over all samples. Variants, in one run:
 
 - `padded-bf16params`: bf16 parameters (no fp32 masters), micro-batches of 16;
-- `padded`: `--bf16` as it ran before this session's change (fp32 parameters under bf16
-  autocast: `Actor(bf16_autocast=True)`), micro-batches of 16;
+- `padded`: `--bf16` as it ran before (fp32 parameters under bf16 autocast; with
+  `--torch-compile` only the norms and MLPs compiled: `Actor(baseline=True)`), micro-batches of 16;
 - `packed`: the same with `--use-dynamic-batch-size --max-tokens-per-gpu N`;
 - `packed-compile`: the same plus `--torch-compile`;
 - `*-bf16w`: `--bf16` as it runs now: bf16 compute weights refreshed once per optimizer step
-  from the fp32 masters (`services/trainer/precision.py`), no autocast;
+  from the fp32 masters (`services/trainer/precision.py`), no autocast; with `--torch-compile`
+  each decoder layer is two compiled graphs around the attention call (`compiled_layers.py`);
 - `*-mix`: responses uniform in [32, --response-len] instead of all --response-len (a realistic
   length mix: padding is then most of a padded batch's work).
 
@@ -131,7 +132,7 @@ def run_variant(variant: str, model_dir: str, args, params: int, head: int) -> d
         "--hf-checkpoint", model_dir, "--rollout-batch-size", str(args.samples // 8),
         "--n-samples-per-prompt", "8", "--micro-batch-size", "16", "--lr", "1e-6", *flags(variant, args),
     ])  # fmt: skip
-    actor = Actor(cfg, bf16_autocast="bf16w" not in variant)
+    actor = Actor(cfg, baseline="bf16w" not in variant)
     batch = samples(
         args.samples, args.prompt_len, args.response_len, SHAPE["vocab_size"], variant.endswith("-mix")
     )

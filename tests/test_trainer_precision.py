@@ -79,7 +79,7 @@ def test_bf16_compute_weights_step_like_the_autocast_path(model_dir):
     fp32 = Actor(_cfg(model_dir))
     samples = _with_own_log_probs(fp32, _samples())
     ref_step, ref_grad = _step(fp32, samples)
-    auto_step, auto_grad = _step(Actor(_cfg(model_dir, bf16=True), bf16_autocast=True), samples)
+    auto_step, auto_grad = _step(Actor(_cfg(model_dir, bf16=True), baseline=True), samples)
     actor = Actor(_cfg(model_dir, bf16=True))
     assert actor.compute is not actor.model
     step, grad = _step(actor, samples)
@@ -144,7 +144,7 @@ def test_bf16_compute_weights_on_gpu_packed_and_padded(tmp_path):
         ("bf16w", {}, False),
         ("bf16w-packed", dict(use_dynamic_batch_size=True, max_tokens_per_gpu=64), False),
     ):
-        actor = Actor(_cfg(d, bf16=True, device="cuda", **kw), bf16_autocast=autocast)
+        actor = Actor(_cfg(d, bf16=True, device="cuda", **kw), baseline=autocast)
         samples = _with_own_log_probs(actor, _samples())
         step, grads[name] = _step(actor, samples)
         assert torch.isfinite(step).all()

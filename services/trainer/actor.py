@@ -43,6 +43,7 @@ import contextlib
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -67,6 +68,7 @@ from slipstream.models.packed import packed_causal_attention
 from slipstream.weights import weights_to_sync
 
 from .batch import Batch, collate, first_fit, pack, split
+from .compiled_layers import split_layers
 from .parallel import Parallel, full_model_state, init_parallel, shard_model
 from .precision import MasterWeights
 
@@ -96,23 +98,47 @@ class StepStats:
 
 
 class _Means:
-    """Token-weighted means (and maxima) of per-micro-batch metrics over a rollout step."""
+    """Token-weighted means (and maxima) of per-micro-batch metrics over a rollout step.
+
+    Values may be device tensors: they stay there (no host sync per micro-batch) until
+    `result()` reads them all at once. A maximum over nothing (-inf) is left out.
+    """
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = defaultdict(float)
-        self.weights: dict[str, float] = defaultdict(float)
-        self.maxima: dict[str, float] = {}
+        self.sums: dict[str, Any] = defaultdict(float)
+        self.weights: dict[str, Any] = defaultdict(float)
+        self.maxima: dict[str, Any] = {}
 
-    def add(self, name: str, value: float, weight: float) -> None:
-        self.sums[name] += value * weight
-        self.weights[name] += weight
+    def add(self, name: str, value, weight) -> None:
+        self.sums[name] = self.sums[name] + value * weight
+        self.weights[name] = self.weights[name] + weight
 
-    def max(self, name: str, value: float) -> None:
-        self.maxima[name] = max(self.maxima.get(name, -math.inf), value)
+    def add_sum(self, name: str, total, count) -> None:
+        """A mean's numerator and denominator, as computed (count may be a device tensor)."""
+        self.sums[name] = self.sums[name] + total
+        self.weights[name] = self.weights[name] + count
+
+    def max(self, name: str, value) -> None:
+        if name in self.maxima:
+            old = self.maxima[name]
+            value = (
+                torch.maximum(old, value)
+                if torch.is_tensor(value) or torch.is_tensor(old)
+                else max(old, value)
+            )
+        self.maxima[name] = value
 
     def result(self) -> dict[str, float]:
-        out = {k: self.sums[k] / self.weights[k] for k in self.sums if self.weights[k] > 0}
-        out.update(self.maxima)
+        names = [*self.sums, *self.weights, *self.maxima]
+        values = [*self.sums.values(), *self.weights.values(), *self.maxima.values()]
+        tensors = [v for v in values if torch.is_tensor(v)]
+        if tensors:  # one host sync for every metric of the step
+            read = iter(torch.stack([t.detach().double().cpu().reshape(()) for t in tensors]).tolist())
+            values = [next(read) if torch.is_tensor(v) else float(v) for v in values]
+        n = len(self.sums)
+        sums, weights, maxima = values[:n], values[n : 2 * n], values[2 * n :]
+        out = {k: s / w for k, s, w in zip(names[:n], sums, weights, strict=True) if w > 0}
+        out.update({k: m for k, m in zip(names[2 * n :], maxima, strict=True) if m != -math.inf})
         return out
 
 
@@ -156,11 +182,13 @@ class Actor:
     masters under `--bf16`); `compute` is the module forward and backward run on (a bf16 copy
     under `--bf16` in one process, else `model` itself).
 
-    `bf16_autocast=True` keeps the previous `--bf16` path (fp32 parameters run under bf16
-    autocast) so the benchmark and the precision test can set the two side by side.
+    `baseline=True` is the trainer as it ran before bf16 compute weights and split-layer
+    compilation: `--bf16` runs fp32 parameters under bf16 autocast and `--torch-compile`
+    compiles only the norms and MLPs. Kept so the benchmark and the precision test can set old
+    and new side by side.
     """
 
-    def __init__(self, cfg: Config, model_path: str | None = None, bf16_autocast: bool = False):
+    def __init__(self, cfg: Config, model_path: str | None = None, baseline: bool = False):
         self.cfg = cfg
         self.par: Parallel = init_parallel(pick_device(cfg.train.device))
         self.device = self.par.device
@@ -168,12 +196,14 @@ class Actor:
         dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
         if t.bf16:
             dtype = torch.float32  # the master weights
-        self.autocast = t.bf16 and bf16_autocast
-        split = t.bf16 and not bf16_autocast
+        self.autocast = t.bf16 and baseline
+        split = t.bf16 and not baseline
         model = load_model(model_path or cfg.model.hf_checkpoint, device=self.device, dtype=dtype)
         self.masters = MasterWeights(model) if split and not self.par.enabled else None
         compute = self.masters.compute if self.masters else model
-        if t.torch_compile:
+        if t.torch_compile and not baseline:
+            split_layers(compute)  # two compiled graphs per layer around the attention call
+        elif t.torch_compile:
             for layer in compute.model.layers:
                 for piece in (layer.input_layernorm, layer.post_attention_layernorm, layer.mlp):
                     piece.compile(dynamic=True)
@@ -310,12 +340,10 @@ class Actor:
         for b, o in zip(micro, old, strict=True):
             trained = b.loss_mask > 0
             known = trained & (b.versions >= 0)
-            if known.any():
-                means.max("staleness_max_trained", float((trained_version - b.versions[known]).max()))
-            if not a.use_rollout_logprobs and trained.any():
-                diff = (o - b.rollout_log_probs).abs()[trained]
-                means.add("logprob_abs_diff_mean", float(diff.mean()), diff.numel())
-                means.max("logprob_abs_diff_max", float(diff.max()))
+            stale = torch.where(known, trained_version - b.versions, torch.iinfo(torch.long).min).max()
+            means.max("staleness_max_trained", torch.where(known.any(), stale.double(), -math.inf))
+            if not a.use_rollout_logprobs:
+                self._logprob_diff(means, o, b.rollout_log_probs, trained)
 
         world, rank = self.par.world_size, self.par.rank
         losses, norms = [], []
@@ -351,38 +379,41 @@ class Actor:
                 if ref is not None and a.use_kl_loss and a.kl_loss_coef > 0:
                     kl = approx_kl(lp, ref[i], a.kl_loss_type)
                     loss = loss + a.kl_loss_coef * (kl * weights).sum()
-                    means.add(
-                        "kl_loss", float((kl.detach() * b.loss_mask).sum() / b.num_tokens), b.num_tokens
-                    )
+                    if b.num_tokens:
+                        means.add_sum("kl_loss", (kl.detach() * b.loss_mask).sum(), b.num_tokens)
                 (loss * world).backward()  # FSDP averages gradients over ranks
-                step_loss += loss.item()
+                step_loss = step_loss + loss.detach().double()  # on the device: no sync per micro-batch
                 n = b.num_tokens
                 if n == 0:
                     continue
-                means.add("entropy", float((entropy.detach() * b.loss_mask).sum() / n), n)
+                means.add_sum("entropy", (entropy.detach() * b.loss_mask).sum(), n)
                 if a.use_rollout_logprobs:
-                    diff = (lp.detach() - b.rollout_log_probs).abs()[b.loss_mask > 0]
-                    means.add("logprob_abs_diff_mean", float(diff.mean()), diff.numel())
-                    means.max("logprob_abs_diff_max", float(diff.max()))
+                    self._logprob_diff(means, lp.detach(), b.rollout_log_probs, b.loss_mask > 0)
                 for k, v in metrics.items():
                     if k == "tis_max":
-                        means.max(k, float(v))
+                        means.max(k, v)
                     else:
-                        means.add(k, float(v), n)
+                        means.add(k, v, n)
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.train.clip_grad)
+            if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
+                norm = norm.full_tensor()
+            # The step's one host sync: whether it is finite decides what happens next.
+            norm_f, loss_f = torch.stack(
+                [norm.detach().double(), torch.as_tensor(step_loss, dtype=torch.float64, device=norm.device)]
+            ).tolist()
             if self.par.enabled:  # each rank summed its own micro-batches' share of the loss
-                step_loss = self.par.all_sum(step_loss)
+                loss_f = self.par.all_sum(loss_f)
             # The norm is over the whole (sharded) model and the loss is summed over ranks, so
             # every rank takes the same decision.
-            if not (math.isfinite(float(norm)) and math.isfinite(step_loss)):
+            if not (math.isfinite(norm_f) and math.isfinite(loss_f)):
                 self.optimizer.zero_grad(set_to_none=True)
                 skipped += 1
                 continue
             self.optimizer.step()
             if self.masters is not None:
                 self.masters.refresh()
-            losses.append(step_loss)
-            norms.append(float(norm))
+            losses.append(loss_f)
+            norms.append(norm_f)
             steps += 1
         out = means.result()
         return StepStats(
@@ -396,6 +427,12 @@ class Actor:
             num_skipped_steps=skipped,
             metrics=out,
         )
+
+    @staticmethod
+    def _logprob_diff(means: _Means, lp: torch.Tensor, rollout: torch.Tensor, trained: torch.Tensor) -> None:
+        diff = (lp - rollout).abs() * trained
+        means.add_sum("logprob_abs_diff_mean", diff.sum(), trained.sum())
+        means.max("logprob_abs_diff_max", torch.where(trained.any(), diff.max(), -math.inf))
 
     def micro_batches(self, samples: list) -> tuple[list[list[int]], list[list[int]]]:
         """(sample indices of each micro-batch, micro-batch indices of each optimizer step).
