@@ -26,7 +26,7 @@ from slipstream.rpc.channel import aio_channel
 from slipstream.services.coordinator.groups import Ledger, Slots, StaleResult, pick_server
 from slipstream.services.coordinator.server import start_coordinator
 from slipstream.services.coordinator.weights_relay import PushError, receive_push
-from slipstream.weights import iter_messages, pack
+from slipstream.weights import WeightStager, iter_messages, pack
 
 pytestmark = pytest.mark.timeout(60)
 STEP = 10.0  # seconds any single expected event may take
@@ -444,6 +444,155 @@ def test_push_and_fetch_weights_round_trip_and_refusals(assets, redis_url, run_i
 
             await _until(applied, "the server's version to reach 1")
             await rollout.close()
+        finally:
+            await channel.close()
+            await coord.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 45))
+
+
+class _Feed:
+    """A push stream the test releases message by message (a push in flight)."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def send(self, *messages) -> None:
+        for m in messages:
+            self.queue.put_nowait(m)
+
+    def end(self) -> None:
+        self.queue.put_nowait(None)
+
+    async def stream(self):
+        while (m := await self.queue.get()) is not None:
+            yield m
+
+
+async def _next_message(call, what: str):
+    return await asyncio.wait_for(call.read(), STEP)
+
+
+def test_a_fetch_that_starts_mid_push_streams_the_whole_version(assets, redis_url, run_id, reward_addr):
+    # Cut-through: servers are told of a version once its manifest passed, fetch it while it
+    # arrives, and their stream ends only once the push landed.
+    cfg = _cfg(assets, redis_url, run_id, reward_addr)
+    manifest, chunks = _weights(1)
+    msgs = list(iter_messages(manifest, chunks))
+
+    async def scenario():
+        coord = await start_coordinator(cfg)
+        channel = aio_channel(f"127.0.0.1:{coord.port}")
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        try:
+            rollout = FakeRollout(channel, "r0", capacity=2).start()
+            await _until(lambda: _attached(stub, 1), "the rollout server to attach")
+            feed = _Feed()
+            push = asyncio.ensure_future(stub.PushWeights(feed.stream(), timeout=STEP * 2))
+            feed.send(msgs[0], msgs[1])
+            notice = await rollout.next("new_weights")  # announced with the push still open
+            assert notice.version == 1 and not push.done()
+            fetch = stub.FetchWeights(coordinator_pb2.FetchWeightsRequest(version=1), timeout=STEP * 2)
+            got = [await _next_message(fetch, "manifest"), await _next_message(fetch, "chunk 0")]
+            assert got == msgs[:2] and not push.done()
+            status = await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
+            assert status.policy_version == 0  # not landed yet
+            feed.send(*msgs[2:])
+            feed.end()
+            while (m := await _next_message(fetch, "the rest")) is not grpc.aio.EOF:
+                got.append(m)
+            assert [m.SerializeToString() for m in got] == [m.SerializeToString() for m in msgs]
+            reply = await push
+            assert reply.version == 1 and reply.num_servers_notified == 1
+            await rollout.nothing_more(0.3)  # one notice per server, not a second at commit
+            stager = WeightStager(
+                {"model.layers.0.mlp.up_proj.weight": (256, 64), "model.norm.weight": (64,)}, 0
+            )
+            for m in got:
+                stager.add(m)
+            assert stager.finish()[0] == 1
+            await rollout.close()
+        finally:
+            await channel.close()
+            await coord.stop()
+
+    asyncio.run(asyncio.wait_for(scenario(), 45))
+
+
+async def _attached(stub, count: int) -> bool:
+    status = await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
+    return status.num_rollout_servers == count
+
+
+@pytest.mark.parametrize("how", ["cut", "bad-hash"])
+def test_a_push_that_fails_midway_fails_its_fetchers_and_the_old_version_stays(
+    how, assets, redis_url, run_id, reward_addr
+):
+    cfg = _cfg(assets, redis_url, run_id, reward_addr)
+    old = list(iter_messages(*_weights(1)))
+    new = list(iter_messages(*_weights(2)))
+
+    async def scenario():
+        coord = await start_coordinator(cfg)
+        channel = aio_channel(f"127.0.0.1:{coord.port}")
+        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
+        try:
+            await stub.PushWeights(_aiter(old), timeout=STEP)
+            feed = _Feed()
+            trainer = aio_channel(f"127.0.0.1:{coord.port}")  # its own connection, to cut
+            push = coordinator_pb2_grpc.CoordinatorStub(trainer).PushWeights(feed.stream(), timeout=STEP * 2)
+            pushing = asyncio.ensure_future(push)
+            feed.send(new[0], new[1])
+
+            async def streaming():
+                try:
+                    call = stub.FetchWeights(coordinator_pb2.FetchWeightsRequest(version=2), timeout=STEP)
+                    return await call.read(), call
+                except grpc.aio.AioRpcError:
+                    return None, None
+
+            first, fetch = None, None
+            deadline = time.monotonic() + STEP
+            while first is None:  # NOT_FOUND until the relay read the manifest
+                assert time.monotonic() < deadline
+                first, fetch = await streaming()
+            assert first == new[0]
+            assert await _next_message(fetch, "chunk 0") == new[1]
+            if how == "cut":
+                await trainer.close()  # the trainer's connection breaks off mid-push
+            else:
+                bad = types_pb2.WeightMessage()
+                bad.CopyFrom(new[2])
+                bad.chunk.data = b"x" + bad.chunk.data[1:]
+                feed.send(bad, *new[3:])
+                feed.end()
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                while await _next_message(fetch, "an error") is not grpc.aio.EOF:
+                    pass
+            assert e.value.code() == grpc.StatusCode.ABORTED
+            assert "version 2" in e.value.details()
+            if how == "bad-hash":
+                assert "sha256" in e.value.details()
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await pushing
+                assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            status = await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
+            assert status.policy_version == 1 and status.weights_held
+            with pytest.raises(grpc.aio.AioRpcError) as e:  # the failed version is not fetchable
+                [
+                    m
+                    async for m in stub.FetchWeights(
+                        coordinator_pb2.FetchWeightsRequest(version=2), timeout=5
+                    )
+                ]
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            got = [
+                m async for m in stub.FetchWeights(coordinator_pb2.FetchWeightsRequest(version=0), timeout=5)
+            ]
+            assert [m.SerializeToString() for m in got] == [m.SerializeToString() for m in old]
+            await trainer.close()
+            # The same version pushed again whole lands (the trainer's retry).
+            assert (await stub.PushWeights(_aiter(new), timeout=STEP)).version == 2
         finally:
             await channel.close()
             await coord.stop()

@@ -574,26 +574,45 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     # ---- weights -----------------------------------------------------------------------
     async def PushWeights(self, request_iterator, context):
+        # Servers are told of the version as soon as its manifest passed the relay's checks, and
+        # fetch it while it arrives (cut-through, weights_relay.py): their fetch ends only once
+        # this push committed, or fails if it does not.
+        notice = coordinator_pb2.RolloutCommand()
+        notified: set[str] = set()
+        incoming = None
+
+        def announce(version) -> None:
+            nonlocal incoming
+            incoming = version
+            self.relay.begin(version)
+            notice.new_weights.version = version.version
+            for conn_id, conn in self.conns.items():
+                conn.outbox.put_nowait(notice)
+                notified.add(conn_id)
+
         try:
-            stored = await receive_push(request_iterator, self.relay.floor)
+            stored = await receive_push(request_iterator, self.relay.floor, on_manifest=announce)
             self.relay.commit(stored)
         except PushError as e:
+            self.relay.abandon(incoming)
             log.warning("weight push refused: %s", e)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        notice = coordinator_pb2.RolloutCommand(
-            new_weights=coordinator_pb2.NewWeights(version=stored.version)
-        )
-        for conn in self.conns.values():
-            conn.outbox.put_nowait(notice)
+        except BaseException:
+            self.relay.abandon(incoming)
+            raise
+        for conn_id, conn in self.conns.items():  # attached while the version streamed in
+            if conn_id not in notified:
+                conn.outbox.put_nowait(notice)
+                notified.add(conn_id)
         log.info(
             "weights version %d received (%d bytes), %d servers notified",
             stored.version,
             stored.total_bytes,
-            len(self.conns),
+            len(notified),
         )
         self.journal.touch()  # the version is journaled
         self._dispatch()  # a new version opens the staleness window
-        return coordinator_pb2.PushWeightsReply(version=stored.version, num_servers_notified=len(self.conns))
+        return coordinator_pb2.PushWeightsReply(version=stored.version, num_servers_notified=len(notified))
 
     async def FetchWeights(self, request, context):
         stored = self.relay.lookup(request.version)
@@ -602,8 +621,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"weights version {request.version} not held (latest is {self.relay.version})",
             )
-        for msg in stored.messages:
-            yield msg
+        try:
+            async for msg in stored.stream():
+                yield msg
+        except PushError as e:  # the version was streaming in and its push failed: nothing lands
+            await context.abort(grpc.StatusCode.ABORTED, str(e))
 
     # ---- trainer and status ------------------------------------------------------------
     async def ReportProgress(self, request, context):
