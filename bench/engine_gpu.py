@@ -74,12 +74,101 @@ def bench_ours(model, batch, args, fp8: bool) -> dict:
             best = min(best, dt)
             gaps = sorted(b - a for a, b in zip(stamps[1:-1], stamps[2:], strict=True))
             step_ms.append(1e3 * gaps[len(gaps) // 2])
+    replay_ms = {}
+    if engine.graphs:  # GPU time of one graphed decode step alone (no host work in between)
+        for (b, kv, _), captured in sorted(engine.graphs.graphs.items()):
+            if b == engine.graphs.bucket(batch):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                captured.graph.replay()
+                start.record()
+                for _ in range(20):
+                    captured.graph.replay()
+                end.record()
+                torch.cuda.synchronize()
+                replay_ms[str(kv)] = round(start.elapsed_time(end) / 20, 3)
     return {
         "tokens_per_s": batch * args.new_tokens / best,
         "seconds": best,
         "decode_step_ms_median": min(step_ms),
+        "graph_replay_ms_by_kv_bucket": replay_ms,
         "graphs_captured": len(engine.graphs.graphs) if engine.graphs else 0,
     }
+
+
+def _time_rotating(fn, q, ks, vs, lengths, kw) -> float:
+    """Median microseconds of fn over the cache copies in turn (so the L2 holds none of them)."""
+    import triton
+
+    calls = iter(range(1 << 30))
+
+    def call():
+        i = next(calls) % len(ks)
+        fn(q, ks[i], vs[i], lengths, **kw)
+
+    return 1e3 * triton.testing.do_bench(call, warmup=10, rep=40, return_mode="median")
+
+
+def attention_sweep(config: Qwen3Config, args) -> dict:
+    """Decode-attention configurations at the bench's mean context, each checked against SDPA:
+    block/warps/stages at the largest batch (the fastest becomes the module default for this run),
+    then 1 vs 4 splits at every batch with that choice."""
+    from slipstream.kernels import attention
+
+    hkv, h, d = config.num_key_value_heads, config.num_attention_heads, config.head_dim
+    capacity = args.prompt_len + args.new_tokens
+    context = args.prompt_len + args.new_tokens // 2
+    rows = []
+
+    def measure(batch: int, configs: list[dict]) -> None:
+        g = torch.Generator(device="cuda").manual_seed(batch)
+        q = torch.randn(batch, h, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        # four layers' worth of cache, used in turn, so the timing is not the L2's
+        shape = (batch, hkv, capacity, d)
+        ks = [torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)]
+        vs = [torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)]
+        lengths = torch.full((batch,), context, device="cuda")
+        mask = (torch.arange(capacity, device="cuda")[None, :] < lengths[:, None])[:, None, None]
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), ks[0].float(), vs[0].float(), attn_mask=mask, enable_gqa=True
+        )
+        kv_bytes = 2 * batch * hkv * context * d * 2
+        for kw in configs:
+            try:
+                out = attention.decode_attention(q, ks[0], vs[0], lengths, **kw)
+                err = float((out.float() - ref).norm() / ref.norm())
+                us = _time_rotating(attention.decode_attention, q, ks, vs, lengths, kw)
+            except Exception as e:  # a configuration that does not compile (shared memory)
+                rows.append({"batch": batch, **kw, "error": str(e)[:80]})
+                continue
+            rows.append(
+                {
+                    "batch": batch,
+                    **kw,
+                    "us": round(us, 1),
+                    "rel_err": err,
+                    "tb_per_s": round(kv_bytes / us / 1e6, 2),
+                }
+            )
+
+    big = max(args.batch_sizes)
+    measure(
+        big,
+        [
+            dict(block_n=bn, num_warps=w, num_stages=st, splits=1)
+            for bn in (32, 64, 128)
+            for w in (4, 8)
+            for st in (2, 3, 4)
+        ],
+    )
+    top = min((r for r in rows if "us" in r and r["rel_err"] < 1e-2), key=lambda r: r["us"])
+    attention.BLOCK_N, attention.NUM_WARPS, attention.NUM_STAGES = (
+        top["block_n"],
+        top["num_warps"],
+        top["num_stages"],
+    )
+    for batch in args.batch_sizes:  # small batches are host-bound here (no graph): a pointer only
+        measure(batch, [dict(splits=1), dict(splits=4)])
+    return {"chosen": top, "rows": rows}
 
 
 def bench_hf(model, batch, args) -> dict:
@@ -118,15 +207,15 @@ def roofline(config: Qwen3Config, batch: int, args, weight_bytes: int) -> dict:
     return {"tokens_per_s": batch / step_s, "step_ms": 1e3 * step_s, "step_gb": step_bytes / 1e9}
 
 
-def profile_step(model, batch, args) -> list[dict]:
-    """Kernel time by name over one eager decode step (graphs off), the largest batch."""
+def profile_step(model, batch, args, graphs: bool = False) -> list[dict]:
+    """Kernel time by name over one decode step (eager, or replayed from its graph), the largest batch."""
     from torch.profiler import ProfilerActivity, profile
 
     from slipstream.services.rollout.engine import NativeEngine, Request
 
     engine = NativeEngine(
         model, eos_token_ids=[], max_batch_size=batch,
-        max_seq_len=args.prompt_len + args.new_tokens, cuda_graphs=False,
+        max_seq_len=args.prompt_len + args.new_tokens, cuda_graphs=graphs,
     )  # fmt: skip
     for i, p in enumerate(prompts(batch, args.prompt_len, model.config.vocab_size, 5)):
         engine.add_request(Request(f"p{i}", p, args.new_tokens, temperature=1.0, seed=i))
@@ -154,6 +243,7 @@ def main() -> None:
     ap.add_argument("--hbm-tbps", type=float, default=4.3)
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-fp8", action="store_true")
+    ap.add_argument("--attention-sweep", action="store_true", help="tune decode attention first")
     ap.add_argument("--out", default="bench/results/engine_gpu.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -171,6 +261,9 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "rows": [],
     }
+    if args.attention_sweep:
+        result["attention_sweep"] = attention_sweep(config, args)
+        print("attention:", json.dumps(result["attention_sweep"]["chosen"]), flush=True)
     for batch in args.batch_sizes:
         row = {"batch": batch, "roofline": roofline(config, batch, args, weight_bytes)}
         row["ours_bf16"] = bench_ours(model, batch, args, fp8=False)
@@ -188,6 +281,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
     result["profile_eager_step"] = profile_step(model, max(args.batch_sizes), args)[:25]
+    result["profile_graph_step"] = profile_step(model, max(args.batch_sizes), args, graphs=True)[:25]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(
@@ -200,8 +294,11 @@ def main() -> None:
             f"{r.get('transformers', {}).get('tokens_per_s', 0):>8.0f} {r['roofline']['tokens_per_s']:>9.0f} "
             f"{r.get('ours_over_transformers', 0):>6.1f} {100 * r['ours_over_roofline']:>5.1f}%"
         )
-    for p in result["profile_eager_step"][:12]:
-        print(f"  {p['us']:>9.1f} us {p['calls']:>5}x  {p['name']}")
+    for key in ("profile_eager_step", "profile_graph_step"):
+        total = sum(p["us"] for p in result[key])
+        print(f"{key}: {total:.0f} us in the top 25")
+        for p in result[key][:12]:
+            print(f"  {p['us']:>9.1f} us {p['calls']:>5}x  {p['name']}")
 
 
 if __name__ == "__main__":

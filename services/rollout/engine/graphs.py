@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from slipstream.models import Qwen3ForCausalLM
+from slipstream.services.rollout.engine.fused_step import FusedDecoder
 from slipstream.services.rollout.engine.kv_cache import KVCache
 from slipstream.services.rollout.engine.sampler import SamplingParams, sample
 
@@ -53,10 +54,13 @@ class _Captured:
 
 
 class DecodeGraphs:
-    def __init__(self, model: Qwen3ForCausalLM, cache: KVCache, max_batch: int) -> None:
+    def __init__(
+        self, model: Qwen3ForCausalLM, cache: KVCache, max_batch: int, fused: FusedDecoder | None = None
+    ) -> None:
+        """`fused`: the forward to capture (`fused_step.py`); None captures the model's own."""
         if not cache.fixed:
             raise ValueError("CUDA graphs need a preallocated KV cache")
-        self.model, self.cache = model, cache
+        self.model, self.cache, self.fused = model, cache, fused
         self.buckets = batch_buckets(max_batch)
         device = cache.device
         self.tokens = torch.zeros(max_batch, dtype=torch.int64, device=device)
@@ -96,9 +100,12 @@ class DecodeGraphs:
 
     def _step(self, b: int, kv_len: int, truncate: bool) -> tuple[torch.Tensor, torch.Tensor]:
         positions = self.index[:b] - 1
-        attention = self.cache.decode(positions, kv_len)
-        hidden = self.model.model(self.tokens[:b, None], positions[:, None], attention)
-        logits = self.model.lm_head(hidden[:, -1])
+        if self.fused is not None:  # attends over each slot's own length; kv_len only keys the graph
+            hidden = self.fused(self.tokens[:b], positions, self.cache)
+        else:
+            attention = self.cache.decode(positions, kv_len)
+            hidden = self.model.model(self.tokens[:b, None], positions[:, None], attention)[:, -1]
+        logits = self.model.lm_head(hidden)
         params = SamplingParams(
             temperature=self.temperature[:b],
             top_p=self.top_p[:b],

@@ -30,6 +30,7 @@ import torch
 
 from slipstream.kernels.fp8_linear import convert_to_fp8
 from slipstream.models import Qwen3ForCausalLM
+from slipstream.services.rollout.engine import fused_step
 from slipstream.services.rollout.engine.graphs import DecodeGraphs
 from slipstream.services.rollout.engine.kv_cache import KV_ALIGN, KVCache
 from slipstream.services.rollout.engine.request import FinishReason, Request, Result
@@ -57,6 +58,7 @@ class NativeEngine:
         kv_memory_fraction: float = 0.8,
         preallocate: bool | None = None,
         cuda_graphs: bool = True,
+        fused_decode: bool = True,
     ) -> None:
         """`seed` seeds requests that bring none; `max_prefill_tokens` bounds one prefill's padded
         batch (batch x distinct prompts' longest length), one request always fits.
@@ -65,7 +67,8 @@ class NativeEngine:
         `preallocate` (default: on CUDA) allocates the KV cache once, `max_batch_size` slots of
         `max_seq_len`, fewer if they do not fit in `kv_memory_fraction` of the memory free after
         the weights. `cuda_graphs` replays decode steps from CUDA graphs (CUDA and a
-        preallocated cache only)."""
+        preallocated cache only). `fused_decode` runs decode through `fused_step.FusedDecoder`
+        (CUDA only: fused projections and glue kernels; off, the model's own forward)."""
         self.model = model.eval()
         self.fp8_layers = convert_to_fp8(model) if fp8 else {}
         self.eos_token_ids = list(eos_token_ids)
@@ -86,8 +89,9 @@ class NativeEngine:
             self._preallocate(kv_memory_fraction)
         self.slots = Slots(self.device)
         self.slots.resize(self.cache.num_slots, self.cache.capacity)
+        self.fused = fused_step.FusedDecoder(model) if fused_decode and fused_step.available(model) else None
         self.graphs = (
-            DecodeGraphs(model, self.cache, self.max_batch_size)
+            DecodeGraphs(model, self.cache, self.max_batch_size, self.fused)
             if cuda_graphs and preallocate and self.device.type == "cuda"
             else None
         )
@@ -220,11 +224,15 @@ class NativeEngine:
         if self.graphs is not None:
             tokens, log_probs = self.graphs.run(n, kv_len, self.slots.last_token[:n], params, truncate)
             return self._record(rows, params, tokens, log_probs)
+        positions = params.positions - 1
+        if self.fused is not None:
+            hidden = self.fused(self.slots.last_token[:n], positions, self.cache)
+            tokens, log_probs = sample(self.model.lm_head(hidden), params, truncate)
+            return self._record(rows, params, tokens, log_probs)
         # Attend over a length rounded up to the cache's alignment (the mask hides the rest): the
         # attention shape then repeats across steps and backends cache their plans (cuDNN builds
         # a new one per shape, which cost more than the whole forward).
         kv_len = min(self.cache.capacity, -(-kv_len // KV_ALIGN) * KV_ALIGN)
-        positions = params.positions - 1
         attention = self.cache.decode(positions, kv_len)
         hidden = self.model.model(self.slots.last_token[:n, None], positions[:, None], attention)
         tokens, log_probs = sample(self.model.lm_head(hidden[:, -1]), params, truncate)

@@ -45,6 +45,15 @@ if triton is not None:
         return x ^ (x >> 16)
 
     @triton.jit
+    def _mix32_u32(x, MUL):
+        # _mix32 in native uint32 arithmetic: a product's low 32 bits are what the int64 spelling
+        # keeps with its mask, so the hash is bit-identical; the per-vocab-entry work avoids int64
+        # multiplies, which the GPU emulates (this loop runs over the whole vocabulary per row).
+        x = (x ^ (x >> 16)) * MUL
+        x = (x ^ (x >> 16)) * MUL
+        return x ^ (x >> 16)
+
+    @triton.jit
     def _sample_kernel(
         logits_ptr, stride, temp_ptr, seed_ptr, pos_ptr, tok_ptr, lp_ptr,
         V, MASK, GOLDEN, BLOCK: tl.constexpr,
@@ -58,6 +67,9 @@ if triton is not None:
         s = _mix32((seed & MASK) ^ _mix32((seed >> 32) & MASK, MASK), MASK)
         key = _mix32(s ^ _mix32((pos & MASK) + 0x3C6EF372, MASK), MASK)
 
+        key32 = key.to(tl.uint32)
+        golden32 = GOLDEN.to(tl.uint32)
+        mul32 = tl.full([], 0x45D9F3B, tl.uint32)
         base = logits_ptr + row.to(tl.int64) * stride
         neg = tl.full([BLOCK], float("-inf"), tl.float32)
         run_max = tl.max(neg, axis=0)
@@ -76,7 +88,7 @@ if triton is not None:
             run_sum = run_sum * tl.exp(run_max - m) + tl.sum(tl.exp(z - m), axis=0)
             run_max = m
             # counter-based noise, as sampler.uniform_noise spells it
-            h = _mix32(_mix32((key + offs.to(tl.int64) * GOLDEN) & MASK, MASK) ^ key, MASK)
+            h = _mix32_u32(_mix32_u32(key32 + offs.to(tl.uint32) * golden32, mul32) ^ key32, mul32)
             u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
             y = tl.where(valid, z - tl.log(-tl.log(u)), float("-inf"))
             i = tl.argmax(y, axis=0)

@@ -1,0 +1,124 @@
+"""The decode forward on a GPU in seven launches a layer: fused projections and fused glue.
+
+Why. The model's own forward (`slipstream.models.qwen3`) says what Qwen3 is and is what the
+trainer runs; for one new token per sequence it is ~40 kernels a layer, most of them tiny glue
+(casts, RoPE's pieces, index writes), and a decode step is launch- and glue-bound (see
+`kernels/decode_layer.py`). This is the same function for that one case, written for the GPU:
+
+    add+RMSNorm -> [q|k|v] GEMM -> q/k norm + RoPE + KV write -> decode attention -> o GEMM
+    -> add+RMSNorm -> [gate|up] GEMM -> SiLU*up -> down GEMM          (then the next layer's add)
+
+The projections that read the same input are one GEMM over concatenated weights: q|k|v and
+gate|up. The concatenation happens once, here, and the model's parameters become views into it
+(`param.data` rebinds to a slice), so the model keeps its Hugging Face names and shapes, the
+prefill and every other caller see the same tensors, and `NativeEngine.load_weights`, which
+copies into the parameters in place, updates the fused weights (and the CUDA graphs that read
+them) with no extra step. FP8 layers (`Fp8Linear`) are fused the same way, buffers and row
+scales; their activations are quantized inside the norm and SiLU kernels, so only the attention
+output pays a separate quantize launch.
+
+Used by the engine on CUDA for decode (graphed and eager) when `available`; prefill and the CPU
+path run the model's forward. `tests/test_engine_gpu.py` pins it against that forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slipstream.kernels import attention as attention_kernel
+from slipstream.kernels import decode_layer as kernels
+from slipstream.kernels.fp8_linear import Fp8Linear, fp8_matmul, quantize_rows
+from slipstream.models import Qwen3ForCausalLM
+from slipstream.models.qwen3 import rope_cos_sin
+from slipstream.services.rollout.engine.kv_cache import KVCache
+
+
+def available(model: Qwen3ForCausalLM) -> bool:
+    cfg = model.config
+    weight = model.model.embed_tokens.weight
+    return (
+        kernels.available(weight.device, cfg.head_dim)
+        and not cfg.attention_bias
+        and weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    )
+
+
+class _Fused:
+    """One GEMM over the concatenation of `linears` (same input); the linears become views of it."""
+
+    def __init__(self, linears: list[nn.Module]) -> None:
+        self.fp8 = isinstance(linears[0], Fp8Linear)
+        if self.fp8:
+            self.weight = torch.cat([m.weight for m in linears])
+            self.scale = torch.cat([m.weight_scale for m in linears])
+            start = 0
+            for m in linears:
+                rows = slice(start, start + m.out_features)
+                m.weight, m.weight_scale = self.weight[rows], self.scale[rows]  # buffers, reassigned
+                start += m.out_features
+        else:
+            self.weight = torch.cat([m.weight.detach() for m in linears])
+            start = 0
+            for m in linears:
+                n = m.weight.shape[0]
+                m.weight.data = self.weight[start : start + n]
+                start += n
+
+    def __call__(
+        self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype
+    ) -> torch.Tensor:
+        """x: activations [M, K], or (for FP8) already quantized (q, scale)."""
+        if self.fp8:
+            xq, xs = x if isinstance(x, tuple) else quantize_rows(x)
+            return fp8_matmul(xq, xs, self.weight, self.scale, dtype)
+        return F.linear(x, self.weight)
+
+
+class FusedDecoder:
+    def __init__(self, model: Qwen3ForCausalLM) -> None:
+        if not available(model):
+            raise ValueError("FusedDecoder needs CUDA, Triton, a bias-free Qwen3 and a supported head_dim")
+        self.model = model
+        cfg = model.config
+        self.eps, self.num_heads, self.head_dim = cfg.rms_norm_eps, cfg.num_attention_heads, cfg.head_dim
+        self.layers = []
+        for layer in model.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            self.layers.append(
+                (
+                    layer.input_layernorm.weight,
+                    _Fused([attn.q_proj, attn.k_proj, attn.v_proj]),
+                    attn.q_norm.weight,
+                    attn.k_norm.weight,
+                    _Fused([attn.o_proj]),
+                    layer.post_attention_layernorm.weight,
+                    _Fused([mlp.gate_proj, mlp.up_proj]),
+                    _Fused([mlp.down_proj]),
+                )
+            )
+        self.fp8 = self.layers[0][1].fp8
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """tokens [B], their KV positions [B] (slot b holds row b) -> final-normed hidden [B, hidden]."""
+        cfg = self.model.config
+        x = self.model.model.embed_tokens(tokens)
+        dtype = x.dtype
+        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)
+        lengths = positions + 1
+        b = tokens.shape[0]
+        residual = None  # what the previous block adds to x before the next norm
+        for i, (in_norm, qkv, q_norm, k_norm, o, post_norm, gate_up, down) in enumerate(self.layers):
+            h = kernels.add_rmsnorm(x, residual, in_norm, self.eps, quant=self.fp8)
+            q = kernels.qk_norm_rope_kv(
+                qkv(h, dtype), q_norm, k_norm, cos, sin, positions,
+                cache.k[i], cache.v[i], self.num_heads, self.eps,
+            )  # fmt: skip
+            out = attention_kernel.decode_attention(
+                q.view(b, self.num_heads, 1, self.head_dim), cache.k[i], cache.v[i], lengths
+            )
+            attn = o(out.view(b, -1), dtype)
+            h = kernels.add_rmsnorm(x, attn, post_norm, self.eps, quant=self.fp8)
+            residual = down(kernels.silu_mul(gate_up(h, dtype), quant=self.fp8), dtype)
+        return kernels.add_rmsnorm(x, residual, self.model.model.norm.weight, self.eps)
