@@ -1,5 +1,5 @@
-"""Engine throughput on one GPU: our native engine (bf16 and FP8) next to `transformers` `generate`
-and the HBM roofline, on the same random Qwen3-0.6B-shaped weights, in one run.
+"""Engine throughput on one GPU: our native engine (bf16; FP8 weights; FP8 KV cache; both) next to
+`transformers` `generate` and the HBM roofline, on the same random Qwen3-0.6B-shaped weights, in one run.
 
     python bench/engine_gpu.py [--batch-sizes 1 64 256] [--prompt-len 128] [--new-tokens 256]
                                [--out bench/results/engine_gpu.json]
@@ -9,8 +9,11 @@ so the work is identical) from a distinct random --prompt-len prompt. Tokens/s c
 tokens over the wall time of the whole batch, prefill included; each of ours is the best of two
 timed runs after a warm-up run (which captures the CUDA graphs), transformers' is one run after a
 short warm-up. The roofline reads all weights plus the KV cache at the mean context once per
-decode step at --hbm-tbps (4.3 TB/s measured on the H200 with a device-to-device copy). A
-profile of one eager decode step at the largest batch (kernel time by name) lands in the JSON.
+decode step at --hbm-tbps (4.3 TB/s measured on the H200 with a device-to-device copy), with a
+bf16 cache (an FP8 cache reads half of that part). Also in the JSON: the GPU time of one graphed
+decode step alone, kernel time by name over one decode step at the largest batch (eager and
+replayed from its graph), and each FP8 variant's log-prob agreement with bf16 (`agreement`).
+`--attention-sweep` first times decode-attention block/warp/stage choices and uses the fastest.
 """
 
 from __future__ import annotations
@@ -48,12 +51,13 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(0, vocab, (batch, length), generator=g).tolist()
 
 
-def bench_ours(model, batch, args, fp8: bool) -> dict:
+def bench_ours(model, batch, args, fp8: bool, kv_cache_dtype: str = "auto") -> dict:
     from slipstream.services.rollout.engine import NativeEngine, Request
 
     engine = NativeEngine(
-        model, eos_token_ids=[], max_batch_size=batch, max_seq_len=args.prompt_len + args.new_tokens, fp8=fp8
-    )
+        model, eos_token_ids=[], max_batch_size=batch, max_seq_len=args.prompt_len + args.new_tokens,
+        fp8=fp8, kv_cache_dtype=kv_cache_dtype,
+    )  # fmt: skip
     best, step_ms = float("inf"), []
     for r in range(3):
         reqs = [
@@ -171,6 +175,50 @@ def attention_sweep(config: Qwen3Config, args) -> dict:
     return {"chosen": top, "rows": rows}
 
 
+VARIANTS = {  # name -> NativeEngine options, each against bf16 weights and a bf16 cache
+    "ours_fp8": dict(fp8=True),
+    "ours_bf16_fp8kv": dict(fp8=False, kv_cache_dtype="fp8_e4m3"),
+    "ours_fp8_fp8kv": dict(fp8=True, kv_cache_dtype="fp8_e4m3"),
+}
+
+
+def agreement(config: Qwen3Config, args, batch: int = 64, new_tokens: int = 64) -> dict:
+    """Log-prob agreement of each variant with bf16: same prompts and seeds at temperature 1, so the
+    runs sample the same tokens until a near-tie flips; |log-prob difference| over those shared
+    prefixes, and the fraction of tokens they cover."""
+    from slipstream.services.rollout.engine import NativeEngine, Request
+
+    reqs = [
+        Request(f"a{i}", p, new_tokens, temperature=1.0, seed=i)
+        for i, p in enumerate(prompts(batch, args.prompt_len, config.vocab_size, 11))
+    ]
+
+    def run(**kw):
+        engine = NativeEngine(
+            random_model(config), eos_token_ids=[], max_batch_size=batch,
+            max_seq_len=args.prompt_len + new_tokens, **kw,
+        )  # fmt: skip
+        return engine.generate(reqs)
+
+    base = run()
+    out = {}
+    for name, kw in VARIANTS.items():
+        diffs, shared = [], 0
+        for x, y in zip(base, run(**kw), strict=True):
+            for s, t, p, q in zip(x.tokens, y.tokens, x.log_probs, y.log_probs, strict=True):
+                if s != t:
+                    break
+                diffs.append(abs(p - q))
+                shared += 1
+        d = torch.tensor(diffs)
+        out[name] = {
+            "shared_token_fraction": shared / (batch * new_tokens),
+            "mean_abs_log_prob_diff": float(d.mean()),
+            "max_abs_log_prob_diff": float(d.max()),
+        }
+    return out
+
+
 def bench_hf(model, batch, args) -> dict:
     from transformers import AutoModelForCausalLM
     from transformers import Qwen3Config as HFConfig
@@ -268,30 +316,37 @@ def main() -> None:
         row = {"batch": batch, "roofline": roofline(config, batch, args, weight_bytes)}
         row["ours_bf16"] = bench_ours(model, batch, args, fp8=False)
         if not args.skip_fp8:
-            row["ours_fp8"] = bench_ours(random_model(config), batch, args, fp8=True)
+            for name, kw in VARIANTS.items():
+                row[name] = bench_ours(random_model(config), batch, args, **kw)
+                row[name.replace("ours_", "") + "_over_bf16"] = (
+                    row[name]["tokens_per_s"] / row["ours_bf16"]["tokens_per_s"]
+                )
         if not args.skip_hf:
             row["transformers"] = bench_hf(model, batch, args)
         ours = row["ours_bf16"]["tokens_per_s"]
         row["ours_over_roofline"] = ours / row["roofline"]["tokens_per_s"]
         if "transformers" in row:
             row["ours_over_transformers"] = ours / row["transformers"]["tokens_per_s"]
-        if "ours_fp8" in row:
-            row["fp8_over_bf16"] = row["ours_fp8"]["tokens_per_s"] / ours
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
+    if not args.skip_fp8:
+        result["agreement_with_bf16"] = agreement(config, args)
+        print("agreement:", json.dumps(result["agreement_with_bf16"]), flush=True)
     result["profile_eager_step"] = profile_step(model, max(args.batch_sizes), args)[:25]
     result["profile_graph_step"] = profile_step(model, max(args.batch_sizes), args, graphs=True)[:25]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(
-        f"{'batch':>5} {'ours bf16':>10} {'ours fp8':>10} {'hf':>8} {'roofline':>9} {'x hf':>6} {'%roof':>6}"
+        f"{'batch':>5} {'bf16':>8} {'fp8':>8} {'bf16+kv8':>8} {'fp8+kv8':>8} {'hf':>8} {'roofline':>9} "
+        f"{'x hf':>6} {'%roof':>6}"
     )
     for r in result["rows"]:
+        tps = [r.get(k, {}).get("tokens_per_s", 0) for k in ("ours_bf16", *VARIANTS, "transformers")]
         print(
-            f"{r['batch']:>5} {r['ours_bf16']['tokens_per_s']:>10.0f} "
-            f"{r.get('ours_fp8', {}).get('tokens_per_s', 0):>10.0f} "
-            f"{r.get('transformers', {}).get('tokens_per_s', 0):>8.0f} {r['roofline']['tokens_per_s']:>9.0f} "
+            f"{r['batch']:>5} "
+            + " ".join(f"{t:>8.0f}" for t in tps)
+            + f" {r['roofline']['tokens_per_s']:>9.0f} "
             f"{r.get('ours_over_transformers', 0):>6.1f} {100 * r['ours_over_roofline']:>5.1f}%"
         )
     for key in ("profile_eager_step", "profile_graph_step"):

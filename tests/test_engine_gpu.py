@@ -18,7 +18,7 @@ from slipstream.services.rollout.engine.fused_step import FusedDecoder
 from slipstream.services.rollout.engine.kv_cache import KVCache
 from slipstream.services.rollout.engine.sampler import SamplingParams
 from slipstream.services.rollout.engine.sampler import sample as plain_sample
-from tests.test_engine import make_model, prompt
+from tests.test_engine import make_model, prompt, shared_prefix_log_prob_diffs
 
 pytestmark = [
     pytest.mark.gpu,
@@ -203,3 +203,18 @@ def test_fused_decode_step_matches_the_model_forward():
         fused_fp8 = _decode_once(fp8_model(), fused=True)
         e_plain, e_fused = rel(plain_fp8, ref), rel(fused_fp8, ref)
         assert e_fused < 1.5 * e_plain + 1e-2, (e_plain, e_fused, rel(fused_fp8, plain_fp8))
+
+
+def test_fp8_kv_cache_on_gpu_tracks_the_bf16_cache():
+    """The fused step writes e4m3 keys/values and the attention kernel widens them: sampled tokens
+    follow the bf16-cache engine's until a near-tie flips, log-probs within the bf16 tolerance."""
+    reqs = requests(1.0, 24)
+    runs = []
+    for kv in ("auto", "fp8_e4m3"):
+        model = make_model(head_scale=1.0).cuda().to(torch.bfloat16)
+        engine = NativeEngine(model, eos_token_ids=[], max_seq_len=64, kv_cache_dtype=kv)
+        assert engine.fused is not None and engine.graphs is not None
+        runs.append(engine.generate(reqs))
+    diffs = shared_prefix_log_prob_diffs(*runs)
+    assert len(diffs) >= len(reqs) * 8
+    assert diffs.mean() < 0.02 and diffs.max() < 0.2

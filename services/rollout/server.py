@@ -551,6 +551,7 @@ async def serve(cfg: Config) -> None:
         max_batch_size=cfg.rollout.rollout_max_batch_size,
         max_seq_len=cfg.rollout.rollout_max_prompt_len + cfg.rollout.rollout_max_response_len,
         fp8=cfg.rollout.rollout_fp8,
+        kv_cache_dtype=cfg.rollout.kv_cache_dtype,
     )
     synced = weights_to_sync(model.state_dict(), model.config.tie_word_embeddings)
     expected_shapes = {name: tuple(t.shape) for name, t in synced.items()}

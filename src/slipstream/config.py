@@ -80,6 +80,12 @@ class RolloutConfig:
         "Run the rollout engine's linear projections in FP8 (e4m3, row-wise scales; FP8 tensor cores "
         "on Hopper, a dequantizing fallback elsewhere). (Slipstream)",
     )
+    kv_cache_dtype: Literal["auto", "fp8_e4m3"] = opt(
+        "auto",
+        "Rollout KV-cache dtype: auto (the model's) or fp8_e4m3 (scale 1, saturating; half the cache "
+        "bytes, which is what a large-batch decode step reads). SGLang's --kv-cache-dtype, slime's "
+        "--sglang-kv-cache-dtype.",
+    )
     max_staleness: int = opt(
         1,
         "Largest allowed gap, in policy versions, between the trained policy and the oldest "

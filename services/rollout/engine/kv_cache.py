@@ -12,6 +12,14 @@ hides them and later writes overwrite them.
 
 Attention itself is the model's business; this file hands the model `Attention` callables that
 write the new keys/values into the right slots and attend over what is cached.
+
+FP8 cache (`dtype=float8_e4m3fn`, the engine's `kv_cache_dtype="fp8_e4m3"`): keys and values are
+stored as e4m3 with a scale of 1, saturated at +-448, and widened to the model's dtype when read,
+which is SGLang's `--kv-cache-dtype fp8_e4m3` without checkpoint scales. Qwen3's keys are
+RMS-normed per head before RoPE, so they sit well inside that range; values are projections of a
+normed hidden state. At large batch the cache, not the weights, is what a decode step reads
+(7.5 GB against 1.2 GB for Qwen3-0.6B at batch 256, context 256), so halving it is what speeds
+decode up; the price is e4m3's 3-bit mantissa on every cached key and value.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import torch.nn.functional as F
 
 from slipstream.kernels import attention as decode_kernel
 from slipstream.models import Attention
+from slipstream.quant import FP8_DTYPE, FP8_MAX
 
 KV_ALIGN = 64
 
@@ -63,6 +72,12 @@ class KVCache:
     def dtype(self) -> torch.dtype:
         return self._dtype
 
+    def _stored(self, t: torch.Tensor) -> torch.Tensor:
+        """t in the cache's dtype (an FP8 cache saturates: e4m3 has no infinity)."""
+        if self.dtype == FP8_DTYPE:
+            t = t.clamp(-FP8_MAX, FP8_MAX)
+        return t.to(self.dtype)
+
     @property
     def num_slots(self) -> int:
         return self.k.shape[1]
@@ -102,8 +117,8 @@ class KVCache:
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             b, _, t, _ = k.shape
-            self.k[layer, first_slot : first_slot + b, :, :t] = k
-            self.v[layer, first_slot : first_slot + b, :, :t] = v
+            self.k[layer, first_slot : first_slot + b, :, :t] = self._stored(k)
+            self.v[layer, first_slot : first_slot + b, :, :t] = self._stored(v)
             # Only the new tokens are attended to (no prefix sharing), so the batch's own k/v suffice.
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
@@ -123,12 +138,12 @@ class KVCache:
         fast = decode_kernel.available(self.k)
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.k[layer, rows, :, positions] = k[:, :, 0]
-            self.v[layer, rows, :, positions] = v[:, :, 0]
+            self.k[layer, rows, :, positions] = self._stored(k[:, :, 0])
+            self.v[layer, rows, :, positions] = self._stored(v[:, :, 0])
             if fast:  # reads each slot only up to its own length (kernels/attention.py)
                 return decode_kernel.decode_attention(q, self.k[layer], self.v[layer], lengths)
-            keys = self.k[layer, :n, :, :kv_len]
-            values = self.v[layer, :n, :, :kv_len]
+            keys = self.k[layer, :n, :, :kv_len].to(q.dtype)
+            values = self.v[layer, :n, :, :kv_len].to(q.dtype)
             # The query heads that share a KV head become that head's "query positions"
             # ([n, Hkv, group, D]): one attention per KV head, no repeated keys, and the
             # memory-efficient kernel (which takes a mask) instead of a GQA expansion.

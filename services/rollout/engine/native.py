@@ -30,6 +30,7 @@ import torch
 
 from slipstream.kernels.fp8_linear import convert_to_fp8
 from slipstream.models import Qwen3ForCausalLM
+from slipstream.quant import FP8_DTYPE
 from slipstream.services.rollout.engine import fused_step
 from slipstream.services.rollout.engine.graphs import DecodeGraphs
 from slipstream.services.rollout.engine.kv_cache import KV_ALIGN, KVCache
@@ -38,6 +39,7 @@ from slipstream.services.rollout.engine.sampler import SamplingParams, sample
 from slipstream.services.rollout.engine.slots import Slots
 
 _RUNNING, _STOP, _LENGTH = 0, 1, 2
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8_e4m3": FP8_DTYPE}
 _REASONS: dict[int, FinishReason] = {_STOP: "stop", _LENGTH: "length"}
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,7 @@ class NativeEngine:
         preallocate: bool | None = None,
         cuda_graphs: bool = True,
         fused_decode: bool = True,
+        kv_cache_dtype: str = "auto",
     ) -> None:
         """`seed` seeds requests that bring none; `max_prefill_tokens` bounds one prefill's padded
         batch (batch x distinct prompts' longest length), one request always fits.
@@ -68,7 +71,8 @@ class NativeEngine:
         `max_seq_len`, fewer if they do not fit in `kv_memory_fraction` of the memory free after
         the weights. `cuda_graphs` replays decode steps from CUDA graphs (CUDA and a
         preallocated cache only). `fused_decode` runs decode through `fused_step.FusedDecoder`
-        (CUDA only: fused projections and glue kernels; off, the model's own forward)."""
+        (CUDA only: fused projections and glue kernels; off, the model's own forward).
+        `kv_cache_dtype`: "auto" (the model's dtype) or "fp8_e4m3" (`kv_cache.py` says how)."""
         self.model = model.eval()
         self.fp8_layers = convert_to_fp8(model) if fp8 else {}
         self.eos_token_ids = list(eos_token_ids)
@@ -79,9 +83,13 @@ class NativeEngine:
         weight = model.model.embed_tokens.weight
         self.device = weight.device
         cfg = model.config
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}"
+            )
         self.cache = KVCache(
             cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-            max_batch_size, self.max_seq_len, weight.dtype, self.device,
+            max_batch_size, self.max_seq_len, KV_CACHE_DTYPES[kv_cache_dtype] or weight.dtype, self.device,
         )  # fmt: skip
         if preallocate is None:
             preallocate = self.device.type == "cuda"
