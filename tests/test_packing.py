@@ -9,6 +9,7 @@ the per-sequence SDPA fallback; on a GPU the FlashAttention varlen kernel is pin
 from __future__ import annotations
 
 import dataclasses
+import shutil
 
 import pytest
 import torch
@@ -194,3 +195,14 @@ def test_split_layers_forward_is_the_models_own(model_dir, packed):
     (lp_a, g_a), (lp_b, g_b) = results
     assert torch.equal(lp_a, lp_b)
     assert all(torch.equal(a, b) for a, b in zip(g_a, g_b, strict=True))
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on CPU needs a C compiler")
+def test_compiled_proximal_log_probs_are_the_training_forwards(model_dir):
+    """Under --torch-compile (bf16) the proximal log-probs come from the training graph itself: a
+    no-grad graph is fused differently and rounds elsewhere, and the first step's ratio would not
+    be 1 (on the H200 benchmark's model that made a first-step loss of 0.7 instead of 0)."""
+    cfg = _cfg(model_dir, bf16=True, torch_compile=True, use_dynamic_batch_size=True, max_tokens_per_gpu=24)
+    actor = Actor(cfg)
+    stats = actor.train_rollout(_samples(), [0.5, -1.0, 1.0, 0.0, -0.5, 1.5, -1.5, 0.25])
+    assert stats.metrics["ppo_kl"] == 0.0 and stats.pg_clipfrac == 0.0

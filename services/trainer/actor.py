@@ -201,7 +201,8 @@ class Actor:
         model = load_model(model_path or cfg.model.hf_checkpoint, device=self.device, dtype=dtype)
         self.masters = MasterWeights(model) if split and not self.par.enabled else None
         compute = self.masters.compute if self.masters else model
-        if t.torch_compile and not baseline:
+        self.split_compiled = t.torch_compile and not baseline
+        if self.split_compiled:
             split_layers(compute)  # two compiled graphs per layer around the attention call
         elif t.torch_compile:
             for layer in compute.model.layers:
@@ -269,11 +270,19 @@ class Actor:
         fn = compiled_log_probs_and_entropy if self.cfg.train.torch_compile else chunked_log_probs_and_entropy
         return self._forward(self.compute, batch, fn)
 
-    @torch.no_grad()
     def old_log_probs(self, batches: list[Batch]) -> list[torch.Tensor]:
-        self.compute.eval()
-        out = [self.log_probs(b) for b in batches]
-        self.compute.train()
+        if self.split_compiled:
+            # Inductor fuses a no-grad graph differently from the training graph, so bf16
+            # roundings land elsewhere and the proximal log-probs would differ from the ones
+            # the loss recomputes at the same weights (on the H200 benchmark's model by up to
+            # ~1 nat: a first-step loss of 0.7 instead of 0). Run the training graph itself and
+            # drop what it saved: the ratio is then exactly 1 where the weights have not moved.
+            with torch.enable_grad():
+                return [self.log_probs(b).detach() for b in batches]
+        with torch.no_grad():
+            self.compute.eval()
+            out = [self.log_probs(b) for b in batches]
+            self.compute.train()
         return out
 
     @torch.no_grad()
