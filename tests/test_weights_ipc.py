@@ -291,3 +291,60 @@ def test_block_kernels_equal_the_pytorch_definition(shape):
     assert torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8))
     for dtype in (torch.float32, torch.bfloat16):
         assert torch.equal(fp8_block.dequantize(q, s, dtype).cpu(), fp8.dequantize_blockwise(rq, rs, dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("widths", [(24, 300, 1), (128, 3072, 1024)])  # any N; every N a multiple of 16
+def test_one_launch_per_version_kernels_equal_the_pytorch_definition(widths):
+    from slipstream.kernels import fp8_block
+    from slipstream.quant import fp8
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(200, widths[0]), (1024, widths[1]), (1, widths[2]), (300, widths[0])]
+    mats = []
+    for m, n in shapes:
+        w = torch.randn((m, n), generator=g, device="cuda") * torch.logspace(-6, 2, n, device="cuda")
+        w = w.to(torch.bfloat16)
+        w[0, 0] = 0.0
+        if m > 256:
+            w[128:256] = 0.0  # an all-zero block row
+        mats.append(w)
+    jobs, at = [], 64  # offsets as a blob lays them out: 64-byte aligned, not from 0
+    for w in mats:
+        s_shape = fp8.scale_shape(w.shape)
+        q_off, s_off = at, at + -(-w.numel() // 64) * 64
+        jobs.append((w, q_off, s_off))
+        at = s_off + -(-(s_shape[0] * s_shape[1] * 4) // 64) * 64
+    blob = torch.full((at,), 0x5A, dtype=torch.uint8, device="cuda")  # poisoned
+    fp8_block.quantize_many(blob, jobs)
+    host = blob.cpu()
+    refs = []
+    for w, q_off, s_off in jobs:
+        rq, rs = fp8.quantize_blockwise(w.cpu())  # the PyTorch definition
+        assert torch.equal(host[q_off : q_off + rq.numel()], rq.view(torch.uint8).reshape(-1))
+        assert torch.equal(host[s_off : s_off + rs.numel() * 4].view(torch.float32), rs.reshape(-1))
+        refs.append((rq, rs))
+    specs = [(q_off, s_off, tuple(w.shape)) for w, q_off, s_off in jobs]
+    for dtype in (torch.float32, torch.bfloat16):
+        got = fp8_block.dequantize_many(blob, specs, dtype)
+        for out, (rq, rs) in zip(got, refs, strict=True):
+            assert out.dtype == dtype and out.is_cuda
+            assert torch.equal(out.cpu(), fp8.dequantize_blockwise(rq, rs, dtype))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_version_packed_on_the_gpu_is_byte_identical_to_the_cpu_one_and_stages_the_same():
+    sd = _state_dict(seed=3)
+    cpu_manifest, cpu_chunks = pack(sd, 1, "fp8", chunk_bytes=4096)
+    gpu_manifest, gpu_chunks = pack({k: v.cuda() for k, v in sd.items()}, 1, "fp8", chunk_bytes=4096)
+    assert gpu_manifest == cpu_manifest and gpu_chunks == cpu_chunks
+    staged = {}
+    for device in ("cpu", "cuda"):
+        stager = WeightStager(_shapes(sd), 0, device=device, dtype=torch.bfloat16)
+        for msg in iter_messages(gpu_manifest, gpu_chunks):
+            stager.add(msg)
+        staged[device] = stager.finish()[1]
+    for name, t in staged["cpu"].items():
+        assert torch.equal(staged["cuda"][name].cpu(), t), name

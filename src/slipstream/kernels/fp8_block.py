@@ -1,11 +1,18 @@
 """FP8 128x128-block quantize and dequantize (the wire format of `quant/fp8.py`) as one Triton launch
-per matrix.
+per matrix, or one per weight version over a table of matrices.
 
 Why. The plain-PyTorch recipe is ~8 kernels per matrix (pad, fp32 copy, abs, amax, divide,
 clamp, cast, slice) and a weight version has ~200 matrices: on a GPU the launches, not the
 bytes, set the time (about 30 ms of the 0.6B version's 39 ms to pack for CUDA IPC). Here one
 program handles one block: load it, take its amax, scale, saturate, cast, store the block's
 scale, so a matrix is one launch and one pass over memory each way.
+
+A weight version is ~200 matrices, so even one launch per matrix leaves ~200 launches and their
+Python on each side of a colocated sync. `quantize_many` / `dequantize_many` take the whole
+version at once: a table with one row per matrix (where it is, its shape, where its FP8 bytes and
+its scales go in the version's flat blob, its first block) and a block -> row map, so one program
+per 128x128 block of any matrix runs in a single launch. Their per-block arithmetic is the
+per-matrix kernels', line for line.
 
 Same numbers, bit for bit: the arithmetic is the reference's in the same order, in fp32 with
 correctly rounded division (`div_rn`; Triton's `/` is not correctly rounded on NVIDIA) and
@@ -58,6 +65,56 @@ if triton is not None:
         w = q * scale
         tl.store(w_ptr + rows[:, None] * stride_w + cols[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _quantize_many_kernel(table_ptr, block_row_ptr, blob_ptr, src_ref_ptr, ALIGNED: tl.constexpr,
+                              BLOCK: tl.constexpr):  # fmt: skip
+        # table row: source address, q and scale offsets in the blob (in 64-byte units), M, N (in
+        # units of 16 when ALIGNED), column blocks, first block of this matrix in the launch. The
+        # units let the compiler prove the alignment its 16-byte accesses need.
+        pid = tl.program_id(0)
+        row = table_ptr + tl.load(block_row_ptr + pid).to(tl.int64) * 7
+        x_ptr = tl.load(row).to(tl.pointer_type(src_ref_ptr.dtype.element_ty))
+        q_ptr = (blob_ptr + tl.load(row + 1) * 64).to(tl.pointer_type(tl.float8e4nv))
+        s_ptr = (blob_ptr + tl.load(row + 2) * 64).to(tl.pointer_type(tl.float32))
+        M, N, n_col_blocks = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+        if ALIGNED:
+            N = N * 16
+        local = pid - tl.load(row + 6)
+        bm, bn = local // n_col_blocks, local % n_col_blocks
+        rows = bm * BLOCK + tl.arange(0, BLOCK)
+        cols = bn * BLOCK + tl.arange(0, BLOCK)
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        x = tl.load(x_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+        scale = tl.where(amax > 0.0, tl.math.div_rn(amax, 448.0), 1.0)
+        scaled = tl.math.div_rn(x, tl.zeros([BLOCK, BLOCK], dtype=tl.float32) + scale)
+        q = tl.minimum(tl.maximum(scaled, -448.0), 448.0)
+        tl.store(q_ptr + rows[:, None] * N + cols[None, :], q.to(tl.float8e4nv), mask=mask)
+        tl.store(s_ptr + bm * n_col_blocks + bn, scale)
+
+    @triton.jit
+    def _dequantize_many_kernel(table_ptr, block_row_ptr, blob_ptr, out_ptr, ALIGNED: tl.constexpr,
+                                BLOCK: tl.constexpr):  # fmt: skip
+        # table row: q and scale offsets in the blob and the output offset (in units of 64 bytes,
+        # 64 elements), M, N (in units of 16 when ALIGNED), column blocks, first block of this matrix
+        pid = tl.program_id(0)
+        row = table_ptr + tl.load(block_row_ptr + pid).to(tl.int64) * 7
+        q_ptr = (blob_ptr + tl.load(row) * 64).to(tl.pointer_type(tl.float8e4nv))
+        s_ptr = (blob_ptr + tl.load(row + 1) * 64).to(tl.pointer_type(tl.float32))
+        w_ptr = out_ptr + tl.load(row + 2) * 64
+        M, N, n_col_blocks = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+        if ALIGNED:
+            N = N * 16
+        local = pid - tl.load(row + 6)
+        bm, bn = local // n_col_blocks, local % n_col_blocks
+        rows = bm * BLOCK + tl.arange(0, BLOCK)
+        cols = bn * BLOCK + tl.arange(0, BLOCK)
+        mask = (rows[:, None] < M) & (cols[None, :] < N)
+        q = tl.load(q_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(s_ptr + bm * n_col_blocks + bn)
+        w = q * scale
+        tl.store(w_ptr + rows[:, None] * N + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+
 
 def _grid(m: int, n: int) -> tuple[int, int]:
     return (-(-m // BLOCK), -(-n // BLOCK))
@@ -87,3 +144,77 @@ def dequantize(q: torch.Tensor, scale_inv: torch.Tensor, dtype: torch.dtype) -> 
     if w.numel():
         _dequantize_kernel[grid](q, scale_inv, w, m, n, q.stride(0), w.stride(0), grid[1], BLOCK=BLOCK)
     return w
+
+
+def _launch_table(
+    rows: list[list[int]], counts: list[int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(table [matrices, 7] int64, block -> table row [blocks] int32) on `device`, for the many-kernels."""
+    table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    per_block = torch.repeat_interleave(
+        torch.arange(len(rows), dtype=torch.int32, device=device),
+        torch.tensor(counts, dtype=torch.int64).to(device, non_blocking=True),
+        output_size=sum(counts),
+    )
+    return table, per_block
+
+
+def _in_units_of_16(rows: list[list[int]]) -> bool:
+    """When every N (column 4) is a multiple of 16, store it in units of 16 (the kernels' ALIGNED)."""
+    if any(r[4] % 16 for r in rows):
+        return False
+    for r in rows:
+        r[4] //= 16
+    return True
+
+
+def many_available(blob: torch.Tensor) -> bool:
+    return triton is not None and blob.is_cuda and blob.dtype == torch.uint8 and blob.is_contiguous()
+
+
+def quantize_many(blob: torch.Tensor, jobs: list[tuple[torch.Tensor, int, int]]) -> None:
+    """Quantize every `(matrix, q_offset, scale_offset)` into the uint8 CUDA `blob`, in one launch:
+    the FP8 values at q_offset (row-major), the fp32 scale_inv at scale_offset (both 64-byte aligned).
+    The matrices are 2-D on the blob's device, of one dtype."""
+    if not jobs:
+        return
+    dtype = jobs[0][0].dtype
+    rows, counts, keep, first = [], [], [], 0
+    for w, q_off, s_off in jobs:
+        if w.dim() != 2 or w.dtype != dtype or w.device != blob.device or q_off % 64 or s_off % 64:
+            raise ValueError("quantize_many: 2-D matrices of one dtype on the blob's device, 64-byte offsets")
+        w = w.contiguous()
+        keep.append(w)  # alive until the launch is queued
+        m, n = w.shape
+        blocks = _grid(m, n)
+        rows.append([w.data_ptr(), q_off // 64, s_off // 64, m, n, blocks[1], first])
+        counts.append(blocks[0] * blocks[1])
+        first += counts[-1]
+    if not first:
+        return
+    aligned = _in_units_of_16(rows)
+    table, per_block = _launch_table(rows, counts, blob.device)
+    _quantize_many_kernel[(first,)](table, per_block, blob, keep[0], ALIGNED=aligned, BLOCK=BLOCK)
+
+
+def dequantize_many(
+    blob: torch.Tensor, specs: list[tuple[int, int, tuple[int, int]]], dtype: torch.dtype
+) -> list[torch.Tensor]:
+    """Dequantize every `(q_offset, scale_offset, (M, N))` of the uint8 CUDA `blob` in one launch;
+    returns the matrices in `dtype`, each a view into one new buffer."""
+    rows, counts, out_offsets, first, total = [], [], [], 0, 0
+    for q_off, s_off, (m, n) in specs:
+        if q_off % 64 or s_off % 64:
+            raise ValueError("dequantize_many: q and scale offsets must be 64-byte aligned")
+        blocks = _grid(m, n)
+        rows.append([q_off // 64, s_off // 64, total // 64, m, n, blocks[1], first])
+        counts.append(blocks[0] * blocks[1])
+        out_offsets.append(total)
+        first += counts[-1]
+        total += -(-(m * n) // 64) * 64  # each matrix starts 64 elements aligned
+    out = torch.empty(total, dtype=dtype, device=blob.device)
+    if first:
+        aligned = _in_units_of_16(rows)
+        table, per_block = _launch_table(rows, counts, blob.device)
+        _dequantize_many_kernel[(first,)](table, per_block, blob, out, ALIGNED=aligned, BLOCK=BLOCK)
+    return [out[off : off + m * n].view(m, n) for off, (_, _, (m, n)) in zip(out_offsets, specs, strict=True)]

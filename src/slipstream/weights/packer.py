@@ -14,7 +14,8 @@ other floating tensor travels as bf16. Integer buffers travel unchanged. The coo
 the messages without decoding them; `WeightStager` is the reader.
 
 How it is fast. `plan` lays the version out; `fill` writes every wire tensor into one flat
-buffer on the trainer's device (quantized there, so full-precision weights never cross PCIe);
+buffer on the trainer's device (quantized there, so full-precision weights never cross PCIe; on a
+GPU every FP8 matrix of the version in one kernel launch);
 `pack` then copies that buffer to pinned host memory in one transfer and cuts it into chunks,
 each chunk's bytes and sha256 made on a thread pool (hashlib releases the GIL). The colocated
 path (`ipc.py`) shares the same device buffer by CUDA IPC handle instead of copying it out.
@@ -30,8 +31,9 @@ from typing import Literal
 
 import torch
 
+from slipstream.kernels import fp8_block
 from slipstream.proto import types_pb2
-from slipstream.quant import BLOCK, quantize_blockwise, should_quantize
+from slipstream.quant import BLOCK, quantize_blockwise, scale_shape, should_quantize
 
 FORMATS = {"fp8": "fp8-block128", "bf16": "bf16"}
 SCALE_SUFFIX = "_scale_inv"
@@ -69,10 +71,10 @@ def model_fingerprint(named_shapes: Iterable[tuple[str, Sequence[int]]]) -> str:
 
 
 def _wire(name: str, t: torch.Tensor, fmt: str) -> list[tuple[str, torch.Tensor, str]]:
-    """(entry name, tensor as it travels, scale entry name or "") for one state-dict tensor."""
+    """(entry name, tensor as it travels, scale entry name or "") for one state-dict tensor. An FP8
+    matrix is listed as (name, the matrix itself, scale name): `fill` quantizes it into the blob."""
     if fmt == "fp8" and should_quantize(name, t):
-        q, scale_inv = quantize_blockwise(t)
-        return [(name, q, name + SCALE_SUFFIX), (name + SCALE_SUFFIX, scale_inv, "")]
+        return [(name, t, name + SCALE_SUFFIX)]
     if t.is_floating_point():
         return [(name, t.to(torch.bfloat16), "")]
     if t.dtype in _WIRE_NAMES:
@@ -96,10 +98,12 @@ def weights_to_sync(
 
 def plan(
     state_dict: dict[str, torch.Tensor], version: int, fmt: Literal["fp8", "bf16"]
-) -> tuple[types_pb2.WeightManifest, list[tuple[int, torch.Tensor]], int]:
-    """Lay a version out: (manifest with its tensor entries, [(offset, wire tensor)], blob bytes).
+) -> tuple[types_pb2.WeightManifest, list[tuple[int, torch.Tensor, int]], int]:
+    """Lay a version out: (manifest with its tensor entries, pieces, blob bytes).
 
-    The wire tensors are made where the weights are (quantized on the GPU for a GPU trainer).
+    A piece is (offset, tensor, scale offset): with scale offset -1 the tensor's bytes go at the
+    offset as they are (already in their wire dtype, made where the weights are); otherwise the
+    tensor is a matrix that `fill` quantizes to FP8 at the offset, its scales at the scale offset.
     The manifest's chunk fields are left for the transport (`pack`, or `ipc.IpcExporter`)."""
     if fmt not in FORMATS:
         raise WeightError(f"unknown weight format {fmt!r} (expected one of {sorted(FORMATS)})")
@@ -108,40 +112,61 @@ def plan(
         format=FORMATS[fmt],
         model_fingerprint=model_fingerprint((n, t.shape) for n, t in state_dict.items()),
     )
-    pieces: list[tuple[int, torch.Tensor]] = []
+    pieces: list[tuple[int, torch.Tensor, int]] = []
     offset = 0
+
+    def add(name: str, shape, dtype: str, nbytes: int, scale_name: str = "") -> int:
+        nonlocal offset
+        at = offset
+        manifest.tensors.append(
+            types_pb2.TensorEntry(
+                name=name, shape=list(shape), dtype=dtype, offset=at, nbytes=nbytes,
+                scale_name=scale_name, block_size=BLOCK if scale_name else 0,
+            )
+        )  # fmt: skip
+        offset += -(-nbytes // ALIGN) * ALIGN
+        return at
+
     for name, tensor in state_dict.items():
         for entry_name, t, scale_name in _wire(name, tensor.detach(), fmt):
-            if entry_name != name and entry_name in state_dict:
-                raise WeightError(f"{entry_name}: the scale entry of {name} collides with a model tensor")
-            nbytes = t.numel() * t.element_size()
-            manifest.tensors.append(
-                types_pb2.TensorEntry(
-                    name=entry_name,
-                    shape=list(t.shape),
-                    dtype=_WIRE_NAMES[t.dtype],
-                    offset=offset,
-                    nbytes=nbytes,
-                    scale_name=scale_name,
-                    block_size=BLOCK if scale_name else 0,
+            if not scale_name:
+                pieces.append(
+                    (add(entry_name, t.shape, _WIRE_NAMES[t.dtype], t.numel() * t.element_size()), t, -1)
                 )
-            )
-            pieces.append((offset, t))
-            offset += -(-nbytes // ALIGN) * ALIGN
-    total = manifest.tensors[-1].offset + manifest.tensors[-1].nbytes if pieces else 0
+                continue
+            if scale_name in state_dict:
+                raise WeightError(f"{scale_name}: the scale entry of {name} collides with a model tensor")
+            q_at = add(entry_name, t.shape, "float8_e4m3fn", t.numel(), scale_name)
+            sshape = scale_shape(tuple(t.shape))
+            s_at = add(scale_name, sshape, "float32", sshape[0] * sshape[1] * 4)
+            pieces.append((q_at, t, s_at))
+    total = manifest.tensors[-1].offset + manifest.tensors[-1].nbytes if manifest.tensors else 0
     return manifest, pieces, total
 
 
-def fill(pieces: list[tuple[int, torch.Tensor]], out: torch.Tensor) -> torch.Tensor:
-    """Write each wire tensor's bytes at its offset in `out` (flat uint8; padding zeroed)."""
+def fill(pieces: list[tuple[int, torch.Tensor, int]], out: torch.Tensor) -> torch.Tensor:
+    """Write each piece at its offset in `out` (flat uint8; padding zeroed), quantizing the FP8 ones:
+    on a GPU all of them in one launch (`kernels.fp8_block.quantize_many`), else one by one."""
     out.zero_()  # the alignment gaps are hashed too: make them deterministic
-    for off, t in pieces:
+    matrices = []
+    for off, t, scale_off in pieces:
+        if scale_off >= 0:
+            matrices.append((t, off, scale_off))
+            continue
         raw = t.contiguous().reshape(-1).view(torch.uint8)
         out[off : off + raw.numel()].copy_(raw)
+    if matrices and fp8_block.many_available(out) and len({t.dtype for t, _, _ in matrices}) == 1:
+        fp8_block.quantize_many(out, matrices)
+        return out
+    for t, off, scale_off in matrices:
+        q, scale_inv = quantize_blockwise(t)
+        for at, part in ((off, q), (scale_off, scale_inv)):
+            raw = part.contiguous().reshape(-1).view(torch.uint8)
+            out[at : at + raw.numel()].copy_(raw)
     return out
 
 
-def _device_of(pieces: list[tuple[int, torch.Tensor]]) -> torch.device:
+def _device_of(pieces: list[tuple[int, torch.Tensor, int]]) -> torch.device:
     return pieces[0][1].device if pieces else torch.device("cpu")
 
 

@@ -14,7 +14,8 @@ stream, and after a successful `finish()` its `current_version` is the version j
 Speed. Chunk hashes run on a thread pool while later chunks arrive (at most `_WINDOW` in
 flight; a bad one is reported at the next `add` that finds it done, at the latest by `finish`,
 and nothing is decoded before all have passed). With `device="cuda"` the blob is staged in
-pinned memory, crosses to the GPU in one copy and is dequantized there.
+pinned memory, crosses to the GPU in one copy and is dequantized there, every FP8 matrix in one
+kernel launch; tensors already in the wanted dtype are views of the staged blob, not copies.
 
 A colocated version (format "<fmt>+cuda-ipc", `ipc.py`) is the same manifest with one chunk: a
 JSON document holding the CUDA IPC handle of the sender's device buffer. `finish()` opens it,
@@ -29,11 +30,13 @@ from concurrent.futures import Future
 
 import torch
 
+from slipstream.kernels import fp8_block
 from slipstream.proto import types_pb2
 from slipstream.quant import BLOCK, FP8_DTYPE, dequantize_blockwise, scale_shape
 from slipstream.weights import ipc
 from slipstream.weights.packer import ALIGN, FORMATS, WIRE_DTYPES, WeightError, hash_pool, model_fingerprint
 
+_MANY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what dequantize_many writes
 _WINDOW = 16  # chunk hashes in flight: bounds the chunks held only for their pending check
 
 
@@ -106,15 +109,24 @@ class WeightStager:
             blob = self._blob
         entries = {e.name: e for e in m.tensors}
         scale_names = {e.scale_name for e in m.tensors if e.scale_name}
+        fp8 = [e for e in m.tensors if e.scale_name]
         out: dict[str, torch.Tensor] = {}
+        if fp8 and fp8_block.many_available(blob) and self.dtype in _MANY_DTYPES:
+            # On a GPU: every FP8 matrix of the version in one launch, into one buffer.
+            specs = [(e.offset, entries[e.scale_name].offset, tuple(e.shape)) for e in fp8]
+            out.update(
+                zip((e.name for e in fp8), fp8_block.dequantize_many(blob, specs, self.dtype), strict=True)
+            )
         for e in m.tensors:
-            if e.name in scale_names:
+            if e.name in scale_names or e.name in out:
                 continue
             t = _view(blob, e)
             if e.scale_name:
                 out[e.name] = dequantize_blockwise(t, _view(blob, entries[e.scale_name]), self.dtype)
             elif t.is_floating_point():
-                out[e.name] = t.to(self.dtype, copy=True)
+                # The blob is this stager's own memory: a tensor already in `dtype` is handed out as
+                # a view of it, no copy (the engine copies it into its parameters).
+                out[e.name] = t.to(self.dtype)
             else:
                 out[e.name] = t.clone()
         self._blob = None
@@ -229,7 +241,7 @@ def _check_manifest(
             raise WeightError(f"version {v}: {e.name} has unknown wire dtype {e.dtype!r}")
         if any(d < 0 for d in e.shape):
             raise WeightError(f"version {v}: {e.name} has a negative dimension {list(e.shape)}")
-        itemsize = torch.empty((), dtype=WIRE_DTYPES[e.dtype]).element_size()
+        itemsize = WIRE_DTYPES[e.dtype].itemsize
         if e.nbytes != _numel(e.shape) * itemsize:
             raise WeightError(
                 f"version {v}: {e.name} is {e.nbytes} bytes, its shape and dtype need "
