@@ -53,9 +53,9 @@ class RelayedVersion:
     def ended(self) -> bool:
         return self.committed or bool(self.error)
 
-    def append(self, msg: types_pb2.WeightMessage) -> None:
+    def append(self, msg: types_pb2.WeightMessage, nbytes: int) -> None:
         self.messages.append(msg)
-        self.total_bytes += len(msg.chunk.data)
+        self.total_bytes += nbytes
         self._notify()
 
     def commit(self) -> None:
@@ -86,8 +86,9 @@ class RelayedVersion:
         self._wake = asyncio.Event()
 
 
-def _sha256(msg: types_pb2.WeightMessage) -> str:
-    return hashlib.sha256(msg.chunk.data).hexdigest()
+def _sha256(msg: types_pb2.WeightMessage) -> tuple[str, int]:
+    data = msg.chunk.data  # a copy out of the message (upb): taken once, here, off the event loop
+    return hashlib.sha256(data).hexdigest(), len(data)
 
 
 async def receive_push(
@@ -134,11 +135,12 @@ async def _receive(messages, current_version, on_manifest) -> RelayedVersion:
             msg, future = pending.popleft()
             if future.cancelled():
                 return
-            if future.result() != incoming.manifest.chunk_sha256[msg.chunk.index]:
+            digest, nbytes = future.result()
+            if digest != incoming.manifest.chunk_sha256[msg.chunk.index]:
                 failure = f"chunk {msg.chunk.index}: sha256 does not match the manifest"
                 incoming.fail(failure)  # its fetchers hear of it now, not at the end of the push
                 return
-            incoming.append(msg)
+            incoming.append(msg, nbytes)
 
     try:
         async for msg in messages:

@@ -210,6 +210,11 @@ def iter_messages(
     """The messages of one weight stream: the manifest first, then the chunks in order."""
     yield types_pb2.WeightMessage(manifest=manifest)
     for index, data in enumerate(chunks):
-        yield types_pb2.WeightMessage(
-            chunk=types_pb2.WeightChunk(version=manifest.version, index=index, data=data)
-        )
+        # Fields set in place: `WeightMessage(chunk=WeightChunk(data=...))` costs ~20 ms per 8 MiB
+        # chunk with protobuf's upb backend (measured: 0.37 GB/s, the trainer's whole push hop
+        # was bound by it), setting them costs one copy (~0.3 ms).
+        msg = types_pb2.WeightMessage()
+        msg.chunk.version = manifest.version
+        msg.chunk.index = index
+        msg.chunk.data = data
+        yield msg

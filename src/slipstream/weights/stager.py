@@ -162,16 +162,17 @@ class WeightStager:
             raise WeightError(f"version {m.version}: chunk {c.index} beyond the {len(m.chunk_sha256)} listed")
         start = c.index * m.chunk_bytes
         expected_len = min(m.chunk_bytes, m.total_bytes - start)
-        if len(c.data) != expected_len:
+        data = c.data  # each access copies the bytes out of the message: once
+        if len(data) != expected_len:
             raise WeightError(
-                f"version {m.version}: chunk {c.index} has {len(c.data)} bytes, expected {expected_len} "
+                f"version {m.version}: chunk {c.index} has {len(data)} bytes, expected {expected_len} "
                 f"(total {m.total_bytes} in chunks of {m.chunk_bytes})"
             )
-        self._hashes.append((c.index, hash_pool().submit(_sha256, c.data)))
+        self._hashes.append((c.index, hash_pool().submit(_sha256, data)))
         if self._ipc:
-            self._doc = c.data
+            self._doc = data
         elif expected_len:
-            memoryview(self._blob.numpy())[start : start + expected_len] = c.data
+            memoryview(self._blob.numpy())[start : start + expected_len] = data
         self._next_chunk += 1
         self._check_hashes()
 
