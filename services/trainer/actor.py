@@ -25,8 +25,9 @@ master weights: a 1e-6 step is below bf16's resolution for most weights, so bf16
 would silently not move) and runs forward and backward on a bf16 copy of the weights made once
 per optimizer step (`precision.py`; FSDP2's `MixedPrecisionPolicy` under torchrun), so the
 whole forward, residual stream included, is bf16 and no weight is cast at its use. AdamW is
-fused on CUDA. `--gradient-checkpointing` recomputes each decoder layer
-in backward. The LM head never materialises full-vocabulary fp32 logits for a whole batch:
+fused on CUDA. `--torch-compile` compiles each decoder layer as two graphs around the attention
+call (`compiled_layers.py`). `--gradient-checkpointing` recomputes each decoder layer in
+backward. The LM head never materialises full-vocabulary fp32 logits for a whole batch:
 `chunked_*` in `losses.py` works through the tokens a chunk at a time, checkpointed.
 
 Under torchrun the policy is sharded with FSDP2 (`parallel.py`). Every rank holds the whole
