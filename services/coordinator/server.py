@@ -17,7 +17,8 @@ With `--dynamic-sampling-filter-path` a finished group the filter rejects is cou
 dropped, and another prompt takes its place.
 
 Weights pushed by the trainer are checked and kept (`weights_relay.py`); every attached
-server is told the new version and pulls it with `FetchWeights`.
+server is told the new version once its manifest passed and pulls it with `FetchWeights`, which
+streams chunks while the push is still arriving (cut-through) and fails if the push does not land.
 
 Everything runs on one asyncio loop, so the state below needs no locks: each handler
 updates the ledger and calls `_dispatch()`, which hands out whatever may go out now.
