@@ -165,3 +165,19 @@ def test_bf16_compute_weights_on_gpu_packed_and_padded(tmp_path):
     assert _rel(grads["bf16w"], grads["autocast"]) < 3e-2
     assert _rel(grads["bf16w-packed"], grads["bf16w"]) < 3e-2
     assert _rel(grads["bf16w-packed-compiled"], grads["bf16w-packed"]) < 3e-2
+
+
+@pytest.mark.parametrize(
+    "extra", [{}, dict(global_batch_size=2, use_tis=True)], ids=["one-step", "two-steps"]
+)
+def test_first_step_proximal_log_probs_come_from_its_own_forward(model_dir, extra):
+    """Until the first optimizer step the proximal log-probs are the training forward's, bit for
+    bit (no separate no-grad forward, which rounds differently): that step's ratio is exactly 1.
+    Later steps' micro-batches still get theirs from the weights before the rollout's first step."""
+    actor = Actor(_cfg(model_dir, **extra))
+    stats = actor.train_rollout(_with_own_log_probs(actor, _samples()), SCORES)
+    assert stats.num_optimizer_steps == (1 if not extra else 2)
+    if not extra:
+        assert stats.metrics["ppo_kl"] == 0.0 and stats.pg_clipfrac == 0.0
+    else:  # the second step's ratio is against the weights before the first: not 1
+        assert stats.metrics["ppo_kl"] != 0.0

@@ -297,7 +297,7 @@ class Actor:
         self,
         micro: list[Batch],
         scores: list[torch.Tensor],
-        old: list[torch.Tensor],
+        old: list[torch.Tensor | None],
         ref: list[torch.Tensor] | None,
     ) -> list[torch.Tensor]:
         """Per-token advantages of each micro-batch (collate broadcast the GRPO scalar already)."""
@@ -340,7 +340,22 @@ class Actor:
             torch.tensor([scores[j] for j in m], dtype=torch.float32, device=self.device) for m in members
         ]
         rollout_lp = [b.rollout_log_probs for b in micro]
-        old = rollout_lp if a.use_rollout_logprobs else self.old_log_probs(micro)
+        # Proximal log-probs are the weights' as they are now. Until the first optimizer step
+        # they are exactly what the training forward computes, so the first step's micro-batches
+        # take theirs from it (lp.detach(), below) instead of a forward of their own: a quarter
+        # of the step's GEMMs when one optimizer step trains the whole rollout. Only where
+        # nothing needs them earlier (REINFORCE++ puts a KL of them in the reward) and in one
+        # process (under FSDP2 rank 0's metrics cover every rank's micro-batches).
+        first = set()
+        if self.par.world_size == 1 and not a.advantage_estimator.startswith("reinforce_plus_plus"):
+            first = set(steps_of_micro[0]) if steps_of_micro else set()
+        if a.use_rollout_logprobs:
+            old: list[torch.Tensor | None] = list(rollout_lp)
+        else:
+            ahead = [i for i in range(len(micro)) if i not in first]
+            old = [None] * len(micro)
+            for i, o in zip(ahead, self.old_log_probs([micro[i] for i in ahead]), strict=True):
+                old[i] = o
         ref = self.ref_log_probs(micro)
         for b, adv in zip(micro, self._token_advantages(micro, score_rows, old, ref), strict=True):
             b.advantages = adv
@@ -352,7 +367,7 @@ class Actor:
             known = trained & (b.versions >= 0)
             stale = torch.where(known, trained_version - b.versions, torch.iinfo(torch.long).min).max()
             means.max("staleness_max_trained", torch.where(known.any(), stale.double(), -math.inf))
-            if not a.use_rollout_logprobs:
+            if not a.use_rollout_logprobs and o is not None:
                 self._logprob_diff(means, o, b.rollout_log_probs, trained)
 
         world, rank = self.par.world_size, self.par.rank
@@ -375,6 +390,9 @@ class Actor:
                     max_len=cfg.rollout.rollout_max_response_len,
                 )  # fmt: skip
                 lp, entropy = self.log_probs_and_entropy(b)
+                if old[i] is None:  # a first-step micro-batch: its proximal log-probs are these
+                    old[i] = lp.detach()
+                    self._logprob_diff(means, old[i], b.rollout_log_probs, b.loss_mask > 0)
                 loss, metrics = policy_loss(
                     lp, old[i], b.advantages, b.loss_mask,
                     eps_clip=a.eps_clip, eps_clip_high=cfg.eps_clip_high,
