@@ -112,7 +112,7 @@ def _time_rotating(fn, q, ks, vs, lengths, kw) -> float:
     return 1e3 * triton.testing.do_bench(call, warmup=10, rep=40, return_mode="median")
 
 
-def attention_sweep(config: Qwen3Config, args) -> dict:
+def attention_sweep(config: Qwen3Config, args, kv_dtype: torch.dtype = torch.bfloat16) -> dict:
     """Decode-attention configurations at the bench's mean context, each checked against SDPA:
     block/warps/stages at the largest batch (the fastest becomes the module default for this run),
     then 1 vs 4 splits at every batch with that choice."""
@@ -128,14 +128,14 @@ def attention_sweep(config: Qwen3Config, args) -> dict:
         q = torch.randn(batch, h, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
         # four layers' worth of cache, used in turn, so the timing is not the L2's
         shape = (batch, hkv, capacity, d)
-        ks = [torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)]
-        vs = [torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(4)]
+        ks = [torch.randn(shape, device="cuda", generator=g).to(kv_dtype) for _ in range(4)]
+        vs = [torch.randn(shape, device="cuda", generator=g).to(kv_dtype) for _ in range(4)]
         lengths = torch.full((batch,), context, device="cuda")
         mask = (torch.arange(capacity, device="cuda")[None, :] < lengths[:, None])[:, None, None]
         ref = torch.nn.functional.scaled_dot_product_attention(
             q.float(), ks[0].float(), vs[0].float(), attn_mask=mask, enable_gqa=True
         )
-        kv_bytes = 2 * batch * hkv * context * d * 2
+        kv_bytes = 2 * batch * hkv * context * d * kv_dtype.itemsize
         for kw in configs:
             try:
                 out = attention.decode_attention(q, ks[0], vs[0], lengths, **kw)
@@ -159,7 +159,7 @@ def attention_sweep(config: Qwen3Config, args) -> dict:
         big,
         [
             dict(block_n=bn, num_warps=w, num_stages=st, splits=1)
-            for bn in (32, 64, 128)
+            for bn in (64, 128, 256)
             for w in (4, 8)
             for st in (2, 3, 4)
         ],
@@ -292,12 +292,22 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-fp8", action="store_true")
     ap.add_argument("--attention-sweep", action="store_true", help="tune decode attention first")
+    ap.add_argument(
+        "--sweep-only", choices=["bf16", "fp8"], help="only the attention sweep, this cache dtype"
+    )
     ap.add_argument("--out", default="bench/results/engine_gpu.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("engine_gpu: needs a CUDA device")
 
     config = qwen3_06b()
+    if args.sweep_only:
+        kv = torch.float8_e4m3fn if args.sweep_only == "fp8" else torch.bfloat16
+        sweep = attention_sweep(config, args, kv)
+        Path(args.out).write_text(json.dumps(sweep, indent=2) + "\n")
+        for r in sweep["rows"]:
+            print(json.dumps(r))
+        return
     model = random_model(config)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     result = {

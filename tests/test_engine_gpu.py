@@ -148,6 +148,13 @@ def test_decode_attention_kernel_matches_sdpa():
     for splits in (1, 3):
         out = decode_attention(q, k, v, lengths, splits=splits)
         assert float((out.float() - ref).norm() / ref.norm()) < 1e-2
+    k8, v8 = k.to(torch.float8_e4m3fn), v.to(torch.float8_e4m3fn)  # an FP8 cache, widened in the kernel
+    ref8 = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k8[:b].float(), v8[:b].float(), attn_mask=mask, enable_gqa=True
+    )
+    for splits in (1, 3):
+        out = decode_attention(q, k8, v8, lengths, splits=splits)
+        assert float((out.float() - ref8).norm() / ref8.norm()) < 1e-2
 
 
 def _decode_once(model: torch.nn.Module, fused: bool) -> torch.Tensor:

@@ -12,8 +12,12 @@ then samples its own first token with its own seed.
 
 On a GPU the KV cache is preallocated once from a fraction of the free memory and each decode
 step (forward and sampling) is replayed from a CUDA graph captured per batch/length bucket
-(`graphs.py`); the CPU path is the same code run eagerly. With `fp8=True` every linear projection
-holds e4m3 weights and runs through `slipstream.kernels.fp8_linear` (FP8 tensor cores on Hopper).
+(`graphs.py`); the CPU path is the same code run eagerly. On CUDA the decode forward is
+`fused_step.FusedDecoder`: the model's function in seven launches a layer instead of ~40 (fused
+q|k|v and gate|up GEMMs, fused glue kernels); prefill runs the model's own forward. With
+`fp8=True` every linear projection holds e4m3 weights and runs through
+`slipstream.kernels.fp8_linear` (FP8 tensor cores on Hopper); `kv_cache_dtype="fp8_e4m3"` stores
+keys and values as e4m3 (`kv_cache.py`).
 
 Weights are swapped in place between steps (`load_weights`): the KV cache is kept, and every
 token sampled afterwards carries the new policy version, so a trajectory that spans the swap

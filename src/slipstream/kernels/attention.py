@@ -118,7 +118,10 @@ if triton is not None:
 # Chosen on an H200 for head_dim 128, GQA group 2, batch 256 at context 256
 # (bench/engine_gpu.py --attention-sweep): 76 us a layer, 3.5 TB/s of KV; every block/warps/stages
 # choice from 32/4/2 to 128/8/3 landed within 77-79 us, so the kernel is at the bandwidth it gets.
+# An FP8 cache (--sweep-only fp8) is best at 64/4/3: 63 us (2.1 TB/s of half the bytes), 71 us
+# at the bf16 choice; widening e4m3 to bf16 before the dot, not the bytes, is then what limits it.
 BLOCK_N, NUM_WARPS, NUM_STAGES = 128, 4, 2
+FP8_BLOCK_N, FP8_NUM_WARPS, FP8_NUM_STAGES = 64, 4, 3
 _SPLIT_TARGET = 1024  # programs to aim for: below it, split each sequence's keys across programs
 _SPLIT_MIN_KEYS = 512  # ... but only a cache this long per split: a merge launch costs more than short loops
 
@@ -150,8 +153,12 @@ def decode_attention(
     q3 = q.reshape(b, h, d)
     if q3.stride(-1) != 1:
         q3 = q3.contiguous()
-    block_n = block_n or BLOCK_N  # module defaults read per call, so a tuning sweep can set them
-    num_warps, num_stages = num_warps or NUM_WARPS, num_stages or NUM_STAGES
+    # module defaults read per call, so a tuning sweep can set them
+    if k_cache.dtype == torch.float8_e4m3fn:
+        block_n, num_warps = block_n or FP8_BLOCK_N, num_warps or FP8_NUM_WARPS
+        num_stages = num_stages or FP8_NUM_STAGES
+    else:
+        block_n, num_warps, num_stages = block_n or BLOCK_N, num_warps or NUM_WARPS, num_stages or NUM_STAGES
     if splits is None:
         splits = num_splits(b, hkv, k_cache.shape[2])
     out = torch.empty((b, h, d), dtype=q.dtype, device=q.device)
