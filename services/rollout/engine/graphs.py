@@ -1,13 +1,14 @@
 """CUDA graphs of the decode step: the whole forward plus sampling, replayed as one launch.
 
-Why. A decode step of a 28-layer model is about a thousand small kernels; launched one by one
-from Python the GPU waits on the CPU (20-30 ms a step at batch 1 on an H200, where the kernels
-themselves need about a tenth of that). Captured once and replayed, the launches cost one call.
+Why. A decode step of a 28-layer model is hundreds of kernels (~1,100 through the model's own
+forward, ~290 through `fused_step.py`); launched one by one from Python the GPU waits on the CPU
+(20-30 ms a step at batch 1 on an H200 for the unfused forward, where the kernels themselves need
+about a tenth of that). Captured once and replayed, the launches cost one call.
 
 How shapes stay static. A graph replays fixed shapes at fixed addresses, so each one is captured
 for a (batch bucket, KV-length bucket, truncation) key: the batch is padded up to the next bucket,
-attention runs over the preallocated cache up to the KV bucket with a length mask (`kv_cache.py`),
-and every input is copied into one set of static buffers before the replay. Padding rows decode a
+attention runs over the preallocated cache up to the KV bucket with a length mask (`kv_cache.py`;
+the fused step's attention kernel reads each slot to its own length instead), and every input is copied into one set of static buffers before the replay. Padding rows decode a
 dummy token into free slots (slots >= n are unused during decode and overwritten at admission),
 so they cost compute but never touch a live sequence. Graphs are captured lazily, the first time
 their key is seen, into one shared memory pool: only one of them runs at a time, and its outputs
