@@ -40,6 +40,15 @@ def available(device: torch.device, head_dim: int) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _store_quantized_row(h, q_ptr, s_ptr, row, N, offs, mask):
+        # per-token e4m3 of the row just computed, exactly fp8_linear.quantize_rows
+        hf = h.to(tl.float32)
+        scale = tl.maximum(tl.max(tl.abs(hf), axis=0), 1e-12) / 448.0
+        q = tl.minimum(tl.maximum(hf / scale, -448.0), 448.0)
+        tl.store(q_ptr + row * N + offs, q.to(tl.float8e4nv), mask=mask)
+        tl.store(s_ptr + row, scale)
+
+    @triton.jit
     def _add_rmsnorm_kernel(
         x_ptr, r_ptr, w_ptr, out_ptr, q_ptr, s_ptr, N, eps,
         HAS_RES: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr,
@@ -59,12 +68,8 @@ if triton is not None:
         y = (xf * rstd).to(dt).to(tl.float32)
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         h = (w * y).to(dt)
-        if QUANT:  # per-token e4m3, exactly fp8_linear.quantize_rows of the row just computed
-            hf = h.to(tl.float32)
-            scale = tl.maximum(tl.max(tl.abs(hf), axis=0), 1e-12) / 448.0
-            q = tl.minimum(tl.maximum(hf / scale, -448.0), 448.0)
-            tl.store(q_ptr + row * N + offs, q.to(tl.float8e4nv), mask=mask)
-            tl.store(s_ptr + row, scale)
+        if QUANT:
+            _store_quantized_row(h, q_ptr, s_ptr, row, N, offs, mask)
         else:
             tl.store(out_ptr + row * N + offs, h, mask=mask)
 
@@ -126,11 +131,7 @@ if triton is not None:
         a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # F.silu rounds before the multiply
         h = (a * u).to(dt)
         if QUANT:  # one block holds the whole row here (the wrapper says so)
-            hf = h.to(tl.float32)
-            scale = tl.maximum(tl.max(tl.abs(hf), axis=0), 1e-12) / 448.0
-            q = tl.minimum(tl.maximum(hf / scale, -448.0), 448.0)
-            tl.store(q_ptr + row * N + offs, q.to(tl.float8e4nv), mask=mask)
-            tl.store(s_ptr + row, scale)
+            _store_quantized_row(h, q_ptr, s_ptr, row, N, offs, mask)
         else:
             tl.store(out_ptr + row * N + offs, h, mask=mask)
 

@@ -41,8 +41,11 @@ def available(t: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _quantize_kernel(x_ptr, q_ptr, s_ptr, M, N, stride_x, stride_q, n_col_blocks, BLOCK: tl.constexpr):
-        bm, bn = tl.program_id(0), tl.program_id(1)
+    def _quantize_block(
+        x_ptr, q_ptr, s_ptr, bm, bn, M, N, stride_x, stride_q, n_col_blocks, BLOCK: tl.constexpr
+    ):
+        # The definition (quant.fp8.quantize_blockwise) for block (bm, bn): scale = amax / 448,
+        # q = x / scale rounded to nearest, saturated; both kernels below run exactly this.
         rows = bm * BLOCK + tl.arange(0, BLOCK)
         cols = bn * BLOCK + tl.arange(0, BLOCK)
         mask = (rows[:, None] < M) & (cols[None, :] < N)
@@ -55,8 +58,9 @@ if triton is not None:
         tl.store(s_ptr + bm * n_col_blocks + bn, scale)
 
     @triton.jit
-    def _dequantize_kernel(q_ptr, s_ptr, w_ptr, M, N, stride_q, stride_w, n_col_blocks, BLOCK: tl.constexpr):
-        bm, bn = tl.program_id(0), tl.program_id(1)
+    def _dequantize_block(
+        q_ptr, s_ptr, w_ptr, bm, bn, M, N, stride_q, stride_w, n_col_blocks, BLOCK: tl.constexpr
+    ):
         rows = bm * BLOCK + tl.arange(0, BLOCK)
         cols = bn * BLOCK + tl.arange(0, BLOCK)
         mask = (rows[:, None] < M) & (cols[None, :] < N)
@@ -64,6 +68,16 @@ if triton is not None:
         scale = tl.load(s_ptr + bm * n_col_blocks + bn)
         w = q * scale
         tl.store(w_ptr + rows[:, None] * stride_w + cols[None, :], w.to(w_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _quantize_kernel(x_ptr, q_ptr, s_ptr, M, N, stride_x, stride_q, n_col_blocks, BLOCK: tl.constexpr):
+        bm, bn = tl.program_id(0), tl.program_id(1)
+        _quantize_block(x_ptr, q_ptr, s_ptr, bm, bn, M, N, stride_x, stride_q, n_col_blocks, BLOCK)
+
+    @triton.jit
+    def _dequantize_kernel(q_ptr, s_ptr, w_ptr, M, N, stride_q, stride_w, n_col_blocks, BLOCK: tl.constexpr):
+        bm, bn = tl.program_id(0), tl.program_id(1)
+        _dequantize_block(q_ptr, s_ptr, w_ptr, bm, bn, M, N, stride_q, stride_w, n_col_blocks, BLOCK)
 
     @triton.jit
     def _quantize_many_kernel(table_ptr, block_row_ptr, blob_ptr, src_ref_ptr, ALIGNED: tl.constexpr,
@@ -81,16 +95,7 @@ if triton is not None:
             N = N * 16
         local = pid - tl.load(row + 6)
         bm, bn = local // n_col_blocks, local % n_col_blocks
-        rows = bm * BLOCK + tl.arange(0, BLOCK)
-        cols = bn * BLOCK + tl.arange(0, BLOCK)
-        mask = (rows[:, None] < M) & (cols[None, :] < N)
-        x = tl.load(x_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-        scale = tl.where(amax > 0.0, tl.math.div_rn(amax, 448.0), 1.0)
-        scaled = tl.math.div_rn(x, tl.zeros([BLOCK, BLOCK], dtype=tl.float32) + scale)
-        q = tl.minimum(tl.maximum(scaled, -448.0), 448.0)
-        tl.store(q_ptr + rows[:, None] * N + cols[None, :], q.to(tl.float8e4nv), mask=mask)
-        tl.store(s_ptr + bm * n_col_blocks + bn, scale)
+        _quantize_block(x_ptr, q_ptr, s_ptr, bm, bn, M, N, N, N, n_col_blocks, BLOCK)
 
     @triton.jit
     def _dequantize_many_kernel(table_ptr, block_row_ptr, blob_ptr, out_ptr, ALIGNED: tl.constexpr,
@@ -107,13 +112,7 @@ if triton is not None:
             N = N * 16
         local = pid - tl.load(row + 6)
         bm, bn = local // n_col_blocks, local % n_col_blocks
-        rows = bm * BLOCK + tl.arange(0, BLOCK)
-        cols = bn * BLOCK + tl.arange(0, BLOCK)
-        mask = (rows[:, None] < M) & (cols[None, :] < N)
-        q = tl.load(q_ptr + rows[:, None] * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(s_ptr + bm * n_col_blocks + bn)
-        w = q * scale
-        tl.store(w_ptr + rows[:, None] * N + cols[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+        _dequantize_block(q_ptr, s_ptr, w_ptr, bm, bn, M, N, N, N, n_col_blocks, BLOCK)
 
 
 def _grid(m: int, n: int) -> tuple[int, int]:
