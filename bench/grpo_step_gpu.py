@@ -92,7 +92,7 @@ def bench_ours(args, model_dir: str) -> dict:
         ]  # fmt: skip
         t_reward = time.perf_counter() - t0
         stats, t_train = _sync_time(
-            lambda samples=samples, scores=scores: actor.train_rollout(samples, scores)
+            lambda samples=samples, scores=scores, step=step: actor.train_rollout(samples, scores, step)
         )
         _, t_sync = _sync_time(
             lambda step=step: engine.load_weights(actor.state_dict_for_sync(), version=step + 1)
