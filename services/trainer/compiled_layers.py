@@ -13,11 +13,10 @@ So the layer's forward is replaced, on the trainer's own copy of the model, by
     out     = attention(layer_idx, q, k, v)  # eager: whatever the caller passed
     x       = after(layer, x, out)           # o_proj + residual, post norm, MLP + residual
 
-with `before` and `after` compiled once (dynamic shapes) and shared by all layers (parameters
-are graph inputs). Both spell the arithmetic of `Qwen3DecoderLayer.forward` and
-`Qwen3Attention.forward` with the layer's own modules and `apply_rope`;
+with `before` and `after` the model's own `Qwen3DecoderLayer.before_attention` /
+`after_attention` (its forward is exactly the two around the attention call), compiled once
+(dynamic shapes) and shared by all layers (parameters are graph inputs);
 tests/test_packing.py pins the split forward to the model's own, bit for bit, uncompiled on CPU.
-The model file itself is untouched (the engine shares it).
 """
 
 from __future__ import annotations
@@ -26,34 +25,21 @@ import functools
 
 import torch
 
-from slipstream.models.qwen3 import Qwen3DecoderLayer, apply_rope
-
-
-def before_attention(layer: Qwen3DecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    attn = layer.self_attn
-    h = layer.input_layernorm(x)
-    b, t, _ = h.shape
-    q = attn.q_norm(attn.q_proj(h).view(b, t, attn.num_heads, attn.head_dim)).transpose(1, 2)
-    k = attn.k_norm(attn.k_proj(h).view(b, t, attn.num_kv_heads, attn.head_dim)).transpose(1, 2)
-    v = attn.v_proj(h).view(b, t, attn.num_kv_heads, attn.head_dim).transpose(1, 2)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-
-
-def after_attention(layer: Qwen3DecoderLayer, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    attn = layer.self_attn
-    b, t, _ = x.shape
-    x = x + attn.o_proj(out.transpose(1, 2).reshape(b, t, attn.num_heads * attn.head_dim))
-    return x + layer.mlp(layer.post_attention_layernorm(x))
+from slipstream.models.qwen3 import Qwen3DecoderLayer
 
 
 @functools.cache
 def _compiled():
-    return torch.compile(before_attention, dynamic=True), torch.compile(after_attention, dynamic=True)
+    return (
+        torch.compile(Qwen3DecoderLayer.before_attention, dynamic=True),
+        torch.compile(Qwen3DecoderLayer.after_attention, dynamic=True),
+    )
 
 
 def split_layers(model: torch.nn.Module, compile: bool = True) -> None:
     """Replace each decoder layer's forward by before -> attention -> after (compiled unless told not)."""
-    before, after = _compiled() if compile else (before_attention, after_attention)
+    plain = (Qwen3DecoderLayer.before_attention, Qwen3DecoderLayer.after_attention)
+    before, after = _compiled() if compile else plain
     for layer in model.model.layers:
 
         def forward(x, cos, sin, attention, _layer=layer):

@@ -182,12 +182,21 @@ class Qwen3Attention(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: Attention
     ) -> torch.Tensor:
+        return self.project_out(attention(self.layer_idx, *self.project_qkv(x, cos, sin)))
+
+    def project_qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B,T,hidden] -> q [B,H,T,D], k and v [B,Hkv,T,D], q and k normed and rotated."""
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.num_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(b, t, self.num_kv_heads, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = attention(self.layer_idx, q, k, v)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """Attention output [B,H,T,D] -> [B,T,hidden]."""
+        b, _, t, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
 
 
@@ -213,7 +222,18 @@ class Qwen3DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: Attention
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention)
+        q, k, v = self.before_attention(x, cos, sin)
+        return self.after_attention(x, attention(self.self_attn.layer_idx, q, k, v))
+
+    # The layer on either side of its attention call: the trainer compiles these two pieces
+    # (services/trainer/compiled_layers.py) and runs the attention it was given between them.
+    def before_attention(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.self_attn.project_qkv(self.input_layernorm(x), cos, sin)
+
+    def after_attention(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn.project_out(out)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
