@@ -210,13 +210,15 @@ class TrainConfig:
     )
     bf16: bool = opt(
         False,
-        "Mixed precision: float32 parameters and AdamW state (the master weights), forward and "
-        "backward under bf16 autocast; the trainer's parameters stay float32 whatever --dtype says.",
+        "Mixed precision: float32 master weights and AdamW state (what checkpoints and the weight "
+        "push hold, whatever --dtype says); forward and backward run on a bf16 copy refreshed once "
+        "per optimizer step, gradients accumulate in float32 (FSDP2's MixedPrecisionPolicy under "
+        "torchrun).",
     )
     torch_compile: bool = opt(
         False,
-        "torch.compile the trainer's elementwise glue: each decoder layer's norms and MLP and the "
-        "LM head's log-prob/entropy chunks (attention stays eager). (Slipstream)",
+        "torch.compile the trainer: each decoder layer as two graphs around its attention call "
+        "(which stays eager) and the LM head's log-prob/entropy chunks. (Slipstream)",
     )
     update_weights_interval: int = opt(1, "Push new weights to rollout every N training steps.")
     max_reuse: int = opt(
