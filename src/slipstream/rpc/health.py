@@ -33,15 +33,19 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
 
     async def Watch(self, request, context):  # noqa: N802 - gRPC method name
         last = None
+
+        def current() -> int:
+            return self._status.get(request.service, UNKNOWN)
+
         while True:
-            status = self._status.get(request.service, UNKNOWN)
-            if status != last:
-                await context.write(health_pb2.HealthCheckResponse(status=status))
-                last = status
+            if current() != last:
+                last = current()
+                await context.write(health_pb2.HealthCheckResponse(status=last))
+                continue  # the write awaited: a shutdown may have come meanwhile, look again
             if self.shutting_down:
                 return  # NOT_SERVING was the last word: end the stream, do not hold the shutdown
             async with self._changed:
-                await self._changed.wait()
+                await self._changed.wait_for(lambda seen=last: self.shutting_down or current() != seen)
 
     async def set(self, service: str, status: int) -> None:
         if self.shutting_down:
