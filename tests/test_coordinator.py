@@ -8,6 +8,7 @@ speaks the stream (Hello, results, WeightsApplied) and lets the test decide what
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
@@ -287,6 +288,18 @@ async def _until_stored(stub: coordinator_pb2_grpc.CoordinatorStub, count: int, 
     await _until(stored, what)
 
 
+@contextlib.asynccontextmanager
+async def _coordinator(cfg):
+    """A coordinator on a free port, one client channel to it and its stub; stopped on exit."""
+    coord = await start_coordinator(cfg)
+    channel = aio_channel(f"127.0.0.1:{coord.port}")
+    try:
+        yield coord, channel, coordinator_pb2_grpc.CoordinatorStub(channel)
+    finally:
+        await channel.close()
+        await coord.stop()
+
+
 def _read_all(redis_url: str, run_id: str) -> list[types_pb2.Group]:
     buffer = ReplayBuffer(redis_url, run_id)
     try:
@@ -300,10 +313,7 @@ def test_groups_are_scored_and_land_in_the_buffer(assets, redis_url, run_id, rew
     tokenizer = load_tokenizer(assets / "model")
 
     async def scenario():
-        coord = await start_coordinator(cfg)
-        channel = aio_channel(f"127.0.0.1:{coord.port}")
-        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        try:
+        async with _coordinator(cfg) as (coord, channel, stub):
             rollout = FakeRollout(channel, "r0", capacity=8).start()
             # max_staleness 0, nothing trained: exactly one batch (2 groups x 2 samples) goes out
             items = await rollout.work(4)
@@ -335,9 +345,6 @@ def test_groups_are_scored_and_land_in_the_buffer(assets, redis_url, run_id, rew
             assert progress.finished
             await rollout.nothing_more()
             await rollout.close()
-        finally:
-            await channel.close()
-            await coord.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), 45))
     groups = _read_all(redis_url, run_id)
@@ -356,10 +363,7 @@ def test_dropped_stream_is_redispatched_and_stale_epochs_ignored(assets, redis_u
     cfg = _cfg(assets, redis_url, run_id, reward_addr, rollout_batch_size=1)
 
     async def scenario():
-        coord = await start_coordinator(cfg)
-        channel = aio_channel(f"127.0.0.1:{coord.port}")
-        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        try:
+        async with _coordinator(cfg) as (coord, channel, stub):
             a = FakeRollout(channel, "a", capacity=4).start()
             first = await a.work(2)  # the run's only group
             b = FakeRollout(channel, "b", capacity=4).start()
@@ -378,9 +382,6 @@ def test_dropped_stream_is_redispatched_and_stale_epochs_ignored(assets, redis_u
 
             await _until_stored(stub, 1, "the re-dispatched group in the buffer")
             await b.close()
-        finally:
-            await channel.close()
-            await coord.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), 45))
     (group,) = _read_all(redis_url, run_id)
@@ -393,10 +394,7 @@ def test_push_and_fetch_weights_round_trip_and_refusals(assets, redis_url, run_i
     pushed = [m.SerializeToString() for m in iter_messages(manifest, chunks)]
 
     async def scenario():
-        coord = await start_coordinator(cfg)
-        channel = aio_channel(f"127.0.0.1:{coord.port}")
-        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        try:
+        async with _coordinator(cfg) as (coord, channel, stub):
             rollout = FakeRollout(channel, "r0", capacity=2).start()
 
             async def attached():
@@ -444,9 +442,6 @@ def test_push_and_fetch_weights_round_trip_and_refusals(assets, redis_url, run_i
 
             await _until(applied, "the server's version to reach 1")
             await rollout.close()
-        finally:
-            await channel.close()
-            await coord.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), 45))
 
@@ -481,10 +476,7 @@ def test_a_fetch_that_starts_mid_push_streams_the_whole_version(assets, redis_ur
     msgs = list(iter_messages(manifest, chunks))
 
     async def scenario():
-        coord = await start_coordinator(cfg)
-        channel = aio_channel(f"127.0.0.1:{coord.port}")
-        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        try:
+        async with _coordinator(cfg) as (coord, channel, stub):
             rollout = FakeRollout(channel, "r0", capacity=2).start()
             await _until(lambda: _attached(stub, 1), "the rollout server to attach")
             feed = _Feed()
@@ -512,9 +504,6 @@ def test_a_fetch_that_starts_mid_push_streams_the_whole_version(assets, redis_ur
                 stager.add(m)
             assert stager.finish()[0] == 1
             await rollout.close()
-        finally:
-            await channel.close()
-            await coord.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), 45))
 
@@ -533,10 +522,7 @@ def test_a_push_that_fails_midway_fails_its_fetchers_and_the_old_version_stays(
     new = list(iter_messages(*_weights(2)))
 
     async def scenario():
-        coord = await start_coordinator(cfg)
-        channel = aio_channel(f"127.0.0.1:{coord.port}")
-        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        try:
+        async with _coordinator(cfg) as (coord, channel, stub):
             await stub.PushWeights(_aiter(old), timeout=STEP)
             feed = _Feed()
             trainer = aio_channel(f"127.0.0.1:{coord.port}")  # its own connection, to cut
@@ -593,9 +579,6 @@ def test_a_push_that_fails_midway_fails_its_fetchers_and_the_old_version_stays(
             await trainer.close()
             # The same version pushed again whole lands (the trainer's retry).
             assert (await stub.PushWeights(_aiter(new), timeout=STEP)).version == 2
-        finally:
-            await channel.close()
-            await coord.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), 45))
 
@@ -632,70 +615,66 @@ def test_over_sampling_fills_the_batch_with_passing_groups_and_recycles_the_rest
     manifest, chunks = _weights(1)
 
     async def scenario():
-        coord = await start_coordinator(cfg)
-        channel = aio_channel(f"127.0.0.1:{coord.port}")
-        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        buffer = ReplayBuffer(redis_url, run_id)
+        async with _coordinator(cfg) as (coord, channel, stub):
+            buffer = ReplayBuffer(redis_url, run_id)
 
-        async def status():
-            return await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
+            async def status():
+                return await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
 
-        def by_group(items):
-            out: dict[str, list] = {}
-            for item in items:
-                out.setdefault(item.work_id.split("/")[0], []).append(item)
-            return out
+            def by_group(items):
+                out: dict[str, list] = {}
+                for item in items:
+                    out.setdefault(item.work_id.split("/")[0], []).append(item)
+                return out
 
-        try:
-            rollout = FakeRollout(channel, "r0", capacity=16).start()
-            groups = by_group(await rollout.work(6))  # over-sampled: 3 groups go out, not 1
-            await rollout.nothing_more(0.3)
-            assert sorted(groups) == ["p0", "p1", "p2"]
-            for item in groups["p0"]:  # both right: all rewards agree -> filtered
-                rollout.answer(item, item.sample.label)
+            try:
+                rollout = FakeRollout(channel, "r0", capacity=16).start()
+                groups = by_group(await rollout.work(6))  # over-sampled: 3 groups go out, not 1
+                await rollout.nothing_more(0.3)
+                assert sorted(groups) == ["p0", "p1", "p2"]
+                for item in groups["p0"]:  # both right: all rewards agree -> filtered
+                    rollout.answer(item, item.sample.label)
 
-            async def filtered():
-                return (await status()).num_groups_filtered == 1
+                async def filtered():
+                    return (await status()).num_groups_filtered == 1
 
-            await _until(filtered, "p0 to be filtered")
-            groups.update(by_group(await rollout.work(2)))  # another prompt takes its place
-            for item in groups["p1"]:  # one right, one wrong: passes, and completes the batch
-                rollout.answer(item, item.sample.label if item.sample.index == 0 else "x")
-            abort = await rollout.next("abort")  # the rest still running is recycled
-            assert sorted(abort.work_ids) == sorted(i.work_id for g in ("p2", "p3") for i in groups[g])
-            for g in ("p2", "p3"):
-                for item in groups[g]:
-                    rollout.outbox.put_nowait(_partial(item, [5, 6]))
+                await _until(filtered, "p0 to be filtered")
+                groups.update(by_group(await rollout.work(2)))  # another prompt takes its place
+                for item in groups["p1"]:  # one right, one wrong: passes, and completes the batch
+                    rollout.answer(item, item.sample.label if item.sample.index == 0 else "x")
+                abort = await rollout.next("abort")  # the rest still running is recycled
+                assert sorted(abort.work_ids) == sorted(i.work_id for g in ("p2", "p3") for i in groups[g])
+                for g in ("p2", "p3"):
+                    for item in groups[g]:
+                        rollout.outbox.put_nowait(_partial(item, [5, 6]))
 
-            async def parked():
+                async def parked():
+                    s = await status()
+                    return s.num_partials_recycled == 4 and buffer.num_partials() == 4
+
+                await _until(parked, "4 partials in the Redis partial stream")
+                await rollout.nothing_more(0.3)  # the batch is full: nothing new until the next version
                 s = await status()
-                return s.num_partials_recycled == 4 and buffer.num_partials() == 4
+                assert (s.num_groups_completed, s.num_groups_filtered) == (1, 1)
 
-            await _until(parked, "4 partials in the Redis partial stream")
-            await rollout.nothing_more(0.3)  # the batch is full: nothing new until the next version
-            s = await status()
-            assert (s.num_groups_completed, s.num_groups_filtered) == (1, 1)
+                await stub.PushWeights(_aiter(iter_messages(manifest, chunks)), timeout=10)
+                again = await rollout.work(4)  # the partials come back first, to be continued
+                assert sorted(i.work_id for i in again) == sorted(abort.work_ids)
+                for item in again:
+                    assert item.sample.response_length == 2 and list(item.sample.tokens)[-2:] == [5, 6]
+                    assert item.min_policy_version == 1  # continued under the new weights
+                    assert item.sampling.max_new_tokens == 8 - 2  # what is left of the budget
+                assert buffer.num_partials() == 0
+                for item in again:
+                    rollout.answer(item, item.sample.label if item.sample.index == 0 else "x")
 
-            await stub.PushWeights(_aiter(iter_messages(manifest, chunks)), timeout=10)
-            again = await rollout.work(4)  # the partials come back first, to be continued
-            assert sorted(i.work_id for i in again) == sorted(abort.work_ids)
-            for item in again:
-                assert item.sample.response_length == 2 and list(item.sample.tokens)[-2:] == [5, 6]
-                assert item.min_policy_version == 1  # continued under the new weights
-                assert item.sampling.max_new_tokens == 8 - 2  # what is left of the budget
-            assert buffer.num_partials() == 0
-            for item in again:
-                rollout.answer(item, item.sample.label if item.sample.index == 0 else "x")
+                async def done():
+                    return (await status()).num_groups_completed == 2
 
-            async def done():
-                return (await status()).num_groups_completed == 2
-
-            await _until(done, "the second batch in the buffer")
-            await rollout.close()
-        finally:
-            buffer.close()
-            await channel.close()
-            await coord.stop()
+                await _until(done, "the second batch in the buffer")
+                await rollout.close()
+            finally:
+                buffer.close()
 
     asyncio.run(asyncio.wait_for(scenario(), 45))
     stored = _read_all(redis_url, run_id)
@@ -709,10 +688,7 @@ def test_rollout_idle_fraction_from_heartbeats(assets, redis_url, run_id, reward
     cfg = _cfg(assets, redis_url, run_id, reward_addr)
 
     async def scenario():
-        coord = await start_coordinator(cfg)
-        channel = aio_channel(f"127.0.0.1:{coord.port}")
-        stub = coordinator_pb2_grpc.CoordinatorStub(channel)
-        try:
+        async with _coordinator(cfg) as (coord, channel, stub):
             rollout = FakeRollout(channel, "r0", capacity=8).start()
 
             def beat(idle: float, up: float) -> None:
@@ -732,9 +708,6 @@ def test_rollout_idle_fraction_from_heartbeats(assets, redis_url, run_id, reward
             status = await stub.ReportProgress(coordinator_pb2.TrainerProgress(step=2), timeout=5)
             assert status.rollout_idle_fraction == pytest.approx(0.0)
             await rollout.close()
-        finally:
-            await channel.close()
-            await coord.stop()
 
     asyncio.run(asyncio.wait_for(scenario(), 45))
 
