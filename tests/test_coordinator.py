@@ -18,12 +18,13 @@ from pathlib import Path
 import grpc
 import pytest
 
+from mesh_fixtures import push_like_the_trainer
 from slipstream.buffer.replay import ReplayBuffer
 from slipstream.config import config_from_values
 from slipstream.demo.tokenizer import build_char_tokenizer
 from slipstream.models.hf import load_tokenizer
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, types_pb2
-from slipstream.rpc.channel import aio_channel
+from slipstream.rpc.channel import aio_channel, sync_channel
 from slipstream.services.coordinator.groups import Ledger, Slots, StaleResult, pick_server
 from slipstream.services.coordinator.server import start_coordinator
 from slipstream.services.coordinator.weights_relay import PushError, receive_push
@@ -300,6 +301,12 @@ async def _coordinator(cfg):
         await coord.stop()
 
 
+async def _refused_push(coord, messages) -> None:
+    """A push expected to be refused, made as the trainer makes it (`push_like_the_trainer`)."""
+    with sync_channel(f"127.0.0.1:{coord.port}") as channel:
+        await asyncio.to_thread(push_like_the_trainer, channel, messages)
+
+
 def _read_all(redis_url: str, run_id: str) -> list[types_pb2.Group]:
     buffer = ReplayBuffer(redis_url, run_id)
     try:
@@ -423,8 +430,8 @@ def test_push_and_fetch_weights_round_trip_and_refusals(assets, redis_url, run_i
                     )
                 ]
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
-            with pytest.raises(grpc.aio.AioRpcError) as e:  # the same (not newer) version again
-                await stub.PushWeights(_aiter(iter_messages(manifest, chunks)), timeout=10)
+            with pytest.raises(grpc.RpcError) as e:  # the same (not newer) version again
+                await _refused_push(coord, iter_messages(manifest, chunks))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not newer" in e.value.details()
             with pytest.raises(grpc.aio.AioRpcError) as e:  # a stream must open with Hello
                 no_hello = _aiter([coordinator_pb2.RolloutEvent(heartbeat=coordinator_pb2.Heartbeat())])
@@ -550,8 +557,7 @@ def test_a_push_that_fails_midway_fails_its_fetchers_and_the_old_version_stays(
                 bad = types_pb2.WeightMessage()
                 bad.CopyFrom(new[2])
                 bad.chunk.data = b"x" + bad.chunk.data[1:]
-                feed.send(bad, *new[3:])
-                feed.end()
+                feed.send(bad)  # nothing after it: the push ends below, with no write in flight
             with pytest.raises(grpc.aio.AioRpcError) as e:
                 while await _next_message(fetch, "an error") is not grpc.aio.EOF:
                     pass
@@ -559,6 +565,7 @@ def test_a_push_that_fails_midway_fails_its_fetchers_and_the_old_version_stays(
             assert "version 2" in e.value.details()
             if how == "bad-hash":
                 assert "sha256" in e.value.details()
+                feed.end()  # (a refusal racing a write reads INTERNAL on grpc.aio: push_like_the_trainer)
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await pushing
                 assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT

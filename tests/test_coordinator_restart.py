@@ -13,7 +13,16 @@ import grpc
 import pytest
 import redis
 import test_coordinator
-from test_coordinator import FakeRollout, _aiter, _cfg, _read_all, _until, _until_stored, _weights
+from test_coordinator import (
+    FakeRollout,
+    _aiter,
+    _cfg,
+    _read_all,
+    _refused_push,
+    _until,
+    _until_stored,
+    _weights,
+)
 
 from slipstream.buffer.coordinator_store import CoordinatorStore
 from slipstream.buffer.keys import Keys
@@ -148,8 +157,8 @@ def test_a_restarted_coordinator_takes_the_same_version_again_when_it_holds_no_w
             assert await push(stub) == 1  # the same version is accepted once
             status = await _status(stub)
             assert status.policy_version == 1 and status.weights_held
-            with pytest.raises(grpc.aio.AioRpcError) as e:
-                await push(stub)
+            with pytest.raises(grpc.RpcError) as e:
+                await _refused_push(coord, iter_messages(manifest, chunks))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not newer" in e.value.details()
         finally:
             await channel.close()

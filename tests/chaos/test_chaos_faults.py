@@ -25,10 +25,11 @@ import pytest
 import redis
 from chaos_mesh import MESH_TOKEN, ChaosMesh, tiny_values
 
+from mesh_fixtures import push_like_the_trainer
 from slipstream.models.hf import load_model
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, rollout_pb2, rollout_pb2_grpc, types_pb2
 from slipstream.rpc import security
-from slipstream.rpc.channel import aio_channel
+from slipstream.rpc.channel import aio_channel, sync_channel
 from slipstream.weights import iter_messages, pack, weights_to_sync
 
 
@@ -38,6 +39,23 @@ def _client(mesh: ChaosMesh, addr: str, settings: security.Settings) -> grpc.aio
         return aio_channel(addr)
     finally:
         security.use(previous)
+
+
+async def _push_code(addr: str, settings: security.Settings, messages) -> grpc.StatusCode:
+    """The status of a push made as the trainer makes it (`push_like_the_trainer`: a blocking stub,
+    whose status is the server's even when the server refuses mid-stream)."""
+    previous = security.use(settings)
+    try:
+        channel = sync_channel(addr)
+    finally:
+        security.use(previous)
+    try:
+        await asyncio.to_thread(push_like_the_trainer, channel, messages, 30)
+        return grpc.StatusCode.OK
+    except grpc.RpcError as e:
+        return e.code()
+    finally:
+        channel.close()
 
 
 async def _code(awaitable) -> grpc.StatusCode:
@@ -86,7 +104,8 @@ def test_auth_malformed_oversized_and_broken_weights(mesh, chaos_assets):
 
     async def go():
         rollout_settings = mesh.client_settings("rollout")
-        trainer = _client(mesh, coordinator.addr, mesh.client_settings("trainer"))
+        as_trainer = mesh.client_settings("trainer")
+        trainer = _client(mesh, coordinator.addr, as_trainer)
         as_rollout = _client(mesh, coordinator.addr, rollout_settings)
         nobody = _client(mesh, coordinator.addr, security.Settings())
         wrong = _client(mesh, coordinator.addr, security.Settings(token=b"guess" + MESH_TOKEN.encode()))
@@ -108,10 +127,8 @@ def test_auth_malformed_oversized_and_broken_weights(mesh, chaos_assets):
                 )
             )
         manifest, chunks = pushes[1]
-        out["push/rollout-token"] = await _code(
-            coordinator_pb2_grpc.CoordinatorStub(as_rollout).PushWeights(
-                _aiter(iter_messages(manifest, chunks)), timeout=10
-            )
+        out["push/rollout-token"] = await _push_code(
+            coordinator.addr, rollout_settings, iter_messages(manifest, chunks)
         )
 
         # --- malformed and oversized
@@ -131,7 +148,7 @@ def test_auth_malformed_oversized_and_broken_weights(mesh, chaos_assets):
         )
         out["attach/zero-capacity"] = await _code(attach(zero))
         huge = types_pb2.WeightMessage(chunk=types_pb2.WeightChunk(version=1, data=b"\0" * (65 << 20)))
-        out["push/oversized"] = await _code(stub.PushWeights(_aiter([huge]), timeout=30))
+        out["push/oversized"] = await _push_code(coordinator.addr, as_trainer, [huge])
 
         # --- broken weight pushes, as the trainer
         corrupt = list(iter_messages(manifest, chunks))
@@ -139,9 +156,9 @@ def test_auth_malformed_oversized_and_broken_weights(mesh, chaos_assets):
         bad.CopyFrom(corrupt[2])
         bad.chunk.data = bytes([bad.chunk.data[0] ^ 1]) + bad.chunk.data[1:]
         corrupt[2] = bad
-        out["push/corrupt"] = await _code(stub.PushWeights(_aiter(corrupt), timeout=10))
-        out["push/truncated"] = await _code(
-            stub.PushWeights(_aiter(list(iter_messages(manifest, chunks))[:-1]), timeout=10)
+        out["push/corrupt"] = await _push_code(coordinator.addr, as_trainer, corrupt)
+        out["push/truncated"] = await _push_code(
+            coordinator.addr, as_trainer, list(iter_messages(manifest, chunks))[:-1]
         )
         # Cut mid-stream (the trainer died, the connection broke): the coordinator commits nothing.
         call = stub.PushWeights(_stall(iter_messages(manifest, chunks), 2), timeout=10)
@@ -153,7 +170,7 @@ def test_auth_malformed_oversized_and_broken_weights(mesh, chaos_assets):
 
         # --- a good version goes through; a corrupt newer one leaves it serving
         t0 = time.monotonic()
-        out["push/good"] = await _code(stub.PushWeights(_aiter(iter_messages(manifest, chunks)), timeout=10))
+        out["push/good"] = await _push_code(coordinator.addr, as_trainer, iter_messages(manifest, chunks))
         while (await rollout_info.GetInfo(rollout_pb2.GetInfoRequest(), timeout=5)).policy_version != 1:
             assert time.monotonic() - t0 < 30, "version 1 never applied"
             await asyncio.sleep(0.05)
@@ -161,7 +178,7 @@ def test_auth_malformed_oversized_and_broken_weights(mesh, chaos_assets):
         m2, c2 = pushes[2]
         broken2 = list(iter_messages(m2, c2))
         broken2[-1].chunk.data = broken2[-1].chunk.data[:-1]
-        out["push/corrupt-v2"] = await _code(stub.PushWeights(_aiter(broken2), timeout=10))
+        out["push/corrupt-v2"] = await _push_code(coordinator.addr, as_trainer, broken2)
         await asyncio.sleep(0.5)
         out["rollout-version/end"] = (
             await rollout_info.GetInfo(rollout_pb2.GetInfoRequest(), timeout=5)
