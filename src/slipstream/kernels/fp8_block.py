@@ -80,6 +80,17 @@ if triton is not None:
         _dequantize_block(q_ptr, s_ptr, w_ptr, bm, bn, M, N, stride_q, stride_w, n_col_blocks, BLOCK)
 
     @triton.jit
+    def _block_of(row, pid, ALIGNED: tl.constexpr):
+        # Program `pid`'s block of a many-kernel launch, from its matrix's table row (7 int64:
+        # three offsets, then M, N, column blocks, the matrix's first block in the launch):
+        # M, N, the column-block count and the block's (row, column) in its matrix.
+        M, N, n_col_blocks = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
+        if ALIGNED:
+            N = N * 16
+        local = pid - tl.load(row + 6)
+        return M, N, n_col_blocks, local // n_col_blocks, local % n_col_blocks
+
+    @triton.jit
     def _quantize_many_kernel(table_ptr, block_row_ptr, blob_ptr, src_ref_ptr, ALIGNED: tl.constexpr,
                               BLOCK: tl.constexpr):  # fmt: skip
         # table row: source address, q and scale offsets in the blob (in 64-byte units), M, N (in
@@ -90,11 +101,7 @@ if triton is not None:
         x_ptr = tl.load(row).to(tl.pointer_type(src_ref_ptr.dtype.element_ty))
         q_ptr = (blob_ptr + tl.load(row + 1) * 64).to(tl.pointer_type(tl.float8e4nv))
         s_ptr = (blob_ptr + tl.load(row + 2) * 64).to(tl.pointer_type(tl.float32))
-        M, N, n_col_blocks = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
-        if ALIGNED:
-            N = N * 16
-        local = pid - tl.load(row + 6)
-        bm, bn = local // n_col_blocks, local % n_col_blocks
+        M, N, n_col_blocks, bm, bn = _block_of(row, pid, ALIGNED)
         _quantize_block(x_ptr, q_ptr, s_ptr, bm, bn, M, N, N, N, n_col_blocks, BLOCK)
 
     @triton.jit
@@ -107,11 +114,7 @@ if triton is not None:
         q_ptr = (blob_ptr + tl.load(row) * 64).to(tl.pointer_type(tl.float8e4nv))
         s_ptr = (blob_ptr + tl.load(row + 1) * 64).to(tl.pointer_type(tl.float32))
         w_ptr = out_ptr + tl.load(row + 2) * 64
-        M, N, n_col_blocks = tl.load(row + 3), tl.load(row + 4), tl.load(row + 5)
-        if ALIGNED:
-            N = N * 16
-        local = pid - tl.load(row + 6)
-        bm, bn = local // n_col_blocks, local % n_col_blocks
+        M, N, n_col_blocks, bm, bn = _block_of(row, pid, ALIGNED)
         _dequantize_block(q_ptr, s_ptr, w_ptr, bm, bn, M, N, N, N, n_col_blocks, BLOCK)
 
 
