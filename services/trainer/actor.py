@@ -111,8 +111,7 @@ class _Means:
         self.maxima: dict[str, Any] = {}
 
     def add(self, name: str, value, weight) -> None:
-        self.sums[name] = self.sums[name] + value * weight
-        self.weights[name] = self.weights[name] + weight
+        self.add_sum(name, value * weight, weight)
 
     def add_sum(self, name: str, total, count) -> None:
         """A mean's numerator and denominator, as computed (count may be a device tensor)."""

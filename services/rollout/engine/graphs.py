@@ -8,9 +8,10 @@ about a tenth of that). Captured once and replayed, the launches cost one call.
 How shapes stay static. A graph replays fixed shapes at fixed addresses, so each one is captured
 for a (batch bucket, KV-length bucket, truncation) key: the batch is padded up to the next bucket,
 attention runs over the preallocated cache up to the KV bucket with a length mask (`kv_cache.py`;
-the fused step's attention kernel reads each slot to its own length instead), and every input is copied into one set of static buffers before the replay. Padding rows decode a
-dummy token into free slots (slots >= n are unused during decode and overwritten at admission),
-so they cost compute but never touch a live sequence. Graphs are captured lazily, the first time
+the fused step's attention kernel reads each slot to its own length instead), and every input is
+copied into one set of static buffers before the replay. Padding rows decode a dummy token into
+free slots (slots >= n are unused during decode and overwritten at admission), so they cost
+compute but never touch a live sequence. Graphs are captured lazily, the first time
 their key is seen, into one shared memory pool: only one of them runs at a time, and its outputs
 are consumed before the next replay.
 

@@ -152,18 +152,22 @@ def fill(pieces: list[tuple[int, torch.Tensor, int]], out: torch.Tensor) -> torc
     for off, t, scale_off in pieces:
         if scale_off >= 0:
             matrices.append((t, off, scale_off))
-            continue
-        raw = t.contiguous().reshape(-1).view(torch.uint8)
-        out[off : off + raw.numel()].copy_(raw)
+        else:
+            _put(out, off, t)
     if matrices and fp8_block.many_available(out) and len({t.dtype for t, _, _ in matrices}) == 1:
         fp8_block.quantize_many(out, matrices)
         return out
     for t, off, scale_off in matrices:
         q, scale_inv = quantize_blockwise(t)
-        for at, part in ((off, q), (scale_off, scale_inv)):
-            raw = part.contiguous().reshape(-1).view(torch.uint8)
-            out[at : at + raw.numel()].copy_(raw)
+        _put(out, off, q)
+        _put(out, scale_off, scale_inv)
     return out
+
+
+def _put(out: torch.Tensor, offset: int, t: torch.Tensor) -> None:
+    """t's bytes at `offset` of the flat uint8 `out`."""
+    raw = t.contiguous().reshape(-1).view(torch.uint8)
+    out[offset : offset + raw.numel()].copy_(raw)
 
 
 def _device_of(pieces: list[tuple[int, torch.Tensor, int]]) -> torch.device:
