@@ -23,9 +23,10 @@ import socket
 import subprocess
 import time
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
+
+from slipstream.config import redact
 
 LOG_NAME = "redis.log"
 
@@ -71,15 +72,6 @@ def server_command(
     if password:
         cmd += ["--requirepass", password]
     return cmd
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def wait_for_redis(url: str, timeout: float = 30.0) -> None:

@@ -1,6 +1,6 @@
 """Admission control by hand: the staleness window, deadline-ordered storing, over-sampling.
 
-The bound (admission.py): a group generated on version v must land among the first
+The bound (slipstream.algorithms.staleness.StalenessBound): a group generated on version v must land among the first
 (N + v + 1) x groups_per_version groups of the buffer, because the trainer takes
 groups_per_version groups per version, in buffer order.
 """
@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import pytest
 
+from slipstream.algorithms.staleness import StalenessBound
 from slipstream.config import ConfigError, config_from_values
 from slipstream.rollout_filters import check_reward_nonzero_std, keeps, load_filter
-from slipstream.services.coordinator.admission import StalenessBound, may_store, staleness_capacity
+from slipstream.services.coordinator.admission import may_store
 from slipstream.types import Sample
 
 
-def test_staleness_capacity_by_hand():
-    # (eta + version + 1) * batch - (accepted + running): (1 + 0 + 1) * 4 - (3 + 2) = 3
-    assert staleness_capacity(1, 0, 4, 3, 2) == 3
+def test_accept_limit_by_hand():
+    # (eta + version + 1) * batch: (1 + 0 + 1) * 4 = 8
+    assert StalenessBound(1, 4, 100).accept_limit(0) == 8
     # eta = 0, nothing trained: exactly one batch may exist
-    assert staleness_capacity(0, 0, 4, 0, 4) == 0
-    # two versions trained open two more batches: (0 + 2 + 1) * 4 - 8 = 4
-    assert staleness_capacity(0, 2, 4, 8, 0) == 4
+    assert StalenessBound(0, 4, 100).accept_limit(0) == 4
+    # two versions trained open two more batches: (0 + 2 + 1) * 4 = 12
+    assert StalenessBound(0, 4, 100).accept_limit(2) == 12
 
 
 def test_bound_limits_dispatch_and_the_run_total():
@@ -54,6 +55,44 @@ def test_stale_positions_by_hand():
     assert not bound.is_stale(3, oldest_token_version=0)  # 1 - 0 <= 1
     assert bound.is_stale(4, oldest_token_version=0)  # 2 - 0 > 1
     assert not bound.is_stale(4, oldest_token_version=1)
+
+
+def test_trainer_filter_uses_the_same_bound():
+    bound = StalenessBound(max_staleness=1, groups_per_version=2, total_groups=100)
+    fresh, old = Sample(policy_versions=[3, 4]), Sample(policy_versions=[2, 4])
+    assert bound.within([fresh], trained_version=4)
+    assert not bound.within([fresh, old], trained_version=4)  # one token 2 versions old
+    assert bound.within([Sample()], trained_version=9)  # versions unknown: not judged
+
+
+@pytest.mark.parametrize("interval", [1, 2, 3])
+@pytest.mark.parametrize("max_staleness", [0, 1, 2])
+def test_reuse_capacity_holds_every_group_still_within_the_bound(interval, max_staleness):
+    """--update-weights-interval k > 1: a version lasts k steps, so a requeued group stays
+    trainable for (N + 1) x k steps, not N + 1. Requeue every step's batch (the most a step
+    can requeue), and count the requeued groups still within the bound at each step: the reuse
+    stream must be able to hold all of them (it is capped at reuse_capacity, oldest dropped)."""
+    rollout_batch_size = 4
+    cfg = config_from_values(
+        {
+            "rollout_batch_size": rollout_batch_size,
+            "update_weights_interval": interval,
+            "max_staleness": max_staleness,
+            "num_rollout": 50,
+        }
+    )
+    bound = StalenessBound.from_config(cfg)
+    requeued: list[int] = []  # the version each requeued group was generated on
+    most_alive = 0
+    for step in range(30):
+        version = step // interval  # the policy version this step trains
+        alive = [v for v in requeued if bound.within([Sample(policy_versions=[v])], version)]
+        most_alive = max(most_alive, len(alive))
+        requeued += [version] * rollout_batch_size  # this step's groups, generated on `version`
+    assert most_alive == bound.reuse_capacity() - rollout_batch_size
+    assert bound.reuse_capacity() >= most_alive + rollout_batch_size  # the step's own requeue too
+    # The trainer's old cap, (N + 1) x rollout_batch_size, was short of that whenever k > 1:
+    assert ((max_staleness + 1) * rollout_batch_size >= most_alive + rollout_batch_size) == (interval == 1)
 
 
 def test_may_store_keeps_positions_for_earlier_deadlines():
@@ -94,16 +133,17 @@ def test_load_filter_accepts_colon_and_slime_dotted_paths():
 
 def test_sync_and_over_sampling_flags():
     cfg = config_from_values({"sync": True, "max_staleness": 3})
-    assert cfg.rollout.max_staleness == 0
+    assert cfg.rollout.max_staleness == 3  # the flag as given: --sync does not rewrite it
+    assert cfg.rollout.effective_max_staleness == 0
+    assert StalenessBound.from_config(cfg).max_staleness == 0
     with pytest.raises(ConfigError, match="--partial-rollout"):
         config_from_values({"sync": True, "partial_rollout": True})
     with pytest.raises(ConfigError, match="--over-sampling-batch-size"):
         config_from_values({"rollout_batch_size": 4, "over_sampling_batch_size": 3})
-    assert config_from_values({"rollout_batch_size": 4}).over_sampling_batch_size == 4
-    assert (
-        config_from_values({"rollout_batch_size": 4, "over_sampling_batch_size": 6}).over_sampling_batch_size
-        == 6
-    )
+    assert config_from_values({"rollout_batch_size": 4}).rollout.effective_over_sampling_batch_size == 4
+    over = config_from_values({"rollout_batch_size": 4, "over_sampling_batch_size": 6})
+    assert over.rollout.effective_over_sampling_batch_size == 6
+    assert StalenessBound.from_config(over).over_sampling == 2
 
 
 # ---- the bound over a real run -------------------------------------------------------------

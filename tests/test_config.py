@@ -30,7 +30,7 @@ def test_flags_fill_the_tree():
     )
     assert cfg.rollout.rollout_batch_size == 4
     assert cfg.algo.use_tis is True
-    assert cfg.eps_clip_high == pytest.approx(0.28)
+    assert cfg.algo.effective_eps_clip_high == pytest.approx(0.28)
     assert cfg.train.weight_sync_dtype == "bf16"
     assert cfg.as_namespace().rollout_batch_size == 4  # slime's flat args
 

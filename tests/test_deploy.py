@@ -386,12 +386,12 @@ def test_redis_password_file_fills_the_url(tmp_path, monkeypatch):
     monkeypatch.setenv("SLIPSTREAM_REDIS_URL", "redis://redis:6379/0")
     monkeypatch.setenv("SLIPSTREAM_REDIS_PASSWORD_FILE", str(secret))
     cfg = parse_config([])
-    assert cfg.redis_connect_url == "redis://:p%40ss%2Fword@redis:6379/0"
+    assert cfg.infra.redis_connect_url == "redis://:p%40ss%2Fword@redis:6379/0"
     assert "p@ss" not in json.dumps(cfg.to_dict())  # the secret is never part of the config
     import redis
 
     assert (
-        redis.Redis.from_url(cfg.redis_connect_url).connection_pool.connection_kwargs["password"]
+        redis.Redis.from_url(cfg.infra.redis_connect_url).connection_pool.connection_kwargs["password"]
         == "p@ss/word"
     )
 

@@ -105,7 +105,7 @@ class Run:
         self.mesh = ChaosMesh(run_dir, values, auth=False)
         self.mesh.services["reward"] = reward
         self.coordinator = self.mesh.start_coordinator()
-        self.buffer = ReplayBuffer(redis_url, self.mesh.cfg.run_id)
+        self.buffer = ReplayBuffer(redis_url, self.mesh.cfg.infra.effective_run_id)
         for i in range(NUM_GROUPS):
             self.buffer.put_group(_group(i))
 

@@ -400,5 +400,5 @@ def test_a_redis_password_in_the_url_never_reaches_config_json_or_the_console(tm
             assert password not in text and quote(password, safe="") not in text
         secret = Path(cfg.infra.redis_password_file)
         assert secret.read_text() == password and secret.stat().st_mode & 0o077 == 0
-        with ReplayBuffer(cfg.redis_connect_url, "auth") as buffer:
+        with ReplayBuffer(cfg.infra.redis_connect_url, "auth") as buffer:
             buffer.ping()  # the services still connect, reading the password from the file

@@ -21,49 +21,14 @@ Over-sampling (`--over-sampling-batch-size M`) lets `M - rollout_batch_size` ext
 beyond the limit; once the limit is reached (`window_full`) the groups still running are
 aborted and recycled, and nothing more is stored until the trainer opens the next version.
 
-All rules are pure functions of counts, so the dispatcher's loop stays readable and the
-policy is tested by hand.
+The bound itself (rules 1 and the limits of 3) is `slipstream.algorithms.staleness.StalenessBound`,
+shared with the trainer; what is here is the coordinator's own ordering rule. All rules are pure
+functions of counts, so the dispatcher's loop stays readable and the policy is tested by hand.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
-
-
-def staleness_capacity(
-    max_staleness: int, version: int, groups_per_version: int, num_accepted: int, num_running: int
-) -> int:
-    """Groups that may still be dispatched without exceeding the staleness bound (may be <= 0)."""
-    return (max_staleness + version + 1) * groups_per_version - (num_accepted + num_running)
-
-
-@dataclass(frozen=True)
-class StalenessBound:
-    max_staleness: int
-    groups_per_version: int  # groups the trainer consumes per policy version
-    total_groups: int  # groups the whole run trains on (num_rollout x rollout_batch_size)
-    over_sampling: int = 0  # extra groups allowed in flight beyond the limit (M - rollout_batch_size)
-
-    def accept_limit(self, version: int) -> int:
-        """How many groups may be in the buffer, counting from the run's start, at `version`."""
-        return min((self.max_staleness + version + 1) * self.groups_per_version, self.total_groups)
-
-    def may_dispatch(self, version: int, num_accepted: int, num_running: int) -> bool:
-        """True when one more group may be admitted now (generated on `version` or newer)."""
-        return num_accepted + num_running < self.accept_limit(version) + self.over_sampling
-
-    def window_full(self, version: int, num_accepted: int) -> bool:
-        """No more groups may be stored until the trainer moves past `version`."""
-        return num_accepted >= self.accept_limit(version)
-
-    def trained_version(self, position: int) -> int:
-        """The policy version that trains the group at buffer position `position` (0-based)."""
-        return position // self.groups_per_version
-
-    def is_stale(self, position: int, oldest_token_version: int) -> bool:
-        """Whether a group stored at `position` holds a token older than the bound allows."""
-        return self.trained_version(position) - oldest_token_version > self.max_staleness
 
 
 def may_store(num_accepted: int, deadline: int, waiting_deadlines: Iterable[int]) -> bool:

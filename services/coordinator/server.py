@@ -39,6 +39,7 @@ import grpc
 import redis
 
 from slipstream import telemetry
+from slipstream.algorithms.staleness import StalenessBound
 from slipstream.buffer.coordinator_store import CoordinatorStore, Snapshot
 from slipstream.buffer.replay import BufferFull
 from slipstream.config import Config
@@ -48,7 +49,7 @@ from slipstream.rollout_filters import FilterFn, keeps, load_filter
 from slipstream.rpc.channel import aio_channel, wait_healthy
 from slipstream.rpc.convert import SampleError, check_sample, sample_from_proto, sample_to_proto
 from slipstream.rpc.server import Service, install_signal_handlers, start_server
-from slipstream.services.coordinator.admission import StalenessBound, may_store
+from slipstream.services.coordinator.admission import may_store
 from slipstream.services.coordinator.dispatch_log import DispatchLog
 from slipstream.services.coordinator.groups import (
     Assignment,
@@ -128,7 +129,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     ):
         self.cfg = cfg
         self.buffer = buffer  # slipstream.buffer.replay.ReplayBuffer (sync; called in a thread)
-        self.store = store or CoordinatorStore(cfg.redis_connect_url, cfg.run_id)
+        self.store = store or CoordinatorStore(cfg.infra.redis_connect_url, cfg.infra.effective_run_id)
         self.reward = reward
         self.cursor = PromptCursor(records, shuffle=cfg.data.rollout_shuffle, seed=cfg.train.seed)
         # The cursor hands out records; their tokens were computed once at start.
@@ -141,12 +142,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         rm = cfg.reward
         self.score_timeout = max(cfg.infra.rpc_timeout, rm.rm_timeout * (rm.rm_max_retries + 1) + 5.0)
         r = cfg.rollout
-        self.bound = StalenessBound(
-            max_staleness=r.max_staleness,
-            groups_per_version=r.rollout_batch_size * cfg.train.update_weights_interval,
-            total_groups=r.num_rollout * r.rollout_batch_size,
-            over_sampling=cfg.over_sampling_batch_size - r.rollout_batch_size,
-        )
+        self.bound = StalenessBound.from_config(cfg)
         self.group_filter = group_filter
         self.args = cfg.as_namespace()  # what slime hooks receive as `args`
         self.unstored: dict[str, int] = {}  # group id -> deadline, for every group admitted, not yet stored
@@ -877,9 +873,9 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
     log.info("%d prompts from %s", len(records), cfg.data.prompt_data)
     spec = cfg.rollout.dynamic_sampling_filter_path
     group_filter = load_filter(spec) if spec else None  # FilterLoadError: one line, before serving
-    buffer = ReplayBuffer(cfg.redis_connect_url, cfg.run_id)
+    buffer = ReplayBuffer(cfg.infra.redis_connect_url, cfg.infra.effective_run_id)
     await asyncio.to_thread(buffer.ping)
-    store = CoordinatorStore(cfg.redis_connect_url, cfg.run_id)
+    store = CoordinatorStore(cfg.infra.redis_connect_url, cfg.infra.effective_run_id)
     snapshot = await asyncio.to_thread(store.load)
     reward_channel = aio_channel(cfg.infra.reward_addr)
     await wait_healthy(

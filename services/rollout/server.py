@@ -502,7 +502,7 @@ class RolloutServer(rollout_pb2_grpc.RolloutServicer):
 def _device_and_dtype(cfg: Config):
     import torch
 
-    device = cfg.train.device
+    device = cfg.infra.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.model.dtype == "auto":

@@ -190,7 +190,7 @@ class Actor:
 
     def __init__(self, cfg: Config, model_path: str | None = None, baseline: bool = False):
         self.cfg = cfg
-        self.par: Parallel = init_parallel(pick_device(cfg.train.device))
+        self.par: Parallel = init_parallel(pick_device(cfg.infra.device))
         self.device = self.par.device
         t = cfg.train
         dtype = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
@@ -394,7 +394,7 @@ class Actor:
                     self._logprob_diff(means, old[i], b.rollout_log_probs, b.loss_mask > 0)
                 loss, metrics = policy_loss(
                     lp, old[i], b.advantages, b.loss_mask,
-                    eps_clip=a.eps_clip, eps_clip_high=cfg.eps_clip_high,
+                    eps_clip=a.eps_clip, eps_clip_high=cfg.algo.effective_eps_clip_high,
                     rollout_log_probs=b.rollout_log_probs,
                     use_tis=a.use_tis, tis_clip=a.tis_clip, tis_clip_low=a.tis_clip_low, tis_level=a.tis_level,
                     use_mis=a.use_mis, mis_low=a.mis_low, mis_high=a.mis_high, mis_level=a.mis_level,
@@ -470,7 +470,7 @@ class Actor:
         the micro-batches evenly (micro-batch j of a step runs on rank j % world).
         """
         t, world = self.cfg.train, self.par.world_size
-        gbs = self.cfg.global_batch_size
+        gbs = self.cfg.effective_global_batch_size
         members: list[list[int]] = []
         steps: list[list[int]] = []
         for start in range(0, len(samples), gbs):

@@ -58,7 +58,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slipstream.algorithms.advantages import group_scores
-from slipstream.algorithms.staleness import apply_staleness_policy
+from slipstream.algorithms.staleness import StalenessBound, apply_staleness_policy
 from slipstream.buffer.replay import ReplayBuffer, ReusedGroup
 from slipstream.config import Config
 from slipstream.faults import crash_point
@@ -98,11 +98,6 @@ class TrainerState:
     finished: bool = False
     stop: threading.Event = field(default_factory=threading.Event)
     observers: list[Callable[[dict], None]] = field(default_factory=list)  # get each step's metrics row
-
-
-def _group_staleness(group: types_pb2.Group, version: int) -> int:
-    oldest = min((min(s.policy_versions) for s in group.samples if s.policy_versions), default=version)
-    return version - oldest
 
 
 @dataclass
@@ -187,7 +182,7 @@ def _collect(
         for r in entries:
             if feed.consumption.is_duplicate(r.group.group_id, r.times_trained + 1, planned):
                 batch.duplicate_reused.append(r.entry_id)
-            elif _group_staleness(r.group, state.policy_version) > cfg.rollout.max_staleness:
+            elif not StalenessBound.from_config(cfg).within(r.group.samples, state.policy_version):
                 batch.expired.append(r.entry_id)
             else:
                 planned[r.group.group_id] = planned.get(r.group.group_id, 0) + 1
@@ -236,14 +231,8 @@ def _requeue(batch: StepGroups, cfg: Config, next_version: int) -> list[tuple[ty
     return [
         (g, times + 1)
         for g, times in batch.trained()
-        if times + 1 < cfg.train.max_reuse and _group_staleness(g, next_version) <= cfg.rollout.max_staleness
+        if times + 1 < cfg.train.max_reuse and StalenessBound.from_config(cfg).within(g.samples, next_version)
     ]
-
-
-def _reuse_capacity(cfg: Config) -> int:
-    """Reuse entries worth keeping: a step requeues at most a batch, and a group requeued more
-    than max_staleness + 1 steps ago is past the bound by the time it could be read."""
-    return (cfg.rollout.max_staleness + 1) * cfg.rollout.rollout_batch_size
 
 
 def _commit(
@@ -261,7 +250,9 @@ def _commit(
     requeue = [(groups[gid], times) for r in records for gid, times in r.requeue]
     reconnect.call(
         REDIS,
-        lambda: buffer.commit(fresh, reused, requeue, reuse_maxlen=_reuse_capacity(cfg)),
+        lambda: buffer.commit(
+            fresh, reused, requeue, reuse_maxlen=StalenessBound.from_config(cfg).reuse_capacity()
+        ),
     )
     # Acknowledged entries are dead weight: drop everything behind the oldest entry the consumer
     # group still needs (pending or never delivered), so a long run's stream stays bounded and a
@@ -373,7 +364,7 @@ def train(cfg: Config, state: TrainerState) -> None:
     if not par.is_main:
         return _follow(cfg, state, actor)
     reconnect = Reconnect(cfg.infra.reconnect_timeout)
-    buffer = ReplayBuffer(cfg.redis_connect_url, cfg.run_id)
+    buffer = ReplayBuffer(cfg.infra.redis_connect_url, cfg.infra.effective_run_id)
     channel = sync_channel(cfg.infra.coordinator_addr)
     wait_healthy_sync(
         channel,
@@ -465,7 +456,7 @@ def train(cfg: Config, state: TrainerState) -> None:
         samples, report_ = apply_staleness_policy(
             [s for g in groups for s in g],
             trained_version,
-            max_staleness=cfg.rollout.max_staleness,
+            max_staleness=StalenessBound.from_config(cfg).max_staleness,
             policy=cfg.algo.stale_sample_policy,
             mask_offpolicy=cfg.algo.mask_offpolicy_in_partial_rollout,
         )

@@ -120,6 +120,44 @@ class RolloutConfig:
         "signature); built-in: slipstream.rollout_filters:check_reward_nonzero_std.",
     )
 
+    def __post_init__(self) -> None:
+        _require(self.rollout_batch_size > 0, "--rollout-batch-size must be positive")
+        _require(self.n_samples_per_prompt > 0, "--n-samples-per-prompt must be positive")
+        _require(self.num_rollout > 0, "--num-rollout must be positive")
+        _require(self.rollout_max_response_len > 0, "--rollout-max-response-len must be positive")
+        _require(self.rollout_temperature >= 0, "--rollout-temperature must be >= 0")
+        _require(0 < self.rollout_top_p <= 1, "--rollout-top-p must be in (0, 1]")
+        _require(self.rollout_num_servers >= 1, "--rollout-num-servers must be at least 1")
+        _require(self.max_staleness >= 0, "--max-staleness must be >= 0")
+        _require(
+            self.over_sampling_batch_size == 0 or self.over_sampling_batch_size >= self.rollout_batch_size,
+            "--over-sampling-batch-size must be >= --rollout-batch-size (or 0)",
+        )
+        _require(
+            self.rollout_engine == "native",
+            f"--rollout-engine {self.rollout_engine}: not supported yet; the native engine is the only one",
+        )
+        if self.sync:
+            _require(not self.partial_rollout, "--sync drains; it cannot be combined with --partial-rollout")
+            _require(
+                self.effective_over_sampling_batch_size == self.rollout_batch_size,
+                "--sync cannot over-sample (--over-sampling-batch-size > --rollout-batch-size)",
+            )
+
+    @property
+    def samples_per_rollout(self) -> int:
+        return self.rollout_batch_size * self.n_samples_per_prompt
+
+    @property
+    def effective_over_sampling_batch_size(self) -> int:
+        """Groups dispatched per rollout step: --over-sampling-batch-size, or the batch when 0."""
+        return self.over_sampling_batch_size or self.rollout_batch_size
+
+    @property
+    def effective_max_staleness(self) -> int:
+        """The staleness bound in force: --max-staleness, or 0 under --sync."""
+        return 0 if self.sync else self.max_staleness
+
 
 @dataclass
 class AlgoConfig:
@@ -179,6 +217,34 @@ class AlgoConfig:
     use_rollout_logprobs: bool = opt(
         False, "Use the engine's log-probs as the old policy instead of recomputing them."
     )
+
+    def __post_init__(self) -> None:
+        _require(self.eps_clip > 0, "--eps-clip must be positive")
+        _require(self.tis_clip > self.tis_clip_low >= 0, "--tis-clip must exceed --tis-clip-low >= 0")
+        _require(self.mis_high > self.mis_low >= 0, "--mis-high must exceed --mis-low >= 0")
+        _require(0 <= self.gamma <= 1, "--gamma must be in [0, 1]")
+        _require(self.kl_coef >= 0 and self.kl_loss_coef >= 0, "--kl-coef and --kl-loss-coef must be >= 0")
+        _require(
+            not (self.kl_coef and self.use_kl_loss and self.kl_loss_coef),
+            "only one of --kl-coef and --kl-loss-coef can be set (as in slime)",
+        )
+        _require(
+            self.normalize_advantages or not self.advantage_estimator.startswith("reinforce_plus_plus"),
+            f"--advantage-estimator {self.advantage_estimator} needs --normalize-advantages (as in slime)",
+        )
+        _require(
+            not (self.use_rollout_logprobs and (self.use_tis or self.use_mis)),
+            "--use-rollout-logprobs makes the behaviour ratio 1: it cannot go with --use-tis/--use-mis",
+        )
+        _require(
+            self.stale_sample_policy != "correct" or self.use_tis or self.use_mis,
+            "--stale-sample-policy correct needs --use-tis or --use-mis",
+        )
+
+    @property
+    def effective_eps_clip_high(self) -> float:
+        """The upper PPO clip: --eps-clip-high, or --eps-clip when unset."""
+        return self.eps_clip if self.eps_clip_high is None else self.eps_clip_high
 
 
 @dataclass
@@ -243,7 +309,19 @@ class TrainConfig:
         "in a row stop the run with an error and a checkpoint of the last good state. (Slipstream)",
     )
     seed: int = opt(1234, "Random seed (data order, sampling, init).")
-    device: str = opt("auto", "Torch device of this process: auto, cpu, cuda, cuda:N. (Slipstream)")
+
+    def __post_init__(self) -> None:
+        _require(self.max_reuse >= 1, "--max-reuse must be at least 1")
+        _require(self.lr > 0, "--lr must be positive")
+        _require(self.micro_batch_size > 0, "--micro-batch-size must be positive")
+        _require(
+            not self.use_dynamic_batch_size or self.max_tokens_per_gpu > 0,
+            "--use-dynamic-batch-size needs a positive --max-tokens-per-gpu",
+        )
+        _require(self.max_tokens_per_gpu >= 0, "--max-tokens-per-gpu must be >= 0")
+        _require(self.global_batch_size >= 0, "--global-batch-size must be >= 0")
+        _require(self.update_weights_interval > 0, "--update-weights-interval must be positive")
+        _require(self.max_nonfinite_steps >= 1, "--max-nonfinite-steps must be at least 1")
 
 
 @dataclass
@@ -265,6 +343,12 @@ class RewardConfig:
         "File holding one HTTP header sent with every --rm-url request, `Name: value` (e.g. "
         "`Authorization: Bearer ...`; a mounted secret). (Slipstream)",
     )
+
+    def __post_init__(self) -> None:
+        _require(self.reward_max_failures >= 1, "--reward-max-failures must be at least 1")
+        _require(self.rm_type != "remote_rm" or bool(self.rm_url), "--rm-type remote_rm needs --rm-url")
+        header = self.rm_auth_header_file
+        _require(not header or Path(header).is_file(), f"--rm-auth-header-file {header}: no such file")
 
 
 @dataclass
@@ -295,6 +379,7 @@ class InfraConfig:
         "Seconds without a heartbeat after which a rollout server loses its leases and its work is "
         "re-dispatched; a slow server that keeps heartbeating keeps its work. (Slipstream)",
     )
+    device: str = opt("auto", "Torch device of this process: auto, cpu, cuda, cuda:N. (Slipstream)")
     torch_threads: int = opt(0, "Torch CPU threads of this process; 0 = torch's default. (Slipstream)")
     metrics_port: int = opt(0, "Port of this service's Prometheus /metrics endpoint; 0 = off. (Slipstream)")
     redis_password_file: str = opt(
@@ -318,6 +403,45 @@ class InfraConfig:
         "(mTLS). Without it, clients verify servers against the system roots. (Slipstream)",
     )
 
+    def __post_init__(self) -> None:
+        _require(0 <= self.metrics_port < 65536, "--metrics-port must be in [0, 65535]")
+        _require(self.reconnect_timeout > 0, "--reconnect-timeout must be positive")
+        _require(self.lease_timeout > 0, "--lease-timeout must be positive")
+        _require(self.max_restarts >= 0, "--max-restarts must be >= 0")
+        _require(
+            not self.redis_password_file or bool(self.redis_url), "--redis-password-file needs --redis-url"
+        )
+        for flag, path in (
+            ("--redis-password-file", self.redis_password_file),
+            ("--auth-token-file", self.auth_token_file),
+            ("--trainer-token-file", self.trainer_token_file),
+            ("--tls-cert", self.tls_cert),
+            ("--tls-key", self.tls_key),
+            ("--tls-ca", self.tls_ca),
+        ):
+            _require(not path or Path(path).is_file(), f"{flag} {path}: no such file")
+        _require(bool(self.tls_cert) == bool(self.tls_key), "--tls-cert and --tls-key go together")
+        _require(not self.tls_ca or bool(self.tls_cert), "--tls-ca (mTLS) needs --tls-cert and --tls-key")
+
+    @property
+    def effective_run_id(self) -> str:
+        """Name of this run's keys in Redis: --run-id, or the run directory's name."""
+        return self.run_id or Path(self.run_dir).resolve().name
+
+    @property
+    def redis_connect_url(self) -> str:
+        """--redis-url with the password of --redis-password-file in it (the secret stays out of flags)."""
+        url, secret = self.redis_url, self.redis_password_file
+        if not secret:
+            return url
+        from urllib.parse import quote, urlsplit, urlunsplit
+
+        password = Path(secret).read_text().strip()
+        parts = urlsplit(url)
+        host = parts.netloc.rsplit("@", 1)[-1]
+        user = quote(parts.username or "", safe="")
+        return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+
 
 @dataclass
 class ClusterConfig:
@@ -333,6 +457,17 @@ class ClusterConfig:
     rollout_num_gpus_per_engine: int = opt(1, "GPUs per rollout engine (servers = rollout GPUs / this).")
     colocate: bool = opt(False, "Trainer and rollout share the same GPUs.")
 
+    def __post_init__(self) -> None:
+        _require(
+            self.actor_num_nodes >= 1 and self.actor_num_gpus_per_node >= 1,
+            "--actor-num-* must be at least 1",
+        )
+        _require(self.rollout_num_gpus_per_engine >= 1, "--rollout-num-gpus-per-engine must be at least 1")
+        _require(
+            self.rollout_num_gpus % self.rollout_num_gpus_per_engine == 0,
+            "--rollout-num-gpus must be a multiple of --rollout-num-gpus-per-engine",
+        )
+
 
 @dataclass
 class Config:
@@ -346,137 +481,22 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
-        r, t, a = self.rollout, self.train, self.algo
-        _require(r.rollout_batch_size > 0, "--rollout-batch-size must be positive")
-        _require(r.n_samples_per_prompt > 0, "--n-samples-per-prompt must be positive")
-        _require(r.num_rollout > 0, "--num-rollout must be positive")
-        _require(r.rollout_max_response_len > 0, "--rollout-max-response-len must be positive")
-        _require(r.rollout_temperature >= 0, "--rollout-temperature must be >= 0")
-        _require(0 < r.rollout_top_p <= 1, "--rollout-top-p must be in (0, 1]")
-        _require(r.rollout_num_servers >= 1, "--rollout-num-servers must be at least 1")
-        _require(r.max_staleness >= 0, "--max-staleness must be >= 0")
+        """Rules across sections; each section checks its own fields in its own __post_init__."""
+        t, samples = self.train, self.rollout.samples_per_rollout
         _require(
-            r.over_sampling_batch_size == 0 or r.over_sampling_batch_size >= r.rollout_batch_size,
-            "--over-sampling-batch-size must be >= --rollout-batch-size (or 0)",
-        )
-        if r.sync:
-            _require(not r.partial_rollout, "--sync drains; it cannot be combined with --partial-rollout")
-            _require(
-                self.over_sampling_batch_size == r.rollout_batch_size,
-                "--sync cannot over-sample (--over-sampling-batch-size > --rollout-batch-size)",
-            )
-            r.max_staleness = 0
-        _require(a.eps_clip > 0, "--eps-clip must be positive")
-        _require(a.tis_clip > a.tis_clip_low >= 0, "--tis-clip must exceed --tis-clip-low >= 0")
-        _require(a.mis_high > a.mis_low >= 0, "--mis-high must exceed --mis-low >= 0")
-        _require(0 <= a.gamma <= 1, "--gamma must be in [0, 1]")
-        _require(a.kl_coef >= 0 and a.kl_loss_coef >= 0, "--kl-coef and --kl-loss-coef must be >= 0")
-        _require(
-            not (a.kl_coef and a.use_kl_loss and a.kl_loss_coef),
-            "only one of --kl-coef and --kl-loss-coef can be set (as in slime)",
-        )
-        _require(
-            a.normalize_advantages or not a.advantage_estimator.startswith("reinforce_plus_plus"),
-            f"--advantage-estimator {a.advantage_estimator} needs --normalize-advantages (as in slime)",
-        )
-        _require(
-            not (a.use_rollout_logprobs and (a.use_tis or a.use_mis)),
-            "--use-rollout-logprobs makes the behaviour ratio 1: it cannot go with --use-tis/--use-mis",
-        )
-        _require(
-            a.stale_sample_policy != "correct" or a.use_tis or a.use_mis,
-            "--stale-sample-policy correct needs --use-tis or --use-mis",
-        )
-        _require(t.max_reuse >= 1, "--max-reuse must be at least 1")
-        _require(t.lr > 0, "--lr must be positive")
-        _require(t.micro_batch_size > 0, "--micro-batch-size must be positive")
-        _require(
-            not t.use_dynamic_batch_size or t.max_tokens_per_gpu > 0,
-            "--use-dynamic-batch-size needs a positive --max-tokens-per-gpu",
-        )
-        _require(t.max_tokens_per_gpu >= 0, "--max-tokens-per-gpu must be >= 0")
-        _require(t.update_weights_interval > 0, "--update-weights-interval must be positive")
-        _require(t.max_nonfinite_steps >= 1, "--max-nonfinite-steps must be at least 1")
-        _require(self.reward.reward_max_failures >= 1, "--reward-max-failures must be at least 1")
-        c = self.cluster
-        _require(
-            c.actor_num_nodes >= 1 and c.actor_num_gpus_per_node >= 1, "--actor-num-* must be at least 1"
-        )
-        _require(c.rollout_num_gpus_per_engine >= 1, "--rollout-num-gpus-per-engine must be at least 1")
-        _require(
-            c.rollout_num_gpus % c.rollout_num_gpus_per_engine == 0,
-            "--rollout-num-gpus must be a multiple of --rollout-num-gpus-per-engine",
-        )
-        samples = r.rollout_batch_size * r.n_samples_per_prompt
-        _require(
-            t.global_batch_size >= 0 and (t.global_batch_size == 0 or samples % t.global_batch_size == 0),
+            t.global_batch_size == 0 or samples % t.global_batch_size == 0,
             f"--global-batch-size must divide rollout-batch-size x n-samples-per-prompt = {samples}",
         )
         _require(
-            t.use_dynamic_batch_size or self.global_batch_size % t.micro_batch_size == 0,
-            f"--micro-batch-size must divide the global batch size ({self.global_batch_size})",
+            t.use_dynamic_batch_size or self.effective_global_batch_size % t.micro_batch_size == 0,
+            f"--micro-batch-size must divide the global batch size ({self.effective_global_batch_size})",
         )
-        _require(
-            self.reward.rm_type != "remote_rm" or bool(self.reward.rm_url),
-            "--rm-type remote_rm needs --rm-url",
-        )
-        header = self.reward.rm_auth_header_file
-        _require(not header or Path(header).is_file(), f"--rm-auth-header-file {header}: no such file")
-        i = self.infra
-        _require(0 <= i.metrics_port < 65536, "--metrics-port must be in [0, 65535]")
-        _require(i.reconnect_timeout > 0, "--reconnect-timeout must be positive")
-        _require(i.lease_timeout > 0, "--lease-timeout must be positive")
-        _require(i.max_restarts >= 0, "--max-restarts must be >= 0")
-        _require(not i.redis_password_file or bool(i.redis_url), "--redis-password-file needs --redis-url")
-        _require(
-            not i.redis_password_file or Path(i.redis_password_file).is_file(),
-            f"--redis-password-file {i.redis_password_file}: no such file",
-        )
-        for flag, path in (
-            ("--auth-token-file", i.auth_token_file),
-            ("--trainer-token-file", i.trainer_token_file),
-            ("--tls-cert", i.tls_cert),
-            ("--tls-key", i.tls_key),
-            ("--tls-ca", i.tls_ca),
-        ):
-            _require(not path or Path(path).is_file(), f"{flag} {path}: no such file")
-        _require(bool(i.tls_cert) == bool(i.tls_key), "--tls-cert and --tls-key go together")
-        _require(not i.tls_ca or bool(i.tls_cert), "--tls-ca (mTLS) needs --tls-cert and --tls-key")
 
     # ---- derived values ------------------------------------------------------------------
     @property
-    def samples_per_rollout(self) -> int:
-        return self.rollout.rollout_batch_size * self.rollout.n_samples_per_prompt
-
-    @property
-    def over_sampling_batch_size(self) -> int:
-        return self.rollout.over_sampling_batch_size or self.rollout.rollout_batch_size
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.train.global_batch_size or self.samples_per_rollout
-
-    @property
-    def eps_clip_high(self) -> float:
-        return self.algo.eps_clip if self.algo.eps_clip_high is None else self.algo.eps_clip_high
-
-    @property
-    def run_id(self) -> str:
-        return self.infra.run_id or Path(self.infra.run_dir).resolve().name
-
-    @property
-    def redis_connect_url(self) -> str:
-        """--redis-url with the password of --redis-password-file in it (the secret stays out of flags)."""
-        url, secret = self.infra.redis_url, self.infra.redis_password_file
-        if not secret:
-            return url
-        from urllib.parse import quote, urlsplit, urlunsplit
-
-        password = Path(secret).read_text().strip()
-        parts = urlsplit(url)
-        host = parts.netloc.rsplit("@", 1)[-1]
-        user = quote(parts.username or "", safe="")
-        return urlunsplit(parts._replace(netloc=f"{user}:{quote(password, safe='')}@{host}"))
+    def effective_global_batch_size(self) -> int:
+        """Samples per optimizer step: --global-batch-size, or one rollout step's samples when 0."""
+        return self.train.global_batch_size or self.rollout.samples_per_rollout
 
     @property
     def save_dir(self) -> Path:
@@ -496,6 +516,17 @@ class Config:
     def save_json(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n")
+
+
+def redact(url: str) -> str:
+    """A Redis URL without its password, for messages and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _require(ok: bool, message: str) -> None:

@@ -260,10 +260,10 @@ def start_mesh(mesh: Mesh) -> Proc:
         # its journal and the trainer its consumer group. A fresh run starts from nothing.
         from slipstream.buffer.replay import ReplayBuffer
 
-        with ReplayBuffer(cfg.redis_connect_url, cfg.run_id) as buffer:
+        with ReplayBuffer(cfg.infra.redis_connect_url, cfg.infra.effective_run_id) as buffer:
             cleared = buffer.clear_run()
         if cleared:
-            print(f"slipstream: fresh run: cleared {cleared} Redis keys of run {cfg.run_id!r} "
+            print(f"slipstream: fresh run: cleared {cleared} Redis keys of run {cfg.infra.effective_run_id!r} "
                   "(--load resumes instead)", file=sys.stderr, flush=True)  # fmt: skip
 
     reward = mesh.service("reward", "reward")

@@ -21,7 +21,7 @@ def print_config(cfg) -> None:
     from rich.table import Table
 
     table = Table(title="resolved config", show_header=False, box=None, pad_edge=False)
-    from slipstream.buffer.embedded import redact
+    from slipstream.config import redact
 
     for section, values in cfg.to_dict().items():
         for key, value in values.items():

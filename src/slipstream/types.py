@@ -54,6 +54,16 @@ class Sample:
     def response_tokens(self) -> list[int]:
         return self.tokens[self.prompt_length :]
 
+    @property
+    def is_trainable(self) -> bool:
+        """Whether the loss may see this sample at all: scored, and with a response."""
+        return self.status is not Status.FAILED and self.response_length > 0
+
+    @property
+    def oldest_version(self) -> int | None:
+        """The policy version of the sample's oldest response token (None: versions unknown)."""
+        return min(self.policy_versions) if self.policy_versions else None
+
     def get_reward_value(self, args: Any = None) -> float:
         """The scalar reward (slime's `reward_key` picks a component of a dict reward)."""
         if isinstance(self.reward, dict):

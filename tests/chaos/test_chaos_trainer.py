@@ -84,7 +84,7 @@ def test_trainer_killed_twice_resumes_without_loss_or_duplicates(
         assert check.returncode == 0, check.stdout + check.stderr
         assert "trained 1x              24" in check.stdout  # 6 steps x 4 groups, each once
         r = redis.Redis.from_url(redis_url)
-        groups = f"slipstream:{mesh.cfg.run_id}:groups"
+        groups = f"slipstream:{mesh.cfg.infra.effective_run_id}:groups"
         assert r.xpending(groups, "trainers")["pending"] == 0
         print("trainer restart to first step (s):", [round(s, 2) for s in recover_s])
     finally:
@@ -103,7 +103,7 @@ def test_trainer_rides_out_redis_and_coordinator_restarts(chaos_assets, tmp_path
         update_weights_interval=2, reconnect_timeout=30.0,
     )  # fmt: skip
     mesh = ChaosMesh(run_dir, values)
-    buffer = ReplayBuffer(server.url, mesh.cfg.run_id)
+    buffer = ReplayBuffer(server.url, mesh.cfg.infra.effective_run_id)
     put = iter(range(NUM_GROUPS))
 
     def feed(n: int) -> None:
@@ -124,7 +124,7 @@ def test_trainer_rides_out_redis_and_coordinator_restarts(chaos_assets, tmp_path
         server._proc = None
         time.sleep(1.0)
         server.start()  # same port, same AOF
-        buffer = ReplayBuffer(server.url, mesh.cfg.run_id)
+        buffer = ReplayBuffer(server.url, mesh.cfg.infra.effective_run_id)
 
         # The coordinator: SIGKILLed; the trainer's step 3 report finds nobody, and keeps trying.
         coordinator.popen.kill()
