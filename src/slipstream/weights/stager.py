@@ -207,9 +207,24 @@ def _check_manifest(
     expected_shapes: dict[str, tuple[int, ...]],
 ) -> None:
     """Raise WeightError unless `m` is a newer, self-consistent version of the expected model."""
+    if m.version <= current_version:
+        raise WeightError(f"version {m.version} is not newer than the current version {current_version}")
+    blob_bytes = _check_chunks(m)
+    entries = _check_entries(m, blob_bytes)
+    scale_names = _check_scales(m, entries)
+    # The blob is the entries laid end to end (64-byte aligned): a larger total is padding nobody
+    # reads, and would let a manifest make this process allocate whatever it claims.
+    laid_out = sum(-(-e.nbytes // ALIGN) * ALIGN for e in m.tensors)
+    if blob_bytes > laid_out:
+        raise WeightError(
+            f"version {m.version}: total_bytes {blob_bytes} exceeds its tensors' {laid_out} bytes"
+        )
+    _check_model(m, entries, scale_names, fingerprint, expected_shapes)
+
+
+def _check_chunks(m: types_pb2.WeightManifest) -> int:
+    """Format, sizes and chunk hashes; returns the size of the blob the tensors lie in."""
     v = m.version
-    if v <= current_version:
-        raise WeightError(f"version {v} is not newer than the current version {current_version}")
     colocated = m.format.endswith(ipc.IPC_SUFFIX)
     base_format = m.format.removesuffix(ipc.IPC_SUFFIX)
     if base_format not in FORMATS.values():
@@ -232,7 +247,12 @@ def _check_manifest(
     blob_bytes = m.total_bytes
     if colocated:
         blob_bytes = max((e.offset + e.nbytes for e in m.tensors), default=0)
+    return blob_bytes
 
+
+def _check_entries(m: types_pb2.WeightManifest, blob_bytes: int) -> dict[str, types_pb2.TensorEntry]:
+    """Each tensor entry: unique, a known dtype, its bytes matching its shape, inside the blob."""
+    v = m.version
     entries: dict[str, types_pb2.TensorEntry] = {}
     for e in m.tensors:
         if e.name in entries:
@@ -255,7 +275,12 @@ def _check_manifest(
             )
         if e.offset % itemsize:
             raise WeightError(f"version {v}: {e.name} starts at offset {e.offset}, not aligned to {itemsize}")
+    return entries
 
+
+def _check_scales(m: types_pb2.WeightManifest, entries: dict[str, types_pb2.TensorEntry]) -> set[str]:
+    """Every FP8 tensor has its 128x128 block-scale entry, and only FP8 ones do; returns their names."""
+    v, base_format = m.version, m.format.removesuffix(ipc.IPC_SUFFIX)
     scale_names: set[str] = set()
     for e in m.tensors:
         is_fp8 = WIRE_DTYPES[e.dtype] == FP8_DTYPE
@@ -277,13 +302,18 @@ def _check_manifest(
                 f"expected float32 {list(scale_shape(tuple(e.shape)))}"
             )
         scale_names.add(e.scale_name)
+    return scale_names
 
-    # The blob is the entries laid end to end (64-byte aligned): a larger total is padding nobody
-    # reads, and would let a manifest make this process allocate whatever it claims.
-    laid_out = sum(-(-e.nbytes // ALIGN) * ALIGN for e in m.tensors)
-    if blob_bytes > laid_out:
-        raise WeightError(f"version {v}: total_bytes {blob_bytes} exceeds its tensors' {laid_out} bytes")
 
+def _check_model(
+    m: types_pb2.WeightManifest,
+    entries: dict[str, types_pb2.TensorEntry],
+    scale_names: set[str],
+    fingerprint: str,
+    expected_shapes: dict[str, tuple[int, ...]],
+) -> None:
+    """The tensors are this model's: the same names and shapes, the same fingerprint."""
+    v = m.version
     model = {name: tuple(e.shape) for name, e in entries.items() if name not in scale_names}
     missing = sorted(expected_shapes.keys() - model.keys())
     unexpected = sorted(model.keys() - expected_shapes.keys())
