@@ -1,0 +1,496 @@
+"""Issue 14: time and steps to a held-out greedy-accuracy target, our mesh next to TRL's GRPOTrainer.
+
+    .venv/bin/python bench/learn_vs_trl.py [--only NAME ...] [--seeds 1 2] [--target 0.8]
+        [--rollout-batch-size 16] [--n-samples-per-prompt 8] [--lr 1e-3] [--num-steps 150]
+        [--eval-every 5] [--device cpu|cuda] [--prep runs/learn/prep] [--out bench/results/learn_vs_trl.json]
+
+One saved warm start (`--prep`, made once by `slipstream.demo.warmstart.prepare_demo`, the
+demo's own: a tiny Qwen3-shaped model SFT'd on 2-digit addition until its greedy accuracy is
+low, ~0.3 on held-out problems) is trained by each variant below, one run at a time on this
+machine, with the same batch (prompts x samples), learning rate, AdamW settings, sampling
+(temperature 1, top-p 1, no top-k, `--max-len` new tokens), rule reward (the reward
+service's `math_reward`) and seed list. Every `--eval-every` optimizer steps each side
+writes a Hugging Face checkpoint; after the run, the same code (`warmstart.evaluate`: exact
+greedy accuracy by one teacher-forced forward, every answer token and EOS the argmax) scores
+every checkpoint on all held-out problems (never trained on). The first checkpoint whose
+greedy accuracy reaches `--target` gives the steps and the time to target.
+
+Two clocks per step: `train_s`, training time since the first step began with checkpoint
+writes taken out (mesh: the trainer's `elapsed_s`, minus the save gaps it measures;
+TRL: `on_step_end` times since `on_train_begin`, minus the saves the callback times), and
+`wall_s`, seconds since the bench launched the run (process start-up and saves included).
+
+Variants (`--only`; mesh ones are `slipstream train` with the flags shown on top of the
+shared ones, all real processes: Redis, reward, coordinator, 2 rollout servers, trainer):
+
+    trl                TRL GRPOTrainer, its defaults where they are the algorithm (loss_type dapo =
+                       token mean over the step, scale_rewards group, beta 0, epsilon 0.2, one
+                       optimizer step per generation); matched: lr (constant), AdamW betas, clip 1,
+                       fp32 (no bf16 autocast), no gradient checkpointing
+    mesh               our defaults (whatever config.py says now)
+    and the one-factor-at-a-time ablations in VARIANTS below.
+
+Output: one JSON with every run's curve and a summary per variant (median over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# One factor at a time against the mesh's defaults (flags appended to the shared ones). The
+# names say what they pin; "old-" rows restate the defaults before issue 14.
+VARIANTS: dict[str, list[str]] = {
+    "mesh": [],
+    # The defaults as they were before issue 14 (staleness 1, FP8 wire, no TIS).
+    "old-defaults": ["--max-staleness", "1", "--weight-sync-dtype", "fp8", "--no-use-tis"],
+    "old+sync": ["--sync", "--weight-sync-dtype", "fp8", "--no-use-tis"],
+    "old+bf16": ["--max-staleness", "1", "--weight-sync-dtype", "bf16", "--no-use-tis"],
+    "old+tis": ["--max-staleness", "1", "--weight-sync-dtype", "fp8", "--use-tis"],
+    "sync+bf16": ["--sync", "--weight-sync-dtype", "bf16", "--no-use-tis"],
+    "sync+bf16+tis": ["--sync", "--weight-sync-dtype", "bf16", "--use-tis"],
+    "stale1+bf16+tis": ["--max-staleness", "1", "--weight-sync-dtype", "bf16", "--use-tis"],
+    "stale2+bf16+tis": ["--max-staleness", "2", "--weight-sync-dtype", "bf16", "--use-tis"],
+    "sync+bf16+seqmean": [
+        "--sync", "--weight-sync-dtype", "bf16", "--no-use-tis", "--loss-agg-mode", "seq-mean-token-mean",
+    ],
+    "sync+bf16+nostd": [
+        "--sync", "--weight-sync-dtype", "bf16", "--no-use-tis", "--disable-grpo-std-normalization",
+    ],
+    "sync+bf16+onemicro": ["--sync", "--weight-sync-dtype", "bf16", "--no-use-tis", "--micro-batch-size", "0"],
+}  # fmt: skip
+
+
+# ---- shared ---------------------------------------------------------------------------------
+
+
+def _eval_problems():
+    from slipstream.demo.task import all_problems
+
+    return all_problems("eval")
+
+
+def evaluate_checkpoint(path: Path, device: str = "cpu") -> float:
+    """Greedy held-out accuracy of the Hugging Face checkpoint at `path` (either side's)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from slipstream.demo.warmstart import evaluate
+    from slipstream.models.hf import load_model
+
+    model = load_model(str(path), device=torch.device(device), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    with torch.no_grad():
+        return evaluate(model, tok, _eval_problems())["greedy_accuracy"]
+
+
+def prepare(prep: Path, seed: int) -> dict:
+    """The shared warm start (the demo's own preparation), once."""
+    from slipstream.demo.warmstart import prepare_demo
+
+    if not (prep / "model" / "config.json").exists():
+        prepare_demo(prep, seed=seed)
+    return json.loads((prep / "model" / "warmstart.json").read_text())
+
+
+_SLOTS = threading.local()
+
+
+def _pin_prefix(args) -> list[str]:
+    """`taskset -c <this worker's cores>` under --cpus-per-run, so parallel runs each get a 2-core box."""
+    if not args.cpus_per_run:
+        return []
+    slot = getattr(_SLOTS, "slot", 0)
+    first = args.first_cpu + slot * args.cpus_per_run
+    cpus = ",".join(str(c) for c in range(first, first + args.cpus_per_run))
+    # Python's own sched_setaffinity, then exec: no dependency on util-linux's taskset.
+    pin = "import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); os.execvp(sys.argv[2], sys.argv[2:])"
+    return [sys.executable, "-c", pin, cpus]
+
+
+def _first_at(curve: list[dict], target: float) -> dict | None:
+    return next((p for p in curve if p["greedy"] is not None and p["greedy"] >= target), None)
+
+
+# ---- our mesh -------------------------------------------------------------------------------
+
+
+def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dict:
+    flags = [
+        "--hf-checkpoint", str(args.prep / "model"), "--prompt-data", str(args.prep / "train.jsonl"),
+        "--run-dir", str(run_dir), "--rollout-batch-size", str(args.rollout_batch_size),
+        "--n-samples-per-prompt", str(args.n_samples_per_prompt), "--num-rollout", str(args.num_steps),
+        "--rollout-max-response-len", str(args.max_len), "--rollout-temperature", "1.0",
+        "--lr", str(args.lr), "--adam-beta1", "0.9", "--adam-beta2", str(args.adam_beta2),
+        "--clip-grad", "1.0", "--rm-type", "math", "--seed", str(seed),
+        "--save-interval", str(args.eval_every), "--device", args.device,
+        "--rollout-shuffle",
+    ]  # fmt: skip
+    mb = None
+    if "--micro-batch-size" in extra:  # "0" means one micro-batch for the whole step
+        i = extra.index("--micro-batch-size")
+        mb = int(extra[i + 1]) or args.rollout_batch_size * args.n_samples_per_prompt
+        extra = extra[:i] + extra[i + 2 :]
+    if mb:
+        flags += ["--micro-batch-size", str(mb)]
+    argv = [sys.executable, "-m", "slipstream", "train", *flags, *args.mesh_flags, *extra]
+    pin = _pin_prefix(args)
+    t_launch = time.time()
+    metrics = run_dir / "metrics.jsonl"
+    seen: dict[int, float] = {}  # step -> wall seconds since launch when its row appeared
+    log = open(run_dir.parent / f"{run_dir.name}.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([*pin, *argv], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    offset = 0
+    while True:
+        done = proc.poll() is not None
+        if metrics.exists():
+            with metrics.open() as f:
+                f.seek(offset)
+                data = f.read()
+            complete = data[: data.rfind("\n") + 1]
+            offset += len(complete)
+            for line in complete.splitlines():
+                if line.strip():
+                    seen.setdefault(json.loads(line)["step"], time.time() - t_launch)
+        if done:
+            break
+        time.sleep(0.05)
+    log.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} seed {seed}: slipstream train exited {proc.returncode}; see {log.name}")
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    # Checkpoint writes sit between a save step's row and the next step's start: the gap over a
+    # step's own duration (num_trained_tokens / tokens_per_s) beyond the median gap is the save.
+    durations = [r["num_trained_tokens"] / max(r["tokens_per_s"], 1e-9) for r in rows]
+    gaps = [rows[i]["elapsed_s"] - rows[i - 1]["elapsed_s"] - durations[i] for i in range(1, len(rows))]
+    base = statistics.median(gaps) if gaps else 0.0
+    saved = 0.0
+    curve = []
+    for i, r in enumerate(rows):
+        if i and rows[i - 1]["step"] % args.eval_every == 0:
+            saved += max(0.0, gaps[i - 1] - base)
+        point = {
+            "step": r["step"],
+            "train_s": round(r["elapsed_s"] - saved, 3),
+            "wall_s": round(seen.get(r["step"], float("nan")), 3),
+            "sampled_accuracy": r["accuracy"],
+            "step_s": round(durations[i], 4),
+            "compute_s": r.get("compute_s"),
+            "wait_data_s": r.get("wait_data_s"),
+            "push_weights_s": r.get("push_weights_s"),
+            "logprob_abs_diff_mean": r.get("logprob_abs_diff_mean"),
+            "ppo_kl": r.get("ppo_kl"),
+            "pg_clipfrac": r.get("pg_clipfrac"),
+            "tis_mean": r.get("tis_mean"),
+            "staleness_mean": r.get("staleness_mean"),
+            "greedy": None,
+        }
+        ckpt = run_dir / "checkpoints" / f"step_{r['step']:06d}"
+        if ckpt.is_dir():
+            point["greedy"] = evaluate_checkpoint(ckpt)
+        curve.append(point)
+    return {"side": "mesh", "argv": argv[2:], "curve": curve, "checkpoint_s": round(saved, 3)}
+
+
+# ---- TRL ------------------------------------------------------------------------------------
+
+
+def run_trl(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dict:
+    """TRL in its own process (its own torch threads and imports), as the mesh's services are."""
+    spec = {
+        "prep": str(args.prep), "out": str(run_dir), "seed": seed, "device": args.device,
+        "rollout_batch_size": args.rollout_batch_size, "n": args.n_samples_per_prompt,
+        "lr": args.lr, "adam_beta2": args.adam_beta2, "max_len": args.max_len, "steps": args.num_steps,
+        "eval_every": args.eval_every, "micro": args.trl_micro_batch_size, "threads": args.trl_threads or args.cpus_per_run,
+        "extra": extra,
+    }  # fmt: skip
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.json").write_text(json.dumps(spec))
+    t_launch = time.time()
+    with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
+        code = subprocess.call(
+            [*_pin_prefix(args), sys.executable, __file__, "--trl-child", str(run_dir / "spec.json")],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )  # fmt: skip
+    if code != 0:
+        raise RuntimeError(
+            f"{name} seed {seed}: TRL exited {code}; see {run_dir.parent / f'{run_dir.name}.log'}"
+        )
+    steps = json.loads((run_dir / "steps.json").read_text())
+    curve = []
+    for s in steps["steps"]:
+        ckpt = run_dir / "checkpoints" / f"step_{s['step']:06d}"
+        curve.append(
+            {
+                "step": s["step"],
+                "train_s": s["train_s"],
+                "wall_s": round(s["time"] - t_launch, 3),
+                "sampled_accuracy": s.get("reward"),
+                "step_s": s["step_s"],
+                "greedy": evaluate_checkpoint(ckpt) if ckpt.is_dir() else None,
+            }
+        )
+    return {
+        "side": "trl",
+        "settings": steps["settings"],
+        "curve": curve,
+        "checkpoint_s": steps["checkpoint_s"],
+    }
+
+
+def trl_child(spec_path: str) -> None:
+    spec = json.loads(Path(spec_path).read_text())
+    import torch
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from slipstream.services.reward.rules import math_reward
+
+    prep, out = Path(spec["prep"]), Path(spec["out"])
+    records = [json.loads(x) for x in (prep / "train.jsonl").read_text().splitlines() if x.strip()]
+    data = Dataset.from_list([{"prompt": r["prompt"], "label": r["label"]} for r in records])
+
+    def reward(completions, label, **_):
+        return [math_reward(c, y) for c, y in zip(completions, label, strict=True)]
+
+    samples = spec["rollout_batch_size"] * spec["n"]
+    micro = spec["micro"] or samples
+    cpu = spec["device"] == "cpu"
+    settings = dict(
+        output_dir=str(out / "trl"), seed=spec["seed"], data_seed=spec["seed"],
+        learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_steps=0,
+        adam_beta1=0.9, adam_beta2=spec["adam_beta2"], weight_decay=0.0, max_grad_norm=1.0,
+        per_device_train_batch_size=micro, gradient_accumulation_steps=samples // micro,
+        num_generations=spec["n"], max_completion_length=spec["max_len"],
+        temperature=1.0, top_p=1.0, top_k=0, beta=0.0,
+        max_steps=spec["steps"], save_strategy="no", report_to=[], logging_steps=1,
+        bf16=False, gradient_checkpointing=False, use_cpu=cpu, disable_tqdm=True,
+        dataloader_num_workers=0,
+    )  # fmt: skip
+    for kv in spec["extra"]:  # e.g. "loss_type=grpo"
+        k, v = kv.split("=", 1)
+        settings[k] = json.loads(v) if v[:1] in "0123456789-[{tfn" and v not in ("nan",) else v
+    config = GRPOConfig(**settings)
+    model = AutoModelForCausalLM.from_pretrained(str(prep / "model"), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(prep / "model"))
+    steps: list[dict] = []
+    clock = {"start": 0.0, "saved": 0.0, "last": 0.0}
+    rewards: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):  # noqa: ARG002
+            clock["start"] = clock["last"] = time.perf_counter()
+
+        def on_log(self, a, state, control, logs=None, **kw):  # noqa: ARG002
+            if logs and "reward" in logs:
+                rewards.append(logs["reward"])
+
+        def on_step_end(self, a, state, control, model=None, **kw):  # noqa: ARG002
+            now = time.perf_counter()
+            row = {
+                "step": state.global_step, "time": time.time(),
+                "train_s": round(now - clock["start"] - clock["saved"], 3),
+                "step_s": round(now - clock["last"], 4),
+            }  # fmt: skip
+            if state.global_step % spec["eval_every"] == 0:
+                model.save_pretrained(out / "checkpoints" / f"step_{state.global_step:06d}")
+                tok.save_pretrained(out / "checkpoints" / f"step_{state.global_step:06d}")
+                clock["saved"] += time.perf_counter() - now
+            steps.append(row)
+            clock["last"] = time.perf_counter()
+
+    trainer = GRPOTrainer(
+        model=model, reward_funcs=reward, args=config, train_dataset=data, processing_class=tok,
+        callbacks=[Clock()],
+    )  # fmt: skip
+    trainer.train()
+    for row, r in zip(steps, rewards, strict=False):  # logging_steps=1: one log per step
+        row["reward"] = r
+    keep = {
+        k: getattr(config, k)
+        for k in (
+            "loss_type", "scale_rewards", "beta", "epsilon", "epsilon_high", "num_iterations",
+            "importance_sampling_level", "per_device_train_batch_size", "gradient_accumulation_steps",
+            "steps_per_generation", "generation_batch_size", "num_generations", "max_completion_length",
+            "temperature", "top_p", "top_k", "learning_rate", "lr_scheduler_type", "adam_beta1", "adam_beta2",
+            "max_grad_norm", "bf16", "gradient_checkpointing",
+        )
+    }  # fmt: skip
+    keep["torch_threads"] = torch.get_num_threads()
+    import trl
+
+    keep["trl_version"] = trl.__version__
+    (out / "steps.json").write_text(
+        json.dumps({"settings": keep, "steps": steps, "checkpoint_s": round(clock["saved"], 3)}, default=str)
+    )
+
+
+# ---- driver ---------------------------------------------------------------------------------
+
+
+def summarize(runs: list[dict], target: float) -> dict:
+    hits = [_first_at(r["curve"], target) for r in runs]
+    steps = [h["step"] for h in hits if h]
+    times = [h["train_s"] for h in hits if h]
+    walls = [h["wall_s"] for h in hits if h]
+    per_step = [statistics.median(p["step_s"] for p in r["curve"][1:]) for r in runs if len(r["curve"]) > 1]
+    return {
+        "seeds": [r["seed"] for r in runs],
+        "reached": f"{len(steps)}/{len(runs)}",
+        "steps_to_target": [h["step"] if h else None for h in hits],
+        "train_s_to_target": [h["train_s"] if h else None for h in hits],
+        "wall_s_to_target": [h["wall_s"] if h else None for h in hits],
+        "median_steps_to_target": statistics.median(steps) if len(steps) == len(runs) else None,
+        "median_train_s_to_target": statistics.median(times) if len(times) == len(runs) else None,
+        "median_wall_s_to_target": statistics.median(walls) if len(walls) == len(runs) else None,
+        "median_step_s": statistics.median(per_step) if per_step else None,
+        "final_greedy": [next((p["greedy"] for p in reversed(r["curve"]) if p["greedy"] is not None), None) for r in runs],
+    }  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument(
+        "--only", nargs="*", default=["trl", "mesh"], help=f"Variants: trl, {', '.join(VARIANTS)}."
+    )
+    p.add_argument("--seeds", type=int, nargs="*", default=[1, 2])
+    p.add_argument("--target", type=float, default=0.8, help="Greedy held-out accuracy to reach.")
+    p.add_argument("--rollout-batch-size", type=int, default=16)
+    p.add_argument("--n-samples-per-prompt", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--adam-beta2", type=float, default=0.98, help="Both sides (the mesh's default).")
+    p.add_argument("--max-len", type=int, default=8, help="Most new tokens per sample.")
+    p.add_argument("--num-steps", type=int, default=150, help="Optimizer steps (= rollout steps) per run.")
+    p.add_argument("--eval-every", type=int, default=5, help="Steps between checkpoints that are evaluated.")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (every mesh process and TRL).")
+    p.add_argument("--prep", type=Path, default=ROOT / "runs" / "learn" / "prep")
+    p.add_argument("--prep-seed", type=int, default=0, help="Seed of the warm start (made once).")
+    p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "learn")
+    p.add_argument("--trl-micro-batch-size", type=int, default=0, help="0 = the whole step in one pass.")
+    p.add_argument("--trl-threads", type=int, default=0, help="TRL's torch threads; 0 = torch's default.")
+    p.add_argument("--trl-args", nargs="*", default=[], help="GRPOConfig overrides key=value for trl runs.")
+    p.add_argument(
+        "--mesh-flags", nargs=argparse.REMAINDER, default=[], help="Flags for every mesh run (last)."
+    )
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learn_vs_trl.json")
+    p.add_argument("--parallel", type=int, default=1, help="Runs at once (steps compare, clocks do not).")
+    p.add_argument(
+        "--cpus-per-run", type=int, default=0,
+        help="Pin each run (every process of it) to its own N cores with taskset: N=2 makes each of "
+        "--parallel runs a 2-core box on a bigger machine. 0 = no pinning.",
+    )  # fmt: skip
+    p.add_argument("--first-cpu", type=int, default=0, help="First core of the first slot (--cpus-per-run).")
+    p.add_argument("--trl-child", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.trl_child:
+        trl_child(args.trl_child)
+        return 0
+
+    if args.cpus_per_run:  # the bench itself (evaluation) keeps off the runs' cores
+        import torch
+
+        if args.first_cpu:  # cores below --first-cpu are the bench's own (at most the first two)
+            os.sched_setaffinity(0, set(range(min(2, args.first_cpu))))
+        torch.set_num_threads(max(1, min(2, args.first_cpu or 1)))
+    warm = prepare(args.prep, args.prep_seed)
+    start_greedy = evaluate_checkpoint(args.prep / "model")
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if results.get("warm_start", {}).get("greedy") not in (None, start_greedy):
+        results = {}  # another warm start: start over
+    results.update(
+        {
+            "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "warm_start": {"greedy": start_greedy, "prep": str(args.prep), **warm},
+            "target": args.target,
+            "settings": {k: v for k, v in vars(args).items() if k not in ("out", "trl_child")},
+        }
+    )
+    results.setdefault("runs", {})
+
+    free = list(range(max(1, args.parallel)))
+    lock = threading.Lock()
+
+    def one(name: str, seed: int) -> dict:
+        with lock:
+            _SLOTS.slot = free.pop(0)
+        try:
+            return _one(name, seed)
+        finally:
+            with lock:
+                free.append(_SLOTS.slot)
+
+    def _one(name: str, seed: int) -> dict:
+        run_dir = args.runs_dir / f"{name}-s{seed}"
+        if run_dir.exists():
+            import shutil
+
+            shutil.rmtree(run_dir)
+        run_dir.mkdir(parents=True)
+        load = os.getloadavg()
+        t0 = time.time()
+        if name == "trl":
+            r = run_trl(args, name, args.trl_args, seed, run_dir)
+        else:
+            r = run_mesh(args, name, VARIANTS[name], seed, run_dir)
+        r.update(
+            seed=seed, load_before=load, load_after=os.getloadavg(), run_s=round(time.time() - t0, 1),
+            parallel=args.parallel, cpus=(_pin_prefix(args) or [None] * 4)[3],
+        )  # fmt: skip
+        hit = _first_at(r["curve"], args.target)
+        print(
+            f"{name} seed {seed}: "
+            + (
+                f"greedy {args.target} at step {hit['step']}, {hit['train_s']:.1f} s"
+                if hit
+                else "target missed"
+            )
+            + f"; final greedy {r['curve'][-1]['greedy']}; load {load[0]:.1f}->{r['load_after'][0]:.1f}",
+            flush=True,
+        )
+        return r
+
+    jobs = [(name, seed) for name in args.only for seed in args.seeds]
+    done: dict[tuple[str, int], dict] = {}
+
+    def record(job: tuple[str, int]) -> None:
+        r = one(*job)
+        with lock:  # write as runs finish: a run cut short by a time limit loses only itself
+            done[job] = r
+            name = job[0]
+            runs = [done[(n, s)] for n, s in jobs if n == name and (n, s) in done]
+            results["runs"][name] = {"runs": runs, "summary": summarize(runs, args.target)}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    # --parallel > 1 shares the machine between runs: their steps are comparable, their clocks are
+    # only where each run has cores of its own (--cpus-per-run).
+    with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
+        for f in [pool.submit(record, j) for j in jobs]:
+            f.result()
+    for name, v in results["runs"].items():
+        s = v["summary"]
+        print(
+            f"{name:22s} steps {s['steps_to_target']}  train_s {s['train_s_to_target']}  step_s {s['median_step_s']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
