@@ -7,6 +7,11 @@ parse (so "1,000", "1000.0" and "1000" agree, and "\\frac{3}{4}" equals "0.75"),
 normalised string. When both of those say no and LaTeX is involved, `math_verify` (symbolic
 equivalence) gets the last word, so "\\sqrt{2}/2" and "\\frac{\\sqrt2}{2}" agree.
 
+The label goes through the same extraction when it is written as a solution or in prose
+(`label_answer`: "The answer is 19.", "The sum is 19" and "\\boxed{19}" all grade as 19), so a
+label and a response saying the same thing agree; a label that already is an answer ("19",
+"x+1", "Paris") is taken whole.
+
 A wrong or missing answer scores 0.0. A missing *label* is not a wrong answer: it raises, and
 the service reports that sample as failed.
 """
@@ -115,11 +120,35 @@ def _numbers_equal(a: Fraction, b: Fraction) -> bool:
     return a == b or math.isclose(float(a), float(b), rel_tol=_REL_TOL, abs_tol=1e-12)
 
 
-def _label_answer(label: str) -> str:
-    """Ground truth written as a solution ("... #### 72", "\\boxed{72}") reduced to its answer."""
-    if "\\boxed" in label or "####" in label:
-        return extract_answer(label) or label
-    return label
+# A label written as a sentence: two or more whitespace-separated tokens, one of them a word
+# ("The sum is 19", "19 apples"). "x + 1", "(B)", "3/4" and LaTeX ("\\frac{1}{2}") are answers already.
+_WORD_RE = re.compile(r"(?:^|\s)[A-Za-z]{2,}[.,;:!?]?(?=\s|$)")
+
+
+def label_answer(label: str) -> str | None:
+    """The answer a ground-truth label states, found the way a response's is; None if none.
+
+    A label that already is an answer ("19", "\\frac{3}{4}", "x+1", "(B)", "Paris", "New York")
+    is itself. One written as a solution or in prose goes through `extract_answer`, the response's
+    own extraction ("... #### 72", "\\boxed{72}", "The answer is 19.", "The sum is 19" and "19
+    apples" all state 19), so a prose label grades like the same prose in a response. None: a
+    sentence in which the rule finds no answer ("The capital is Paris"); `math_reward` then
+    compares the whole label, and preflight warns.
+    """
+    text = label.strip()
+    solution = "\\boxed" in text or "\\fbox" in text or "####" in text
+    prose = "\\" not in text and len(text.split()) > 1 and bool(_WORD_RE.search(text))
+    if not (solution or prose):
+        return text
+    answer = extract_answer(text)
+    if answer is None:
+        return None if len(text.split()) > 3 else text  # "New York" is an answer; a sentence is not
+    if extract_boxed(text) is None and _WORD_RE.search(answer) and "\\" not in answer:
+        # "The answer is 19 apples." -> "19 apples": the number it states, as for a response.
+        numbers = _NUMBER_RE.findall(answer)
+        if numbers:
+            return numbers[0]
+    return answer
 
 
 def _math_verify_equal(answer: str, label: str) -> bool:
@@ -140,7 +169,7 @@ def math_reward(response: str, label: str, use_math_verify: bool = True) -> floa
     """1.0 if the response's final answer equals `label`, else 0.0."""
     if label is None or not str(label).strip():
         raise ValueError("sample has no label to grade against")
-    label = _label_answer(str(label))
+    label = label_answer(str(label)) or str(label).strip()
     answer = extract_answer(response)
     if answer is None:
         if not response.strip():

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -324,10 +325,40 @@ def preflight(cfg: Config) -> None:
         raise LaunchError(f"--hf-checkpoint {ckpt}: not a Hugging Face model directory (no config.json)")
     if not any(ckpt.glob("*.safetensors")):
         raise LaunchError(f"--hf-checkpoint {ckpt}: no *.safetensors weights")
+    rule = _label_rule(cfg)
+    d = cfg.data
     try:
-        load_prompts(cfg.data.prompt_data, cfg.data.input_key, cfg.data.label_key, cfg.data.metadata_key)
+        records = load_prompts(
+            d.prompt_data, d.input_key, d.label_key, d.metadata_key, require_label=rule is not None
+        )
     except DataError as e:
         raise LaunchError(str(e)) from None
+    if rule == "math":
+        _warn_on_labels_without_answer(records)
+
+
+LABEL_SAMPLE = 64  # labels the math rule is tried on before the run
+
+
+def _label_rule(cfg: Config) -> str | None:
+    """The built-in rule that grades against labels; None when the reward may need none (a remote
+    endpoint or a --custom-rm-path function decide for themselves)."""
+    r = cfg.reward
+    return None if r.custom_rm_path or r.rm_url or r.rm_type == "remote_rm" else r.rm_type
+
+
+def _warn_on_labels_without_answer(records: list) -> None:
+    """A label the math rule finds no answer in is compared whole: nearly every response scores 0."""
+    # The reward service's own rule (pure Python, no gRPC), so preflight and grading agree.
+    from slipstream.services.reward.rules import label_answer
+
+    picked = sorted(random.Random(0).sample(range(len(records)), min(LABEL_SAMPLE, len(records))))
+    bad = [records[i] for i in picked if label_answer(records[i].label) is None]
+    if bad:
+        print(f"slipstream: warning: --rm-type math finds no answer in {len(bad)} of {len(picked)} sampled "
+              f"labels (e.g. {bad[0].where}: {bad[0].label[:60]!r}); such a label is compared whole and "
+              "responses rarely match it. Write the answer ('19', '\\boxed{19}', 'The answer is 19.') "
+              "or grade with --custom-rm-path", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def keep_password_out_of_config(cfg: Config, run_dir: Path) -> None:
