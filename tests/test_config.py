@@ -65,6 +65,13 @@ def test_invariants_are_checked():
         ),
         (["--num-rollout", "0"], "--num-rollout must be positive"),
         (["--weight-sync-dtype", "int3"], "invalid choice"),
+        # accepted and ignored before issue 13; refused now, saying what is supported
+        (["--actor-num-nodes", "2"], "--actor-num-nodes 2: not supported; the trainer runs on one node"),
+        (
+            ["--rollout-num-gpus", "2", "--rollout-num-gpus-per-engine", "2"],
+            "--rollout-num-gpus-per-engine 2: not supported; the native engine runs on one GPU",
+        ),
+        (["--rollout-engine", "sglang"], "--rollout-engine sglang: not supported yet"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, message):

@@ -17,15 +17,13 @@ def test_disaggregated_gpus_follow_the_trainer():
                 "--actor-num-gpus-per-node",
                 "2",
                 "--rollout-num-gpus",
-                "4",
-                "--rollout-num-gpus-per-engine",
-                "2",
+                "3",
             ]
         )
     )
     assert p.trainer_gpus == (0, 1)
-    assert p.rollout_gpus == ((2, 3), (4, 5))
-    assert cuda_visible(p.rollout_gpus[1]) == {"CUDA_VISIBLE_DEVICES": "4,5"}
+    assert p.rollout_gpus == ((2,), (3,), (4,))  # one GPU per engine (more is refused: test_config)
+    assert cuda_visible(p.rollout_gpus[1]) == {"CUDA_VISIBLE_DEVICES": "3"}
 
 
 def test_colocate_shares_the_trainer_gpus():

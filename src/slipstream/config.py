@@ -447,14 +447,19 @@ class InfraConfig:
 class ClusterConfig:
     """Placement, with slime's names. On a CPU-only machine GPU counts are ignored."""
 
-    actor_num_nodes: int = opt(1, "Nodes of the trainer job (the launcher runs one node; more via torchrun).")
+    actor_num_nodes: int = opt(
+        1, "Nodes of the trainer job; only 1 is supported (the trainer runs on one node)."
+    )
     actor_num_gpus_per_node: int = opt(
         1, "Trainer processes per node (FSDP2 under torchrun); on CPU, gloo processes."
     )
     rollout_num_gpus: int = opt(
         0, "GPUs for rollout in total; 0 = as many rollout servers as --rollout-num-servers."
     )
-    rollout_num_gpus_per_engine: int = opt(1, "GPUs per rollout engine (servers = rollout GPUs / this).")
+    rollout_num_gpus_per_engine: int = opt(
+        1,
+        "GPUs per rollout engine; only 1 is supported (the native engine runs on one GPU, no tensor parallelism).",
+    )
     colocate: bool = opt(False, "Trainer and rollout share the same GPUs.")
 
     def __post_init__(self) -> None:
@@ -466,6 +471,17 @@ class ClusterConfig:
         _require(
             self.rollout_num_gpus % self.rollout_num_gpus_per_engine == 0,
             "--rollout-num-gpus must be a multiple of --rollout-num-gpus-per-engine",
+        )
+        # Refused rather than accepted and ignored (issue 13): nothing reads more than one.
+        _require(
+            self.actor_num_nodes == 1,
+            f"--actor-num-nodes {self.actor_num_nodes}: not supported; the trainer runs on one node "
+            "(--actor-num-gpus-per-node ranks under torchrun)",
+        )
+        _require(
+            self.rollout_num_gpus_per_engine == 1,
+            f"--rollout-num-gpus-per-engine {self.rollout_num_gpus_per_engine}: not supported; the native "
+            "engine runs on one GPU (one rollout server per GPU of --rollout-num-gpus)",
         )
 
 
