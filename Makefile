@@ -20,6 +20,7 @@ demo: install
 	$(PY) -m slipstream demo
 
 test: install
+	sh scripts/ensure_chromium.sh  # for tests/test_report.py; never fails the target
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q

@@ -4,6 +4,7 @@
     slipstream demo [<flags>]       build the tiny demo model and task, then train it through the mesh
     slipstream coordinator|rollout|reward|trainer <flags>
                                     one service, as containers and Kubernetes run it
+    slipstream report RUN_DIR       the run's report: RUN_DIR/report/index.html and a PNG per plot
 
 Flags are slime/miles' names (`slipstream train --help` lists them all). Imports stay inside
 the commands so `--help` answers at once.
@@ -35,6 +36,15 @@ def _demo(argv: list[str]) -> int:
     return demo_main(argv)
 
 
+def _report(argv: list[str]) -> int:
+    from slipstream.report import main as report_main
+
+    return report_main(argv)
+
+
+TOOLS = {"report": _report}
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -45,6 +55,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_train(rest))
     if command == "demo":
         sys.exit(_demo(rest))
+    if command in TOOLS:
+        sys.exit(TOOLS[command](rest))
     if command in SERVICES:
         importlib.import_module(f"slipstream.services.{command}.__main__").main(rest)
         return
@@ -52,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_train(argv))
     import difflib
 
-    close = difflib.get_close_matches(command, ["train", "demo", *SERVICES], n=1)
+    close = difflib.get_close_matches(command, ["train", "demo", *SERVICES, *TOOLS], n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     print(f"slipstream: error: unknown command {command}{hint}", file=sys.stderr)
     sys.exit(2)

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from slipstream.config import Config
 from slipstream.placement import cuda_visible, plan
+from slipstream.report import report_at_end
 
 GRACE_S = 5.0
 READY_TIMEOUT_S = 120.0
@@ -457,3 +458,6 @@ def run(cfg: Config) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        # Finished, failed or stopped: the report of what was trained (stdout, so the error
+        # stays the last line on stderr); one line, and never an exception, whatever happens.
+        report_at_end(run_dir)
