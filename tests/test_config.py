@@ -87,3 +87,21 @@ def test_unknown_key_in_config_file(tmp_path):
     path.write_text(json.dumps({"rollout_batchsize": 3}))
     with pytest.raises(SystemExit):
         parse_config(["--config", str(path)])
+
+
+def test_help_shows_each_flags_default():
+    # Defaults are SUPPRESSed in argparse (so file and env values rank right); the help says them.
+    from slipstream.config import FIELDS, build_parser
+
+    actions = {a.dest: a for a in build_parser()._actions}
+    missing = [name for name in FIELDS if "(default: " not in (actions[name].help or "")]
+    assert missing == []
+    proc = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, timeout=60)
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    assert proc.returncode == 0
+    assert (
+        "--rollout-batch-size ROLLOUT_BATCH_SIZE Prompts per rollout step (groups per training step). (default: 32)"
+        in text
+    )
+    assert "--lr LR Learning rate (AdamW). (default: 1e-06)" in text
+    assert 'empty = start an embedded server. (Slipstream) (default: "")' in text

@@ -610,6 +610,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def field_default(fld: dataclasses.Field) -> Any:
+    return fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()
+
+
+def _help(fld: dataclasses.Field) -> str:
+    """A flag's help with its field default. argparse cannot show it (`%(default)s`): every
+    default is SUPPRESSed so that --config and SLIPSTREAM_* values rank below flags only."""
+    default = field_default(fld)
+    shown = '""' if default == "" else default
+    return fld.metadata.get("help", "").replace("%", "%%") + f" (default: {shown})"
+
+
 def build_parser(prog: str = "slipstream", description: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description=description, allow_abbrev=False)
     parser.add_argument("--config", default=None, help="JSON or YAML file with the config tree.")
@@ -617,7 +629,7 @@ def build_parser(prog: str = "slipstream", description: str | None = None) -> ar
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(cls):
             _, fld = FIELDS[f.name]
-            help_text = fld.metadata.get("help", "")
+            help_text = _help(fld)
             kind, choices = _scalar_parser(fld.type)
             if kind is bool:
                 group.add_argument(
