@@ -20,7 +20,8 @@ def main(argv: list[str] | None = None) -> None:
     security.configure_process(cfg, "rollout", prog)  # secrets from files; one line on error
     # Heavy imports (torch, transformers, grpc) only once the flags are known to be good.
     from slipstream.rpc.server import run_async
-    from slipstream.services.rollout.server import CoordinatorLost, serve
+    from slipstream.services.rollout.attach import CoordinatorLost
+    from slipstream.services.rollout.server import serve
 
     try:
         run_async(serve(cfg))
