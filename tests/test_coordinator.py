@@ -27,7 +27,7 @@ from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, types_pb2
 from slipstream.rpc.channel import aio_channel, sync_channel
 from slipstream.services.coordinator.groups import Ledger, Slots, StaleResult, pick_server
 from slipstream.services.coordinator.server import start_coordinator
-from slipstream.services.coordinator.weights_relay import PushError, receive_push
+from slipstream.services.coordinator.weights_relay import PushError, VersionNotNewer, receive_push
 from slipstream.weights import WeightStager, iter_messages, pack
 
 pytestmark = pytest.mark.timeout(60)
@@ -123,19 +123,21 @@ def test_receive_push_checks_order_hashes_and_version():
         m.SerializeToString() for m in msgs
     ]
 
-    def refused(messages, current=0) -> str:
+    def refused(messages, current=0) -> PushError:
         with pytest.raises(PushError) as e:
             asyncio.run(receive_push(_aiter(messages), current))
-        return str(e.value)
+        return e.value
 
-    assert "not newer" in refused(msgs, current=3)
-    assert "manifest" in refused(msgs[1:])
-    assert "out of order" in refused([msgs[0], msgs[2], msgs[1], *msgs[3:]])
+    not_newer = refused(msgs, current=3)
+    assert isinstance(not_newer, VersionNotNewer) and "not newer" in str(not_newer)
+    assert not isinstance(refused(msgs[1:]), VersionNotNewer)  # other refusals stay plain PushError
+    assert "manifest" in str(refused(msgs[1:]))
+    assert "out of order" in str(refused([msgs[0], msgs[2], msgs[1], *msgs[3:]]))
     bad = types_pb2.WeightMessage()
     bad.CopyFrom(msgs[1])
     bad.chunk.data = b"x" + bad.chunk.data[1:]
-    assert "sha256" in refused([msgs[0], bad, *msgs[2:]])
-    assert "chunks" in refused(msgs[:-1])
+    assert "sha256" in str(refused([msgs[0], bad, *msgs[2:]]))
+    assert "chunks" in str(refused(msgs[:-1]))
 
 
 # ---- the service over real gRPC ------------------------------------------------------------
@@ -430,9 +432,9 @@ def test_push_and_fetch_weights_round_trip_and_refusals(assets, redis_url, run_i
                     )
                 ]
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
-            with pytest.raises(grpc.RpcError) as e:  # the same (not newer) version again
+            with pytest.raises(grpc.RpcError) as e:  # the same version again: already held
                 await _refused_push(coord, iter_messages(manifest, chunks))
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not newer" in e.value.details()
+            assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS and "not newer" in e.value.details()
             with pytest.raises(grpc.aio.AioRpcError) as e:  # a stream must open with Hello
                 no_hello = _aiter([coordinator_pb2.RolloutEvent(heartbeat=coordinator_pb2.Heartbeat())])
                 [c async for c in stub.Attach(no_hello, timeout=10)]
@@ -744,7 +746,7 @@ def test_malformed_prompt_file_exits_2_with_one_line(assets, tmp_path):
 
 def test_prompt_longer_than_the_limit_is_refused_naming_the_record(assets):
     from slipstream.data import DataError, load_prompts
-    from slipstream.services.coordinator.server import tokenize_prompts
+    from slipstream.services.coordinator.prompts import tokenize_prompts
 
     cfg = config_from_values({"prompt_data": str(assets / "prompts.jsonl"), "rollout_max_prompt_len": 3})
     records = load_prompts(cfg.data.prompt_data)
@@ -752,4 +754,6 @@ def test_prompt_longer_than_the_limit_is_refused_naming_the_record(assets):
         DataError,
         match=r"prompts.jsonl: record 1: prompt is 4 tokens, longer than --rollout-max-prompt-len 3",
     ):
-        tokenize_prompts(load_tokenizer(assets / "model"), records, cfg)
+        tokenize_prompts(
+            load_tokenizer(assets / "model"), records, cfg.data, cfg.rollout.rollout_max_prompt_len
+        )
