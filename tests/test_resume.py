@@ -268,23 +268,24 @@ def test_check_ledger_reports_and_fails_on_double_training_and_unknown_groups(tm
 def test_duplicates_are_acked_and_skipped(redis_url, run_id):
     """At-least-once delivery (a regenerated group, a requeue repeated after a lost reply) meets
     an idempotent consumer: a group trained as often as allowed is acknowledged, never trained."""
+    from slipstream.algorithms.staleness import StalenessBound
     from slipstream.config import config_from_values
+    from slipstream.services.trainer.feed import Feed
     from slipstream.services.trainer.ledger import Consumption, StepRecord
-    from slipstream.services.trainer.loop import Feed, TrainerState, _collect
     from slipstream.services.trainer.reconnect import Reconnect
 
     cfg = config_from_values(
         dict(rollout_batch_size=2, n_samples_per_prompt=2, micro_batch_size=2, max_reuse=2, max_staleness=9)
     )
-    feed = Feed(Consumption(max_reuse=2), Reconnect(5.0))
     with ReplayBuffer(redis_url, run_id) as buf:
+        feed = Feed(buf, Consumption(max_reuse=2), Reconnect(5.0), StalenessBound.from_config(cfg), "t")
         for i in (0, 1, 0, 2):  # p0 stored twice
             buf.put_group(_group(i))
-        first = _collect(buf, "t", 2, TrainerState(), cfg, feed)
+        first = feed.collect(2, version=0)
         assert [g.group_id for _, g in first.fresh] == ["p0", "p1"]
         feed.consumption.record(StepRecord(1, ["p0", "p1"], [1, 1], [i for i, _ in first.fresh], []), [])
         buf.commit([], [], [(_group(0), 1), (_group(0), 1)])  # a requeue appended twice
-        second = _collect(buf, "t", 2, TrainerState(), cfg, feed)
+        second = feed.collect(2, version=0)
         # the second p0 (fresh: wants training 1, p0 had it) is skipped; p2 and one p0 reuse train
         assert [g.group_id for _, g in second.fresh] == ["p2"]
         assert [(r.group.group_id, r.times_trained) for r in second.reused] == [("p0", 1)]
@@ -293,7 +294,7 @@ def test_duplicates_are_acked_and_skipped(redis_url, run_id):
         buf.put_group(_group(3))
         late = threading.Timer(0.3, lambda: buf.put_group(_group(4)))
         late.start()
-        third = _collect(buf, "t", 2, TrainerState(), cfg, feed)  # p3 alone: reuse is read to fill
+        third = feed.collect(2, version=0)  # p3 alone: reuse is read to fill
         late.join()
         assert [g.group_id for _, g in third.fresh] == ["p3", "p4"] and not third.reused
         assert feed.consumption.num_duplicates_skipped == 2  # the repeated requeue of p0

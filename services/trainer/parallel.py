@@ -58,6 +58,13 @@ class Parallel:
         dist.broadcast(t, src=0)
         return t.cpu().tolist()
 
+    def share_flag(self, value: bool | None) -> bool:
+        """Rank 0's yes/no on every rank: how followers learn what rank 0 decided to do next
+        (push, save), so a collective is joined by all ranks or by none."""
+        if not self.enabled:
+            return bool(value)
+        return bool(self.broadcast_floats([float(bool(value))] if self.is_main else None)[0])
+
 
 def init_parallel(device: torch.device) -> Parallel:
     """Join the process group when started by torchrun; a single process otherwise."""

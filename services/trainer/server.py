@@ -15,7 +15,8 @@ from slipstream.config import Config
 from slipstream.proto import trainer_pb2, trainer_pb2_grpc
 from slipstream.rpc.server import install_signal_handlers, start_server
 
-from .loop import TrainerState, train
+from .loop import train
+from .state import TrainerState
 
 log = logging.getLogger("slipstream.trainer")
 
