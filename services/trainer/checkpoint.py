@@ -15,7 +15,7 @@ process. Storage is safetensors + JSON rather than DCP's own files because DCP's
 a pickle: nothing a trainer loads from disk can run code. A checkpoint directory is written
 under a temporary name and renamed when complete, so `latest` never points at half a
 checkpoint. Redis hears about the entries a checkpoint trained only after it is renamed
-(`loop.py`): the checkpoint is the truth about what was trained, Redis follows it.
+(`checkpointer.py`): the checkpoint is the truth about what was trained, Redis follows it.
 """
 
 from __future__ import annotations

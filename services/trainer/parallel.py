@@ -7,7 +7,8 @@ trains on its slice of each global batch, and FSDP reduce-scatters the gradients
 gloo on CPU, so the same code runs in CI with two CPU processes.
 
 Rank 0 is the trainer's face to the mesh (buffer reads and acks, weight pushes, metrics); the
-other ranks receive each step's samples from it as protobuf bytes over the process group.
+other ranks receive each step's samples from it as protobuf bytes over the process group, and
+its decision before every push and save (`ranks.py`).
 Checkpoints and weight pushes go through `torch.distributed.checkpoint`'s state-dict API with
 `full_state_dict=True`: the state is gathered world-size-independent, so a run saved on N
 processes resumes on M.
