@@ -10,7 +10,8 @@ A group is one prompt x `n_samples_per_prompt` samples, and it is always in exac
   served and with the deadline that version gives it (admission.py). Its samples are queued,
   leased to a stream, or parked as partials: the `Ledger` keeps that, sample by sample. A sample
   that comes back ABORTED is parked: written to the buffer's partial stream and, before any new
-  prompt is admitted, taken back and queued first, to be continued under the newest weights.
+  prompt is admitted, taken back and queued first, to be continued under the newest weights
+  (partials.py).
 - SCORING: every sample is in; one reward call, with retries; a sample whose reward keeps failing
   is FAILED and dead-lettered. The dynamic filter then keeps the group (READY) or drops it
   (FILTERED: another prompt takes its place).
@@ -56,6 +57,7 @@ from slipstream.services.coordinator.admission import may_store
 from slipstream.services.coordinator.dispatch_log import DispatchLog
 from slipstream.services.coordinator.groups import GroupState, Ledger, Slots, Stage, StaleResult, pick_server
 from slipstream.services.coordinator.journal import StoreInDoubt, to_record
+from slipstream.services.coordinator.partials import Partials
 from slipstream.services.coordinator.prompts import Prompts, work_item
 
 if TYPE_CHECKING:
@@ -141,8 +143,9 @@ class Pipeline:
         self.groups: dict[str, GroupState] = {}  # every group not stored, filtered nor lost
         self._moves = itertools.count(1)
         self._aborting: set[str] = set()  # work ids an abort was sent for
-        self._num_parking = 0  # partials being written to the partial stream
-        self._taking = False  # a take of partials is under way
+        self.partials = Partials(
+            self.ledger, ports.park, ports.take_partials, journal.mark, self._spawn, then=self.dispatch
+        )
         self._to_store = asyncio.Event()  # a group became STORING
         self._storer: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -182,9 +185,7 @@ class Pipeline:
 
     def start(self) -> None:
         """After `restore`: take every parked partial back (the stream may have lost some)."""
-        if self.ledger.parked:
-            self._taking = True
-            self._spawn(self._take_partials(None))
+        self.partials.take_all()
 
     # ---- admission and dispatch ---------------------------------------------------------
     def dispatch(self) -> None:
@@ -194,7 +195,7 @@ class Pipeline:
             # The trainer cannot take another group before the next version: recycle what still runs.
             self._abort_running()
             return
-        self._recycle_partials()
+        self.partials.recycle()
         slots = {cid: Slots(self.ledger.in_flight(cid), cap) for cid, cap in self.ports.capacity().items()}
         n = self.settings.rollout.n_samples_per_prompt
         while True:
@@ -263,7 +264,7 @@ class Pipeline:
         self.journal.mark(result.work_id.rsplit("/", 1)[0])
         if result.sample.status == types_pb2.SAMPLE_STATUS_ABORTED:
             self.counters.num_partials_recycled += 1
-            self._spawn(self._park(self.ledger.sample_of(result.work_id)))
+            self.partials.park(self.ledger.sample_of(result.work_id))
         if group is not None:
             self._move(group, Stage.SCORING)
             self._spawn(self._finish(group))
@@ -399,46 +400,6 @@ class Pipeline:
                     later.position -= later.position > group.position  # they move up a place
                 self._move(group, Stage.LOST)
                 return
-
-    # ---- partial trajectories -----------------------------------------------------------
-    async def _park(self, sample: types_pb2.Sample) -> None:
-        """Write a partial to the partial stream; it stays parked in the ledger until taken back."""
-        self._num_parking += 1
-        try:
-            await self.ports.park(sample)
-        except Exception as e:  # noqa: BLE001 - Redis refused it: continue it from memory, nothing lost
-            log.warning("could not park partial %s (%s); continuing it from memory", sample.uid, e)
-            self.ledger.resume(sample)
-        finally:
-            self._num_parking -= 1
-        self.dispatch()
-
-    def _recycle_partials(self) -> None:
-        in_stream = len(self.ledger.parked) - self._num_parking
-        if in_stream > 0 and not self._taking:
-            self._taking = True
-            self._spawn(self._take_partials(in_stream))
-
-    async def _take_partials(self, count: int | None) -> None:
-        """Take partials back from the stream and queue them (None: all of them, after a restore:
-        a parked partial the stream lost is then continued from the journal's copy)."""
-        try:
-            partials = await self.ports.take_partials(count)
-        except Exception as e:  # noqa: BLE001 - Redis refused: they stay in the stream for the next try
-            log.warning("could not take partials back: %s", e)
-            return
-        finally:
-            self._taking = False
-        for partial in partials:
-            if self.ledger.resume(partial):
-                self.journal.mark(partial.uid.rsplit("/", 1)[0])
-            else:
-                log.warning("partial %s belongs to no group in flight; dropped", partial.uid)
-        if count is None:
-            for uid in sorted(self.ledger.parked):  # the stream lost it (Redis restart): the journal has it
-                log.warning("partial %s is not in the partial stream; continuing it from the journal", uid)
-                self.ledger.resume(self.ledger.sample_of(uid))
-        self.dispatch()
 
     # ---- the journal and the end --------------------------------------------------------
     def snapshot(self, dirty: set[str]) -> tuple[CoordinatorCounters, dict[str, bytes]]:

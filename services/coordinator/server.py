@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,6 +77,9 @@ class TrainerProgress:
 
 
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
+    # (groups in the buffer stream, entries pending) for GetStatus; set where the buffer is known.
+    buffer_depth: Callable[[], tuple[int, int]] | None = None
+
     def __init__(self, relay: WeightRelay, streams: Streams, recovery: Recovery, trainer: TrainerProgress):
         self.relay = relay
         self.streams = streams
@@ -223,11 +227,18 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         return self.status()
 
     async def GetStatus(self, request, context):
-        return self.status()
+        status = self.status()
+        if self.buffer_depth is not None:  # Redis, off the event loop; progress replies skip it
+            try:
+                status.buffer_groups, status.buffer_pending = await asyncio.to_thread(self.buffer_depth)
+            except redis.exceptions.RedisError:
+                status.buffer_groups = status.buffer_pending = -1  # the status must answer anyway
+        return status
 
     def status(self) -> coordinator_pb2.CoordinatorStatus:
         pipeline = self.pipeline
         c = pipeline.counters
+        now = time.monotonic()
         return coordinator_pb2.CoordinatorStatus(
             policy_version=self.relay.version,
             num_groups_dispatched=c.cursor,
@@ -242,6 +253,20 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             num_stale_samples=c.num_stale_samples,
             rollout_idle_fraction=self.streams.idle_fraction,
             weights_held=self.relay.held,
+            trainer_step=self.trainer.step,
+            max_staleness=pipeline.bound.max_staleness,
+            num_dead_lettered=c.num_dead_lettered,
+            servers=[
+                coordinator_pb2.RolloutServerStatus(
+                    server_id=conn.server_id,
+                    policy_version=conn.version,
+                    num_in_flight=pipeline.ledger.in_flight(conn.conn_id),
+                    max_concurrent=conn.max_concurrent,
+                    idle_fraction=conn.idle_s / conn.uptime_s if conn.uptime_s > 0 else 0.0,
+                    seconds_since_heard=now - conn.last_seen,
+                )
+                for conn in self.streams.conns.values()
+            ],
         )
 
 
@@ -353,6 +378,7 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
     recovery = Recovery(store, relay, new_pipeline, infra.reconnect_timeout)
     await recovery.start(snapshot)  # its incarnation is durable before anything is served
     servicer = CoordinatorServicer(relay, streams, recovery, trainer)
+    servicer.buffer_depth = lambda: (buffer.num_groups(), buffer.num_pending())
     streams.start(on_expired=servicer.detach)
     service = await start_server(
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),
