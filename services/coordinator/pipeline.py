@@ -228,19 +228,18 @@ class Pipeline:
         self.journal.mark(group_id)
         self.events.event("dispatched", group_id, [s.uid for s in samples])
 
-    def _abort_running(self) -> None:
+    def _abort_running(self, why: str = "batch full", again: bool = False) -> None:
+        """Abort what runs on every stream (`again`: also samples an abort was already sent for)."""
         for cid in self.ports.capacity():
-            ids = [w for w in self.ledger.running_on(cid) if w not in self._aborting]
+            ids = [w for w in self.ledger.running_on(cid) if again or w not in self._aborting]
             if ids:
                 self._aborting.update(ids)
                 self.ports.send(cid, _abort(ids))
-                log.info("batch full: aborting %d samples on %s to recycle them", len(ids), cid)
+                log.info("%s: aborting %d samples on %s to recycle them", why, len(ids), cid)
 
     def abort_all(self) -> None:
-        """Abort every sample leased out (this pipeline is being replaced)."""
-        for cid in self.ports.capacity():
-            if running := self.ledger.running_on(cid):
-                self.ports.send(cid, _abort(running))
+        """This pipeline is being replaced: every sample leased out is aborted."""
+        self._abort_running("replaced", again=True)
 
     # ---- what streams report ------------------------------------------------------------
     def on_result(self, conn_id: str, result: coordinator_pb2.SampleResult) -> None:
