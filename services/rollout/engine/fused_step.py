@@ -31,7 +31,7 @@ from slipstream.kernels import attention as attention_kernel
 from slipstream.kernels import decode_layer as kernels
 from slipstream.kernels.fp8_linear import Fp8Linear, fp8_matmul, quantize_rows
 from slipstream.models import Qwen3ForCausalLM
-from slipstream.models.qwen3 import rope_cos_sin
+from slipstream.models.rope import rope_cos_sin
 from slipstream.services.rollout.engine.kv_cache import KVCache
 
 
@@ -105,7 +105,7 @@ class FusedDecoder:
         cfg = self.model.config
         x = self.model.model.embed_tokens(tokens)
         dtype = x.dtype
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)
+        cos, sin = rope_cos_sin(positions, cfg.rope, dtype)
         lengths = positions + 1
         b = tokens.shape[0]
         residual = None  # what the previous block adds to x before the next norm
