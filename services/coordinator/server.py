@@ -230,9 +230,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         status = self.status()
         if self.buffer_depth is not None:  # Redis, off the event loop; progress replies skip it
             try:
-                status.buffer_groups, status.buffer_pending = await asyncio.to_thread(self.buffer_depth)
+                groups, pending = await asyncio.to_thread(self.buffer_depth)
             except redis.exceptions.RedisError:
-                status.buffer_groups = status.buffer_pending = -1  # the status must answer anyway
+                return status  # without the buffer: the status answers anyway
+            status.buffer.CopyFrom(coordinator_pb2.BufferStatus(num_groups=groups, num_pending=pending))
         return status
 
     def status(self) -> coordinator_pb2.CoordinatorStatus:

@@ -5,6 +5,8 @@
     slipstream coordinator|rollout|reward|trainer <flags>
                                     one service, as containers and Kubernetes run it
     slipstream report RUN_DIR       the run's report: RUN_DIR/report/index.html and a PNG per plot
+    slipstream status --coordinator HOST:PORT [--once]
+                                    a live view of a running mesh (servers, buffer, trainer, reward)
 
 Flags are slime/miles' names (`slipstream train --help` lists them all). Imports stay inside
 the commands so `--help` answers at once.
@@ -42,7 +44,13 @@ def _report(argv: list[str]) -> int:
     return report_main(argv)
 
 
-TOOLS = {"report": _report}
+def _status(argv: list[str]) -> int:
+    from slipstream.status import main as status_main
+
+    return status_main(argv)
+
+
+TOOLS = {"report": _report, "status": _status}
 
 
 def main(argv: list[str] | None = None) -> None:
