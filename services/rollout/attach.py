@@ -54,6 +54,10 @@ class _Work:
     aborted: bool = False
     submitted: bool = False
 
+    @classmethod
+    def of(cls, item: coordinator_pb2.WorkItem) -> _Work:
+        return cls(rid=f"{item.work_id}#{item.lease_epoch}")  # unique even when a lease is re-issued
+
 
 class CoordinatorLost(RuntimeError):
     """The coordinator stayed unreachable past the reconnect window."""
@@ -183,7 +187,7 @@ class CoordinatorClient:
         if kind == "work":
             item = cmd.work
             # Registered now, not in the task: an AbortWork right behind it must find it.
-            self._work[item.work_id] = _Work(rid=f"{item.work_id}#{item.lease_epoch}")
+            self._work[item.work_id] = _Work.of(item)
             self._spawn(self._serve_work(item, outbox))
         elif kind == "new_weights":
             self._newest_notice = max(self._newest_notice, cmd.new_weights.version)
@@ -217,7 +221,7 @@ class CoordinatorClient:
         self._spawn(self.gate.poke())
 
     async def _serve_work(self, item: coordinator_pb2.WorkItem, outbox: asyncio.Queue) -> None:
-        work = self._work.setdefault(item.work_id, _Work(rid=f"{item.work_id}#{item.lease_epoch}"))
+        work = self._work.setdefault(item.work_id, _Work.of(item))
         try:
             if not await self.gate.enter(item.min_policy_version, lambda: work.aborted):
                 sample = with_status(item.sample, types_pb2.SAMPLE_STATUS_ABORTED)
@@ -241,7 +245,7 @@ class CoordinatorClient:
         if item.sampling.max_new_tokens <= 0 and item.sample.response_length > 0:
             # A continued sample with no budget left is already complete.
             return with_status(item.sample, types_pb2.SAMPLE_STATUS_TRUNCATED)
-        rid = work.rid  # "<work id>#<epoch>": unique even when a lease comes back re-issued
+        rid = work.rid  # "<work id>#<epoch>"
         try:
             request = make_request(rid, item.sample, item.sampling, self.settings.default_max_new_tokens)
             self._attached_rids.add(rid)
