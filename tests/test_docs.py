@@ -16,8 +16,9 @@ def test_flags_doc_is_current():
 # ---- every --flag the docs name exists -------------------------------------------------------
 
 # Flags of other programs that the docs and deploy files quote, by program. Ours are found in the
-# code (config fields, `--no-<bool>` forms and every `add_argument` in src/, services/, buffer/,
-# bench/, scripts/); anything else must be listed here, under the tool it belongs to.
+# code (config fields, `--no-<bool>` forms, every `add_argument` in src/, services/, buffer/,
+# bench/, scripts/, and the options of scripts/*.sh); anything else must be listed here, under
+# the tool it belongs to.
 OTHER_TOOLS = {
     "docker / docker compose": {"--build", "--build-arg", "--entrypoint", "--network", "--no-color",
                                 "--no-deps", "--profile", "--rm", "--scale"},
@@ -66,6 +67,8 @@ def _our_flags() -> set[str]:
                         for a in node.args
                         if isinstance(a, ast.Constant) and str(a.value).startswith("--")
                     }
+    for path in (ROOT / "scripts").glob("*.sh"):  # a shell script's options: its `case` labels
+        flags |= set(re.findall(r"^\s*(--[a-z][a-z0-9-]*)\)", path.read_text(), flags=re.MULTILINE))
     return flags
 
 
