@@ -350,8 +350,8 @@ def _label_rule(cfg: Config) -> str | None:
 
 def _warn_on_labels_without_answer(records: list) -> None:
     """A label the math rule finds no answer in is compared whole: nearly every response scores 0."""
-    # The reward service's own rule (pure Python, no gRPC), so preflight and grading agree.
-    from slipstream.services.reward.rules import label_answer
+    # What the reward service's math rule reads a label as, so preflight and grading agree.
+    from slipstream.answers import label_answer
 
     picked = sorted(random.Random(0).sample(range(len(records)), min(LABEL_SAMPLE, len(records))))
     bad = [records[i] for i in picked if label_answer(records[i].label) is None]
