@@ -31,6 +31,7 @@ from typing import Any
 Row = dict[str, Any]
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf")
+STYLES = ("-", "--", ":", "-.")
 SMOOTH_OVER = 20  # with more steps than this, a line gets a moving average over its raw values
 
 
@@ -109,18 +110,17 @@ class Plot:
 
 
 def _lines(ax, rows: list[Row], keys: list[str], markers: bool = False) -> None:
-    for color, key in zip(COLORS, keys, strict=False):
+    # Line styles differ too, so equal series (reward and accuracy under a 0/1 rule) both show.
+    for color, style, key in zip(COLORS, STYLES * len(COLORS), keys, strict=False):
         xs, ys = series(rows, key)
         if len(xs) > SMOOTH_OVER:
             ax.plot(xs, ys, color=color, alpha=0.25, linewidth=1)
             window = max(len(xs) // 20, 5)
-            ax.plot(
-                xs, _moving_average(ys, window), color=color, linewidth=2, label=f"{key} (mean of {window})"
-            )
+            label = f"{key} (mean of {window})"
+            ax.plot(xs, _moving_average(ys, window), color=color, linestyle=style, linewidth=2, label=label)
         else:
-            ax.plot(
-                xs, ys, color=color, linewidth=2, marker="o" if markers or len(xs) < 30 else None, label=key
-            )
+            marker = "o" if markers or len(xs) < 30 else None
+            ax.plot(xs, ys, color=color, linestyle=style, linewidth=2, marker=marker, label=key)
 
 
 def _draw_lines(ax, rows, keys) -> None:
@@ -140,6 +140,7 @@ def _draw_failures(ax, rows, keys) -> None:
     if "coord_num_reward_failures" in keys:
         xs, ys = series(rows, "coord_num_reward_failures")
         ax.plot(xs, ys, color=COLORS[0], linewidth=2, label="coord_num_reward_failures (run total)")
+    ax.set_ylim(0, max(ax.get_ylim()[1], 1))  # counts: from 0, and a frame for a run with none
 
 
 def _draw_staleness(ax, rows, keys) -> None:
@@ -246,7 +247,7 @@ def render_png(plot: Plot, rows: list[Row], keys: list[str]) -> bytes:
     ax.set_xlabel("training step")
     ax.set_ylabel(plot.ylabel)
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", ncols=2 if len(keys) > 3 or plot.draw is _draw_staleness else 1)
+    ax.legend(fontsize=8, loc="best", ncols=2 if len(keys) > 3 or plot.draw is _draw_staleness else 1)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
