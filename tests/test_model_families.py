@@ -17,60 +17,13 @@ from dataclasses import replace
 import pytest
 import torch
 import transformers
+from family_fixtures import HF, ROPES, VOCAB, randomise, save_hf_model, shape
 
 from slipstream.models import ModelConfig, init_model, load_config, load_model, save_model
 from slipstream.models.rope import frequencies
 
 torch.set_num_threads(1)
 ATOL = 1e-5
-VOCAB = 64
-
-HF = {
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-}
-ROPES = {
-    "default": None,
-    "linear": {"rope_type": "linear", "factor": 4.0},
-    # wavelengths 6.3 .. 1.9e4 against 32/4 and 32/1: high, medium and low frequencies all occur
-    "llama3": {
-        "rope_type": "llama3",
-        "factor": 8.0,
-        "low_freq_factor": 1.0,
-        "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 32,
-    },
-    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
-}
-
-
-def shape(family: str) -> dict:
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=128,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    # Qwen2's config has no head_dim (derived: 16); Llama's explicit one differs from hidden/heads.
-    return kw | {"qwen3": {"head_dim": 16}, "qwen2": {}, "llama": {"head_dim": 8}}[family]
-
-
-def randomise(model: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
 
 
 def input_ids(batch: int = 2, length: int = 48) -> torch.Tensor:
@@ -88,14 +41,7 @@ CASES = [(f, r, t) for f in HF for r in ROPES for t in (False, True)]
 
 @pytest.mark.parametrize(("family", "rope", "tied"), CASES)
 def test_transformers_checkpoint_loads_here_with_equal_logits(tmp_path, family, rope, tied):
-    config_cls, model_cls = HF[family]
-    rope_parameters = {"rope_theta": 10000.0, **(ROPES[rope] or {"rope_type": "default"})}
-    hf_config = config_cls(**shape(family), tie_word_embeddings=tied, rope_parameters=rope_parameters)
-    torch.manual_seed(3)
-    theirs = model_cls(hf_config).eval()
-    randomise(theirs, seed=4)
-    theirs.save_pretrained(tmp_path)
-
+    theirs = save_hf_model(family, tmp_path, rope, tie_word_embeddings=tied)
     ours = load_model(tmp_path)
     assert ours.config.model_type == family and ours.config.tie_word_embeddings is tied
     assert (ours.lm_head.weight is ours.model.embed_tokens.weight) is tied
@@ -141,16 +87,12 @@ def test_our_checkpoint_loads_in_transformers_with_equal_logits(tmp_path, family
 def test_less_common_settings_match_transformers(tmp_path, extra):
     rope = {k: v for k, v in extra.items() if not k.endswith("_bias")}
     biases = {k: v for k, v in extra.items() if k.endswith("_bias")}
-    rope_parameters = {"rope_theta": 10000.0, "original_max_position_embeddings": 32, **rope}
-    if "rope_type" not in rope:
-        rope_parameters = {"rope_theta": 10000.0, "rope_type": "default"}
-    hf_config = transformers.LlamaConfig(**shape("llama"), rope_parameters=rope_parameters, **biases)
-    torch.manual_seed(5)
-    theirs = transformers.LlamaForCausalLM(hf_config).eval()
-    randomise(theirs, seed=6)
-    theirs.save_pretrained(tmp_path)
+    if rope:
+        biases["rope_parameters"] = {"rope_theta": 10000.0, "original_max_position_embeddings": 32, **rope}
+    theirs = save_hf_model("llama", tmp_path, seed=5, **biases)
     ours = load_model(tmp_path)
-    assert ours.config.attention_bias is bool(biases) and ours.config.mlp_bias is bool(biases)
+    want_biases = not rope  # the row without RoPE keys is the one with both bias switches on
+    assert ours.config.attention_bias is want_biases and ours.config.mlp_bias is want_biases
     assert_same_rope(ours, theirs)
     with torch.no_grad():
         torch.testing.assert_close(ours(input_ids()), theirs(input_ids()).logits, atol=ATOL, rtol=0)

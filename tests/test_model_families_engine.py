@@ -10,61 +10,25 @@ the greedy choices have clear winners; prompts plus responses run past the origi
 
 import pytest
 import torch
-import transformers
+from family_fixtures import VOCAB, save_hf_model
 
 from slipstream.models import load_model
 from slipstream.services.rollout.engine import NativeEngine, Request
 
 torch.set_num_threads(1)
 ATOL = 1e-5
-VOCAB = 64
 NEW = 16
-
-CHECKPOINTS = {
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"rope_type": "default"}),
-    "qwen2": (
-        transformers.Qwen2Config,
-        transformers.Qwen2ForCausalLM,
-        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
-    ),
-    "llama": (
-        transformers.LlamaConfig,
-        transformers.LlamaForCausalLM,
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
-        | {"original_max_position_embeddings": 32},
-    ),
-}
+ROPE = {"qwen3": "default", "qwen2": "yarn", "llama": "llama3"}  # as Qwen3, Qwen2.5, Llama 3.1 ship
 
 
-@pytest.fixture(params=list(CHECKPOINTS), scope="module")
+@pytest.fixture(params=list(ROPE), scope="module")
 def pair(request, tmp_path_factory):
     """(ours, theirs): the same random weights, transformers' model and ours loaded from its save."""
-    config_cls, model_cls, rope = CHECKPOINTS[request.param]
-    hf_config = config_cls(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_parameters={"rope_theta": 10000.0, **rope},
-        tie_word_embeddings=False,  # a random tied head mostly repeats the last token: a weak test
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=0,
-    )
-    torch.manual_seed(11)
-    theirs = model_cls(hf_config).eval()
-    gen = torch.Generator().manual_seed(12)
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-            elif name.endswith(".bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
-        theirs.model.norm.weight.mul_(8.0)  # logits x8, tied head or not
     path = tmp_path_factory.mktemp(request.param)
+    # A random tied head mostly repeats the last token (a weak test): untied here.
+    theirs = save_hf_model(request.param, path, ROPE[request.param], seed=11, tie_word_embeddings=False)
+    with torch.no_grad():
+        theirs.model.norm.weight.mul_(8.0)  # logits x8: greedy choices with clear winners
     theirs.save_pretrained(path)
     return load_model(path), theirs
 

@@ -11,53 +11,23 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from family_fixtures import VOCAB, save_hf_model
 
 from slipstream.config import config_from_values
 from slipstream.services.trainer.actor import Actor
 from slipstream.types import Sample, Status
 
 torch.set_num_threads(1)
-VOCAB = 64
-
-CHECKPOINTS = {
-    "qwen2": (
-        transformers.Qwen2Config,
-        transformers.Qwen2ForCausalLM,
-        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
-    ),
-    "llama": (
-        transformers.LlamaConfig,
-        transformers.LlamaForCausalLM,
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
-        | {"original_max_position_embeddings": 8},
-    ),
-}
+ROPE = {"qwen2": "yarn", "llama": "llama3"}
 
 
-@pytest.fixture(params=list(CHECKPOINTS), scope="module")
+@pytest.fixture(params=list(ROPE), scope="module")
 def checkpoint(request, tmp_path_factory):
-    config_cls, model_cls, rope = CHECKPOINTS[request.param]
-    hf_config = config_cls(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        rope_parameters={"rope_theta": 10000.0, **rope},
-        tie_word_embeddings=request.param == "llama",
-        pad_token_id=0,
-    )
-    torch.manual_seed(21)
-    theirs = model_cls(hf_config).eval()
-    with torch.no_grad():
-        for name, p in theirs.named_parameters():
-            if name.endswith(".bias"):
-                p.normal_(0.0, 0.1)
+    """(path, transformers' model): Qwen2 untied, Llama tied (its tied head must reach the push)."""
     path = tmp_path_factory.mktemp(request.param)
-    theirs.save_pretrained(path)
-    return path, theirs
+    return path, save_hf_model(
+        request.param, path, ROPE[request.param], seed=21, tie_word_embeddings=request.param == "llama"
+    )
 
 
 def samples_with_their_log_probs(theirs) -> list[Sample]:
