@@ -343,14 +343,13 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
     reward = reward_pb2_grpc.RewardStub(reward_channel)
     score_timeout = max(infra.rpc_timeout, rm.rm_timeout * (rm.rm_max_retries + 1) + 5.0)
 
+    checkpoint = Path(cfg.model.hf_checkpoint)  # results are checked against its vocabulary, if it says
+    vocab_size = load_config(checkpoint).vocab_size if (checkpoint / "config.json").is_file() else 0
     settings = PipelineSettings(
         rollout=cfg.rollout,
         bound=StalenessBound.from_config(cfg),
         seed=cfg.train.seed,
-        # Results are checked against the vocabulary when the checkpoint says what it is.
-        vocab_size=load_config(cfg.model.hf_checkpoint).vocab_size
-        if (Path(cfg.model.hf_checkpoint) / "config.json").is_file()
-        else 0,
+        vocab_size=vocab_size,
         group_filter=group_filter,
         filter_args=cfg.as_namespace(),  # what slime hooks receive as `args`
     )
