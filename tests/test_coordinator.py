@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from machine_speed import scaled
 
 from mesh_fixtures import push_like_the_trainer
 from slipstream.buffer.replay import ReplayBuffer
@@ -355,7 +356,7 @@ def test_groups_are_scored_and_land_in_the_buffer(assets, redis_url, run_id, rew
             await rollout.nothing_more()
             await rollout.close()
 
-    asyncio.run(asyncio.wait_for(scenario(), 45))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(45)))
     groups = _read_all(redis_url, run_id)
     assert len(groups) == 2
     for group in groups:
@@ -392,7 +393,7 @@ def test_dropped_stream_is_redispatched_and_stale_epochs_ignored(assets, redis_u
             await _until_stored(stub, 1, "the re-dispatched group in the buffer")
             await b.close()
 
-    asyncio.run(asyncio.wait_for(scenario(), 45))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(45)))
     (group,) = _read_all(redis_url, run_id)
     assert [s.reward for s in group.samples] == [1.0, 1.0]
 
@@ -452,7 +453,7 @@ def test_push_and_fetch_weights_round_trip_and_refusals(assets, redis_url, run_i
             await _until(applied, "the server's version to reach 1")
             await rollout.close()
 
-    asyncio.run(asyncio.wait_for(scenario(), 45))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(45)))
 
 
 class _Feed:
@@ -514,7 +515,7 @@ def test_a_fetch_that_starts_mid_push_streams_the_whole_version(assets, redis_ur
             assert stager.finish()[0] == 1
             await rollout.close()
 
-    asyncio.run(asyncio.wait_for(scenario(), 45))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(45)))
 
 
 async def _attached(stub, count: int) -> bool:
@@ -589,7 +590,7 @@ def test_a_push_that_fails_midway_fails_its_fetchers_and_the_old_version_stays(
             # The same version pushed again whole lands (the trainer's retry).
             assert (await stub.PushWeights(_aiter(new), timeout=STEP)).version == 2
 
-    asyncio.run(asyncio.wait_for(scenario(), 45))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(45)))
 
 
 def _partial(item: coordinator_pb2.WorkItem, new_tokens: list[int]) -> coordinator_pb2.RolloutEvent:
@@ -685,7 +686,7 @@ def test_over_sampling_fills_the_batch_with_passing_groups_and_recycles_the_rest
             finally:
                 buffer.close()
 
-    asyncio.run(asyncio.wait_for(scenario(), 45))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(45)))
     stored = _read_all(redis_url, run_id)
     # p1 filled the first batch; the first recycled group to finish fills the second
     assert stored[0].group_id == "p1" and stored[1].group_id in ("p2", "p3") and len(stored) == 2
@@ -718,7 +719,7 @@ def test_rollout_idle_fraction_from_heartbeats(assets, redis_url, run_id, reward
             assert status.rollout_idle_fraction == pytest.approx(0.0)
             await rollout.close()
 
-    asyncio.run(asyncio.wait_for(scenario(), 45))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(45)))
 
 
 def test_malformed_prompt_file_exits_2_with_one_line(assets, tmp_path):
@@ -738,7 +739,7 @@ def test_malformed_prompt_file_exits_2_with_one_line(assets, tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=scaled(30),
     )
     assert proc.returncode == 2
     assert f"{bad}:2: malformed JSON" in proc.stderr.strip().splitlines()[-1]

@@ -13,6 +13,7 @@ import grpc
 import pytest
 import redis
 import test_coordinator
+from machine_speed import scaled
 from test_coordinator import (
     FakeRollout,
     _aiter,
@@ -113,8 +114,8 @@ def test_state_is_journaled_and_a_restarted_coordinator_resumes_it(assets, redis
             await channel.close()
             await coord.stop()
 
-    asyncio.run(asyncio.wait_for(first_life(), 45))
-    asyncio.run(asyncio.wait_for(second_life(), 45))
+    asyncio.run(asyncio.wait_for(first_life(), scaled(45)))
+    asyncio.run(asyncio.wait_for(second_life(), scaled(45)))
     groups = _read_all(redis_url, run_id)
     assert [g.group_id for g in groups] == ["p0", "p1"]
     assert [s.reward for s in groups[1].samples] == [1.0, 1.0]  # the journaled result kept its answer
@@ -165,8 +166,8 @@ def test_a_restarted_coordinator_takes_the_same_version_again_when_it_holds_no_w
             await channel.close()
             await coord.stop()
 
-    asyncio.run(asyncio.wait_for(life(1), 45))
-    asyncio.run(asyncio.wait_for(life(2), 45))
+    asyncio.run(asyncio.wait_for(life(1), scaled(45)))
+    asyncio.run(asyncio.wait_for(life(2), scaled(45)))
 
 
 def test_store_group_is_one_transaction(redis_url, run_id):

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from machine_speed import scaled
 
 from mesh_fixtures import build_tiny_model
 from slipstream.models.hf import init_model, load_config, load_tokenizer
@@ -233,7 +234,7 @@ def test_attached_server_generates_swaps_weights_and_reconnects(model_dir, tmp_p
             await service.stop(0)
         assert code == 0
 
-    asyncio.run(asyncio.wait_for(scenario(), 80))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(80)))
 
 
 def test_gives_up_when_the_coordinator_stays_unreachable(model_dir):
