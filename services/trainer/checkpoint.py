@@ -132,6 +132,7 @@ def save_checkpoint(
         "world_size": par.world_size,
     }
     (tmp / "trainer_state.json").write_text(json.dumps(meta) + "\n")
+    _same_mode(tmp, _file_mode())
     _fsync_dir_files(tmp)
     crash_point("mid_checkpoint", step)
     shutil.rmtree(final, ignore_errors=True)
@@ -141,6 +142,27 @@ def save_checkpoint(
     os.replace(latest_tmp, save_dir / "latest")
     _fsync(save_dir)  # the renames themselves: a checkpoint Redis is told about must survive power loss
     return final
+
+
+def _file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0644 under umask 022)."""
+    try:  # Linux: read it, rather than set it, which would race other threads' files
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _same_mode(d: Path, mode: int) -> None:
+    """Every file of a checkpoint readable alike: safetensors writes 0600 and copy2 keeps a
+    tokenizer file's own mode, while the rest are created under the umask."""
+    for f in d.rglob("*"):
+        if f.is_file():
+            f.chmod(mode)
 
 
 def _fsync(path: Path) -> None:

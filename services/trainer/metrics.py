@@ -9,6 +9,7 @@ to the step's progress report. Observers (Prometheus, `slipstream.telemetry`) ge
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from .feed import StepGroups
 from .state import TrainerState
 from .step_metrics import StepStats
 
+log = logging.getLogger("slipstream.trainer")
+
 CORRECT = 1.0 - 1e-6  # a rule reward of 1.0 means the answer was right
 
 
@@ -32,7 +35,8 @@ def group_metrics(samples: list[Sample], trained_version: int) -> dict[str, Any]
     staleness = [trained_version - min(s.policy_versions) for s in ok if s.policy_versions]
     return {
         "reward_mean": sum(rewards) / max(len(rewards), 1),
-        "accuracy": sum(r >= CORRECT for r in rewards) / max(len(rewards), 1),
+        # None (null in metrics.jsonl) when no sample was scored: no accuracy, rather than 0.
+        "accuracy": sum(r >= CORRECT for r in rewards) / len(rewards) if rewards else None,
         "response_len_mean": sum(s.response_length for s in samples) / max(len(samples), 1),
         "staleness_mean": sum(staleness) / max(len(staleness), 1),
         "staleness_max": max(staleness, default=0),
@@ -138,9 +142,10 @@ class MetricsLog:
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        log.info("%s", step_line(row))
 
     def write_summary(self, **extra: Any) -> None:
-        acc = [r["accuracy"] for r in self.rows]
+        acc = [r["accuracy"] for r in self.rows if r.get("accuracy") is not None]
         summary = {
             "num_steps": len(self.rows),
             "accuracy_first5": sum(acc[:5]) / max(len(acc[:5]), 1) if acc else None,
@@ -155,3 +160,36 @@ class MetricsLog:
             **extra,
         }
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        log.info("%s", summary_line(summary))
+
+
+def _num(value: Any, fmt: str = ".3f") -> str:
+    if value is None:
+        return "none"
+    try:
+        return format(value, fmt)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def step_line(row: dict[str, Any]) -> str:
+    """trainer.log's line for one step (metrics.jsonl holds the whole row)."""
+    return (
+        f"step {row.get('step')}: reward {_num(row.get('reward_mean'))} acc {_num(row.get('accuracy'))} "
+        f"({row.get('num_samples', 0)} samples, {row.get('num_failed', 0)} failed) "
+        f"loss {_num(row.get('loss'), '.4g')} grad_norm {_num(row.get('grad_norm'), '.3g')} "
+        f"| {_num(row.get('num_trained_tokens'), 'd')} tokens, {_num(row.get('tokens_per_s'), '.0f')} tok/s, "
+        f"wait {_num(row.get('wait_data_s'), '.2f')}s compute {_num(row.get('compute_s'), '.2f')}s "
+        f"push {_num(row.get('push_weights_s'), '.2f')}s | v{row.get('policy_version')} "
+        f"staleness {_num(row.get('staleness_mean'), '.2f')}"
+    )
+
+
+def summary_line(summary: dict[str, Any]) -> str:
+    """trainer.log's last line of a run (summary.json holds it all)."""
+    return (
+        f"run done: {summary['num_steps']} steps in {summary['elapsed_s']:.1f}s, accuracy first 5 "
+        f"{_num(summary['accuracy_first5'])} last 5 {_num(summary['accuracy_last5'])}, reward last 5 "
+        f"{_num(summary['reward_mean_last5'])}, {_num(summary['tokens_per_s_mean'], '.0f')} tok/s mean, "
+        f"policy v{summary.get('policy_version', '?')}, finished {summary.get('finished', '?')}"
+    )

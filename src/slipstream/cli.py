@@ -25,11 +25,12 @@ def _train(argv: list[str]) -> int:
     from slipstream.config import parse_config
 
     cfg = parse_config(argv, prog="slipstream train", description="Run the whole mesh on this machine.")
-    from slipstream.launcher import run
-    from slipstream.log import print_config
+    import os
 
-    print_config(cfg)
-    return run(cfg)
+    from slipstream.launcher import run
+    from slipstream.placement import colocate_given
+
+    return run(cfg, colocate_given=colocate_given(argv, os.environ))
 
 
 def _demo(argv: list[str]) -> int:

@@ -33,7 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slipstream.config import Config
-from slipstream.placement import cuda_visible, plan
+from slipstream.log import rotate_logs, write_config_table
+from slipstream.placement import PlacementError, Resolved, cuda_visible, plan, resolve, visible_gpus
 from slipstream.report import report_at_end
 
 GRACE_S = 5.0
@@ -307,6 +308,10 @@ def _read_metrics(path: Path, offset: int) -> tuple[list[dict], int]:
     return rows, offset + len(complete)
 
 
+def _shown(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"  # None: no scored sample (or not finite)
+
+
 def _error(e: Exception) -> None:
     # Plain print: one line, never re-wrapped to the terminal width, always the last one.
     tail = getattr(e, "tail", "")
@@ -382,14 +387,29 @@ def keep_password_out_of_config(cfg: Config, run_dir: Path) -> None:
     cfg.infra.redis_password_file = str(secret.resolve())
 
 
-def run(cfg: Config) -> int:
-    """Run the whole mesh until the trainer finishes. Returns the process exit code."""
+def place_on_host(cfg: Config, colocate_given: bool) -> Resolved:
+    """Where the run's processes land on this host's GPUs; --colocate turned on when the launcher
+    chooses it (the trainer reads it from config.json and sends CUDA IPC handles)."""
+    try:
+        placed = resolve(cfg, visible_gpus(), colocate_given)
+    except PlacementError as e:
+        raise LaunchError(str(e)) from None
+    cfg.cluster.colocate = placed.colocate
+    return placed
+
+
+def run(cfg: Config, colocate_given: bool = False) -> int:
+    """Run the whole mesh until the trainer finishes. Returns the process exit code.
+
+    `colocate_given`: the user set --colocate/--no-colocate, so the launcher does not choose it.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
     try:
         preflight(cfg)
+        placed = place_on_host(cfg, colocate_given)
     except LaunchError as e:
         _error(e)
         return 2
@@ -401,6 +421,10 @@ def run(cfg: Config) -> int:
     config_path = run_dir / "config.json"
     keep_password_out_of_config(cfg, run_dir)
     cfg.save_json(config_path)
+    # The whole table goes to the run directory; the console gets one line of it and the placement.
+    print(write_config_table(cfg, run_dir / "config.txt"), file=sys.stderr)
+    print(placed.line(), file=sys.stderr, flush=True)
+    rotate_logs(run_dir / "logs")  # this run's logs hold this run only
     mesh = Mesh(cfg, config_path)
 
     stop_signal: list[int] = []
@@ -434,7 +458,7 @@ def run(cfg: Config) -> int:
                         task,
                         completed=r["step"],
                         info=(
-                            f"reward {r['reward_mean']:.3f}  acc {r['accuracy']:.3f}  "
+                            f"reward {_shown(r['reward_mean'])}  acc {_shown(r['accuracy'])}  "
                             f"{r['tokens_per_s']:.0f} tok/s  v{r['policy_version']}"
                         ),
                     )
