@@ -11,6 +11,15 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(
         argv, prog="slipstream trainer", description="Train the policy from the replay buffer."
     )
+    if cfg.algo.loss_type == "sft_loss":  # the trainer alone: no endpoint, no mesh
+        from .sft import main as sft_main
+
+        sys.exit(sft_main(cfg))
+    try:
+        cfg.logging.check_installed()  # before the model loads: one line naming the package
+    except ValueError as e:
+        print(f"slipstream trainer: error: {e}", file=sys.stderr)
+        sys.exit(2)
     from slipstream.log import setup_logging
 
     setup_logging("trainer")

@@ -42,6 +42,7 @@ the per-token sum normalised over the whole global batch. Metrics are rank 0's v
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -61,10 +62,15 @@ from slipstream.weights import weights_to_sync
 
 from .batch import Batch, collate, pack, plan_micro_batches
 from .compiled_layers import split_layers
-from .objective import micro_batch_loss, needs_reference, token_advantages
+from .objective import micro_batch_loss, needs_reference, sft_micro_batch_loss, token_advantages
 from .parallel import Parallel, full_model_state, init_parallel, shard_model
 from .precision import MasterWeights
+from .schedule import LRSchedule, LRScheduler
 from .step_metrics import StepMeans, StepStats
+
+# A micro-batch's share of its optimizer step's loss: (index in the step's micro-batches, batch,
+# loss token weights) -> scalar.
+MicroLoss = Callable[[int, Batch, torch.Tensor], torch.Tensor]
 
 DTYPES = {"auto": torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -108,6 +114,7 @@ class Actor:
         max_response_len: int,  # --rollout-max-response-len (seq-mean-token-sum-norm's constant)
         device: str = "auto",
         model_path: str | None = None,  # a checkpoint to start from instead of --hf-checkpoint
+        num_optimizer_steps: int = 0,  # the whole run's: the default span of the lr decay
     ):
         self.train, self.algo = train, algo
         self.global_batch_size, self.temperature, self.max_response_len = (
@@ -140,10 +147,12 @@ class Actor:
             self.model.parameters(),
             lr=train.lr,
             betas=(train.adam_beta1, train.adam_beta2),
+            eps=train.adam_eps,
             weight_decay=train.weight_decay,
             foreach=self.device.type != "cuda",
             fused=self.device.type == "cuda",
         )
+        self.scheduler = LRScheduler(self.optimizer, LRSchedule.from_config(train, num_optimizer_steps))
 
     @classmethod
     def from_config(cls, cfg: Config, model_path: str | None = None) -> Actor:
@@ -154,6 +163,9 @@ class Actor:
             max_response_len=cfg.rollout.rollout_max_response_len,
             device=cfg.infra.device,
             model_path=model_path,
+            num_optimizer_steps=(
+                cfg.rollout.num_rollout * cfg.rollout.samples_per_rollout // cfg.effective_global_batch_size
+            ),
         )  # fmt: skip
 
     # ---- log-probs -------------------------------------------------------------------------
@@ -257,26 +269,50 @@ class Actor:
             if not self.algo.use_rollout_logprobs and o is not None:
                 means.logprob_diff(o, b.rollout_log_probs, b.loss_mask > 0)
 
-        losses, norms, skipped = [], [], 0
+        def loss(i: int, b: Batch, weights: torch.Tensor) -> torch.Tensor:
+            lp, entropy = self.log_probs_and_entropy(b)
+            if old[i] is None:  # a first-step micro-batch: its proximal log-probs are these
+                old[i] = lp.detach()
+                means.logprob_diff(old[i], b.rollout_log_probs, b.loss_mask > 0)
+            ref_i = None if ref is None else ref[i]
+            return micro_batch_loss(self.algo, b, lp, entropy, old[i], ref_i, weights, means)
+
+        return self._optimizer_steps(micro, steps_of_micro, loss, means)
+
+    def train_sft(self, samples: list[Sample]) -> StepStats:
+        """--loss-type sft_loss: the negative log-likelihood of every sample's trained tokens
+        (its loss mask: response or assistant tokens), in the same optimizer steps and micro-batches."""
+        members, steps_of_micro = self.micro_batches(samples)
+        make = pack if self.train.use_dynamic_batch_size else collate
+        micro = [make([samples[j] for j in m], [0.0] * len(m)).to(self.device) for m in members]
+        means = StepMeans()
+
+        def loss(i: int, b: Batch, weights: torch.Tensor) -> torch.Tensor:
+            return sft_micro_batch_loss(self.log_probs(b), weights)
+
+        return self._optimizer_steps(micro, steps_of_micro, loss, means)
+
+    def _optimizer_steps(
+        self, micro: list[Batch], steps_of_micro: list[list[int]], loss: MicroLoss, means: StepMeans
+    ) -> StepStats:
+        losses, norms, skipped, lr = [], [], 0, self.scheduler.lr
         for chunk in steps_of_micro:
             totals = step_totals([micro[i].loss_mask for i in chunk])
             if totals[0] == 0:
                 continue
-            done = self._optimizer_step([(i, micro[i]) for i in chunk], totals, old, ref, means)
+            lr = self.scheduler.lr
+            done = self._optimizer_step([(i, micro[i]) for i in chunk], totals, loss)
             if done is None:
                 skipped += 1
             else:
                 losses.append(done[0])
                 norms.append(done[1])
-        return means.stats(losses, norms, sum(b.num_tokens for b in micro), skipped)
+        stats = means.stats(losses, norms, sum(b.num_tokens for b in micro), skipped)
+        stats.metrics["lr"] = lr  # the step's last optimizer step's (slime's train/lr-pg_0)
+        return stats
 
     def _optimizer_step(
-        self,
-        chunk: list[tuple[int, Batch]],
-        totals: tuple[int, int],
-        old: list[torch.Tensor | None],
-        ref: list[torch.Tensor] | None,
-        means: StepMeans,
+        self, chunk: list[tuple[int, Batch]], totals: tuple[int, int], loss: MicroLoss
     ) -> tuple[float, float] | None:
         """One AdamW step over the micro-batches `chunk`: (loss, gradient norm), or None if skipped."""
         world, rank = self.par.world_size, self.par.rank
@@ -292,14 +328,9 @@ class Actor:
                 b.loss_mask, self.algo.loss_agg_mode, step_tokens=step_tokens, step_seqs=step_seqs,
                 max_len=self.max_response_len,
             )  # fmt: skip
-            lp, entropy = self.log_probs_and_entropy(b)
-            if old[i] is None:  # a first-step micro-batch: its proximal log-probs are these
-                old[i] = lp.detach()
-                means.logprob_diff(old[i], b.rollout_log_probs, b.loss_mask > 0)
-            ref_i = None if ref is None else ref[i]
-            loss = micro_batch_loss(self.algo, b, lp, entropy, old[i], ref_i, weights, means)
-            (loss * world).backward()  # FSDP averages gradients over ranks
-            step_loss = step_loss + loss.detach().double()  # on the device: no sync per micro-batch
+            micro_loss = loss(i, b, weights)
+            (micro_loss * world).backward()  # FSDP averages gradients over ranks
+            step_loss = step_loss + micro_loss.detach().double()  # on the device: no sync per micro-batch
         return self._step_if_finite(step_loss)
 
     def _step_if_finite(self, step_loss) -> tuple[float, float] | None:
@@ -318,6 +349,7 @@ class Actor:
             self.optimizer.zero_grad(set_to_none=True)
             return None
         self.optimizer.step()
+        self.scheduler.step()
         if self.masters is not None:
             self.masters.refresh()
         return loss_f, norm_f

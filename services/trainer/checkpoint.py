@@ -6,7 +6,8 @@
                                                               folder: a model loader reads every
                                                               *.safetensors beside config.json)
         trainer_state.json                                 <- step, policy version, RNG, counters,
-                                                              groups trained, steps since the last one
+                                                              groups trained, steps since the last one,
+                                                              the lr schedule's position (lr_scheduler)
     checkpoints/latest                                     <- name of the newest complete one
 
 States are gathered and scattered with `torch.distributed.checkpoint`'s state-dict API in
@@ -35,6 +36,7 @@ from slipstream.faults import crash_point
 from slipstream.models.hf import save_model
 
 from .parallel import Parallel, full_model_state, full_optimizer_state, load_full_state
+from .schedule import LRScheduler
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -104,6 +106,7 @@ def save_checkpoint(
     state: dict[str, Any],
     tokenizer_dir: str | None = None,
     par: Parallel | None = None,
+    scheduler: LRScheduler | None = None,
 ) -> Path:
     """Write one checkpoint (a collective under FSDP2: every rank calls it, rank 0 writes)."""
     par = par or Parallel()
@@ -131,6 +134,8 @@ def save_checkpoint(
         "param_groups": param_groups,
         "world_size": par.world_size,
     }
+    if scheduler is not None:
+        meta["lr_scheduler"] = scheduler.state_dict()
     (tmp / "trainer_state.json").write_text(json.dumps(meta) + "\n")
     _same_mode(tmp, _file_mode())
     _fsync_dir_files(tmp)
@@ -193,9 +198,13 @@ def resolve_checkpoint(path: str) -> Path:
 
 
 def load_trainer_state(
-    ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ckpt: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None = None,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer moments and RNG into a (possibly sharded) model; return the state."""
+    """Restore weights, optimizer moments, the lr schedule's position and RNG into a (possibly
+    sharded) model; return the state."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
     weights = {}
     for f in sorted(ckpt.glob("*.safetensors")):
@@ -205,5 +214,7 @@ def load_trainer_state(
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied
     osd = _unflatten_optimizer(load_file(str(ckpt / OPTIMIZER)), state["param_groups"])
     load_full_state(model, optimizer, weights, osd)
+    if scheduler is not None and "lr_scheduler" in state:  # older checkpoints: a constant lr
+        scheduler.load_state_dict(state["lr_scheduler"])
     set_rng_state(state["rng"])
     return state

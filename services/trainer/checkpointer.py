@@ -33,6 +33,7 @@ from .checkpoint import save_checkpoint
 from .feed import Feed
 from .ledger import StepRecord, TrainedLedger
 from .parallel import Parallel
+from .schedule import LRScheduler
 
 
 class Checkpointer:
@@ -49,6 +50,7 @@ class Checkpointer:
         describe: Callable[[], dict[str, Any]] = dict,
         feed: Feed | None = None,
         ledger: TrainedLedger | None = None,
+        scheduler: LRScheduler | None = None,
     ):
         """`interval`: --save-interval (0: only at the end); `saved_at`: the step of the checkpoint
         this run resumed from (-1: none). Rank 0 passes `describe` (the trainer state a checkpoint
@@ -56,6 +58,7 @@ class Checkpointer:
         self.save_dir, self.interval, self.par = save_dir, interval, par
         self.model, self.optimizer, self.tokenizer_dir = model, optimizer, tokenizer_dir
         self.saved_at, self.describe, self.feed, self.ledger = saved_at, describe, feed, ledger
+        self.scheduler = scheduler
 
     def due(self, step: int, last: bool = False) -> bool:
         """Whether a checkpoint of `step` is due (`last`: the run stops at `step`)."""
@@ -73,7 +76,7 @@ class Checkpointer:
     def save(self, step: int) -> None:
         save_checkpoint(
             self.save_dir, step, self.model, self.optimizer, self.describe(),
-            tokenizer_dir=self.tokenizer_dir, par=self.par,
+            tokenizer_dir=self.tokenizer_dir, par=self.par, scheduler=self.scheduler,
         )  # fmt: skip
         if self.feed is not None and self.ledger is not None:
             records, groups = self.feed.consumption.take_uncommitted()

@@ -44,6 +44,7 @@ from .checkpoint import load_trainer_state, resolve_checkpoint
 from .checkpointer import Checkpointer
 from .feed import CONSUMER, Feed, StepGroups
 from .ledger import Consumption, StepRecord, TrainedLedger
+from .logging_sinks import open_sinks
 from .metrics import MetricsLog, StepTimes, step_row
 from .ranks import SharedStep, follow, share_step, weight_gather
 from .reconnect import Reconnect
@@ -61,7 +62,7 @@ def train(cfg: Config, state: TrainerState) -> None:
     actor = Actor.from_config(cfg, model_path=str(ckpt) if ckpt else None)
     consumption, last_steps = Consumption(max_reuse=cfg.train.max_reuse), []
     if ckpt:
-        saved = load_trainer_state(ckpt, actor.model, actor.optimizer)
+        saved = load_trainer_state(ckpt, actor.model, actor.optimizer, actor.scheduler)
         state.restore(saved)
         consumption, last_steps = Consumption.from_json(saved, cfg.train.max_reuse)
         log.info("resumed from %s at step %d (policy v%d)", ckpt, state.step, state.policy_version)
@@ -99,12 +100,14 @@ class Trainer:
         self.versions = Versions(pusher, cfg.train.update_weights_interval)
         self.gather = weight_gather(actor)
         self.metrics = MetricsLog(infra.run_dir)
+        self.sinks = open_sinks(cfg)  # TensorBoard, W&B: the same rows
+        state.observers.append(self.sinks.log)
         self.feed = Feed(self.buffer, consumption, self.reconnect, self.bound)
         self.checkpointer = Checkpointer(
             cfg.save_dir, cfg.train.save_interval, actor.model, actor.optimizer, actor.par,
             saved_at=saved_at, tokenizer_dir=cfg.model.hf_checkpoint,
             describe=lambda: {**state.checkpoint_meta(), "consumer": CONSUMER, **consumption.to_json()},
-            feed=self.feed, ledger=TrainedLedger(infra.run_dir),
+            feed=self.feed, ledger=TrainedLedger(infra.run_dir), scheduler=actor.scheduler,
         )  # fmt: skip
 
     def run(self, last_steps: list[StepRecord]) -> None:
@@ -130,6 +133,7 @@ class Trainer:
         finally:
             self.buffer.close()
             self.channel.close()
+            self.sinks.close()
 
     def train_step(self, step: int) -> bool:
         """Train step `step` (1-based); False when a stop was asked for before it had its groups."""

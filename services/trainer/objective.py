@@ -4,6 +4,8 @@
 advantages (`--advantage-estimator`; REINFORCE++ puts the KL penalty in the reward here) and
 whitens them over the rollout step if asked (`--normalize-advantages`).
 
+`sft_micro_batch_loss` is --loss-type sft_loss: the weighted negative log-likelihood.
+
 `micro_batch_loss` is slime's sum: pg_loss (PPO-clip or GSPO, times the TIS weight, zeroed by
 MIS) - entropy_coef * entropy + kl_loss_coef * KL(policy || reference), each a weighted token
 sum whose weights (`--loss-agg-mode`, `aggregation.loss_token_weights`) are normalised over the
@@ -102,3 +104,10 @@ def micro_batch_loss(
             else:
                 means.add(k, v, n)
     return loss
+
+
+def sft_micro_batch_loss(lp: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """--loss-type sft_loss (slime's): the negative log-likelihood of the trained tokens, weighted
+    like the policy loss (`--loss-agg-mode`; token-mean by default), so micro-batching never
+    changes the gradient here either (the loss mask is already in `weights`)."""
+    return -(lp * weights).sum()

@@ -25,6 +25,13 @@ def _train(argv: list[str]) -> int:
     from slipstream.config import parse_config
 
     cfg = parse_config(argv, prog="slipstream train", description="Run the whole mesh on this machine.")
+    if cfg.algo.loss_type == "sft_loss":  # the trainer alone, no mesh (services/trainer/sft.py)
+        return importlib.import_module("slipstream.services.trainer.sft").main(cfg)
+    try:
+        cfg.logging.check_installed()
+    except ValueError as e:
+        print(f"slipstream train: error: {e}", file=sys.stderr)
+        return 2
     import os
 
     from slipstream.launcher import run
