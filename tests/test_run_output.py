@@ -113,3 +113,33 @@ def test_a_launch_starts_every_service_log_empty(tmp_path, capsys, stop_at_start
     assert (logs / "trainer.2.log").read_text() == "an earlier run's error\n"
     assert (logs / "rollout-0.1.log").exists() and (logs / "trainer.1.log").read_text() == "older\n"
     assert rotate_logs(logs) == []  # numbered logs stay as they are
+
+
+# ---- exit codes: 2 could not start, 1 failed after it was up (slipstream.log) -------------------
+
+
+def _exit_code(code: str) -> int:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60).returncode
+
+
+def test_an_error_before_a_process_is_up_exits_2_and_after_exits_1():
+    raise_it = "from slipstream.log import error_exit, mark_up\n{}error_exit('p', ValueError('bad'))"
+    assert _exit_code(raise_it.format("")) == 2
+    assert _exit_code(raise_it.format("mark_up()\n")) == 1
+
+
+def test_a_trainer_given_a_missing_checkpoint_exits_2(tmp_path):
+    import subprocess
+    import sys
+
+    argv = _inputs(tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-m", "slipstream.services.trainer", *argv, "--load", str(tmp_path / "nothing"),
+         "--coordinator-addr", "127.0.0.1:1", "--port", "0", "--device", "cpu"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("slipstream trainer: error: --load")

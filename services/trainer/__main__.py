@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         print(f"slipstream trainer: error: {e}", file=sys.stderr)
         sys.exit(2)
-    from slipstream.log import setup_logging
+    from slipstream.log import error_exit, setup_logging
 
     setup_logging("trainer")
     from slipstream.rpc import security
@@ -37,8 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_async(serve(cfg))
     except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
-        print(f"slipstream trainer: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        error_exit("slipstream trainer", e)  # 2 before it is up (--load, model, coordinator), 1 after
 
 
 if __name__ == "__main__":

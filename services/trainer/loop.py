@@ -34,6 +34,7 @@ from slipstream.algorithms.staleness import StalenessBound, StalenessReport, app
 from slipstream.buffer.replay import ReplayBuffer
 from slipstream.config import AlgoConfig, Config
 from slipstream.faults import crash_point
+from slipstream.log import mark_up
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc
 from slipstream.rpc.channel import sync_channel, wait_healthy_sync
 from slipstream.rpc.convert import sample_from_proto
@@ -72,7 +73,9 @@ def train(cfg: Config, state: TrainerState) -> None:
             cfg.save_dir, cfg.train.save_interval, actor.model, actor.optimizer, actor.par, saved_at=saved_at
         )
         return follow(actor, checkpointer, state.step)
-    Trainer(cfg, state, actor, consumption, saved_at).run(last_steps)
+    trainer = Trainer(cfg, state, actor, consumption, saved_at)
+    mark_up()  # model loaded, checkpoint resumed, coordinator reached: errors from here exit 1
+    trainer.run(last_steps)
 
 
 class Trainer:

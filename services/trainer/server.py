@@ -47,6 +47,7 @@ async def serve(cfg: Config) -> None:
         host=cfg.infra.host,
         port=cfg.infra.port,
         ready_file=cfg.infra.ready_file,
+        up=False,  # up once the model is loaded and the coordinator reached (loop.train)
     )
 
     async def on_signal() -> None:

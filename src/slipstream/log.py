@@ -1,6 +1,6 @@
 """Logging set-up shared by every process: one line per record, the service name first.
 
-Also the run directory's record of the resolved config (`config.txt`, beside `config.json`) and
+Also the exit codes every slipstream process uses (`error_exit`), the run directory's record of the resolved config (`config.txt`, beside `config.json`) and
 the per-run service logs (`rotate_log`: one `logs/<service>.log` per run, earlier runs' kept as
 `logs/<service>.<n>.log`).
 """
@@ -10,9 +10,33 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from pathlib import Path
+from typing import NoReturn
 
 KEEP_LOGS = 10  # earlier runs' logs kept per service
+
+# Exit codes, one convention for every slipstream process (the launcher, each service, the tools):
+#   0  done; 2  could not start: a bad flag, config value or input (file, checkpoint, address), or
+#   something it needs unreachable at start-up: fix the command, nothing ran; 1  failed after it
+#   was up (a dependency lost past its reconnect timeout, a diverged run, a crash). A service is up
+#   once it serves (its ready file is written); the trainer once its model is loaded, its
+#   checkpoint resumed and the coordinator reached.
+EXIT_FAILED = 1
+EXIT_CANNOT_START = 2
+_up = False
+
+
+def mark_up() -> None:
+    """This process is up: an error from now on is a failure while running (exit 1)."""
+    global _up
+    _up = True
+
+
+def error_exit(prog: str, e: BaseException) -> NoReturn:
+    """The one line a service ends with, and the convention's exit code for when it happened."""
+    print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_FAILED if _up else EXIT_CANNOT_START)
 
 
 def setup_logging(service: str) -> None:
