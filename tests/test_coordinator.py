@@ -32,7 +32,7 @@ from slipstream.services.coordinator.weights_relay import PushError, VersionNotN
 from slipstream.weights import WeightStager, iter_messages, pack
 
 pytestmark = pytest.mark.timeout(60)
-STEP = 10.0  # seconds any single expected event may take
+STEP = scaled(10.0)  # seconds any single expected event may take (on an idle 2-core box: 10)
 
 
 # ---- the ledger ----------------------------------------------------------------------------
@@ -174,7 +174,7 @@ def reward_addr(assets):
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while not (ready.exists() and ready.read_text().strip()):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()

@@ -6,7 +6,8 @@ A group is one prompt x `n_samples_per_prompt` samples, and it is always in exac
     GENERATING --last sample in--> SCORING --kept--> READY --position--> STORING --> STORED
                                       \\--filter drops--> FILTERED              \\--> LOST, IN_DOUBT
 
-- GENERATING: admitted while the staleness bound allows (`may_dispatch`), under the version then
+- GENERATING: admitted while the staleness bound allows (`may_dispatch`) and the reward is up
+  (`reward_up`: an unavailable reward pauses admission, scoring.py), under the version then
   served and with the deadline that version gives it (admission.py). Its samples are queued,
   leased to a stream, or parked as partials: the `Ledger` keeps that, sample by sample. A sample
   that comes back ABORTED is parked: written to the buffer's partial stream and, before any new
@@ -109,6 +110,7 @@ class Ports:
     park: Callable[[types_pb2.Sample], Awaitable[None]]  # into the partial stream
     take_partials: Callable[[int | None], Awaitable[list[types_pb2.Sample]]]  # None: all of them
     resync: Callable[[], None]  # Redis state is in doubt: rebuild from the journal
+    reward_up: Callable[[], bool] = lambda: True  # False while the reward is unavailable (scoring.py)
 
 
 class Journaling(Protocol):
@@ -210,9 +212,11 @@ class Pipeline:
             self._admit()
 
     def _may_admit(self) -> bool:
-        # Parked partials go out before any new prompt: they are older work.
+        # Parked partials go out before any new prompt: they are older work. While the reward is
+        # down, no new prompt: it could only wait in SCORING (what was admitted still generates).
         return (
             not self.ports.finished()
+            and self.ports.reward_up()
             and not self.ledger.parked
             and self.bound.may_dispatch(self.ports.version(), self.num_accepted, self.num_running)
         )

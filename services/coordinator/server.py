@@ -56,7 +56,7 @@ from slipstream.services.coordinator.journal import Journal
 from slipstream.services.coordinator.pipeline import Pipeline, PipelineSettings, Ports
 from slipstream.services.coordinator.prompts import Prompts, tokenize_prompts
 from slipstream.services.coordinator.recovery import Recovery, RedisLost
-from slipstream.services.coordinator.scoring import score_with_retries
+from slipstream.services.coordinator.scoring import RewardGate, RewardOutage, score_with_retries
 from slipstream.services.coordinator.streams import Attached, Streams
 from slipstream.services.coordinator.weights_relay import (
     PushError,
@@ -301,6 +301,7 @@ class RunningCoordinator:
     buffer: ReplayBuffer
     store: CoordinatorStore
     events: DispatchLog
+    reward_gate: RewardGate | None = None
 
     @property
     def port(self) -> int:
@@ -310,6 +311,8 @@ class RunningCoordinator:
         await self.service.health.enter_graceful_shutdown()  # probers learn first
         await self.servicer.streams.close()
         await self.servicer.recovery.close()
+        if self.reward_gate is not None:
+            self.reward_gate.close()
         self.events.close()
         await self.service.stop(grace)
         await self.reward_channel.close()
@@ -360,15 +363,17 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
         TrainerProgress(),
         DispatchLog(infra.run_dir),
     )
+    gate = RewardGate(rm.reward_outage_timeout)
     ports = Ports(
         send=streams.send,
         capacity=streams.capacity,
         version=lambda: relay.version,
         finished=lambda: trainer.finished,
         score=lambda samples, failed: score_with_retries(
-            reward, samples, score_timeout, rm.reward_max_failures, failed
+            reward, samples, score_timeout, rm.reward_max_failures, failed, gate
         ),
         resync=lambda: recovery.resync(),
+        reward_up=lambda: gate.is_up,
         **buffer_ports(buffer),
     )
 
@@ -387,7 +392,7 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
         port=infra.port,
         ready_file=infra.ready_file,
     )
-    return RunningCoordinator(service, servicer, reward_channel, buffer, store, events)
+    return RunningCoordinator(service, servicer, reward_channel, buffer, store, events, gate)
 
 
 async def serve(cfg: Config) -> None:
@@ -400,6 +405,9 @@ async def serve(cfg: Config) -> None:
     install_signal_handlers(running.stop)
     recovery = running.servicer.recovery
     recovery.on_fatal = lambda: asyncio.ensure_future(running.stop())
+    running.reward_gate.on_fatal = lambda: asyncio.ensure_future(running.stop())
     await running.service.server.wait_for_termination()
     if recovery.fatal:
         raise RedisLost(recovery.fatal)
+    if running.reward_gate.fatal:
+        raise RewardOutage(running.reward_gate.fatal)

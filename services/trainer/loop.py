@@ -47,6 +47,7 @@ from .feed import CONSUMER, Feed, StepGroups
 from .ledger import Consumption, StepRecord, TrainedLedger
 from .logging_sinks import open_sinks
 from .metrics import MetricsLog, StepTimes, step_row
+from .nothing_trained import warn_if_nothing_trained
 from .ranks import SharedStep, follow, share_step, weight_gather
 from .reconnect import Reconnect
 from .state import NonFiniteStop, TrainerState
@@ -151,6 +152,7 @@ class Trainer:
         share_step(self.actor.par, SharedStep(step, samples, scores, trained_version))
         stats = self.actor.train_rollout(samples, scores, trained_version)
         t_compute = time.perf_counter()
+        warn_if_nothing_trained(step, samples, staleness, stats.num_tokens)  # on the console
         crash_point("after_train", step)
 
         s.count_optimizer_steps(stats.num_optimizer_steps, stats.num_skipped_steps)

@@ -386,6 +386,13 @@ class RewardConfig:
         "Times a sample's scoring may fail before the sample goes to the dead-letter stream with the "
         "reason (it is then FAILED in its group and never trained on). (Slipstream)",
     )
+    reward_outage_timeout: float = opt(
+        300.0,
+        "Seconds the reward may stay unavailable (the reward service unreachable, or its --rm-url "
+        "endpoint's circuit breaker open after a few unanswered attempts in a row) before the run "
+        "fails with one line; meanwhile the coordinator admits no new prompt and fails no sample, "
+        "and the console says which endpoint is down and why. (Slipstream)",
+    )
     custom_rm_path: str = opt("", "module:function computing the reward, slime's signature (args, sample).")
     rm_auth_header_file: str = opt(
         "",
@@ -395,6 +402,7 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         _require(self.reward_max_failures >= 1, "--reward-max-failures must be at least 1")
+        _require(self.reward_outage_timeout > 0, "--reward-outage-timeout must be positive")
         _require(self.rm_type != "remote_rm" or bool(self.rm_url), "--rm-type remote_rm needs --rm-url")
         header = self.rm_auth_header_file
         _require(not header or Path(header).is_file(), f"--rm-auth-header-file {header}: no such file")

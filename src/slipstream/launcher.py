@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slipstream.config import Config
+from slipstream.console import ConsoleRelay
 from slipstream.log import rotate_logs, write_config_table
 from slipstream.placement import PlacementError, Resolved, cuda_visible, plan, resolve, visible_gpus
 from slipstream.report import report_at_end
@@ -432,6 +433,7 @@ def run(cfg: Config, colocate_given: bool = False) -> int:
     def on_signal(signum, frame):  # noqa: ARG001
         stop_signal.append(signum)
 
+    relay = ConsoleRelay(run_dir / "logs")  # the lines services log for the console (console.py)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         console.print(f"[bold]slipstream[/] run directory {run_dir} (logs in {run_dir / 'logs'})")
@@ -452,6 +454,7 @@ def run(cfg: Config, colocate_given: bool = False) -> int:
             while True:
                 if stop_signal:
                     raise KeyboardInterrupt
+                relay.echo(progress.console)
                 rows, offset = _read_metrics(run_dir / "metrics.jsonl", offset)
                 for r in rows:
                     progress.update(
@@ -466,6 +469,7 @@ def run(cfg: Config, colocate_given: bool = False) -> int:
                     break
                 mesh.supervise()
                 time.sleep(0.2)
+        relay.echo(console)  # the last step's
         mesh.stop_all()
         summary = run_dir / "summary.json"
         if summary.exists():
@@ -473,6 +477,7 @@ def run(cfg: Config, colocate_given: bool = False) -> int:
         return 0
     except LaunchError as e:
         mesh.stop_all()
+        relay.echo(console)  # what the services said before; the error stays the last line
         _error(e)
         return 1
     except KeyboardInterrupt:
