@@ -369,3 +369,32 @@ def test_why_a_step_trained_nothing():
     said = why_nothing_trained([failed[0], ok, ok], StalenessReport(num_dropped=2))
     assert said == "of 3 samples: 1 failed (reward failures), 2 dropped as too stale (--max-staleness)"
     assert why_nothing_trained([], StalenessReport()) == "the batch held no samples"
+
+
+def test_a_gate_nobody_waits_on_goes_back_up():
+    """The pipeline whose scoring saw the outage is replaced (a Redis reload cancels its tasks):
+    the gate must not stay down, pausing admission until the outage timeout, with nobody asking."""
+    import grpc
+
+    from slipstream.proto import types_pb2
+    from slipstream.services.coordinator.scoring import RewardGate, score_with_retries
+
+    class Down:
+        async def Score(self, request, timeout):
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "endpoint down"
+            )
+
+    async def scenario():
+        gate = RewardGate(outage_timeout=60)
+        task = asyncio.create_task(
+            score_with_retries(Down(), [types_pb2.Sample(uid="p0/0")], 5, 3, gate=gate)
+        )
+        while gate.is_up:
+            await asyncio.sleep(0.01)
+        assert gate.last_error == "endpoint down" and not task.done()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        assert gate.is_up and not gate.fatal
+
+    asyncio.run(asyncio.wait_for(scenario(), scaled(10)))

@@ -55,6 +55,7 @@ class RewardGate:
         self.down_since: float | None = None
         self.last_error = ""
         self.fatal = ""  # set once the outage outlasted the timeout
+        self.waiters = 0  # scoring calls waiting to try the reward again
         self._timer: asyncio.Task | None = None
 
     @property
@@ -83,6 +84,14 @@ class RewardGate:
         self.down_since = None
         if self._timer is not None:
             self._timer.cancel()
+
+    def forget(self) -> None:
+        """Nobody waits on the reward any more (their pipeline was replaced): the next call tells."""
+        if self.down_since is not None:
+            log.info("no scoring call waits on the reward any more; admission resumes until one fails")
+            self.down_since = None
+            if self._timer is not None:
+                self._timer.cancel()
 
     async def _expire(self, since: float) -> None:
         await asyncio.sleep(self.outage_timeout)
@@ -150,7 +159,16 @@ async def score_with_retries(
                 len(pending),
                 unavailable_backoff,
             )
-            await asyncio.sleep(unavailable_backoff)
+            if gate is None:
+                await asyncio.sleep(unavailable_backoff)
+            else:
+                gate.waiters += 1  # the gate stays down only while someone waits to learn otherwise
+                try:
+                    await asyncio.sleep(unavailable_backoff)
+                finally:
+                    gate.waiters -= 1
+                    if gate.waiters == 0 and asyncio.current_task().cancelling():
+                        gate.forget()
             unavailable_backoff = min(unavailable_backoff * 2, UNAVAILABLE_MAX_S)
             continue
         unavailable_backoff = UNAVAILABLE_FIRST_S
