@@ -6,7 +6,9 @@
 - the coordinator client (`attach.py`): the `Attach` stream that brings training work and
   weight notices, with the weight fetch (`weights_fetch.py`) it swaps new versions in from;
 - the `Rollout` service below: `Generate` runs samples through the same engine directly
-  (evaluation, tests, benchmarks), past the version gate; `GetInfo` says what this server is.
+  (evaluation, tests, benchmarks), past the version gate; `GetInfo` says what this server is;
+- with --http-port, SGLang's HTTP API (`http_api.py`: /generate, /health, /model_info,
+  /abort_request) on the same loop and the same engine worker, for slime-style generate functions.
 
 Sample assembly, wire to engine and back, is `samples.py`; the settings the parts read are
 `settings.py`. Without --coordinator-addr the server only answers `Rollout.Generate`.
@@ -138,6 +140,19 @@ async def serve(cfg: Config) -> None:
     log.info(
         "rollout server %s: model %s on %s (%s)", settings.server_id, engine_cfg.model_path, device, dtype
     )
+    http_runner = None
+    if settings.http_port:
+        from slipstream.services.rollout.http_api import HttpApi, start_http
+
+        api = HttpApi(
+            worker,
+            tokenizer,
+            model_path=engine_cfg.model_path,
+            default_max_new_tokens=settings.default_max_new_tokens,
+            vocab_size=model.config.vocab_size,
+        )
+        http_runner, http_port = await start_http(api, cfg.infra.host, settings.http_port)
+        log.info("SGLang-compatible HTTP API on http://%s:%d (/generate)", cfg.infra.host, http_port)
     telemetry.watch("rollout", lambda: telemetry.rollout_metrics(worker), asyncio.get_running_loop())
     telemetry.serve_metrics(cfg.infra.host, cfg.infra.metrics_port)
 
@@ -161,6 +176,8 @@ async def serve(cfg: Config) -> None:
         await asyncio.gather(*waits, return_exceptions=True)
         service.set_serving(False)
         worker.abort_all()  # Generate callers get their partial samples back, ABORTED
+        if http_runner is not None:
+            await http_runner.cleanup()
         if client is not None:
             await client.close()
         await service.stop(grace=2.0)

@@ -69,6 +69,7 @@ class ServerConfig:
     max_concurrent_samples: int  # said in Hello: --rollout-max-batch-size
     default_max_new_tokens: int  # for a request that names none: --rollout-max-response-len
     pause_mode: PauseMode  # what a weight swap does to work in flight (`version_gate.py`)
+    http_port: int = 0  # --http-port: SGLang's HTTP API (`http_api.py`); 0 = off
 
     @classmethod
     def from_sections(cls, rollout: RolloutConfig, infra: InfraConfig) -> ServerConfig:
@@ -80,4 +81,5 @@ class ServerConfig:
             max_concurrent_samples=rollout.rollout_max_batch_size,
             default_max_new_tokens=rollout.rollout_max_response_len,
             pause_mode=rollout.pause_generation_mode if rollout.partial_rollout else "drain",
+            http_port=infra.http_port,
         )

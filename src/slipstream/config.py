@@ -439,6 +439,12 @@ class InfraConfig:
     device: str = opt("auto", "Torch device of this process: auto, cpu, cuda, cuda:N. (Slipstream)")
     torch_threads: int = opt(0, "Torch CPU threads of this process; 0 = torch's default. (Slipstream)")
     metrics_port: int = opt(0, "Port of this service's Prometheus /metrics endpoint; 0 = off. (Slipstream)")
+    http_port: int = opt(
+        0,
+        "Port of a rollout server's SGLang-compatible HTTP API (POST /generate, GET /health, "
+        "/model_info, POST /abort_request), for slime-style custom generate functions; 0 = off. "
+        "(Slipstream; SGLang's own --port)",
+    )
     redis_password_file: str = opt(
         "", "File holding the Redis password (a mounted secret), filled into --redis-url. (Slipstream)"
     )
@@ -462,6 +468,7 @@ class InfraConfig:
 
     def __post_init__(self) -> None:
         _require(0 <= self.metrics_port < 65536, "--metrics-port must be in [0, 65535]")
+        _require(0 <= self.http_port < 65536, "--http-port must be in [0, 65535]")
         _require(self.reconnect_timeout > 0, "--reconnect-timeout must be positive")
         _require(self.lease_timeout > 0, "--lease-timeout must be positive")
         _require(self.max_restarts >= 0, "--max-restarts must be >= 0")
