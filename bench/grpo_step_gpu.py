@@ -63,7 +63,7 @@ def bench_ours(args, model_dir: str) -> dict:
         "--use-dynamic-batch-size", "--max-tokens-per-gpu", str(args.max_tokens_per_gpu),
         *(["--torch-compile"] if args.compile else []),
     ])  # fmt: skip
-    actor = Actor(cfg)
+    actor = Actor.from_config(cfg)
     engine_model = copy.deepcopy(actor.model).to(torch.bfloat16).eval().requires_grad_(False)
     engine = NativeEngine(
         engine_model, eos_token_ids=[], max_batch_size=args.prompts * args.n,

@@ -8,7 +8,7 @@ random weights with synthetic samples; one optimizer step over all samples. Vari
 
 - `padded-bf16params`: bf16 parameters (no fp32 masters), micro-batches of 16;
 - `padded`: `--bf16` as it ran before (fp32 parameters under bf16 autocast; with
-  `--torch-compile` only the norms and MLPs compiled: `Actor(baseline=True)`), micro-batches of 16;
+  `--torch-compile` only the norms and MLPs compiled), micro-batches of 16;
 - `packed`: the same with `--use-dynamic-batch-size --max-tokens-per-gpu N`;
 - `packed-compile`: the same plus `--torch-compile`;
 - `*-bf16w`: `--bf16` as it runs now: bf16 compute weights refreshed once per optimizer step
@@ -16,6 +16,13 @@ random weights with synthetic samples; one optimizer step over all samples. Vari
   each decoder layer is two compiled graphs around the attention call (`compiled_layers.py`);
 - `*-mix`: responses uniform in [32, --response-len] instead of all --response-len (a realistic
   length mix: padding is then most of a padded batch's work).
+
+The "before" variants (`padded`, `packed`, `packed-compile` and their `-mix`) are the trainer as
+it was at a pinned commit, `--baseline-commit` (default 5a1d23f, the last one whose actor kept
+that path as `Actor(baseline=True)`; `services/trainer/` no longer carries it). The bench checks
+that commit out in a temporary `git worktree`, runs its own copy of this file there (same
+arguments, those variants only; the `slipstream` package, services and buffer are mounted from
+the worktree) and puts the rows beside this tree's, in one table.
 
 `--profile VARIANT ...` adds a `torch.profiler` trace of one step of that variant: GPU kernel time by
 kind (GEMM, attention, elementwise/norm glue, log-softmax/entropy, optimizer, copies), the GPU's
@@ -33,6 +40,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,6 +56,9 @@ from slipstream.types import Sample, Status
 
 SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
              num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)  # fmt: skip
+REPO = Path(__file__).resolve().parent.parent
+BASELINE_COMMIT = "5a1d23f"  # the last trainer with the autocast / piecewise-compile path
+BEFORE = ("padded", "packed", "padded-mix", "packed-mix", "packed-compile", "packed-compile-mix")
 VARIANTS = (
     "padded-bf16params",
     "padded",
@@ -132,7 +144,7 @@ def run_variant(variant: str, model_dir: str, args, params: int, head: int) -> d
         "--hf-checkpoint", model_dir, "--rollout-batch-size", str(args.samples // 8),
         "--n-samples-per-prompt", "8", "--micro-batch-size", "16", "--lr", "1e-6", *flags(variant, args),
     ])  # fmt: skip
-    actor = Actor(cfg, baseline="bf16w" not in variant)
+    actor = Actor.from_config(cfg)
     batch = samples(
         args.samples, args.prompt_len, args.response_len, SHAPE["vocab_size"], variant.endswith("-mix")
     )
@@ -167,6 +179,39 @@ def run_variant(variant: str, model_dir: str, args, params: int, head: int) -> d
     }  # fmt: skip
 
 
+# Runs a bench file of another checkout with `slipstream` (and its services and buffer, which the
+# editable install maps from elsewhere) imported from that checkout: argv = [root, script, args...].
+_MOUNT = """
+import importlib.util, runpy, sys
+root, script = sys.argv[1], sys.argv[2]
+for name, path in (("slipstream", "src/slipstream"), ("slipstream.services", "services"),
+                   ("slipstream.buffer", "buffer")):
+    spec = importlib.util.spec_from_file_location(
+        name, f"{root}/{path}/__init__.py", submodule_search_locations=[f"{root}/{path}"])
+    sys.modules[name] = module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+sys.argv = sys.argv[2:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def run_before(variants: list[str], args, argv: list[str]) -> list[dict]:
+    """`variants` as the bench at --baseline-commit measures them, in a worktree of that commit."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tree, out = Path(tmp) / "before", Path(tmp) / "before.json"
+        git = ["git", "-C", str(REPO)]
+        subprocess.run([*git, "worktree", "add", "--detach", str(tree), args.baseline_commit], check=True)
+        try:
+            profile = [v for v in args.profile or () if v in variants]
+            cmd = [sys.executable, "-c", _MOUNT, str(tree), "bench/trainer_gpu.py", *argv,
+                   "--variants", *variants, "--out", str(out), *(["--profile", *profile] if profile else [])]  # fmt: skip
+            subprocess.run(cmd, cwd=tree, check=True)
+            rows = json.loads(out.read_text())["variants"]
+        finally:
+            subprocess.run([*git, "worktree", "remove", "--force", str(tree)], check=False)
+    return [{**r, "commit": args.baseline_commit} for r in rows]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=64)
@@ -181,7 +226,16 @@ def main() -> None:
         "--profile", nargs="+", choices=VARIANTS, help="also profile one step of these variants"
     )
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "trainer_gpu.json")
+    parser.add_argument(
+        "--baseline-commit", default=BASELINE_COMMIT, help="the commit the before variants run at"
+    )
     args = parser.parse_args()
+    before = [v for v in args.variants if v in BEFORE]
+    shared = ["--samples", str(args.samples), "--prompt-len", str(args.prompt_len),
+              "--response-len", str(args.response_len), "--max-tokens-per-gpu", str(args.max_tokens_per_gpu),
+              "--steps", str(args.steps), "--peak-tflops", str(args.peak_tflops),
+              *(["--gradient-checkpointing"] if args.gradient_checkpointing else [])]  # fmt: skip
+    old = {r["variant"]: r for r in run_before(before, args, shared)} if before else {}
     results = []
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
@@ -192,7 +246,7 @@ def main() -> None:
         del model
         for v in args.variants:
             try:
-                r = run_variant(v, d, args, params, head)
+                r = old[v] if v in old else run_variant(v, d, args, params, head)
             except Exception as e:  # one broken variant must not cost the others their figures
                 r = {"variant": v, "error": f"{type(e).__name__}: {e}"[:2000]}
                 torch.cuda.empty_cache()

@@ -3,9 +3,9 @@
 The coordinator keeps its ledger in memory and journals it here, so a restarted coordinator
 (or one whose Redis restarted) resumes where the journal says it was:
 
-- `Keys.coordinator_state`, a hash of counters: the prompt cursor's position, the policy
-  version, the incarnation (bumped at every resume; lease epochs are issued above it), and the
-  run's totals (stored, filtered, reward failures...).
+- `Keys.coordinator_state`, a hash of `CoordinatorCounters`: the prompt cursor's position, the
+  policy version, the incarnation (bumped at every resume; lease epochs are issued above it), and
+  the run's totals (stored, filtered, reward failures...).
 - `Keys.assembly`, a hash with one field per group admitted and not yet stored: its
   `JournalGroup` (templates, finished results by index, admission version, deadline, parked
   partials).
@@ -26,7 +26,7 @@ Synchronous redis-py, like the replay buffer: the coordinator calls it through `
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import redis
 from google.protobuf.message import DecodeError
@@ -37,30 +37,43 @@ from slipstream.proto import coordinator_pb2, types_pb2
 
 log = logging.getLogger(__name__)
 
-# Counters the journal writes (HSET). `num_stored` is not among them: only `store_group` moves it.
-COUNTERS = (
-    "cursor",
-    "version",
-    "incarnation",
-    "num_filtered",
-    "num_reward_failures",
-    "num_partials_recycled",
-    "num_stale_samples",
-    "num_dead_lettered",
-)
-STORED = "num_stored"
+STORED = "num_stored"  # only `store_group` moves it, in the store's own transaction
+
+
+@dataclass
+class CoordinatorCounters:
+    """Where the coordinator is in the run, and the run's totals (groups unless named otherwise).
+
+    One record, field for field the journal's hash; the coordinator's pipeline keeps it current."""
+
+    cursor: int = 0  # prompts handed out so far: the next group is p<cursor>
+    version: int = 0  # the newest policy version the coordinator knows
+    incarnation: int = 0  # bumped at every resume from the journal; lease epochs are issued above it
+    num_stored: int = 0  # in the buffer
+    num_filtered: int = 0  # dropped by the dynamic filter
+    num_reward_failures: int = 0  # samples
+    num_partials_recycled: int = 0  # samples
+    num_stale_samples: int = 0  # samples stored with tokens older than the bound allows
+    num_dead_lettered: int = 0  # samples whose reward failed --reward-max-failures times
+
+    def journaled(self) -> dict[str, int]:
+        """What a journal write sets (HSET): every counter but `num_stored`."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != STORED}
+
+    @classmethod
+    def from_hash(cls, values: dict[str, int]) -> CoordinatorCounters:
+        """From the journal's hash; missing counters read as 0, unknown ones are ignored."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 @dataclass
 class Snapshot:
     """What the journal holds for a run."""
 
-    counters: dict[str, int] = field(default_factory=dict)  # missing counters read as 0
+    counters: CoordinatorCounters = field(default_factory=CoordinatorCounters)
     groups: list[coordinator_pb2.JournalGroup] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)  # group ids whose record did not decode
-
-    def get(self, name: str) -> int:
-        return self.counters.get(name, 0)
 
 
 def _str(value: bytes | str) -> str:
@@ -81,7 +94,7 @@ class CoordinatorStore:
             state, assembly = pipe.execute()
         if not state:
             return None
-        snap = Snapshot(counters={_str(k): int(v) for k, v in state.items()})
+        snap = Snapshot(CoordinatorCounters.from_hash({_str(k): int(v) for k, v in state.items()}))
         for raw_id, data in sorted(assembly.items()):
             group = coordinator_pb2.JournalGroup()
             try:
@@ -92,16 +105,17 @@ class CoordinatorStore:
             snap.groups.append(group)
         return snap
 
-    def write(self, counters: dict[str, int], put: dict[str, bytes], drop: list[str]) -> None:
+    def write(self, counters: CoordinatorCounters, put: dict[str, bytes], drop: list[str]) -> None:
         """One journal write: counters, the groups that changed, the groups that left without being stored."""
         with self.redis.pipeline(transaction=True) as pipe:
             self._queue_write(pipe, counters, put, drop)
             pipe.execute()
 
-    def _queue_write(self, pipe, counters: dict[str, int], put: dict[str, bytes], drop: list[str]) -> None:
-        mapping = {k: counters[k] for k in COUNTERS if k in counters}
-        if mapping:
-            pipe.hset(self.keys.coordinator_state, mapping=mapping)
+    def _queue_write(
+        self, pipe, counters: CoordinatorCounters | None, put: dict[str, bytes], drop: list[str]
+    ) -> None:
+        if counters is not None:
+            pipe.hset(self.keys.coordinator_state, mapping=counters.journaled())
         if put:
             pipe.hset(self.keys.assembly, mapping=put)
         if drop:
@@ -110,7 +124,7 @@ class CoordinatorStore:
     def store_group(
         self,
         group: types_pb2.Group,
-        counters: dict[str, int] | None = None,
+        counters: CoordinatorCounters | None = None,
         put: dict[str, bytes] | None = None,
         drop: list[str] = (),
     ) -> str:
@@ -120,7 +134,7 @@ class CoordinatorStore:
             raise ValueError(f"group {group.group_id!r} has no samples")
         try:
             with self.redis.pipeline(transaction=True) as pipe:
-                self._queue_write(pipe, counters or {}, put or {}, drop)
+                self._queue_write(pipe, counters, put or {}, drop)
                 pipe.xadd(self.keys.groups, {PAYLOAD: group.SerializeToString()})
                 pipe.hdel(self.keys.assembly, group.group_id)
                 pipe.hincrby(self.keys.coordinator_state, STORED, 1)

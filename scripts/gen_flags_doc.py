@@ -6,7 +6,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from slipstream.config import _SECTION_TYPES, FIELDS
+from slipstream.config import _SECTION_TYPES, FIELDS, field_default
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,7 +25,7 @@ def render() -> str:
         lines += [f"## {section}", "", "| flag | default | meaning |", "| --- | --- | --- |"]
         for f in dataclasses.fields(cls):
             _, fld = FIELDS[f.name]
-            default = fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()
+            default = field_default(fld)
             help_text = fld.metadata.get("help", "").replace("|", "\\|")
             lines.append(f"| `--{f.name.replace('_', '-')}` | `{default!r}` | {help_text} |")
         lines.append("")

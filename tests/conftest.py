@@ -1,8 +1,13 @@
-"""Shared fixtures: a real Valkey/Redis server for the whole test session.
+"""Shared fixtures: a real Valkey/Redis server for the whole test session; wait bounds scaled to
+the machine's speed.
 
 Infrastructure in tests is real (STYLE.md): `redis_url` is an embedded server started with the
 same command line the launcher uses (AOF on, loopback only) in a temporary directory. Tests
 share one server; each uses its own run_id so their keys never meet.
+
+Bounds are written for an idle 2-core machine and scaled by how slow this one is now
+(machine_speed.py): every `@pytest.mark.timeout(N)` and the ini's `timeout` here, each wait in a
+test through `scaled(N)` (importable, or the fixture of that name).
 """
 
 from __future__ import annotations
@@ -10,8 +15,39 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from machine_speed import load_per_core, measured_slowdown, scaled, slowdown
 
 from slipstream.buffer.embedded import EmbeddedRedis
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return (
+        f"wait bounds x{slowdown():.2f} (CPU workload x{measured_slowdown():.2f} of an idle 2-core box, "
+        f"load {load_per_core():.2f}/core; SLIPSTREAM_TEST_SLOWDOWN forces one)"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """pytest-timeout's bounds (a test's marker, else the ini's `timeout`) times the slowdown."""
+    factor = slowdown()
+    if factor <= 1.0:
+        return
+    default = float(config.getini("timeout") or 0)
+    for item in items:
+        marker = item.get_closest_marker("timeout")
+        kwargs = dict(marker.kwargs) if marker else {}
+        seconds = marker.args[0] if marker and marker.args else kwargs.pop("timeout", default)
+        if seconds:
+            item.add_marker(
+                pytest.mark.timeout(float(seconds) * factor, *marker.args[1:] if marker else (), **kwargs),
+                append=False,
+            )
+
+
+@pytest.fixture(name="scaled", scope="session")
+def scaled_fixture():
+    """`scaled(30)`: a bound that holds on an idle 2-core box, for this machine now."""
+    return scaled
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,18 @@
 """Run by tests/test_parallel.py under torchrun (gloo, CPU): FSDP2 training steps + a checkpoint.
 
-    python -m torch.distributed.run --nproc-per-node N tests/fsdp_worker.py MODEL_DIR OUT_DIR
+    python -m torch.distributed.run --nproc-per-node N tests/fsdp_worker.py MODEL_DIR OUT_DIR [schedule]
 
 Every rank trains on its slice of one fixed global batch for two AdamW steps, then the ranks
 write one checkpoint together (rank 0 writes the files).
+
+`schedule`: rank 0 drives five trainer steps as the trainer's rank 0 does (share the step,
+train, maybe push, maybe save; the last save when it stops) with --update-weights-interval 2
+and --save-interval 3; the other ranks run the trainer's own `ranks.follow` under a config that
+says 1 and 1. Each rank writes what it did, in order, to OUT_DIR/events_<rank>.json.
 """
 
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,9 +42,57 @@ def train(model: torch.nn.Module, tokens: torch.Tensor, steps: int = 2) -> torch
     return opt
 
 
+def schedule(model_dir: str, out: Path):
+    from slipstream.config import config_from_values
+    from slipstream.services.trainer.actor import Actor
+    from slipstream.services.trainer.checkpointer import Checkpointer
+    from slipstream.services.trainer.ranks import SharedStep, follow, share_step, weight_gather
+    from slipstream.services.trainer.versions import Versions
+    from slipstream.types import Sample, Status
+
+    rank0 = int(os.environ["RANK"]) == 0
+    cfg = config_from_values(
+        dict(
+            hf_checkpoint=model_dir, rollout_batch_size=2, n_samples_per_prompt=2, micro_batch_size=1,
+            lr=1e-2, device="cpu", rollout_max_response_len=4,
+            update_weights_interval=2 if rank0 else 1, save_interval=3 if rank0 else 1,
+        )
+    )  # fmt: skip
+    actor = Actor.from_config(cfg)
+    ckpt = Checkpointer(out, cfg.train.save_interval, actor.model, actor.optimizer, actor.par)
+    events: list[str] = []
+    train, sync, save = actor.train_rollout, actor.state_dict_for_sync, ckpt.save
+    actor.train_rollout = lambda *a: (events.append("train"), train(*a))[1]
+    actor.state_dict_for_sync = lambda: (events.append("push"), sync())[1]
+    ckpt.save = lambda step: (events.append(f"save {step}"), save(step))[1]
+    if rank0:
+        samples = [
+            Sample(tokens=[7, 8, 9, 5 + i, 6 + i], response_length=2, reward=float(i % 2),
+                   status=Status.COMPLETED, rollout_log_probs=[-1.0, -1.0], policy_versions=[0, 0])
+            for i in range(4)
+        ]  # fmt: skip
+        scores = [1.0, -1.0, 0.5, -0.5]
+        versions, gather = Versions(None, cfg.train.update_weights_interval), weight_gather(actor)  # type: ignore[arg-type]
+        gather(False)  # nothing to push before the first step
+        for step in range(1, 6):
+            share_step(actor.par, SharedStep(step, samples, scores, 0))
+            actor.train_rollout(samples, scores, 0)
+            gather(versions.push_due(step))
+            ckpt.maybe_save(step)
+        share_step(actor.par, None)
+        ckpt.maybe_save(5, last=True)
+    else:
+        follow(actor, ckpt, 0)
+    (out / f"events_{actor.par.rank}.json").write_text(json.dumps(events))
+    return actor.par
+
+
 def main() -> None:
     model_dir, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
+    if sys.argv[3:] == ["schedule"]:
+        out.mkdir(parents=True, exist_ok=True)
+        return shutdown(schedule(model_dir, out))
     par = init_parallel(torch.device("cpu"))
     model = shard_model(load_model(model_dir), par)
     tokens = global_batch(model.config.vocab_size)

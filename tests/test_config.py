@@ -65,6 +65,13 @@ def test_invariants_are_checked():
         ),
         (["--num-rollout", "0"], "--num-rollout must be positive"),
         (["--weight-sync-dtype", "int3"], "invalid choice"),
+        # accepted and ignored before issue 13; refused now, saying what is supported
+        (["--actor-num-nodes", "2"], "--actor-num-nodes 2: not supported; the trainer runs on one node"),
+        (
+            ["--rollout-num-gpus", "2", "--rollout-num-gpus-per-engine", "2"],
+            "--rollout-num-gpus-per-engine 2: not supported; the native engine runs on one GPU",
+        ),
+        (["--rollout-engine", "sglang"], "--rollout-engine sglang: not supported yet"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, message):
@@ -80,3 +87,21 @@ def test_unknown_key_in_config_file(tmp_path):
     path.write_text(json.dumps({"rollout_batchsize": 3}))
     with pytest.raises(SystemExit):
         parse_config(["--config", str(path)])
+
+
+def test_help_shows_each_flags_default():
+    # Defaults are SUPPRESSed in argparse (so file and env values rank right); the help says them.
+    from slipstream.config import FIELDS, build_parser
+
+    actions = {a.dest: a for a in build_parser()._actions}
+    missing = [name for name in FIELDS if "(default: " not in (actions[name].help or "")]
+    assert missing == []
+    proc = subprocess.run([sys.executable, "train.py", "--help"], capture_output=True, text=True, timeout=60)
+    text = " ".join(proc.stdout.split())  # argparse wraps lines
+    assert proc.returncode == 0
+    assert (
+        "--rollout-batch-size ROLLOUT_BATCH_SIZE Prompts per rollout step (groups per training step). (default: 32)"
+        in text
+    )
+    assert "--lr LR Learning rate (AdamW). (default: 1e-06)" in text
+    assert 'empty = start an embedded server. (Slipstream) (default: "")' in text

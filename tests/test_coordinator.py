@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from machine_speed import scaled
 
 from mesh_fixtures import push_like_the_trainer
 from slipstream.buffer.replay import ReplayBuffer
@@ -27,11 +28,11 @@ from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, types_pb2
 from slipstream.rpc.channel import aio_channel, sync_channel
 from slipstream.services.coordinator.groups import Ledger, Slots, StaleResult, pick_server
 from slipstream.services.coordinator.server import start_coordinator
-from slipstream.services.coordinator.weights_relay import PushError, receive_push
+from slipstream.services.coordinator.weights_relay import PushError, VersionNotNewer, receive_push
 from slipstream.weights import WeightStager, iter_messages, pack
 
 pytestmark = pytest.mark.timeout(60)
-STEP = 10.0  # seconds any single expected event may take
+STEP = scaled(10.0)  # seconds any single expected event may take (on an idle 2-core box: 10)
 
 
 # ---- the ledger ----------------------------------------------------------------------------
@@ -123,19 +124,21 @@ def test_receive_push_checks_order_hashes_and_version():
         m.SerializeToString() for m in msgs
     ]
 
-    def refused(messages, current=0) -> str:
+    def refused(messages, current=0) -> PushError:
         with pytest.raises(PushError) as e:
             asyncio.run(receive_push(_aiter(messages), current))
-        return str(e.value)
+        return e.value
 
-    assert "not newer" in refused(msgs, current=3)
-    assert "manifest" in refused(msgs[1:])
-    assert "out of order" in refused([msgs[0], msgs[2], msgs[1], *msgs[3:]])
+    not_newer = refused(msgs, current=3)
+    assert isinstance(not_newer, VersionNotNewer) and "not newer" in str(not_newer)
+    assert not isinstance(refused(msgs[1:]), VersionNotNewer)  # other refusals stay plain PushError
+    assert "manifest" in str(refused(msgs[1:]))
+    assert "out of order" in str(refused([msgs[0], msgs[2], msgs[1], *msgs[3:]]))
     bad = types_pb2.WeightMessage()
     bad.CopyFrom(msgs[1])
     bad.chunk.data = b"x" + bad.chunk.data[1:]
-    assert "sha256" in refused([msgs[0], bad, *msgs[2:]])
-    assert "chunks" in refused(msgs[:-1])
+    assert "sha256" in str(refused([msgs[0], bad, *msgs[2:]]))
+    assert "chunks" in str(refused(msgs[:-1]))
 
 
 # ---- the service over real gRPC ------------------------------------------------------------
@@ -171,7 +174,7 @@ def reward_addr(assets):
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while not (ready.exists() and ready.read_text().strip()):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
@@ -353,7 +356,7 @@ def test_groups_are_scored_and_land_in_the_buffer(assets, redis_url, run_id, rew
             await rollout.nothing_more()
             await rollout.close()
 
-    asyncio.run(asyncio.wait_for(scenario(), 45))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(45)))
     groups = _read_all(redis_url, run_id)
     assert len(groups) == 2
     for group in groups:
@@ -390,7 +393,7 @@ def test_dropped_stream_is_redispatched_and_stale_epochs_ignored(assets, redis_u
             await _until_stored(stub, 1, "the re-dispatched group in the buffer")
             await b.close()
 
-    asyncio.run(asyncio.wait_for(scenario(), 45))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(45)))
     (group,) = _read_all(redis_url, run_id)
     assert [s.reward for s in group.samples] == [1.0, 1.0]
 
@@ -430,9 +433,9 @@ def test_push_and_fetch_weights_round_trip_and_refusals(assets, redis_url, run_i
                     )
                 ]
             assert e.value.code() == grpc.StatusCode.NOT_FOUND
-            with pytest.raises(grpc.RpcError) as e:  # the same (not newer) version again
+            with pytest.raises(grpc.RpcError) as e:  # the same version again: already held
                 await _refused_push(coord, iter_messages(manifest, chunks))
-            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not newer" in e.value.details()
+            assert e.value.code() == grpc.StatusCode.ALREADY_EXISTS and "not newer" in e.value.details()
             with pytest.raises(grpc.aio.AioRpcError) as e:  # a stream must open with Hello
                 no_hello = _aiter([coordinator_pb2.RolloutEvent(heartbeat=coordinator_pb2.Heartbeat())])
                 [c async for c in stub.Attach(no_hello, timeout=10)]
@@ -450,7 +453,7 @@ def test_push_and_fetch_weights_round_trip_and_refusals(assets, redis_url, run_i
             await _until(applied, "the server's version to reach 1")
             await rollout.close()
 
-    asyncio.run(asyncio.wait_for(scenario(), 45))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(45)))
 
 
 class _Feed:
@@ -512,7 +515,7 @@ def test_a_fetch_that_starts_mid_push_streams_the_whole_version(assets, redis_ur
             assert stager.finish()[0] == 1
             await rollout.close()
 
-    asyncio.run(asyncio.wait_for(scenario(), 45))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(45)))
 
 
 async def _attached(stub, count: int) -> bool:
@@ -587,7 +590,7 @@ def test_a_push_that_fails_midway_fails_its_fetchers_and_the_old_version_stays(
             # The same version pushed again whole lands (the trainer's retry).
             assert (await stub.PushWeights(_aiter(new), timeout=STEP)).version == 2
 
-    asyncio.run(asyncio.wait_for(scenario(), 45))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(45)))
 
 
 def _partial(item: coordinator_pb2.WorkItem, new_tokens: list[int]) -> coordinator_pb2.RolloutEvent:
@@ -683,7 +686,7 @@ def test_over_sampling_fills_the_batch_with_passing_groups_and_recycles_the_rest
             finally:
                 buffer.close()
 
-    asyncio.run(asyncio.wait_for(scenario(), 45))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(45)))
     stored = _read_all(redis_url, run_id)
     # p1 filled the first batch; the first recycled group to finish fills the second
     assert stored[0].group_id == "p1" and stored[1].group_id in ("p2", "p3") and len(stored) == 2
@@ -716,7 +719,7 @@ def test_rollout_idle_fraction_from_heartbeats(assets, redis_url, run_id, reward
             assert status.rollout_idle_fraction == pytest.approx(0.0)
             await rollout.close()
 
-    asyncio.run(asyncio.wait_for(scenario(), 45))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(45)))
 
 
 def test_malformed_prompt_file_exits_2_with_one_line(assets, tmp_path):
@@ -736,7 +739,7 @@ def test_malformed_prompt_file_exits_2_with_one_line(assets, tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=scaled(30),
     )
     assert proc.returncode == 2
     assert f"{bad}:2: malformed JSON" in proc.stderr.strip().splitlines()[-1]
@@ -744,7 +747,7 @@ def test_malformed_prompt_file_exits_2_with_one_line(assets, tmp_path):
 
 def test_prompt_longer_than_the_limit_is_refused_naming_the_record(assets):
     from slipstream.data import DataError, load_prompts
-    from slipstream.services.coordinator.server import tokenize_prompts
+    from slipstream.services.coordinator.prompts import tokenize_prompts
 
     cfg = config_from_values({"prompt_data": str(assets / "prompts.jsonl"), "rollout_max_prompt_len": 3})
     records = load_prompts(cfg.data.prompt_data)
@@ -752,4 +755,6 @@ def test_prompt_longer_than_the_limit_is_refused_naming_the_record(assets):
         DataError,
         match=r"prompts.jsonl: record 1: prompt is 4 tokens, longer than --rollout-max-prompt-len 3",
     ):
-        tokenize_prompts(load_tokenizer(assets / "model"), records, cfg)
+        tokenize_prompts(
+            load_tokenizer(assets / "model"), records, cfg.data, cfg.rollout.rollout_max_prompt_len
+        )

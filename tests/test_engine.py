@@ -265,7 +265,7 @@ def test_fp8_engine_tracks_full_precision_and_requantizes_updates():
     reqs = [Request(f"r{i}", prompt(n, i), 8, temperature=0.0) for i, n in enumerate([6, 3])]
     full = NativeEngine(make_model(), eos_token_ids=[]).generate(reqs)
     engine = NativeEngine(make_model(), eos_token_ids=[], fp8=True)
-    assert len(engine.fp8_layers) == 2 * 7  # q/k/v/o + gate/up/down per layer
+    assert len(engine.runner.fp8_layers) == 2 * 7  # q/k/v/o + gate/up/down per layer
     fp8 = engine.generate(reqs)
     for a, b in zip(full, fp8, strict=True):
         assert a.tokens == b.tokens

@@ -12,7 +12,7 @@ import torch
 
 from slipstream.kernels import sampling as fused
 from slipstream.kernels.fp8_linear import convert_to_fp8, fp8_matmul, quantize_rows, scaled_mm_supported
-from slipstream.models import Qwen3Config, init_model
+from slipstream.models import ModelConfig, init_model
 from slipstream.services.rollout.engine import NativeEngine, Request
 from slipstream.services.rollout.engine.fused_step import FusedDecoder
 from slipstream.services.rollout.engine.kv_cache import KVCache
@@ -43,6 +43,56 @@ def test_greedy_gpu_graphs_match_the_cpu_path():
     assert engine.graphs is not None and engine.cache.fixed
     gpu = engine.generate(reqs)
     assert engine.graphs.graphs, "decode ran eagerly, not from CUDA graphs"
+    for a, b in zip(cpu, gpu, strict=True):
+        assert a.tokens == b.tokens
+        torch.testing.assert_close(torch.tensor(b.log_probs), torch.tensor(a.log_probs), atol=1e-4, rtol=0)
+
+
+# One row per family the fused decode must cover: Qwen3's q/k norm; Qwen2's q/k/v biases and no
+# q/k norm; Llama without biases, and with both bias switches on (o and MLP biases too). Scaled
+# RoPE rides along (its cos/sin are the model's own, so the kernel sees no difference).
+FAMILIES = {
+    "qwen3": dict(model_type="qwen3"),
+    "qwen2": dict(model_type="qwen2", rope_scaling={"rope_type": "yarn", "factor": 4.0}),
+    "llama": dict(
+        model_type="llama",
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+        | {"original_max_position_embeddings": 16},
+    ),
+    "llama-biases": dict(model_type="llama", attention_bias=True, mlp_bias=True),
+}
+
+
+def family_model(family: str, config: ModelConfig | None = None, **shape) -> torch.nn.Module:
+    """A random model of `family` (biases drawn, not zero: a bias added twice or never must show)."""
+    config = config or ModelConfig(**shape, **FAMILIES[family])
+    model = init_model(config, seed=0)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    return model
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_gpu_graphs_match_the_cpu_path_for_each_family(family):
+    shape = dict(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
+        max_position_embeddings=256,
+    )  # fmt: skip
+
+    def model():
+        m = family_model(family, **shape)
+        m.model.norm.weight.data.mul_(8.0)  # peaked next-token distributions, as make_model's
+        return m
+
+    reqs = requests(0.0)
+    cpu = NativeEngine(model(), eos_token_ids=[], max_batch_size=4).generate(reqs)
+    engine = NativeEngine(model().cuda(), eos_token_ids=[], max_batch_size=4, max_seq_len=64)
+    assert engine.fused is not None and engine.graphs is not None
+    gpu = engine.generate(reqs)
     for a, b in zip(cpu, gpu, strict=True):
         assert a.tokens == b.tokens
         torch.testing.assert_close(torch.tensor(b.log_probs), torch.tensor(a.log_probs), atol=1e-4, rtol=0)
@@ -177,19 +227,21 @@ def _decode_once(model: torch.nn.Module, fused: bool) -> torch.Tensor:
     return model.model(tokens[:, None], positions[:, None], cache.decode(positions, cap))[:, -1].float()
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
 @torch.no_grad()
-def test_fused_decode_step_matches_the_model_forward():
+def test_fused_decode_step_matches_the_model_forward(family):
     """The fused decode forward (q|k|v and gate|up GEMMs, fused glue kernels) against the model's
     own forward over the same cache, bf16, at Qwen3-0.6B's layer shape; FP8 (activations quantized
     inside the fused kernels) is as close to bf16 as the plain FP8 layers are; and the model's
     parameters are views of the fused weights (so weight updates reach the fused GEMMs)."""
-    config = Qwen3Config(
+    config = ModelConfig(
         vocab_size=512, hidden_size=1024, intermediate_size=3072, num_hidden_layers=3,
         num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=256,
+        **FAMILIES[family],
     )  # fmt: skip
 
     def model():
-        return init_model(config, seed=0).cuda().to(torch.bfloat16)
+        return family_model(family, config).cuda().to(torch.bfloat16)
 
     def fp8_model():
         m = model()
@@ -205,7 +257,10 @@ def test_fused_decode_step_matches_the_model_forward():
     fused = FusedDecoder(m)
     proj = m.model.layers[1].self_attn.k_proj
     assert proj.weight.untyped_storage().data_ptr() == fused.layers[1][1].weight.untyped_storage().data_ptr()
-    if scaled_mm_supported(torch.device("cuda")):
+    if config.qkv_bias:  # Qwen2 and biased Llama: the bias views share the fused bias too
+        assert proj.bias.untyped_storage().data_ptr() == fused.layers[1][1].bias.untyped_storage().data_ptr()
+    biased = config.qkv_bias or config.mlp_bias  # Fp8Linear has no bias: FP8 is Qwen3's and Llama's
+    if scaled_mm_supported(torch.device("cuda")) and not biased:
         plain_fp8 = _decode_once(fp8_model(), fused=False)
         fused_fp8 = _decode_once(fp8_model(), fused=True)
         e_plain, e_fused = rel(plain_fp8, ref), rel(fused_fp8, ref)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 
 import test_security
+from machine_speed import scaled
 
 from slipstream.rpc import health_probe, security
 from slipstream.rpc.server import start_server
@@ -31,7 +32,7 @@ def _run(server_settings: security.Settings, probes):
         finally:
             await service.stop(0.1)
 
-    return asyncio.run(asyncio.wait_for(go(), 30))
+    return asyncio.run(asyncio.wait_for(go(), scaled(30)))
 
 
 def test_probe_speaks_mtls_from_the_service_environment(pki, monkeypatch, capsys):

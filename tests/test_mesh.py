@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import redis
+from machine_speed import scaled
 
 from mesh_fixtures import build_prompts, build_tiny_model
 
@@ -131,7 +132,7 @@ def _launch_until_first_step(model: Path, prompts: Path, run_dir: Path, *extra: 
         _argv(model, prompts, run_dir, *extra), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     metrics = run_dir / "metrics.jsonl"
-    deadline = time.monotonic() + 180
+    deadline = time.monotonic() + scaled(180)
     try:
         while not (metrics.exists() and metrics.read_text().strip()):
             assert launcher.poll() is None, launcher.stderr.read()[-3000:]
@@ -152,8 +153,8 @@ def test_killing_a_service_stops_the_run(assets, tmp_path, victim):
         pids = json.loads((run_dir / "pids.json").read_text())
         os.kill(pids[victim], signal.SIGKILL)
         killed_at = time.monotonic()
-        _, err = launcher.communicate(timeout=30)
-        assert time.monotonic() - killed_at < 10
+        _, err = launcher.communicate(timeout=scaled(30))
+        assert time.monotonic() - killed_at < scaled(10)
     finally:
         if launcher.poll() is None:
             launcher.kill()
@@ -219,7 +220,7 @@ def test_stopping_the_launcher_leaves_no_process(assets, tmp_path, sig):
     )
     try:
         metrics = run_dir / "metrics.jsonl"
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + scaled(180)
         while not (metrics.exists() and metrics.read_text().strip()):
             assert launcher.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)

@@ -17,8 +17,8 @@ import torch
 from mesh_fixtures import build_tiny_model
 from slipstream.config import ConfigError, config_from_values
 from slipstream.models.packed import packed_causal_attention
-from slipstream.services.trainer.actor import Actor, _split_for_ranks
-from slipstream.services.trainer.batch import collate, first_fit, pack
+from slipstream.services.trainer.actor import Actor
+from slipstream.services.trainer.batch import collate, first_fit, pack, split_for_ranks
 from slipstream.types import Sample, Status
 
 torch.set_num_threads(1)
@@ -65,10 +65,10 @@ def test_first_fit_respects_the_budget_and_keeps_order():
     bins = first_fit([5, 9, 3, 12, 4, 1], max_tokens=10)
     assert bins == [[0, 2, 5], [1], [3], [4]]  # 12 > 10 sits alone; 4 no longer fits bin 0 (5+3+1)
     assert sorted(i for b in bins for i in b) == list(range(6))
-    assert _split_for_ranks([[0, 1, 2], [3]], [4, 4, 4, 9], world=2) == [[0, 1, 2], [3]]
-    assert _split_for_ranks([[0, 1, 2]], [4, 4, 4], world=2) == [[0], [1, 2]]
+    assert split_for_ranks([[0, 1, 2], [3]], [4, 4, 4, 9], world=2) == [[0, 1, 2], [3]]
+    assert split_for_ranks([[0, 1, 2]], [4, 4, 4], world=2) == [[0], [1, 2]]
     with pytest.raises(ValueError, match="cannot be shared evenly"):
-        _split_for_ranks([[0]], [4], world=2)
+        split_for_ranks([[0]], [4], world=2)
 
 
 def test_pack_layout():
@@ -102,7 +102,7 @@ def test_packed_attention_fallback_is_per_sequence_causal():
 
 
 def test_packed_log_probs_equal_padded(model_dir):
-    actor = Actor(_cfg(model_dir))
+    actor = Actor.from_config(_cfg(model_dir))
     samples = _samples()
     padded, packed = collate(samples, [0.0] * 8), pack(samples, [0.0] * 8)
     (lp_pad,), (lp_pack,) = actor.old_log_probs([padded]), actor.old_log_probs([packed])
@@ -126,7 +126,7 @@ def test_one_step_packed_equals_padded(model_dir, extra):
     results = []
     for packed in (False, True):
         flags = dict(use_dynamic_batch_size=True, max_tokens_per_gpu=24) if packed else {}
-        actor = Actor(_cfg(model_dir, **extra, **flags))
+        actor = Actor.from_config(_cfg(model_dir, **extra, **flags))
         samples = _with_rollout_log_probs(actor, _samples())
         if packed:
             members, steps = actor.micro_batches(samples)
@@ -186,7 +186,7 @@ def test_split_layers_forward_is_the_models_own(model_dir, packed):
     batch = (pack if packed else collate)(samples, [0.0] * 8)
     results = []
     for split in (False, True):
-        actor = Actor(_cfg(model_dir))
+        actor = Actor.from_config(_cfg(model_dir))
         if split:
             split_layers(actor.compute, compile=False)
         lp = actor.log_probs(batch)
@@ -203,6 +203,6 @@ def test_compiled_proximal_log_probs_are_the_training_forwards(model_dir):
     no-grad graph is fused differently and rounds elsewhere, and the first step's ratio would not
     be 1 (on the H200 benchmark's model that made a first-step loss of 0.7 instead of 0)."""
     cfg = _cfg(model_dir, bf16=True, torch_compile=True, use_dynamic_batch_size=True, max_tokens_per_gpu=24)
-    actor = Actor(cfg)
+    actor = Actor.from_config(cfg)
     stats = actor.train_rollout(_samples(), [0.5, -1.0, 1.0, 0.0, -0.5, 1.5, -1.5, 0.25])
     assert stats.metrics["ppo_kl"] == 0.0 and stats.pg_clipfrac == 0.0

@@ -1,5 +1,6 @@
-"""FSDP2 trainer parallelism on CPU with gloo: world size 2 trains like one process, and
-checkpoints move between world sizes (written by 2 ranks, loaded by 1)."""
+"""FSDP2 trainer parallelism on CPU with gloo: world size 2 trains like one process,
+checkpoints move between world sizes (written by 2 ranks, loaded by 1), and follower ranks push
+and save exactly when rank 0 does."""
 
 import json
 import subprocess
@@ -77,3 +78,19 @@ def test_fsdp2_world_size_2_matches_one_process_and_reshards(model_dir, tmp_path
     load_trainer_state(ckpt, resumed, torch.optim.AdamW(resumed.parameters(), lr=1e-2))
     for (n, a), (_, b) in zip(reference.named_parameters(), resumed.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=n)
+
+
+def test_followers_push_and_save_when_rank_0_does(model_dir, tmp_path):
+    """The cadence lives on rank 0 only: a follower whose own config says "push and save every
+    step" still gathers weights and saves exactly where rank 0 (interval 2, save interval 3)
+    does, or the FSDP collectives would hang; the last save comes with the stop."""
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+        str(HERE / "fsdp_worker.py"), str(model_dir), str(tmp_path), "schedule",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = ["train", "train", "push", "train", "save 3", "train", "push", "train", "save 5"]
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"events_{rank}.json").read_text()) == expected, rank
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000003", "step_000005"]

@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from machine_speed import scaled
 
 from mesh_fixtures import build_tiny_model
 from slipstream.buffer.replay import ReplayBuffer
@@ -171,7 +172,7 @@ def _run(assets: Path, redis_url: str, run_id: str, reward_addr: str, mode: str)
             await channel.close()
             await coord.stop()
 
-    status, info = asyncio.run(asyncio.wait_for(scenario(), 100))
+    status, info = asyncio.run(asyncio.wait_for(scenario(), scaled(100)))
     buffer = ReplayBuffer(redis_url, run_id)
     try:
         (group,) = [g for _, g in buffer.read_groups("test", count=10, block_ms=0)]

@@ -1,7 +1,10 @@
-"""Placement arithmetic for slime's flags (pure: no GPU needed)."""
+"""Placement arithmetic for slime's flags, and its resolution on a host with N GPUs (pure: no GPU
+needed; the GPU count is an input)."""
+
+import pytest
 
 from slipstream.config import parse_config
-from slipstream.placement import cuda_visible, plan
+from slipstream.placement import PlacementError, colocate_given, cuda_visible, plan, resolve
 
 
 def test_cpu_default_uses_rollout_num_servers():
@@ -17,17 +20,84 @@ def test_disaggregated_gpus_follow_the_trainer():
                 "--actor-num-gpus-per-node",
                 "2",
                 "--rollout-num-gpus",
-                "4",
-                "--rollout-num-gpus-per-engine",
-                "2",
+                "3",
             ]
         )
     )
     assert p.trainer_gpus == (0, 1)
-    assert p.rollout_gpus == ((2, 3), (4, 5))
-    assert cuda_visible(p.rollout_gpus[1]) == {"CUDA_VISIBLE_DEVICES": "4,5"}
+    assert p.rollout_gpus == ((2,), (3,), (4,))  # one GPU per engine (more is refused: test_config)
+    assert cuda_visible(p.rollout_gpus[1]) == {"CUDA_VISIBLE_DEVICES": "3"}
 
 
 def test_colocate_shares_the_trainer_gpus():
     p = plan(parse_config(["--actor-num-gpus-per-node", "2", "--rollout-num-gpus", "2", "--colocate"]))
     assert p.trainer_gpus == (0, 1) and p.rollout_gpus == ((0,), (1,))
+
+
+# ---- resolve: the placement on a host with a given number of GPUs (issue 13 item 7) ----------
+
+
+def _resolve(argv, gpus, environ=None):
+    return resolve(parse_config(argv), gpus, colocate_given(argv, environ or {}))
+
+
+def test_one_gpu_default_placement_colocates_over_cuda_ipc():
+    r = _resolve([], gpus=1)
+    assert r.colocate and r.chosen and r.transport == "CUDA IPC"
+    assert r.trainer_on == (0,) and r.rollout_on == (0, 0)
+    assert r.line() == (
+        "placement: 1 GPU visible: trainer GPU 0, rollout-0 GPU 0, rollout-1 GPU 0; colocated "
+        "(chosen: trainer and rollout share GPU 0; --no-colocate keeps the byte path); weights over CUDA IPC"
+    )
+
+
+def test_unassigned_servers_share_the_trainers_gpu_on_a_bigger_host_too():
+    r = _resolve([], gpus=8)  # no --rollout-num-gpus: every process takes GPU 0
+    assert r.colocate and r.rollout_on == (0, 0) and r.transport == "CUDA IPC"
+    r = _resolve(["--device", "cuda:3", "--rollout-num-servers", "1"], gpus=8)
+    assert r.colocate and r.trainer_on == (3,) and r.rollout_on == (3,)
+
+
+def test_one_rollout_gpu_on_a_one_gpu_host_colocates_instead_of_landing_on_a_missing_gpu():
+    r = _resolve(["--rollout-num-gpus", "1"], gpus=1)
+    assert r.colocate and r.chosen and r.placement.rollout_gpus == ((0,),)
+    r = _resolve(["--rollout-num-gpus", "1"], gpus=2)  # room for both: kept apart, bytes
+    assert not r.colocate and r.placement.rollout_gpus == ((1,),) and r.transport == "gRPC bytes"
+    assert r.line().endswith("rollout-0 GPU 1; not colocated; weights over gRPC bytes")
+
+
+@pytest.mark.parametrize(
+    "argv, environ",
+    [(["--no-colocate"], {}), ([], {"SLIPSTREAM_COLOCATE": "false"})],
+)
+def test_an_explicit_no_colocate_wins(argv, environ):
+    r = _resolve(argv, gpus=1, environ=environ)
+    assert not r.colocate and not r.chosen and r.transport == "gRPC bytes"
+    assert "not colocated; weights over gRPC bytes" in r.line()
+
+
+def test_a_config_file_setting_colocate_counts_as_given(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text('{"cluster": {"colocate": false}}')
+    assert colocate_given(["--config", str(path)], {})
+    assert not colocate_given(["--num-rollout", "3"], {})
+    assert colocate_given(["--colocate"], {})
+
+
+def test_several_trainer_ranks_are_not_colocated_by_the_launcher():
+    r = _resolve(["--actor-num-gpus-per-node", "2", "--rollout-num-gpus", "2"], gpus=4)
+    assert not r.colocate and r.trainer_on == (0, 1) and r.rollout_on == (2, 3)
+    assert "trainer GPUs 0,1 (2 ranks), rollout-0 GPU 2, rollout-1 GPU 3; not colocated" in r.line()
+
+
+def test_a_placement_the_host_cannot_hold_is_refused():
+    with pytest.raises(PlacementError, match="needs GPUs 0,1 .* but 1 is visible"):
+        _resolve(["--rollout-num-gpus", "1", "--no-colocate"], gpus=1)
+
+
+def test_cpu_host_or_device():
+    for r in (_resolve([], gpus=0), _resolve(["--device", "cpu"], gpus=2)):
+        assert not r.colocate and r.transport == "gRPC bytes" and r.rollout_on == (None, None)
+        assert r.line() == (
+            "placement: no GPU: trainer and 2 rollout servers on the CPU; not colocated; weights over gRPC bytes"
+        )

@@ -7,10 +7,14 @@ import threading
 
 import pytest
 
+from slipstream.algorithms.staleness import StalenessBound
 from slipstream.buffer.replay import PAYLOAD, ReplayBuffer
 from slipstream.config import config_from_values
 from slipstream.proto import types_pb2
-from slipstream.services.trainer.loop import TrainerState, _collect, _requeue, _reuse_capacity
+from slipstream.services.trainer.feed import Feed
+from slipstream.services.trainer.ledger import Consumption
+from slipstream.services.trainer.reconnect import Reconnect
+from slipstream.services.trainer.state import TrainerState
 
 
 def group(i: int, version: int = 0) -> types_pb2.Group:
@@ -43,13 +47,17 @@ def cfg(max_reuse: int = 2, max_staleness: int = 1):
 
 def step(buf: ReplayBuffer, c, state: TrainerState, count: int = 2):
     """Collect, "train", commit with requeues, bump the version: what the loop does around training."""
-    batch = _collect(buf, "t", count, state, c)
-    requeue = _requeue(batch, c, state.policy_version + 1)
+    bound = StalenessBound.from_config(c)
+    feed = Feed(
+        buf, Consumption(max_reuse=c.train.max_reuse), Reconnect(c.infra.reconnect_timeout), bound, "t"
+    )
+    batch = feed.collect(count, state.policy_version, state.stop)
+    requeue = feed.requeue(batch, state.policy_version + 1)
     buf.commit(
         [i for i, _ in batch.fresh],
         [r.entry_id for r in batch.reused] + batch.expired,
         requeue,
-        reuse_maxlen=_reuse_capacity(c),
+        reuse_maxlen=bound.reuse_capacity(),
     )
     state.policy_version += 1
     return batch, requeue
@@ -122,7 +130,7 @@ def test_reuse_stream_stays_bounded_when_fresh_data_keeps_up(buf: ReplayBuffer):
         batch, requeue = step(buf, c, state)
         assert not batch.reused and len(requeue) == 2  # fresh data always there: reuse never read
     # (max_staleness + 1) x rollout_batch_size entries at most, the newest ones
-    assert buf.num_reuse() == _reuse_capacity(c) == 4
+    assert buf.num_reuse() == StalenessBound.from_config(c).reuse_capacity() == 4
     assert [r.group.group_id for r in buf.read_reuse("t", 10)] == ["g6", "g7", "g8", "g9"]
 
 

@@ -5,8 +5,9 @@ coordinator process (no rollout server: it dispatches nothing, it takes the weig
 progress reports) and a real trainer process (`python -m slipstream.services.trainer`, one torch
 thread, CPU, --save-interval 1) train on them. The uninterrupted run's losses are the reference;
 then a run with the same groups is SIGKILLed at every crash point in turn (SLIPSTREAM_CRASH_AT)
-and resumed with --load each time: the loss curve and the final weights are the same,
-trained.jsonl has every group exactly once, and nothing is left pending in the buffer.
+and resumed with --load each time: the loss curve, the learning-rate sequence (a warmup and a
+cosine decay over two optimizer steps a step) and the final weights are the same, trained.jsonl
+has every group exactly once, and nothing is left pending in the buffer.
 
 Also: a learning rate that makes the weights overflow after one step gives non-finite losses;
 --max-nonfinite-steps of them in a row stop the trainer with one line and a checkpoint of the
@@ -34,6 +35,7 @@ from chaos_mesh import ChaosMesh, tiny_values  # noqa: E402
 from mesh_fixtures import build_prompts, build_tiny_model  # noqa: E402
 from slipstream.buffer.replay import ReplayBuffer  # noqa: E402
 from slipstream.proto import types_pb2  # noqa: E402
+from slipstream.services.trainer.schedule import LRSchedule  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_GROUPS, STEPS = 12, 6  # 2 groups a step
@@ -46,6 +48,10 @@ CRASHES = [
     ("after_checkpoint", 5),
     ("after_commit", 6),
 ]
+# A schedule the resumed runs must continue exactly: 2 optimizer steps a step, 12 in the run.
+SCHEDULE = dict(
+    lr_decay_style="cosine", lr_warmup_iters=3, min_lr=1e-3, global_batch_size=2, micro_batch_size=2
+)
 
 
 def _check_ledger():
@@ -126,6 +132,9 @@ class Run:
     def losses(self) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in self.mesh.metrics()}  # the last row of a step wins
 
+    def lrs(self) -> dict[int, float]:
+        return {r["step"]: r["lr"] for r in self.mesh.metrics()}
+
     def close(self) -> None:
         self.buffer.close()
         self.mesh.services.pop("reward")
@@ -136,14 +145,19 @@ class Run:
 def reference(assets, reward, tmp_path_factory, redis_url):
     """The uninterrupted run: its losses, and its final weights."""
     run_dir = tmp_path_factory.mktemp("reference") / "run"
-    run = Run(assets, reward, run_dir, redis_url)
+    run = Run(assets, reward, run_dir, redis_url, **SCHEDULE)
     try:
         proc = run.trainer()
         assert proc.returncode == 0, proc.stderr[-3000:]
         losses = run.losses()
         assert sorted(losses) == list(range(1, STEPS + 1))
         assert len(set(losses.values())) > 1  # it trains: the loss moves
-        return losses, load_file(str(run_dir / "checkpoints" / f"step_{STEPS:06d}" / "model.safetensors"))
+        # Each row's lr is its step's last optimizer step's: optimizer step 2k - 1 (0-based).
+        schedule = LRSchedule(lr=1e-2, min_lr=1e-3, style="cosine", warmup_steps=3, decay_steps=2 * STEPS)
+        lrs = run.lrs()
+        assert lrs == {k: pytest.approx(schedule.lr_at(2 * k - 1), rel=1e-12) for k in range(1, STEPS + 1)}
+        weights = load_file(str(run_dir / "checkpoints" / f"step_{STEPS:06d}" / "model.safetensors"))
+        return losses, weights, lrs
     finally:
         run.close()
 
@@ -153,9 +167,9 @@ def test_killed_at_every_point_resumes_with_the_same_loss_curve(
 ):
     """One run killed five times, once at each crash point (each at its own step), resumed each
     time with --load: one process start per crash instead of a fresh run per point."""
-    ref_losses, ref_weights = reference
+    ref_losses, ref_weights, ref_lrs = reference
     run_dir = tmp_path / "run"
-    run = Run(assets, reward, run_dir, redis_url)
+    run = Run(assets, reward, run_dir, redis_url, **SCHEDULE)
     try:
         logs = []
         for point, step in CRASHES:
@@ -178,6 +192,7 @@ def test_killed_at_every_point_resumes_with_the_same_loss_curve(
         assert sorted(losses) == list(range(1, STEPS + 1))
         for step, loss in ref_losses.items():
             assert math.isclose(losses[step], loss, rel_tol=0, abs_tol=1e-6), (step, losses[step], loss)
+        assert run.lrs() == ref_lrs  # the schedule continued where each checkpoint left it
         weights = load_file(str(run_dir / "checkpoints" / f"step_{STEPS:06d}" / "model.safetensors"))
         weight_diff = max(float((weights[k] - v).abs().max()) for k, v in ref_weights.items())
         assert weight_diff <= 1e-6
@@ -268,23 +283,24 @@ def test_check_ledger_reports_and_fails_on_double_training_and_unknown_groups(tm
 def test_duplicates_are_acked_and_skipped(redis_url, run_id):
     """At-least-once delivery (a regenerated group, a requeue repeated after a lost reply) meets
     an idempotent consumer: a group trained as often as allowed is acknowledged, never trained."""
+    from slipstream.algorithms.staleness import StalenessBound
     from slipstream.config import config_from_values
+    from slipstream.services.trainer.feed import Feed
     from slipstream.services.trainer.ledger import Consumption, StepRecord
-    from slipstream.services.trainer.loop import Feed, TrainerState, _collect
     from slipstream.services.trainer.reconnect import Reconnect
 
     cfg = config_from_values(
         dict(rollout_batch_size=2, n_samples_per_prompt=2, micro_batch_size=2, max_reuse=2, max_staleness=9)
     )
-    feed = Feed(Consumption(max_reuse=2), Reconnect(5.0))
     with ReplayBuffer(redis_url, run_id) as buf:
+        feed = Feed(buf, Consumption(max_reuse=2), Reconnect(5.0), StalenessBound.from_config(cfg), "t")
         for i in (0, 1, 0, 2):  # p0 stored twice
             buf.put_group(_group(i))
-        first = _collect(buf, "t", 2, TrainerState(), cfg, feed)
+        first = feed.collect(2, version=0)
         assert [g.group_id for _, g in first.fresh] == ["p0", "p1"]
         feed.consumption.record(StepRecord(1, ["p0", "p1"], [1, 1], [i for i, _ in first.fresh], []), [])
         buf.commit([], [], [(_group(0), 1), (_group(0), 1)])  # a requeue appended twice
-        second = _collect(buf, "t", 2, TrainerState(), cfg, feed)
+        second = feed.collect(2, version=0)
         # the second p0 (fresh: wants training 1, p0 had it) is skipped; p2 and one p0 reuse train
         assert [g.group_id for _, g in second.fresh] == ["p2"]
         assert [(r.group.group_id, r.times_trained) for r in second.reused] == [("p0", 1)]
@@ -293,7 +309,7 @@ def test_duplicates_are_acked_and_skipped(redis_url, run_id):
         buf.put_group(_group(3))
         late = threading.Timer(0.3, lambda: buf.put_group(_group(4)))
         late.start()
-        third = _collect(buf, "t", 2, TrainerState(), cfg, feed)  # p3 alone: reuse is read to fill
+        third = feed.collect(2, version=0)  # p3 alone: reuse is read to fill
         late.join()
         assert [g.group_id for _, g in third.fresh] == ["p3", "p4"] and not third.reused
         assert feed.consumption.num_duplicates_skipped == 2  # the repeated requeue of p0

@@ -24,7 +24,7 @@ from slipstream.rpc.channel import aio_channel
 from slipstream.services.reward import RewardConfigError
 from slipstream.services.reward.custom import load_function
 from slipstream.services.reward.remote import check_reachable
-from slipstream.services.reward.rules import exact_match, extract_answer, math_reward
+from slipstream.services.reward.rules import exact_match, extract_answer, label_answer, math_reward
 from slipstream.services.reward.server import build_scorer, start_reward_server
 
 # ---- rules ---------------------------------------------------------------------------------
@@ -76,6 +76,47 @@ def test_extract_answer_prefers_boxed_then_markers_then_last_number():
 def test_missing_label_raises_rather_than_scoring_zero():
     with pytest.raises(ValueError, match="no label"):
         math_reward("\\boxed{1}", "")
+
+
+@pytest.mark.parametrize(
+    "response, label",
+    [
+        ("19", "The answer is 19."),
+        ("19", "The sum is 19"),  # issue 13: was 0 while "The answer is 19." was 1
+        ("\\boxed{19}", "The sum is 19"),
+        ("The sum is 19", "The sum is 19"),
+        ("so 19", "The answer is 19 apples."),
+        ("\\boxed{1000}", "The total is 1,000 dollars."),
+        ("\\boxed{New York}", "The answer is New York"),
+    ],
+)
+def test_prose_labels_go_through_the_responses_extraction(response: str, label: str):
+    assert math_reward(response, label) == 1.0
+    assert (
+        math_reward(response.replace("19", "18").replace("1000", "999").replace("York", "Jersey"), label)
+        == 0.0
+    )
+
+
+@pytest.mark.parametrize(
+    "label, want",
+    [
+        ("The answer is 19.", "19"),
+        ("The sum is 19", "19"),
+        ("19 apples", "19"),
+        ("... #### 72", "72"),
+        ("\\boxed{x+1}", "x+1"),
+        # answers already: kept whole (no "last number" of "x+1")
+        ("x+1", "x+1"),
+        ("\\frac{3}{4}", "\\frac{3}{4}"),
+        ("(B)", "(B)"),
+        ("New York", "New York"),
+        # a sentence with no answer in it: None (preflight warns about these)
+        ("The capital is Paris", None),
+    ],
+)
+def test_label_answer(label: str, want: str | None):
+    assert label_answer(label) == want
 
 
 def test_exact_match():

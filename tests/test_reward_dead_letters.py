@@ -13,6 +13,7 @@ import json
 
 import pytest
 import test_coordinator
+from machine_speed import scaled
 from test_coordinator import FakeRollout, _cfg, _read_all, _until_stored
 
 from slipstream.buffer.replay import ReplayBuffer
@@ -69,7 +70,7 @@ def test_reward_failing_n_times_is_dead_lettered_and_the_group_still_stored(
             await coord.stop()
             await reward.stop(0.5)
 
-    asyncio.run(asyncio.wait_for(scenario(), 45))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(45)))
     groups = {g.group_id: g for g in _read_all(redis_url, run_id)}
     assert [s.status for s in groups["p1"].samples] == [types_pb2.SAMPLE_STATUS_FAILED] * 2
     assert [s.reward for s in groups["p0"].samples] == [1.0, 1.0]

@@ -72,7 +72,7 @@ def _with_own_log_probs(actor: Actor, samples: list[Sample], shift: float = 0.0)
 
 def test_actor_aligned_log_probs_and_staleness_metric(model_dir):
     cfg = _cfg(model_dir)
-    actor = Actor(cfg)
+    actor = Actor.from_config(cfg)
     samples = _with_own_log_probs(actor, _samples(versions=[[3, 3], [2, 3, 3], [3, 3, 3, 3], [3, 3]]))
     stats = actor.train_rollout(samples, [1.0, -1.0, 1.0, -1.0], trained_version=4)
     # the batch frame lines up: the trainer's recomputed log-probs are the "engine's" exactly
@@ -85,7 +85,7 @@ def test_actor_aligned_log_probs_and_staleness_metric(model_dir):
 
 def test_kl_loss_against_frozen_reference(model_dir):
     cfg = _cfg(model_dir, use_kl_loss=True, kl_loss_coef=0.5, kl_loss_type="k3")
-    actor = Actor(cfg)
+    actor = Actor.from_config(cfg)
     assert actor.ref_model is not None
     ref_before = {k: v.clone() for k, v in actor.ref_model.state_dict().items()}
     samples = _with_own_log_probs(actor, _samples())
@@ -101,7 +101,7 @@ def test_kl_loss_against_frozen_reference(model_dir):
 
 def test_stale_samples_dropped_and_offpolicy_segments_masked(model_dir):
     cfg = _cfg(model_dir, max_staleness=1, mask_offpolicy_in_partial_rollout=True)
-    actor = Actor(cfg)
+    actor = Actor.from_config(cfg)
     raw = _with_own_log_probs(actor, _samples(versions=[[5, 5], [2, 2, 2], [4, 5, 5, 5], [5, 5]]))
     samples, report = apply_staleness_policy(
         raw, 5, max_staleness=1, policy="drop", mask_offpolicy=cfg.algo.mask_offpolicy_in_partial_rollout
@@ -115,7 +115,7 @@ def test_stale_samples_dropped_and_offpolicy_segments_masked(model_dir):
 
 def test_tis_and_mis_see_the_behaviour_gap(model_dir):
     cfg = _cfg(model_dir, use_tis=True, tis_clip=1.5, use_mis=True, mis_low=0.1, mis_high=10.0)
-    actor = Actor(cfg)
+    actor = Actor.from_config(cfg)
     # behaviour log-probs 0.2 below the trainer's: rho = e^0.2 = 1.2214 on every token
     samples = _with_own_log_probs(actor, _samples(), shift=0.2)
     stats = actor.train_rollout(samples, [1.0, -1.0, 1.0, -1.0])
@@ -135,7 +135,7 @@ def test_tis_and_mis_see_the_behaviour_gap(model_dir):
 )
 def test_every_estimator_trains(model_dir, extra):
     cfg = _cfg(model_dir, **extra)
-    actor = Actor(cfg)
+    actor = Actor.from_config(cfg)
     before = [p.detach().clone() for p in actor.model.parameters()]
     stats = actor.train_rollout(_with_own_log_probs(actor, _samples()), [1.0, 0.0, 1.0, 0.0])
     assert stats.num_optimizer_steps == 1 and torch.isfinite(torch.tensor(stats.loss))
@@ -148,7 +148,7 @@ def test_micro_batching_does_not_change_the_step(model_dir, mode):
     params = []
     for mbs in (4, 2):
         cfg = _cfg(model_dir, micro_batch_size=mbs, loss_agg_mode=mode, lr=1e-2)
-        actor = Actor(cfg)
+        actor = Actor.from_config(cfg)
         torch.manual_seed(0)
         actor.train_rollout(_with_own_log_probs(actor, _samples()), [1.0, -1.0, 0.5, -0.5])
         params.append([p.detach().clone() for p in actor.model.parameters()])
@@ -190,7 +190,7 @@ def test_coordinator_counters_are_read_generically():
 
 
 def test_a_non_finite_step_is_skipped_and_leaves_weights_and_moments_alone(model_dir):
-    actor = Actor(_cfg(model_dir))
+    actor = Actor.from_config(_cfg(model_dir))
     samples = _with_own_log_probs(actor, _samples())
     actor.train_rollout(samples, [1.0, -1.0, 0.5, -0.5])  # AdamW has moments now
     weights = {k: v.clone() for k, v in actor.model.state_dict().items()}
@@ -211,12 +211,12 @@ def test_gradient_checkpointing_and_bf16_master_weights(model_dir):
     """Recomputing layers in backward gives the same step; --bf16 keeps float32 master weights."""
     params = []
     for extra in ({}, dict(gradient_checkpointing=True)):
-        actor = Actor(_cfg(model_dir, **extra))
+        actor = Actor.from_config(_cfg(model_dir, **extra))
         actor.train_rollout(_with_own_log_probs(actor, _samples()), [1.0, -1.0, 0.5, -0.5])
         params.append([p.detach().clone() for p in actor.model.parameters()])
     for a, b in zip(*params, strict=True):
         assert torch.allclose(a, b, atol=3e-5)
-    actor = Actor(_cfg(model_dir, bf16=True, dtype="bfloat16", lr=1e-6))
+    actor = Actor.from_config(_cfg(model_dir, bf16=True, dtype="bfloat16", lr=1e-6))
     before = [p.detach().clone() for p in actor.model.parameters()]
     assert all(p.dtype == torch.float32 for p in before)
     stats = actor.train_rollout(_with_own_log_probs(actor, _samples()), [1.0, -1.0, 0.5, -0.5])

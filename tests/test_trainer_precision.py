@@ -1,5 +1,9 @@
 """`--bf16` as bf16 compute weights over fp32 masters (`services/trainer/precision.py`).
 
+The references are computed here: an all-fp32 step, and the trainer's previous `--bf16` (fp32
+parameters under bf16 autocast, which the actor no longer carries: `_autocast_step` runs the
+fp32 actor's step under `torch.autocast`, the same casts the old path made around its forwards).
+
 Measured tolerance (this file's model, one AdamW step, CPU): the step's fp32 gradient differs
 from the all-fp32 path's by ~0.8% (relative L2) with bf16 compute weights and by ~0.7% under
 the previous autocast path; the two bf16 paths differ from each other by ~0.9%. The weights
@@ -68,6 +72,12 @@ def _step(actor: Actor, samples) -> tuple[torch.Tensor, torch.Tensor]:
     return _flat(actor.model.parameters()) - before, _flat(p.grad for p in actor.model.parameters())
 
 
+def _autocast_step(actor: Actor, samples) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_step` of an fp32 actor under bf16 autocast: the `--bf16` the trainer had before."""
+    with torch.autocast(actor.device.type, dtype=torch.bfloat16):
+        return _step(actor, samples)
+
+
 def _assert_compute_is_rounded_masters(actor: Actor) -> None:
     for (name, m), c in zip(actor.model.named_parameters(), actor.compute.parameters(), strict=True):
         assert m.dtype == torch.float32 and c.dtype == torch.bfloat16, name
@@ -76,11 +86,11 @@ def _assert_compute_is_rounded_masters(actor: Actor) -> None:
 
 
 def test_bf16_compute_weights_step_like_the_autocast_path(model_dir):
-    fp32 = Actor(_cfg(model_dir))
+    fp32 = Actor.from_config(_cfg(model_dir))
     samples = _with_own_log_probs(fp32, _samples())
     ref_step, ref_grad = _step(fp32, samples)
-    auto_step, auto_grad = _step(Actor(_cfg(model_dir, bf16=True), baseline=True), samples)
-    actor = Actor(_cfg(model_dir, bf16=True))
+    auto_step, auto_grad = _autocast_step(Actor.from_config(_cfg(model_dir)), samples)
+    actor = Actor.from_config(_cfg(model_dir, bf16=True))
     assert actor.compute is not actor.model
     step, grad = _step(actor, samples)
     _assert_compute_is_rounded_masters(actor)
@@ -94,12 +104,12 @@ def test_bf16_compute_weights_step_like_the_autocast_path(model_dir):
 
 
 def test_checkpoint_round_trip_keeps_the_fp32_masters(model_dir, tmp_path):
-    actor = Actor(_cfg(model_dir, bf16=True))
+    actor = Actor.from_config(_cfg(model_dir, bf16=True))
     samples = _with_own_log_probs(actor, _samples())
     actor.train_rollout(samples, SCORES)
     save_checkpoint(tmp_path, 1, actor.model, actor.optimizer, {"policy_version": 1})
 
-    fresh = Actor(_cfg(model_dir, bf16=True))
+    fresh = Actor.from_config(_cfg(model_dir, bf16=True))
     load_trainer_state(resolve_checkpoint(str(tmp_path)), fresh.model, fresh.optimizer)
     for (n, a), b in zip(actor.model.named_parameters(), fresh.model.parameters(), strict=True):
         assert b.dtype == torch.float32 and torch.equal(a, b), n
@@ -115,7 +125,7 @@ def test_checkpoint_round_trip_keeps_the_fp32_masters(model_dir, tmp_path):
 
 
 def test_a_skipped_step_leaves_masters_moments_and_bf16_weights_alone(model_dir):
-    actor = Actor(_cfg(model_dir, bf16=True))
+    actor = Actor.from_config(_cfg(model_dir, bf16=True))
     samples = _with_own_log_probs(actor, _samples())
     actor.train_rollout(samples, SCORES)
     masters = [p.detach().clone() for p in actor.model.parameters()]
@@ -149,10 +159,11 @@ def test_bf16_compute_weights_on_gpu_packed_and_padded(tmp_path):
             False,
         ),
     ):
-        actor = Actor(_cfg(d, bf16=True, device="cuda", clip_grad=1e9, **kw), baseline=autocast)
-        samples = _with_own_log_probs(actor, _samples())
-        before = _flat(actor.model.parameters())
-        stats = actor.train_rollout(samples, SCORES)
+        actor = Actor.from_config(_cfg(d, bf16=not autocast, device="cuda", clip_grad=1e9, **kw))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):  # the old --bf16
+            samples = _with_own_log_probs(actor, _samples())
+            before = _flat(actor.model.parameters())
+            stats = actor.train_rollout(samples, SCORES)
         grads[name] = _flat(p.grad for p in actor.model.parameters())
         assert (
             stats.num_optimizer_steps == 1 and torch.isfinite(_flat(actor.model.parameters()) - before).all()
@@ -174,7 +185,7 @@ def test_first_step_proximal_log_probs_come_from_its_own_forward(model_dir, extr
     """Until the first optimizer step the proximal log-probs are the training forward's, bit for
     bit (no separate no-grad forward, which rounds differently): that step's ratio is exactly 1.
     Later steps' micro-batches still get theirs from the weights before the rollout's first step."""
-    actor = Actor(_cfg(model_dir, **extra))
+    actor = Actor.from_config(_cfg(model_dir, **extra))
     stats = actor.train_rollout(_with_own_log_probs(actor, _samples()), SCORES)
     assert stats.num_optimizer_steps == (1 if not extra else 2)
     if not extra:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-
 
 def main(argv: list[str] | None = None) -> None:
     from slipstream.config import parse_config
 
     prog = "slipstream coordinator"
     cfg = parse_config(argv, prog=prog, description="The control plane: prompts, leases, groups, weights.")
-    from slipstream.log import setup_logging
+    from slipstream.log import error_exit, setup_logging
 
     setup_logging("coordinator")
     from slipstream.rpc import security
@@ -24,12 +22,8 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         run_async(serve(cfg))
-    except (DataError, FilterLoadError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (TimeoutError, OSError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    except (DataError, FilterLoadError, TimeoutError, OSError) as e:
+        error_exit(prog, e)  # 2 before it serves (bad input, reward unreachable), 1 after
 
 
 if __name__ == "__main__":

@@ -10,15 +10,19 @@ ends, its leases are released and the samples go back to the *front* of the queu
 new epoch, so recovered work is served before new prompts are admitted.
 
 A sample that comes back ABORTED is a partial trajectory: the ledger *parks* it (no lease,
-not queued) while the servicer writes it to the buffer's partial stream in Redis; when the
-servicer takes it back out, `resume` puts it at the front of the queue to be continued, with
+not queued) while the pipeline writes it to the buffer's partial stream in Redis; when the
+pipeline takes it back out, `resume` puts it at the front of the queue to be continued, with
 what it generated so far, under newer weights.
 
-The ledger is plain bookkeeping: no I/O, no clock, no asyncio. The servicer drives it.
+A group's own life, past generation, is its `Stage` (the pipeline's state machine, pipeline.py);
+the ledger holds the groups still GENERATING.
+
+The ledger is plain bookkeeping: no I/O, no clock, no asyncio. The pipeline drives it.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -34,6 +38,19 @@ class Lease:
     epoch: int
 
 
+class Stage(enum.Enum):
+    """Where a group is in its life (pipeline.py moves it; each arrow is checked there)."""
+
+    GENERATING = "generating"  # admitted: its samples are queued, leased or parked (the ledger's)
+    SCORING = "scoring"  # every sample in: at the reward service, then the dynamic filter
+    READY = "ready"  # scored and kept: waits for its buffer position (deadline order)
+    STORING = "storing"  # holds buffer position `position`: appended in position order
+    IN_DOUBT = "in_doubt"  # its store transaction met a Redis error: only a reload can tell if it ran
+    STORED = "stored"  # in the buffer (the pipeline forgets it)
+    FILTERED = "filtered"  # dropped by the dynamic filter; another prompt takes its place
+    LOST = "lost"  # its store failed for good; another prompt takes its place
+
+
 @dataclass
 class GroupState:
     group_id: str
@@ -41,6 +58,9 @@ class GroupState:
     results: dict[int, types_pb2.Sample] = field(default_factory=dict)  # index -> finished sample
     version: int = 0  # policy version it was admitted under: its samples are generated on >= this
     deadline: int = 0  # it must land among the first `deadline` groups of the buffer (admission.py)
+    stage: Stage = Stage.GENERATING
+    entered: int = 0  # when it entered its stage (the pipeline's move count): ties go to the earlier
+    position: int = -1  # its buffer position, once STORING
 
     @property
     def complete(self) -> bool:
@@ -93,7 +113,7 @@ def pick_server(need: int, slots: dict[str, Slots]) -> tuple[str, int] | None:
 
 
 class Ledger:
-    def __init__(self) -> None:
+    def __init__(self, epoch_base: int = 0) -> None:
         self.groups: dict[str, GroupState] = {}
         self.leases: dict[str, Lease] = {}  # work_id -> lease of a dispatched sample
         self._where: dict[str, tuple[str, int]] = {}  # work_id -> (group_id, index)
@@ -104,22 +124,23 @@ class Ledger:
         self._continued: set[str] = set()  # work ids resumed from the partial stream
         # Every epoch issued is above this. A coordinator resumed from its journal sets it above
         # any epoch an earlier incarnation could have issued, so their late results are refused.
-        self.epoch_base = 0
+        self.epoch_base = epoch_base
 
     # ---- groups ------------------------------------------------------------------------
     def add_group(
         self, group_id: str, samples: list[types_pb2.Sample], version: int = 0, deadline: int = 0
-    ) -> None:
+    ) -> GroupState:
         if group_id in self.groups:
             raise ValueError(f"group {group_id} already exists")
-        self.groups[group_id] = GroupState(group_id, samples, version=version, deadline=deadline)
+        group = self.groups[group_id] = GroupState(group_id, samples, version=version, deadline=deadline)
         for i, s in enumerate(samples):
             self._where[s.uid] = (group_id, i)
         self._queue.append((group_id, list(range(len(samples)))))
+        return group
 
     def restore_group(self, group: GroupState, parked: set[int]) -> None:
         """Put back a journaled group: its finished results kept, its parked partials parked
-        (the servicer takes them back from the partial stream), every other sample queued."""
+        (the pipeline takes them back from the partial stream), every other sample queued."""
         if group.group_id in self.groups:
             raise ValueError(f"group {group.group_id} already exists")
         self.groups[group.group_id] = group
@@ -207,7 +228,7 @@ class Ledger:
         done.uid, done.group_index, done.index = template.uid, template.group_index, template.index
         done.prompt, done.label, done.metadata_json = template.prompt, template.label, template.metadata_json
         if done.status == types_pb2.SAMPLE_STATUS_ABORTED:
-            # A partial trajectory: parked until the servicer resumes it from the partial stream;
+            # A partial trajectory: parked until the pipeline resumes it from the partial stream;
             # it is then continued (possibly elsewhere, under newer weights) from where it stopped.
             group.samples[index] = done
             self.parked.add(work_id)

@@ -1,8 +1,8 @@
 """The journal writer: the coordinator's in-memory ledger, copied to Redis off the event loop.
 
 The ledger in memory is the truth while the coordinator runs; Redis is its journal, read only
-when a coordinator starts on a run that has one, or after Redis itself restarted. Handlers
-call `mark(group_id)` when a group changes (admitted, a result in, a partial parked or taken
+when a coordinator starts on a run that has one, or after Redis itself restarted. The pipeline
+calls `mark(group_id)` when a group changes (admitted, a result in, a partial parked or taken
 back), `drop(group_id)` when it leaves without being stored (filtered), and `touch()` when only
 counters moved; one writer task coalesces whatever accumulated into a single MULTI/EXEC per
 round (`CoordinatorStore.write`), in a worker thread.
@@ -11,12 +11,13 @@ Ordering with the store. The writer and the store path take the same lock, and s
 built *inside* it, so a group being stored is either journaled before its store transaction
 (which then deletes it) or no longer in assembly when the snapshot is taken: the journal can
 never put back a group the buffer already holds. The store transaction also carries whatever
-the journal had pending (`take()`): the buffer never gets ahead of the journal, so a group in
-the buffer was always admitted under a journaled cursor (otherwise a crash could admit its
+the journal had pending (`store_group`): the buffer never gets ahead of the journal, so a group
+in the buffer was always admitted under a journaled cursor (otherwise a crash could admit its
 prompt again and store it twice).
 
 A failed write (Redis down) keeps the changes dirty and is retried; after a Redis restart the
-coordinator reloads from Redis anyway, so nothing here needs to be smarter.
+coordinator reloads from Redis anyway (recovery.py builds a new pipeline, with a new journal),
+so nothing here needs to be smarter.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from collections.abc import Callable
 
 import redis
 
+from slipstream.buffer.coordinator_store import CoordinatorCounters, CoordinatorStore
 from slipstream.proto import coordinator_pb2, types_pb2
 from slipstream.services.coordinator.groups import GroupState
 
@@ -61,12 +63,16 @@ def from_record(record: coordinator_pb2.JournalGroup) -> GroupState:
     )
 
 
-Snapshotter = Callable[[set[str]], tuple[dict[str, int], dict[str, bytes]]]
+Snapshotter = Callable[[set[str]], tuple[CoordinatorCounters, dict[str, bytes]]]
+
+
+class StoreInDoubt(Exception):
+    """A store transaction met a Redis error: whether it ran is unknown (only Redis can tell)."""
 
 
 class Journal:
-    def __init__(self, store, snapshot: Snapshotter, lock: asyncio.Lock):
-        self.store = store  # slipstream.buffer.coordinator_store.CoordinatorStore
+    def __init__(self, store: CoordinatorStore, snapshot: Snapshotter, lock: asyncio.Lock):
+        self.store = store
         self.snapshot = snapshot  # dirty group ids -> (counters, {group id: record bytes} still in assembly)
         self.lock = lock
         self.dirty: set[str] = set()
@@ -92,11 +98,6 @@ class Journal:
     def touch(self) -> None:
         self._wake.set()
 
-    def reset(self) -> None:
-        """Forget pending changes (the ledger was just reloaded from Redis)."""
-        self.dirty.clear()
-        self.dropped.clear()
-
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
@@ -106,7 +107,7 @@ class Journal:
                 await asyncio.sleep(RETRY_S)
                 self._wake.set()
 
-    def take(self) -> tuple[set[str], set[str], dict[str, int], dict[str, bytes]]:
+    def take(self) -> tuple[set[str], set[str], CoordinatorCounters, dict[str, bytes]]:
         """What is pending, as a write (call it holding the lock): (dirty, dropped, counters, records)."""
         dirty, dropped = self.dirty, self.dropped
         self.dirty, self.dropped = set(), set()
@@ -132,6 +133,23 @@ class Journal:
                 return False
         self.num_writes += 1
         return True
+
+    async def store_group(self, group: types_pb2.Group, stored: Callable[[], None]) -> None:
+        """Append a finished group to the buffer in one transaction with what is pending; `stored()`
+        runs once it committed, still under the lock, so no snapshot can journal the group again.
+
+        Raises `BufferFull` (nothing written: try again later), `StoreInDoubt` (a Redis error)."""
+        async with self.lock:
+            dirty, dropped, counters, put = self.take()
+            try:
+                await asyncio.to_thread(self.store.store_group, group, counters, put, sorted(dropped))
+            except redis.exceptions.RedisError as e:  # BufferFull is not one: that write did not run
+                self.give_back(dirty, dropped)
+                raise StoreInDoubt(str(e)) from e
+            except BaseException:
+                self.give_back(dirty, dropped)
+                raise
+            stored()
 
     async def close(self) -> None:
         if self._task is not None:

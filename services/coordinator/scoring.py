@@ -7,19 +7,102 @@ backoff, up to `--reward-max-failures` attempts in total. A sample that fails th
 *dead-lettered* by the caller: copied to the dead-letter stream with the last error, FAILED in
 its group (the trainer never trains on it) and counted; the group is still stored, so one bad
 sample never stalls a run.
+
+An *unavailable* reward is another matter: the reward service unreachable, or its remote
+endpoint's circuit breaker open (the service answers UNAVAILABLE, naming the endpoint and the
+error). No sample is at fault, so no attempt is counted and nothing is dead-lettered: the
+`RewardGate` goes down (the console says so, and the pipeline admits no new prompt while it is
+down), the call is tried again with backoff, and the first answer puts the gate up again. Down
+for `--reward-outage-timeout` seconds, the gate calls `on_fatal` and the coordinator stops with
+one line. The breaker itself lives in the reward service, which alone sees the endpoint and can
+tell "down" from "this sample cannot be scored"; admission, and the run, are the coordinator's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
 
+from slipstream.console import console_log
 from slipstream.proto import reward_pb2, reward_pb2_grpc, types_pb2
 
+log = logging.getLogger(__name__)
+console = console_log()
+
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.2, 2.0
+UNAVAILABLE_FIRST_S, UNAVAILABLE_MAX_S = 0.5, 5.0  # tries of a Score while the reward is down
+
+
+class RewardUnavailable(Exception):
+    """The reward service, or its endpoint, is down: no sample's fault."""
+
+
+class RewardOutage(TimeoutError):
+    """The reward stayed unavailable past --reward-outage-timeout: the coordinator stops with this line."""
+
+
+class RewardGate:
+    """Whether the reward path is up; while it is down, admission pauses (`Ports.reward_up`)."""
+
+    def __init__(self, outage_timeout: float, on_fatal: Callable[[], None] = lambda: None):
+        self.outage_timeout = outage_timeout
+        self.on_fatal = on_fatal
+        self.down_since: float | None = None
+        self.last_error = ""
+        self.fatal = ""  # set once the outage outlasted the timeout
+        self.waiters = 0  # scoring calls waiting to try the reward again
+        self._timer: asyncio.Task | None = None
+
+    @property
+    def is_up(self) -> bool:
+        return self.down_since is None
+
+    def down(self, error: str) -> None:
+        self.last_error = error
+        if self.down_since is not None:
+            return
+        self.down_since = time.monotonic()
+        console.warning(
+            "reward unavailable (%s): admission paused; the run stops if this lasts "
+            "--reward-outage-timeout %gs",
+            error,
+            self.outage_timeout,
+        )
+        self._timer = asyncio.get_running_loop().create_task(self._expire(self.down_since))
+
+    def up(self) -> None:
+        if self.down_since is None:
+            return
+        console.info(
+            "reward available again after %.1fs; admission resumed", time.monotonic() - self.down_since
+        )
+        self.down_since = None
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def forget(self) -> None:
+        """Nobody waits on the reward any more (their pipeline was replaced): the next call tells."""
+        if self.down_since is not None:
+            log.info("no scoring call waits on the reward any more; admission resumes until one fails")
+            self.down_since = None
+            if self._timer is not None:
+                self._timer.cancel()
+
+    async def _expire(self, since: float) -> None:
+        await asyncio.sleep(self.outage_timeout)
+        if self.down_since == since and not self.fatal:
+            self.fatal = f"reward unavailable for {self.outage_timeout:g}s (--reward-outage-timeout): {self.last_error}"
+            console.error("%s; stopping", self.fatal)
+            self.on_fatal()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 @dataclass
@@ -36,10 +119,13 @@ class Scored:
 async def score_once(
     reward: reward_pb2_grpc.RewardStub, samples: list[types_pb2.Sample], timeout: float
 ) -> list[reward_pb2.ScoreResult]:
-    """One `Score` call; a failed call or a malformed reply fails every sample of it."""
+    """One `Score` call; a failed call or a malformed reply fails every sample of it, except an
+    UNAVAILABLE one: RewardUnavailable."""
     try:
         reply = await reward.Score(reward_pb2.ScoreRequest(samples=samples), timeout=timeout)
     except grpc.aio.AioRpcError as e:
+        if e.code() == grpc.StatusCode.UNAVAILABLE:
+            raise RewardUnavailable(e.details() or "reward service unavailable") from None
         error = f"reward service: {e.code().name}: {e.details()}"
         return [reward_pb2.ScoreResult(failed=True, error=error) for _ in samples]
     if len(reply.results) != len(samples):
@@ -54,13 +140,40 @@ async def score_with_retries(
     timeout: float,
     max_failures: int,
     on_failure: Callable[[types_pb2.Sample, str], None] = lambda sample, error: None,
+    gate: RewardGate | None = None,
 ) -> list[Scored]:
-    """Every sample's reward, or its last error after `max_failures` failed attempts."""
+    """Every sample's reward, or its last error after `max_failures` failed attempts. While the
+    reward is unavailable, tried again with backoff, no attempt counted (until cancelled)."""
     out = [Scored() for _ in samples]
     pending = list(range(len(samples)))
-    backoff = BACKOFF_FIRST_S
+    backoff, unavailable_backoff = BACKOFF_FIRST_S, UNAVAILABLE_FIRST_S
     while pending:
-        results = await score_once(reward, [samples[i] for i in pending], timeout)
+        try:
+            results = await score_once(reward, [samples[i] for i in pending], timeout)
+        except RewardUnavailable as e:
+            if gate is not None:
+                gate.down(str(e))
+            log.info(
+                "reward unavailable (%s); scoring %d samples again in %.1fs",
+                e,
+                len(pending),
+                unavailable_backoff,
+            )
+            if gate is None:
+                await asyncio.sleep(unavailable_backoff)
+            else:
+                gate.waiters += 1  # the gate stays down only while someone waits to learn otherwise
+                try:
+                    await asyncio.sleep(unavailable_backoff)
+                finally:
+                    gate.waiters -= 1
+                    if gate.waiters == 0 and asyncio.current_task().cancelling():
+                        gate.forget()
+            unavailable_backoff = min(unavailable_backoff * 2, UNAVAILABLE_MAX_S)
+            continue
+        unavailable_backoff = UNAVAILABLE_FIRST_S
+        if gate is not None:
+            gate.up()
         still = []
         for i, result in zip(pending, results, strict=True):
             out[i].attempts += 1

@@ -37,6 +37,11 @@ class PushError(ValueError):
     """A push that is refused; the message says exactly why (sent as INVALID_ARGUMENT)."""
 
 
+class VersionNotNewer(PushError):
+    """A push of a version the relay already holds or has passed (sent as ALREADY_EXISTS, so the
+    trainer knows from the status code, not from this text, that its weights are there)."""
+
+
 class RelayedVersion:
     """One version as the relay holds it: its checked messages so far, and how its push ended."""
 
@@ -151,7 +156,7 @@ async def _receive(messages, current_version, on_manifest) -> RelayedVersion:
                 if kind != "manifest":
                     raise PushError("a weight push must start with its manifest")
                 if msg.manifest.version <= current_version:
-                    raise PushError(
+                    raise VersionNotNewer(
                         f"version {msg.manifest.version} is not newer than the current {current_version}"
                     )
                 incoming = RelayedVersion(msg)
@@ -234,7 +239,7 @@ class WeightRelay:
             self.incoming = None
         if stored.version <= self.floor:
             stored.fail("a concurrent push landed first")
-            raise PushError(f"version {stored.version} is not newer than the current {self.version}")
+            raise VersionNotNewer(f"version {stored.version} is not newer than the current {self.version}")
         self.latest = stored
         stored.commit()
 

@@ -8,14 +8,12 @@ exits 2 with one line before serving.
 
 from __future__ import annotations
 
-import sys
-
 
 def main(argv: list[str] | None = None) -> None:
     from slipstream.config import parse_config
 
     cfg = parse_config(argv, prog="slipstream reward", description="Score samples over gRPC (Reward.Score).")
-    from slipstream.log import setup_logging
+    from slipstream.log import error_exit, setup_logging
 
     setup_logging("reward")
     from slipstream.rpc import security
@@ -28,8 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_async(serve(cfg))
     except RewardConfigError as e:
-        print(f"slipstream reward: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        error_exit("slipstream reward", e)  # raised before it serves: 2
 
 
 if __name__ == "__main__":

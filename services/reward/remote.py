@@ -10,6 +10,10 @@ refused or dropped connection, a timeout (`--rm-timeout` per attempt), an HTTP 5
 Anything else (4xx, a body that is not a reward) is the endpoint's final word and fails the
 sample at once with a one-line reason. The standard library's `urllib` does the HTTP, in a
 worker thread, so the service needs no HTTP client dependency.
+
+An endpoint that does not answer at all (refused, reset, timed out, a gateway's 502/503/504) trips
+its circuit breaker after a few attempts in a row (breaker.py): the console says so, scoring fails
+at once with `EndpointDown` until a probe gets an answer, and the samples are not failed.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from slipstream.services.reward import RewardConfigError
+from slipstream.services.reward.breaker import STALL_WARN_S, Breaker, StallWatch
 from slipstream.types import Sample
 
 BACKOFF_S = 0.2
 BACKOFF_MAX_S = 5.0
+GATEWAY_DOWN = (502, 503, 504)  # a proxy's answer when the model behind it is gone
 
 
 class RemoteRewardError(RuntimeError):
@@ -86,14 +92,61 @@ class RemoteReward:
         self.timeout = timeout
         self.max_retries = max_retries
         self.headers = {"Content-Type": "application/json", **(headers or {})}  # auth: never logged
+        self.breaker = Breaker(url, self._probe)
+        self.stalls = StallWatch(url, min(STALL_WARN_S, timeout / 2), timeout)
+        self._last_failed = b"{}"  # what the probe sends: the last request that got no answer
 
     async def __call__(self, sample: Sample) -> float:
+        """The reward; RemoteRewardError (the sample's failure), or EndpointDown (the endpoint's)."""
         # A chat prompt travels as its list of messages, as slime sends it.
         payload = {"prompt": sample.prompt, "response": sample.response, "label": sample.label}
-        return await asyncio.to_thread(self.score_payload, payload)
+        body = json.dumps(payload).encode()
+        attempts = self.max_retries + 1
+        for attempt in range(attempts):
+            self.breaker.check()
+            token = self.stalls.sent()
+            try:
+                reply = await asyncio.to_thread(self._post, body)
+            except _Transient as e:
+                self.stalls.done(token, answered=not e.outage)
+                if e.outage:
+                    self._last_failed = body
+                    self.breaker.outage(str(e))
+                else:
+                    self.breaker.answered()
+                if attempt + 1 == attempts:
+                    self.breaker.check()  # down: not this sample's failure
+                    raise RemoteRewardError(f"{self.url}: {e} (after {attempts} attempts)") from None
+                await asyncio.sleep(min(BACKOFF_S * 2**attempt, BACKOFF_MAX_S))
+                continue
+            except RemoteRewardError:
+                self.stalls.done(token, answered=True)
+                self.breaker.answered()
+                raise
+            self.stalls.done(token, answered=True)
+            self.breaker.answered()
+            return parse_reward(reply)
+        raise AssertionError("unreachable")
+
+    async def _probe(self) -> bool:
+        """One request to a down endpoint: True when it answered anything."""
+        try:
+            await asyncio.to_thread(self._post, self._last_failed)
+        except _Transient as e:
+            if e.outage:
+                self.breaker.last_error = str(e)
+                return False
+        except RemoteRewardError:
+            pass  # an answer, if not a reward
+        return True
+
+    def close(self) -> None:
+        self.breaker.close()
+        self.stalls.close()
 
     def score_payload(self, payload: dict[str, Any]) -> float:
-        """POST `payload`, retrying transient failures; the reward, or RemoteRewardError."""
+        """POST `payload`, retrying transient failures; the reward, or RemoteRewardError. Blocking,
+        and without the breaker (a one-off call: a check, a tool)."""
         body = json.dumps(payload).encode()
         attempts = self.max_retries + 1
         for attempt in range(attempts):
@@ -114,12 +167,12 @@ class RemoteReward:
             detail = e.read()[:200].decode(errors="replace").strip()
             message = f"HTTP {e.code}" + (f": {detail}" if detail else "")
             if e.code >= 500 or e.code == 429:
-                raise _Transient(message) from None
+                raise _Transient(message, outage=e.code in GATEWAY_DOWN) from None
             raise RemoteRewardError(f"{self.url}: {message}") from None
         except urllib.error.URLError as e:
-            raise _Transient(_reason(e.reason)) from None
+            raise _Transient(_reason(e.reason), outage=True) from None
         except (TimeoutError, ConnectionError) as e:  # timeouts and resets while reading the body
-            raise _Transient(_reason(e)) from None
+            raise _Transient(_reason(e), outage=True) from None
 
 
 def read_header_file(path: str) -> dict[str, str]:
@@ -135,7 +188,11 @@ def read_header_file(path: str) -> dict[str, str]:
 
 
 class _Transient(Exception):
-    """A failure worth another attempt."""
+    """A failure worth another attempt; `outage`: the endpoint gave no answer of its own."""
+
+    def __init__(self, message: str, outage: bool = False):
+        super().__init__(message)
+        self.outage = outage
 
 
 def _reason(e: object) -> str:

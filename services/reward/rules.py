@@ -7,6 +7,12 @@ parse (so "1,000", "1000.0" and "1000" agree, and "\\frac{3}{4}" equals "0.75"),
 normalised string. When both of those say no and LaTeX is involved, `math_verify` (symbolic
 equivalence) gets the last word, so "\\sqrt{2}/2" and "\\frac{\\sqrt2}{2}" agree.
 
+The label goes through the same extraction when it is written as a solution or in prose
+(`label_answer`: "The answer is 19.", "The sum is 19" and "\\boxed{19}" all grade as 19), so a
+label and a response saying the same thing agree; a label that already is an answer ("19",
+"x+1", "Paris") is taken whole. Both extractions live in `slipstream.answers`, which the
+launcher's preflight also reads labels with.
+
 A wrong or missing answer scores 0.0. A missing *label* is not a wrong answer: it raises, and
 the service reports that sample as failed.
 """
@@ -20,92 +26,17 @@ import threading
 from collections.abc import Callable
 from fractions import Fraction
 
+from slipstream.answers import NUMBER_RE, extract_answer, label_answer, strip_latex, to_number
+
 log = logging.getLogger(__name__)
 
-# A number as people write answers: optional sign, thousands groups or plain digits, decimals,
-# an optional "/denominator".
-_NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?|-?\.\d+"
-_NUMBER_RE = re.compile(_NUMBER)
-_ANSWER_IS_RE = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*:?\s*(.+)", re.IGNORECASE)
-_FRAC_RE = re.compile(r"^(-?)\\[dt]?frac\{([^{}]+)\}\{([^{}]+)\}$")
-_TEXT_RE = re.compile(r"\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}")
 _REL_TOL = 1e-6
 MATH_VERIFY_TIMEOUT_S = 5
 
 
-def extract_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`), braces balanced; None if absent."""
-    start, command = max((text.rfind(c), c) for c in ("\\boxed", "\\fbox"))
-    if start < 0:
-        return None
-    rest = text[start + len(command) :]
-    if not rest.lstrip().startswith("{"):
-        # "\boxed 5": the argument is the next token.
-        words = rest.split()
-        return words[0].rstrip(".$") if words else None
-    i = start + len(command) + rest.index("{")
-    depth = 0
-    for j in range(i, len(text)):
-        if text[j] == "{":
-            depth += 1
-        elif text[j] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[i + 1 : j]
-    return None  # unbalanced: the response was cut off inside the box
-
-
-def extract_answer(response: str) -> str | None:
-    """The final answer a response commits to, as written; None if it commits to nothing."""
-    boxed = extract_boxed(response)
-    if boxed is not None:
-        return boxed.strip()
-    for marker in ("####",):
-        if marker in response:
-            tail = response.rsplit(marker, 1)[1].strip().split("\n", 1)[0]
-            if tail:
-                return _trim_sentence(tail)
-    said = list(_ANSWER_IS_RE.finditer(response))
-    if said:
-        return _trim_sentence(said[-1].group(1).split("\n", 1)[0])
-    numbers = _NUMBER_RE.findall(response)
-    return numbers[-1] if numbers else None
-
-
-def _trim_sentence(text: str) -> str:
-    return text.strip().rstrip(".").strip()
-
-
-def _strip_latex(s: str) -> str:
-    s = s.strip().strip("$").strip()
-    s = s.replace("\\$", "").replace("\\!", "").replace("\\,", "").replace("\\;", "").replace("\\ ", "")
-    s = s.replace("\\left", "").replace("\\right", "").replace("\\%", "%")
-    s = re.sub(r"\^\{?\\circ\}?", "", s)
-    s = _TEXT_RE.sub(r"\1", s)
-    return s.strip()
-
-
-def to_number(s: str) -> Fraction | None:
-    """The exact value of a written number ("1,000", "-3/4", "\\frac{1}{2}", "2.50", "50%"); None if not one."""
-    s = _strip_latex(s).replace(" ", "").rstrip(".")
-    if s.endswith("%"):
-        s = s[:-1]
-    m = _FRAC_RE.match(s)
-    if m:
-        s = f"{m.group(1)}{m.group(2)}/{m.group(3)}"
-    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):
-        s = s.replace(",", "")
-    if not re.fullmatch(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?(?:/\d+)?", s):
-        return None
-    try:
-        return Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
 def normalize(s: str) -> str:
     """A string answer for comparison: no LaTeX wrappers, case, spaces or trailing period."""
-    s = _strip_latex(s).lower()
+    s = strip_latex(s).lower()
     s = s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     s = re.sub(r"\s+", "", s).rstrip(".")
     return re.sub(r"^\(([a-z])\)$", r"\1", s)  # a multiple-choice "(B)" is "B"
@@ -113,13 +44,6 @@ def normalize(s: str) -> str:
 
 def _numbers_equal(a: Fraction, b: Fraction) -> bool:
     return a == b or math.isclose(float(a), float(b), rel_tol=_REL_TOL, abs_tol=1e-12)
-
-
-def _label_answer(label: str) -> str:
-    """Ground truth written as a solution ("... #### 72", "\\boxed{72}") reduced to its answer."""
-    if "\\boxed" in label or "####" in label:
-        return extract_answer(label) or label
-    return label
 
 
 def _math_verify_equal(answer: str, label: str) -> bool:
@@ -140,7 +64,7 @@ def math_reward(response: str, label: str, use_math_verify: bool = True) -> floa
     """1.0 if the response's final answer equals `label`, else 0.0."""
     if label is None or not str(label).strip():
         raise ValueError("sample has no label to grade against")
-    label = _label_answer(str(label))
+    label = label_answer(str(label)) or str(label).strip()
     answer = extract_answer(response)
     if answer is None:
         if not response.strip():
@@ -151,7 +75,7 @@ def math_reward(response: str, label: str, use_math_verify: bool = True) -> floa
     if want is not None and got is None and "\\" not in answer:
         # "The answer is 42 apples": grade the number the sentence states (LaTeX such as
         # "\\sqrt{4}" is left whole for math_verify).
-        numbers = _NUMBER_RE.findall(answer)
+        numbers = NUMBER_RE.findall(answer)
         got = to_number(numbers[0]) if numbers else None
     if want is not None and got is not None:
         return 1.0 if _numbers_equal(want, got) else 0.0

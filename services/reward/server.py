@@ -8,6 +8,9 @@ most `max_concurrency` at a time across all requests.
 Per-sample failures are the boundary here: whatever a reward function raises, or a remote
 endpoint answers, becomes `failed=True` with a one-line `error` for that sample alone, so the
 coordinator can mark it FAILED and count it; the other samples of the batch are unaffected.
+Except when a remote endpoint is down (its circuit breaker is open, breaker.py): that is no
+sample's fault, so the whole call fails with UNAVAILABLE, naming the endpoint and the error, and
+the coordinator pauses admission and tries again later instead of failing the samples.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from slipstream.proto import reward_pb2, reward_pb2_grpc, types_pb2
 from slipstream.rpc.convert import sample_from_proto
 from slipstream.rpc.server import Service, install_signal_handlers, start_server
 from slipstream.services.reward import RewardConfigError
+from slipstream.services.reward.breaker import EndpointDown
 from slipstream.services.reward.custom import CustomReward
 from slipstream.services.reward.remote import RemoteReward, check_reachable, read_header_file
 from slipstream.services.reward.rules import RULES, RuleFn, warm_up
@@ -35,6 +39,7 @@ log = logging.getLogger(__name__)
 Scorer = Callable[[Sample], Awaitable[float]]
 MAX_CONCURRENCY = 64
 MAX_ERROR_CHARS = 500
+NO_RETRY = (("grpc-retry-pushback-ms", "-1"),)  # gRPC's retry policy (A6): do not retry this call
 
 
 class RuleReward:
@@ -91,14 +96,20 @@ class RewardServicer(reward_pb2_grpc.RewardServicer):
         self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> reward_pb2.ScoreReply:
         results = await asyncio.gather(*(self._score_one(p) for p in request.samples))
+        down = [r for r in results if isinstance(r, EndpointDown)]
+        if down:  # the samples are not at fault: nothing is scored, the caller tries again later
+            # ...and learns it now: a negative pushback stops gRPC's own retries of UNAVAILABLE.
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(down[-1]), NO_RETRY)
         return reward_pb2.ScoreReply(results=results)
 
-    async def _score_one(self, proto: types_pb2.Sample) -> reward_pb2.ScoreResult:
+    async def _score_one(self, proto: types_pb2.Sample) -> reward_pb2.ScoreResult | EndpointDown:
         async with self._slots:
             try:
                 reward = float(await self.scorer(sample_from_proto(proto)))
                 if not math.isfinite(reward):
                     raise ValueError(f"reward is {reward}")
+            except EndpointDown as e:
+                return e
             except Exception as e:  # noqa: BLE001 - the per-sample boundary: report, never crash
                 self.num_failed += 1
                 log.warning("reward failed for sample %s: %s", proto.uid or "?", _one_line(e))
@@ -137,4 +148,6 @@ async def serve(cfg: Config) -> None:
     telemetry.serve_metrics(cfg.infra.host, cfg.infra.metrics_port)
     install_signal_handlers(service.stop)
     await service.server.wait_for_termination()
+    if isinstance(servicer.scorer, RemoteReward):
+        servicer.scorer.close()
     log.info("stopped: %d scored, %d failed", servicer.num_scored, servicer.num_failed)

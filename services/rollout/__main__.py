@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 
 def main(argv: list[str] | None = None) -> None:
     from slipstream.config import parse_config
@@ -12,7 +10,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(
         argv, prog=prog, description="A rollout server: one inference engine attached to the coordinator."
     )
-    from slipstream.log import setup_logging
+    from slipstream.log import error_exit, setup_logging
 
     setup_logging("rollout")
     from slipstream.rpc import security
@@ -20,13 +18,13 @@ def main(argv: list[str] | None = None) -> None:
     security.configure_process(cfg, "rollout", prog)  # secrets from files; one line on error
     # Heavy imports (torch, transformers, grpc) only once the flags are known to be good.
     from slipstream.rpc.server import run_async
-    from slipstream.services.rollout.server import CoordinatorLost, serve
+    from slipstream.services.rollout.attach import CoordinatorLost
+    from slipstream.services.rollout.server import serve
 
     try:
         run_async(serve(cfg))
     except (CoordinatorLost, FileNotFoundError, ValueError, OSError, RuntimeError) as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        error_exit(prog, e)  # 2 before it serves (model, device, flags), 1 after
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The engine thread: one thread owns the engine, the asyncio loop only talks to it.
 
-The native engine is single-threaded and its `step()` is compute-bound, so it cannot run on
-the event loop (heartbeats and gRPC would stall). One dedicated thread loops `step()` while
+An engine (`engine/base.py`) is driven from one thread and its `step()` is compute-bound, so it
+cannot run on the event loop (heartbeats and gRPC would stall). One dedicated thread loops `step()` while
 there is work and sleeps on an event otherwise. The loop hands it commands through a queue
 (add a request, abort, load weights); the thread answers through futures resolved with
 `loop.call_soon_threadsafe`. New weights are applied by the same thread, between two decode
@@ -18,8 +18,13 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from slipstream.services.rollout.engine import Engine, Request, Result
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -34,16 +39,16 @@ def _resolve(fut: asyncio.Future, value: Any = None, error: BaseException | None
 
 
 class EngineWorker:
-    """Runs `engine` (a NativeEngine) in its own thread; every public method is called from the loop."""
+    """Runs `engine` in its own thread; every public method is called from the loop."""
 
-    def __init__(self, engine: Any, loop: asyncio.AbstractEventLoop):
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop):
         self.engine = engine
         self.loop = loop
         self.num_generated_tokens = 0
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopping = False
-        self._waiters: dict[str, asyncio.Future] = {}  # rid -> future of its Result
+        self._waiters: dict[str, asyncio.Future[Result]] = {}  # rid -> future of its Result
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.error: BaseException | None = None
         self.died = asyncio.Event()  # set (on the loop) if the engine thread fails
@@ -73,7 +78,7 @@ class EngineWorker:
         since = self._idle_since
         return self._idle_total + (time.monotonic() - since if since is not None else 0.0)
 
-    def submit(self, request: Any) -> asyncio.Future:
+    def submit(self, request: Request) -> asyncio.Future[Result]:
         """Queue a request; the future resolves to its engine `Result`."""
         if request.rid in self._waiters:
             raise ValueError(f"request id {request.rid!r} is already running")
@@ -103,7 +108,7 @@ class EngineWorker:
 
         self._send(run)
 
-    def load_weights(self, state_dict: dict, version: int) -> asyncio.Future:
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> asyncio.Future[None]:
         """Apply weights between two decode steps; resolves once the engine serves `version`."""
         fut = self.loop.create_future()
 
@@ -131,7 +136,7 @@ class EngineWorker:
         self._wake.set()
 
     # ---- engine thread -----------------------------------------------------------------
-    def _add(self, request: Any) -> None:
+    def _add(self, request: Request) -> None:
         try:
             self.engine.add_request(request)
         except ValueError as e:  # this request is refused; the engine and the others go on
@@ -142,12 +147,12 @@ class EngineWorker:
         if fut is not None:
             _resolve(fut, None, error)
 
-    def _deliver(self, result: Any) -> None:
+    def _deliver(self, result: Result) -> None:
         self.num_generated_tokens += len(result.tokens)
         # The waiter table belongs to the loop thread: look the future up there.
         self.loop.call_soon_threadsafe(self._on_result, result)
 
-    def _on_result(self, result: Any) -> None:
+    def _on_result(self, result: Result) -> None:
         fut = self._waiters.get(result.rid)
         if fut is not None:
             _resolve(fut, result)

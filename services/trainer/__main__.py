@@ -11,7 +11,16 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(
         argv, prog="slipstream trainer", description="Train the policy from the replay buffer."
     )
-    from slipstream.log import setup_logging
+    if cfg.algo.loss_type == "sft_loss":  # the trainer alone: no endpoint, no mesh
+        from .sft import main as sft_main
+
+        sys.exit(sft_main(cfg))
+    try:
+        cfg.logging.check_installed()  # before the model loads: one line naming the package
+    except ValueError as e:
+        print(f"slipstream trainer: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    from slipstream.log import error_exit, setup_logging
 
     setup_logging("trainer")
     from slipstream.rpc import security
@@ -28,8 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         run_async(serve(cfg))
     except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
-        print(f"slipstream trainer: error: {e}", file=sys.stderr)
-        sys.exit(1)
+        error_exit("slipstream trainer", e)  # 2 before it is up (--load, model, coordinator), 1 after
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slipstream.types import Sample, Status
+from slipstream.types import Sample
 
 
 @dataclass
@@ -72,10 +72,6 @@ class Packed:
         return Packed(**moved)
 
 
-def trainable(sample: Sample) -> bool:
-    return sample.status is not Status.FAILED and sample.response_length > 0
-
-
 def collate(samples: list[Sample], advantages: list[float], pad_id: int = 0) -> Batch:
     """Right-pad samples into one batch (pads come after real tokens, so causal attention is exact)."""
     width = max(len(s.tokens) - 1 for s in samples)
@@ -92,7 +88,7 @@ def collate(samples: list[Sample], advantages: list[float], pad_id: int = 0) -> 
         input_ids[i, :n] = toks[:-1]
         targets[i, :n] = toks[1:]
         start, r = s.prompt_length - 1, s.response_length
-        if not trainable(s):
+        if not s.is_trainable:
             continue
         mask = s.loss_mask if s.loss_mask is not None else [1] * r
         loss_mask[i, start : start + r] = torch.tensor(mask, dtype=torch.float32)
@@ -113,7 +109,7 @@ def pack(samples: list[Sample], advantages: list[float], pad_id: int = 0) -> Bat
         n = len(s.tokens) - 1
         ids.append(batch.input_ids[i, :n])
         positions.append(torch.arange(n))
-        if trainable(s):
+        if s.is_trainable:
             start = s.prompt_length - 1
             rows.append(bounds[-1] + start + torch.arange(s.response_length))
             index.append(i * width + start + torch.arange(s.response_length))
@@ -155,3 +151,54 @@ def first_fit(lengths: list[int], max_tokens: int) -> list[list[int]]:
 
 def split(samples: list, size: int) -> list[list]:
     return [samples[i : i + size] for i in range(0, len(samples), size)]
+
+
+def split_for_ranks(bins: list[list[int]], lengths: list[int], world: int) -> list[list[int]]:
+    """Split the fullest multi-sample bins until every rank gets as many micro-batches."""
+    bins = [list(b) for b in bins]
+    while len(bins) % world:
+        splittable = [b for b in bins if len(b) > 1]
+        if not splittable:
+            raise ValueError(
+                f"{len(bins)} packed micro-batches cannot be shared evenly by {world} trainer ranks "
+                "(too few samples per optimizer step)"
+            )
+        big = max(splittable, key=lambda b: sum(lengths[i] for i in b))
+        i = bins.index(big)
+        bins[i : i + 1] = [big[: len(big) // 2], big[len(big) // 2 :]]
+    return bins
+
+
+def plan_micro_batches(
+    samples: list[Sample],
+    *,
+    global_batch_size: int,
+    micro_batch_size: int,
+    max_tokens_per_gpu: int | None,
+    world: int = 1,
+) -> tuple[list[list[int]], list[list[int]]]:
+    """(sample indices of each micro-batch, micro-batch indices of each optimizer step).
+
+    Optimizer step k trains samples [k * global_batch_size, (k + 1) * global_batch_size).
+    Padded (`max_tokens_per_gpu` None): micro-batches of `micro_batch_size` in order. Packed:
+    first fit of the step's samples into `max_tokens_per_gpu` tokens, split further until the
+    trainer ranks share the micro-batches evenly (micro-batch j of a step runs on rank j % world).
+    """
+    members: list[list[int]] = []
+    steps: list[list[int]] = []
+    for start in range(0, len(samples), global_batch_size):
+        idx = list(range(start, min(start + global_batch_size, len(samples))))
+        if max_tokens_per_gpu is not None:
+            lengths = [len(samples[i].tokens) - 1 for i in idx]
+            bins = split_for_ranks(first_fit(lengths, max_tokens_per_gpu), lengths, world)
+            groups = [[idx[j] for j in b] for b in bins]
+        else:
+            groups = split(idx, micro_batch_size)
+            if len(groups) % world:
+                raise ValueError(
+                    f"global batch ({global_batch_size}) / micro batch ({micro_batch_size}) = {len(groups)} "
+                    f"micro-batches per optimizer step must be a multiple of the trainer world size ({world})"
+                )
+        steps.append(list(range(len(members), len(members) + len(groups))))
+        members.extend(groups)
+    return members, steps

@@ -6,7 +6,8 @@
                                                               folder: a model loader reads every
                                                               *.safetensors beside config.json)
         trainer_state.json                                 <- step, policy version, RNG, counters,
-                                                              groups trained, steps since the last one
+                                                              groups trained, steps since the last one,
+                                                              the lr schedule's position (lr_scheduler)
     checkpoints/latest                                     <- name of the newest complete one
 
 States are gathered and scattered with `torch.distributed.checkpoint`'s state-dict API in
@@ -15,7 +16,7 @@ process. Storage is safetensors + JSON rather than DCP's own files because DCP's
 a pickle: nothing a trainer loads from disk can run code. A checkpoint directory is written
 under a temporary name and renamed when complete, so `latest` never points at half a
 checkpoint. Redis hears about the entries a checkpoint trained only after it is renamed
-(`loop.py`): the checkpoint is the truth about what was trained, Redis follows it.
+(`checkpointer.py`): the checkpoint is the truth about what was trained, Redis follows it.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from slipstream.faults import crash_point
 from slipstream.models.hf import save_model
 
 from .parallel import Parallel, full_model_state, full_optimizer_state, load_full_state
+from .schedule import LRScheduler
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -104,6 +106,7 @@ def save_checkpoint(
     state: dict[str, Any],
     tokenizer_dir: str | None = None,
     par: Parallel | None = None,
+    scheduler: LRScheduler | None = None,
 ) -> Path:
     """Write one checkpoint (a collective under FSDP2: every rank calls it, rank 0 writes)."""
     par = par or Parallel()
@@ -131,7 +134,10 @@ def save_checkpoint(
         "param_groups": param_groups,
         "world_size": par.world_size,
     }
+    if scheduler is not None:
+        meta["lr_scheduler"] = scheduler.state_dict()
     (tmp / "trainer_state.json").write_text(json.dumps(meta) + "\n")
+    _same_mode(tmp, _file_mode())
     _fsync_dir_files(tmp)
     crash_point("mid_checkpoint", step)
     shutil.rmtree(final, ignore_errors=True)
@@ -141,6 +147,27 @@ def save_checkpoint(
     os.replace(latest_tmp, save_dir / "latest")
     _fsync(save_dir)  # the renames themselves: a checkpoint Redis is told about must survive power loss
     return final
+
+
+def _file_mode() -> int:
+    """The mode open() gives a new file under this process's umask (0644 under umask 022)."""
+    try:  # Linux: read it, rather than set it, which would race other threads' files
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _same_mode(d: Path, mode: int) -> None:
+    """Every file of a checkpoint readable alike: safetensors writes 0600 and copy2 keeps a
+    tokenizer file's own mode, while the rest are created under the umask."""
+    for f in d.rglob("*"):
+        if f.is_file():
+            f.chmod(mode)
 
 
 def _fsync(path: Path) -> None:
@@ -171,9 +198,13 @@ def resolve_checkpoint(path: str) -> Path:
 
 
 def load_trainer_state(
-    ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+    ckpt: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: LRScheduler | None = None,
 ) -> dict[str, Any]:
-    """Restore weights, optimizer moments and RNG into a (possibly sharded) model; return the state."""
+    """Restore weights, optimizer moments, the lr schedule's position and RNG into a (possibly
+    sharded) model; return the state."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
     weights = {}
     for f in sorted(ckpt.glob("*.safetensors")):
@@ -183,5 +214,7 @@ def load_trainer_state(
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied
     osd = _unflatten_optimizer(load_file(str(ckpt / OPTIMIZER)), state["param_groups"])
     load_full_state(model, optimizer, weights, osd)
+    if scheduler is not None and "lr_scheduler" in state:  # older checkpoints: a constant lr
+        scheduler.load_state_dict(state["lr_scheduler"])
     set_rng_state(state["rng"])
     return state

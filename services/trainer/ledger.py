@@ -8,7 +8,7 @@ asking for a training the group already had is a duplicate: acknowledged and ski
 entry asks for training number 1; a reuse entry with `n` for number n+1 (`--max-reuse`).
 
 A step's Redis commit (ack, reuse requeue) waits for the checkpoint that contains it
-(`loop.py`), so between checkpoints the steps trained since the last one wait here as
+(`checkpointer.py`), so between checkpoints the steps trained since the last one wait here as
 `StepRecord`s; the checkpoint stores them, the counts, and then Redis hears about them.
 
 `trained.jsonl` in the run directory gets one line per checkpointed step, appended and flushed

@@ -7,7 +7,8 @@ trains on its slice of each global batch, and FSDP reduce-scatters the gradients
 gloo on CPU, so the same code runs in CI with two CPU processes.
 
 Rank 0 is the trainer's face to the mesh (buffer reads and acks, weight pushes, metrics); the
-other ranks receive each step's samples from it as protobuf bytes over the process group.
+other ranks receive each step's samples from it as protobuf bytes over the process group, and
+its decision before every push and save (`ranks.py`).
 Checkpoints and weight pushes go through `torch.distributed.checkpoint`'s state-dict API with
 `full_state_dict=True`: the state is gathered world-size-independent, so a run saved on N
 processes resumes on M.
@@ -57,6 +58,13 @@ class Parallel:
             t.copy_(torch.tensor(values, dtype=torch.float64))
         dist.broadcast(t, src=0)
         return t.cpu().tolist()
+
+    def share_flag(self, value: bool | None) -> bool:
+        """Rank 0's yes/no on every rank: how followers learn what rank 0 decided to do next
+        (push, save), so a collective is joined by all ranks or by none."""
+        if not self.enabled:
+            return bool(value)
+        return bool(self.broadcast_floats([float(bool(value))] if self.is_main else None)[0])
 
 
 def init_parallel(device: torch.device) -> Parallel:

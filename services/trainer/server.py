@@ -15,7 +15,8 @@ from slipstream.config import Config
 from slipstream.proto import trainer_pb2, trainer_pb2_grpc
 from slipstream.rpc.server import install_signal_handlers, start_server
 
-from .loop import TrainerState, train
+from .loop import train
+from .state import TrainerState
 
 log = logging.getLogger("slipstream.trainer")
 
@@ -46,6 +47,7 @@ async def serve(cfg: Config) -> None:
         host=cfg.infra.host,
         port=cfg.infra.port,
         ready_file=cfg.infra.ready_file,
+        up=False,  # up once the model is loaded and the coordinator reached (loop.train)
     )
 
     async def on_signal() -> None:

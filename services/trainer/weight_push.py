@@ -9,6 +9,10 @@ whether the coordinator holds that version now, and only if not is it sent again
 the last version pushed are kept, so a coordinator that restarted and holds no weights
 (`CoordinatorStatus.weights_held` false; it persisted only the version number) gets exactly the
 same version again without the trainer touching its model.
+
+Who holds a version is data, not text: the coordinator refuses a version that is not newer than
+the one it holds with gRPC status ALREADY_EXISTS, which `_send` raises as `VersionHeld`. The
+rules about which version to push when are in `versions.py`.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ from slipstream.weights import IpcExporter, iter_messages, pack
 from .reconnect import Reconnect, Unreachable, describe, retryable
 
 log = logging.getLogger("slipstream.trainer")
+
+
+class VersionHeld(RuntimeError):
+    """The coordinator already holds this version or a newer one (ALREADY_EXISTS)."""
 
 
 class WeightPusher:
@@ -67,9 +75,7 @@ class WeightPusher:
         log.info("coordinator holds no weights (it restarted): pushing v%d again", self.version)
         try:
             self._send()
-        except RuntimeError as e:
-            if "not newer" not in str(e):
-                raise
+        except VersionHeld:
             log.info("coordinator already holds v%d", self.version)  # another report got there first
 
     def confirm(self, status: coordinator_pb2.CoordinatorStatus) -> None:
@@ -91,6 +97,8 @@ class WeightPusher:
             try:
                 reply = self.stub.PushWeights(iter_messages(manifest, chunks), timeout=self.timeout)
             except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.ALREADY_EXISTS:  # type: ignore[attr-defined]
+                    raise VersionHeld(f"pushing weights v{version}: {describe(e)}") from None
                 if not (retryable(e) or e.code() == grpc.StatusCode.DEADLINE_EXCEEDED):  # type: ignore[attr-defined]
                     raise RuntimeError(f"pushing weights v{version} failed: {describe(e)}") from None
                 if time.monotonic() > deadline:

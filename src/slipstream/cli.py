@@ -4,6 +4,9 @@
     slipstream demo [<flags>]       build the tiny demo model and task, then train it through the mesh
     slipstream coordinator|rollout|reward|trainer <flags>
                                     one service, as containers and Kubernetes run it
+    slipstream report RUN_DIR       the run's report: RUN_DIR/report/index.html and a PNG per plot
+    slipstream status --coordinator HOST:PORT [--once]
+                                    a live view of a running mesh (servers, buffer, trainer, reward)
 
 Flags are slime/miles' names (`slipstream train --help` lists them all). Imports stay inside
 the commands so `--help` answers at once.
@@ -22,17 +25,40 @@ def _train(argv: list[str]) -> int:
     from slipstream.config import parse_config
 
     cfg = parse_config(argv, prog="slipstream train", description="Run the whole mesh on this machine.")
-    from slipstream.launcher import run
-    from slipstream.log import print_config
+    if cfg.algo.loss_type == "sft_loss":  # the trainer alone, no mesh (services/trainer/sft.py)
+        return importlib.import_module("slipstream.services.trainer.sft").main(cfg)
+    try:
+        cfg.logging.check_installed()
+    except ValueError as e:
+        print(f"slipstream train: error: {e}", file=sys.stderr)
+        return 2
+    import os
 
-    print_config(cfg)
-    return run(cfg)
+    from slipstream.launcher import run
+    from slipstream.placement import colocate_given
+
+    return run(cfg, colocate_given=colocate_given(argv, os.environ))
 
 
 def _demo(argv: list[str]) -> int:
     from slipstream.demo.run import main as demo_main
 
     return demo_main(argv)
+
+
+def _report(argv: list[str]) -> int:
+    from slipstream.report import main as report_main
+
+    return report_main(argv)
+
+
+def _status(argv: list[str]) -> int:
+    from slipstream.status import main as status_main
+
+    return status_main(argv)
+
+
+TOOLS = {"report": _report, "status": _status}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,6 +71,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_train(rest))
     if command == "demo":
         sys.exit(_demo(rest))
+    if command in TOOLS:
+        sys.exit(TOOLS[command](rest))
     if command in SERVICES:
         importlib.import_module(f"slipstream.services.{command}.__main__").main(rest)
         return
@@ -52,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_train(argv))
     import difflib
 
-    close = difflib.get_close_matches(command, ["train", "demo", *SERVICES], n=1)
+    close = difflib.get_close_matches(command, ["train", "demo", *SERVICES, *TOOLS], n=1)
     hint = f" (did you mean {close[0]}?)" if close else ""
     print(f"slipstream: error: unknown command {command}{hint}", file=sys.stderr)
     sys.exit(2)

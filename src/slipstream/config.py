@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib.util
 import json
 import os
 import sys
@@ -56,10 +57,19 @@ class ModelConfig:
 class DataConfig:
     prompt_data: str = opt("", "Prompt dataset: JSONL (one object per line) or Parquet.")
     input_key: str = opt("prompt", "Key of the prompt in each record.")
-    label_key: str = opt("label", "Key of the ground-truth label in each record.")
+    label_key: str = opt(
+        "label",
+        "Key of the ground-truth label in each record; under --loss-type sft_loss, of the response "
+        "(a record whose --input-key holds chat messages needs none: its assistant turns are trained).",
+    )
     metadata_key: str = opt("metadata", "Key of per-record metadata passed through to the reward.")
     apply_chat_template: bool = opt(False, "Wrap each prompt in the tokenizer's chat template.")
     rollout_shuffle: bool = opt(False, "Shuffle prompts each epoch.")
+    num_epoch: int = opt(
+        0,
+        "Passes over --prompt-data; sets --num-rollout to num-epoch x records / rollout-batch-size "
+        "(0 = use --num-rollout). Read under --loss-type sft_loss only, for now.",
+    )
 
 
 @dataclass
@@ -217,6 +227,12 @@ class AlgoConfig:
     use_rollout_logprobs: bool = opt(
         False, "Use the engine's log-probs as the old policy instead of recomputing them."
     )
+    loss_type: Literal["policy_loss", "sft_loss"] = opt(
+        "policy_loss",
+        "What the trainer minimises: policy_loss (RL through the mesh) or sft_loss (supervised "
+        "fine-tuning: cross-entropy on the response/assistant tokens of --prompt-data, the trainer "
+        "alone, no rollout, reward or buffer; `slipstream train --loss-type sft_loss`).",
+    )
 
     def __post_init__(self) -> None:
         _require(self.eps_clip > 0, "--eps-clip must be positive")
@@ -240,6 +256,10 @@ class AlgoConfig:
             self.stale_sample_policy != "correct" or self.use_tis or self.use_mis,
             "--stale-sample-policy correct needs --use-tis or --use-mis",
         )
+        _require(
+            self.loss_type == "policy_loss" or not (self.kl_coef or (self.use_kl_loss and self.kl_loss_coef)),
+            "--loss-type sft_loss has no reference model: --kl-coef and --use-kl-loss do not apply",
+        )
 
     @property
     def effective_eps_clip_high(self) -> float:
@@ -253,6 +273,26 @@ class TrainConfig:
     weight_decay: float = opt(0.0, "AdamW weight decay.")
     adam_beta1: float = opt(0.9, "AdamW beta1.")
     adam_beta2: float = opt(0.98, "AdamW beta2.")
+    adam_eps: float = opt(1e-8, "AdamW epsilon (Megatron's --adam-eps).")
+    lr_decay_style: Literal["constant", "linear", "cosine"] = opt(
+        "constant",
+        "Learning-rate schedule after the warmup (Megatron's names): constant --lr, or a linear or "
+        "cosine decay from --lr to --min-lr over --lr-decay-iters. Counted in optimizer steps, like "
+        "every --lr-* flag: one rollout step holds several under --global-batch-size.",
+    )
+    lr_decay_iters: int = opt(
+        0,
+        "Optimizer steps the decay spans, warmup included; 0 = the whole run (num-rollout x "
+        "rollout-batch-size x n-samples-per-prompt / global-batch-size). --min-lr after it.",
+    )
+    lr_warmup_iters: int = opt(
+        0, "Optimizer steps of linear warmup from --lr-warmup-init to --lr (Megatron's semantics)."
+    )
+    lr_warmup_fraction: float | None = opt(
+        None, "Warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)."
+    )
+    lr_warmup_init: float = opt(0.0, "Learning rate the warmup starts from.")
+    min_lr: float = opt(0.0, "Learning rate at the end of the decay (linear, cosine).")
     clip_grad: float = opt(1.0, "Gradient-norm clipping threshold.")
     global_batch_size: int = opt(
         0, "Samples per optimizer step; 0 = rollout-batch-size x n-samples-per-prompt (one step per rollout)."
@@ -322,6 +362,15 @@ class TrainConfig:
         _require(self.global_batch_size >= 0, "--global-batch-size must be >= 0")
         _require(self.update_weights_interval > 0, "--update-weights-interval must be positive")
         _require(self.max_nonfinite_steps >= 1, "--max-nonfinite-steps must be at least 1")
+        _require(self.adam_eps > 0, "--adam-eps must be positive")
+        _require(self.lr_decay_iters >= 0 and self.lr_warmup_iters >= 0, "--lr-*-iters must be >= 0")
+        _require(0 <= self.min_lr <= self.lr, "--min-lr must be in [0, --lr]")
+        _require(self.lr_warmup_init >= 0, "--lr-warmup-init must be >= 0")
+        _require(
+            self.lr_warmup_fraction is None
+            or (0 <= self.lr_warmup_fraction < 1 and not self.lr_warmup_iters),
+            "--lr-warmup-fraction must be in [0, 1) and cannot go with --lr-warmup-iters (as in Megatron)",
+        )
 
 
 @dataclass
@@ -337,6 +386,13 @@ class RewardConfig:
         "Times a sample's scoring may fail before the sample goes to the dead-letter stream with the "
         "reason (it is then FAILED in its group and never trained on). (Slipstream)",
     )
+    reward_outage_timeout: float = opt(
+        300.0,
+        "Seconds the reward may stay unavailable (the reward service unreachable, or its --rm-url "
+        "endpoint's circuit breaker open after a few unanswered attempts in a row) before the run "
+        "fails with one line; meanwhile the coordinator admits no new prompt and fails no sample, "
+        "and the console says which endpoint is down and why. (Slipstream)",
+    )
     custom_rm_path: str = opt("", "module:function computing the reward, slime's signature (args, sample).")
     rm_auth_header_file: str = opt(
         "",
@@ -346,6 +402,7 @@ class RewardConfig:
 
     def __post_init__(self) -> None:
         _require(self.reward_max_failures >= 1, "--reward-max-failures must be at least 1")
+        _require(self.reward_outage_timeout > 0, "--reward-outage-timeout must be positive")
         _require(self.rm_type != "remote_rm" or bool(self.rm_url), "--rm-type remote_rm needs --rm-url")
         header = self.rm_auth_header_file
         _require(not header or Path(header).is_file(), f"--rm-auth-header-file {header}: no such file")
@@ -382,6 +439,12 @@ class InfraConfig:
     device: str = opt("auto", "Torch device of this process: auto, cpu, cuda, cuda:N. (Slipstream)")
     torch_threads: int = opt(0, "Torch CPU threads of this process; 0 = torch's default. (Slipstream)")
     metrics_port: int = opt(0, "Port of this service's Prometheus /metrics endpoint; 0 = off. (Slipstream)")
+    http_port: int = opt(
+        0,
+        "Port of a rollout server's SGLang-compatible HTTP API (POST /generate, GET /health, "
+        "/model_info, POST /abort_request), for slime-style custom generate functions; 0 = off. "
+        "(Slipstream; SGLang's own --port)",
+    )
     redis_password_file: str = opt(
         "", "File holding the Redis password (a mounted secret), filled into --redis-url. (Slipstream)"
     )
@@ -405,6 +468,7 @@ class InfraConfig:
 
     def __post_init__(self) -> None:
         _require(0 <= self.metrics_port < 65536, "--metrics-port must be in [0, 65535]")
+        _require(0 <= self.http_port < 65536, "--http-port must be in [0, 65535]")
         _require(self.reconnect_timeout > 0, "--reconnect-timeout must be positive")
         _require(self.lease_timeout > 0, "--lease-timeout must be positive")
         _require(self.max_restarts >= 0, "--max-restarts must be >= 0")
@@ -444,17 +508,52 @@ class InfraConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where the trainer's metrics go besides metrics.jsonl (rank 0 only; same names, slime's where
+    slime has the metric: `services/trainer/logging_sinks.py`)."""
+
+    use_tensorboard: bool = opt(False, "Write TensorBoard event files (pip install tensorboard).")
+    tensorboard_dir: str = opt("", "TensorBoard log directory; empty = <run-dir>/tensorboard.")
+    use_wandb: bool = opt(False, "Log to Weights & Biases (pip install wandb).")
+    wandb_project: str = opt("slipstream", "W&B project.")
+    wandb_group: str = opt("", "W&B group; empty = none.")
+    wandb_run_name: str = opt("", "W&B run name; empty = the run directory's name. (Slipstream)")
+    wandb_mode: Literal["online", "offline", "disabled"] = opt(
+        "online",
+        "W&B mode: online, offline (a local run directory, no network; `wandb sync` later) or disabled.",
+    )
+    wandb_dir: str = opt("", "Directory W&B writes its files under; empty = <run-dir>.")
+
+    def check_installed(self) -> None:
+        """One line naming the missing package. Not in __post_init__: every service reads the
+        config, and only the trainer (and `slipstream train`, before the mesh starts) needs them."""
+        for flag, wanted, package in (
+            ("--use-tensorboard", self.use_tensorboard, "tensorboard"),
+            ("--use-wandb", self.use_wandb, "wandb"),
+        ):
+            _require(
+                not wanted or importlib.util.find_spec(package) is not None,
+                f"{flag} needs the {package} package: pip install {package} (or pip install 'slipstream[logging]')",
+            )
+
+
+@dataclass
 class ClusterConfig:
     """Placement, with slime's names. On a CPU-only machine GPU counts are ignored."""
 
-    actor_num_nodes: int = opt(1, "Nodes of the trainer job (the launcher runs one node; more via torchrun).")
+    actor_num_nodes: int = opt(
+        1, "Nodes of the trainer job; only 1 is supported (the trainer runs on one node)."
+    )
     actor_num_gpus_per_node: int = opt(
         1, "Trainer processes per node (FSDP2 under torchrun); on CPU, gloo processes."
     )
     rollout_num_gpus: int = opt(
         0, "GPUs for rollout in total; 0 = as many rollout servers as --rollout-num-servers."
     )
-    rollout_num_gpus_per_engine: int = opt(1, "GPUs per rollout engine (servers = rollout GPUs / this).")
+    rollout_num_gpus_per_engine: int = opt(
+        1,
+        "GPUs per rollout engine; only 1 is supported (the native engine runs on one GPU, no tensor parallelism).",
+    )
     colocate: bool = opt(False, "Trainer and rollout share the same GPUs.")
 
     def __post_init__(self) -> None:
@@ -467,6 +566,17 @@ class ClusterConfig:
             self.rollout_num_gpus % self.rollout_num_gpus_per_engine == 0,
             "--rollout-num-gpus must be a multiple of --rollout-num-gpus-per-engine",
         )
+        # Refused rather than accepted and ignored (issue 13): nothing reads more than one.
+        _require(
+            self.actor_num_nodes == 1,
+            f"--actor-num-nodes {self.actor_num_nodes}: not supported; the trainer runs on one node "
+            "(--actor-num-gpus-per-node ranks under torchrun)",
+        )
+        _require(
+            self.rollout_num_gpus_per_engine == 1,
+            f"--rollout-num-gpus-per-engine {self.rollout_num_gpus_per_engine}: not supported; the native "
+            "engine runs on one GPU (one rollout server per GPU of --rollout-num-gpus)",
+        )
 
 
 @dataclass
@@ -478,6 +588,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     infra: InfraConfig = field(default_factory=InfraConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
@@ -544,6 +655,7 @@ _SECTION_TYPES = {
     "train": TrainConfig,
     "reward": RewardConfig,
     "infra": InfraConfig,
+    "logging": LoggingConfig,
     "cluster": ClusterConfig,
 }
 
@@ -594,6 +706,18 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def field_default(fld: dataclasses.Field) -> Any:
+    return fld.default if fld.default is not dataclasses.MISSING else fld.default_factory()
+
+
+def _help(fld: dataclasses.Field) -> str:
+    """A flag's help with its field default. argparse cannot show it (`%(default)s`): every
+    default is SUPPRESSed so that --config and SLIPSTREAM_* values rank below flags only."""
+    default = field_default(fld)
+    shown = '""' if default == "" else default
+    return fld.metadata.get("help", "").replace("%", "%%") + f" (default: {shown})"
+
+
 def build_parser(prog: str = "slipstream", description: str | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog=prog, description=description, allow_abbrev=False)
     parser.add_argument("--config", default=None, help="JSON or YAML file with the config tree.")
@@ -601,7 +725,7 @@ def build_parser(prog: str = "slipstream", description: str | None = None) -> ar
         group = parser.add_argument_group(section)
         for f in dataclasses.fields(cls):
             _, fld = FIELDS[f.name]
-            help_text = fld.metadata.get("help", "")
+            help_text = _help(fld)
             kind, choices = _scalar_parser(fld.type)
             if kind is bool:
                 group.add_argument(

@@ -1,7 +1,9 @@
 """Prompt data: reading JSONL/Parquet records, validating them, turning prompts into tokens.
 
 Every record is checked when the file is opened, so a malformed line fails the run at start
-with one line naming the file and line number, not hours later when the cursor reaches it.
+with one line naming the file and line number, not hours later when the cursor reaches it. A
+reward that grades against labels (`--rm-type math|exact`) asks for `require_label`: a record
+without one would score nothing and be dead-lettered, so it fails the run at start instead.
 `encode_prompt` is the one place prompts become tokens: the coordinator, the demo's SFT
 warm start and the benchmarks all call it, so they see the same tokens.
 """
@@ -24,6 +26,7 @@ class PromptRecord:
     prompt: str | list[dict[str, str]]
     label: str
     metadata: dict[str, Any] = field(default_factory=dict)
+    where: str = ""  # "file:line", for messages about this record
 
 
 def _records_from_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -55,9 +58,16 @@ def _records_from_parquet(path: Path) -> list[dict[str, Any]]:
 
 
 def load_prompts(
-    path: str, input_key: str = "prompt", label_key: str = "label", metadata_key: str = "metadata"
+    path: str,
+    input_key: str = "prompt",
+    label_key: str = "label",
+    metadata_key: str = "metadata",
+    require_label: bool = False,
 ) -> list[PromptRecord]:
-    """Read and validate every record of a JSONL or Parquet prompt file."""
+    """Read and validate every record of a JSONL or Parquet prompt file.
+
+    With `require_label` a record without a non-empty `label_key` is an error, not an empty label.
+    """
     p = Path(path)
     if not path:
         raise DataError("--prompt-data is required")
@@ -75,10 +85,15 @@ def load_prompts(
         if not isinstance(prompt, str | list):
             raise DataError(f"{where}: {input_key!r} must be a string or a list of chat messages")
         label = obj.get(label_key, "")
+        if require_label and label_key not in obj:
+            raise DataError(f"{where}: missing key {label_key!r} (--label-key)")
+        if require_label and (label is None or not str(label).strip()):
+            raise DataError(f"{where}: empty {label_key!r} (--label-key)")
         metadata = obj.get(metadata_key) or {}
         if not isinstance(metadata, dict):
             raise DataError(f"{where}: {metadata_key!r} must be an object")
-        out.append(PromptRecord(prompt=prompt, label="" if label is None else str(label), metadata=metadata))
+        label = "" if label is None else str(label)
+        out.append(PromptRecord(prompt=prompt, label=label, metadata=metadata, where=where))
     return out
 
 

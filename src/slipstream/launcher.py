@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -32,7 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from slipstream.config import Config
-from slipstream.placement import cuda_visible, plan
+from slipstream.console import ConsoleRelay
+from slipstream.log import rotate_logs, write_config_table
+from slipstream.placement import PlacementError, Resolved, cuda_visible, plan, resolve, visible_gpus
+from slipstream.report import report_at_end
 
 GRACE_S = 5.0
 READY_TIMEOUT_S = 120.0
@@ -305,6 +309,10 @@ def _read_metrics(path: Path, offset: int) -> tuple[list[dict], int]:
     return rows, offset + len(complete)
 
 
+def _shown(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"  # None: no scored sample (or not finite)
+
+
 def _error(e: Exception) -> None:
     # Plain print: one line, never re-wrapped to the terminal width, always the last one.
     tail = getattr(e, "tail", "")
@@ -324,10 +332,40 @@ def preflight(cfg: Config) -> None:
         raise LaunchError(f"--hf-checkpoint {ckpt}: not a Hugging Face model directory (no config.json)")
     if not any(ckpt.glob("*.safetensors")):
         raise LaunchError(f"--hf-checkpoint {ckpt}: no *.safetensors weights")
+    rule = _label_rule(cfg)
+    d = cfg.data
     try:
-        load_prompts(cfg.data.prompt_data, cfg.data.input_key, cfg.data.label_key, cfg.data.metadata_key)
+        records = load_prompts(
+            d.prompt_data, d.input_key, d.label_key, d.metadata_key, require_label=rule is not None
+        )
     except DataError as e:
         raise LaunchError(str(e)) from None
+    if rule == "math":
+        _warn_on_labels_without_answer(records)
+
+
+LABEL_SAMPLE = 64  # labels the math rule is tried on before the run
+
+
+def _label_rule(cfg: Config) -> str | None:
+    """The built-in rule that grades against labels; None when the reward may need none (a remote
+    endpoint or a --custom-rm-path function decide for themselves)."""
+    r = cfg.reward
+    return None if r.custom_rm_path or r.rm_url or r.rm_type == "remote_rm" else r.rm_type
+
+
+def _warn_on_labels_without_answer(records: list) -> None:
+    """A label the math rule finds no answer in is compared whole: nearly every response scores 0."""
+    # What the reward service's math rule reads a label as, so preflight and grading agree.
+    from slipstream.answers import label_answer
+
+    picked = sorted(random.Random(0).sample(range(len(records)), min(LABEL_SAMPLE, len(records))))
+    bad = [records[i] for i in picked if label_answer(records[i].label) is None]
+    if bad:
+        print(f"slipstream: warning: --rm-type math finds no answer in {len(bad)} of {len(picked)} sampled "
+              f"labels (e.g. {bad[0].where}: {bad[0].label[:60]!r}); such a label is compared whole and "
+              "responses rarely match it. Write the answer ('19', '\\boxed{19}', 'The answer is 19.') "
+              "or grade with --custom-rm-path", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def keep_password_out_of_config(cfg: Config, run_dir: Path) -> None:
@@ -350,14 +388,29 @@ def keep_password_out_of_config(cfg: Config, run_dir: Path) -> None:
     cfg.infra.redis_password_file = str(secret.resolve())
 
 
-def run(cfg: Config) -> int:
-    """Run the whole mesh until the trainer finishes. Returns the process exit code."""
+def place_on_host(cfg: Config, colocate_given: bool) -> Resolved:
+    """Where the run's processes land on this host's GPUs; --colocate turned on when the launcher
+    chooses it (the trainer reads it from config.json and sends CUDA IPC handles)."""
+    try:
+        placed = resolve(cfg, visible_gpus(), colocate_given)
+    except PlacementError as e:
+        raise LaunchError(str(e)) from None
+    cfg.cluster.colocate = placed.colocate
+    return placed
+
+
+def run(cfg: Config, colocate_given: bool = False) -> int:
+    """Run the whole mesh until the trainer finishes. Returns the process exit code.
+
+    `colocate_given`: the user set --colocate/--no-colocate, so the launcher does not choose it.
+    """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
     try:
         preflight(cfg)
+        placed = place_on_host(cfg, colocate_given)
     except LaunchError as e:
         _error(e)
         return 2
@@ -369,6 +422,10 @@ def run(cfg: Config) -> int:
     config_path = run_dir / "config.json"
     keep_password_out_of_config(cfg, run_dir)
     cfg.save_json(config_path)
+    # The whole table goes to the run directory; the console gets one line of it and the placement.
+    print(write_config_table(cfg, run_dir / "config.txt"), file=sys.stderr)
+    print(placed.line(), file=sys.stderr, flush=True)
+    rotate_logs(run_dir / "logs")  # this run's logs hold this run only
     mesh = Mesh(cfg, config_path)
 
     stop_signal: list[int] = []
@@ -376,6 +433,7 @@ def run(cfg: Config) -> int:
     def on_signal(signum, frame):  # noqa: ARG001
         stop_signal.append(signum)
 
+    relay = ConsoleRelay(run_dir / "logs")  # the lines services log for the console (console.py)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         console.print(f"[bold]slipstream[/] run directory {run_dir} (logs in {run_dir / 'logs'})")
@@ -396,13 +454,14 @@ def run(cfg: Config) -> int:
             while True:
                 if stop_signal:
                     raise KeyboardInterrupt
+                relay.echo(progress.console)
                 rows, offset = _read_metrics(run_dir / "metrics.jsonl", offset)
                 for r in rows:
                     progress.update(
                         task,
                         completed=r["step"],
                         info=(
-                            f"reward {r['reward_mean']:.3f}  acc {r['accuracy']:.3f}  "
+                            f"reward {_shown(r['reward_mean'])}  acc {_shown(r['accuracy'])}  "
                             f"{r['tokens_per_s']:.0f} tok/s  v{r['policy_version']}"
                         ),
                     )
@@ -410,6 +469,7 @@ def run(cfg: Config) -> int:
                     break
                 mesh.supervise()
                 time.sleep(0.2)
+        relay.echo(console)  # the last step's
         mesh.stop_all()
         summary = run_dir / "summary.json"
         if summary.exists():
@@ -417,6 +477,7 @@ def run(cfg: Config) -> int:
         return 0
     except LaunchError as e:
         mesh.stop_all()
+        relay.echo(console)  # what the services said before; the error stays the last line
         _error(e)
         return 1
     except KeyboardInterrupt:
@@ -426,3 +487,6 @@ def run(cfg: Config) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        # Finished, failed or stopped: the report of what was trained (stdout, so the error
+        # stays the last line on stderr); one line, and never an exception, whatever happens.
+        report_at_end(run_dir)

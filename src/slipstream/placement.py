@@ -7,11 +7,18 @@
 With `--rollout-num-gpus 0` (the CPU default) no GPU is assigned and `--rollout-num-servers`
 says how many rollout servers run. The launcher turns a plan into CUDA_VISIBLE_DEVICES per
 process; a pure function so the arithmetic is tested on its own.
+
+`resolve` places that plan on a host with a given number of visible GPUs: the GPU each process
+lands on, and colocation chosen when the one trainer process and every rollout server share one
+GPU (weights then travel over CUDA IPC instead of the gRPC byte path) unless the user said
+--no-colocate. The launcher prints its one line (`Resolved.line`) before starting the services.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 from slipstream.config import Config
 
@@ -47,3 +54,122 @@ def plan(cfg: Config) -> Placement:
 
 def cuda_visible(gpus: tuple[int, ...]) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, gpus))} if gpus else {}
+
+
+class PlacementError(ValueError):
+    """A placement this host cannot hold (more GPUs than it has); the launcher prints it as one line."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Where every process of the run lands on this host, and how weights reach the rollout servers.
+
+    GPU numbers are the indices a process sees (its CUDA_VISIBLE_DEVICES, or the launcher's when
+    the launcher assigns none); `None` is the CPU.
+    """
+
+    placement: Placement
+    gpus: int  # GPUs visible on this host (0: a CPU run)
+    trainer_on: tuple[int, ...]  # one per trainer rank; empty on the CPU
+    rollout_on: tuple[int | None, ...]  # one per rollout server
+    colocate: bool  # what the services run with (config.json's cluster.colocate)
+    chosen: bool = False  # colocate turned on by the launcher (not asked for, not refused)
+
+    @property
+    def transport(self) -> str:
+        # The trainer exports CUDA IPC handles only with --colocate on a GPU (loop.py).
+        return "CUDA IPC" if self.colocate and self.trainer_on else "gRPC bytes"
+
+    def line(self) -> str:
+        """One console line: which GPU each service uses, colocated or not, the weight transport."""
+        if not self.trainer_on:
+            n = len(self.rollout_on)
+            where = f"no GPU: trainer and {n} rollout server{'s' if n != 1 else ''} on the CPU"
+        else:
+            t = self.trainer_on
+            trainer = f"trainer GPU {t[0]}" if len(t) == 1 else f"trainer GPUs {_gpus(t)} ({len(t)} ranks)"
+            servers = ", ".join(
+                f"rollout-{i} {'CPU' if g is None else f'GPU {g}'}" for i, g in enumerate(self.rollout_on)
+            )
+            where = f"{self.gpus} GPU{'s' if self.gpus != 1 else ''} visible: {trainer}, {servers}"
+        if self.chosen:
+            how = (
+                f"colocated (chosen: trainer and rollout share GPU {self.trainer_on[0]}; "
+                "--no-colocate keeps the byte path)"
+            )
+        else:
+            how = "colocated (--colocate)" if self.colocate else "not colocated"
+        return f"placement: {where}; {how}; weights over {self.transport}"
+
+
+def _gpus(gpus: tuple[int, ...]) -> str:
+    return ",".join(map(str, gpus))
+
+
+def _fits(trainer: tuple[int, ...], rollout: tuple[int | None, ...], gpus: int) -> bool:
+    return all(g < gpus for g in (*trainer, *rollout) if g is not None)
+
+
+def _landing(cfg: Config, place: Placement) -> tuple[tuple[int, ...], tuple[int | None, ...]]:
+    """The GPU each trainer rank and each rollout server uses under `place` (on a GPU host)."""
+    if place.trainer_gpus:  # --rollout-num-gpus > 0: the launcher assigns every GPU
+        return place.trainer_gpus, tuple(g[0] if g else None for g in place.rollout_gpus)
+    # No assignment: every process sees the launcher's GPUs. A single process takes --device's
+    # (cuda:N, or the first), torchrun ranks their LOCAL_RANK, each rollout server the same one.
+    device = cfg.infra.device
+    first = int(device.split(":", 1)[1]) if device.startswith("cuda:") else 0
+    trainer = (first,) if place.trainer_procs == 1 else tuple(range(place.trainer_procs))
+    return trainer, tuple(first for _ in place.rollout_gpus)
+
+
+def resolve(cfg: Config, gpus: int, colocate_given: bool = False) -> Resolved:
+    """The run's placement on a host with `gpus` visible GPUs (pure: the count is an input).
+
+    With every rollout server on the one GPU the (single) trainer process uses, weights go over
+    CUDA IPC: the launcher turns --colocate on unless the user gave it (`colocate_given`: an
+    explicit --no-colocate, in flags, --config or SLIPSTREAM_COLOCATE, wins). A placement that
+    needs more GPUs than the host has is refused; one process trainer and one rollout GPU on a
+    one-GPU host colocate instead.
+    """
+    c = cfg.cluster
+    place = plan(cfg)
+    if gpus <= 0 or cfg.infra.device == "cpu":
+        return Resolved(place, 0, (), tuple(None for _ in place.rollout_gpus), c.colocate)
+    chosen = False
+    if not c.colocate and not colocate_given and place.trainer_procs == 1:
+        trainer, rollout = _landing(cfg, place)
+        if not _fits(trainer, rollout, gpus) or set(rollout) == set(trainer):
+            shared = replace(cfg, cluster=replace(c, colocate=True))
+            together = plan(shared)
+            trainer, rollout = _landing(shared, together)
+            if _fits(trainer, rollout, gpus) and set(rollout) == set(trainer):
+                place, chosen = together, True
+    trainer, rollout = _landing(cfg, place)
+    if not _fits(trainer, rollout, gpus):
+        used = tuple(sorted(set(trainer) | {g for g in rollout if g is not None}))
+        raise PlacementError(
+            f"placement needs GPUs {_gpus(used)} (trainer {_gpus(trainer)}, rollout "
+            f"{_gpus(tuple(g for g in rollout if g is not None))}) but {gpus} "
+            f"{'is' if gpus == 1 else 'are'} visible; lower --actor-num-gpus-per-node/--rollout-num-gpus "
+            "or share GPUs with --colocate"
+        )
+    return Resolved(place, gpus, trainer, rollout, c.colocate or chosen, chosen)
+
+
+def visible_gpus() -> int:
+    """GPUs this host shows the launcher (CUDA_VISIBLE_DEVICES applies); torch only on an NVIDIA host."""
+    if not any(Path("/dev").glob("nvidia[0-9]*")):
+        return 0
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def colocate_given(argv: list[str], environ: Mapping[str, str]) -> bool:
+    """Whether the user set --colocate/--no-colocate: a flag, a --config key or SLIPSTREAM_COLOCATE."""
+    from slipstream.config import _flatten_file, _read_file, build_parser
+
+    ns, _ = build_parser().parse_known_args(argv)
+    if "colocate" in vars(ns) or "SLIPSTREAM_COLOCATE" in environ:
+        return True
+    return bool(ns.config) and "colocate" in _flatten_file(_read_file(ns.config), ns.config)

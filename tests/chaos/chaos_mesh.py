@@ -22,6 +22,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from machine_speed import scaled
 
 from slipstream.config import config_from_values
 from slipstream.rpc import security
@@ -111,7 +112,7 @@ class ChaosMesh:
         service = Service(name, popen, log_path)
         self.services[name] = service
         if wait:
-            deadline = time.monotonic() + 90
+            deadline = time.monotonic() + scaled(90)
             while not (ready.exists() and ready.read_text().strip()):
                 if not service.alive():
                     raise RuntimeError(f"{name} died at start:\n{service.log()[-3000:]}")
@@ -148,7 +149,7 @@ class ChaosMesh:
                 s.popen.send_signal(signal.SIGTERM)
         for s in self.services.values():
             try:
-                s.popen.wait(timeout=10)
+                s.popen.wait(timeout=scaled(10))
             except subprocess.TimeoutExpired:
                 s.popen.kill()
                 s.popen.wait()
@@ -173,6 +174,8 @@ def health_status(addr: str, timeout: float = 2.0) -> str:
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    """`predicate()` once truthy; TimeoutError past `timeout` (an idle 2-core box's bound, scaled)."""
+    timeout = scaled(timeout)
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

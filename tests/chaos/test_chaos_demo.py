@@ -15,14 +15,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from machine_speed import scaled
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# ~4 min on an idle 2-core box; the conftest scales this bound (and the one below) by the machine's
+# slowdown: under load it took more than the default 600 s.
+@pytest.mark.timeout(1200)
 def test_demo_survives_a_kill_of_rollout_coordinator_and_redis(tmp_path):
     run_dir = tmp_path / "chaos-demo"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "chaos_demo.py"), "--run-dir", str(run_dir), "--save-interval", "10"],
-        capture_output=True, text=True, timeout=1200, cwd=ROOT,
+        capture_output=True, text=True, timeout=scaled(1100), cwd=ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = json.loads((run_dir / "chaos_report.json").read_text())
@@ -30,4 +36,4 @@ def test_demo_survives_a_kill_of_rollout_coordinator_and_redis(tmp_path):
     assert report["ledger_ok"] and report["accuracy_last5"] >= 0.85
     assert "trained beyond --max-reuse 1 or twice: 0" in "\n".join(report["ledger"])
     for fault in report["faults"]:  # each service came back and training went on
-        assert fault["next_step_after_s"] < 60, fault
+        assert fault["next_step_after_s"] < scaled(60), fault

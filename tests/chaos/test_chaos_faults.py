@@ -24,6 +24,7 @@ import grpc
 import pytest
 import redis
 from chaos_mesh import MESH_TOKEN, ChaosMesh, tiny_values
+from machine_speed import scaled
 
 from mesh_fixtures import push_like_the_trainer
 from slipstream.models.hf import load_model
@@ -189,7 +190,7 @@ def test_auth_malformed_oversized_and_broken_weights(mesh, chaos_assets):
             await ch.close()
         return out
 
-    out = asyncio.run(asyncio.wait_for(go(), 120))
+    out = asyncio.run(asyncio.wait_for(go(), scaled(120)))
     C = grpc.StatusCode
     assert out["status/nobody"] == C.UNAUTHENTICATED and out["status/wrong"] == C.UNAUTHENTICATED
     assert out["push/rollout-token"] == C.PERMISSION_DENIED
@@ -228,7 +229,7 @@ def test_sigkill_a_rollout_server_mid_generation(chaos_assets, tmp_path, redis_u
             async def status():
                 return await stub.GetStatus(coordinator_pb2.GetStatusRequest(), timeout=5)
 
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + scaled(120)
             while True:  # both attached, work in flight on both (each takes at most 4)
                 s = await status()
                 if s.num_rollout_servers == 2 and s.num_samples_in_flight > 4 and mesh.metrics():
@@ -243,8 +244,8 @@ def test_sigkill_a_rollout_server_mid_generation(chaos_assets, tmp_path, redis_u
             await channel.close()
             return reassign
 
-        reassign_s = asyncio.run(asyncio.wait_for(watch(), 150))
-        assert trainer.popen.wait(timeout=150) == 0, trainer.log()[-3000:]
+        reassign_s = asyncio.run(asyncio.wait_for(watch(), scaled(150)))
+        assert trainer.popen.wait(timeout=scaled(150)) == 0, trainer.log()[-3000:]
     finally:
         mesh.stop()
 

@@ -20,6 +20,7 @@ import time
 import pytest
 import test_coordinator
 from chaos_mesh import ChaosMesh, tiny_values, wait_for
+from machine_speed import scaled
 from test_chaos_coordinator import buffer_group_ids, ledger_rows, status
 from test_coordinator import FakeRollout, _cfg, _read_all, _until_stored
 
@@ -129,7 +130,7 @@ def test_a_slow_server_that_heartbeats_keeps_its_work_a_silent_one_loses_it(
             await channel.close()
             await coord.stop()
 
-    asyncio.run(asyncio.wait_for(scenario(), 45))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(45)))
     (group,) = _read_all(redis_url, run_id)
     assert [s.reward for s in group.samples] == [1.0, 1.0]
 
@@ -168,6 +169,6 @@ def test_a_silent_server_loses_its_work_after_the_lease_timeout(assets, redis_ur
             await channel.close()
             await coord.stop()
 
-    asyncio.run(asyncio.wait_for(scenario(), 45))
+    asyncio.run(asyncio.wait_for(scenario(), scaled(45)))
     (group,) = _read_all(redis_url, run_id)
     assert [s.reward for s in group.samples] == [1.0, 1.0]  # the answers of the live lease, not "late"

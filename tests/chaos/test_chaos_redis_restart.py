@@ -29,6 +29,7 @@ import time
 
 import redis
 from chaos_mesh import ChaosMesh, tiny_values, wait_for
+from machine_speed import scaled
 from test_chaos_coordinator import buffer_group_ids, ledger_rows, status
 
 from slipstream.buffer.embedded import EmbeddedRedis
@@ -44,12 +45,12 @@ def _entries(r: redis.Redis, stream: str) -> dict[str, float]:
 def test_redis_sigkilled_and_restarted_mid_generation(chaos_assets, tmp_path):
     model, prompts = chaos_assets
     run_dir = tmp_path / "run"
-    server = EmbeddedRedis(tmp_path / "redis").start()
+    server = EmbeddedRedis(tmp_path / "redis", start_timeout=scaled(20)).start()
     url, port = server.url, server.port
     values = tiny_values(
         model, prompts, run_dir, url,
         num_rollout=5, max_staleness=4, rollout_max_response_len=32, rollout_max_batch_size=4,
-        rollout_temperature=1.0, reconnect_timeout=30,
+        rollout_temperature=1.0, reconnect_timeout=scaled(30),
     )  # fmt: skip
     stream = f"slipstream:{values['run_id']}:groups"
     mesh = ChaosMesh(run_dir, values)
@@ -76,10 +77,10 @@ def test_redis_sigkilled_and_restarted_mid_generation(chaos_assets, tmp_path):
         before = _entries(r, stream)
         os.kill(server.pid, signal.SIGKILL)
         t_kill = time.time()
-        server._proc.wait(10)
+        server._proc.wait(scaled(10))
         server._proc = None
         time.sleep(1.0)  # down for a second: the coordinator's writes fail meanwhile
-        server = EmbeddedRedis(tmp_path / "redis", port=port).start()
+        server = EmbeddedRedis(tmp_path / "redis", port=port, start_timeout=scaled(20)).start()
         t_up = time.time()
         r = redis.Redis.from_url(url)
         survived = _entries(r, stream)
@@ -110,5 +111,5 @@ def test_redis_sigkilled_and_restarted_mid_generation(chaos_assets, tmp_path):
 
 def buffer_group_ids_at(url: str, run_id: str, tmp_path) -> list[str]:
     """The buffer's group ids, read from the data directory with a fresh server (the mesh's is stopped)."""
-    with EmbeddedRedis(tmp_path / "redis") as again:
+    with EmbeddedRedis(tmp_path / "redis", start_timeout=scaled(20)) as again:
         return buffer_group_ids(again.url, run_id)

@@ -29,6 +29,7 @@ import time
 import grpc
 import pytest
 from chaos_mesh import ChaosMesh, tiny_values, wait_for
+from machine_speed import scaled
 
 from mesh_fixtures import build_tiny_model
 from slipstream.models.hf import load_model
@@ -178,7 +179,7 @@ def test_a_hurt_weight_transfer_is_fetched_again(mode, larger_model, chaos_asset
             await to_rollout.close()
             return serving_at
 
-        serving_at = asyncio.run(asyncio.wait_for(go(), 90))
+        serving_at = asyncio.run(asyncio.wait_for(go(), scaled(90)))
         assert proxy.hurt_at is not None, f"the transfer never passed {HURT_AFTER} bytes"
         # The coordinator hears of it on the (re-)attached stream.
         wait_for(lambda: "rollout-0 serves version 1" in coordinator.log(), 10, "WeightsApplied(ok)")

@@ -1,12 +1,16 @@
 """The decode forward on a GPU in seven launches a layer: fused projections and fused glue.
 
-Why. The model's own forward (`slipstream.models.qwen3`) says what Qwen3 is and is what the
-trainer runs; for one new token per sequence it is ~40 kernels a layer, most of them tiny glue
+Why. The model's own forward (`slipstream.models.decoder`) says what the model is and is what
+the trainer runs; for one new token per sequence it is ~40 kernels a layer, most of them tiny glue
 (casts, RoPE's pieces, index writes), and a decode step is launch- and glue-bound (see
 `kernels/decode_layer.py`). This is the same function for that one case, written for the GPU:
 
     add+RMSNorm -> [q|k|v] GEMM -> q/k norm + RoPE + KV write -> decode attention -> o GEMM
     -> add+RMSNorm -> [gate|up] GEMM -> SiLU*up -> down GEMM          (then the next layer's add)
+
+Every family runs it: the q/k norm is Qwen3's and skipped for Qwen2 and Llama (a constexpr in the
+kernel), and biases (Qwen2's q/k/v, Llama's optional ones) are concatenated like the weights and
+added by the GEMM, as `nn.Linear` adds them.
 
 The projections that read the same input are one GEMM over concatenated weights: q|k|v and
 gate|up. The concatenation happens once, here, and the model's parameters become views into it
@@ -30,19 +34,16 @@ from torch import nn
 from slipstream.kernels import attention as attention_kernel
 from slipstream.kernels import decode_layer as kernels
 from slipstream.kernels.fp8_linear import Fp8Linear, fp8_matmul, quantize_rows
-from slipstream.models import Qwen3ForCausalLM
-from slipstream.models.qwen3 import rope_cos_sin
+from slipstream.models import CausalLM
+from slipstream.models.rope import rope_cos_sin
 from slipstream.services.rollout.engine.kv_cache import KVCache
 
 
-def available(model: Qwen3ForCausalLM) -> bool:
+def available(model: CausalLM) -> bool:
     cfg = model.config
     weight = model.model.embed_tokens.weight
-    return (
-        kernels.available(weight.device, cfg.head_dim)
-        and not cfg.attention_bias
-        and weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    )
+    floating = weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    return kernels.available(weight.device, cfg.head_dim) and floating
 
 
 class _Fused:
@@ -58,12 +59,16 @@ class _Fused:
                 rows = slice(start, start + m.out_features)
                 m.weight, m.weight_scale = self.weight[rows], self.scale[rows]  # buffers, reassigned
                 start += m.out_features
-        else:
+        else:  # (Fp8Linear has no bias: convert_to_fp8 refuses a layer with one)
             self.weight = torch.cat([m.weight.detach() for m in linears])
+            has_bias = linears[0].bias is not None
+            self.bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
             start = 0
             for m in linears:
                 n = m.weight.shape[0]
                 m.weight.data = self.weight[start : start + n]
+                if has_bias:
+                    m.bias.data = self.bias[start : start + n]
                 start += n
 
     def __call__(
@@ -73,13 +78,13 @@ class _Fused:
         if self.fp8:
             xq, xs = x if isinstance(x, tuple) else quantize_rows(x)
             return fp8_matmul(xq, xs, self.weight, self.scale, dtype)
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
 
 class FusedDecoder:
-    def __init__(self, model: Qwen3ForCausalLM) -> None:
+    def __init__(self, model: CausalLM) -> None:
         if not available(model):
-            raise ValueError("FusedDecoder needs CUDA, Triton, a bias-free Qwen3 and a supported head_dim")
+            raise ValueError("FusedDecoder needs CUDA, Triton, a float model and a supported head_dim")
         self.model = model
         cfg = model.config
         self.eps, self.num_heads, self.head_dim = cfg.rms_norm_eps, cfg.num_attention_heads, cfg.head_dim
@@ -90,8 +95,8 @@ class FusedDecoder:
                 (
                     layer.input_layernorm.weight,
                     _Fused([attn.q_proj, attn.k_proj, attn.v_proj]),
-                    attn.q_norm.weight,
-                    attn.k_norm.weight,
+                    attn.q_norm.weight if attn.q_norm is not None else None,  # Qwen3 only
+                    attn.k_norm.weight if attn.k_norm is not None else None,
                     _Fused([attn.o_proj]),
                     layer.post_attention_layernorm.weight,
                     _Fused([mlp.gate_proj, mlp.up_proj]),
@@ -105,7 +110,7 @@ class FusedDecoder:
         cfg = self.model.config
         x = self.model.model.embed_tokens(tokens)
         dtype = x.dtype
-        cos, sin = rope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, dtype)
+        cos, sin = rope_cos_sin(positions, cfg.rope, dtype)
         lengths = positions + 1
         b = tokens.shape[0]
         residual = None  # what the previous block adds to x before the next norm

@@ -1,55 +1,37 @@
 """The native engine: batched prefill and decode over a slot-based KV cache, continuous batching.
 
-One `step()` is: admit waiting requests (one right-padded prefill that also samples each one's
-first token), decode one token for every sequence that was already running, then retire the
+One `step()` is: decode one token for every sequence that was already running, admit waiting
+requests (one right-padded prefill that also samples each one's first token), then retire the
 finished ones and hand back their `Result`s. Requests join between steps, so the batch refills
-as soon as a slot frees up; the decode step is one batched forward and one vectorised sample,
-with no Python loop over sequences.
+as soon as a slot frees up.
 
-Prefill is shared within a group: requests admitted together with the same prompt (the n samples
-of a GRPO group) are prefilled once and the prompt's KV is copied into the others' slots; each
-then samples its own first token with its own seed.
+The engine is two parts, nano-vllm's split: what runs next (`scheduler.py`: the waiting queue,
+admission with prefill shared within a GRPO group, which slots a retire frees) and how it runs
+(`runner.py`: the model, the KV cache, the prefill and the decode paths — CUDA graphs, fused
+decode, eager — FP8, and the in-place weight swap). This file is the step that joins them and
+the `Engine` surface (`base.py`) the rollout server drives.
 
-On a GPU the KV cache is preallocated once from a fraction of the free memory and each decode
-step (forward and sampling) is replayed from a CUDA graph captured per batch/length bucket
-(`graphs.py`); the CPU path is the same code run eagerly. On CUDA the decode forward is
-`fused_step.FusedDecoder`: the model's function in seven launches a layer instead of ~40 (fused
-q|k|v and gate|up GEMMs, fused glue kernels); prefill runs the model's own forward. With
-`fp8=True` every linear projection holds e4m3 weights and runs through
-`slipstream.kernels.fp8_linear` (FP8 tensor cores on Hopper); `kv_cache_dtype="fp8_e4m3"` stores
-keys and values as e4m3 (`kv_cache.py`).
-
-Weights are swapped in place between steps (`load_weights`): the KV cache is kept, and every
-token sampled afterwards carries the new policy version, so a trajectory that spans the swap
-reports exactly which tokens came from which weights. Whether to drain, abort or keep going
-across a version change is the rollout server's policy, built from `abort`/`abort_all`.
+Whether to drain, abort or keep going across a version change is the rollout server's policy,
+built from `abort`/`abort_all`; the engine only guarantees that every token carries the policy
+version that produced it.
 """
 
 from __future__ import annotations
 
-import logging
-from collections import deque
-
 import torch
 
-from slipstream.kernels.fp8_linear import convert_to_fp8
 from slipstream.models import Qwen3ForCausalLM
-from slipstream.quant import FP8_DTYPE
-from slipstream.services.rollout.engine import fused_step
+from slipstream.services.rollout.engine.fused_step import FusedDecoder
 from slipstream.services.rollout.engine.graphs import DecodeGraphs
-from slipstream.services.rollout.engine.kv_cache import KV_ALIGN, KVCache
-from slipstream.services.rollout.engine.request import FinishReason, Request, Result
-from slipstream.services.rollout.engine.sampler import SamplingParams, sample
-from slipstream.services.rollout.engine.slots import Slots
-
-_RUNNING, _STOP, _LENGTH = 0, 1, 2
-KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8_e4m3": FP8_DTYPE}
-_REASONS: dict[int, FinishReason] = {_STOP: "stop", _LENGTH: "length"}
-
-log = logging.getLogger(__name__)
+from slipstream.services.rollout.engine.kv_cache import KVCache
+from slipstream.services.rollout.engine.request import Request, Result
+from slipstream.services.rollout.engine.runner import ModelRunner
+from slipstream.services.rollout.engine.scheduler import Scheduler
 
 
 class NativeEngine:
+    name = "native"
+
     def __init__(
         self,
         model: Qwen3ForCausalLM,
@@ -77,291 +59,76 @@ class NativeEngine:
         preallocated cache only). `fused_decode` runs decode through `fused_step.FusedDecoder`
         (CUDA only: fused projections and glue kernels; off, the model's own forward).
         `kv_cache_dtype`: "auto" (the model's dtype) or "fp8_e4m3" (`kv_cache.py` says how)."""
-        self.model = model.eval()
-        self.fp8_layers = convert_to_fp8(model) if fp8 else {}
-        self.eos_token_ids = list(eos_token_ids)
-        self.max_batch_size = max_batch_size
-        self.max_seq_len = max_seq_len or model.config.max_position_embeddings
-        self.max_prefill_tokens = max_prefill_tokens
-        self.policy_version = policy_version
-        weight = model.model.embed_tokens.weight
-        self.device = weight.device
-        cfg = model.config
-        if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(
-                f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}"
-            )
-        self.cache = KVCache(
-            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
-            max_batch_size, self.max_seq_len, KV_CACHE_DTYPES[kv_cache_dtype] or weight.dtype, self.device,
+        self.runner = ModelRunner(
+            model, eos_token_ids, max_batch_size, max_seq_len, policy_version,
+            seed=seed, fp8=fp8, kv_memory_fraction=kv_memory_fraction, preallocate=preallocate,
+            cuda_graphs=cuda_graphs, fused_decode=fused_decode, kv_cache_dtype=kv_cache_dtype,
         )  # fmt: skip
-        if preallocate is None:
-            preallocate = self.device.type == "cuda"
-        if preallocate:
-            self._preallocate(kv_memory_fraction)
-        self.slots = Slots(self.device)
-        self.slots.resize(self.cache.num_slots, self.cache.capacity)
-        self.fused = fused_step.FusedDecoder(model) if fused_decode and fused_step.available(model) else None
-        self.graphs = (
-            DecodeGraphs(model, self.cache, self.max_batch_size, self.fused)
-            if cuda_graphs and preallocate and self.device.type == "cuda"
-            else None
-        )
-        self.waiting: deque[Request] = deque()
-        self._rng = torch.Generator().manual_seed(seed)
-        self._params = dict(model.named_parameters())
-        self.num_prefill_tokens = 0  # prompt tokens actually run through prefill (shared ones once)
+        runner = self.runner  # the batch is sized by what the KV cache fits
+        self.scheduler = Scheduler(runner.max_batch_size, runner.max_seq_len, max_prefill_tokens)
 
-    def _preallocate(self, fraction: float) -> None:
-        cfg = self.model.config
-        per_slot = KVCache.bytes_per_slot(
-            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.max_seq_len, self.cache.dtype
-        )
-        slots = self.max_batch_size
-        if self.device.type == "cuda":
-            if not 0 < fraction <= 1:
-                raise ValueError(f"kv_memory_fraction must be in (0, 1], got {fraction}")
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = int(free * fraction)
-            slots = min(slots, budget // per_slot)
-            if slots < 1:
-                raise ValueError(
-                    f"KV cache: one slot of {self.max_seq_len} positions needs {per_slot / 2**30:.2f} GiB, "
-                    f"but {fraction:.0%} of the free GPU memory is {budget / 2**30:.2f} GiB; "
-                    "lower the maximum sequence length or raise the fraction"
-                )
-            if slots < self.max_batch_size:
-                log.warning(
-                    "KV cache fits %d of %d slots of %d positions; the batch is capped at %d",
-                    slots, self.max_batch_size, self.max_seq_len, slots,
-                )  # fmt: skip
-                self.max_batch_size = slots
-        self.cache.preallocate(slots, self.max_seq_len)
+    # -- the Engine surface ----------------------------------------------------------------------
 
-    # -- queue -----------------------------------------------------------------------------------
+    @property
+    def policy_version(self) -> int:
+        return self.runner.policy_version
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.runner.max_batch_size
 
     @property
     def num_running(self) -> int:
-        return self.slots.num_running
+        return self.runner.num_running
 
     @property
     def num_waiting(self) -> int:
-        return len(self.waiting)
+        return len(self.scheduler.waiting)
 
     def has_work(self) -> bool:
-        return bool(self.waiting) or self.num_running > 0
+        return bool(self.scheduler.waiting) or self.num_running > 0
 
     def add_request(self, req: Request) -> None:
-        if any(r.rid == req.rid for r in self.waiting) or any(r.rid == req.rid for r in self.slots.requests):
-            raise ValueError(f"request {req.rid} is already in the engine")
-        self.waiting.append(req)
-
-    # -- the step --------------------------------------------------------------------------------
+        self.scheduler.add(req, self.runner.slots.requests)
 
     @torch.no_grad()
     def step(self) -> list[Result]:
-        """Admit waiting requests, decode one token for the running ones; return the finished."""
+        """Decode one token for the running requests, admit waiting ones; return the finished."""
         results: list[Result] = []
         num_old = self.num_running
         codes = []
         if num_old:
-            codes.append(self._decode(num_old))
-        admitted = self._admit(results)
-        if admitted is not None:
-            codes.append(admitted)
+            codes.append(self.runner.decode(num_old))
+        admission = self.scheduler.admit(num_old, results)  # adds those that cannot run at all
+        if admission is not None:
+            codes.append(self.runner.prefill(admission, first=num_old))
         if codes:
-            status = torch.cat(codes)
-            done = torch.nonzero(status).squeeze(1)
-            pairs = torch.stack([done, status[done]], dim=1).tolist()  # the step's one sync
-            if pairs:
-                rows, reasons = zip(*pairs, strict=True)
-                results += self._retire(list(rows), [_REASONS[c] for c in reasons])
+            finished = self.runner.finished(torch.cat(codes))  # the step's one sync
+            if finished:
+                rows, reasons = zip(*finished, strict=True)
+                results += self.runner.retire(list(rows), list(reasons))
         return results
 
-    def _admit(self, results: list[Result]) -> torch.Tensor | None:
-        """Prefill as many waiting requests as fit; status codes of the new rows, or None."""
-        # Requests with the same prompt form one group: its first member ("leader") is prefilled,
-        # the others copy the leader's KV. Only distinct prompts count against the budget.
-        leaders: list[Request] = []
-        followers: list[Request] = []
-        group_of: dict[tuple[int, ...], int] = {}
-        longest = 0
-        while self.waiting and self.num_running + len(leaders) + len(followers) < self.max_batch_size:
-            req = self.waiting[0]
-            if req.max_new_tokens <= 0 or len(req.tokens) >= self.max_seq_len:
-                results.append(Result(req.rid, [], [], [], "length"))
-                self.waiting.popleft()
-                continue
-            prompt = tuple(req.tokens)
-            if prompt not in group_of:
-                t = max(longest, len(req.tokens))
-                if leaders and t * (len(leaders) + 1) > self.max_prefill_tokens:
-                    break
-                group_of[prompt] = len(leaders)
-                leaders.append(req)
-                longest = t
-            else:
-                followers.append(req)
-            self.waiting.popleft()
-        if not leaders:
-            return None
-
-        # Slots: the leaders first (one right-padded prefill), then the followers.
-        batch = leaders + followers
-        first = self.num_running
-        self._reserve(first + len(batch), longest + 1)
-        seeds = torch.randint(0, 1 << 62, (len(batch),), generator=self._rng).tolist()
-        self.slots.fill(first, batch, self.eos_token_ids, seeds)
-        ids = torch.zeros((len(leaders), longest), dtype=torch.int64)
-        for i, req in enumerate(leaders):
-            ids[i, : len(req.tokens)] = torch.tensor(req.tokens)
-        ids = ids.to(self.device)
-        self.num_prefill_tokens += sum(len(r.tokens) for r in leaders)
-        hidden = self.model.model(ids, attention=self.cache.prefill(first))
-        last = torch.tensor([len(r.tokens) - 1 for r in leaders], device=self.device)
-        logits = self.model.lm_head(hidden[torch.arange(len(leaders), device=self.device), last])
-        if followers:
-            group = torch.tensor([group_of[tuple(r.tokens)] for r in followers], device=self.device)
-            dst = torch.arange(first + len(leaders), first + len(batch), device=self.device)
-            self.cache.share(first + group, dst, max(len(r.tokens) for r in followers))
-            logits = torch.cat([logits, logits[group]])
-        return self._sample(slice(first, first + len(batch)), logits)
-
-    def _decode(self, n: int) -> torch.Tensor:
-        """One token for slots 0..n-1: feed each last token, attend over its cached prefix."""
-        kv_len = int(self.slots.length[:n].max())
-        self._reserve(n, kv_len + 1)
-        rows = slice(0, n)
-        params, truncate = self.slots.sampling(rows)
-        if self.graphs is not None:
-            tokens, log_probs = self.graphs.run(n, kv_len, self.slots.last_token[:n], params, truncate)
-            return self._record(rows, params, tokens, log_probs)
-        positions = params.positions - 1
-        if self.fused is not None:
-            hidden = self.fused(self.slots.last_token[:n], positions, self.cache)
-            tokens, log_probs = sample(self.model.lm_head(hidden), params, truncate)
-            return self._record(rows, params, tokens, log_probs)
-        # Attend over a length rounded up to the cache's alignment (the mask hides the rest): the
-        # attention shape then repeats across steps and backends cache their plans (cuDNN builds
-        # a new one per shape, which cost more than the whole forward).
-        kv_len = min(self.cache.capacity, -(-kv_len // KV_ALIGN) * KV_ALIGN)
-        attention = self.cache.decode(positions, kv_len)
-        hidden = self.model.model(self.slots.last_token[:n, None], positions[:, None], attention)
-        tokens, log_probs = sample(self.model.lm_head(hidden[:, -1]), params, truncate)
-        return self._record(rows, params, tokens, log_probs)
-
-    def _sample(self, rows: slice, logits: torch.Tensor) -> torch.Tensor:
-        """Sample and record one token per row; each row's status code (running/stop/length)."""
-        params, truncate = self.slots.sampling(rows)
-        tokens, log_probs = sample(logits, params, truncate)
-        return self._record(rows, params, tokens, log_probs)
-
-    def _record(
-        self, rows: slice, params: SamplingParams, tokens: torch.Tensor, log_probs: torch.Tensor
-    ) -> torch.Tensor:
-        """Write the sampled tokens into the rows' outputs; each row's status (running/stop/length)."""
-        s = self.slots
-        index = torch.arange(rows.start, rows.stop, device=self.device)
-        s.out_tokens[index, params.positions] = tokens
-        s.out_log_probs[index, params.positions] = log_probs
-        s.out_versions[index, params.positions] = self.policy_version
-        s.last_token[rows] = tokens
-        s.length[rows] += 1
-        hit_length = (s.length[rows] - s.prompt_len[rows] >= s.max_new[rows]) | (
-            s.length[rows] >= self.max_seq_len
-        )
-        stopped = (tokens[:, None] == s.stop_ids[rows].to(self.device)).any(-1)
-        status = torch.where(hit_length.to(self.device), _LENGTH, _RUNNING)
-        return torch.where(stopped, _STOP, status)
-
-    def _reserve(self, num_slots: int, length: int) -> None:
-        if self.cache.reserve(num_slots, length):
-            self.slots.resize(self.cache.num_slots, self.cache.capacity)
-
-    def _retire(self, rows: list[int], reasons: list[FinishReason]) -> list[Result]:
-        """Build the results of `rows` and free their slots, keeping running slots contiguous."""
-        s = self.slots
-        index = torch.tensor(rows, device=self.device)
-        tokens, log_probs, versions = (
-            t[index].cpu() for t in (s.out_tokens, s.out_log_probs, s.out_versions)
-        )
-        results = []
-        for k, (row, reason) in enumerate(zip(rows, reasons, strict=True)):
-            span = slice(int(s.prompt_len[row]), int(s.length[row]))
-            results.append(
-                Result(
-                    rid=s.requests[row].rid,
-                    tokens=tokens[k, span].tolist(),
-                    log_probs=log_probs[k, span].tolist(),
-                    versions=versions[k, span].tolist(),
-                    finish_reason=reason,
-                )
-            )
-        n, gone = self.num_running, set(rows)
-        keep = n - len(gone)
-        holes = [r for r in rows if r < keep]
-        movers = [r for r in range(keep, n) if r not in gone]
-        if holes:
-            s.move(movers, holes)
-            self.cache.move(torch.tensor(movers, device=self.device), torch.tensor(holes, device=self.device))
-        del s.requests[keep:]
-        return results
-
-    # -- control ---------------------------------------------------------------------------------
-
-    @torch.no_grad()
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
-        """Copy (a subset of) weights into the model in place, dtype-cast; later tokens get `version`.
-
-        Every name and shape is checked before anything is copied, so a bad update changes nothing.
-        """
-        tied = self.model.config.tie_word_embeddings
-        updates = []
-        for name, tensor in state_dict.items():
-            if tied and name == "lm_head.weight":
-                continue  # the same tensor as the embedding, which the update also carries
-            if name in self.fp8_layers:
-                layer = self.fp8_layers[name]
-                if tuple(tensor.shape) != (layer.out_features, layer.in_features):
-                    raise ValueError(
-                        f"load_weights: {name} has shape {tuple(tensor.shape)}, "
-                        f"expected {(layer.out_features, layer.in_features)}"
-                    )
-                updates.append((layer, tensor))
-                continue
-            param = self._params.get(name)
-            if param is None:
-                raise ValueError(f"load_weights: unknown parameter {name!r}")
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise ValueError(
-                    f"load_weights: {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
-                )
-            updates.append((param, tensor))
-        for param, tensor in updates:
-            if isinstance(param, torch.Tensor):
-                param.copy_(tensor.to(device=param.device, dtype=param.dtype))
-            else:  # an Fp8Linear: re-quantized row-wise into its own buffers
-                param.load_(tensor)
-        self.policy_version = version
+        """Copy (a subset of) weights in place between steps; a bad update changes nothing."""
+        self.runner.load_weights(state_dict, version)
 
     @torch.no_grad()
     def abort(self, rid: str) -> Result | None:
         """Stop one request now; its partial result (tokens so far), or None if unknown."""
-        for req in self.waiting:
+        result = self.scheduler.abort(rid)
+        if result is not None:
+            return result
+        for row, req in enumerate(self.runner.slots.requests):
             if req.rid == rid:
-                self.waiting.remove(req)
-                return Result(rid, [], [], [], "abort")
-        for row, req in enumerate(self.slots.requests):
-            if req.rid == rid:
-                return self._retire([row], ["abort"])[0]
+                return self.runner.retire([row], ["abort"])[0]
         return None
 
     @torch.no_grad()
     def abort_all(self) -> list[Result]:
-        results = [Result(r.rid, [], [], [], "abort") for r in self.waiting]
-        self.waiting.clear()
+        results = self.scheduler.abort_all()
         if self.num_running:
-            results += self._retire(list(range(self.num_running)), ["abort"] * self.num_running)
+            results += self.runner.retire(list(range(self.num_running)), ["abort"] * self.num_running)
         return results
 
     def generate(self, requests: list[Request]) -> list[Result]:
@@ -375,3 +142,33 @@ class NativeEngine:
             for result in self.step():
                 done[result.rid] = result
         return [done[req.rid] for req in requests]
+
+    # -- the runner's nouns, where tests and benchmarks look for them ----------------------------
+
+    @property
+    def model(self) -> Qwen3ForCausalLM:
+        return self.runner.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.runner.device
+
+    @property
+    def cache(self) -> KVCache:
+        return self.runner.cache
+
+    @cache.setter
+    def cache(self, cache: KVCache | None) -> None:  # a benchmark drops it to free the memory
+        self.runner.cache = cache
+
+    @property
+    def graphs(self) -> DecodeGraphs | None:
+        return self.runner.graphs
+
+    @property
+    def fused(self) -> FusedDecoder | None:
+        return self.runner.fused
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return self.runner.num_prefill_tokens

@@ -94,20 +94,26 @@ def main(argv: list[str]) -> int:
             model_dir.parent, seed=cfg.train.seed, log=lambda m: console.print(f"  {m}", highlight=False)
         )
 
-    from slipstream.launcher import run
-    from slipstream.log import print_config
+    import os
 
-    print_config(cfg)
-    code = run(cfg)
+    from slipstream.launcher import run
+    from slipstream.placement import colocate_given
+
+    code = run(cfg, colocate_given=colocate_given([*DEMO_FLAGS, *argv], os.environ))
     if code != 0:
         return code
     summary = json.loads((Path(cfg.infra.run_dir) / "summary.json").read_text())
     first, last = summary["accuracy_first5"], summary["accuracy_last5"]
     ok = first is not None and last is not None and first <= 0.5 and last >= 0.85
     verdict = "[green]target met[/]" if ok else "[red]target missed[/]"
-    console.print(
-        f"demo: accuracy first 5 steps {first:.3f} (target <= 0.5), last 5 steps {last:.3f} "
-        f"(target >= 0.85): {verdict}; metrics in {Path(cfg.infra.run_dir) / 'metrics.jsonl'}"
+
+    def shown(x: float | None) -> str:
+        return "none" if x is None else f"{x:.3f}"  # no step had a scored sample
+
+    console.print(  # one line whatever the width: a file or a pipe must not cut the sentence
+        f"demo: accuracy first 5 steps {shown(first)} (target <= 0.5), last 5 steps {shown(last)} "
+        f"(target >= 0.85): {verdict}; metrics in {Path(cfg.infra.run_dir) / 'metrics.jsonl'}",
+        soft_wrap=True,
     )
     return 0 if ok else 3
 

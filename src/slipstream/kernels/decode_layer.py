@@ -10,11 +10,12 @@ GEMMs is one kernel:
 
 - `add_rmsnorm`: residual add (in place) + RMSNorm, optionally also the per-token FP8
   quantization of the normed row that the next FP8 GEMM needs (one launch instead of two);
-- `qk_norm_rope_kv`: from the fused q|k|v projection, the q/k head RMSNorms, RoPE on q and k, the
-  new key and value written into their cache slot, and q handed to attention;
+- `qk_norm_rope_kv`: from the fused q|k|v projection (biases already added by its GEMM), the
+  q/k head RMSNorms (Qwen3; Qwen2 and Llama have none: a constexpr switch skips them), RoPE on q
+  and k, the new key and value written into their cache slot, and q handed to attention;
 - `silu_mul`: SiLU(gate) * up from the fused gate|up projection (optionally FP8-quantized).
 
-Same function as `slipstream.models.qwen3`, down to the roundings: every place where the PyTorch
+Same function as `slipstream.models.decoder`, down to the roundings: every place where the PyTorch
 model rounds to the model's dtype (the norm before its weight, each RoPE product, SiLU before the
 multiply) rounds here too, so bf16 results differ only where an fp32 `exp`/`rsqrt` differs in its
 last bit. `tests/test_engine_gpu.py` pins the fused step against the model's own forward.
@@ -78,6 +79,7 @@ if triton is not None:
         qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_ptr, v_ptr,
         stride_qkv, stride_cs, stride_kb, stride_kh, stride_kn, eps,
         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, KV_FP8: tl.constexpr,
+        QK_NORM: tl.constexpr,
     ):  # fmt: skip
         # One program per token, a [heads, D/2] tile per half: rows 0..H-1 are the query heads,
         # then the KV heads' keys, then their values (the fused projection's column order).
@@ -93,13 +95,18 @@ if triton is not None:
         x2 = tl.load(src + D // 2 + half, mask=j < H + 2 * HKV, other=0.0)
         f1 = x1.to(tl.float32)
         f2 = x2.to(tl.float32)
-        rstd = tl.rsqrt((tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / D + eps)[:, None]
-        w1 = tl.where(is_q, tl.load(qw_ptr + half), tl.load(kw_ptr + half)).to(tl.float32)
-        w2 = tl.where(is_q, tl.load(qw_ptr + D // 2 + half), tl.load(kw_ptr + D // 2 + half)).to(tl.float32)
-        # weight * rms_norm(x.float()).to(dtype), then rotate-half RoPE, x * cos + cat(-x2, x1) * sin,
-        # each product rounded to the model's dtype like PyTorch's
-        y1 = (w1 * (f1 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
-        y2 = (w2 * (f2 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        if QK_NORM:
+            rstd = tl.rsqrt((tl.sum(f1 * f1, axis=1) + tl.sum(f2 * f2, axis=1)) / D + eps)[:, None]
+            w1 = tl.where(is_q, tl.load(qw_ptr + half), tl.load(kw_ptr + half)).to(tl.float32)
+            w2 = tl.where(is_q, tl.load(qw_ptr + D // 2 + half), tl.load(kw_ptr + D // 2 + half))
+            w2 = w2.to(tl.float32)
+            # weight * rms_norm(x.float()).to(dtype), then rotate-half RoPE, x * cos + cat(-x2, x1) * sin,
+            # each product rounded to the model's dtype like PyTorch's
+            y1 = (w1 * (f1 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+            y2 = (w2 * (f2 * rstd).to(dt).to(tl.float32)).to(dt).to(tl.float32)
+        else:  # Qwen2, Llama: q and k reach RoPE as the projection left them (already in dt)
+            y1 = f1
+            y2 = f2
         c = tl.load(cos_ptr + b * stride_cs + half).to(tl.float32)
         s = tl.load(sin_ptr + b * stride_cs + half).to(tl.float32)
         o1 = ((y1 * c).to(dt).to(tl.float32) + (-y2 * s).to(dt).to(tl.float32)).to(dt)
@@ -165,8 +172,8 @@ def add_rmsnorm(
 
 def qk_norm_rope_kv(
     qkv: torch.Tensor,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
+    q_weight: torch.Tensor | None,
+    k_weight: torch.Tensor | None,
     cos: torch.Tensor,
     sin: torch.Tensor,
     positions: torch.Tensor,
@@ -177,15 +184,18 @@ def qk_norm_rope_kv(
 ) -> torch.Tensor:
     """qkv [B, (H + 2 Hkv) D] -> q [B, H, D] normed and rotated; the rotated key and the value of
     row b land at position positions[b] of cache slot b (k/v_cache [>=B, Hkv, L, D], one layer).
-    cos/sin [B, D] (the halves duplicated, as `rope_cos_sin` gives them)."""
+    cos/sin [B, D] (the halves duplicated, as `rope_cos_sin` gives them). q/k_weight: the head
+    RMSNorm weights [D], or None for a family without them (q and k are then only rotated)."""
     b = qkv.shape[0]
     hkv, d = k_cache.shape[1], k_cache.shape[3]
     q = torch.empty((b, num_heads, d), dtype=qkv.dtype, device=qkv.device)
     block_h = triton.next_power_of_2(num_heads + 2 * hkv)
+    qk_norm = q_weight is not None
     _qk_norm_rope_kv_kernel[(b,)](
-        qkv, q_weight, k_weight, cos, sin, positions, q, k_cache, v_cache,
+        qkv, q_weight if qk_norm else qkv, k_weight if qk_norm else qkv,  # unread without norms
+        cos, sin, positions, q, k_cache, v_cache,
         qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), eps,
-        H=num_heads, HKV=hkv, D=d, BLOCK_H=block_h, KV_FP8=k_cache.dtype == FP8_DTYPE,
+        H=num_heads, HKV=hkv, D=d, BLOCK_H=block_h, KV_FP8=k_cache.dtype == FP8_DTYPE, QK_NORM=qk_norm,
         num_warps=_warps(block_h * d // 2),
     )  # fmt: skip
     return q

@@ -17,26 +17,30 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from slipstream.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
+from slipstream.models.config import ModelConfig
+from slipstream.models.decoder import CausalLM
 
 # Buffers some older exports carry; recomputed here, never needed from disk.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
-def load_config(path: str | Path) -> Qwen3Config:
+def load_config(path: str | Path) -> ModelConfig:
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no config.json in checkpoint directory {path}")
     try:
         d = json.loads(config_path.read_text())
-        return Qwen3Config.from_hf_dict(d)
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+    except json.JSONDecodeError as e:
         raise ValueError(f"malformed {config_path}: {e}") from e
+    try:
+        return ModelConfig.from_hf_dict(d)
+    except (KeyError, TypeError, ValueError) as e:  # a missing key, a wrong type, or what we refuse
+        raise ValueError(f"{config_path}: {e}") from e
 
 
 def load_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> Qwen3ForCausalLM:
+) -> CausalLM:
     """The model in `path` (config.json + every *.safetensors there), on `device` in `dtype`."""
     path = Path(path)
     config = load_config(path)
@@ -54,14 +58,14 @@ def load_model(
             raise ValueError(f"cannot read safetensors file {file}: {e}") from e
 
     with torch.device("meta"):
-        model = Qwen3ForCausalLM(config)
+        model = CausalLM(config)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # some exports write the tied copy too
     expected = {name for name, _ in model.named_parameters()}  # tied lm_head appears once, as embed
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
         raise ValueError(
-            f"checkpoint {path} does not match the Qwen3 config: "
+            f"checkpoint {path} does not match its {config.model_type} config: "
             f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
             f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
         )
@@ -77,9 +81,7 @@ def load_model(
     return model.eval()
 
 
-def save_model(
-    model: Qwen3ForCausalLM, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None
-) -> None:
+def save_model(model: CausalLM, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """Write `config.json` + `model.safetensors` (a tied lm_head is left out, as HF does).
 
     `state_dict` overrides the model's own tensors: a sharded trainer passes the full state it
@@ -99,9 +101,9 @@ def save_model(
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
 
 
-def init_model(config: Qwen3Config, seed: int = 0) -> Qwen3ForCausalLM:
+def init_model(config: ModelConfig, seed: int = 0) -> CausalLM:
     """A randomly initialised model (normal std 0.02 for matrices, ones for norms, like HF)."""
-    model = Qwen3ForCausalLM(config)
+    model = CausalLM(config)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

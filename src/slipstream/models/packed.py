@@ -19,7 +19,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 
-from .qwen3 import Attention
+from .decoder import Attention
 
 
 @functools.cache

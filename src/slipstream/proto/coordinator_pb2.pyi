@@ -130,7 +130,7 @@ class GetStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CoordinatorStatus(_message.Message):
-    __slots__ = ("policy_version", "num_groups_dispatched", "num_groups_completed", "num_samples_in_flight", "num_rollout_servers", "server_versions", "finished", "num_reward_failures", "num_partials_recycled", "num_groups_filtered", "num_stale_samples", "rollout_idle_fraction", "weights_held")
+    __slots__ = ("policy_version", "num_groups_dispatched", "num_groups_completed", "num_samples_in_flight", "num_rollout_servers", "server_versions", "finished", "num_reward_failures", "num_partials_recycled", "num_groups_filtered", "num_stale_samples", "rollout_idle_fraction", "weights_held", "trainer_step", "max_staleness", "num_dead_lettered", "servers", "buffer")
     class ServerVersionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +151,11 @@ class CoordinatorStatus(_message.Message):
     NUM_STALE_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_IDLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_HELD_FIELD_NUMBER: _ClassVar[int]
+    TRAINER_STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_STALENESS_FIELD_NUMBER: _ClassVar[int]
+    NUM_DEAD_LETTERED_FIELD_NUMBER: _ClassVar[int]
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    BUFFER_FIELD_NUMBER: _ClassVar[int]
     policy_version: int
     num_groups_dispatched: int
     num_groups_completed: int
@@ -164,7 +169,36 @@ class CoordinatorStatus(_message.Message):
     num_stale_samples: int
     rollout_idle_fraction: float
     weights_held: bool
-    def __init__(self, policy_version: _Optional[int] = ..., num_groups_dispatched: _Optional[int] = ..., num_groups_completed: _Optional[int] = ..., num_samples_in_flight: _Optional[int] = ..., num_rollout_servers: _Optional[int] = ..., server_versions: _Optional[_Mapping[str, int]] = ..., finished: _Optional[bool] = ..., num_reward_failures: _Optional[int] = ..., num_partials_recycled: _Optional[int] = ..., num_groups_filtered: _Optional[int] = ..., num_stale_samples: _Optional[int] = ..., rollout_idle_fraction: _Optional[float] = ..., weights_held: _Optional[bool] = ...) -> None: ...
+    trainer_step: int
+    max_staleness: int
+    num_dead_lettered: int
+    servers: _containers.RepeatedCompositeFieldContainer[RolloutServerStatus]
+    buffer: BufferStatus
+    def __init__(self, policy_version: _Optional[int] = ..., num_groups_dispatched: _Optional[int] = ..., num_groups_completed: _Optional[int] = ..., num_samples_in_flight: _Optional[int] = ..., num_rollout_servers: _Optional[int] = ..., server_versions: _Optional[_Mapping[str, int]] = ..., finished: _Optional[bool] = ..., num_reward_failures: _Optional[int] = ..., num_partials_recycled: _Optional[int] = ..., num_groups_filtered: _Optional[int] = ..., num_stale_samples: _Optional[int] = ..., rollout_idle_fraction: _Optional[float] = ..., weights_held: _Optional[bool] = ..., trainer_step: _Optional[int] = ..., max_staleness: _Optional[int] = ..., num_dead_lettered: _Optional[int] = ..., servers: _Optional[_Iterable[_Union[RolloutServerStatus, _Mapping]]] = ..., buffer: _Optional[_Union[BufferStatus, _Mapping]] = ...) -> None: ...
+
+class BufferStatus(_message.Message):
+    __slots__ = ("num_groups", "num_pending")
+    NUM_GROUPS_FIELD_NUMBER: _ClassVar[int]
+    NUM_PENDING_FIELD_NUMBER: _ClassVar[int]
+    num_groups: int
+    num_pending: int
+    def __init__(self, num_groups: _Optional[int] = ..., num_pending: _Optional[int] = ...) -> None: ...
+
+class RolloutServerStatus(_message.Message):
+    __slots__ = ("server_id", "policy_version", "num_in_flight", "max_concurrent", "idle_fraction", "seconds_since_heard")
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NUM_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_SINCE_HEARD_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    policy_version: int
+    num_in_flight: int
+    max_concurrent: int
+    idle_fraction: float
+    seconds_since_heard: float
+    def __init__(self, server_id: _Optional[str] = ..., policy_version: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., idle_fraction: _Optional[float] = ..., seconds_since_heard: _Optional[float] = ...) -> None: ...
 
 class JournalGroup(_message.Message):
     __slots__ = ("group_id", "samples", "results", "version", "deadline", "parked")

@@ -29,6 +29,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from slipstream.log import mark_up
 from slipstream.rpc import security
 from slipstream.rpc.health import HealthServicer
 
@@ -96,8 +97,12 @@ async def start_server(
     ready_file: str = "",
     interceptors: list | None = None,
     options: list | None = None,
+    up: bool = True,
 ) -> Service:
-    """Build, bind and start a server; `add_servicers(server)` registers the service's handlers."""
+    """Build, bind and start a server; `add_servicers(server)` registers the service's handlers.
+
+    `up`: serving means the process is up (`slipstream.log.mark_up`: later errors exit 1); the
+    trainer serves before its model is loaded and says so itself."""
     sec = security.current()
     if security.needs_server_interceptor(sec):
         interceptors = [security.AuthInterceptor(sec), *(interceptors or [])]
@@ -118,6 +123,8 @@ async def start_server(
         tmp.write_text(str(bound))
         os.replace(tmp, ready_file)  # atomic: readers never see a half-written port
     log.info("serving on %s:%d (%s)", host, bound, sec.describe())
+    if up:
+        mark_up()
     return service
 
 

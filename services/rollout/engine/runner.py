@@ -1,0 +1,274 @@
+"""How a step runs: the model, the KV cache, the slots' state, and the prefill and decode paths.
+
+Prefill is one right-padded batch of the admitted leaders through the model's own forward; the
+followers then copy their leader's KV (`scheduler.py` says who is admitted). Decode feeds every
+running sequence its last token and samples the next one: one batched forward and one vectorised
+sample, with no Python loop over sequences. Sampled tokens, their log-probs and the policy version
+that produced them are written on the device (`slots.py`) and read back once, when a sequence
+retires; a step's only host sync is reading which rows finished.
+
+There are three decode paths, same function, fastest first. On a GPU the KV cache is
+preallocated once from a fraction of the free memory and each decode step (forward and sampling)
+is replayed from a CUDA graph captured per batch/length bucket (`graphs.py`). Without graphs, on
+CUDA the decode forward is `fused_step.FusedDecoder`: the model's function in seven launches a
+layer instead of ~40 (fused q|k|v and gate|up GEMMs, fused glue kernels). Everywhere else (the
+CPU) it is the model's own forward, run eagerly. With `fp8=True` every linear projection holds
+e4m3 weights and runs through `slipstream.kernels.fp8_linear` (FP8 tensor cores on Hopper);
+`kv_cache_dtype="fp8_e4m3"` stores keys and values as e4m3 (`kv_cache.py`).
+
+Weights are swapped in place between steps (`load_weights`): the KV cache is kept, and every
+token sampled afterwards carries the new policy version, so a trajectory that spans the swap
+reports exactly which tokens came from which weights. Copying into the same tensors is also what
+keeps the CUDA graphs and the fused weights valid across versions.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from slipstream.kernels.fp8_linear import convert_to_fp8
+from slipstream.models import Qwen3ForCausalLM
+from slipstream.quant import FP8_DTYPE
+from slipstream.services.rollout.engine import fused_step
+from slipstream.services.rollout.engine.graphs import DecodeGraphs
+from slipstream.services.rollout.engine.kv_cache import KV_ALIGN, KVCache
+from slipstream.services.rollout.engine.request import FinishReason, Result
+from slipstream.services.rollout.engine.sampler import SamplingParams, sample
+from slipstream.services.rollout.engine.scheduler import Admission, compaction
+from slipstream.services.rollout.engine.slots import Slots
+
+_RUNNING, _STOP, _LENGTH = 0, 1, 2
+KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8_e4m3": FP8_DTYPE}
+_REASONS: dict[int, FinishReason] = {_STOP: "stop", _LENGTH: "length"}
+
+log = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Qwen3ForCausalLM,
+        eos_token_ids: list[int],
+        max_batch_size: int,
+        max_seq_len: int | None,
+        policy_version: int,
+        *,
+        seed: int,
+        fp8: bool,
+        kv_memory_fraction: float,
+        preallocate: bool | None,
+        cuda_graphs: bool,
+        fused_decode: bool,
+        kv_cache_dtype: str,
+    ) -> None:
+        """The options are `NativeEngine`'s; `max_batch_size` may come out lower (the KV cache's fit)."""
+        self.model = model.eval()
+        self.fp8_layers = convert_to_fp8(model) if fp8 else {}
+        self.eos_token_ids = list(eos_token_ids)
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len or model.config.max_position_embeddings
+        self.policy_version = policy_version
+        weight = model.model.embed_tokens.weight
+        self.device = weight.device
+        cfg = model.config
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}"
+            )
+        self.cache = KVCache(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+            max_batch_size, self.max_seq_len, KV_CACHE_DTYPES[kv_cache_dtype] or weight.dtype, self.device,
+        )  # fmt: skip
+        if preallocate is None:
+            preallocate = self.device.type == "cuda"
+        if preallocate:
+            self._preallocate(kv_memory_fraction)
+        self.slots = Slots(self.device)
+        self.slots.resize(self.cache.num_slots, self.cache.capacity)
+        self.fused = fused_step.FusedDecoder(model) if fused_decode and fused_step.available(model) else None
+        self.graphs = (
+            DecodeGraphs(model, self.cache, self.max_batch_size, self.fused)
+            if cuda_graphs and preallocate and self.device.type == "cuda"
+            else None
+        )
+        self._rng = torch.Generator().manual_seed(seed)
+        self._params = dict(model.named_parameters())
+        self.num_prefill_tokens = 0  # prompt tokens actually run through prefill (shared ones once)
+
+    def _preallocate(self, fraction: float) -> None:
+        cfg = self.model.config
+        per_slot = KVCache.bytes_per_slot(
+            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.max_seq_len, self.cache.dtype
+        )
+        slots = self.max_batch_size
+        if self.device.type == "cuda":
+            if not 0 < fraction <= 1:
+                raise ValueError(f"kv_memory_fraction must be in (0, 1], got {fraction}")
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * fraction)
+            slots = min(slots, budget // per_slot)
+            if slots < 1:
+                raise ValueError(
+                    f"KV cache: one slot of {self.max_seq_len} positions needs {per_slot / 2**30:.2f} GiB, "
+                    f"but {fraction:.0%} of the free GPU memory is {budget / 2**30:.2f} GiB; "
+                    "lower the maximum sequence length or raise the fraction"
+                )
+            if slots < self.max_batch_size:
+                log.warning(
+                    "KV cache fits %d of %d slots of %d positions; the batch is capped at %d",
+                    slots, self.max_batch_size, self.max_seq_len, slots,
+                )  # fmt: skip
+                self.max_batch_size = slots
+        self.cache.preallocate(slots, self.max_seq_len)
+
+    @property
+    def num_running(self) -> int:
+        return self.slots.num_running
+
+    # -- one step --------------------------------------------------------------------------------
+
+    def prefill(self, admission: Admission, first: int) -> torch.Tensor:
+        """Prefill the admitted requests into slots first..; status codes of the new rows."""
+        # Slots: the leaders first (one right-padded prefill), then the followers.
+        leaders, followers, longest = admission.leaders, admission.followers, admission.longest
+        batch = admission.batch
+        self._reserve(first + len(batch), longest + 1)
+        seeds = torch.randint(0, 1 << 62, (len(batch),), generator=self._rng).tolist()
+        self.slots.fill(first, batch, self.eos_token_ids, seeds)
+        ids = torch.zeros((len(leaders), longest), dtype=torch.int64)
+        for i, req in enumerate(leaders):
+            ids[i, : len(req.tokens)] = torch.tensor(req.tokens)
+        ids = ids.to(self.device)
+        self.num_prefill_tokens += sum(len(r.tokens) for r in leaders)
+        hidden = self.model.model(ids, attention=self.cache.prefill(first))
+        last = torch.tensor([len(r.tokens) - 1 for r in leaders], device=self.device)
+        logits = self.model.lm_head(hidden[torch.arange(len(leaders), device=self.device), last])
+        if followers:
+            group = torch.tensor(admission.leader_of, device=self.device)
+            dst = torch.arange(first + len(leaders), first + len(batch), device=self.device)
+            self.cache.share(first + group, dst, max(len(r.tokens) for r in followers))
+            logits = torch.cat([logits, logits[group]])
+        return self._sample(slice(first, first + len(batch)), logits)
+
+    def decode(self, n: int) -> torch.Tensor:
+        """One token for slots 0..n-1: feed each last token, attend over its cached prefix."""
+        kv_len = int(self.slots.length[:n].max())
+        self._reserve(n, kv_len + 1)
+        rows = slice(0, n)
+        params, truncate = self.slots.sampling(rows)
+        if self.graphs is not None:
+            tokens, log_probs = self.graphs.run(n, kv_len, self.slots.last_token[:n], params, truncate)
+            return self._record(rows, params, tokens, log_probs)
+        positions = params.positions - 1
+        if self.fused is not None:
+            hidden = self.fused(self.slots.last_token[:n], positions, self.cache)
+            tokens, log_probs = sample(self.model.lm_head(hidden), params, truncate)
+            return self._record(rows, params, tokens, log_probs)
+        # Attend over a length rounded up to the cache's alignment (the mask hides the rest): the
+        # attention shape then repeats across steps and backends cache their plans (cuDNN builds
+        # a new one per shape, which cost more than the whole forward).
+        kv_len = min(self.cache.capacity, -(-kv_len // KV_ALIGN) * KV_ALIGN)
+        attention = self.cache.decode(positions, kv_len)
+        hidden = self.model.model(self.slots.last_token[:n, None], positions[:, None], attention)
+        tokens, log_probs = sample(self.model.lm_head(hidden[:, -1]), params, truncate)
+        return self._record(rows, params, tokens, log_probs)
+
+    def _sample(self, rows: slice, logits: torch.Tensor) -> torch.Tensor:
+        """Sample and record one token per row; each row's status code (running/stop/length)."""
+        params, truncate = self.slots.sampling(rows)
+        tokens, log_probs = sample(logits, params, truncate)
+        return self._record(rows, params, tokens, log_probs)
+
+    def _record(
+        self, rows: slice, params: SamplingParams, tokens: torch.Tensor, log_probs: torch.Tensor
+    ) -> torch.Tensor:
+        """Write the sampled tokens into the rows' outputs; each row's status (running/stop/length)."""
+        s = self.slots
+        index = torch.arange(rows.start, rows.stop, device=self.device)
+        s.out_tokens[index, params.positions] = tokens
+        s.out_log_probs[index, params.positions] = log_probs
+        s.out_versions[index, params.positions] = self.policy_version
+        s.last_token[rows] = tokens
+        s.length[rows] += 1
+        hit_length = (s.length[rows] - s.prompt_len[rows] >= s.max_new[rows]) | (
+            s.length[rows] >= self.max_seq_len
+        )
+        stopped = (tokens[:, None] == s.stop_ids[rows].to(self.device)).any(-1)
+        status = torch.where(hit_length.to(self.device), _LENGTH, _RUNNING)
+        return torch.where(stopped, _STOP, status)
+
+    def _reserve(self, num_slots: int, length: int) -> None:
+        if self.cache.reserve(num_slots, length):
+            self.slots.resize(self.cache.num_slots, self.cache.capacity)
+
+    @staticmethod
+    def finished(status: torch.Tensor) -> list[tuple[int, FinishReason]]:
+        """(row, reason) of every row whose status says it finished; reading it is a device sync."""
+        done = torch.nonzero(status).squeeze(1)
+        pairs = torch.stack([done, status[done]], dim=1).tolist()
+        return [(row, _REASONS[code]) for row, code in pairs]
+
+    def retire(self, rows: list[int], reasons: list[FinishReason]) -> list[Result]:
+        """Build the results of `rows` and free their slots, keeping running slots contiguous."""
+        s = self.slots
+        index = torch.tensor(rows, device=self.device)
+        tokens, log_probs, versions = (
+            t[index].cpu() for t in (s.out_tokens, s.out_log_probs, s.out_versions)
+        )
+        results = []
+        for k, (row, reason) in enumerate(zip(rows, reasons, strict=True)):
+            span = slice(int(s.prompt_len[row]), int(s.length[row]))
+            results.append(
+                Result(
+                    rid=s.requests[row].rid,
+                    tokens=tokens[k, span].tolist(),
+                    log_probs=log_probs[k, span].tolist(),
+                    versions=versions[k, span].tolist(),
+                    finish_reason=reason,
+                )
+            )
+        keep, movers, holes = compaction(self.num_running, rows)
+        if holes:
+            s.move(movers, holes)
+            self.cache.move(torch.tensor(movers, device=self.device), torch.tensor(holes, device=self.device))
+        del s.requests[keep:]
+        return results
+
+    # -- weights ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+        """Copy (a subset of) weights into the model in place, dtype-cast; later tokens get `version`.
+
+        Every name and shape is checked before anything is copied, so a bad update changes nothing.
+        """
+        tied = self.model.config.tie_word_embeddings
+        updates = []
+        for name, tensor in state_dict.items():
+            if tied and name == "lm_head.weight":
+                continue  # the same tensor as the embedding, which the update also carries
+            if name in self.fp8_layers:
+                layer = self.fp8_layers[name]
+                if tuple(tensor.shape) != (layer.out_features, layer.in_features):
+                    raise ValueError(
+                        f"load_weights: {name} has shape {tuple(tensor.shape)}, "
+                        f"expected {(layer.out_features, layer.in_features)}"
+                    )
+                updates.append((layer, tensor))
+                continue
+            param = self._params.get(name)
+            if param is None:
+                raise ValueError(f"load_weights: unknown parameter {name!r}")
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"load_weights: {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                )
+            updates.append((param, tensor))
+        for param, tensor in updates:
+            if isinstance(param, torch.Tensor):
+                param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+            else:  # an Fp8Linear: re-quantized row-wise into its own buffers
+                param.load_(tensor)
+        self.policy_version = version
