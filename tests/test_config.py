@@ -105,3 +105,20 @@ def test_help_shows_each_flags_default():
     )
     assert "--lr LR Learning rate (AdamW). (default: 1e-06)" in text
     assert 'empty = start an embedded server. (Slipstream) (default: "")' in text
+
+
+def test_auto_defaults_resolve_by_device_and_flags():
+    """Issue 14's defaults: TIS on unless the ratio is 1, bf16 weight sync from a CPU trainer and
+    FP8 from a GPU one, and one micro-batch per optimizer step on CPU (8 on a GPU)."""
+    cfg = parse_config([])
+    assert cfg.algo.use_tis is None and cfg.algo.effective_use_tis is True
+    assert parse_config(["--no-use-tis"]).algo.effective_use_tis is False
+    assert parse_config(["--use-rollout-logprobs"]).algo.effective_use_tis is False
+    t = cfg.train
+    assert (t.effective_weight_sync_dtype("cpu"), t.effective_weight_sync_dtype("cuda")) == ("bf16", "fp8")
+    assert parse_config(["--weight-sync-dtype", "fp8"]).train.effective_weight_sync_dtype("cpu") == "fp8"
+    assert (
+        t.effective_micro_batch_size(512, "cpu") == 512 and t.effective_micro_batch_size(512, "cpu", 2) == 256
+    )
+    assert t.effective_micro_batch_size(512, "cuda") == 8 and t.effective_micro_batch_size(6, "cuda") == 2
+    assert parse_config(["--micro-batch-size", "4"]).train.effective_micro_batch_size(512, "cpu") == 4

@@ -164,7 +164,7 @@ def test_micro_batching_does_not_change_the_step(model_dir, mode):
     [
         (dict(advantage_estimator="reinforce_plus_plus"), "needs --normalize-advantages"),
         (dict(use_rollout_logprobs=True, use_tis=True), "cannot go with --use-tis"),
-        (dict(stale_sample_policy="correct"), "needs --use-tis or --use-mis"),
+        (dict(stale_sample_policy="correct", use_tis=False), "needs --use-tis or --use-mis"),
         (dict(use_mis=True, mis_low=2.0, mis_high=1.0), "--mis-high must exceed"),
         (dict(max_reuse=0), "--max-reuse must be at least 1"),
         (dict(kl_coef=0.1, use_kl_loss=True, kl_loss_coef=0.1), "only one of --kl-coef"),

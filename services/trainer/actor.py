@@ -360,7 +360,9 @@ class Actor:
         return plan_micro_batches(
             samples,
             global_batch_size=self.global_batch_size,
-            micro_batch_size=t.micro_batch_size,
+            micro_batch_size=t.effective_micro_batch_size(
+                self.global_batch_size, self.device.type, self.par.world_size
+            ),
             max_tokens_per_gpu=t.max_tokens_per_gpu if t.use_dynamic_batch_size else None,
             world=self.par.world_size,
         )

@@ -98,7 +98,8 @@ class Trainer:
         )
         self.coordinator = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         pusher = WeightPusher(
-            self.coordinator, cfg.train.weight_sync_dtype, infra.rpc_timeout, self.reconnect,
+            self.coordinator, cfg.train.effective_weight_sync_dtype(actor.device.type), infra.rpc_timeout,
+            self.reconnect,
             colocate=cfg.cluster.colocate and actor.device.type == "cuda",
         )  # fmt: skip
         self.versions = Versions(pusher, cfg.train.update_weights_interval)

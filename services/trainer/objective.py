@@ -81,7 +81,7 @@ def micro_batch_loss(
         lp, old, b.advantages, b.loss_mask,
         eps_clip=a.eps_clip, eps_clip_high=a.effective_eps_clip_high,
         rollout_log_probs=b.rollout_log_probs,
-        use_tis=a.use_tis, tis_clip=a.tis_clip, tis_clip_low=a.tis_clip_low, tis_level=a.tis_level,
+        use_tis=a.effective_use_tis, tis_clip=a.tis_clip, tis_clip_low=a.tis_clip_low, tis_level=a.tis_level,
         use_mis=a.use_mis, mis_low=a.mis_low, mis_high=a.mis_high, mis_level=a.mis_level,
         sequence_ratio=a.advantage_estimator == "gspo",
         loss_weights=weights,

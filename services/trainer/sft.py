@@ -127,7 +127,7 @@ class SftPlan:
         gbs = t.global_batch_size or per_step
         if per_step % gbs:
             raise ConfigError(f"--global-batch-size {gbs} must divide --rollout-batch-size {per_step}")
-        if not t.use_dynamic_batch_size and gbs % t.micro_batch_size:
+        if not t.use_dynamic_batch_size and t.micro_batch_size and gbs % t.micro_batch_size:
             raise ConfigError(
                 f"--micro-batch-size {t.micro_batch_size} must divide the global batch size {gbs}"
             )

@@ -191,7 +191,14 @@ class AlgoConfig:
     )
     eps_clip: float = opt(0.2, "PPO clip range (lower side, and upper when --eps-clip-high is unset).")
     eps_clip_high: float | None = opt(None, "PPO clip range, upper side (DAPO clip-higher).")
-    use_tis: bool = opt(False, "Truncated importance sampling against the rollout log-probs.")
+    use_tis: bool | None = opt(
+        None,
+        "Truncated importance sampling against the rollout log-probs (decoupled PPO: weight each "
+        "token by the clipped proximal/behaviour ratio). Unset = on, except under "
+        "--use-rollout-logprobs, where the ratio is 1; --no-use-tis turns it off. On by default "
+        "since issue 14: without it nothing corrects stale or FP8-sampled tokens when one optimizer "
+        "step trains a rollout (ppo_kl and pg_clipfrac are then exactly 0).",
+    )
     tis_clip: float = opt(2.0, "Upper truncation of the TIS weight.")
     tis_clip_low: float = opt(0.0, "Lower truncation of the TIS weight.")
     tis_level: Literal["token", "sequence", "geometric"] = opt(
@@ -253,13 +260,18 @@ class AlgoConfig:
             "--use-rollout-logprobs makes the behaviour ratio 1: it cannot go with --use-tis/--use-mis",
         )
         _require(
-            self.stale_sample_policy != "correct" or self.use_tis or self.use_mis,
+            self.stale_sample_policy != "correct" or self.effective_use_tis or self.use_mis,
             "--stale-sample-policy correct needs --use-tis or --use-mis",
         )
         _require(
             self.loss_type == "policy_loss" or not (self.kl_coef or (self.use_kl_loss and self.kl_loss_coef)),
             "--loss-type sft_loss has no reference model: --kl-coef and --use-kl-loss do not apply",
         )
+
+    @property
+    def effective_use_tis(self) -> bool:
+        """TIS in force: --use-tis as given, or when unset on unless --use-rollout-logprobs."""
+        return (not self.use_rollout_logprobs) if self.use_tis is None else self.use_tis
 
     @property
     def effective_eps_clip_high(self) -> float:
@@ -298,7 +310,10 @@ class TrainConfig:
         0, "Samples per optimizer step; 0 = rollout-batch-size x n-samples-per-prompt (one step per rollout)."
     )
     micro_batch_size: int = opt(
-        8, "Samples per forward/backward pass (ignored under --use-dynamic-batch-size)."
+        0,
+        "Samples per forward/backward pass (ignored under --use-dynamic-batch-size). 0 = auto: on a "
+        "CPU trainer the whole optimizer step in one pass (at small sizes each pass costs per-op "
+        "overhead, not FLOPs: 512 samples in passes of 8 took 2.5x one pass), on a GPU 8.",
     )
     use_dynamic_batch_size: bool = opt(
         False,
@@ -333,8 +348,12 @@ class TrainConfig:
         "when fresh groups are short, while within --max-staleness; requeued groups become readable at "
         "the next checkpoint (--save-interval). (Slipstream)",
     )
-    weight_sync_dtype: Literal["fp8", "bf16"] = opt(
-        "fp8", "Wire format of weight pushes: FP8 e4m3 with 128x128 block scales, or bf16. (Slipstream)"
+    weight_sync_dtype: Literal["auto", "fp8", "bf16"] = opt(
+        "auto",
+        "Wire format of weight pushes: FP8 e4m3 with 128x128 block scales, or bf16. auto = fp8 when "
+        "the trainer runs on a GPU (half the bytes), bf16 on a CPU trainer (FP8 buys nothing there: "
+        "the push is not what a step waits on, and the rounding costs the sampler's agreement with "
+        "the trainer). (Slipstream)",
     )
     save: str = opt("", "Directory for checkpoints (defaults to <run-dir>/checkpoints).")
     save_interval: int = opt(
@@ -353,7 +372,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _require(self.max_reuse >= 1, "--max-reuse must be at least 1")
         _require(self.lr > 0, "--lr must be positive")
-        _require(self.micro_batch_size > 0, "--micro-batch-size must be positive")
+        _require(self.micro_batch_size >= 0, "--micro-batch-size must be >= 0 (0 = auto)")
         _require(
             not self.use_dynamic_batch_size or self.max_tokens_per_gpu > 0,
             "--use-dynamic-batch-size needs a positive --max-tokens-per-gpu",
@@ -371,6 +390,22 @@ class TrainConfig:
             or (0 <= self.lr_warmup_fraction < 1 and not self.lr_warmup_iters),
             "--lr-warmup-fraction must be in [0, 1) and cannot go with --lr-warmup-iters (as in Megatron)",
         )
+
+    # ---- device-dependent defaults ("auto"): resolved where the trainer knows its device ------
+    def effective_micro_batch_size(self, global_batch_size: int, device_type: str, world: int = 1) -> int:
+        """--micro-batch-size, or when 0 (auto): on CPU the whole optimizer step (one pass per
+        trainer rank), elsewhere 8 (or the largest of 4, 2, 1 dividing the global batch)."""
+        if self.micro_batch_size:
+            return self.micro_batch_size
+        if device_type == "cpu":
+            return max(global_batch_size // max(world, 1), 1)
+        return next(m for m in (8, 4, 2, 1) if global_batch_size % m == 0)
+
+    def effective_weight_sync_dtype(self, device_type: str) -> str:
+        """--weight-sync-dtype, or when auto: fp8 from a GPU trainer, bf16 from a CPU one."""
+        if self.weight_sync_dtype != "auto":
+            return self.weight_sync_dtype
+        return "fp8" if device_type == "cuda" else "bf16"
 
 
 @dataclass
@@ -599,7 +634,9 @@ class Config:
             f"--global-batch-size must divide rollout-batch-size x n-samples-per-prompt = {samples}",
         )
         _require(
-            t.use_dynamic_batch_size or self.effective_global_batch_size % t.micro_batch_size == 0,
+            t.use_dynamic_batch_size
+            or t.micro_batch_size == 0
+            or self.effective_global_batch_size % t.micro_batch_size == 0,
             f"--micro-batch-size must divide the global batch size ({self.effective_global_batch_size})",
         )
 

@@ -244,6 +244,15 @@ class Mesh:
                 p.popen.wait()
 
 
+def trainer_threads(cfg: Config) -> int:
+    """Torch threads of the trainer: --torch-threads, or 1 when 0 (every other service keeps 1).
+
+    One each is what learns fastest on the 2-core box: a CPU trainer given both cores (OpenMP
+    threads spinning or sleeping alike) took 1.3-8.7 s per 512-sample step against 1.2-1.5 s with
+    one, as its threads contend with the rollout servers' (issue 14, docs/benchmarks.md)."""
+    return cfg.infra.torch_threads or 1
+
+
 def start_mesh(mesh: Mesh) -> Proc:
     """Start every service in dependency order; return the trainer's process."""
     cfg = mesh.cfg
@@ -290,7 +299,7 @@ def start_mesh(mesh: Mesh) -> Proc:
     for p in rollouts:  # every server attached before the first step: all see every version
         mesh.wait_ready(p)
     trainer = mesh.service(
-        "trainer", "trainer", "--coordinator-addr", coord_addr,
+        "trainer", "trainer", "--coordinator-addr", coord_addr, threads=trainer_threads(cfg),
         env=cuda_visible(place.trainer_gpus), ranks=place.trainer_procs,
     )  # fmt: skip
     mesh.wait_ready(trainer)
