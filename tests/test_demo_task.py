@@ -158,3 +158,19 @@ def test_short_warm_start_writes_a_loadable_hf_checkpoint(tmp_path):
     ids = torch.tensor([tok("12+34=", add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=1e-4)
+
+    # The demo's promise is scored by held_out_greedy: every held-out problem, exactly.
+    from slipstream.demo.run import held_out_greedy
+
+    whole = evaluate(ours, tok, all_problems("eval"))["greedy_accuracy"]
+    assert held_out_greedy(model_dir) == pytest.approx(whole, abs=1e-9)
+
+
+def test_the_demo_starts_low_and_promises_a_rise():
+    """The demo raises a capability: its warm start stops the SFT early (greedy held-out
+    accuracy ~0.4, uncalibrated) and its promise is a rise in held-out greedy accuracy."""
+    from slipstream.demo.run import END_AT_LEAST, START_AT_MOST
+
+    cfg = WarmStartConfig()
+    assert cfg.stop_greedy_accuracy <= START_AT_MOST < END_AT_LEAST
+    assert cfg.target_sampled_accuracy is None  # no sharpening of the logits
