@@ -43,7 +43,7 @@ import redis
 
 from slipstream import telemetry
 from slipstream.algorithms.staleness import StalenessBound
-from slipstream.buffer.coordinator_store import CoordinatorCounters, CoordinatorStore
+from slipstream.buffer.coordinator_store import CoordinatorCounters, CoordinatorStore, RunFinished
 from slipstream.buffer.replay import ReplayBuffer
 from slipstream.config import Config
 from slipstream.data import load_prompts
@@ -223,6 +223,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         if request.finished and not self.trainer.finished:
             self.trainer.finished = True
             log.info("trainer finished at step %d; no new groups", request.step)
+            try:  # durable: this run id started again without --load is refused, not resumed
+                await asyncio.to_thread(self.recovery.store.mark_finished, request.step)
+            except redis.exceptions.RedisError as e:
+                log.warning("could not record in Redis that the run finished: %s", e)
         self.pipeline.dispatch()
         return self.status()
 
@@ -323,7 +327,8 @@ class RunningCoordinator:
 async def start_coordinator(cfg: Config) -> RunningCoordinator:
     """Load and check the prompts, connect to the buffer and reward service, then serve.
 
-    Raises `DataError` for unusable prompts before anything listens.
+    Raises `DataError` for unusable prompts and `RunFinished` for a run id whose run is over
+    (unless --load) before anything listens.
     """
     from slipstream.models.hf import load_config, load_tokenizer
 
@@ -339,6 +344,10 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
     await asyncio.to_thread(buffer.ping)
     store = CoordinatorStore(infra.redis_connect_url, infra.effective_run_id)
     snapshot = await asyncio.to_thread(store.load)
+    if snapshot is not None and snapshot.finished_step is not None and not cfg.train.load:
+        buffer.close()
+        store.close()
+        raise RunFinished(infra.effective_run_id, snapshot.finished_step)
     reward_channel = aio_channel(infra.reward_addr)
     await wait_healthy(
         reward_channel, timeout=infra.rpc_timeout, what=f"reward service at {infra.reward_addr}"

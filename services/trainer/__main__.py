@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> None:
         from .sft import main as sft_main
 
         sys.exit(sft_main(cfg))
+    from slipstream.required import require
+
+    require(cfg, "slipstream trainer", "--redis-url", "--coordinator-addr")  # one line, exit 2
     try:
         cfg.logging.check_installed()  # before the model loads: one line naming the package
     except ValueError as e:

@@ -25,12 +25,15 @@ the arithmetic of a step in `actor.py`; the metrics row in `metrics.py`.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
+import redis
 import torch
 
 from slipstream.algorithms.advantages import group_scores
 from slipstream.algorithms.staleness import StalenessBound, StalenessReport, apply_staleness_policy
+from slipstream.buffer.coordinator_store import CoordinatorStore, RunFinished
 from slipstream.buffer.replay import ReplayBuffer
 from slipstream.config import AlgoConfig, Config
 from slipstream.faults import crash_point
@@ -60,6 +63,8 @@ log = logging.getLogger("slipstream.trainer")
 def train(cfg: Config, state: TrainerState) -> None:
     """The trainer's run, on every rank (rank 0 drives; the others follow it)."""
     torch.manual_seed(cfg.train.seed)
+    if not cfg.train.load:
+        refuse_a_finished_run(cfg)  # before the model loads
     ckpt = resolve_checkpoint(cfg.train.load) if cfg.train.load else None
     actor = Actor.from_config(cfg, model_path=str(ckpt) if ckpt else None)
     consumption, last_steps = Consumption(max_reuse=cfg.train.max_reuse), []
@@ -77,6 +82,33 @@ def train(cfg: Config, state: TrainerState) -> None:
     trainer = Trainer(cfg, state, actor, consumption, saved_at)
     mark_up()  # model loaded, checkpoint resumed, coordinator reached: errors from here exit 1
     trainer.run(last_steps)
+
+
+def refuse_a_finished_run(cfg: Config) -> None:
+    """`RunFinished` when Redis says this run id's run is over: started again without --load, the
+    trainer would train from the base model again and its checkpoints would shadow the run's."""
+    store = CoordinatorStore(cfg.infra.redis_connect_url, cfg.infra.effective_run_id)
+    try:
+        step = store.finished_step()
+    except redis.exceptions.RedisError:
+        return  # unreachable now: the feed's reconnect rules decide, as for any start
+    finally:
+        store.close()
+    if step is not None:
+        raise RunFinished(cfg.infra.effective_run_id, step)
+
+
+def wait_for_coordinator(channel, cfg: Config, stop: threading.Event) -> None:
+    """The coordinator healthy (it may still be starting: the launcher starts every service at
+    once); TimeoutError after max(60 s, --reconnect-timeout), or at once when a stop is asked for."""
+    addr = cfg.infra.coordinator_addr
+    deadline = time.monotonic() + max(60.0, cfg.infra.reconnect_timeout)
+    while True:
+        try:
+            return wait_healthy_sync(channel, timeout=1.0, what=f"coordinator at {addr}")
+        except TimeoutError:
+            if stop.is_set() or time.monotonic() > deadline:
+                raise
 
 
 class Trainer:
