@@ -52,7 +52,7 @@ from .logging_sinks import open_sinks
 from .metrics import MetricsLog, StepTimes, step_row
 from .nothing_trained import warn_if_nothing_trained
 from .ranks import SharedStep, follow, share_step, weight_gather
-from .reconnect import Reconnect
+from .reconnect import Reconnect, Unreachable
 from .state import NonFiniteStop, TrainerState
 from .versions import Versions
 from .weight_push import WeightPusher
@@ -120,14 +120,10 @@ class Trainer:
         infra = cfg.infra
         self.cfg, self.state, self.actor = cfg, state, actor
         self.bound = StalenessBound.from_config(cfg)
-        self.reconnect = Reconnect(infra.reconnect_timeout)
+        self.reconnect = Reconnect(infra.reconnect_timeout, state.stop)  # short once stopping
         self.buffer = ReplayBuffer(infra.redis_connect_url, infra.effective_run_id)
         self.channel = sync_channel(infra.coordinator_addr)
-        wait_healthy_sync(
-            self.channel,
-            timeout=max(60.0, infra.reconnect_timeout),
-            what=f"coordinator at {infra.coordinator_addr}",
-        )
+        wait_for_coordinator(self.channel, cfg, state.stop)
         self.coordinator = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         pusher = WeightPusher(
             self.coordinator, cfg.train.weight_sync_dtype, infra.rpc_timeout, self.reconnect,
@@ -244,7 +240,13 @@ class Trainer:
     def summarize(self) -> None:
         s = self.state
         s.finished = s.step >= self.cfg.rollout.num_rollout
-        status = self.versions.await_servers(s.policy_version)
+        try:  # stopping: one look (rollout servers stop first), never a wait on a coordinator gone
+            status = self.versions.await_servers(s.policy_version, 0.0 if s.stop.is_set() else 60.0)
+        except Unreachable as e:
+            if not s.stop.is_set():
+                raise
+            log.warning("summary without the coordinator's figures: %s", e)
+            status = coordinator_pb2.CoordinatorStatus()
         self.metrics.write_summary(
             finished=s.finished,
             policy_version=s.policy_version,
