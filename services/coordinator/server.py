@@ -349,8 +349,12 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
         store.close()
         raise RunFinished(infra.effective_run_id, snapshot.finished_step)
     reward_channel = aio_channel(infra.reward_addr)
+    # Started at the same time as the reward service (the launcher, compose): wait as long as
+    # any service waits for another.
     await wait_healthy(
-        reward_channel, timeout=infra.rpc_timeout, what=f"reward service at {infra.reward_addr}"
+        reward_channel,
+        timeout=max(infra.rpc_timeout, infra.reconnect_timeout),
+        what=f"reward service at {infra.reward_addr}",
     )
     reward = reward_pb2_grpc.RewardStub(reward_channel)
     score_timeout = max(infra.rpc_timeout, rm.rm_timeout * (rm.rm_max_retries + 1) + 5.0)

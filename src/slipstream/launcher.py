@@ -392,7 +392,6 @@ class Mesh:
             step = self.last_step()
             say(f"stopping: intake stopped; trainer saving step {step}... (Ctrl-C again to force)")
             self.stop(trainer, save_timeout, forced)
-            self.timeline.mark("trainer stopped", exit_code=trainer[0].popen.returncode)
             if not forced():
                 say(f"stopping: {self.saved_line(trainer[0])}; stopping the other services")
         if forced():
