@@ -390,7 +390,8 @@ class Mesh:
         trainer = self.alive(lambda p: p.name == "trainer")
         if trainer and not forced():
             step = self.last_step()
-            say(f"stopping: intake stopped; trainer saving step {step}... (Ctrl-C again to force)")
+            doing = f"trainer saving step {step}" if step else "trainer stopping (no step trained yet)"
+            say(f"stopping: intake stopped; {doing}... (Ctrl-C again to force)")
             self.stop(trainer, save_timeout, forced)
             if not forced():
                 say(f"stopping: {self.saved_line(trainer[0])}; stopping the other services")
