@@ -72,15 +72,6 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _assert_servers_serve(summary: dict, version: int) -> None:
-    """The rollout servers attached at the end all serve `version`. Every service starts at once,
-    so on a loaded box a server slower than the whole 3-step run may attach only after its end
-    (it would then be told the newest version at once): at least one, and no other name."""
-    versions = summary["rollout_server_versions"]
-    assert versions and set(versions) <= {"rollout-0", "rollout-1"}, versions
-    assert all(v == version for v in versions.values()), versions
-
-
 def test_mesh_trains_and_syncs_weights(assets, tmp_path, redis_url):
     model, prompts = assets
     run_dir = tmp_path / "run"
@@ -111,8 +102,9 @@ def test_mesh_trains_and_syncs_weights(assets, tmp_path, redis_url):
     assert all(0.0 <= r["reward_mean"] <= 1.0 for r in rows)
 
     summary = json.loads((run_dir / "summary.json").read_text())
-    # Every rollout server attached at the end received, verified and applied the last version.
-    _assert_servers_serve(summary, 3)
+    # Every rollout server received, verified and applied every pushed version (a fresh run waits
+    # for the servers the launcher started before dispatching: Streams.fleet_ready).
+    assert summary["rollout_server_versions"] == {"rollout-0": 3, "rollout-1": 3}
 
     # Every buffer entry was acknowledged once its step was done.
     r = redis.Redis.from_url(redis_url)
@@ -314,6 +306,6 @@ def test_mesh_with_a_two_rank_fsdp2_trainer(assets, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["finished"] and summary["policy_version"] == 3
-    _assert_servers_serve(summary, 3)
+    assert summary["rollout_server_versions"] == {"rollout-0": 3, "rollout-1": 3}
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert all(r["num_optimizer_steps"] == 2 for r in rows)

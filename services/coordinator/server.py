@@ -143,6 +143,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             self.pipeline.on_result(conn.conn_id, event.result)
         elif kind == "heartbeat":
             conn.on_heartbeat(event.heartbeat)
+            if self.streams.fleet_opened_now():  # the grace for the rest of the fleet ran out
+                self.pipeline.dispatch()
         elif kind == "weights_applied":
             w = event.weights_applied
             if w.ok:
@@ -372,7 +374,10 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
     prompts = Prompts(records, tokens, shuffle=data.rollout_shuffle, seed=cfg.train.seed)
     relay, streams, trainer, events = (
         WeightRelay(),
-        Streams(infra.lease_timeout),
+        # A fresh run waits for the fleet the launcher started; a resumed one takes who comes back.
+        Streams(
+            infra.lease_timeout, expected_servers=cfg.rollout.rollout_num_servers if snapshot is None else 0
+        ),
         TrainerProgress(),
         DispatchLog(infra.run_dir),
     )
