@@ -9,6 +9,9 @@ The coordinator keeps its ledger in memory and journals it here, so a restarted 
 - `Keys.assembly`, a hash with one field per group admitted and not yet stored: its
   `JournalGroup` (templates, finished results by index, admission version, deadline, parked
   partials).
+- `finished_step` in the state hash: the run is over (the trainer reported its last step). A
+  coordinator or trainer started again on this run id without --load refuses with `RunFinished`
+  instead of resuming a run that has nothing left to do (what `docker compose up` twice did).
 
 Only one write must be atomic, and is: `store_group` appends a finished group to the groups
 stream, removes it from the assembly hash and bumps `num_stored` in ONE MULTI/EXEC. A crash
@@ -38,6 +41,15 @@ from slipstream.proto import coordinator_pb2, types_pb2
 log = logging.getLogger(__name__)
 
 STORED = "num_stored"  # only `store_group` moves it, in the store's own transaction
+FINISHED = "finished_step"  # set once the trainer reported its last step; never a counter
+
+
+class RunFinished(RuntimeError):
+    """This run id's journal says the run is over: a start without --load would resume nothing."""
+
+    def __init__(self, run_id: str, step: int):
+        super().__init__(f"run {run_id!r} finished at step {step}; use a new --run-id or --load to continue")
+        self.run_id, self.step = run_id, step
 
 
 @dataclass
@@ -74,6 +86,7 @@ class Snapshot:
     counters: CoordinatorCounters = field(default_factory=CoordinatorCounters)
     groups: list[coordinator_pb2.JournalGroup] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)  # group ids whose record did not decode
+    finished_step: int | None = None  # the run is over at this step (`mark_finished`)
 
 
 def _str(value: bytes | str) -> str:
@@ -94,7 +107,8 @@ class CoordinatorStore:
             state, assembly = pipe.execute()
         if not state:
             return None
-        snap = Snapshot(CoordinatorCounters.from_hash({_str(k): int(v) for k, v in state.items()}))
+        values = {_str(k): int(v) for k, v in state.items()}
+        snap = Snapshot(CoordinatorCounters.from_hash(values), finished_step=values.get(FINISHED))
         for raw_id, data in sorted(assembly.items()):
             group = coordinator_pb2.JournalGroup()
             try:
@@ -145,6 +159,15 @@ class CoordinatorStore:
                 f"Redis is full (maxmemory, noeviction): group {group.group_id} not stored: {e}"
             ) from None
         return _str(entry_id)
+
+    def mark_finished(self, step: int) -> None:
+        """The trainer reported its last step: the run is over (read back by `finished_step`)."""
+        self.redis.hset(self.keys.coordinator_state, FINISHED, step)
+
+    def finished_step(self) -> int | None:
+        """The step this run finished at, or None while it is not finished (or never started)."""
+        value = self.redis.hget(self.keys.coordinator_state, FINISHED)
+        return None if value is None else int(value)
 
     def server_run_id(self) -> str:
         """The Redis server's run id (it changes when the server restarts), once it has loaded its data."""

@@ -19,6 +19,7 @@ HF = {
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
 }
 ROPES = {
     "default": None,
@@ -37,7 +38,8 @@ ROPES = {
 
 def shape(family: str) -> dict:
     """A tiny shape in config.json's keys. Qwen2's config has no head_dim (derived: 16); Llama's
-    explicit one differs from hidden/heads."""
+    explicit one differs from hidden/heads. Qwen3-MoE: 8 experts, top-2, renormalised; layers 0
+    and 2 sparse, layer 1 a dense MLP (`mlp_only_layers`)."""
     kw = dict(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -49,7 +51,19 @@ def shape(family: str) -> dict:
         max_position_embeddings=128,
         pad_token_id=0,
     )
-    return kw | {"qwen3": {"head_dim": 16}, "qwen2": {}, "llama": {"head_dim": 8}}[family]
+    return kw | {"qwen3": {"head_dim": 16}, "qwen2": {}, "llama": {"head_dim": 8}, "qwen3_moe": MOE}[family]
+
+
+MOE = dict(
+    head_dim=16,
+    num_hidden_layers=3,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    norm_topk_prob=True,
+    decoder_sparse_step=1,
+    mlp_only_layers=[1],
+)
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:

@@ -734,6 +734,10 @@ def test_malformed_prompt_file_exits_2_with_one_line(assets, tmp_path):
             str(assets / "model"),
             "--prompt-data",
             str(bad),
+            "--redis-url",  # required (nothing listens there: the prompts fail first)
+            "redis://127.0.0.1:1/0",
+            "--reward-addr",
+            "127.0.0.1:1",
             "--port",
             "0",
         ],

@@ -18,7 +18,7 @@ from slipstream.services.rollout.engine import NativeEngine, Request
 torch.set_num_threads(1)
 ATOL = 1e-5
 NEW = 16
-ROPE = {"qwen3": "default", "qwen2": "yarn", "llama": "llama3"}  # as Qwen3, Qwen2.5, Llama 3.1 ship
+ROPE = {"qwen3": "default", "qwen2": "yarn", "llama": "llama3", "qwen3_moe": "default"}  # as they ship
 
 
 @pytest.fixture(params=list(ROPE), scope="module")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 
 import pytest
 
@@ -26,6 +27,7 @@ from slipstream.services.coordinator.journal import StoreInDoubt
 from slipstream.services.coordinator.pipeline import EPOCH_BITS, Pipeline, PipelineSettings, Ports
 from slipstream.services.coordinator.prompts import Prompts
 from slipstream.services.coordinator.scoring import Scored
+from slipstream.services.coordinator.streams import Streams
 
 pytestmark = pytest.mark.timeout(30)
 RECORDS = [PromptRecord(prompt=f"q{i}", label=f"a{i}") for i in range(8)]
@@ -386,3 +388,30 @@ def test_a_stage_only_moves_along_its_arrows():
         await p.close()
 
     asyncio.run(go())
+
+
+def test_a_fresh_run_waits_for_its_fleet_then_the_grace_opens_the_gate():
+    """Every service starts at once: the first dispatch waits for --rollout-num-servers streams,
+    at most the grace after the first attached (a server that never comes holds nothing up)."""
+    streams = Streams(lease_timeout=30.0, expected_servers=2, grace_s=0.2)
+    assert streams.capacity() == {}  # nobody attached yet
+    first = streams.attach("rollout-0", 4, 0)
+    assert streams.capacity() == {} and not streams.fleet_ready()
+    streams.attach("rollout-1", 4, 0)
+    assert streams.capacity() == {first.conn_id: 4, "rollout-1#2": 4}
+
+    alone = Streams(lease_timeout=30.0, expected_servers=2, grace_s=0.2)
+    conn = alone.attach("rollout-0", 4, 0)
+    assert not alone.fleet_opened_now()
+    time.sleep(0.25)
+    assert alone.fleet_opened_now()  # the grace ran out: the heartbeat that sees it dispatches
+    assert not alone.fleet_opened_now()  # once
+    assert alone.capacity() == {conn.conn_id: 4}
+    alone.detach(conn)
+    assert alone.fleet_ready()  # open for good: servers come and go
+
+
+def test_a_resumed_run_takes_whoever_comes_back():
+    streams = Streams(lease_timeout=30.0)  # expected_servers 0: a journal was found
+    conn = streams.attach("rollout-1", 2, 3)
+    assert streams.capacity() == {conn.conn_id: 2}

@@ -286,7 +286,10 @@ def test_custom_reward_file_that_raises_on_import(tmp_path):
 
 
 def test_unknown_rm_type_lists_the_choices():
-    with pytest.raises(RewardConfigError, match=r"--rm-type bleu: unknown \(choices: math, exact, remote_rm"):
+    with pytest.raises(
+        RewardConfigError,
+        match=r"--rm-type bleu: unknown \(choices: math, exact, deepscaler, dapo, f1, remote_rm",
+    ):
         build_scorer(config_from_values({"rm_type": "bleu"}))
 
 

@@ -138,7 +138,8 @@ def test_a_trainer_given_a_missing_checkpoint_exits_2(tmp_path):
     argv = _inputs(tmp_path)
     run = subprocess.run(
         [sys.executable, "-m", "slipstream.services.trainer", *argv, "--load", str(tmp_path / "nothing"),
-         "--coordinator-addr", "127.0.0.1:1", "--port", "0", "--device", "cpu"],
+         "--coordinator-addr", "127.0.0.1:1", "--redis-url", "redis://127.0.0.1:1/0", "--port", "0",
+         "--device", "cpu"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert run.returncode == 2, run.stderr

@@ -43,7 +43,7 @@ import redis
 
 from slipstream import telemetry
 from slipstream.algorithms.staleness import StalenessBound
-from slipstream.buffer.coordinator_store import CoordinatorCounters, CoordinatorStore
+from slipstream.buffer.coordinator_store import CoordinatorCounters, CoordinatorStore, RunFinished
 from slipstream.buffer.replay import ReplayBuffer
 from slipstream.config import Config
 from slipstream.data import load_prompts
@@ -143,6 +143,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             self.pipeline.on_result(conn.conn_id, event.result)
         elif kind == "heartbeat":
             conn.on_heartbeat(event.heartbeat)
+            if self.streams.fleet_opened_now():  # the grace for the rest of the fleet ran out
+                self.pipeline.dispatch()
         elif kind == "weights_applied":
             w = event.weights_applied
             if w.ok:
@@ -223,6 +225,10 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         if request.finished and not self.trainer.finished:
             self.trainer.finished = True
             log.info("trainer finished at step %d; no new groups", request.step)
+            try:  # durable: this run id started again without --load is refused, not resumed
+                await asyncio.to_thread(self.recovery.store.mark_finished, request.step)
+            except redis.exceptions.RedisError as e:
+                log.warning("could not record in Redis that the run finished: %s", e)
         self.pipeline.dispatch()
         return self.status()
 
@@ -323,7 +329,8 @@ class RunningCoordinator:
 async def start_coordinator(cfg: Config) -> RunningCoordinator:
     """Load and check the prompts, connect to the buffer and reward service, then serve.
 
-    Raises `DataError` for unusable prompts before anything listens.
+    Raises `DataError` for unusable prompts and `RunFinished` for a run id whose run is over
+    (unless --load) before anything listens.
     """
     from slipstream.models.hf import load_config, load_tokenizer
 
@@ -339,9 +346,17 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
     await asyncio.to_thread(buffer.ping)
     store = CoordinatorStore(infra.redis_connect_url, infra.effective_run_id)
     snapshot = await asyncio.to_thread(store.load)
+    if snapshot is not None and snapshot.finished_step is not None and not cfg.train.load:
+        buffer.close()
+        store.close()
+        raise RunFinished(infra.effective_run_id, snapshot.finished_step)
     reward_channel = aio_channel(infra.reward_addr)
+    # Started at the same time as the reward service (the launcher, compose): wait as long as
+    # any service waits for another.
     await wait_healthy(
-        reward_channel, timeout=infra.rpc_timeout, what=f"reward service at {infra.reward_addr}"
+        reward_channel,
+        timeout=max(infra.rpc_timeout, infra.reconnect_timeout),
+        what=f"reward service at {infra.reward_addr}",
     )
     reward = reward_pb2_grpc.RewardStub(reward_channel)
     score_timeout = max(infra.rpc_timeout, rm.rm_timeout * (rm.rm_max_retries + 1) + 5.0)
@@ -359,7 +374,10 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
     prompts = Prompts(records, tokens, shuffle=data.rollout_shuffle, seed=cfg.train.seed)
     relay, streams, trainer, events = (
         WeightRelay(),
-        Streams(infra.lease_timeout),
+        # A fresh run waits for the fleet the launcher started; a resumed one takes who comes back.
+        Streams(
+            infra.lease_timeout, expected_servers=cfg.rollout.rollout_num_servers if snapshot is None else 0
+        ),
         TrainerProgress(),
         DispatchLog(infra.run_dir),
     )

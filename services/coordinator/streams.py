@@ -9,6 +9,12 @@ stream renews its leases (`last_seen`); a stream silent for `--lease-timeout` is
 Heartbeats carry the server's policy version and its engine's idle and up seconds; the registry
 turns those into the fleet's idle fraction between two trainer reports.
 
+A fresh run waits for its fleet before the first dispatch (`fleet_ready`): every service starts at
+once, and a server that attaches a few seconds after another would otherwise find the first
+groups (and, in a short run, every version) taken. It waits for the servers the launcher started
+(--rollout-num-servers), at most FLEET_GRACE_S after the first one attached, so a server that
+never comes holds nothing up; once open, the gate stays open (servers come and go).
+
 No ledger here: what a stream holds is the pipeline's business; this is the phone book.
 """
 
@@ -24,6 +30,8 @@ from dataclasses import dataclass, field
 from slipstream.proto import coordinator_pb2
 
 log = logging.getLogger(__name__)
+
+FLEET_GRACE_S = 20.0  # longest a fresh run waits for --rollout-num-servers servers to attach
 
 
 @dataclass
@@ -49,8 +57,12 @@ class Attached:
 
 
 class Streams:
-    def __init__(self, lease_timeout: float):
+    def __init__(self, lease_timeout: float, expected_servers: int = 0, grace_s: float = FLEET_GRACE_S):
+        """`expected_servers`: how many to wait for before the first dispatch (0: none)."""
         self.lease_timeout = lease_timeout
+        self.expected_servers, self.grace_s = expected_servers, grace_s
+        self._first_attach: float | None = None
+        self._fleet_open = expected_servers <= 1
         self.conns: dict[str, Attached] = {}
         self._seq = itertools.count(1)
         self._gone_idle = (0.0, 0.0)  # idle and uptime seconds of detached streams
@@ -65,7 +77,31 @@ class Streams:
     def attach(self, server_id: str, max_concurrent: int, version: int) -> Attached:
         conn = Attached(f"{server_id}#{next(self._seq)}", server_id, max_concurrent, version)
         self.conns[conn.conn_id] = conn
+        if self._first_attach is None:
+            self._first_attach = time.monotonic()
         return conn
+
+    def fleet_opened_now(self) -> bool:
+        """True when this very call opened the gate (its caller then dispatches)."""
+        was_open = self._fleet_open
+        return self.fleet_ready() and not was_open
+
+    def fleet_ready(self) -> bool:
+        """Whether work may go out: the expected servers attached, or the grace ran out."""
+        if self._fleet_open or self._first_attach is None:
+            return self._fleet_open
+        if len(self.conns) >= self.expected_servers:
+            self._fleet_open = True
+        elif time.monotonic() - self._first_attach >= self.grace_s:
+            self._fleet_open = True
+            log.warning(
+                "dispatching with %d of %d rollout servers attached (--rollout-num-servers) after "
+                "waiting %.0f s for the rest",
+                len(self.conns),
+                self.expected_servers,
+                self.grace_s,
+            )
+        return self._fleet_open
 
     def detach(self, conn: Attached) -> bool:
         """Forget a stream; False when it was already gone."""
@@ -80,7 +116,9 @@ class Streams:
             conn.outbox.put_nowait(cmd)
 
     def capacity(self) -> dict[str, int]:
-        """Every attached stream's max concurrent samples, by conn id."""
+        """Every attached stream's max concurrent samples, by conn id (none before `fleet_ready`)."""
+        if not self.fleet_ready():
+            return {}
         return {cid: c.max_concurrent for cid, c in self.conns.items()}
 
     def server_versions(self) -> dict[str, int]:

@@ -19,12 +19,13 @@ def main(argv: list[str] | None = None) -> None:
     from slipstream.rpc import security
 
     security.configure_process(cfg, "reward", "slipstream reward")  # secrets from files; one line on error
-    from slipstream.rpc.server import run_async
+    from slipstream.rpc.server import exit_now, run_async
     from slipstream.services.reward import RewardConfigError
     from slipstream.services.reward.server import serve
 
     try:
         run_async(serve(cfg))
+        exit_now()  # stopped cleanly: skip the interpreter's teardown (seconds with torch)
     except RewardConfigError as e:
         error_exit("slipstream reward", e)  # raised before it serves: 2
 

@@ -66,16 +66,16 @@ def check_reachable(url: str, timeout: float = 5.0) -> None:
     raise RewardConfigError(f"--rm-url {url}: unreachable ({reason})")
 
 
-def parse_reward(body: bytes) -> float:
-    """The reward in a reply body: a JSON number, or an object with a numeric "reward"."""
+def parse_reward(body: bytes, key: str = "reward") -> float:
+    """The reward in a reply body: a JSON number, or an object with a numeric `key` (--reward-key)."""
     try:
         value: Any = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise RemoteRewardError(f"reply is not JSON: {body[:100]!r}") from None
     if isinstance(value, dict):
-        if "reward" not in value:
-            raise RemoteRewardError(f"reply object has no 'reward': {sorted(value)[:10]}")
-        value = value["reward"]
+        if key not in value:
+            raise RemoteRewardError(f"reply object has no {key!r}: {sorted(value)[:10]}")
+        value = value[key]
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise RemoteRewardError(f"reply reward is not a finite number: {str(value)[:100]}")
     return float(value)
@@ -85,13 +85,19 @@ class RemoteReward:
     """Scores a sample by POSTing it to a reward endpoint."""
 
     def __init__(
-        self, url: str, timeout: float = 30.0, max_retries: int = 3, headers: dict[str, str] | None = None
+        self,
+        url: str,
+        timeout: float = 30.0,
+        max_retries: int = 3,
+        headers: dict[str, str] | None = None,
+        reward_key: str = "reward",
     ):
         _host_port(url)
         self.url = url
         self.timeout = timeout
         self.max_retries = max_retries
         self.headers = {"Content-Type": "application/json", **(headers or {})}  # auth: never logged
+        self.reward_key = reward_key or "reward"  # --reward-key: the entry of an object reply
         self.breaker = Breaker(url, self._probe)
         self.stalls = StallWatch(url, min(STALL_WARN_S, timeout / 2), timeout)
         self._last_failed = b"{}"  # what the probe sends: the last request that got no answer
@@ -125,7 +131,7 @@ class RemoteReward:
                 raise
             self.stalls.done(token, answered=True)
             self.breaker.answered()
-            return parse_reward(reply)
+            return parse_reward(reply, self.reward_key)
         raise AssertionError("unreachable")
 
     async def _probe(self) -> bool:
@@ -151,7 +157,7 @@ class RemoteReward:
         attempts = self.max_retries + 1
         for attempt in range(attempts):
             try:
-                return parse_reward(self._post(body))
+                return parse_reward(self._post(body), self.reward_key)
             except _Transient as e:
                 if attempt + 1 == attempts:
                     raise RemoteRewardError(f"{self.url}: {e} (after {attempts} attempts)") from None

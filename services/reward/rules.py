@@ -15,6 +15,15 @@ launcher's preflight also reads labels with.
 
 A wrong or missing answer scores 0.0. A missing *label* is not a wrong answer: it raises, and
 the service reports that sample as failed.
+
+slime's rule types, by the same names (what each expects of labels is tabled in docs/rewards.md):
+- `deepscaler`: only the text after the reasoning (`</think>`, or `###Response`) counts, and it
+  must hold a `\\boxed{}` answer; graded like `math` against the label (or any of a list of
+  labels): 1.0 or 0.0. No `</think>`: 0.0.
+- `dapo`: DAPO's math grading: the last "Answer: ..." line within the response's last 300
+  characters, normalised, equal to the label: +1.0, else -1.0 (DAPO's `score`).
+- `f1`: SQuAD-style token F1 between the response and the label (lower case, no punctuation, no
+  articles), the best over a list of labels; yes/no/noanswer must match exactly.
 """
 
 from __future__ import annotations
@@ -22,11 +31,14 @@ from __future__ import annotations
 import logging
 import math
 import re
+import string
 import threading
+from collections import Counter
 from collections.abc import Callable
 from fractions import Fraction
+from typing import Any
 
-from slipstream.answers import NUMBER_RE, extract_answer, label_answer, strip_latex, to_number
+from slipstream.answers import NUMBER_RE, extract_answer, extract_boxed, label_answer, strip_latex, to_number
 
 log = logging.getLogger(__name__)
 
@@ -101,5 +113,85 @@ def exact_match(response: str, label: str) -> float:
     return 1.0 if response.strip() == str(label).strip() else 0.0
 
 
-RuleFn = Callable[[str, str], float]
-RULES: dict[str, RuleFn] = {"math": math_reward, "exact": exact_match}
+def _labels(label: Any) -> list[str]:
+    """A label, or a list of acceptable labels; ValueError if there is none."""
+    labels = label if isinstance(label, list | tuple) else [label]
+    labels = [str(x) for x in labels if x is not None and str(x).strip()]
+    if not labels:
+        raise ValueError("sample has no label to grade against")
+    return labels
+
+
+def deepscaler_reward(response: str, label: Any) -> float:
+    """1.0 if the boxed answer after the reasoning equals a label, else 0.0 (slime's `deepscaler`)."""
+    labels = _labels(label)
+    if "</think>" in response:
+        solution = response.split("</think>", 1)[1]
+    elif "###Response" in response:
+        solution = response.split("###Response", 1)[1]
+    else:
+        return 0.0
+    answer = extract_boxed(solution)
+    if answer is None:
+        return 0.0
+    return 1.0 if any(math_reward(f"\\boxed{{{answer}}}", x) for x in labels) else 0.0
+
+
+_DAPO_ANSWER_RE = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
+_DAPO_DROP = ["\\left", "\\right", "\\!", "\\,", "\\;", "\\$", "$", "\\%", "%", "dollars", "units", "degrees"]
+
+
+def _dapo_normalize(s: str) -> str:
+    s = s.split("=")[-1].strip()
+    for token in _DAPO_DROP:
+        s = s.replace(token, "")
+    s = strip_latex(s).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    if s.replace(",", "").isdigit():
+        s = s.replace(",", "")
+    return s
+
+
+def dapo_reward(response: str, label: Any) -> float:
+    """+1.0 if the last "Answer: X" (in the last 300 characters) equals a label, else -1.0 (DAPO)."""
+    labels = _labels(label)
+    found = _DAPO_ANSWER_RE.findall(response[-300:])
+    if not found:
+        return -1.0
+    pred = _dapo_normalize(found[-1])
+    return 1.0 if any(pred == _dapo_normalize(x) for x in labels) else -1.0
+
+
+def _f1_normalize(s: str) -> str:
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def _f1(prediction: str, truth: str) -> float:
+    pred, gold = _f1_normalize(prediction), _f1_normalize(truth)
+    special = ("yes", "no", "noanswer")
+    if (pred in special or gold in special) and pred != gold:
+        return 0.0
+    p, g = pred.split(), gold.split()
+    common = sum((Counter(p) & Counter(g)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(g)
+    return 2 * precision * recall / (precision + recall)
+
+
+def f1_reward(response: str, label: Any) -> float:
+    """Token F1 of the response against the label (the best over a list of labels)."""
+    return max(_f1(response, x) for x in _labels(label))
+
+
+RuleFn = Callable[[str, Any], float]
+RULES: dict[str, RuleFn] = {
+    "math": math_reward,
+    "exact": exact_match,
+    "deepscaler": deepscaler_reward,
+    "dapo": dapo_reward,
+    "f1": f1_reward,
+}

@@ -5,6 +5,12 @@ endpoint (`--rm-url`, or `--rm-type remote_rm`), then the built-in rule `--rm-ty
 samples are scored concurrently (remote endpoints and user functions are mostly waiting), at
 most `max_concurrency` at a time across all requests.
 
+A request is a group (the coordinator scores a finished group in one call; samples are split by
+`group_index` should one carry several). With --group-rm a --custom-rm-path function scores the
+group in one call (slime's `(args, samples) -> list`); a --custom-reward-post-process-path hook
+then sees the group's scored samples and replaces their rewards. When either raises, every
+sample of that group fails with the line.
+
 Per-sample failures are the boundary here: whatever a reward function raises, or a remote
 endpoint answers, becomes `failed=True` with a one-line `error` for that sample alone, so the
 coordinator can mark it FAILED and count it; the other samples of the batch are unaffected.
@@ -29,7 +35,7 @@ from slipstream.rpc.convert import sample_from_proto
 from slipstream.rpc.server import Service, install_signal_handlers, start_server
 from slipstream.services.reward import RewardConfigError
 from slipstream.services.reward.breaker import EndpointDown
-from slipstream.services.reward.custom import CustomReward
+from slipstream.services.reward.custom import CustomReward, PostProcess
 from slipstream.services.reward.remote import RemoteReward, check_reachable, read_header_file
 from slipstream.services.reward.rules import RULES, RuleFn, warm_up
 from slipstream.types import Sample
@@ -64,7 +70,13 @@ def build_scorer(cfg: Config) -> Scorer:
         if not r.rm_url:
             raise RewardConfigError("--rm-type remote_rm needs --rm-url")
         headers = read_header_file(r.rm_auth_header_file) if r.rm_auth_header_file else None
-        return RemoteReward(r.rm_url, timeout=r.rm_timeout, max_retries=r.rm_max_retries, headers=headers)
+        return RemoteReward(
+            r.rm_url,
+            timeout=r.rm_timeout,
+            max_retries=r.rm_max_retries,
+            headers=headers,
+            reward_key=r.reward_key or "reward",
+        )
     if r.rm_type not in RULES:
         choices = ", ".join([*RULES, "remote_rm"])
         raise RewardConfigError(f"--rm-type {r.rm_type}: unknown (choices: {choices}; or --custom-rm-path)")
@@ -74,7 +86,7 @@ def build_scorer(cfg: Config) -> Scorer:
 def describe(cfg: Config) -> str:
     r = cfg.reward
     if r.custom_rm_path:
-        return f"custom {r.custom_rm_path}"
+        return f"custom {r.custom_rm_path}" + (" (--group-rm)" if r.group_rm else "")
     if r.rm_url:
         return f"remote {r.rm_url}"
     return f"rule {r.rm_type}"
@@ -86,8 +98,17 @@ def _one_line(e: BaseException) -> str:
 
 
 class RewardServicer(reward_pb2_grpc.RewardServicer):
-    def __init__(self, scorer: Scorer, max_concurrency: int = MAX_CONCURRENCY):
+    def __init__(
+        self,
+        scorer: Scorer,
+        max_concurrency: int = MAX_CONCURRENCY,
+        *,
+        group_rm: bool = False,
+        post_process: PostProcess | None = None,
+    ):
         self.scorer = scorer
+        self.group_rm = group_rm and isinstance(scorer, CustomReward)  # slime: rules score one by one
+        self.post_process = post_process
         self._slots = asyncio.Semaphore(max_concurrency)
         self.num_scored = 0
         self.num_failed = 0
@@ -95,12 +116,66 @@ class RewardServicer(reward_pb2_grpc.RewardServicer):
     async def Score(
         self, request: reward_pb2.ScoreRequest, context: grpc.aio.ServicerContext
     ) -> reward_pb2.ScoreReply:
-        results = await asyncio.gather(*(self._score_one(p) for p in request.samples))
+        if not (self.group_rm or self.post_process):
+            results = await asyncio.gather(*(self._score_one(p) for p in request.samples))
+        else:
+            groups: dict[int, list[int]] = {}
+            for i, p in enumerate(request.samples):
+                groups.setdefault(p.group_index, []).append(i)
+            results = [None] * len(request.samples)
+            for idx, got in zip(
+                groups.values(),
+                await asyncio.gather(
+                    *(self._score_group([request.samples[i] for i in g]) for g in groups.values())
+                ),
+                strict=True,
+            ):
+                for i, r in zip(idx, got, strict=True):
+                    results[i] = r
         down = [r for r in results if isinstance(r, EndpointDown)]
         if down:  # the samples are not at fault: nothing is scored, the caller tries again later
             # ...and learns it now: a negative pushback stops gRPC's own retries of UNAVAILABLE.
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(down[-1]), NO_RETRY)
         return reward_pb2.ScoreReply(results=results)
+
+    async def _score_group(
+        self, protos: list[types_pb2.Sample]
+    ) -> list[reward_pb2.ScoreResult | EndpointDown]:
+        """A group's results: one --group-rm call or one per sample, then the post-process hook."""
+        if self.group_rm:
+            try:
+                async with self._slots:
+                    rewards = await self.scorer.score_group([sample_from_proto(p) for p in protos])
+                results = [reward_pb2.ScoreResult(reward=r) for r in rewards]
+            except Exception as e:  # noqa: BLE001 - the group's boundary: every sample fails with the line
+                return self._group_failed(protos, e, "group reward")
+            self.num_scored += len(results)
+        else:
+            results = list(await asyncio.gather(*(self._score_one(p) for p in protos)))
+        if self.post_process is None:
+            return results
+        ok = [i for i, r in enumerate(results) if isinstance(r, reward_pb2.ScoreResult) and not r.failed]
+        if not ok:
+            return results
+        samples = []
+        for i in ok:
+            sample = sample_from_proto(protos[i])
+            sample.reward = results[i].reward
+            samples.append(sample)
+        try:
+            new = await self.post_process(samples)
+        except Exception as e:  # noqa: BLE001
+            return self._group_failed(protos, e, "reward post-process")
+        for i, r in zip(ok, new, strict=True):
+            results[i] = reward_pb2.ScoreResult(reward=r)
+        return results
+
+    def _group_failed(
+        self, protos: list[types_pb2.Sample], e: Exception, what: str
+    ) -> list[reward_pb2.ScoreResult]:
+        self.num_failed += len(protos)
+        log.warning("%s failed for a group of %d: %s", what, len(protos), _one_line(e))
+        return [reward_pb2.ScoreResult(failed=True, error=_one_line(e)) for _ in protos]
 
     async def _score_one(self, proto: types_pb2.Sample) -> reward_pb2.ScoreResult | EndpointDown:
         async with self._slots:
@@ -125,7 +200,13 @@ async def start_reward_server(cfg: Config) -> tuple[Service, RewardServicer]:
         await asyncio.to_thread(check_reachable, scorer.url, min(cfg.reward.rm_timeout, 5.0))
     if isinstance(scorer, RuleReward) and scorer.name == "math":
         warm_up()
-    servicer = RewardServicer(scorer)
+    r = cfg.reward
+    post = (
+        PostProcess.from_path(r.custom_reward_post_process_path, cfg.as_namespace())
+        if r.custom_reward_post_process_path
+        else None
+    )
+    servicer = RewardServicer(scorer, group_rm=r.group_rm, post_process=post)
 
     def add_servicers(server: grpc.aio.Server) -> None:
         reward_pb2_grpc.add_RewardServicer_to_server(servicer, server)

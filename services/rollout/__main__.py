@@ -17,12 +17,13 @@ def main(argv: list[str] | None = None) -> None:
 
     security.configure_process(cfg, "rollout", prog)  # secrets from files; one line on error
     # Heavy imports (torch, transformers, grpc) only once the flags are known to be good.
-    from slipstream.rpc.server import run_async
+    from slipstream.rpc.server import exit_now, run_async
     from slipstream.services.rollout.attach import CoordinatorLost
     from slipstream.services.rollout.server import serve
 
     try:
         run_async(serve(cfg))
+        exit_now()  # stopped cleanly: skip the interpreter's teardown (seconds with torch)
     except (CoordinatorLost, FileNotFoundError, ValueError, OSError, RuntimeError) as e:
         error_exit(prog, e)  # 2 before it serves (model, device, flags), 1 after
 

@@ -192,7 +192,9 @@ def parse_generate(
     return Parsed(requests, batch, bool(body.get("return_logprob")), skip is not False)
 
 
-def answer(result: Result, request: Request, tokenizer: Any, parsed: Parsed, started: float) -> dict:
+def answer(
+    result: Result, request: Request, tokenizer: Any, parsed: Parsed, started: float, version_now: int = 0
+) -> dict:
     """SGLang's response object for one finished request."""
     if result.finish_reason == "stop":
         finish: dict[str, Any] = {"type": "stop", "matched": result.tokens[-1] if result.tokens else None}
@@ -206,7 +208,8 @@ def answer(result: Result, request: Request, tokenizer: Any, parsed: Parsed, sta
         "prompt_tokens": len(request.tokens),
         "completion_tokens": len(result.tokens),
         "cached_tokens": 0,
-        "weight_version": str(result.versions[-1] if result.versions else ""),
+        # the last token's version; no token (aborted at once): the version served now
+        "weight_version": str(result.versions[-1] if result.versions else version_now),
         "output_token_versions": list(result.versions),
         "e2e_latency": time.perf_counter() - started,
     }
@@ -295,7 +298,8 @@ class HttpApi:
         finally:
             self._mine.difference_update(r.rid for r in reqs)
         out = [
-            answer(res, req, self.tokenizer, parsed, started) for res, req in zip(results, reqs, strict=True)
+            answer(res, req, self.tokenizer, parsed, started, self.worker.policy_version)
+            for res, req in zip(results, reqs, strict=True)
         ]
         return web.json_response(out if parsed.batch else out[0])
 

@@ -7,6 +7,11 @@ sample keeps its earlier tokens, log-probs and per-token policy versions, and ev
 token is trained on (`loss_mask` 1). How the engine finished becomes the sample's status: "stop"
 COMPLETED, "length" TRUNCATED, "abort" ABORTED (the coordinator continues it later).
 
+A mixture-of-experts engine also reports the experts of every position it fed (prompt included,
+all but the last token); they go on the wire packed (`convert.packed_routed_experts`). A continued
+sample keeps the positions its earlier segments recorded and takes the rest from this result,
+as its log-probs and versions append.
+
 Pure functions: no engine, no I/O.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from slipstream.proto import types_pb2
+from slipstream.rpc.convert import num_routed_positions, packed_routed_experts
 from slipstream.services.rollout.engine.request import Request, Result
 
 if TYPE_CHECKING:
@@ -63,12 +69,26 @@ def finish_sample(sample: types_pb2.Sample, result: Result, tokenizer: Tokenizer
     out.response_length = sample.response_length + len(result.tokens)
     out.rollout_log_probs.extend(result.log_probs)
     out.policy_versions.extend(result.versions)
+    if result.routed_experts is not None:
+        out.routed_experts.CopyFrom(_appended_routing(sample, result))
     del out.loss_mask[:]
     out.loss_mask.extend([1] * out.response_length)
     response = out.tokens[len(out.tokens) - out.response_length :] if out.response_length else []
     out.response = tokenizer.decode(list(response), skip_special_tokens=True)
     out.status = _STATUS[result.finish_reason]
     return out
+
+
+def _appended_routing(sample: types_pb2.Sample, result: Result) -> types_pb2.PackedRoutedExperts:
+    """The earlier segments' routed positions, then this result's for the positions after them."""
+    ids = result.routed_experts  # [positions fed, experts_per_token], uint8 or int16
+    itemsize, width = ids.element_size(), ids.shape[1]
+    new = ids.numpy().astype("<i2" if itemsize == 2 else "u1").tobytes()
+    out = packed_routed_experts(new, itemsize, width)
+    old, kept = sample.routed_experts, num_routed_positions(sample)
+    if kept and (old.dtype, old.experts_per_token) == (out.dtype, width) and kept <= ids.shape[0]:
+        out.ids = old.ids + new[kept * width * itemsize :]
+    return out  # with nothing earlier (or another model's layout), all of it from this result
 
 
 def with_status(sample: types_pb2.Sample, status: int) -> types_pb2.Sample:

@@ -130,16 +130,7 @@ async def serve(cfg: Config) -> None:
         fetcher = WeightFetcher(coordinator, expected_shapes, device, dtype, stopping)
         client = CoordinatorClient(settings, coordinator, worker, tokenizer, fetcher, stopping)
     servicer = RolloutService(settings, worker, tokenizer)
-    service = await start_server(
-        lambda server: rollout_pb2_grpc.add_RolloutServicer_to_server(servicer, server),
-        interceptors=[telemetry.RpcMetrics()],
-        host=cfg.infra.host,
-        port=cfg.infra.port,
-        ready_file=cfg.infra.ready_file,
-    )
-    log.info(
-        "rollout server %s: model %s on %s (%s)", settings.server_id, engine_cfg.model_path, device, dtype
-    )
+    # Before the gRPC server: its ready file says every port of this server answers.
     http_runner = None
     if settings.http_port:
         from slipstream.services.rollout.http_api import HttpApi, start_http
@@ -153,6 +144,16 @@ async def serve(cfg: Config) -> None:
         )
         http_runner, http_port = await start_http(api, cfg.infra.host, settings.http_port)
         log.info("SGLang-compatible HTTP API on http://%s:%d (/generate)", cfg.infra.host, http_port)
+    service = await start_server(
+        lambda server: rollout_pb2_grpc.add_RolloutServicer_to_server(servicer, server),
+        interceptors=[telemetry.RpcMetrics()],
+        host=cfg.infra.host,
+        port=cfg.infra.port,
+        ready_file=cfg.infra.ready_file,
+    )
+    log.info(
+        "rollout server %s: model %s on %s (%s)", settings.server_id, engine_cfg.model_path, device, dtype
+    )
     telemetry.watch("rollout", lambda: telemetry.rollout_metrics(worker), asyncio.get_running_loop())
     telemetry.serve_metrics(cfg.infra.host, cfg.infra.metrics_port)
 

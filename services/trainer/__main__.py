@@ -15,6 +15,9 @@ def main(argv: list[str] | None = None) -> None:
         from .sft import main as sft_main
 
         sys.exit(sft_main(cfg))
+    from slipstream.required import require
+
+    require(cfg, "slipstream trainer", "--redis-url", "--coordinator-addr")  # one line, exit 2
     try:
         cfg.logging.check_installed()  # before the model loads: one line naming the package
     except ValueError as e:
@@ -30,12 +33,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if cfg.infra.torch_threads:
         torch.set_num_threads(cfg.infra.torch_threads)
-    from slipstream.rpc.server import run_async
+    from slipstream.rpc.server import exit_now, run_async
 
     from .server import serve
 
     try:
         run_async(serve(cfg))
+        exit_now()  # stopped cleanly: skip the interpreter's teardown (seconds with torch)
     except (FileNotFoundError, ValueError, RuntimeError, TimeoutError) as e:
         error_exit("slipstream trainer", e)  # 2 before it is up (--load, model, coordinator), 1 after
 

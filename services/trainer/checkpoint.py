@@ -15,8 +15,10 @@ full (unsharded) form, so a checkpoint written by N FSDP2 ranks loads on M ranks
 process. Storage is safetensors + JSON rather than DCP's own files because DCP's metadata is
 a pickle: nothing a trainer loads from disk can run code. A checkpoint directory is written
 under a temporary name and renamed when complete, so `latest` never points at half a
-checkpoint. Redis hears about the entries a checkpoint trained only after it is renamed
-(`checkpointer.py`): the checkpoint is the truth about what was trained, Redis follows it.
+checkpoint, nor ever moves back to an older step (a trainer started again without --load must
+not shadow the run's newest checkpoint). Redis hears about the entries a checkpoint trained only
+after it is renamed (`checkpointer.py`): the checkpoint is the truth about what was trained,
+Redis follows it.
 """
 
 from __future__ import annotations
@@ -142,9 +144,10 @@ def save_checkpoint(
     crash_point("mid_checkpoint", step)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    latest_tmp = save_dir / ".latest.tmp"
-    latest_tmp.write_text(name + "\n")
-    os.replace(latest_tmp, save_dir / "latest")
+    if latest_step(save_dir) <= step:  # `latest` never moves back to an older step
+        latest_tmp = save_dir / ".latest.tmp"
+        latest_tmp.write_text(name + "\n")
+        os.replace(latest_tmp, save_dir / "latest")
     _fsync(save_dir)  # the renames themselves: a checkpoint Redis is told about must survive power loss
     return final
 
@@ -168,6 +171,14 @@ def _same_mode(d: Path, mode: int) -> None:
     for f in d.rglob("*"):
         if f.is_file():
             f.chmod(mode)
+
+
+def latest_step(save_dir: Path) -> int:
+    """The step `save_dir/latest` names; -1 when there is none (or it names no step)."""
+    try:
+        return int((save_dir / "latest").read_text().strip().removeprefix("step_"))
+    except (OSError, ValueError):
+        return -1
 
 
 def _fsync(path: Path) -> None:

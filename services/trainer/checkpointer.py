@@ -62,8 +62,8 @@ class Checkpointer:
 
     def due(self, step: int, last: bool = False) -> bool:
         """Whether a checkpoint of `step` is due (`last`: the run stops at `step`)."""
-        if last:
-            return step != self.saved_at
+        if last:  # stopped before its first step, a fresh run has nothing to save
+            return step != self.saved_at and step > 0
         return bool(self.interval) and step % self.interval == 0
 
     def maybe_save(self, step: int, last: bool = False) -> bool:

@@ -25,12 +25,15 @@ the arithmetic of a step in `actor.py`; the metrics row in `metrics.py`.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
+import redis
 import torch
 
 from slipstream.algorithms.advantages import group_scores
 from slipstream.algorithms.staleness import StalenessBound, StalenessReport, apply_staleness_policy
+from slipstream.buffer.coordinator_store import CoordinatorStore, RunFinished
 from slipstream.buffer.replay import ReplayBuffer
 from slipstream.config import AlgoConfig, Config
 from slipstream.faults import crash_point
@@ -49,7 +52,7 @@ from .logging_sinks import open_sinks
 from .metrics import MetricsLog, StepTimes, step_row
 from .nothing_trained import warn_if_nothing_trained
 from .ranks import SharedStep, follow, share_step, weight_gather
-from .reconnect import Reconnect
+from .reconnect import Reconnect, Unreachable
 from .state import NonFiniteStop, TrainerState
 from .versions import Versions
 from .weight_push import WeightPusher
@@ -60,6 +63,8 @@ log = logging.getLogger("slipstream.trainer")
 def train(cfg: Config, state: TrainerState) -> None:
     """The trainer's run, on every rank (rank 0 drives; the others follow it)."""
     torch.manual_seed(cfg.train.seed)
+    if not cfg.train.load:
+        refuse_a_finished_run(cfg)  # before the model loads
     ckpt = resolve_checkpoint(cfg.train.load) if cfg.train.load else None
     actor = Actor.from_config(cfg, model_path=str(ckpt) if ckpt else None)
     consumption, last_steps = Consumption(max_reuse=cfg.train.max_reuse), []
@@ -79,6 +84,33 @@ def train(cfg: Config, state: TrainerState) -> None:
     trainer.run(last_steps)
 
 
+def refuse_a_finished_run(cfg: Config) -> None:
+    """`RunFinished` when Redis says this run id's run is over: started again without --load, the
+    trainer would train from the base model again and its checkpoints would shadow the run's."""
+    store = CoordinatorStore(cfg.infra.redis_connect_url, cfg.infra.effective_run_id)
+    try:
+        step = store.finished_step()
+    except redis.exceptions.RedisError:
+        return  # unreachable now: the feed's reconnect rules decide, as for any start
+    finally:
+        store.close()
+    if step is not None:
+        raise RunFinished(cfg.infra.effective_run_id, step)
+
+
+def wait_for_coordinator(channel, cfg: Config, stop: threading.Event) -> None:
+    """The coordinator healthy (it may still be starting: the launcher starts every service at
+    once); TimeoutError after max(60 s, --reconnect-timeout), or at once when a stop is asked for."""
+    addr = cfg.infra.coordinator_addr
+    deadline = time.monotonic() + max(60.0, cfg.infra.reconnect_timeout)
+    while True:
+        try:
+            return wait_healthy_sync(channel, timeout=1.0, what=f"coordinator at {addr}")
+        except TimeoutError:
+            if stop.is_set() or time.monotonic() > deadline:
+                raise
+
+
 class Trainer:
     """Rank 0: the components the loop drives, wired once, and the loop."""
 
@@ -88,14 +120,10 @@ class Trainer:
         infra = cfg.infra
         self.cfg, self.state, self.actor = cfg, state, actor
         self.bound = StalenessBound.from_config(cfg)
-        self.reconnect = Reconnect(infra.reconnect_timeout)
+        self.reconnect = Reconnect(infra.reconnect_timeout, state.stop)  # short once stopping
         self.buffer = ReplayBuffer(infra.redis_connect_url, infra.effective_run_id)
         self.channel = sync_channel(infra.coordinator_addr)
-        wait_healthy_sync(
-            self.channel,
-            timeout=max(60.0, infra.reconnect_timeout),
-            what=f"coordinator at {infra.coordinator_addr}",
-        )
+        wait_for_coordinator(self.channel, cfg, state.stop)
         self.coordinator = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         pusher = WeightPusher(
             self.coordinator, cfg.train.effective_weight_sync_dtype(actor.device.type), infra.rpc_timeout,
@@ -213,7 +241,13 @@ class Trainer:
     def summarize(self) -> None:
         s = self.state
         s.finished = s.step >= self.cfg.rollout.num_rollout
-        status = self.versions.await_servers(s.policy_version)
+        try:  # stopping: one look (rollout servers stop first), never a wait on a coordinator gone
+            status = self.versions.await_servers(s.policy_version, 0.0 if s.stop.is_set() else 60.0)
+        except Unreachable as e:
+            if not s.stop.is_set():
+                raise
+            log.warning("summary without the coordinator's figures: %s", e)
+            status = coordinator_pb2.CoordinatorStatus()
         self.metrics.write_summary(
             finished=s.finished,
             policy_version=s.policy_version,

@@ -9,11 +9,16 @@ that are safe to repeat come here: reads, ReportProgress (the coordinator keeps 
 acks and deletes; the commit's requeue appends are repeated at worst, and a repeated reuse entry
 is a duplicate the trainer skips (`ledger.py`). PushWeights is not idempotent: `weight_push.py`
 asks GetStatus whether a push whose reply was lost landed before pushing again.
+
+Once a stop is asked for (SIGTERM, the launcher's Ctrl-C), the window shrinks to STOPPING_S: the
+trainer then only finishes what it can reach, saves and exits, instead of waiting minutes on a
+service that is gone (a stop that found it so abandons the step; nothing uncommitted counts).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -25,6 +30,7 @@ log = logging.getLogger("slipstream.trainer")
 
 T = TypeVar("T")
 FIRST_DELAY_S, MAX_DELAY_S = 0.5, 5.0
+STOPPING_S = 1.0  # the retry window once a stop is asked for
 
 
 class Unreachable(RuntimeError):
@@ -44,13 +50,19 @@ def describe(e: BaseException) -> str:
 
 
 class Reconnect:
-    def __init__(self, timeout: float):
-        self.timeout = timeout
+    def __init__(self, timeout: float, stop: threading.Event | None = None):
+        self.configured = timeout
+        self.stop = stop or threading.Event()  # set: the trainer is stopping
         self.recoveries: dict[str, int] = {}  # what -> times it came back after being unreachable
+
+    @property
+    def timeout(self) -> float:
+        """The retry window: --reconnect-timeout, or STOPPING_S once a stop was asked for."""
+        return min(self.configured, STOPPING_S) if self.stop.is_set() else self.configured
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         """`fn()`, retried while `what` is unreachable, for up to the reconnect timeout."""
-        started = deadline = None
+        started = None
         delay = FIRST_DELAY_S
         while True:
             try:
@@ -63,14 +75,16 @@ class Reconnect:
                 if not retryable(e):
                     raise
                 now = time.monotonic()
-                if deadline is None:
-                    started, deadline = now, now + self.timeout
+                if started is None:
+                    started = now
                     log.warning(
                         "%s unreachable (%s); retrying for up to %.0fs", what, describe(e), self.timeout
                     )
+                deadline = started + self.timeout  # shrinks when a stop is asked for meanwhile
                 if now >= deadline:
+                    why = "stopping" if self.stop.is_set() else "--reconnect-timeout"
                     raise Unreachable(
-                        f"{what} unreachable for {self.timeout:.0f}s (--reconnect-timeout): {describe(e)}"
+                        f"{what} unreachable for {self.timeout:.0f}s ({why}): {describe(e)}"
                     ) from None
-                time.sleep(min(delay, max(deadline - now, 0.0)))
+                self.stop.wait(min(delay, max(deadline - now, 0.0)))  # a stop wakes it
                 delay = min(delay * 2, MAX_DELAY_S)

@@ -411,7 +411,9 @@ class TrainConfig:
 @dataclass
 class RewardConfig:
     rm_type: str = opt(
-        "math", "Built-in reward: math (final answer as number or string), exact, or remote_rm."
+        "math",
+        "Built-in reward: math (final answer as number or string), exact, deepscaler, dapo, f1 "
+        "(slime's), or remote_rm; what each expects of labels: docs/rewards.md.",
     )
     rm_url: str = opt("", "Remote reward endpoint (slime's protocol: POST prompt/response/label JSON).")
     rm_timeout: float = opt(30.0, "Seconds before a remote reward call is abandoned. (Slipstream)")
@@ -429,6 +431,22 @@ class RewardConfig:
         "and the console says which endpoint is down and why. (Slipstream)",
     )
     custom_rm_path: str = opt("", "module:function computing the reward, slime's signature (args, sample).")
+    reward_key: str = opt(
+        "",
+        "Entry of a dict reward that is the reward (a --custom-rm-path function's dict, an --rm-url "
+        'object reply); empty = "reward".',
+    )
+    group_rm: bool = opt(
+        False,
+        "Score a group in one call: the --custom-rm-path function gets the group's list of samples "
+        "and returns one reward per sample, in order (built-in rules and --rm-url still score one by one).",
+    )
+    custom_reward_post_process_path: str = opt(
+        "",
+        "module:function (args, samples) -> rewards or (raw_rewards, rewards), called once per scored "
+        "group with its samples' rewards set; its rewards replace theirs before --advantage-estimator "
+        "(which still applies; slime calls it on the whole rollout batch instead of per group).",
+    )
     rm_auth_header_file: str = opt(
         "",
         "File holding one HTTP header sent with every --rm-url request, `Name: value` (e.g. "

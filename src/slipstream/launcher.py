@@ -1,16 +1,28 @@
 """One machine, one command: every service as its own process, supervised.
 
 `slipstream train` (and `python train.py`) resolves the config, writes it into the run
-directory and starts, in order, an embedded Redis/Valkey (unless `--redis-url`), the reward
-service, the coordinator, `--rollout-num-servers` rollout servers and the trainer. Each is a
-separate `python -m slipstream.services.<name>` process logging to `logs/<name>.log`, bound to
-a free loopback port that it reports through a ready file.
+directory and starts an embedded Redis/Valkey (unless `--redis-url`), then, all at once, the
+reward service, the coordinator, `--rollout-num-servers` rollout servers and the trainer: the
+reward service and the coordinator get loopback ports picked here (below the kernel's ephemeral
+range, so no outgoing connection takes one before its service binds it), so every address is
+known before anything is up, and each service waits for what it dials (the coordinator for the
+reward service, rollout servers and the trainer for the coordinator). Each is a separate
+`python -m slipstream.services.<name>` process logging to `logs/<name>.log`, in a session of its
+own (a terminal's Ctrl-C reaches the launcher only, which stops them in order), reporting its
+port through a ready file.
 
 The launcher then watches: a live progress line from `metrics.jsonl`; success when the trainer
-exits 0; and if any process dies, or on Ctrl-C/SIGTERM, it stops every other process (SIGTERM,
-then SIGKILL after a grace period) and exits non-zero naming the dead service and the tail of
-its log. Children are bound to the launcher's life (PR_SET_PDEATHSIG), so even a killed
-launcher leaves no orphan.
+exits 0, after which everything else stops at once (Redis last). On Ctrl-C/SIGTERM it stops in
+order: the rollout servers first (intake stops: nothing is left to dispatch to), then the trainer,
+which finishes or abandons its step, writes its checkpoint and commits (`checkpointer.py`), then
+the coordinator and the reward service, Redis last; a second Ctrl-C kills everything. If a
+service dies it stops the others the same way (the trainer's save bounded by the grace period)
+and exits non-zero naming the dead service and the tail of its log. Children are bound to the
+launcher's life (PR_SET_PDEATHSIG), so even a killed launcher leaves no orphan.
+
+`<run-dir>/timeline.json` records when the launch began, when each service was ready, the first
+and last steps, and when everything had stopped; the run report is written after that, in a
+child process with a time bound.
 
 With `--max-restarts N` the launcher supervises instead, as Kubernetes would: a service that dies
 is started again, up to N times each, on the port it had (Redis on its data directory, so its
@@ -26,9 +38,11 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,8 +52,11 @@ from slipstream.log import rotate_logs, write_config_table
 from slipstream.placement import PlacementError, Resolved, cuda_visible, plan, resolve, visible_gpus
 from slipstream.report import report_at_end
 
-GRACE_S = 5.0
-READY_TIMEOUT_S = 120.0
+GRACE_S = 5.0  # SIGTERM to SIGKILL, for each stage of a stop
+READY_TIMEOUT_S = 120.0  # from a service's start to its ready file
+SAVE_TIMEOUT_S = 600.0  # a stop asked for (Ctrl-C, SIGTERM): the trainer's last step and checkpoint
+REPORT_TIMEOUT_S = 60.0  # the run report, written once every service is down
+POLL_S = 0.05
 
 
 class LaunchError(RuntimeError):
@@ -56,6 +73,80 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         pass
+
+
+def _process_start() -> float:
+    """Wall time this process started (the launch), from /proc; now where that is unreadable."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
+
+
+class Timeline:
+    """`<run-dir>/timeline.json`: what happened when, in seconds since the launch (rewritten at
+    each event, so a run that dies leaves what it got to)."""
+
+    def __init__(self, path: Path | None, launched: float | None = None):
+        self.path = path
+        self.launched = launched if launched is not None else _process_start()
+        self.events: list[dict] = []
+        self.mark("launch", at=self.launched)
+
+    def mark(self, event: str, at: float | None = None, **extra) -> None:
+        at = time.time() if at is None else at
+        self.events.append({"event": event, "s": round(at - self.launched, 3), **extra})
+        self._write()
+
+    def seconds(self, event: str) -> float | None:
+        return next((e["s"] for e in self.events if e["event"] == event), None)
+
+    def _write(self) -> None:
+        if self.path is None:
+            return
+        first, last, stopped = (self.seconds(e) for e in ("first step", "last step", "all stopped"))
+        doc = {
+            "launched_at": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.launched)),
+            "launched_at_epoch": round(self.launched, 3),
+            "first_step_s": first,
+            "last_step_to_all_stopped_s": _between(last, stopped),
+            "events": self.events,
+        }
+        try:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(doc, indent=1) + "\n")
+            os.replace(tmp, self.path)
+        except OSError:
+            pass  # the timeline is a record, never a reason to fail the run
+
+
+def _between(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else round(end - start, 3)
+
+
+def listen_port(taken: frozenset[int] = frozenset()) -> int:
+    """A free loopback port for a service that binds it seconds from now, below the kernel's
+    ephemeral range: an outgoing connection never picks one there meanwhile."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    pick = random.SystemRandom()
+    for _ in range(200):
+        port = pick.randrange(max(1024, low - 10000), low)
+        if port in taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    from slipstream.buffer.embedded import free_port
+
+    return free_port()
 
 
 @dataclass
@@ -89,6 +180,8 @@ class Mesh:
     config_path: Path
     procs: list[Proc] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
+    timeline: Timeline = field(default_factory=lambda: Timeline(None))
+    interrupted: Callable[[], bool] = lambda: False  # a stop was asked for (Ctrl-C, SIGTERM)
 
     @property
     def run_dir(self) -> Path:
@@ -115,6 +208,7 @@ class Mesh:
                 stdin=subprocess.DEVNULL,
                 env=full_env,
                 preexec_fn=_die_with_parent,
+                start_new_session=True,  # a terminal's Ctrl-C reaches the launcher, which stops in order
             )
         proc = Proc(name, popen, log_path, ready_file, argv=argv, env=env)
         self.procs.append(proc)
@@ -131,6 +225,7 @@ class Mesh:
         threads: int = 1,
         env: dict[str, str] | None = None,
         ranks: int = 1,
+        port: int = 0,
     ) -> Proc:
         # Several ranks (the FSDP2 trainer): torchrun starts them and waits for all.
         runner = (
@@ -148,7 +243,7 @@ class Mesh:
             "--host",
             "127.0.0.1",
             "--port",
-            "0",
+            str(port),
             "--torch-threads",
             str(threads),
             *extra,
@@ -170,6 +265,30 @@ class Mesh:
                 self.check_others(proc)
             time.sleep(0.05)
         raise LaunchError(f"{proc.name} did not become ready within {timeout:.0f}s; see {proc.log_path}")
+
+    def wait_all_ready(self, procs: list[Proc]) -> None:
+        """Until every one of `procs` reports its port (each marked on the timeline); the death of
+        any process raises, a stop asked for raises KeyboardInterrupt."""
+        started = time.monotonic()
+        waiting = list(procs)
+        while waiting:
+            for proc in list(waiting):
+                text = proc.ready_file.read_text().strip() if proc.ready_file.exists() else ""
+                if text:
+                    proc.port = int(text)
+                    waiting.remove(proc)
+                    self.timeline.mark(f"{proc.name} ready")
+            if self.get("trainer").popen.poll() == 0:
+                return  # a short (resumed) run can end before a slow rollout server is up
+            self.check_others()
+            if self.interrupted():
+                raise KeyboardInterrupt
+            if waiting and time.monotonic() - started > READY_TIMEOUT_S:
+                late = waiting[0]
+                raise LaunchError(
+                    f"{late.name} did not become ready within {READY_TIMEOUT_S:.0f}s; see {late.log_path}"
+                )
+            time.sleep(POLL_S)
 
     def check_others(self, skip: Proc | None = None) -> None:
         for p in self.procs:
@@ -228,20 +347,70 @@ class Mesh:
         message = f"{proc.name} died ({how})" + (f": {reason}" if reason else f"; see {proc.log_path}")
         return LaunchError(message, tail=proc.tail())
 
-    def stop_all(self, grace: float = GRACE_S) -> None:
-        alive = [p for p in self.procs if p.popen.poll() is None]
-        for p in alive:
+    def alive(self, which: Callable[[Proc], bool] = lambda p: True) -> list[Proc]:
+        return [p for p in self.procs if p.popen.poll() is None and which(p)]
+
+    def stop(
+        self, procs: list[Proc], grace: float = GRACE_S, forced: Callable[[], bool] = lambda: False
+    ) -> None:
+        """SIGTERM `procs` at once; SIGKILL what is left after `grace` seconds, or at once when `forced()`."""
+        for p in procs:
             try:
                 p.popen.send_signal(signal.SIGTERM)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + grace
-        for p in alive:
-            try:
-                p.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+        running = list(procs)
+        while running and time.monotonic() <= deadline and not forced():
+            time.sleep(POLL_S)
+            for p in [p for p in running if p.popen.poll() is not None]:
+                running.remove(p)
+                self.timeline.mark(f"{p.name} stopped", exit_code=p.popen.returncode)
+        for p in running:
+            if p.popen.poll() is None:
                 p.popen.kill()
-                p.popen.wait()
+                self.timeline.mark(f"{p.name} killed")
+            p.popen.wait()
+
+    def stop_all(self, grace: float = GRACE_S, forced: Callable[[], bool] = lambda: False) -> None:
+        """Every service at once, then Redis (the coordinator flushes its journal into it at exit)."""
+        self.stop(self.alive(lambda p: p.name != "redis"), grace, forced)
+        self.stop(self.alive(), grace, forced)
+
+    def stop_in_order(
+        self,
+        say: Callable[[str], None] = lambda line: None,
+        save_timeout: float = GRACE_S,
+        forced: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """A stop that keeps the run's work: intake first (the rollout servers: the coordinator then
+        has no one to dispatch to), then the trainer (it finishes or abandons its step, saves and
+        commits while the coordinator and Redis still answer it), then the rest (`stop_all`)."""
+        self.stop(self.alive(lambda p: p.name.startswith("rollout-")), GRACE_S, forced)
+        trainer = self.alive(lambda p: p.name == "trainer")
+        if trainer and not forced():
+            step = self.last_step()
+            doing = f"trainer saving step {step}" if step else "trainer stopping (no step trained yet)"
+            say(f"stopping: intake stopped; {doing}... (Ctrl-C again to force)")
+            self.stop(trainer, save_timeout, forced)
+            if not forced():
+                say(f"stopping: {self.saved_line(trainer[0])}; stopping the other services")
+        if forced():
+            say("stopping: forced: killing every service")
+        self.stop_all(GRACE_S, forced)
+
+    def last_step(self) -> int:
+        rows, _ = _read_metrics(self.run_dir / "metrics.jsonl", 0)
+        return rows[-1]["step"] if rows else 0
+
+    def saved_line(self, trainer: Proc) -> str:
+        """What the trainer left on disk as it stopped, in a few words."""
+        latest = self.cfg.save_dir / "latest"
+        code = trainer.popen.returncode
+        if latest.is_file() and latest.stat().st_mtime >= self.started_at:
+            name = latest.read_text().strip()
+            return f"trainer saved {self.cfg.save_dir / name}" + ("" if code == 0 else f" (exit code {code})")
+        return f"trainer exited (code {code}) without a new checkpoint; see {trainer.log_path}"
 
 
 def trainer_threads(cfg: Config) -> int:
@@ -254,7 +423,7 @@ def trainer_threads(cfg: Config) -> int:
 
 
 def start_mesh(mesh: Mesh) -> Proc:
-    """Start every service in dependency order; return the trainer's process."""
+    """Redis, then every service at once; returns the trainer's process once all are ready."""
     cfg = mesh.cfg
     if not cfg.infra.redis_url:
         from slipstream.buffer.embedded import free_port, server_command, wait_for_redis
@@ -279,30 +448,30 @@ def start_mesh(mesh: Mesh) -> Proc:
             print(f"slipstream: fresh run: cleared {cleared} Redis keys of run {cfg.infra.effective_run_id!r} "
                   "(--load resumes instead)", file=sys.stderr, flush=True)  # fmt: skip
 
-    reward = mesh.service("reward", "reward")
-    reward_addr = f"127.0.0.1:{mesh.wait_ready(reward)}"
-    coordinator = mesh.service("coordinator", "coordinator", "--reward-addr", reward_addr)
-    coord_addr = f"127.0.0.1:{mesh.wait_ready(coordinator)}"
+    mesh.timeline.mark("redis ready")
+    # Every service at once: the addresses are chosen here, and each service waits (with backoff)
+    # for what it dials, so their imports, model loads and compiles overlap.
+    reward_port = listen_port()
+    coord_port = listen_port(frozenset({reward_port}))
+    coord_addr = f"127.0.0.1:{coord_port}"
     place = plan(cfg)
-    rollouts = [
+    procs = [
+        mesh.service("reward", "reward", port=reward_port),
         mesh.service(
-            f"rollout-{i}",
-            "rollout",
-            "--coordinator-addr",
-            coord_addr,
-            "--server-id",
-            f"rollout-{i}",
-            env=cuda_visible(gpus),
-        )
+            "coordinator", "coordinator", "--reward-addr", f"127.0.0.1:{reward_port}", port=coord_port
+        ),
+    ]
+    dial = ("--coordinator-addr", coord_addr)
+    procs += [
+        mesh.service(f"rollout-{i}", "rollout", *dial, "--server-id", f"rollout-{i}", env=cuda_visible(gpus))
         for i, gpus in enumerate(place.rollout_gpus)
     ]
-    for p in rollouts:  # every server attached before the first step: all see every version
-        mesh.wait_ready(p)
     trainer = mesh.service(
-        "trainer", "trainer", "--coordinator-addr", coord_addr, threads=trainer_threads(cfg),
+        "trainer", "trainer", *dial, threads=trainer_threads(cfg),
         env=cuda_visible(place.trainer_gpus), ranks=place.trainer_procs,
     )  # fmt: skip
-    mesh.wait_ready(trainer)
+    mesh.timeline.mark("services started")
+    mesh.wait_all_ready([*procs, trainer])
     return trainer
 
 
@@ -408,6 +577,23 @@ def place_on_host(cfg: Config, colocate_given: bool) -> Resolved:
     return placed
 
 
+def write_report(run_dir: Path, timeline: Timeline) -> None:
+    """`report_at_end` in a child process, bounded by REPORT_TIMEOUT_S (matplotlib's import and
+    rendering take seconds, more on a loaded machine); one line either way, never an exception."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        return  # nothing was trained: nothing to plot
+    print(f"report: writing {run_dir / 'report'} ...", flush=True)
+    fn = report_at_end
+    code = f"import sys; from {fn.__module__} import {fn.__name__}; {fn.__name__}(sys.argv[1])"
+    try:
+        subprocess.run([sys.executable, "-c", code, str(run_dir)], timeout=REPORT_TIMEOUT_S, check=False)
+    except subprocess.TimeoutExpired:
+        print(f"report: not written within {REPORT_TIMEOUT_S:.0f}s (`slipstream report {run_dir}` writes it)")
+    except (KeyboardInterrupt, OSError) as e:
+        print(f"report: not written ({type(e).__name__}: {e}; `slipstream report {run_dir}` writes it)")
+    timeline.mark("report written")
+
+
 def run(cfg: Config, colocate_given: bool = False) -> int:
     """Run the whole mesh until the trainer finishes. Returns the process exit code.
 
@@ -417,6 +603,7 @@ def run(cfg: Config, colocate_given: bool = False) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
+    launched = _process_start()
     try:
         preflight(cfg)
         placed = place_on_host(cfg, colocate_given)
@@ -435,12 +622,19 @@ def run(cfg: Config, colocate_given: bool = False) -> int:
     print(write_config_table(cfg, run_dir / "config.txt"), file=sys.stderr)
     print(placed.line(), file=sys.stderr, flush=True)
     rotate_logs(run_dir / "logs")  # this run's logs hold this run only
-    mesh = Mesh(cfg, config_path)
-
     stop_signal: list[int] = []
+    mesh = Mesh(
+        cfg, config_path, timeline=Timeline(run_dir / "timeline.json", launched),
+        interrupted=lambda: bool(stop_signal),
+    )  # fmt: skip
 
     def on_signal(signum, frame):  # noqa: ARG001
         stop_signal.append(signum)
+        if len(stop_signal) == 1:
+            mesh.timeline.mark("stop requested", signal=signal.Signals(signum).name)
+
+    def say(line: str) -> None:
+        print(f"slipstream: {line}", file=sys.stderr, flush=True)
 
     relay = ConsoleRelay(run_dir / "logs")  # the lines services log for the console (console.py)
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -466,6 +660,10 @@ def run(cfg: Config, colocate_given: bool = False) -> int:
                 relay.echo(progress.console)
                 rows, offset = _read_metrics(run_dir / "metrics.jsonl", offset)
                 for r in rows:
+                    if mesh.timeline.seconds("first step") is None:
+                        mesh.timeline.mark("first step", step=r["step"])
+                    if r["step"] >= cfg.rollout.num_rollout:
+                        mesh.timeline.mark("last step", step=r["step"])
                     progress.update(
                         task,
                         completed=r["step"],
@@ -477,25 +675,32 @@ def run(cfg: Config, colocate_given: bool = False) -> int:
                 if mesh.get("trainer").popen.poll() == 0:
                     break
                 mesh.supervise()
-                time.sleep(0.2)
+                time.sleep(POLL_S)
         relay.echo(console)  # the last step's
-        mesh.stop_all()
+        mesh.timeline.mark("trainer exited")
+        mesh.stop_all(forced=lambda: len(stop_signal) > 1)  # the run is done: everything at once
+        mesh.timeline.mark("all stopped")
         summary = run_dir / "summary.json"
         if summary.exists():
             console.print(f"summary: {summary.read_text().strip()}")
         return 0
     except LaunchError as e:
-        mesh.stop_all()
+        # The trainer still saves what it trained, within the grace period; the error is the last line.
+        mesh.timeline.mark("service died", error=str(e))
+        mesh.stop_in_order(forced=lambda: bool(stop_signal))
+        mesh.timeline.mark("all stopped")
         relay.echo(console)  # what the services said before; the error stays the last line
         _error(e)
         return 1
     except KeyboardInterrupt:
-        console.print("slipstream: stopping all services")
-        mesh.stop_all()
+        mesh.stop_in_order(say, SAVE_TIMEOUT_S, forced=lambda: len(stop_signal) > 1)
+        mesh.timeline.mark("all stopped")
+        took = (mesh.timeline.seconds("all stopped") or 0) - (mesh.timeline.seconds("stop requested") or 0)
+        say(f"stopped in {took:.1f}s")
         return 128 + (stop_signal[0] if stop_signal else signal.SIGINT)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        # Finished, failed or stopped: the report of what was trained (stdout, so the error
-        # stays the last line on stderr); one line, and never an exception, whatever happens.
-        report_at_end(run_dir)
+        # Finished, failed or stopped, once every service is down: the report of what was trained
+        # (stdout, so the error stays the last line on stderr).
+        write_report(run_dir, mesh.timeline)

@@ -33,7 +33,7 @@ class Sample:
     reward: float | dict[str, Any] | None = None
     loss_mask: list[int] | None = None  # [response_length], 1 = trained
     rollout_log_probs: list[float] | None = None  # [response_length], behaviour policy
-    rollout_routed_experts: list[list[int]] | None = None  # [response_length][layers * top_k]
+    rollout_routed_experts: list[list[int]] | None = None  # [len(tokens) - 1][moe_layers * top_k]
     status: Status = Status.PENDING
     metadata: dict[str, Any] = field(default_factory=dict)
     # Slipstream additions

@@ -3,13 +3,17 @@
 A request whose `tokens` already hold part of a response (a partial rollout being continued
 after an abort) is simply a longer prompt: the engine does not know or care. Every generated
 token comes back with its log-prob and the policy version that produced it, because a
-trajectory may span weight updates and the trainer corrects for that token by token.
+trajectory may span weight updates and the trainer corrects for that token by token. A
+mixture-of-experts model also reports the experts every position was routed to (R3 replays them).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    import torch
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -41,3 +45,7 @@ class Result:
     log_probs: list[float]  # [num_new] log-prob of each sampled token (see sampler.py)
     versions: list[int]  # [num_new] policy version that produced each token
     finish_reason: FinishReason  # "stop": EOS/stop token (included in tokens); "length"; "abort"
+    # MoE only: the top-k expert ids of every position the model was fed (the request's tokens,
+    # then the new ones, all but the last), [len(tokens) + num_new - 1, moe_layers * top_k],
+    # MoE layers in order, uint8 (<= 256 experts) or int16, on the CPU. slime's layout.
+    routed_experts: torch.Tensor | None = None

@@ -16,6 +16,13 @@ CPU) it is the model's own forward, run eagerly. With `fp8=True` every linear pr
 e4m3 weights and runs through `slipstream.kernels.fp8_linear` (FP8 tensor cores on Hopper);
 `kv_cache_dtype="fp8_e4m3"` stores keys and values as e4m3 (`kv_cache.py`).
 
+A mixture-of-experts model (Qwen3-MoE) runs the eager paths only, for now: the fused decoder and
+the CUDA graphs are turned off for it with one warning line (the expert loop syncs with the host;
+a grouped-GEMM kernel is what lets them take MoE). Prefill and decode pass the model a
+`Routing` and record the expert ids it routed each fed position to (`slots.out_experts`), read
+back at retire like the tokens: every position of the sequence but the last, prompt included
+(prefill computes them anyway, and R3 must replay the prompt's routing too).
+
 Weights are swapped in place between steps (`load_weights`): the KV cache is kept, and every
 token sampled afterwards carries the new policy version, so a trajectory that spans the swap
 reports exactly which tokens came from which weights. Copying into the same tensors is also what
@@ -29,7 +36,7 @@ import logging
 import torch
 
 from slipstream.kernels.fp8_linear import convert_to_fp8
-from slipstream.models import Qwen3ForCausalLM
+from slipstream.models import Qwen3ForCausalLM, Routing
 from slipstream.quant import FP8_DTYPE
 from slipstream.services.rollout.engine import fused_step
 from slipstream.services.rollout.engine.graphs import DecodeGraphs
@@ -65,6 +72,10 @@ class ModelRunner:
     ) -> None:
         """The options are `NativeEngine`'s; `max_batch_size` may come out lower (the KV cache's fit)."""
         self.model = model.eval()
+        if fp8 and model.config.moe_layers:
+            raise ValueError(
+                "fp8=True is not implemented for MoE models yet (the router must stay unquantized)"
+            )
         self.fp8_layers = convert_to_fp8(model) if fp8 else {}
         self.eos_token_ids = list(eos_token_ids)
         self.max_batch_size = max_batch_size
@@ -77,6 +88,14 @@ class ModelRunner:
             raise ValueError(
                 f"kv_cache_dtype must be one of {sorted(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}"
             )
+        moe_layers = cfg.moe_layers
+        self.experts_per_token = len(moe_layers) * cfg.num_experts_per_tok  # 0: dense
+        expert_dtype = torch.uint8 if cfg.num_experts <= 256 else torch.int16
+        if moe_layers and self.device.type == "cuda" and (fused_decode or cuda_graphs):
+            log.warning(
+                "MoE model: fused decode and CUDA graphs are not implemented for MoE yet; decoding eagerly"
+            )
+            fused_decode = cuda_graphs = False
         self.cache = KVCache(
             cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
             max_batch_size, self.max_seq_len, KV_CACHE_DTYPES[kv_cache_dtype] or weight.dtype, self.device,
@@ -85,7 +104,7 @@ class ModelRunner:
             preallocate = self.device.type == "cuda"
         if preallocate:
             self._preallocate(kv_memory_fraction)
-        self.slots = Slots(self.device)
+        self.slots = Slots(self.device, self.experts_per_token, expert_dtype)
         self.slots.resize(self.cache.num_slots, self.cache.capacity)
         self.fused = fused_step.FusedDecoder(model) if fused_decode and fused_step.available(model) else None
         self.graphs = (
@@ -99,9 +118,16 @@ class ModelRunner:
 
     def _preallocate(self, fraction: float) -> None:
         cfg = self.model.config
-        per_slot = KVCache.bytes_per_slot(
-            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim, self.max_seq_len, self.cache.dtype
-        )
+        per_slot = (
+            KVCache.bytes_per_slot(
+                cfg.num_hidden_layers,
+                cfg.num_key_value_heads,
+                cfg.head_dim,
+                self.max_seq_len,
+                self.cache.dtype,
+            )
+            + self.max_seq_len * self.experts_per_token * 2
+        )  # + the routing record (at most int16)
         slots = self.max_batch_size
         if self.device.type == "cuda":
             if not 0 < fraction <= 1:
@@ -142,13 +168,19 @@ class ModelRunner:
             ids[i, : len(req.tokens)] = torch.tensor(req.tokens)
         ids = ids.to(self.device)
         self.num_prefill_tokens += sum(len(r.tokens) for r in leaders)
-        hidden = self.model.model(ids, attention=self.cache.prefill(first))
+        routing = self._routing()
+        hidden = self.model.model(ids, attention=self.cache.prefill(first), routing=routing)
+        if routing is not None:  # every prompt position's experts; padding rows are overwritten later
+            rows = slice(first, first + len(leaders))
+            self.slots.out_experts[rows, :longest] = self._experts(routing)
         last = torch.tensor([len(r.tokens) - 1 for r in leaders], device=self.device)
         logits = self.model.lm_head(hidden[torch.arange(len(leaders), device=self.device), last])
         if followers:
             group = torch.tensor(admission.leader_of, device=self.device)
             dst = torch.arange(first + len(leaders), first + len(batch), device=self.device)
             self.cache.share(first + group, dst, max(len(r.tokens) for r in followers))
+            if routing is not None:
+                self.slots.out_experts[dst, :longest] = self.slots.out_experts[first + group, :longest]
             logits = torch.cat([logits, logits[group]])
         return self._sample(slice(first, first + len(batch)), logits)
 
@@ -171,9 +203,21 @@ class ModelRunner:
         # a new one per shape, which cost more than the whole forward).
         kv_len = min(self.cache.capacity, -(-kv_len // KV_ALIGN) * KV_ALIGN)
         attention = self.cache.decode(positions, kv_len)
-        hidden = self.model.model(self.slots.last_token[:n, None], positions[:, None], attention)
+        routing = self._routing()
+        hidden = self.model.model(self.slots.last_token[:n, None], positions[:, None], attention, routing)
+        if routing is not None:
+            fed = self._experts(routing)[:, 0]  # [n, layers * k]: the experts of each fed token
+            self.slots.out_experts[torch.arange(n, device=self.device), positions] = fed
         tokens, log_probs = sample(self.model.lm_head(hidden[:, -1]), params, truncate)
         return self._record(rows, params, tokens, log_probs)
+
+    def _routing(self) -> Routing | None:
+        return Routing() if self.experts_per_token else None
+
+    def _experts(self, routing: Routing) -> torch.Tensor:
+        """Captured ids [B, T, layers, k] -> [B, T, layers * k] in the record's dtype."""
+        ids = routing.stacked()
+        return ids.reshape(*ids.shape[:2], -1).to(self.slots.out_experts.dtype)
 
     def _sample(self, rows: slice, logits: torch.Tensor) -> torch.Tensor:
         """Sample and record one token per row; each row's status code (running/stop/length)."""
@@ -217,6 +261,7 @@ class ModelRunner:
         tokens, log_probs, versions = (
             t[index].cpu() for t in (s.out_tokens, s.out_log_probs, s.out_versions)
         )
+        experts = s.out_experts[index].cpu() if self.experts_per_token else None
         results = []
         for k, (row, reason) in enumerate(zip(rows, reasons, strict=True)):
             span = slice(int(s.prompt_len[row]), int(s.length[row]))
@@ -227,6 +272,7 @@ class ModelRunner:
                     log_probs=log_probs[k, span].tolist(),
                     versions=versions[k, span].tolist(),
                     finish_reason=reason,
+                    routed_experts=None if experts is None else experts[k, : int(s.length[row]) - 1].clone(),
                 )
             )
         keep, movers, holes = compaction(self.num_running, rows)

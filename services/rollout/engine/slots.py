@@ -5,7 +5,9 @@ engine needs their maxima and flags every step without a device sync, and copyin
 the device is free); what the decode step writes every token (the last token, the generated
 tokens, their log-probs and versions) lives on the device and is read back once, when the
 sequence finishes. Outputs are indexed by absolute position in the sequence, so a row's
-response is `out_tokens[i, prompt_len:length]`.
+response is `out_tokens[i, prompt_len:length]`. A mixture-of-experts model also writes, at the
+position of every token it is fed (prompt included, by prefill), the expert ids each MoE layer
+routed it to: `out_experts[i, pos]`, `experts_per_token` = MoE layers x top-k small integers.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ _SEED_MASK = (1 << 63) - 1
 
 
 class Slots:
-    def __init__(self, device: torch.device) -> None:
+    def __init__(
+        self, device: torch.device, experts_per_token: int = 0, expert_dtype: torch.dtype = torch.uint8
+    ) -> None:
+        """`experts_per_token` 0: a dense model (no routing recorded)."""
         self.device = device
         self.requests: list[Request] = []  # [n] the request in each occupied slot, in slot order
         host = dict(dtype=torch.int64)
@@ -35,6 +40,7 @@ class Slots:
         self.out_tokens = torch.zeros((0, 0), dtype=torch.int64, device=device)
         self.out_log_probs = torch.zeros((0, 0), dtype=torch.float32, device=device)
         self.out_versions = torch.zeros((0, 0), dtype=torch.int64, device=device)
+        self.out_experts = torch.zeros((0, 0, experts_per_token), dtype=expert_dtype, device=device)
 
     @property
     def num_running(self) -> int:
@@ -44,13 +50,13 @@ class Slots:
         return ["length", "prompt_len", "max_new", "seed", "top_k", "temperature", "top_p", "stop_ids"]
 
     def _device(self) -> list[str]:
-        return ["last_token", "out_tokens", "out_log_probs", "out_versions"]
+        return ["last_token", "out_tokens", "out_log_probs", "out_versions", "out_experts"]
 
     def resize(self, num_slots: int, capacity: int) -> None:
         """Match the KV cache's shape (num_slots slots, capacity positions); keeps contents."""
         for name in self._host() + self._device():
             old = getattr(self, name)
-            shape = (num_slots,) + ((capacity,) if name.startswith("out_") else old.shape[1:])
+            shape = (num_slots,) + ((capacity, *old.shape[2:]) if name.startswith("out_") else old.shape[1:])
             new = torch.full(shape, -1 if name == "stop_ids" else 0, dtype=old.dtype, device=old.device)
             keep = tuple(slice(0, min(a, b)) for a, b in zip(old.shape, shape, strict=True))
             new[keep] = old[keep]

@@ -1,10 +1,12 @@
-"""The architecture as Hugging Face's `config.json` spells it, for each dense family we run.
+"""The architecture as Hugging Face's `config.json` spells it, for each family we run.
 
 Qwen3, Qwen2/Qwen2.5 and Llama 3.x are one decoder (RMSNorm, GQA attention with rotate-half RoPE,
 SwiGLU MLP) that differs in a few switches, so a family is a small table row rather than a model
 file: Qwen3 norms each head's q and k before RoPE; Qwen2 always has biases on q/k/v (and none on
 o, with no config key for either); Llama has `attention_bias` (q/k/v/o) and `mlp_bias` keys, off
-in every released Llama 3.x. `config.json`'s `model_type` picks the row.
+in every released Llama 3.x. Qwen3-MoE is Qwen3 with some MLPs replaced by a sparse
+mixture of experts (`moe.py`; which layers: `decoder_sparse_step`, `mlp_only_layers`).
+`config.json`'s `model_type` picks the row.
 
 What we do not implement (sliding windows, other activations, RoPE kinds `rope.py` lacks, other
 model types) is refused with one line naming it, rather than loaded and run with the wrong
@@ -28,13 +30,19 @@ class Family:
     qkv_bias: bool  # biases on q/k/v whatever the config says (Qwen2)
     switches: tuple[str, ...]  # the bias keys its config.json has: attention_bias (q/k/v/o), mlp_bias
     has_sliding_window: bool  # its config.json has `use_sliding_window` (we refuse it on)
+    moe: bool = False  # its config.json has the mixture-of-experts keys (MOE_KEYS)
 
 
 FAMILIES: dict[str, Family] = {
     "qwen3": Family("Qwen3ForCausalLM", qk_norm=True, qkv_bias=False, switches=("attention_bias",), has_sliding_window=True),
     "qwen2": Family("Qwen2ForCausalLM", qk_norm=False, qkv_bias=True, switches=(), has_sliding_window=True),
     "llama": Family("LlamaForCausalLM", qk_norm=False, qkv_bias=False, switches=("attention_bias", "mlp_bias"), has_sliding_window=False),
+    "qwen3_moe": Family("Qwen3MoeForCausalLM", qk_norm=True, qkv_bias=False, switches=("attention_bias",), has_sliding_window=True, moe=True),
 }  # fmt: skip
+MOE_KEYS = (
+    "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+    "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef",
+)  # fmt: skip
 
 DEFAULT_ROPE_THETA = 10_000.0  # transformers' default where config.json names none
 
@@ -61,6 +69,15 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     model_type: str = "qwen3"  # a key of FAMILIES
+    # Mixture of experts (MoE families only; num_experts 0 = dense). Defaults: transformers'
+    # Qwen3MoeConfig's, so a config.json that leaves a key out means what it means there.
+    num_experts: int = 0  # routed experts per MoE layer (transformers 5 writes `num_local_experts`)
+    num_experts_per_tok: int = 8  # top-k
+    moe_intermediate_size: int = 768  # each expert's SwiGLU width
+    norm_topk_prob: bool = False  # renormalise the top-k probabilities to sum to one
+    decoder_sparse_step: int = 1  # layer i is MoE when (i + 1) % step == 0 ...
+    mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
+    router_aux_loss_coef: float = 0.001  # load-balancing loss weight (moe.load_balancing_loss)
     extra: dict[str, Any] = field(default_factory=dict)  # other config.json keys, written back unchanged
 
     def __post_init__(self) -> None:
@@ -78,6 +95,20 @@ class ModelConfig:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.num_experts and not self.family.moe:
+            raise ValueError(
+                f"num_experts={self.num_experts} does not exist for model_type {self.model_type!r}"
+            )
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok must be in [1, num_experts={self.num_experts}], "
+                f"got {self.num_experts_per_tok}"
+            )
+        if self.num_experts > 1 << 15:
+            raise ValueError(f"num_experts {self.num_experts} > 32768: routed ids are recorded as int16")
+        if self.decoder_sparse_step < 1:
+            raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
+        self.mlp_only_layers = list(self.mlp_only_layers)
         self.rope_scaling = scaling_from_hf(self.rope_scaling)
 
     @property
@@ -91,6 +122,17 @@ class ModelConfig:
     @property
     def rope(self) -> Rope:
         return Rope.of(self.head_dim, self.rope_theta, self.max_position_embeddings, self.rope_scaling)
+
+    @property
+    def moe_layers(self) -> tuple[int, ...]:
+        """The indexes of the layers whose MLP is a mixture of experts, ascending (transformers' rule)."""
+        if not self.num_experts:
+            return ()
+        return tuple(
+            i
+            for i in range(self.num_hidden_layers)
+            if i not in self.mlp_only_layers and (i + 1) % self.decoder_sparse_step == 0
+        )
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -113,8 +155,14 @@ class ModelConfig:
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (expected 'silu')")
         theta = d.pop("rope_theta", None) or rope.get("rope_theta") or DEFAULT_ROPE_THETA
+        if family.moe and "num_local_experts" in d:  # transformers 5's spelling of num_experts
+            d["num_experts"] = d.pop("num_local_experts")
+        if family.moe:
+            d.setdefault("num_experts", 128)  # transformers' default
         unread = {"extra", "rope_theta", "rope_scaling", "model_type", "attention_bias", "mlp_bias"}
-        known = (set(cls.__dataclass_fields__) - unread) | set(family.switches)
+        known = (set(cls.__dataclass_fields__) - unread - set(MOE_KEYS)) | set(family.switches)
+        if family.moe:
+            known |= set(MOE_KEYS)
         kwargs = {k: d.pop(k) for k in list(d) if k in known}
         if kwargs.get("head_dim") is None:
             kwargs["head_dim"] = kwargs["hidden_size"] // kwargs["num_attention_heads"]
@@ -152,4 +200,8 @@ class ModelConfig:
         out.update({switch: getattr(self, switch) for switch in self.family.switches})
         if self.family.has_sliding_window:
             out["use_sliding_window"] = False
+        if self.family.moe:  # the spelling published checkpoints use (num_experts, not num_local_experts)
+            out.pop("num_local_experts", None)
+            out.update({key: getattr(self, key) for key in MOE_KEYS})
+            out["mlp_only_layers"] = list(self.mlp_only_layers)
         return out

@@ -1,10 +1,11 @@
-"""The dense decoder (Qwen3, Qwen2/Qwen2.5, Llama 3.x) in plain PyTorch, with Hugging Face names.
+"""The decoder (Qwen3, Qwen2/Qwen2.5, Llama 3.x, Qwen3-MoE) in plain PyTorch, with Hugging Face names.
 
 This is the one model code the native rollout engine and the PyTorch trainer share: owning it is
 what lets rollout log-probs and trainer log-probs come from the same arithmetic. It says what the
 model is and nothing about how it runs: no parallelism, no FP8, no kernels (those wrap it). The
 families differ only in the switches `config.Family` names (q/k head norms, biases); RoPE and its
-scaled kinds live in `rope.py`.
+scaled kinds live in `rope.py`. A Qwen3-MoE layer's MLP is `moe.SparseMoE`; an optional `Routing`
+passed to the forward replays given expert ids and captures the chosen ones (`moe.py` says how).
 
 The numerics follow `transformers`' models on purpose, down to where the casts happen (RMSNorm
 normalises in fp32 and casts back before the weight; RoPE angles are computed in fp32), so a
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from slipstream.models.config import ModelConfig
+from slipstream.models.moe import Routing, SparseMoE
 from slipstream.models.rope import apply_rope, rope_cos_sin
 
 # attention(layer_idx, q [B,H,T,D], k [B,Hkv,T,D], v [B,Hkv,T,D]) -> out [B,H,T,D]; q and k carry RoPE.
@@ -105,15 +107,21 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = SelfAttention(config, layer_idx)
-        self.mlp = MLP(config)
+        moe_layers = config.moe_layers
+        self.mlp = SparseMoE(config, moe_layers.index(layer_idx)) if layer_idx in moe_layers else MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attention: Attention
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention: Attention,
+        routing: Routing | None = None,
     ) -> torch.Tensor:
         q, k, v = self.before_attention(x, cos, sin)
-        return self.after_attention(x, attention(self.self_attn.layer_idx, q, k, v))
+        return self.after_attention(x, attention(self.self_attn.layer_idx, q, k, v), routing)
 
     # The layer on either side of its attention call: the trainer compiles these two pieces
     # (services/trainer/compiled_layers.py) and runs the attention it was given between them.
@@ -122,9 +130,12 @@ class DecoderLayer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.self_attn.project_qkv(self.input_layernorm(x), cos, sin)
 
-    def after_attention(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def after_attention(
+        self, x: torch.Tensor, out: torch.Tensor, routing: Routing | None = None
+    ) -> torch.Tensor:
         x = x + self.self_attn.project_out(out)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, routing) if isinstance(self.mlp, SparseMoE) else self.mlp(h))
 
 
 class DecoderModel(nn.Module):
@@ -142,15 +153,20 @@ class DecoderModel(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor | None = None,
         attention: Attention | None = None,
+        routing: Routing | None = None,
     ) -> torch.Tensor:
-        """input_ids [B,T]; positions [B,T] (default 0..T-1); attention (default: causal, no cache)."""
+        """input_ids [B,T]; positions [B,T] (default 0..T-1); attention (default: causal, no cache);
+        routing: MoE replay in / capture out (`moe.Routing`; ignored by dense models)."""
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.rope, x.dtype)
         attention = attention or causal_attention
+        # Routing is passed only when given: the trainer's --torch-compile replaces each layer's
+        # forward with a four-argument one (services/trainer/compiled_layers.py).
+        extra = {} if routing is None else {"routing": routing}
         for layer in self.layers:
-            x = layer(x, cos, sin, attention)
+            x = layer(x, cos, sin, attention, **extra)
         return self.norm(x)
 
 
@@ -175,6 +191,7 @@ class CausalLM(nn.Module):
         positions: torch.Tensor | None = None,
         attention: Attention | None = None,
         head: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
+        routing: Routing | None = None,
     ) -> Any:
         """Logits, or `head(hidden, lm_head_weight)` when given.
 
@@ -182,7 +199,7 @@ class CausalLM(nn.Module):
         without materialising full-vocabulary logits, inside this forward: under FSDP2 the
         LM-head weight is only gathered (unsharded) while the root module's forward runs.
         """
-        hidden = self.model(input_ids, positions, attention)
+        hidden = self.model(input_ids, positions, attention, routing)
         if head is not None:
             return head(hidden, self.lm_head.weight)
         return self.lm_head(hidden)

@@ -6,6 +6,12 @@ surface as `FileNotFoundError`/`ValueError` naming the path, which the CLI print
 
 Loading builds the model on the meta device and assigns the checkpoint tensors into it, so a
 large model is never allocated twice (random init then overwrite).
+
+Mixture-of-experts weights: published Qwen3-MoE checkpoints (and transformers 5's save_pretrained)
+name every expert's projections, `mlp.experts.<e>.{gate,up,down}_proj.weight`; the model holds
+them stacked (`mlp.experts.gate_up_proj` [E, 2I, H], `mlp.experts.down_proj` [E, H, I], the
+layout transformers 5 keeps in memory). Loading reads either layout; saving writes the published
+per-expert one.
 """
 
 from __future__ import annotations
@@ -22,6 +28,38 @@ from slipstream.models.decoder import CausalLM
 
 # Buffers some older exports carry; recomputed here, never needed from disk.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def stack_experts(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Per-expert checkpoint names -> the model's stacked tensors (in place; other names untouched)."""
+    for layer in config.moe_layers:
+        prefix = f"model.layers.{layer}.mlp.experts."
+        if f"{prefix}0.gate_proj.weight" not in state:
+            continue  # already stacked (transformers 5's in-memory names), or missing (reported later)
+        stacked = {}
+        for proj in _EXPERT_PROJS:
+            names = [f"{prefix}{e}.{proj}.weight" for e in range(config.num_experts)]
+            if any(name not in state for name in names):
+                continue  # reported as missing/unexpected by the caller
+            stacked[proj] = torch.stack([state.pop(name) for name in names])
+        if "gate_proj" in stacked and "up_proj" in stacked:
+            state[f"{prefix}gate_up_proj"] = torch.cat([stacked["gate_proj"], stacked["up_proj"]], dim=1)
+        if "down_proj" in stacked:
+            state[f"{prefix}down_proj"] = stacked["down_proj"]
+    return state
+
+
+def unstack_experts(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model's stacked expert tensors -> the per-expert names published checkpoints use."""
+    for layer in config.moe_layers:
+        prefix = f"model.layers.{layer}.mlp.experts."
+        gate, up = state.pop(f"{prefix}gate_up_proj").chunk(2, dim=1)
+        down = state.pop(f"{prefix}down_proj")
+        for proj, stacked in zip(_EXPERT_PROJS, (gate, up, down), strict=True):
+            for e in range(config.num_experts):
+                state[f"{prefix}{e}.{proj}.weight"] = stacked[e].contiguous()
+    return state
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -57,6 +95,7 @@ def load_model(
         except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
             raise ValueError(f"cannot read safetensors file {file}: {e}") from e
 
+    stack_experts(state, config)
     with torch.device("meta"):
         model = CausalLM(config)
     if config.tie_word_embeddings:
@@ -90,7 +129,7 @@ def save_model(model: CausalLM, path: str | Path, state_dict: dict[str, torch.Te
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     source = model.state_dict() if state_dict is None else state_dict
-    state = {name: t.detach().contiguous().cpu() for name, t in source.items()}
+    state = unstack_experts({name: t.detach().contiguous().cpu() for name, t in source.items()}, model.config)
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     dtype = next(iter(state.values())).dtype

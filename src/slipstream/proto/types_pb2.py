@@ -24,29 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cslipstream/proto/types.proto\x12\rslipstream.v1\" \n\rRoutedExperts\x12\x0f\n\x07\x65xperts\x18\x01 \x03(\x05\"\xec\x02\n\x06Sample\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x13\n\x0bgroup_index\x18\x02 \x01(\x03\x12\r\n\x05index\x18\x03 \x01(\x03\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x0e\n\x06tokens\x18\x05 \x03(\x05\x12\x17\n\x0fresponse_length\x18\x06 \x01(\x05\x12\x10\n\x08response\x18\x07 \x01(\t\x12\r\n\x05label\x18\x08 \x01(\t\x12\x0e\n\x06reward\x18\t \x01(\x02\x12\x11\n\tloss_mask\x18\n \x03(\x05\x12\x19\n\x11rollout_log_probs\x18\x0b \x03(\x02\x12\x17\n\x0fpolicy_versions\x18\x0c \x03(\x03\x12+\n\x06status\x18\r \x01(\x0e\x32\x1b.slipstream.v1.SampleStatus\x12<\n\x16rollout_routed_experts\x18\x0e \x03(\x0b\x32\x1c.slipstream.v1.RoutedExperts\x12\x15\n\rmetadata_json\x18\x0f \x01(\t\"Z\n\x05Group\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12&\n\x07samples\x18\x02 \x03(\x0b\x32\x15.slipstream.v1.Sample\x12\x17\n\x0f\x63reated_unix_ms\x18\x03 \x01(\x03\"\x81\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x0c\n\x04seed\x18\x06 \x01(\x03\"\x81\x01\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0e\n\x06nbytes\x18\x05 \x01(\x03\x12\x12\n\nscale_name\x18\x06 \x01(\t\x12\x12\n\nblock_size\x18\x07 \x01(\x05\"\xb9\x01\n\x0eWeightManifest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12+\n\x07tensors\x18\x03 \x03(\x0b\x32\x1a.slipstream.v1.TensorEntry\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\x03\x12\x14\n\x0c\x63hunk_sha256\x18\x06 \x03(\t\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\";\n\x0bWeightChunk\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"w\n\rWeightMessage\x12\x31\n\x08manifest\x18\x01 \x01(\x0b\x32\x1d.slipstream.v1.WeightManifestH\x00\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.slipstream.v1.WeightChunkH\x00\x42\x06\n\x04kind*\x98\x01\n\x0cSampleStatus\x12\x19\n\x15SAMPLE_STATUS_PENDING\x10\x00\x12\x1b\n\x17SAMPLE_STATUS_COMPLETED\x10\x01\x12\x1b\n\x17SAMPLE_STATUS_TRUNCATED\x10\x02\x12\x19\n\x15SAMPLE_STATUS_ABORTED\x10\x03\x12\x18\n\x14SAMPLE_STATUS_FAILED\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cslipstream/proto/types.proto\x12\rslipstream.v1\" \n\rRoutedExperts\x12\x0f\n\x07\x65xperts\x18\x01 \x03(\x05\"j\n\x13PackedRoutedExperts\x12\x0b\n\x03ids\x18\x01 \x01(\x0c\x12+\n\x05\x64type\x18\x02 \x01(\x0e\x32\x1c.slipstream.v1.ExpertIdDtype\x12\x19\n\x11\x65xperts_per_token\x18\x03 \x01(\x05\"\xa8\x03\n\x06Sample\x12\x0b\n\x03uid\x18\x01 \x01(\t\x12\x13\n\x0bgroup_index\x18\x02 \x01(\x03\x12\r\n\x05index\x18\x03 \x01(\x03\x12\x0e\n\x06prompt\x18\x04 \x01(\t\x12\x0e\n\x06tokens\x18\x05 \x03(\x05\x12\x17\n\x0fresponse_length\x18\x06 \x01(\x05\x12\x10\n\x08response\x18\x07 \x01(\t\x12\r\n\x05label\x18\x08 \x01(\t\x12\x0e\n\x06reward\x18\t \x01(\x02\x12\x11\n\tloss_mask\x18\n \x03(\x05\x12\x19\n\x11rollout_log_probs\x18\x0b \x03(\x02\x12\x17\n\x0fpolicy_versions\x18\x0c \x03(\x03\x12+\n\x06status\x18\r \x01(\x0e\x32\x1b.slipstream.v1.SampleStatus\x12<\n\x16rollout_routed_experts\x18\x0e \x03(\x0b\x32\x1c.slipstream.v1.RoutedExperts\x12\x15\n\rmetadata_json\x18\x0f \x01(\t\x12:\n\x0erouted_experts\x18\x10 \x01(\x0b\x32\".slipstream.v1.PackedRoutedExperts\"Z\n\x05Group\x12\x10\n\x08group_id\x18\x01 \x01(\t\x12&\n\x07samples\x18\x02 \x03(\x0b\x32\x15.slipstream.v1.Sample\x12\x17\n\x0f\x63reated_unix_ms\x18\x03 \x01(\x03\"\x81\x01\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\x05\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\x05\x12\x0c\n\x04seed\x18\x06 \x01(\x03\"\x81\x01\n\x0bTensorEntry\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0e\n\x06nbytes\x18\x05 \x01(\x03\x12\x12\n\nscale_name\x18\x06 \x01(\t\x12\x12\n\nblock_size\x18\x07 \x01(\x05\"\xb9\x01\n\x0eWeightManifest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12+\n\x07tensors\x18\x03 \x03(\x0b\x32\x1a.slipstream.v1.TensorEntry\x12\x13\n\x0btotal_bytes\x18\x04 \x01(\x03\x12\x13\n\x0b\x63hunk_bytes\x18\x05 \x01(\x03\x12\x14\n\x0c\x63hunk_sha256\x18\x06 \x03(\t\x12\x19\n\x11model_fingerprint\x18\x07 \x01(\t\";\n\x0bWeightChunk\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"w\n\rWeightMessage\x12\x31\n\x08manifest\x18\x01 \x01(\x0b\x32\x1d.slipstream.v1.WeightManifestH\x00\x12+\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1a.slipstream.v1.WeightChunkH\x00\x42\x06\n\x04kind*\x98\x01\n\x0cSampleStatus\x12\x19\n\x15SAMPLE_STATUS_PENDING\x10\x00\x12\x1b\n\x17SAMPLE_STATUS_COMPLETED\x10\x01\x12\x1b\n\x17SAMPLE_STATUS_TRUNCATED\x10\x02\x12\x19\n\x15SAMPLE_STATUS_ABORTED\x10\x03\x12\x18\n\x14SAMPLE_STATUS_FAILED\x10\x04*f\n\rExpertIdDtype\x12\x1f\n\x1b\x45XPERT_ID_DTYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15\x45XPERT_ID_DTYPE_UINT8\x10\x01\x12\x19\n\x15\x45XPERT_ID_DTYPE_INT16\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'slipstream.proto.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SAMPLESTATUS']._serialized_start=1175
-  _globals['_SAMPLESTATUS']._serialized_end=1327
+  _globals['_SAMPLESTATUS']._serialized_start=1343
+  _globals['_SAMPLESTATUS']._serialized_end=1495
+  _globals['_EXPERTIDDTYPE']._serialized_start=1497
+  _globals['_EXPERTIDDTYPE']._serialized_end=1599
   _globals['_ROUTEDEXPERTS']._serialized_start=47
   _globals['_ROUTEDEXPERTS']._serialized_end=79
-  _globals['_SAMPLE']._serialized_start=82
-  _globals['_SAMPLE']._serialized_end=446
-  _globals['_GROUP']._serialized_start=448
-  _globals['_GROUP']._serialized_end=538
-  _globals['_SAMPLINGPARAMS']._serialized_start=541
-  _globals['_SAMPLINGPARAMS']._serialized_end=670
-  _globals['_TENSORENTRY']._serialized_start=673
-  _globals['_TENSORENTRY']._serialized_end=802
-  _globals['_WEIGHTMANIFEST']._serialized_start=805
-  _globals['_WEIGHTMANIFEST']._serialized_end=990
-  _globals['_WEIGHTCHUNK']._serialized_start=992
-  _globals['_WEIGHTCHUNK']._serialized_end=1051
-  _globals['_WEIGHTMESSAGE']._serialized_start=1053
-  _globals['_WEIGHTMESSAGE']._serialized_end=1172
+  _globals['_PACKEDROUTEDEXPERTS']._serialized_start=81
+  _globals['_PACKEDROUTEDEXPERTS']._serialized_end=187
+  _globals['_SAMPLE']._serialized_start=190
+  _globals['_SAMPLE']._serialized_end=614
+  _globals['_GROUP']._serialized_start=616
+  _globals['_GROUP']._serialized_end=706
+  _globals['_SAMPLINGPARAMS']._serialized_start=709
+  _globals['_SAMPLINGPARAMS']._serialized_end=838
+  _globals['_TENSORENTRY']._serialized_start=841
+  _globals['_TENSORENTRY']._serialized_end=970
+  _globals['_WEIGHTMANIFEST']._serialized_start=973
+  _globals['_WEIGHTMANIFEST']._serialized_end=1158
+  _globals['_WEIGHTCHUNK']._serialized_start=1160
+  _globals['_WEIGHTCHUNK']._serialized_end=1219
+  _globals['_WEIGHTMESSAGE']._serialized_start=1221
+  _globals['_WEIGHTMESSAGE']._serialized_end=1340
 # @@protoc_insertion_point(module_scope)

@@ -14,11 +14,20 @@ class SampleStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SAMPLE_STATUS_TRUNCATED: _ClassVar[SampleStatus]
     SAMPLE_STATUS_ABORTED: _ClassVar[SampleStatus]
     SAMPLE_STATUS_FAILED: _ClassVar[SampleStatus]
+
+class ExpertIdDtype(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    EXPERT_ID_DTYPE_UNSPECIFIED: _ClassVar[ExpertIdDtype]
+    EXPERT_ID_DTYPE_UINT8: _ClassVar[ExpertIdDtype]
+    EXPERT_ID_DTYPE_INT16: _ClassVar[ExpertIdDtype]
 SAMPLE_STATUS_PENDING: SampleStatus
 SAMPLE_STATUS_COMPLETED: SampleStatus
 SAMPLE_STATUS_TRUNCATED: SampleStatus
 SAMPLE_STATUS_ABORTED: SampleStatus
 SAMPLE_STATUS_FAILED: SampleStatus
+EXPERT_ID_DTYPE_UNSPECIFIED: ExpertIdDtype
+EXPERT_ID_DTYPE_UINT8: ExpertIdDtype
+EXPERT_ID_DTYPE_INT16: ExpertIdDtype
 
 class RoutedExperts(_message.Message):
     __slots__ = ("experts",)
@@ -26,8 +35,18 @@ class RoutedExperts(_message.Message):
     experts: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, experts: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class PackedRoutedExperts(_message.Message):
+    __slots__ = ("ids", "dtype", "experts_per_token")
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    EXPERTS_PER_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ids: bytes
+    dtype: ExpertIdDtype
+    experts_per_token: int
+    def __init__(self, ids: _Optional[bytes] = ..., dtype: _Optional[_Union[ExpertIdDtype, str]] = ..., experts_per_token: _Optional[int] = ...) -> None: ...
+
 class Sample(_message.Message):
-    __slots__ = ("uid", "group_index", "index", "prompt", "tokens", "response_length", "response", "label", "reward", "loss_mask", "rollout_log_probs", "policy_versions", "status", "rollout_routed_experts", "metadata_json")
+    __slots__ = ("uid", "group_index", "index", "prompt", "tokens", "response_length", "response", "label", "reward", "loss_mask", "rollout_log_probs", "policy_versions", "status", "rollout_routed_experts", "metadata_json", "routed_experts")
     UID_FIELD_NUMBER: _ClassVar[int]
     GROUP_INDEX_FIELD_NUMBER: _ClassVar[int]
     INDEX_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +62,7 @@ class Sample(_message.Message):
     STATUS_FIELD_NUMBER: _ClassVar[int]
     ROLLOUT_ROUTED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    ROUTED_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     uid: str
     group_index: int
     index: int
@@ -58,7 +78,8 @@ class Sample(_message.Message):
     status: SampleStatus
     rollout_routed_experts: _containers.RepeatedCompositeFieldContainer[RoutedExperts]
     metadata_json: str
-    def __init__(self, uid: _Optional[str] = ..., group_index: _Optional[int] = ..., index: _Optional[int] = ..., prompt: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., response_length: _Optional[int] = ..., response: _Optional[str] = ..., label: _Optional[str] = ..., reward: _Optional[float] = ..., loss_mask: _Optional[_Iterable[int]] = ..., rollout_log_probs: _Optional[_Iterable[float]] = ..., policy_versions: _Optional[_Iterable[int]] = ..., status: _Optional[_Union[SampleStatus, str]] = ..., rollout_routed_experts: _Optional[_Iterable[_Union[RoutedExperts, _Mapping]]] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+    routed_experts: PackedRoutedExperts
+    def __init__(self, uid: _Optional[str] = ..., group_index: _Optional[int] = ..., index: _Optional[int] = ..., prompt: _Optional[str] = ..., tokens: _Optional[_Iterable[int]] = ..., response_length: _Optional[int] = ..., response: _Optional[str] = ..., label: _Optional[str] = ..., reward: _Optional[float] = ..., loss_mask: _Optional[_Iterable[int]] = ..., rollout_log_probs: _Optional[_Iterable[float]] = ..., policy_versions: _Optional[_Iterable[int]] = ..., status: _Optional[_Union[SampleStatus, str]] = ..., rollout_routed_experts: _Optional[_Iterable[_Union[RoutedExperts, _Mapping]]] = ..., metadata_json: _Optional[str] = ..., routed_experts: _Optional[_Union[PackedRoutedExperts, _Mapping]] = ...) -> None: ...
 
 class Group(_message.Message):
     __slots__ = ("group_id", "samples", "created_unix_ms")

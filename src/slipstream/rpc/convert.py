@@ -8,12 +8,18 @@ What arrives may be hostile or corrupt (a buggy peer, a damaged Redis entry): `s
 raises `SampleError` (a ValueError, one line) for anything it cannot turn into a `Sample`, and
 `check_sample` is the boundary check services apply before trusting a sample's numbers: token
 ids inside the vocabulary, lengths consistent and bounded, floats finite.
+
+Routed experts (MoE) travel packed (`PackedRoutedExperts`: one byte an id up to 256 experts, two
+up to 32768) and become slime's `list[list[int]]` [positions][layers * top_k] here; the older
+repeated `rollout_routed_experts` field is still read, never written.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+from array import array
 
 from slipstream.proto import types_pb2
 from slipstream.types import Sample, Status
@@ -26,10 +32,50 @@ _STATUS_TO_PB = {
     Status.FAILED: types_pb2.SAMPLE_STATUS_FAILED,
 }
 _STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+_ITEMSIZE = {types_pb2.EXPERT_ID_DTYPE_UINT8: 1, types_pb2.EXPERT_ID_DTYPE_INT16: 2}
 
 
 class SampleError(ValueError):
     """A sample off the wire that is malformed or out of bounds; the message names the field."""
+
+
+def packed_routed_experts(ids: bytes, itemsize: int, experts_per_token: int) -> types_pb2.PackedRoutedExperts:
+    """The wire form of routed expert ids already packed row-major (itemsize 1: uint8, 2: int16 LE)."""
+    dtype = {1: types_pb2.EXPERT_ID_DTYPE_UINT8, 2: types_pb2.EXPERT_ID_DTYPE_INT16}[itemsize]
+    return types_pb2.PackedRoutedExperts(ids=ids, dtype=dtype, experts_per_token=experts_per_token)
+
+
+def routed_experts_rows(p: types_pb2.PackedRoutedExperts) -> list[list[int]]:
+    """[positions][experts_per_token] ids of a packed message (checked by `check_sample`)."""
+    if p.dtype == types_pb2.EXPERT_ID_DTYPE_UINT8:
+        flat = list(p.ids)
+    else:
+        values = array("h", p.ids)
+        if sys.byteorder == "big":
+            values.byteswap()
+        flat = values.tolist()
+    width = p.experts_per_token
+    return [flat[i : i + width] for i in range(0, len(flat), width)]
+
+
+def _pack_rows(rows: list[list[int]]) -> types_pb2.PackedRoutedExperts:
+    width = len(rows[0])
+    flat = [e for row in rows for e in row]
+    if any(len(row) != width for row in rows) or not all(0 <= e < 1 << 15 for e in flat):
+        raise SampleError("rollout_routed_experts: rows of unequal width or ids outside [0, 32768)")
+    if max(flat, default=0) < 256:
+        return packed_routed_experts(bytes(flat), 1, width)
+    values = array("h", flat)
+    if sys.byteorder == "big":
+        values.byteswap()
+    return packed_routed_experts(values.tobytes(), 2, width)
+
+
+def num_routed_positions(p: types_pb2.Sample) -> int:
+    """Positions in `p.routed_experts` (0 when absent)."""
+    r = p.routed_experts
+    itemsize = _ITEMSIZE.get(r.dtype, 1)
+    return len(r.ids) // (itemsize * r.experts_per_token) if r.experts_per_token > 0 else 0
 
 
 def check_sample(p: types_pb2.Sample, vocab_size: int = 0, max_tokens: int = 0) -> None:
@@ -55,6 +101,18 @@ def check_sample(p: types_pb2.Sample, vocab_size: int = 0, max_tokens: int = 0) 
         raise SampleError(f"{where}: rollout_log_probs must be finite and <= 0")
     if any(v < 0 for v in p.policy_versions):
         raise SampleError(f"{where}: negative policy version")
+    if p.HasField("routed_experts"):
+        r = p.routed_experts
+        itemsize = _ITEMSIZE.get(r.dtype)
+        if itemsize is None or r.experts_per_token <= 0 or len(r.ids) % (itemsize * r.experts_per_token):
+            raise SampleError(
+                f"{where}: routed_experts of {len(r.ids)} bytes is not whole rows of "
+                f"{r.experts_per_token} ids of dtype {r.dtype}"
+            )
+        if num_routed_positions(p) > max(total - 1, 0):
+            raise SampleError(f"{where}: routed experts for more positions than its {total} tokens feed")
+        if itemsize == 2 and any(e < 0 for row in routed_experts_rows(r) for e in row):
+            raise SampleError(f"{where}: negative expert id")
 
 
 def sample_to_proto(s: Sample) -> types_pb2.Sample:
@@ -79,7 +137,7 @@ def sample_to_proto(s: Sample) -> types_pb2.Sample:
         rollout_log_probs=s.rollout_log_probs or [],
         policy_versions=s.policy_versions or [],
         status=_STATUS_TO_PB[s.status],
-        rollout_routed_experts=[types_pb2.RoutedExperts(experts=e) for e in (s.rollout_routed_experts or [])],
+        routed_experts=_pack_rows(s.rollout_routed_experts) if s.rollout_routed_experts else None,
         metadata_json=json.dumps(metadata) if metadata else "",
     )
 
@@ -124,6 +182,10 @@ def sample_from_proto(p: types_pb2.Sample) -> Sample:
         rollout_log_probs=list(p.rollout_log_probs) if len(p.rollout_log_probs) == n and n else None,
         policy_versions=list(p.policy_versions) if len(p.policy_versions) == n and n else None,
         status=_STATUS_FROM_PB[p.status],
-        rollout_routed_experts=[list(e.experts) for e in p.rollout_routed_experts] or None,
+        rollout_routed_experts=(
+            routed_experts_rows(p.routed_experts)
+            if p.HasField("routed_experts")
+            else [list(e.experts) for e in p.rollout_routed_experts] or None
+        ),
         metadata=metadata,
     )

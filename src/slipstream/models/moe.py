@@ -1,0 +1,143 @@
+"""The sparse mixture-of-experts block (Qwen3-MoE), and the routing side channel R3 needs.
+
+What the block computes, as `transformers`' `Qwen3MoeSparseMoeBlock` does: router logits
+`x @ gate^T`; a softmax over the experts in fp32; the top-k probabilities and their expert ids;
+optionally renormalised over the k (`norm_topk_prob`); cast back to x's dtype; then the output is
+the weighted sum of the k chosen experts, each a SwiGLU MLP. No shared experts (Qwen3-MoE has none).
+
+The experts are stored stacked, as transformers 5 holds them: `gate_up_proj` [E, 2I, H] (gate rows
+first) and `down_proj` [E, H, I], one tensor per projection, the layout a grouped GEMM takes.
+Published checkpoints name each expert's projections separately; `hf.py` converts both ways. The
+eager loop over the experts that tokens were routed to is the reference arithmetic (CPU, tests);
+a fused kernel would wrap it, not change it.
+
+`Routing` is a side channel through one forward, by MoE layer in layer order:
+- replay (rollout routing replay, R3): the caller gives the expert ids each token must use; the
+  gate weights are recomputed from this forward's router probabilities at those ids (then
+  renormalised as usual), so gradients still reach the router;
+- capture: the ids each token was routed to (what the rollout engine records per token), and the
+  router logits when asked (what `load_balancing_loss` takes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slipstream.models.config import ModelConfig
+
+
+@dataclass
+class Routing:
+    """One forward's routing side channel; MoE layers are numbered 0.. in layer order."""
+
+    replay: Sequence[torch.Tensor] | None = None  # per MoE layer: ids to use, [..., top_k] like the tokens
+    keep_router_logits: bool = False  # also keep each layer's router logits (for the aux loss)
+    experts: list[torch.Tensor] = field(default_factory=list)  # filled: per MoE layer, ids [..., top_k]
+    router_logits: list[torch.Tensor] = field(default_factory=list)  # filled if kept: [tokens, E]
+
+    def stacked(self) -> torch.Tensor:
+        """The captured ids as one tensor [..., num_moe_layers, top_k]."""
+        return torch.stack(self.experts, dim=-2)
+
+
+def route(
+    logits: torch.Tensor, top_k: int, renormalise: bool, replay: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [N, E] -> (gate weights [N, k] in the logits' dtype, expert ids [N, k]).
+
+    With `replay`, the ids are given and the weights are the probabilities at those ids."""
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32)
+    if replay is None:
+        weights, ids = torch.topk(probs, top_k, dim=-1)
+    else:
+        ids = replay.reshape(-1, top_k).to(device=logits.device, dtype=torch.int64)
+        weights = probs.gather(-1, ids)
+    if renormalise:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights.to(logits.dtype), ids
+
+
+class Experts(nn.Module):
+    """E SwiGLU MLPs, stacked: `gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [N, H], ids and weights [N, k] -> sum over k of weight * expert(x), [N, H]."""
+        out = torch.zeros_like(x)
+        top_k = ids.shape[-1]
+        order = ids.reshape(-1).argsort(stable=True)  # token-slots grouped by expert, ascending
+        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts).tolist()
+        start = 0
+        for expert, count in enumerate(counts):  # experts in id order: transformers' summation order
+            if not count:
+                continue
+            slots = order[start : start + count]
+            start += count
+            tokens = slots // top_k
+            gate, up = F.linear(x[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.down_proj[expert])
+            out.index_add_(0, tokens, y * weights.reshape(-1)[slots, None])
+        return out
+
+
+class SparseMoE(nn.Module):
+    """Router (`gate`, a bias-free linear H -> E) and experts; `moe_index` numbers it among MoE layers."""
+
+    def __init__(self, config: ModelConfig, moe_index: int) -> None:
+        super().__init__()
+        self.moe_index = moe_index
+        self.top_k = config.num_experts_per_tok
+        self.norm_topk_prob = config.norm_topk_prob
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
+
+    def forward(self, x: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
+        lead, hidden = x.shape[:-1], x.shape[-1]
+        flat = x.reshape(-1, hidden)
+        logits = self.gate(flat)
+        replay = None if routing is None or routing.replay is None else routing.replay[self.moe_index]
+        weights, ids = route(logits, self.top_k, self.norm_topk_prob, replay)
+        if routing is not None:
+            routing.experts.append(ids.view(*lead, self.top_k))
+            if routing.keep_router_logits:
+                routing.router_logits.append(logits)
+        return self.experts(flat, ids, weights).view(*lead, hidden)
+
+
+def load_balancing_loss(
+    router_logits: Sequence[torch.Tensor], num_experts: int, top_k: int, mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Switch Transformer's auxiliary loss over the MoE layers, as transformers'
+    `load_balancing_loss_func`: num_experts * sum_e (share of top-k assignments to e) * (mean
+    router probability of e), pooled over layers and tokens; `mask` [tokens] (1 = real token)
+    leaves padding out. Not yet part of the trainer's loss (`router_aux_loss_coef` would weight it)."""
+    device = router_logits[0].device
+    assigned = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    probs_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    weight = (
+        torch.ones(router_logits[0].shape[0], device=device) if mask is None else mask.reshape(-1).float()
+    )
+    for logits in router_logits:
+        probs = F.softmax(logits.float(), dim=-1)
+        _, ids = torch.topk(probs, top_k, dim=-1)
+        assigned = assigned.scatter_add(0, ids.reshape(-1), weight.repeat_interleave(top_k))
+        probs_sum = probs_sum + (probs * weight[:, None]).sum(dim=0)
+    rows = weight.sum() * len(router_logits)
+    return num_experts * torch.sum((assigned / rows) * (probs_sum / rows))
+
+
+def expert_load(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert, per MoE layer: ids [..., layers, top_k] -> counts [layers, E]."""
+    per_layer = experts.reshape(-1, *experts.shape[-2:]).transpose(0, 1).reshape(experts.shape[-2], -1)
+    counts = torch.zeros(per_layer.shape[0], num_experts, dtype=torch.int64, device=experts.device)
+    return counts.scatter_add_(1, per_layer.long(), torch.ones_like(per_layer, dtype=torch.int64))
