@@ -93,6 +93,8 @@ def main() -> int:
         summary = json.loads(summary_path.read_text())
         report["accuracy_first5"] = summary.get("accuracy_first5")
         report["accuracy_last5"] = summary.get("accuracy_last5")
+        report["held_out_greedy_before"] = summary.get("held_out_greedy_before")
+        report["held_out_greedy_after"] = summary.get("held_out_greedy_after")
     (run_dir / "chaos_report.json").write_text(json.dumps(report, indent=2) + "\n")
     ok = demo.returncode == 0 and report["ledger_ok"] and not pending
     print(f"chaos demo: {'PASSED' if ok else 'FAILED'}; report in {run_dir / 'chaos_report.json'}")

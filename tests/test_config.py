@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from slipstream.config import Config, ConfigError, TrainConfig, load_config, parse_config
+from slipstream.config import Config, ConfigError, TrainConfig, config_from_values, load_config, parse_config
 
 SLIME_FLAGS = (
     "--hf-checkpoint --prompt-data --input-key --label-key --apply-chat-template --rollout-batch-size "
@@ -122,3 +122,9 @@ def test_auto_defaults_resolve_by_device_and_flags():
     )
     assert t.effective_micro_batch_size(512, "cuda") == 8 and t.effective_micro_batch_size(6, "cuda") == 2
     assert parse_config(["--micro-batch-size", "4"]).train.effective_micro_batch_size(512, "cpu") == 4
+
+
+def test_slime_hooks_see_use_tis_resolved():
+    assert config_from_values({}).as_namespace().use_tis is True  # on by default
+    assert config_from_values({"use_rollout_logprobs": True}).as_namespace().use_tis is False
+    assert config_from_values({"use_tis": False}).as_namespace().use_tis is False

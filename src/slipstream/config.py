@@ -677,6 +677,7 @@ class Config:
         flat: dict[str, Any] = {}
         for section in self.to_dict().values():
             flat.update(section)
+        flat["use_tis"] = self.algo.effective_use_tis  # hooks see the resolved value, never None
         return argparse.Namespace(**flat)
 
     def save_json(self, path: str | Path) -> None:

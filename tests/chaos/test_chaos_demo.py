@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from machine_speed import scaled
 
+from slipstream.demo.run import END_AT_LEAST, START_AT_MOST
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -33,7 +35,9 @@ def test_demo_survives_a_kill_of_rollout_coordinator_and_redis(tmp_path):
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     report = json.loads((run_dir / "chaos_report.json").read_text())
     assert [f["victim"] for f in report["faults"]] == ["rollout-1", "coordinator", "redis"]
-    assert report["ledger_ok"] and report["accuracy_last5"] >= 0.85
+    # The demo's own promise, under faults: greedy accuracy on held-out problems rises.
+    assert report["ledger_ok"]
+    assert report["held_out_greedy_before"] <= START_AT_MOST < END_AT_LEAST <= report["held_out_greedy_after"]
     assert "trained beyond --max-reuse 1 or twice: 0" in "\n".join(report["ledger"])
     for fault in report["faults"]:  # each service came back and training went on
         assert fault["next_step_after_s"] < scaled(60), fault
