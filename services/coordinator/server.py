@@ -48,7 +48,7 @@ from slipstream.buffer.replay import ReplayBuffer
 from slipstream.config import Config
 from slipstream.data import load_prompts
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, reward_pb2_grpc, types_pb2
-from slipstream.rollout_filters import load_filter
+from slipstream.rollout_filters import FilterFn, load_filter
 from slipstream.rpc.channel import aio_channel, wait_healthy
 from slipstream.rpc.server import Service, install_signal_handlers, start_server
 from slipstream.services.coordinator.dispatch_log import DispatchLog
@@ -326,13 +326,29 @@ class RunningCoordinator:
         self.store.close()
 
 
+def _pipeline_settings(cfg: Config, group_filter: FilterFn | None) -> PipelineSettings:
+    """What the pipeline reads of the config, resolved once."""
+    from slipstream.models.hf import load_config
+
+    checkpoint = Path(cfg.model.hf_checkpoint)  # results are checked against its vocabulary, if it says
+    vocab_size = load_config(checkpoint).vocab_size if (checkpoint / "config.json").is_file() else 0
+    return PipelineSettings(
+        rollout=cfg.rollout,
+        bound=StalenessBound.from_config(cfg),
+        seed=cfg.train.seed,
+        vocab_size=vocab_size,
+        group_filter=group_filter,
+        filter_args=cfg.as_namespace(),  # what slime hooks receive as `args`
+    )
+
+
 async def start_coordinator(cfg: Config) -> RunningCoordinator:
     """Load and check the prompts, connect to the buffer and reward service, then serve.
 
     Raises `DataError` for unusable prompts and `RunFinished` for a run id whose run is over
     (unless --load) before anything listens.
     """
-    from slipstream.models.hf import load_config, load_tokenizer
+    from slipstream.models.hf import load_tokenizer
 
     data, infra, rm = cfg.data, cfg.infra, cfg.reward
     records = load_prompts(data.prompt_data, data.input_key, data.label_key, data.metadata_key)
@@ -361,22 +377,15 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
     reward = reward_pb2_grpc.RewardStub(reward_channel)
     score_timeout = max(infra.rpc_timeout, rm.rm_timeout * (rm.rm_max_retries + 1) + 5.0)
 
-    checkpoint = Path(cfg.model.hf_checkpoint)  # results are checked against its vocabulary, if it says
-    vocab_size = load_config(checkpoint).vocab_size if (checkpoint / "config.json").is_file() else 0
-    settings = PipelineSettings(
-        rollout=cfg.rollout,
-        bound=StalenessBound.from_config(cfg),
-        seed=cfg.train.seed,
-        vocab_size=vocab_size,
-        group_filter=group_filter,
-        filter_args=cfg.as_namespace(),  # what slime hooks receive as `args`
-    )
+    settings = _pipeline_settings(cfg, group_filter)
     prompts = Prompts(records, tokens, shuffle=data.rollout_shuffle, seed=cfg.train.seed)
     relay, streams, trainer, events = (
         WeightRelay(),
         # A fresh run waits for the fleet the launcher started; a resumed one takes who comes back.
         Streams(
-            infra.lease_timeout, expected_servers=cfg.rollout.rollout_num_servers if snapshot is None else 0
+            infra.lease_timeout,
+            expected_servers=cfg.rollout.rollout_num_servers if snapshot is None else 0,
+            grace_s=cfg.rollout.rollout_attach_grace,
         ),
         TrainerProgress(),
         DispatchLog(infra.run_dir),

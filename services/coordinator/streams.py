@@ -9,11 +9,12 @@ stream renews its leases (`last_seen`); a stream silent for `--lease-timeout` is
 Heartbeats carry the server's policy version and its engine's idle and up seconds; the registry
 turns those into the fleet's idle fraction between two trainer reports.
 
-A fresh run waits for its fleet before the first dispatch (`fleet_ready`): every service starts at
-once, and a server that attaches a few seconds after another would otherwise find the first
-groups (and, in a short run, every version) taken. It waits for the servers the launcher started
-(--rollout-num-servers), at most FLEET_GRACE_S after the first one attached, so a server that
-never comes holds nothing up; once open, the gate stays open (servers come and go).
+Under the launcher a fresh run waits for its fleet before the first dispatch (`fleet_ready`): every
+service starts at once, and a server that attaches a few seconds after another would otherwise
+find the first groups (and, in a short run, every version) taken. It waits for the servers the
+launcher started (--rollout-num-servers), at most --rollout-attach-grace seconds after the first
+one attached, so a server that never comes holds nothing up; once open, the gate stays open
+(servers come and go). A coordinator run on its own (compose, Kubernetes) dispatches at once.
 
 No ledger here: what a stream holds is the pipeline's business; this is the phone book.
 """
@@ -30,8 +31,6 @@ from dataclasses import dataclass, field
 from slipstream.proto import coordinator_pb2
 
 log = logging.getLogger(__name__)
-
-FLEET_GRACE_S = 20.0  # longest a fresh run waits for --rollout-num-servers servers to attach
 
 
 @dataclass
@@ -57,12 +56,12 @@ class Attached:
 
 
 class Streams:
-    def __init__(self, lease_timeout: float, expected_servers: int = 0, grace_s: float = FLEET_GRACE_S):
+    def __init__(self, lease_timeout: float, expected_servers: int = 0, grace_s: float = 0.0):
         """`expected_servers`: how many to wait for before the first dispatch (0: none)."""
         self.lease_timeout = lease_timeout
         self.expected_servers, self.grace_s = expected_servers, grace_s
         self._first_attach: float | None = None
-        self._fleet_open = expected_servers <= 1
+        self._fleet_open = expected_servers <= 1 or grace_s <= 0
         self.conns: dict[str, Attached] = {}
         self._seq = itertools.count(1)
         self._gone_idle = (0.0, 0.0)  # idle and uptime seconds of detached streams

@@ -85,6 +85,12 @@ class RolloutConfig:
     rollout_stop_token_ids: list[int] = opt([], "Extra token ids that end a response (EOS always does).")
     rollout_num_servers: int = opt(2, "Rollout servers the launcher starts. (Slipstream)")
     rollout_max_batch_size: int = opt(256, "Most sequences one rollout server decodes at once. (Slipstream)")
+    rollout_attach_grace: float = opt(
+        0.0,
+        "Seconds a fresh run's coordinator waits, after the first rollout server attached, for all "
+        "--rollout-num-servers of them before its first dispatch (0 = dispatch at once; the launcher, "
+        "which starts every service at the same moment, uses 20 when this is 0). (Slipstream)",
+    )
     rollout_fp8: bool = opt(
         False,
         "Run the rollout engine's linear projections in FP8 (e4m3, row-wise scales; FP8 tensor cores "
@@ -139,6 +145,7 @@ class RolloutConfig:
         _require(0 < self.rollout_top_p <= 1, "--rollout-top-p must be in (0, 1]")
         _require(self.rollout_num_servers >= 1, "--rollout-num-servers must be at least 1")
         _require(self.max_staleness >= 0, "--max-staleness must be >= 0")
+        _require(self.rollout_attach_grace >= 0, "--rollout-attach-grace must be >= 0")
         _require(
             self.over_sampling_batch_size == 0 or self.over_sampling_batch_size >= self.rollout_batch_size,
             "--over-sampling-batch-size must be >= --rollout-batch-size (or 0)",

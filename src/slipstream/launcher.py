@@ -45,6 +45,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from slipstream.config import Config
 from slipstream.console import ConsoleRelay
@@ -56,6 +57,7 @@ GRACE_S = 5.0  # SIGTERM to SIGKILL, for each stage of a stop
 READY_TIMEOUT_S = 120.0  # from a service's start to its ready file
 SAVE_TIMEOUT_S = 600.0  # a stop asked for (Ctrl-C, SIGTERM): the trainer's last step and checkpoint
 REPORT_TIMEOUT_S = 60.0  # the run report, written once every service is down
+LAUNCHER_ATTACH_GRACE_S = 20.0  # --rollout-attach-grace when the launcher starts the servers
 POLL_S = 0.05
 
 
@@ -574,6 +576,8 @@ def place_on_host(cfg: Config, colocate_given: bool) -> Resolved:
     except PlacementError as e:
         raise LaunchError(str(e)) from None
     cfg.cluster.colocate = placed.colocate
+    # Every service starts at once: the coordinator waits for the servers started here (streams.py).
+    cfg.rollout.rollout_attach_grace = cfg.rollout.rollout_attach_grace or LAUNCHER_ATTACH_GRACE_S
     return placed
 
 
@@ -600,7 +604,6 @@ def run(cfg: Config, colocate_given: bool = False) -> int:
     `colocate_given`: the user set --colocate/--no-colocate, so the launcher does not choose it.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     console = Console(stderr=True)
     launched = _process_start()
@@ -611,17 +614,7 @@ def run(cfg: Config, colocate_given: bool = False) -> int:
         _error(e)
         return 2
     run_dir = Path(cfg.infra.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not cfg.train.load:  # a fresh run's records start empty; a resumed one appends
-        for record in ("metrics.jsonl", "trained.jsonl", "dispatch.jsonl"):
-            (run_dir / record).unlink(missing_ok=True)
-    config_path = run_dir / "config.json"
-    keep_password_out_of_config(cfg, run_dir)
-    cfg.save_json(config_path)
-    # The whole table goes to the run directory; the console gets one line of it and the placement.
-    print(write_config_table(cfg, run_dir / "config.txt"), file=sys.stderr)
-    print(placed.line(), file=sys.stderr, flush=True)
-    rotate_logs(run_dir / "logs")  # this run's logs hold this run only
+    config_path = _prepare_run_dir(cfg, run_dir, placed.line())
     stop_signal: list[int] = []
     mesh = Mesh(
         cfg, config_path, timeline=Timeline(run_dir / "timeline.json", launched),
@@ -641,41 +634,7 @@ def run(cfg: Config, colocate_given: bool = False) -> int:
     try:
         console.print(f"[bold]slipstream[/] run directory {run_dir} (logs in {run_dir / 'logs'})")
         start_mesh(mesh)
-        offset = 0
-        with Progress(
-            TextColumn("[bold]GRPO"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"),
-            TimeElapsedColumn(),
-            console=console,
-            transient=False,
-        ) as progress:
-            task = progress.add_task(
-                "train", total=cfg.rollout.num_rollout, info="waiting for the first batch"
-            )
-            while True:
-                if stop_signal:
-                    raise KeyboardInterrupt
-                relay.echo(progress.console)
-                rows, offset = _read_metrics(run_dir / "metrics.jsonl", offset)
-                for r in rows:
-                    if mesh.timeline.seconds("first step") is None:
-                        mesh.timeline.mark("first step", step=r["step"])
-                    if r["step"] >= cfg.rollout.num_rollout:
-                        mesh.timeline.mark("last step", step=r["step"])
-                    progress.update(
-                        task,
-                        completed=r["step"],
-                        info=(
-                            f"reward {_shown(r['reward_mean'])}  acc {_shown(r['accuracy'])}  "
-                            f"{r['tokens_per_s']:.0f} tok/s  v{r['policy_version']}"
-                        ),
-                    )
-                if mesh.get("trainer").popen.poll() == 0:
-                    break
-                mesh.supervise()
-                time.sleep(POLL_S)
+        _follow(cfg, mesh, relay, console, stop_signal)
         relay.echo(console)  # the last step's
         mesh.timeline.mark("trainer exited")
         mesh.stop_all(forced=lambda: len(stop_signal) > 1)  # the run is done: everything at once
@@ -704,3 +663,59 @@ def run(cfg: Config, colocate_given: bool = False) -> int:
         # Finished, failed or stopped, once every service is down: the report of what was trained
         # (stdout, so the error stays the last line on stderr).
         write_report(run_dir, mesh.timeline)
+
+
+def _prepare_run_dir(cfg: Config, run_dir: Path, placement: str) -> Path:
+    """The run directory, with the resolved config every service reads; returns its path."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.train.load:  # a fresh run's records start empty; a resumed one appends
+        for record in ("metrics.jsonl", "trained.jsonl", "dispatch.jsonl"):
+            (run_dir / record).unlink(missing_ok=True)
+    config_path = run_dir / "config.json"
+    keep_password_out_of_config(cfg, run_dir)
+    cfg.save_json(config_path)
+    # The whole table goes to the run directory; the console gets one line of it and the placement.
+    print(write_config_table(cfg, run_dir / "config.txt"), file=sys.stderr)
+    print(placement, file=sys.stderr, flush=True)
+    rotate_logs(run_dir / "logs")  # this run's logs hold this run only
+    return config_path
+
+
+def _follow(cfg: Config, mesh: Mesh, relay: ConsoleRelay, console: Any, stop_signal: list[int]) -> None:
+    """The progress bar, one update per metrics row, until the trainer exits cleanly; a dead
+    service raises LaunchError (`mesh.supervise`), a stop signal KeyboardInterrupt."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    run_dir, offset = Path(cfg.infra.run_dir), 0
+    with Progress(
+        TextColumn("[bold]GRPO"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("train", total=cfg.rollout.num_rollout, info="waiting for the first batch")
+        while True:
+            if stop_signal:
+                raise KeyboardInterrupt
+            relay.echo(progress.console)
+            rows, offset = _read_metrics(run_dir / "metrics.jsonl", offset)
+            for r in rows:
+                if mesh.timeline.seconds("first step") is None:
+                    mesh.timeline.mark("first step", step=r["step"])
+                if r["step"] >= cfg.rollout.num_rollout:
+                    mesh.timeline.mark("last step", step=r["step"])
+                progress.update(
+                    task,
+                    completed=r["step"],
+                    info=(
+                        f"reward {_shown(r['reward_mean'])}  acc {_shown(r['accuracy'])}  "
+                        f"{r['tokens_per_s']:.0f} tok/s  v{r['policy_version']}"
+                    ),
+                )
+            if mesh.get("trainer").popen.poll() == 0:
+                return
+            mesh.supervise()
+            time.sleep(POLL_S)
