@@ -103,19 +103,8 @@ def _token_list(value: Any, what: str) -> list[int]:
     return list(value)
 
 
-def parse_generate(
-    body: Any, tokenizer: Any, rids: itertools.count, default_max_new_tokens: int, vocab_size: int
-) -> Parsed:
-    """The engine requests a `/generate` body asks for; BadRequest (one line) if it cannot work."""
-    if not isinstance(body, dict):
-        raise BadRequest("the body must be a JSON object")
-    unknown = sorted(set(body) - _TOP_LEVEL)
-    if unknown:
-        raise BadRequest(f"unsupported field {unknown[0]!r}")
-    if body.get("stream"):
-        raise BadRequest("stream is not supported here; send stream: false")
-    if body.get("top_logprobs_num"):
-        raise BadRequest("top_logprobs_num is not supported (only the sampled token's log-prob)")
+def _prompts(body: dict, tokenizer: Any, vocab_size: int) -> tuple[list[list[int]], bool]:
+    """The prompts' token ids, from input_ids or text, and whether the body is a batch."""
     has_ids, has_text = body.get("input_ids") is not None, body.get("text") is not None
     if has_ids == has_text:
         raise BadRequest("give exactly one of input_ids and text")
@@ -139,9 +128,11 @@ def parse_generate(
             raise BadRequest(
                 f"input_ids{f'[{i}]' if batch else ''}: token id {max(p)} >= vocab size {vocab_size}"
             )
-    params = body.get("sampling_params") or {}
-    if not isinstance(params, dict):
-        raise BadRequest("sampling_params must be an object")
+    return prompts, batch
+
+
+def _check_sampling_fields(params: dict) -> None:
+    """Every sampling_params field is one the engine honours, text-only, or at its inert value."""
     known = {"temperature", "top_p", "top_k", "max_new_tokens", "stop_token_ids", "sampling_seed", "seed"}
     for name, value in params.items():
         if name in known or name in _TEXT_ONLY:
@@ -153,6 +144,26 @@ def parse_generate(
                 )
             continue
         raise BadRequest(f"unsupported sampling_params field {name!r}")
+
+
+def parse_generate(
+    body: Any, tokenizer: Any, rids: itertools.count, default_max_new_tokens: int, vocab_size: int
+) -> Parsed:
+    """The engine requests a `/generate` body asks for; BadRequest (one line) if it cannot work."""
+    if not isinstance(body, dict):
+        raise BadRequest("the body must be a JSON object")
+    unknown = sorted(set(body) - _TOP_LEVEL)
+    if unknown:
+        raise BadRequest(f"unsupported field {unknown[0]!r}")
+    if body.get("stream"):
+        raise BadRequest("stream is not supported here; send stream: false")
+    if body.get("top_logprobs_num"):
+        raise BadRequest("top_logprobs_num is not supported (only the sampled token's log-prob)")
+    prompts, batch = _prompts(body, tokenizer, vocab_size)
+    params = body.get("sampling_params") or {}
+    if not isinstance(params, dict):
+        raise BadRequest("sampling_params must be an object")
+    _check_sampling_fields(params)
     stop_ids = params.get("stop_token_ids") or []
     if stop_ids:
         stop_ids = _token_list(stop_ids, "sampling_params.stop_token_ids")

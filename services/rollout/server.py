@@ -101,6 +101,45 @@ async def _engine_death(worker: EngineWorker) -> None:
     raise RuntimeError(f"the engine thread failed: {worker.error}")
 
 
+async def _start_http(
+    settings: ServerConfig,
+    engine_cfg: EngineConfig,
+    worker: EngineWorker,
+    tokenizer,
+    vocab_size: int,
+    host: str,
+):
+    """SGLang's HTTP API on --http-port (None when 0), on this loop, in front of the same worker."""
+    if not settings.http_port:
+        return None
+    from slipstream.services.rollout.http_api import HttpApi, start_http
+
+    api = HttpApi(
+        worker,
+        tokenizer,
+        model_path=engine_cfg.model_path,
+        default_max_new_tokens=settings.default_max_new_tokens,
+        vocab_size=vocab_size,
+    )
+    runner, port = await start_http(api, host, settings.http_port)
+    log.info("SGLang-compatible HTTP API on http://%s:%d (/generate)", host, port)
+    return runner
+
+
+async def _shut_down(service, worker: EngineWorker, http_runner, client, coordinator) -> None:
+    """Stop serving, hand back what runs (ABORTED), then close every part, engine thread last."""
+    service.set_serving(False)
+    worker.abort_all()  # Generate callers get their partial samples back, ABORTED
+    if http_runner is not None:
+        await http_runner.cleanup()
+    if client is not None:
+        await client.close()
+    await service.stop(grace=2.0)
+    worker.stop()
+    if coordinator is not None:
+        await coordinator.close()
+
+
 async def serve(cfg: Config) -> None:
     import torch
 
@@ -131,19 +170,9 @@ async def serve(cfg: Config) -> None:
         client = CoordinatorClient(settings, coordinator, worker, tokenizer, fetcher, stopping)
     servicer = RolloutService(settings, worker, tokenizer)
     # Before the gRPC server: its ready file says every port of this server answers.
-    http_runner = None
-    if settings.http_port:
-        from slipstream.services.rollout.http_api import HttpApi, start_http
-
-        api = HttpApi(
-            worker,
-            tokenizer,
-            model_path=engine_cfg.model_path,
-            default_max_new_tokens=settings.default_max_new_tokens,
-            vocab_size=model.config.vocab_size,
-        )
-        http_runner, http_port = await start_http(api, cfg.infra.host, settings.http_port)
-        log.info("SGLang-compatible HTTP API on http://%s:%d (/generate)", cfg.infra.host, http_port)
+    http_runner = await _start_http(
+        settings, engine_cfg, worker, tokenizer, model.config.vocab_size, cfg.infra.host
+    )
     service = await start_server(
         lambda server: rollout_pb2_grpc.add_RolloutServicer_to_server(servicer, server),
         interceptors=[telemetry.RpcMetrics()],
@@ -175,13 +204,4 @@ async def serve(cfg: Config) -> None:
         for task in waits:
             task.cancel()
         await asyncio.gather(*waits, return_exceptions=True)
-        service.set_serving(False)
-        worker.abort_all()  # Generate callers get their partial samples back, ABORTED
-        if http_runner is not None:
-            await http_runner.cleanup()
-        if client is not None:
-            await client.close()
-        await service.stop(grace=2.0)
-        worker.stop()
-        if coordinator is not None:
-            await coordinator.close()
+        await _shut_down(service, worker, http_runner, client, coordinator)
