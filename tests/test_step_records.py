@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -81,21 +82,29 @@ def test_every_checkpoint_file_has_one_mode(tmp_path):
     assert set(modes.values()) == {0o666 & ~umask}, modes
 
 
-@pytest.mark.parametrize("first, last, word", [(0.25, 0.9, "target met"), (None, None, "target missed")])
-def test_the_demo_verdict_is_one_line_in_a_file(tmp_path, monkeypatch, capsys, first, last, word):
+@pytest.mark.parametrize(
+    "first, last, held_out, word",
+    [(0.25, 0.9, (0.3, 0.8), "target met"), (None, None, (0.6, 0.5), "target missed")],
+)
+def test_the_demo_verdict_is_one_line_in_a_file(tmp_path, monkeypatch, capsys, first, last, held_out, word):
+    import slipstream.demo.run
     import slipstream.launcher
     from slipstream.demo.run import main
 
     run_dir = tmp_path / "a-rather-long-run-directory-name-so-the-line-is-long"
-    (run_dir / "prep" / "model").mkdir(parents=True)
-    (run_dir / "prep" / "model" / "config.json").write_text("{}")
+    model_dir = run_dir / "prep" / "model"
+    model_dir.mkdir(parents=True)
+    (model_dir / "config.json").write_text("{}")
 
     def run(cfg, **kw):
         (run_dir / "summary.json").write_text(json.dumps({"accuracy_first5": first, "accuracy_last5": last}))
+        (run_dir / "checkpoints").mkdir()
+        (run_dir / "checkpoints" / "latest").write_text("step_000100")
         return 0
 
-    monkeypatch.setattr(slipstream.launcher, "run", run)
+    monkeypatch.setattr(slipstream.launcher, "run", run)  # the held-out scores stand in for the models'
+    monkeypatch.setattr(slipstream.demo.run, "held_out_greedy", lambda d: held_out[Path(d) != model_dir])
     monkeypatch.setenv("COLUMNS", "80")
     main(["--run-dir", str(run_dir)])
-    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("demo: accuracy")]
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("demo: greedy accuracy")]
     assert word in line and line.endswith("metrics.jsonl")

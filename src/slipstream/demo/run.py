@@ -113,10 +113,10 @@ def main(argv: list[str]) -> int:
     code = run(cfg, colocate_given=colocate_given([*DEMO_FLAGS, *argv], os.environ))
     if code != 0:
         return code
-    from slipstream.services.trainer.checkpoint import resolve_checkpoint
-
     before = held_out_greedy(model_dir)
-    after = held_out_greedy(resolve_checkpoint(str(cfg.save_dir)))
+    after = held_out_greedy(
+        cfg.save_dir / (cfg.save_dir / "latest").read_text().strip()
+    )  # the last checkpoint
     summary_path = Path(cfg.infra.run_dir) / "summary.json"
     summary = json.loads(summary_path.read_text())
     summary.update(held_out_greedy_before=before, held_out_greedy_after=after)
