@@ -59,3 +59,42 @@ def test_convert_to_fp8_swaps_exactly_the_projections():
     assert {n: tuple(t.shape) for n, t in model.state_dict().items()} == {
         n: tuple(t.shape) for n, t in init_model(config).state_dict().items()
     }
+
+
+def test_fp8_linear_keeps_the_bias():
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64)
+    with torch.no_grad():
+        linear.bias.copy_(torch.randn(64) * 3)  # large next to x @ w.T: a dropped bias must show
+    layer = Fp8Linear.from_linear(linear)
+    x = torch.randn(3, 5, 128)
+    assert rel(layer(x), linear(x)) < 0.08
+    unbiased = layer(x) - layer.bias
+    assert rel(unbiased, linear(x)) > 0.5
+
+
+def test_fp8_qwen2_keeps_its_qkv_biases_and_updates_them():
+    """Qwen2's q/k/v biases survive FP8 conversion under their own names, and an engine weight
+    update copies into them (as the rollout server's does)."""
+    from services.rollout.engine.native import NativeEngine
+    from slipstream.models import ModelConfig
+
+    config = ModelConfig(
+        model_type="qwen2", vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = init_model(config, seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape))
+    reference = init_model(config, seed=0)
+    reference.load_state_dict(model.state_dict())
+    engine = NativeEngine(model, eos_token_ids=[], max_batch_size=2, fp8=True)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, Fp8Linear)
+    tokens = torch.arange(1, 9)[None]
+    assert rel(model(tokens), reference(tokens)) < 0.08
+    name = "model.layers.1.self_attn.k_proj.bias"
+    new_bias = torch.randn(model.model.layers[1].self_attn.k_proj.bias.shape)
+    engine.load_weights({name: new_bias}, version=1)
+    torch.testing.assert_close(model.model.layers[1].self_attn.k_proj.bias.data, new_bias)

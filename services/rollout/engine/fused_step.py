@@ -51,25 +51,23 @@ class _Fused:
 
     def __init__(self, linears: list[nn.Module]) -> None:
         self.fp8 = isinstance(linears[0], Fp8Linear)
+        has_bias = linears[0].bias is not None
+        self.bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
         if self.fp8:
             self.weight = torch.cat([m.weight for m in linears])
             self.scale = torch.cat([m.weight_scale for m in linears])
-            start = 0
-            for m in linears:
-                rows = slice(start, start + m.out_features)
-                m.weight, m.weight_scale = self.weight[rows], self.scale[rows]  # buffers, reassigned
-                start += m.out_features
-        else:  # (Fp8Linear has no bias: convert_to_fp8 refuses a layer with one)
+        else:
             self.weight = torch.cat([m.weight.detach() for m in linears])
-            has_bias = linears[0].bias is not None
-            self.bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
-            start = 0
-            for m in linears:
-                n = m.weight.shape[0]
-                m.weight.data = self.weight[start : start + n]
-                if has_bias:
-                    m.bias.data = self.bias[start : start + n]
-                start += n
+        start = 0
+        for m in linears:
+            rows = slice(start, start + m.weight.shape[0])
+            if self.fp8:
+                m.weight, m.weight_scale = self.weight[rows], self.scale[rows]  # buffers, reassigned
+            else:
+                m.weight.data = self.weight[rows]
+            if has_bias:
+                m.bias.data = self.bias[rows]
+            start = rows.stop
 
     def __call__(
         self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype
@@ -77,7 +75,8 @@ class _Fused:
         """x: activations [M, K], or (for FP8) already quantized (q, scale)."""
         if self.fp8:
             xq, xs = x if isinstance(x, tuple) else quantize_rows(x)
-            return fp8_matmul(xq, xs, self.weight, self.scale, dtype)
+            out = fp8_matmul(xq, xs, self.weight, self.scale, dtype)
+            return out if self.bias is None else out + self.bias.to(dtype)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -82,9 +82,13 @@ def fp8_matmul(
 
 
 class Fp8Linear(nn.Module):
-    """A bias-free `nn.Linear` whose weight is held as e4m3 with a float32 scale per output row."""
+    """An `nn.Linear` whose weight is held as e4m3 with a float32 scale per output row. A bias
+    (Qwen2's q/k/v) stays a parameter in the model's dtype, added after the FP8 product; it keeps
+    its Hugging Face name, so weight updates copy into it like any other parameter."""
 
-    def __init__(self, in_features: int, out_features: int, device: torch.device) -> None:
+    def __init__(
+        self, in_features: int, out_features: int, device: torch.device, bias: torch.Tensor | None = None
+    ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer(
@@ -97,12 +101,11 @@ class Fp8Linear(nn.Module):
             torch.ones((out_features, 1), dtype=torch.float32, device=device),
             persistent=False,
         )
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Fp8Linear:
-        if linear.bias is not None:
-            raise ValueError("Fp8Linear has no bias; this layer has one")
-        layer = cls(linear.in_features, linear.out_features, linear.weight.device)
+        layer = cls(linear.in_features, linear.out_features, linear.weight.device, linear.bias)
         layer.load_(linear.weight)
         return layer
 
@@ -118,6 +121,8 @@ class Fp8Linear(nn.Module):
         lead = x.shape[:-1]
         xq, x_scale = quantize_rows(x.reshape(-1, self.in_features))
         out = fp8_matmul(xq, x_scale, self.weight, self.weight_scale, x.dtype)
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
         return out.view(*lead, self.out_features)
 
 
