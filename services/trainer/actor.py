@@ -65,6 +65,7 @@ from .compiled_layers import split_layers
 from .objective import micro_batch_loss, needs_reference, sft_micro_batch_loss, token_advantages
 from .parallel import Parallel, full_model_state, init_parallel, shard_model
 from .precision import MasterWeights
+from .routing import MoERouting
 from .schedule import LRSchedule, LRScheduler
 from .step_metrics import StepMeans, StepStats
 
@@ -86,10 +87,10 @@ def _checkpoint_layers(model: torch.nn.Module) -> None:
     for layer in model.model.layers:
         forward = layer.forward
 
-        def checkpointed(*args, _forward=forward):
+        def checkpointed(*args, _forward=forward, **kwargs):  # kwargs: an MoE forward's routing
             if torch.is_grad_enabled():
-                return checkpoint(_forward, *args, use_reentrant=False)
-            return _forward(*args)
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+            return _forward(*args, **kwargs)
 
         layer.forward = checkpointed
 
@@ -133,6 +134,7 @@ class Actor:
         self.model = shard_model(model, self.par, param_dtype=torch.bfloat16 if train.bf16 else None)
         self.compute = compute if self.masters else self.model
         self.compute.train()
+        self.moe = MoERouting(model.config, train)  # expert routing: replay, aux loss, metrics
         self.ref_model = None
         if needs_reference(algo):
             # The reference stays the initial policy even when resuming from a checkpoint. It
@@ -169,14 +171,16 @@ class Actor:
         )  # fmt: skip
 
     # ---- log-probs -------------------------------------------------------------------------
-    def _forward(self, model: torch.nn.Module, batch: Batch, head_fn):
-        """`head_fn(hidden, lm_head_weight, targets, temperature=)` of `batch`, in the padded [B, T] frame."""
+    def _forward(self, model: torch.nn.Module, batch: Batch, head_fn, routing=None):
+        """`head_fn(hidden, lm_head_weight, targets, temperature=)` of `batch`, in the padded [B, T] frame;
+        `routing`: an MoE policy forward's `Routing` (`routing.py`)."""
         t = self.temperature
         p = batch.packed
         if self.masters is not None and model is self.compute:
             self.masters.refresh_if_changed()  # e.g. a checkpoint was loaded into the masters
+        extra = {} if routing is None else {"routing": routing}
         if p is None:
-            return model(batch.input_ids, head=lambda h, w: head_fn(h, w, batch.targets, temperature=t))
+            return model(batch.input_ids, head=lambda h, w: head_fn(h, w, batch.targets, temperature=t), **extra)
         rows, cols = batch.input_ids.shape
 
         def head(h, w):
@@ -189,16 +193,23 @@ class Actor:
             return tuple(frame) if isinstance(out, tuple) else frame[0]
 
         attention = packed_causal_attention(p.cu_seqlens, p.max_len)
-        return model(p.input_ids, positions=p.positions, attention=attention, head=head)
+        return model(p.input_ids, positions=p.positions, attention=attention, head=head, **extra)
 
-    def log_probs(self, batch: Batch, model: torch.nn.Module | None = None) -> torch.Tensor:
-        """Per-token log-probs of `batch.targets` under the current (or given) weights, [B, T]."""
+    def log_probs(self, batch: Batch, model: torch.nn.Module | None = None, routing=None) -> torch.Tensor:
+        """Per-token log-probs of `batch.targets` under the current (or given) weights, [B, T];
+        `routing`: a training forward's (default: the policy's for a pass without gradients)."""
         fn = compiled_token_log_probs if self.train.torch_compile else chunked_token_log_probs
-        return self._forward(model or self.compute, batch, fn)
+        if model is not None and model is not self.compute:  # the reference routes itself
+            return self._forward(model, batch, fn)
+        if routing is None:
+            routing = self.moe.routing(batch, training=False)
+        out = self._forward(self.compute, batch, fn, routing)
+        self.moe.forward_done(batch, routing)
+        return out
 
-    def log_probs_and_entropy(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_probs_and_entropy(self, batch: Batch, routing=None) -> tuple[torch.Tensor, torch.Tensor]:
         fn = compiled_log_probs_and_entropy if self.train.torch_compile else chunked_log_probs_and_entropy
-        return self._forward(self.compute, batch, fn)
+        return self._forward(self.compute, batch, fn, routing)
 
     def old_log_probs(self, batches: list[Batch]) -> list[torch.Tensor]:
         if self.train.torch_compile:
@@ -255,6 +266,7 @@ class Actor:
         members, steps_of_micro = self.micro_batches(samples)
         make = pack if self.train.use_dynamic_batch_size else collate
         micro = [make([samples[j] for j in m], [scores[j] for j in m]).to(self.device) for m in members]
+        self.moe.start_step()
         score_rows = [
             torch.tensor([scores[j] for j in m], dtype=torch.float32, device=self.device) for m in members
         ]
@@ -270,12 +282,14 @@ class Actor:
                 means.logprob_diff(o, b.rollout_log_probs, b.loss_mask > 0)
 
         def loss(i: int, b: Batch, weights: torch.Tensor) -> torch.Tensor:
-            lp, entropy = self.log_probs_and_entropy(b)
+            routing = self.moe.routing(b, training=True)
+            lp, entropy = self.log_probs_and_entropy(b, routing)
             if old[i] is None:  # a first-step micro-batch: its proximal log-probs are these
                 old[i] = lp.detach()
                 means.logprob_diff(old[i], b.rollout_log_probs, b.loss_mask > 0)
             ref_i = None if ref is None else ref[i]
-            return micro_batch_loss(self.algo, b, lp, entropy, old[i], ref_i, weights, means)
+            policy = micro_batch_loss(self.algo, b, lp, entropy, old[i], ref_i, weights, means)
+            return policy + self.moe.training_terms(b, routing, weights, means)
 
         return self._optimizer_steps(micro, steps_of_micro, loss, means)
 
@@ -286,9 +300,12 @@ class Actor:
         make = pack if self.train.use_dynamic_batch_size else collate
         micro = [make([samples[j] for j in m], [0.0] * len(m)).to(self.device) for m in members]
         means = StepMeans()
+        self.moe.start_step()
 
         def loss(i: int, b: Batch, weights: torch.Tensor) -> torch.Tensor:
-            return sft_micro_batch_loss(self.log_probs(b), weights)
+            routing = self.moe.routing(b, training=True)
+            lp = self.log_probs(b, routing=routing)
+            return sft_micro_batch_loss(lp, weights) + self.moe.training_terms(b, routing, weights, means)
 
         return self._optimizer_steps(micro, steps_of_micro, loss, means)
 

@@ -33,6 +33,10 @@ class Batch:
     versions: torch.Tensor  # [B, T] long, policy version per response token (-1 outside)
     num_tokens: int  # sum of loss_mask
     packed: Packed | None = None  # the same samples as one packed row (dynamic batch size)
+    seq_lens: torch.Tensor | None = None  # [B] long: input positions of each row (len(tokens) - 1)
+    # [B, T, W] int16: the rollout's routed experts of each input position (W = MoE layers x top-k,
+    # Sample.rollout_routed_experts), -1 where none was recorded; None when no sample has any.
+    routed_experts: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
@@ -49,6 +53,8 @@ class Batch:
             ),
             num_tokens=self.num_tokens,
             packed=self.packed.to(device) if self.packed is not None else None,
+            seq_lens=None if self.seq_lens is None else self.seq_lens.to(device),
+            routed_experts=None if self.routed_experts is None else self.routed_experts.to(device),
         )
 
     def __len__(self) -> int:
@@ -66,6 +72,7 @@ class Packed:
     head_rows: torch.Tensor  # [M] long: row positions of the response tokens (the LM head's inputs)
     head_targets: torch.Tensor  # [M] long: the token each of them predicts
     head_index: torch.Tensor  # [M] long: where each lands in the padded frame, flattened [B * T]
+    routed_experts: torch.Tensor | None = None  # [N, W]: Batch.routed_experts of each row position
 
     def to(self, device: torch.device) -> Packed:
         moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
@@ -97,7 +104,26 @@ def collate(samples: list[Sample], advantages: list[float], pad_id: int = 0) -> 
         if s.policy_versions is not None:
             versions[i, start : start + r] = torch.tensor(s.policy_versions, dtype=torch.long)
         adv[i, start : start + r] = a
-    return Batch(input_ids, targets, loss_mask, rollout_lp, adv, versions, int(loss_mask.sum().item()))
+    lens = torch.tensor([len(s.tokens) - 1 for s in samples], dtype=torch.long)
+    return Batch(
+        input_ids, targets, loss_mask, rollout_lp, adv, versions, int(loss_mask.sum().item()),
+        seq_lens=lens, routed_experts=_routed_experts(samples, width),
+    )  # fmt: skip
+
+
+def _routed_experts(samples: list[Sample], width: int) -> torch.Tensor | None:
+    """The samples' recorded experts in the [B, T, W] input frame (row j: the experts of tokens[j]), -1
+    where none; None when no sample has a record. W is the widest record's (routing.py checks it)."""
+    records = [s.rollout_routed_experts for s in samples]
+    w = max((len(r[0]) for r in records if r), default=0)
+    if not w:
+        return None
+    out = torch.full((len(samples), width, w), -1, dtype=torch.int16)
+    for i, rows in enumerate(records):
+        if rows and len(rows[0]) == w:
+            n = min(len(rows), width)
+            out[i, :n] = torch.tensor(rows[:n], dtype=torch.int16)
+    return out
 
 
 def pack(samples: list[Sample], advantages: list[float], pad_id: int = 0) -> Batch:
@@ -125,6 +151,11 @@ def pack(samples: list[Sample], advantages: list[float], pad_id: int = 0) -> Bat
         head_rows=rows_t,
         head_targets=flat_targets[index_t],
         head_index=index_t,
+        routed_experts=(
+            None
+            if batch.routed_experts is None
+            else torch.cat([batch.routed_experts[i, : len(s.tokens) - 1] for i, s in enumerate(samples)])
+        ),
     )
     return batch
 

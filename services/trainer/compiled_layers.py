@@ -16,7 +16,8 @@ So the layer's forward is replaced, on the trainer's own copy of the model, by
 with `before` and `after` the model's own `Qwen3DecoderLayer.before_attention` /
 `after_attention` (its forward is exactly the two around the attention call), compiled once
 (dynamic shapes) and shared by all layers (parameters are graph inputs);
-tests/test_packing.py pins the split forward to the model's own, bit for bit, uncompiled on CPU.
+tests/test_packing.py pins the split forward to the model's own, bit for bit, uncompiled on CPU
+(tests/test_routing_replay.py: with an MoE routing replayed and captured).
 """
 
 from __future__ import annotations
@@ -42,8 +43,10 @@ def split_layers(model: torch.nn.Module, compile: bool = True) -> None:
     before, after = _compiled() if compile else plain
     for layer in model.model.layers:
 
-        def forward(x, cos, sin, attention, _layer=layer):
+        def forward(x, cos, sin, attention, routing=None, _layer=layer):
             q, k, v = before(_layer, x, cos, sin)
-            return after(_layer, x, attention(_layer.self_attn.layer_idx, q, k, v))
+            out = attention(_layer.self_attn.layer_idx, q, k, v)
+            # An MoE layer's routing (replay in, capture out: routing.py) goes through `after`.
+            return after(_layer, x, out) if routing is None else after(_layer, x, out, routing)
 
         layer.forward = forward

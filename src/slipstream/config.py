@@ -348,6 +348,24 @@ class TrainConfig:
         "torch.compile the trainer: each decoder layer as two graphs around its attention call "
         "(which stays eager) and the LM head's log-prob/entropy chunks. (Slipstream)",
     )
+    use_rollout_routing_replay: bool = opt(
+        False,
+        "Rollout routing replay (R3, mixture-of-experts models): the training forwards use the expert "
+        "ids the rollout engine routed each token to (prompt included, Sample.rollout_routed_experts); "
+        "gate weights are recomputed from the trainer's router over those ids, so the router still "
+        "trains. A token without a record routes itself. The reference model routes itself.",
+    )
+    use_routing_replay: bool = opt(
+        False,
+        "Routing replay (R2, mixture-of-experts models): a micro-batch's later forwards in a step (the "
+        "training pass after the proximal pass) use the experts its first forward chose. Implied by "
+        "--use-rollout-routing-replay, whose ids then serve every pass.",
+    )
+    moe_aux_loss_coeff: float | None = opt(
+        None,
+        "Weight of the mixture-of-experts load-balancing loss (Switch Transformer's, Megatron's flag "
+        "name); unset = the checkpoint's router_aux_loss_coef (transformers' Qwen3-MoE: 0.001), 0 = off.",
+    )
     update_weights_interval: int = opt(1, "Push new weights to rollout every N training steps.")
     max_reuse: int = opt(
         1,
@@ -388,6 +406,9 @@ class TrainConfig:
         _require(self.global_batch_size >= 0, "--global-batch-size must be >= 0")
         _require(self.update_weights_interval > 0, "--update-weights-interval must be positive")
         _require(self.max_nonfinite_steps >= 1, "--max-nonfinite-steps must be at least 1")
+        _require(
+            self.moe_aux_loss_coeff is None or self.moe_aux_loss_coeff >= 0, "--moe-aux-loss-coeff must be >= 0"
+        )
         _require(self.adam_eps > 0, "--adam-eps must be positive")
         _require(self.lr_decay_iters >= 0 and self.lr_warmup_iters >= 0, "--lr-*-iters must be >= 0")
         _require(0 <= self.min_lr <= self.lr, "--min-lr must be in [0, --lr]")

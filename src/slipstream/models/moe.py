@@ -14,9 +14,11 @@ a fused kernel would wrap it, not change it.
 `Routing` is a side channel through one forward, by MoE layer in layer order:
 - replay (rollout routing replay, R3): the caller gives the expert ids each token must use; the
   gate weights are recomputed from this forward's router probabilities at those ids (then
-  renormalised as usual), so gradients still reach the router;
-- capture: the ids each token was routed to (what the rollout engine records per token), and the
-  router logits when asked (what `load_balancing_loss` takes).
+  renormalised as usual), so gradients still reach the router. A token whose row is -1 (no
+  record) routes itself;
+- capture: the ids each token was routed to (what the rollout engine records per token), under
+  replay also the router's own top-k (`chosen`: how often it agrees with the replayed ids), and
+  the router logits when asked (what `load_balancing_loss` takes).
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class Routing:
 
     replay: Sequence[torch.Tensor] | None = None  # per MoE layer: ids to use, [..., top_k] like the tokens
     keep_router_logits: bool = False  # also keep each layer's router logits (for the aux loss)
-    experts: list[torch.Tensor] = field(default_factory=list)  # filled: per MoE layer, ids [..., top_k]
+    experts: list[torch.Tensor] = field(default_factory=list)  # filled: per MoE layer, ids used [..., top_k]
+    chosen: list[torch.Tensor] = field(default_factory=list)  # filled under replay: the router's own top-k
     router_logits: list[torch.Tensor] = field(default_factory=list)  # filled if kept: [tokens, E]
 
     def stacked(self) -> torch.Tensor:
@@ -47,19 +50,22 @@ class Routing:
 
 def route(
     logits: torch.Tensor, top_k: int, renormalise: bool, replay: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [N, E] -> (gate weights [N, k] in the logits' dtype, expert ids [N, k]).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router logits [N, E] -> (gate weights [N, k] in the logits' dtype, expert ids [N, k], the
+    router's own top-k ids [N, k]).
 
-    With `replay`, the ids are given and the weights are the probabilities at those ids."""
+    With `replay` (ids [..., k] flattening to [N, k]), a row's ids are the given ones unless they
+    are -1, and the weights are the softmax over all experts gathered at the ids used."""
     probs = F.softmax(logits, dim=-1, dtype=torch.float32)
-    if replay is None:
-        weights, ids = torch.topk(probs, top_k, dim=-1)
-    else:
-        ids = replay.reshape(-1, top_k).to(device=logits.device, dtype=torch.int64)
+    weights, chosen = torch.topk(probs, top_k, dim=-1)
+    ids = chosen
+    if replay is not None:
+        given = replay.reshape(-1, top_k).to(device=logits.device, dtype=torch.int64)
+        ids = torch.where(given[:, :1] >= 0, given, chosen)
         weights = probs.gather(-1, ids)
     if renormalise:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(logits.dtype), ids
+    return weights.to(logits.dtype), ids, chosen
 
 
 class Experts(nn.Module):
@@ -106,9 +112,11 @@ class SparseMoE(nn.Module):
         flat = x.reshape(-1, hidden)
         logits = self.gate(flat)
         replay = None if routing is None or routing.replay is None else routing.replay[self.moe_index]
-        weights, ids = route(logits, self.top_k, self.norm_topk_prob, replay)
+        weights, ids, chosen = route(logits, self.top_k, self.norm_topk_prob, replay)
         if routing is not None:
             routing.experts.append(ids.view(*lead, self.top_k))
+            if replay is not None:
+                routing.chosen.append(chosen.view(*lead, self.top_k))
             if routing.keep_router_logits:
                 routing.router_logits.append(logits)
         return self.experts(flat, ids, weights).view(*lead, hidden)
@@ -120,7 +128,7 @@ def load_balancing_loss(
     """Switch Transformer's auxiliary loss over the MoE layers, as transformers'
     `load_balancing_loss_func`: num_experts * sum_e (share of top-k assignments to e) * (mean
     router probability of e), pooled over layers and tokens; `mask` [tokens] (1 = real token)
-    leaves padding out. Not yet part of the trainer's loss (`router_aux_loss_coef` would weight it)."""
+    leaves padding out. The trainer adds it weighted by --moe-aux-loss-coeff (services/trainer/routing.py)."""
     device = router_logits[0].device
     assigned = torch.zeros(num_experts, dtype=torch.float32, device=device)
     probs_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
