@@ -115,7 +115,9 @@ def test_a_sample_without_record_routes_itself(model_dir):
     samples = _rollout(model_dir, _samples())
     samples[0] = dataclasses.replace(samples[0], rollout_routed_experts=None)
     batch = collate(samples[:4], SCORES[:4])
-    assert (batch.routed_experts[0] == -1).all() and (batch.routed_experts[1, : len(samples[1].tokens) - 1] >= 0).all()
+    assert (batch.routed_experts[0] == -1).all() and (
+        batch.routed_experts[1, : len(samples[1].tokens) - 1] >= 0
+    ).all()
     actor = Actor.from_config(_cfg(model_dir, use_rollout_routing_replay=True))
     with torch.no_grad():
         replayed = actor.log_probs(batch)
@@ -140,14 +142,19 @@ def test_r2_replays_the_proximal_pass_in_the_training_pass(model_dir):
 def test_aux_loss_is_added_with_its_coefficient(model_dir):
     samples = _rollout(model_dir, _samples())
     base = Actor.from_config(_cfg(model_dir, global_batch_size=8, micro_batch_size=4))
-    with_aux = Actor.from_config(_cfg(model_dir, global_batch_size=8, micro_batch_size=4, moe_aux_loss_coeff=0.5))
+    with_aux = Actor.from_config(
+        _cfg(model_dir, global_batch_size=8, micro_batch_size=4, moe_aux_loss_coeff=0.5)
+    )
     batches = [collate(samples[:4], SCORES[:4]), collate(samples[4:], SCORES[4:])]
     with torch.no_grad():
         routings = [Routing(keep_router_logits=True) for _ in batches]
         for b, r in zip(batches, routings, strict=True):
             with_aux.compute(b.input_ids, routing=r)
         real = [torch.arange(b.input_ids.shape[1])[None] < b.seq_lens[:, None] for b in batches]
-        aux = [load_balancing_loss(r.router_logits, 8, 2, mask=m.reshape(-1)) for r, m in zip(routings, real, strict=True)]
+        aux = [
+            load_balancing_loss(r.router_logits, 8, 2, mask=m.reshape(-1))
+            for r, m in zip(routings, real, strict=True)
+        ]
     tokens = [b.num_tokens for b in batches]
     expected_aux = sum(a * n for a, n in zip(aux, tokens, strict=True)) / sum(tokens)
     s0, s1 = base.train_rollout(samples, SCORES), with_aux.train_rollout(samples, SCORES)

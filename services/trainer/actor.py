@@ -180,7 +180,9 @@ class Actor:
             self.masters.refresh_if_changed()  # e.g. a checkpoint was loaded into the masters
         extra = {} if routing is None else {"routing": routing}
         if p is None:
-            return model(batch.input_ids, head=lambda h, w: head_fn(h, w, batch.targets, temperature=t), **extra)
+            return model(
+                batch.input_ids, head=lambda h, w: head_fn(h, w, batch.targets, temperature=t), **extra
+            )
         rows, cols = batch.input_ids.shape
 
         def head(h, w):

@@ -407,7 +407,8 @@ class TrainConfig:
         _require(self.update_weights_interval > 0, "--update-weights-interval must be positive")
         _require(self.max_nonfinite_steps >= 1, "--max-nonfinite-steps must be at least 1")
         _require(
-            self.moe_aux_loss_coeff is None or self.moe_aux_loss_coeff >= 0, "--moe-aux-loss-coeff must be >= 0"
+            self.moe_aux_loss_coeff is None or self.moe_aux_loss_coeff >= 0,
+            "--moe-aux-loss-coeff must be >= 0",
         )
         _require(self.adam_eps > 0, "--adam-eps must be positive")
         _require(self.lr_decay_iters >= 0 and self.lr_warmup_iters >= 0, "--lr-*-iters must be >= 0")
