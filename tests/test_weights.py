@@ -117,7 +117,7 @@ def test_fingerprint_ignores_order_but_not_shapes():
 
 def test_pack_refuses_unknown_format_and_unencodable_dtype():
     with pytest.raises(WeightError, match="unknown weight format"):
-        pack(_state_dict(), version=1, fmt="int4")
+        pack(_state_dict(), version=1, fmt="int8")
     with pytest.raises(WeightError, match="no wire encoding"):
         pack({"mask": torch.ones(3, dtype=torch.bool)}, version=1)
 

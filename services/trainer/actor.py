@@ -27,7 +27,9 @@ would silently not move) and runs forward and backward on a bf16 copy of the wei
 per optimizer step (`precision.py`; FSDP2's `MixedPrecisionPolicy` under torchrun), so the
 whole forward, residual stream included, is bf16 and no weight is cast at its use. AdamW is
 fused on CUDA. `--torch-compile` compiles each decoder layer as two graphs around the attention
-call (`compiled_layers.py`). `--gradient-checkpointing` recomputes each decoder layer in
+call (`compiled_layers.py`). `--int4-qat` and `--fp8-format e4m3` (unified FP8) run forward and
+backward on the quantized weights the rollout serves, straight-through to the masters
+(`quantized.py`). `--gradient-checkpointing` recomputes each decoder layer in
 backward. The LM head never materialises full-vocabulary fp32 logits for a whole batch:
 `chunked_*` in `losses.py` works through the tokens a chunk at a time, checkpointed.
 
@@ -64,7 +66,7 @@ from .batch import Batch, collate, pack, plan_micro_batches
 from .compiled_layers import split_layers
 from .objective import micro_batch_loss, needs_reference, sft_micro_batch_loss, token_advantages
 from .parallel import Parallel, full_model_state, init_parallel, shard_model
-from .precision import MasterWeights
+from .quantized import compute_weights
 from .routing import MoERouting
 from .schedule import LRSchedule, LRScheduler
 from .step_metrics import StepMeans, StepStats
@@ -125,7 +127,8 @@ class Actor:
         self.device = self.par.device
         dtype = torch.float32 if train.bf16 else DTYPES[model_cfg.dtype]  # --bf16: fp32 masters
         model = load_model(model_path or model_cfg.hf_checkpoint, device=self.device, dtype=dtype)
-        self.masters = MasterWeights(model) if train.bf16 and not self.par.enabled else None
+        # --bf16: a bf16 compute copy; --int4-qat / --fp8-format: one with the quantized weights
+        self.masters = compute_weights(model, train, self.par.enabled)
         compute = self.masters.compute if self.masters else model
         if train.torch_compile:
             split_layers(compute)  # two compiled graphs per layer around the attention call

@@ -129,6 +129,7 @@ class Trainer:
             self.coordinator, cfg.train.effective_weight_sync_dtype(actor.device.type), infra.rpc_timeout,
             self.reconnect,
             colocate=cfg.cluster.colocate and actor.device.type == "cuda",
+            int4_targets=cfg.train.int4_qat_targets,
         )  # fmt: skip
         self.versions = Versions(pusher, cfg.train.update_weights_interval)
         self.gather = weight_gather(actor)

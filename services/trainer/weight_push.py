@@ -1,7 +1,8 @@
 """Pushing a new policy version to the coordinator (which fans it out to every rollout server).
 
 The weights are packed in the wire format of `slipstream.weights` (FP8 e4m3 with 128x128
-block scales by default) and streamed as one manifest followed by chunks.
+block scales by default; int4 for the --int4-qat-targets weights under --weight-sync-dtype int4)
+and streamed as one manifest followed by chunks.
 
 A push survives a coordinator restart. PushWeights is not idempotent (a version is accepted
 once), so a push whose reply was lost (UNAVAILABLE) is not simply repeated: GetStatus says
@@ -44,7 +45,9 @@ class WeightPusher:
         reconnect: Reconnect,
         what: str = "coordinator",
         colocate: bool = False,
+        int4_targets: str = "auto",
     ):
+        self.int4_targets = int4_targets  # --int4-qat-targets: the int4 format's int4 weights
         self.stub, self.fmt, self.timeout, self.reconnect, self.what = stub, fmt, timeout, reconnect, what
         self.last: tuple[types_pb2.WeightManifest, list[bytes]] | None = None  # the last version pushed
         # --colocate on a GPU: a version travels as CUDA IPC handles of a device buffer this process
@@ -62,7 +65,9 @@ class WeightPusher:
         # result to the host once; copying the full-precision weights first would double the traffic.
         weights = {k: v.detach() for k, v in state_dict.items()}
         self.last = (
-            self.ipc.pack(weights, version, self.fmt) if self.ipc else pack(weights, version, self.fmt)
+            self.ipc.pack(weights, version, self.fmt, self.int4_targets)
+            if self.ipc
+            else pack(weights, version, self.fmt, int4_targets=self.int4_targets)
         )
         if send:
             self._send()

@@ -343,6 +343,31 @@ class TrainConfig:
         "per optimizer step, gradients accumulate in float32 (FSDP2's MixedPrecisionPolicy under "
         "torchrun).",
     )
+    int4_qat: bool = opt(
+        False,
+        "INT4 quantization-aware training: the --int4-qat-targets weights compute forward with their "
+        "group-128 int4 rounding (fp32 masters, straight-through gradients), the very weights the "
+        "rollout serves from --weight-sync-dtype int4 (which it needs; auto picks it). (miles' INT4 QAT)",
+    )
+    int4_qat_targets: Literal["auto", "linear", "experts"] = opt(
+        "auto",
+        "Which weights are int4 under --int4-qat and --weight-sync-dtype int4: linear (every "
+        "q/k/v/o and gate/up/down projection; never embeddings, LM head, norms or routers), experts "
+        "(the routed experts' projections only), auto = experts on an MoE model, else linear. "
+        "(Slipstream)",
+    )
+    fp8_format: Literal["e4m3"] | None = opt(
+        None,
+        "Unified FP8: the trainer's linear projections compute forward with the same 128x128 "
+        "block-quantized e4m3 weights the FP8 push delivers (fp32 masters, straight-through "
+        "gradients), so rollout and training use the same numbers; needs --weight-sync-dtype fp8 "
+        "(auto picks it). Unset = off. (Megatron's name; only e4m3)",
+    )
+    fp8_recipe: Literal["blockwise"] = opt(
+        "blockwise",
+        "Scaling of --fp8-format: blockwise (one fp32 scale per 128x128 weight block, DeepSeek-V3's, "
+        "the wire's). (Megatron's name; its delayed/tensorwise/mxfp8 recipes are not implemented)",
+    )
     torch_compile: bool = opt(
         False,
         "torch.compile the trainer: each decoder layer as two graphs around its attention call "
@@ -373,12 +398,14 @@ class TrainConfig:
         "when fresh groups are short, while within --max-staleness; requeued groups become readable at "
         "the next checkpoint (--save-interval). (Slipstream)",
     )
-    weight_sync_dtype: Literal["auto", "fp8", "bf16"] = opt(
+    weight_sync_dtype: Literal["auto", "fp8", "bf16", "int4"] = opt(
         "auto",
-        "Wire format of weight pushes: FP8 e4m3 with 128x128 block scales, or bf16. auto = fp8 when "
-        "the trainer runs on a GPU (half the bytes), bf16 on a CPU trainer (FP8 buys nothing there: "
-        "the push is not what a step waits on, and the rounding costs the sampler's agreement with "
-        "the trainer). (Slipstream)",
+        "Wire format of weight pushes: FP8 e4m3 with 128x128 block scales, bf16, or int4 (the "
+        "--int4-qat-targets weights as group-128 symmetric int4, two a byte plus fp32 scales, served "
+        "W4A16; the rest bf16). auto = int4 under --int4-qat, fp8 under --fp8-format or when the "
+        "trainer runs on a GPU (half the bytes), else bf16 (on a CPU trainer FP8 buys nothing: the "
+        "push is not what a step waits on, and the rounding costs the sampler's agreement with the "
+        "trainer). (Slipstream)",
     )
     save: str = opt("", "Directory for checkpoints (defaults to <run-dir>/checkpoints).")
     save_interval: int = opt(
@@ -407,6 +434,20 @@ class TrainConfig:
         _require(self.update_weights_interval > 0, "--update-weights-interval must be positive")
         _require(self.max_nonfinite_steps >= 1, "--max-nonfinite-steps must be at least 1")
         _require(
+            not (self.int4_qat and self.fp8_format),
+            "--int4-qat and --fp8-format train against two different roundings: pick one",
+        )
+        _require(
+            not self.int4_qat or self.weight_sync_dtype in ("auto", "int4"),
+            f"--int4-qat trains against the int4 weights the rollout serves: it needs --weight-sync-dtype "
+            f"int4 (or auto), got {self.weight_sync_dtype}",
+        )
+        _require(
+            not self.fp8_format or self.weight_sync_dtype in ("auto", "fp8"),
+            f"--fp8-format trains against the FP8 blocks the rollout serves: it needs --weight-sync-dtype "
+            f"fp8 (or auto), got {self.weight_sync_dtype}",
+        )
+        _require(
             self.moe_aux_loss_coeff is None or self.moe_aux_loss_coeff >= 0,
             "--moe-aux-loss-coeff must be >= 0",
         )
@@ -431,10 +472,13 @@ class TrainConfig:
         return next(m for m in (8, 4, 2, 1) if global_batch_size % m == 0)
 
     def effective_weight_sync_dtype(self, device_type: str) -> str:
-        """--weight-sync-dtype, or when auto: fp8 from a GPU trainer, bf16 from a CPU one."""
+        """--weight-sync-dtype, or when auto: int4 under --int4-qat, fp8 under --fp8-format or from
+        a GPU trainer, bf16 from a CPU one."""
         if self.weight_sync_dtype != "auto":
             return self.weight_sync_dtype
-        return "fp8" if device_type == "cuda" else "bf16"
+        if self.int4_qat:
+            return "int4"
+        return "fp8" if self.fp8_format or device_type == "cuda" else "bf16"
 
 
 @dataclass
@@ -685,6 +729,11 @@ class Config:
             or t.micro_batch_size == 0
             or self.effective_global_batch_size % t.micro_batch_size == 0,
             f"--micro-batch-size must divide the global batch size ({self.effective_global_batch_size})",
+        )
+        _require(
+            not (t.int4_qat or t.fp8_format) or self.cluster.actor_num_gpus_per_node == 1,
+            "--int4-qat / --fp8-format train in one process for now (not under FSDP2): "
+            "--actor-num-gpus-per-node 1",
         )
 
     # ---- derived values ------------------------------------------------------------------

@@ -40,14 +40,14 @@ FP8_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max
 # Linear projections of attention and MLP (dense and MoE experts, HF Llama/Qwen naming, plus
 # the fused variants some checkpoints use). Embeddings, lm_head, norms and MoE routers are left
 # out on purpose: they are small or precision-sensitive, and DeepSeek-V3 keeps them in bf16 too.
-_LINEAR = re.compile(
+LINEAR_WEIGHT = re.compile(
     r"(^|\.)(q_proj|k_proj|v_proj|o_proj|qkv_proj|gate_proj|up_proj|down_proj|gate_up_proj)\.weight$"
 )
 
 
 def should_quantize(name: str, t: torch.Tensor) -> bool:
     """True for the 2-D weight of a linear layer (q/k/v/o, gate/up/down projections)."""
-    return t.dim() == 2 and t.is_floating_point() and _LINEAR.search(name) is not None
+    return t.dim() == 2 and t.is_floating_point() and LINEAR_WEIGHT.search(name) is not None
 
 
 def scale_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int]:
@@ -104,3 +104,9 @@ def dequantize_blockwise(
     blocks = _blocks(q.float())
     w = blocks * scale_inv.float()[:, None, :, None]
     return w.view(blocks.shape[0] * BLOCK, blocks.shape[2] * BLOCK)[:out_f, :in_f].to(dtype)
+
+
+def fake_quantize_blockwise(w: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """dequantize_blockwise(*quantize_blockwise(w), dtype) (dtype defaults to w's): the weights
+    unified FP8 training computes with, equal bit for bit to what the FP8 push delivers."""
+    return dequantize_blockwise(*quantize_blockwise(w), dtype or w.dtype)

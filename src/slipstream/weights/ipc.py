@@ -138,10 +138,14 @@ class IpcExporter:
         self.confirmed = max(self.confirmed, version)
 
     def pack(
-        self, state_dict: dict[str, torch.Tensor], version: int, fmt: Literal["fp8", "bf16"] = "fp8"
+        self,
+        state_dict: dict[str, torch.Tensor],
+        version: int,
+        fmt: Literal["fp8", "bf16", "int4"] = "fp8",
+        int4_targets: str = "auto",
     ) -> tuple[types_pb2.WeightManifest, list[bytes]]:
         """(manifest, [handle document]): a version to push exactly like `packer.pack`'s output."""
-        manifest, pieces, total = plan(state_dict, version, fmt)
+        manifest, pieces, total = plan(state_dict, version, fmt, int4_targets)
         if not pieces or pieces[0][1].device.type != "cuda":
             raise WeightError("CUDA IPC weight sync needs the weights on a CUDA device")
         device = pieces[0][1].device

@@ -10,7 +10,11 @@ is pickled, so a weight stream can never execute code on the receiver.
 
 In the "fp8" format every linear projection (see `quant.should_quantize`) travels as
 float8_e4m3fn plus a float32 `<name>_scale_inv` entry (DeepSeek-V3's name and layout); every
-other floating tensor travels as bf16. Integer buffers travel unchanged. The coordinator relays
+other floating tensor travels as bf16. In the "int4" format the `quant.int4_names` weights (by
+--int4-qat-targets) travel as dtype "int4": the tensor's own shape in the manifest, its bytes the
+packed [..., in/2] uint8 of `quant/int4.py` (two values a byte), plus a float32 `<name>_scale`
+entry [..., in/128] (block_size 128: the group); every other floating tensor as bf16. Integer
+buffers travel unchanged. The coordinator relays
 the messages without decoding them; `WeightStager` is the reader.
 
 How it is fast. `plan` lays the version out; `fill` writes every wire tensor into one flat
@@ -33,10 +37,20 @@ import torch
 
 from slipstream.kernels import fp8_block
 from slipstream.proto import types_pb2
-from slipstream.quant import BLOCK, quantize_blockwise, scale_shape, should_quantize
+from slipstream.quant import (
+    BLOCK,
+    GROUP,
+    int4_names,
+    packed_shapes,
+    quantize_blockwise,
+    quantize_int4,
+    scale_shape,
+    should_quantize,
+)
 
-FORMATS = {"fp8": "fp8-block128", "bf16": "bf16"}
-SCALE_SUFFIX = "_scale_inv"
+FORMATS = {"fp8": "fp8-block128", "bf16": "bf16", "int4": "int4-group128"}
+SCALE_SUFFIX = "_scale_inv"  # FP8: w = q * scale_inv (DeepSeek-V3)
+INT4_SCALE_SUFFIX = "_scale"  # int4: w = q * scale (compressed-tensors' name)
 ALIGN = 64
 # 8 MiB: per-message costs (protobuf, gRPC framing, a Python call per chunk on every hop) fall
 # away, and a chunk is still far under the mesh's 64 MiB message limit (rpc/server.py).
@@ -47,6 +61,7 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "int64": torch.int64,
     "int32": torch.int32,
+    "int4": torch.uint8,  # packed two a byte: `wire_nbytes` and `wire_view_shape` say how
 }
 _WIRE_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
 _pool: ThreadPoolExecutor | None = None
@@ -70,15 +85,31 @@ def model_fingerprint(named_shapes: Iterable[tuple[str, Sequence[int]]]) -> str:
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
-def _wire(name: str, t: torch.Tensor, fmt: str) -> list[tuple[str, torch.Tensor, str]]:
-    """(entry name, tensor as it travels, scale entry name or "") for one state-dict tensor. An FP8
-    matrix is listed as (name, the matrix itself, scale name): `fill` quantizes it into the blob."""
+def wire_nbytes(dtype: str, shape: Sequence[int]) -> int:
+    """Bytes of an entry of wire dtype `dtype` and (logical) `shape`."""
+    numel = 1
+    for d in shape:
+        numel *= int(d)
+    return numel // 2 if dtype == "int4" else numel * WIRE_DTYPES[dtype].itemsize
+
+
+def wire_view_shape(dtype: str, shape: Sequence[int]) -> tuple[int, ...]:
+    """The shape an entry's bytes are viewed as: int4's packed [..., in/2], else `shape`."""
+    shape = tuple(int(d) for d in shape)
+    return packed_shapes(shape)[0] if dtype == "int4" else shape
+
+
+def _wire(name: str, t: torch.Tensor, fmt: str, int4: set[str]) -> tuple[str, torch.Tensor, str]:
+    """(wire dtype, tensor as it travels, scale entry name or "") for one state-dict tensor. A
+    quantized matrix (FP8, int4) is listed as the matrix itself: `fill` quantizes it into the blob."""
     if fmt == "fp8" and should_quantize(name, t):
-        return [(name, t, name + SCALE_SUFFIX)]
+        return "float8_e4m3fn", t, name + SCALE_SUFFIX
+    if fmt == "int4" and name in int4:
+        return "int4", t, name + INT4_SCALE_SUFFIX
     if t.is_floating_point():
-        return [(name, t.to(torch.bfloat16), "")]
+        return "bfloat16", t.to(torch.bfloat16), ""
     if t.dtype in _WIRE_NAMES:
-        return [(name, t, "")]
+        return _WIRE_NAMES[t.dtype], t, ""
     raise WeightError(f"{name}: dtype {t.dtype} has no wire encoding (floating or int32/int64 only)")
 
 
@@ -97,14 +128,18 @@ def weights_to_sync(
 
 
 def plan(
-    state_dict: dict[str, torch.Tensor], version: int, fmt: Literal["fp8", "bf16"]
-) -> tuple[types_pb2.WeightManifest, list[tuple[int, torch.Tensor, int]], int]:
+    state_dict: dict[str, torch.Tensor],
+    version: int,
+    fmt: Literal["fp8", "bf16", "int4"],
+    int4_targets: str = "auto",
+) -> tuple[types_pb2.WeightManifest, list[tuple[int, torch.Tensor, int, str]], int]:
     """Lay a version out: (manifest with its tensor entries, pieces, blob bytes).
 
-    A piece is (offset, tensor, scale offset): with scale offset -1 the tensor's bytes go at the
-    offset as they are (already in their wire dtype, made where the weights are); otherwise the
-    tensor is a matrix that `fill` quantizes to FP8 at the offset, its scales at the scale offset.
-    The manifest's chunk fields are left for the transport (`pack`, or `ipc.IpcExporter`)."""
+    A piece is (offset, tensor, scale offset, wire dtype): with scale offset -1 the tensor's bytes
+    go at the offset as they are (already in their wire dtype, made where the weights are);
+    otherwise the tensor is a matrix that `fill` quantizes (FP8 or int4) at the offset, its scales
+    at the scale offset. `int4_targets` (--int4-qat-targets) picks the int4 weights of the int4
+    format. The manifest's chunk fields are left for the transport (`pack`, or `ipc.IpcExporter`)."""
     if fmt not in FORMATS:
         raise WeightError(f"unknown weight format {fmt!r} (expected one of {sorted(FORMATS)})")
     manifest = types_pb2.WeightManifest(
@@ -112,45 +147,50 @@ def plan(
         format=FORMATS[fmt],
         model_fingerprint=model_fingerprint((n, t.shape) for n, t in state_dict.items()),
     )
-    pieces: list[tuple[int, torch.Tensor, int]] = []
+    int4 = int4_names(((n, t.shape) for n, t in state_dict.items()), int4_targets) if fmt == "int4" else set()
+    pieces: list[tuple[int, torch.Tensor, int, str]] = []
     offset = 0
 
-    def add(name: str, shape, dtype: str, nbytes: int, scale_name: str = "") -> int:
+    def add(name: str, shape, dtype: str, scale_name: str = "", block: int = 0) -> int:
         nonlocal offset
         at = offset
+        nbytes = wire_nbytes(dtype, shape)
         manifest.tensors.append(
             types_pb2.TensorEntry(
                 name=name, shape=list(shape), dtype=dtype, offset=at, nbytes=nbytes,
-                scale_name=scale_name, block_size=BLOCK if scale_name else 0,
+                scale_name=scale_name, block_size=block,
             )
         )  # fmt: skip
         offset += -(-nbytes // ALIGN) * ALIGN
         return at
 
     for name, tensor in state_dict.items():
-        for entry_name, t, scale_name in _wire(name, tensor.detach(), fmt):
-            if not scale_name:
-                pieces.append(
-                    (add(entry_name, t.shape, _WIRE_NAMES[t.dtype], t.numel() * t.element_size()), t, -1)
-                )
-                continue
-            if scale_name in state_dict:
-                raise WeightError(f"{scale_name}: the scale entry of {name} collides with a model tensor")
-            q_at = add(entry_name, t.shape, "float8_e4m3fn", t.numel(), scale_name)
-            sshape = scale_shape(tuple(t.shape))
-            s_at = add(scale_name, sshape, "float32", sshape[0] * sshape[1] * 4)
-            pieces.append((q_at, t, s_at))
+        dtype, t, scale_name = _wire(name, tensor.detach(), fmt, int4)
+        if not scale_name:
+            pieces.append((add(name, t.shape, dtype), t, -1, dtype))
+            continue
+        if scale_name in state_dict:
+            raise WeightError(f"{scale_name}: the scale entry of {name} collides with a model tensor")
+        block = GROUP if dtype == "int4" else BLOCK
+        q_at = add(name, t.shape, dtype, scale_name, block)
+        sshape = packed_shapes(t.shape)[1] if dtype == "int4" else scale_shape(tuple(t.shape))
+        pieces.append((q_at, t, add(scale_name, sshape, "float32"), dtype))
     total = manifest.tensors[-1].offset + manifest.tensors[-1].nbytes if manifest.tensors else 0
     return manifest, pieces, total
 
 
-def fill(pieces: list[tuple[int, torch.Tensor, int]], out: torch.Tensor) -> torch.Tensor:
-    """Write each piece at its offset in `out` (flat uint8; padding zeroed), quantizing the FP8 ones:
-    on a GPU all of them in one launch (`kernels.fp8_block.quantize_many`), else one by one."""
+def fill(pieces: list[tuple[int, torch.Tensor, int, str]], out: torch.Tensor) -> torch.Tensor:
+    """Write each piece at its offset in `out` (flat uint8; padding zeroed), quantizing the FP8 and
+    int4 ones: on a GPU all FP8 matrices in one launch (`kernels.fp8_block.quantize_many`), else
+    one by one (int4 always one by one, with `quant.quantize_int4` where the weights are)."""
     out.zero_()  # the alignment gaps are hashed too: make them deterministic
     matrices = []
-    for off, t, scale_off in pieces:
-        if scale_off >= 0:
+    for off, t, scale_off, dtype in pieces:
+        if dtype == "int4":
+            packed, scales = quantize_int4(t)
+            _put(out, off, packed)
+            _put(out, scale_off, scales)
+        elif scale_off >= 0:
             matrices.append((t, off, scale_off))
         else:
             _put(out, off, t)
@@ -170,7 +210,7 @@ def _put(out: torch.Tensor, offset: int, t: torch.Tensor) -> None:
     out[offset : offset + raw.numel()].copy_(raw)
 
 
-def _device_of(pieces: list[tuple[int, torch.Tensor, int]]) -> torch.device:
+def _device_of(pieces: list[tuple[int, torch.Tensor, int, str]]) -> torch.device:
     return pieces[0][1].device if pieces else torch.device("cpu")
 
 
@@ -182,13 +222,14 @@ def _cut(view: memoryview, start: int, end: int) -> tuple[bytes, str]:
 def pack(
     state_dict: dict[str, torch.Tensor],
     version: int,
-    fmt: Literal["fp8", "bf16"] = "fp8",
+    fmt: Literal["fp8", "bf16", "int4"] = "fp8",
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    int4_targets: str = "auto",
 ) -> tuple[types_pb2.WeightManifest, list[bytes]]:
     """Encode `state_dict` as weight version `version`: (manifest, chunks of the blob, in order)."""
     if chunk_bytes <= 0:
         raise WeightError(f"chunk_bytes must be positive, got {chunk_bytes}")
-    manifest, pieces, total = plan(state_dict, version, fmt)
+    manifest, pieces, total = plan(state_dict, version, fmt, int4_targets)
     manifest.chunk_bytes = chunk_bytes
     manifest.total_bytes = total
 

@@ -3,7 +3,7 @@
 A rollout server must never run on half a version or on someone else's weights, and a bad
 version must leave the old one serving. So the stager checks the manifest against the model it
 serves before allocating anything (version strictly newer, same fingerprint, exactly the
-expected names and shapes, consistent dtypes, byte ranges and FP8 scale references), checks each
+expected names and shapes, consistent dtypes, byte ranges and FP8 / int4 scale references), checks each
 chunk as it arrives (version, order, length, sha256) while copying it into one preallocated
 blob, and only `finish()` — once every chunk is in — turns the blob into tensors. Any failure
 raises `WeightError` naming what is wrong; the caller drops the stager and keeps its weights.
@@ -32,9 +32,18 @@ import torch
 
 from slipstream.kernels import fp8_block
 from slipstream.proto import types_pb2
-from slipstream.quant import BLOCK, FP8_DTYPE, dequantize_blockwise, scale_shape
+from slipstream.quant import BLOCK, GROUP, dequantize_blockwise, dequantize_int4, packed_shapes, scale_shape
 from slipstream.weights import ipc
-from slipstream.weights.packer import ALIGN, FORMATS, WIRE_DTYPES, WeightError, hash_pool, model_fingerprint
+from slipstream.weights.packer import (
+    ALIGN,
+    FORMATS,
+    WIRE_DTYPES,
+    WeightError,
+    hash_pool,
+    model_fingerprint,
+    wire_nbytes,
+    wire_view_shape,
+)
 
 _MANY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what dequantize_many writes
 _WINDOW = 16  # chunk hashes in flight: bounds the chunks held only for their pending check
@@ -55,13 +64,18 @@ class WeightStager:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        keep_int4: bool = False,
     ):
         """`device`: where the byte path decodes (default: the host); a colocated (CUDA IPC)
-        version always decodes on the sender's GPU. `dtype`: of the floating tensors returned."""
+        version always decodes on the sender's GPU. `dtype`: of the floating tensors returned.
+        `keep_int4`: hand int4 tensors over as they travel (the packed uint8 under the tensor's
+        name, its fp32 scales under the scale entry's), for an engine that serves W4A16; else
+        they are dequantized to `dtype` like FP8 ones."""
         self.expected_shapes = {name: tuple(int(d) for d in shape) for name, shape in expected_shapes.items()}
         self.current_version = current_version
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
+        self.keep_int4 = keep_int4
         self._fingerprint = model_fingerprint(self.expected_shapes.items())
         self._manifest: types_pb2.WeightManifest | None = None
         self._ipc = False
@@ -109,7 +123,7 @@ class WeightStager:
             blob = self._blob
         entries = {e.name: e for e in m.tensors}
         scale_names = {e.scale_name for e in m.tensors if e.scale_name}
-        fp8 = [e for e in m.tensors if e.scale_name]
+        fp8 = [e for e in m.tensors if e.scale_name and e.dtype != "int4"]
         out: dict[str, torch.Tensor] = {}
         if fp8 and fp8_block.many_available(blob) and self.dtype in _MANY_DTYPES:
             # On a GPU: every FP8 matrix of the version in one launch, into one buffer.
@@ -121,7 +135,11 @@ class WeightStager:
             if e.name in scale_names or e.name in out:
                 continue
             t = _view(blob, e)
-            if e.scale_name:
+            if e.dtype == "int4" and self.keep_int4:
+                out[e.name], out[e.scale_name] = t, _view(blob, entries[e.scale_name])
+            elif e.dtype == "int4":
+                out[e.name] = dequantize_int4(t, _view(blob, entries[e.scale_name]), self.dtype)
+            elif e.scale_name:
                 out[e.name] = dequantize_blockwise(t, _view(blob, entries[e.scale_name]), self.dtype)
             elif t.is_floating_point():
                 # The blob is this stager's own memory: a tensor already in `dtype` is handed out as
@@ -192,8 +210,9 @@ def _sha256(data: bytes) -> str:
 
 
 def _view(blob: torch.Tensor, e: types_pb2.TensorEntry) -> torch.Tensor:
-    """The entry's bytes in the (uint8) blob, viewed as its wire dtype and shape (no copy)."""
-    shape = tuple(e.shape)
+    """The entry's bytes in the (uint8) blob, viewed as its wire dtype and shape (no copy; int4
+    as its packed uint8 [..., in/2])."""
+    shape = wire_view_shape(e.dtype, e.shape)
     dtype = WIRE_DTYPES[e.dtype]
     if _numel(shape) == 0:
         return torch.empty(shape, dtype=dtype, device=blob.device)
@@ -263,10 +282,15 @@ def _check_entries(m: types_pb2.WeightManifest, blob_bytes: int) -> dict[str, ty
         if any(d < 0 for d in e.shape):
             raise WeightError(f"version {v}: {e.name} has a negative dimension {list(e.shape)}")
         itemsize = WIRE_DTYPES[e.dtype].itemsize
-        if e.nbytes != _numel(e.shape) * itemsize:
+        if e.dtype == "int4" and (len(e.shape) < 2 or e.shape[-1] % GROUP):
+            raise WeightError(
+                f"version {v}: int4 tensor {e.name} needs [..., out, in] with in a multiple of {GROUP}, "
+                f"has shape {list(e.shape)}"
+            )
+        if e.nbytes != wire_nbytes(e.dtype, e.shape):
             raise WeightError(
                 f"version {v}: {e.name} is {e.nbytes} bytes, its shape and dtype need "
-                f"{_numel(e.shape) * itemsize}"
+                f"{wire_nbytes(e.dtype, e.shape)}"
             )
         if e.offset < 0 or e.offset + e.nbytes > blob_bytes:
             raise WeightError(
@@ -279,27 +303,34 @@ def _check_entries(m: types_pb2.WeightManifest, blob_bytes: int) -> dict[str, ty
 
 
 def _check_scales(m: types_pb2.WeightManifest, entries: dict[str, types_pb2.TensorEntry]) -> set[str]:
-    """Every FP8 tensor has its 128x128 block-scale entry, and only FP8 ones do; returns their names."""
+    """Every quantized tensor (FP8 in an fp8 version, int4 in an int4 one) has its scale entry of
+    the right shape, and only those do; returns the scale entries' names."""
     v, base_format = m.version, m.format.removesuffix(ipc.IPC_SUFFIX)
     scale_names: set[str] = set()
     for e in m.tensors:
-        is_fp8 = WIRE_DTYPES[e.dtype] == FP8_DTYPE
-        if is_fp8 != bool(e.scale_name):
-            raise WeightError(f"version {v}: {e.name} ({e.dtype}) must have a scale entry iff it is FP8")
-        if not is_fp8:
-            continue
-        if base_format != FORMATS["fp8"]:
-            raise WeightError(f"version {v}: FP8 tensor {e.name} in a {m.format!r} version")
-        scale = entries.get(e.scale_name)
-        if len(e.shape) != 2 or e.block_size != BLOCK or scale is None:
+        quantized = {"float8_e4m3fn": "fp8", "int4": "int4"}.get(e.dtype)
+        if bool(quantized) != bool(e.scale_name):
             raise WeightError(
-                f"version {v}: FP8 tensor {e.name} needs 2 dims, block_size {BLOCK} and a listed scale "
-                f"entry (has shape {list(e.shape)}, block_size {e.block_size}, scale {e.scale_name!r})"
+                f"version {v}: {e.name} ({e.dtype}) must have a scale entry iff it is FP8 or int4"
             )
-        if scale.dtype != "float32" or tuple(scale.shape) != scale_shape(tuple(e.shape)):
+        if not quantized:
+            continue
+        if base_format != FORMATS[quantized]:
+            raise WeightError(f"version {v}: {e.dtype} tensor {e.name} in a {m.format!r} version")
+        scale = entries.get(e.scale_name)
+        block = BLOCK if quantized == "fp8" else GROUP
+        dims_ok = len(e.shape) == 2 if quantized == "fp8" else len(e.shape) >= 2
+        if not dims_ok or e.block_size != block or scale is None:
+            raise WeightError(
+                f"version {v}: {e.dtype} tensor {e.name} needs {'2' if quantized == 'fp8' else '2+'} dims, "
+                f"block_size {block} and a listed scale entry (has shape {list(e.shape)}, block_size "
+                f"{e.block_size}, scale {e.scale_name!r})"
+            )
+        want = scale_shape(tuple(e.shape)) if quantized == "fp8" else packed_shapes(tuple(e.shape))[1]
+        if scale.dtype != "float32" or tuple(scale.shape) != tuple(want):
             raise WeightError(
                 f"version {v}: scale {scale.name} of {e.name} is {scale.dtype} {list(scale.shape)}, "
-                f"expected float32 {list(scale_shape(tuple(e.shape)))}"
+                f"expected float32 {list(want)}"
             )
         scale_names.add(e.scale_name)
     return scale_names

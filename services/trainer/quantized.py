@@ -1,0 +1,97 @@
+"""Quantization-aware training: the trainer computes with the weights the rollout serves.
+
+`--fp8-format e4m3 --fp8-recipe blockwise` (unified FP8) and `--int4-qat` make the trainer's
+forward and backward run on the quantized weights the weight push delivers, so the rollout's
+log-probs and the trainer's are of the same numbers (FP8 sampling with full-precision training is
+the train/rollout gap that collapses RL on MoE models; a rollout serving int4 with a trainer that
+never saw the rounding is a wider one). Which weights: unified FP8 rounds the linear projections
+the FP8 wire quantizes (`quant.should_quantize`: q/k/v/o, gate/up/down), --int4-qat the
+`quant.int4_names` set of --int4-qat-targets (every linear projection of a dense model, the routed
+experts of an MoE one). Embeddings, LM head, norms and routers stay full precision in both.
+
+How. The masters (what AdamW steps, checkpoints save and the push reads) stay full precision (fp32
+unless --dtype says otherwise). Forward and backward run on a compute copy (`precision.py`'s split,
+bf16 under --bf16, else the masters' dtype) whose quantized weights are refreshed once per optimizer
+step as `dequantize(quantize(master))` in fp32, cast to the compute dtype: exactly what the
+rollout's stager computes from the pushed bytes (`dequantize_blockwise(q, scale_inv, dtype)`,
+`dequantize_int4(packed, scales, dtype)`), since the push quantizes the same masters with the same
+function. The gradient with respect to a quantized weight is accumulated into its master unchanged:
+the straight-through estimator. A checkpoint holds the masters, so reloading one re-derives the
+quantized weights bit for bit (`refresh_if_changed`).
+
+Cost: one extra compute copy of the weights (the fp32 trainer has none otherwise) and one
+quantize/dequantize of the targets per optimizer step, not per micro-batch. Single process only;
+under torchrun (FSDP2) the config refuses it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from slipstream.config import TrainConfig
+from slipstream.quant import fake_quantize_blockwise, fake_quantize_int4, int4_names, should_quantize
+
+from .precision import MasterWeights
+
+# (master weight, compute dtype) -> the weight the forward computes with
+Quantizer = Callable[[torch.Tensor, torch.dtype], torch.Tensor]
+
+_RECIPES: dict[str, Quantizer] = {"blockwise": fake_quantize_blockwise}
+
+
+def quantizers(train: TrainConfig, model: nn.Module) -> dict[str, Quantizer]:
+    """Parameter name -> its quantizer, for the weights --int4-qat / --fp8-format round ({}: off)."""
+    params = dict(model.named_parameters())
+    if train.int4_qat:
+        names = int4_names(((n, p.shape) for n, p in params.items()), train.int4_qat_targets)
+        return dict.fromkeys(sorted(names), fake_quantize_int4)
+    if train.fp8_format:
+        fn = _RECIPES[train.fp8_recipe]
+        return {n: fn for n, p in params.items() if should_quantize(n, p)}
+    return {}
+
+
+def compute_weights(model: nn.Module, train: TrainConfig, distributed: bool) -> MasterWeights | None:
+    """The compute copy forward and backward run on, or None (they run on `model` itself):
+    a `QuantizedWeights` under --int4-qat / --fp8-format, a bf16 `MasterWeights` under --bf16 in
+    one process (FSDP2 makes its own), else None."""
+    quant = quantizers(train, model)
+    compute_dtype = torch.bfloat16 if train.bf16 else next(model.parameters()).dtype
+    if quant:
+        if distributed:
+            raise ValueError("--int4-qat / --fp8-format under torchrun (FSDP2) is not implemented yet")
+        return QuantizedWeights(model, compute_dtype, quant)
+    if train.bf16 and not distributed:
+        return MasterWeights(model)
+    return None
+
+
+class QuantizedWeights(MasterWeights):
+    """`MasterWeights` whose refresh writes the quantized weights into the compute copy."""
+
+    def __init__(self, master: nn.Module, dtype: torch.dtype, quant: dict[str, Quantizer]):
+        names = [n for n, _ in master.named_parameters()]
+        missing = sorted(quant.keys() - set(names))
+        if missing:
+            raise ValueError(f"quantized weights name no parameter: {missing[:3]}")
+        self._quant = [quant.get(n) for n in names]  # aligned with `pairs`
+        super().__init__(master, dtype)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        plain = [(m, c) for (m, c), q in zip(self.pairs, self._quant, strict=True) if q is None]
+        if plain:
+            torch._foreach_copy_([c for _, c in plain], [m for m, _ in plain])
+        for (m, c), q in zip(self.pairs, self._quant, strict=True):
+            if q is not None:
+                c.copy_(q(m.detach(), c.dtype))
+        self._versions = [m._version for m, _ in self.pairs]
+
+    @property
+    def quantized_names(self) -> list[str]:
+        """The parameters computed with quantized weights, in model order."""
+        names = [n for n, _ in self.master.named_parameters()]
+        return [n for n, q in zip(names, self._quant, strict=True) if q is not None]
