@@ -259,11 +259,25 @@ def test_preallocated_cache_gives_the_same_results(model):
     assert [r.tokens for r in fixed] == [r.tokens for r in grown]
 
 
+def _block_rounded(model):
+    """The model with its projections rounded to the wire's 128x128-block FP8 (what unified FP8
+    trains with and FP8 rollout serves), kept in full precision."""
+    from slipstream.quant import should_quantize
+    from slipstream.quant.fp8 import dequantize_blockwise, quantize_blockwise
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if should_quantize(name, p):
+                p.copy_(dequantize_blockwise(*quantize_blockwise(p)))
+    return model
+
+
 def test_fp8_engine_tracks_full_precision_and_requantizes_updates():
-    """FP8 linears (fallback path on CPU): same greedy tokens as full precision on a peaked model,
-    log-probs within FP8 noise; a weight update is re-quantized into the FP8 layers."""
+    """FP8 linears (fallback path on CPU) serve the 128x128-block-rounded weights: same greedy
+    tokens as full precision on those weights (a peaked model), log-probs within the activations'
+    FP8 noise; a weight update is re-quantized into the FP8 layers."""
     reqs = [Request(f"r{i}", prompt(n, i), 8, temperature=0.0) for i, n in enumerate([6, 3])]
-    full = NativeEngine(make_model(), eos_token_ids=[]).generate(reqs)
+    full = NativeEngine(_block_rounded(make_model()), eos_token_ids=[]).generate(reqs)
     engine = NativeEngine(make_model(), eos_token_ids=[], fp8=True)
     assert len(engine.runner.fp8_layers) == 2 * 7  # q/k/v/o + gate/up/down per layer
     fp8 = engine.generate(reqs)

@@ -17,9 +17,11 @@ gate|up. The concatenation happens once, here, and the model's parameters become
 (`param.data` rebinds to a slice), so the model keeps its Hugging Face names and shapes, the
 prefill and every other caller see the same tensors, and `NativeEngine.load_weights`, which
 copies into the parameters in place, updates the fused weights (and the CUDA graphs that read
-them) with no extra step. FP8 layers (`Fp8Linear`) are fused the same way, buffers and row
-scales; their activations are quantized inside the norm and SiLU kernels, so only the attention
-output pays a separate quantize launch.
+them) with no extra step. FP8 layers (`Fp8Linear`) are fused the same way, e4m3 buffers and the
+wire's block scales, and run on FP8 tensor cores (`kernels/fp8_gemm.py`); their activations are
+quantized inside the norm and SiLU kernels, so only the attention output pays a separate quantize
+launch. W4A16 layers (`W4A16Linear`: packed int4 + group scales) are fused alike and run
+`kernels/w4a16.py`'s GEMM on the bf16 activations.
 
 Used by the engine on CUDA for decode (graphed and eager) when `available`; prefill and the CPU
 path run the model's forward. `tests/test_engine_gpu.py` pins it against that forward.
@@ -34,6 +36,7 @@ from torch import nn
 from slipstream.kernels import attention as attention_kernel
 from slipstream.kernels import decode_layer as kernels
 from slipstream.kernels.fp8_linear import Fp8Linear, fp8_matmul, quantize_rows
+from slipstream.kernels.w4a16 import W4A16Linear, w4a16_linear
 from slipstream.models import CausalLM
 from slipstream.models.rope import rope_cos_sin
 from slipstream.services.rollout.engine.kv_cache import KVCache
@@ -47,22 +50,31 @@ def available(model: CausalLM) -> bool:
 
 
 class _Fused:
-    """One GEMM over the concatenation of `linears` (same input); the linears become views of it."""
+    """One GEMM over the concatenation of `linears` (same input); the linears become views of it.
+
+    bf16/fp32 `nn.Linear`s, FP8 layers (e4m3 + per-(row, 128-input) scales: `kernels/fp8_gemm.py`)
+    and W4A16 layers (packed int4 + group scales: `kernels/w4a16.py`) concatenate the same way,
+    along the output rows, scales and biases included."""
 
     def __init__(self, linears: list[nn.Module]) -> None:
-        self.fp8 = isinstance(linears[0], Fp8Linear)
-        has_bias = linears[0].bias is not None
+        first = linears[0]
+        self.kind = (
+            "fp8" if isinstance(first, Fp8Linear) else "w4a16" if isinstance(first, W4A16Linear) else "dense"
+        )
+        self.fp8 = self.kind == "fp8"
+        buffers = {"fp8": ("weight", "weight_scale"), "w4a16": ("packed", "scales")}.get(self.kind)
+        has_bias = first.bias is not None
         self.bias = torch.cat([m.bias.detach() for m in linears]) if has_bias else None
-        if self.fp8:
-            self.weight = torch.cat([m.weight for m in linears])
-            self.scale = torch.cat([m.weight_scale for m in linears])
+        if buffers is not None:
+            self.weight, self.scale = (torch.cat([getattr(m, b) for m in linears]) for b in buffers)
         else:
             self.weight = torch.cat([m.weight.detach() for m in linears])
         start = 0
         for m in linears:
-            rows = slice(start, start + m.weight.shape[0])
-            if self.fp8:
-                m.weight, m.weight_scale = self.weight[rows], self.scale[rows]  # buffers, reassigned
+            rows = slice(start, start + m.out_features)
+            if buffers is not None:  # buffers, reassigned to views
+                setattr(m, buffers[0], self.weight[rows])
+                setattr(m, buffers[1], self.scale[rows])
             else:
                 m.weight.data = self.weight[rows]
             if has_bias:
@@ -73,10 +85,11 @@ class _Fused:
         self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype
     ) -> torch.Tensor:
         """x: activations [M, K], or (for FP8) already quantized (q, scale)."""
-        if self.fp8:
+        if self.kind == "fp8":
             xq, xs = x if isinstance(x, tuple) else quantize_rows(x)
-            out = fp8_matmul(xq, xs, self.weight, self.scale, dtype)
-            return out if self.bias is None else out + self.bias.to(dtype)
+            return fp8_matmul(xq, xs, self.weight, self.scale, dtype, self.bias)
+        if self.kind == "w4a16":
+            return w4a16_linear(x, self.weight, self.scale, self.bias)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -41,7 +41,7 @@ if triton is not None:
         q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, part_ptr, stats_ptr,
         stride_qb, stride_qh, stride_kb, stride_kh, stride_kn, stride_ob, stride_oh, scale,
         GROUP: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-        SPLITS: tl.constexpr, IEEE: tl.constexpr,
+        SPLITS: tl.constexpr, IEEE: tl.constexpr, KV_FP8: tl.constexpr,
     ):  # fmt: skip
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -58,6 +58,8 @@ if triton is not None:
         q = tl.load(
             q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0
         )
+        if KV_FP8:  # the dots run in fp16: e4m3 widens to it in one instruction per two values
+            q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, D], tl.float32)
@@ -68,7 +70,7 @@ if triton is not None:
             nmask = offs < hi
             kv_offs = offs[:, None] * stride_kn + d[None, :]
             # Both tiles are requested before either is used: twice the bytes in flight.
-            # (an FP8 cache is widened to the query's dtype here, in registers)
+            # (an FP8 cache is widened to fp16 here, in registers)
             k = tl.load(k_base + kv_offs, mask=nmask[:, None], other=0.0).to(q.dtype)
             v = tl.load(v_base + kv_offs, mask=nmask[:, None], other=0.0).to(q.dtype)
             if IEEE:
@@ -119,7 +121,10 @@ if triton is not None:
 # (bench/engine_gpu.py --attention-sweep): 76 us a layer, 3.5 TB/s of KV; every block/warps/stages
 # choice from 32/4/2 to 128/8/3 landed within 77-79 us, so the kernel is at the bandwidth it gets.
 # An FP8 cache (--sweep-only fp8) is best at 64/4/3: 63 us (2.1 TB/s of half the bytes), 71 us
-# at the bf16 choice; widening e4m3 to bf16 before the dot, not the bytes, is then what limits it.
+# at the bf16 choice, when it was widened to bf16 (through fp16 and fp32: several instructions a
+# value) and that, not the bytes, limited it. It is widened to fp16 now (one `cvt` per two values
+# on sm89+), the query and the softmax weights in fp16 with it (fp16 holds e4m3's whole range and
+# more mantissa than bf16; q is clamped to fp16's range).
 BLOCK_N, NUM_WARPS, NUM_STAGES = 128, 4, 2
 FP8_BLOCK_N, FP8_NUM_WARPS, FP8_NUM_STAGES = 64, 4, 3
 _SPLIT_TARGET = 1024  # programs to aim for: below it, split each sequence's keys across programs
@@ -154,7 +159,8 @@ def decode_attention(
     if q3.stride(-1) != 1:
         q3 = q3.contiguous()
     # module defaults read per call, so a tuning sweep can set them
-    if k_cache.dtype == torch.float8_e4m3fn:
+    kv_fp8 = k_cache.dtype == torch.float8_e4m3fn
+    if kv_fp8:
         block_n, num_warps = block_n or FP8_BLOCK_N, num_warps or FP8_NUM_WARPS
         num_stages = num_stages or FP8_NUM_STAGES
     else:
@@ -172,7 +178,8 @@ def decode_attention(
         q3.stride(0), q3.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), 1.0 / math.sqrt(d),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, D=d,
-        SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
+        SPLITS=splits, IEEE=q.dtype == torch.float32 and not kv_fp8, KV_FP8=kv_fp8,
+        num_warps=num_warps, num_stages=num_stages,
     )  # fmt: skip
     if splits > 1:
         _combine_kernel[(b * h,)](

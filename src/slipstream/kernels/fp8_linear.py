@@ -1,19 +1,23 @@
-"""FP8 linear layers for the rollout engine: e4m3 weights with one scale per output row,
+"""FP8 linear layers for the rollout engine: e4m3 weights with the wire's 128x128 block scales,
 activations quantized per token as they arrive.
 
-Why row-wise and not the wire's 128x128 blocks. Hopper's FP8 GEMM in PyTorch (`torch._scaled_mm`)
-takes one scale per row of A and one per column of B: per-token scales for the activations and
-per-output-channel scales for the weights. Block scales would need a different kernel (DeepGEMM),
-so a block-quantized update (`quant/fp8.py`) is re-quantized once per row when it is loaded. The
-row scale is the largest of that row's block scales, so each weight moves by at most one more
-e4m3 rounding; the engine pays it once per weight version, never per token.
+Why the wire's blocks, as they are. The trainer pushes each projection as e4m3 values with one
+fp32 scale per 128x128 block (`quant/fp8.py`, DeepSeek-V3's recipe), and with unified FP8 it
+computes its own forward with exactly those numbers. Re-quantizing them per output row (what
+`torch._scaled_mm`'s row-wise mode needs) would round a second time, so the rollout would sample
+from weights the trainer never saw. The layer keeps the blocks: values as they are, each block's
+scale repeated over its 128 rows (`weight_scale` [out, ceil(in/128)], one scale per row and
+128-wide input step, which also lets q|k|v or gate|up be fused whatever their row counts), and
+`kernels/fp8_gemm.py` multiplies with them on FP8 tensor cores, 128 inputs at a time.
 
 Why per-token activation scales. Decode batches mix sequences whose hidden states differ by
 orders of magnitude; one scale per token keeps each row's own range. Computing them costs one
-pass over the activations, which is tiny next to the weight read it halves.
+pass over the activations, which is tiny next to the weight read it halves, and the fused decode
+folds it into its norm and SiLU kernels.
 
-The fallback (CPU, older GPUs) computes the same function in fp32: dequantize both operands and
-multiply. `tests/test_kernels.py` pins the two against each other and against the bf16 layer.
+The fallback (CPU, GPUs without FP8 tensor cores) computes the same function in fp32: dequantize
+both operands and multiply. `tests/test_kernels.py` and `tests/test_kernels_fp8_gemm.py` pin the
+two against each other and against the bf16 layer.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slipstream.quant import FP8_DTYPE, FP8_MAX, should_quantize
+from slipstream.kernels import fp8_gemm
+from slipstream.kernels.gemm_plan import GROUP_K
+from slipstream.quant import BLOCK, FP8_DTYPE, FP8_MAX, quantize_blockwise, scale_shape, should_quantize
 
 try:
     import triton
@@ -33,7 +39,7 @@ _TINY = 1e-12  # an all-zero row gets this amax, so its scale is positive and it
 
 
 def scaled_mm_supported(device: torch.device) -> bool:
-    """True where `torch._scaled_mm` runs FP8 on tensor cores (compute capability >= 8.9)."""
+    """True where FP8 GEMMs run on tensor cores (compute capability >= 8.9)."""
     if device.type != "cuda" or not torch.cuda.is_available():
         return False
     return torch.cuda.get_device_capability(device) >= (8, 9)
@@ -71,18 +77,25 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def fp8_matmul(
-    xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, out_dtype: torch.dtype
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    out_dtype: torch.dtype,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(xq * x_scale) @ (wq * w_scale).T: xq [M, K], x_scale [M, 1], wq [N, K], w_scale [N, 1] -> [M, N]."""
-    if scaled_mm_supported(xq.device) and xq.shape[1] % 16 == 0 and wq.shape[0] % 16 == 0:
-        # Row-wise scaling wants bf16 output; B must be column-major, which wq.t() is.
-        out = torch._scaled_mm(xq, wq.t(), scale_a=x_scale, scale_b=w_scale.t(), out_dtype=torch.bfloat16)
-        return out.to(out_dtype)
-    return ((xq.float() * x_scale) @ (wq.float() * w_scale).t()).to(out_dtype)
+    """(xq * x_scale) @ (wq * w_scale).T (+ bias): xq [M, K], x_scale [M, 1], wq [N, K], and w_scale
+    [N, 1] (one scale per row) or [N, ceil(K/128)] (one per row and 128-wide input step) -> [M, N]."""
+    if fp8_gemm.available(xq):
+        return fp8_gemm.fp8_block_matmul(xq, x_scale, wq, w_scale, out_dtype, bias)
+    if w_scale.shape[1] > 1:
+        w_scale = w_scale.repeat_interleave(GROUP_K, dim=1)[:, : wq.shape[1]]
+    out = (xq.float() * x_scale) @ (wq.float() * w_scale).t()
+    return (out if bias is None else out + bias.float()).to(out_dtype)
 
 
 class Fp8Linear(nn.Module):
-    """An `nn.Linear` whose weight is held as e4m3 with a float32 scale per output row. A bias
+    """An `nn.Linear` whose weight is held as e4m3 with the wire's 128x128 block scales. A bias
     (Qwen2's q/k/v) stays a parameter in the model's dtype, added after the FP8 product; it keeps
     its Hugging Face name, so weight updates copy into it like any other parameter."""
 
@@ -98,7 +111,7 @@ class Fp8Linear(nn.Module):
         # updates are checked against.
         self.register_buffer(
             "weight_scale",
-            torch.ones((out_features, 1), dtype=torch.float32, device=device),
+            torch.ones((out_features, scale_shape((out_features, in_features))[1]), device=device),
             persistent=False,
         )
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
@@ -111,18 +124,21 @@ class Fp8Linear(nn.Module):
 
     @torch.no_grad()
     def load_(self, w: torch.Tensor) -> None:
-        """Re-quantize a full-precision [out, in] weight into this layer's buffers, in place (so a
-        CUDA graph that reads them sees the new version)."""
-        q, scale = quantize_rows(w.to(self.weight.device))
+        """Quantize a full-precision [out, in] weight with the wire's blocks (`quantize_blockwise`)
+        into this layer's buffers, in place (so a CUDA graph that reads them sees the new version)."""
+        self.load_blocks_(*quantize_blockwise(w.to(self.weight.device)))
+
+    @torch.no_grad()
+    def load_blocks_(self, q: torch.Tensor, scale_inv: torch.Tensor) -> None:
+        """Take block-quantized weights (the wire's e4m3 values and [ceil(out/128), ceil(in/128)]
+        scales) as they are: no second rounding."""
         self.weight.copy_(q)
-        self.weight_scale.copy_(scale)
+        self.weight_scale.copy_(scale_inv.repeat_interleave(BLOCK, dim=0)[: self.out_features])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         xq, x_scale = quantize_rows(x.reshape(-1, self.in_features))
-        out = fp8_matmul(xq, x_scale, self.weight, self.weight_scale, x.dtype)
-        if self.bias is not None:
-            out = out + self.bias.to(out.dtype)
+        out = fp8_matmul(xq, x_scale, self.weight, self.weight_scale, x.dtype, self.bias)
         return out.view(*lead, self.out_features)
 
 

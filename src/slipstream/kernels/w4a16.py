@@ -1,0 +1,181 @@
+"""W4A16: linear layers over packed int4 weights and bf16 activations (`quant/int4.py`'s layout).
+
+Why. A decode step at small batch is a stream of weight bytes: at 4.25 bits a weight (half a byte
+plus an fp32 scale per 128) the GEMMs read a quarter of bf16's bytes, so a weight-bound step can
+run up to ~3.8x faster, and a rollout server holds a model four times its bf16 size.
+
+How (CUDA, Triton). Each program takes [BLOCK_N weight rows x BLOCK_M tokens] of the output
+(transposed, `gemm_plan.py` says why and how K is split) and walks K one 128-wide group at a time:
+it loads the group's 64 packed bytes per row, unpacks the low nibbles (even inputs) and the high
+nibbles (odd inputs) to exact small integers in the activations' dtype, multiplies each half by
+the matching (even or odd) activations on the tensor cores, and adds the sum times the group's
+scale to an fp32 accumulator. The weights are never widened in memory.
+
+Same function as `dequantize_int4` then matmul, which is what runs on the CPU (and on GPUs
+without Triton); the roundings differ only in where fp32 products meet bf16 (the kernel scales
+after each group's product instead of rounding q * scale to bf16 first).
+`tests/test_w4a16.py` pins the kernel against that definition.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slipstream.kernels import gemm_plan
+from slipstream.quant.int4 import GROUP, dequantize_int4, int4_names, quantize_int4
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: dequantize and matmul
+    triton = None
+
+
+def available(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _w4a16_kernel(
+        x_ptr, p_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
+        stride_xm, stride_pn, stride_sn, stride_om,
+        CHUNK: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_K: tl.constexpr,
+    ):  # fmt: skip
+        pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        half = tl.arange(0, GROUP_K // 2)  # byte i of a group holds inputs 2i (low) and 2i+1 (high)
+        n_mask, m_mask = offs_n < N, offs_m < M
+        p_rows = p_ptr + offs_n.to(tl.int64)[:, None] * stride_pn
+        x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+        dt = x_ptr.dtype.element_ty
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # out transposed: weight rows x tokens
+        lo = split * CHUNK
+        for step in range(CHUNK):  # the last split may run past K: masked
+            g = lo + step
+            byte = g * (GROUP_K // 2) + half
+            k_mask = byte < K // 2
+            p = tl.load(p_rows + byte[None, :], mask=n_mask[:, None] & k_mask[None, :], other=136)
+            x_mask = m_mask[:, None] & k_mask[None, :]
+            x_even = tl.load(x_rows + 2 * byte[None, :], mask=x_mask, other=0.0)
+            x_odd = tl.load(x_rows + 2 * byte[None, :] + 1, mask=x_mask, other=0.0)
+            w_even = ((p & 15).to(tl.int16) - 8).to(dt)  # exact: integers in [-8, 7]
+            w_odd = ((p >> 4).to(tl.int16) - 8).to(dt)
+            if IEEE:
+                part = tl.dot(w_even, tl.trans(x_even), input_precision="ieee")
+                part += tl.dot(w_odd, tl.trans(x_odd), input_precision="ieee")
+            else:
+                part = tl.dot(w_even, tl.trans(x_even))
+                part += tl.dot(w_odd, tl.trans(x_odd))
+            scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask & (g * GROUP_K < K), other=0.0)
+            acc += part * scale[:, None]
+        mask = n_mask[:, None] & m_mask[None, :]
+        if SPLIT:  # fp32 partial [split, M, N]; gemm_plan.merge_splits adds the bias
+            dst = out_ptr + (split * M + offs_m.to(tl.int64)[None, :]) * N + offs_n[:, None]
+            tl.store(dst, acc, mask=mask)
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+            dst = out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+            tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def w4a16_linear(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [..., K] @ dequantize_int4(packed, scales).T (+ bias): packed uint8 [N, K/2], scales fp32
+    [N, K/128] -> [..., N] in x's dtype. The Triton kernel on CUDA; dequantize-then-matmul elsewhere."""
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = packed.shape[0]
+    if tuple(packed.shape) != (n, k // 2) or tuple(scales.shape) != (n, k // GROUP) or k % GROUP:
+        raise ValueError(
+            f"w4a16_linear: x [..., {k}] needs packed [N, {k // 2}] and scales [N, {k // GROUP}] "
+            f"(K a multiple of {GROUP}), got {tuple(packed.shape)} and {tuple(scales.shape)}"
+        )
+    if not available(x):
+        return F.linear(x, dequantize_int4(packed, scales, x.dtype), bias)
+    return w4a16_matmul(x.reshape(-1, k), packed, scales, bias).view(*lead, n)
+
+
+def w4a16_matmul(
+    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The Triton path of `w4a16_linear` for x [M, K] (CUDA; tests also run it on CPU tensors
+    under TRITON_INTERPRET=1)."""
+    x2 = x if x.stride(-1) == 1 else x.contiguous()
+    (m, k), n = x2.shape, packed.shape[0]
+    p = gemm_plan.plan(m, n, k, gemm_plan.num_sms(x.device))
+    out, part = gemm_plan.outputs(m, n, p, x.dtype, x.device)
+    _w4a16_kernel[(triton.cdiv(n, p.block_n), triton.cdiv(m, p.block_m), p.splits)](
+        x2, packed, scales, bias if bias is not None else scales, part, m, n, k,
+        x2.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
+        CHUNK=p.chunk, SPLIT=p.splits > 1, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        BLOCK_N=p.block_n, BLOCK_M=p.block_m, GROUP_K=GROUP, num_warps=p.num_warps, num_stages=p.num_stages,
+    )  # fmt: skip
+    if p.splits > 1:
+        gemm_plan.merge_splits(part, bias, out)
+    return out
+
+
+class W4A16Linear(nn.Module):
+    """An `nn.Linear` whose weight is held as packed int4 + group scales (`quant/int4.py`). A bias
+    stays a parameter in the model's dtype under its Hugging Face name."""
+
+    def __init__(
+        self, in_features: int, out_features: int, device: torch.device, bias: torch.Tensor | None = None
+    ) -> None:
+        super().__init__()
+        if in_features % GROUP:
+            raise ValueError(f"W4A16Linear needs in_features a multiple of {GROUP}, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        # Not in the state dict: updates address the layer by its weight's name and [out, in] shape.
+        self.register_buffer(
+            "packed", torch.full((out_features, in_features // 2), 136, dtype=torch.uint8, device=device),
+            persistent=False,
+        )  # fmt: skip
+        self.register_buffer(
+            "scales", torch.ones((out_features, in_features // GROUP), dtype=torch.float32, device=device),
+            persistent=False,
+        )  # fmt: skip
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> W4A16Linear:
+        layer = cls(linear.in_features, linear.out_features, linear.weight.device, linear.bias)
+        layer.load_(linear.weight)
+        return layer
+
+    @torch.no_grad()
+    def load_(self, w: torch.Tensor) -> None:
+        """Quantize a full-precision [out, in] weight into this layer's buffers, in place (a CUDA
+        graph that reads them sees the new version)."""
+        self.load_packed_(*quantize_int4(w.to(self.packed.device)))
+
+    @torch.no_grad()
+    def load_packed_(self, packed: torch.Tensor, scales: torch.Tensor) -> None:
+        """Take an already packed weight (the wire's int4) as it is: no second rounding."""
+        self.packed.copy_(packed)
+        self.scales.copy_(scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return w4a16_linear(x, self.packed, self.scales, self.bias)
+
+
+def convert_to_w4a16(model: nn.Module, targets: str = "linear") -> dict[str, W4A16Linear]:
+    """Swap the linear layers `quant.int4.int4_names(..., targets)` picks for `W4A16Linear`, in
+    place; returns the new layers by their weight's Hugging Face name (how updates address them)."""
+    names = int4_names(((n, p.shape) for n, p in model.named_parameters()), targets)
+    swapped: dict[str, W4A16Linear] = {}
+    for parent_name, parent in list(model.named_modules()):
+        for child_name, child in list(parent.named_children()):
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if isinstance(child, nn.Linear) and name + ".weight" in names:
+                layer = W4A16Linear.from_linear(child)
+                setattr(parent, child_name, layer)
+                swapped[name + ".weight"] = layer
+    return swapped
