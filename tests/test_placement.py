@@ -101,3 +101,16 @@ def test_cpu_host_or_device():
         assert r.line() == (
             "placement: no GPU: trainer and 2 rollout servers on the CPU; not colocated; weights over gRPC bytes"
         )
+
+
+def test_visible_gpus_counts_device_nodes_narrowed_by_cuda_visible_devices(tmp_path):
+    from slipstream.placement import visible_gpus
+
+    for name in ("nvidia0", "nvidia1", "nvidiactl", "nvidia-uvm"):
+        (tmp_path / name).touch()
+    assert visible_gpus({}, tmp_path) == 2
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "1"}, tmp_path) == 1
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": ""}, tmp_path) == 0
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,7,1"}, tmp_path) == 1  # CUDA stops at 7
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "GPU-abc,GPU-def"}, tmp_path) == 2
+    assert visible_gpus({}, tmp_path / "none") == 0

@@ -16,6 +16,7 @@ GPU (weights then travel over CUDA IPC instead of the gRPC byte path) unless the
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -156,13 +157,25 @@ def resolve(cfg: Config, gpus: int, colocate_given: bool = False) -> Resolved:
     return Resolved(place, gpus, trainer, rollout, c.colocate or chosen, chosen)
 
 
-def visible_gpus() -> int:
-    """GPUs this host shows the launcher (CUDA_VISIBLE_DEVICES applies); torch only on an NVIDIA host."""
-    if not any(Path("/dev").glob("nvidia[0-9]*")):
-        return 0
-    import torch
+def visible_gpus(environ: Mapping[str, str] | None = None, dev: Path = Path("/dev")) -> int:
+    """GPUs this host shows the launcher: the NVIDIA device nodes, narrowed by CUDA_VISIBLE_DEVICES.
 
-    return torch.cuda.device_count()
+    Counted without torch: importing it (and its CUDA libraries) cost the launcher ~3 s on the
+    H200 before any service could start (issue 13 item 8). CUDA_VISIBLE_DEVICES lists indices or
+    UUIDs up to the first invalid entry, as CUDA reads it; empty means none.
+    """
+    nodes = sum(1 for p in dev.glob("nvidia*") if p.name[len("nvidia"):].isdigit())
+    visible = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
+    if visible is None or not nodes:
+        return nodes
+    count = 0
+    for entry in visible.split(","):
+        entry = entry.strip()
+        valid = entry.startswith(("GPU-", "MIG-")) or (entry.isdigit() and int(entry) < nodes)
+        if not valid:
+            break  # CUDA ignores everything from the first entry it cannot use
+        count += 1
+    return min(count, nodes)
 
 
 def colocate_given(argv: list[str], environ: Mapping[str, str]) -> bool:
