@@ -116,6 +116,7 @@ def test_auto_defaults_resolve_by_device_and_flags():
     assert parse_config(["--use-rollout-logprobs"]).algo.effective_use_tis is False
     t = cfg.train
     assert (t.effective_weight_sync_dtype("cpu"), t.effective_weight_sync_dtype("cuda")) == ("bf16", "fp8")
+    assert t.effective_weight_sync_dtype("cuda", colocate=True) == "bf16"  # CUDA IPC: no bytes to save
     assert parse_config(["--weight-sync-dtype", "fp8"]).train.effective_weight_sync_dtype("cpu") == "fp8"
     assert (
         t.effective_micro_batch_size(512, "cpu") == 512 and t.effective_micro_batch_size(512, "cpu", 2) == 256

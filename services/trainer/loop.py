@@ -126,8 +126,8 @@ class Trainer:
         wait_for_coordinator(self.channel, cfg, state.stop)
         self.coordinator = coordinator_pb2_grpc.CoordinatorStub(self.channel)
         pusher = WeightPusher(
-            self.coordinator, cfg.train.effective_weight_sync_dtype(actor.device.type), infra.rpc_timeout,
-            self.reconnect,
+            self.coordinator, cfg.train.effective_weight_sync_dtype(actor.device.type, cfg.cluster.colocate),
+            infra.rpc_timeout, self.reconnect,
             colocate=cfg.cluster.colocate and actor.device.type == "cuda",
             int4_targets=cfg.train.int4_qat_targets,
         )  # fmt: skip
