@@ -21,6 +21,8 @@ leaves behind, and how `recover` finishes it).
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,8 @@ from .feed import Feed
 from .ledger import StepRecord, TrainedLedger
 from .parallel import Parallel
 from .schedule import LRScheduler
+
+log = logging.getLogger("slipstream.trainer")
 
 
 class Checkpointer:
@@ -74,6 +78,7 @@ class Checkpointer:
         return save
 
     def save(self, step: int) -> None:
+        t0 = time.monotonic()
         save_checkpoint(
             self.save_dir, step, self.model, self.optimizer, self.describe(),
             tokenizer_dir=self.tokenizer_dir, par=self.par, scheduler=self.scheduler,
@@ -85,6 +90,9 @@ class Checkpointer:
             self.feed.commit(records, groups)
             crash_point("after_commit", step)
         self.saved_at = step
+        if self.par.is_main:  # what a run's last seconds are spent on (the final save)
+            log.info("checkpoint step %d saved in %.1fs (%s)", step, time.monotonic() - t0,
+                     self.save_dir / f"step_{step:06d}")  # fmt: skip
 
     def recover(self, last_steps: list[StepRecord], lease_timeout: float) -> None:
         """Before the first step: finish what the checkpoint resumed from may not have done."""
