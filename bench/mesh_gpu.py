@@ -43,6 +43,9 @@ VARIANTS = {
     "default": [],
     "default-sync": ["--sync"],
     "no-colocate": ["--no-colocate"],
+    "one-server": ["--rollout-num-servers", "1"],
+    "one-server-sync": ["--rollout-num-servers", "1", "--sync"],
+    "one-server-fp8": ["--rollout-num-servers", "1", "--weight-sync-dtype", "fp8"],
 }
 
 
@@ -92,6 +95,9 @@ def mesh_run(name: str, flags: list[str], a, model: Path, prompts: Path, work: P
     gaps = [b["elapsed_s"] - a_["elapsed_s"] for a_, b in zip(rows, rows[1:], strict=False)]
     steady = gaps[1:] or gaps  # the first gap carries the first version's push and compile
     timeline = json.loads((run_dir / "timeline.json").read_text())
+    trainer_log = run_dir / "logs" / "trainer.log"
+    saves = [line.split("trainer")[-1].strip() for line in
+             (trainer_log.read_text().splitlines() if trainer_log.exists() else []) if "checkpoint step" in line]
     placement = next((line for line in (proc.stdout + proc.stderr).splitlines() if "placement:" in line), "")
     out = {
         "variant": name,
@@ -105,6 +111,7 @@ def mesh_run(name: str, flags: list[str], a, model: Path, prompts: Path, work: P
         "wait_data_s": [r.get("wait_data_s") for r in rows],
         "first_step_s": timeline.get("first_step_s"),
         "last_step_to_all_stopped_s": timeline.get("last_step_to_all_stopped_s"),
+        "checkpoint_saves": saves,
         "timeline": timeline,
         "launcher_wall_s": round(wall, 2),
     }
@@ -114,7 +121,7 @@ def mesh_run(name: str, flags: list[str], a, model: Path, prompts: Path, work: P
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=["default", "default-sync", "no-colocate"], choices=list(VARIANTS))
     p.add_argument("--steps", type=int, default=6, help="trainer steps per mesh run")
     p.add_argument("--parts-steps", type=int, default=3)
     p.add_argument("--skip-parts", action="store_true")
