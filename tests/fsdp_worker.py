@@ -9,6 +9,12 @@ write one checkpoint together (rank 0 writes the files).
 train, maybe push, maybe save; the last save when it stops) with --update-weights-interval 2
 and --save-interval 3; the other ranks run the trainer's own `ranks.follow` under a config that
 says 1 and 1. Each rank writes what it did, in order, to OUT_DIR/events_<rank>.json.
+
+`memory`: each rank builds the trainer's `Actor` (policy and KL reference, both loaded sharded)
+and trains one step, while measuring what it materialises: the bytes each `load_model` call read
+from the safetensors files and its largest read, the bytes of the parameters it holds, and the
+largest tensor any torch operation produced (a dispatch mode: FSDP's all-gather buffers
+included). Written to OUT_DIR/memory_<rank>.json.
 """
 
 import json
@@ -87,12 +93,99 @@ def schedule(model_dir: str, out: Path):
     return actor.par
 
 
+class _CountingSlices:
+    """Observes `safe_open`: the bytes of every tensor read through it (library wrapped, not ours)."""
+
+    def __init__(self, handle, reads: list[int]):
+        self.handle, self.reads = handle, reads
+
+    def keys(self):
+        return self.handle.keys()
+
+    def get_tensor(self, name):
+        t = self.handle.get_tensor(name)
+        self.reads.append(t.nbytes)
+        return t
+
+    def get_slice(self, name):
+        handle, reads = self.handle.get_slice(name), self.reads
+
+        class Slice:
+            def get_shape(self):
+                return handle.get_shape()
+
+            def __getitem__(self, index):
+                t = handle[index]
+                reads.append(t.nbytes)
+                return t
+
+        return Slice()
+
+
+def memory(model_dir: str, out: Path):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import slipstream.models.hf as hf
+    from slipstream.config import config_from_values
+    from slipstream.services.trainer import actor as actor_module
+    from slipstream.types import Sample, Status
+
+    loads: list[dict] = []
+    reads: list[int] = []
+    real_open, real_load = hf.safe_open, actor_module.load_model
+    hf.safe_open = lambda *a, **k: _CountingSlices(real_open(*a, **k), reads)
+
+    def counted_load(*a, **k):
+        reads.clear()
+        model = real_load(*a, **k)
+        loads.append({"bytes_read": sum(reads), "largest_read": max(reads)})
+        return model
+
+    actor_module.load_model = counted_load
+    largest = [0]
+
+    class LargestTensor(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, tuple | list) else (result,):
+                if isinstance(t, torch.Tensor) and not t.is_meta:
+                    largest[0] = max(largest[0], t.nbytes)
+            return result
+
+    cfg = config_from_values(
+        dict(
+            hf_checkpoint=model_dir, rollout_batch_size=2, n_samples_per_prompt=2, micro_batch_size=1,
+            lr=1e-2, device="cpu", rollout_max_response_len=4, use_kl_loss=True, kl_loss_coef=0.1,
+        )
+    )  # fmt: skip
+    samples = [
+        Sample(tokens=[7, 8, 9, 5 + i, 6 + i], response_length=2, reward=float(i % 2),
+               status=Status.COMPLETED, rollout_log_probs=[-1.0, -1.0], policy_versions=[0, 0])
+        for i in range(4)
+    ]  # fmt: skip
+    with LargestTensor():
+        actor = actor_module.Actor.from_config(cfg)
+        actor.train_rollout(samples, [1.0, -1.0, 0.5, -0.5], 0)
+
+    def held(model):
+        return sum(getattr(p, "to_local", lambda p=p: p)().nbytes for p in model.parameters())
+
+    report = {
+        "loads": loads,
+        "policy_bytes_held": held(actor.model),
+        "ref_bytes_held": held(actor.ref_model),
+        "largest_tensor": largest[0],
+    }
+    (out / f"memory_{actor.par.rank}.json").write_text(json.dumps(report))
+    return actor.par
+
+
 def main() -> None:
     model_dir, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
-    if sys.argv[3:] == ["schedule"]:
+    if sys.argv[3:] in (["schedule"], ["memory"]):
         out.mkdir(parents=True, exist_ok=True)
-        return shutdown(schedule(model_dir, out))
+        return shutdown((schedule if sys.argv[3] == "schedule" else memory)(model_dir, out))
     par = init_parallel(torch.device("cpu"))
     model = shard_model(load_model(model_dir), par)
     tokens = global_batch(model.config.vocab_size)

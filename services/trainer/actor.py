@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -65,7 +66,9 @@ from slipstream.weights import weights_to_sync
 from .batch import Batch, collate, pack, plan_micro_batches
 from .compiled_layers import split_layers
 from .objective import micro_batch_loss, needs_reference, sft_micro_batch_loss, token_advantages
-from .parallel import Parallel, full_model_state, init_parallel, shard_model
+from . import lora
+from .parallel import Parallel, full_model_state, init_parallel, shard_model, stream_layers
+from .precision import MasterWeights
 from .quantized import compute_weights
 from .routing import MoERouting
 from .schedule import LRSchedule, LRScheduler
@@ -125,39 +128,76 @@ class Actor:
         )  # fmt: skip
         self.par: Parallel = init_parallel(pick_device(device))
         self.device = self.par.device
-        dtype = torch.float32 if train.bf16 else DTYPES[model_cfg.dtype]  # --bf16: fp32 masters
-        model = load_model(model_path or model_cfg.hf_checkpoint, device=self.device, dtype=dtype)
+        self.lora = train.lora_rank > 0
+        dtype = DTYPES[model_cfg.dtype]
+        if train.bf16:  # fp32 masters; a frozen LoRA base needs none (its adapters are float32)
+            dtype = torch.bfloat16 if self.lora else torch.float32
+        model = self._load_policy(model_cfg, model_path, dtype)
         # --bf16: a bf16 compute copy; --int4-qat / --fp8-format: one with the quantized weights
-        self.masters = compute_weights(model, train, self.par.enabled)
+        self.masters = None if self.lora else compute_weights(model, train, self.par.enabled)
+        if train.optimizer_cpu_offload and not self.par.enabled:
+            # masters (loaded on the CPU), their gradients and AdamW's moments stay there
+            self.masters = self.masters or MasterWeights(model, dtype=dtype)
+            self.masters.compute.to(self.device)
         compute = self.masters.compute if self.masters else model
         if train.torch_compile:
             split_layers(compute)  # two compiled graphs per layer around the attention call
         if train.gradient_checkpointing:
             _checkpoint_layers(compute)
-        self.model = shard_model(model, self.par, param_dtype=torch.bfloat16 if train.bf16 else None)
+        self.model = model  # sharded as it was loaded, under torchrun
         self.compute = compute if self.masters else self.model
         self.compute.train()
         self.moe = MoERouting(model.config, train)  # expert routing: replay, aux loss, metrics
         self.ref_model = None
         if needs_reference(algo):
-            # The reference stays the initial policy even when resuming from a checkpoint. It
-            # only runs forward, so under --bf16 it is simply bf16.
-            self.ref_model = load_model(
-                model_cfg.ref_load or model_cfg.hf_checkpoint,
-                device=self.device,
-                dtype=torch.bfloat16 if train.bf16 else dtype,
-            )
-            self.ref_model.eval().requires_grad_(False)
+            self.ref_model = self._load_reference(model_cfg, torch.bfloat16 if train.bf16 else dtype)
+        on_gpu = self.device.type == "cuda" and not train.optimizer_cpu_offload
         self.optimizer = torch.optim.AdamW(
-            self.model.parameters(),
+            [p for p in self.model.parameters() if p.requires_grad],  # under LoRA the adapters
             lr=train.lr,
             betas=(train.adam_beta1, train.adam_beta2),
             eps=train.adam_eps,
             weight_decay=train.weight_decay,
-            foreach=self.device.type != "cuda",
-            fused=self.device.type == "cuda",
+            foreach=not on_gpu,
+            fused=on_gpu,
         )
         self.scheduler = LRScheduler(self.optimizer, LRSchedule.from_config(train, num_optimizer_steps))
+
+    def _load_policy(self, model_cfg: ModelConfig, model_path: str | None, dtype: torch.dtype):
+        """Under torchrun each rank allocates and reads only its shard (`hf.load_model(shard=)`);
+        under --optimizer-cpu-offload into CPU memory; under --lora-rank the base model
+        (--hf-checkpoint, also when resuming: a checkpoint's adapters go back onto it) wrapped
+        with adapters (`lora.py`)."""
+        t = self.train
+        if self.lora:
+            if self.par.enabled:
+                raise ValueError("--lora-rank under torchrun (FSDP2) is not implemented yet")
+            base = model_cfg.hf_checkpoint
+            model = load_model(base, device=self.device, dtype=dtype)
+            targets = lora.target_modules(t.target_modules)
+            return lora.apply_lora(model, t.lora_rank, t.lora_alpha, t.lora_dropout, targets, base)
+        shard = None
+        if self.par.enabled:
+            bf16 = torch.bfloat16 if t.bf16 else None
+            shard = partial(shard_model, par=self.par, param_dtype=bf16, cpu_offload=t.optimizer_cpu_offload)
+        device = torch.device("cpu") if t.optimizer_cpu_offload else self.device
+        return load_model(model_path or model_cfg.hf_checkpoint, device=device, dtype=dtype, shard=shard)
+
+    def _load_reference(self, model_cfg: ModelConfig, dtype: torch.dtype) -> torch.nn.Module:
+        """The frozen initial policy the KL terms compare with (also when resuming; forward only, so
+        bf16 under --bf16): sharded like the policy under torchrun, in CPU memory under
+        --ref-offload; under --lora-rank the policy itself with its adapters off, unless
+        --ref-load names another model."""
+        path = model_cfg.ref_load or model_cfg.hf_checkpoint
+        if self.lora and path == model_cfg.hf_checkpoint:
+            return self.model
+        offload = self.train.ref_offload
+        shard = partial(shard_model, par=self.par, cpu_offload=offload) if self.par.enabled else None
+        device = torch.device("cpu") if offload else self.device
+        ref = load_model(path, device=device, dtype=dtype, shard=shard)
+        if offload and not self.par.enabled:
+            stream_layers(ref, self.device)
+        return ref.eval().requires_grad_(False)
 
     @classmethod
     def from_config(cls, cfg: Config, model_path: str | None = None) -> Actor:
@@ -235,7 +275,13 @@ class Actor:
     def ref_log_probs(self, batches: list[Batch]) -> list[torch.Tensor] | None:
         if self.ref_model is None:
             return None
-        return [self.log_probs(b, self.ref_model) for b in batches]
+        if self.ref_model is self.model:  # LoRA: the base model is the policy without its adapters
+            with lora.adapters_disabled(self.model):
+                return [self.log_probs(b) for b in batches]
+        out = [self.log_probs(b, self.ref_model) for b in batches]
+        if self.par.enabled:  # FSDP2 keeps a root unit gathered after a forward without backward
+            self.ref_model.reshard()
+        return out
 
     def _proximal(self, micro: list[Batch], steps_of_micro: list[list[int]]) -> list[torch.Tensor | None]:
         """The proximal ("old") log-probs of each micro-batch; None: its training forward gives them.
@@ -392,5 +438,6 @@ class Actor:
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
         """The full weights to push (a collective under FSDP2; only rank 0's result is used)."""
         full = full_model_state(self.model) if self.par.enabled else self.model.state_dict()
+        full = lora.policy_weights(self.model, full)  # under LoRA the merged weights
         tied = self.model.config.tie_word_embeddings
         return {k: v.detach() for k, v in weights_to_sync(full, tied).items()}

@@ -2,6 +2,9 @@
 
     checkpoints/step_000010/
         config.json, model.safetensors, tokenizer files   <- loadable by transformers as is
+        adapter/adapter_model.safetensors, adapter_config.json  <- under --lora-rank: the adapters in
+                                                              PEFT's format (model.safetensors then
+                                                              holds the merged weights; lora.py)
         optimizer/optimizer.safetensors                    <- AdamW moments, per parameter name (in a
                                                               folder: a model loader reads every
                                                               *.safetensors beside config.json)
@@ -37,6 +40,7 @@ from safetensors.torch import load_file, save_file
 from slipstream.faults import crash_point
 from slipstream.models.hf import save_model
 
+from . import lora
 from .parallel import Parallel, full_model_state, full_optimizer_state, load_full_state
 from .schedule import LRScheduler
 
@@ -122,7 +126,9 @@ def save_checkpoint(
     save_dir.mkdir(parents=True, exist_ok=True)
     tmp = save_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, state_dict=model_state)
+    save_model(model, tmp, state_dict=lora.policy_weights(model, model_state))  # LoRA: merged
+    if lora.config_of(model) is not None:
+        lora.save_adapter(tmp / lora.ADAPTER_DIR, model_state, lora.config_of(model))
     if tokenizer_dir:
         for f in TOKENIZER_FILES:
             if (Path(tokenizer_dir) / f).exists():
@@ -217,10 +223,17 @@ def load_trainer_state(
     """Restore weights, optimizer moments, the lr schedule's position and RNG into a (possibly
     sharded) model; return the state."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
-    weights = {}
-    for f in sorted(ckpt.glob("*.safetensors")):
-        if f.name != "optimizer.safetensors":  # where checkpoints before the optimizer/ folder kept it
-            weights.update(load_file(str(f)))
+    if lora.config_of(model) is not None:  # the adapters, back onto the base model
+        if not (ckpt / lora.ADAPTER_DIR / "adapter_model.safetensors").is_file():
+            raise FileNotFoundError(
+                f"--load {ckpt}: no LoRA adapters ({lora.ADAPTER_DIR}/) there, but --lora-rank is set"
+            )
+        weights = lora.load_adapter(ckpt / lora.ADAPTER_DIR)
+    else:
+        weights = {}
+        for f in sorted(ckpt.glob("*.safetensors")):
+            if f.name != "optimizer.safetensors":  # where checkpoints before the optimizer/ folder kept it
+                weights.update(load_file(str(f)))
     if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied
     osd = _unflatten_optimizer(load_file(str(ckpt / OPTIMIZER)), state["param_groups"])

@@ -82,26 +82,67 @@ def init_parallel(device: torch.device) -> Parallel:
 
 
 def shard_model(
-    model: torch.nn.Module, par: Parallel, param_dtype: torch.dtype | None = None
+    model: torch.nn.Module,
+    par: Parallel,
+    param_dtype: torch.dtype | None = None,
+    cpu_offload: bool = False,
 ) -> torch.nn.Module:
     """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, lm_head).
+
+    Applied to the meta-device model before anything is allocated (`hf.load_model(shard=...)`),
+    so each rank only ever allocates and reads its own shard.
 
     `param_dtype=torch.bfloat16` (`--bf16`): the sharded parameters stay what they are (the fp32
     masters AdamW steps) and FSDP2 all-gathers bf16 copies for forward and backward, reducing
     gradients in fp32 (`MixedPrecisionPolicy`), the multi-process form of `precision.py`.
+    `cpu_offload` (--optimizer-cpu-offload, --ref-offload): the shards, their gradients and so
+    AdamW's moments live on the CPU (FSDP2's `CPUOffloadPolicy`); each unit is copied to the
+    device for its forward and backward and AdamW steps on the CPU.
     """
     if not par.enabled:
         return model
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(par.device.type, (par.world_size,))
     policy = MixedPrecisionPolicy(
         param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None
     )
+    offload = CPUOffloadPolicy() if cpu_offload and par.device.type == "cuda" else OffloadPolicy()
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)
+    return model
+
+
+def stream_layers(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """--ref-offload in one process: the decoder layers' weights stay in (pinned) CPU memory and
+    each layer is copied to `device` just for its forward, then dropped there again; the
+    embeddings, final norm and LM head stay on `device`. For a forward-only model (the reference)."""
+    if device.type != "cuda":
+        return model.to(device)
+    for name, module in model.named_children():
+        if name != "model":
+            module.to(device)
+    for name, module in model.model.named_children():
+        if name != "layers":
+            module.to(device)
+    for layer in model.model.layers:
+        params = list(layer.parameters())
+        host = [p.data.cpu().pin_memory() for p in params]
+        for p, h in zip(params, host, strict=True):
+            p.data = h
+
+        def fetch(_module, _args, _params=params, _host=host):
+            for p, h in zip(_params, _host, strict=True):
+                p.data = h.to(device, non_blocking=True)
+
+        def drop(_module, _args, _out, _params=params, _host=host):
+            for p, h in zip(_params, _host, strict=True):
+                p.data = h
+
+        layer.register_forward_pre_hook(fetch)
+        layer.register_forward_hook(drop)
     return model
 
 

@@ -36,6 +36,8 @@ from torch import nn
 
 class MasterWeights:
     def __init__(self, master: nn.Module, dtype: torch.dtype = torch.bfloat16):
+        """The compute copy starts beside the masters; --optimizer-cpu-offload then moves it to the
+        device (`compute.to(device)`), leaving masters, gradients and AdamW moments on the CPU."""
         self.master = master
         self.compute = copy.deepcopy(master).to(dtype)  # deepcopy keeps tied weights tied
         names = [n for n, _ in master.named_parameters()]
@@ -51,7 +53,12 @@ class MasterWeights:
     @torch.no_grad()
     def refresh(self) -> None:
         """bf16 weights := the masters, rounded (one fused copy over all of them)."""
-        torch._foreach_copy_([c for _, c in self.pairs], [m for m, _ in self.pairs])
+        computes, masters = [c for _, c in self.pairs], [m for m, _ in self.pairs]
+        if masters and masters[0].device != computes[0].device:  # offloaded masters
+            for c, m in zip(computes, masters, strict=True):
+                c.copy_(m, non_blocking=True)
+        else:
+            torch._foreach_copy_(computes, masters)
         self._versions = [m._version for m, _ in self.pairs]
 
     def refresh_if_changed(self) -> None:
@@ -63,9 +70,9 @@ def _accumulate_into(master: torch.Tensor):
     def hook(param: torch.Tensor) -> None:
         grad = param.grad
         if master.grad is None:
-            master.grad = grad.to(torch.float32)
+            master.grad = grad.to(device=master.device, dtype=torch.float32)
         else:
-            master.grad.add_(grad)
+            master.grad.add_(grad.to(master.device))
         param.grad = None  # the bf16 gradient is only ever a staging buffer
 
     return hook

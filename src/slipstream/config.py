@@ -391,6 +391,30 @@ class TrainConfig:
         "Weight of the mixture-of-experts load-balancing loss (Switch Transformer's, Megatron's flag "
         "name); unset = the checkpoint's router_aux_loss_coef (transformers' Qwen3-MoE: 0.001), 0 = off.",
     )
+    optimizer_cpu_offload: bool = opt(
+        False,
+        "Keep the float32 master weights, their gradients and the AdamW moments in CPU memory and step "
+        "AdamW there (Megatron's name); the device holds only the compute weights (bf16 under --bf16). "
+        "Under torchrun FSDP2's CPUOffloadPolicy (each rank's shards on the CPU).",
+    )
+    ref_offload: bool = opt(
+        False,
+        "Keep the reference model (KL losses) in CPU memory, each decoder layer copied to the device "
+        "only for its forward (FSDP2's CPUOffloadPolicy under torchrun, where it is sharded in any case).",
+    )
+    lora_rank: int = opt(
+        0,
+        "LoRA rank: train low-rank adapters on --target-modules instead of the whole model (peft); "
+        "only the adapters get optimizer state, pushes and checkpoints carry the merged weights, "
+        "checkpoints also the adapters in PEFT's format (adapter/). 0 = full fine-tuning.",
+    )
+    lora_alpha: float = opt(16.0, "LoRA alpha: the adapters' update is scaled by alpha / rank.")
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA branch's input while training.")
+    target_modules: str = opt(
+        "all-linear",
+        "Modules LoRA adapts, PEFT's names, comma-separated (q_proj,k_proj,v_proj,o_proj,gate_proj,"
+        "up_proj,down_proj); all-linear = all of those.",
+    )
     update_weights_interval: int = opt(1, "Push new weights to rollout every N training steps.")
     max_reuse: int = opt(
         1,
@@ -452,6 +476,12 @@ class TrainConfig:
             "--moe-aux-loss-coeff must be >= 0",
         )
         _require(self.adam_eps > 0, "--adam-eps must be positive")
+        _require(self.lora_rank >= 0, "--lora-rank must be >= 0 (0 = no LoRA)")
+        _require(self.lora_alpha > 0 and 0 <= self.lora_dropout < 1, "--lora-alpha must be > 0, --lora-dropout in [0, 1)")
+        _require(
+            not (self.lora_rank and self.optimizer_cpu_offload),
+            "--optimizer-cpu-offload has nothing to offload under --lora-rank (only the adapters have optimizer state)",
+        )
         _require(self.lr_decay_iters >= 0 and self.lr_warmup_iters >= 0, "--lr-*-iters must be >= 0")
         _require(0 <= self.min_lr <= self.lr, "--min-lr must be in [0, --lr]")
         _require(self.lr_warmup_init >= 0, "--lr-warmup-init must be >= 0")

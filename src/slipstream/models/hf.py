@@ -4,8 +4,9 @@ Users bring their own checkpoints, so this reads what `save_pretrained` writes (
 shards) and writes what `from_pretrained` reads. Only safetensors: a pickle can run code. Problems
 surface as `FileNotFoundError`/`ValueError` naming the path, which the CLI prints as one line.
 
-Loading builds the model on the meta device and assigns the checkpoint tensors into it, so a
-large model is never allocated twice (random init then overwrite).
+Loading builds the model on the meta device and reads the checkpoint tensors into it, so a
+large model is never allocated twice (random init then overwrite); a sharded trainer process
+reads only its own rows of each tensor (`load_model(shard=...)`).
 
 Mixture-of-experts weights: published Qwen3-MoE checkpoints (and transformers 5's save_pretrained)
 name every expert's projections, `mlp.experts.<e>.{gate,up,down}_proj.weight`; the model holds
@@ -17,11 +18,14 @@ per-expert one.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from slipstream.models.config import ModelConfig
 from slipstream.models.decoder import CausalLM
@@ -29,25 +33,6 @@ from slipstream.models.decoder import CausalLM
 # Buffers some older exports carry; recomputed here, never needed from disk.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
-
-
-def stack_experts(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Per-expert checkpoint names -> the model's stacked tensors (in place; other names untouched)."""
-    for layer in config.moe_layers:
-        prefix = f"model.layers.{layer}.mlp.experts."
-        if f"{prefix}0.gate_proj.weight" not in state:
-            continue  # already stacked (transformers 5's in-memory names), or missing (reported later)
-        stacked = {}
-        for proj in _EXPERT_PROJS:
-            names = [f"{prefix}{e}.{proj}.weight" for e in range(config.num_experts)]
-            if any(name not in state for name in names):
-                continue  # reported as missing/unexpected by the caller
-            stacked[proj] = torch.stack([state.pop(name) for name in names])
-        if "gate_proj" in stacked and "up_proj" in stacked:
-            state[f"{prefix}gate_up_proj"] = torch.cat([stacked["gate_proj"], stacked["up_proj"]], dim=1)
-        if "down_proj" in stacked:
-            state[f"{prefix}down_proj"] = stacked["down_proj"]
-    return state
 
 
 def unstack_experts(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -76,47 +61,104 @@ def load_config(path: str | Path) -> ModelConfig:
         raise ValueError(f"{config_path}: {e}") from e
 
 
-def load_model(
-    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> CausalLM:
-    """The model in `path` (config.json + every *.safetensors there), on `device` in `dtype`."""
-    path = Path(path)
-    config = load_config(path)
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in checkpoint directory {path}")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            with safe_open(file, framework="pt", device=str(device)) as f:
+class _Checkpoint:
+    """A checkpoint's tensors under the model's names, read lazily and by rows.
+
+    Nothing is read until asked for, and then only the rows asked for (`safe_open`'s slices
+    read just those bytes), so a rank that holds rows a..b of a parameter never materialises
+    the rest. Per-expert MoE tensors are read as the model's stacked ones (rows = experts)."""
+
+    def __init__(self, path: Path, config: ModelConfig) -> None:
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"no *.safetensors weights in checkpoint directory {path}")
+        self.path, self.handles, self.shapes = path, {}, {}
+        for file in files:
+            try:
+                f = safe_open(file, framework="pt", device="cpu")
                 for name in f.keys():
                     if not name.endswith(_IGNORED_SUFFIXES):
-                        state[name] = f.get_tensor(name).to(dtype)
-        except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
-            raise ValueError(f"cannot read safetensors file {file}: {e}") from e
+                        self.handles[name] = f
+                        self.shapes[name] = tuple(f.get_slice(name).get_shape())
+            except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+                raise ValueError(f"cannot read safetensors file {file}: {e}") from e
+        if config.tie_word_embeddings:
+            self.shapes.pop("lm_head.weight", None)  # some exports write the tied copy too
+        self.stacked: dict[str, list[list[str]]] = {}  # model name -> per expert, the names to cat
+        for layer in config.moe_layers:
+            prefix = f"model.layers.{layer}.mlp.experts."
+            experts = range(config.num_experts)
+            for stacked, projs in (("gate_up_proj", ("gate_proj", "up_proj")), ("down_proj", ("down_proj",))):
+                parts = [[f"{prefix}{e}.{p}.weight" for p in projs] for e in experts]
+                if all(n in self.shapes for row in parts for n in row):
+                    first = [self.shapes.pop(n) for row in parts for n in row][: len(projs)]
+                    self.shapes[prefix + stacked] = (len(parts), sum(s[0] for s in first), first[0][1])
+                    self.stacked[prefix + stacked] = parts
 
-    stack_experts(state, config)
-    with torch.device("meta"):
-        model = CausalLM(config)
-    if config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)  # some exports write the tied copy too
-    expected = {name for name, _ in model.named_parameters()}  # tied lm_head appears once, as embed
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not match its {config.model_type} config: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
-            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    shapes = dict(model.state_dict().items())
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(shapes[name].shape):
+    def read(self, name: str, rows: slice = slice(None)) -> torch.Tensor:
+        """Rows `rows` (along the first dimension) of the model's tensor `name`."""
+        if name in self.stacked:
+            parts = self.stacked[name][rows]
+            return torch.stack([torch.cat([self.handles[n].get_tensor(n) for n in row]) for row in parts])
+        return self.handles[name].get_slice(name)[rows]
+
+    def check(self, model: CausalLM) -> None:
+        expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied: once
+        missing, unexpected = sorted(expected.keys() - self.shapes.keys()), sorted(self.shapes.keys() - expected.keys())
+        if missing or unexpected:
             raise ValueError(
-                f"checkpoint {path}: {name} has shape {tuple(tensor.shape)}, "
-                f"config implies {tuple(shapes[name].shape)}"
+                f"checkpoint {self.path} does not match its {model.config.model_type} config: "
+                f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
             )
-    model.load_state_dict(state, strict=False, assign=True)
+        for name, shape in expected.items():
+            if self.shapes[name] != shape:
+                raise ValueError(
+                    f"checkpoint {self.path}: {name} has shape {self.shapes[name]}, config implies {shape}"
+                )
+
+
+def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, slice]:
+    """The tensor this process holds of `param` and which rows of the full one they are: all of
+    them, or under FSDP2 (a DTensor sharded on dim 0) this rank's chunk."""
+    if not isinstance(param, DTensor):
+        return param.data, slice(None)
+    local = param.to_local()
+    _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    if any(o for o in offset[1:]):
+        raise ValueError(f"sharded loading reads row shards only, got offsets {offset}")
+    return local, slice(offset[0], offset[0] + local.shape[0])
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    shard: Callable[[CausalLM], CausalLM] | None = None,
+) -> CausalLM:
+    """The model in `path` (config.json + every *.safetensors there), on `device` in `dtype`.
+
+    Built on the meta device, so nothing is allocated twice (random init then overwrite).
+    `shard` (FSDP2's `fully_shard` per layer, `trainer.parallel`) is applied to the meta model
+    first; each process then allocates and reads only its own rows of every parameter, so no
+    process ever holds the full model."""
+    path = Path(path)
+    config = load_config(path)
+    ckpt = _Checkpoint(path, config)
+    with torch.device("meta"):
+        model = CausalLM(config).to(dtype)
+    ckpt.check(model)
+    if shard is not None:
+        model = shard(model)
+    model.to_empty(device=device)
     model.tie_weights()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            local, rows = _local_rows(param)
+            try:
+                local.copy_(ckpt.read(name, rows))
+            except Exception as e:  # a file truncated after its header
+                raise ValueError(f"cannot read {name} from checkpoint {path}: {e}") from e
     return model.eval()
 
 

@@ -1,0 +1,66 @@
+"""Sharded loading (issue 18): under FSDP2 no trainer rank ever holds the full model.
+
+Two gloo ranks build the trainer's `Actor` (policy plus KL reference) from a checkpoint and
+train one step. Each rank reports what it materialised (tests/fsdp_worker.py `memory`): the
+bytes it read from the safetensors files per model load, the parameter bytes it holds, and the
+largest tensor any torch operation produced. Loading the full model and then sharding it (what
+the trainer did before) reads every byte on every rank; here each rank reads its half."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
+
+from mesh_fixtures import build_tiny_model
+from slipstream.models.hf import load_model
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # Eight layers: no single FSDP unit (a layer, or the root's embedding) is near the model's size.
+    return build_tiny_model(tmp_path_factory.mktemp("sharded") / "model", num_hidden_layers=8)
+
+
+def _checkpoint_bytes(model_dir: Path) -> tuple[int, int]:
+    """(all tensors' bytes, the largest tensor's bytes) of the checkpoint."""
+    sizes = []
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            sizes.append(f.get_tensor(name).nbytes)
+    return sum(sizes), max(sizes)
+
+
+def test_no_rank_holds_the_full_model(model_dir, tmp_path):
+    full, largest_param = _checkpoint_bytes(model_dir)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+        str(HERE / "fsdp_worker.py"), str(model_dir), str(tmp_path), "memory",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"memory_{rank}.json").read_text())
+        assert len(report["loads"]) == 2, report  # the policy and the reference, each sharded
+        for load in report["loads"]:
+            # Half of every tensor's rows (a row more where one does not halve evenly).
+            assert 0.4 * full < load["bytes_read"] < 0.55 * full, (rank, load, full)
+            assert load["largest_read"] <= largest_param // 2 + 1024, (rank, load, largest_param)
+        for held in (report["policy_bytes_held"], report["ref_bytes_held"]):
+            assert 0.4 * full < held < 0.55 * full, (rank, held, full)
+        # FSDP gathers one unit (a layer, or the root) at a time for a forward or backward.
+        assert report["largest_tensor"] < 0.5 * full, (rank, report["largest_tensor"], full)
+
+
+def test_a_truncated_checkpoint_is_one_clear_error(model_dir, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((model_dir / "config.json").read_text())
+    data = (model_dir / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cannot read .*"):
+        load_model(broken)
