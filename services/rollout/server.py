@@ -92,6 +92,7 @@ def build_engine(settings: EngineConfig, model: Qwen3ForCausalLM, eos_ids: list[
             max_seq_len=settings.max_seq_len,
             fp8=settings.fp8,
             kv_cache_dtype=settings.kv_cache_dtype,
+            int4_targets=settings.int4_targets,
         )
     raise ValueError(f"--rollout-engine {settings.engine}: no such engine")
 
@@ -151,22 +152,26 @@ async def serve(cfg: Config) -> None:
 
     torch.set_num_threads(cfg.infra.torch_threads or 1)
     engine_cfg = EngineConfig.from_sections(
-        cfg.model, cfg.rollout, cfg.infra, cuda_available=torch.cuda.is_available()
+        cfg.model, cfg.rollout, cfg.infra, cuda_available=torch.cuda.is_available(), train=cfg.train
     )
     settings = ServerConfig.from_sections(cfg.rollout, cfg.infra)
     device, dtype = engine_cfg.device, engine_cfg.torch_dtype
     model = load_model(engine_cfg.model_path, device=device, dtype=dtype)
     tokenizer = load_tokenizer(engine_cfg.model_path)
-    engine = build_engine(engine_cfg, model, eos_token_ids(model.config, tokenizer))
+    # The checkpoint's names and shapes, what every version is checked against: taken before the
+    # engine swaps in its FP8 / W4A16 layers (a W4A16 layer holds no [out, in] weight).
     synced = weights_to_sync(model.state_dict(), model.config.tie_word_embeddings)
     expected_shapes = {name: tuple(t.shape) for name, t in synced.items()}
+    engine = build_engine(engine_cfg, model, eos_token_ids(model.config, tokenizer))
     worker = EngineWorker(engine, asyncio.get_running_loop())
     worker.start()
     stopping = asyncio.Event()
     coordinator = aio_channel(settings.coordinator_addr) if settings.coordinator_addr else None
     client = None
     if coordinator is not None:
-        fetcher = WeightFetcher(coordinator, expected_shapes, device, dtype, stopping)
+        fetcher = WeightFetcher(
+            coordinator, expected_shapes, device, dtype, stopping, keep_int4=bool(engine_cfg.int4_targets)
+        )
         client = CoordinatorClient(settings, coordinator, worker, tokenizer, fetcher, stopping)
     servicer = RolloutService(settings, worker, tokenizer)
     # Before the gRPC server: its ready file says every port of this server answers.

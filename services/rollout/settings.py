@@ -1,7 +1,7 @@
 """What the rollout server reads from the config, resolved once in `serve()`.
 
 Two small typed settings instead of the whole `Config` tree: `EngineConfig` is what an engine is
-built from (checkpoint, device, dtype, batch, FP8, KV-cache dtype), `ServerConfig` what the
+built from (checkpoint, device, dtype, batch, FP8, KV-cache dtype, int4), `ServerConfig` what the
 server's rooms need (who it is, where the coordinator is, the sampling default, the swap mode).
 "auto" values are resolved here, so every part sees one concrete device and dtype.
 """
@@ -13,7 +13,7 @@ import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from slipstream.config import InfraConfig, ModelConfig, RolloutConfig
+from slipstream.config import InfraConfig, ModelConfig, RolloutConfig, TrainConfig
 
 if TYPE_CHECKING:
     import torch
@@ -31,12 +31,20 @@ class EngineConfig:
     max_seq_len: int  # --rollout-max-prompt-len + --rollout-max-response-len
     fp8: bool  # --rollout-fp8
     kv_cache_dtype: str  # --kv-cache-dtype
+    int4_targets: str = ""  # --int4-qat-targets when the weights come as int4 (served W4A16); "" = not
 
     @classmethod
     def from_sections(
-        cls, model: ModelConfig, rollout: RolloutConfig, infra: InfraConfig, *, cuda_available: bool
+        cls,
+        model: ModelConfig,
+        rollout: RolloutConfig,
+        infra: InfraConfig,
+        *,
+        cuda_available: bool,
+        train: TrainConfig | None = None,
     ) -> EngineConfig:
-        """Auto device: CUDA when there is one; auto dtype: bfloat16 on CUDA, float32 elsewhere."""
+        """Auto device: CUDA when there is one; auto dtype: bfloat16 on CUDA, float32 elsewhere.
+        `train` says the weights' wire format: int4 ones are served W4A16."""
         device = infra.device
         if device == "auto":
             device = "cuda" if cuda_available else "cpu"
@@ -52,6 +60,7 @@ class EngineConfig:
             max_seq_len=rollout.rollout_max_prompt_len + rollout.rollout_max_response_len,
             fp8=rollout.rollout_fp8,
             kv_cache_dtype=rollout.kv_cache_dtype,
+            int4_targets=_int4_targets(train, device),
         )
 
     @property
@@ -59,6 +68,13 @@ class EngineConfig:
         import torch
 
         return getattr(torch, self.dtype)
+
+
+def _int4_targets(train: TrainConfig | None, device: str) -> str:
+    """--int4-qat-targets when the trainer pushes int4 weights, else ""."""
+    if train is None or train.effective_weight_sync_dtype(device.split(":")[0]) != "int4":
+        return ""
+    return train.int4_qat_targets
 
 
 @dataclass(frozen=True)

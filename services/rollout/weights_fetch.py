@@ -78,13 +78,16 @@ class WeightFetcher:
         device: str,
         dtype: torch.dtype,
         stopping: asyncio.Event,
+        keep_int4: bool = False,
     ):
-        """`expected_shapes`: the model's synced tensors, what every manifest is checked against."""
+        """`expected_shapes`: the model's synced tensors, what every manifest is checked against;
+        `keep_int4`: int4 tensors come back packed, for an engine serving W4A16 (`WeightStager`)."""
         self.coordinator = coordinator
         self.expected_shapes = expected_shapes
         self.device = device
         self.dtype = dtype
         self.stopping = stopping
+        self.keep_int4 = keep_int4
 
     async def fetch(self, version: int, current: int, newest: Callable[[], int]) -> Staged:
         """`version`, staged and verified (retried as the module says); `WeightFetchError` if not.
@@ -122,7 +125,9 @@ class WeightFetcher:
         """One FetchWeights stream into a fresh stager, or `_AttemptFailed`."""
         from slipstream.weights import WeightError, WeightStager, ipc
 
-        stager = WeightStager(self.expected_shapes, current, device=self.device, dtype=self.dtype)
+        stager = WeightStager(
+            self.expected_shapes, current, device=self.device, dtype=self.dtype, keep_int4=self.keep_int4
+        )
         stub = coordinator_pb2_grpc.CoordinatorStub(self.coordinator)
         call = stub.FetchWeights(
             coordinator_pb2.FetchWeightsRequest(version=version),

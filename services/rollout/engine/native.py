@@ -48,11 +48,13 @@ class NativeEngine:
         cuda_graphs: bool = True,
         fused_decode: bool = True,
         kv_cache_dtype: str = "auto",
+        int4_targets: str = "",
     ) -> None:
         """`seed` seeds requests that bring none; `max_prefill_tokens` bounds one prefill's padded
         batch (batch x distinct prompts' longest length), one request always fits.
 
-        `fp8` converts the linear projections to FP8 (in place: the engine owns `model`).
+        `fp8` converts the linear projections to FP8 (in place: the engine owns `model`);
+        `int4_targets` (--int4-qat-targets, "" = off) serves those weights W4A16 (`runner.py`).
         `preallocate` (default: on CUDA) allocates the KV cache once, `max_batch_size` slots of
         `max_seq_len`, fewer if they do not fit in `kv_memory_fraction` of the memory free after
         the weights. `cuda_graphs` replays decode steps from CUDA graphs (CUDA and a
@@ -63,6 +65,7 @@ class NativeEngine:
             model, eos_token_ids, max_batch_size, max_seq_len, policy_version,
             seed=seed, fp8=fp8, kv_memory_fraction=kv_memory_fraction, preallocate=preallocate,
             cuda_graphs=cuda_graphs, fused_decode=fused_decode, kv_cache_dtype=kv_cache_dtype,
+            int4_targets=int4_targets,
         )  # fmt: skip
         runner = self.runner  # the batch is sized by what the KV cache fits
         self.scheduler = Scheduler(runner.max_batch_size, runner.max_seq_len, max_prefill_tokens)

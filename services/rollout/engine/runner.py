@@ -14,7 +14,10 @@ CUDA the decode forward is `fused_step.FusedDecoder`: the model's function in se
 layer instead of ~40 (fused q|k|v and gate|up GEMMs, fused glue kernels). Everywhere else (the
 CPU) it is the model's own forward, run eagerly. With `fp8=True` every linear projection holds
 e4m3 weights and runs through `slipstream.kernels.fp8_linear` (FP8 tensor cores on Hopper);
-`kv_cache_dtype="fp8_e4m3"` stores keys and values as e4m3 (`kv_cache.py`).
+`kv_cache_dtype="fp8_e4m3"` stores keys and values as e4m3 (`kv_cache.py`). With `int4_targets`
+(--weight-sync-dtype int4) the `quant.int4_names` linear layers hold packed int4 weights and group
+scales and run W4A16 (`kernels.w4a16`: a Triton GEMM on CUDA, dequantize-then-matmul on the CPU);
+an int4 version is copied in as the packed bytes it arrived as (`int4_weights.py`).
 
 A mixture-of-experts model (Qwen3-MoE) runs the eager paths only, for now: the fused decoder and
 the CUDA graphs are turned off for it with one warning line (the expert loop syncs with the host;
@@ -36,10 +39,12 @@ import logging
 import torch
 
 from slipstream.kernels.fp8_linear import convert_to_fp8
+from slipstream.kernels.w4a16 import convert_to_w4a16
 from slipstream.models import Qwen3ForCausalLM, Routing
 from slipstream.quant import FP8_DTYPE
 from slipstream.services.rollout.engine import fused_step
 from slipstream.services.rollout.engine.graphs import DecodeGraphs
+from slipstream.services.rollout.engine.int4_weights import take_int4
 from slipstream.services.rollout.engine.kv_cache import KV_ALIGN, KVCache
 from slipstream.services.rollout.engine.request import FinishReason, Result
 from slipstream.services.rollout.engine.sampler import SamplingParams, sample
@@ -69,6 +74,7 @@ class ModelRunner:
         cuda_graphs: bool,
         fused_decode: bool,
         kv_cache_dtype: str,
+        int4_targets: str = "",  # --int4-qat-targets under --weight-sync-dtype int4; "" = no int4
     ) -> None:
         """The options are `NativeEngine`'s; `max_batch_size` may come out lower (the KV cache's fit)."""
         self.model = model.eval()
@@ -76,7 +82,10 @@ class ModelRunner:
             raise ValueError(
                 "fp8=True is not implemented for MoE models yet (the router must stay unquantized)"
             )
+        if fp8 and int4_targets:
+            raise ValueError("fp8=True and int4 weights exclude each other: a layer holds one format")
         self.fp8_layers = convert_to_fp8(model) if fp8 else {}
+        self.int4_layers = convert_to_w4a16(model, int4_targets) if int4_targets else {}
         self.eos_token_ids = list(eos_token_ids)
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len or model.config.max_position_embeddings
@@ -291,6 +300,8 @@ class ModelRunner:
         Every name and shape is checked before anything is copied, so a bad update changes nothing.
         """
         tied = self.model.config.tie_word_embeddings
+        state_dict = dict(state_dict)
+        int4_copies = take_int4(state_dict, self.int4_layers, self._params)  # packed int4 + scales
         updates = []
         for name, tensor in state_dict.items():
             if tied and name == "lm_head.weight":
@@ -317,4 +328,6 @@ class ModelRunner:
                 param.copy_(tensor.to(device=param.device, dtype=param.dtype))
             else:  # an Fp8Linear: re-quantized row-wise into its own buffers
                 param.load_(tensor)
+        for copy in int4_copies:
+            copy()
         self.policy_version = version

@@ -1,0 +1,57 @@
+"""Loading int4 weights into the engine: packed as they travel, never rounded twice.
+
+Under --weight-sync-dtype int4 the rollout server stages a version with
+`WeightStager(keep_int4=True)`: each int4 tensor arrives as its packed uint8 [..., in/2] under its
+Hugging Face name and its fp32 group scales under `<name>_scale` (`quant/int4.py` has the layout).
+A W4A16 layer (`kernels.w4a16.W4A16Linear`) takes those bytes as they are, so the engine computes
+with exactly the weights the trainer's --int4-qat forward used; a weight the engine holds as a
+plain parameter (stacked MoE experts: no grouped W4A16 kernel yet) gets the dequantized values.
+A W4A16 layer given a full-precision weight (a bf16 version) quantizes it itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from slipstream.quant import dequantize_int4
+from slipstream.weights.packer import INT4_SCALE_SUFFIX
+
+
+def take_int4(
+    state_dict: dict[str, torch.Tensor], layers: dict[str, nn.Module], params: dict[str, torch.Tensor]
+) -> list[Callable[[], None]]:
+    """Remove from `state_dict` the entries that are int4 (packed weight and its scales) or that
+    address a W4A16 layer, check their shapes (ValueError names a wrong one), and return the
+    copies to run once the whole update has been checked."""
+    packed = [
+        n for n, t in state_dict.items() if t.dtype == torch.uint8 and n + INT4_SCALE_SUFFIX in state_dict
+    ]
+    names = set(packed) | (state_dict.keys() & layers.keys())
+    copies: list[Callable[[], None]] = []
+    for name in sorted(names):
+        tensor = state_dict.pop(name)
+        scales = state_dict.pop(name + INT4_SCALE_SUFFIX) if name in packed else None
+        layer, param = layers.get(name), params.get(name)
+        if layer is None and param is None:
+            raise ValueError(f"load_weights: unknown parameter {name!r}")
+        want = (layer.out_features, layer.in_features) if layer is not None else tuple(param.shape)
+        got = tuple(tensor.shape) if scales is None else (*tensor.shape[:-1], tensor.shape[-1] * 2)
+        if got != want:
+            raise ValueError(f"load_weights: {name} has shape {got}, expected {want}")
+        copies.append(_copy(layer, param, tensor, scales))
+    return copies
+
+
+def _copy(layer, param, tensor: torch.Tensor, scales: torch.Tensor | None) -> Callable[[], None]:
+    if layer is not None and scales is not None:
+        return lambda: layer.load_packed_(tensor.to(layer.packed.device), scales.to(layer.packed.device))
+    if layer is not None:
+        return lambda: layer.load_(tensor)
+    if scales is not None:
+        return lambda: param.copy_(
+            dequantize_int4(tensor.to(param.device), scales.to(param.device), param.dtype)
+        )
+    raise AssertionError("take_int4 takes only int4 entries and W4A16 layers' weights")
