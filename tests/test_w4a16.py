@@ -1,0 +1,167 @@
+"""W4A16 (`kernels/w4a16.py`): linear layers over packed int4 weights against their definition,
+dequantize_int4 then matmul.
+
+On the CPU the layer runs that definition; the Triton kernel is checked on the CPU through Triton's
+interpreter (skipped where Triton is not installed, as in the project's CPU venv) and on a GPU by
+the tests marked `gpu` (the kernel and the engine's fused, CUDA-graph decode over int4 weights).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from importlib.util import find_spec
+
+import pytest
+import torch
+from torch import nn
+
+from slipstream.kernels.w4a16 import W4A16Linear, convert_to_w4a16, w4a16_linear
+from slipstream.models import Qwen3Config, init_model
+from slipstream.quant.int4 import dequantize_int4, fake_quantize_int4, quantize_int4
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def test_w4a16_linear_tracks_the_linear_and_keeps_the_bias():
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 96)
+    with torch.no_grad():
+        linear.bias.copy_(torch.randn(96) * 3)  # large next to x @ w.T: a dropped bias must show
+    layer = W4A16Linear.from_linear(linear)
+    x = torch.randn(3, 5, 256)
+    out = layer(x)
+    assert out.shape == (3, 5, 96)
+    # the layer computes with exactly the fake-quantized weight (what INT4 QAT trains with)
+    torch.testing.assert_close(out, nn.functional.linear(x, fake_quantize_int4(linear.weight), linear.bias))
+    assert rel(out, linear(x)) < 0.1  # int4: ~1/14 of a group's range per weight at most
+    assert rel(out - layer.bias, linear(x)) > 0.5
+
+
+def test_packed_weights_are_taken_as_they_are():
+    torch.manual_seed(0)
+    layer = W4A16Linear(128, 8, torch.device("cpu"))
+    packed, scales = quantize_int4(torch.randn(8, 128))
+    layer.load_packed_(packed, scales)
+    assert torch.equal(layer.packed, packed) and torch.equal(layer.scales, scales)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        W4A16Linear(96, 8, torch.device("cpu"))
+    with pytest.raises(ValueError, match="needs packed"):
+        w4a16_linear(torch.randn(2, 128), packed[:, :32], scales)
+
+
+def test_convert_to_w4a16_swaps_the_int4_projections():
+    config = Qwen3Config(
+        vocab_size=32, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
+    )  # fmt: skip
+    model = init_model(config, seed=0)
+    reference = init_model(config, seed=0)
+    swapped = convert_to_w4a16(model)
+    assert len(swapped) == 14 and isinstance(model.model.layers[1].mlp.down_proj, W4A16Linear)
+    assert isinstance(model.lm_head, nn.Linear) and isinstance(model.model.embed_tokens, nn.Embedding)
+    layer = swapped["model.layers.0.self_attn.q_proj.weight"]
+    w = reference.model.layers[0].self_attn.q_proj.weight
+    torch.testing.assert_close(dequantize_int4(layer.packed, layer.scales), fake_quantize_int4(w))
+    with torch.no_grad():  # the reference with the same int4-rounded projections
+        for name in swapped:
+            reference.get_parameter(name).copy_(fake_quantize_int4(reference.get_parameter(name)))
+    tokens = torch.arange(1, 9)[None]
+    assert rel(model(tokens), reference(tokens)) < 1e-5
+
+
+# The kernel itself, on CPU tensors under Triton's interpreter (fp32 and fp16: the interpreter's
+# bf16 dot is not faithful), covering one tile, split-K with a partial last split, and prefill tiles.
+_INTERPRETED = textwrap.dedent(
+    """
+    import torch
+    from slipstream.kernels.w4a16 import w4a16_matmul
+    from slipstream.quant.int4 import dequantize_int4, quantize_int4
+
+    torch.manual_seed(0)
+    for m, n, k, dtype, bias in [
+        (1, 64, 128, torch.float32, False), (5, 192, 640, torch.float32, True),
+        (7, 100, 384, torch.float16, True), (300, 130, 256, torch.float32, True),
+    ]:
+        packed, scales = quantize_int4(torch.randn(n, k))
+        x = torch.randn(m, k).to(dtype)
+        b = torch.randn(n).to(dtype) if bias else None
+        ref = x.float() @ dequantize_int4(packed, scales).t() + (b.float() if bias else 0)
+        out = w4a16_matmul(x, packed, scales, b)
+        assert out.dtype == dtype and out.shape == (m, n)
+        err = float((out.float() - ref).norm() / ref.norm())
+        assert err < (1e-6 if dtype == torch.float32 else 2e-3), (m, n, k, dtype, err)
+    print("ok")
+    """
+)
+
+
+@pytest.mark.skipif(
+    find_spec("triton") is None, reason="needs Triton (its interpreter runs the kernel on CPU)"
+)
+def test_w4a16_kernel_under_the_triton_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@cuda
+@torch.no_grad()
+def test_w4a16_kernel_matches_dequantize_then_matmul():
+    torch.manual_seed(0)
+    for n, k in [(1024, 2048), (6144, 1024), (4096, 12288), (200, 384)]:
+        packed, scales = quantize_int4(torch.randn(n, k, device="cuda") * 0.02)
+        w = dequantize_int4(packed, scales)
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        for m in (1, 5, 16, 64, 256, 1000):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            ref = x.float() @ w.t() + bias.float()
+            out = w4a16_linear(x, packed, scales, bias)
+            assert out.dtype == torch.bfloat16
+            assert rel(out.float(), ref) < 5e-3, (n, k, m)  # bf16 output rounding
+        x32 = torch.randn(7, k, device="cuda")
+        assert rel(w4a16_linear(x32, packed, scales), x32 @ w.t()) < 1e-5  # fp32: IEEE dots
+
+
+@pytest.mark.gpu
+@cuda
+def test_int4_engine_serves_the_dequantized_weights():
+    """The engine over int4 weights (fused decode, CUDA graphs, the W4A16 GEMM) against the same
+    model in bf16 with the int4-rounded weights (what the QAT trainer computes with): greedy tokens
+    follow it until a near-tie flips, log-probs within the bf16 tolerance."""
+    from slipstream.services.rollout.engine import NativeEngine, Request
+    from tests.test_engine import shared_prefix_log_prob_diffs
+
+    config = Qwen3Config(
+        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=128,
+    )  # fmt: skip
+
+    def model():
+        return init_model(config, seed=0).cuda().to(torch.bfloat16)
+
+    rounded = model()
+    with torch.no_grad():
+        for name, layer in convert_to_w4a16(model()).items():
+            rounded.get_parameter(name).copy_(dequantize_int4(layer.packed, layer.scales, torch.bfloat16))
+    int4 = model()
+    convert_to_w4a16(int4)
+    reqs = [
+        Request(f"r{i}", [(7 * j + i) % 512 for j in range(3 + 5 * i)], 24, temperature=1.0, seed=i)
+        for i in range(6)
+    ]
+    engine = NativeEngine(int4, eos_token_ids=[], max_seq_len=64)
+    assert engine.fused is not None and engine.graphs is not None
+    runs = [NativeEngine(rounded, eos_token_ids=[], max_seq_len=64).generate(reqs), engine.generate(reqs)]
+    assert engine.graphs.graphs, "decode ran eagerly, not from CUDA graphs"
+    diffs = shared_prefix_log_prob_diffs(*runs)
+    assert len(diffs) >= len(reqs) * 8
+    assert diffs.mean() < 0.02 and diffs.max() < 0.2
