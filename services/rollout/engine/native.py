@@ -21,12 +21,14 @@ from __future__ import annotations
 import torch
 
 from slipstream.models import Qwen3ForCausalLM
+from slipstream.models.draft import DraftHead
 from slipstream.services.rollout.engine.fused_step import FusedDecoder
 from slipstream.services.rollout.engine.graphs import DecodeGraphs
 from slipstream.services.rollout.engine.kv_cache import KVCache
 from slipstream.services.rollout.engine.request import Request, Result
 from slipstream.services.rollout.engine.runner import ModelRunner
 from slipstream.services.rollout.engine.scheduler import Scheduler
+from slipstream.services.rollout.engine.speculative import Speculator
 
 
 class NativeEngine:
@@ -49,6 +51,8 @@ class NativeEngine:
         fused_decode: bool = True,
         kv_cache_dtype: str = "auto",
         int4_targets: str = "",
+        draft: DraftHead | None = None,
+        speculative_num_steps: int = 3,
     ) -> None:
         """`seed` seeds requests that bring none; `max_prefill_tokens` bounds one prefill's padded
         batch (batch x distinct prompts' longest length), one request always fits.
@@ -60,13 +64,18 @@ class NativeEngine:
         the weights. `cuda_graphs` replays decode steps from CUDA graphs (CUDA and a
         preallocated cache only). `fused_decode` runs decode through `fused_step.FusedDecoder`
         (CUDA only: fused projections and glue kernels; off, the model's own forward).
-        `kv_cache_dtype`: "auto" (the model's dtype) or "fp8_e4m3" (`kv_cache.py` says how)."""
+        `kv_cache_dtype`: "auto" (the model's dtype) or "fp8_e4m3" (`kv_cache.py` says how).
+        `draft`: a draft head (`models/draft.py`, of `policy_version`) to decode speculatively
+        with, `speculative_num_steps` tokens a step (`speculative.py`)."""
         self.runner = ModelRunner(
             model, eos_token_ids, max_batch_size, max_seq_len, policy_version,
             seed=seed, fp8=fp8, kv_memory_fraction=kv_memory_fraction, preallocate=preallocate,
             cuda_graphs=cuda_graphs, fused_decode=fused_decode, kv_cache_dtype=kv_cache_dtype,
             int4_targets=int4_targets,
+            draft_layers=draft.num_layers if draft is not None else 0,
         )  # fmt: skip
+        if draft is not None:
+            self.runner.speculator = Speculator(draft, speculative_num_steps, policy_version, self.runner)
         runner = self.runner  # the batch is sized by what the KV cache fits
         self.scheduler = Scheduler(runner.max_batch_size, runner.max_seq_len, max_prefill_tokens)
 
@@ -171,6 +180,10 @@ class NativeEngine:
     @property
     def fused(self) -> FusedDecoder | None:
         return self.runner.fused
+
+    @property
+    def speculator(self) -> Speculator | None:
+        return self.runner.speculator
 
     @property
     def num_prefill_tokens(self) -> int:

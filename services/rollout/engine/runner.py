@@ -35,16 +35,18 @@ keeps the CUDA graphs and the fused weights valid across versions.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 
 from slipstream.kernels.fp8_linear import convert_to_fp8
 from slipstream.kernels.w4a16 import convert_to_w4a16
 from slipstream.models import Qwen3ForCausalLM, Routing
+from slipstream.models.draft import is_draft_name
 from slipstream.quant import FP8_DTYPE
 from slipstream.services.rollout.engine import fused_step
 from slipstream.services.rollout.engine.graphs import DecodeGraphs
-from slipstream.services.rollout.engine.int4_weights import take_int4
+from slipstream.services.rollout.engine.int4_weights import round_unconverted_, take_int4
 from slipstream.services.rollout.engine.kv_cache import KV_ALIGN, KVCache
 from slipstream.services.rollout.engine.request import FinishReason, Result
 from slipstream.services.rollout.engine.sampler import SamplingParams, sample
@@ -54,6 +56,9 @@ from slipstream.services.rollout.engine.slots import Slots
 _RUNNING, _STOP, _LENGTH = 0, 1, 2
 KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8_e4m3": FP8_DTYPE}
 _REASONS: dict[int, FinishReason] = {_STOP: "stop", _LENGTH: "length"}
+
+if TYPE_CHECKING:
+    from slipstream.services.rollout.engine.speculative import Speculator
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +80,10 @@ class ModelRunner:
         fused_decode: bool,
         kv_cache_dtype: str,
         int4_targets: str = "",  # --int4-qat-targets under --weight-sync-dtype int4; "" = no int4
+        draft_layers: int = 0,
     ) -> None:
-        """The options are `NativeEngine`'s; `max_batch_size` may come out lower (the KV cache's fit)."""
+        """The options are `NativeEngine`'s; `max_batch_size` may come out lower (the KV cache's fit).
+        `draft_layers`: KV-cache layers after the target's for a speculative draft head (`speculative.py`)."""
         self.model = model.eval()
         if fp8 and model.config.moe_layers:
             raise ValueError(
@@ -86,6 +93,8 @@ class ModelRunner:
             raise ValueError("fp8=True and int4 weights exclude each other: a layer holds one format")
         self.fp8_layers = convert_to_fp8(model) if fp8 else {}
         self.int4_layers = convert_to_w4a16(model, int4_targets) if int4_targets else {}
+        if int4_targets:
+            round_unconverted_(model, int4_targets, self.int4_layers)
         self.eos_token_ids = list(eos_token_ids)
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len or model.config.max_position_embeddings
@@ -105,8 +114,10 @@ class ModelRunner:
                 "MoE model: fused decode and CUDA graphs are not implemented for MoE yet; decoding eagerly"
             )
             fused_decode = cuda_graphs = False
+        self.draft_layers = draft_layers
+        self.speculator: Speculator | None = None  # set by the engine when it drafts
         self.cache = KVCache(
-            cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
+            cfg.num_hidden_layers + draft_layers, cfg.num_key_value_heads, cfg.head_dim,
             max_batch_size, self.max_seq_len, KV_CACHE_DTYPES[kv_cache_dtype] or weight.dtype, self.device,
         )  # fmt: skip
         if preallocate is None:
@@ -129,7 +140,7 @@ class ModelRunner:
         cfg = self.model.config
         per_slot = (
             KVCache.bytes_per_slot(
-                cfg.num_hidden_layers,
+                cfg.num_hidden_layers + self.draft_layers,
                 cfg.num_key_value_heads,
                 cfg.head_dim,
                 self.max_seq_len,
@@ -183,6 +194,8 @@ class ModelRunner:
             rows = slice(first, first + len(leaders))
             self.slots.out_experts[rows, :longest] = self._experts(routing)
         last = torch.tensor([len(r.tokens) - 1 for r in leaders], device=self.device)
+        if self.speculator is not None:  # the draft's KV too, before followers copy the leaders'
+            self.speculator.prefill(self, first, ids, hidden, last, admission.leader_of)
         logits = self.model.lm_head(hidden[torch.arange(len(leaders), device=self.device), last])
         if followers:
             group = torch.tensor(admission.leader_of, device=self.device)
@@ -195,6 +208,9 @@ class ModelRunner:
 
     def decode(self, n: int) -> torch.Tensor:
         """One token for slots 0..n-1: feed each last token, attend over its cached prefix."""
+        spec = self.speculator
+        if spec is not None and spec.active(self.policy_version) and (k := spec.steps_for(self, n)):
+            return spec.decode(self, n, k)
         kv_len = int(self.slots.length[:n].max())
         self._reserve(n, kv_len + 1)
         rows = slice(0, n)
@@ -255,6 +271,8 @@ class ModelRunner:
     def _reserve(self, num_slots: int, length: int) -> None:
         if self.cache.reserve(num_slots, length):
             self.slots.resize(self.cache.num_slots, self.cache.capacity)
+            if self.speculator is not None:
+                self.speculator.resize(self.cache.num_slots)
 
     @staticmethod
     def finished(status: torch.Tensor) -> list[tuple[int, FinishReason]]:
@@ -287,7 +305,10 @@ class ModelRunner:
         keep, movers, holes = compaction(self.num_running, rows)
         if holes:
             s.move(movers, holes)
-            self.cache.move(torch.tensor(movers, device=self.device), torch.tensor(holes, device=self.device))
+            src, dst = torch.tensor(movers, device=self.device), torch.tensor(holes, device=self.device)
+            self.cache.move(src, dst)
+            if self.speculator is not None:
+                self.speculator.move(src, dst)
         del s.requests[keep:]
         return results
 
@@ -300,6 +321,14 @@ class ModelRunner:
         Every name and shape is checked before anything is copied, so a bad update changes nothing.
         """
         tied = self.model.config.tie_word_embeddings
+        state_dict = dict(state_dict)
+        # A draft travels in the same version (`speculative.py`); a server that does not draft drops it.
+        if self.speculator is not None:
+            draft_updates = self.speculator.take(state_dict)
+        else:
+            draft_updates = []
+            for name in [n for n in state_dict if is_draft_name(n, self.model.config)]:
+                del state_dict[name]
         state_dict = dict(state_dict)
         int4_copies = take_int4(state_dict, self.int4_layers, self._params)  # packed int4 + scales
         updates = []
@@ -330,4 +359,6 @@ class ModelRunner:
                 param.load_(tensor)
         for copy in int4_copies:
             copy()
+        if self.speculator is not None:
+            self.speculator.apply(draft_updates, version)
         self.policy_version = version

@@ -66,24 +66,29 @@ def sample(
         return fused.sample(logits, params.temperature, params.seeds, params.positions)
     logits = logits.float()
     greedy = params.temperature <= 0
-    temperature = torch.where(greedy, torch.ones_like(params.temperature), params.temperature)
-    log_probs = torch.log_softmax(logits / temperature[:, None], dim=-1)
-
-    candidates = log_probs
-    if truncate:
-        sorted_lp, order = log_probs.sort(dim=-1, descending=True)
-        probs = sorted_lp.exp()
-        rank = torch.arange(logits.shape[-1], device=logits.device)
-        # Top-p keeps the smallest prefix whose mass reaches p (the first token always stays);
-        # both cut-offs are on the full distribution, as SGLang applies them.
-        drop = (probs.cumsum(-1) - probs) > params.top_p[:, None]
-        drop |= (params.top_k[:, None] > 0) & (rank >= params.top_k[:, None])
-        candidates = torch.empty_like(log_probs).scatter_(
-            -1, order, sorted_lp.masked_fill(drop, float("-inf"))
-        )
-
+    log_probs = tempered_log_probs(logits, params.temperature)
+    candidates = truncated(log_probs, params.top_p, params.top_k) if truncate else log_probs
     u = uniform_noise(params.seeds, params.positions, logits.shape[-1])
     gumbel = -torch.log(-torch.log(u))
     sampled = (candidates + gumbel).argmax(-1)
     tokens = torch.where(greedy, logits.argmax(-1), sampled)
     return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def tempered_log_probs(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """log-softmax(logits / T) [n, V] in fp32; a greedy row (T = 0) under the raw logits."""
+    greedy = temperature <= 0
+    temperature = torch.where(greedy, torch.ones_like(temperature), temperature)
+    return torch.log_softmax(logits.float() / temperature[:, None], dim=-1)
+
+
+def truncated(log_probs: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """log_probs [n, V] with the tokens top-k/top-p cut set to -inf (not renormalised)."""
+    sorted_lp, order = log_probs.sort(dim=-1, descending=True)
+    probs = sorted_lp.exp()
+    rank = torch.arange(log_probs.shape[-1], device=log_probs.device)
+    # Top-p keeps the smallest prefix whose mass reaches p (the first token always stays);
+    # both cut-offs are on the full distribution, as SGLang applies them.
+    drop = (probs.cumsum(-1) - probs) > top_p[:, None]
+    drop |= (top_k[:, None] > 0) & (rank >= top_k[:, None])
+    return torch.empty_like(log_probs).scatter_(-1, order, sorted_lp.masked_fill(drop, float("-inf")))

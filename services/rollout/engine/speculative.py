@@ -1,0 +1,397 @@
+"""Exact speculative sampling: the draft head proposes k tokens, one target forward checks them.
+
+One speculative step for every running sequence (slots 0..n-1, each of length `len`, its last
+token x_{len-1} not in the target's KV cache yet):
+
+1. Draft. The draft head (`slipstream.models.draft`) first catches up: it runs over the positions
+   whose target hidden states arrived with the last step (`pending`: the accepted tokens' positions,
+   at most k+1 of them), writing its own KV (cache layers L..L+m-1) with the target's hidden states,
+   and its output at the last of them proposes d_1 for position len. Then it drafts autoregressively
+   (EAGLE), its own output standing in for the target's hidden state: d_2..d_k.
+2. Verify. The target runs once over [x_{len-1}, d_1..d_k] at positions len-1..len-1+k (k+1 query
+   positions per row, each attending over its cached prefix): distributions p_0..p_k.
+3. Accept (Leviathan et al. 2023, Chen et al. 2023). With p and q both tempered and truncated
+   (top-k/top-p) exactly as the plain sampler does, then renormalised, d_j is accepted with
+   probability min(1, p_{j-1}(d_j) / q_j(d_j)); at the first rejection the token is drawn from
+   normalise(max(0, p_{j-1} - q_j)) and the step ends; if all k pass, a bonus token is drawn from
+   p_k. Every token then has exactly the target's distribution, whatever the draft. Greedy
+   (temperature 0) is the limit: a draft token is kept iff it is the target's arg-max, and the
+   token after is the target's arg-max.
+
+What the trainer sees is the target's: each kept token's log-prob is the target's log-softmax at
+that position (the sampler's convention: tempered, untruncated), and its version the target's
+policy version. Rejected drafts never reach the slot's outputs, so an abort between steps (a
+partial rollout) returns accepted tokens only. A stop token or the length limit inside the
+accepted run cuts it there.
+
+Randomness is the sampler's counter-based noise (seed, token index), salted per use (drafting,
+acceptance, the residual draw): a position's noise decides its token once; positions a step drafted
+past a rejection are drafted again next step, which is sound because the discarded draws decided
+nothing.
+
+Versions. The draft is only used while it is as new as the target (`draft_version ==
+policy_version`): weights that arrive without draft tensors leave the draft older than the target,
+and the engine then decodes plainly (`active`). The trainer ships the draft inside every weights
+version under --enable-mtp-training, so the two move together.
+
+The CUDA path is the same function over static buffers, captured as one CUDA graph per (batch
+bucket, KV bucket, truncation, k) like `graphs.py` does for plain decode: draft, verify and
+accept replay as one launch; deciding how many tokens each row keeps (stops, limits) and the
+bookkeeping run eagerly after it, with one small device-to-host read of the kept counts.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from slipstream.models import Attention
+from slipstream.models.draft import DraftHead, is_draft_name
+from slipstream.services.rollout.engine.graphs import batch_buckets, kv_bucket
+from slipstream.services.rollout.engine.kv_cache import KV_ALIGN, KVCache
+from slipstream.services.rollout.engine.sampler import tempered_log_probs, truncated, uniform_noise
+
+if TYPE_CHECKING:
+    from slipstream.services.rollout.engine.runner import ModelRunner
+
+log = logging.getLogger(__name__)
+
+# Noise salts: each use of a position's randomness draws from its own stream.
+_SALT_DRAFT, _SALT_ACCEPT, _SALT_RESIDUAL = 0x5EED_D4AF, 0x0ACC_E9F7, 0x4E51_D0A1
+_RUNNING, _STOP, _LENGTH = 0, 1, 2  # the runner's status codes
+
+
+def multi_token_attention(cache: KVCache, positions: torch.Tensor, kv_len: int) -> Attention:
+    """T new tokens per slot 0..n-1 at `positions` [n, T]; each attends over its slot's cache up to
+    its own position. Shapes depend on (n, T, kv_len) only, so a CUDA graph replays for any values."""
+    n, t = positions.shape
+    rows = torch.arange(n, device=positions.device)[:, None].expand(n, t)
+    keys_at = torch.arange(kv_len, device=positions.device)
+    mask = (keys_at[None, None, :] <= positions[:, :, None])[:, None]  # [n, 1, T, kv_len]
+
+    def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # Advanced indices on dims 1 and 3 put [n, T] first: the values are [n, T, Hkv, D].
+        cache.k[layer, rows, :, positions] = cache._stored(k.transpose(1, 2))
+        cache.v[layer, rows, :, positions] = cache._stored(v.transpose(1, 2))
+        keys = cache.k[layer, :n, :, :kv_len].to(q.dtype)
+        values = cache.v[layer, :n, :, :kv_len].to(q.dtype)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+
+    return attend
+
+
+def _salted(seeds: torch.Tensor, salt: int) -> torch.Tensor:
+    return seeds ^ salt
+
+
+def _gumbel_argmax(log_weights: torch.Tensor, seeds: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A draw from softmax(log_weights) [n, V] with the noise of (seed, token index)."""
+    u = uniform_noise(seeds, index, log_weights.shape[-1])
+    return (log_weights - torch.log(-torch.log(u))).argmax(-1)
+
+
+@dataclass
+class _Inputs:
+    """The core's inputs, one row per slot (static on CUDA: a graph reads them in place)."""
+
+    last_token: torch.Tensor  # [B] x_{len-1}
+    length: torch.Tensor  # [B] len: the index of the next token
+    pending: torch.Tensor  # [B] how many positions wait for the draft (1..k+1)
+    pend_tokens: torch.Tensor  # [B, k+1] the token after each pending position
+    temperature: torch.Tensor  # [B]
+    top_p: torch.Tensor  # [B]
+    top_k: torch.Tensor  # [B]
+    seeds: torch.Tensor  # [B]
+
+
+class Speculator:
+    def __init__(self, draft: DraftHead, num_steps: int, draft_version: int, runner: ModelRunner) -> None:
+        if runner.experts_per_token:
+            raise ValueError("speculative decoding is not implemented for MoE models yet")
+        self.draft = draft.to(device=runner.device, dtype=runner.model.model.embed_tokens.weight.dtype).eval()
+        self.num_steps = num_steps
+        self.draft_version = draft_version
+        self.target_layers = runner.model.config.num_hidden_layers
+        self.device = runner.device
+        width, hidden = num_steps + 1, runner.model.config.hidden_size
+        self.pend_hidden = torch.zeros(
+            (0, width, hidden),
+            dtype=self.draft.model.layers[str(self.target_layers)].eh_proj.weight.dtype,
+            device=self.device,
+        )
+        self.pend_n = torch.ones(0, dtype=torch.int64, device=self.device)
+        self._params = dict(self.draft.named_parameters())
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self._static: _Inputs | None = None
+        self._pool = None
+        self.resize(runner.cache.num_slots)
+        self.num_verify_steps = 0  # speculative steps run (one target forward each)
+        self.num_verified_rows = 0  # row-steps: sum over steps of the batch size
+        self.num_kept_tokens = 0  # tokens those row-steps kept (acceptance length = kept / rows)
+
+    # -- bookkeeping that follows the slots -----------------------------------------------------
+
+    def resize(self, num_slots: int) -> None:
+        old_h, old_n = self.pend_hidden, self.pend_n
+        self.pend_hidden = torch.zeros((num_slots, *old_h.shape[1:]), dtype=old_h.dtype, device=self.device)
+        self.pend_n = torch.ones(num_slots, dtype=torch.int64, device=self.device)
+        keep = min(num_slots, old_h.shape[0])
+        self.pend_hidden[:keep], self.pend_n[:keep] = old_h[:keep], old_n[:keep]
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        self.pend_hidden[dst] = self.pend_hidden[src]
+        self.pend_n[dst] = self.pend_n[src]
+
+    def active(self, policy_version: int) -> bool:
+        """Draft only with a draft exactly as new as the target (never an older one)."""
+        return self.draft_version == policy_version
+
+    @property
+    def acceptance_length(self) -> float:
+        """Tokens kept per sequence per verify step (1 = no draft token ever accepted)."""
+        return self.num_kept_tokens / max(self.num_verified_rows, 1)
+
+    # -- weights ---------------------------------------------------------------------------------
+
+    def take(self, state_dict: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The draft's updates in `state_dict` (removed from it), checked; copied by `apply`."""
+        updates = []
+        for name in [n for n in state_dict if is_draft_name(n, self.draft.config)]:
+            tensor = state_dict.pop(name)
+            param = self._params.get(name)
+            if param is None:
+                raise ValueError(f"load_weights: unknown draft parameter {name!r}")
+            if tuple(tensor.shape) != tuple(param.shape):
+                raise ValueError(
+                    f"load_weights: {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
+                )
+            updates.append((param, tensor))
+        if updates and len(updates) != len(self._params):
+            raise ValueError(f"load_weights: a draft update must carry all {len(self._params)} draft tensors")
+        return updates
+
+    @torch.no_grad()
+    def apply(self, updates: list[tuple[torch.Tensor, torch.Tensor]], version: int) -> None:
+        """Copy a checked draft update; without one the draft stays at its version (then unused)."""
+        for param, tensor in updates:
+            param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+        if updates:
+            self.draft_version = version
+        elif self.draft_version != version:
+            log.info("weights v%d came without a draft: decoding without speculation", version)
+
+    # -- prefill ---------------------------------------------------------------------------------
+
+    def prefill(
+        self, runner: ModelRunner, first: int, ids: torch.Tensor, hidden: torch.Tensor,
+        last: torch.Tensor, leader_of: list[int],
+    ) -> None:  # fmt: skip
+        """Run the draft over the leaders' prompts (its KV, before followers copy it) and leave
+        each new row one pending position: the prompt's last, whose next token is the one prefill
+        samples."""
+        if ids.shape[1] > 1 and self.active(runner.policy_version):
+            self.draft(
+                hidden[:, :-1], ids[:, 1:], runner.model.model.embed_tokens,
+                attention=runner.cache.prefill(first),
+            )  # fmt: skip
+        tail = hidden[torch.arange(ids.shape[0], device=self.device), last]
+        if leader_of:
+            tail = torch.cat([tail, tail[torch.tensor(leader_of, device=self.device)]])
+        rows = slice(first, first + tail.shape[0])
+        self.pend_hidden[rows, 0] = tail.to(self.pend_hidden.dtype)
+        self.pend_n[rows] = 1
+
+    # -- one speculative step --------------------------------------------------------------------
+
+    def steps_for(self, runner: ModelRunner, n: int) -> int:
+        """Draft tokens this step may propose: k, fewer where a row is near the sequence limit."""
+        return min(self.num_steps, runner.max_seq_len - int(runner.slots.length[:n].max()) - 1)
+
+    @torch.no_grad()
+    def decode(self, runner: ModelRunner, n: int, k: int) -> torch.Tensor:
+        """Draft k, verify, accept for slots 0..n-1; each row's status (running/stop/length)."""
+        s, cache = runner.slots, runner.cache
+        length_host = s.length[:n]
+        runner._reserve(n, int(length_host.max()) + k + 1)
+        params, truncate = s.sampling(slice(0, n))
+        length = params.positions
+        # The token after each pending position: the last `pending` tokens of the sequence.
+        first_pending = length - self.pend_n[:n]
+        at = (first_pending[:, None] + torch.arange(k + 1, device=self.device)).clamp(
+            max=s.out_tokens.shape[1] - 1
+        )
+        inputs = _Inputs(
+            last_token=s.last_token[:n], length=length, pending=self.pend_n[:n],
+            pend_tokens=s.out_tokens[:n].gather(1, at), temperature=params.temperature,
+            top_p=params.top_p, top_k=params.top_k, seeds=params.seeds,
+        )  # fmt: skip
+        kv_len = int(length_host.max()) + k
+        if runner.graphs is not None:  # CUDA with a preallocated cache: one graph replay
+            tokens, log_probs, accepted, hidden = self._replay(runner, n, kv_len, truncate, k, inputs)
+        else:
+            kv_len = min(cache.capacity, -(-kv_len // KV_ALIGN) * KV_ALIGN)
+            tokens, log_probs, accepted, hidden = self._core(
+                runner, inputs, self.pend_hidden[:n], kv_len, truncate, k
+            )
+        return self._keep(runner, n, k, tokens, log_probs, accepted, hidden)
+
+    def _core(
+        self, runner: ModelRunner, x: _Inputs, pend_hidden: torch.Tensor, kv_len: int, truncate: bool, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Draft, verify, accept (device work only, no host sync: what a CUDA graph captures).
+
+        Returns the k+1 candidate tokens per row [n, k+1] (the accepted drafts, then the token
+        drawn at the first rejection or the bonus; later entries are junk), the target's log-prob
+        of each [n, k+1], how many drafts were accepted [n], and the target's hidden states at the
+        verified positions [n, k+1, H]."""
+        model, embed, cache = runner.model, runner.model.model.embed_tokens, runner.cache
+        n, dev = x.length.shape[0], self.device
+        rows = torch.arange(n, device=dev)
+        span = torch.arange(k + 1, device=dev)
+        limit = cache.capacity - 1
+        greedy = x.temperature <= 0
+
+        def draft_dist(g: torch.Tensor) -> torch.Tensor:
+            lp = tempered_log_probs(model.lm_head(g), x.temperature)
+            return truncated(lp, x.top_p, x.top_k) if truncate else lp
+
+        # 1. Catch up on the pending positions; the last one's output proposes d_1.
+        pos = (x.length[:, None] - 1 - x.pending[:, None] + span).clamp(max=limit)
+        out = self.draft(pend_hidden, x.pend_tokens, embed, pos, multi_token_attention(cache, pos, kv_len))
+        g = out[rows, x.pending - 1]
+        drafts, draft_lps = [], []
+        for j in range(1, k + 1):
+            if j > 1:  # EAGLE: the draft's own output as the next position's hidden state
+                at = (x.length - 3 + j).clamp(max=limit)[:, None]
+                g = self.draft(
+                    g[:, None], drafts[-1][:, None], embed, at, multi_token_attention(cache, at, kv_len)
+                )[:, 0]
+            q = draft_dist(g)
+            index = x.length - 1 + j  # the token index d_j is drawn for
+            d = torch.where(greedy, q.argmax(-1), _gumbel_argmax(q, _salted(x.seeds, _SALT_DRAFT), index))
+            drafts.append(d)
+            draft_lps.append(q)
+
+        # 2. Verify: the target over [x_{len-1}, d_1..d_k] in one forward.
+        pos = (x.length[:, None] - 1 + span).clamp(max=limit)
+        fed = torch.cat([x.last_token[:, None], torch.stack(drafts, 1)], 1)
+        hidden = model.model(fed, pos, multi_token_attention(cache, pos, kv_len))  # [n, k+1, H]
+        logits = model.lm_head(hidden).float()
+        vocab = logits.shape[-1]
+        temps = x.temperature.repeat_interleave(k + 1)
+        full = tempered_log_probs(logits.reshape(-1, vocab), temps)  # the log-probs the trainer sees
+        target = full
+        if truncate:
+            target = truncated(full, x.top_p.repeat_interleave(k + 1), x.top_k.repeat_interleave(k + 1))
+        full, target = full.view(n, k + 1, vocab), target.view(n, k + 1, vocab)
+
+        # 3. Accept: d_j with probability min(1, p(d_j) / q(d_j)), both renormalised after truncation.
+        p = torch.softmax(target, -1)  # [n, k+1, V]
+        q = torch.softmax(torch.stack(draft_lps, 1), -1)  # [n, k, V]
+        d = torch.stack(drafts, 1)  # [n, k]
+        ratio = p[:, :k].gather(-1, d[..., None])[..., 0] / q.gather(-1, d[..., None])[..., 0]
+        index = x.length[:, None] + span[:k]  # token index of d_1..d_k
+        u = uniform_noise(
+            _salted(x.seeds, _SALT_ACCEPT).repeat_interleave(k), index.reshape(-1), 1
+        ).view(n, k)  # fmt: skip
+        ok = torch.where(greedy[:, None], d == logits[:, :k].argmax(-1), u < ratio)
+        accepted = ok.long().cumprod(1).sum(1)  # [n] leading accepted drafts
+
+        # The token at the first rejection (or the bonus after k): normalise(max(0, p - q)).
+        q_pad = torch.cat([q, torch.zeros_like(q[:, :1])], 1)
+        p_at, q_at = p[rows, accepted], q_pad[rows, accepted]
+        residual = (p_at - q_at).clamp(min=0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)  # p == q to rounding
+        drawn = _gumbel_argmax(residual.log(), _salted(x.seeds, _SALT_RESIDUAL), x.length + accepted)
+        final = torch.where(greedy, logits[rows, accepted].argmax(-1), drawn)
+        tokens = torch.cat([d, torch.zeros_like(d[:, :1])], 1)
+        tokens[rows, accepted] = final
+        log_probs = full.gather(-1, tokens[..., None])[..., 0]
+        return tokens, log_probs, accepted, hidden
+
+    def _keep(
+        self, runner: ModelRunner, n: int, k: int, tokens: torch.Tensor, log_probs: torch.Tensor,
+        accepted: torch.Tensor, hidden: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """Write each row's kept tokens (accepted drafts + one, cut at a stop or the length limit)."""
+        s, dev = runner.slots, self.device
+        rows = torch.arange(n, device=dev)
+        span = torch.arange(k + 1, device=dev)
+        length = s.length[:n].to(dev)
+        room = torch.minimum(
+            s.max_new[:n] - (s.length[:n] - s.prompt_len[:n]), runner.max_seq_len - s.length[:n]
+        )
+        kept = torch.minimum(accepted + 1, room.to(dev))
+        stop = (tokens[..., None] == s.stop_ids[:n].to(dev)[:, None, :]).any(-1) & (span < kept[:, None])
+        first_stop = torch.where(stop, span, k + 1).min(1).values
+        kept = torch.minimum(kept, first_stop + 1)
+        at = (length[:, None] + span).clamp(max=s.out_tokens.shape[1] - 1)
+        s.out_tokens[rows[:, None], at] = tokens  # entries past `kept` are overwritten later
+        s.out_log_probs[rows[:, None], at] = log_probs
+        s.out_versions[rows[:, None], at] = runner.policy_version
+        s.last_token[:n] = tokens[rows, kept - 1]
+        self.pend_hidden[:n, : k + 1] = hidden.to(self.pend_hidden.dtype)
+        self.pend_n[:n] = kept
+        kept_host = kept.cpu()  # the host needs the new lengths (one small read per step)
+        s.length[:n] += kept_host
+        self.num_verify_steps += 1
+        self.num_verified_rows += n
+        self.num_kept_tokens += int(kept_host.sum())
+        hit_length = (s.length[:n] - s.prompt_len[:n] >= s.max_new[:n]) | (s.length[:n] >= runner.max_seq_len)
+        status = torch.where(hit_length.to(dev), _LENGTH, _RUNNING)
+        return torch.where(first_stop < kept, _STOP, status)
+
+    # -- CUDA graphs -----------------------------------------------------------------------------
+
+    def _replay(
+        self, runner: ModelRunner, n: int, kv_len: int, truncate: bool, k: int, x: _Inputs
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        cache = runner.cache
+        if self._static is None:
+            b, dev, w = runner.max_batch_size, self.device, self.num_steps + 1
+            i64 = dict(dtype=torch.int64, device=dev)
+            self._static = _Inputs(
+                last_token=torch.zeros(b, **i64), length=torch.full((b,), 2, **i64),
+                pending=torch.ones(b, **i64), pend_tokens=torch.zeros((b, w), **i64),
+                temperature=torch.ones(b, device=dev), top_p=torch.ones(b, device=dev),
+                top_k=torch.zeros(b, **i64), seeds=torch.zeros(b, **i64),
+            )  # fmt: skip
+            self._pool = torch.cuda.graph_pool_handle()
+            self._buckets = batch_buckets(runner.max_batch_size)
+        st = self._static
+        b = next(size for size in self._buckets if size >= n)
+        for name in ("last_token", "length", "pending", "temperature", "top_p", "top_k", "seeds"):
+            getattr(st, name)[:n].copy_(getattr(x, name))
+        st.pend_tokens[:n, : k + 1].copy_(x.pend_tokens)
+        if b > n:  # padding rows draft and verify a dummy token in free slots (as graphs.py does)
+            st.last_token[n:b], st.length[n:b], st.pending[n:b] = 0, 2, 1
+            st.temperature[n:b], st.top_p[n:b], st.top_k[n:b] = 1.0, 1.0, 0
+        key = (b, kv_bucket(kv_len, cache.capacity), truncate, k)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(runner, key)
+        graph, outs = self.graphs[key]
+        graph.replay()
+        return tuple(t[:n] for t in outs)  # type: ignore[return-value]
+
+    def _capture(self, runner: ModelRunner, key: tuple) -> tuple[torch.cuda.CUDAGraph, tuple]:
+        b, kv_len, truncate, k = key
+        st = self._static
+        view = _Inputs(**{name: getattr(st, name)[:b] for name in _Inputs.__dataclass_fields__})
+        view.pend_tokens = st.pend_tokens[:b, : k + 1]
+
+        def run():
+            return self._core(runner, view, self.pend_hidden[:b, : k + 1], kv_len, truncate, k)
+
+        side = torch.cuda.Stream()  # warm-up off the capture, as graphs.py explains
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            outs = run()
+        return graph, outs
