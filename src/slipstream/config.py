@@ -51,6 +51,11 @@ class ModelConfig:
         "auto",
         "Parameter dtype: auto = float32 (the trainer keeps float32 weights; GPU bf16 comes with --dtype bfloat16). (Slipstream)",
     )
+    mtp_num_layers: int = opt(
+        0,
+        "MTP layers of the speculative draft head (DeepSeek-V3's multi-token-prediction module on the "
+        "target's last hidden state, sharing its embedding and LM head; models/draft.py); 0 = no draft.",
+    )
 
 
 @dataclass
@@ -130,6 +135,34 @@ class RolloutConfig:
         "first that pass --dynamic-sampling-filter-path fill the batch, the rest are aborted and "
         "recycled into the next round.",
     )
+    speculative_algorithm: Literal["", "EAGLE", "MTP"] = opt(
+        "",
+        "Speculative decoding in the native engine: EAGLE or MTP (the same --mtp-num-layers draft "
+        "head, drafted autoregressively and verified exactly: the sampled tokens keep the target's "
+        "distribution); empty = off. slime's --sglang-speculative-algorithm.",
+        aliases=["--sglang-speculative-algorithm"],
+    )
+    speculative_num_steps: int = opt(
+        3, "Draft tokens proposed per verify step. slime's --sglang-speculative-num-steps.",
+        aliases=["--sglang-speculative-num-steps"],
+    )  # fmt: skip
+    speculative_eagle_topk: int = opt(
+        1, "Draft branches per step; only 1 (a chain) is implemented. slime's --sglang-speculative-eagle-topk.",
+        aliases=["--sglang-speculative-eagle-topk"],
+    )  # fmt: skip
+    speculative_num_draft_tokens: int = opt(
+        4,
+        "Tokens one verify forward checks: num-steps + 1 with top-k 1. slime's "
+        "--sglang-speculative-num-draft-tokens.",
+        aliases=["--sglang-speculative-num-draft-tokens"],
+    )
+    speculative_draft_model_path: str = opt(
+        "",
+        "Draft head to start from (a directory save_draft wrote: config.json with "
+        "num_nextn_predict_layers, model.safetensors); empty = a seeded random init, the same in the "
+        "trainer and every rollout server. slime's --sglang-speculative-draft-model-path.",
+        aliases=["--sglang-speculative-draft-model-path"],
+    )
     dynamic_sampling_filter_path: str = opt(
         "",
         "module:function(args, samples, **kwargs) -> bool keeping a finished group or not (slime's "
@@ -153,6 +186,15 @@ class RolloutConfig:
         _require(
             self.rollout_engine == "native",
             f"--rollout-engine {self.rollout_engine}: not supported yet; the native engine is the only one",
+        )
+        _require(
+            self.speculative_eagle_topk == 1,
+            f"--speculative-eagle-topk {self.speculative_eagle_topk}: only 1 (chain drafting) is implemented",
+        )
+        _require(self.speculative_num_steps >= 1, "--speculative-num-steps must be at least 1")
+        _require(
+            self.speculative_num_draft_tokens == self.speculative_num_steps + 1,
+            "--speculative-num-draft-tokens must be --speculative-num-steps + 1 with --speculative-eagle-topk 1",
         )
         if self.sync:
             _require(not self.partial_rollout, "--sync drains; it cannot be combined with --partial-rollout")
@@ -431,6 +473,15 @@ class TrainConfig:
         "push is not what a step waits on, and the rounding costs the sampler's agreement with the "
         "trainer). (Slipstream)",
     )
+    enable_mtp_training: bool = opt(
+        False,
+        "Train the --mtp-num-layers draft head online on the rollout tokens (its own optimizer "
+        "state, the trunk detached for it) and ship it with every weights version, so a rollout "
+        "server's draft is never older than the policy it drafts for.",
+    )
+    mtp_loss_scaling_factor: float = opt(
+        0.2, "Weight of the draft loss added to the policy loss under --enable-mtp-training."
+    )
     save: str = opt("", "Directory for checkpoints (defaults to <run-dir>/checkpoints).")
     save_interval: int = opt(
         0,
@@ -476,6 +527,7 @@ class TrainConfig:
             "--moe-aux-loss-coeff must be >= 0",
         )
         _require(self.adam_eps > 0, "--adam-eps must be positive")
+        _require(self.mtp_loss_scaling_factor >= 0, "--mtp-loss-scaling-factor must be >= 0")
         _require(self.lora_rank >= 0, "--lora-rank must be >= 0 (0 = no LoRA)")
         _require(self.lora_alpha > 0 and 0 <= self.lora_dropout < 1, "--lora-alpha must be > 0, --lora-dropout in [0, 1)")
         _require(
@@ -753,6 +805,11 @@ class Config:
         """Rules across sections; each section checks its own fields in its own __post_init__."""
         t, samples = self.train, self.rollout.samples_per_rollout
         _require(
+            self.model.mtp_num_layers >= 1
+            or not (self.rollout.speculative_algorithm or self.train.enable_mtp_training),
+            "--speculative-algorithm and --enable-mtp-training need a draft: --mtp-num-layers >= 1",
+        )
+        _require(
             t.global_batch_size == 0 or samples % t.global_batch_size == 0,
             f"--global-batch-size must divide rollout-batch-size x n-samples-per-prompt = {samples}",
         )
@@ -893,9 +950,12 @@ def build_parser(prog: str = "slipstream", description: str | None = None) -> ar
             _, fld = FIELDS[f.name]
             help_text = _help(fld)
             kind, choices = _scalar_parser(fld.type)
+            # slime's spelling of a flag we name for our own engine (--sglang-speculative-*).
+            names = [_flag(f.name), *fld.metadata.get("aliases", [])]
             if kind is bool:
                 group.add_argument(
-                    _flag(f.name),
+                    *names,
+                    dest=f.name,
                     action=argparse.BooleanOptionalAction,
                     default=argparse.SUPPRESS,
                     help=help_text,
@@ -903,11 +963,12 @@ def build_parser(prog: str = "slipstream", description: str | None = None) -> ar
             elif typing.get_origin(kind) is list:
                 (elem,) = typing.get_args(kind)
                 group.add_argument(
-                    _flag(f.name), type=elem, nargs="*", default=argparse.SUPPRESS, help=help_text
+                    *names, dest=f.name, type=elem, nargs="*", default=argparse.SUPPRESS, help=help_text
                 )
             else:
                 group.add_argument(
-                    _flag(f.name),
+                    *names,
+                    dest=f.name,
                     type=kind,
                     choices=choices,
                     default=argparse.SUPPRESS,
