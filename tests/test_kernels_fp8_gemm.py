@@ -77,7 +77,7 @@ _INTERPRETED = textwrap.dedent(
     torch.manual_seed(0)
     for m, n, k, bias, rows in [
         (1, 64, 128, False, False), (5, 192, 600, True, False), (3, 70, 256, False, True),
-        (300, 130, 256, True, False),
+        (300, 130, 256, True, False), (3, 1024, 600, False, False),  # the last split past K
     ]:
         w = torch.randn(n, k)
         xq, xs = quantize_rows(torch.randn(m, k))

@@ -87,6 +87,7 @@ _INTERPRETED = textwrap.dedent(
     for m, n, k, dtype, bias in [
         (1, 64, 128, torch.float32, False), (5, 192, 640, torch.float32, True),
         (7, 100, 384, torch.float16, True), (300, 130, 256, torch.float32, True),
+        (3, 1024, 640, torch.float32, False),  # 2 splits of 4 steps, the last one past K
     ]:
         packed, scales = quantize_int4(torch.randn(n, k))
         x = torch.randn(m, k).to(dtype)

@@ -67,8 +67,11 @@ def plan(m: int, n: int, k: int, sms: int) -> Plan:
         block_m, block_n, warps = min(64, max(16, triton.next_power_of_2(m))), 64, 4
     steps = triton.cdiv(k, GROUP_K)
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
-    want = 1 if m > 256 else min(triton.cdiv(2 * sms, tiles), steps, _MAX_SPLITS)
-    chunk = triton.cdiv(steps, want)
+    if m > 256:
+        chunk = steps
+    else:  # a power of two: K steps per program is a compile-time constant, so few variants compile
+        want = min(triton.cdiv(2 * sms, tiles), steps, _MAX_SPLITS)
+        chunk = triton.next_power_of_2(triton.cdiv(steps, want))
     return Plan(block_n, block_m, chunk, triton.cdiv(steps, chunk), warps, 3)
 
 
