@@ -32,6 +32,7 @@ class EngineConfig:
     fp8: bool  # --rollout-fp8
     kv_cache_dtype: str  # --kv-cache-dtype
     int4_targets: str = ""  # --int4-qat-targets when the weights come as int4 (served W4A16); "" = not
+    unified_fp8: bool = False  # --fp8-format: the trainer computes with FP8-rounded projections
 
     @classmethod
     def from_sections(
@@ -61,6 +62,7 @@ class EngineConfig:
             fp8=rollout.rollout_fp8,
             kv_cache_dtype=rollout.kv_cache_dtype,
             int4_targets=_int4_targets(train, device),
+            unified_fp8=train is not None and bool(train.fp8_format),
         )
 
     @property

@@ -16,8 +16,17 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from slipstream.quant import dequantize_int4
+from slipstream.quant import dequantize_int4, fake_quantize_int4, int4_names
 from slipstream.weights.packer import INT4_SCALE_SUFFIX
+
+
+@torch.no_grad()
+def round_unconverted_(model: nn.Module, targets: str, layers: dict[str, nn.Module]) -> None:
+    """The int4 weights no W4A16 layer holds (stacked experts) get their int4 rounding in place, so
+    version 0 (the checkpoint) is served as the --int4-qat trainer computes it."""
+    params = dict(model.named_parameters())
+    for name in int4_names(((n, p.shape) for n, p in params.items()), targets) - layers.keys():
+        params[name].copy_(fake_quantize_int4(params[name]))
 
 
 def take_int4(

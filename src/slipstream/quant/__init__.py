@@ -8,6 +8,7 @@ from slipstream.quant.fp8 import (
     dequantize_blockwise,
     fake_quantize_blockwise,
     quantize_blockwise,
+    round_linears_,
     scale_shape,
     should_quantize,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "packed_shapes",
     "quantize_blockwise",
     "quantize_int4",
+    "round_linears_",
     "scale_shape",
     "should_quantize",
 ]

@@ -110,3 +110,16 @@ def fake_quantize_blockwise(w: torch.Tensor, dtype: torch.dtype | None = None) -
     """dequantize_blockwise(*quantize_blockwise(w), dtype) (dtype defaults to w's): the weights
     unified FP8 training computes with, equal bit for bit to what the FP8 push delivers."""
     return dequantize_blockwise(*quantize_blockwise(w), dtype or w.dtype)
+
+
+@torch.no_grad()
+def round_linears_(model: torch.nn.Module) -> list[str]:
+    """Replace every linear projection's weight (`should_quantize`) by its FP8 block rounding, in
+    place: a rollout engine under unified FP8 serves version 0 (the checkpoint) as the trainer
+    computes it, as it serves every pushed version. Returns the rounded weights' names."""
+    names = []
+    for name, p in model.named_parameters():
+        if should_quantize(name, p):
+            p.copy_(fake_quantize_blockwise(p))
+            names.append(name)
+    return names
