@@ -4,7 +4,7 @@ needed; the GPU count is an input)."""
 import pytest
 
 from slipstream.config import parse_config
-from slipstream.placement import PlacementError, colocate_given, cuda_visible, plan, resolve
+from slipstream.placement import PlacementError, cuda_visible, given_fields, plan, resolve
 
 
 def test_cpu_default_uses_rollout_num_servers():
@@ -38,22 +38,23 @@ def test_colocate_shares_the_trainer_gpus():
 
 
 def _resolve(argv, gpus, environ=None):
-    return resolve(parse_config(argv), gpus, colocate_given(argv, environ or {}))
+    return resolve(parse_config(argv), gpus, given_fields(argv, environ or {}))
 
 
 def test_one_gpu_default_placement_colocates_over_cuda_ipc():
     r = _resolve([], gpus=1)
     assert r.colocate and r.chosen and r.transport == "CUDA IPC"
-    assert r.trainer_on == (0,) and r.rollout_on == (0, 0)
+    assert r.trainer_on == (0,) and r.rollout_on == (0,)
     assert r.line() == (
-        "placement: 1 GPU visible: trainer GPU 0, rollout-0 GPU 0, rollout-1 GPU 0; colocated "
-        "(chosen: trainer and rollout share GPU 0; --no-colocate keeps the byte path); weights over CUDA IPC"
+        "placement: 1 GPU visible: trainer GPU 0, rollout-0 GPU 0; colocated "
+        "(chosen: trainer and rollout share GPU 0; --no-colocate keeps the byte path); weights over CUDA IPC; "
+        "one rollout server on the shared GPU (--rollout-num-servers sets more)"
     )
 
 
 def test_unassigned_servers_share_the_trainers_gpu_on_a_bigger_host_too():
     r = _resolve([], gpus=8)  # no --rollout-num-gpus: every process takes GPU 0
-    assert r.colocate and r.rollout_on == (0, 0) and r.transport == "CUDA IPC"
+    assert r.colocate and r.rollout_on == (0,) and r.transport == "CUDA IPC"
     r = _resolve(["--device", "cuda:3", "--rollout-num-servers", "1"], gpus=8)
     assert r.colocate and r.trainer_on == (3,) and r.rollout_on == (3,)
 
@@ -79,9 +80,10 @@ def test_an_explicit_no_colocate_wins(argv, environ):
 def test_a_config_file_setting_colocate_counts_as_given(tmp_path):
     path = tmp_path / "run.json"
     path.write_text('{"cluster": {"colocate": false}}')
-    assert colocate_given(["--config", str(path)], {})
-    assert not colocate_given(["--num-rollout", "3"], {})
-    assert colocate_given(["--colocate"], {})
+    assert "colocate" in given_fields(["--config", str(path)], {})
+    assert "colocate" not in given_fields(["--num-rollout", "3"], {})
+    assert "colocate" in given_fields(["--colocate"], {})
+    assert "rollout_num_servers" in given_fields([], {"SLIPSTREAM_ROLLOUT_NUM_SERVERS": "2"})
 
 
 def test_several_trainer_ranks_are_not_colocated_by_the_launcher():
@@ -114,3 +116,12 @@ def test_visible_gpus_counts_device_nodes_narrowed_by_cuda_visible_devices(tmp_p
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,7,1"}, tmp_path) == 1  # CUDA stops at 7
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "GPU-abc,GPU-def"}, tmp_path) == 2
     assert visible_gpus({}, tmp_path / "none") == 0
+
+
+def test_rollout_servers_sharing_one_gpu_become_one_unless_asked_for():
+    r = _resolve([], gpus=1)
+    assert r.one_server and r.placement.num_rollout_servers == 1 and r.rollout_on == (0,)
+    assert "one rollout server on the shared GPU" in r.line()
+    r = _resolve(["--rollout-num-servers", "3"], gpus=1)
+    assert not r.one_server and r.rollout_on == (0, 0, 0)
+    assert not _resolve([], gpus=0).one_server  # the CPU keeps --rollout-num-servers

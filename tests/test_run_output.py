@@ -45,7 +45,8 @@ def test_a_one_gpu_host_runs_colocated_and_says_so(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(launcher, "visible_gpus", lambda: 1)
     assert _train(_inputs(tmp_path)) == 1
     err = capsys.readouterr().err
-    assert "placement: 1 GPU visible: trainer GPU 0, rollout-0 GPU 0, rollout-1 GPU 0; colocated" in err
+    assert "placement: 1 GPU visible: trainer GPU 0, rollout-0 GPU 0; colocated" in err
+    assert "one rollout server on the shared GPU" in err
     assert "weights over CUDA IPC" in err
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["cluster"]["colocate"] is True  # what the trainer reads to export CUDA IPC handles

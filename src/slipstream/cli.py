@@ -35,9 +35,9 @@ def _train(argv: list[str]) -> int:
     import os
 
     from slipstream.launcher import run
-    from slipstream.placement import colocate_given
+    from slipstream.placement import given_fields
 
-    return run(cfg, colocate_given=colocate_given(argv, os.environ))
+    return run(cfg, given=given_fields(argv, os.environ))
 
 
 def _demo(argv: list[str]) -> int:

@@ -42,7 +42,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -568,14 +568,15 @@ def keep_password_out_of_config(cfg: Config, run_dir: Path) -> None:
     cfg.infra.redis_password_file = str(secret.resolve())
 
 
-def place_on_host(cfg: Config, colocate_given: bool) -> Resolved:
+def place_on_host(cfg: Config, given: Collection[str]) -> Resolved:
     """Where the run's processes land on this host's GPUs; --colocate turned on when the launcher
     chooses it (the trainer reads it from config.json and sends CUDA IPC handles)."""
     try:
-        placed = resolve(cfg, visible_gpus(), colocate_given)
+        placed = resolve(cfg, visible_gpus(), given)
     except PlacementError as e:
         raise LaunchError(str(e)) from None
     cfg.cluster.colocate = placed.colocate
+    cfg.rollout.rollout_num_servers = placed.placement.num_rollout_servers
     # Every service starts at once: the coordinator waits for the servers started here (streams.py).
     cfg.rollout.rollout_attach_grace = cfg.rollout.rollout_attach_grace or LAUNCHER_ATTACH_GRACE_S
     return placed
@@ -598,10 +599,10 @@ def write_report(run_dir: Path, timeline: Timeline) -> None:
     timeline.mark("report written")
 
 
-def run(cfg: Config, colocate_given: bool = False) -> int:
+def run(cfg: Config, given: Collection[str] = ()) -> int:
     """Run the whole mesh until the trainer finishes. Returns the process exit code.
 
-    `colocate_given`: the user set --colocate/--no-colocate, so the launcher does not choose it.
+    `given`: the fields the user set (`placement.given_fields`), which the launcher never chooses.
     """
     from rich.console import Console
 
@@ -609,7 +610,7 @@ def run(cfg: Config, colocate_given: bool = False) -> int:
     launched = _process_start()
     try:
         preflight(cfg)
-        placed = place_on_host(cfg, colocate_given)
+        placed = place_on_host(cfg, given)
     except LaunchError as e:
         _error(e)
         return 2

@@ -17,7 +17,7 @@ GPU (weights then travel over CUDA IPC instead of the gRPC byte path) unless the
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -75,6 +75,7 @@ class Resolved:
     rollout_on: tuple[int | None, ...]  # one per rollout server
     colocate: bool  # what the services run with (config.json's cluster.colocate)
     chosen: bool = False  # colocate turned on by the launcher (not asked for, not refused)
+    one_server: bool = False  # the launcher ran one rollout server on the shared GPU, not --rollout-num-servers
 
     @property
     def transport(self) -> str:
@@ -100,7 +101,8 @@ class Resolved:
             )
         else:
             how = "colocated (--colocate)" if self.colocate else "not colocated"
-        return f"placement: {where}; {how}; weights over {self.transport}"
+        one = "; one rollout server on the shared GPU (--rollout-num-servers sets more)" if self.one_server else ""
+        return f"placement: {where}; {how}; weights over {self.transport}{one}"
 
 
 def _gpus(gpus: tuple[int, ...]) -> str:
@@ -123,12 +125,15 @@ def _landing(cfg: Config, place: Placement) -> tuple[tuple[int, ...], tuple[int 
     return trainer, tuple(first for _ in place.rollout_gpus)
 
 
-def resolve(cfg: Config, gpus: int, colocate_given: bool = False) -> Resolved:
+def resolve(cfg: Config, gpus: int, given: Collection[str] = ()) -> Resolved:
     """The run's placement on a host with `gpus` visible GPUs (pure: the count is an input).
 
     With every rollout server on the one GPU the (single) trainer process uses, weights go over
-    CUDA IPC: the launcher turns --colocate on unless the user gave it (`colocate_given`: an
-    explicit --no-colocate, in flags, --config or SLIPSTREAM_COLOCATE, wins). A placement that
+    CUDA IPC: the launcher turns --colocate on unless the user gave it (`given`, from
+    `given_fields`: an explicit --no-colocate, in flags, --config or SLIPSTREAM_COLOCATE, wins).
+    Rollout servers without GPUs of their own share the trainer's: one engine per GPU, unless
+    --rollout-num-servers was given (two engines time-slicing one H200 ran the mesh at 85% of its
+    parts' speed, one at 96%: bench/mesh_gpu.py). A placement that
     needs more GPUs than the host has is refused; one process trainer and one rollout GPU on a
     one-GPU host colocate instead.
     """
@@ -136,8 +141,11 @@ def resolve(cfg: Config, gpus: int, colocate_given: bool = False) -> Resolved:
     place = plan(cfg)
     if gpus <= 0 or cfg.infra.device == "cpu":
         return Resolved(place, 0, (), tuple(None for _ in place.rollout_gpus), c.colocate)
-    chosen = False
-    if not c.colocate and not colocate_given and place.trainer_procs == 1:
+    chosen = one_server = False
+    if not place.trainer_gpus and place.num_rollout_servers > 1 and "rollout_num_servers" not in given:
+        cfg = replace(cfg, rollout=replace(cfg.rollout, rollout_num_servers=1))
+        place, one_server = plan(cfg), True
+    if not c.colocate and "colocate" not in given and place.trainer_procs == 1:
         trainer, rollout = _landing(cfg, place)
         if not _fits(trainer, rollout, gpus) or set(rollout) == set(trainer):
             shared = replace(cfg, cluster=replace(c, colocate=True))
@@ -154,7 +162,7 @@ def resolve(cfg: Config, gpus: int, colocate_given: bool = False) -> Resolved:
             f"{'is' if gpus == 1 else 'are'} visible; lower --actor-num-gpus-per-node/--rollout-num-gpus "
             "or share GPUs with --colocate"
         )
-    return Resolved(place, gpus, trainer, rollout, c.colocate or chosen, chosen)
+    return Resolved(place, gpus, trainer, rollout, c.colocate or chosen, chosen, one_server)
 
 
 def visible_gpus(environ: Mapping[str, str] | None = None, dev: Path = Path("/dev")) -> int:
@@ -178,11 +186,14 @@ def visible_gpus(environ: Mapping[str, str] | None = None, dev: Path = Path("/de
     return min(count, nodes)
 
 
-def colocate_given(argv: list[str], environ: Mapping[str, str]) -> bool:
-    """Whether the user set --colocate/--no-colocate: a flag, a --config key or SLIPSTREAM_COLOCATE."""
-    from slipstream.config import _flatten_file, _read_file, build_parser
+def given_fields(argv: list[str], environ: Mapping[str, str]) -> frozenset[str]:
+    """The config fields the user set (a flag, a --config key or SLIPSTREAM_<FIELD>): the ones the
+    launcher never chooses for them (colocation, rollout servers per GPU)."""
+    from slipstream.config import ENV_PREFIX, _flatten_file, _read_file, build_parser
 
-    ns, _ = build_parser().parse_known_args(argv)
-    if "colocate" in vars(ns) or "SLIPSTREAM_COLOCATE" in environ:
-        return True
-    return bool(ns.config) and "colocate" in _flatten_file(_read_file(ns.config), ns.config)
+    ns, _ = build_parser().parse_known_args(argv)  # defaults are SUPPRESSed: only what was given
+    fields = set(vars(ns)) - {"config"}
+    fields |= {k[len(ENV_PREFIX) :].lower() for k in environ if k.startswith(ENV_PREFIX)}
+    if getattr(ns, "config", None):
+        fields |= set(_flatten_file(_read_file(ns.config), ns.config))
+    return frozenset(fields)
