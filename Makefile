@@ -19,11 +19,16 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(PY) -m slipstream demo
 
+# Two pytest workers (pytest-xdist), one test file each at a time: the suite alone keeps about
+# 1.2 of 2 cores busy (mesh tests wait on their services' start-up), so a second worker fills the
+# gaps; whole files keep a module's shared fixtures (a reference run, a server) built once.
+TEST_WORKERS ?= 2
+
 test: install
 	sh scripts/ensure_chromium.sh  # for tests/test_report.py; never fails the target
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # The demo under faults (a rollout server, the coordinator and Redis each SIGKILLed): issue 4's
 # acceptance run, also run by `make test` (tests/chaos/test_chaos_demo.py).
