@@ -64,3 +64,62 @@ def test_a_truncated_checkpoint_is_one_clear_error(model_dir, tmp_path):
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"cannot read .*"):
         load_model(broken)
+
+
+def _actor(model_dir, device: str, **flags):
+    from slipstream.config import config_from_values
+    from slipstream.services.trainer.actor import Actor
+
+    values = dict(
+        hf_checkpoint=str(model_dir), rollout_batch_size=2, n_samples_per_prompt=2, lr=1e-2, device=device,
+        rollout_max_response_len=4, use_kl_loss=True, kl_loss_coef=0.1,
+    )  # fmt: skip
+    return Actor.from_config(config_from_values(values | flags))
+
+
+def _two_steps(actor) -> list[float]:
+    from slipstream.types import Sample, Status
+
+    samples = [
+        Sample(tokens=[7, 8, 9, 5 + i, 6 + i], response_length=2, reward=float(i % 2),
+               status=Status.COMPLETED, rollout_log_probs=[-1.0, -1.0], policy_versions=[0, 0])
+        for i in range(4)
+    ]  # fmt: skip
+    return [actor.train_rollout(samples, [1.0, -1.0, 0.5, -0.5], 0).loss for _ in range(2)]
+
+
+def _same_training(model_dir, device: str, offload: dict, **common):
+    import torch
+
+    plain, offloaded = _actor(model_dir, device, **common), _actor(model_dir, device, **offload, **common)
+    assert _two_steps(plain) == pytest.approx(_two_steps(offloaded), rel=1e-4, abs=1e-6)
+    for (n, a), (_, b) in zip(
+        plain.model.named_parameters(), offloaded.model.named_parameters(), strict=True
+    ):
+        torch.testing.assert_close(a.cpu(), b.cpu(), rtol=1e-4, atol=1e-6, msg=n)
+    return offloaded
+
+
+def test_optimizer_cpu_offload_trains_like_the_plain_trainer(model_dir):
+    """On the CPU the split (masters + AdamW beside a compute copy, gradients added into the
+    masters) is all there is to check: it must not change what is trained."""
+    offloaded = _same_training(model_dir, "cpu", dict(optimizer_cpu_offload=True))
+    assert offloaded.masters is not None and offloaded.compute is not offloaded.model
+
+
+@pytest.mark.gpu
+def test_offloads_on_gpu_keep_state_on_the_host_and_train_alike(model_dir):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    offloaded = _same_training(
+        model_dir, "cuda", dict(optimizer_cpu_offload=True, ref_offload=True), bf16=True
+    )
+    assert all(p.device.type == "cpu" for p in offloaded.model.parameters())  # masters
+    assert all(
+        p.device.type == "cpu" for s in offloaded.optimizer.state.values() for p in s.values() if p.dim()
+    )
+    assert all(p.device.type == "cuda" for p in offloaded.compute.parameters())
+    layer = offloaded.ref_model.model.layers[0]
+    assert all(p.device.type == "cpu" and p.is_pinned() for p in layer.parameters())  # between forwards

@@ -11,7 +11,6 @@ from peft import PeftModel
 from mesh_fixtures import build_tiny_model
 from slipstream.config import config_from_values
 from slipstream.models.hf import load_model
-from slipstream.services.trainer import lora
 from slipstream.services.trainer.actor import Actor
 from slipstream.services.trainer.checkpoint import load_trainer_state, save_checkpoint
 from slipstream.types import Sample, Status
@@ -71,7 +70,9 @@ def test_the_push_is_base_plus_scaled_ba_and_computes_the_policy(model_dir):
     expected = q.base_layer.weight + (q.lora_B["default"].weight @ q.lora_A["default"].weight) * (8.0 / 4)
     torch.testing.assert_close(pushed["model.layers.1.self_attn.q_proj.weight"], expected)
     base = load_model(model_dir)
-    torch.testing.assert_close(pushed["model.layers.1.self_attn.k_proj.weight"], base.model.layers[1].self_attn.k_proj.weight)
+    torch.testing.assert_close(
+        pushed["model.layers.1.self_attn.k_proj.weight"], base.model.layers[1].self_attn.k_proj.weight
+    )
     # What the rollout engines load computes what the trainer trains.
     base.load_state_dict(pushed, strict=False)
     a.model.eval()
@@ -98,7 +99,9 @@ def test_checkpoint_round_trip_in_peft_format(model_dir, tmp_path):
     load_trainer_state(ckpt, b.model, b.optimizer, b.scheduler)
     b.model.eval()
     torch.testing.assert_close(b.model(TOKENS), logits)
-    for (n, x), (_, y) in zip(a.optimizer.state_dict()["state"].items(), b.optimizer.state_dict()["state"].items(), strict=True):
+    for (n, x), (_, y) in zip(
+        a.optimizer.state_dict()["state"].items(), b.optimizer.state_dict()["state"].items(), strict=True
+    ):
         torch.testing.assert_close(x["exp_avg"], y["exp_avg"], msg=str(n))
 
 

@@ -529,7 +529,10 @@ class TrainConfig:
         _require(self.adam_eps > 0, "--adam-eps must be positive")
         _require(self.mtp_loss_scaling_factor >= 0, "--mtp-loss-scaling-factor must be >= 0")
         _require(self.lora_rank >= 0, "--lora-rank must be >= 0 (0 = no LoRA)")
-        _require(self.lora_alpha > 0 and 0 <= self.lora_dropout < 1, "--lora-alpha must be > 0, --lora-dropout in [0, 1)")
+        _require(
+            self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
+            "--lora-alpha must be > 0, --lora-dropout in [0, 1)",
+        )
         _require(
             not (self.lora_rank and self.optimizer_cpu_offload),
             "--optimizer-cpu-offload has nothing to offload under --lora-rank (only the adapters have optimizer state)",

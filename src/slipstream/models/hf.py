@@ -104,7 +104,10 @@ class _Checkpoint:
 
     def check(self, model: CausalLM) -> None:
         expected = {name: tuple(p.shape) for name, p in model.named_parameters()}  # tied: once
-        missing, unexpected = sorted(expected.keys() - self.shapes.keys()), sorted(self.shapes.keys() - expected.keys())
+        missing, unexpected = (
+            sorted(expected.keys() - self.shapes.keys()),
+            sorted(self.shapes.keys() - expected.keys()),
+        )
         if missing or unexpected:
             raise ValueError(
                 f"checkpoint {self.path} does not match its {model.config.model_type} config: "
