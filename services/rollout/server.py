@@ -97,8 +97,21 @@ def build_engine(settings: EngineConfig, model: Qwen3ForCausalLM, eos_ids: list[
             fp8=settings.fp8,
             kv_cache_dtype=settings.kv_cache_dtype,
             int4_targets=settings.int4_targets,
+            draft=_draft(settings, model),
+            speculative_num_steps=settings.speculative_num_steps,
         )
     raise ValueError(f"--rollout-engine {settings.engine}: no such engine")
+
+
+def _draft(settings: EngineConfig, model: Qwen3ForCausalLM):
+    """The draft head to decode speculatively with (None: no drafting), of version 0."""
+    if not settings.speculative_num_steps:
+        return None
+    from slipstream.models.draft import init_draft, load_draft
+
+    if settings.draft_model_path:
+        return load_draft(settings.draft_model_path, model.config, settings.mtp_num_layers)
+    return init_draft(model.config, settings.mtp_num_layers)
 
 
 async def _engine_death(worker: EngineWorker) -> None:
@@ -166,6 +179,10 @@ async def serve(cfg: Config) -> None:
     # engine swaps in its FP8 / W4A16 layers (a W4A16 layer holds no [out, in] weight).
     synced = weights_to_sync(model.state_dict(), model.config.tie_word_embeddings)
     expected_shapes = {name: tuple(t.shape) for name, t in synced.items()}
+    if engine_cfg.draft_in_weights:  # every version carries the draft (--enable-mtp-training)
+        from slipstream.models.draft import draft_shapes
+
+        expected_shapes.update(draft_shapes(model.config, engine_cfg.mtp_num_layers))
     engine = build_engine(engine_cfg, model, eos_token_ids(model.config, tokenizer))
     worker = EngineWorker(engine, asyncio.get_running_loop())
     worker.start()

@@ -32,6 +32,10 @@ class EngineConfig:
     fp8: bool  # --rollout-fp8
     kv_cache_dtype: str  # --kv-cache-dtype
     int4_targets: str = ""  # --int4-qat-targets when the weights come as int4 (served W4A16); "" = not
+    speculative_num_steps: int = 0  # --speculative-num-steps under --speculative-algorithm; 0 = no drafting
+    mtp_num_layers: int = 0  # --mtp-num-layers: the draft head's depth
+    draft_model_path: str = ""  # --speculative-draft-model-path; "" = the seeded version-0 init
+    draft_in_weights: bool = False  # --enable-mtp-training: every weights version carries the draft
     unified_fp8: bool = False  # --fp8-format: the trainer computes with FP8-rounded projections
 
     @classmethod
@@ -62,6 +66,10 @@ class EngineConfig:
             fp8=rollout.rollout_fp8,
             kv_cache_dtype=rollout.kv_cache_dtype,
             int4_targets=_int4_targets(train, device),
+            speculative_num_steps=rollout.speculative_num_steps if rollout.speculative_algorithm else 0,
+            mtp_num_layers=model.mtp_num_layers,
+            draft_model_path=rollout.speculative_draft_model_path,
+            draft_in_weights=train is not None and train.enable_mtp_training,
             unified_fp8=train is not None and bool(train.fp8_format),
         )
 
