@@ -65,6 +65,7 @@ from slipstream.weights import weights_to_sync
 
 from .batch import Batch, collate, pack, plan_micro_batches
 from .compiled_layers import split_layers
+from .draft import DraftTrainer
 from .objective import micro_batch_loss, needs_reference, sft_micro_batch_loss, token_advantages
 from . import lora
 from .parallel import Parallel, full_model_state, init_parallel, shard_model, stream_layers
@@ -121,6 +122,7 @@ class Actor:
         device: str = "auto",
         model_path: str | None = None,  # a checkpoint to start from instead of --hf-checkpoint
         num_optimizer_steps: int = 0,  # the whole run's: the default span of the lr decay
+        draft_path: str = "",  # --speculative-draft-model-path: the draft --enable-mtp-training starts from
     ):
         self.train, self.algo = train, algo
         self.global_batch_size, self.temperature, self.max_response_len = (
@@ -162,6 +164,21 @@ class Actor:
             fused=on_gpu,
         )
         self.scheduler = LRScheduler(self.optimizer, LRSchedule.from_config(train, num_optimizer_steps))
+        self.draft, self.draft_optimizer = None, None  # --enable-mtp-training (`draft.py`)
+        if train.enable_mtp_training:
+            if self.par.enabled or train.use_dynamic_batch_size:
+                raise ValueError(
+                    "--enable-mtp-training is not implemented under torchrun or --use-dynamic-batch-size yet"
+                )
+            self.draft = DraftTrainer(
+                model.config, model_cfg.mtp_num_layers, draft_path, train.mtp_loss_scaling_factor, self.device
+            )
+            # Its own AdamW (the checkpoint's optimizer state is the policy's, by parameter name),
+            # stepped with the policy's, at the policy's learning rate.
+            self.draft_optimizer = torch.optim.AdamW(
+                self.draft.parameters(), lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
+                eps=train.adam_eps, weight_decay=train.weight_decay,
+            )  # fmt: skip
 
     def _load_policy(self, model_cfg: ModelConfig, model_path: str | None, dtype: torch.dtype):
         """Under torchrun each rank allocates and reads only its shard (`hf.load_model(shard=)`);
@@ -208,24 +225,30 @@ class Actor:
             max_response_len=cfg.rollout.rollout_max_response_len,
             device=cfg.infra.device,
             model_path=model_path,
+            draft_path=cfg.rollout.speculative_draft_model_path,
             num_optimizer_steps=(
                 cfg.rollout.num_rollout * cfg.rollout.samples_per_rollout // cfg.effective_global_batch_size
             ),
         )  # fmt: skip
 
     # ---- log-probs -------------------------------------------------------------------------
-    def _forward(self, model: torch.nn.Module, batch: Batch, head_fn, routing=None):
+    def _forward(self, model: torch.nn.Module, batch: Batch, head_fn, routing=None, keep=None):
         """`head_fn(hidden, lm_head_weight, targets, temperature=)` of `batch`, in the padded [B, T] frame;
-        `routing`: an MoE policy forward's `Routing` (`routing.py`)."""
+        `routing`: an MoE policy forward's `Routing` (`routing.py`); `keep`: a dict that receives
+        the final hidden states as "hidden" (the draft trains on them)."""
         t = self.temperature
         p = batch.packed
         if self.masters is not None and model is self.compute:
             self.masters.refresh_if_changed()  # e.g. a checkpoint was loaded into the masters
         extra = {} if routing is None else {"routing": routing}
         if p is None:
-            return model(
-                batch.input_ids, head=lambda h, w: head_fn(h, w, batch.targets, temperature=t), **extra
-            )
+
+            def padded_head(h, w):
+                if keep is not None:
+                    keep["hidden"] = h
+                return head_fn(h, w, batch.targets, temperature=t)
+
+            return model(batch.input_ids, head=padded_head, **extra)
         rows, cols = batch.input_ids.shape
 
         def head(h, w):
@@ -252,9 +275,11 @@ class Actor:
         self.moe.forward_done(batch, routing)
         return out
 
-    def log_probs_and_entropy(self, batch: Batch, routing=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_probs_and_entropy(
+        self, batch: Batch, routing=None, keep=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         fn = compiled_log_probs_and_entropy if self.train.torch_compile else chunked_log_probs_and_entropy
-        return self._forward(self.compute, batch, fn, routing)
+        return self._forward(self.compute, batch, fn, routing, keep)
 
     def old_log_probs(self, batches: list[Batch]) -> list[torch.Tensor]:
         if self.train.torch_compile:
@@ -334,12 +359,15 @@ class Actor:
 
         def loss(i: int, b: Batch, weights: torch.Tensor) -> torch.Tensor:
             routing = self.moe.routing(b, training=True)
-            lp, entropy = self.log_probs_and_entropy(b, routing)
+            keep = {} if self.draft is not None else None
+            lp, entropy = self.log_probs_and_entropy(b, routing, keep)
             if old[i] is None:  # a first-step micro-batch: its proximal log-probs are these
                 old[i] = lp.detach()
                 means.logprob_diff(old[i], b.rollout_log_probs, b.loss_mask > 0)
             ref_i = None if ref is None else ref[i]
             policy = micro_batch_loss(self.algo, b, lp, entropy, old[i], ref_i, weights, means)
+            if self.draft is not None:  # the trunk detached for it: it moves the draft only
+                policy = policy + self.draft.loss(keep["hidden"], b, self.compute, weights, means)
             return policy + self.moe.training_terms(b, routing, weights, means)
 
         return self._optimizer_steps(micro, steps_of_micro, loss, means)
@@ -386,6 +414,8 @@ class Actor:
         world, rank = self.par.world_size, self.par.rank
         step_tokens, step_seqs = totals
         self.optimizer.zero_grad(set_to_none=True)
+        if self.draft_optimizer is not None:
+            self.draft_optimizer.zero_grad(set_to_none=True)
         step_loss = 0.0
         for j, (i, b) in enumerate(chunk):
             if j % world != rank or (b.num_tokens == 0 and world == 1):
@@ -416,6 +446,11 @@ class Actor:
         if not (math.isfinite(norm_f) and math.isfinite(loss_f)):
             self.optimizer.zero_grad(set_to_none=True)
             return None
+        if self.draft_optimizer is not None:
+            torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.train.clip_grad)
+            for group in self.draft_optimizer.param_groups:
+                group["lr"] = self.optimizer.param_groups[0]["lr"]
+            self.draft_optimizer.step()
         self.optimizer.step()
         self.scheduler.step()
         if self.masters is not None:
@@ -440,4 +475,7 @@ class Actor:
         full = full_model_state(self.model) if self.par.enabled else self.model.state_dict()
         full = lora.policy_weights(self.model, full)  # under LoRA the merged weights
         tied = self.model.config.tie_word_embeddings
-        return {k: v.detach() for k, v in weights_to_sync(full, tied).items()}
+        weights = {k: v.detach() for k, v in weights_to_sync(full, tied).items()}
+        if self.draft is not None:  # the draft travels in the same version (`draft.py`)
+            weights.update(self.draft.state_dict())
+        return weights

@@ -97,17 +97,21 @@ class DraftHead(nn.Module):
         (default: causal over the batch, the training path; the engine passes its KV cache's)."""
         if positions is None:
             positions = torch.arange(next_ids.shape[1], device=next_ids.device).expand_as(next_ids)
-        embeds = embed(next_ids)
-        cos, sin = rope_cos_sin(positions, self.config.rope, embeds.dtype)
+        dtype = self.modules_in_order[0].eh_proj.weight.dtype  # the trainer's bf16 embedding, fp32 draft
+        embeds = embed(next_ids).to(dtype)
+        cos, sin = rope_cos_sin(positions, self.config.rope, dtype)
         attention = attention or causal_attention
-        x = hidden.to(embeds.dtype)
+        x = hidden.to(dtype)
         for layer in self.modules_in_order:
             x = layer(layer.fuse(embeds, x), cos, sin, attention)
             x = layer.shared_head.norm(x)
         return x
 
 
-def init_draft(config: ModelConfig, num_layers: int, seed: int = 0) -> DraftHead:
+DRAFT_SEED = 0  # the version-0 draft, built alike by the trainer and every rollout server
+
+
+def init_draft(config: ModelConfig, num_layers: int, seed: int = DRAFT_SEED) -> DraftHead:
     """A randomly initialised draft, the same on every process for the same seed (trainer and
     rollout servers start from the same version-0 draft without shipping it)."""
     draft = DraftHead(config, num_layers)
@@ -186,3 +190,9 @@ def is_draft_name(name: str, target: ModelConfig) -> bool:
     if not name.startswith("model.layers."):
         return False
     return int(name.split(".", 3)[2]) >= target.num_hidden_layers
+
+
+def draft_shapes(target: ModelConfig, num_layers: int) -> dict[str, tuple[int, ...]]:
+    """The draft's tensor names and shapes (what a weights version carries for it), built on meta."""
+    with torch.device("meta"):
+        return {name: tuple(p.shape) for name, p in DraftHead(target, num_layers).named_parameters()}

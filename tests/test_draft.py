@@ -1,0 +1,140 @@
+"""The draft head (models/draft.py) and its online training (services/trainer/draft.py).
+
+- files: the draft saves and loads as HF-style safetensors under DeepSeek-V3's MTP names, and a
+  draft of the wrong depth or for another target is refused;
+- training: the draft loss falls on rollout tokens while the policy's weights and gradients are
+  untouched by it (the trunk is detached), and the draft's parameters get their own AdamW state;
+- the manifest binds draft and target: the trainer's push carries the draft, the rollout side
+  stages it into the engine with the version, and a version without the draft is refused by a
+  server that expects one (so it never drafts with an older draft).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mesh_fixtures import build_tiny_model
+from slipstream.config import config_from_values
+from slipstream.models.draft import DraftHead, draft_shapes, init_draft, load_draft, save_draft
+from slipstream.models.hf import load_model
+from slipstream.services.rollout.engine.native import NativeEngine
+from slipstream.services.rollout.engine.request import Request
+from slipstream.services.trainer.actor import Actor
+from slipstream.types import Sample, Status
+from slipstream.weights import WeightError, WeightStager, iter_messages, pack, weights_to_sync
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("draft") / "model")
+
+
+def _cfg(model_dir, **kw):
+    values = dict(
+        hf_checkpoint=str(model_dir), rollout_batch_size=2, n_samples_per_prompt=4, micro_batch_size=4,
+        lr=3e-3, device="cpu", rollout_max_response_len=16, mtp_num_layers=1, enable_mtp_training=True,
+        mtp_loss_scaling_factor=0.5,
+    )  # fmt: skip
+    values.update(kw)
+    return config_from_values(values)
+
+
+def _samples() -> list[Sample]:
+    """Responses with structure a draft can learn: a counting pattern over the tiny vocabulary."""
+    out = []
+    for i in range(8):
+        resp = [5 + (i + j) % 12 for j in range(12)]
+        out.append(
+            Sample(
+                tokens=[7, 8, 9] + resp,
+                response_length=len(resp),
+                reward=float(i % 2),
+                status=Status.COMPLETED,
+                policy_versions=[0] * len(resp),
+                rollout_log_probs=[-2.0] * len(resp),
+            )  # fmt: skip
+        )
+    return out
+
+
+def test_draft_files_use_deepseek_mtp_names_and_round_trip(model_dir, tmp_path):
+    target = load_model(model_dir).config
+    draft = init_draft(target, 2, seed=3)
+    names = set(draft.state_dict())
+    L = target.num_hidden_layers
+    for m in (L, L + 1):
+        assert {
+            f"model.layers.{m}.{k}.weight" for k in ("eh_proj", "enorm", "hnorm", "shared_head.norm")
+        } <= names
+        assert f"model.layers.{m}.self_attn.q_proj.weight" in names
+    assert not any("embed_tokens" in n or "lm_head" in n for n in names)  # shared with the target
+    assert draft_shapes(target, 2) == {k: tuple(v.shape) for k, v in draft.state_dict().items()}
+
+    save_draft(draft, tmp_path / "d")
+    again = load_draft(tmp_path / "d", target, 2)
+    for k, v in draft.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k])
+    with pytest.raises(ValueError, match="num_nextn_predict_layers"):
+        load_draft(tmp_path / "d", target, 1)
+
+
+def test_online_draft_training_moves_the_draft_not_the_policy(model_dir):
+    actor = Actor.from_config(_cfg(model_dir, lr=3e-2))
+    samples = _samples()
+    policy_before = {k: v.clone() for k, v in actor.model.state_dict().items()}
+    draft_before = {k: v.clone() for k, v in actor.draft.state_dict().items()}
+    losses = []
+    for _ in range(25):
+        stats = actor.train_rollout(samples, [0.0] * len(samples))  # zero advantages: no policy gradient
+        losses.append(stats.metrics["mtp_loss"])
+    # (the tiny model's tied head has std 0.02 weights: logits grow only as fast as the draft's
+    # output norm, so the fall is steady rather than steep)
+    assert losses[-1] < losses[0] - 0.3 and losses[-1] == min(losses), losses
+    for k, v in actor.model.state_dict().items():  # AdamW with zero policy gradient: no move at all
+        assert torch.equal(v, policy_before[k]), k
+    assert any(not torch.equal(v, draft_before[k]) for k, v in actor.draft.state_dict().items())
+    assert len(actor.draft_optimizer.state) == len(list(actor.draft.parameters()))
+
+
+def test_the_manifest_binds_the_draft_to_its_version(model_dir):
+    cfg = _cfg(model_dir)
+    actor = Actor.from_config(cfg)
+    actor.train_rollout(_samples(), [0.0] * 8)
+    pushed = actor.state_dict_for_sync()
+    target = actor.model.config
+    assert draft_shapes(target, 1).keys() <= pushed.keys()
+
+    # The rollout side: the shapes a server under --enable-mtp-training expects (rollout/server.py).
+    model = load_model(model_dir)
+    expected = {
+        k: tuple(v.shape) for k, v in weights_to_sync(model.state_dict(), target.tie_word_embeddings).items()
+    }
+    expected.update(draft_shapes(target, 1))
+    engine = NativeEngine(model, [], draft=init_draft(target, 1), speculative_num_steps=2)
+    stager = WeightStager(expected, current_version=0)
+    manifest, chunks = pack(pushed, 1, "bf16")
+    for msg in iter_messages(manifest, chunks):
+        stager.add(msg)
+    version, state = stager.finish()
+    engine.load_weights(state, version)
+    assert engine.speculator.draft_version == 1 and engine.speculator.active(1)
+    for k, v in actor.draft.state_dict().items():  # the draft it drafts with is the trainer's v1 draft
+        torch.testing.assert_close(engine.speculator.draft.state_dict()[k], v.to(torch.bfloat16).float())
+    result = engine.generate([Request("a", [7, 8, 9], 8, temperature=1.0)])[0]
+    assert set(result.versions) == {1} and engine.speculator.num_verify_steps > 0
+
+    # A version without its draft never reaches such a server: the manifest's names do not match.
+    target_only = {k: v for k, v in pushed.items() if k not in draft_shapes(target, 1)}
+    manifest, _ = pack(target_only, 2, "bf16")
+    with pytest.raises(WeightError):
+        WeightStager(expected, current_version=1).add(next(iter_messages(manifest, [])))
+    assert isinstance(actor.draft.head, DraftHead)
