@@ -29,6 +29,8 @@ CONFIG_PY = ROOT / "src" / "slipstream" / "config.py"
 REFUSED = {
     "rollout_engine": "sglang",  # the native engine is the only one
     "actor_num_nodes": 2,  # the trainer runs on one node
+    "speculative_eagle_topk": 2,  # chain drafting (top-k 1) only
+    "speculative_num_draft_tokens": 5,  # = --speculative-num-steps + 1 under top-k 1
 }
 
 # Fields read only through `Config.as_namespace()`, the flat `args` that slime hooks
