@@ -32,6 +32,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from machine_speed import scaled
 from prometheus_client.parser import text_string_to_metric_families
 
 from mesh_fixtures import build_prompts, build_tiny_model
@@ -144,7 +145,7 @@ class LocalCompose:
                 p.popen.send_signal(signal.SIGTERM)
         for p in self.procs:
             try:
-                p.popen.wait(timeout=15)
+                p.popen.wait(timeout=scaled(15))
             except subprocess.TimeoutExpired:
                 p.popen.kill()
                 p.popen.wait()
@@ -330,7 +331,7 @@ def test_redis_command_of_the_compose_file_runs_with_the_secret(tmp_path):
     try:
         import redis
 
-        deadline = time.monotonic() + 20
+        deadline = time.monotonic() + scaled(20)
         while True:
             try:
                 client = redis.Redis(port=port, password="pw-from-secret")
@@ -347,4 +348,4 @@ def test_redis_command_of_the_compose_file_runs_with_the_secret(tmp_path):
         assert "pw-from-secret" not in " ".join(Path(f"/proc/{server.pid}/cmdline").read_text().split("\0"))
     finally:
         server.terminate()
-        server.wait(timeout=10)
+        server.wait(timeout=scaled(10))

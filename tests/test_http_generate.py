@@ -19,6 +19,7 @@ import urllib.request
 
 import aiohttp
 import pytest
+from machine_speed import scaled
 
 from mesh_fixtures import build_tiny_model
 from slipstream.models.hf import load_tokenizer
@@ -66,7 +67,7 @@ def server(tmp_path_factory):
         stderr=subprocess.PIPE,
         text=True,
     )
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + scaled(30)
     while not (ready.exists() and ready.read_text().strip()):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()

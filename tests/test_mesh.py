@@ -285,13 +285,13 @@ def test_stopping_the_launcher_leaves_no_process(assets, tmp_path, sig):
             time.sleep(0.2)
         pids = json.loads((run_dir / "pids.json").read_text())
         launcher.send_signal(sig)
-        launcher.wait(timeout=30)
+        launcher.wait(timeout=scaled(30))
     finally:
         if launcher.poll() is None:
             launcher.kill()
     if sig == signal.SIGTERM:
         assert launcher.returncode == 128 + signal.SIGTERM
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + scaled(10)
     while [n for n, pid in pids.items() if _alive(pid)] and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [n for n, pid in pids.items() if _alive(pid)]

@@ -17,6 +17,7 @@ import sys
 import time
 
 import pytest
+from machine_speed import scaled
 
 from slipstream.config import config_from_values
 from slipstream.demo.tokenizer import build_char_tokenizer
@@ -117,7 +118,7 @@ def test_status_once_names_the_servers_their_versions_and_load(assets, redis_url
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
         streams = [_attach(stub, "rollout-alpha", 0, 4), _attach(stub, "rollout-beta", 0, 2)]
         try:
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + scaled(30)
             while len((await stub.GetStatus(coordinator_pb2.GetStatusRequest())).server_versions) < 2:
                 assert time.monotonic() < deadline, "the two servers never attached"
                 await asyncio.sleep(0.05)

@@ -40,7 +40,7 @@ def test_a_finished_run_started_again_is_refused_and_an_unfinished_one_resumes(
         mesh.start_coordinator()
         mesh.start_rollout(0)
         trainer = mesh.start_trainer()
-        wait_for(mesh.metrics, scaled(120), "a first training step")
+        wait_for(mesh.metrics, 120, "a first training step")  # wait_for scales it
         trainer.popen.send_signal(signal.SIGTERM)
         assert trainer.popen.wait(timeout=scaled(30)) == 0, trainer.log()[-2000:]
     finally:

@@ -10,6 +10,7 @@ import time
 import grpc
 from chaos_mesh import ChaosMesh, tiny_values, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from machine_speed import scaled
 
 from slipstream.launcher import GRACE_S
 
@@ -49,7 +50,7 @@ def test_sigterm_each_service_is_graceful(chaos_assets, tmp_path, redis_url):
             assert started.wait(5) and seen[0] == "SERVING", (name, seen)
             t0 = time.monotonic()
             service.popen.send_signal(signal.SIGTERM)
-            code = service.popen.wait(timeout=30)
+            code = service.popen.wait(timeout=scaled(30))
             exits[name] = (code, time.monotonic() - t0)
             watcher.join(5)
             assert seen[1:2] == ["NOT_SERVING"], (name, seen)  # the first thing a prober learns

@@ -170,7 +170,7 @@ def test_a_hurt_weight_transfer_is_fetched_again(mode, larger_model, chaos_asset
             ).num_rollout_servers < 1:
                 await asyncio.sleep(0.05)
             await stub.PushWeights(_aiter(iter_messages(manifest, chunks)), timeout=30)
-            deadline = time.monotonic() + 30
+            deadline = time.monotonic() + scaled(30)
             while (await info.GetInfo(rollout_pb2.GetInfoRequest(), timeout=5)).policy_version != 1:
                 assert time.monotonic() < deadline, f"version 1 never served:\n{rollout.log()[-3000:]}"
                 await asyncio.sleep(0.02)
