@@ -189,12 +189,13 @@ class RolloutConfig:
         )
         _require(
             self.speculative_eagle_topk == 1,
-            f"--speculative-eagle-topk {self.speculative_eagle_topk}: only 1 (chain drafting) is implemented",
+            f"--speculative-eagle-topk {self.speculative_eagle_topk}: not supported (only 1: chain drafting)",
         )
         _require(self.speculative_num_steps >= 1, "--speculative-num-steps must be at least 1")
         _require(
             self.speculative_num_draft_tokens == self.speculative_num_steps + 1,
-            "--speculative-num-draft-tokens must be --speculative-num-steps + 1 with --speculative-eagle-topk 1",
+            f"--speculative-num-draft-tokens {self.speculative_num_draft_tokens}: not supported (with "
+            "--speculative-eagle-topk 1 it is --speculative-num-steps + 1)",
         )
         if self.sync:
             _require(not self.partial_rollout, "--sync drains; it cannot be combined with --partial-rollout")
