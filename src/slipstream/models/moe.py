@@ -78,22 +78,23 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x [N, H], ids and weights [N, k] -> sum over k of weight * expert(x), [N, H]."""
-        out = torch.zeros_like(x)
+        """x [N, H], ids and weights [N, k] -> sum over k of weight * expert(x), [N, H].
+
+        The token-slots are grouped by expert (one gather), each expert runs on its contiguous
+        rows, and one index_add_ sums them back: per token in ascending expert id, as transformers'
+        loop over the experts adds them (bit for bit on the CPU)."""
         top_k = ids.shape[-1]
-        order = ids.reshape(-1).argsort(stable=True)  # token-slots grouped by expert, ascending
-        counts = torch.bincount(ids.reshape(-1), minlength=self.num_experts).tolist()
-        start = 0
-        for expert, count in enumerate(counts):  # experts in id order: transformers' summation order
-            if not count:
-                continue
-            slots = order[start : start + count]
-            start += count
-            tokens = slots // top_k
-            gate, up = F.linear(x[tokens], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.down_proj[expert])
-            out.index_add_(0, tokens, y * weights.reshape(-1)[slots, None])
-        return out
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)  # token-slots grouped by expert, ascending
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        tokens = order // top_k
+        ys = []
+        for expert, rows in enumerate(x[tokens].split(counts)):
+            if rows.shape[0]:
+                gate, up = F.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
+                ys.append(F.linear(F.silu(gate) * up, self.down_proj[expert]))
+        y = torch.cat(ys) * weights.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, tokens, y)
 
 
 class SparseMoE(nn.Module):
