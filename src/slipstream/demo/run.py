@@ -9,6 +9,9 @@
    `warmstart.evaluate`) at most START_AT_MOST before RL and at least END_AT_LEAST after it
    (printed; the exit code says whether it held).
 
+`slipstream demo --moe` runs the same task and promise with a tiny Qwen3-MoE (8 experts, top-2,
+every layer sparse; `MOE_WARM_START`) and rollout routing replay (`MOE_FLAGS`), in runs/demo-moe.
+
 Any flag of `slipstream train` may be given to override the demo's defaults below.
 """
 
@@ -19,6 +22,7 @@ import sys
 from pathlib import Path
 
 DEMO_RUN_DIR = "runs/demo"
+MOE_RUN_DIR = "runs/demo-moe"
 
 # The demo's settings, as flags (user flags given on the command line come after and win).
 # Everything else is the defaults (one version of staleness with TIS, bf16 weight sync and one
@@ -49,6 +53,11 @@ DEMO_FLAGS = [
 ]
 
 
+# `--moe`: the warm start's model is a Qwen3-MoE of the dense one's width (each expert half the dense
+# MLP, two active: the dense model's active MLP size), trained with rollout routing replay (R3).
+MOE_WARM_START = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=384)
+MOE_FLAGS = ["--use-rollout-routing-replay"]
+
 # The promise: greedy held-out accuracy rises from <= START_AT_MOST to >= END_AT_LEAST.
 START_AT_MOST = 0.5
 END_AT_LEAST = 0.65
@@ -71,7 +80,9 @@ def held_out_greedy(model_dir: str | Path) -> float:
 def main(argv: list[str]) -> int:
     from slipstream.config import parse_config
 
-    run_dir = DEMO_RUN_DIR
+    moe = "--moe" in argv
+    argv = [a for a in argv if a != "--moe"]
+    run_dir = MOE_RUN_DIR if moe else DEMO_RUN_DIR
     for i, a in enumerate(argv):
         if a == "--run-dir" and i + 1 < len(argv):
             run_dir = argv[i + 1]
@@ -85,10 +96,11 @@ def main(argv: list[str]) -> int:
         "--prompt-data",
         str(Path(run_dir) / "prep" / "train.jsonl"),
     ]
+    demo_flags = [*DEMO_FLAGS, *MOE_FLAGS] if moe else DEMO_FLAGS
     cfg = parse_config(
-        [*defaults, *DEMO_FLAGS, *argv],
+        [*defaults, *demo_flags, *argv],
         prog="slipstream demo",
-        description="Train a tiny model on arithmetic through the full mesh.",
+        description="Train a tiny model on arithmetic through the full mesh (--moe: a tiny mixture of experts).",
     )
 
     from rich.console import Console
@@ -96,21 +108,24 @@ def main(argv: list[str]) -> int:
     console = Console(stderr=True)
     model_dir = Path(cfg.model.hf_checkpoint)
     if not (model_dir / "config.json").exists():
-        from slipstream.demo.warmstart import prepare_demo
+        from slipstream.demo.warmstart import WarmStartConfig, prepare_demo
 
         console.print(
             f"[bold]demo[/]: preparing the task and warm-starting a tiny model in {model_dir.parent}"
         )
         prepare_demo(
-            model_dir.parent, seed=WARM_START_SEED, log=lambda m: console.print(f"  {m}", highlight=False)
+            model_dir.parent,
+            seed=WARM_START_SEED,
+            cfg=WarmStartConfig(**MOE_WARM_START) if moe else None,
+            log=lambda m: console.print(f"  {m}", highlight=False),
         )
 
     import os
 
     from slipstream.launcher import run
-    from slipstream.placement import given_fields
+    from slipstream.placement import colocate_given
 
-    code = run(cfg, given=given_fields([*DEMO_FLAGS, *argv], os.environ))
+    code = run(cfg, colocate_given=colocate_given([*demo_flags, *argv], os.environ))
     if code != 0:
         return code
     before = held_out_greedy(model_dir)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from slipstream.data import encode_prompt
 from slipstream.demo.task import DIGITS, Problem, all_problems, sample_problems, write_prompts
 from slipstream.demo.tokenizer import build_char_tokenizer
-from slipstream.models.hf import init_model, save_model
+from slipstream.models.hf import init_model, load_model, save_model
 from slipstream.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from slipstream.quant.fp8 import dequantize_blockwise, quantize_blockwise, should_quantize
 
@@ -56,6 +57,11 @@ class WarmStartConfig:
     num_attention_heads: int = 4
     num_key_value_heads: int = 2
     head_dim: int = 64
+    # Mixture of experts (`slipstream demo --moe`): 0 = the dense Qwen3; else a Qwen3-MoE whose every
+    # layer routes each token to num_experts_per_tok of num_experts SwiGLU experts.
+    num_experts: int = 0
+    num_experts_per_tok: int = 2
+    moe_intermediate_size: int = 384
     sft_steps: int = 800  # most optimizer steps of the SFT (the LR schedule spans them)
     check_every: int = 10  # steps between greedy-accuracy checks on the check problems
     stop_greedy_accuracy: float = 0.35  # stop the SFT once greedy accuracy reaches this
@@ -250,8 +256,72 @@ def sft(
     return step
 
 
+def sft_with_trainer(
+    model: Any,
+    tokenizer_dir: Path,
+    problems: list[Problem],
+    cfg: WarmStartConfig,
+    seed: int,
+    work_dir: Path,
+    check: EncodedProblems | None = None,
+    log: Any = print,
+) -> tuple[int, Any]:
+    """Supervised fine-tuning of `model` on `problems` by the trainer itself (`--loss-type
+    sft_loss`, services/trainer/sft.py: its micro-batches, AdamW, lr schedule, checkpoints and
+    metrics.jsonl, all under `work_dir`); returns (steps taken, the trained model).
+
+    The loss is the negative log-likelihood of each answer and its EOS. Every `check_every`
+    steps the greedy accuracy on `check` is measured and the run stops as soon as it reaches
+    `stop_greedy_accuracy` (how fast the carry is learned varies with the seed, so a fixed step
+    count is either slow or unreliable). Everything is seeded, so the stopping step is too."""
+    from slipstream.config import config_from_values
+    from slipstream.services.trainer.checkpoint import resolve_checkpoint
+    from slipstream.services.trainer.sft import train_sft
+    from slipstream.services.trainer.state import TrainerState
+
+    init_dir, data = work_dir / "init", work_dir / "sft.jsonl"
+    save_model(model, init_dir)
+    for f in Path(tokenizer_dir).iterdir():
+        if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+            shutil.copy2(f, init_dir / f.name)
+    data.write_text("".join(json.dumps({"prompt": p.prompt, "label": p.label}) + "\n" for p in problems))
+    flags = dict(
+        hf_checkpoint=str(init_dir), prompt_data=str(data), loss_type="sft_loss", device="cpu",
+        run_dir=str(work_dir), rollout_batch_size=cfg.batch_size, num_rollout=cfg.sft_steps,
+        rollout_shuffle=True, seed=seed, lr=cfg.lr, lr_warmup_iters=cfg.warmup_steps,
+        lr_decay_style="cosine", min_lr=0.05 * cfg.lr, weight_decay=cfg.weight_decay, adam_beta2=0.98,
+        clip_grad=1.0,
+    )  # fmt: skip
+
+    def after_step(step: int, actor: Any) -> bool:
+        if check is None or step % cfg.check_every:
+            return False
+        with torch.no_grad():
+            actor.model.eval()
+            greedy = _accuracies(*answer_logprobs(actor.model, check))["greedy_accuracy"]
+            actor.model.train()
+        log(f"sft step {step:4d}  lr {actor.scheduler.lr:.2e}  greedy {greedy:.3f}")
+        return greedy >= cfg.stop_greedy_accuracy
+
+    state = train_sft(config_from_values(flags), TrainerState(), after_step=after_step)
+    trained = load_model(resolve_checkpoint(str(work_dir / "checkpoints")))
+    return state.step, trained
+
+
 def model_config(cfg: WarmStartConfig, tokenizer: Any) -> Qwen3Config:
-    """The demo model's architecture: a Qwen3 shape with tied embeddings over the char vocabulary."""
+    """The demo model's architecture: a Qwen3 shape with tied embeddings over the char vocabulary
+    (a Qwen3-MoE one when `cfg.num_experts`)."""
+    moe = (
+        dict(
+            model_type="qwen3_moe",
+            num_experts=cfg.num_experts,
+            num_experts_per_tok=cfg.num_experts_per_tok,
+            moe_intermediate_size=cfg.moe_intermediate_size,
+            norm_topk_prob=True,
+        )
+        if cfg.num_experts
+        else {}
+    )
     return Qwen3Config(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
@@ -265,6 +335,7 @@ def model_config(cfg: WarmStartConfig, tokenizer: Any) -> Qwen3Config:
         tie_word_embeddings=True,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **moe,
     )
 
 
@@ -285,7 +356,8 @@ def prepare_demo(
 
     Files: `train.jsonl` (the RL prompts) and `eval.jsonl` (held-out problems), `model/`
     (config.json, model.safetensors, tokenizer files) and `model/warmstart.json` (the settings
-    and the measured accuracies, also after an FP8 round trip of the weights).
+    and the measured accuracies, also after an FP8 round trip of the weights); `sft/` holds the
+    warm start's trainer run (its data, metrics.jsonl and checkpoint).
     """
     cfg = cfg or WarmStartConfig()
     run_dir = Path(run_dir)
@@ -299,13 +371,14 @@ def prepare_demo(
     vocab = model.config.vocab_size
 
     train_problems = all_problems("train")
-    train_enc = encode_problems(tokenizer, train_problems, vocab)
     check_problems = sample_problems(cfg.num_check, seed, split="train")
     check_enc = encode_problems(tokenizer, check_problems, vocab)
     eval_problems = all_problems("eval")[: cfg.num_eval]
 
     t0 = time.perf_counter()
-    steps = sft(model, train_enc, cfg, seed, check=check_enc, log=log)
+    steps, model = sft_with_trainer(
+        model, model_dir, train_problems, cfg, seed, run_dir / "sft", check=check_enc, log=log
+    )
     sft_seconds = time.perf_counter() - t0
     after_sft = evaluate(model, tokenizer, eval_problems)
     log(
