@@ -1,6 +1,11 @@
 """Weight-sync seconds for a Qwen3-0.6B-shaped model: byte path (before/after cut-through) vs CUDA IPC.
 
-    python bench/weight_sync.py [--shape 0.6b|demo] [--repeats 2] [--out bench/results/weight_sync.json]
+    python bench/weight_sync.py [--shape 0.6b|demo] [--repeats 2] [--formats fp8 bf16 int4]
+        [--out bench/results/weight_sync.json]
+
+(`int4`: the --weight-sync-dtype int4 wire; this receiver's engine is a dense one, so the stager
+dequantizes the int4 weights instead of handing them to W4A16 layers: the bytes and the transfer
+are the int4 path's, the load step a dense engine's.)
 
 Three processes, as in the mesh: a *sender* (the trainer: holds the model, packs each version and
 pushes it with a blocking stub, as `WeightPusher` does), a *relay* (the coordinator's weight
@@ -467,7 +472,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="0.6b")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--formats", nargs="+", choices=("fp8", "bf16"), default=["fp8", "bf16"])
+    parser.add_argument("--formats", nargs="+", choices=("fp8", "bf16", "int4"), default=["fp8", "bf16"])
     parser.add_argument("--no-ipc", action="store_true", help="skip the colocated (CUDA IPC) rows")
     parser.add_argument("--probe", action="store_true", help="first measure raw loopback gRPC throughput")
     parser.add_argument("--sender", action="store_true", help=argparse.SUPPRESS)
