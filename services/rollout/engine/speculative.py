@@ -179,6 +179,10 @@ class Speculator:
         """Copy a checked draft update; without one the draft stays at its version (then unused)."""
         for param, tensor in updates:
             param.copy_(tensor.to(device=param.device, dtype=param.dtype))
+        log.info(
+            "speculative decoding so far: %.2f tokens per sequence per verify step (%d verify steps); "
+            "weights v%d arrive", self.acceptance_length, self.num_verify_steps, version,
+        )  # fmt: skip
         if updates:
             self.draft_version = version
         elif self.draft_version != version:
