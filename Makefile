@@ -21,14 +21,16 @@ demo: install
 
 # Two pytest workers (pytest-xdist), one test file each at a time: the suite alone keeps about
 # 1.2 of 2 cores busy (mesh tests wait on their services' start-up), so a second worker fills the
-# gaps; whole files keep a module's shared fixtures (a reference run, a server) built once.
+# gaps; whole files keep a module's shared fixtures (a reference run, a server) built once. Files
+# go out in collection order (xdist would otherwise send the files with most tests first and the
+# chaos demo, one ~4-minute test, last, with the other worker idle behind it).
 TEST_WORKERS ?= 2
 
 test: install
 	sh scripts/ensure_chromium.sh  # for tests/test_report.py; never fails the target
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The demo under faults (a rollout server, the coordinator and Redis each SIGKILLed): issue 4's
 # acceptance run, also run by `make test` (tests/chaos/test_chaos_demo.py).
