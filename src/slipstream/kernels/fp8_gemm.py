@@ -57,16 +57,20 @@ if triton is not None:
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # out transposed: weight rows x tokens
         lo = split * CHUNK
+        ws_rows = ws_ptr + offs_n * stride_wsn
+        ws = tl.load(ws_rows + lo * stride_wsk, mask=n_mask & (lo * BLOCK_K < K), other=0.0)
         for step in range(CHUNK):  # the last split may run past K: masked
             j = lo + step
             k = j * BLOCK_K + offs_k
             k_mask = k < K
             w = tl.load(w_rows + k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)
             x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
-            ws = tl.load(
-                ws_ptr + offs_n * stride_wsn + j * stride_wsk, mask=n_mask & (j * BLOCK_K < K), other=0.0
+            # the next step's scales now, so their latency hides behind this step's product
+            next_ws = tl.load(
+                ws_rows + (j + 1) * stride_wsk, mask=n_mask & ((j + 1) * BLOCK_K < K), other=0.0
             )
             acc += tl.dot(w, tl.trans(x)) * ws[:, None]  # each 128-step promoted to fp32
+            ws = next_ws
         acc = acc * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
         mask = n_mask[:, None] & m_mask[None, :]
         if SPLIT:  # fp32 partial [split, M, N]; gemm_plan.merge_splits adds the bias

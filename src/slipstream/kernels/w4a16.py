@@ -6,10 +6,11 @@ run up to ~3.8x faster, and a rollout server holds a model four times its bf16 s
 
 How (CUDA, Triton). Each program takes [BLOCK_N weight rows x BLOCK_M tokens] of the output
 (transposed, `gemm_plan.py` says why and how K is split) and walks K one 128-wide group at a time:
-it loads the group's 64 packed bytes per row, unpacks the low nibbles (even inputs) and the high
-nibbles (odd inputs) to exact small integers in the activations' dtype, multiplies each half by
-the matching (even or odd) activations on the tensor cores, and adds the sum times the group's
-scale to an fp32 accumulator. The weights are never widened in memory.
+it loads the group's 64 packed bytes per row, turns the low nibbles (even inputs) and the high
+nibbles (odd inputs) into exact small integers in the activations' dtype with bit operations
+(no int-to-float conversions: `_nibbles`), interleaves them back into input order in registers,
+multiplies them by the activations on the tensor cores, and adds the product times the group's
+scale (loaded one group ahead) to an fp32 accumulator. The weights are never widened in memory.
 
 Same function as `dequantize_int4` then matmul, which is what runs on the CPU (and on GPUs
 without Triton); the roundings differ only in where fp32 products meet bf16 (the kernel scales
@@ -40,6 +41,18 @@ def available(x: torch.Tensor) -> bool:
 if triton is not None:
 
     @triton.jit
+    def _nibbles(n, dt: tl.constexpr):
+        """int16 nibbles (0..15, the stored q + 8) -> q in dt, exactly. For bf16/fp16 without an
+        int-to-float conversion: OR-ing n into the mantissa of 128 (bf16) / 1024 (fp16), whose last
+        mantissa bit is worth 1, gives 128 + n / 1024 + n; one subtraction leaves q."""
+        if dt == tl.bfloat16:
+            return (n | 0x4300).to(tl.bfloat16, bitcast=True) - 136.0
+        elif dt == tl.float16:
+            return (n | 0x6400).to(tl.float16, bitcast=True) - 1032.0
+        else:
+            return (n - 8).to(dt)
+
+    @triton.jit
     def _w4a16_kernel(
         x_ptr, p_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
         stride_xm, stride_pn, stride_sn, stride_om,
@@ -50,30 +63,32 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         half = tl.arange(0, GROUP_K // 2)  # byte i of a group holds inputs 2i (low) and 2i+1 (high)
+        full = tl.arange(0, GROUP_K)
         n_mask, m_mask = offs_n < N, offs_m < M
         p_rows = p_ptr + offs_n.to(tl.int64)[:, None] * stride_pn
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-        dt = x_ptr.dtype.element_ty
+        s_rows = s_ptr + offs_n * stride_sn
+        dt: tl.constexpr = x_ptr.dtype.element_ty
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # out transposed: weight rows x tokens
         lo = split * CHUNK
+        scale = tl.load(s_rows + lo, mask=n_mask & (lo * GROUP_K < K), other=0.0)
         for step in range(CHUNK):  # the last split may run past K: masked
             g = lo + step
             byte = g * (GROUP_K // 2) + half
-            k_mask = byte < K // 2
-            p = tl.load(p_rows + byte[None, :], mask=n_mask[:, None] & k_mask[None, :], other=136)
-            x_mask = m_mask[:, None] & k_mask[None, :]
-            x_even = tl.load(x_rows + 2 * byte[None, :], mask=x_mask, other=0.0)
-            x_odd = tl.load(x_rows + 2 * byte[None, :] + 1, mask=x_mask, other=0.0)
-            w_even = ((p & 15).to(tl.int16) - 8).to(dt)  # exact: integers in [-8, 7]
-            w_odd = ((p >> 4).to(tl.int16) - 8).to(dt)
+            k = g * GROUP_K + full
+            p = tl.load(p_rows + byte[None, :], mask=n_mask[:, None] & (byte < K // 2)[None, :], other=136)
+            x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & (k < K)[None, :], other=0.0)
+            # the next group's scales now, so their latency hides behind this group's product
+            next_scale = tl.load(s_rows + g + 1, mask=n_mask & ((g + 1) * GROUP_K < K), other=0.0)
+            p16 = p.to(tl.int16)
+            w = tl.join(_nibbles(p16 & 15, dt), _nibbles(p16 >> 4, dt))  # [BLOCK_N, 64, (even, odd)]
+            w = tl.reshape(w, [BLOCK_N, GROUP_K])  # back in input order: one dot over the group
             if IEEE:
-                part = tl.dot(w_even, tl.trans(x_even), input_precision="ieee")
-                part += tl.dot(w_odd, tl.trans(x_odd), input_precision="ieee")
+                part = tl.dot(w, tl.trans(x), input_precision="ieee")
             else:
-                part = tl.dot(w_even, tl.trans(x_even))
-                part += tl.dot(w_odd, tl.trans(x_odd))
-            scale = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_mask & (g * GROUP_K < K), other=0.0)
+                part = tl.dot(w, tl.trans(x))
             acc += part * scale[:, None]
+            scale = next_scale
         mask = n_mask[:, None] & m_mask[None, :]
         if SPLIT:  # fp32 partial [split, M, N]; gemm_plan.merge_splits adds the bias
             dst = out_ptr + (split * M + offs_m.to(tl.int64)[None, :]) * N + offs_n[:, None]
