@@ -332,6 +332,13 @@ class HttpApi:
             }
         )
 
+    def abort_all(self) -> list[str]:
+        """Abort every request made over HTTP; their answers come back with finish_reason "abort"."""
+        rids = sorted(self._mine)
+        if rids:
+            self.worker.abort(rids)
+        return rids
+
     async def abort_request(self, request: web.Request) -> web.Response:
         try:
             body = await request.json() if request.can_read_body else {}
@@ -340,11 +347,10 @@ class HttpApi:
         if not isinstance(body, dict):
             return _bad("the body must be a JSON object")
         if body.get("abort_all"):
-            rids = sorted(self._mine)
-        elif isinstance(body.get("rid"), str) and body["rid"]:
-            rids = [body["rid"]] if body["rid"] in self._mine else []
-        else:
+            return web.json_response({"aborted": self.abort_all()})
+        if not isinstance(body.get("rid"), str) or not body["rid"]:
             return _bad("give rid or abort_all: true")
+        rids = [body["rid"]] if body["rid"] in self._mine else []
         if rids:
             self.worker.abort(rids)
         return web.json_response({"aborted": rids})
@@ -352,7 +358,8 @@ class HttpApi:
 
 async def start_http(api: HttpApi, host: str, port: int) -> tuple[web.AppRunner, int]:
     """Serve `api` on host:port (0 = any free port) on the running loop; the runner and the port."""
-    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False)
+    # handler_cancellation: a client that hangs up (a cancelled generate function) aborts its request.
+    runner = web.AppRunner(api.app(), access_log=None, handle_signals=False, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
     await site.start()

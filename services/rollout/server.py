@@ -8,7 +8,10 @@
 - the `Rollout` service below: `Generate` runs samples through the same engine directly
   (evaluation, tests, benchmarks), past the version gate; `GetInfo` says what this server is;
 - with --http-port, SGLang's HTTP API (`http_api.py`: /generate, /health, /model_info,
-  /abort_request) on the same loop and the same engine worker, for slime-style generate functions.
+  /abort_request) on the same loop and the same engine worker, for slime-style generate functions;
+- with --custom-generate-function-path, the user's multi-turn function (`custom_generate.py`)
+  generates each attached sample, posting to that HTTP API (started on any free port if
+  --http-port is 0) or using its in-process client.
 
 Sample assembly, wire to engine and back, is `samples.py`; the settings the parts read are
 `settings.py`. Without --coordinator-addr the server only answers `Rollout.Generate`.
@@ -126,10 +129,12 @@ async def _start_http(
     tokenizer,
     vocab_size: int,
     host: str,
+    wanted: bool,
 ):
-    """SGLang's HTTP API on --http-port (None when 0), on this loop, in front of the same worker."""
-    if not settings.http_port:
-        return None
+    """SGLang's HTTP API on --http-port (any free port when 0 and `wanted`: a custom generate
+    function posts to it), on this loop, in front of the same worker: (runner, api, port), or Nones."""
+    if not settings.http_port and not wanted:
+        return None, None, 0
     from slipstream.services.rollout.http_api import HttpApi, start_http
 
     api = HttpApi(
@@ -141,7 +146,34 @@ async def _start_http(
     )
     runner, port = await start_http(api, host, settings.http_port)
     log.info("SGLang-compatible HTTP API on http://%s:%d (/generate)", host, port)
-    return runner
+    return runner, api, port
+
+
+def _custom_generator(cfg: Config, worker: EngineWorker, tokenizer, vocab_size: int, api, http_port: int):
+    """The --custom-generate-function-path runner (None without one); its `args` point
+    sglang_router_ip/port at --sglang-router-ip/--sglang-router-port, else at this server's HTTP API."""
+    path = cfg.rollout.custom_generate_function_path
+    if not path:
+        return None
+    from slipstream.services.rollout.custom_generate import (
+        CustomGenerateConfig,
+        CustomGenerator,
+        load_generate_function,
+    )
+
+    fn = load_generate_function(path)
+    args = cfg.as_namespace()
+    args.sglang_router_ip = cfg.infra.sglang_router_ip or cfg.infra.host
+    args.sglang_router_port = cfg.infra.sglang_router_port or http_port
+    settings = CustomGenerateConfig(
+        max_turns=cfg.rollout.custom_generate_max_turns,
+        timeout=cfg.rollout.custom_generate_timeout,
+        max_response_len=cfg.rollout.rollout_max_response_len,
+    )
+    log.info(
+        "generating with %s (its /generate: %s:%s)", path, args.sglang_router_ip, args.sglang_router_port
+    )
+    return CustomGenerator(fn, args, settings, worker, tokenizer, vocab_size=vocab_size, http=api)
 
 
 async def _shut_down(service, worker: EngineWorker, http_runner, client, coordinator) -> None:
@@ -187,18 +219,21 @@ async def serve(cfg: Config) -> None:
     worker = EngineWorker(engine, asyncio.get_running_loop())
     worker.start()
     stopping = asyncio.Event()
+    # Before the gRPC server: its ready file says every port of this server answers.
+    vocab_size = model.config.vocab_size
+    http_runner, http_api, http_port = await _start_http(
+        settings, engine_cfg, worker, tokenizer, vocab_size, cfg.infra.host,
+        wanted=bool(cfg.rollout.custom_generate_function_path),
+    )  # fmt: skip
+    custom = _custom_generator(cfg, worker, tokenizer, vocab_size, http_api, http_port)
     coordinator = aio_channel(settings.coordinator_addr) if settings.coordinator_addr else None
     client = None
     if coordinator is not None:
         fetcher = WeightFetcher(
             coordinator, expected_shapes, device, dtype, stopping, keep_int4=bool(engine_cfg.int4_targets)
         )
-        client = CoordinatorClient(settings, coordinator, worker, tokenizer, fetcher, stopping)
+        client = CoordinatorClient(settings, coordinator, worker, tokenizer, fetcher, stopping, custom)
     servicer = RolloutService(settings, worker, tokenizer)
-    # Before the gRPC server: its ready file says every port of this server answers.
-    http_runner = await _start_http(
-        settings, engine_cfg, worker, tokenizer, model.config.vocab_size, cfg.infra.host
-    )
     service = await start_server(
         lambda server: rollout_pb2_grpc.add_RolloutServicer_to_server(servicer, server),
         interceptors=[telemetry.RpcMetrics()],

@@ -169,8 +169,28 @@ class RolloutConfig:
         "signature); built-in: slipstream.rollout_filters:check_reward_nonzero_std.",
     )
 
+    custom_generate_function_path: str = opt(
+        "",
+        "async generate(args, sample, sampling_params) -> Sample run on each rollout server for every "
+        "sample (slime's signature: multi-turn, tools; tool tokens get loss_mask 0); module:function, "
+        "dotted module.function or file.py:function. The launcher then starts each server's HTTP API "
+        "and points --sglang-router-ip/--sglang-router-port at it.",
+    )
+    custom_generate_max_turns: int = opt(
+        16,
+        "Most model turns of one --custom-generate-function-path trajectory: later turns get nothing "
+        "(in-process client) or are cut off (TRUNCATED). (Slipstream)",
+    )
+    custom_generate_timeout: float = opt(
+        600.0,
+        "Seconds one --custom-generate-function-path call may run before it is cancelled and its "
+        "sample comes back TRUNCATED; 0 = no limit. (Slipstream)",
+    )
+
     def __post_init__(self) -> None:
         _require(self.rollout_batch_size > 0, "--rollout-batch-size must be positive")
+        _require(self.custom_generate_max_turns >= 1, "--custom-generate-max-turns must be at least 1")
+        _require(self.custom_generate_timeout >= 0, "--custom-generate-timeout must be >= 0")
         _require(self.n_samples_per_prompt > 0, "--n-samples-per-prompt must be positive")
         _require(self.num_rollout > 0, "--num-rollout must be positive")
         _require(self.rollout_max_response_len > 0, "--rollout-max-response-len must be positive")
@@ -185,7 +205,8 @@ class RolloutConfig:
         )
         _require(
             self.rollout_engine == "native",
-            f"--rollout-engine {self.rollout_engine}: not supported yet; the native engine is the only one",
+            f"--rollout-engine {self.rollout_engine}: not supported; the native engine is the only one "
+            "(every rollout server speaks SGLang's HTTP /generate with --http-port)",
         )
         _require(
             self.speculative_eagle_topk == 1,
@@ -659,6 +680,14 @@ class InfraConfig:
         "/model_info, POST /abort_request), for slime-style custom generate functions; 0 = off. "
         "(Slipstream; SGLang's own --port)",
     )
+    sglang_router_ip: str = opt(
+        "",
+        "Host of the SGLang-compatible /generate a --custom-generate-function-path function posts to "
+        "(args.sglang_router_ip); empty = this rollout server's own --http-port. Set by the launcher.",
+    )
+    sglang_router_port: int = opt(
+        0, "Port of that /generate (args.sglang_router_port); 0 = this server's own --http-port."
+    )
     redis_password_file: str = opt(
         "", "File holding the Redis password (a mounted secret), filled into --redis-url. (Slipstream)"
     )
@@ -683,6 +712,7 @@ class InfraConfig:
     def __post_init__(self) -> None:
         _require(0 <= self.metrics_port < 65536, "--metrics-port must be in [0, 65535]")
         _require(0 <= self.http_port < 65536, "--http-port must be in [0, 65535]")
+        _require(0 <= self.sglang_router_port < 65536, "--sglang-router-port must be in [0, 65535]")
         _require(self.reconnect_timeout > 0, "--reconnect-timeout must be positive")
         _require(self.lease_timeout > 0, "--lease-timeout must be positive")
         _require(self.max_restarts >= 0, "--max-restarts must be >= 0")

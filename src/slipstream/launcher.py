@@ -424,6 +424,20 @@ def trainer_threads(cfg: Config) -> int:
     return cfg.infra.torch_threads or 1
 
 
+def _router_flags(cfg: Config, taken: set[int]) -> list[str]:
+    """A rollout server's SGLang-compatible HTTP API and the address its --custom-generate-function-path
+    function posts to (args.sglang_router_ip/port): its own, unless the user named a router. Each
+    server gets a port of its own (one --http-port in the shared config would collide)."""
+    if not cfg.rollout.custom_generate_function_path:
+        return []
+    port = listen_port(frozenset(taken))
+    taken.add(port)
+    flags = ["--http-port", str(port)]
+    if not cfg.infra.sglang_router_port:
+        flags += ["--sglang-router-ip", "127.0.0.1", "--sglang-router-port", str(port)]
+    return flags
+
+
 def start_mesh(mesh: Mesh) -> Proc:
     """Redis, then every service at once; returns the trainer's process once all are ready."""
     cfg = mesh.cfg
@@ -464,10 +478,14 @@ def start_mesh(mesh: Mesh) -> Proc:
         ),
     ]
     dial = ("--coordinator-addr", coord_addr)
+    taken = {reward_port, coord_port}
     procs += [
-        mesh.service(f"rollout-{i}", "rollout", *dial, "--server-id", f"rollout-{i}", env=cuda_visible(gpus))
+        mesh.service(
+            f"rollout-{i}", "rollout", *dial, "--server-id", f"rollout-{i}", *_router_flags(cfg, taken),
+            env=cuda_visible(gpus),
+        )
         for i, gpus in enumerate(place.rollout_gpus)
-    ]
+    ]  # fmt: skip
     trainer = mesh.service(
         "trainer", "trainer", *dial, threads=trainer_threads(cfg),
         env=cuda_visible(place.trainer_gpus), ranks=place.trainer_procs,
