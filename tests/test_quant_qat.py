@@ -99,16 +99,17 @@ def test_trainer_computes_with_the_quantized_masters(model_dir, mode):
 # ---- the rollout serves what the trainer computed with --------------------------------------------
 
 
-def _served(actor: Actor, model_dir, fmt: str) -> NativeEngine:
+def _served(actor: Actor, model_dir, fmt: str, device="cpu", dtype=torch.float32) -> NativeEngine:
     """A rollout engine on the checkpoint, given the actor's weights through the wire as the mesh
     does (pack -> WeightStager -> load_weights), serving int4 W4A16 when they come as int4."""
     weights = actor.state_dict_for_sync()
     manifest, chunks = pack(weights, 1, fmt)
-    model = load_model(str(model_dir), device="cpu", dtype=torch.float32)
+    model = load_model(str(model_dir), device=device, dtype=dtype)
     expected = weights_to_sync(model.state_dict(), model.config.tie_word_embeddings)
     int4 = fmt == "int4"
     engine = NativeEngine(model, eos_token_ids=[], max_batch_size=8, int4_targets="auto" if int4 else "")
-    stager = WeightStager({n: tuple(t.shape) for n, t in expected.items()}, 0, keep_int4=int4)
+    shapes = {n: tuple(t.shape) for n, t in expected.items()}
+    stager = WeightStager(shapes, 0, device=device, dtype=dtype, keep_int4=int4)
     for msg in iter_messages(manifest, chunks):
         stager.add(msg)
     engine.load_weights(*reversed(stager.finish()))
@@ -127,7 +128,8 @@ def _rollout_vs_trainer(engine: NativeEngine, actors: list[Actor]) -> list[float
     rollout = torch.tensor([res.log_probs for res in results])
     gaps = []
     for actor in actors:
-        (lp,) = actor.old_log_probs([batch])
+        (lp,) = actor.old_log_probs([batch.to(actor.device)])
+        lp = lp.float().cpu()
         trainer = torch.stack(
             [lp[i, s.prompt_length - 1 :][: s.response_length] for i, s in enumerate(samples)]
         )
@@ -202,3 +204,77 @@ def test_checkpoint_reloads_qat_state_exactly(model_dir, tmp_path, mode):
         assert torch.equal(a, b), n
     for (n, a), b in zip(actor.compute.named_parameters(), fresh.compute.parameters(), strict=True):
         assert torch.equal(a, b), n
+
+
+# ---- MoE: the routed experts are the int4 weights -------------------------------------------------
+
+
+def test_moe_int4_qat_rounds_the_experts_and_the_rollout_serves_them(tmp_path):
+    moe_dir = build_tiny_model(
+        tmp_path / "moe", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=128,
+    )  # fmt: skip
+    actor = _trained(moe_dir, int4_qat=True)
+    names = actor.masters.quantized_names  # auto: the experts only, stacked [E, out, in]
+    assert names and all(".mlp.experts." in n for n in names), names
+    assert not any("self_attn" in n or n.endswith("mlp.gate.weight") for n in names)
+    engine = _served(actor, moe_dir, "int4")
+    assert not engine.runner.int4_layers  # no W4A16 layer for stacked experts: dequantized on load
+    served, compute = dict(engine.model.named_parameters()), dict(actor.compute.named_parameters())
+    for name in names:
+        assert torch.equal(served[name], compute[name]), name
+    # Version 0 too: a fresh engine rounds its checkpoint's experts as the fresh trainer does.
+    fresh = _actor(moe_dir, int4_qat=True)
+    model = load_model(str(moe_dir), device="cpu", dtype=torch.float32)
+    NativeEngine(model, eos_token_ids=[], max_batch_size=2, int4_targets="auto")
+    fresh_compute = dict(fresh.compute.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, fresh_compute[name]), name
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (dict(int4_qat=True, weight_sync_dtype="bf16"), "--int4-qat trains against the int4 weights"),
+        (dict(fp8_format="e4m3", weight_sync_dtype="int4"), "--fp8-format trains against the FP8 blocks"),
+        (dict(int4_qat=True, fp8_format="e4m3"), "pick one"),
+        (dict(int4_qat=True, actor_num_gpus_per_node=2), "in one process for now"),
+    ],
+)
+def test_contradictory_precision_flags_are_refused(values, message):
+    from slipstream.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        config_from_values(values)
+
+
+def test_auto_wire_format_follows_the_quantization_aware_training():
+    assert config_from_values(dict(int4_qat=True)).train.effective_weight_sync_dtype("cpu") == "int4"
+    assert config_from_values(dict(fp8_format="e4m3")).train.effective_weight_sync_dtype("cpu") == "fp8"
+    assert config_from_values({}).train.effective_weight_sync_dtype("cpu") == "bf16"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", MODES)
+def test_on_gpu_bf16_the_served_weights_are_the_trainers(model_dir, mode):
+    """--bf16 on the GPU: the push quantizes on the device (FP8: every matrix in one Triton launch),
+    the stager dequantizes there (FP8: one launch) or keeps int4 packed for the W4A16 GEMM; the
+    weights served are the trainer's bf16 compute weights bit for bit."""
+    qat = _trained(model_dir, device="cuda", bf16=True, **MODES[mode])
+    engine = _served(qat, model_dir, mode, device="cuda", dtype=torch.bfloat16)
+    compute, served = dict(qat.compute.named_parameters()), dict(engine.model.named_parameters())
+    for name in qat.masters.quantized_names:
+        if mode == "int4":
+            layer = engine.runner.int4_layers[name]
+            assert torch.equal(dequantize_int4(layer.packed, layer.scales, torch.bfloat16), compute[name]), (
+                name
+            )
+        else:
+            assert torch.equal(served[name], compute[name]), name
+    plain = _actor(model_dir, device="cuda", bf16=True)
+    plain.model.load_state_dict(qat.model.state_dict())
+    plain.masters.refresh()
+    (qat_gap, plain_gap) = _rollout_vs_trainer(engine, [qat, plain])
+    assert qat_gap < plain_gap, (qat_gap, plain_gap)  # bf16 noise on both; the rounding only on one
