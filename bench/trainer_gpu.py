@@ -15,7 +15,13 @@ random weights with synthetic samples; one optimizer step over all samples. Vari
   from the fp32 masters (`services/trainer/precision.py`), no autocast; with `--torch-compile`
   each decoder layer is two compiled graphs around the attention call (`compiled_layers.py`);
 - `*-mix`: responses uniform in [32, --response-len] instead of all --response-len (a realistic
-  length mix: padding is then most of a padded batch's work).
+  length mix: padding is then most of a padded batch's work);
+- `packed-bf16w-unified-fp8`, `packed-bf16w-int4-qat` (issue 16; not in the default list): `--bf16`
+  packed with `--fp8-format e4m3` / `--int4-qat`: the projections compute with their FP8-block or
+  int4-group rounding (`services/trainer/quantized.py`), one quantize/dequantize per optimizer step.
+
+`--shape 8b-slice` (the quantized and `-bf16w` variants only): Qwen3-8B's layer shape (hidden 4096,
+MLP 12288, 32 heads / 8 KV heads, untied 151936 vocabulary) with 4 layers, where the GEMMs dominate.
 
 The "before" variants (`padded`, `packed`, `packed-compile` and their `-mix`) are the trainer as
 it was at a pinned commit, `--baseline-commit` (default 5a1d23f, the last one whose actor kept
@@ -54,8 +60,13 @@ from slipstream.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
 from slipstream.services.trainer.actor import Actor
 from slipstream.types import Sample, Status
 
-SHAPE = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-             num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True)  # fmt: skip
+SHAPES = {
+    "0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+    "8b-slice": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=4,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+}  # fmt: skip
+SHAPE = SHAPES["0.6b"]
 REPO = Path(__file__).resolve().parent.parent
 BASELINE_COMMIT = "5a1d23f"  # the last trainer with the autocast / piecewise-compile path
 BEFORE = ("padded", "packed", "padded-mix", "packed-mix", "packed-compile", "packed-compile-mix")
@@ -70,7 +81,10 @@ VARIANTS = (
     "packed-bf16w",
     "packed-compile-bf16w",
     "packed-compile-bf16w-mix",
+    "packed-bf16w-unified-fp8",
+    "packed-bf16w-int4-qat",
 )
+QUANTIZED = ("packed-bf16w-unified-fp8", "packed-bf16w-int4-qat")
 
 
 def samples(n: int, prompt_len: int, response_len: int, vocab: int, mix: bool) -> list[Sample]:
@@ -92,6 +106,10 @@ def flags(variant: str, args) -> list[str]:
         out += ["--use-dynamic-batch-size", "--max-tokens-per-gpu", str(args.max_tokens_per_gpu)]
     if "compile" in variant:
         out.append("--torch-compile")
+    if variant.endswith("unified-fp8"):
+        out += ["--fp8-format", "e4m3", "--fp8-recipe", "blockwise"]
+    if variant.endswith("int4-qat"):
+        out.append("--int4-qat")
     if args.gradient_checkpointing:
         out.append("--gradient-checkpointing")
     return out
@@ -220,7 +238,10 @@ def main() -> None:
     parser.add_argument("--max-tokens-per-gpu", type=int, default=16384)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument(
+        "--variants", nargs="+", default=[v for v in VARIANTS if v not in QUANTIZED], choices=VARIANTS
+    )
+    parser.add_argument("--shape", choices=list(SHAPES), default="0.6b")
     parser.add_argument("--peak-tflops", type=float, default=989.0)
     parser.add_argument(
         "--profile", nargs="+", choices=VARIANTS, help="also profile one step of these variants"
@@ -231,6 +252,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     before = [v for v in args.variants if v in BEFORE]
+    if before and args.shape != "0.6b":
+        parser.error(
+            f"--shape {args.shape}: the before variants ({', '.join(before)}) run the 0.6b shape only"
+        )
     shared = ["--samples", str(args.samples), "--prompt-len", str(args.prompt_len),
               "--response-len", str(args.response_len), "--max-tokens-per-gpu", str(args.max_tokens_per_gpu),
               "--steps", str(args.steps), "--peak-tflops", str(args.peak_tflops),
@@ -239,7 +264,7 @@ def main() -> None:
     results = []
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
-        model = Qwen3ForCausalLM(Qwen3Config(**SHAPE)).to(torch.bfloat16)
+        model = Qwen3ForCausalLM(Qwen3Config(**SHAPES[args.shape])).to(torch.bfloat16)
         save_model(model, d)
         params = sum(p.numel() for p in model.parameters())
         head = model.lm_head.weight.numel()
@@ -255,7 +280,7 @@ def main() -> None:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.with_suffix(".partial.json").write_text(json.dumps(results, indent=2) + "\n")
     result = {
-        "bench": "trainer_gpu", "params": params, "lm_head_params": head, "samples": args.samples,
+        "bench": "trainer_gpu", "shape": args.shape, "params": params, "lm_head_params": head, "samples": args.samples,
         "prompt_len": args.prompt_len, "response_len": args.response_len,
         "max_tokens_per_gpu": args.max_tokens_per_gpu, "peak_tflops": args.peak_tflops,
         "device": torch.cuda.get_device_name(), "torch": torch.__version__, "variants": results,
