@@ -58,6 +58,7 @@ from slipstream.algorithms.losses import (
     compiled_token_log_probs,
 )
 from slipstream.config import AlgoConfig, Config, ModelConfig, TrainConfig
+from slipstream.kernels.moe import use_grouped_experts
 from slipstream.models.hf import load_model
 from slipstream.models.packed import packed_causal_attention
 from slipstream.types import Sample
@@ -142,6 +143,8 @@ class Actor:
             self.masters = self.masters or MasterWeights(model, dtype=dtype)
             self.masters.compute.to(self.device)
         compute = self.masters.compute if self.masters else model
+        if self.device.type == "cuda":
+            use_grouped_experts(compute)  # MoE: the experts as grouped GEMMs (kernels/moe.py)
         if train.torch_compile:
             split_layers(compute)  # two compiled graphs per layer around the attention call
         if train.gradient_checkpointing:

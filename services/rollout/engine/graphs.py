@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from slipstream.models import Qwen3ForCausalLM
+from slipstream.models import Qwen3ForCausalLM, Routing
 from slipstream.services.rollout.engine.fused_step import FusedDecoder
 from slipstream.services.rollout.engine.kv_cache import KVCache
 from slipstream.services.rollout.engine.sampler import SamplingParams, sample
@@ -53,6 +53,7 @@ class _Captured:
     graph: torch.cuda.CUDAGraph
     tokens: torch.Tensor
     log_probs: torch.Tensor
+    experts: torch.Tensor | None  # MoE: the expert ids each fed token was routed to, [b, layers, k]
 
 
 class DecodeGraphs:
@@ -80,8 +81,9 @@ class DecodeGraphs:
 
     def run(
         self, n: int, kv_len: int, last_token: torch.Tensor, params: SamplingParams, truncate: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decode one token for slots 0..n-1 (their KV spans < kv_len); tokens [n], log-probs [n]."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Decode one token for slots 0..n-1 (their KV spans < kv_len); tokens [n], log-probs [n], and
+        for an MoE model the experts of each fed token [n, layers, k] (else None)."""
         b = self.bucket(n)
         key = (b, kv_bucket(kv_len, self.cache.capacity), truncate)
         self.tokens[:n].copy_(last_token)
@@ -98,15 +100,17 @@ class DecodeGraphs:
             self.top_k[n:b] = 0
         captured = self.graphs.get(key) or self._capture(*key)
         captured.graph.replay()
-        return captured.tokens[:n], captured.log_probs[:n]
+        experts = None if captured.experts is None else captured.experts[:n]
+        return captured.tokens[:n], captured.log_probs[:n], experts
 
-    def _step(self, b: int, kv_len: int, truncate: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _step(self, b: int, kv_len: int, truncate: bool):
         positions = self.index[:b] - 1
+        routing = Routing() if self.model.config.moe_layers else None
         if self.fused is not None:  # attends over each slot's own length; kv_len only keys the graph
             hidden = self.fused(self.tokens[:b], positions, self.cache)
         else:
             attention = self.cache.decode(positions, kv_len)
-            hidden = self.model.model(self.tokens[:b, None], positions[:, None], attention)[:, -1]
+            hidden = self.model.model(self.tokens[:b, None], positions[:, None], attention, routing)[:, -1]
         logits = self.model.lm_head(hidden)
         params = SamplingParams(
             temperature=self.temperature[:b],
@@ -115,7 +119,7 @@ class DecodeGraphs:
             seeds=self.seeds[:b],
             positions=self.index[:b],
         )
-        return sample(logits, params, truncate)
+        return (*sample(logits, params, truncate), None if routing is None else routing.stacked()[:, 0])
 
     def _capture(self, b: int, kv_len: int, truncate: bool) -> _Captured:
         # One eager run first, on a side stream as capture requires: it initializes cuBLAS
@@ -128,7 +132,7 @@ class DecodeGraphs:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            tokens, log_probs = self._step(b, kv_len, truncate)
-        captured = _Captured(graph, tokens, log_probs)
+            tokens, log_probs, experts = self._step(b, kv_len, truncate)
+        captured = _Captured(graph, tokens, log_probs, experts)
         self.graphs[(b, kv_len, truncate)] = captured
         return captured

@@ -19,12 +19,13 @@ e4m3 weights and runs through `slipstream.kernels.fp8_linear` (FP8 tensor cores 
 scales and run W4A16 (`kernels.w4a16`: a Triton GEMM on CUDA, dequantize-then-matmul on the CPU);
 an int4 version is copied in as the packed bytes it arrived as (`int4_weights.py`).
 
-A mixture-of-experts model (Qwen3-MoE) runs the eager paths only, for now: the fused decoder and
-the CUDA graphs are turned off for it with one warning line (the expert loop syncs with the host;
-a grouped-GEMM kernel is what lets them take MoE). Prefill and decode pass the model a
-`Routing` and record the expert ids it routed each fed position to (`slots.out_experts`), read
-back at retire like the tokens: every position of the sequence but the last, prompt included
-(prefill computes them anyway, and R3 must replay the prompt's routing too).
+A mixture-of-experts model (Qwen3-MoE) runs its experts as two grouped GEMMs on a Hopper GPU in
+bf16 (`kernels.moe`: no host sync), so its decode steps are CUDA graphs like a dense model's (the
+fused decoder is dense-only); elsewhere (the CPU, fp32) it runs the model's eager expert loop
+without graphs (one warning line on CUDA). Prefill and decode pass the model a `Routing` and
+record the expert ids it routed each fed position to (`slots.out_experts`; the graphs return
+them), read back at retire like the tokens: every position of the sequence but the last, prompt
+included (prefill computes them anyway, and R3 must replay the prompt's routing too).
 
 Weights are swapped in place between steps (`load_weights`): the KV cache is kept, and every
 token sampled afterwards carries the new policy version, so a trajectory that spans the swap
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from slipstream.kernels.fp8_linear import convert_to_fp8
+from slipstream.kernels.moe import use_grouped_experts
 from slipstream.kernels.w4a16 import convert_to_w4a16
 from slipstream.models import Qwen3ForCausalLM, Routing
 from slipstream.models.draft import is_draft_name
@@ -109,11 +111,13 @@ class ModelRunner:
         moe_layers = cfg.moe_layers
         self.experts_per_token = len(moe_layers) * cfg.num_experts_per_tok  # 0: dense
         expert_dtype = torch.uint8 if cfg.num_experts <= 256 else torch.int16
-        if moe_layers and self.device.type == "cuda" and (fused_decode or cuda_graphs):
-            log.warning(
-                "MoE model: fused decode and CUDA graphs are not implemented for MoE yet; decoding eagerly"
-            )
-            fused_decode = cuda_graphs = False
+        if moe_layers and self.device.type == "cuda":
+            fused_decode = False  # the fused decoder is dense-only
+            if not use_grouped_experts(model) and cuda_graphs:
+                log.warning(
+                    "MoE model: grouped expert GEMMs need a Hopper GPU and bf16; decoding without CUDA graphs"
+                )
+                cuda_graphs = False
         self.draft_layers = draft_layers
         self.speculator: Speculator | None = None  # set by the engine when it drafts
         self.cache = KVCache(
@@ -216,7 +220,12 @@ class ModelRunner:
         rows = slice(0, n)
         params, truncate = self.slots.sampling(rows)
         if self.graphs is not None:
-            tokens, log_probs = self.graphs.run(n, kv_len, self.slots.last_token[:n], params, truncate)
+            tokens, log_probs, experts = self.graphs.run(
+                n, kv_len, self.slots.last_token[:n], params, truncate
+            )
+            if experts is not None:  # [n, layers, k]: the experts of each fed token
+                at = (torch.arange(n, device=self.device), params.positions - 1)
+                self.slots.out_experts[at] = experts.reshape(n, -1).to(self.slots.out_experts.dtype)
             return self._record(rows, params, tokens, log_probs)
         positions = params.positions - 1
         if self.fused is not None:
