@@ -31,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import peft  # noqa: F401  (imported before any timing: LoRA's load_s is then not the import)
 import torch
 from safetensors.torch import save_file
 
@@ -217,7 +218,7 @@ def search(full: Path, root: Path, shape: dict, whole: dict, args, start: float,
         two = sum(p.numel() for p in CausalLM(config(shape, 2)).parameters())
     per_layer, rest = two - one, one - (two - one)
     free = torch.cuda.get_device_properties(0).total_memory - 10e9  # room for activations
-    guess = min(layers - 1, int((free / 18 - rest) // per_layer))
+    guess = max(1, min(layers - 1, int((free / 18 - rest) // per_layer)))
     lo, hi, best, probe = 0, layers, None, guess  # lo trains (0: none known yet), hi does not
     for _ in range(args.search_probes):
         if hi - lo <= 1 or time.perf_counter() - start > args.budget_s:
