@@ -33,6 +33,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,8 +171,12 @@ def load_examples(cfg: Config) -> list[Sample]:
     return [encode_example(tokenizer, r, d.apply_chat_template) for r in records]
 
 
-def train_sft(cfg: Config, state: TrainerState | None = None) -> TrainerState:
-    """The whole SFT run, on every rank; returns the final state."""
+def train_sft(
+    cfg: Config, state: TrainerState | None = None, after_step: Callable[[int, Actor], bool] | None = None
+) -> TrainerState:
+    """The whole SFT run, on every rank; returns the final state. `after_step(step, actor)`, for a
+    caller in the same process (the demo's warm start), may end the run early by returning True:
+    the run then stops as on a stop request, with a checkpoint of that step."""
     state = state or TrainerState()
     cfg.logging.check_installed()
     torch.manual_seed(cfg.train.seed)
@@ -217,6 +222,8 @@ def train_sft(cfg: Config, state: TrainerState | None = None) -> TrainerState:
             if state.nonfinite_in_a_row >= limit:
                 break
             checkpointer.maybe_save(step)
+            if after_step is not None and after_step(step, actor):
+                break
         checkpointer.maybe_save(state.step, last=True)
     finally:
         if sinks is not None:

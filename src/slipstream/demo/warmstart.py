@@ -9,10 +9,11 @@ steps of 64 x 8 on 2 cores, TRL's GRPOTrainer alike) -- a capability rising, not
 
 Two knobs shape the model, deterministically:
 
-1. The SFT loss is cross-entropy against *smoothed* targets: 1 - eps on the right token,
-   eps spread over the digits and EOS. A wrong sample is then always a different number
-   (a wrong digit, a missing or an extra one), never punctuation that a lenient answer
-   checker could read past.
+1. The SFT is the trainer's own (`--loss-type sft_loss`, `sft_with_trainer`): the negative
+   log-likelihood of each answer and its EOS, in the trainer's micro-batches with its AdamW,
+   lr schedule, checkpoint and metrics.jsonl (under `prep/sft/`), stopped by the greedy check.
+   (`sft`, the loop it replaced, with cross-entropy against targets smoothed over the digits and
+   EOS, remains for callers that still use it.)
 2. An optional calibration (`target_sampled_accuracy`, off by default since issue 14): all
    logits are scaled by one factor, found by bisection, that makes the exact probability of
    sampling the right answer equal the target on the check problems. The factor is folded
