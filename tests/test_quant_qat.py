@@ -99,17 +99,22 @@ def test_trainer_computes_with_the_quantized_masters(model_dir, mode):
 # ---- the rollout serves what the trainer computed with --------------------------------------------
 
 
-def _served(actor: Actor, model_dir, fmt: str, device="cpu", dtype=torch.float32) -> NativeEngine:
+def _served(
+    actor: Actor, model_dir, fmt: str, device="cpu", dtype=torch.float32, fp8_engine: bool = False
+) -> NativeEngine:
     """A rollout engine on the checkpoint, given the actor's weights through the wire as the mesh
-    does (pack -> WeightStager -> load_weights), serving int4 W4A16 when they come as int4."""
+    does (pack -> WeightStager -> load_weights), serving int4 W4A16 when they come as int4, and
+    FP8 layers holding the wire's blocks with `fp8_engine` (--rollout-fp8)."""
     weights = actor.state_dict_for_sync()
     manifest, chunks = pack(weights, 1, fmt)
     model = load_model(str(model_dir), device=device, dtype=dtype)
     expected = weights_to_sync(model.state_dict(), model.config.tie_word_embeddings)
     int4 = fmt == "int4"
-    engine = NativeEngine(model, eos_token_ids=[], max_batch_size=8, int4_targets="auto" if int4 else "")
+    engine = NativeEngine(
+        model, eos_token_ids=[], max_batch_size=8, int4_targets="auto" if int4 else "", fp8=fp8_engine
+    )
     shapes = {n: tuple(t.shape) for n, t in expected.items()}
-    stager = WeightStager(shapes, 0, device=device, dtype=dtype, keep_int4=int4)
+    stager = WeightStager(shapes, 0, device=device, dtype=dtype, keep_int4=int4, keep_fp8=fp8_engine)
     for msg in iter_messages(manifest, chunks):
         stager.add(msg)
     engine.load_weights(*reversed(stager.finish()))
@@ -140,12 +145,7 @@ def _rollout_vs_trainer(engine: NativeEngine, actors: list[Actor]) -> list[float
 @pytest.mark.parametrize("mode", MODES)
 def test_rollout_log_probs_match_the_quantization_aware_trainer(model_dir, mode):
     qat = _trained(model_dir, **MODES[mode])
-    # The other tensors (embeddings, norms) travel bf16: make that lossless here, so what is left
-    # between rollout and trainer is the quantized weights and fp32 noise.
-    with torch.no_grad():
-        for name, p in qat.model.named_parameters():
-            if name not in qat.masters.quantized_names:
-                p.copy_(p.to(torch.bfloat16))
+    _bf16_rest(qat)
     engine = _served(qat, model_dir, mode)
     # The engine's weights are the trainer's compute weights, bit for bit: no second rounding.
     compute = dict(qat.compute.named_parameters())
@@ -161,6 +161,34 @@ def test_rollout_log_probs_match_the_quantization_aware_trainer(model_dir, mode)
     (qat_gap, plain_gap) = _rollout_vs_trainer(engine, [qat, plain])
     assert qat_gap < 1e-4, qat_gap  # fp32 noise: KV-cached decode against a full forward
     assert plain_gap > 20 * max(qat_gap, 1e-6), (qat_gap, plain_gap)
+
+
+def _bf16_rest(actor: Actor) -> None:
+    """Round the tensors that travel bf16 (embeddings, norms) to bf16 in the masters: what is left
+    between rollout and trainer is then the quantized weights and fp32 noise."""
+    with torch.no_grad():
+        for name, p in actor.model.named_parameters():
+            if name not in actor.masters.quantized_names:
+                p.copy_(p.to(torch.bfloat16))
+
+
+def test_unified_fp8_into_an_fp8_engine_computes_the_same_function(model_dir):
+    """--rollout-fp8: the engine's FP8 layers hold the pushed blocks as they are, and round each
+    projection's input per token; the unified FP8 trainer (told --rollout-fp8) does the same."""
+    qat = _trained(model_dir, fp8_format="e4m3", rollout_fp8=True)
+    _bf16_rest(qat)
+    engine = _served(qat, model_dir, "fp8", fp8_engine=True)
+    masters = dict(qat.model.named_parameters())
+    for name in qat.masters.quantized_names:
+        layer = engine.runner.fp8_layers[name]
+        q, scale_inv = quantize_blockwise(masters[name].detach())
+        assert torch.equal(layer.weight.view(torch.uint8), q.view(torch.uint8)), name
+        assert torch.equal(layer.weight_scale, scale_inv.repeat_interleave(128, 0)[: layer.out_features])
+    weights_only = _actor(model_dir, fp8_format="e4m3")  # rounds weights, not activations
+    weights_only.model.load_state_dict(qat.model.state_dict())
+    (same, weights_gap) = _rollout_vs_trainer(engine, [qat, weights_only])
+    assert same < 1e-4, same
+    assert weights_gap > 10 * max(same, 1e-6), (same, weights_gap)
 
 
 def test_fp8_push_sends_the_blocks_the_trainer_rounded(model_dir):

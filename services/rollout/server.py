@@ -230,7 +230,13 @@ async def serve(cfg: Config) -> None:
     client = None
     if coordinator is not None:
         fetcher = WeightFetcher(
-            coordinator, expected_shapes, device, dtype, stopping, keep_int4=bool(engine_cfg.int4_targets)
+            coordinator,
+            expected_shapes,
+            device,
+            dtype,
+            stopping,
+            keep_int4=bool(engine_cfg.int4_targets),
+            keep_fp8=engine_cfg.fp8,
         )
         client = CoordinatorClient(settings, coordinator, worker, tokenizer, fetcher, stopping, custom)
     servicer = RolloutService(settings, worker, tokenizer)

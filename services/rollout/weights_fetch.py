@@ -79,15 +79,17 @@ class WeightFetcher:
         dtype: torch.dtype,
         stopping: asyncio.Event,
         keep_int4: bool = False,
+        keep_fp8: bool = False,
     ):
         """`expected_shapes`: the model's synced tensors, what every manifest is checked against;
-        `keep_int4`: int4 tensors come back packed, for an engine serving W4A16 (`WeightStager`)."""
+        `keep_int4` / `keep_fp8`: int4 / FP8 tensors come back as they travel, for an engine with
+        W4A16 / FP8 layers (`WeightStager`)."""
         self.coordinator = coordinator
         self.expected_shapes = expected_shapes
         self.device = device
         self.dtype = dtype
         self.stopping = stopping
-        self.keep_int4 = keep_int4
+        self.keep_int4, self.keep_fp8 = keep_int4, keep_fp8
 
     async def fetch(self, version: int, current: int, newest: Callable[[], int]) -> Staged:
         """`version`, staged and verified (retried as the module says); `WeightFetchError` if not.
@@ -126,8 +128,9 @@ class WeightFetcher:
         from slipstream.weights import WeightError, WeightStager, ipc
 
         stager = WeightStager(
-            self.expected_shapes, current, device=self.device, dtype=self.dtype, keep_int4=self.keep_int4
-        )
+            self.expected_shapes, current, device=self.device, dtype=self.dtype,
+            keep_int4=self.keep_int4, keep_fp8=self.keep_fp8,
+        )  # fmt: skip
         stub = coordinator_pb2_grpc.CoordinatorStub(self.coordinator)
         call = stub.FetchWeights(
             coordinator_pb2.FetchWeightsRequest(version=version),

@@ -123,6 +123,7 @@ class Actor:
         device: str = "auto",
         model_path: str | None = None,  # a checkpoint to start from instead of --hf-checkpoint
         num_optimizer_steps: int = 0,  # the whole run's: the default span of the lr decay
+        rollout_fp8: bool = False,  # --rollout-fp8: unified FP8 then rounds the projections' inputs too
         draft_path: str = "",  # --speculative-draft-model-path: the draft --enable-mtp-training starts from
     ):
         self.train, self.algo = train, algo
@@ -137,7 +138,7 @@ class Actor:
             dtype = torch.bfloat16 if self.lora else torch.float32
         model = self._load_policy(model_cfg, model_path, dtype)
         # --bf16: a bf16 compute copy; --int4-qat / --fp8-format: one with the quantized weights
-        self.masters = None if self.lora else compute_weights(model, train, self.par.enabled)
+        self.masters = None if self.lora else compute_weights(model, train, self.par.enabled, rollout_fp8)
         if train.optimizer_cpu_offload and not self.par.enabled:
             # masters (loaded on the CPU), their gradients and AdamW's moments stay there
             self.masters = self.masters or MasterWeights(model, dtype=dtype)
@@ -226,6 +227,7 @@ class Actor:
             global_batch_size=cfg.effective_global_batch_size,
             temperature=cfg.rollout.rollout_temperature,
             max_response_len=cfg.rollout.rollout_max_response_len,
+            rollout_fp8=cfg.rollout.rollout_fp8,
             device=cfg.infra.device,
             model_path=model_path,
             draft_path=cfg.rollout.speculative_draft_model_path,

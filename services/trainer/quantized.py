@@ -19,6 +19,12 @@ function. The gradient with respect to a quantized weight is accumulated into it
 the straight-through estimator. A checkpoint holds the masters, so reloading one re-derives the
 quantized weights bit for bit (`refresh_if_changed`).
 
+Activations. A `--rollout-fp8` engine also rounds each projection's input to e4m3, one scale per
+token (`kernels.fp8_linear.quantize_rows`, before its FP8 GEMM). Under unified FP8 with
+`--rollout-fp8` the trainer does the same to the same projections' inputs in its forward (a
+pre-hook; straight-through in backward), so the two compute the same function; without
+`--rollout-fp8` the engine keeps its activations as they are, and so does the trainer.
+
 Cost: one extra compute copy of the weights (the fp32 trainer has none otherwise) and one
 quantize/dequantize of the targets per optimizer step, not per micro-batch. Single process only;
 under torchrun (FSDP2) the config refuses it.
@@ -32,6 +38,7 @@ import torch
 from torch import nn
 
 from slipstream.config import TrainConfig
+from slipstream.kernels.fp8_linear import quantize_rows
 from slipstream.quant import fake_quantize_blockwise, fake_quantize_int4, int4_names, should_quantize
 
 from .precision import MasterWeights
@@ -54,16 +61,22 @@ def quantizers(train: TrainConfig, model: nn.Module) -> dict[str, Quantizer]:
     return {}
 
 
-def compute_weights(model: nn.Module, train: TrainConfig, distributed: bool) -> MasterWeights | None:
+def compute_weights(
+    model: nn.Module, train: TrainConfig, distributed: bool, rollout_fp8: bool = False
+) -> MasterWeights | None:
     """The compute copy forward and backward run on, or None (they run on `model` itself):
-    a `QuantizedWeights` under --int4-qat / --fp8-format, a bf16 `MasterWeights` under --bf16 in
-    one process (FSDP2 makes its own), else None."""
+    a `QuantizedWeights` under --int4-qat / --fp8-format (with `rollout_fp8`, --rollout-fp8, the
+    FP8 projections' inputs rounded per token as that engine rounds them), a bf16 `MasterWeights`
+    under --bf16 in one process (FSDP2 makes its own), else None."""
     quant = quantizers(train, model)
     compute_dtype = torch.bfloat16 if train.bf16 else next(model.parameters()).dtype
     if quant:
         if distributed:
             raise ValueError("--int4-qat / --fp8-format under torchrun (FSDP2) is not implemented yet")
-        return QuantizedWeights(model, compute_dtype, quant)
+        weights = QuantizedWeights(model, compute_dtype, quant)
+        if train.fp8_format and rollout_fp8:
+            round_inputs_per_token(weights.compute, weights.quantized_names)
+        return weights
     if train.bf16 and not distributed:
         return MasterWeights(model)
     return None
@@ -95,3 +108,17 @@ class QuantizedWeights(MasterWeights):
         """The parameters computed with quantized weights, in model order."""
         names = [n for n, _ in self.master.named_parameters()]
         return [n for n, q in zip(names, self._quant, strict=True) if q is not None]
+
+
+def round_inputs_per_token(model: nn.Module, weight_names: list[str]) -> None:
+    """The linear layers owning `weight_names` see their input rounded to e4m3 with one scale per
+    token, as a --rollout-fp8 engine's FP8 GEMM does; the gradient passes straight through."""
+    for name in weight_names:
+        model.get_submodule(name.removesuffix(".weight")).register_forward_pre_hook(_round_rows)
+
+
+def _round_rows(module: nn.Module, args: tuple) -> tuple:
+    x = args[0]
+    q, scale = quantize_rows(x.detach().reshape(-1, x.shape[-1]))
+    rounded = (q.float() * scale).to(x.dtype).view_as(x)
+    return (x + (rounded - x).detach(), *args[1:])

@@ -17,7 +17,8 @@ e4m3 weights and runs through `slipstream.kernels.fp8_linear` (FP8 tensor cores 
 `kv_cache_dtype="fp8_e4m3"` stores keys and values as e4m3 (`kv_cache.py`). With `int4_targets`
 (--weight-sync-dtype int4) the `quant.int4_names` linear layers hold packed int4 weights and group
 scales and run W4A16 (`kernels.w4a16`: a Triton GEMM on CUDA, dequantize-then-matmul on the CPU);
-an int4 version is copied in as the packed bytes it arrived as (`int4_weights.py`).
+an int4 version is copied in as the packed bytes it arrived as, an FP8 one as its blocks
+(`quantized_weights.py`).
 
 A mixture-of-experts model (Qwen3-MoE) runs its experts as two grouped GEMMs on a Hopper GPU in
 bf16 (`kernels.moe`: no host sync), so its decode steps are CUDA graphs like a dense model's (the
@@ -48,8 +49,12 @@ from slipstream.models.draft import is_draft_name
 from slipstream.quant import FP8_DTYPE
 from slipstream.services.rollout.engine import fused_step
 from slipstream.services.rollout.engine.graphs import DecodeGraphs
-from slipstream.services.rollout.engine.int4_weights import round_unconverted_, take_int4
 from slipstream.services.rollout.engine.kv_cache import KV_ALIGN, KVCache
+from slipstream.services.rollout.engine.quantized_weights import (
+    round_unconverted_,
+    take_fp8_blocks,
+    take_int4,
+)
 from slipstream.services.rollout.engine.request import FinishReason, Result
 from slipstream.services.rollout.engine.sampler import SamplingParams, sample
 from slipstream.services.rollout.engine.scheduler import Admission, compaction
@@ -340,6 +345,7 @@ class ModelRunner:
                 del state_dict[name]
         state_dict = dict(state_dict)
         int4_copies = take_int4(state_dict, self.int4_layers, self._params)  # packed int4 + scales
+        int4_copies += take_fp8_blocks(state_dict, self.fp8_layers)  # the wire's FP8 blocks as they are
         updates = []
         for name, tensor in state_dict.items():
             if tied and name == "lm_head.weight":

@@ -65,17 +65,19 @@ class WeightStager:
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
         keep_int4: bool = False,
+        keep_fp8: bool = False,
     ):
         """`device`: where the byte path decodes (default: the host); a colocated (CUDA IPC)
         version always decodes on the sender's GPU. `dtype`: of the floating tensors returned.
         `keep_int4`: hand int4 tensors over as they travel (the packed uint8 under the tensor's
         name, its fp32 scales under the scale entry's), for an engine that serves W4A16; else
-        they are dequantized to `dtype` like FP8 ones."""
+        they are dequantized to `dtype` like FP8 ones. `keep_fp8`: the same for FP8 tensors (e4m3
+        under the name, the block scales under `<name>_scale_inv`), for an engine with FP8 layers."""
         self.expected_shapes = {name: tuple(int(d) for d in shape) for name, shape in expected_shapes.items()}
         self.current_version = current_version
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
-        self.keep_int4 = keep_int4
+        self.keep_int4, self.keep_fp8 = keep_int4, keep_fp8
         self._fingerprint = model_fingerprint(self.expected_shapes.items())
         self._manifest: types_pb2.WeightManifest | None = None
         self._ipc = False
@@ -123,7 +125,7 @@ class WeightStager:
             blob = self._blob
         entries = {e.name: e for e in m.tensors}
         scale_names = {e.scale_name for e in m.tensors if e.scale_name}
-        fp8 = [e for e in m.tensors if e.scale_name and e.dtype != "int4"]
+        fp8 = [e for e in m.tensors if e.scale_name and e.dtype != "int4" and not self.keep_fp8]
         out: dict[str, torch.Tensor] = {}
         if fp8 and fp8_block.many_available(blob) and self.dtype in _MANY_DTYPES:
             # On a GPU: every FP8 matrix of the version in one launch, into one buffer.
@@ -135,7 +137,8 @@ class WeightStager:
             if e.name in scale_names or e.name in out:
                 continue
             t = _view(blob, e)
-            if e.dtype == "int4" and self.keep_int4:
+            keep = self.keep_int4 if e.dtype == "int4" else self.keep_fp8
+            if e.scale_name and keep:  # as it travels: values and scales, for quantized layers
                 out[e.name], out[e.scale_name] = t, _view(blob, entries[e.scale_name])
             elif e.dtype == "int4":
                 out[e.name] = dequantize_int4(t, _view(blob, entries[e.scale_name]), self.dtype)

@@ -1,12 +1,18 @@
-"""Loading int4 weights into the engine: packed as they travel, never rounded twice.
+"""Loading quantized weights into the engine as they travel: never rounded twice.
 
-Under --weight-sync-dtype int4 the rollout server stages a version with
-`WeightStager(keep_int4=True)`: each int4 tensor arrives as its packed uint8 [..., in/2] under its
-Hugging Face name and its fp32 group scales under `<name>_scale` (`quant/int4.py` has the layout).
-A W4A16 layer (`kernels.w4a16.W4A16Linear`) takes those bytes as they are, so the engine computes
-with exactly the weights the trainer's --int4-qat forward used; a weight the engine holds as a
-plain parameter (stacked MoE experts: no grouped W4A16 kernel yet) gets the dequantized values.
-A W4A16 layer given a full-precision weight (a bf16 version) quantizes it itself.
+A rollout server whose engine holds quantized layers stages a version keeping those tensors as
+they came (`WeightStager(keep_int4=..., keep_fp8=...)`):
+
+- int4 (--weight-sync-dtype int4): the packed uint8 [..., in/2] under the tensor's Hugging Face
+  name and its fp32 group scales under `<name>_scale` (`quant/int4.py` has the layout). A W4A16
+  layer (`kernels.w4a16.W4A16Linear`) takes those bytes as they are, so the engine computes with
+  exactly the weights the trainer's --int4-qat forward used; a weight the engine holds as a plain
+  parameter (stacked MoE experts: no grouped W4A16 kernel yet) gets the dequantized values.
+- FP8 (--weight-sync-dtype fp8 into a --rollout-fp8 engine): the e4m3 values under the name and
+  the 128x128 block scales under `<name>_scale_inv`; an `Fp8Linear` takes the blocks as they are
+  (`load_blocks_`), the very blocks unified FP8 training computed with.
+
+A quantized layer given a full-precision weight (a bf16 version) quantizes it itself.
 """
 
 from __future__ import annotations
@@ -16,8 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from slipstream.quant import dequantize_int4, fake_quantize_int4, int4_names
-from slipstream.weights.packer import INT4_SCALE_SUFFIX
+from slipstream.quant import FP8_DTYPE, dequantize_int4, fake_quantize_int4, int4_names
+from slipstream.weights.packer import INT4_SCALE_SUFFIX, SCALE_SUFFIX
 
 
 @torch.no_grad()
@@ -64,3 +70,29 @@ def _copy(layer, param, tensor: torch.Tensor, scales: torch.Tensor | None) -> Ca
             dequantize_int4(tensor.to(param.device), scales.to(param.device), param.dtype)
         )
     raise AssertionError("take_int4 takes only int4 entries and W4A16 layers' weights")
+
+
+def take_fp8_blocks(
+    state_dict: dict[str, torch.Tensor], layers: dict[str, nn.Module]
+) -> list[Callable[[], None]]:
+    """Remove from `state_dict` the FP8 weights (e4m3 values and their `<name>_scale_inv` block
+    scales) of the engine's `Fp8Linear` layers, check them, and return the copies to run."""
+    names = [n for n, t in state_dict.items() if t.dtype == FP8_DTYPE and n + SCALE_SUFFIX in state_dict]
+    copies: list[Callable[[], None]] = []
+    for name in names:
+        layer = layers.get(name)
+        if layer is None:
+            raise ValueError(
+                f"load_weights: {name} came as FP8 blocks, this engine holds no FP8 layer for it"
+            )
+        q, scale_inv = state_dict.pop(name), state_dict.pop(name + SCALE_SUFFIX)
+        if tuple(q.shape) != (layer.out_features, layer.in_features):
+            raise ValueError(
+                f"load_weights: {name} has shape {tuple(q.shape)}, expected {(layer.out_features, layer.in_features)}"
+            )
+        copies.append(
+            lambda layer=layer, q=q, s=scale_inv: layer.load_blocks_(
+                q.to(layer.weight.device), s.to(layer.weight.device)
+            )
+        )
+    return copies
