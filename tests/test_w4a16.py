@@ -103,7 +103,8 @@ _INTERPRETED = textwrap.dedent(
 
 
 @pytest.mark.skipif(
-    find_spec("triton") is None, reason="needs Triton (its interpreter runs the kernel on CPU)"
+    find_spec("triton") is None or torch.cuda.is_available(),
+    reason="needs Triton, whose interpreter runs the kernel on CPU (on a GPU the gpu tests run it)",
 )
 def test_w4a16_kernel_under_the_triton_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")

@@ -43,9 +43,9 @@ if triton is not None:
 
     @triton.jit
     def _fp8_gemm_kernel(
-        x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, M, N, K,
+        x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
         stride_xm, stride_wn, stride_wsn, stride_wsk, stride_om,
-        CHUNK: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr,
+        CHUNK: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -72,15 +72,9 @@ if triton is not None:
             acc += tl.dot(w, tl.trans(x)) * ws[:, None]  # each 128-step promoted to fp32
             ws = next_ws
         acc = acc * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
-        mask = n_mask[:, None] & m_mask[None, :]
-        if SPLIT:  # fp32 partial [split, M, N]; gemm_plan.merge_splits adds the bias
-            dst = out_ptr + (split * M + offs_m.to(tl.int64)[None, :]) * N + offs_n[:, None]
-            tl.store(dst, acc, mask=mask)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            dst = out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-            tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        gemm_plan.store_tile(
+            acc, out_ptr, part_ptr, count_ptr, bias_ptr, offs_n, offs_m, M, N, stride_om, SPLITS, HAS_BIAS
+        )
 
 
 def fp8_block_matmul(
@@ -104,15 +98,13 @@ def fp8_block_matmul(
         )
     x_scale = x_scale.reshape(m).contiguous()
     p = gemm_plan.plan(m, n, k, gemm_plan.num_sms(xq.device))
-    out, part = gemm_plan.outputs(m, n, p, out_dtype, xq.device)
+    out, part, counters = gemm_plan.outputs(m, n, p, out_dtype, xq.device)
     # a [N, 1] scale is read at every K step: stride 0 along K
     stride_wsk = w_scale.stride(1) if w_scale.shape[1] > 1 else 0
     _fp8_gemm_kernel[(triton.cdiv(n, p.block_n), triton.cdiv(m, p.block_m), p.splits)](
-        xq, x_scale, wq, w_scale, bias if bias is not None else w_scale, part, m, n, k,
+        xq, x_scale, wq, w_scale, bias if bias is not None else w_scale, out, part, counters, m, n, k,
         xq.stride(0), wq.stride(0), w_scale.stride(0), stride_wsk, out.stride(0),
-        CHUNK=p.chunk, SPLIT=p.splits > 1, HAS_BIAS=bias is not None,
+        CHUNK=p.chunk, SPLITS=p.splits, HAS_BIAS=bias is not None,
         BLOCK_N=p.block_n, BLOCK_M=p.block_m, BLOCK_K=GROUP_K, num_warps=p.num_warps, num_stages=p.num_stages,
     )  # fmt: skip
-    if p.splits > 1:
-        gemm_plan.merge_splits(part, bias, out)
     return out

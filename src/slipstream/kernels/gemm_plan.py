@@ -1,5 +1,5 @@
-"""How the low-precision GEMMs (`fp8_gemm.py`, `w4a16.py`) tile their work, and the split-K merge
-they share (CUDA only).
+"""How the low-precision GEMMs (`fp8_gemm.py`, `w4a16.py`) tile their work, and the epilogue they
+share: bias, output, and the split-K merge (CUDA; tests also run them under Triton's interpreter).
 
 Why swap A and B. A decode step multiplies a few tokens (M = 1..256) by a large weight (N x K).
 Tensor cores want at least 64 rows on their "M" side, so the weight's rows take that side and the
@@ -9,10 +9,14 @@ prefill's thousands of tokens with larger tiles.
 
 Why split K. At small M a GEMM is a stream of weight bytes, and the bandwidth is only there when
 every SM has programs in flight; an o/down projection with N = 1024 is 16 tiles of 64 rows on a
-132-SM GPU. Below two programs per SM the K range is split across programs, each writes an fp32
-partial, and `merge_splits` sums them in a fixed order (no atomics, so results do not depend on
-scheduling) and adds the bias. The split count depends only on the shapes, so a CUDA graph
-captured once stays valid.
+132-SM GPU. Below two programs per SM the K range is split across programs: each writes an fp32
+partial and counts itself in on its tile's counter, and the last one to arrive sums all the
+partials in split order (the result does not depend on which one is last), adds the bias, stores
+the output and resets the counter for the next call; no merge launch (a decode step at batch 1
+would otherwise pay one per split GEMM). The split count depends only on the shapes, so a CUDA
+graph captured once stays valid. The counters are one zeroed buffer per device, allocated on the
+first call (before any graph capture: the engine runs each step eagerly once first); calls on
+one stream never share them at the same time.
 
 K is walked in steps of 128, the quantization group of both formats (FP8's 128x128 weight
 blocks, int4's 128-wide groups): each step's product is scaled once and added to an fp32
@@ -75,35 +79,66 @@ def plan(m: int, n: int, k: int, sms: int) -> Plan:
     return Plan(block_n, block_m, chunk, triton.cdiv(steps, chunk), warps, 3)
 
 
-if triton is not None:
+_MAX_TILES = 4096  # a split GEMM has fewer tiles than two per SM
+_counters: dict[tuple[str, int | None], torch.Tensor] = {}
 
-    @triton.jit
-    def _merge_kernel(part_ptr, bias_ptr, out_ptr, M, N, stride_om, SPLITS: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-        m = tl.program_id(0).to(tl.int64)
-        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < N
-        acc = tl.zeros([BLOCK], tl.float32)
-        for s in range(SPLITS):  # a fixed order: the same sum every run
-            acc += tl.load(part_ptr + (s * M + m) * N + offs, mask=mask, other=0.0)
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + m * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+def _tile_counters(device: torch.device) -> torch.Tensor:
+    key = (
+        device.type,
+        device.index
+        if device.type != "cuda"
+        else torch.cuda.current_device()
+        if device.index is None
+        else device.index,
+    )
+    counters = _counters.get(key)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "gemm_plan: the first split-K GEMM on a device must run before any CUDA graph capture"
+            )
+        counters = _counters[key] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
+    return counters
 
 
 def outputs(m: int, n: int, p: Plan, dtype: torch.dtype, device: torch.device):
-    """(out [m, n], the fp32 partials [splits, m, n] or `out` itself when unsplit)."""
+    """(out [m, n]; the fp32 partials [splits, m, n] and the tile counters, or `out` twice unsplit)."""
     out = torch.empty((m, n), dtype=dtype, device=device)
-    part = torch.empty((p.splits, m, n), dtype=torch.float32, device=device) if p.splits > 1 else out
-    return out, part
+    if p.splits == 1:
+        return out, out, out
+    part = torch.empty((p.splits, m, n), dtype=torch.float32, device=device)
+    return out, part, _tile_counters(device)
 
 
-def merge_splits(part: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> torch.Tensor:
-    """out = sum of the partials [splits, M, N] (+ bias), in out's dtype."""
-    splits, m, n = part.shape
-    block = min(1024, triton.next_power_of_2(n))
-    _merge_kernel[(m, triton.cdiv(n, block))](
-        part, bias if bias is not None else part, out, m, n, out.stride(0),
-        SPLITS=splits, HAS_BIAS=bias is not None, BLOCK=block, num_warps=4,
-    )  # fmt: skip
-    return out
+if triton is not None:
+
+    @triton.jit
+    def _store_out(acc, out_ptr, bias_ptr, offs_n, offs_m, n_mask, mask, stride_om, HAS_BIAS: tl.constexpr):
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
+        dst = out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def store_tile(
+        acc, out_ptr, part_ptr, count_ptr, bias_ptr, offs_n, offs_m, M, N, stride_om,
+        SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ):  # fmt: skip
+        """Write a program's [BLOCK_N, BLOCK_M] tile of out (transposed), through the split-K
+        merge when K is split (program axis 2)."""
+        n_mask, m_mask = offs_n < N, offs_m < M
+        mask = n_mask[:, None] & m_mask[None, :]
+        if SPLITS > 1:
+            part = part_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]  # split 0's tile
+            tl.store(part + tl.program_id(2).to(tl.int64) * M * N, acc, mask=mask)
+            tile = count_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+            # acq_rel: the partials stored before each split's increment are visible to the last one
+            if tl.atomic_add(tile, 1) == SPLITS - 1:
+                total = tl.zeros_like(acc)
+                for s in range(SPLITS):  # a fixed order: the same sum whichever split came last
+                    total += tl.load(part + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                tl.store(tile, 0)
+                _store_out(total, out_ptr, bias_ptr, offs_n, offs_m, n_mask, mask, stride_om, HAS_BIAS)
+        else:
+            _store_out(acc, out_ptr, bias_ptr, offs_n, offs_m, n_mask, mask, stride_om, HAS_BIAS)

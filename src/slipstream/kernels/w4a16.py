@@ -54,9 +54,9 @@ if triton is not None:
 
     @triton.jit
     def _w4a16_kernel(
-        x_ptr, p_ptr, s_ptr, bias_ptr, out_ptr, M, N, K,
+        x_ptr, p_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
         stride_xm, stride_pn, stride_sn, stride_om,
-        CHUNK: tl.constexpr, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
+        CHUNK: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_K: tl.constexpr,
     ):  # fmt: skip
         pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -84,20 +84,14 @@ if triton is not None:
             w = tl.join(_nibbles(p16 & 15, dt), _nibbles(p16 >> 4, dt))  # [BLOCK_N, 64, (even, odd)]
             w = tl.reshape(w, [BLOCK_N, GROUP_K])  # back in input order: one dot over the group
             if IEEE:
-                part = tl.dot(w, tl.trans(x), input_precision="ieee")
+                prod = tl.dot(w, tl.trans(x), input_precision="ieee")
             else:
-                part = tl.dot(w, tl.trans(x))
-            acc += part * scale[:, None]
+                prod = tl.dot(w, tl.trans(x))
+            acc += prod * scale[:, None]
             scale = next_scale
-        mask = n_mask[:, None] & m_mask[None, :]
-        if SPLIT:  # fp32 partial [split, M, N]; gemm_plan.merge_splits adds the bias
-            dst = out_ptr + (split * M + offs_m.to(tl.int64)[None, :]) * N + offs_n[:, None]
-            tl.store(dst, acc, mask=mask)
-        else:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[:, None]
-            dst = out_ptr + offs_m.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
-            tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
+        gemm_plan.store_tile(
+            acc, out_ptr, part_ptr, count_ptr, bias_ptr, offs_n, offs_m, M, N, stride_om, SPLITS, HAS_BIAS
+        )
 
 
 def w4a16_linear(
@@ -125,15 +119,13 @@ def w4a16_matmul(
     x2 = x if x.stride(-1) == 1 else x.contiguous()
     (m, k), n = x2.shape, packed.shape[0]
     p = gemm_plan.plan(m, n, k, gemm_plan.num_sms(x.device))
-    out, part = gemm_plan.outputs(m, n, p, x.dtype, x.device)
+    out, part, counters = gemm_plan.outputs(m, n, p, x.dtype, x.device)
     _w4a16_kernel[(triton.cdiv(n, p.block_n), triton.cdiv(m, p.block_m), p.splits)](
-        x2, packed, scales, bias if bias is not None else scales, part, m, n, k,
+        x2, packed, scales, bias if bias is not None else scales, out, part, counters, m, n, k,
         x2.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
-        CHUNK=p.chunk, SPLIT=p.splits > 1, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
+        CHUNK=p.chunk, SPLITS=p.splits, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
         BLOCK_N=p.block_n, BLOCK_M=p.block_m, GROUP_K=GROUP, num_warps=p.num_warps, num_stages=p.num_stages,
     )  # fmt: skip
-    if p.splits > 1:
-        gemm_plan.merge_splits(part, bias, out)
     return out
 
 
