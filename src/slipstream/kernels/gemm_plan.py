@@ -133,8 +133,10 @@ if triton is not None:
             part = part_ptr + offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]  # split 0's tile
             tl.store(part + tl.program_id(2).to(tl.int64) * M * N, acc, mask=mask)
             tile = count_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-            # acq_rel: the partials stored before each split's increment are visible to the last one
-            if tl.atomic_add(tile, 1) == SPLITS - 1:
+            # Every thread's partial is stored before the increment (the barrier), and acq_rel makes
+            # them visible to the program that sees the count reach SPLITS - 1.
+            tl.debug_barrier()
+            if tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
                 total = tl.zeros_like(acc)
                 for s in range(SPLITS):  # a fixed order: the same sum whichever split came last
                     total += tl.load(part + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
