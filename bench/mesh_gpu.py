@@ -21,6 +21,11 @@ bench/grpo_step_gpu.py (the share of even token ids, `bench/mesh_gpu_reward.py`)
   stopped) figures. `default`: no placement flags (the launcher resolves colocation on one GPU),
   one version of staleness; `default-sync`: the same with --sync (the parts' schedule);
   `no-colocate`: weights over the gRPC byte path, as before issue 13.
+- `sync-*` (issue 16, not in the default list): one server, --sync, and one weight precision each
+  (bf16 / FP8 sync, unified FP8, either with --rollout-fp8, int4 without and with QAT); the figure
+  is the trainer's `logprob_abs_diff_mean` per step:
+  `--variants sync-bf16 sync-fp8 sync-unified-fp8 sync-fp8-rollout-fp8 sync-unified-fp8-rollout-fp8
+  sync-int4 sync-int4-qat --skip-parts`.
 """
 
 from __future__ import annotations
@@ -46,6 +51,20 @@ VARIANTS = {
     "one-server": ["--rollout-num-servers", "1"],
     "one-server-sync": ["--rollout-num-servers", "1", "--sync"],
     "one-server-fp8": ["--rollout-num-servers", "1", "--weight-sync-dtype", "fp8"],
+    # Issue 16: the train/rollout log-prob mismatch per weight precision, on-policy (one server,
+    # --sync: staleness adds nothing), read from logprob_abs_diff_mean.
+    **{
+        f"sync-{name}": ["--rollout-num-servers", "1", "--sync", *flags]
+        for name, flags in {
+            "bf16": ["--weight-sync-dtype", "bf16"],
+            "fp8": ["--weight-sync-dtype", "fp8"],
+            "unified-fp8": ["--fp8-format", "e4m3", "--fp8-recipe", "blockwise"],
+            "fp8-rollout-fp8": ["--weight-sync-dtype", "fp8", "--rollout-fp8"],
+            "unified-fp8-rollout-fp8": ["--fp8-format", "e4m3", "--rollout-fp8"],
+            "int4": ["--weight-sync-dtype", "int4"],
+            "int4-qat": ["--int4-qat", "--weight-sync-dtype", "int4"],
+        }.items()
+    },
 }
 
 
