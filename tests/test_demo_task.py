@@ -147,6 +147,10 @@ def test_short_warm_start_writes_a_loadable_hf_checkpoint(tmp_path):
     assert len(load_prompts(str(tmp_path / "eval.jsonl"))) == 8
     report = json.loads((model_dir / "warmstart.json").read_text())
     assert report["sft_steps"] == 6 and 0 <= report["eval_after_sft"]["sampled_accuracy"] <= 1
+    # The SFT was the trainer's (--loss-type sft_loss): its metrics rows and its last checkpoint.
+    rows = [json.loads(line) for line in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 7)) and all(r["num_samples"] == 16 for r in rows)
+    assert (tmp_path / "sft" / "checkpoints" / "latest").read_text().strip() == "step_000006"
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ours = load_model(model_dir)
@@ -174,3 +178,24 @@ def test_the_demo_starts_low_and_promises_a_rise():
     cfg = WarmStartConfig()
     assert cfg.stop_greedy_accuracy <= START_AT_MOST < END_AT_LEAST
     assert cfg.target_sampled_accuracy is None  # no sharpening of the logits
+
+
+def test_warm_start_sft_stops_at_the_first_check_that_passes(tmp_path, tokenizer):
+    from slipstream.demo.warmstart import model_config, sft_with_trainer
+    from slipstream.models.hf import init_model
+
+    cfg = WarmStartConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sft_steps=50, batch_size=8, warmup_steps=2, check_every=2,
+        stop_greedy_accuracy=0.0,  # any check passes: the run ends at the first one
+    )  # fmt: skip
+    model = init_model(model_config(cfg, tokenizer), 0)
+    tok_dir = tmp_path / "tok"
+    build_char_tokenizer(tok_dir)
+    check = encode_problems(tokenizer, sample_problems(8, 0, split="train"), model.config.vocab_size)
+    steps, trained = sft_with_trainer(
+        model, tok_dir, all_problems("train")[:64], cfg, 0, tmp_path / "sft", check=check, log=lambda *_: None
+    )
+    assert steps == 2
+    assert (tmp_path / "sft" / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    assert not torch.equal(trained.model.embed_tokens.weight, model.model.embed_tokens.weight)
