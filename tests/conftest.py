@@ -3,7 +3,8 @@ the machine's speed.
 
 Infrastructure in tests is real (STYLE.md): `redis_url` is an embedded server started with the
 same command line the launcher uses (AOF on, loopback only) in a temporary directory. Tests
-share one server; each uses its own run_id so their keys never meet.
+share one server (one per worker under `make test`'s pytest-xdist); each uses its own run_id so
+their keys never meet.
 
 Bounds are written for an idle 2-core machine and scaled by how slow this one is now
 (machine_speed.py): every `@pytest.mark.timeout(N)` and the ini's `timeout` here, each wait in a
