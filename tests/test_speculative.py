@@ -223,3 +223,19 @@ def test_weight_swap_mid_generation_versions_each_token():
         done += spec.step()
     for r in done:
         assert r.versions == sorted(r.versions) and r.versions[-1] == 5 and r.versions[0] == 0
+
+
+def test_sequences_that_reach_the_length_limit_decode_plainly_at_the_end():
+    cfg = tiny_config(vocab=11)
+    spec, plain = engines(cfg, steps=3, max_batch_size=4, max_seq_len=14)
+    reqs = _requests(temperature=0.0)
+    got, want = spec.generate(reqs), plain.generate(_requests(temperature=0.0))
+    for a, b in zip(got, want, strict=True):
+        assert (a.tokens, a.finish_reason) == (b.tokens, b.finish_reason)
+        assert a.log_probs == pytest.approx(b.log_probs, abs=1e-5)
+    # some hit the sequence limit before their own max_new_tokens: the case under test
+    assert any(
+        len(r.tokens) < q.max_new_tokens and r.finish_reason == "length"
+        for r, q in zip(got, reqs, strict=True)
+    )
+    assert spec.speculator.num_verify_steps > 0

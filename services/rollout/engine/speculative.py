@@ -212,8 +212,10 @@ class Speculator:
     # -- one speculative step --------------------------------------------------------------------
 
     def steps_for(self, runner: ModelRunner, n: int) -> int:
-        """Draft tokens this step may propose: k, fewer where a row is near the sequence limit."""
-        return min(self.num_steps, runner.max_seq_len - int(runner.slots.length[:n].max()) - 1)
+        """Draft tokens this step proposes: k, or 0 (decode plainly) when a row is within k of the
+        sequence limit (the verify writes k+1 positions; one k keeps the buffers' shapes fixed)."""
+        room = runner.max_seq_len - int(runner.slots.length[:n].max()) - 1
+        return self.num_steps if room >= self.num_steps else 0
 
     @torch.no_grad()
     def decode(self, runner: ModelRunner, n: int, k: int) -> torch.Tensor:

@@ -1,0 +1,251 @@
+"""Speculative rollout on the GPU: acceptance length and tokens/s, with and without a draft (issue 19).
+
+    sh scripts/gpu_env.sh run python3 bench/speculative_gpu.py --out bench/results/speculative_gpu.json
+
+Acceptance only means something when the policy is not random, so the target is first trained
+on the GPU (plain SFT, a few hundred steps) on a synthetic structured task: token chains over a
+512-token slice of the vocabulary where each next token is a fixed function of the current one
+90% of the time (otherwise uniform), so at temperature 1 a trained policy is peaked but not
+deterministic. Two phases mimic a policy that keeps moving, as in RL:
+
+- phase A: the target learns rule f; the draft trains online beside it (the trainer's
+  `DraftTrainer` loss: trunk detached). The draft as it is at the end of A is kept: "frozen".
+- phase B: the target keeps training on rule g (g = f on half the tokens, different on the
+  other half): the policy has moved. The online draft keeps training beside it: "online".
+
+Then, on phase-B prompts with the final target, at batch 1/16/64/256 (one wave of that many
+requests, 16-token prompts, --new-tokens new tokens each, temperature 1): tokens/s of the plain
+engine (its defaults: fused decode in CUDA graphs; also unfused in CUDA graphs, the same forward
+the speculative verify runs) and of the speculative engine (k = --steps draft tokens, draft and
+verify and accept in one CUDA graph per bucket) with an untrained draft, the frozen draft, and the
+online draft; and each draft's acceptance length (tokens kept per sequence per verify step, 1 to
+k+1). Target (issue 19): >= +40% tokens/s at batch <= 16 with the online draft.
+
+Shapes: Qwen3-0.6B (default) or --shape 1.7b (Qwen3-1.7B's dense shape). Bounded: each timed
+configuration runs once after a warm-up that captures its graphs; the script stops adding
+configurations past --budget-s and says which it skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from slipstream.models import Qwen3Config, Qwen3ForCausalLM
+from slipstream.models.draft import init_draft
+from slipstream.services.rollout.engine import Request
+from slipstream.services.rollout.engine.native import NativeEngine
+from slipstream.services.trainer.draft import DraftTrainer
+from slipstream.services.trainer.step_metrics import StepMeans
+
+SUB_VOCAB = 512  # the task's tokens: ids 1000..1511
+OFFSET = 1000
+NOISE = 0.1
+SHAPES = {
+    "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16),
+    "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16),
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8
+    ),  # CPU smoke
+}
+
+
+def config(shape: str) -> Qwen3Config:
+    return Qwen3Config(
+        vocab_size=2048 if shape == "tiny" else 151936, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+        max_position_embeddings=4096, **SHAPES[shape],
+    )  # fmt: skip
+
+
+def rules(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """f and g: next-token maps over the task's tokens; g = f on half of them."""
+    gen = torch.Generator().manual_seed(seed)
+    f = torch.randperm(SUB_VOCAB, generator=gen)
+    g = f.clone()
+    moved = torch.randperm(SUB_VOCAB, generator=gen)[: SUB_VOCAB // 2]
+    g[moved] = torch.randperm(SUB_VOCAB, generator=gen)[: SUB_VOCAB // 2]
+    return f, g
+
+
+def chains(rule: torch.Tensor, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:
+    """[batch, length] token chains: x_{t+1} = rule(x_t) with probability 1 - NOISE, else uniform."""
+    x = torch.empty((batch, length), dtype=torch.int64)
+    x[:, 0] = torch.randint(0, SUB_VOCAB, (batch,), generator=gen)
+    for t in range(1, length):
+        noise = torch.rand(batch, generator=gen) < NOISE
+        x[:, t] = torch.where(noise, torch.randint(0, SUB_VOCAB, (batch,), generator=gen), rule[x[:, t - 1]])
+    return x + OFFSET
+
+
+def sft(model, draft: DraftTrainer, rule, steps: int, args, gen) -> dict:
+    """Train target and draft on `rule` (bf16 autocast, fp32 weights); first and last losses."""
+    params = list(model.parameters())
+    fused = args.device == "cuda"
+    opt = torch.optim.AdamW(params, lr=args.lr, fused=fused)
+    draft_opt = torch.optim.AdamW(draft.parameters(), lr=args.draft_lr, fused=fused)
+    rows = []
+    for step in range(steps):
+        ids = chains(rule, args.train_batch, args.train_len, gen).to(args.device)
+        with torch.autocast(args.device, dtype=torch.bfloat16):
+            hidden = model.model(ids[:, :-1])
+            logits = model.lm_head(hidden)
+            loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
+            mask = torch.ones_like(ids[:, 1:], dtype=torch.float32)
+            batch = SimpleNamespace(targets=ids[:, 1:], loss_mask=mask)
+            means = StepMeans()
+            draft_loss = draft.loss(hidden.float(), batch, model, mask / mask.sum(), means)
+        opt.zero_grad(set_to_none=True)
+        draft_opt.zero_grad(set_to_none=True)
+        (loss + draft_loss).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        draft_opt.step()
+        if step in (0, steps - 1):
+            rows.append(
+                {"loss": round(loss.item(), 4), "draft_ce": round(float(means.result()["mtp_loss"]), 4)}
+            )
+    return {"steps": steps, "first": rows[0], "last": rows[-1]}
+
+
+def sync(args) -> None:
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_engine(engine: NativeEngine, batch: int, prompts: list[list[int]], args) -> float:
+    """Seconds for one wave of `batch` requests (after a warm-up wave that captures the graphs)."""
+    for wave in range(2):
+        reqs = [
+            Request(f"{wave}-{i}", prompts[i], args.new_tokens, temperature=1.0, seed=wave * 10_000 + i)
+            for i in range(batch)
+        ]
+        for r in reqs:
+            engine.add_request(r)
+        spec = engine.speculator
+        if spec is not None:
+            spec.num_verify_steps = spec.num_verified_rows = spec.num_kept_tokens = 0
+        sync(args)
+        t0 = time.perf_counter()
+        done = 0
+        while engine.has_work():
+            done += len(engine.step())
+        sync(args)
+        dt = time.perf_counter() - t0
+        assert done == batch
+    return dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench/results/speculative_gpu.json")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="0.6b")
+    ap.add_argument("--batches", type=int, nargs="*", default=[1, 16, 64, 256])
+    ap.add_argument("--steps", type=int, default=3, help="draft tokens per verify (--speculative-num-steps)")
+    ap.add_argument("--phase-a-steps", type=int, default=200)
+    ap.add_argument("--phase-b-steps", type=int, default=120)
+    ap.add_argument("--train-batch", type=int, default=32)
+    ap.add_argument("--train-len", type=int, default=128)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--draft-lr", type=float, default=1e-3)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--budget-s", type=float, default=250.0)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (--shape tiny)")
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    if args.device == "cpu":
+        torch.set_num_threads(1)
+    cfg = config(args.shape)
+
+    with torch.device(args.device):
+        model = Qwen3ForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
+    untrained = init_draft(cfg, 1)
+    draft = DraftTrainer(cfg, 1, "", 1.0, torch.device(args.device))
+    f, g = rules()
+    gen = torch.Generator().manual_seed(1)
+    model.train()
+    phase_a = sft(model, draft, f, args.phase_a_steps, args, gen)
+    frozen = copy.deepcopy(draft.head).eval()
+    phase_b = sft(model, draft, g, args.phase_b_steps, args, gen)
+    train_s = time.perf_counter() - t_start
+    serve = model.to(torch.bfloat16).eval()
+    del model
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+
+    max_batch, max_len = max(args.batches), 16 + args.new_tokens
+    prompts = chains(g, max_batch, 16, torch.Generator().manual_seed(2)).tolist()
+    results, skipped = [], []
+
+    def over_budget(what: str) -> bool:
+        if time.perf_counter() - t_start > args.budget_s:
+            skipped.append(what)
+            return True
+        return False
+
+    plain_tps: dict[int, float] = {}
+    for name, kw in (("plain", {}), ("plain-unfused", {"fused_decode": False})):
+        engine = NativeEngine(serve, [], max_batch_size=max_batch, max_seq_len=max_len, **kw)
+        for b in args.batches:
+            if over_budget(f"{name} batch {b}"):
+                continue
+            dt = run_engine(engine, b, prompts, args)
+            tps = b * args.new_tokens / dt
+            if name == "plain":
+                plain_tps[b] = tps
+            results.append(
+                {"variant": name, "batch": b, "tokens_per_s": round(tps, 1), "seconds": round(dt, 3)}
+            )
+            print(json.dumps(results[-1]), flush=True)
+        del engine
+
+    engine = NativeEngine(
+        serve, [], max_batch_size=max_batch, max_seq_len=max_len, draft=copy.deepcopy(untrained),
+        speculative_num_steps=args.steps,
+    )  # fmt: skip
+    for name, head in (("untrained", untrained), ("frozen", frozen), ("online", draft.head)):
+        engine.speculator.draft.load_state_dict(head.state_dict())  # the draft under test, bf16
+        for b in args.batches:
+            if over_budget(f"{name} batch {b}"):
+                continue
+            dt = run_engine(engine, b, prompts, args)
+            tps = b * args.new_tokens / dt
+            row = {
+                "variant": f"speculative-{name}", "batch": b, "tokens_per_s": round(tps, 1), "seconds": round(dt, 3),
+                "acceptance_length": round(engine.speculator.acceptance_length, 3),
+                "speedup_vs_plain": round(tps / plain_tps[b], 3) if b in plain_tps else None,
+            }  # fmt: skip
+            results.append(row)
+            print(json.dumps(row), flush=True)
+
+    online_small = [
+        r["speedup_vs_plain"] for r in results if r["variant"] == "speculative-online" and r["batch"] <= 16
+    ]
+    out = {
+        "shape": args.shape,
+        "task": f"token chains over {SUB_VOCAB} ids, next = rule(current) w.p. {1 - NOISE}; phase A rule f, phase B rule g (= f on half)",
+        "speculative_num_steps": args.steps,
+        "new_tokens": args.new_tokens,
+        "sft": {"phase_a": phase_a, "phase_b": phase_b, "seconds": round(train_s, 1)},
+        "results": results,
+        "skipped_for_budget": skipped,
+        "target_met_online_batch_le_16": bool(online_small) and min(online_small) >= 1.4,
+        "seconds_total": round(time.perf_counter() - t_start, 1),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if k != "results"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
