@@ -84,14 +84,10 @@ _counters: dict[tuple[str, int | None], torch.Tensor] = {}
 
 
 def _tile_counters(device: torch.device) -> torch.Tensor:
-    key = (
-        device.type,
-        device.index
-        if device.type != "cuda"
-        else torch.cuda.current_device()
-        if device.index is None
-        else device.index,
-    )
+    index = device.index
+    if device.type == "cuda" and index is None:
+        index = torch.cuda.current_device()
+    key = (device.type, index)
     counters = _counters.get(key)
     if counters is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
