@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from slipstream.config import parse_config
-from slipstream.data import DataError, load_prompts
+from slipstream.data import DataError, PromptCursor, PromptRecord, load_prompts
 from slipstream.launcher import LABEL_SAMPLE, LaunchError, preflight
 
 
@@ -91,3 +91,20 @@ def test_preflight_warns_when_math_finds_no_answer_in_labels(tmp_path, model_dir
     assert f"{data}:" in err and "The capital of France is Paris" in err
     preflight(_cfg(model_dir, data, "--rm-type", "exact"))  # exact compares whole labels: no warning
     assert capsys.readouterr().err == ""
+
+
+def test_prompt_cursor_walks_each_epoch_in_its_own_order_and_resumes_anywhere():
+    records = [PromptRecord(prompt=f"p{i}", label=str(i), metadata={}, where=f"f:{i}") for i in range(7)]
+    cursor = PromptCursor(records, shuffle=True, seed=3)
+    walked = [cursor.next() for _ in range(3 * len(records))]
+    assert [index for index, _ in walked] == list(range(3 * len(records)))
+    epochs = [[r.label for _, r in walked[e * 7 : (e + 1) * 7]] for e in range(3)]
+    for order in epochs:  # every record once per epoch
+        assert sorted(order) == sorted(r.label for r in records)
+    assert len({tuple(o) for o in epochs}) > 1  # reshuffled per epoch
+    for position in (0, 5, 7, 13, 20):  # a cursor resumed at any position continues the same walk
+        resumed = PromptCursor(records, shuffle=True, seed=3, position=position)
+        rest = [resumed.next()[1].label for _ in range(3 * len(records) - position)]
+        assert rest == [r.label for _, r in walked[position:]]
+    plain = PromptCursor(records, shuffle=False, seed=3)
+    assert [plain.next()[1].label for _ in range(8)] == [*(r.label for r in records), records[0].label]
