@@ -37,7 +37,10 @@ version under --enable-mtp-training, so the two move together.
 The CUDA path is the same function over static buffers, captured as one CUDA graph per (batch
 bucket, KV bucket, truncation, k) like `graphs.py` does for plain decode: draft, verify and
 accept replay as one launch; deciding how many tokens each row keeps (stops, limits) and the
-bookkeeping run eagerly after it, with one small device-to-host read of the kept counts.
+bookkeeping run eagerly after it, with one small device-to-host read of the kept counts. Where the
+fused decode runs (`fused_step.py`), the verify runs its kernels too (`fused_verify`: ~13 launches
+a layer for k = 3, against ~40 for the model's own forward); the draft's one layer runs the
+model's forward. A row within k tokens of the sequence limit makes the step decode plainly.
 """
 
 from __future__ import annotations
@@ -49,8 +52,12 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from slipstream.kernels import attention as attention_kernel
+from slipstream.kernels import decode_layer as decode_kernels
 from slipstream.models import Attention
 from slipstream.models.draft import DraftHead, is_draft_name
+from slipstream.models.rope import rope_cos_sin
+from slipstream.services.rollout.engine.fused_step import FusedDecoder
 from slipstream.services.rollout.engine.graphs import batch_buckets, kv_bucket
 from slipstream.services.rollout.engine.kv_cache import KV_ALIGN, KVCache
 from slipstream.services.rollout.engine.sampler import tempered_log_probs, truncated, uniform_noise
@@ -82,6 +89,44 @@ def multi_token_attention(cache: KVCache, positions: torch.Tensor, kv_len: int) 
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
 
     return attend
+
+
+def fused_verify(
+    fused: FusedDecoder, tokens: torch.Tensor, positions: torch.Tensor, cache: KVCache
+) -> torch.Tensor:
+    """The target over T tokens a slot (tokens, positions [n, T]) with the fused decode's kernels:
+    final-normed hidden [n, T, H], each position attending over its slot up to itself.
+
+    The rows are laid out token-major (row j*n + b), so the GEMMs, norms and SiLU run once over all
+    n*T rows, and the two per-slot kernels (q/k norm + RoPE + KV write, decode attention), which
+    map row b to slot b, run once per token index j over the n contiguous rows of that j: all KV
+    writes first, then the attentions, so token j sees tokens 0..j of its own slot."""
+    n, t = tokens.shape
+    model, cfg = fused.model, fused.model.config
+    flat_pos = positions.T.reshape(-1)
+    x = model.model.embed_tokens(tokens.T.reshape(-1))
+    dtype, heads, dim = x.dtype, fused.num_heads, fused.head_dim
+    cos, sin = rope_cos_sin(flat_pos, cfg.rope, dtype)
+    spans = [slice(j * n, (j + 1) * n) for j in range(t)]
+    residual = None
+    for i, (in_norm, qkv, q_norm, k_norm, o, post_norm, gate_up, down) in enumerate(fused.layers):
+        h = decode_kernels.add_rmsnorm(x, residual, in_norm, fused.eps, quant=fused.fp8)
+        mixed = qkv(h, dtype)
+        qs = [
+            decode_kernels.qk_norm_rope_kv(
+                mixed[r], q_norm, k_norm, cos[r], sin[r], flat_pos[r], cache.k[i], cache.v[i], heads, fused.eps
+            )
+            for r in spans
+        ]  # fmt: skip
+        outs = [
+            attention_kernel.decode_attention(q.view(n, heads, 1, dim), cache.k[i], cache.v[i], flat_pos[r] + 1)
+            for q, r in zip(qs, spans, strict=True)
+        ]  # fmt: skip
+        attn = o(torch.cat([out.reshape(n, -1) for out in outs]), dtype)
+        h = decode_kernels.add_rmsnorm(x, attn, post_norm, fused.eps, quant=fused.fp8)
+        residual = down(decode_kernels.silu_mul(gate_up(h, dtype), quant=fused.fp8), dtype)
+    hidden = decode_kernels.add_rmsnorm(x, residual, model.model.norm.weight, fused.eps)
+    return hidden.view(t, n, -1).transpose(0, 1)
 
 
 def _salted(seeds: torch.Tensor, salt: int) -> torch.Tensor:
@@ -285,7 +330,10 @@ class Speculator:
         # 2. Verify: the target over [x_{len-1}, d_1..d_k] in one forward.
         pos = (x.length[:, None] - 1 + span).clamp(max=limit)
         fed = torch.cat([x.last_token[:, None], torch.stack(drafts, 1)], 1)
-        hidden = model.model(fed, pos, multi_token_attention(cache, pos, kv_len))  # [n, k+1, H]
+        if runner.fused is not None:  # CUDA: the fused decode's kernels, ~13 launches a layer
+            hidden = fused_verify(runner.fused, fed, pos, cache)  # [n, k+1, H]
+        else:
+            hidden = model.model(fed, pos, multi_token_attention(cache, pos, kv_len))
         logits = model.lm_head(hidden).float()
         vocab = logits.shape[-1]
         temps = x.temperature.repeat_interleave(k + 1)
