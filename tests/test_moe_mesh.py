@@ -43,6 +43,9 @@ def test_moe_mesh_trains_with_rollout_routing_replay(tmp_path, redis_url):
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["moe_routing_agreement"] == 1.0 for r in rows), [r["moe_routing_agreement"] for r in rows]
     assert all(0.0 < r["moe_router_agreement"] <= 1.0 for r in rows)
+    assert all(
+        r["moe_logprob_abs_diff_replay"] >= 0 and r["moe_logprob_abs_diff_no_replay"] >= 0 for r in rows
+    )
     assert all(r["moe_aux_loss"] > 0 and r["moe_expert_load_max"] >= 1.0 for r in rows)
     assert all(r["grad_norm"] > 0 for r in rows) and rows[-1]["policy_version"] == 3
 

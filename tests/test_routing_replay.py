@@ -73,6 +73,7 @@ def _rollout(model_dir, samples: list[Sample], noise: float = 0.03) -> list[Samp
 
 def test_r3_replays_the_rollout_experts_and_narrows_the_gap(model_dir):
     samples = _rollout(model_dir, _samples())
+    samples = samples[4:] + samples[:4]  # the probe (the first 4) then holds tokens routed differently
     own = Actor.from_config(_cfg(model_dir)).train_rollout(samples, SCORES)
     r3 = Actor.from_config(_cfg(model_dir, use_rollout_routing_replay=True)).train_rollout(samples, SCORES)
     # without replay the trainer's router disagrees with the rollout's somewhere
@@ -82,6 +83,9 @@ def test_r3_replays_the_rollout_experts_and_narrows_the_gap(model_dir):
     assert r3.metrics["moe_routing_agreement"] == 1.0
     assert r3.metrics["moe_router_agreement"] == own.metrics["moe_router_agreement"]
     assert r3.logprob_abs_diff_mean < own.logprob_abs_diff_mean
+    # the same gap on the probe, with and without replay, measured in the R3 run itself
+    assert r3.metrics["moe_logprob_abs_diff_replay"] < r3.metrics["moe_logprob_abs_diff_no_replay"]
+    assert "moe_logprob_abs_diff_no_replay" not in own.metrics
     assert r3.metrics["moe_expert_load_max"] >= 1.0
 
 

@@ -72,7 +72,7 @@ from . import lora
 from .parallel import Parallel, full_model_state, init_parallel, shard_model, stream_layers
 from .precision import MasterWeights
 from .quantized import compute_weights
-from .routing import MoERouting
+from .routing import PROBE_SAMPLES, MoERouting
 from .schedule import LRSchedule, LRScheduler
 from .step_metrics import StepMeans, StepStats
 
@@ -361,6 +361,9 @@ class Actor:
             means.staleness(b.loss_mask, b.versions, trained_version)
             if not self.algo.use_rollout_logprobs and o is not None:
                 means.logprob_diff(o, b.rollout_log_probs, b.loss_mask > 0)
+        if self.moe.rollout_replay and members:  # R3's effect, on a few samples (routing.py)
+            probe = [samples[j] for j in members[0][:PROBE_SAMPLES]]
+            self.moe.replay_gap(self.log_probs, make(probe, [0.0] * len(probe)).to(self.device), means)
 
         def loss(i: int, b: Batch, weights: torch.Tensor) -> torch.Tensor:
             routing = self.moe.routing(b, training=True)

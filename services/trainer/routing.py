@@ -19,7 +19,9 @@ trainer would have chosen); `moe_aux_loss`, the Switch load-balancing loss of th
 positions, added to the loss times `--moe-aux-loss-coeff` (default the checkpoint's
 `router_aux_loss_coef`) and the micro-batch's share of its optimizer step; `moe_expert_load_max`,
 the busiest expert's tokens over the mean per expert (1.0 = perfectly balanced; max over layers and
-micro-batches).
+micro-batches). Under R3 also, on the step's first PROBE_SAMPLES samples before the weights move,
+the train/rollout mean |log-prob difference| with the replay and without it
+(`moe_logprob_abs_diff_replay`, `moe_logprob_abs_diff_no_replay`): the gap replay closes.
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from slipstream.models.moe import Routing, expert_load, load_balancing_loss
 
 from .batch import Batch
 from .step_metrics import StepMeans
+
+PROBE_SAMPLES = 4
 
 
 class MoERouting:
@@ -114,6 +118,18 @@ class MoERouting:
         aux = load_balancing_loss(logits, self.num_experts, self.top_k, mask=real.reshape(-1))
         means.add("moe_aux_loss", aux.detach(), batch.num_tokens)
         return self.aux_coef * aux * weights.sum()
+
+    @torch.no_grad()
+    def replay_gap(self, log_probs, probe: Batch, means: StepMeans) -> None:
+        """R3's effect on `probe`: `log_probs(batch, routing=)` with the rollout's experts, then routed
+        by the trainer itself; each one's mean |difference| from the rollout's log-probs."""
+        trained = probe.loss_mask > 0
+        for name, routing in (
+            ("moe_logprob_abs_diff_replay", self.routing(probe, training=False)),
+            ("moe_logprob_abs_diff_no_replay", Routing()),
+        ):
+            gap = (log_probs(probe, routing=routing) - probe.rollout_log_probs).abs() * trained
+            means.add_sum(name, gap.sum(), trained.sum())
 
     @staticmethod
     def _real_positions(batch: Batch) -> torch.Tensor:
