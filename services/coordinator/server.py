@@ -25,13 +25,15 @@ reads that code: its weights are there); any other refusal is INVALID_ARGUMENT.
 The rooms: this file only translates RPCs. The life of a group is the `Pipeline`
 (pipeline.py), which knows no gRPC and reaches out through the `Ports` bound below; the
 attached streams are `Streams` (streams.py); the Redis journal and the reloads that rebuild
-the pipeline from it are `Recovery` (recovery.py). Everything runs on one asyncio loop, so
-none of them needs locks.
+the pipeline from it are `Recovery` (recovery.py); evaluation rounds (--eval-prompt-data) are the
+`Evaluator` (eval.py), which takes the results of its `eval/` items before the pipeline sees them.
+Everything runs on one asyncio loop, so none of them needs locks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -50,8 +52,10 @@ from slipstream.data import load_prompts
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, reward_pb2_grpc, types_pb2
 from slipstream.rollout_filters import FilterFn, load_filter
 from slipstream.rpc.channel import aio_channel, wait_healthy
+from slipstream.rpc.convert import sample_to_proto
 from slipstream.rpc.server import Service, install_signal_handlers, start_server
 from slipstream.services.coordinator.dispatch_log import DispatchLog
+from slipstream.services.coordinator.eval import EvalSet, EvalSettings, Evaluator
 from slipstream.services.coordinator.journal import Journal
 from slipstream.services.coordinator.pipeline import Pipeline, PipelineSettings, Ports
 from slipstream.services.coordinator.prompts import Prompts, tokenize_prompts
@@ -64,6 +68,7 @@ from slipstream.services.coordinator.weights_relay import (
     WeightRelay,
     receive_push,
 )
+from slipstream.types import Sample
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +84,7 @@ class TrainerProgress:
 class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     # (groups in the buffer stream, entries pending) for GetStatus; set where the buffer is known.
     buffer_depth: Callable[[], tuple[int, int]] | None = None
+    evaluator: Evaluator | None = None  # --eval-prompt-data rounds (eval.py)
 
     def __init__(self, relay: WeightRelay, streams: Streams, recovery: Recovery, trainer: TrainerProgress):
         self.relay = relay
@@ -120,6 +126,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             )
         reader = asyncio.create_task(self._read_events(conn, request_iterator))
         self.pipeline.dispatch()
+        if self.evaluator is not None:
+            self.evaluator.on_attach()
+            self.evaluator.poke(self.relay.version)
         try:
             while (cmd := await conn.outbox.get()) is not None:
                 yield cmd
@@ -140,7 +149,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
         conn.last_seen = time.monotonic()  # any event renews the stream's leases
         kind = event.WhichOneof("kind")
         if kind == "result":
-            self.pipeline.on_result(conn.conn_id, event.result)
+            if self.evaluator is None or not self.evaluator.on_result(conn.conn_id, event.result):
+                self.pipeline.on_result(conn.conn_id, event.result)
         elif kind == "heartbeat":
             conn.on_heartbeat(event.heartbeat)
             if self.streams.fleet_opened_now():  # the grace for the rest of the fleet ran out
@@ -157,6 +167,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
 
     def detach(self, conn: Attached) -> None:
         if self.streams.detach(conn):
+            if self.evaluator is not None:
+                self.evaluator.on_detach(conn.conn_id)
             released = self.pipeline.on_detach(conn.conn_id)
             log.info("rollout server %s detached; %d samples go to other servers", conn.server_id, released)
 
@@ -197,6 +209,8 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             len(notified),
         )
         self.pipeline.on_new_version()
+        if self.evaluator is not None:
+            self.evaluator.poke(stored.version)
         return coordinator_pb2.PushWeightsReply(version=stored.version, num_servers_notified=len(notified))
 
     def _notify(self, notice: coordinator_pb2.RolloutCommand, notified: set[str]) -> None:
@@ -342,6 +356,46 @@ def _pipeline_settings(cfg: Config, group_filter: FilterFn | None) -> PipelineSe
     )
 
 
+def _evaluator(cfg: Config, streams: Streams, score) -> Evaluator | None:
+    """The --eval-prompt-data rounds (None without them); each set's prompts checked like training's."""
+    data, rollout = cfg.data, cfg.rollout
+    if not data.eval_sets:
+        return None
+    from slipstream.models.hf import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.model.hf_checkpoint)
+    sets = []
+    for name, path in data.eval_sets:
+        records = load_prompts(path, data.input_key, data.label_key, data.metadata_key)
+        as_data = dataclasses.replace(data, prompt_data=path)
+        tokens = tokenize_prompts(tokenizer, records, as_data, rollout.rollout_max_prompt_len)
+        templates = [
+            sample_to_proto(Sample(prompt=r.prompt, tokens=t, label=r.label, metadata=dict(r.metadata)))
+            for r, t in zip(records, tokens, strict=True)
+        ]
+        sets.append(EvalSet(name, templates))
+        log.info("eval set %s: %d prompts from %s", name, len(records), path)
+    temperature = rollout.rollout_temperature if data.eval_temperature is None else data.eval_temperature
+    sampling = types_pb2.SamplingParams(
+        temperature=temperature,
+        top_p=rollout.rollout_top_p if data.eval_top_p is None else data.eval_top_p,
+        top_k=max(rollout.rollout_top_k, 0),
+        max_new_tokens=data.eval_max_response_len or rollout.rollout_max_response_len,
+        stop_token_ids=rollout.rollout_stop_token_ids,
+    )
+    interval = cfg.train.update_weights_interval
+    settings = EvalSettings(
+        interval=data.eval_interval,
+        last_version=rollout.num_rollout // interval,
+        n_samples=data.n_samples_per_eval_prompt,
+        sampling=sampling,
+        run_dir=Path(cfg.infra.run_dir),
+        steps_per_version=interval,
+        seed=cfg.train.seed,
+    )
+    return Evaluator(settings, sets, streams.send, lambda: list(streams.conns), score)
+
+
 async def start_coordinator(cfg: Config) -> RunningCoordinator:
     """Load and check the prompts, connect to the buffer and reward service, then serve.
 
@@ -411,6 +465,7 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
     await recovery.start(snapshot)  # its incarnation is durable before anything is served
     servicer = CoordinatorServicer(relay, streams, recovery, trainer)
     servicer.buffer_depth = lambda: (buffer.num_groups(), buffer.num_pending())
+    servicer.evaluator = _evaluator(cfg, streams, ports.score)
     streams.start(on_expired=servicer.detach)
     service = await start_server(
         lambda server: coordinator_pb2_grpc.add_CoordinatorServicer_to_server(servicer, server),

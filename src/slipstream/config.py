@@ -75,6 +75,48 @@ class DataConfig:
         "Passes over --prompt-data; sets --num-rollout to num-epoch x records / rollout-batch-size "
         "(0 = use --num-rollout). Read under --loss-type sft_loss only, for now.",
     )
+    eval_prompt_data: list[str] = opt(
+        [],
+        "Evaluation sets as NAME PATH pairs (JSONL/Parquet with --input-key/--label-key records), "
+        "generated on the rollout fleet at one pinned version while training goes on; metrics "
+        "eval/NAME/accuracy, eval/NAME/pass@k, eval/NAME/response_len_mean.",
+    )
+    eval_interval: int = opt(
+        0, "Evaluate every this many policy versions, and at version 0 and the last step; 0 = no evaluation."
+    )
+    n_samples_per_eval_prompt: int = opt(1, "Responses sampled per evaluation prompt (the k of pass@k).")
+    eval_temperature: float | None = opt(
+        None, "Evaluation sampling temperature; unset = --rollout-temperature."
+    )
+    eval_top_p: float | None = opt(None, "Evaluation nucleus threshold; unset = --rollout-top-p.")
+    eval_max_response_len: int | None = opt(
+        None, "Most tokens per evaluation response; unset = --rollout-max-response-len."
+    )
+
+    def __post_init__(self) -> None:
+        pairs = self.eval_prompt_data
+        _require(len(pairs) % 2 == 0, "--eval-prompt-data takes NAME PATH pairs")
+        names = pairs[0::2]
+        _require(len(set(names)) == len(names), "--eval-prompt-data: each NAME once")
+        _require(self.eval_interval >= 0, "--eval-interval must be >= 0")
+        _require(
+            bool(pairs) == (self.eval_interval > 0),
+            "--eval-prompt-data and --eval-interval go together (evaluation needs both)",
+        )
+        _require(self.n_samples_per_eval_prompt >= 1, "--n-samples-per-eval-prompt must be at least 1")
+        _require(
+            self.eval_temperature is None or self.eval_temperature >= 0, "--eval-temperature must be >= 0"
+        )
+        _require(self.eval_top_p is None or 0 < self.eval_top_p <= 1, "--eval-top-p must be in (0, 1]")
+        _require(
+            self.eval_max_response_len is None or self.eval_max_response_len > 0,
+            "--eval-max-response-len must be positive",
+        )
+
+    @property
+    def eval_sets(self) -> list[tuple[str, str]]:
+        """--eval-prompt-data as (name, path) pairs."""
+        return list(zip(self.eval_prompt_data[0::2], self.eval_prompt_data[1::2], strict=True))
 
 
 @dataclass

@@ -59,6 +59,7 @@ SAVE_TIMEOUT_S = 600.0  # a stop asked for (Ctrl-C, SIGTERM): the trainer's last
 REPORT_TIMEOUT_S = 60.0  # the run report, written once every service is down
 LAUNCHER_ATTACH_GRACE_S = 20.0  # --rollout-attach-grace when the launcher starts the servers
 POLL_S = 0.05
+EVAL_WAIT_S = 300.0  # after the last step, for the evaluation of the last version
 
 
 class LaunchError(RuntimeError):
@@ -656,6 +657,7 @@ def run(cfg: Config, given: Collection[str] = ()) -> int:
         _follow(cfg, mesh, relay, console, stop_signal)
         relay.echo(console)  # the last step's
         mesh.timeline.mark("trainer exited")
+        _wait_for_last_eval(cfg, mesh, console, stop_signal)
         mesh.stop_all(forced=lambda: len(stop_signal) > 1)  # the run is done: everything at once
         mesh.timeline.mark("all stopped")
         summary = run_dir / "summary.json"
@@ -700,6 +702,21 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, placement: str) -> Path:
     return config_path
 
 
+def _wait_for_last_eval(cfg: Config, mesh: Mesh, console: Any, stop_signal: list[int]) -> None:
+    """With --eval-prompt-data the coordinator evaluates the last version after the last step:
+    the fleet stays up until its row is in eval.jsonl (at most EVAL_WAIT_S)."""
+    if not cfg.data.eval_sets:
+        return
+    last = cfg.rollout.num_rollout // cfg.train.update_weights_interval
+    path, deadline = Path(cfg.infra.run_dir) / "eval.jsonl", time.monotonic() + EVAL_WAIT_S
+    while time.monotonic() < deadline and not stop_signal:
+        if any(r.get("eval_version") == last for r in _read_metrics(path, 0)[0]):
+            return
+        mesh.check_others(skip=mesh.get("trainer"))
+        time.sleep(POLL_S)
+    console.print(f"eval: no evaluation of the last version ({last}) in {path}; stopping without it")
+
+
 def _follow(cfg: Config, mesh: Mesh, relay: ConsoleRelay, console: Any, stop_signal: list[int]) -> None:
     """The progress bar, one update per metrics row, until the trainer exits cleanly; a dead
     service raises LaunchError (`mesh.supervise`), a stop signal KeyboardInterrupt."""
@@ -721,7 +738,7 @@ def _follow(cfg: Config, mesh: Mesh, relay: ConsoleRelay, console: Any, stop_sig
                 raise KeyboardInterrupt
             relay.echo(progress.console)
             rows, offset = _read_metrics(run_dir / "metrics.jsonl", offset)
-            for r in rows:
+            for r in (r for r in rows if "eval_version" not in r):  # eval rows: the coordinator's
                 if mesh.timeline.seconds("first step") is None:
                     mesh.timeline.mark("first step", step=r["step"])
                 if r["step"] >= cfg.rollout.num_rollout:

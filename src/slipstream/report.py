@@ -221,9 +221,15 @@ def plots_for(rows: list[Row]) -> list[Plot]:
     ]
     evals = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("eval/") and k.count("/") >= 2})
     for name in evals:
-        keys = tuple(sorted({k for r in rows for k in r if k.startswith(f"eval/{name}/")}))
+        keys = sorted({k for r in rows for k in r if k.startswith(f"eval/{name}/")})
+        lengths = tuple(k for k in keys if k.endswith("_len_mean"))  # tokens: a scale of their own
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-        plots.append(Plot(f"eval_{safe}.png", f"Eval: {name}", "value", keys, _draw_lines))
+        rest = tuple(k for k in keys if k not in lengths)
+        plots.append(Plot(f"eval_{safe}.png", f"Eval: {name}", "value", rest or tuple(keys), _draw_lines))
+        if lengths and rest:
+            plots.append(
+                Plot(f"eval_{safe}_len.png", f"Eval: {name}, response length", "tokens", lengths, _draw_lines)
+            )
     return plots
 
 
@@ -281,6 +287,7 @@ def _fmt(v: Any) -> str:
 
 
 def _summary_rows(run_dir: Path, rows: list[Row]) -> list[tuple[str, str]]:
+    rows = [r for r in rows if "eval_version" not in r]  # the coordinator's evaluation rows
     out = [("steps in metrics.jsonl", str(len(rows)))]
     if rows:
         last = rows[-1]
