@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mesh_fixtures import build_tiny_model
-from slipstream.config import config_from_values
+from slipstream.config import ConfigError, config_from_values
 from slipstream.models import Routing, load_balancing_loss, load_model
 from slipstream.services.trainer.actor import Actor
 from slipstream.services.trainer.batch import collate, pack
@@ -204,3 +204,20 @@ def test_a_dense_model_refuses_replay(tmp_path, flag):
     dense = build_tiny_model(tmp_path / "dense")
     with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} needs a mixture-of-experts model"):
         Actor.from_config(_cfg(dense, **{flag: True}))
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (dict(use_rollout_routing_replay=True, loss_type="sft_loss"), "sft_loss has neither"),
+        (dict(use_routing_replay=True, loss_type="sft_loss"), "sft_loss has neither"),
+        (
+            dict(use_routing_replay=True, use_rollout_logprobs=True, use_tis=False),
+            "which --use-rollout-logprobs skips",
+        ),
+        (dict(moe_aux_loss_coeff=-1.0), "--moe-aux-loss-coeff must be >= 0"),
+    ],
+)
+def test_replay_flags_that_could_do_nothing_are_refused(model_dir, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        _cfg(model_dir, **extra)

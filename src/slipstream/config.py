@@ -490,7 +490,8 @@ class TrainConfig:
         False,
         "Routing replay (R2, mixture-of-experts models): a micro-batch's later forwards in a step (the "
         "training pass after the proximal pass) use the experts its first forward chose. Implied by "
-        "--use-rollout-routing-replay, whose ids then serve every pass.",
+        "--use-rollout-routing-replay, whose ids then serve every pass. (One optimizer step per rollout "
+        "step in one process has no earlier pass: the training forward gives the proximal log-probs.)",
     )
     moe_aux_loss_coeff: float | None = opt(
         None,
@@ -894,6 +895,16 @@ class Config:
             or t.micro_batch_size == 0
             or self.effective_global_batch_size % t.micro_batch_size == 0,
             f"--micro-batch-size must divide the global batch size ({self.effective_global_batch_size})",
+        )
+        _require(
+            self.algo.loss_type == "policy_loss"
+            or not (t.use_rollout_routing_replay or t.use_routing_replay),
+            "--use-rollout-routing-replay / --use-routing-replay replay a rollout's or a proximal pass's "
+            "experts: --loss-type sft_loss has neither",
+        )
+        _require(
+            not (t.use_routing_replay and self.algo.use_rollout_logprobs),
+            "--use-routing-replay replays the proximal pass, which --use-rollout-logprobs skips",
         )
         _require(
             not (t.int4_qat or t.fp8_format) or self.cluster.actor_num_gpus_per_node == 1,
