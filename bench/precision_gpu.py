@@ -133,20 +133,31 @@ def _time_us(fn, n_copies: int) -> float:
     return round(1e3 * triton.testing.do_bench(lambda: fn(next(calls) % n_copies), warmup=10, rep=40), 2)
 
 
+def _ours_us(x, xq, xs, fp8: list, int4: list, copies: int) -> dict:
+    """Our FP8 block GEMM (activations already quantized) and W4A16 GEMM, in us."""
+    from slipstream.kernels.fp8_linear import fp8_matmul
+    from slipstream.kernels.w4a16 import w4a16_linear
+
+    return {
+        "fp8_block_us": _time_us(lambda i: fp8_matmul(xq, xs, fp8[i][0], fp8[i][1], torch.bfloat16), copies),
+        "w4a16_us": _time_us(lambda i: w4a16_linear(x, *int4[i]), copies),
+    }
+
+
 def _gemm_row(x: torch.Tensor, w: dict, copies: int) -> dict:
     """One GEMM at one batch size, per implementation (us); w holds `copies` weights per format."""
     from slipstream.kernels.fp8_linear import fp8_matmul, quantize_rows
-    from slipstream.kernels.w4a16 import w4a16_linear
 
     m, k = x.shape
     xq, xs = quantize_rows(x)
     bf16, fp8, rowwise, int4 = w["bf16"], w["fp8"], w["rowwise"], w["int4"]
-    row = {"bf16_us": _time_us(lambda i: F.linear(x, bf16[i]), copies)}
-    row["fp8_block_us"] = _time_us(lambda i: fp8_matmul(xq, xs, *fp8[i][:2], torch.bfloat16), copies)
+    row = {
+        "bf16_us": _time_us(lambda i: F.linear(x, bf16[i]), copies),
+        **_ours_us(x, xq, xs, fp8, int4, copies),
+    }
     row["fp8_with_quantize_us"] = _time_us(
         lambda i: fp8_matmul(*quantize_rows(x), *fp8[i][:2], torch.bfloat16), copies
     )
-    row["w4a16_us"] = _time_us(lambda i: w4a16_linear(x, *int4[i]), copies)
     xs_groups = xs.expand(m, (k + 127) // 128).t().contiguous().t()  # per-128 group, outer-dim-major
     references = {  # torch's own FP8 GEMMs, where this torch/cuBLAS takes them
         "scaled_mm_rowwise_us": lambda i: torch._scaled_mm(
@@ -201,18 +212,53 @@ def gemm_table(config: Qwen3Config, batch_sizes: list[int]) -> list[dict]:
     return rows
 
 
-def _attention_us(q: torch.Tensor, lengths: torch.Tensor, shape: tuple, dtype: torch.dtype) -> float:
+SWEEP = [  # (DECODE_BLOCK_N, DECODE_STAGES, SPLIT_PROGRAMS_PER_SM); the first is the default
+    (64, 3, 2), (128, 3, 2), (64, 4, 2), (64, 3, 4), (128, 4, 1),
+]  # fmt: skip
+
+
+def gemm_sweep(config: Qwen3Config, batch_sizes: list[int]) -> list[dict]:
+    """Our two decode GEMMs under other tilings (kernels/gemm_plan.py's knobs), in us."""
+    from slipstream.kernels import gemm_plan
+    from slipstream.kernels.fp8_linear import quantize_rows
+    from slipstream.quant import quantize_blockwise
+    from slipstream.quant.int4 import quantize_int4
+
+    h, inter = config.hidden_size, config.intermediate_size
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+    default = (gemm_plan.DECODE_BLOCK_N, gemm_plan.DECODE_STAGES, gemm_plan.SPLIT_PROGRAMS_PER_SM)
+    rows = []
+    for gemm, (n, k) in {"qkv": (qkv, h), "gate_up": (2 * inter, h), "down": (h, inter)}.items():
+        copies = max(2, min(16, (256 << 20) // (n * k * 2)))
+        bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        fp8 = [(q, s.repeat_interleave(128, 0)[:n].contiguous()) for q, s in map(quantize_blockwise, bf16)]
+        int4 = [quantize_int4(t) for t in bf16]
+        for m in [b for b in batch_sizes if b <= 256]:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xq, xs = quantize_rows(x)
+            for setting in SWEEP:
+                gemm_plan.DECODE_BLOCK_N, gemm_plan.DECODE_STAGES, gemm_plan.SPLIT_PROGRAMS_PER_SM = setting
+                row = {"gemm": gemm, "n": n, "k": k, "m": m, "block_n/stages/programs_per_sm": setting}
+                rows.append(row | _ours_us(x, xq, xs, fp8, int4, copies))
+                print("gemm sweep", json.dumps(rows[-1]), flush=True)
+        torch.cuda.empty_cache()
+    gemm_plan.DECODE_BLOCK_N, gemm_plan.DECODE_STAGES, gemm_plan.SPLIT_PROGRAMS_PER_SM = default
+    return rows
+
+
+def _attention_us(q: torch.Tensor, lengths: torch.Tensor, shape: tuple, dtype: torch.dtype, **kw) -> float:
     from slipstream.kernels.attention import decode_attention
 
     caches = [
         (torch.randn(shape, device="cuda").to(dtype), torch.randn(shape, device="cuda").to(dtype))
         for _ in range(4)
     ]
-    return _time_us(lambda i: decode_attention(q, *caches[i], lengths), 4)
+    return _time_us(lambda i: decode_attention(q, *caches[i], lengths, **kw), 4)
 
 
 def attention_table(config: Qwen3Config, batch_sizes: list[int], context: int) -> list[dict]:
-    """Decode attention for one layer over a bf16 and an FP8 cache at `context`, in us."""
+    """Decode attention for one layer over a bf16 and an FP8 cache at `context`, in us (FP8 also at
+    the bf16 cache's block/warps/stages: the FP8 default, 64/4/3, was tuned when widening was slow)."""
     h, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
     rows = []
     for b in batch_sizes:
@@ -222,6 +268,8 @@ def attention_table(config: Qwen3Config, batch_sizes: list[int], context: int) -
         row = {"batch": b, "context": context}
         row["bf16_us"] = _attention_us(q, lengths, shape, torch.bfloat16)
         row["fp8_us"] = _attention_us(q, lengths, shape, torch.float8_e4m3fn)
+        blocks = dict(block_n=128, num_warps=4, num_stages=2)  # the bf16 cache's choice
+        row["fp8_at_128_4_2_us"] = _attention_us(q, lengths, shape, torch.float8_e4m3fn, **blocks)
         rows.append(row)
         print("attention", json.dumps(row), flush=True)
     return rows
@@ -237,6 +285,8 @@ def main() -> None:
     )
     ap.add_argument("--shapes", nargs="+", choices=["0.6b", "8b"], default=["0.6b", "8b"])
     ap.add_argument("--skip-kernels", action="store_true", help="engine rows only (no GEMM/attention tables)")
+    ap.add_argument("--skip-engine", action="store_true", help="the GEMM/attention tables only")
+    ap.add_argument("--gemm-sweep", action="store_true", help="also time our GEMMs under other tilings")
     ap.add_argument("--out", default="bench/results/precision_gpu.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -256,11 +306,14 @@ def main() -> None:
         "shapes": {},
     }
     for name, config in shapes.items():
-        result["shapes"][name] = bench_shape(name, config, args)
+        if not args.skip_engine:
+            result["shapes"][name] = bench_shape(name, config, args)
     if not args.skip_kernels:
         context = args.prompt_len + args.new_tokens // 2
         result["gemms"] = {name: gemm_table(config, args.batch_sizes) for name, config in shapes.items()}
         result["attention"] = attention_table(next(iter(shapes.values())), args.batch_sizes, context)
+    if args.gemm_sweep:
+        result["gemm_sweep"] = {name: gemm_sweep(config, args.batch_sizes) for name, config in shapes.items()}
     result["seconds"] = round(time.perf_counter() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

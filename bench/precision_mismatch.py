@@ -17,7 +17,9 @@ the GPU; `--extra` is appended to every run's flags).
   `logprob_abs_diff_max`, with each mode's ratio to the bf16-sync run.
 - learn: the demo as it ships (100 steps of 64 x 8, one version of staleness, TIS) per seed for
   bf16 sync, INT4 QAT and unified FP8; the figure is the demo's own held-out greedy accuracy of the
-  last checkpoint (`held_out_greedy_after` in its summary.json), and the difference to bf16 per seed.
+  last checkpoint (`held_out_greedy_after` in its summary.json: the fp32 masters), and the difference
+  to bf16 per seed; for the QAT modes also `held_out_greedy_served`, the same checkpoint with its
+  projections rounded as the rollout serves them (int4 groups / FP8 blocks).
 - memory: weight bytes of Qwen3-0.6B / 8B / 30B-A3B / 235B-A22B per format, from their configs'
   numbers (written below; no hub): bf16; FP8 (every linear projection e4m3 with an fp32 scale per
   128x128 block, the rest bf16); INT4 (the --int4-qat-targets weights as int4 with an fp32 scale
@@ -150,6 +152,32 @@ def _mismatch_of(rows: list[dict]) -> dict:
     }
 
 
+def served_greedy(run_dir: Path, mode: str) -> float | None:
+    """Held-out greedy accuracy of the run's last checkpoint with the weights the rollout serves
+    (int4- or FP8-rounded projections, as the QAT trainer computed with); None for the other modes."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from slipstream.demo.task import all_problems
+    from slipstream.demo.warmstart import evaluate
+    from slipstream.models.hf import load_model
+    from slipstream.quant import fake_quantize_int4, int4_names, round_linears_
+
+    if mode not in ("int4-qat", "unified-fp8"):
+        return None
+    save = run_dir / "checkpoints"
+    ckpt = save / (save / "latest").read_text().strip()
+    model = load_model(ckpt, dtype=torch.float32)
+    if mode == "unified-fp8":
+        round_linears_(model)
+    else:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in int4_names(((n, p.shape) for n, p in params.items()), "auto"):
+                params[name].copy_(fake_quantize_int4(params[name]))
+    return evaluate(model, AutoTokenizer.from_pretrained(ckpt), all_problems("eval"))["greedy_accuracy"]
+
+
 def mismatch(args, prep: Path) -> dict:
     out = {}
     for mode in args.modes:
@@ -168,11 +196,13 @@ def learn(args, prep: Path) -> dict:
     for seed in args.seeds:
         for mode in LEARN_MODES:
             flags = ["--seed", str(seed), "--num-rollout", str(args.learn_steps), *MODES[mode], *args.extra]
-            run = _demo(args.runs / f"learn-{mode}-s{seed}", prep, flags)
+            run_dir = args.runs / f"learn-{mode}-s{seed}"
+            run = _demo(run_dir, prep, flags)
             s = run["summary"]
             runs.setdefault(mode, {})[seed] = {
                 "held_out_greedy_before": s.get("held_out_greedy_before"),
                 "held_out_greedy_after": s.get("held_out_greedy_after"),
+                "held_out_greedy_served": served_greedy(run_dir, mode),
                 **_mismatch_of(run["rows"]),
                 "wall_s": run["wall_s"],
             }

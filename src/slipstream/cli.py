@@ -2,6 +2,7 @@
 
     slipstream train <flags>        the whole mesh on this machine (same as `python train.py <flags>`)
     slipstream demo [<flags>]       build the tiny demo model and task, then train it through the mesh
+                                    (--task tool: a calculator used over multi-turn /generate)
     slipstream coordinator|rollout|reward|trainer <flags>
                                     one service, as containers and Kubernetes run it
     slipstream report RUN_DIR       the run's report: RUN_DIR/report/index.html and a PNG per plot
@@ -41,9 +42,26 @@ def _train(argv: list[str]) -> int:
 
 
 def _demo(argv: list[str]) -> int:
+    """`--task sum` (the default: two-number sums) or `--task tool` (a calculator over multi-turn
+    /generate, `demo/tool_run.py`); every other flag goes to that demo."""
+    task, rest = "sum", list(argv)
+    for i, a in enumerate(rest):
+        if a == "--task" and i + 1 < len(rest):
+            task, rest = rest[i + 1], rest[:i] + rest[i + 2 :]
+            break
+        if a.startswith("--task="):
+            task, rest = a.split("=", 1)[1], rest[:i] + rest[i + 1 :]
+            break
+    if task == "tool":
+        from slipstream.demo.tool_run import main as tool_main
+
+        return tool_main(rest)
+    if task != "sum":
+        print(f"slipstream demo: error: --task {task}: expected sum or tool", file=sys.stderr)
+        return 2
     from slipstream.demo.run import main as demo_main
 
-    return demo_main(argv)
+    return demo_main(rest)
 
 
 def _report(argv: list[str]) -> int:

@@ -39,6 +39,11 @@ except ImportError:  # CPU-only installs: the callers dequantize and matmul inst
 
 GROUP_K = 128  # K per step: the scale group of FP8 blocks and int4 groups alike
 _MAX_SPLITS = 16
+# Decode (M <= 256) tiling, read per call so a tuning sweep (bench/precision_gpu.py --gemm-sweep)
+# can set them: weight rows per program, pipeline stages, and the programs per SM that split-K
+# aims for. Chosen without a GPU at hand (sm_90 compiles: wgmma, 3-stage cp.async); the sweep says
+# whether another choice is faster.
+DECODE_BLOCK_N, DECODE_STAGES, SPLIT_PROGRAMS_PER_SM = 64, 3, 2
 
 
 @dataclass(frozen=True)
@@ -68,18 +73,18 @@ def plan(m: int, n: int, k: int, sms: int) -> Plan:
     if m > 256:  # prefill: compute-bound, big square-ish tiles
         block_m, block_n, warps = 128, 128, 8
     else:
-        block_m, block_n, warps = min(64, max(16, triton.next_power_of_2(m))), 64, 4
+        block_m, block_n, warps = min(64, max(16, triton.next_power_of_2(m))), DECODE_BLOCK_N, 4
     steps = triton.cdiv(k, GROUP_K)
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     if m > 256:
-        chunk = steps
+        chunk, stages = steps, 3
     else:  # a power of two: K steps per program is a compile-time constant, so few variants compile
-        want = min(triton.cdiv(2 * sms, tiles), steps, _MAX_SPLITS)
-        chunk = triton.next_power_of_2(triton.cdiv(steps, want))
-    return Plan(block_n, block_m, chunk, triton.cdiv(steps, chunk), warps, 3)
+        want = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, tiles), steps, _MAX_SPLITS)
+        chunk, stages = triton.next_power_of_2(triton.cdiv(steps, want)), DECODE_STAGES
+    return Plan(block_n, block_m, chunk, triton.cdiv(steps, chunk), warps, stages)
 
 
-_MAX_TILES = 4096  # a split GEMM has fewer tiles than two per SM
+_MAX_TILES = 4096  # a split GEMM has fewer tiles than SPLIT_PROGRAMS_PER_SM per SM
 _counters: dict[tuple[str, int | None], torch.Tensor] = {}
 
 
@@ -103,6 +108,8 @@ def outputs(m: int, n: int, p: Plan, dtype: torch.dtype, device: torch.device):
     out = torch.empty((m, n), dtype=dtype, device=device)
     if p.splits == 1:
         return out, out, out
+    if triton.cdiv(n, p.block_n) * triton.cdiv(m, p.block_m) > _MAX_TILES:
+        raise ValueError(f"gemm_plan: a split-K GEMM of more than {_MAX_TILES} tiles ({m} x {n})")
     part = torch.empty((p.splits, m, n), dtype=torch.float32, device=device)
     return out, part, _tile_counters(device)
 
