@@ -138,3 +138,14 @@ def test_the_manifest_binds_the_draft_to_its_version(model_dir):
     with pytest.raises(WeightError):
         WeightStager(expected, current_version=1).add(next(iter_messages(manifest, [])))
     assert isinstance(actor.draft.head, DraftHead)
+
+
+def test_packed_micro_batches_give_the_draft_the_same_loss(model_dir):
+    padded = Actor.from_config(_cfg(model_dir))
+    packed = Actor.from_config(_cfg(model_dir, use_dynamic_batch_size=True, max_tokens_per_gpu=64))
+    a = padded.train_rollout(_samples(), [0.0] * 8).metrics
+    b = packed.train_rollout(_samples(), [0.0] * 8).metrics
+    assert b["mtp_loss"] == pytest.approx(a["mtp_loss"], rel=1e-5)
+    assert b["mtp_regression_loss"] == pytest.approx(a["mtp_regression_loss"], rel=1e-5)
+    for k, v in padded.draft.state_dict().items():  # and the same update
+        torch.testing.assert_close(packed.draft.state_dict()[k], v, atol=1e-5, rtol=1e-4)

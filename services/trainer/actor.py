@@ -66,7 +66,7 @@ from slipstream.weights import weights_to_sync
 
 from .batch import Batch, collate, pack, plan_micro_batches
 from .compiled_layers import split_layers
-from .draft import DraftTrainer
+from .draft import DraftTrainer, padded_hidden
 from .objective import micro_batch_loss, needs_reference, sft_micro_batch_loss, token_advantages
 from . import lora
 from .parallel import Parallel, full_model_state, init_parallel, shard_model, stream_layers
@@ -170,10 +170,8 @@ class Actor:
         self.scheduler = LRScheduler(self.optimizer, LRSchedule.from_config(train, num_optimizer_steps))
         self.draft, self.draft_optimizer = None, None  # --enable-mtp-training (`draft.py`)
         if train.enable_mtp_training:
-            if self.par.enabled or train.use_dynamic_batch_size:
-                raise ValueError(
-                    "--enable-mtp-training is not implemented under torchrun or --use-dynamic-batch-size yet"
-                )
+            if self.par.enabled:
+                raise ValueError("--enable-mtp-training is not implemented under torchrun (FSDP2) yet")
             self.draft = DraftTrainer(
                 model.config, model_cfg.mtp_num_layers, draft_path, train.mtp_loss_scaling_factor, self.device
             )
@@ -257,6 +255,8 @@ class Actor:
         rows, cols = batch.input_ids.shape
 
         def head(h, w):
+            if keep is not None:  # every position's, in the padded frame (the draft's input)
+                keep["hidden"] = padded_hidden(h[0], p, rows, cols)
             # Response positions only, then back into the padded frame (zeros elsewhere).
             out = head_fn(h[0, p.head_rows][None], w, p.head_targets[None], temperature=t)
             outs = out if isinstance(out, tuple) else (out,)

@@ -18,8 +18,9 @@ Their sum is scaled by --mtp-loss-scaling-factor. The trunk is detached for it (
 the embedding and the LM head weight all enter as constants): the draft loss never moves the
 policy, only the draft.
 
-Not implemented yet, and refused in one line: packed micro-batches (--use-dynamic-batch-size) and
-FSDP2 (torchrun) trainers.
+Packed micro-batches (--use-dynamic-batch-size) give their hidden states back in the padded frame
+(`padded_hidden`), so the draft sees the same tensors either way. Not implemented yet, and refused
+in one line: FSDP2 (torchrun) trainers (the draft would need its gradients reduced over ranks).
 """
 
 from __future__ import annotations
@@ -30,10 +31,19 @@ import torch.nn.functional as F
 from slipstream.models.config import ModelConfig
 from slipstream.models.draft import DraftHead, init_draft, load_draft
 
-from .batch import Batch
+from .batch import Batch, Packed
 from .step_metrics import StepMeans
 
 _CHUNK = 4096  # response positions per LM-head chunk: never full-vocabulary logits for a whole batch
+
+
+def padded_hidden(hidden: torch.Tensor, p: Packed, rows: int, cols: int) -> torch.Tensor:
+    """A packed row's hidden states [N, H] -> the padded frame [rows, cols, H] (zeros past each end)."""
+    lengths = p.cu_seqlens[1:] - p.cu_seqlens[:-1]
+    seq = torch.repeat_interleave(torch.arange(rows, device=hidden.device), lengths.to(hidden.device).long())
+    index = seq * cols + p.positions[0]
+    frame = hidden.new_zeros(rows * cols, hidden.shape[-1]).index_copy(0, index, hidden)
+    return frame.view(rows, cols, -1)
 
 
 class DraftTrainer:
