@@ -71,7 +71,7 @@ def test_invariants_are_checked():
             ["--rollout-num-gpus", "2", "--rollout-num-gpus-per-engine", "2"],
             "--rollout-num-gpus-per-engine 2: not supported; the native engine runs on one GPU",
         ),
-        (["--rollout-engine", "sglang"], "--rollout-engine sglang: not supported yet"),
+        (["--rollout-engine", "sglang"], "--rollout-engine sglang: not supported; the native engine"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(argv, message):

@@ -44,21 +44,15 @@ def _train(argv: list[str]) -> int:
 def _demo(argv: list[str]) -> int:
     """`--task sum` (the default: two-number sums) or `--task tool` (a calculator over multi-turn
     /generate, `demo/tool_run.py`); every other flag goes to that demo."""
-    task, rest = "sum", list(argv)
-    for i, a in enumerate(rest):
-        if a == "--task" and i + 1 < len(rest):
-            task, rest = rest[i + 1], rest[:i] + rest[i + 2 :]
-            break
-        if a.startswith("--task="):
-            task, rest = a.split("=", 1)[1], rest[:i] + rest[i + 1 :]
-            break
-    if task == "tool":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="slipstream demo", add_help=False, allow_abbrev=False)
+    parser.add_argument("--task", choices=["sum", "tool"], default="sum")
+    known, rest = parser.parse_known_args(argv)
+    if known.task == "tool":
         from slipstream.demo.tool_run import main as tool_main
 
         return tool_main(rest)
-    if task != "sum":
-        print(f"slipstream demo: error: --task {task}: expected sum or tool", file=sys.stderr)
-        return 2
     from slipstream.demo.run import main as demo_main
 
     return demo_main(rest)
