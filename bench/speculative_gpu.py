@@ -21,6 +21,11 @@ verify and accept in one CUDA graph per bucket) with an untrained draft, the fro
 online draft; and each draft's acceptance length (tokens kept per sequence per verify step, 1 to
 k+1). Target (issue 19): >= +40% tokens/s at batch <= 16 with the online draft.
 
+The end-to-end mesh step time with and without speculation is the other mode (one rollout server,
+bench/mesh_gpu.py's random 0.6B checkpoint and run, the draft trained online in the run):
+
+    sh scripts/gpu_env.sh run python3 bench/speculative_gpu.py --mesh --out bench/results/speculative_mesh_gpu.json
+
 Shapes: Qwen3-0.6B (default) or --shape 1.7b (Qwen3-1.7B's dense shape). Bounded: each timed
 configuration runs once after a warm-up that captures its graphs; the script stops adding
 configurations past --budget-s and says which it skipped.
@@ -141,6 +146,27 @@ def run_engine(engine: NativeEngine, batch: int, prompts: list[list[int]], args)
     return dt
 
 
+SPECULATIVE_FLAGS = [
+    "--rollout-num-servers", "1", "--mtp-num-layers", "1", "--enable-mtp-training",
+    "--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-num-draft-tokens", "4",
+]  # fmt: skip
+
+
+def mesh(out: str, steps: int) -> None:
+    """bench/mesh_gpu.py's run, one rollout server, without and with speculation (its JSON at `out`)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import mesh_gpu
+
+    mesh_gpu.VARIANTS["one-server-speculative"] = SPECULATIVE_FLAGS
+    sys.argv = [
+        "mesh_gpu.py", "--variants", "one-server", "one-server-speculative", "--skip-parts",
+        "--steps", str(steps), "--out", out,
+    ]  # fmt: skip
+    mesh_gpu.main()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results/speculative_gpu.json")
@@ -156,7 +182,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--budget-s", type=float, default=250.0)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (--shape tiny)")
+    ap.add_argument("--mesh", action="store_true", help="the end-to-end mesh step time instead (see above)")
+    ap.add_argument("--mesh-steps", type=int, default=6)
     args = ap.parse_args()
+    if args.mesh:
+        mesh(args.out, args.mesh_steps)
+        return
     t_start = time.perf_counter()
     torch.manual_seed(0)
     if args.device == "cpu":
