@@ -130,7 +130,7 @@ def _time_us(fn, n_copies: int) -> float:
     import triton
 
     calls = iter(range(1 << 30))
-    return round(1e3 * triton.testing.do_bench(lambda: fn(next(calls) % n_copies), warmup=10, rep=40), 2)
+    return round(1e3 * triton.testing.do_bench(lambda: fn(next(calls) % n_copies), warmup=5, rep=25), 2)
 
 
 def _ours_us(x, xq, xs, fp8: list, int4: list, copies: int) -> dict:
