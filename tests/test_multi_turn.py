@@ -280,3 +280,24 @@ def test_load_generate_function_names_what_is_wrong(tmp_path):
     ]:
         with pytest.raises(GenerateFunctionError, match=says):
             load_generate_function(spec)
+
+
+def test_in_place_swap_mid_turn_shows_in_the_versions(model_dir):
+    async def scenario(runner, api, worker, tokenizer, model):
+        global turn_two_started
+        turn_two_started = asyncio.Event()
+        task = asyncio.create_task(runner.generate(_item(tokenizer), "g0/0#1", set()))
+        await turn_two_started.wait()
+        while not api._mine:  # the long turn is in the engine
+            await asyncio.sleep(0.005)
+        await worker.load_weights(model.state_dict(), 1)  # between two decode steps, KV cache kept
+        out = await task
+        turn_two_started = None
+        return out
+
+    out = _run(model_dir, scenario, two_turns_over_http)
+    assert out.status == types_pb2.SAMPLE_STATUS_COMPLETED
+    versions = list(out.policy_versions)
+    assert versions == sorted(versions) and versions[0] == 0 and versions[-1] == 1
+    tool = list(out.loss_mask).index(0)
+    assert versions[tool] == versions[tool - 1]  # a tool token takes its model turn's version
