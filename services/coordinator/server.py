@@ -208,10 +208,16 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             stored.total_bytes,
             len(notified),
         )
+        # The new version opens the staleness window: the admissions it allows (a whole step's
+        # work items on the CPU mesh) go out just after this reply, which the trainer's step
+        # waits for, not before it (issue 14).
+        asyncio.get_running_loop().call_soon(self._on_new_version, stored.version)
+        return coordinator_pb2.PushWeightsReply(version=stored.version, num_servers_notified=len(notified))
+
+    def _on_new_version(self, version: int) -> None:
         self.pipeline.on_new_version()
         if self.evaluator is not None:
-            self.evaluator.poke(stored.version)
-        return coordinator_pb2.PushWeightsReply(version=stored.version, num_servers_notified=len(notified))
+            self.evaluator.poke(version)
 
     def _notify(self, notice: coordinator_pb2.RolloutCommand, notified: set[str]) -> None:
         for conn_id in list(self.streams.conns):
