@@ -76,6 +76,11 @@ VARIANTS: dict[str, list[str]] = {
     "mesh-tis": ["--no-use-tis"],
     "mesh+fp8": ["--weight-sync-dtype", "fp8"],
     "mesh+sync": ["--sync"],
+    # Processes and threads on a 2-core box (bench/cpu_per_process.py says where the CPU goes).
+    "mesh+1server": ["--rollout-num-servers", "1"],
+    "mesh+2servers": ["--rollout-num-servers", "2"],
+    "mesh+threads2": ["--torch-threads", "2"],
+    "mesh+1server+threads2": ["--rollout-num-servers", "1", "--torch-threads", "2"],
 }  # fmt: skip
 
 
@@ -133,7 +138,8 @@ def _first_at(curve: list[dict], target: float) -> dict | None:
 # ---- our mesh -------------------------------------------------------------------------------
 
 
-def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dict:
+def mesh_argv(args, extra: list[str], seed: int, run_dir: Path) -> list[str]:
+    """`python -m slipstream train` with the shared settings, then --mesh-flags, then `extra`."""
     flags = [
         "--hf-checkpoint", str(args.prep / "model"), "--prompt-data", str(args.prep / "train.jsonl"),
         "--run-dir", str(run_dir), "--rollout-batch-size", str(args.rollout_batch_size),
@@ -144,7 +150,11 @@ def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dic
         "--save-interval", str(args.eval_every), "--device", args.device,
         "--rollout-shuffle",
     ]  # fmt: skip
-    argv = [sys.executable, "-m", "slipstream", "train", *flags, *args.mesh_flags, *extra]
+    return [sys.executable, "-m", "slipstream", "train", *flags, *args.mesh_flags, *extra]
+
+
+def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dict:
+    argv = mesh_argv(args, extra, seed, run_dir)
     pin = _pin_prefix(args)
     t_launch = time.time()
     metrics = run_dir / "metrics.jsonl"
@@ -238,6 +248,7 @@ def run_trl(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dict
                 "wall_s": round(s["time"] - t_launch, 3),
                 "sampled_accuracy": s.get("reward"),
                 "step_s": s["step_s"],
+                "cpu_s": s.get("cpu_s"),  # the TRL process's user+sys seconds so far
                 "greedy": evaluate_checkpoint(ckpt) if ckpt.is_dir() else None,
             }
         )
@@ -302,8 +313,9 @@ def trl_child(spec_path: str) -> None:
 
         def on_step_end(self, a, state, control, model=None, **kw):  # noqa: ARG002
             now = time.perf_counter()
+            cpu = os.times()
             row = {
-                "step": state.global_step, "time": time.time(),
+                "step": state.global_step, "time": time.time(), "cpu_s": round(cpu.user + cpu.system, 3),
                 "train_s": round(now - clock["start"] - clock["saved"], 3),
                 "step_s": round(now - clock["last"], 4),
             }  # fmt: skip
