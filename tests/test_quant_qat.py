@@ -268,6 +268,7 @@ def test_moe_int4_qat_rounds_the_experts_and_the_rollout_serves_them(tmp_path):
         (dict(fp8_format="e4m3", weight_sync_dtype="int4"), "--fp8-format trains against the FP8 blocks"),
         (dict(int4_qat=True, fp8_format="e4m3"), "pick one"),
         (dict(int4_qat=True, actor_num_gpus_per_node=2), "in one process for now"),
+        (dict(weight_sync_dtype="int4", rollout_fp8=True), "exclude each other"),
     ],
 )
 def test_contradictory_precision_flags_are_refused(values, message):

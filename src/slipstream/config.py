@@ -911,6 +911,11 @@ class Config:
             "--int4-qat / --fp8-format train in one process for now (not under FSDP2): "
             "--actor-num-gpus-per-node 1",
         )
+        _require(
+            not (self.rollout.rollout_fp8 and (t.int4_qat or t.weight_sync_dtype == "int4")),
+            "--rollout-fp8 and int4 weights (--weight-sync-dtype int4, --int4-qat) exclude each other: "
+            "a rollout layer holds one format",
+        )
 
     # ---- derived values ------------------------------------------------------------------
     @property
