@@ -64,6 +64,7 @@ def test_due_versions_and_the_round_metrics(tmp_path):
     assert row["eval/b/accuracy"] == 0.5 and row["eval/b/pass@2"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_mesh_evaluates_at_zero_every_interval_and_the_end(tmp_path, redis_url):
     model = build_tiny_model(tmp_path / "model")

@@ -42,6 +42,7 @@ def test_the_tool_trajectory_copies_and_only_model_turns_are_trained():
     assert all(q.prompt.count("+") == 2 for q in sample_tool_problems(50, seed=0, split="eval"))
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_tool_demo_learns_to_call_the_calculator(tmp_path):
     run_dir = tmp_path / "demo-tool"
