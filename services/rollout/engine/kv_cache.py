@@ -102,10 +102,13 @@ class KVCache:
         self.v = _grown(self.v, slots, length)
         return True
 
-    def move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
-        """Copy whole slots src -> dst (index tensors [m]; the sets must not overlap)."""
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
+    def move(self, src: torch.Tensor, dst: torch.Tensor, length: int | None = None) -> None:
+        """Copy slots src -> dst (index tensors [m]; the sets must not overlap), their first
+        `length` positions (None: all): what lies past a sequence's length is never read, and
+        copying the whole capacity was most of a CPU rollout server's retire (issue 14)."""
+        n = self.capacity if length is None else min(length, self.capacity)
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
 
     def share(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         """Copy the first `length` positions of slots src -> dst: a prompt prefilled once for a group."""

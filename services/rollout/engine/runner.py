@@ -318,9 +318,10 @@ class ModelRunner:
             )
         keep, movers, holes = compaction(self.num_running, rows)
         if holes:
+            longest = int(s.length[movers].max())  # no mover has cached anything past it
             s.move(movers, holes)
             src, dst = torch.tensor(movers, device=self.device), torch.tensor(holes, device=self.device)
-            self.cache.move(src, dst)
+            self.cache.move(src, dst, longest)
             if self.speculator is not None:
                 self.speculator.move(src, dst)
         del s.requests[keep:]
