@@ -32,7 +32,7 @@ OTHER_TOOLS = {
                                  "--no-auth-warning"},
     "kubectl": {"--from-literal", "--from-file"},
     "torchrun": {"--nnodes", "--nproc-per-node", "--standalone"},
-    "pytest": {"--durations", "--noconftest"},
+    "pytest, pytest-xdist": {"--durations", "--noconftest", "--dist", "--no-loadscope-reorder"},
     # slime / Megatron / SGLang names that our flags' help gives as equivalents
     "slime, Megatron, SGLang": {"--calculate-per-token-loss", "--recompute-granularity",
                                 "--sglang-kv-cache-dtype"},
