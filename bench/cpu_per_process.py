@@ -1,7 +1,7 @@
 """Issue 14 / issue 20 item 5: where the mesh's CPU seconds go per training step, per process.
 
     .venv/bin/python bench/cpu_per_process.py [--only mesh trl] [--num-steps 30] [--skip-steps 5]
-        [--mesh-flags ...] [--out bench/results/cpu_per_process.json]
+        [--cpus 14,15] [--mesh-flags ...] [--out bench/results/cpu_per_process.json]
 
 Wall clocks on a shared 2-core box say more about the neighbours than about the code; CPU
 seconds (user + system, from /proc/<pid>/stat) mostly do not. This runs `slipstream train` with
@@ -249,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
         default=10.0,
         help="Seconds the trainer is stopped near the end to measure each process's idle CPU (0 = no probe).",
     )
+    p.add_argument(
+        "--cpus",
+        default="",
+        help="Pin the bench and every run to these cores (e.g. 14,15: a 2-core box on a big host).",
+    )
     p.add_argument("--label", default="", help="Key prefix in --out (e.g. before/after a change).")
     p.add_argument(
         "--mesh-flags", nargs=argparse.REMAINDER, default=[], help="Flags for every mesh run (last)."
@@ -258,8 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     bad = [n for n in args.only if n != "trl" and n not in lvt.VARIANTS]
     if bad:
         p.error(f"--only {bad[0]}: not a variant (trl, {', '.join(lvt.VARIANTS)})")
-    if args.skip_steps < 1 or args.num_steps <= args.skip_steps:
-        p.error("need 1 <= --skip-steps < --num-steps")
+    if args.skip_steps < 1 or args.num_steps < args.skip_steps + 3:
+        p.error(
+            "need --skip-steps >= 1 and --num-steps >= --skip-steps + 3 (the last two steps hold the idle probe)"
+        )
+    if args.cpus:  # inherited by every process the runs start
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     # What learn_vs_trl's helpers read: no checkpoints to score, no pinning.
     args.eval_every, args.trl_micro_batch_size, args.cpus_per_run = 10**6, 0, 0
     lvt.prepare(args.prep, args.prep_seed)
