@@ -165,7 +165,8 @@ def first(samples: dict, name: str) -> float | None:
 
 
 def wait_for(what: str, predicate, procs: list[Proc], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
+    """`predicate()` once true within `timeout` (an idle 2-core box's bound, scaled)."""
+    deadline = time.monotonic() + scaled(timeout)
     while time.monotonic() < deadline:
         if predicate():
             return
@@ -249,7 +250,7 @@ def test_compose_services_train_as_local_processes_and_rollout_scales(tmp_path):
             metrics = {p.name: scrape(p) for p in everyone}
             victim = started["rollout"][0]
             victim.popen.send_signal(signal.SIGSTOP)
-            time.sleep(3)
+            time.sleep(scaled(3))  # a loaded box's coordinator takes longer to hand it leases
             victim.popen.kill()
             victim.popen.wait()
             wait_for("the coordinator to see it gone", lambda: num_servers() == 2, [coordinator, trainer])
@@ -257,7 +258,7 @@ def test_compose_services_train_as_local_processes_and_rollout_scales(tmp_path):
             step_at_kill = trainer_step()
             wait_for("3 more steps", lambda: trainer_step() >= step_at_kill + 3, survivors)
             trainer.popen.send_signal(signal.SIGTERM)  # stops between steps, checkpoints, exits 0
-            assert trainer.popen.wait(timeout=120) == 0, trainer.tail()
+            assert trainer.popen.wait(timeout=scaled(120)) == 0, trainer.tail()
         finally:
             local.stop_all()
 
