@@ -149,3 +149,11 @@ def test_packed_micro_batches_give_the_draft_the_same_loss(model_dir):
     assert b["mtp_regression_loss"] == pytest.approx(a["mtp_regression_loss"], rel=1e-5)
     for k, v in padded.draft.state_dict().items():  # and the same update
         torch.testing.assert_close(packed.draft.state_dict()[k], v, atol=1e-5, rtol=1e-4)
+
+
+def test_sft_trains_the_draft_too(model_dir):
+    actor = Actor.from_config(_cfg(model_dir, loss_type="sft_loss", lr=3e-2))
+    draft_before = {k: v.clone() for k, v in actor.draft.state_dict().items()}
+    losses = [actor.train_sft(_samples()).metrics["mtp_loss"] for _ in range(5)]
+    assert losses[-1] < losses[0], losses
+    assert any(not torch.equal(v, draft_before[k]) for k, v in actor.draft.state_dict().items())

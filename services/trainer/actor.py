@@ -268,15 +268,18 @@ class Actor:
         attention = packed_causal_attention(p.cu_seqlens, p.max_len)
         return model(p.input_ids, positions=p.positions, attention=attention, head=head, **extra)
 
-    def log_probs(self, batch: Batch, model: torch.nn.Module | None = None, routing=None) -> torch.Tensor:
+    def log_probs(
+        self, batch: Batch, model: torch.nn.Module | None = None, routing=None, keep=None
+    ) -> torch.Tensor:
         """Per-token log-probs of `batch.targets` under the current (or given) weights, [B, T];
-        `routing`: a training forward's (default: the policy's for a pass without gradients)."""
+        `routing`: a training forward's (default: the policy's for a pass without gradients);
+        `keep`: receives the policy's hidden states (`_forward`)."""
         fn = compiled_token_log_probs if self.train.torch_compile else chunked_token_log_probs
         if model is not None and model is not self.compute:  # the reference routes itself
             return self._forward(model, batch, fn)
         if routing is None:
             routing = self.moe.routing(batch, training=False)
-        out = self._forward(self.compute, batch, fn, routing)
+        out = self._forward(self.compute, batch, fn, routing, keep)
         self.moe.forward_done(batch, routing)
         return out
 
@@ -391,8 +394,12 @@ class Actor:
 
         def loss(i: int, b: Batch, weights: torch.Tensor) -> torch.Tensor:
             routing = self.moe.routing(b, training=True)
-            lp = self.log_probs(b, routing=routing)
-            return sft_micro_batch_loss(lp, weights) + self.moe.training_terms(b, routing, weights, means)
+            keep = {} if self.draft is not None else None
+            lp = self.log_probs(b, routing=routing, keep=keep)
+            total = sft_micro_batch_loss(lp, weights) + self.moe.training_terms(b, routing, weights, means)
+            if self.draft is not None:  # SFT trains the draft alongside, as RL does
+                total = total + self.draft.loss(keep["hidden"], b, self.compute, weights, means)
+            return total
 
         return self._optimizer_steps(micro, steps_of_micro, loss, means)
 
