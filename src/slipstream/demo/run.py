@@ -78,10 +78,14 @@ def held_out_greedy(model_dir: str | Path) -> float:
 
 
 def main(argv: list[str]) -> int:
+    import argparse
+
     from slipstream.config import parse_config
 
-    moe = "--moe" in argv
-    argv = [a for a in argv if a != "--moe"]
+    demo_only = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    demo_only.add_argument("--moe", action="store_true", help="a tiny Qwen3-MoE with rollout routing replay")
+    known, argv = demo_only.parse_known_args(argv)
+    moe = known.moe
     run_dir = MOE_RUN_DIR if moe else DEMO_RUN_DIR
     for i, a in enumerate(argv):
         if a == "--run-dir" and i + 1 < len(argv):
