@@ -26,6 +26,8 @@ the train/rollout mean |log-prob difference| with the replay and without it
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from slipstream.config import TrainConfig
@@ -36,6 +38,7 @@ from .batch import Batch
 from .step_metrics import StepMeans
 
 PROBE_SAMPLES = 4
+log = logging.getLogger("slipstream.trainer")
 
 
 class MoERouting:
@@ -58,6 +61,7 @@ class MoERouting:
                     raise ValueError(f"{flag} needs a mixture-of-experts model; {model.model_type} is dense")
         self.aux_coef = model.router_aux_loss_coef if coef is None else coef
         self._kept: dict[int, torch.Tensor] = {}
+        self._warned = False
 
     @property
     def enabled(self) -> bool:
@@ -84,6 +88,12 @@ class MoERouting:
         if not self.enabled:
             return None
         replay = self._frame(batch) if self.rollout_replay else self._kept.get(id(batch))
+        if self.rollout_replay and replay is None and not self._warned:
+            self._warned = True
+            log.warning(
+                "--use-rollout-routing-replay: these samples carry no routed experts "
+                "(Sample.rollout_routed_experts); their tokens route themselves"
+            )
         layers = None if replay is None else [replay[..., i, :] for i in range(self.num_layers)]
         return Routing(replay=layers, keep_router_logits=training and self.aux_coef > 0)
 
