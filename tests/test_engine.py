@@ -192,6 +192,21 @@ def test_request_joining_mid_way_matches_running_alone(model):
     assert by_rid["a"].tokens == reference_greedy(model, prompt(12), 20)
 
 
+def test_a_survivor_moved_into_a_retired_slot_decodes_on(model):
+    """Slot 0 retires early; the last running slot, longer than it, moves into its place (the KV
+    cache copies the mover's cached positions, not the retired one's) and its greedy tokens
+    still match a full recompute."""
+    reqs = [
+        Request("short", prompt(3), 2, temperature=0.0),
+        Request("long", prompt(17, 1), 12, temperature=0.0),
+        Request("mover", prompt(9, 2), 12, temperature=0.0),
+    ]
+    engine = NativeEngine(model, eos_token_ids=[], max_batch_size=3)
+    results = {r.rid: r for r in engine.generate(reqs)}
+    for req in reqs:
+        assert results[req.rid].tokens == reference_greedy(model, req.tokens, req.max_new_tokens)
+
+
 def test_load_weights_mid_generation_versions_later_tokens(model):
     engine = NativeEngine(make_model(), eos_token_ids=[], policy_version=3)
     engine.add_request(Request("v", prompt(4), 10, temperature=0.0))
