@@ -100,7 +100,10 @@ def test_grouped_experts_on_the_gpu_bf16():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_engine_moe_decode_in_cuda_graphs_equals_eager():
+@pytest.mark.xfail(
+    strict=True, reason="failed on the H200 in session 5; MoE decodes eagerly (runner.MOE_CUDA_GRAPHS)"
+)
+def test_engine_moe_decode_in_cuda_graphs_equals_eager(monkeypatch):
     """bf16 on the GPU: graphed grouped-GEMM decode against the eager expert loop (same weights):
     the same greedy tokens and the same expert records, prompt positions included."""
     from slipstream.services.rollout.engine import NativeEngine, Request
@@ -108,6 +111,10 @@ def test_engine_moe_decode_in_cuda_graphs_equals_eager():
     if not available(torch.device("cuda"), torch.bfloat16):
         pytest.skip("grouped GEMM needs a Hopper GPU")
     prompts = [[(7 * j + 5 * i + 1) % 96 for j in range(n)] for i, n in enumerate([20, 3, 27, 9, 14])]
+
+    from slipstream.services.rollout.engine import runner
+
+    monkeypatch.setattr(runner, "MOE_CUDA_GRAPHS", True)  # the path under test, off by default
 
     def run(graphs: bool):
         model = init_model(ModelConfig(**MOE), seed=4).to("cuda", torch.bfloat16)
