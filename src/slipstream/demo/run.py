@@ -127,9 +127,9 @@ def main(argv: list[str]) -> int:
     import os
 
     from slipstream.launcher import run
-    from slipstream.placement import colocate_given
+    from slipstream.placement import given_fields
 
-    code = run(cfg, colocate_given=colocate_given([*demo_flags, *argv], os.environ))
+    code = run(cfg, given=given_fields([*demo_flags, *argv], os.environ))
     if code != 0:
         return code
     before = held_out_greedy(model_dir)
