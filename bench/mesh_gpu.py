@@ -89,7 +89,9 @@ def write_prompts(path: Path, n: int, length: int, vocab: int) -> None:
     rng = random.Random(7)
     with path.open("w") as f:
         for _ in range(n):
-            f.write(json.dumps({"prompt": " ".join(f"t{rng.randrange(vocab)}" for _ in range(length))}) + "\n")
+            f.write(
+                json.dumps({"prompt": " ".join(f"t{rng.randrange(vocab)}" for _ in range(length))}) + "\n"
+            )
 
 
 def mesh_run(name: str, flags: list[str], a, model: Path, prompts: Path, work: Path) -> dict:
@@ -109,14 +111,21 @@ def mesh_run(name: str, flags: list[str], a, model: Path, prompts: Path, work: P
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=a.timeout)
     wall = time.monotonic() - t0
     if proc.returncode != 0:
-        return {"variant": name, "error": f"exit {proc.returncode}", "tail": (proc.stdout + proc.stderr)[-3000:]}
+        return {
+            "variant": name,
+            "error": f"exit {proc.returncode}",
+            "tail": (proc.stdout + proc.stderr)[-3000:],
+        }
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     gaps = [b["elapsed_s"] - a_["elapsed_s"] for a_, b in zip(rows, rows[1:], strict=False)]
     steady = gaps[1:] or gaps  # the first gap carries the first version's push and compile
     timeline = json.loads((run_dir / "timeline.json").read_text())
     trainer_log = run_dir / "logs" / "trainer.log"
-    saves = [line.split("trainer")[-1].strip() for line in
-             (trainer_log.read_text().splitlines() if trainer_log.exists() else []) if "checkpoint step" in line]
+    saves = [
+        line.split("trainer")[-1].strip()
+        for line in (trainer_log.read_text().splitlines() if trainer_log.exists() else [])
+        if "checkpoint step" in line
+    ]
     placement = next((line for line in (proc.stdout + proc.stderr).splitlines() if "placement:" in line), "")
     out = {
         "variant": name,
@@ -140,7 +149,9 @@ def mesh_run(name: str, flags: list[str], a, model: Path, prompts: Path, work: P
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", nargs="+", default=["default", "default-sync", "no-colocate"], choices=list(VARIANTS))
+    p.add_argument(
+        "--variants", nargs="+", default=["default", "default-sync", "no-colocate"], choices=list(VARIANTS)
+    )
     p.add_argument("--steps", type=int, default=6, help="trainer steps per mesh run")
     p.add_argument("--parts-steps", type=int, default=3)
     p.add_argument("--skip-parts", action="store_true")

@@ -64,11 +64,11 @@ from slipstream.models.packed import packed_causal_attention
 from slipstream.types import Sample
 from slipstream.weights import weights_to_sync
 
+from . import lora
 from .batch import Batch, collate, pack, plan_micro_batches
 from .compiled_layers import split_layers
 from .draft import DraftTrainer, padded_hidden
 from .objective import micro_batch_loss, needs_reference, sft_micro_batch_loss, token_advantages
-from . import lora
 from .parallel import Parallel, full_model_state, init_parallel, shard_model, stream_layers
 from .precision import MasterWeights
 from .quantized import compute_weights

@@ -75,7 +75,9 @@ class Resolved:
     rollout_on: tuple[int | None, ...]  # one per rollout server
     colocate: bool  # what the services run with (config.json's cluster.colocate)
     chosen: bool = False  # colocate turned on by the launcher (not asked for, not refused)
-    one_server: bool = False  # the launcher ran one rollout server on the shared GPU, not --rollout-num-servers
+    one_server: bool = (
+        False  # the launcher ran one rollout server on the shared GPU, not --rollout-num-servers
+    )
 
     @property
     def transport(self) -> str:
@@ -101,7 +103,11 @@ class Resolved:
             )
         else:
             how = "colocated (--colocate)" if self.colocate else "not colocated"
-        one = "; one rollout server on the shared GPU (--rollout-num-servers sets more)" if self.one_server else ""
+        one = (
+            "; one rollout server on the shared GPU (--rollout-num-servers sets more)"
+            if self.one_server
+            else ""
+        )
         return f"placement: {where}; {how}; weights over {self.transport}{one}"
 
 
@@ -172,7 +178,7 @@ def visible_gpus(environ: Mapping[str, str] | None = None, dev: Path = Path("/de
     H200 before any service could start (issue 13 item 8). CUDA_VISIBLE_DEVICES lists indices or
     UUIDs up to the first invalid entry, as CUDA reads it; empty means none.
     """
-    nodes = sum(1 for p in dev.glob("nvidia*") if p.name[len("nvidia"):].isdigit())
+    nodes = sum(1 for p in dev.glob("nvidia*") if p.name[len("nvidia") :].isdigit())
     visible = (os.environ if environ is None else environ).get("CUDA_VISIBLE_DEVICES")
     if visible is None or not nodes:
         return nodes
