@@ -46,6 +46,8 @@ def test_core_never_imports_a_service():
     for path in (ROOT / "src" / "slipstream").rglob("*.py"):
         if path.name == "cli.py":  # dispatches to service entry points by name, lazily
             continue
+        if path.parent.name == "demo":  # an application on top, like cli.py: its warm start runs
+            continue  # the trainer's SFT (services/trainer/sft.py), imported inside the function
         text = path.read_text()
         if "from slipstream.services" in text or "import slipstream.services" in text:
             offenders.append(str(path.relative_to(ROOT)))
