@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import importlib
-import importlib.util
 import inspect
 import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from slipstream.services.reward import RewardConfigError
 from slipstream.types import Sample
+from slipstream.user_code import import_file
 
 
 def load_function(spec: str, flag: str = "--custom-rm-path") -> Callable[..., Any]:
@@ -49,7 +47,7 @@ def _load_function(spec: str) -> Callable[..., Any]:
         )
     try:
         if where.endswith(".py") or "/" in where:
-            module = _load_file(Path(where))
+            module = import_file(Path(where), "--custom-rm-path", RewardConfigError)
         else:
             module = importlib.import_module(where)
     except RewardConfigError:
@@ -62,21 +60,6 @@ def _load_function(spec: str) -> Callable[..., Any]:
     if not callable(fn):
         raise RewardConfigError(f"--custom-rm-path {spec}: {name!r} is not callable")
     return fn
-
-
-def _load_file(path: Path):
-    if not path.is_file():
-        raise RewardConfigError(f"--custom-rm-path {path}: no such file")
-    resolved = path.resolve()
-    # A stable, unique module name: two reward files both called reward.py do not collide.
-    mod_name = f"_slipstream_custom_rm_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
-    spec = importlib.util.spec_from_file_location(mod_name, resolved)
-    if spec is None or spec.loader is None:
-        raise RewardConfigError(f"--custom-rm-path {path}: not a loadable Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[mod_name] = module  # lets the file's dataclasses and pickling find their module
-    spec.loader.exec_module(module)
-    return module
 
 
 def reward_value(result: Any, args: argparse.Namespace) -> float:

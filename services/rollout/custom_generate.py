@@ -41,13 +41,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
-import hashlib
 import importlib
 import importlib.util
 import inspect
 import itertools
 import logging
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +56,7 @@ from slipstream.rpc.convert import SampleError, check_sample, sample_from_proto,
 from slipstream.services.rollout.http_api import BadRequest, HttpApi, answer, parse_generate
 from slipstream.services.rollout.worker import EngineWorker
 from slipstream.types import Sample, Status
+from slipstream.user_code import import_file
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,10 @@ def load_generate_function(spec: str) -> GenerateFn:
     if not where or not name:
         raise GenerateFunctionError(f"{FLAG} {spec}: expected module:function or path/to/file.py:function")
     try:
-        module = _load_file(Path(where)) if where.endswith(".py") else importlib.import_module(where)
+        if where.endswith(".py"):
+            module = import_file(Path(where), FLAG, GenerateFunctionError)
+        else:
+            module = importlib.import_module(where)
     except GenerateFunctionError:
         raise
     except Exception as e:  # noqa: BLE001 - whatever the user's module raises on import, one line
@@ -88,20 +90,6 @@ def load_generate_function(spec: str) -> GenerateFn:
     if not inspect.iscoroutinefunction(fn):
         raise GenerateFunctionError(f"{FLAG} {spec}: {where} has no async function {name!r}")
     return fn
-
-
-def _load_file(path: Path):
-    if not path.is_file():
-        raise GenerateFunctionError(f"{FLAG} {path}: no such file")
-    resolved = path.resolve()
-    name = f"_slipstream_generate_{resolved.stem}_{hashlib.sha1(str(resolved).encode()).hexdigest()[:8]}"
-    spec = importlib.util.spec_from_file_location(name, resolved)
-    if spec is None or spec.loader is None:
-        raise GenerateFunctionError(f"{FLAG} {path}: not a loadable Python file")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def sglang_sampling_params(sampling: types_pb2.SamplingParams, default_max_new_tokens: int) -> dict[str, Any]:
