@@ -203,3 +203,17 @@ class CausalLM(nn.Module):
         if head is not None:
             return head(hidden, self.lm_head.weight)
         return self.lm_head(hidden)
+
+
+def init_weights_(module: nn.Module, seed: int) -> None:
+    """Hugging Face's initialisation, reproducible: normal std 0.02 for matrices, ones for norms,
+    zeros for biases, drawn in parameter order from one generator seeded with `seed`."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)

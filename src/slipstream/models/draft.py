@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from slipstream.models.config import ModelConfig
-from slipstream.models.decoder import Attention, DecoderLayer, RMSNorm, causal_attention
+from slipstream.models.decoder import Attention, DecoderLayer, RMSNorm, causal_attention, init_weights_
 from slipstream.models.rope import rope_cos_sin
 
 NUM_LAYERS_KEY = "num_nextn_predict_layers"  # DeepSeek-V3's config.json key for its MTP depth
@@ -115,15 +115,7 @@ def init_draft(config: ModelConfig, num_layers: int, seed: int = DRAFT_SEED) -> 
     """A randomly initialised draft, the same on every process for the same seed (trainer and
     rollout servers start from the same version-0 draft without shipping it)."""
     draft = DraftHead(config, num_layers)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in draft.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+    init_weights_(draft, seed)
     return draft
 
 

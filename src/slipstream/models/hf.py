@@ -28,7 +28,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from slipstream.models.config import ModelConfig
-from slipstream.models.decoder import CausalLM
+from slipstream.models.decoder import CausalLM, init_weights_
 
 # Buffers some older exports carry; recomputed here, never needed from disk.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -188,15 +188,7 @@ def save_model(model: CausalLM, path: str | Path, state_dict: dict[str, torch.Te
 def init_model(config: ModelConfig, seed: int = 0) -> CausalLM:
     """A randomly initialised model (normal std 0.02 for matrices, ones for norms, like HF)."""
     model = CausalLM(config)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+    init_weights_(model, seed)
     return model
 
 
