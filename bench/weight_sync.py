@@ -81,7 +81,7 @@ async def _receive_push_before(messages, current_version: int) -> RelayedVersion
         if hashlib.sha256(c.data).hexdigest() != kept.manifest.chunk_sha256[received]:
             raise PushError(f"chunk {c.index}: sha256 does not match the manifest")
         received += 1
-        kept.append(msg, len(c.data))
+        kept.append(msg)
     if (
         kept is None
         or received != len(kept.manifest.chunk_sha256)

@@ -307,7 +307,7 @@ def test_the_coordinator_refuses_a_broken_push(edits):
         stored = asyncio.run(go())
     except PushError:
         return
-    # The coordinator checks hashes and order, not layout: what it lets through, the stager refuses.
+    # The coordinator checks order and count, not bytes or layout: what it lets through, the stager refuses.
     with pytest.raises(WeightError):
         _stage(stored.messages)
 

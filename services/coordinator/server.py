@@ -189,7 +189,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             self._notify(notice, notified)
 
         try:
-            stored = await receive_push(request_iterator, self.relay.floor, on_manifest=announce)
+            stored = await receive_push(
+                request_iterator, self.relay.floor, on_manifest=announce, byte_form_of=self.relay.byte_form_of
+            )
             self.relay.commit(stored)
         except PushError as e:
             self.relay.abandon(incoming)

@@ -1,36 +1,35 @@
 """The weight relay: the trainer pushes a version once, every rollout server pulls it.
 
-The coordinator never decodes weights. It checks what is cheap and catches a broken or
-confused push before it reaches N servers: the stream starts with a manifest, the version is
-newer than the one it holds, chunks arrive in order, each chunk's sha256 matches the
-manifest, and the byte count adds up. It keeps the *messages* of a version exactly as
-received, so `FetchWeights` streams them out unchanged and every server verifies the same
-bytes the trainer produced. Only the latest version is kept: a server told about version v
-that asks after v+1 landed gets NOT_FOUND and waits for the next notice.
+The coordinator never decodes weights, and never hashes them: each chunk's sha256 is made once,
+by the trainer's `pack` (on all its cores), and checked where integrity matters, by each rollout
+server's stager as the bytes arrive there (a chunk damaged on either hop fails it; the server
+fetches again). The relay checks what is cheap and catches a confused push before it reaches N
+servers: the stream starts with a manifest, the version is newer than the one it holds, chunks
+arrive in order and as many as the manifest lists. It keeps the *messages* of a version exactly
+as received, so `FetchWeights` streams them out unchanged and every server verifies the bytes
+the trainer produced. Only the latest version is kept: a server told about version v that asks
+after v+1 landed gets NOT_FOUND and waits for the next notice.
 
 Cut-through. A version is fetchable as soon as its manifest passed the checks (`RelayedVersion`
-is registered as the relay's `incoming` one): a fetch streams each chunk once the relay has
-verified it and waits for the next, so pushing and fetching overlap instead of adding up. The
-fetch stream *ends* only when the push did: cleanly once the version is committed, or with
-`PushError` (a gRPC error to the fetcher) when the push broke off or was refused, so a server
-never sees a complete stream of a version that did not land, and keeps its old one.
+is registered as the relay's `incoming` one): a fetch streams each chunk as soon as it is here
+and waits for the next, so pushing and fetching overlap instead of adding up. The fetch stream
+*ends* only when the push did: cleanly once the version is committed, or with `PushError` (a
+gRPC error to the fetcher) when the push broke off or was refused, so a server never sees a
+complete stream of a version that did not land, and keeps its old one.
 
-Hashing runs on the shared sha256 thread pool (hashlib drops the GIL), up to `_WINDOW` chunks
-in flight, so the event loop keeps receiving while earlier chunks are checked; chunks are
-released to fetchers in order, only after their hash matched.
+By reference. A version whose bytes travel another way (shared memory on one host, `weights.shm`)
+is a manifest plus one small document chunk. Its byte form may follow as a second push of the
+*same* version (`WeightRelay.floor`): the trainer sends it when a server cannot open the reference
+(another host), and it replaces the held messages, so later fetches stream bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 
 from slipstream.proto import types_pb2
-from slipstream.weights.packer import hash_pool
-
-_WINDOW = 16  # chunk hashes in flight (16 x 8 MiB held until checked)
+from slipstream.weights.packer import by_reference
 
 
 class PushError(ValueError):
@@ -43,24 +42,32 @@ class VersionNotNewer(PushError):
 
 
 class RelayedVersion:
-    """One version as the relay holds it: its checked messages so far, and how its push ended."""
+    """One version as the relay holds it: its messages so far, and how its push ended."""
 
     def __init__(self, manifest_msg: types_pb2.WeightMessage) -> None:
         self.manifest = manifest_msg.manifest
         self.version = self.manifest.version
         self.messages: list[types_pb2.WeightMessage] = [manifest_msg]  # manifest, then chunks in order
-        self.total_bytes = 0
         self.committed = False
         self.error = ""  # why the push failed ('' while in flight or once committed)
         self._wake = asyncio.Event()
 
     @property
+    def total_bytes(self) -> int:
+        """What the manifest says its chunks hold (each server checks them against it)."""
+        return self.manifest.total_bytes
+
+    @property
+    def by_reference(self) -> bool:
+        """Its bytes travel another way (the one chunk is a document saying where)."""
+        return by_reference(self.manifest.format)
+
+    @property
     def ended(self) -> bool:
         return self.committed or bool(self.error)
 
-    def append(self, msg: types_pb2.WeightMessage, nbytes: int) -> None:
+    def append(self, msg: types_pb2.WeightMessage) -> None:
         self.messages.append(msg)
-        self.total_bytes += nbytes
         self._notify()
 
     def commit(self) -> None:
@@ -73,7 +80,7 @@ class RelayedVersion:
             self._notify()
 
     async def stream(self) -> AsyncIterator[types_pb2.WeightMessage]:
-        """Every message, each as soon as it is checked; raises `PushError` if the push fails."""
+        """Every message, each as soon as it is here; raises `PushError` if the push fails."""
         sent = 0
         while True:
             while sent < len(self.messages):
@@ -91,20 +98,18 @@ class RelayedVersion:
         self._wake = asyncio.Event()
 
 
-def _sha256(msg: types_pb2.WeightMessage) -> tuple[str, int]:
-    data = msg.chunk.data  # a copy out of the message (upb): taken once, here, off the event loop
-    return hashlib.sha256(data).hexdigest(), len(data)
-
-
 async def receive_push(
     messages: AsyncIterator[types_pb2.WeightMessage],
     current_version: int,
     on_manifest: Callable[[RelayedVersion], None] | None = None,
+    byte_form_of: RelayedVersion | None = None,
 ) -> RelayedVersion:
     """Read and check one push stream; raise `PushError` on the first thing that is wrong.
 
-    `on_manifest(version)` is called once the manifest passed its checks, so the version can be
-    fetched while it arrives. The result is not committed: the caller commits it (or fails it)."""
+    A push must carry a version above `current_version` (the relay's `floor`), or be the byte form of `byte_form_of` (a held
+    by-reference version: same version, same tensors). `on_manifest(version)` is called once the
+    manifest passed its checks, so the version can be fetched while it arrives. The result is not
+    committed: the caller commits it (or fails it)."""
     incoming: RelayedVersion | None = None
 
     def begin(version: RelayedVersion) -> None:
@@ -114,7 +119,7 @@ async def receive_push(
             on_manifest(version)
 
     try:
-        return await _receive(messages, current_version, begin)
+        return await _receive(messages, current_version, byte_form_of, begin)
     except PushError as e:
         if incoming is not None:
             incoming.fail(str(e))
@@ -125,78 +130,44 @@ async def receive_push(
         raise
 
 
-async def _receive(messages, current_version, on_manifest) -> RelayedVersion:
-    loop = asyncio.get_running_loop()
+def _check_manifest(m: types_pb2.WeightManifest, floor: int, byte_form_of: RelayedVersion | None) -> None:
+    if m.version > floor:
+        return
+    held = byte_form_of.manifest if byte_form_of is not None else None
+    if held is not None and m.version == held.version and not by_reference(m.format):
+        if list(m.tensors) != list(held.tensors) or m.model_fingerprint != held.model_fingerprint:
+            raise PushError(f"the byte form of version {m.version} lists other tensors than the version held")
+        return
+    raise VersionNotNewer(f"version {m.version} is not newer than the current {floor}")
+
+
+async def _receive(messages, floor, byte_form_of, on_manifest) -> RelayedVersion:
     incoming: RelayedVersion | None = None
-    pending: deque[tuple[types_pb2.WeightMessage, asyncio.Future]] = deque()
-    received = 0  # chunks received (checked or not)
-    failure = ""
-
-    def release(_: object = None) -> None:
-        """Hand the checked chunks at the head to fetchers, in order (runs as each hash finishes,
-        so a chunk goes on without waiting for the next one to arrive)."""
-        nonlocal failure
-        while pending and pending[0][1].done() and not failure:
-            msg, future = pending.popleft()
-            if future.cancelled():
-                return
-            digest, nbytes = future.result()
-            if digest != incoming.manifest.chunk_sha256[msg.chunk.index]:
-                failure = f"chunk {msg.chunk.index}: sha256 does not match the manifest"
-                incoming.fail(failure)  # its fetchers hear of it now, not at the end of the push
-                return
-            incoming.append(msg, nbytes)
-
-    try:
-        async for msg in messages:
-            if failure:
-                raise PushError(failure)
-            kind = msg.WhichOneof("kind")
-            if incoming is None:
-                if kind != "manifest":
-                    raise PushError("a weight push must start with its manifest")
-                if msg.manifest.version <= current_version:
-                    raise VersionNotNewer(
-                        f"version {msg.manifest.version} is not newer than the current {current_version}"
-                    )
-                incoming = RelayedVersion(msg)
-                on_manifest(incoming)  # from here on, a push that fails fails its fetchers
-                continue
-            if kind != "chunk":
-                raise PushError(f"unexpected {kind or 'empty'} message after the manifest")
-            chunk, manifest = msg.chunk, incoming.manifest
-            if chunk.version != manifest.version:
-                raise PushError(
-                    f"chunk {chunk.index} has version {chunk.version}, manifest {manifest.version}"
-                )
-            if chunk.index != received:
-                raise PushError(f"chunk {chunk.index} out of order (expected {received})")
-            if received >= len(manifest.chunk_sha256):
-                raise PushError(
-                    f"chunk {chunk.index} beyond the manifest's {len(manifest.chunk_sha256)} chunks"
-                )
-            received += 1
-            future = loop.run_in_executor(hash_pool(), _sha256, msg)
-            future.add_done_callback(release)
-            pending.append((msg, future))
-            if len(pending) > _WINDOW:  # bounds the chunks held only for their check
-                await asyncio.wait([pending[0][1]])
-                release()
+    async for msg in messages:
+        kind = msg.WhichOneof("kind")
         if incoming is None:
-            raise PushError("empty weight push")
-        if pending:
-            await asyncio.wait([f for _, f in pending])
-            release()
-        if failure:
-            raise PushError(failure)
-    finally:
-        for _, future in pending:
-            future.cancel()
-    manifest = incoming.manifest
-    if received != len(manifest.chunk_sha256):
-        raise PushError(f"got {received} chunks, the manifest lists {len(manifest.chunk_sha256)}")
-    if incoming.total_bytes != manifest.total_bytes:
-        raise PushError(f"got {incoming.total_bytes} bytes, the manifest says {manifest.total_bytes}")
+            if kind != "manifest":
+                raise PushError("a weight push must start with its manifest")
+            _check_manifest(msg.manifest, floor, byte_form_of)
+            incoming = RelayedVersion(msg)
+            on_manifest(incoming)  # from here on, a push that fails fails its fetchers
+            continue
+        if kind != "chunk":
+            raise PushError(f"unexpected {kind or 'empty'} message after the manifest")
+        chunk, manifest = msg.chunk, incoming.manifest
+        if chunk.version != manifest.version:
+            raise PushError(f"chunk {chunk.index} has version {chunk.version}, manifest {manifest.version}")
+        received = len(incoming.messages) - 1
+        if chunk.index != received:
+            raise PushError(f"chunk {chunk.index} out of order (expected {received})")
+        if received >= len(manifest.chunk_sha256):
+            raise PushError(f"chunk {chunk.index} beyond the manifest's {len(manifest.chunk_sha256)} chunks")
+        incoming.append(msg)  # fetchers stream it now; each server checks its length and sha256
+    if incoming is None:
+        raise PushError("empty weight push")
+    received = len(incoming.messages) - 1
+    if received != len(incoming.manifest.chunk_sha256):
+        raise PushError(f"got {received} chunks, the manifest lists {len(incoming.manifest.chunk_sha256)}")
     return incoming
 
 
@@ -225,8 +196,15 @@ class WeightRelay:
 
     @property
     def floor(self) -> int:
-        """A push must carry a version greater than this."""
+        """A push must carry a version greater than this (or be `byte_form_of`'s byte form)."""
         return self.version if self.held else self.version - 1
+
+    @property
+    def byte_form_of(self) -> RelayedVersion | None:
+        """The held version when it is by reference: its byte form may still be pushed."""
+        if self.latest is not None and self.latest.by_reference and self.latest.version == self.version:
+            return self.latest
+        return None
 
     def begin(self, incoming: RelayedVersion) -> None:
         """A push's manifest passed: fetches of its version stream it while it arrives. (A push
@@ -237,7 +215,9 @@ class WeightRelay:
         # Re-checked here: two pushes may have been received concurrently.
         if self.incoming is stored:
             self.incoming = None
-        if stored.version <= self.floor:
+        held = self.byte_form_of
+        byte_form = held is not None and stored.version == held.version and not stored.by_reference
+        if stored.version <= self.floor and not byte_form:
             stored.fail("a concurrent push landed first")
             raise VersionNotNewer(f"version {stored.version} is not newer than the current {self.version}")
         self.latest = stored

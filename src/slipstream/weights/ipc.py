@@ -41,9 +41,8 @@ from typing import Literal
 import torch
 
 from slipstream.proto import types_pb2
-from slipstream.weights.packer import FORMATS, WeightError, fill, plan
+from slipstream.weights.packer import FORMATS, IPC_SUFFIX, WeightError, fill, plan
 
-IPC_SUFFIX = "+cuda-ipc"
 HEADER_BYTES = 64
 MAX_DOC_BYTES = 64 * 1024
 MAGIC = 0x534C_4950_5743_3031  # "SLIPWC01"

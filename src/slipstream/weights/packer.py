@@ -49,6 +49,9 @@ from slipstream.quant import (
 )
 
 FORMATS = {"fp8": "fp8-block128", "bf16": "bf16", "int4": "int4-group128"}
+# A version whose bytes travel another way has one chunk, a document saying where: CUDA IPC
+# handles (`ipc.py`, colocated on a GPU) or a shared-memory file (`shm.py`, one host).
+IPC_SUFFIX, SHM_SUFFIX = "+cuda-ipc", "+shm"
 SCALE_SUFFIX = "_scale_inv"  # FP8: w = q * scale_inv (DeepSeek-V3)
 INT4_SCALE_SUFFIX = "_scale"  # int4: w = q * scale (compressed-tensors' name)
 ALIGN = 64
@@ -72,11 +75,17 @@ class WeightError(ValueError):
 
 
 def hash_pool() -> ThreadPoolExecutor:
-    """Threads for sha256 over chunks, shared by writer and reader (hashlib drops the GIL)."""
+    """Threads for sha256 over chunks, one per core this process may run on (hashlib drops the
+    GIL): the trainer hashes each chunk once, each rollout server checks each chunk once."""
     global _pool
     if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="sha256")
+        _pool = ThreadPoolExecutor(max_workers=len(os.sched_getaffinity(0)), thread_name_prefix="sha256")
     return _pool
+
+
+def by_reference(fmt: str) -> bool:
+    """Whether a manifest's format names a version whose one chunk is a document, not bytes."""
+    return fmt.endswith((IPC_SUFFIX, SHM_SUFFIX))
 
 
 def model_fingerprint(named_shapes: Iterable[tuple[str, Sequence[int]]]) -> str:
@@ -217,6 +226,12 @@ def _device_of(pieces: list[tuple[int, torch.Tensor, int, str]]) -> torch.device
 def _cut(view: memoryview, start: int, end: int) -> tuple[bytes, str]:
     data = view[start:end].tobytes()
     return data, hashlib.sha256(data).hexdigest()
+
+
+def chunk_hashes(view: memoryview, chunk_bytes: int) -> list[str]:
+    """The sha256 of each `chunk_bytes` slice of `view`, on all cores, without copying."""
+    starts = range(0, len(view), chunk_bytes)
+    return list(hash_pool().map(lambda i: hashlib.sha256(view[i : i + chunk_bytes]).hexdigest(), starts))
 
 
 def pack(
