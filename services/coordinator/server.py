@@ -112,6 +112,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             )
         server_id = hello.server_id or context.peer()
         conn = self.streams.attach(server_id, hello.max_concurrent_samples, hello.policy_version)
+        conn.host_id = hello.host_id
         log.info(
             "rollout server %s attached (capacity %d, version %d)",
             server_id,
@@ -162,6 +163,9 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                 log.info("%s serves version %d (%.2fs)", conn.server_id, w.version, w.seconds)
             else:
                 log.warning("%s could not apply version %d: %s", conn.server_id, w.version, w.error)
+                held = self.relay.byte_form_of
+                if conn.host_id and held is not None and held.version == w.version:
+                    conn.host_id = ""  # it cannot read versions by reference: the trainer sends bytes
         else:
             log.warning("ignoring an unexpected %s event from %s", kind, conn.server_id)
 
@@ -293,6 +297,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
                     max_concurrent=conn.max_concurrent,
                     idle_fraction=conn.idle_s / conn.uptime_s if conn.uptime_s > 0 else 0.0,
                     seconds_since_heard=now - conn.last_seen,
+                    host_id=conn.host_id,
                 )
                 for conn in self.streams.conns.values()
             ],

@@ -46,6 +46,7 @@ class Attached:
     uptime_s: float = 0.0  # seconds since its first heartbeat on this stream
     idle_base: tuple[float, float] | None = None  # (idle, uptime) of that first heartbeat
     last_seen: float = field(default_factory=time.monotonic)  # its last event: the lease clock
+    host_id: str = ""  # its Hello's: the trainer writes weights to /dev/shm when all share its host
 
     def on_heartbeat(self, hb: coordinator_pb2.Heartbeat) -> None:
         self.version = hb.policy_version

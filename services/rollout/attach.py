@@ -133,6 +133,8 @@ class CoordinatorClient:
 
     async def _attach_once(self) -> str:
         """One Attach stream, until it ends; returns why it ended."""
+        from slipstream.weights.shm import host_id
+
         outbox: asyncio.Queue = asyncio.Queue()
         outbox.put_nowait(
             coordinator_pb2.RolloutEvent(
@@ -140,6 +142,7 @@ class CoordinatorClient:
                     server_id=self.settings.server_id,
                     policy_version=self.worker.policy_version,
                     max_concurrent_samples=self.settings.max_concurrent_samples,
+                    host_id=host_id(),
                 )
             )
         )

@@ -3,11 +3,12 @@
 A version is streamed from the coordinator (`FetchWeights`) into a fresh
 `slipstream.weights.WeightStager`, which checks the manifest against the model before any byte,
 then every chunk's length and hash, and decodes the tensors where the engine computes (one
-host-to-GPU copy of the blob, then FP8 dequantized on the GPU; a colocated CUDA IPC version is
-opened there too). Only a version staged whole comes back; nothing half-staged is ever handed on.
+host-to-GPU copy of the blob, then FP8 dequantized on the GPU; a version by reference, a CUDA
+IPC handle or a shared-memory file on this host, is opened there too). Only a version staged
+whole comes back; nothing half-staged is ever handed on.
 
 A fetch that breaks — the connection cut, the coordinator briefly away, bytes damaged in transit
-(the coordinator verified them when they were pushed) — is fetched again from scratch, up to
+(the trainer hashed them; this server is where they are checked) — is fetched again from scratch, up to
 `FETCH_ATTEMPTS` times with backoff within `WEIGHT_FETCH_TIMEOUT`. A refusal a second fetch
 cannot cure (NOT_FOUND: a newer version replaced it; auth; a manifest that does not match the
 model) ends it at once, and so does a newer version's notice or the server stopping. The caller
@@ -125,7 +126,8 @@ class WeightFetcher:
 
     async def _fetch_once(self, version: int, current: int, deadline: float) -> Staged:
         """One FetchWeights stream into a fresh stager, or `_AttemptFailed`."""
-        from slipstream.weights import WeightError, WeightStager, ipc
+        from slipstream.weights import WeightError, WeightStager
+        from slipstream.weights.packer import by_reference
 
         stager = WeightStager(
             self.expected_shapes, current, device=self.device, dtype=self.dtype,
@@ -141,9 +143,11 @@ class WeightFetcher:
             # The stager checks the manifest against the model before any byte: a refusal there
             # is final. What fails after it (a chunk's hash or length, chunks missing) is the
             # bytes, which the coordinator verified when they were pushed: damaged or cut in
-            # transit, so a second fetch can succeed. (A CUDA IPC handle is not bytes in transit.)
-            colocated = stager.format.endswith(ipc.IPC_SUFFIX)
-            return _AttemptFailed(str(e), transient=bool(stager.format) and not colocated, kind="bytes")
+            # transit, so a second fetch can succeed. A version by reference (a CUDA IPC handle, a
+            # shared-memory file) is not bytes in transit: the trainer sends its byte form instead.
+            return _AttemptFailed(
+                str(e), transient=bool(stager.format) and not by_reference(stager.format), kind="bytes"
+            )
 
         try:
             async for msg in call:

@@ -129,7 +129,7 @@ class Trainer:
             self.coordinator, cfg.train.effective_weight_sync_dtype(actor.device.type, cfg.cluster.colocate),
             infra.rpc_timeout, self.reconnect,
             colocate=cfg.cluster.colocate and actor.device.type == "cuda",
-            int4_targets=cfg.train.int4_qat_targets,
+            int4_targets=cfg.train.int4_qat_targets, weight_transport=cfg.train.weight_transport,
         )  # fmt: skip
         self.versions = Versions(pusher, cfg.train.update_weights_interval)
         self.gather = weight_gather(actor)
@@ -166,6 +166,7 @@ class Trainer:
             self.summarize()
         finally:
             self.buffer.close()
+            self.versions.pusher.close()  # its /dev/shm files (servers that mapped one keep it)
             self.channel.close()
             self.sinks.close()
 

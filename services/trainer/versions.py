@@ -54,6 +54,7 @@ class Versions:
 
     def _startup_version(self, version: int) -> int | None:
         status = self.pusher.status()
+        self.pusher.after_status(status)  # which servers are attached, and where
         if status.policy_version > version:
             log.info(
                 "coordinator is at v%d, ahead of this checkpoint's v%d: pushing these weights as v%d",
@@ -73,9 +74,10 @@ class Versions:
         return version + 1, seconds
 
     def after_report(self, status: coordinator_pb2.CoordinatorStatus, version: int) -> int:
-        """Free confirmed IPC buffers, push again to a coordinator that lost its weights, adopt a
-        newer coordinator version; returns the trainer's version."""
-        self.pusher.confirm(status)
+        """Free confirmed IPC buffers and /dev/shm files (bytes to a server that cannot map them), push
+        again to a coordinator that lost its weights, adopt a newer coordinator version; returns the
+        trainer's version."""
+        self.pusher.after_status(status)
         if not status.weights_held and self.pusher.version and status.policy_version <= self.pusher.version:
             self.pusher.push_again()  # the coordinator restarted and kept only the version number
         if status.policy_version > version:  # another pusher, or a lost future

@@ -2,7 +2,12 @@
 
 The weights are packed in the wire format of `slipstream.weights` (FP8 e4m3 with 128x128
 block scales by default; int4 for the --int4-qat-targets weights under --weight-sync-dtype int4)
-and streamed as one manifest followed by chunks.
+and streamed as one manifest followed by chunks. How the bytes travel is --weight-transport
+(`transport` below): through the coordinator, or by reference: CUDA IPC handles when colocated
+on a GPU, a /dev/shm file when every rollout server is on this host (their Hello says theirs).
+A server that cannot open a version by reference (another host, a private /dev/shm) gets that
+version's byte form, pushed as the same version (`after_status`), and bytes are pushed from then
+on while it is attached; said once per server.
 
 A push survives a coordinator restart. PushWeights is not idempotent (a version is accepted
 once), so a push whose reply was lost (UNAVAILABLE) is not simply repeated: GetStatus says
@@ -25,7 +30,9 @@ import grpc
 import torch
 
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, types_pb2
-from slipstream.weights import IpcExporter, iter_messages, pack
+from slipstream.weights import IpcExporter, WeightError, iter_messages, pack
+from slipstream.weights.packer import SHM_SUFFIX
+from slipstream.weights.shm import ShmExporter, host_id
 
 from .reconnect import Reconnect, Unreachable, describe, retryable
 
@@ -34,6 +41,16 @@ log = logging.getLogger("slipstream.trainer")
 
 class VersionHeld(RuntimeError):
     """The coordinator already holds this version or a newer one (ALREADY_EXISTS)."""
+
+
+def transport(requested: str, colocated_gpu: bool) -> str:
+    """--weight-transport resolved for this trainer: auto = ipc colocated on a GPU, else shm (which
+    pushes bytes while a server is elsewhere); ipc needs the colocated GPU."""
+    if requested == "ipc" and not colocated_gpu:
+        raise ValueError("--weight-transport ipc needs the trainer on the rollout servers' GPU (--colocate)")
+    if requested == "auto":
+        return "ipc" if colocated_gpu else "shm"
+    return requested
 
 
 class WeightPusher:
@@ -46,13 +63,18 @@ class WeightPusher:
         what: str = "coordinator",
         colocate: bool = False,
         int4_targets: str = "auto",
+        weight_transport: str = "auto",
     ):
         self.int4_targets = int4_targets  # --int4-qat-targets: the int4 format's int4 weights
         self.stub, self.fmt, self.timeout, self.reconnect, self.what = stub, fmt, timeout, reconnect, what
         self.last: tuple[types_pb2.WeightManifest, list[bytes]] | None = None  # the last version pushed
-        # --colocate on a GPU: a version travels as CUDA IPC handles of a device buffer this process
-        # keeps until every rollout server serves it (`confirm`); the same manifest and protocol.
-        self.ipc = IpcExporter() if colocate else None
+        self.transport = transport(weight_transport, colocate)
+        # ipc: a version travels as CUDA IPC handles of a device buffer this process keeps until
+        # every rollout server serves it (`after_status`); the same manifest and protocol.
+        self.ipc = IpcExporter() if self.transport == "ipc" else None
+        self.host = host_id() if self.transport == "shm" else ""
+        self.shm = ShmExporter() if self.host else None
+        self.elsewhere: set[str] = set()  # servers that cannot read this host's /dev/shm (said once each)
 
     @property
     def version(self) -> int:
@@ -64,11 +86,12 @@ class WeightPusher:
         # `pack` quantizes where the tensors are (on the GPU for a GPU trainer) and copies each
         # result to the host once; copying the full-precision weights first would double the traffic.
         weights = {k: v.detach() for k, v in state_dict.items()}
-        self.last = (
-            self.ipc.pack(weights, version, self.fmt, self.int4_targets)
-            if self.ipc
-            else pack(weights, version, self.fmt, int4_targets=self.int4_targets)
-        )
+        if self.ipc:
+            self.last = self.ipc.pack(weights, version, self.fmt, self.int4_targets)
+        elif self.shm and not self.elsewhere:
+            self.last = self.shm.pack(weights, version, self.fmt, self.int4_targets)
+        else:
+            self.last = pack(weights, version, self.fmt, int4_targets=self.int4_targets)
         if send:
             self._send()
         return time.perf_counter() - t0, self.last[0].total_bytes
@@ -83,10 +106,43 @@ class WeightPusher:
         except VersionHeld:
             log.info("coordinator already holds v%d", self.version)  # another report got there first
 
-    def confirm(self, status: coordinator_pb2.CoordinatorStatus) -> None:
-        """Free the IPC buffers of versions every rollout server now serves."""
-        if self.ipc is not None and status.server_versions:
-            self.ipc.confirm(min(status.server_versions.values()))
+    def after_status(self, status: coordinator_pb2.CoordinatorStatus) -> None:
+        """Free the buffers and files of versions every rollout server now serves; when a server
+        cannot read this host's /dev/shm, push the current version's byte form (and bytes after)."""
+        if status.server_versions:
+            for exporter in (self.ipc, self.shm):
+                if exporter is not None:
+                    exporter.confirm(min(status.server_versions.values()))
+        if self.shm is None:
+            return
+        attached = {s.server_id for s in status.servers}
+        self.elsewhere &= attached  # a server that left no longer holds the rest back
+        for s in status.servers:
+            if s.host_id != self.host and s.server_id not in self.elsewhere:
+                self.elsewhere.add(s.server_id)
+                log.warning(
+                    "rollout server %s is not on this host or cannot open its /dev/shm (host %r): "
+                    "weights go to it as bytes", s.server_id, s.host_id,
+                )  # fmt: skip
+        if self.elsewhere and self.last is not None and self.last[0].format.endswith(SHM_SUFFIX):
+            manifest = self.last[0]
+            try:
+                self.last = self.shm.byte_form(manifest)
+            except WeightError as e:
+                log.warning("cannot push the byte form of v%d: %s", manifest.version, e)
+                return
+            log.info(
+                "pushing v%d again as bytes, for %s", manifest.version, ", ".join(sorted(self.elsewhere))
+            )
+            try:
+                self._send()
+            except VersionHeld:
+                log.info("coordinator holds a newer version than v%d", manifest.version)
+
+    def close(self) -> None:
+        """Release what the versions by reference hold (the /dev/shm files)."""
+        if self.shm is not None:
+            self.shm.close()
 
     def status(self) -> coordinator_pb2.CoordinatorStatus:
         return self.reconnect.call(

@@ -538,6 +538,15 @@ class TrainConfig:
         "push is not what a step waits on, and the rounding costs the sampler's agreement with the "
         "trainer). (Slipstream)",
     )
+    weight_transport: Literal["auto", "bytes", "shm", "ipc"] = opt(
+        "auto",
+        "How a weights version's bytes reach the rollout servers (the manifest, versions and hashes "
+        "always go over gRPC): bytes (streamed through the coordinator), shm (written once to a "
+        "/dev/shm file every server on the trainer's host maps; bytes for a server elsewhere), ipc "
+        "(CUDA IPC handles of the trainer's GPU buffer; needs --colocate on a GPU). auto = ipc when "
+        "colocated on a GPU, shm when every rollout server is on the trainer's host, else bytes. "
+        "(Slipstream)",
+    )
     enable_mtp_training: bool = opt(
         False,
         "Train the --mtp-num-layers draft head online on the rollout tokens (its own optimizer "
@@ -915,6 +924,11 @@ class Config:
             not (self.rollout.rollout_fp8 and (t.int4_qat or t.weight_sync_dtype == "int4")),
             "--rollout-fp8 and int4 weights (--weight-sync-dtype int4, --int4-qat) exclude each other: "
             "a rollout layer holds one format",
+        )
+        _require(
+            t.weight_transport != "ipc" or self.cluster.colocate,
+            "--weight-transport ipc shares the trainer's GPU buffer with rollout servers on that GPU: "
+            "it needs --colocate",
         )
 
     # ---- derived values ------------------------------------------------------------------

@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("server_id", "policy_version", "max_concurrent_samples")
+    __slots__ = ("server_id", "policy_version", "max_concurrent_samples", "host_id")
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
     server_id: str
     policy_version: int
     max_concurrent_samples: int
-    def __init__(self, server_id: _Optional[str] = ..., policy_version: _Optional[int] = ..., max_concurrent_samples: _Optional[int] = ...) -> None: ...
+    host_id: str
+    def __init__(self, server_id: _Optional[str] = ..., policy_version: _Optional[int] = ..., max_concurrent_samples: _Optional[int] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class SampleResult(_message.Message):
     __slots__ = ("work_id", "lease_epoch", "sample")
@@ -185,20 +187,22 @@ class BufferStatus(_message.Message):
     def __init__(self, num_groups: _Optional[int] = ..., num_pending: _Optional[int] = ...) -> None: ...
 
 class RolloutServerStatus(_message.Message):
-    __slots__ = ("server_id", "policy_version", "num_in_flight", "max_concurrent", "idle_fraction", "seconds_since_heard")
+    __slots__ = ("server_id", "policy_version", "num_in_flight", "max_concurrent", "idle_fraction", "seconds_since_heard", "host_id")
     SERVER_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_FIELD_NUMBER: _ClassVar[int]
     IDLE_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SECONDS_SINCE_HEARD_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
     server_id: str
     policy_version: int
     num_in_flight: int
     max_concurrent: int
     idle_fraction: float
     seconds_since_heard: float
-    def __init__(self, server_id: _Optional[str] = ..., policy_version: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., idle_fraction: _Optional[float] = ..., seconds_since_heard: _Optional[float] = ...) -> None: ...
+    host_id: str
+    def __init__(self, server_id: _Optional[str] = ..., policy_version: _Optional[int] = ..., num_in_flight: _Optional[int] = ..., max_concurrent: _Optional[int] = ..., idle_fraction: _Optional[float] = ..., seconds_since_heard: _Optional[float] = ..., host_id: _Optional[str] = ...) -> None: ...
 
 class JournalGroup(_message.Message):
     __slots__ = ("group_id", "samples", "results", "version", "deadline", "parked")

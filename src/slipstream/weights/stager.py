@@ -17,9 +17,13 @@ and nothing is decoded before all have passed). With `device="cuda"` the blob is
 pinned memory, crosses to the GPU in one copy and is dequantized there, every FP8 matrix in one
 kernel launch; tensors already in the wanted dtype are views of the staged blob, not copies.
 
-A colocated version (format "<fmt>+cuda-ipc", `ipc.py`) is the same manifest with one chunk: a
-JSON document holding the CUDA IPC handle of the sender's device buffer. `finish()` opens it,
-copies the payload into this process's own memory, and decodes that exactly like the byte path.
+A version by reference is the same manifest with one chunk, a JSON document saying where the
+bytes are. Colocated (format "<fmt>+cuda-ipc", `ipc.py`): the CUDA IPC handle of the sender's
+device buffer; `finish()` copies the payload into this process's own GPU memory. On one host
+("<fmt>+shm", `shm.py`): a shared-memory file; `finish()` maps it read-only and checks each
+chunk's sha256 (listed in the document) on all cores. Either blob is decoded exactly like the
+byte path's; from a shared-memory file, tensors already in `dtype` are read-only views of it (the
+engine copies them into its parameters).
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ import torch
 from slipstream.kernels import fp8_block
 from slipstream.proto import types_pb2
 from slipstream.quant import BLOCK, GROUP, dequantize_blockwise, dequantize_int4, packed_shapes, scale_shape
-from slipstream.weights import ipc
+from slipstream.weights import ipc, shm
 from slipstream.weights.packer import (
     ALIGN,
     FORMATS,
+    IPC_SUFFIX,
+    SHM_SUFFIX,
     WIRE_DTYPES,
     WeightError,
+    by_reference,
     hash_pool,
     model_fingerprint,
     wire_nbytes,
@@ -80,7 +87,7 @@ class WeightStager:
         self.keep_int4, self.keep_fp8 = keep_int4, keep_fp8
         self._fingerprint = model_fingerprint(self.expected_shapes.items())
         self._manifest: types_pb2.WeightManifest | None = None
-        self._ipc = False
+        self._reference = ""  # the suffix of a version by reference ('' for bytes)
         self._blob: torch.Tensor | None = None
         self._doc = b""
         self._hashes: deque[tuple[int, Future]] = deque()
@@ -117,12 +124,12 @@ class WeightStager:
                 f"version {m.version}: missing chunks {self._next_chunk}..{num_chunks - 1} of {num_chunks}"
             )
         self._check_hashes(wait=True)
-        if self._ipc:
+        if self._reference == IPC_SUFFIX:
             blob = ipc.open_payload(ipc.IpcDoc.from_json(self._doc, m.version), m)
-        elif self.device.type == "cuda":
-            blob = self._blob.to(self.device, non_blocking=True)
         else:
-            blob = self._blob
+            if self._reference == SHM_SUFFIX:
+                self._blob = shm.open_payload(shm.ShmDoc.from_json(self._doc, m.version), m)
+            blob = self._blob.to(self.device, non_blocking=True) if self.device.type == "cuda" else self._blob
         entries = {e.name: e for e in m.tensors}
         scale_names = {e.scale_name for e in m.tensors if e.scale_name}
         fp8 = [e for e in m.tensors if e.scale_name and e.dtype != "int4" and not self.keep_fp8]
@@ -145,8 +152,8 @@ class WeightStager:
             elif e.scale_name:
                 out[e.name] = dequantize_blockwise(t, _view(blob, entries[e.scale_name]), self.dtype)
             elif t.is_floating_point():
-                # The blob is this stager's own memory: a tensor already in `dtype` is handed out as
-                # a view of it, no copy (the engine copies it into its parameters).
+                # The blob is this stager's own memory (or a read-only shared file): a tensor already
+                # in `dtype` is handed out as a view of it, no copy (the engine copies it in).
                 out[e.name] = t.to(self.dtype)
             else:
                 out[e.name] = t.clone()
@@ -164,8 +171,8 @@ class WeightStager:
             )
         _check_manifest(m, self.current_version, self._fingerprint, self.expected_shapes)
         self._manifest = m
-        self._ipc = m.format.endswith(ipc.IPC_SUFFIX)
-        if not self._ipc:
+        self._reference = next((x for x in (IPC_SUFFIX, SHM_SUFFIX) if m.format.endswith(x)), "")
+        if not self._reference:
             pin = self.device.type == "cuda" and torch.cuda.is_available()
             self._blob = torch.empty(m.total_bytes, dtype=torch.uint8, pin_memory=pin)
 
@@ -190,7 +197,7 @@ class WeightStager:
                 f"(total {m.total_bytes} in chunks of {m.chunk_bytes})"
             )
         self._hashes.append((c.index, hash_pool().submit(_sha256, data)))
-        if self._ipc:
+        if self._reference:
             self._doc = data
         elif expected_len:
             memoryview(self._blob.numpy())[start : start + expected_len] = data
@@ -247,8 +254,8 @@ def _check_manifest(
 def _check_chunks(m: types_pb2.WeightManifest) -> int:
     """Format, sizes and chunk hashes; returns the size of the blob the tensors lie in."""
     v = m.version
-    colocated = m.format.endswith(ipc.IPC_SUFFIX)
-    base_format = m.format.removesuffix(ipc.IPC_SUFFIX)
+    reference = by_reference(m.format)
+    base_format = m.format.removesuffix(IPC_SUFFIX).removesuffix(SHM_SUFFIX)
     if base_format not in FORMATS.values():
         raise WeightError(f"version {v}: unknown format {m.format!r}")
     if m.total_bytes < 0 or m.chunk_bytes <= 0:
@@ -259,15 +266,16 @@ def _check_chunks(m: types_pb2.WeightManifest) -> int:
             f"version {v}: {len(m.chunk_sha256)} chunk hashes listed, but {m.total_bytes} bytes "
             f"in chunks of {m.chunk_bytes} make {num_chunks}"
         )
-    if colocated and (num_chunks != 1 or m.total_bytes > ipc.MAX_DOC_BYTES):
+    max_doc = ipc.MAX_DOC_BYTES if m.format.endswith(IPC_SUFFIX) else shm.MAX_DOC_BYTES
+    if reference and (num_chunks != 1 or m.total_bytes > max_doc):
         raise WeightError(
-            f"version {v}: a CUDA IPC version is one chunk of at most {ipc.MAX_DOC_BYTES} bytes "
-            f"(its handle document), got {num_chunks} chunks and {m.total_bytes} bytes"
+            f"version {v}: a {m.format} version is one chunk of at most {max_doc} bytes "
+            f"(its document), got {num_chunks} chunks and {m.total_bytes} bytes"
         )
-    # The tensors' byte ranges are in the blob: the chunks' bytes, or for a colocated version
-    # the sender's device buffer, whose size is what its entries lay out (checked when opened).
+    # The tensors' byte ranges are in the blob: the chunks' bytes, or for a version by reference
+    # the sender's buffer or file, whose size is what its entries lay out (checked when opened).
     blob_bytes = m.total_bytes
-    if colocated:
+    if reference:
         blob_bytes = max((e.offset + e.nbytes for e in m.tensors), default=0)
     return blob_bytes
 
@@ -308,7 +316,7 @@ def _check_entries(m: types_pb2.WeightManifest, blob_bytes: int) -> dict[str, ty
 def _check_scales(m: types_pb2.WeightManifest, entries: dict[str, types_pb2.TensorEntry]) -> set[str]:
     """Every quantized tensor (FP8 in an fp8 version, int4 in an int4 one) has its scale entry of
     the right shape, and only those do; returns the scale entries' names."""
-    v, base_format = m.version, m.format.removesuffix(ipc.IPC_SUFFIX)
+    v, base_format = m.version, m.format.removesuffix(IPC_SUFFIX).removesuffix(SHM_SUFFIX)
     scale_names: set[str] = set()
     for e in m.tensors:
         quantized = {"float8_e4m3fn": "fp8", "int4": "int4"}.get(e.dtype)
