@@ -157,3 +157,47 @@ def test_sft_trains_the_draft_too(model_dir):
     losses = [actor.train_sft(_samples()).metrics["mtp_loss"] for _ in range(5)]
     assert losses[-1] < losses[0], losses
     assert any(not torch.equal(v, draft_before[k]) for k, v in actor.draft.state_dict().items())
+
+
+def test_a_checkpoint_keeps_the_trained_draft_and_its_moments(model_dir, tmp_path):
+    """A resumed --enable-mtp-training run drafts with the draft it had trained, not version 0's;
+    the checkpoint's draft/ is a draft directory --speculative-draft-model-path loads."""
+    from slipstream.services.trainer.checkpoint import DRAFT_DIR, load_trainer_state, save_checkpoint
+
+    actor = Actor.from_config(_cfg(model_dir, lr=3e-2))
+    samples = _samples()
+    for _ in range(2):
+        actor.train_rollout(samples, [0.0] * len(samples))
+    ckpt = save_checkpoint(
+        tmp_path, 2, actor.model, actor.optimizer, {"policy_version": 2}, draft=actor.draft_parts
+    )
+    trained = actor.draft.state_dict()
+    served = load_draft(ckpt / DRAFT_DIR, actor.model.config, 1)
+    assert all(torch.equal(v, served.state_dict()[k]) for k, v in trained.items())
+
+    fresh = Actor.from_config(_cfg(model_dir, lr=3e-2))
+    assert any(not torch.equal(v, fresh.draft.state_dict()[k]) for k, v in trained.items())
+    load_trainer_state(ckpt, fresh.model, fresh.optimizer, draft=fresh.draft_parts)
+    assert all(torch.equal(v, fresh.draft.state_dict()[k]) for k, v in trained.items())
+    moments = [s["exp_avg_sq"] for s in actor.draft_optimizer.state.values()]
+    loaded = [s["exp_avg_sq"] for s in fresh.draft_optimizer.state.values()]
+    assert len(loaded) == len(moments) and all(
+        torch.equal(a, b) for a, b in zip(moments, loaded, strict=True)
+    )
+    # the same next step from either: nothing of the draft's training was lost
+    a = actor.train_rollout(samples, [0.0] * len(samples)).metrics["mtp_loss"]
+    b = fresh.train_rollout(samples, [0.0] * len(samples)).metrics["mtp_loss"]
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_a_checkpoint_without_a_draft_leaves_the_draft_where_it_starts(model_dir, tmp_path, caplog):
+    from slipstream.services.trainer.checkpoint import load_trainer_state, save_checkpoint
+
+    plain = Actor.from_config(_cfg(model_dir, enable_mtp_training=False, mtp_num_layers=0))
+    ckpt = save_checkpoint(tmp_path, 1, plain.model, plain.optimizer, {"policy_version": 1})
+    actor = Actor.from_config(_cfg(model_dir))
+    start = {k: v.clone() for k, v in actor.draft.state_dict().items()}
+    with caplog.at_level("WARNING", logger="slipstream.trainer"):
+        load_trainer_state(ckpt, actor.model, actor.optimizer, draft=actor.draft_parts)
+    assert "no draft head there" in caplog.text
+    assert all(torch.equal(v, start[k]) for k, v in actor.draft.state_dict().items())

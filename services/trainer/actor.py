@@ -218,6 +218,13 @@ class Actor:
             stream_layers(ref, self.device)
         return ref.eval().requires_grad_(False)
 
+    @property
+    def draft_parts(self) -> tuple[torch.nn.Module, torch.optim.Optimizer] | None:
+        """What a checkpoint keeps of --enable-mtp-training: the draft head and its AdamW."""
+        if self.draft is None or self.draft_optimizer is None:
+            return None
+        return self.draft.head, self.draft_optimizer
+
     @classmethod
     def from_config(cls, cfg: Config, model_path: str | None = None) -> Actor:
         return cls(

@@ -8,6 +8,10 @@
         optimizer/optimizer.safetensors                    <- AdamW moments, per parameter name (in a
                                                               folder: a model loader reads every
                                                               *.safetensors beside config.json)
+        draft/config.json, model.safetensors               <- under --enable-mtp-training: the draft
+                                                              head, a directory
+                                                              --speculative-draft-model-path loads
+        draft/optimizer/optimizer.safetensors              <- its own AdamW's moments
         trainer_state.json                                 <- step, policy version, RNG, counters,
                                                               groups trained, steps since the last one,
                                                               the lr schedule's position (lr_scheduler)
@@ -27,6 +31,7 @@ Redis follows it.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -38,6 +43,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from slipstream.faults import crash_point
+from slipstream.models.draft import save_draft
 from slipstream.models.hf import save_model
 
 from . import lora
@@ -54,7 +60,10 @@ TOKENIZER_FILES = (
     "generation_config.json",
 )
 OPTIMIZER = "optimizer/optimizer.safetensors"
+DRAFT_DIR = "draft"
 SEP = "::"  # optimizer tensor keys: "<parameter name>::<state key>"
+Draft = tuple[torch.nn.Module, torch.optim.Optimizer]  # a draft head and its own AdamW
+log = logging.getLogger("slipstream.trainer")
 
 
 def _flatten_optimizer(osd: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -113,11 +122,14 @@ def save_checkpoint(
     tokenizer_dir: str | None = None,
     par: Parallel | None = None,
     scheduler: LRScheduler | None = None,
+    draft: Draft | None = None,
 ) -> Path:
-    """Write one checkpoint (a collective under FSDP2: every rank calls it, rank 0 writes)."""
+    """Write one checkpoint (a collective under FSDP2: every rank calls it, rank 0 writes);
+    `draft`: the draft head --enable-mtp-training trains, and its optimizer."""
     par = par or Parallel()
     model_state = full_model_state(model)
     optim_state = full_optimizer_state(model, optimizer)  # both collectives; only rank 0 gets data
+    draft_optim = full_optimizer_state(*draft) if draft is not None else None
     name = f"step_{step:06d}"
     final = save_dir / name
     if not par.is_main:
@@ -142,6 +154,11 @@ def save_checkpoint(
         "param_groups": param_groups,
         "world_size": par.world_size,
     }
+    if draft is not None and draft_optim is not None:
+        save_draft(draft[0], tmp / DRAFT_DIR)
+        draft_tensors, meta["draft_param_groups"] = _flatten_optimizer(draft_optim)
+        (tmp / DRAFT_DIR / OPTIMIZER).parent.mkdir()
+        save_file(draft_tensors, str(tmp / DRAFT_DIR / OPTIMIZER))
     if scheduler is not None:
         meta["lr_scheduler"] = scheduler.state_dict()
     (tmp / "trainer_state.json").write_text(json.dumps(meta) + "\n")
@@ -219,9 +236,12 @@ def load_trainer_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: LRScheduler | None = None,
+    draft: Draft | None = None,
 ) -> dict[str, Any]:
     """Restore weights, optimizer moments, the lr schedule's position and RNG into a (possibly
-    sharded) model; return the state."""
+    sharded) model, and the draft head and its moments when `draft` is given and the checkpoint
+    has them (one written without --enable-mtp-training leaves the draft where it started, said
+    in the log); return the state."""
     state = json.loads((ckpt / "trainer_state.json").read_text())
     if lora.config_of(model) is not None:  # the adapters, back onto the base model
         if not (ckpt / lora.ADAPTER_DIR / "adapter_model.safetensors").is_file():
@@ -238,7 +258,24 @@ def load_trainer_state(
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied
     osd = _unflatten_optimizer(load_file(str(ckpt / OPTIMIZER)), state["param_groups"])
     load_full_state(model, optimizer, weights, osd)
+    if draft is not None:
+        _load_draft(ckpt, state, *draft)
     if scheduler is not None and "lr_scheduler" in state:  # older checkpoints: a constant lr
         scheduler.load_state_dict(state["lr_scheduler"])
     set_rng_state(state["rng"])
     return state
+
+
+def _load_draft(
+    ckpt: Path, state: dict[str, Any], head: torch.nn.Module, optimizer: torch.optim.Optimizer
+) -> None:
+    d = ckpt / DRAFT_DIR
+    if not (d / "model.safetensors").is_file() or "draft_param_groups" not in state:
+        log.warning(
+            "--load %s: no draft head there (saved without --enable-mtp-training): the draft starts afresh",
+            ckpt,
+        )
+        return
+    weights = load_file(str(d / "model.safetensors"))
+    osd = _unflatten_optimizer(load_file(str(d / OPTIMIZER)), state["draft_param_groups"])
+    load_full_state(head, optimizer, weights, osd)

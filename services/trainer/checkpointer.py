@@ -31,7 +31,7 @@ import torch
 
 from slipstream.faults import crash_point
 
-from .checkpoint import save_checkpoint
+from .checkpoint import Draft, save_checkpoint
 from .feed import Feed
 from .ledger import StepRecord, TrainedLedger
 from .parallel import Parallel
@@ -55,6 +55,7 @@ class Checkpointer:
         feed: Feed | None = None,
         ledger: TrainedLedger | None = None,
         scheduler: LRScheduler | None = None,
+        draft: Draft | None = None,
     ):
         """`interval`: --save-interval (0: only at the end); `saved_at`: the step of the checkpoint
         this run resumed from (-1: none). Rank 0 passes `describe` (the trainer state a checkpoint
@@ -62,7 +63,7 @@ class Checkpointer:
         self.save_dir, self.interval, self.par = save_dir, interval, par
         self.model, self.optimizer, self.tokenizer_dir = model, optimizer, tokenizer_dir
         self.saved_at, self.describe, self.feed, self.ledger = saved_at, describe, feed, ledger
-        self.scheduler = scheduler
+        self.scheduler, self.draft = scheduler, draft
 
     def due(self, step: int, last: bool = False) -> bool:
         """Whether a checkpoint of `step` is due (`last`: the run stops at `step`)."""
@@ -81,7 +82,7 @@ class Checkpointer:
         t0 = time.monotonic()
         save_checkpoint(
             self.save_dir, step, self.model, self.optimizer, self.describe(),
-            tokenizer_dir=self.tokenizer_dir, par=self.par, scheduler=self.scheduler,
+            tokenizer_dir=self.tokenizer_dir, par=self.par, scheduler=self.scheduler, draft=self.draft,
         )  # fmt: skip
         if self.feed is not None and self.ledger is not None:
             records, groups = self.feed.consumption.take_uncommitted()

@@ -69,7 +69,7 @@ def train(cfg: Config, state: TrainerState) -> None:
     actor = Actor.from_config(cfg, model_path=str(ckpt) if ckpt else None)
     consumption, last_steps = Consumption(max_reuse=cfg.train.max_reuse), []
     if ckpt:
-        saved = load_trainer_state(ckpt, actor.model, actor.optimizer, actor.scheduler)
+        saved = load_trainer_state(ckpt, actor.model, actor.optimizer, actor.scheduler, actor.draft_parts)
         state.restore(saved)
         consumption, last_steps = Consumption.from_json(saved, cfg.train.max_reuse)
         log.info("resumed from %s at step %d (policy v%d)", ckpt, state.step, state.policy_version)
@@ -142,6 +142,7 @@ class Trainer:
             saved_at=saved_at, tokenizer_dir=cfg.model.hf_checkpoint,
             describe=lambda: {**state.checkpoint_meta(), "consumer": CONSUMER, **consumption.to_json()},
             feed=self.feed, ledger=TrainedLedger(infra.run_dir), scheduler=actor.scheduler,
+            draft=actor.draft_parts,
         )  # fmt: skip
 
     def run(self, last_steps: list[StepRecord]) -> None:
@@ -165,8 +166,8 @@ class Trainer:
                 )
             self.summarize()
         finally:
-            self.buffer.close()
             self.versions.pusher.close()  # its /dev/shm files (servers that mapped one keep it)
+            self.buffer.close()
             self.channel.close()
             self.sinks.close()
 

@@ -193,7 +193,9 @@ def train_sft(
         num_optimizer_steps=plan.num_optimizer_steps,
     )  # fmt: skip
     if ckpt:
-        state.restore(load_trainer_state(ckpt, actor.model, actor.optimizer, actor.scheduler))
+        state.restore(
+            load_trainer_state(ckpt, actor.model, actor.optimizer, actor.scheduler, actor.draft_parts)
+        )
         log.info("resumed from %s at step %d", ckpt, state.step)
     cursor = PromptCursor(
         examples, cfg.data.rollout_shuffle, cfg.train.seed, position=state.step * plan.per_step
@@ -202,6 +204,7 @@ def train_sft(
         cfg.save_dir, cfg.train.save_interval, actor.model, actor.optimizer, actor.par,
         saved_at=state.step if ckpt else -1, tokenizer_dir=cfg.model.hf_checkpoint,
         describe=lambda: {**state.checkpoint_meta(), "loss_type": "sft_loss"}, scheduler=actor.scheduler,
+        draft=actor.draft_parts,
     )  # fmt: skip
     main = actor.par.is_main
     metrics = MetricsLog(cfg.infra.run_dir) if main else None
