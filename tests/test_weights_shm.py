@@ -10,11 +10,15 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from machine_speed import scaled
 
+from mesh_fixtures import build_prompts, build_tiny_model
+from slipstream.launcher import REPORT_TIMEOUT_S
 from slipstream.proto import types_pb2
 from slipstream.services.coordinator.weights_relay import VersionNotNewer, WeightRelay, receive_push
 from slipstream.weights import ShmExporter, WeightError, WeightStager, iter_messages, pack, shm
@@ -193,3 +197,70 @@ def test_the_relay_takes_the_byte_form_of_a_held_shared_memory_version_once(expo
             await push(relay2, iter_messages(*other))
 
     asyncio.run(scenario())
+
+
+# ---- the mesh: one rollout server on the trainer's host, one "elsewhere" -------------------------
+
+
+def _can_unshare() -> bool:
+    try:
+        return subprocess.run(["unshare", "-u", "true"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, what: str) -> None:
+    deadline = time.monotonic() + scaled(120)
+    while not (path.exists() and text in path.read_text()):
+        assert proc.poll() is None, f"{what}: exited with {proc.returncode}"
+        assert time.monotonic() < deadline, f"{what}: never logged {text!r}"
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_unshare(), reason="needs `unshare -u` (root) for a server with its own hostname")
+def test_a_mesh_maps_shared_memory_on_its_host_and_sends_bytes_elsewhere(tmp_path, redis_url):
+    """The launcher's rollout server shares the trainer's host and maps versions from /dev/shm; a
+    second server in its own UTS namespace (another hostname: another host id) attaches to the same
+    coordinator later and is served bytes: the version it could not map, and what follows."""
+    root = Path(__file__).resolve().parent.parent
+    model, prompts = build_tiny_model(tmp_path / "model"), build_prompts(tmp_path / "train.jsonl")
+    run_dir = tmp_path / "run"
+    before = set(shm.SHM_DIR.glob(f"{shm.PREFIX}*"))
+    launcher = subprocess.Popen(
+        [
+            sys.executable, str(root / "train.py"), "--hf-checkpoint", str(model), "--prompt-data", str(prompts),
+            "--run-dir", str(run_dir), "--redis-url", redis_url, "--rollout-batch-size", "4",
+            "--n-samples-per-prompt", "4", "--num-rollout", "1000", "--rollout-max-response-len", "4",
+            "--global-batch-size", "8", "--micro-batch-size", "8", "--rollout-num-servers", "1",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    far, far_log = None, tmp_path / "far.log"
+    try:
+        near_log = run_dir / "logs" / "rollout-0.log"
+        _wait_for(near_log, "now serving weights version 1 (bf16+shm", launcher, "rollout-0")
+        port = (run_dir / "ports" / "coordinator.port").read_text().strip()
+        serve = [
+            sys.executable, "-m", "slipstream.services.rollout", "--hf-checkpoint", str(model), "--port", "0",
+            "--coordinator-addr", f"127.0.0.1:{port}", "--server-id", "far", "--rollout-max-batch-size", "8",
+            "--rollout-max-response-len", "4", "--torch-threads", "1",
+        ]  # fmt: skip
+        with far_log.open("w") as out:
+            far = subprocess.Popen(
+                ["unshare", "-u", "sh", "-c", 'hostname elsewhere && exec "$@"', "sh", *serve], stderr=out
+            )
+        _wait_for(far_log, "now serving weights version", far, "the server elsewhere")
+        launcher.send_signal(signal.SIGINT)  # Ctrl-C: the run saves and stops
+        _, err = launcher.communicate(timeout=scaled(60) + REPORT_TIMEOUT_S)
+        assert launcher.returncode == 128 + signal.SIGINT, err[-3000:]
+    finally:
+        for proc in (launcher, far):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(scaled(30))
+    served = [line for line in far_log.read_text().splitlines() if "now serving weights version" in line]
+    assert served and not any("+shm" in line for line in served), served
+    trainer = (run_dir / "logs" / "trainer.log").read_text()
+    assert trainer.count("rollout server far is not on this host") == 1, trainer[-2000:]  # said once
+    assert set(shm.SHM_DIR.glob(f"{shm.PREFIX}*")) <= before  # the trainer unlinked its files
