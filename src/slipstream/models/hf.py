@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.distributed.tensor import DTensor
-from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.overrides import TorchFunctionMode
 
 from slipstream.models.config import ModelConfig
 from slipstream.models.decoder import CausalLM, init_weights_
@@ -124,6 +123,9 @@ class _Checkpoint:
 def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, slice]:
     """The tensor this process holds of `param` and which rows of the full one they are: all of
     them, or under FSDP2 (a DTensor sharded on dim 0) this rank's chunk."""
+    from torch.distributed.tensor import DTensor  # imported under FSDP2 only (it pulls in sympy)
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
     if not isinstance(param, DTensor):
         return param.data, slice(None)
     local = param.to_local()
@@ -131,6 +133,23 @@ def _local_rows(param: torch.Tensor) -> tuple[torch.Tensor, slice]:
     if any(o for o in offset[1:]):
         raise ValueError(f"sharded loading reads row shards only, got offsets {offset}")
     return local, slice(offset[0], offset[0] + local.shape[0])
+
+
+class _CheapMeta(TorchFunctionMode):
+    """Building a model on the meta device and allocating it, without the two ops that are slow
+    there for nothing: nn.Embedding's random init (`normal_` on meta imports torch._dynamo, ~1 CPU
+    s) is skipped, and a meta parameter's `empty_like` (which imports sympy, ~0.4 s) becomes
+    `torch.empty` of its shape. Every process that loads a model pays them otherwise. A torch
+    function mode, so only this thread's calls are affected."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor", kwargs.get("input"))
+        if func is torch.nn.init.normal_ and tensor.is_meta:
+            return tensor
+        if func is torch.empty_like and tensor.is_meta and not kwargs.keys() - {"device"}:
+            return torch.empty(tensor.shape, dtype=tensor.dtype, device=kwargs.get("device", "meta"))
+        return func(*args, **kwargs)
 
 
 def load_model(
@@ -148,16 +167,19 @@ def load_model(
     path = Path(path)
     config = load_config(path)
     ckpt = _Checkpoint(path, config)
-    with torch.device("meta"):
+    with torch.device("meta"), _CheapMeta():
         model = CausalLM(config).to(dtype)
     ckpt.check(model)
     if shard is not None:
         model = shard(model)
-    model.to_empty(device=device)
+        model.to_empty(device=device)
+    else:
+        with _CheapMeta():
+            model.to_empty(device=device)
     model.tie_weights()
     with torch.no_grad():
         for name, param in model.named_parameters():
-            local, rows = _local_rows(param)
+            local, rows = _local_rows(param) if shard is not None else (param.data, slice(None))
             try:
                 local.copy_(ckpt.read(name, rows))
             except Exception as e:  # a file truncated after its header
