@@ -237,6 +237,7 @@ async def serve(cfg: Config) -> None:
             stopping,
             keep_int4=bool(engine_cfg.int4_targets),
             keep_fp8=engine_cfg.fp8,
+            server_id=settings.server_id,
         )
         client = CoordinatorClient(settings, coordinator, worker, tokenizer, fetcher, stopping, custom)
     servicer = RolloutService(settings, worker, tokenizer)

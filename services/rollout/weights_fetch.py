@@ -81,16 +81,19 @@ class WeightFetcher:
         stopping: asyncio.Event,
         keep_int4: bool = False,
         keep_fp8: bool = False,
+        server_id: str = "",
     ):
         """`expected_shapes`: the model's synced tensors, what every manifest is checked against;
         `keep_int4` / `keep_fp8`: int4 / FP8 tensors come back as they travel, for an engine with
-        W4A16 / FP8 layers (`WeightStager`)."""
+        W4A16 / FP8 layers (`WeightStager`); `server_id`: this server's name in a broadcast group."""
         self.coordinator = coordinator
         self.expected_shapes = expected_shapes
         self.device = device
         self.dtype = dtype
         self.stopping = stopping
         self.keep_int4, self.keep_fp8 = keep_int4, keep_fp8
+        self.server_id = server_id
+        self._receiver = None  # joined to the trainer's weights group at the first broadcast version
 
     async def fetch(self, version: int, current: int, newest: Callable[[], int]) -> Staged:
         """`version`, staged and verified (retried as the module says); `WeightFetchError` if not.
@@ -127,11 +130,14 @@ class WeightFetcher:
     async def _fetch_once(self, version: int, current: int, deadline: float) -> Staged:
         """One FetchWeights stream into a fresh stager, or `_AttemptFailed`."""
         from slipstream.weights import WeightError, WeightStager
+        from slipstream.weights.broadcast import BroadcastReceiver
         from slipstream.weights.packer import by_reference
 
+        if self._receiver is None:
+            self._receiver = BroadcastReceiver(self.server_id)
         stager = WeightStager(
             self.expected_shapes, current, device=self.device, dtype=self.dtype,
-            keep_int4=self.keep_int4, keep_fp8=self.keep_fp8,
+            keep_int4=self.keep_int4, keep_fp8=self.keep_fp8, receiver=self._receiver,
         )  # fmt: skip
         stub = coordinator_pb2_grpc.CoordinatorStub(self.coordinator)
         call = stub.FetchWeights(

@@ -130,6 +130,7 @@ class Trainer:
             infra.rpc_timeout, self.reconnect,
             colocate=cfg.cluster.colocate and actor.device.type == "cuda",
             int4_targets=cfg.train.int4_qat_targets, weight_transport=cfg.train.weight_transport,
+            host=infra.host,
         )  # fmt: skip
         self.versions = Versions(pusher, cfg.train.update_weights_interval)
         self.gather = weight_gather(actor)

@@ -4,10 +4,11 @@ The weights are packed in the wire format of `slipstream.weights` (FP8 e4m3 with
 block scales by default; int4 for the --int4-qat-targets weights under --weight-sync-dtype int4)
 and streamed as one manifest followed by chunks. How the bytes travel is --weight-transport
 (`transport` below): through the coordinator, or by reference: CUDA IPC handles when colocated
-on a GPU, a /dev/shm file when every rollout server is on this host (their Hello says theirs).
-A server that cannot open a version by reference (another host, a private /dev/shm) gets that
-version's byte form, pushed as the same version (`after_status`), and bytes are pushed from then
-on while it is attached; said once per server.
+on a GPU, a /dev/shm file when every rollout server is on this host (their Hello says theirs),
+or a torch.distributed broadcast to the attached servers (--weight-transport broadcast). A server
+a version by reference cannot reach (another host, a private /dev/shm, attached after the push,
+not joining the broadcast) gets that version's byte form, pushed as the same version; with shm,
+bytes are pushed from then on while it is attached (said once per server).
 
 A push survives a coordinator restart. PushWeights is not idempotent (a version is accepted
 once), so a push whose reply was lost (UNAVAILABLE) is not simply repeated: GetStatus says
@@ -31,7 +32,8 @@ import torch
 
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, types_pb2
 from slipstream.weights import IpcExporter, WeightError, iter_messages, pack
-from slipstream.weights.packer import SHM_SUFFIX
+from slipstream.weights.broadcast import BroadcastExporter
+from slipstream.weights.packer import BROADCAST_SUFFIX, SHM_SUFFIX, by_reference
 from slipstream.weights.shm import ShmExporter, host_id
 
 from .reconnect import Reconnect, Unreachable, describe, retryable
@@ -64,7 +66,9 @@ class WeightPusher:
         colocate: bool = False,
         int4_targets: str = "auto",
         weight_transport: str = "auto",
+        host: str = "127.0.0.1",
     ):
+        """`host`: the address this trainer binds (--host); a broadcast group's rendezvous listens there."""
         self.int4_targets = int4_targets  # --int4-qat-targets: the int4 format's int4 weights
         self.stub, self.fmt, self.timeout, self.reconnect, self.what = stub, fmt, timeout, reconnect, what
         self.last: tuple[types_pb2.WeightManifest, list[bytes]] | None = None  # the last version pushed
@@ -75,6 +79,7 @@ class WeightPusher:
         self.host = host_id() if self.transport == "shm" else ""
         self.shm = ShmExporter() if self.host else None
         self.elsewhere: set[str] = set()  # servers that cannot read this host's /dev/shm (said once each)
+        self.broadcast = BroadcastExporter(host) if self.transport == "broadcast" else None
 
     @property
     def version(self) -> int:
@@ -90,10 +95,14 @@ class WeightPusher:
             self.last = self.ipc.pack(weights, version, self.fmt, self.int4_targets)
         elif self.shm and not self.elsewhere:
             self.last = self.shm.pack(weights, version, self.fmt, self.int4_targets)
+        elif self.broadcast and send and (members := sorted(s.server_id for s in self.status().servers)):
+            # The group is who is attached now (one GetStatus): a server that attached since the
+            # last report is in it, one that left does not hold the broadcast up.
+            self.last = self.broadcast.pack(weights, version, members, self.fmt, self.int4_targets)
         else:
             self.last = pack(weights, version, self.fmt, int4_targets=self.int4_targets)
         if send:
-            self._send()
+            self._deliver()
         return time.perf_counter() - t0, self.last[0].total_bytes
 
     def push_again(self) -> None:
@@ -102,47 +111,74 @@ class WeightPusher:
             return
         log.info("coordinator holds no weights (it restarted): pushing v%d again", self.version)
         try:
-            self._send()
+            self._deliver()
         except VersionHeld:
             log.info("coordinator already holds v%d", self.version)  # another report got there first
 
     def after_status(self, status: coordinator_pb2.CoordinatorStatus) -> None:
-        """Free the buffers and files of versions every rollout server now serves; when a server
-        cannot read this host's /dev/shm, push the current version's byte form (and bytes after)."""
+        """Free the buffers and files of versions every rollout server now serves; when an attached
+        server cannot get the current version by reference (another host, not in its broadcast
+        group), push that version's byte form."""
         if status.server_versions:
             for exporter in (self.ipc, self.shm):
                 if exporter is not None:
                     exporter.confirm(min(status.server_versions.values()))
-        if self.shm is None:
+        if self.shm is not None:
+            self.elsewhere &= {s.server_id for s in status.servers}  # one that left holds nothing back
+            for s in status.servers:
+                if s.host_id != self.host and s.server_id not in self.elsewhere:
+                    self.elsewhere.add(s.server_id)
+                    log.warning(
+                        "rollout server %s is not on this host or cannot open its /dev/shm (host %r): "
+                        "weights go to it as bytes", s.server_id, s.host_id,
+                    )  # fmt: skip
+        if self.last is None or not by_reference(self.last[0].format) or self.ipc is not None:
             return
-        attached = {s.server_id for s in status.servers}
-        self.elsewhere &= attached  # a server that left no longer holds the rest back
-        for s in status.servers:
-            if s.host_id != self.host and s.server_id not in self.elsewhere:
-                self.elsewhere.add(s.server_id)
-                log.warning(
-                    "rollout server %s is not on this host or cannot open its /dev/shm (host %r): "
-                    "weights go to it as bytes", s.server_id, s.host_id,
-                )  # fmt: skip
-        if self.elsewhere and self.last is not None and self.last[0].format.endswith(SHM_SUFFIX):
-            manifest = self.last[0]
-            try:
-                self.last = self.shm.byte_form(manifest)
-            except WeightError as e:
-                log.warning("cannot push the byte form of v%d: %s", manifest.version, e)
-                return
-            log.info(
-                "pushing v%d again as bytes, for %s", manifest.version, ", ".join(sorted(self.elsewhere))
-            )
-            try:
-                self._send()
-            except VersionHeld:
-                log.info("coordinator holds a newer version than v%d", manifest.version)
+        version = self.last[0].version
+        unreached = sorted(
+            s.server_id
+            for s in status.servers
+            if s.policy_version < version and not self._reaches(s, version)
+        )
+        if unreached:
+            self._push_byte_form(f"for {', '.join(unreached)}")
 
     def close(self) -> None:
-        """Release what the versions by reference hold (the /dev/shm files)."""
+        """Release what the versions by reference hold (/dev/shm files, the broadcast group)."""
+        for exporter in (self.shm, self.broadcast):
+            if exporter is not None:
+                exporter.close()
+
+    def _reaches(self, server: coordinator_pb2.RolloutServerStatus, version: int) -> bool:
+        """Whether the current version by reference can reach `server`."""
         if self.shm is not None:
-            self.shm.close()
+            return server.host_id == self.host
+        return self.broadcast is not None and server.server_id in self.broadcast.members(version)
+
+    def _deliver(self) -> None:
+        """Push the last version; a broadcast version's blob then goes to its group (the byte form
+        when it cannot)."""
+        self._send()
+        manifest = self.last[0]
+        if self.broadcast is not None and manifest.format.endswith(BROADCAST_SUFFIX):
+            try:
+                self.broadcast.send(manifest.version)
+            except WeightError as e:
+                self._push_byte_form(f"({e})")
+
+    def _push_byte_form(self, why: str) -> None:
+        manifest = self.last[0]
+        exporter = self.shm if manifest.format.endswith(SHM_SUFFIX) else self.broadcast
+        try:
+            self.last = exporter.byte_form(manifest)
+        except WeightError as e:
+            log.warning("cannot push the byte form of v%d: %s", manifest.version, e)
+            return
+        log.warning("pushing v%d again as bytes %s", manifest.version, why)
+        try:
+            self._send()
+        except VersionHeld:
+            log.info("coordinator holds a newer version than v%d", manifest.version)
 
     def status(self) -> coordinator_pb2.CoordinatorStatus:
         return self.reconnect.call(

@@ -538,14 +538,15 @@ class TrainConfig:
         "push is not what a step waits on, and the rounding costs the sampler's agreement with the "
         "trainer). (Slipstream)",
     )
-    weight_transport: Literal["auto", "bytes", "shm", "ipc"] = opt(
+    weight_transport: Literal["auto", "bytes", "shm", "broadcast", "ipc"] = opt(
         "auto",
         "How a weights version's bytes reach the rollout servers (the manifest, versions and hashes "
         "always go over gRPC): bytes (streamed through the coordinator), shm (written once to a "
-        "/dev/shm file every server on the trainer's host maps; bytes for a server elsewhere), ipc "
-        "(CUDA IPC handles of the trainer's GPU buffer; needs --colocate on a GPU). auto = ipc when "
-        "colocated on a GPU, shm when every rollout server is on the trainer's host, else bytes. "
-        "(Slipstream)",
+        "/dev/shm file every server on the trainer's host maps; bytes for a server elsewhere), "
+        "broadcast (torch.distributed gloo broadcast from the trainer to the attached servers, which "
+        "join its weights group at the --host address; bytes for one that cannot), ipc (CUDA IPC "
+        "handles of the trainer's GPU buffer; needs --colocate on a GPU). auto = ipc when colocated "
+        "on a GPU, shm when every rollout server is on the trainer's host, else bytes. (Slipstream)",
     )
     enable_mtp_training: bool = opt(
         False,

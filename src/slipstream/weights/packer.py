@@ -51,7 +51,8 @@ from slipstream.quant import (
 FORMATS = {"fp8": "fp8-block128", "bf16": "bf16", "int4": "int4-group128"}
 # A version whose bytes travel another way has one chunk, a document saying where: CUDA IPC
 # handles (`ipc.py`, colocated on a GPU) or a shared-memory file (`shm.py`, one host).
-IPC_SUFFIX, SHM_SUFFIX = "+cuda-ipc", "+shm"
+# Across hosts: broadcast by torch.distributed to the servers of a weights group (`broadcast.py`).
+IPC_SUFFIX, SHM_SUFFIX, BROADCAST_SUFFIX = "+cuda-ipc", "+shm", "+broadcast"
 SCALE_SUFFIX = "_scale_inv"  # FP8: w = q * scale_inv (DeepSeek-V3)
 INT4_SCALE_SUFFIX = "_scale"  # int4: w = q * scale (compressed-tensors' name)
 ALIGN = 64
@@ -85,7 +86,7 @@ def hash_pool() -> ThreadPoolExecutor:
 
 def by_reference(fmt: str) -> bool:
     """Whether a manifest's format names a version whose one chunk is a document, not bytes."""
-    return fmt.endswith((IPC_SUFFIX, SHM_SUFFIX))
+    return fmt.endswith((IPC_SUFFIX, SHM_SUFFIX, BROADCAST_SUFFIX))
 
 
 def model_fingerprint(named_shapes: Iterable[tuple[str, Sequence[int]]]) -> str:
@@ -232,6 +233,33 @@ def chunk_hashes(view: memoryview, chunk_bytes: int) -> list[str]:
     """The sha256 of each `chunk_bytes` slice of `view`, on all cores, without copying."""
     starts = range(0, len(view), chunk_bytes)
     return list(hash_pool().map(lambda i: hashlib.sha256(view[i : i + chunk_bytes]).hexdigest(), starts))
+
+
+def check_chunk_list(version: int, payload_bytes: int, chunk_bytes: int, hashes: object) -> None:
+    """A document's chunk list (a version by reference lists its payload's chunk hashes) is
+    well formed: one sha256 hex string per `chunk_bytes` of the payload."""
+    if (
+        type(chunk_bytes) is not int
+        or chunk_bytes <= 0
+        or type(payload_bytes) is not int
+        or payload_bytes < 0
+    ):
+        raise WeightError(
+            f"version {version}: bad sizes payload_bytes={payload_bytes} chunk_bytes={chunk_bytes}"
+        )
+    if not isinstance(hashes, list) or not all(isinstance(h, str) for h in hashes):
+        raise WeightError(f"version {version}: the chunk hashes are not a list of strings")
+    if len(hashes) != -(-payload_bytes // chunk_bytes):
+        raise WeightError(
+            f"version {version}: {len(hashes)} chunk hashes for {payload_bytes} bytes in chunks of {chunk_bytes}"
+        )
+
+
+def verify_chunks(version: int, view: memoryview, chunk_bytes: int, hashes: list[str], where: str) -> None:
+    """Every chunk of `view` has its listed sha256 (checked on all cores), else `WeightError`."""
+    for index, (got, want) in enumerate(zip(chunk_hashes(view, chunk_bytes), hashes, strict=True)):
+        if got != want:
+            raise WeightError(f"version {version}: chunk {index} of {where} fails its sha256 check")
 
 
 def pack(

@@ -52,9 +52,11 @@ from slipstream.weights.packer import (
     FORMATS,
     SHM_SUFFIX,
     WeightError,
+    check_chunk_list,
     chunk_hashes,
     fill,
     plan,
+    verify_chunks,
 )
 
 SHM_DIR = Path("/dev/shm")
@@ -108,12 +110,8 @@ class ShmDoc:
             doc = cls(**d)
         except (ValueError, TypeError) as e:
             raise WeightError(f"version {version}: unreadable shared-memory document ({e})") from None
-        ints = (doc.version, doc.nonce, doc.payload_bytes, doc.chunk_bytes)
-        if (
-            any(type(v) is not int or v < 0 for v in ints)
-            or not (isinstance(doc.host, str) and isinstance(doc.path, str))
-            or not isinstance(doc.chunk_sha256, list)
-            or not all(isinstance(h, str) for h in doc.chunk_sha256)
+        if any(type(v) is not int or v < 0 for v in (doc.version, doc.nonce)) or not (
+            isinstance(doc.host, str) and isinstance(doc.path, str)
         ):
             raise WeightError(f"version {version}: malformed shared-memory document")
         if doc.version != version:
@@ -121,12 +119,7 @@ class ShmDoc:
         path = Path(doc.path)
         if path.parent != SHM_DIR or not path.name.startswith(PREFIX):
             raise WeightError(f"version {version}: {doc.path!r} is not a weights file in {SHM_DIR}")
-        chunks = -(-doc.payload_bytes // doc.chunk_bytes) if doc.chunk_bytes else -1
-        if chunks != len(doc.chunk_sha256):
-            raise WeightError(
-                f"version {version}: {len(doc.chunk_sha256)} chunk hashes for {doc.payload_bytes} bytes "
-                f"in chunks of {doc.chunk_bytes}"
-            )
+        check_chunk_list(version, doc.payload_bytes, doc.chunk_bytes, doc.chunk_sha256)
         return doc
 
 
@@ -310,12 +303,8 @@ def open_payload(doc: ShmDoc, manifest: types_pb2.WeightManifest) -> torch.Tenso
         shared = torch.frombuffer(mapped, dtype=torch.uint8)
     _check_header(shared, doc, "before")
     payload = shared[HEADER_BYTES : HEADER_BYTES + doc.payload_bytes]
-    hashes = chunk_hashes(
-        memoryview(mapped)[HEADER_BYTES : HEADER_BYTES + doc.payload_bytes], doc.chunk_bytes
-    )
-    for index, (got, want) in enumerate(zip(hashes, doc.chunk_sha256, strict=True)):
-        if got != want:
-            raise WeightError(f"version {v}: chunk {index} of its shared-memory file fails its sha256 check")
+    view = memoryview(mapped)[HEADER_BYTES : HEADER_BYTES + doc.payload_bytes]
+    verify_chunks(v, view, doc.chunk_bytes, doc.chunk_sha256, "its shared-memory file")
     _check_header(shared, doc, "while")
     return payload
 

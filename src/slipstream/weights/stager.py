@@ -21,7 +21,9 @@ A version by reference is the same manifest with one chunk, a JSON document sayi
 bytes are. Colocated (format "<fmt>+cuda-ipc", `ipc.py`): the CUDA IPC handle of the sender's
 device buffer; `finish()` copies the payload into this process's own GPU memory. On one host
 ("<fmt>+shm", `shm.py`): a shared-memory file; `finish()` maps it read-only and checks each
-chunk's sha256 (listed in the document) on all cores. Either blob is decoded exactly like the
+chunk's sha256 (listed in the document) on all cores. Across hosts ("<fmt>+broadcast",
+`broadcast.py`): the trainer's weights group; `finish()` joins it through `receiver` and receives
+the blob by torch.distributed broadcast, then checks it the same way. Either blob is decoded exactly like the
 byte path's; from a shared-memory file, tensors already in `dtype` are read-only views of it (the
 engine copies them into its parameters).
 """
@@ -37,9 +39,10 @@ import torch
 from slipstream.kernels import fp8_block
 from slipstream.proto import types_pb2
 from slipstream.quant import BLOCK, GROUP, dequantize_blockwise, dequantize_int4, packed_shapes, scale_shape
-from slipstream.weights import ipc, shm
+from slipstream.weights import broadcast, ipc, shm
 from slipstream.weights.packer import (
     ALIGN,
+    BROADCAST_SUFFIX,
     FORMATS,
     IPC_SUFFIX,
     SHM_SUFFIX,
@@ -54,6 +57,17 @@ from slipstream.weights.packer import (
 
 _MANY_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what dequantize_many writes
 _WINDOW = 16  # chunk hashes in flight: bounds the chunks held only for their pending check
+# A version by reference: its format's suffix -> the most bytes its one document chunk may have.
+_MAX_DOC_BYTES = {
+    IPC_SUFFIX: ipc.MAX_DOC_BYTES,
+    SHM_SUFFIX: shm.MAX_DOC_BYTES,
+    BROADCAST_SUFFIX: broadcast.MAX_DOC_BYTES,
+}
+
+
+def _base_format(fmt: str) -> str:
+    """The byte layout's format name of a manifest format (its transport suffix removed)."""
+    return next((fmt.removesuffix(x) for x in _MAX_DOC_BYTES if fmt.endswith(x)), fmt)
 
 
 def _numel(shape) -> int:
@@ -73,18 +87,21 @@ class WeightStager:
         dtype: torch.dtype = torch.float32,
         keep_int4: bool = False,
         keep_fp8: bool = False,
+        receiver: broadcast.BroadcastReceiver | None = None,
     ):
         """`device`: where the byte path decodes (default: the host); a colocated (CUDA IPC)
         version always decodes on the sender's GPU. `dtype`: of the floating tensors returned.
         `keep_int4`: hand int4 tensors over as they travel (the packed uint8 under the tensor's
         name, its fp32 scales under the scale entry's), for an engine that serves W4A16; else
         they are dequantized to `dtype` like FP8 ones. `keep_fp8`: the same for FP8 tensors (e4m3
-        under the name, the block scales under `<name>_scale_inv`), for an engine with FP8 layers."""
+        under the name, the block scales under `<name>_scale_inv`), for an engine with FP8 layers.
+        `receiver`: this server's membership in the trainer's weights group, for a broadcast version."""
         self.expected_shapes = {name: tuple(int(d) for d in shape) for name, shape in expected_shapes.items()}
         self.current_version = current_version
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.dtype = dtype
         self.keep_int4, self.keep_fp8 = keep_int4, keep_fp8
+        self.receiver = receiver
         self._fingerprint = model_fingerprint(self.expected_shapes.items())
         self._manifest: types_pb2.WeightManifest | None = None
         self._reference = ""  # the suffix of a version by reference ('' for bytes)
@@ -129,6 +146,12 @@ class WeightStager:
         else:
             if self._reference == SHM_SUFFIX:
                 self._blob = shm.open_payload(shm.ShmDoc.from_json(self._doc, m.version), m)
+            elif self._reference == BROADCAST_SUFFIX:
+                if self.receiver is None:
+                    raise WeightError(
+                        f"version {m.version}: a broadcast version, but this process is in no weights group"
+                    )
+                self._blob = self.receiver.receive(broadcast.BroadcastDoc.from_json(self._doc, m.version), m)
             blob = self._blob.to(self.device, non_blocking=True) if self.device.type == "cuda" else self._blob
         entries = {e.name: e for e in m.tensors}
         scale_names = {e.scale_name for e in m.tensors if e.scale_name}
@@ -171,7 +194,7 @@ class WeightStager:
             )
         _check_manifest(m, self.current_version, self._fingerprint, self.expected_shapes)
         self._manifest = m
-        self._reference = next((x for x in (IPC_SUFFIX, SHM_SUFFIX) if m.format.endswith(x)), "")
+        self._reference = next((x for x in _MAX_DOC_BYTES if m.format.endswith(x)), "")
         if not self._reference:
             pin = self.device.type == "cuda" and torch.cuda.is_available()
             self._blob = torch.empty(m.total_bytes, dtype=torch.uint8, pin_memory=pin)
@@ -255,7 +278,7 @@ def _check_chunks(m: types_pb2.WeightManifest) -> int:
     """Format, sizes and chunk hashes; returns the size of the blob the tensors lie in."""
     v = m.version
     reference = by_reference(m.format)
-    base_format = m.format.removesuffix(IPC_SUFFIX).removesuffix(SHM_SUFFIX)
+    base_format = _base_format(m.format)
     if base_format not in FORMATS.values():
         raise WeightError(f"version {v}: unknown format {m.format!r}")
     if m.total_bytes < 0 or m.chunk_bytes <= 0:
@@ -266,7 +289,7 @@ def _check_chunks(m: types_pb2.WeightManifest) -> int:
             f"version {v}: {len(m.chunk_sha256)} chunk hashes listed, but {m.total_bytes} bytes "
             f"in chunks of {m.chunk_bytes} make {num_chunks}"
         )
-    max_doc = ipc.MAX_DOC_BYTES if m.format.endswith(IPC_SUFFIX) else shm.MAX_DOC_BYTES
+    max_doc = next((n for x, n in _MAX_DOC_BYTES.items() if m.format.endswith(x)), 0)
     if reference and (num_chunks != 1 or m.total_bytes > max_doc):
         raise WeightError(
             f"version {v}: a {m.format} version is one chunk of at most {max_doc} bytes "
@@ -316,7 +339,7 @@ def _check_entries(m: types_pb2.WeightManifest, blob_bytes: int) -> dict[str, ty
 def _check_scales(m: types_pb2.WeightManifest, entries: dict[str, types_pb2.TensorEntry]) -> set[str]:
     """Every quantized tensor (FP8 in an fp8 version, int4 in an int4 one) has its scale entry of
     the right shape, and only those do; returns the scale entries' names."""
-    v, base_format = m.version, m.format.removesuffix(IPC_SUFFIX).removesuffix(SHM_SUFFIX)
+    v, base_format = m.version, _base_format(m.format)
     scale_names: set[str] = set()
     for e in m.tensors:
         quantized = {"float8_e4m3fn": "fp8", "int4": "int4"}.get(e.dtype)
