@@ -7,7 +7,9 @@
                                                               holds the merged weights; lora.py)
         optimizer/optimizer.safetensors                    <- AdamW moments, per parameter name (in a
                                                               folder: a model loader reads every
-                                                              *.safetensors beside config.json)
+                                                              *.safetensors beside config.json);
+                                                              over 1 GiB, optimizer-0000k-of-0000n
+                                                              shards, written side by side
         draft/config.json, model.safetensors               <- under --enable-mtp-training: the draft
                                                               head, a directory
                                                               --speculative-draft-model-path loads
@@ -36,6 +38,9 @@ import os
 import random
 import shutil
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -138,15 +143,12 @@ def save_checkpoint(
     save_dir.mkdir(parents=True, exist_ok=True)
     tmp = save_dir / f".{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tmp, state_dict=lora.policy_weights(model, model_state))  # LoRA: merged
-    if lora.config_of(model) is not None:
-        lora.save_adapter(tmp / lora.ADAPTER_DIR, model_state, lora.config_of(model))
-    if tokenizer_dir:
-        for f in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / f).exists():
-                shutil.copy2(Path(tokenizer_dir) / f, tmp / f)
-    (tmp / OPTIMIZER).parent.mkdir()
-    save_file(optim_tensors, str(tmp / OPTIMIZER))
+    tmp.mkdir()
+    # The big files are written side by side (safetensors serializes without the GIL): a final
+    # checkpoint is what a run's last seconds wait on, several GB for a 0.6B model.
+    policy = lora.policy_weights(model, model_state)  # under LoRA the merged weights
+    writes = [partial(save_model, model, tmp, state_dict=policy)]
+    writes += _optimizer_writes(optim_tensors, tmp / OPTIMIZER)
     meta = {
         **state,
         "step": step,
@@ -155,15 +157,21 @@ def save_checkpoint(
         "world_size": par.world_size,
     }
     if draft is not None and draft_optim is not None:
-        save_draft(draft[0], tmp / DRAFT_DIR)
         draft_tensors, meta["draft_param_groups"] = _flatten_optimizer(draft_optim)
-        (tmp / DRAFT_DIR / OPTIMIZER).parent.mkdir()
-        save_file(draft_tensors, str(tmp / DRAFT_DIR / OPTIMIZER))
+        writes.append(partial(save_draft, draft[0], tmp / DRAFT_DIR))
+        writes += _optimizer_writes(draft_tensors, tmp / DRAFT_DIR / OPTIMIZER)
+    if lora.config_of(model) is not None:
+        writes.append(partial(lora.save_adapter, tmp / lora.ADAPTER_DIR, model_state, lora.config_of(model)))
+    _side_by_side(writes)
+    if tokenizer_dir:
+        for f in TOKENIZER_FILES:
+            if (Path(tokenizer_dir) / f).exists():
+                shutil.copy2(Path(tokenizer_dir) / f, tmp / f)
     if scheduler is not None:
         meta["lr_scheduler"] = scheduler.state_dict()
     (tmp / "trainer_state.json").write_text(json.dumps(meta) + "\n")
     _same_mode(tmp, _file_mode())
-    _fsync_dir_files(tmp)
+    _fsync_tree(tmp)
     crash_point("mid_checkpoint", step)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -173,6 +181,46 @@ def save_checkpoint(
         os.replace(latest_tmp, save_dir / "latest")
     _fsync(save_dir)  # the renames themselves: a checkpoint Redis is told about must survive power loss
     return final
+
+
+SHARD_BYTES = 1 << 30  # optimizer files are cut at ~1 GiB, so several writers share the work
+
+
+def _optimizer_writes(tensors: dict[str, torch.Tensor], path: Path) -> list[Callable[[], None]]:
+    """Writers of the optimizer tensors: `path` itself, or `optimizer-0000k-of-0000n.safetensors`
+    beside it when they exceed SHARD_BYTES (each shard a whole number of tensors)."""
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    n = max(1, min(os.cpu_count() or 1, -(-total // SHARD_BYTES)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if n == 1:
+        return [partial(save_file, tensors, str(path))]
+    shards: list[dict[str, torch.Tensor]] = [{} for _ in range(n)]
+    sizes = [0] * n
+    for key, t in sorted(tensors.items(), key=lambda kv: -kv[1].numel() * kv[1].element_size()):
+        i = sizes.index(min(sizes))  # the emptiest shard: sizes come out within one tensor
+        shards[i][key] = t
+        sizes[i] += t.numel() * t.element_size()
+    stem = path.stem
+    return [
+        partial(save_file, shard, str(path.with_name(f"{stem}-{i + 1:05d}-of-{n:05d}.safetensors")))
+        for i, shard in enumerate(shards)
+    ]
+
+
+def _load_optimizer_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every optimizer file in `path`'s folder (one file, or the shards `_optimizer_writes` cut)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(path.parent.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    if not tensors:
+        raise FileNotFoundError(f"no optimizer state (*.safetensors) in {path.parent}")
+    return tensors
+
+
+def _side_by_side(writes: list[Callable[[], None]]) -> None:
+    with ThreadPoolExecutor(len(writes), thread_name_prefix="checkpoint") as pool:
+        for done in [pool.submit(w) for w in writes]:
+            done.result()  # the first error, raised here
 
 
 def _file_mode() -> int:
@@ -212,13 +260,13 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir_files(d: Path) -> None:
-    for f in d.iterdir():
-        if f.is_dir():
-            _fsync_dir_files(f)
-        elif f.is_file():
-            _fsync(f)
-    _fsync(d)
+def _fsync_tree(d: Path) -> None:
+    """Every file under `d` durable (side by side: each waits on the disk), then the folders."""
+    paths = sorted(d.rglob("*"), key=lambda p: p.is_dir())  # files first, then their folders
+    files, folders = [p for p in paths if p.is_file()], [p for p in paths if p.is_dir()]
+    _side_by_side([partial(_fsync, f) for f in files])
+    for folder in sorted(folders, key=lambda p: -len(p.parts)) + [d]:
+        _fsync(folder)
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -256,7 +304,7 @@ def load_trainer_state(
                 weights.update(load_file(str(f)))
     if "lm_head.weight" not in weights and "model.embed_tokens.weight" in weights:
         weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied
-    osd = _unflatten_optimizer(load_file(str(ckpt / OPTIMIZER)), state["param_groups"])
+    osd = _unflatten_optimizer(_load_optimizer_tensors(ckpt / OPTIMIZER), state["param_groups"])
     load_full_state(model, optimizer, weights, osd)
     if draft is not None:
         _load_draft(ckpt, state, *draft)
@@ -277,5 +325,5 @@ def _load_draft(
         )
         return
     weights = load_file(str(d / "model.safetensors"))
-    osd = _unflatten_optimizer(load_file(str(d / OPTIMIZER)), state["draft_param_groups"])
+    osd = _unflatten_optimizer(_load_optimizer_tensors(d / OPTIMIZER), state["draft_param_groups"])
     load_full_state(head, optimizer, weights, osd)
