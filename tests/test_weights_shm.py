@@ -168,6 +168,29 @@ def test_no_file_is_left_after_a_reader_or_the_trainer_is_killed(exporter, tmp_p
     assert left in shm.sweep_orphans() and not left.exists()  # what the next trainer does first
 
 
+_SMALL_SHM = """
+import torch
+from slipstream.weights import ShmExporter, WeightError
+try:
+    ShmExporter().pack({"model.norm.weight": torch.ones(1 << 20)}, 1, "bf16")  # 2 MiB into 1 MiB
+except WeightError as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(
+    subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0,
+    reason="needs `unshare -m` (root) to mount a small /dev/shm",
+)
+def test_a_version_larger_than_dev_shm_is_refused_in_one_line_not_a_sigbus():
+    script = f'mount -t tmpfs -o size=1m tmpfs /dev/shm && exec {sys.executable} -c "$0"'
+    done = subprocess.run(
+        ["unshare", "-m", "sh", "-c", script, _SMALL_SHM], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "cannot make a 2097216-byte weights file in /dev/shm (No space left on device)" in done.stdout
+
+
 def test_the_relay_takes_the_byte_form_of_a_held_shared_memory_version_once(exporter):
     manifest, chunks = exporter.pack(_state(), 1, "fp8")
 

@@ -34,7 +34,7 @@ from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, types_pb2
 from slipstream.weights import IpcExporter, WeightError, iter_messages, pack
 from slipstream.weights.broadcast import BroadcastExporter
 from slipstream.weights.packer import BROADCAST_SUFFIX, SHM_SUFFIX, by_reference
-from slipstream.weights.shm import ShmExporter, host_id
+from slipstream.weights.shm import SHM_DIR, ShmExporter, host_id
 
 from .reconnect import Reconnect, Unreachable, describe, retryable
 
@@ -76,7 +76,7 @@ class WeightPusher:
         # ipc: a version travels as CUDA IPC handles of a device buffer this process keeps until
         # every rollout server serves it (`after_status`); the same manifest and protocol.
         self.ipc = IpcExporter() if self.transport == "ipc" else None
-        self.host = host_id() if self.transport == "shm" else ""
+        self.host = host_id() if self.transport == "shm" and SHM_DIR.is_dir() else ""
         self.shm = ShmExporter() if self.host else None
         self.elsewhere: set[str] = set()  # servers that cannot read this host's /dev/shm (said once each)
         self.broadcast = BroadcastExporter(host) if self.transport == "broadcast" else None
@@ -93,8 +93,8 @@ class WeightPusher:
         weights = {k: v.detach() for k, v in state_dict.items()}
         if self.ipc:
             self.last = self.ipc.pack(weights, version, self.fmt, self.int4_targets)
-        elif self.shm and not self.elsewhere:
-            self.last = self.shm.pack(weights, version, self.fmt, self.int4_targets)
+        elif self.shm and not self.elsewhere and (shared := self._shm_pack(weights, version)):
+            self.last = shared
         elif self.broadcast and send and (members := sorted(s.server_id for s in self.status().servers)):
             # The group is who is attached now (one GetStatus): a server that attached since the
             # last report is in it, one that left does not hold the broadcast up.
@@ -148,6 +148,16 @@ class WeightPusher:
         for exporter in (self.shm, self.broadcast):
             if exporter is not None:
                 exporter.close()
+
+    def _shm_pack(self, weights: dict[str, torch.Tensor], version: int):
+        """The version in /dev/shm, or None (said once, bytes from then on) when it does not fit there."""
+        try:
+            return self.shm.pack(weights, version, self.fmt, self.int4_targets)
+        except WeightError as e:
+            log.warning("%s: weights go as bytes from now on (--weight-transport)", e)
+            self.shm.close()
+            self.shm = None
+            return None
 
     def _reaches(self, server: coordinator_pb2.RolloutServerStatus, version: int) -> bool:
         """Whether the current version by reference can reach `server`."""

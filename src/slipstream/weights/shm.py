@@ -234,11 +234,15 @@ class ShmExporter:
             _unlink(spare.path)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, nbytes)
+            # Reserved, not just sized: a /dev/shm too small for it (Docker's default is 64 MB) says
+            # ENOSPC here, where a sparse file would kill the writer with SIGBUS mid-version.
+            os.posix_fallocate(fd, 0, nbytes)
             mapped = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE)
         except OSError as e:
             _unlink(path)
-            raise WeightError(f"cannot make a {nbytes}-byte weights file in {SHM_DIR}: {e}") from None
+            raise WeightError(
+                f"cannot make a {nbytes}-byte weights file in {SHM_DIR} ({e.strerror})"
+            ) from None
         finally:
             os.close(fd)
         segment = _Segment(path, torch.frombuffer(mapped, dtype=torch.uint8), version)
