@@ -24,12 +24,13 @@ from machine_speed import scaled
 from mesh_fixtures import build_tiny_model
 from slipstream.models.hf import init_model, load_config, load_tokenizer
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, rollout_pb2, rollout_pb2_grpc, types_pb2
+from slipstream.rpc import bursts
 from slipstream.rpc.channel import sync_channel
 from slipstream.rpc.server import start_server
 from slipstream.weights import iter_messages, pack, weights_to_sync
 
 pytestmark = pytest.mark.timeout(90)
-STEP = 20.0  # seconds any single expected event may take (process start included)
+STEP = 20.0  # any one expected event on an idle 2-core box (process start included); scaled()
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +66,7 @@ def _spawn(model_dir: Path, ready: Path, *extra: str) -> subprocess.Popen:
 
 
 def _wait_port(proc: subprocess.Popen, ready: Path) -> int:
-    deadline = time.monotonic() + STEP
+    deadline = time.monotonic() + scaled(STEP)
     while not (ready.exists() and ready.read_text().strip()):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
@@ -78,7 +79,7 @@ def _stop(proc: subprocess.Popen) -> int:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:
-        return proc.wait(15)
+        return proc.wait(scaled(15))
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
@@ -96,7 +97,9 @@ def test_generate_and_get_info(model_dir, tmp_path):
             for i, p in enumerate(prompts)
         ]
         greedy = types_pb2.SamplingParams(temperature=0.0, max_new_tokens=5)
-        reply = stub.Generate(rollout_pb2.GenerateRequest(samples=samples, sampling=greedy), timeout=30)
+        reply = stub.Generate(
+            rollout_pb2.GenerateRequest(samples=samples, sampling=greedy), timeout=scaled(30)
+        )
         assert [s.uid for s in reply.samples] == ["s0", "s1"]
         for prompt, out in zip(samples, reply.samples, strict=True):
             n = out.response_length
@@ -109,11 +112,13 @@ def test_generate_and_get_info(model_dir, tmp_path):
             assert out.status == (
                 types_pb2.SAMPLE_STATUS_COMPLETED if eos_last else types_pb2.SAMPLE_STATUS_TRUNCATED
             )
-        again = stub.Generate(rollout_pb2.GenerateRequest(samples=samples, sampling=greedy), timeout=30)
+        again = stub.Generate(
+            rollout_pb2.GenerateRequest(samples=samples, sampling=greedy), timeout=scaled(30)
+        )
         assert [list(s.tokens) for s in again.samples] == [
             list(s.tokens) for s in reply.samples
         ]  # greedy repeats
-        info = stub.GetInfo(rollout_pb2.GetInfoRequest(), timeout=5)
+        info = stub.GetInfo(rollout_pb2.GetInfoRequest(), timeout=scaled(5))
         assert info.server_id == "solo" and info.engine == "native" and info.policy_version == 0
         assert info.num_generated_tokens == 2 * sum(s.response_length for s in reply.samples)
         with pytest.raises(grpc.RpcError) as e:
@@ -121,7 +126,7 @@ def test_generate_and_get_info(model_dir, tmp_path):
                 rollout_pb2.GenerateRequest(
                     samples=samples, sampling=types_pb2.SamplingParams(temperature=-1.0, max_new_tokens=2)
                 ),
-                timeout=10,
+                timeout=scaled(10),
             )
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
@@ -163,12 +168,22 @@ class PeerCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
 
     async def next(self, kind: str) -> tuple[int, object]:
         while True:
-            number, event = await asyncio.wait_for(self.events.get(), STEP)
+            number, event = await asyncio.wait_for(self.events.get(), scaled(STEP))
             if event.WhichOneof("kind") == kind:
                 return number, getattr(event, kind)
 
     def send(self, **command) -> None:
         self.outbox.put_nowait(coordinator_pb2.RolloutCommand(**command))
+
+    async def results(self, count: int) -> list[coordinator_pb2.SampleResult]:
+        """The next `count` results, whether they came one a message or in a `ResultBatch`."""
+        got: list[coordinator_pb2.SampleResult] = []
+        while len(got) < count:
+            _, event = await asyncio.wait_for(self.events.get(), scaled(STEP))
+            if event.WhichOneof("kind") in ("result", "results"):
+                got += bursts.items(event, "result", "results")
+        assert len(got) == count, got
+        return got
 
 
 def test_attached_server_generates_swaps_weights_and_reconnects(model_dir, tmp_path):
@@ -216,9 +231,13 @@ def test_attached_server_generates_swaps_weights_and_reconnects(model_dir, tmp_p
             peer.send(new_weights=coordinator_pb2.NewWeights(version=1))
             _, applied = await peer.next("weights_applied")
             assert applied.ok and applied.version == 1, applied.error
-            peer.send(work=work("p1/0", 1))
-            _, result = await peer.next("result")
-            assert list(result.sample.policy_versions) == [1] * result.sample.response_length
+            # A group in one message: every item generated and answered (results may come batched).
+            ids = [f"p1/{i}" for i in range(3)]
+            peer.send(work_batch=coordinator_pb2.WorkBatch(items=[work(w, 1) for w in ids]))
+            results = await peer.results(3)
+            assert sorted(r.work_id for r in results) == ids
+            for result in results:
+                assert list(result.sample.policy_versions) == [1] * result.sample.response_length
 
             peer.send(new_weights=coordinator_pb2.NewWeights(version=2))  # does not fit the model
             _, applied = await peer.next("weights_applied")
