@@ -102,6 +102,7 @@ def build_engine(settings: EngineConfig, model: Qwen3ForCausalLM, eos_ids: list[
             int4_targets=settings.int4_targets,
             draft=_draft(settings, model),
             speculative_num_steps=settings.speculative_num_steps,
+            true_on_policy=settings.true_on_policy,
         )
     raise ValueError(f"--rollout-engine {settings.engine}: no such engine")
 

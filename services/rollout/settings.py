@@ -37,6 +37,7 @@ class EngineConfig:
     draft_model_path: str = ""  # --speculative-draft-model-path; "" = the seeded version-0 init
     draft_in_weights: bool = False  # --enable-mtp-training: every weights version carries the draft
     unified_fp8: bool = False  # --fp8-format: the trainer computes with FP8-rounded projections
+    true_on_policy: bool = False  # --true-on-policy-mode: batch-invariant kernels, bf16-valued weights
 
     @classmethod
     def from_sections(
@@ -71,6 +72,7 @@ class EngineConfig:
             draft_model_path=rollout.speculative_draft_model_path,
             draft_in_weights=train is not None and train.enable_mtp_training,
             unified_fp8=train is not None and bool(train.fp8_format),
+            true_on_policy=train is not None and train.true_on_policy_mode,
         )
 
     @property

@@ -58,6 +58,8 @@ from slipstream.algorithms.losses import (
     compiled_token_log_probs,
 )
 from slipstream.config import AlgoConfig, Config, ModelConfig, TrainConfig
+from slipstream.kernels import invariant
+from slipstream.kernels.invariant import make_invariant
 from slipstream.kernels.moe import use_grouped_experts
 from slipstream.models.hf import load_model
 from slipstream.models.packed import packed_causal_attention
@@ -152,6 +154,11 @@ class Actor:
             _checkpoint_layers(compute)
         self.model = model  # sharded as it was loaded, under torchrun
         self.compute = compute if self.masters else self.model
+        self.invariant = train.true_on_policy_mode  # its compute copy holds the served bf16 values
+        if self.invariant:
+            if self.device.type != "cpu":
+                raise ValueError("--true-on-policy-mode is CPU-only for now (the GPU needs its own kernels)")
+            make_invariant(self.compute)
         self.compute.train()
         self.moe = MoERouting(model.config, train)  # expert routing: replay, aux loss, metrics
         self.ref_model = None
@@ -251,6 +258,8 @@ class Actor:
         if self.masters is not None and model is self.compute:
             self.masters.refresh_if_changed()  # e.g. a checkpoint was loaded into the masters
         extra = {} if routing is None else {"routing": routing}
+        if self.invariant:  # the padded batch, through the kernels the engine decodes with
+            extra["attention"], p = invariant.causal_attention, None
         if p is None:
 
             def padded_head(h, w):
@@ -282,6 +291,7 @@ class Actor:
         `routing`: a training forward's (default: the policy's for a pass without gradients);
         `keep`: receives the policy's hidden states (`_forward`)."""
         fn = compiled_token_log_probs if self.train.torch_compile else chunked_token_log_probs
+        fn = invariant.token_log_probs if self.invariant else fn
         if model is not None and model is not self.compute:  # the reference routes itself
             return self._forward(model, batch, fn)
         if routing is None:
@@ -294,6 +304,7 @@ class Actor:
         self, batch: Batch, routing=None, keep=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         fn = compiled_log_probs_and_entropy if self.train.torch_compile else chunked_log_probs_and_entropy
+        fn = invariant.log_probs_and_entropy if self.invariant else fn
         return self._forward(self.compute, batch, fn, routing, keep)
 
     def old_log_probs(self, batches: list[Batch]) -> list[torch.Tensor]:

@@ -8,6 +8,8 @@ never saw the rounding is a wider one). Which weights: unified FP8 rounds the li
 the FP8 wire quantizes (`quant.should_quantize`: q/k/v/o, gate/up/down), --int4-qat the
 `quant.int4_names` set of --int4-qat-targets (every linear projection of a dense model, the routed
 experts of an MoE one). Embeddings, LM head, norms and routers stay full precision in both.
+`--true-on-policy-mode` rounds every weight to the bf16 it is pushed as (`kernels.invariant.served`;
+the engine rounds its version 0 the same way), so both sides compute with identical weights.
 
 How. The masters (what AdamW steps, checkpoints save and the push reads) stay full precision (fp32
 unless --dtype says otherwise). Forward and backward run on a compute copy (`precision.py`'s split,
@@ -38,6 +40,7 @@ import torch
 from torch import nn
 
 from slipstream.config import TrainConfig
+from slipstream.kernels import invariant
 from slipstream.kernels.fp8_linear import quantize_rows
 from slipstream.quant import fake_quantize_blockwise, fake_quantize_int4, int4_names, should_quantize
 
@@ -52,6 +55,8 @@ _RECIPES: dict[str, Quantizer] = {"blockwise": fake_quantize_blockwise}
 def quantizers(train: TrainConfig, model: nn.Module) -> dict[str, Quantizer]:
     """Parameter name -> its quantizer, for the weights --int4-qat / --fp8-format round ({}: off)."""
     params = dict(model.named_parameters())
+    if train.true_on_policy_mode:  # every weight, as the bf16 the rollout computes with
+        return dict.fromkeys(params, invariant.served)
     if train.int4_qat:
         names = int4_names(((n, p.shape) for n, p in params.items()), train.int4_qat_targets)
         return dict.fromkeys(sorted(names), fake_quantize_int4)
@@ -72,7 +77,9 @@ def compute_weights(
     compute_dtype = torch.bfloat16 if train.bf16 else next(model.parameters()).dtype
     if quant:
         if distributed:
-            raise ValueError("--int4-qat / --fp8-format under torchrun (FSDP2) is not implemented yet")
+            raise ValueError(
+                "--int4-qat / --fp8-format / --true-on-policy-mode under torchrun (FSDP2) is not implemented yet"
+            )
         weights = QuantizedWeights(model, compute_dtype, quant)
         if train.fp8_format and rollout_fp8:
             round_inputs_per_token(weights.compute, weights.quantized_names)

@@ -479,6 +479,14 @@ class TrainConfig:
         "torch.compile the trainer: each decoder layer as two graphs around its attention call "
         "(which stays eager) and the LM head's log-prob/entropy chunks. (Slipstream)",
     )
+    true_on_policy_mode: bool = opt(
+        False,
+        "Bitwise on-policy training: rollout engine and trainer compute every token with batch-invariant "
+        "kernels (kernels/invariant.py) and the same bf16-valued weights (the wire's, in both), so the "
+        "log-probs the sampler reports for its tokens equal the trainer's bit for bit (train/rollout "
+        "mismatch exactly 0). For now: CPU, dense models, one trainer process, fp32 arithmetic, bf16 "
+        "weight sync; it costs throughput (docs/benchmarks.md). (miles' name)",
+    )
     use_rollout_routing_replay: bool = opt(
         False,
         "Rollout routing replay (R3, mixture-of-experts models): the training forwards use the expert "
@@ -588,6 +596,13 @@ class TrainConfig:
             "--int4-qat and --fp8-format train against two different roundings: pick one",
         )
         _require(
+            not self.true_on_policy_mode
+            or not (self.int4_qat or self.fp8_format or self.torch_compile or self.bf16)
+            and self.weight_sync_dtype in ("auto", "bf16"),
+            "--true-on-policy-mode computes in fp32 with the bf16 weights it syncs: it excludes --int4-qat, "
+            "--fp8-format, --torch-compile, --bf16 and a --weight-sync-dtype other than bf16",
+        )
+        _require(
             not self.int4_qat or self.weight_sync_dtype in ("auto", "int4"),
             f"--int4-qat trains against the int4 weights the rollout serves: it needs --weight-sync-dtype "
             f"int4 (or auto), got {self.weight_sync_dtype}",
@@ -638,6 +653,8 @@ class TrainConfig:
         from 0.0067 to 0.067 with FP8-served weights, bench/mesh_gpu.py)."""
         if self.weight_sync_dtype != "auto":
             return self.weight_sync_dtype
+        if self.true_on_policy_mode:
+            return "bf16"
         if self.int4_qat:
             return "int4"
         return "fp8" if self.fp8_format or (device_type == "cuda" and not colocate) else "bf16"
@@ -925,6 +942,16 @@ class Config:
             not (self.rollout.rollout_fp8 and (t.int4_qat or t.weight_sync_dtype == "int4")),
             "--rollout-fp8 and int4 weights (--weight-sync-dtype int4, --int4-qat) exclude each other: "
             "a rollout layer holds one format",
+        )
+        _require(
+            not t.true_on_policy_mode
+            or not (self.rollout.rollout_fp8 or self.rollout.kv_cache_dtype != "auto")
+            and not self.rollout.speculative_algorithm
+            and self.cluster.actor_num_gpus_per_node == 1
+            and self.infra.device in ("auto", "cpu"),
+            "--true-on-policy-mode runs the CPU's full-precision kernels in one trainer process: it "
+            "excludes --rollout-fp8, --kv-cache-dtype fp8_e4m3, --speculative-algorithm, "
+            "--actor-num-gpus-per-node > 1 and --device cuda",
         )
         _require(
             t.weight_transport != "ipc" or self.cluster.colocate,

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from slipstream.kernels import attention as decode_kernel
+from slipstream.kernels import invariant
 from slipstream.models import Attention
 from slipstream.quant import FP8_DTYPE, FP8_MAX
 
@@ -44,8 +45,11 @@ class KVCache:
         max_len: int,
         dtype: torch.dtype,
         device: torch.device,
+        invariant: bool = False,
     ) -> None:
+        """`invariant`: attend with `kernels.invariant` (--true-on-policy-mode)."""
         self.max_slots = max_slots
+        self.invariant = invariant
         self.max_len = max_len
         self._dtype, self.device = dtype, device
         shape = (num_layers, 0, num_kv_heads, 0, head_dim)
@@ -123,6 +127,8 @@ class KVCache:
             self.k[layer, first_slot : first_slot + b, :, :t] = self._stored(k)
             self.v[layer, first_slot : first_slot + b, :, :t] = self._stored(v)
             # Only the new tokens are attended to (no prefix sharing), so the batch's own k/v suffice.
+            if self.invariant:
+                return invariant.causal_attention(layer, q, k, v)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
 
         return attend
@@ -138,7 +144,7 @@ class KVCache:
         mask = (torch.arange(kv_len, device=positions.device)[None, :] <= positions[:, None])[:, None, None]
 
         lengths = positions + 1
-        fast = decode_kernel.available(self.k)
+        fast = decode_kernel.available(self.k) and not self.invariant
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.k[layer, rows, :, positions] = self._stored(k[:, :, 0])
@@ -147,6 +153,8 @@ class KVCache:
                 return decode_kernel.decode_attention(q, self.k[layer], self.v[layer], lengths)
             keys = self.k[layer, :n, :, :kv_len].to(q.dtype)
             values = self.v[layer, :n, :, :kv_len].to(q.dtype)
+            if self.invariant:
+                return invariant.attention(q, keys, values, mask)
             # The query heads that share a KV head become that head's "query positions"
             # ([n, Hkv, group, D]): one attention per KV head, no repeated keys, and the
             # memory-efficient kernel (which takes a mask) instead of a GQA expansion.

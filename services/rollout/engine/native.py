@@ -53,6 +53,7 @@ class NativeEngine:
         int4_targets: str = "",
         draft: DraftHead | None = None,
         speculative_num_steps: int = 3,
+        true_on_policy: bool = False,
     ) -> None:
         """`seed` seeds requests that bring none; `max_prefill_tokens` bounds one prefill's padded
         batch (batch x distinct prompts' longest length), one request always fits.
@@ -66,13 +67,15 @@ class NativeEngine:
         (CUDA only: fused projections and glue kernels; off, the model's own forward).
         `kv_cache_dtype`: "auto" (the model's dtype) or "fp8_e4m3" (`kv_cache.py` says how).
         `draft`: a draft head (`models/draft.py`, of `policy_version`) to decode speculatively
-        with, `speculative_num_steps` tokens a step (`speculative.py`)."""
+        with, `speculative_num_steps` tokens a step (`speculative.py`). `true_on_policy`
+        (--true-on-policy-mode): batch-invariant kernels (`kernels/invariant.py`), so the log-probs
+        of the sampled tokens are the trainer's bit for bit."""
         self.runner = ModelRunner(
             model, eos_token_ids, max_batch_size, max_seq_len, policy_version,
             seed=seed, fp8=fp8, kv_memory_fraction=kv_memory_fraction, preallocate=preallocate,
             cuda_graphs=cuda_graphs, fused_decode=fused_decode, kv_cache_dtype=kv_cache_dtype,
             int4_targets=int4_targets,
-            draft_layers=draft.num_layers if draft is not None else 0,
+            draft_layers=draft.num_layers if draft is not None else 0, invariant=true_on_policy,
         )  # fmt: skip
         if draft is not None:
             self.runner.speculator = Speculator(draft, speculative_num_steps, policy_version, self.runner)

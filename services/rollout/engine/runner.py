@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from slipstream.kernels.fp8_linear import convert_to_fp8
+from slipstream.kernels.invariant import make_invariant, round_to_served_
 from slipstream.kernels.moe import use_grouped_experts
 from slipstream.kernels.w4a16 import convert_to_w4a16
 from slipstream.models import Qwen3ForCausalLM, Routing
@@ -95,10 +96,22 @@ class ModelRunner:
         kv_cache_dtype: str,
         int4_targets: str = "",  # --int4-qat-targets under --weight-sync-dtype int4; "" = no int4
         draft_layers: int = 0,
+        invariant: bool = False,
     ) -> None:
         """The options are `NativeEngine`'s; `max_batch_size` may come out lower (the KV cache's fit).
         `draft_layers`: KV-cache layers after the target's for a speculative draft head (`speculative.py`)."""
         self.model = model.eval()
+        if invariant:  # --true-on-policy-mode: the trainer's arithmetic, token by token
+            if fp8 or int4_targets or kv_cache_dtype != "auto" or draft_layers or model.config.moe_layers:
+                raise ValueError(
+                    "--true-on-policy-mode runs a dense model at full precision: no FP8/int4 weights, "
+                    "FP8 KV cache, speculative draft or MoE yet"
+                )
+            if model.model.embed_tokens.weight.device.type != "cpu":
+                raise ValueError("--true-on-policy-mode is CPU-only for now (the GPU needs its own kernels)")
+            make_invariant(model)
+            round_to_served_(model)  # the checkpoint's weights as a bf16 version would bring them
+            cuda_graphs = fused_decode = False
         if fp8 and model.config.moe_layers:
             raise ValueError(
                 "fp8=True is not implemented for MoE models yet (the router must stay unquantized)"
@@ -139,6 +152,7 @@ class ModelRunner:
         self.cache = KVCache(
             cfg.num_hidden_layers + draft_layers, cfg.num_key_value_heads, cfg.head_dim,
             max_batch_size, self.max_seq_len, KV_CACHE_DTYPES[kv_cache_dtype] or weight.dtype, self.device,
+            invariant=invariant,
         )  # fmt: skip
         if preallocate is None:
             preallocate = self.device.type == "cuda"

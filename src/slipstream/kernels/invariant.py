@@ -1,0 +1,125 @@
+"""Batch-invariant forward kernels (--true-on-policy-mode): a token's numbers never depend on its batch.
+
+The engine computes a sampled token's log-prob inside a decode step of n rows over a KV cache of
+L positions; the trainer computes it again in one forward over a padded batch of T positions.
+Plain kernels choose their blocking, and so their order of summation, from the shapes: a row of
+`F.linear(x, W)` differs in its last bits between a 1-row and a 300-row call (every row tested,
+CPU fp32), and attention's sums run over L keys in one place and T in the other. Here everything
+that sums does so in an order fixed by the token alone:
+
+- `linear`: the rows in tiles of TILE, one batched GEMM of identical [TILE, K] x [K, N] problems
+  (`torch.bmm`), so a row gets the same result in any tile position and any batch;
+- `attention`: the scores q.k reduced over head_dim (a fixed-length inner reduction), the max
+  (exact in any order), and the sums over keys in chunks of CHUNK positions, the chunk sums added
+  one after another in position order. Keys a query does not see hold exact zeros, and adding
+  zeros changes nothing, so a query gets the same numbers over the engine's L cached keys as over
+  the trainer's causal T x T batch;
+- `token_log_probs`: log-softmax of logits / temperature, then the pick: the sampler's own
+  formula (`engine/sampler.py`), not logits minus logsumexp.
+
+RMSNorm, RoPE, SiLU, the residual adds and the embedding are row-wise or elementwise already
+(`tests/test_true_on_policy.py` checks the whole model: the engine's log-probs of the tokens it
+sampled equal the trainer's, bit for bit). Backward is autograd's over the same ops: only the
+forward must match. These are plain PyTorch for CPU fp32; the GPU wants kernels of its own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+TILE = 16  # rows per GEMM problem
+CHUNK = 16  # key positions per partial sum
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)`, each row computed as the same [TILE, K] problem."""
+    *lead, k = x.shape
+    rows = x.reshape(-1, k)
+    n = rows.shape[0]
+    if pad := (-n) % TILE:
+        rows = torch.cat([rows, rows.new_zeros(pad, k)])
+    tiles = rows.shape[0] // TILE
+    out = torch.bmm(rows.view(tiles, TILE, k), weight.t().unsqueeze(0).expand(tiles, k, weight.shape[0]))
+    out = out.reshape(-1, weight.shape[0])[:n]
+    if bias is not None:
+        out = out + bias
+    return out.reshape(*lead, weight.shape[0])
+
+
+class InvariantLinear(nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+def make_invariant(model: nn.Module) -> nn.Module:
+    """Every `nn.Linear` of `model` computes through `linear` (in place; parameters untouched)."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = InvariantLinear
+    return model
+
+
+def served(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The value a weight computes with in this mode, in `dtype`: the bf16 it travels as (the
+    trainer's compute copy and the engine's version 0 alike; later versions arrive as bf16)."""
+    return weight.to(torch.bfloat16).to(dtype)
+
+
+@torch.no_grad()
+def round_to_served_(model: nn.Module) -> None:
+    for p in model.parameters():
+        p.copy_(served(p, p.dtype))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax attention: q [B,H,Tq,D], k and v [B,Hkv,L,D], mask [B|1, 1, Tq, L] (True: attend)
+    -> [B,H,Tq,D]. Every query must see at least one key."""
+    b, h, tq, d = q.shape
+    if (group := h // k.shape[1]) > 1:  # grouped-query heads: each KV head serves `group` of them
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    length = k.shape[2]
+    mask = mask.expand(b, 1, tq, length)
+    if pad := (-length) % CHUNK:
+        k = torch.cat([k, k.new_zeros(b, h, pad, d)], 2)
+        v = torch.cat([v, v.new_zeros(b, h, pad, d)], 2)
+        mask = torch.cat([mask, mask.new_zeros(b, 1, tq, pad)], 3)
+    scores = (q[:, :, :, None, :] * k[:, :, None, :, :]).sum(-1) * d**-0.5  # [B,H,Tq,L]
+    scores = scores.masked_fill(~mask, float("-inf"))
+    p = torch.exp(scores - scores.amax(-1, keepdim=True))  # exact zeros where masked
+    chunks = p.shape[-1] // CHUNK
+    den = p.view(b, h, tq, chunks, CHUNK).sum(-1)  # [B,H,Tq,chunks]
+    weighted = p[:, :, :, None, :] * v.transpose(2, 3)[:, :, None, :, :]  # [B,H,Tq,D,L]
+    num = weighted.view(b, h, tq, d, chunks, CHUNK).sum(-1)  # [B,H,Tq,D,chunks]
+    total_den, total_num = den[..., 0], num[..., 0]
+    for c in range(1, chunks):  # position order; chunks past a query's keys add exact zeros
+        total_den = total_den + den[..., c]
+        total_num = total_num + num[..., c]
+    return total_num / total_den[..., None]
+
+
+def causal_attention(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The model's `Attention` for a whole batch (the trainer's forward, the engine's prefill)."""
+    t = q.shape[2]
+    positions = torch.arange(t, device=q.device)
+    return attention(q, k, v, (positions[None, :] <= positions[:, None])[None, None])
+
+
+def token_log_probs(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """log-softmax(logits / temperature)[targets], hidden [B,T,H] -> [B,T] fp32, as the sampler does it."""
+    logits = linear(hidden, lm_head_weight).float()
+    scale = torch.tensor(temperature if temperature > 0 else 1.0, dtype=torch.float32, device=logits.device)
+    log_p = torch.log_softmax(logits / scale, dim=-1)
+    return log_p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+
+
+def log_probs_and_entropy(
+    hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_log_probs` and each position's entropy."""
+    logits = linear(hidden, lm_head_weight).float()
+    scale = torch.tensor(temperature if temperature > 0 else 1.0, dtype=torch.float32, device=logits.device)
+    log_p = torch.log_softmax(logits / scale, dim=-1)
+    return log_p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1), -(log_p.exp() * log_p).sum(-1)

@@ -1,0 +1,175 @@
+"""--true-on-policy-mode: the log-probs the engine's sampler reported for the tokens it sampled equal
+the trainer's log-probs of the same tokens bit for bit (kernels/invariant.py), while plain kernels
+differ; and the invariant kernels themselves are row- and length-invariant.
+
+The samples come from the engine's own decode (prefill, then one token a step while requests of
+several prompt lengths and response lengths join and leave the batch), never a prefill recompute.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mesh_fixtures import build_tiny_model
+from slipstream.config import ConfigError, config_from_values
+from slipstream.kernels import invariant
+from slipstream.models.hf import load_model
+from slipstream.services.rollout.engine.native import NativeEngine
+from slipstream.services.rollout.engine.request import Request
+from slipstream.services.trainer.actor import Actor
+from slipstream.services.trainer.batch import collate
+from slipstream.types import Sample, Status
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("top") / "model", max_position_embeddings=96)
+
+
+def _cfg(model_dir, **kw):
+    values = dict(
+        hf_checkpoint=str(model_dir), rollout_batch_size=2, n_samples_per_prompt=4, micro_batch_size=4,
+        device="cpu", rollout_max_response_len=40, true_on_policy_mode=True,
+    )  # fmt: skip
+    values.update(kw)
+    return config_from_values(values)
+
+
+def _rollout(model_dir, true_on_policy: bool) -> list[Sample]:
+    """Twelve samples from the engine: 3 prompts x 4, responses of up to 40 tokens, max batch 5
+    (so rows join mid-flight and the decode batch changes size every few steps)."""
+    engine = NativeEngine(
+        load_model(model_dir), eos_token_ids=[], max_batch_size=5, true_on_policy=true_on_policy
+    )
+    prompts = [[3, 4, 5], [6, 7, 8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19]]
+    reqs = [
+        Request(f"{i}-{j}", p, max_new_tokens=12 + 7 * j, seed=100 * i + j)
+        for i, p in enumerate(prompts)
+        for j in range(4)
+    ]
+    out = []
+    for req, res in zip(reqs, engine.generate(reqs), strict=True):
+        out.append(
+            Sample(
+                tokens=req.tokens + res.tokens,
+                response_length=len(res.tokens),
+                reward=0.0,
+                status=Status.COMPLETED,
+                rollout_log_probs=res.log_probs,
+                policy_versions=res.versions,
+            )  # fmt: skip
+        )
+    return out
+
+
+def _mismatch(actor: Actor, samples: list[Sample]) -> tuple[float, int]:
+    """(max |trainer - sampler| over the sampled tokens, number of tokens)."""
+    batch = collate(samples, [0.0] * len(samples))
+    with torch.no_grad():
+        trainer = actor.log_probs(batch)
+    worst, n = 0.0, 0
+    for row, s in enumerate(samples):
+        start = len(s.tokens) - s.response_length - 1  # the position that predicts the first response token
+        mine = trainer[row, start : start + s.response_length]
+        theirs = torch.tensor(s.rollout_log_probs, dtype=torch.float32)
+        worst = max(worst, float((mine - theirs).abs().max()))
+        n += s.response_length
+    return worst, n
+
+
+def test_sampler_log_probs_equal_the_trainers_bit_for_bit(model_dir):
+    samples = _rollout(model_dir, true_on_policy=True)
+    actor = Actor.from_config(_cfg(model_dir))
+    worst, n = _mismatch(actor, samples)
+    assert n > 250 and worst == 0.0, (worst, n)
+
+
+def test_plain_kernels_do_not_match(model_dir):
+    """What the mode fixes: the same run on the ordinary kernels differs in the last bits."""
+    samples = _rollout(model_dir, true_on_policy=False)
+    actor = Actor.from_config(_cfg(model_dir, true_on_policy_mode=False, weight_sync_dtype="bf16"))
+    worst, _ = _mismatch(actor, samples)
+    assert 0.0 < worst < 1e-4, worst
+
+
+def test_training_keeps_them_equal_after_the_weights_move(model_dir):
+    """After an optimizer step the trainer's compute copy is the bf16 of its fp32 masters, which is
+    what the rollout loads from a bf16 push: their log-probs still agree exactly."""
+    actor = Actor.from_config(_cfg(model_dir, lr=1e-2))
+    samples = _rollout(model_dir, true_on_policy=True)
+    actor.train_rollout(samples, [1.0, -1.0] * (len(samples) // 2))
+    engine_model = load_model(model_dir)
+    with torch.no_grad():
+        for name, p in engine_model.named_parameters():  # a bf16 push, as the stager loads it
+            p.copy_(dict(actor.model.named_parameters())[name].to(torch.bfloat16).float())
+    engine = NativeEngine(engine_model, eos_token_ids=[], max_batch_size=3, true_on_policy=True)
+    res = engine.generate([Request(f"r{i}", [3, 4, 5, 6][: i + 1], 20, seed=i) for i in range(4)])
+    moved = [
+        Sample(
+            tokens=[3, 4, 5, 6][: i + 1] + r.tokens,
+            response_length=len(r.tokens),
+            reward=0.0,
+            status=Status.COMPLETED,
+            rollout_log_probs=r.log_probs,
+            policy_versions=r.versions,
+        )  # fmt: skip
+        for i, r in enumerate(res)
+    ]
+    worst, _ = _mismatch(actor, moved)
+    assert worst == 0.0, worst
+
+
+def test_invariant_linear_and_attention_do_not_depend_on_the_batch():
+    torch.manual_seed(0)
+    w, x = torch.randn(48, 32), torch.randn(70, 32)
+    full = invariant.linear(x, w)
+    assert all(torch.equal(invariant.linear(x[i : i + 1], w)[0], full[i]) for i in range(70))
+    q, k, v = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
+    causal = invariant.causal_attention(0, q, k, v)
+    for t in (0, 13, 39):  # one query over a longer cache with garbage past its position
+        cache_k = torch.cat([k[:, :, : t + 1], torch.randn(1, 2, 64 - t - 1, 8)], 2)
+        cache_v = torch.cat([v[:, :, : t + 1], torch.randn(1, 2, 64 - t - 1, 8)], 2)
+        mask = (torch.arange(64) <= t)[None, None, None]
+        one = invariant.attention(q[:, :, t : t + 1], cache_k, cache_v, mask)
+        assert torch.equal(one[:, :, 0], causal[:, :, t]), t
+
+
+def test_the_mode_refuses_what_it_does_not_cover(model_dir):
+    for bad, says in (
+        (dict(rollout_fp8=True), "--rollout-fp8"),
+        (dict(weight_sync_dtype="fp8"), "--weight-sync-dtype"),
+        (dict(bf16=True), "--bf16"),
+        (dict(device="cuda"), "--device cuda"),
+    ):
+        with pytest.raises(ConfigError, match=says.replace("-", "\\-")):
+            _cfg(model_dir, **bad)
+
+
+@pytest.mark.slow
+def test_the_mesh_trains_with_zero_mismatch(model_dir, tmp_path, redis_url):
+    """Separate processes, real gRPC and Redis, bf16 pushes: every step's sampled tokens have exactly
+    the trainer's log-probs (on-policy, --sync, so the weights sampled with are the weights trained)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from machine_speed import scaled
+
+    from mesh_fixtures import build_prompts
+
+    run_dir = tmp_path / "run"
+    argv = [
+        sys.executable, str(Path(__file__).resolve().parent.parent / "train.py"),
+        "--hf-checkpoint", str(model_dir), "--prompt-data", str(build_prompts(tmp_path / "train.jsonl")),
+        "--run-dir", str(run_dir), "--redis-url", redis_url, "--rollout-batch-size", "2",
+        "--n-samples-per-prompt", "4", "--num-rollout", "3", "--rollout-max-response-len", "8",
+        "--lr", "1e-2", "--rollout-num-servers", "1", "--sync", "--true-on-policy-mode",
+    ]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=scaled(150))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert "now serving weights version 2 (bf16" in (run_dir / "logs" / "rollout-0.log").read_text()
+    assert [r["logprob_abs_diff_max"] for r in rows] == [0.0, 0.0, 0.0], rows
