@@ -25,6 +25,7 @@ from slipstream.config import config_from_values
 from slipstream.demo.tokenizer import build_char_tokenizer
 from slipstream.models.hf import load_tokenizer
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, types_pb2
+from slipstream.rpc import bursts
 from slipstream.rpc.channel import aio_channel, sync_channel
 from slipstream.services.coordinator.groups import Ledger, Slots, StaleResult, pick_server
 from slipstream.services.coordinator.server import start_coordinator
@@ -221,6 +222,7 @@ class FakeRollout:
         self.server_id = server_id
         self.outbox: asyncio.Queue = asyncio.Queue()
         self.commands: asyncio.Queue = asyncio.Queue()
+        self.items: list[coordinator_pb2.WorkItem] = []  # work received and not yet taken by `work`
         self.outbox.put_nowait(
             coordinator_pb2.RolloutEvent(
                 hello=coordinator_pb2.Hello(
@@ -230,7 +232,8 @@ class FakeRollout:
         )
 
     async def _events(self):
-        while (event := await self.outbox.get()) is not None:
+        # As the rollout server writes them: answers queued together go as one ResultBatch.
+        async for event in bursts.coalesced(self.outbox, "result", "results"):
             yield event
 
     async def _read(self) -> None:
@@ -250,10 +253,17 @@ class FakeRollout:
                 return getattr(cmd, kind)
 
     async def work(self, count: int) -> list[coordinator_pb2.WorkItem]:
-        return [await self.next("work") for _ in range(count)]
+        """The next `count` work items, whether they came one a message or in a `WorkBatch`."""
+        while len(self.items) < count:
+            cmd = await asyncio.wait_for(self.commands.get(), STEP)
+            if cmd.WhichOneof("kind") in ("work", "work_batch"):
+                self.items += bursts.items(cmd, "work", "work_batch")
+        items, self.items = self.items[:count], self.items[count:]
+        return items
 
     async def nothing_more(self, seconds: float = 0.5) -> None:
         await asyncio.sleep(seconds)
+        assert not self.items, f"unexpected work: {self.items[0]}"
         assert self.commands.empty(), f"unexpected command: {self.commands.get_nowait()}"
 
     def answer(self, item: coordinator_pb2.WorkItem, text: str, epoch: int | None = None) -> None:

@@ -246,7 +246,16 @@ class Pipeline:
         self._abort_running("replaced", again=True)
 
     # ---- what streams report ------------------------------------------------------------
+    def on_results(self, conn_id: str, results: list[coordinator_pb2.SampleResult]) -> None:
+        """A burst of results from one stream (one message): each taken in, then one dispatch."""
+        for result in results:
+            self._take_result(conn_id, result)
+        self.dispatch()
+
     def on_result(self, conn_id: str, result: coordinator_pb2.SampleResult) -> None:
+        self.on_results(conn_id, [result])
+
+    def _take_result(self, conn_id: str, result: coordinator_pb2.SampleResult) -> None:
         sample = result.sample
         try:
             check_sample(sample, self.settings.vocab_size, self.settings.max_tokens)
@@ -271,7 +280,6 @@ class Pipeline:
         if group is not None:
             self._move(group, Stage.SCORING)
             self._spawn(self._finish(group))
-        self.dispatch()
 
     def on_detach(self, conn_id: str) -> int:
         """A stream ended: its samples go to other streams. How many it held."""

@@ -51,6 +51,7 @@ from slipstream.config import Config
 from slipstream.data import load_prompts
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, reward_pb2_grpc, types_pb2
 from slipstream.rollout_filters import FilterFn, load_filter
+from slipstream.rpc import bursts
 from slipstream.rpc.channel import aio_channel, wait_healthy
 from slipstream.rpc.convert import sample_to_proto
 from slipstream.rpc.server import Service, install_signal_handlers, start_server
@@ -131,7 +132,7 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
             self.evaluator.on_attach()
             self.evaluator.poke(self.relay.version)
         try:
-            while (cmd := await conn.outbox.get()) is not None:
+            async for cmd in bursts.coalesced(conn.outbox, "work", "work_batch"):
                 yield cmd
         finally:
             reader.cancel()
@@ -149,9 +150,11 @@ class CoordinatorServicer(coordinator_pb2_grpc.CoordinatorServicer):
     def _on_event(self, conn: Attached, event: coordinator_pb2.RolloutEvent) -> None:
         conn.last_seen = time.monotonic()  # any event renews the stream's leases
         kind = event.WhichOneof("kind")
-        if kind == "result":
-            if self.evaluator is None or not self.evaluator.on_result(conn.conn_id, event.result):
-                self.pipeline.on_result(conn.conn_id, event.result)
+        if kind in ("result", "results"):
+            results = bursts.items(event, "result", "results")
+            if self.evaluator is not None:
+                results = [r for r in results if not self.evaluator.on_result(conn.conn_id, r)]
+            self.pipeline.on_results(conn.conn_id, results)
         elif kind == "heartbeat":
             conn.on_heartbeat(event.heartbeat)
             if self.streams.fleet_opened_now():  # the grace for the rest of the fleet ran out

@@ -35,6 +35,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from slipstream import telemetry
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, types_pb2
+from slipstream.rpc import bursts
 from slipstream.services.rollout.samples import Tokenizer, finish_sample, make_request, with_status
 from slipstream.services.rollout.settings import ServerConfig
 from slipstream.services.rollout.version_gate import VersionGate
@@ -147,12 +148,8 @@ class CoordinatorClient:
             )
         )
 
-        async def events():
-            while (event := await outbox.get()) is not None:
-                yield event
-
         stub = coordinator_pb2_grpc.CoordinatorStub(self.coordinator)
-        call = stub.Attach(events())
+        call = stub.Attach(bursts.coalesced(outbox, "result", "results"))
         self._outbox = outbox
         heartbeat = asyncio.create_task(self._heartbeat(outbox))
         stop_wait = asyncio.create_task(self.stopping.wait())
@@ -194,11 +191,11 @@ class CoordinatorClient:
 
     def _on_command(self, cmd: coordinator_pb2.RolloutCommand, outbox: asyncio.Queue) -> None:
         kind = cmd.WhichOneof("kind")
-        if kind == "work":
-            item = cmd.work
-            # Registered now, not in the task: an AbortWork right behind it must find it.
-            self._work[item.work_id] = _Work.of(item)
-            self._spawn(self._serve_work(item, outbox))
+        if kind in ("work", "work_batch"):
+            for item in bursts.items(cmd, "work", "work_batch"):
+                # Registered now, not in the task: an AbortWork right behind it must find it.
+                self._work[item.work_id] = _Work.of(item)
+                self._spawn(self._serve_work(item, outbox))
         elif kind == "new_weights":
             self._newest_notice = max(self._newest_notice, cmd.new_weights.version)
             self._spawn(self._apply_weights(cmd.new_weights.version))

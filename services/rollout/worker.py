@@ -94,17 +94,13 @@ class EngineWorker:
         """Stop these requests; their futures resolve with an "abort" result."""
 
         def run() -> None:
-            for rid in rids:
-                result = self.engine.abort(rid)
-                if result is not None:
-                    self._deliver(result)
+            self._deliver(*(r for r in map(self.engine.abort, rids) if r is not None))
 
         self._send(run)
 
     def abort_all(self) -> None:
         def run() -> None:
-            for result in self.engine.abort_all():
-                self._deliver(result)
+            self._deliver(*self.engine.abort_all())
 
         self._send(run)
 
@@ -147,15 +143,19 @@ class EngineWorker:
         if fut is not None:
             _resolve(fut, None, error)
 
-    def _deliver(self, result: Result) -> None:
-        self.num_generated_tokens += len(result.tokens)
-        # The waiter table belongs to the loop thread: look the future up there.
-        self.loop.call_soon_threadsafe(self._on_result, result)
+    def _deliver(self, *results: Result) -> None:
+        """Hand results to their waiters: a step's all at once, one wake-up of the loop."""
+        if not results:
+            return
+        self.num_generated_tokens += sum(len(r.tokens) for r in results)
+        # The waiter table belongs to the loop thread: look the futures up there.
+        self.loop.call_soon_threadsafe(self._on_results, results)
 
-    def _on_result(self, result: Result) -> None:
-        fut = self._waiters.get(result.rid)
-        if fut is not None:
-            _resolve(fut, result)
+    def _on_results(self, results: tuple[Result, ...]) -> None:
+        for result in results:
+            fut = self._waiters.get(result.rid)
+            if fut is not None:
+                _resolve(fut, result)
 
     def _fail_all(self, error: BaseException) -> None:
         for fut in list(self._waiters.values()):
@@ -172,8 +172,7 @@ class EngineWorker:
                         break
                     command()
                 if self.engine.has_work():
-                    for result in self.engine.step():
-                        self._deliver(result)
+                    self._deliver(*self.engine.step())
                 else:
                     self._idle_since = time.monotonic()
                     self._wake.wait()

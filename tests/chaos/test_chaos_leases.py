@@ -40,6 +40,9 @@ def test_a_frozen_rollout_server_loses_its_leases_and_comes_back(chaos_assets, t
         model, prompts, run_dir, redis_url,
         num_rollout=5, max_staleness=4, rollout_max_response_len=32, rollout_max_batch_size=4,
         rollout_temperature=1.0, lease_timeout=LEASE_S,
+        # No dispatch before both servers attached: one alone can finish the run before the other
+        # is up (both must hold work when one freezes).
+        rollout_attach_grace=scaled(60),
     )  # fmt: skip
     mesh = ChaosMesh(run_dir, values)
     try:

@@ -29,6 +29,12 @@ class SampleResult(_message.Message):
     sample: _types_pb2.Sample
     def __init__(self, work_id: _Optional[str] = ..., lease_epoch: _Optional[int] = ..., sample: _Optional[_Union[_types_pb2.Sample, _Mapping]] = ...) -> None: ...
 
+class ResultBatch(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[SampleResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[SampleResult, _Mapping]]] = ...) -> None: ...
+
 class Heartbeat(_message.Message):
     __slots__ = ("policy_version", "num_running", "idle_seconds", "uptime_seconds")
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -54,16 +60,18 @@ class WeightsApplied(_message.Message):
     def __init__(self, version: _Optional[int] = ..., ok: _Optional[bool] = ..., error: _Optional[str] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class RolloutEvent(_message.Message):
-    __slots__ = ("hello", "result", "heartbeat", "weights_applied")
+    __slots__ = ("hello", "result", "heartbeat", "weights_applied", "results")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     result: SampleResult
     heartbeat: Heartbeat
     weights_applied: WeightsApplied
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., result: _Optional[_Union[SampleResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., weights_applied: _Optional[_Union[WeightsApplied, _Mapping]] = ...) -> None: ...
+    results: ResultBatch
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., result: _Optional[_Union[SampleResult, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., weights_applied: _Optional[_Union[WeightsApplied, _Mapping]] = ..., results: _Optional[_Union[ResultBatch, _Mapping]] = ...) -> None: ...
 
 class WorkItem(_message.Message):
     __slots__ = ("work_id", "lease_epoch", "sample", "sampling", "min_policy_version")
@@ -79,6 +87,12 @@ class WorkItem(_message.Message):
     min_policy_version: int
     def __init__(self, work_id: _Optional[str] = ..., lease_epoch: _Optional[int] = ..., sample: _Optional[_Union[_types_pb2.Sample, _Mapping]] = ..., sampling: _Optional[_Union[_types_pb2.SamplingParams, _Mapping]] = ..., min_policy_version: _Optional[int] = ...) -> None: ...
 
+class WorkBatch(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[WorkItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[WorkItem, _Mapping]]] = ...) -> None: ...
+
 class AbortWork(_message.Message):
     __slots__ = ("work_ids",)
     WORK_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -92,16 +106,18 @@ class NewWeights(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class RolloutCommand(_message.Message):
-    __slots__ = ("work", "new_weights", "shutdown", "abort")
+    __slots__ = ("work", "new_weights", "shutdown", "abort", "work_batch")
     WORK_FIELD_NUMBER: _ClassVar[int]
     NEW_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    WORK_BATCH_FIELD_NUMBER: _ClassVar[int]
     work: WorkItem
     new_weights: NewWeights
     shutdown: bool
     abort: AbortWork
-    def __init__(self, work: _Optional[_Union[WorkItem, _Mapping]] = ..., new_weights: _Optional[_Union[NewWeights, _Mapping]] = ..., shutdown: _Optional[bool] = ..., abort: _Optional[_Union[AbortWork, _Mapping]] = ...) -> None: ...
+    work_batch: WorkBatch
+    def __init__(self, work: _Optional[_Union[WorkItem, _Mapping]] = ..., new_weights: _Optional[_Union[NewWeights, _Mapping]] = ..., shutdown: _Optional[bool] = ..., abort: _Optional[_Union[AbortWork, _Mapping]] = ..., work_batch: _Optional[_Union[WorkBatch, _Mapping]] = ...) -> None: ...
 
 class PushWeightsReply(_message.Message):
     __slots__ = ("version", "num_servers_notified")
