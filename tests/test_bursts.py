@@ -9,7 +9,9 @@ from slipstream.rpc import bursts
 
 
 def _work(work_id: str, tokens: int = 3) -> coordinator_pb2.RolloutCommand:
-    item = coordinator_pb2.WorkItem(work_id=work_id, sample=types_pb2.Sample(uid=work_id, tokens=range(tokens)))
+    item = coordinator_pb2.WorkItem(
+        work_id=work_id, sample=types_pb2.Sample(uid=work_id, tokens=range(tokens))
+    )
     return coordinator_pb2.RolloutCommand(work=item)
 
 
@@ -30,7 +32,9 @@ def _ids(msg) -> list[str]:
 def test_a_queued_run_goes_as_one_batch_and_other_kinds_keep_their_place():
     weights = coordinator_pb2.RolloutCommand(new_weights=coordinator_pb2.NewWeights(version=2))
     abort = coordinator_pb2.RolloutCommand(abort=coordinator_pb2.AbortWork(work_ids=["a"]))
-    sent = _sent([_work("a"), _work("b"), _work("c"), weights, _work("d"), abort, _work("e"), _work("f"), None])
+    sent = _sent(
+        [_work("a"), _work("b"), _work("c"), weights, _work("d"), abort, _work("e"), _work("f"), None]
+    )
     kinds = [m.WhichOneof("kind") for m in sent]
     assert kinds == ["work_batch", "new_weights", "work", "abort", "work_batch"]
     assert [_ids(m) for m in (sent[0], sent[2], sent[4])] == [["a", "b", "c"], ["d"], ["e", "f"]]
@@ -50,7 +54,9 @@ def test_a_batch_stays_under_the_byte_limit(monkeypatch):
 
 def test_results_batch_the_same_way():
     def result(work_id: str) -> coordinator_pb2.RolloutEvent:
-        return coordinator_pb2.RolloutEvent(result=coordinator_pb2.SampleResult(work_id=work_id, lease_epoch=1))
+        return coordinator_pb2.RolloutEvent(
+            result=coordinator_pb2.SampleResult(work_id=work_id, lease_epoch=1)
+        )
 
     async def run():
         outbox: asyncio.Queue = asyncio.Queue()
