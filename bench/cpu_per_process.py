@@ -224,9 +224,110 @@ def run_trl(args) -> dict:
     }
 
 
+def run_parts(args) -> dict:
+    """The same engine, reward rule and trainer called one after another in this process, one
+    torch thread (what each mesh process has): generate the step's 64 x 8, score, train, copy the
+    weights in. No gRPC, protobuf, Redis or asyncio: the figure the mesh is held against (issue
+    20 item 5: the mesh keeps >= 90% of its speed)."""
+    import torch
+
+    from slipstream.algorithms.staleness import apply_staleness_policy
+    from slipstream.config import parse_config
+    from slipstream.data import load_prompts
+    from slipstream.models.hf import load_model, load_tokenizer
+    from slipstream.services.coordinator.prompts import Prompts, sample_seed, tokenize_prompts
+    from slipstream.services.reward.rules import RULES, warm_up
+    from slipstream.services.rollout.engine.request import Request
+    from slipstream.services.rollout.samples import eos_token_ids
+    from slipstream.services.rollout.server import build_engine
+    from slipstream.services.rollout.settings import EngineConfig
+    from slipstream.services.trainer.actor import Actor
+    from slipstream.services.trainer.loop import _scores
+    from slipstream.types import Sample, Status
+
+    torch.set_num_threads(1)
+    run_dir = args.runs_dir / "cpu-parts"
+    cfg = parse_config(lvt.mesh_argv(args, [], args.seed, run_dir)[4:])
+    torch.manual_seed(cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model.hf_checkpoint)
+    records = load_prompts(
+        cfg.data.prompt_data, cfg.data.input_key, cfg.data.label_key, cfg.data.metadata_key
+    )
+    tokens = tokenize_prompts(tokenizer, records, cfg.data, cfg.rollout.rollout_max_prompt_len)
+    cursor = Prompts(records, tokens, shuffle=cfg.data.rollout_shuffle, seed=cfg.train.seed).cursor(0)
+    token_of = {id(r): t for r, t in zip(records, tokens, strict=True)}
+    engine_cfg = EngineConfig.from_sections(
+        cfg.model, cfg.rollout, cfg.infra, cuda_available=False, train=cfg.train
+    )
+    model = load_model(engine_cfg.model_path, device=engine_cfg.device, dtype=engine_cfg.torch_dtype)
+    engine = build_engine(engine_cfg, model, eos_token_ids(model.config, tokenizer))
+    actor = Actor.from_config(cfg)
+    rule, r = RULES[cfg.reward.rm_type], cfg.rollout
+    warm_up()
+    n, clock = r.n_samples_per_prompt, time.process_time
+    finished = {"stop": Status.COMPLETED, "length": Status.TRUNCATED}
+    rows = []
+    for step in range(1, args.num_steps + 1):
+        t = [clock()]
+        prompts = [cursor.next() for _ in range(r.rollout_batch_size)]
+        reqs = [
+            Request(
+                f"p{i}/{j}", list(token_of[id(rec)]), r.rollout_max_response_len,
+                temperature=r.rollout_temperature, seed=sample_seed(cfg.train.seed, f"p{i}/{j}"),
+            )
+            for i, rec in prompts
+            for j in range(n)
+        ]  # fmt: skip
+        results = engine.generate(reqs)
+        t.append(clock())
+        samples = list(zip(reqs, results, strict=True))
+        groups = []
+        for g, (_, rec) in enumerate(prompts):
+            group = []
+            for req, res in samples[g * n : (g + 1) * n]:
+                response = tokenizer.decode(res.tokens, skip_special_tokens=True)
+                group.append(
+                    Sample(
+                        prompt=rec.prompt, tokens=req.tokens + res.tokens, response=response,
+                        response_length=len(res.tokens), label=rec.label,
+                        reward=rule(response, rec.label), status=finished[res.finish_reason],
+                        loss_mask=[1] * len(res.tokens), rollout_log_probs=res.log_probs,
+                        policy_versions=res.versions,
+                    )
+                )  # fmt: skip
+            groups.append(group)
+        t.append(clock())
+        scores = [x for g in _scores(groups, cfg.algo) for x in g]
+        trained, _ = apply_staleness_policy(
+            [x for g in groups for x in g], step - 1, max_staleness=cfg.rollout.max_staleness,
+            policy=cfg.algo.stale_sample_policy,
+        )  # fmt: skip
+        actor.train_rollout(trained, scores, step - 1)
+        t.append(clock())
+        engine.load_weights(actor.state_dict_for_sync(), version=step)
+        t.append(clock())
+        rows.append([b - a for a, b in zip(t, t[1:], strict=False)])
+        print(f"parts step {step}: " + " ".join(f"{x:.3f}" for x in rows[-1]), flush=True)
+    window = rows[args.skip_steps :]
+    parts = {
+        k: round(statistics.mean(row[i] for row in window), 4)
+        for i, k in enumerate(("generate", "reward", "train", "weights"))
+    }
+    return {
+        "side": "parts",
+        "steps": [args.skip_steps, args.num_steps],
+        "parts_cpu_s_per_step": parts,
+        "total_cpu_s_per_step": round(sum(parts.values()), 4),
+        "wall_s_per_step": None,
+        "load": os.getloadavg(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", nargs="*", default=["mesh", "trl"], help=f"trl, {', '.join(lvt.VARIANTS)}")
+    p.add_argument(
+        "--only", nargs="*", default=["mesh", "trl"], help=f"trl, parts, {', '.join(lvt.VARIANTS)}"
+    )
     p.add_argument("--num-steps", type=int, default=30)
     p.add_argument(
         "--skip-steps", type=int, default=5, help="Steps left out at the start (start-up, compiles)."
@@ -260,9 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--out", type=Path, default=lvt.ROOT / "bench" / "results" / "cpu_per_process.json")
     args = p.parse_args(argv)
-    bad = [n for n in args.only if n != "trl" and n not in lvt.VARIANTS]
+    bad = [n for n in args.only if n not in ("trl", "parts") and n not in lvt.VARIANTS]
     if bad:
-        p.error(f"--only {bad[0]}: not a variant (trl, {', '.join(lvt.VARIANTS)})")
+        p.error(f"--only {bad[0]}: not a variant (trl, parts, {', '.join(lvt.VARIANTS)})")
     if args.skip_steps < 1 or args.num_steps < args.skip_steps + 3:
         p.error(
             "need --skip-steps >= 1 and --num-steps >= --skip-steps + 3 (the last two steps hold the idle probe)"
@@ -277,12 +378,16 @@ def main(argv: list[str] | None = None) -> int:
     results["machine"] = {"platform": platform.platform(), "cpus": os.cpu_count()}
     for name in args.only:
         key = f"{args.label}{name}"
-        r = run_trl(args) if name == "trl" else run_mesh(args, name, lvt.VARIANTS[name])
+        if name in ("trl", "parts"):
+            r = run_trl(args) if name == "trl" else run_parts(args)
+        else:
+            r = run_mesh(args, name, lvt.VARIANTS[name])
         r["command"] = " ".join([Path(sys.executable).name, *sys.argv])
         results["runs"][key] = r
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(results, indent=1) + "\n")
-        print(f"{key}: {r['total_cpu_s_per_step']:.3f} CPU s/step (wall {r['wall_s_per_step']:.3f} s/step)")
+        wall = f" (wall {r['wall_s_per_step']:.3f} s/step)" if r["wall_s_per_step"] else ""
+        print(f"{key}: {r['total_cpu_s_per_step']:.3f} CPU s/step{wall} {r.get('parts_cpu_s_per_step', '')}")
         for proc, v in sorted(r.get("per_process", {}).items(), key=lambda kv: -kv[1]["cpu_s_per_step"]):
             top = ", ".join(f"{t} {s:.3f}" for t, s in list(v["threads"].items())[:4])
             idle = (
