@@ -125,14 +125,15 @@ def test_invariant_linear_and_attention_do_not_depend_on_the_batch():
     w, x = torch.randn(48, 32), torch.randn(70, 32)
     full = invariant.linear(x, w)
     assert all(torch.equal(invariant.linear(x[i : i + 1], w)[0], full[i]) for i in range(70))
-    q, k, v = torch.randn(1, 4, 40, 8), torch.randn(1, 2, 40, 8), torch.randn(1, 2, 40, 8)
-    causal = invariant.causal_attention(0, q, k, v)
-    for t in (0, 13, 39):  # one query over a longer cache with garbage past its position
-        cache_k = torch.cat([k[:, :, : t + 1], torch.randn(1, 2, 64 - t - 1, 8)], 2)
-        cache_v = torch.cat([v[:, :, : t + 1], torch.randn(1, 2, 64 - t - 1, 8)], 2)
-        mask = (torch.arange(64) <= t)[None, None, None]
-        one = invariant.attention(q[:, :, t : t + 1], cache_k, cache_v, mask)
-        assert torch.equal(one[:, :, 0], causal[:, :, t]), t
+    for t_len, d in ((40, 8), (13, 32)):  # 13: the trainer's keys fit one 16-key vector, the cache's four
+        q, k, v = torch.randn(1, 4, t_len, d), torch.randn(1, 2, t_len, d), torch.randn(1, 2, t_len, d)
+        causal = invariant.causal_attention(0, q, k, v)
+        for t in range(t_len):  # one query over a longer cache with garbage past its position
+            cache_k = torch.cat([k[:, :, : t + 1], torch.randn(1, 2, 64 - t - 1, d)], 2)
+            cache_v = torch.cat([v[:, :, : t + 1], torch.randn(1, 2, 64 - t - 1, d)], 2)
+            mask = (torch.arange(64) <= t)[None, None, None]
+            one = invariant.attention(q[:, :, t : t + 1], cache_k, cache_v, mask)
+            assert torch.equal(one[:, :, 0], causal[:, :, t]), (t_len, d, t)
 
 
 def test_the_mode_refuses_what_it_does_not_cover(model_dir):

@@ -9,11 +9,10 @@ that sums does so in an order fixed by the token alone:
 
 - `linear`: the rows in tiles of TILE, one batched GEMM of identical [TILE, K] x [K, N] problems
   (`torch.bmm`), so a row gets the same result in any tile position and any batch;
-- `attention`: the scores q.k reduced over head_dim (a fixed-length inner reduction), the max
-  (exact in any order), and the sums over keys in chunks of CHUNK positions, the chunk sums added
-  one after another in position order. Keys a query does not see hold exact zeros, and adding
-  zeros changes nothing, so a query gets the same numbers over the engine's L cached keys as over
-  the trainer's causal T x T batch;
+- `attention`: the scores q.k and the softmax's sums as chains of elementwise adds in index order,
+  the max exact in any order. Keys a query does not see weigh exact zeros, and adding zeros
+  changes nothing, so a query gets the same numbers over the engine's L cached keys as over the
+  trainer's causal T x T batch;
 - `token_log_probs`: log-softmax of logits / temperature, then the pick: the sampler's own
   formula (`engine/sampler.py`), not logits minus logsumexp.
 
@@ -29,7 +28,7 @@ import torch
 from torch import nn
 
 TILE = 16  # rows per GEMM problem
-CHUNK = 16  # key positions per partial sum
+CHUNK = 16  # keys are padded to a multiple of this (one AVX-512 vector of fp32)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -74,7 +73,13 @@ def round_to_served_(model: nn.Module) -> None:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax attention: q [B,H,Tq,D], k and v [B,Hkv,L,D], mask [B|1, 1, Tq, L] (True: attend)
-    -> [B,H,Tq,D]. Every query must see at least one key."""
+    -> [B,H,Tq,D]. Every query must see at least one key.
+
+    Every sum is a chain of elementwise adds in index order (over head_dim for a score, over key
+    positions for the softmax's sums): a reduction kernel picks its order from the whole tensor's
+    shape (one chunk of keys against four summed differently, tested), an add does not. Keys are
+    padded to a multiple of CHUNK so the elementwise kernels see whole vectors, never a scalar tail.
+    """
     b, h, tq, d = q.shape
     if (group := h // k.shape[1]) > 1:  # grouped-query heads: each KV head serves `group` of them
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
@@ -84,18 +89,17 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         k = torch.cat([k, k.new_zeros(b, h, pad, d)], 2)
         v = torch.cat([v, v.new_zeros(b, h, pad, d)], 2)
         mask = torch.cat([mask, mask.new_zeros(b, 1, tq, pad)], 3)
-    scores = (q[:, :, :, None, :] * k[:, :, None, :, :]).sum(-1) * d**-0.5  # [B,H,Tq,L]
-    scores = scores.masked_fill(~mask, float("-inf"))
+    keys = k.transpose(2, 3)  # [B,H,D,L]
+    scores = q[..., 0, None] * keys[:, :, None, 0]  # [B,H,Tq,L]
+    for i in range(1, d):
+        scores = scores + q[..., i, None] * keys[:, :, None, i]
+    scores = (scores * d**-0.5).masked_fill(~mask, float("-inf"))
     p = torch.exp(scores - scores.amax(-1, keepdim=True))  # exact zeros where masked
-    chunks = p.shape[-1] // CHUNK
-    den = p.view(b, h, tq, chunks, CHUNK).sum(-1)  # [B,H,Tq,chunks]
-    weighted = p[:, :, :, None, :] * v.transpose(2, 3)[:, :, None, :, :]  # [B,H,Tq,D,L]
-    num = weighted.view(b, h, tq, d, chunks, CHUNK).sum(-1)  # [B,H,Tq,D,chunks]
-    total_den, total_num = den[..., 0], num[..., 0]
-    for c in range(1, chunks):  # position order; chunks past a query's keys add exact zeros
-        total_den = total_den + den[..., c]
-        total_num = total_num + num[..., c]
-    return total_num / total_den[..., None]
+    den, num = p[..., 0], p[..., 0, None] * v[:, :, None, 0]
+    for j in range(1, p.shape[-1]):  # keys past a query's own add exact zeros
+        den = den + p[..., j]
+        num = num + p[..., j, None] * v[:, :, None, j]
+    return num / den[..., None]
 
 
 def causal_attention(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
