@@ -76,6 +76,30 @@ def test_a_shared_memory_version_stages_like_the_byte_path(exporter, fmt):
     assert b"".join(byte_chunks) == b"".join(reference[1]) and byte_manifest.format == reference[0].format
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fmt", ["fp8", "bf16"])
+def test_a_gpu_trainer_and_a_gpu_server_through_page_locked_shared_memory(exporter, fmt):
+    """The trainer's device buffer goes into a page-locked file, the server copies the mapping to
+    its GPU page-locked (read-only registration) or, where the driver refuses, pageable: the
+    tensors equal the byte path's either way, and every registration is undone."""
+    state = {k: v.cuda() for k, v in _state().items()}
+    manifest, chunks = exporter.pack(state, 1, fmt)
+    assert exporter._segments[0].pinned  # a writable mapping registers on any CUDA driver
+    stager = WeightStager(_shapes(), 0, device="cuda", dtype=torch.bfloat16)
+    for msg in iter_messages(manifest, chunks):
+        stager.add(msg)
+    _, tensors = stager.finish()
+    reference = WeightStager(_shapes(), 0, device="cuda", dtype=torch.bfloat16)
+    for msg in iter_messages(*pack(state, 1, fmt)):
+        reference.add(msg)
+    _, expected = reference.finish()
+    for name, t in expected.items():
+        assert tensors[name].is_cuda and torch.equal(tensors[name], t), name
+    exporter.close()
+    assert not exporter._segments
+
+
 def test_a_damaged_file_another_host_or_a_rewritten_file_is_refused(exporter):
     manifest, chunks = exporter.pack(_state(), 1, "fp8")
     path = Path(json.loads(chunks[0])["path"])

@@ -133,6 +133,14 @@ class _Segment:
     buffer: torch.Tensor  # uint8 [HEADER_BYTES + payload], the writable shared mapping
     version: int
     doc: ShmDoc | None = None
+    pinned: bool = False  # page-locked for CUDA (a GPU trainer's copy into it)
+
+    def release(self) -> None:
+        """Unpin and unlink (the mapping goes with the last reference to `buffer`)."""
+        if self.pinned:
+            _unpin(self.buffer)
+            self.pinned = False
+        _unlink(self.path)
 
 
 class ShmExporter:
@@ -165,7 +173,7 @@ class ShmExporter:
             if self._spare is None:
                 self._spare = s
             else:
-                _unlink(s.path)
+                s.release()
 
     def pack(
         self,
@@ -185,6 +193,7 @@ class ShmExporter:
         if device.type == "cpu":
             fill(pieces, payload)  # quantized straight into shared memory
         else:
+            segment.pinned = segment.pinned or _pin(segment.buffer, read_only=False)
             payload.copy_(fill(pieces, torch.empty(total, dtype=torch.uint8, device=device)))
         hashes = chunk_hashes(memoryview(payload.numpy()), self.chunk_bytes) if total else []
         doc = ShmDoc(
@@ -218,8 +227,8 @@ class ShmExporter:
 
     def close(self) -> None:
         """Unlink every file (readers that mapped one keep their mapping)."""
-        for path in self.files:
-            _unlink(path)
+        for segment in self._segments + ([self._spare] if self._spare else []):
+            segment.release()
         self._segments, self._spare = [], None
 
     def _segment(self, version: int, nbytes: int) -> _Segment:
@@ -231,7 +240,7 @@ class ShmExporter:
             self._segments.append(spare)
             return spare
         if spare is not None:
-            _unlink(spare.path)
+            spare.release()
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             # Reserved, not just sized: a /dev/shm too small for it (Docker's default is 64 MB) says
@@ -248,6 +257,35 @@ class ShmExporter:
         segment = _Segment(path, torch.frombuffer(mapped, dtype=torch.uint8), version)
         self._segments.append(segment)
         return segment
+
+
+def _pin(t: torch.Tensor, read_only: bool) -> bool:
+    """Page-lock the host memory under `t` (its whole storage: a mapping, page-aligned) for fast
+    copies to and from the GPU; False without CUDA or when the driver refuses (a read-only mapping
+    needs cudaHostRegisterReadOnly support): the copy is then pageable, only slower."""
+    if not torch.cuda.is_available():
+        return False
+    storage = t.untyped_storage()
+    flags = 8 if read_only else 0  # cudaHostRegisterReadOnly
+    err = torch.cuda.cudart().cudaHostRegister(storage.data_ptr(), storage.nbytes(), flags)
+    return int(getattr(err, "value", err)) == 0
+
+
+def _unpin(t: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(t.untyped_storage().data_ptr())
+
+
+def to_device(payload: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A GPU copy of a mapped payload, through page-locked memory when the driver allows."""
+    pinned = _pin(payload, read_only=True)
+    try:
+        out = payload.to(device, non_blocking=pinned)
+        if pinned:
+            torch.cuda.current_stream(device).synchronize()  # done before the pages are unlocked
+    finally:
+        if pinned:
+            _unpin(payload)
+    return out
 
 
 def _unlink(path: Path) -> None:

@@ -152,7 +152,12 @@ class WeightStager:
                         f"version {m.version}: a broadcast version, but this process is in no weights group"
                     )
                 self._blob = self.receiver.receive(broadcast.BroadcastDoc.from_json(self._doc, m.version), m)
-            blob = self._blob.to(self.device, non_blocking=True) if self.device.type == "cuda" else self._blob
+            if self.device.type != "cuda":
+                blob = self._blob
+            elif self._reference == SHM_SUFFIX:
+                blob = shm.to_device(self._blob, self.device)  # page-locked for the copy when it can be
+            else:
+                blob = self._blob.to(self.device, non_blocking=True)
         entries = {e.name: e for e in m.tensors}
         scale_names = {e.scale_name for e in m.tensors if e.scale_name}
         fp8 = [e for e in m.tensors if e.scale_name and e.dtype != "int4" and not self.keep_fp8]
