@@ -110,8 +110,12 @@ class WeightPusher:
         if self.last is None:
             return
         log.info("coordinator holds no weights (it restarted): pushing v%d again", self.version)
+        if self.last[0].format.endswith(BROADCAST_SUFFIX):
+            # Its group has it already; whoever does not gets bytes (a second broadcast would wait
+            # for servers that hold the version and never fetch it).
+            self.last = self.broadcast.byte_form(self.last[0])
         try:
-            self._deliver()
+            self._send()
         except VersionHeld:
             log.info("coordinator already holds v%d", self.version)  # another report got there first
 
