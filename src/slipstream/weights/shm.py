@@ -8,7 +8,9 @@ one small JSON document (`ShmDoc`: the file, the host, a nonce, the chunk hashes
 format is "<fmt>+shm"; the coordinator relays it like any push. A rollout server on the same host
 maps the file read-only, checks its header and every chunk's sha256 (on all its cores), and
 decodes the tensors straight from the mapping (`WeightStager`): tensors already in the wanted
-dtype are views of it, which the engine copies into its parameters.
+dtype are views of it, which the engine copies into its parameters. On a GPU host both copies
+across PCIe go through page-locked memory: the trainer registers its file with CUDA, a server its
+read-only mapping for the one copy to its GPU (pageable where the driver refuses).
 
 Which host. `host_id()` is the kernel's boot id plus the hostname: processes that share a kernel
 and a hostname (containers on one machine get their own) share /dev/shm in practice. Rollout
