@@ -13,12 +13,21 @@ test through `scaled(N)` (importable, or the fixture of that name).
 
 from __future__ import annotations
 
+import os
 import uuid
 
-import pytest
-from machine_speed import load_per_core, measured_slowdown, scaled, slowdown
+# OpenMP's threads sleep between parallel regions instead of spinning. Torch on more than one
+# thread (a test module's own, the demo's warm start) spins its idle threads after every op by
+# default; with the other pytest worker and a mesh's services wanting the same 2 cores, that
+# spinning was most of their CPU (the warm start's first 40 SFT steps: 100 CPU s spinning, 21
+# passive, at load ~12). libgomp reads it when torch loads it: pytest's plugins do not import
+# torch, so it holds in this process, and in every process a test starts (they inherit it).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from slipstream.buffer.embedded import EmbeddedRedis
+import pytest  # noqa: E402
+from machine_speed import load_per_core, measured_slowdown, scaled, slowdown  # noqa: E402
+
+from slipstream.buffer.embedded import EmbeddedRedis  # noqa: E402
 
 
 def pytest_report_header(config: pytest.Config) -> str:
