@@ -21,10 +21,17 @@ from slipstream.services.trainer.actor import Actor
 from slipstream.services.trainer.batch import collate
 from slipstream.types import Sample, Status
 
+MOE = dict(model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("top") / "model", max_position_embeddings=96)
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("top-moe") / "model", max_position_embeddings=96, **MOE)
 
 
 def _cfg(model_dir, **kw):
@@ -78,7 +85,11 @@ def _mismatch(actor: Actor, samples: list[Sample]) -> tuple[float, int]:
     return worst, n
 
 
-def test_sampler_log_probs_equal_the_trainers_bit_for_bit(model_dir):
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_sampler_log_probs_equal_the_trainers_bit_for_bit(kind, request):
+    """Dense and mixture-of-experts (each expert runs on whichever rows routed to it, a number that
+    differs between a decode step and the training batch)."""
+    model_dir = request.getfixturevalue("model_dir" if kind == "dense" else "moe_dir")
     samples = _rollout(model_dir, true_on_policy=True)
     actor = Actor.from_config(_cfg(model_dir))
     worst, n = _mismatch(actor, samples)

@@ -484,7 +484,7 @@ class TrainConfig:
         "Bitwise on-policy training: rollout engine and trainer compute every token with batch-invariant "
         "kernels (kernels/invariant.py) and the same bf16-valued weights (the wire's, in both), so the "
         "log-probs the sampler reports for its tokens equal the trainer's bit for bit (train/rollout "
-        "mismatch exactly 0). For now: CPU, dense models, one trainer process, fp32 arithmetic, bf16 "
+        "mismatch exactly 0). For now: CPU, dense and MoE models, one trainer process, fp32 arithmetic, bf16 "
         "weight sync; it costs throughput (docs/benchmarks.md). (miles' name)",
     )
     use_rollout_routing_replay: bool = opt(

@@ -102,10 +102,10 @@ class ModelRunner:
         `draft_layers`: KV-cache layers after the target's for a speculative draft head (`speculative.py`)."""
         self.model = model.eval()
         if invariant:  # --true-on-policy-mode: the trainer's arithmetic, token by token
-            if fp8 or int4_targets or kv_cache_dtype != "auto" or draft_layers or model.config.moe_layers:
+            if fp8 or int4_targets or kv_cache_dtype != "auto" or draft_layers:
                 raise ValueError(
-                    "--true-on-policy-mode runs a dense model at full precision: no FP8/int4 weights, "
-                    "FP8 KV cache, speculative draft or MoE yet"
+                    "--true-on-policy-mode runs at full precision: no FP8/int4 weights, FP8 KV cache or "
+                    "speculative draft"
                 )
             if model.model.embed_tokens.weight.device.type != "cpu":
                 raise ValueError("--true-on-policy-mode is CPU-only for now (the GPU needs its own kernels)")

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slipstream.models.moe import Experts
+
 TILE = 16  # rows per GEMM problem
 CHUNK = 16  # keys are padded to a multiple of this (one AVX-512 vector of fp32)
 
@@ -51,11 +53,22 @@ class InvariantLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+class InvariantExperts(Experts):
+    """A mixture-of-experts layer's experts, each on however many rows routed to it, through `linear`.
+    (The router is an `nn.Linear`; its softmax and top-k are row-wise; the experts' outputs are
+    added per token in ascending expert id on both sides.)"""
+
+    linear = staticmethod(linear)
+
+
 def make_invariant(model: nn.Module) -> nn.Module:
-    """Every `nn.Linear` of `model` computes through `linear` (in place; parameters untouched)."""
+    """Every `nn.Linear` and MoE expert stack of `model` computes through `linear` (in place;
+    parameters untouched)."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = InvariantLinear
+        elif type(module) is Experts:
+            module.__class__ = InvariantExperts
     return model
 
 

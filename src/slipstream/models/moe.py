@@ -71,6 +71,8 @@ def route(
 class Experts(nn.Module):
     """E SwiGLU MLPs, stacked: `gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]."""
 
+    linear = staticmethod(F.linear)  # each expert's GEMM (kernels/invariant.py swaps in its own)
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
         self.num_experts = num_experts
@@ -91,8 +93,8 @@ class Experts(nn.Module):
         ys = []
         for expert, rows in enumerate(x[tokens].split(counts)):
             if rows.shape[0]:
-                gate, up = F.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
-                ys.append(F.linear(F.silu(gate) * up, self.down_proj[expert]))
+                gate, up = self.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
+                ys.append(self.linear(F.silu(gate) * up, self.down_proj[expert]))
         y = torch.cat(ys) * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, tokens, y)
 
