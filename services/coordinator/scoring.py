@@ -1,6 +1,7 @@
 """Scoring a finished group, with retries: a sample whose reward keeps failing becomes a dead letter.
 
-A group's samples go to the reward service in one `Score` call. A sample whose scoring fails
+A group's samples go to the reward service in one `Score` call (the calls of one event-loop turn
+travel as one, `BatchedReward`). A sample whose scoring fails
 (the call failed, or the service marked that sample failed: a remote endpoint down, a custom
 reward function that raised) is scored again, alone with the others that failed, after a
 backoff, up to `--reward-max-failures` attempts in total. A sample that fails them all is
@@ -105,6 +106,73 @@ class RewardGate:
             self._timer.cancel()
 
 
+class BatchedReward:
+    """The reward stub, with the `Score` calls of one event-loop turn sent as one call.
+
+    Groups finish in bursts (a burst of results completes several at once), and each `Score`
+    call costs both processes a fixed price that, at 64 groups a step on a 2-core box, was most
+    of the reward service's CPU (issue 14). Callers still make one call per group and get their
+    own reply; the service splits a request by `group_index` anyway (one group per `--group-rm`
+    call), so calls whose groups share an index are never merged. A failed call fails every
+    caller in it the same way, which is why only built-in rules are batched (server.py): a remote
+    endpoint that is down fails a whole call UNAVAILABLE, and one group's call must not hold
+    another's failures back.
+    """
+
+    def __init__(self, stub: reward_pb2_grpc.RewardStub):
+        self.stub = stub
+        self._queued: list[tuple[reward_pb2.ScoreRequest, float, asyncio.Future]] = []
+        self._tasks: set[asyncio.Task] = set()
+
+    async def Score(self, request: reward_pb2.ScoreRequest, timeout: float) -> reward_pb2.ScoreReply:  # noqa: N802 - the stub's name
+        fut = asyncio.get_running_loop().create_future()
+        if not self._queued:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._queued.append((request, timeout, fut))
+        return await fut
+
+    def _flush(self) -> None:
+        queued, self._queued = self._queued, []
+        batches: list[list] = []
+        indices: list[set[int]] = []
+        for call in queued:
+            mine = {s.group_index for s in call[0].samples}
+            for batch, taken in zip(batches, indices, strict=True):
+                if not mine & taken:
+                    batch.append(call)
+                    taken |= mine
+                    break
+            else:
+                batches.append([call])
+                indices.append(mine)
+        for batch in batches:
+            task = asyncio.get_running_loop().create_task(self._call(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _call(self, batch: list[tuple[reward_pb2.ScoreRequest, float, asyncio.Future]]) -> None:
+        if len(batch) == 1:
+            request, timeout, fut = batch[0]
+        else:
+            request = reward_pb2.ScoreRequest(samples=[s for r, _, _ in batch for s in r.samples])
+            timeout = max(t for _, t, _ in batch)
+        try:
+            reply = await self.stub.Score(request, timeout=timeout)
+        except Exception as e:  # noqa: BLE001 - every caller in the call sees what it raised
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e)
+            return
+        start, whole = 0, len(reply.results) == len(request.samples)
+        for r, _, fut in batch:
+            mine = reply
+            if whole and len(batch) > 1:  # else each caller sees the wrong count, and says so
+                mine = reward_pb2.ScoreReply(results=reply.results[start : start + len(r.samples)])
+            start += len(r.samples)
+            if not fut.done():
+                fut.set_result(mine)
+
+
 @dataclass
 class Scored:
     reward: float = 0.0
@@ -117,7 +185,7 @@ class Scored:
 
 
 async def score_once(
-    reward: reward_pb2_grpc.RewardStub, samples: list[types_pb2.Sample], timeout: float
+    reward: reward_pb2_grpc.RewardStub | BatchedReward, samples: list[types_pb2.Sample], timeout: float
 ) -> list[reward_pb2.ScoreResult]:
     """One `Score` call; a failed call or a malformed reply fails every sample of it, except an
     UNAVAILABLE one: RewardUnavailable."""
@@ -135,7 +203,7 @@ async def score_once(
 
 
 async def score_with_retries(
-    reward: reward_pb2_grpc.RewardStub,
+    reward: reward_pb2_grpc.RewardStub | BatchedReward,
     samples: list[types_pb2.Sample],
     timeout: float,
     max_failures: int,

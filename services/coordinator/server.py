@@ -61,7 +61,12 @@ from slipstream.services.coordinator.journal import Journal
 from slipstream.services.coordinator.pipeline import Pipeline, PipelineSettings, Ports
 from slipstream.services.coordinator.prompts import Prompts, tokenize_prompts
 from slipstream.services.coordinator.recovery import Recovery, RedisLost
-from slipstream.services.coordinator.scoring import RewardGate, RewardOutage, score_with_retries
+from slipstream.services.coordinator.scoring import (
+    BatchedReward,
+    RewardGate,
+    RewardOutage,
+    score_with_retries,
+)
 from slipstream.services.coordinator.streams import Attached, Streams
 from slipstream.services.coordinator.weights_relay import (
     PushError,
@@ -445,6 +450,10 @@ async def start_coordinator(cfg: Config) -> RunningCoordinator:
         what=f"reward service at {infra.reward_addr}",
     )
     reward = reward_pb2_grpc.RewardStub(reward_channel)
+    if not (rm.custom_rm_path or rm.rm_url or rm.rm_type == "remote_rm"):
+        # A built-in rule cannot be down: the groups of one turn go in one call. (A remote
+        # endpoint down fails a whole call UNAVAILABLE, so there each group keeps a call of its own.)
+        reward = BatchedReward(reward)
     score_timeout = max(infra.rpc_timeout, rm.rm_timeout * (rm.rm_max_retries + 1) + 5.0)
 
     settings = _pipeline_settings(cfg, group_filter)
