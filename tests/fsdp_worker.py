@@ -180,12 +180,55 @@ def memory(model_dir: str, out: Path):
     return actor.par
 
 
+def draft(model_dir: str, out: Path):
+    """--enable-mtp-training under FSDP2: two training steps; rank 0 writes the draft it ends with,
+    every rank checks that its replica is rank 0's."""
+    import torch.distributed as dist
+
+    from slipstream.config import config_from_values
+    from slipstream.services.trainer.actor import Actor
+
+    cfg = config_from_values(draft_config(model_dir))
+    actor = Actor.from_config(cfg)
+    for _ in range(2):
+        actor.train_rollout(draft_samples(), [1.0, -1.0] * 4)
+    state = actor.draft.state_dict()
+    for name, t in state.items():
+        theirs = t.clone()
+        dist.broadcast(theirs, src=0)
+        assert torch.equal(t, theirs), f"rank {actor.par.rank}: draft {name} differs from rank 0's"
+    if actor.par.is_main:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in state.items()}, str(out / "draft.safetensors"))
+    save_checkpoint(out / "ckpt", 2, actor.model, actor.optimizer, {"policy_version": 2}, par=actor.par,
+                    draft=actor.draft_parts)  # fmt: skip
+    return actor.par
+
+
+def draft_config(model_dir: str) -> dict:
+    return dict(
+        hf_checkpoint=model_dir, rollout_batch_size=2, n_samples_per_prompt=4, micro_batch_size=2,
+        lr=1e-2, device="cpu", rollout_max_response_len=8, mtp_num_layers=1, enable_mtp_training=True,
+    )  # fmt: skip
+
+
+def draft_samples() -> list:
+    from slipstream.types import Sample, Status
+
+    return [
+        Sample(tokens=[7, 8, 9] + [5 + (i + j) % 12 for j in range(8)], response_length=8, reward=float(i % 2),
+               status=Status.COMPLETED, rollout_log_probs=[-2.0] * 8, policy_versions=[0] * 8)
+        for i in range(8)
+    ]  # fmt: skip
+
+
 def main() -> None:
     model_dir, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
-    if sys.argv[3:] in (["schedule"], ["memory"]):
+    if sys.argv[3:] in (["schedule"], ["memory"], ["draft"]):
         out.mkdir(parents=True, exist_ok=True)
-        return shutdown((schedule if sys.argv[3] == "schedule" else memory)(model_dir, out))
+        return shutdown({"schedule": schedule, "memory": memory, "draft": draft}[sys.argv[3]](model_dir, out))
     par = init_parallel(torch.device("cpu"))
     model = shard_model(load_model(model_dir), par)
     tokens = global_batch(model.config.vocab_size)

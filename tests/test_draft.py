@@ -201,3 +201,35 @@ def test_a_checkpoint_without_a_draft_leaves_the_draft_where_it_starts(model_dir
         load_trainer_state(ckpt, actor.model, actor.optimizer, draft=actor.draft_parts)
     assert "no draft head there" in caplog.text
     assert all(torch.equal(v, start[k]) for k, v in actor.draft.state_dict().items())
+
+
+def test_fsdp2_trains_the_draft_like_one_process(model_dir, tmp_path):
+    """Under torchrun (2 gloo ranks) the replicated draft ends every step identical on both ranks
+    and equal to the draft one process trains on the whole batch (summed gradients)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    here = Path(__file__).parent
+    sys.path.insert(0, str(here))
+    from fsdp_worker import draft_config, draft_samples
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+           str(here / "fsdp_worker.py"), str(model_dir), str(out), "draft"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two_ranks = load_file(str(out / "draft.safetensors"))
+    saved = load_file(str(out / "ckpt" / "step_000002" / "draft" / "model.safetensors"))  # a collective save
+    assert all(torch.equal(saved[k], v) for k, v in two_ranks.items())
+    actor = Actor.from_config(config_from_values(draft_config(str(model_dir))))
+    for _ in range(2):
+        actor.train_rollout(draft_samples(), [1.0, -1.0] * 4)
+    one = actor.draft.state_dict()
+    assert one.keys() == two_ranks.keys()
+    moved = init_draft(actor.model.config, 1).state_dict()
+    assert any(not torch.equal(one[k], moved[k]) for k in one)  # the draft trained
+    for k, v in one.items():  # two AdamW steps at lr 1e-2; reduction-order noise only
+        torch.testing.assert_close(two_ranks[k], v, rtol=1e-3, atol=1e-4, msg=k)

@@ -177,8 +177,6 @@ class Actor:
         self.scheduler = LRScheduler(self.optimizer, LRSchedule.from_config(train, num_optimizer_steps))
         self.draft, self.draft_optimizer = None, None  # --enable-mtp-training (`draft.py`)
         if train.enable_mtp_training:
-            if self.par.enabled:
-                raise ValueError("--enable-mtp-training is not implemented under torchrun (FSDP2) yet")
             self.draft = DraftTrainer(
                 model.config, model_cfg.mtp_num_layers, draft_path, train.mtp_loss_scaling_factor, self.device
             )
@@ -480,6 +478,7 @@ class Actor:
             self.optimizer.zero_grad(set_to_none=True)
             return None
         if self.draft_optimizer is not None:
+            self.draft.reduce_gradients(self.par.world_size)  # replicated under FSDP2 (`draft.py`)
             torch.nn.utils.clip_grad_norm_(self.draft.parameters(), self.train.clip_grad)
             for group in self.draft_optimizer.param_groups:
                 group["lr"] = self.optimizer.param_groups[0]["lr"]

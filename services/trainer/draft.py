@@ -19,13 +19,16 @@ the embedding and the LM head weight all enter as constants): the draft loss nev
 policy, only the draft.
 
 Packed micro-batches (--use-dynamic-batch-size) give their hidden states back in the padded frame
-(`padded_hidden`), so the draft sees the same tensors either way. Not implemented yet, and refused
-in one line: FSDP2 (torchrun) trainers (the draft would need its gradients reduced over ranks).
+(`padded_hidden`), so the draft sees the same tensors either way. Under FSDP2 (torchrun) the draft
+is small and replicated on every rank, not sharded: each rank trains it on its own micro-batches
+and `reduce_gradients` sums their gradients over ranks before its optimizer step, as FSDP does for
+the policy (every rank then steps the same draft to the same weights).
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from slipstream.models.config import ModelConfig
@@ -58,6 +61,19 @@ class DraftTrainer:
 
     def parameters(self):
         return self.head.parameters()
+
+    def reduce_gradients(self, world_size: int) -> None:
+        """Sum the replicas' gradients over ranks (a collective: every rank calls it). Each rank's
+        loss carries the world-size factor that FSDP's average over ranks takes out again."""
+        if world_size == 1:
+            return
+        params = list(self.head.parameters())
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        flat.div_(world_size)
+        for p, g in zip(params, flat.split([q.numel() for q in params]), strict=True):
+            p.grad = g.view_as(p)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The draft's tensors under their published names (`model.layers.{L+m}.*`)."""

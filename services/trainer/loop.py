@@ -76,8 +76,9 @@ def train(cfg: Config, state: TrainerState) -> None:
     saved_at = state.step if ckpt else -1
     if not actor.par.is_main:
         checkpointer = Checkpointer(
-            cfg.save_dir, cfg.train.save_interval, actor.model, actor.optimizer, actor.par, saved_at=saved_at
-        )
+            cfg.save_dir, cfg.train.save_interval, actor.model, actor.optimizer, actor.par,
+            saved_at=saved_at, draft=actor.draft_parts,
+        )  # fmt: skip
         return follow(actor, checkpointer, state.step)
     trainer = Trainer(cfg, state, actor, consumption, saved_at)
     mark_up()  # model loaded, checkpoint resumed, coordinator reached: errors from here exit 1
