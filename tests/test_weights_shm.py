@@ -21,6 +21,7 @@ from mesh_fixtures import build_prompts, build_tiny_model
 from slipstream.launcher import REPORT_TIMEOUT_S
 from slipstream.proto import types_pb2
 from slipstream.services.coordinator.weights_relay import VersionNotNewer, WeightRelay, receive_push
+from slipstream.shm_files import pid_namespace
 from slipstream.weights import ShmExporter, WeightError, WeightStager, iter_messages, pack, shm
 
 pytestmark = pytest.mark.skipif(not shm.SHM_DIR.is_dir() or not shm.host_id(), reason="needs Linux /dev/shm")
@@ -273,7 +274,6 @@ def test_a_mesh_maps_shared_memory_on_its_host_and_sends_bytes_elsewhere(tmp_pat
     root = Path(__file__).resolve().parent.parent
     model, prompts = build_tiny_model(tmp_path / "model"), build_prompts(tmp_path / "train.jsonl")
     run_dir = tmp_path / "run"
-    before = set(shm.SHM_DIR.glob(f"{shm.PREFIX}*"))
     launcher = subprocess.Popen(
         [
             sys.executable, str(root / "train.py"), "--hf-checkpoint", str(model), "--prompt-data", str(prompts),
@@ -310,4 +310,42 @@ def test_a_mesh_maps_shared_memory_on_its_host_and_sends_bytes_elsewhere(tmp_pat
     assert served and not any("+shm" in line for line in served), served
     trainer = (run_dir / "logs" / "trainer.log").read_text()
     assert trainer.count("rollout server far is not on this host") == 1, trainer[-2000:]  # said once
-    assert set(shm.SHM_DIR.glob(f"{shm.PREFIX}*")) <= before  # the trainer unlinked its files
+    ours = json.loads((run_dir / "pids.json").read_text())["trainer"]
+    assert not list(
+        shm.SHM_DIR.glob(f"{shm.PREFIX}{pid_namespace()}-{ours}-*")
+    )  # the trainer unlinked its files
+
+
+@pytest.mark.slow
+def test_a_trainer_killed_mid_run_leaves_no_file_once_the_launcher_is_done(tmp_path, redis_url):
+    """kill -9 of the trainer: nothing of it runs at exit, and the launcher, once every service is
+    down, unlinks its /dev/shm weights files (`shm_files.sweep_orphans`)."""
+    root = Path(__file__).resolve().parent.parent
+    model, prompts = build_tiny_model(tmp_path / "model"), build_prompts(tmp_path / "train.jsonl")
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(
+        [
+            sys.executable, str(root / "train.py"), "--hf-checkpoint", str(model), "--prompt-data", str(prompts),
+            "--run-dir", str(run_dir), "--redis-url", redis_url, "--rollout-batch-size", "4",
+            "--n-samples-per-prompt", "4", "--num-rollout", "1000", "--rollout-max-response-len", "4",
+            "--global-batch-size", "8", "--micro-batch-size", "8", "--rollout-num-servers", "1",
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        _wait_for(
+            run_dir / "logs" / "rollout-0.log",
+            "now serving weights version 1 (bf16+shm",
+            launcher,
+            "rollout-0",
+        )
+        trainer = json.loads((run_dir / "pids.json").read_text())["trainer"]
+        files = list(shm.SHM_DIR.glob(f"{shm.PREFIX}{pid_namespace()}-{trainer}-*"))
+        assert files, "the trainer holds no weights file"
+        os.kill(trainer, signal.SIGKILL)
+        _, err = launcher.communicate(timeout=scaled(60) + REPORT_TIMEOUT_S)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode not in (0, None) and "trainer" in err.strip().splitlines()[-1], err[-2000:]
+    assert not list(shm.SHM_DIR.glob(f"{shm.PREFIX}{pid_namespace()}-{trainer}-*"))

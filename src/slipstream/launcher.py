@@ -52,6 +52,7 @@ from slipstream.console import ConsoleRelay
 from slipstream.log import rotate_logs, write_config_table
 from slipstream.placement import PlacementError, Resolved, cuda_visible, plan, resolve, visible_gpus
 from slipstream.report import report_at_end
+from slipstream.shm_files import sweep_orphans
 
 GRACE_S = 5.0  # SIGTERM to SIGKILL, for each stage of a stop
 READY_TIMEOUT_S = 120.0  # from a service's start to its ready file
@@ -684,6 +685,7 @@ def run(cfg: Config, given: Collection[str] = ()) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        sweep_orphans()  # /dev/shm weights files of a trainer killed before it could unlink them
         # Finished, failed or stopped, once every service is down: the report of what was trained
         # (stdout, so the error stays the last line on stderr).
         write_report(run_dir, mesh.timeline)

@@ -27,8 +27,8 @@ before any byte: a late reader sees the new header and refuses, as in `ipc.py`).
 spare matters: a fresh file pays one page fault per 4 KiB page, several seconds for a 0.6B
 version on a small box. `close()` (also at exit) unlinks every file; a reader's mapping outlives
 the unlink (the kernel frees the pages at its last unmap), and a reader killed mid-read leaves
-nothing behind. Files of a trainer killed with -9 are swept by the next exporter on the host:
-each name carries its creator's pid (and pid namespace), and a file whose creator is gone goes.
+nothing behind. Files of a trainer killed with -9 are swept by the next exporter on the host and
+by the launcher once every service is down (`slipstream.shm_files`: names carry the writer's pid).
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from typing import Literal
 import torch
 
 from slipstream.proto import types_pb2
+from slipstream.shm_files import PREFIX, SHM_DIR, sweep_orphans, writer_tag
 from slipstream.weights.packer import (
     DEFAULT_CHUNK_BYTES,
     FORMATS,
@@ -61,8 +62,6 @@ from slipstream.weights.packer import (
     verify_chunks,
 )
 
-SHM_DIR = Path("/dev/shm")
-PREFIX = "slipstream-weights-"
 HEADER_BYTES = 64  # magic, version, nonce, payload bytes (int64 each); payload offsets stay 64-aligned
 MAGIC = 0x534C_4950_5753_3031  # "SLIPWS01"
 DOC_KIND = "slipstream.shm/1"
@@ -78,13 +77,6 @@ def host_id() -> str:
     except OSError:
         return ""  # not Linux: no shared-memory weights
     return f"{boot}/{socket.gethostname()}"
-
-
-def _pid_namespace() -> str:
-    try:
-        return os.readlink("/proc/self/ns/pid").removeprefix("pid:[").removesuffix("]")
-    except OSError:
-        return "0"
 
 
 @dataclass(frozen=True)
@@ -153,7 +145,7 @@ class ShmExporter:
             raise WeightError(f"shared-memory weights need {SHM_DIR} (use --weight-transport bytes)")
         self.chunk_bytes = chunk_bytes
         self.confirmed = 0
-        self._tag = f"{PREFIX}{_pid_namespace()}-{os.getpid()}-"
+        self._tag = writer_tag()
         self._segments: list[_Segment] = []
         self._spare: _Segment | None = None
         sweep_orphans()
@@ -295,21 +287,6 @@ def _unlink(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
-
-
-def sweep_orphans() -> list[Path]:
-    """Unlink the weights files of exporters in this pid namespace whose process is gone (killed
-    with -9: nothing ran at its exit). Returns what was unlinked."""
-    gone = []
-    ns = _pid_namespace()
-    for path in SHM_DIR.glob(f"{PREFIX}{ns}-*"):
-        pid = path.name.removeprefix(f"{PREFIX}{ns}-").split("-", 1)[0]
-        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
-            _unlink(path)
-            gone.append(path)
-    if gone:
-        log.info("unlinked %d weights files in %s left by trainers that are gone", len(gone), SHM_DIR)
-    return gone
 
 
 def open_payload(doc: ShmDoc, manifest: types_pb2.WeightManifest) -> torch.Tensor:
