@@ -20,6 +20,7 @@ import time
 
 import redis
 from chaos_mesh import ChaosMesh, tiny_values, wait_for
+from machine_speed import scaled
 
 from slipstream.proto import coordinator_pb2, coordinator_pb2_grpc, types_pb2
 from slipstream.rpc import security
@@ -64,6 +65,9 @@ def test_coordinator_sigkilled_mid_generation_resumes(chaos_assets, tmp_path, re
         model, prompts, run_dir, redis_url,
         num_rollout=5, max_staleness=4, rollout_max_response_len=32, rollout_max_batch_size=4,
         rollout_temperature=1.0,
+        # No dispatch before both servers attached: one alone can finish the run before the other
+        # is up (both must be generating when the fault comes; test_chaos_leases.py does the same).
+        rollout_attach_grace=scaled(60),
     )  # fmt: skip
     mesh = ChaosMesh(run_dir, values)
     try:

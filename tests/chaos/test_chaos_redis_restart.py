@@ -51,6 +51,9 @@ def test_redis_sigkilled_and_restarted_mid_generation(chaos_assets, tmp_path):
         model, prompts, run_dir, url,
         num_rollout=5, max_staleness=4, rollout_max_response_len=32, rollout_max_batch_size=4,
         rollout_temperature=1.0, reconnect_timeout=scaled(30),
+        # No dispatch before both servers attached: one alone can finish the run before the other
+        # is up (both must be generating when the fault comes; test_chaos_leases.py does the same).
+        rollout_attach_grace=scaled(60),
     )  # fmt: skip
     stream = f"slipstream:{values['run_id']}:groups"
     mesh = ChaosMesh(run_dir, values)
