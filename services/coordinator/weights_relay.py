@@ -1,10 +1,11 @@
 """The weight relay: the trainer pushes a version once, every rollout server pulls it.
 
-The coordinator never decodes weights, and never hashes them: each chunk's sha256 is made once,
-by the trainer's `pack` (on all its cores), and checked where integrity matters, by each rollout
-server's stager as the bytes arrive there (a chunk damaged on either hop fails it; the server
-fetches again). The relay checks what is cheap and catches a confused push before it reaches N
-servers: the stream starts with a manifest, the version is newer than the one it holds, chunks
+The coordinator never decodes weights. Each chunk's sha256 is made by the trainer's `pack` (on all
+its cores) and checked by each rollout server's stager as the bytes arrive there (a chunk damaged
+on the second hop fails it; the server fetches again). The relay hashes each chunk too, beside the
+transfer, and refuses to commit a push whose bytes do not match its manifest: a version damaged on
+the first hop held as the latest would block every good push of it. It also checks what is cheap
+and catches a confused push before it reaches N servers: the stream starts with a manifest, the version is newer than the one it holds, chunks
 arrive in order and as many as the manifest lists. It keeps the *messages* of a version exactly
 as received, so `FetchWeights` streams them out unchanged and every server verifies the bytes
 the trainer produced. Only the latest version is kept: a server told about version v that asks
@@ -26,10 +27,11 @@ is a manifest plus one small document chunk. Its byte form may follow as a secon
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncIterator, Callable
 
 from slipstream.proto import types_pb2
-from slipstream.weights.packer import by_reference
+from slipstream.weights.packer import by_reference, hash_pool
 
 
 class PushError(ValueError):
@@ -141,8 +143,14 @@ def _check_manifest(m: types_pb2.WeightManifest, floor: int, byte_form_of: Relay
     raise VersionNotNewer(f"version {m.version} is not newer than the current {floor}")
 
 
+def _sha256(msg: types_pb2.WeightMessage) -> str:
+    return hashlib.sha256(msg.chunk.data).hexdigest()
+
+
 async def _receive(messages, floor, byte_form_of, on_manifest) -> RelayedVersion:
     incoming: RelayedVersion | None = None
+    loop = asyncio.get_running_loop()
+    digests: list[asyncio.Future[str]] = []
     async for msg in messages:
         kind = msg.WhichOneof("kind")
         if incoming is None:
@@ -163,11 +171,20 @@ async def _receive(messages, floor, byte_form_of, on_manifest) -> RelayedVersion
         if received >= len(manifest.chunk_sha256):
             raise PushError(f"chunk {chunk.index} beyond the manifest's {len(manifest.chunk_sha256)} chunks")
         incoming.append(msg)  # fetchers stream it now; each server checks its length and sha256
+        digests.append(loop.run_in_executor(hash_pool(), _sha256, msg))
     if incoming is None:
         raise PushError("empty weight push")
     received = len(incoming.messages) - 1
     if received != len(incoming.manifest.chunk_sha256):
         raise PushError(f"got {received} chunks, the manifest lists {len(incoming.manifest.chunk_sha256)}")
+    # Before the version is committed: a push whose bytes do not match its own manifest must not
+    # become the held version (every later, good push of that version would be refused as not
+    # newer, and no server could ever apply it). Hashed beside the transfer, on the pool.
+    for i, (got, want) in enumerate(
+        zip(await asyncio.gather(*digests), incoming.manifest.chunk_sha256, strict=True)
+    ):
+        if got != want:
+            raise PushError(f"chunk {i} fails its sha256 check")
     return incoming
 
 

@@ -145,7 +145,9 @@ class ShmExporter:
             raise WeightError(f"shared-memory weights need {SHM_DIR} (use --weight-transport bytes)")
         self.chunk_bytes = chunk_bytes
         self.confirmed = 0
-        self._tag = writer_tag()
+        # Each exporter its own names (after the pid, so the orphan sweep still reads the pid):
+        # two in one process never take each other's files for their own.
+        self._tag = f"{writer_tag()}{secrets.token_hex(3)}-"
         self._segments: list[_Segment] = []
         self._spare: _Segment | None = None
         sweep_orphans()
