@@ -25,7 +25,6 @@ GPUs is the next step: the group and the document already name their backend.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import socket
 from dataclasses import asdict, dataclass
@@ -43,6 +42,8 @@ from slipstream.weights.packer import (
     WeightError,
     check_chunk_list,
     chunk_hashes,
+    document_bytes,
+    document_fields,
     fill,
     plan,
     verify_chunks,
@@ -69,16 +70,13 @@ class BroadcastDoc:
     chunk_sha256: list[str]
 
     def to_json(self) -> bytes:
-        return json.dumps({"kind": DOC_KIND, **asdict(self)}, sort_keys=True).encode()
+        return document_bytes(DOC_KIND, asdict(self))
 
     @classmethod
     def from_json(cls, data: bytes, version: int) -> BroadcastDoc:
         """Parse and type-check a document; `version` is the manifest's."""
         try:
-            d = json.loads(data)
-            if not isinstance(d, dict) or d.pop("kind", None) != DOC_KIND:
-                raise ValueError(f"not a {DOC_KIND} document")
-            doc = cls(**d)
+            doc = cls(**document_fields(data, DOC_KIND))
         except (ValueError, TypeError) as e:
             raise WeightError(f"version {version}: unreadable broadcast document ({e})") from None
         ranks = doc.ranks

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import logging
 import secrets
 from dataclasses import asdict, dataclass
@@ -41,7 +40,15 @@ from typing import Literal
 import torch
 
 from slipstream.proto import types_pb2
-from slipstream.weights.packer import FORMATS, IPC_SUFFIX, WeightError, fill, plan
+from slipstream.weights.packer import (
+    FORMATS,
+    IPC_SUFFIX,
+    WeightError,
+    document_bytes,
+    document_fields,
+    fill,
+    plan,
+)
 
 HEADER_BYTES = 64
 MAX_DOC_BYTES = 64 * 1024
@@ -72,15 +79,13 @@ class IpcDoc:
         d = asdict(self)
         for k in ("handle", "ref_counter_handle", "event_handle"):
             d[k] = None if d[k] is None else base64.b64encode(d[k]).decode()
-        return json.dumps({"kind": DOC_KIND, **d}, sort_keys=True).encode()
+        return document_bytes(DOC_KIND, d)
 
     @classmethod
     def from_json(cls, data: bytes, version: int) -> IpcDoc:
         """Parse and type-check a handle document; `version` is the manifest's."""
         try:
-            d = json.loads(data)
-            if not isinstance(d, dict) or d.pop("kind", None) != DOC_KIND:
-                raise ValueError(f"not a {DOC_KIND} document")
+            d = document_fields(data, DOC_KIND)
             for k in ("handle", "ref_counter_handle", "event_handle"):
                 d[k] = None if d.get(k) is None else base64.b64decode(d[k], validate=True)
             doc = cls(**d)

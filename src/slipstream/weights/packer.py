@@ -28,6 +28,7 @@ path (`ipc.py`) shares the same device buffer by CUDA IPC handle instead of copy
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -233,6 +234,19 @@ def chunk_hashes(view: memoryview, chunk_bytes: int) -> list[str]:
     """The sha256 of each `chunk_bytes` slice of `view`, on all cores, without copying."""
     starts = range(0, len(view), chunk_bytes)
     return list(hash_pool().map(lambda i: hashlib.sha256(view[i : i + chunk_bytes]).hexdigest(), starts))
+
+
+def document_bytes(kind: str, fields: dict) -> bytes:
+    """The one chunk of a version by reference: a JSON document of `fields`, tagged with its kind."""
+    return json.dumps({"kind": kind, **fields}, sort_keys=True).encode()
+
+
+def document_fields(data: bytes, kind: str) -> dict:
+    """The fields of a `document_bytes` document of `kind`; ValueError if `data` is not one."""
+    d = json.loads(data)
+    if not isinstance(d, dict) or d.pop("kind", None) != kind:
+        raise ValueError(f"not a {kind} document")
+    return d
 
 
 def check_chunk_list(version: int, payload_bytes: int, chunk_bytes: int, hashes: object) -> None:

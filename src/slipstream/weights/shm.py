@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import atexit
 import hashlib
-import json
 import logging
 import mmap
 import os
@@ -57,6 +56,8 @@ from slipstream.weights.packer import (
     WeightError,
     check_chunk_list,
     chunk_hashes,
+    document_bytes,
+    document_fields,
     fill,
     plan,
     verify_chunks,
@@ -92,16 +93,13 @@ class ShmDoc:
     chunk_sha256: list[str]
 
     def to_json(self) -> bytes:
-        return json.dumps({"kind": DOC_KIND, **asdict(self)}, sort_keys=True).encode()
+        return document_bytes(DOC_KIND, asdict(self))
 
     @classmethod
     def from_json(cls, data: bytes, version: int) -> ShmDoc:
         """Parse and type-check a document; `version` is the manifest's."""
         try:
-            d = json.loads(data)
-            if not isinstance(d, dict) or d.pop("kind", None) != DOC_KIND:
-                raise ValueError(f"not a {DOC_KIND} document")
-            doc = cls(**d)
+            doc = cls(**document_fields(data, DOC_KIND))
         except (ValueError, TypeError) as e:
             raise WeightError(f"version {version}: unreadable shared-memory document ({e})") from None
         if any(type(v) is not int or v < 0 for v in (doc.version, doc.nonce)) or not (
