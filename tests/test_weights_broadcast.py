@@ -12,25 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 from machine_speed import scaled
+from test_weights_shm import _shapes, _state
 
 from mesh_fixtures import build_prompts, build_tiny_model
 from slipstream.weights import WeightError, WeightStager, iter_messages, pack
 from slipstream.weights.broadcast import BroadcastExporter, BroadcastReceiver
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="needs gloo")
-
-
-def _state(seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "model.embed_tokens.weight": torch.randn(64, 128, generator=g),
-        "model.layers.0.mlp.up_proj.weight": torch.randn(256, 128, generator=g),
-        "model.norm.weight": torch.rand(128, generator=g),
-    }
-
-
-def _shapes() -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in _state().items()}
 
 
 def _stage(manifest, chunks, receiver=None, current: int = 0):

@@ -265,12 +265,8 @@ def _wait_for(path: Path, text: str, proc: subprocess.Popen, what: str) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not _can_unshare(), reason="needs `unshare -u` (root) for a server with its own hostname")
-def test_a_mesh_maps_shared_memory_on_its_host_and_sends_bytes_elsewhere(tmp_path, redis_url):
-    """The launcher's rollout server shares the trainer's host and maps versions from /dev/shm; a
-    second server in its own UTS namespace (another hostname: another host id) attaches to the same
-    coordinator later and is served bytes: the version it could not map, and what follows."""
+def _launch(tmp_path: Path, redis_url: str) -> tuple[subprocess.Popen, Path]:
+    """train.py on the tiny model with one rollout server, for far more steps than a test waits."""
     root = Path(__file__).resolve().parent.parent
     model, prompts = build_tiny_model(tmp_path / "model"), build_prompts(tmp_path / "train.jsonl")
     run_dir = tmp_path / "run"
@@ -283,13 +279,23 @@ def test_a_mesh_maps_shared_memory_on_its_host_and_sends_bytes_elsewhere(tmp_pat
         ],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+    return launcher, run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _can_unshare(), reason="needs `unshare -u` (root) for a server with its own hostname")
+def test_a_mesh_maps_shared_memory_on_its_host_and_sends_bytes_elsewhere(tmp_path, redis_url):
+    """The launcher's rollout server shares the trainer's host and maps versions from /dev/shm; a
+    second server in its own UTS namespace (another hostname: another host id) attaches to the same
+    coordinator later and is served bytes: the version it could not map, and what follows."""
+    launcher, run_dir = _launch(tmp_path, redis_url)
     far, far_log = None, tmp_path / "far.log"
     try:
         near_log = run_dir / "logs" / "rollout-0.log"
         _wait_for(near_log, "now serving weights version 1 (bf16+shm", launcher, "rollout-0")
         port = (run_dir / "ports" / "coordinator.port").read_text().strip()
         serve = [
-            sys.executable, "-m", "slipstream.services.rollout", "--hf-checkpoint", str(model), "--port", "0",
+            sys.executable, "-m", "slipstream.services.rollout", "--hf-checkpoint", str(tmp_path / "model"), "--port", "0",
             "--coordinator-addr", f"127.0.0.1:{port}", "--server-id", "far", "--rollout-max-batch-size", "8",
             "--rollout-max-response-len", "4", "--torch-threads", "1",
         ]  # fmt: skip
@@ -320,18 +326,7 @@ def test_a_mesh_maps_shared_memory_on_its_host_and_sends_bytes_elsewhere(tmp_pat
 def test_a_trainer_killed_mid_run_leaves_no_file_once_the_launcher_is_done(tmp_path, redis_url):
     """kill -9 of the trainer: nothing of it runs at exit, and the launcher, once every service is
     down, unlinks its /dev/shm weights files (`shm_files.sweep_orphans`)."""
-    root = Path(__file__).resolve().parent.parent
-    model, prompts = build_tiny_model(tmp_path / "model"), build_prompts(tmp_path / "train.jsonl")
-    run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(
-        [
-            sys.executable, str(root / "train.py"), "--hf-checkpoint", str(model), "--prompt-data", str(prompts),
-            "--run-dir", str(run_dir), "--redis-url", redis_url, "--rollout-batch-size", "4",
-            "--n-samples-per-prompt", "4", "--num-rollout", "1000", "--rollout-max-response-len", "4",
-            "--global-batch-size", "8", "--micro-batch-size", "8", "--rollout-num-servers", "1",
-        ],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    launcher, run_dir = _launch(tmp_path, redis_url)
     try:
         _wait_for(
             run_dir / "logs" / "rollout-0.log",
