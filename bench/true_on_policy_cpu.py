@@ -24,7 +24,7 @@ import torch
 
 from slipstream.config import config_from_values
 from slipstream.models.config import ModelConfig
-from slipstream.models.hf import init_model, save_model
+from slipstream.models.hf import init_model, load_model, save_model
 from slipstream.services.rollout.engine.native import NativeEngine
 from slipstream.services.rollout.engine.request import Request
 from slipstream.services.trainer.actor import Actor
@@ -35,7 +35,7 @@ from slipstream.types import Sample, Status
 def generate(model_dir: Path, mode: bool, concurrency: int, length: int, tokens: int, seed: int):
     """(samples, decode seconds) until `tokens` sampled tokens, `concurrency` requests at a time."""
     engine = NativeEngine(
-        init_model_from(model_dir), eos_token_ids=[], max_batch_size=concurrency, true_on_policy=mode
+        load_model(model_dir), eos_token_ids=[], max_batch_size=concurrency, true_on_policy=mode
     )
     samples, seconds, n = [], 0.0, 0
     gen = torch.Generator().manual_seed(seed)
@@ -54,12 +54,6 @@ def generate(model_dir: Path, mode: bool, concurrency: int, length: int, tokens:
             ))  # fmt: skip
             n += len(res.tokens)
     return samples, seconds
-
-
-def init_model_from(model_dir: Path):
-    from slipstream.models.hf import load_model
-
-    return load_model(model_dir)
 
 
 def mismatch(actor: Actor, samples: list[Sample]) -> tuple[float, int]:

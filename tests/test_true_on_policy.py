@@ -55,19 +55,22 @@ def _rollout(model_dir, true_on_policy: bool) -> list[Sample]:
         for i, p in enumerate(prompts)
         for j in range(4)
     ]
-    out = []
-    for req, res in zip(reqs, engine.generate(reqs), strict=True):
-        out.append(
-            Sample(
-                tokens=req.tokens + res.tokens,
-                response_length=len(res.tokens),
-                reward=0.0,
-                status=Status.COMPLETED,
-                rollout_log_probs=res.log_probs,
-                policy_versions=res.versions,
-            )  # fmt: skip
-        )
-    return out
+    return _generate(engine, reqs)
+
+
+def _generate(engine: NativeEngine, reqs: list[Request]) -> list[Sample]:
+    """The engine's results as samples carrying the sampler's own log-probs."""
+    return [
+        Sample(
+            tokens=req.tokens + res.tokens,
+            response_length=len(res.tokens),
+            reward=0.0,
+            status=Status.COMPLETED,
+            rollout_log_probs=res.log_probs,
+            policy_versions=res.versions,
+        )  # fmt: skip
+        for req, res in zip(reqs, engine.generate(reqs), strict=True)
+    ]
 
 
 def _mismatch(actor: Actor, samples: list[Sample]) -> tuple[float, int]:
@@ -115,18 +118,7 @@ def test_training_keeps_them_equal_after_the_weights_move(model_dir):
         for name, p in engine_model.named_parameters():  # a bf16 push, as the stager loads it
             p.copy_(dict(actor.model.named_parameters())[name].to(torch.bfloat16).float())
     engine = NativeEngine(engine_model, eos_token_ids=[], max_batch_size=3, true_on_policy=True)
-    res = engine.generate([Request(f"r{i}", [3, 4, 5, 6][: i + 1], 20, seed=i) for i in range(4)])
-    moved = [
-        Sample(
-            tokens=[3, 4, 5, 6][: i + 1] + r.tokens,
-            response_length=len(r.tokens),
-            reward=0.0,
-            status=Status.COMPLETED,
-            rollout_log_probs=r.log_probs,
-            policy_versions=r.versions,
-        )  # fmt: skip
-        for i, r in enumerate(res)
-    ]
+    moved = _generate(engine, [Request(f"r{i}", [3, 4, 5, 6][: i + 1], 20, seed=i) for i in range(4)])
     worst, _ = _mismatch(actor, moved)
     assert worst == 0.0, worst
 
