@@ -262,10 +262,11 @@ def _fsync(path: Path) -> None:
 
 def _fsync_tree(d: Path) -> None:
     """Every file under `d` durable (side by side: each waits on the disk), then the folders."""
-    paths = sorted(d.rglob("*"), key=lambda p: p.is_dir())  # files first, then their folders
-    files, folders = [p for p in paths if p.is_file()], [p for p in paths if p.is_dir()]
-    _side_by_side([partial(_fsync, f) for f in files])
-    for folder in sorted(folders, key=lambda p: -len(p.parts)) + [d]:
+    paths = list(d.rglob("*"))
+    _side_by_side([partial(_fsync, f) for f in paths if f.is_file()])
+    for folder in sorted((p for p in paths if p.is_dir()), key=lambda p: -len(p.parts)) + [
+        d
+    ]:  # deepest first
         _fsync(folder)
 
 
