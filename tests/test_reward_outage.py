@@ -14,6 +14,7 @@ prompts kept being admitted and burned the same way, and nothing reached the con
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import re
@@ -274,37 +275,42 @@ def test_console_relay_echoes_the_channel_of_every_service_log_and_nothing_else(
 
 
 class _DiesAfter(BaseHTTPRequestHandler):
-    """Answers its first `ANSWERS` requests with a 400 (the sample's own failure), then the
-    endpoint dies: its port closes and every later request is refused."""
+    """Answers with a 400 (the sample's own failure) until every sample of one prompt has had one,
+    so one whole group fails, then the endpoint dies: its port closes and every later request is
+    refused. Groups are scored concurrently, so "the first N requests" need not be one group."""
 
-    ANSWERS = 2
-    seen = 0
+    GROUP = 2  # --n-samples-per-prompt
+    seen: collections.Counter[str] = collections.Counter()
     died_at: float | None = None
+    lock = threading.Lock()
     server: ThreadingHTTPServer
 
     def log_message(self, *args) -> None:
         pass
 
     def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
+        prompt = json.loads(self.rfile.read(int(self.headers["Content-Length"])))["prompt"]
         cls = type(self)
-        cls.seen += 1
-        if cls.seen <= cls.ANSWERS:
+        with cls.lock:
+            answer = cls.died_at is None and max(cls.seen.values(), default=0) < cls.GROUP
+            if answer:
+                cls.seen[prompt] += 1
+            elif cls.died_at is None:
+                cls.died_at = time.monotonic()
+                threading.Thread(target=lambda: (cls.server.shutdown(), cls.server.server_close())).start()
+        if answer:
             body = b"cannot grade this"
             self.send_response(400)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
             return
-        if cls.died_at is None:
-            cls.died_at = time.monotonic()
-            threading.Thread(target=lambda: (cls.server.shutdown(), cls.server.server_close())).start()
         self.close_connection = True  # no answer
 
 
 @pytest.mark.slow
 def test_the_launcher_console_says_it_and_the_run_fails_with_one_line(tmp_path):
-    """The whole mesh from train.py: the first group's samples fail (a 400: dead-lettered, so step 1
+    """The whole mesh from train.py: one group's samples fail (a 400: dead-lettered, so step 1
     trains 0 tokens and says so), then the endpoint dies: the console names it within seconds, and
     after --reward-outage-timeout the run fails with one line."""
     import subprocess
