@@ -223,12 +223,71 @@ def draft_samples() -> list:
     ]  # fmt: skip
 
 
+def lora_values(model_dir: str) -> dict:
+    return dict(
+        hf_checkpoint=model_dir, rollout_batch_size=2, n_samples_per_prompt=2, micro_batch_size=1,
+        lr=5e-2, device="cpu", rollout_max_response_len=4, lora_rank=4, lora_alpha=8.0,
+        target_modules="q_proj,v_proj,down_proj",
+    )  # fmt: skip
+
+
+def lora_step(actor) -> None:
+    from slipstream.types import Sample, Status
+
+    samples = [
+        Sample(tokens=[7, 8, 9, 5 + i, 6 + i], response_length=2, reward=float(i % 2),
+               status=Status.COMPLETED, rollout_log_probs=[-1.0, -1.0], policy_versions=[0, 0])
+        for i in range(4)
+    ]  # fmt: skip
+    actor.train_rollout(samples, [1.0, -1.0, 0.5, -0.5], 0)
+
+
+def lora(model_dir: str, out: Path):
+    """--lora-rank under FSDP2: two steps, the push, a checkpoint; then a second actor (other
+    adapters at the start) resumes from it and both take a third step. Rank 0 writes the pushes
+    (pushed_2, pushed_3, resumed_3) and what each rank holds of the base (base_<rank>.json)."""
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+
+    from slipstream.config import config_from_values
+    from slipstream.services.trainer.actor import Actor
+    from slipstream.services.trainer.checkpoint import load_trainer_state
+
+    cfg = config_from_values(lora_values(model_dir))
+    torch.manual_seed(0)
+    actor = Actor.from_config(cfg)
+    base = [(n, p) for n, p in actor.model.named_parameters() if ".lora_" not in n]
+    held = {
+        "base_sharded": all(isinstance(p, DTensor) for _, p in base),
+        "base_bytes_held": sum(p.to_local().nbytes for _, p in base),
+        "adapters_trained": sorted(n for n, p in actor.model.named_parameters() if p.requires_grad),
+    }
+    (out / f"base_{actor.par.rank}.json").write_text(json.dumps(held))
+    pushes: dict[str, dict] = {}
+    for _ in range(2):
+        lora_step(actor)
+    pushes["pushed_2"] = actor.state_dict_for_sync()
+    ckpt = save_checkpoint(out / "ckpt", 2, actor.model, actor.optimizer, {"policy_version": 2},
+                           par=actor.par, scheduler=actor.scheduler)  # fmt: skip
+    torch.manual_seed(1)  # other adapters to start from: the checkpoint must replace them
+    resumed = Actor.from_config(cfg)
+    load_trainer_state(ckpt, resumed.model, resumed.optimizer, resumed.scheduler)
+    for a in (actor, resumed):
+        lora_step(a)
+    pushes["pushed_3"], pushes["resumed_3"] = actor.state_dict_for_sync(), resumed.state_dict_for_sync()
+    if actor.par.is_main:
+        for name, state in pushes.items():
+            save_file({k: v.contiguous() for k, v in state.items()}, str(out / f"{name}.safetensors"))
+    return actor.par
+
+
 def main() -> None:
     model_dir, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
-    if sys.argv[3:] in (["schedule"], ["memory"], ["draft"]):
+    modes = {"schedule": schedule, "memory": memory, "draft": draft, "lora": lora}
+    if sys.argv[3:] and sys.argv[3] in modes:
         out.mkdir(parents=True, exist_ok=True)
-        return shutdown({"schedule": schedule, "memory": memory, "draft": draft}[sys.argv[3]](model_dir, out))
+        return shutdown(modes[sys.argv[3]](model_dir, out))
     par = init_parallel(torch.device("cpu"))
     model = shard_model(load_model(model_dir), par)
     tokens = global_batch(model.config.vocab_size)

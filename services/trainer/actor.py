@@ -71,7 +71,15 @@ from .batch import Batch, collate, pack, plan_micro_batches
 from .compiled_layers import split_layers
 from .draft import DraftTrainer, padded_hidden
 from .objective import micro_batch_loss, needs_reference, sft_micro_batch_loss, token_advantages
-from .parallel import Parallel, full_model_state, init_parallel, shard_model, stream_layers
+from .parallel import (
+    Parallel,
+    average_gradients,
+    full_model_state,
+    init_parallel,
+    replicate,
+    shard_model,
+    stream_layers,
+)
 from .precision import MasterWeights
 from .quantized import compute_weights
 from .routing import PROBE_SAMPLES, MoERouting
@@ -193,17 +201,17 @@ class Actor:
         (--hf-checkpoint, also when resuming: a checkpoint's adapters go back onto it) wrapped
         with adapters (`lora.py`)."""
         t = self.train
-        if self.lora:
-            if self.par.enabled:
-                raise ValueError("--lora-rank under torchrun (FSDP2) is not implemented yet")
-            base = model_cfg.hf_checkpoint
-            model = load_model(base, device=self.device, dtype=dtype)
-            targets = lora.target_modules(t.target_modules)
-            return lora.apply_lora(model, t.lora_rank, t.lora_alpha, t.lora_dropout, targets, base)
         shard = None
         if self.par.enabled:
             bf16 = torch.bfloat16 if t.bf16 else None
             shard = partial(shard_model, par=self.par, param_dtype=bf16, cpu_offload=t.optimizer_cpu_offload)
+        if self.lora:  # the base sharded as without LoRA; the adapters whole on every rank (lora.py)
+            base = model_cfg.hf_checkpoint
+            model = load_model(base, device=self.device, dtype=dtype, shard=shard)
+            targets = lora.target_modules(t.target_modules)
+            model = lora.apply_lora(model, t.lora_rank, t.lora_alpha, t.lora_dropout, targets, base)
+            replicate(lora.adapter_parameters(model), self.par)
+            return model
         device = torch.device("cpu") if t.optimizer_cpu_offload else self.device
         return load_model(model_path or model_cfg.hf_checkpoint, device=device, dtype=dtype, shard=shard)
 
@@ -460,6 +468,8 @@ class Actor:
             micro_loss = loss(i, b, weights)
             (micro_loss * world).backward()  # FSDP averages gradients over ranks
             step_loss = step_loss + micro_loss.detach().double()  # on the device: no sync per micro-batch
+        if self.lora:  # replicated adapters: averaged here as FSDP averages the sharded weights
+            average_gradients(lora.adapter_parameters(self.model), world)
         return self._step_if_finite(step_loss)
 
     def _step_if_finite(self, step_loss) -> tuple[float, float] | None:

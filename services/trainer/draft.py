@@ -28,13 +28,13 @@ the policy (every rank then steps the same draft to the same weights).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from slipstream.models.config import ModelConfig
 from slipstream.models.draft import DraftHead, init_draft, load_draft
 
 from .batch import Batch, Packed
+from .parallel import average_gradients
 from .step_metrics import StepMeans
 
 _CHUNK = 4096  # response positions per LM-head chunk: never full-vocabulary logits for a whole batch
@@ -65,15 +65,7 @@ class DraftTrainer:
     def reduce_gradients(self, world_size: int) -> None:
         """Sum the replicas' gradients over ranks (a collective: every rank calls it). Each rank's
         loss carries the world-size factor that FSDP's average over ranks takes out again."""
-        if world_size == 1:
-            return
-        params = list(self.head.parameters())
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat.div_(world_size)
-        for p, g in zip(params, flat.split([q.numel() for q in params]), strict=True):
-            p.grad = g.view_as(p)
+        average_gradients(list(self.head.parameters()), world_size)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The draft's tensors under their published names (`model.layers.{L+m}.*`)."""

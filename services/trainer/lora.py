@@ -18,6 +18,18 @@ holds the adapters in PEFT's own format (`adapter/adapter_model.safetensors` +
 `adapter/adapter_config.json`, loadable with `PeftModel.from_pretrained` on the base model),
 which is what a resumed run reads back onto the base model (--hf-checkpoint).
 
+Under torchrun (FSDP2) the base model is loaded and sharded exactly as without LoRA (each rank
+reads and holds its rows, `parallel.shard_model`) and the adapters are injected around the
+sharded projections afterwards, whole on every rank (`parallel.replicate` makes rank 0's initial
+values everyone's). Replicated, not sharded: they are rank x (in + out) per projection, so a
+replica costs little, and FSDP's all-gather, reduce-scatter and sharded AdamW state would buy
+nothing while the loading path (which reads the base checkpoint by FSDP's rows) stays untouched.
+Each rank trains them on its own micro-batches and `parallel.average_gradients` averages their
+gradients before clipping, as FSDP averages the sharded weights', so every rank steps the same
+adapters to the same values. The push and the checkpoint gather the full state as they do
+without LoRA (`full_model_state`: the sharded base gathered, the adapters as they are), so both
+send and write what one process does.
+
 LoRA's state-dict names are the wrapped model's: `...q_proj.base_layer.weight`,
 `...q_proj.lora_A.default.weight`; PEFT's files drop the adapter name and prefix
 `base_model.model.` (`to_peft_names` / `from_peft_names`).
@@ -77,6 +89,11 @@ def apply_lora(
         if ".lora_" in name:
             p.data = p.data.float()  # the adapters are the trained (master) weights
     return model
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trained parameters: every adapter's A and B, in model order."""
+    return [p for name, p in model.named_parameters() if ".lora_" in name]
 
 
 def config_of(model: nn.Module):

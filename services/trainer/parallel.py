@@ -172,6 +172,32 @@ def load_full_state(
         set_optimizer_state_dict(model, optimizer, optim_state, options=options)
 
 
+def replicate(params: list[torch.Tensor], par: Parallel) -> None:
+    """Rank 0's values of `params` on every rank (a collective): a small module kept whole on
+    every rank beside the sharded model (LoRA's adapters) starts identical."""
+    if not par.enabled or not params:
+        return
+    with torch.no_grad():
+        flat = torch.cat([p.detach().reshape(-1).float() for p in params]).to(par.device)
+        dist.broadcast(flat, src=0)
+        for p, v in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            p.copy_(v.view_as(p))
+
+
+def average_gradients(params: list[torch.Tensor], world_size: int) -> None:
+    """Average the replicas' gradients of `params` over ranks (a collective: every rank calls it),
+    as FSDP does for the sharded ones; a parameter without a gradient contributes zeros. Each
+    rank's loss carries the world-size factor that the average takes out again."""
+    if world_size == 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(world_size)
+    for p, g in zip(params, flat.split([q.numel() for q in params]), strict=True):
+        p.grad = g.view_as(p)
+
+
 def broadcast_bytes(payload: bytes | None, par: Parallel) -> bytes:
     """Rank 0's bytes on every rank (protobuf payloads: no pickling across processes)."""
     if not par.enabled:
