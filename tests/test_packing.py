@@ -89,16 +89,28 @@ def test_pack_layout():
 
 
 def test_packed_attention_fallback_is_per_sequence_causal():
+    """The CPU fallback batches sequences of one length together (3 and 5 occur twice, out of
+    order): every sequence still attends causally inside itself only, forward and backward."""
     torch.manual_seed(0)
-    lengths = [3, 7, 5]
-    q, k, v = torch.randn(1, 4, 15, 8), torch.randn(1, 2, 15, 8), torch.randn(1, 2, 15, 8)
-    cu = torch.tensor([0, 3, 10, 15], dtype=torch.int32)
+    lengths = [3, 7, 5, 3, 1, 5]
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    n_tok = sum(lengths)
+    q, k, v = (torch.randn(1, h, n_tok, 8, requires_grad=True) for h in (4, 2, 2))
+    cu = torch.tensor([*starts, n_tok], dtype=torch.int32)
     out = packed_causal_attention(cu, 7)(0, q, k, v)
-    for s, n in zip([0, 3, 10], lengths, strict=True):
-        want = torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, s : s + n], k[:, :, s : s + n], v[:, :, s : s + n], is_causal=True, enable_gqa=True
-        )
-        torch.testing.assert_close(out[:, :, s : s + n], want)
+    want = torch.cat(
+        [
+            torch.nn.functional.scaled_dot_product_attention(
+                q[:, :, s : s + n], k[:, :, s : s + n], v[:, :, s : s + n], is_causal=True, enable_gqa=True
+            )
+            for s, n in zip(starts, lengths, strict=True)
+        ],
+        dim=2,
+    )
+    torch.testing.assert_close(out, want)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for got, ref in zip(grads, torch.autograd.grad(want.square().sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(got, ref)
 
 
 def test_packed_log_probs_equal_padded(model_dir):

@@ -1,13 +1,14 @@
-"""Groups from the buffer -> tensors for the policy loss, padded or packed.
+"""Groups from the buffer -> tensors for the policy loss, padded and packed.
 
 A sample's `tokens` are prompt + response. The model reads `tokens[:-1]` and predicts
 `tokens[1:]`, so response token j (0-based) is predicted at input position
 `prompt_length - 1 + j`. Everything per token below ([B, T]) is laid out in that
 shifted frame; positions outside the response have `loss_mask` 0.
 
-Packing (`--use-dynamic-batch-size`, slime's flag): `first_fit` cuts an optimizer step's samples
-into micro-batches of at most `--max-tokens-per-gpu` tokens, and `pack` lays each micro-batch's
-sequences end to end in one row (`Packed`: positions restart per sequence, attention stays
+Micro-batches hold `--micro-batch-size` samples, or under `--use-dynamic-batch-size` (slime's
+flag) `first_fit` cuts an optimizer step's samples into micro-batches of at most
+`--max-tokens-per-gpu` tokens. Either way `pack` lays each micro-batch's sequences end to end in
+one row (`Packed`: positions restart per sequence, attention stays
 inside each one). Only the model's forward reads the packed row; the log-probs it gives are
 scattered back into the padded [B, T] frame, so advantages, loss weights and every metric are
 computed by exactly the code the padded path runs, on tensors a few KB large. The LM head runs
