@@ -5,6 +5,8 @@ tests/test_model_families.py (the `qwen3_moe` rows); the engine's greedy tokens 
 `generate` in tests/test_model_families_engine.py. Here: what those do not pin.
 """
 
+import dataclasses
+
 import pytest
 import torch
 import transformers
@@ -150,3 +152,21 @@ def test_engine_records_the_experts_of_every_fed_position(pair):
         want = routing.stacked()[0].reshape(len(seq) - 1, NUM_MOE_LAYERS * TOP_K)
         assert res.routed_experts.dtype == torch.uint8
         assert torch.equal(res.routed_experts.long(), want)
+
+
+def test_routed_scaling_factor_scales_the_gates_and_round_trips(tmp_path):
+    """DeepSeek-V3's key on our Qwen3-MoE: the layer's output times the factor (gate weights times
+    it, after renormalisation); config.json carries it only when it is not 1 (Qwen3-MoE has none)."""
+    base = ModelConfig(**shape("qwen3_moe"), model_type="qwen3_moe")
+    assert "routed_scaling_factor" not in base.to_hf_dict()
+    scaled = dataclasses.replace(base, routed_scaling_factor=2.5)
+    d = scaled.to_hf_dict()
+    assert d["routed_scaling_factor"] == 2.5 and ModelConfig.from_hf_dict(d) == scaled
+    one, two = init_model(base, seed=1), init_model(scaled, seed=1)
+    with torch.no_grad():
+        h = torch.randn(7, base.hidden_size, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(two.model.layers[0].mlp(h), 2.5 * one.model.layers[0].mlp(h))
+    with pytest.raises(ValueError, match="routed_scaling_factor must be > 0"):
+        dataclasses.replace(base, routed_scaling_factor=0.0)
+    with pytest.raises(ValueError, match="this model has no experts"):
+        ModelConfig(**shape("qwen3"), model_type="qwen3", routed_scaling_factor=2.0)

@@ -1,13 +1,13 @@
 """The MoE path is the dense MLP when routing cannot matter (issue 15 item 6's exact check).
 
 A Qwen3-MoE whose every layer has k experts, top-k of k, and a zero router gives each expert the
-gate weight 1/k exactly (a softmax over equal logits, renormalised), so its layer is the mean of
-its k experts. Built from a dense Qwen3 with intermediate size k * I by cutting each MLP into k
-column blocks (expert e: the gate/up rows and down columns of block e, the down block times k),
-it must compute the dense model's function: the same logits, and gradients that map back onto
-the dense ones (gate/up equal, down 1/k: what the gate weight 1/k does to an expert's down
-projection). k = 1 is the plainest case: one expert the size of the dense MLP, gate weight 1 for
-any router. Checked in fp32 in the trainer's real training step (padded and packed rows, with and
+gate weight s/k exactly (a softmax over equal logits, renormalised, times `routed_scaling_factor`
+s), so its layer is s times the mean of its k experts. Built from a dense Qwen3 with intermediate
+size k * I by cutting each MLP into k column blocks (expert e: the gate/up rows and down columns
+of block e, the down block times k/s), it must compute the dense model's function: the same
+logits, and gradients that map back onto the dense ones (gate/up equal, down times s/k: what the
+gate weight does to an expert's down projection; equal at s = k). k = 1 is the plainest case: one
+expert the size of the dense MLP, gate weight 1 for any router. Checked in fp32 in the trainer's real training step (padded and packed rows, with and
 without rollout routing replay, the gradients AdamW receives) and in the engine's prefill and
 decode (tokens and sampled log-probs), so any difference is the MoE path's.
 """
@@ -39,10 +39,17 @@ class Pair:
     dense: object  # Path
     moe: object  # Path
     k: int
+    scale: float  # routed_scaling_factor
+
+    @property
+    def down(self) -> float:
+        """An expert's down projection's gradient over the dense block's (its gate weight)."""
+        return self.scale / self.k
 
 
-def moe_of_dense(dense_dir, out, k: int) -> None:
-    """The dense checkpoint as a Qwen3-MoE of k experts, top-k of k, zero router (gate weights 1/k)."""
+def moe_of_dense(dense_dir, out, k: int, scale: float = 1.0) -> None:
+    """The dense checkpoint as a Qwen3-MoE of k experts, top-k of k, zero router (gate weights
+    scale/k), computing the same function."""
     dense = load_model(dense_dir)
     cfg = dense.config
     config = ModelConfig(
@@ -53,6 +60,7 @@ def moe_of_dense(dense_dir, out, k: int) -> None:
             "num_experts_per_tok": k,
             "moe_intermediate_size": cfg.intermediate_size // k,
             "norm_topk_prob": True,
+            "routed_scaling_factor": scale,
             "decoder_sparse_step": 1,
             "mlp_only_layers": [],
         }
@@ -69,7 +77,7 @@ def moe_of_dense(dense_dir, out, k: int) -> None:
         state[p + "experts.gate_up_proj"] = torch.stack(
             [torch.cat([g, u]) for g, u in zip(gate, up, strict=True)]
         )
-        state[p + "experts.down_proj"] = torch.stack([d * k for d in down])
+        state[p + "experts.down_proj"] = torch.stack([d * (k / scale) for d in down])
     missing, unexpected = moe.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     save_model(moe, out)
@@ -78,12 +86,15 @@ def moe_of_dense(dense_dir, out, k: int) -> None:
             (out / f.name).write_bytes(f.read_bytes())
 
 
-@pytest.fixture(scope="module", params=[1, 4], ids=["one-expert", "top4-of-4"])
+@pytest.fixture(
+    scope="module", params=[(1, 1.0), (4, 1.0), (4, 4.0)], ids=["one-expert", "top4-of-4", "top4-of-4-scaled"]
+)
 def pair(request, tmp_path_factory):
-    root = tmp_path_factory.mktemp(f"equiv{request.param}")
+    k, scale = request.param
+    root = tmp_path_factory.mktemp(f"equiv{k}")
     dense = build_tiny_model(root / "dense", seed=5)
-    moe_of_dense(dense, root / "moe", request.param)
-    return Pair(dense, root / "moe", request.param)
+    moe_of_dense(dense, root / "moe", k, scale)
+    return Pair(dense, root / "moe", k, scale)
 
 
 def _samples(k: int, n: int = 8) -> list[Sample]:
@@ -148,10 +159,10 @@ def test_trainer_step_equals_the_dense_one(pair, flags):
     if flags.get("use_rollout_routing_replay"):
         assert moe_stats.metrics["moe_routing_agreement"] == 1.0
     # the same loss and log-prob gap to the "rollout"; with one expert also the gradient norm (k > 1:
-    # the down projections' gradients are 1/k of the dense ones)
+    # the down projections' gradients are s/k of the dense ones, and the router has one)
     for key in ("loss", "logprob_abs_diff_mean", *(("grad_norm",) if pair.k == 1 else ())):
         assert getattr(moe_stats, key) == pytest.approx(getattr(dense_stats, key), rel=1e-5), key
-    want = _as_moe(dense_grads, pair.k, down_scale=1.0 / pair.k)
+    want = _as_moe(dense_grads, pair.k, down_scale=pair.down)
     for name, g in moe_grads.items():
         if name.endswith("mlp.gate.weight"):  # the router: the dense model has none
             assert pair.k > 1 or not g.any(), name  # a softmax over one expert is 1 whatever its logit
@@ -167,10 +178,9 @@ def test_trainer_step_equals_the_dense_one(pair, flags):
 def test_adamw_moves_a_mean_of_k_experts_k_times_less(pair):
     """Why an MoE of the dense model's function learns slower: AdamW's first step is ~lr per
     weight whatever the gradient's scale, so each expert's down projection takes the dense one's
-    step, while the layer's output sees it times its gate weight 1/k (gate/up: the same step).
+    step, while the layer's output sees it times its gate weight s/k (gate/up: the same step): a
+    mean of k experts (s = 1) moves k times less than the dense MLP, s = k moves as it does.
     (AdamW's eps is made negligible here: its first step is then exactly lr * sign(gradient).)"""
-    if pair.k == 1:
-        pytest.skip("one expert: the same step (test_trainer_step_equals_the_dense_one)")
     start = {
         kind: {n: p.detach().clone() for n, p in load_model(path).named_parameters()}
         for kind, path in (("dense", pair.dense), ("moe", pair.moe))

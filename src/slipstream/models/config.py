@@ -41,7 +41,7 @@ FAMILIES: dict[str, Family] = {
 }  # fmt: skip
 MOE_KEYS = (
     "num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
-    "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef",
+    "decoder_sparse_step", "mlp_only_layers", "router_aux_loss_coef", "routed_scaling_factor",
 )  # fmt: skip
 
 DEFAULT_ROPE_THETA = 10_000.0  # transformers' default where config.json names none
@@ -78,6 +78,9 @@ class ModelConfig:
     decoder_sparse_step: int = 1  # layer i is MoE when (i + 1) % step == 0 ...
     mlp_only_layers: list[int] = field(default_factory=list)  # ... and i is not listed here
     router_aux_loss_coef: float = 0.001  # load-balancing loss weight (moe.load_balancing_loss)
+    # The gate weights times this (DeepSeek-V3's and GLM-4.5-MoE's key; moe.route). Qwen3-MoE has no
+    # such key: config.json carries it only when it is not 1, and transformers' Qwen3-MoE ignores it.
+    routed_scaling_factor: float = 1.0
     extra: dict[str, Any] = field(default_factory=dict)  # other config.json keys, written back unchanged
 
     def __post_init__(self) -> None:
@@ -106,6 +109,10 @@ class ModelConfig:
             )
         if self.num_experts > 1 << 15:
             raise ValueError(f"num_experts {self.num_experts} > 32768: routed ids are recorded as int16")
+        if not self.routed_scaling_factor > 0:
+            raise ValueError(f"routed_scaling_factor must be > 0, got {self.routed_scaling_factor}")
+        if self.routed_scaling_factor != 1.0 and not self.num_experts:
+            raise ValueError("routed_scaling_factor scales routed experts' gates; this model has no experts")
         if self.decoder_sparse_step < 1:
             raise ValueError(f"decoder_sparse_step must be >= 1, got {self.decoder_sparse_step}")
         self.mlp_only_layers = list(self.mlp_only_layers)
@@ -203,5 +210,7 @@ class ModelConfig:
         if self.family.moe:  # the spelling published checkpoints use (num_experts, not num_local_experts)
             out.pop("num_local_experts", None)
             out.update({key: getattr(self, key) for key in MOE_KEYS})
+            if self.routed_scaling_factor == 1.0:  # not a Qwen3-MoE key: written only when it matters
+                del out["routed_scaling_factor"]
             out["mlp_only_layers"] = list(self.mlp_only_layers)
         return out

@@ -2,8 +2,15 @@
 
 What the block computes, as `transformers`' `Qwen3MoeSparseMoeBlock` does: router logits
 `x @ gate^T`; a softmax over the experts in fp32; the top-k probabilities and their expert ids;
-optionally renormalised over the k (`norm_topk_prob`); cast back to x's dtype; then the output is
-the weighted sum of the k chosen experts, each a SwiGLU MLP. No shared experts (Qwen3-MoE has none).
+optionally renormalised over the k (`norm_topk_prob`); times `routed_scaling_factor` (DeepSeek-V3's
+key; 1 in Qwen3-MoE, which has none); cast back to x's dtype; then the output is the weighted sum of
+the k chosen experts, each a SwiGLU MLP. No shared experts (Qwen3-MoE has none).
+
+Why the factor matters in training: renormalised gates sum to one, so the layer is a convex
+combination of its k experts, and AdamW, whose per-weight step is ~lr whatever the gradient's
+scale, moves the layer's output ~k times less per step than a dense MLP of the same active width
+(tests/test_moe_dense_equivalence.py shows it exactly). `routed_scaling_factor = k` makes a layer
+with equal gates the dense MLP of width k * moe_intermediate_size, gradients and steps included.
 
 The experts are stored stacked, as transformers 5 holds them: `gate_up_proj` [E, 2I, H] (gate rows
 first) and `down_proj` [E, H, I], one tensor per projection, the layout a grouped GEMM takes.
@@ -49,10 +56,14 @@ class Routing:
 
 
 def route(
-    logits: torch.Tensor, top_k: int, renormalise: bool, replay: torch.Tensor | None = None
+    logits: torch.Tensor,
+    top_k: int,
+    renormalise: bool,
+    replay: torch.Tensor | None = None,
+    scale: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Router logits [N, E] -> (gate weights [N, k] in the logits' dtype, expert ids [N, k], the
-    router's own top-k ids [N, k]).
+    """Router logits [N, E] -> (gate weights [N, k] in the logits' dtype, times `scale`, expert ids
+    [N, k], the router's own top-k ids [N, k]).
 
     With `replay` (ids [..., k] flattening to [N, k]), a row's ids are the given ones unless they
     are -1, and the weights are the softmax over all experts gathered at the ids used."""
@@ -65,6 +76,8 @@ def route(
         weights = probs.gather(-1, ids)
     if renormalise:
         weights = weights / weights.sum(dim=-1, keepdim=True)
+    if scale != 1.0:
+        weights = weights * scale
     return weights.to(logits.dtype), ids, chosen
 
 
@@ -107,6 +120,7 @@ class SparseMoE(nn.Module):
         self.moe_index = moe_index
         self.top_k = config.num_experts_per_tok
         self.norm_topk_prob = config.norm_topk_prob
+        self.routed_scaling_factor = config.routed_scaling_factor
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         self.experts = Experts(config.num_experts, config.hidden_size, config.moe_intermediate_size)
 
@@ -115,7 +129,9 @@ class SparseMoE(nn.Module):
         flat = x.reshape(-1, hidden)
         logits = self.gate(flat)
         replay = None if routing is None or routing.replay is None else routing.replay[self.moe_index]
-        weights, ids, chosen = route(logits, self.top_k, self.norm_topk_prob, replay)
+        weights, ids, chosen = route(
+            logits, self.top_k, self.norm_topk_prob, replay, self.routed_scaling_factor
+        )
         if routing is not None:
             routing.experts.append(ids.view(*lead, self.top_k))
             if replay is not None:
