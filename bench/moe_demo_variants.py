@@ -16,6 +16,20 @@ dense demo's active MLP size (768) split differently:
                                          included, without sparsity; should learn like the dense
                                          demo, 0.72-0.735, if sparsity is the cause)
 
+and the gate's scale (`routed_scaling_factor`, models/moe.py: with renormalised gates a layer is
+a convex combination of its k experts, so AdamW moves it ~k times less than a dense MLP):
+
+    top2of8-scaled  8 x 384, top-2, routed_scaling_factor 2 (the demo's since issue 15 item 6)
+    top4of8-scaled  8 x 192, top-4, routed_scaling_factor 4
+    dense-2of2      the dense demo's own warm start cut into 2 experts x 384, top-2 of 2, zero
+                    router (`warmstart.moe_of_dense`): the dense model's function exactly, as an
+                    MoE whose gates are 1/2 (RL starts where the dense demo's does)
+    dense-2of2-scaled  the same with routed_scaling_factor 2: the dense model's function, gradients
+                    and AdamW steps (tests/test_moe_dense_equivalence.py)
+
+The `dense-*` variants take the dense demo's warm start from `--dense-prep` (made there first,
+the demo's way, if missing).
+
 `--parallel N` runs N at once, for a machine with the cores (the GPU host's 16; CUDA hidden so
 every service runs the CPU path the demo runs on); on the 2-core box run one at a time. Per
 variant: the demo's summary (held-out greedy before/after, sampled accuracy first/last 5 steps),
@@ -35,30 +49,62 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-VARIANTS = {  # name: (num_experts, num_experts_per_tok, moe_intermediate_size)
-    "top2of8": (8, 2, 384),
-    "top4of8": (8, 4, 192),
-    "top8of8": (8, 8, 96),
+VARIANTS = {  # name: (num_experts, num_experts_per_tok, moe_intermediate_size, routed_scaling_factor)
+    "top2of8": (8, 2, 384, 1.0),
+    "top4of8": (8, 4, 192, 1.0),
+    "top8of8": (8, 8, 96, 1.0),
+    "top2of8-scaled": (8, 2, 384, 2.0),
+    "top4of8-scaled": (8, 4, 192, 4.0),
+    "dense-2of2": (2, 2, 384, 1.0),
+    "dense-2of2-scaled": (2, 2, 384, 2.0),
 }
 PREPARE = (
     "from slipstream.demo.warmstart import WarmStartConfig, prepare_demo; "
     "prepare_demo({prep!r}, seed=0, cfg=WarmStartConfig(num_experts={e}, num_experts_per_tok={k}, "
-    "moe_intermediate_size={i}), log=print)"
+    "moe_intermediate_size={i}, routed_scaling_factor={s}), log=print)"
+)
+PREPARE_DENSE = (
+    "from slipstream.demo.warmstart import prepare_demo; prepare_demo({prep!r}, seed=0, log=print)"
 )
 
 
-def run_variant(name: str, root: Path, demo_flags: list[str]) -> dict:
-    e, k, i = VARIANTS[name]
+def cut_dense(dense_prep: Path, prep: Path, k: int, scale: float) -> None:
+    """`prep` = the dense demo's warm start (prompts, tokenizer) with its model as `moe_of_dense`'s MoE."""
+    import shutil
+
+    from slipstream.demo.warmstart import moe_of_dense
+    from slipstream.models.hf import load_model, save_model
+
+    if not (dense_prep / "model" / "config.json").exists():
+        code = PREPARE_DENSE.format(prep=str(dense_prep))
+        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    (prep / "model").mkdir(parents=True, exist_ok=True)
+    for f in ("train.jsonl", "eval.jsonl"):
+        shutil.copy2(dense_prep / f, prep / f)
+    for f in (dense_prep / "model").iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            shutil.copy2(f, prep / "model" / f.name)
+    save_model(moe_of_dense(load_model(dense_prep / "model"), k, scale), prep / "model")
+
+
+def run_variant(name: str, root: Path, dense_prep: Path, demo_flags: list[str]) -> dict:
+    e, k, i, s = VARIANTS[name]
     run_dir = root / name
     prep = run_dir / "prep"
     t0 = time.perf_counter()
     if not (prep / "model" / "config.json").exists():
-        code = PREPARE.format(prep=str(prep), e=e, k=k, i=i)
-        subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+        if name.startswith("dense-"):
+            cut_dense(dense_prep, prep, k, s)
+        else:
+            code = PREPARE.format(prep=str(prep), e=e, k=k, i=i, s=s)
+            subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     t1 = time.perf_counter()
     cmd = [sys.executable, "-m", "slipstream", "demo", "--moe", "--run-dir", str(run_dir), *demo_flags]
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    out = {"variant": name, "experts": dict(num_experts=e, top_k=k, moe_intermediate_size=i)}
+    out = {
+        "variant": name,
+        "experts": dict(num_experts=e, top_k=k, moe_intermediate_size=i, routed_scaling_factor=s),
+    }
     out.update(
         demo_exit=proc.returncode, prepare_s=round(t1 - t0, 1), rl_s=round(time.perf_counter() - t1, 1)
     )
@@ -76,13 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=sorted(VARIANTS), default=list(VARIANTS))
     parser.add_argument("--parallel", type=int, default=1, help="Variants run at once.")
     parser.add_argument("--run-root", type=Path, default=Path("runs/moe-demo-variants"))
+    parser.add_argument(
+        "--dense-prep", type=Path, default=Path("runs/demo/prep"), help="The dense demo's warm start."
+    )
     parser.add_argument("--out", type=Path, help="Also write the JSON here.")
     args, demo_flags = parser.parse_known_args(argv)
     if args.parallel < 1:
         parser.error("--parallel must be >= 1")
-    root = args.run_root if args.run_root.is_absolute() else ROOT / args.run_root
+    root, dense_prep = (p if p.is_absolute() else ROOT / p for p in (args.run_root, args.dense_prep))
     with ThreadPoolExecutor(args.parallel) as pool:
-        results = list(pool.map(lambda n: run_variant(n, root, demo_flags), args.only))
+        results = list(pool.map(lambda n: run_variant(n, root, dense_prep, demo_flags), args.only))
     report = {"command": " ".join(sys.argv), "demo_flags": demo_flags, "runs": results}
     text = json.dumps(report, indent=1)
     print(text)

@@ -1,14 +1,15 @@
 """The MoE path is the dense MLP when routing cannot matter (issue 15 item 6's exact check).
 
-A Qwen3-MoE whose every layer has k experts, top-k of k, and a zero router gives each expert the
-gate weight s/k exactly (a softmax over equal logits, renormalised, times `routed_scaling_factor`
-s), so its layer is s times the mean of its k experts. Built from a dense Qwen3 with intermediate
-size k * I by cutting each MLP into k column blocks (expert e: the gate/up rows and down columns
-of block e, the down block times k/s), it must compute the dense model's function: the same
-logits, and gradients that map back onto the dense ones (gate/up equal, down times s/k: what the
-gate weight does to an expert's down projection; equal at s = k). k = 1 is the plainest case: one
-expert the size of the dense MLP, gate weight 1 for any router. Checked in fp32 in the trainer's real training step (padded and packed rows, with and
-without rollout routing replay, the gradients AdamW receives) and in the engine's prefill and
+A Qwen3-MoE whose every layer has k experts, top-k of k, and a zero router
+(`demo.warmstart.moe_of_dense`) gives each expert the gate weight s/k exactly (a softmax over equal
+logits, renormalised, times `routed_scaling_factor` s), so its layer is s times the mean of its k
+experts. Built from a dense Qwen3 with intermediate size k * I by cutting each MLP into k column
+blocks (expert e: the gate/up rows and down columns of block e, the down block times k/s), it must
+compute the dense model's function: the same logits, and gradients that map back onto the dense
+ones (gate/up equal, down times s/k: what the gate weight does to an expert's down projection;
+equal at s = k). k = 1 is the plainest case: one expert the size of the dense MLP, gate weight 1
+for any router. Checked in fp32 in the trainer's real training step (padded and packed rows, with
+and without rollout routing replay, the gradients AdamW receives) and in the engine's prefill and
 decode (tokens and sampled log-probs), so any difference is the MoE path's.
 """
 
@@ -21,15 +22,14 @@ import torch
 
 from mesh_fixtures import build_tiny_model
 from slipstream.config import config_from_values
-from slipstream.models import init_model, load_model
-from slipstream.models.config import ModelConfig
+from slipstream.demo.warmstart import moe_of_dense
+from slipstream.models import load_model
 from slipstream.models.hf import save_model
 from slipstream.services.rollout.engine import NativeEngine, Request
 from slipstream.services.trainer.actor import Actor
 from slipstream.types import Sample, Status
 
 torch.set_num_threads(1)
-INTERMEDIATE = 64  # the dense MLP's (mesh_fixtures' tiny model)
 SCORES = [1.0, -1.0, 0.5, -0.5, 1.0, -1.0, 0.5, -0.5]
 ATOL = 2e-6  # fp32: the dense GEMM sums the intermediate in one order, the experts in k blocks
 
@@ -47,40 +47,8 @@ class Pair:
         return self.scale / self.k
 
 
-def moe_of_dense(dense_dir, out, k: int, scale: float = 1.0) -> None:
-    """The dense checkpoint as a Qwen3-MoE of k experts, top-k of k, zero router (gate weights
-    scale/k), computing the same function."""
-    dense = load_model(dense_dir)
-    cfg = dense.config
-    config = ModelConfig(
-        **{
-            **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if f.init},
-            "model_type": "qwen3_moe",
-            "num_experts": k,
-            "num_experts_per_tok": k,
-            "moe_intermediate_size": cfg.intermediate_size // k,
-            "norm_topk_prob": True,
-            "routed_scaling_factor": scale,
-            "decoder_sparse_step": 1,
-            "mlp_only_layers": [],
-        }
-    )
-    moe = init_model(config)
-    state = {n: t for n, t in dense.state_dict().items() if ".mlp." not in n}
-    i = config.moe_intermediate_size
-    for layer, dl in enumerate(dense.model.layers):
-        p = f"model.layers.{layer}.mlp."
-        gate, up, down = (x.detach().split(i, dim=d) for x, d in (
-            (dl.mlp.gate_proj.weight, 0), (dl.mlp.up_proj.weight, 0), (dl.mlp.down_proj.weight, 1),
-        ))  # fmt: skip
-        state[p + "gate.weight"] = torch.zeros(k, cfg.hidden_size)
-        state[p + "experts.gate_up_proj"] = torch.stack(
-            [torch.cat([g, u]) for g, u in zip(gate, up, strict=True)]
-        )
-        state[p + "experts.down_proj"] = torch.stack([d * (k / scale) for d in down])
-    missing, unexpected = moe.load_state_dict(state, strict=False)
-    assert not unexpected and set(missing) <= {"lm_head.weight"}
-    save_model(moe, out)
+def save_moe_of_dense(dense_dir, out, k: int, scale: float) -> None:
+    save_model(moe_of_dense(load_model(dense_dir), k, scale), out)
     for f in dense_dir.iterdir():  # the tokenizer
         if f.name not in ("config.json", "model.safetensors"):
             (out / f.name).write_bytes(f.read_bytes())
@@ -93,7 +61,7 @@ def pair(request, tmp_path_factory):
     k, scale = request.param
     root = tmp_path_factory.mktemp(f"equiv{k}")
     dense = build_tiny_model(root / "dense", seed=5)
-    moe_of_dense(dense, root / "moe", k, scale)
+    save_moe_of_dense(dense, root / "moe", k, scale)
     return Pair(dense, root / "moe", k, scale)
 
 

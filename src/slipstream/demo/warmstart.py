@@ -65,6 +65,7 @@ class WarmStartConfig:
     num_experts: int = 0
     num_experts_per_tok: int = 2
     moe_intermediate_size: int = 384
+    routed_scaling_factor: float = 1.0  # the gate weights times this (models/moe.py says why)
     sft_steps: int = 800  # most optimizer steps of the SFT (the LR schedule spans them)
     check_every: int = 10  # steps between greedy-accuracy checks on the check problems
     stop_greedy_accuracy: float = 0.30  # stop the SFT once greedy accuracy reaches this
@@ -321,6 +322,7 @@ def model_config(cfg: WarmStartConfig, tokenizer: Any) -> Qwen3Config:
             num_experts_per_tok=cfg.num_experts_per_tok,
             moe_intermediate_size=cfg.moe_intermediate_size,
             norm_topk_prob=True,
+            routed_scaling_factor=cfg.routed_scaling_factor,
         )
         if cfg.num_experts
         else {}
@@ -340,6 +342,43 @@ def model_config(cfg: WarmStartConfig, tokenizer: Any) -> Qwen3Config:
         pad_token_id=tokenizer.pad_token_id,
         **moe,
     )
+
+
+@torch.no_grad()
+def moe_of_dense(dense: Any, k: int, scale: float = 1.0) -> Any:
+    """A dense model as a Qwen3-MoE computing the same function: every MLP cut into k experts
+    (column blocks of the intermediate; expert e has the gate/up rows and down columns of block e,
+    the down block times k / scale), all k routed to every token (top-k of k) by a zero router, so
+    each gate weight is exactly scale / k. With scale = k it also trains as the dense model does
+    (tests/test_moe_dense_equivalence.py); the router then learns to weigh the experts."""
+    cfg = dense.config
+    if cfg.num_experts or cfg.intermediate_size % k:
+        raise ValueError(f"need a dense model whose intermediate size divides by {k}")
+    fields = {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
+    config = type(cfg)(
+        **{
+            **fields,
+            "model_type": "qwen3_moe",
+            "num_experts": k,
+            "num_experts_per_tok": k,
+            "moe_intermediate_size": cfg.intermediate_size // k,
+            "norm_topk_prob": True,
+            "routed_scaling_factor": scale,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        }
+    )
+    moe = init_model(config)
+    state = {n: t for n, t in dense.state_dict().items() if ".mlp." not in n}
+    for layer, mlp in enumerate(m.mlp for m in dense.model.layers):
+        at = f"model.layers.{layer}.mlp."
+        gate, up = mlp.gate_proj.weight.chunk(k, dim=0), mlp.up_proj.weight.chunk(k, dim=0)
+        state[at + "gate.weight"] = torch.zeros(k, cfg.hidden_size)
+        state[at + "experts.gate_up_proj"] = torch.stack([torch.cat(gu) for gu in zip(gate, up, strict=True)])
+        state[at + "experts.down_proj"] = torch.stack(mlp.down_proj.weight.chunk(k, dim=1)) * (k / scale)
+    moe.load_state_dict(state)
+    moe.tie_weights()
+    return moe
 
 
 @torch.no_grad()
