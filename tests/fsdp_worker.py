@@ -281,10 +281,61 @@ def lora(model_dir: str, out: Path):
     return actor.par
 
 
+QAT_MODES = {
+    "int4": dict(int4_qat=True),
+    "fp8": dict(fp8_format="e4m3"),
+    # bf16 compute: FSDP2 gathers the other weights in bf16, the quantized projections in fp32
+    "fp8_bf16": dict(fp8_format="e4m3", bf16=True),
+}
+QAT_TOKENS = [[3, 7, 8, 9, 5, 6, 4, 2, 11, 12]]
+
+
+def qat_values(model_dir: str, mode: str) -> dict:
+    return dict(
+        hf_checkpoint=model_dir, rollout_batch_size=2, n_samples_per_prompt=2, micro_batch_size=1,
+        lr=1e-3, device="cpu", rollout_max_response_len=4, **QAT_MODES[mode],
+    )  # fmt: skip
+
+
+def qat_steps(actor, steps: int = 3) -> list[float]:
+    """`steps` trainer steps on fixed samples; their losses."""
+    from slipstream.types import Sample, Status
+
+    samples = [
+        Sample(tokens=[7, 8, 9] + [5 + (i * 3 + j) % 15 for j in range(2 + i % 3)], response_length=2 + i % 3,
+               reward=float(i % 2), status=Status.COMPLETED, rollout_log_probs=[-1.0] * (2 + i % 3),
+               policy_versions=[0] * (2 + i % 3))
+        for i in range(4)
+    ]  # fmt: skip
+    return [actor.train_rollout(samples, [1.0, -1.0, 0.5, -0.5], 0).loss for _ in range(steps)]
+
+
+def qat(model_dir: str, out: Path):
+    """--int4-qat and --fp8-format e4m3 under FSDP2, one after the other: three steps, then the
+    logits of QAT_TOKENS under the trained (sharded, quantized-in-forward) model and the push.
+    Rank 0 writes qat_<mode>.json (losses, logits) and pushed_<mode>.safetensors."""
+    from safetensors.torch import save_file
+
+    from slipstream.config import config_from_values
+    from slipstream.services.trainer.actor import Actor
+
+    for mode in QAT_MODES:
+        actor = Actor.from_config(config_from_values(qat_values(model_dir, mode)))
+        losses = qat_steps(actor)
+        with torch.no_grad():
+            logits = actor.model(torch.tensor(QAT_TOKENS))
+        pushed = actor.state_dict_for_sync()
+        if actor.par.is_main:
+            report = {"losses": losses, "logits": logits.tolist()}
+            (out / f"qat_{mode}.json").write_text(json.dumps(report))
+            save_file({k: v.contiguous() for k, v in pushed.items()}, str(out / f"pushed_{mode}.safetensors"))
+    return actor.par
+
+
 def main() -> None:
     model_dir, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
-    modes = {"schedule": schedule, "memory": memory, "draft": draft, "lora": lora}
+    modes = {"schedule": schedule, "memory": memory, "draft": draft, "lora": lora, "qat": qat}
     if sys.argv[3:] and sys.argv[3] in modes:
         out.mkdir(parents=True, exist_ok=True)
         return shutdown(modes[sys.argv[3]](model_dir, out))

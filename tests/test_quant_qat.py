@@ -267,7 +267,7 @@ def test_moe_int4_qat_rounds_the_experts_and_the_rollout_serves_them(tmp_path):
         (dict(int4_qat=True, weight_sync_dtype="bf16"), "--int4-qat trains against the int4 weights"),
         (dict(fp8_format="e4m3", weight_sync_dtype="int4"), "--fp8-format trains against the FP8 blocks"),
         (dict(int4_qat=True, fp8_format="e4m3"), "pick one"),
-        (dict(int4_qat=True, actor_num_gpus_per_node=2), "in one process for now"),
+        (dict(int4_qat=True, lora_rank=4), "do not apply"),
         (dict(weight_sync_dtype="int4", rollout_fp8=True), "exclude each other"),
     ],
 )

@@ -81,7 +81,7 @@ from .parallel import (
     stream_layers,
 )
 from .precision import MasterWeights
-from .quantized import compute_weights
+from .quantized import compute_weights, quantized_modules, quantizers
 from .routing import PROBE_SAMPLES, MoERouting
 from .schedule import LRSchedule, LRScheduler
 from .step_metrics import StepMeans, StepStats
@@ -204,7 +204,11 @@ class Actor:
         shard = None
         if self.par.enabled:
             bf16 = torch.bfloat16 if t.bf16 else None
-            shard = partial(shard_model, par=self.par, param_dtype=bf16, cpu_offload=t.optimizer_cpu_offload)
+
+            def shard(model):  # --int4-qat / --fp8-format: their projections are gathered whole
+                full_precision = quantized_modules(quantizers(t, model))
+                return shard_model(model, self.par, bf16, t.optimizer_cpu_offload, full_precision)
+
         if self.lora:  # the base sharded as without LoRA; the adapters whole on every rank (lora.py)
             base = model_cfg.hf_checkpoint
             model = load_model(base, device=self.device, dtype=dtype, shard=shard)

@@ -86,6 +86,7 @@ def shard_model(
     par: Parallel,
     param_dtype: torch.dtype | None = None,
     cpu_offload: bool = False,
+    full_precision: list[str] | tuple[str, ...] = (),
 ) -> torch.nn.Module:
     """FSDP2: one unit per decoder layer, then the root (embeddings, final norm, lm_head).
 
@@ -98,6 +99,9 @@ def shard_model(
     `cpu_offload` (--optimizer-cpu-offload, --ref-offload): the shards, their gradients and so
     AdamW's moments live on the CPU (FSDP2's `CPUOffloadPolicy`); each unit is copied to the
     device for its forward and backward and AdamW steps on the CPU.
+    `full_precision`: modules (by name) made units of their own and gathered in the masters' dtype
+    whatever `param_dtype` says: the projections --int4-qat / --fp8-format quantize in their forward
+    (`quantized.quantize_in_forward`), whose quantizer must see the masters themselves.
     """
     if not par.enabled:
         return model
@@ -109,6 +113,8 @@ def shard_model(
         param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None
     )
     offload = CPUOffloadPolicy() if cpu_offload and par.device.type == "cuda" else OffloadPolicy()
+    for name in full_precision:  # inner units first: FSDP2 nests bottom-up
+        fully_shard(model.get_submodule(name), mesh=mesh, offload_policy=offload)
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, offload_policy=offload)
     fully_shard(model, mesh=mesh, mp_policy=policy, offload_policy=offload)

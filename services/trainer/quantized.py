@@ -28,8 +28,22 @@ pre-hook; straight-through in backward), so the two compute the same function; w
 `--rollout-fp8` the engine keeps its activations as they are, and so does the trainer.
 
 Cost: one extra compute copy of the weights (the fp32 trainer has none otherwise) and one
-quantize/dequantize of the targets per optimizer step, not per micro-batch. Single process only;
-under torchrun (FSDP2) the config refuses it.
+quantize/dequantize of the targets per optimizer step, not per micro-batch.
+
+Under torchrun (FSDP2). There is no compute copy: each rank holds rows of the masters (FSDP2
+shards along dim 0) and a quantization block needs whole 128x128 tiles (FP8) or whole groups of
+128 inputs (int4), which a row shard cuts through. So the quantizer runs where FSDP2 has gathered
+the whole master for a forward: every module owning a quantized weight is an FSDP2 unit of its own
+(`parallel.shard_model(full_precision=...)`), gathered in the masters' own dtype, not in --bf16's
+(the push quantizes the fp32 masters; quantizing their bf16 roundings would serve other numbers),
+and `quantize_in_forward` swaps its weight for `q(gathered master, compute dtype)` for the
+duration of the module's forward (hooks; the gathered master is put back before FSDP2 reshards).
+Backward passes the gradient straight through to the gathered master (`_StraightThrough`), which
+FSDP2 reduce-scatters into the sharded master's as any gradient. The numbers are those of one
+process (the same function of the same masters, in the same compute dtype); the cost differs: the
+quantizer runs per forward (each micro-batch, its recomputation under --gradient-checkpointing)
+instead of once per optimizer step, and the quantized projections are gathered in fp32 (twice
+bf16's bytes) as separate units (more, smaller collectives).
 """
 
 from __future__ import annotations
@@ -72,14 +86,18 @@ def compute_weights(
     """The compute copy forward and backward run on, or None (they run on `model` itself):
     a `QuantizedWeights` under --int4-qat / --fp8-format (with `rollout_fp8`, --rollout-fp8, the
     FP8 projections' inputs rounded per token as that engine rounds them), a bf16 `MasterWeights`
-    under --bf16 in one process (FSDP2 makes its own), else None."""
+    under --bf16 in one process (FSDP2 makes its own), else None. Under FSDP2 (`distributed`)
+    the quantized weights are made in `model`'s own forward (`quantize_in_forward`)."""
     quant = quantizers(train, model)
     compute_dtype = torch.bfloat16 if train.bf16 else next(model.parameters()).dtype
+    if quant and distributed:  # the sharded model quantizes what FSDP2 gathers for its forward
+        if train.true_on_policy_mode:
+            raise ValueError("--true-on-policy-mode runs in one trainer process (not under torchrun)")
+        quantize_in_forward(model, quant, compute_dtype)
+        if train.fp8_format and rollout_fp8:
+            round_inputs_per_token(model, sorted(quant))
+        return None
     if quant:
-        if distributed:
-            raise ValueError(
-                "--int4-qat / --fp8-format / --true-on-policy-mode under torchrun (FSDP2) is not implemented yet"
-            )
         weights = QuantizedWeights(model, compute_dtype, quant)
         if train.fp8_format and rollout_fp8:
             round_inputs_per_token(weights.compute, weights.quantized_names)
@@ -87,6 +105,50 @@ def compute_weights(
     if train.bf16 and not distributed:
         return MasterWeights(model)
     return None
+
+
+def quantized_modules(quant: dict[str, Quantizer]) -> list[str]:
+    """The modules owning the weights `quant` rounds: under FSDP2 each one an FSDP2 unit of its own,
+    gathered in the masters' dtype (`parallel.shard_model(full_precision=...)`)."""
+    return sorted({name.rsplit(".", 1)[0] for name in quant})
+
+
+def quantize_in_forward(model: nn.Module, quant: dict[str, Quantizer], dtype: torch.dtype) -> None:
+    """Each module owning a weight in `quant` computes with `quant[name](weight, dtype)` instead of
+    the weight itself, gradients straight through: the weight as its forward finds it (under FSDP2
+    the gathered, unsharded master) is swapped out for the forward and put back after it."""
+    owned: dict[str, dict[str, Quantizer]] = {}
+    for name, fn in quant.items():
+        owner, leaf = name.rsplit(".", 1)
+        owned.setdefault(owner, {})[leaf] = fn
+    for owner, leaves in owned.items():
+        held: dict[str, torch.Tensor] = {}
+
+        def swap_in(module, _args, _leaves=leaves, _held=held):
+            for leaf, fn in _leaves.items():
+                _held[leaf] = module._parameters[leaf]
+                module._parameters[leaf] = _StraightThrough.apply(_held[leaf], fn, dtype)
+
+        def swap_back(module, _args, _out, _held=held):
+            module._parameters.update(_held)
+            _held.clear()
+
+        module = model.get_submodule(owner)
+        module.register_forward_pre_hook(swap_in)  # after FSDP2's own, which gathers the weight
+        module.register_forward_hook(swap_back, prepend=True, always_call=True)  # before it reshards
+
+
+class _StraightThrough(torch.autograd.Function):
+    """forward: `quantizer(master, dtype)`; backward: the gradient unchanged, in the master's dtype."""
+
+    @staticmethod
+    def forward(ctx, master: torch.Tensor, quantizer: Quantizer, dtype: torch.dtype) -> torch.Tensor:
+        ctx.master_dtype = master.dtype
+        return quantizer(master.detach(), dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad.to(ctx.master_dtype), None, None
 
 
 class QuantizedWeights(MasterWeights):

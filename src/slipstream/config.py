@@ -624,6 +624,10 @@ class TrainConfig:
             "--lora-alpha must be > 0, --lora-dropout in [0, 1)",
         )
         _require(
+            not (self.lora_rank and (self.int4_qat or self.fp8_format)),
+            "--lora-rank trains float32 adapters on a frozen base: --int4-qat / --fp8-format do not apply to it",
+        )
+        _require(
             not (self.lora_rank and self.optimizer_cpu_offload),
             "--optimizer-cpu-offload has nothing to offload under --lora-rank (only the adapters have optimizer state)",
         )
@@ -932,11 +936,6 @@ class Config:
         _require(
             not (t.use_routing_replay and self.algo.use_rollout_logprobs),
             "--use-routing-replay replays the proximal pass, which --use-rollout-logprobs skips",
-        )
-        _require(
-            not (t.int4_qat or t.fp8_format) or self.cluster.actor_num_gpus_per_node == 1,
-            "--int4-qat / --fp8-format train in one process for now (not under FSDP2): "
-            "--actor-num-gpus-per-node 1",
         )
         _require(
             not (self.rollout.rollout_fp8 and (t.int4_qat or t.weight_sync_dtype == "int4")),

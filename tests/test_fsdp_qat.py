@@ -1,0 +1,108 @@
+"""--int4-qat and unified FP8 (--fp8-format e4m3) under FSDP2 (issue 16): two gloo ranks train like
+one process, and what they push is what they trained against.
+
+FSDP2 shards every master along dim 0, through the 128x128 FP8 blocks and the 128-input int4
+groups; the quantizer runs on the whole master FSDP2 gathers for each quantized projection's
+forward (`quantized.quantize_in_forward`), in fp32 also under --bf16. Checked per mode (int4,
+FP8, FP8 with --bf16): the loss curve and the pushed masters equal one process's on the same
+samples, and (fp32 compute) the logits the sharded model computes equal
+those of a plain model loaded with the push dequantized (what a rollout engine serves), while the
+unquantized masters give other logits."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mesh_fixtures import build_tiny_model
+from slipstream.config import config_from_values
+from slipstream.models.hf import load_model
+from slipstream.quant import dequantize_blockwise, dequantize_int4, quantize_blockwise, quantize_int4
+from slipstream.services.trainer.actor import Actor
+from slipstream.services.trainer.quantized import quantizers
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import fsdp_worker  # noqa: E402
+
+# Two ranks sum gradients in another order than one process. AdamW's first steps move every
+# weight by ~lr whatever its gradient's size, so where a gradient is near zero that order noise
+# moves its weight differently: measured up to 1.3e-5 (a handful of weights) against the ~3e-3
+# every weight moves (lr 1e-3, three steps); 5e-5 is under 2% of that move.
+TOL = dict(rtol=1e-4, atol=5e-5)
+WIRE = {"int4": (quantize_int4, dequantize_int4), "fp8": (quantize_blockwise, dequantize_blockwise)}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    # Every projection's input is a multiple of 128 (int4 groups fit), and no projection's rows
+    # halve into whole 128-row FP8 blocks: a rank's shard alone cannot quantize right.
+    return build_tiny_model(
+        tmp_path_factory.mktemp("fsdp_qat") / "model", hidden_size=128, intermediate_size=256,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def two_ranks(model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp_qat_out")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+        str(HERE / "fsdp_worker.py"), str(model_dir), str(out), "qat",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("mode", fsdp_worker.QAT_MODES)
+def test_two_ranks_train_like_one_process(mode, model_dir, two_ranks):
+    cfg = config_from_values(fsdp_worker.qat_values(str(model_dir), mode))
+    single = Actor.from_config(cfg)
+    losses = fsdp_worker.qat_steps(single)
+    report = json.loads((two_ranks / f"qat_{mode}.json").read_text())
+    torch.testing.assert_close(torch.tensor(report["losses"]), torch.tensor(losses), rtol=1e-4, atol=1e-6)
+    pushed = load_file(str(two_ranks / f"pushed_{mode}.safetensors"))
+    expected = single.state_dict_for_sync()
+    assert pushed.keys() == expected.keys()
+    for name, t in expected.items():
+        torch.testing.assert_close(pushed[name], t, **TOL, msg=name)
+    # What reaches the rollout: the wire's quantized values, dequantized.
+    quantize, dequantize = WIRE[mode.removesuffix("_bf16")]
+    quantized = sorted(quantizers(cfg.train, single.model))
+    assert quantized
+    for name in quantized:
+        ours, theirs = (dequantize(*quantize(s[name]), torch.float32) for s in (pushed, expected))
+        torch.testing.assert_close(ours, theirs, **TOL, msg=name)
+
+
+@pytest.mark.parametrize("mode", ["int4", "fp8"])  # fp32 compute: a plain model computes the same
+def test_two_ranks_compute_with_the_weights_they_push(mode, model_dir, two_ranks):
+    cfg = config_from_values(fsdp_worker.qat_values(str(model_dir), mode))
+    pushed = load_file(str(two_ranks / f"pushed_{mode}.safetensors"))
+    logits = torch.tensor(json.loads((two_ranks / f"qat_{mode}.json").read_text())["logits"])
+    tokens = torch.tensor(fsdp_worker.QAT_TOKENS)
+    quantize, dequantize = WIRE[mode]
+    served = load_model(model_dir)
+    names = quantizers(cfg.train, served)
+    served.load_state_dict(
+        {n: dequantize(*quantize(t), torch.float32) if n in names else t for n, t in pushed.items()},
+        strict=False,
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(served(tokens), logits, rtol=1e-5, atol=1e-5)
+        # The masters themselves compute other logits: the sharded forward did quantize.
+        masters = load_model(model_dir)
+        masters.load_state_dict(pushed, strict=False)
+        assert (masters(tokens) - logits).abs().max() > 1e-3
+
+
+def test_the_config_accepts_them_on_several_gpus():
+    for flags in fsdp_worker.QAT_MODES.values():
+        assert (
+            config_from_values(flags | dict(actor_num_gpus_per_node=2)).cluster.actor_num_gpus_per_node == 2
+        )
