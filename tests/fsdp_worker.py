@@ -312,19 +312,22 @@ def qat_steps(actor, steps: int = 3) -> list[float]:
 
 def qat(model_dir: str, out: Path):
     """--int4-qat and --fp8-format e4m3 under FSDP2, one after the other: three steps, then the
-    logits of QAT_TOKENS under the trained (sharded, quantized-in-forward) model and the push.
-    Rank 0 writes qat_<mode>.json (losses, logits) and pushed_<mode>.safetensors."""
+    logits of QAT_TOKENS under the trained (sharded, quantized-in-forward) model and the masters
+    (which the push quantizes: tests/test_fsdp_wire.py). Rank 0 writes qat_<mode>.json (losses,
+    logits) and pushed_<mode>.safetensors."""
     from safetensors.torch import save_file
 
     from slipstream.config import config_from_values
     from slipstream.services.trainer.actor import Actor
+    from slipstream.services.trainer.parallel import full_model_state
+    from slipstream.weights import weights_to_sync
 
     for mode in QAT_MODES:
         actor = Actor.from_config(config_from_values(qat_values(model_dir, mode)))
         losses = qat_steps(actor)
         with torch.no_grad():
             logits = actor.model(torch.tensor(QAT_TOKENS))
-        pushed = actor.state_dict_for_sync()
+        pushed = weights_to_sync(full_model_state(actor.model), actor.model.config.tie_word_embeddings)
         if actor.par.is_main:
             report = {"losses": losses, "logits": logits.tolist()}
             (out / f"qat_{mode}.json").write_text(json.dumps(report))
@@ -332,10 +335,65 @@ def qat(model_dir: str, out: Path):
     return actor.par
 
 
+WIRE_MODES = {"fp8": dict(weight_sync_dtype="fp8"), "int4": dict(weight_sync_dtype="int4")}
+
+
+def wire(model_dir: str, out: Path):
+    """The push under FSDP2 quantized shard by shard (`parallel.wire_state`) against the gathered
+    fp32 state it replaces, per wire format: rank 0 packs both (wire_<fmt>.json says whether
+    manifests and chunks are equal, and the bytes rank 0 received: the state's tensors); every
+    rank records the largest tensor each path materialised (wire_<fmt>_<rank>.json)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from slipstream.config import config_from_values
+    from slipstream.services.trainer.actor import Actor
+    from slipstream.services.trainer.parallel import full_model_state
+    from slipstream.weights import pack, weights_to_sync
+    from slipstream.weights.packer import Quantized
+
+    largest = [0]
+
+    class LargestTensor(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, tuple | list) else (result,):
+                if isinstance(t, torch.Tensor) and not t.is_meta:
+                    largest[0] = max(largest[0], t.nbytes)
+            return result
+
+    def nbytes(state: dict) -> int:
+        return sum(v.values.nbytes + v.scales.nbytes if isinstance(v, Quantized) else v.nbytes
+                   for v in state.values())  # fmt: skip
+
+    for fmt, flags in WIRE_MODES.items():
+        cfg = config_from_values(dict(hf_checkpoint=model_dir, device="cpu", lr=1e-3, **flags))
+        actor = Actor.from_config(cfg)
+        report = {}
+        for path, gather in (("gathered", lambda a=actor: full_model_state(a.model)),
+                             ("sharded", actor.state_dict_for_sync)):  # fmt: skip
+            largest[0] = 0
+            with LargestTensor():
+                state = gather()
+            state = weights_to_sync(state, actor.model.config.tie_word_embeddings)
+            report[path] = {"largest_tensor": largest[0], "received": nbytes(state)}
+            if actor.par.is_main:
+                report[path]["packed"] = pack(state, 1, fmt, chunk_bytes=1 << 16)
+        if actor.par.is_main:
+            (gathered_manifest, gathered_chunks), (manifest, chunks) = (
+                report[p].pop("packed") for p in ("gathered", "sharded")
+            )
+            report["same_manifest"] = manifest == gathered_manifest
+            report["same_chunks"] = chunks == gathered_chunks
+            report["total_bytes"] = manifest.total_bytes
+            report["quantized_on_ranks"] = sorted(n for n, v in state.items() if isinstance(v, Quantized))
+        (out / f"wire_{fmt}_{actor.par.rank}.json").write_text(json.dumps(report))
+    return actor.par
+
+
 def main() -> None:
     model_dir, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
-    modes = {"schedule": schedule, "memory": memory, "draft": draft, "lora": lora, "qat": qat}
+    modes = {"schedule": schedule, "memory": memory, "draft": draft, "lora": lora, "qat": qat, "wire": wire}
     if sys.argv[3:] and sys.argv[3] in modes:
         out.mkdir(parents=True, exist_ok=True)
         return shutdown(modes[sys.argv[3]](model_dir, out))

@@ -4,10 +4,11 @@ one process, and what they push is what they trained against.
 FSDP2 shards every master along dim 0, through the 128x128 FP8 blocks and the 128-input int4
 groups; the quantizer runs on the whole master FSDP2 gathers for each quantized projection's
 forward (`quantized.quantize_in_forward`), in fp32 also under --bf16. Checked per mode (int4,
-FP8, FP8 with --bf16): the loss curve and the pushed masters equal one process's on the same
-samples, and (fp32 compute) the logits the sharded model computes equal
-those of a plain model loaded with the push dequantized (what a rollout engine serves), while the
-unquantized masters give other logits."""
+FP8, FP8 with --bf16): the loss curve and the masters equal one process's on the same samples, and
+(fp32 compute) the logits the sharded model computes equal those of a plain model loaded with the
+masters quantized and dequantized as the push does (what a rollout engine serves), while the
+unquantized masters give other logits. (That the push under FSDP2, quantized shard by shard,
+packs the same bytes as the gathered masters: tests/test_fsdp_wire.py.)"""
 
 import json
 import subprocess

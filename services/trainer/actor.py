@@ -79,6 +79,7 @@ from .parallel import (
     replicate,
     shard_model,
     stream_layers,
+    wire_state,
 )
 from .precision import MasterWeights
 from .quantized import compute_weights, quantized_modules, quantizers
@@ -135,6 +136,7 @@ class Actor:
         num_optimizer_steps: int = 0,  # the whole run's: the default span of the lr decay
         rollout_fp8: bool = False,  # --rollout-fp8: unified FP8 then rounds the projections' inputs too
         draft_path: str = "",  # --speculative-draft-model-path: the draft --enable-mtp-training starts from
+        colocate: bool = False,  # --colocate: whether pushes go by CUDA IPC (their wire format follows)
     ):
         self.train, self.algo = train, algo
         self.global_batch_size, self.temperature, self.max_response_len = (
@@ -142,6 +144,7 @@ class Actor:
         )  # fmt: skip
         self.par: Parallel = init_parallel(pick_device(device))
         self.device = self.par.device
+        self.wire_format = train.effective_weight_sync_dtype(self.device.type, colocate)  # of the pushes
         self.lora = train.lora_rank > 0
         dtype = DTYPES[model_cfg.dtype]
         if train.bf16:  # fp32 masters; a frozen LoRA base needs none (its adapters are float32)
@@ -253,6 +256,7 @@ class Actor:
             device=cfg.infra.device,
             model_path=model_path,
             draft_path=cfg.rollout.speculative_draft_model_path,
+            colocate=cfg.cluster.colocate,
             num_optimizer_steps=(
                 cfg.rollout.num_rollout * cfg.rollout.samples_per_rollout // cfg.effective_global_batch_size
             ),
@@ -521,8 +525,12 @@ class Actor:
         )
 
     def state_dict_for_sync(self) -> dict[str, torch.Tensor]:
-        """The full weights to push (a collective under FSDP2; only rank 0's result is used)."""
-        full = full_model_state(self.model) if self.par.enabled else self.model.state_dict()
+        """The full weights to push (a collective under FSDP2; only rank 0's result is used). Under
+        FSDP2 with an FP8 or int4 push, quantized shard by shard (`parallel.wire_state`)."""
+        if self.par.enabled and self.wire_format in ("fp8", "int4") and not self.lora:
+            full = wire_state(self.model, self.par, self.wire_format, self.train.int4_qat_targets)
+        else:
+            full = full_model_state(self.model) if self.par.enabled else self.model.state_dict()
         full = lora.policy_weights(self.model, full)  # under LoRA the merged weights
         tied = self.model.config.tie_word_embeddings
         weights = {k: v.detach() for k, v in weights_to_sync(full, tied).items()}

@@ -11,7 +11,8 @@ other ranks receive each step's samples from it as protobuf bytes over the proce
 its decision before every push and save (`ranks.py`).
 Checkpoints and weight pushes go through `torch.distributed.checkpoint`'s state-dict API with
 `full_state_dict=True`: the state is gathered world-size-independent, so a run saved on N
-processes resumes on M.
+processes resumes on M. An FP8 or int4 push is quantized shard by shard instead (`wire_state`):
+each rank quantizes its rows and rank 0 gathers the wire form, never the fp32 state.
 """
 
 from __future__ import annotations
@@ -163,6 +164,61 @@ def full_model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def full_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """AdamW state keyed by parameter name, unsharded (a collective, like `full_model_state`)."""
     return get_optimizer_state_dict(model, optimizer, options=_FULL)
+
+
+def wire_state(model: torch.nn.Module, par: Parallel, fmt: str, int4_targets: str) -> dict:
+    """The weights of a push in format `fmt` ("fp8", "int4"), on rank 0's CPU, quantized shard by
+    shard: each rank quantizes the rows of every FP8 / int4 matrix it holds, on its own device, and
+    rank 0 gathers the quantized rows and scales (`packer.Quantized`: 1 byte a weight, half a byte
+    for int4, instead of the fp32 master's 4); the tensors that travel as bf16 are cast before they
+    are gathered (2 bytes). The bytes `pack` then writes are those it writes from the gathered
+    fp32 state (`full_model_state`), which never exists here: rank 0 holds the version in its wire
+    size, every other rank at most one tensor's gathered rows. A collective; {} on other ranks.
+
+    FSDP2 gives rank r rows [r c, (r + 1) c) of each matrix, c = ceil(rows / world). int4 groups
+    run along a row, so any row shard quantizes alone; an FP8 block spans 128 rows, so a matrix whose
+    c is not a multiple of 128 is gathered in fp32 and quantized by the packer, as before.
+    """
+    from torch.distributed.tensor import DTensor
+
+    from slipstream.quant import BLOCK, int4_names, quantize_blockwise, quantize_int4
+    from slipstream.weights.packer import Quantized, wire_dtype
+
+    params = dict(model.named_parameters())
+    int4 = int4_names(((n, p.shape) for n, p in params.items()), int4_targets) if fmt == "int4" else set()
+    out = {}
+    for name, param in params.items():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        rows, chunk = param.shape[0], -(-param.shape[0] // par.world_size)
+        dtype = wire_dtype(name, param.shape, fmt, int4)
+        quantize = {"float8_e4m3fn": quantize_blockwise, "int4": quantize_int4}.get(dtype)
+        if dtype == "float8_e4m3fn" and chunk % BLOCK:
+            quantize = None  # this rank's rows cut through an FP8 block
+            dtype = "float32"
+        with torch.no_grad():
+            # on the device (NCCL gathers device tensors), also for shards offloaded to the CPU
+            padded = torch.zeros((chunk, *local.shape[1:]), dtype=local.dtype, device=par.device)
+            padded[: local.shape[0]] = local
+            if quantize is None:
+                wire = padded.to(torch.bfloat16) if dtype == "bfloat16" else padded
+                out[name] = _gather_rows(wire, par, rows)
+                continue
+            values, scales = quantize(padded)
+            scale_rows = -(-rows // BLOCK) if dtype == "float8_e4m3fn" else rows
+            # as bytes: a collective backend need not know float8
+            values = _gather_rows(values.view(torch.uint8), par, rows)
+            scales = _gather_rows(scales, par, scale_rows)
+        if par.is_main:
+            values = values.view(torch.float8_e4m3fn) if dtype == "float8_e4m3fn" else values
+            out[name] = Quantized(values, scales, shape=param.shape, dtype=dtype)
+    return out if par.is_main else {}
+
+
+def _gather_rows(t: torch.Tensor, par: Parallel, rows: int) -> torch.Tensor | None:
+    """Every rank's equally sized `t`, concatenated along dim 0 and cut to `rows`, on rank 0's CPU."""
+    parts = [torch.empty_like(t) for _ in range(par.world_size)] if par.is_main else None
+    dist.gather(t.contiguous(), parts, dst=0)
+    return torch.cat(parts)[:rows].cpu() if parts is not None else None
 
 
 def load_full_state(

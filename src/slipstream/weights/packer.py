@@ -15,7 +15,9 @@ other floating tensor travels as bf16. In the "int4" format the `quant.int4_name
 packed [..., in/2] uint8 of `quant/int4.py` (two values a byte), plus a float32 `<name>_scale`
 entry [..., in/128] (block_size 128: the group); every other floating tensor as bf16. Integer
 buffers travel unchanged. The coordinator relays
-the messages without decoding them; `WeightStager` is the reader.
+the messages without decoding them; `WeightStager` is the reader. A matrix may also come
+quantized already (`Quantized`: under FSDP2 each trainer rank quantizes the rows it holds); it is
+laid out exactly as if the packer had quantized it.
 
 How it is fast. `plan` lays the version out; `fill` writes every wire tensor into one flat
 buffer on the trainer's device (quantized there, so full-precision weights never cross PCIe; on a
@@ -32,6 +34,7 @@ import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -70,6 +73,26 @@ WIRE_DTYPES: dict[str, torch.dtype] = {
 }
 _WIRE_NAMES = {dtype: name for name, dtype in WIRE_DTYPES.items()}
 _pool: ThreadPoolExecutor | None = None
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A matrix already in its wire form, quantized where its rows were (under FSDP2 each rank
+    quantizes the rows it holds, `trainer.parallel.quantized_state`): `values` as they travel
+    (float8_e4m3fn [out, in], or int4's packed uint8 [..., in/2]) and their float32 scales.
+    The packer lays it out as it would have quantized the full-precision matrix itself."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+    shape: torch.Size  # the matrix's own (logical) shape
+    dtype: str  # its wire dtype: "float8_e4m3fn" or "int4"
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def detach(self) -> Quantized:
+        return self
 
 
 class WeightError(ValueError):
@@ -112,7 +135,13 @@ def wire_view_shape(dtype: str, shape: Sequence[int]) -> tuple[int, ...]:
 
 def _wire(name: str, t: torch.Tensor, fmt: str, int4: set[str]) -> tuple[str, torch.Tensor, str]:
     """(wire dtype, tensor as it travels, scale entry name or "") for one state-dict tensor. A
-    quantized matrix (FP8, int4) is listed as the matrix itself: `fill` quantizes it into the blob."""
+    quantized matrix (FP8, int4) is listed as the matrix itself: `fill` quantizes it into the blob
+    (or, one quantized already, copies its values and scales)."""
+    if isinstance(t, Quantized):
+        wanted = wire_dtype(name, t.shape, fmt, int4)  # what the full-precision matrix travels as
+        if t.dtype != wanted:
+            raise WeightError(f"{name}: quantized as {t.dtype}, but the {fmt} format sends it as {wanted}")
+        return t.dtype, t, name + (INT4_SCALE_SUFFIX if t.dtype == "int4" else SCALE_SUFFIX)
     if fmt == "fp8" and should_quantize(name, t):
         return "float8_e4m3fn", t, name + SCALE_SUFFIX
     if fmt == "int4" and name in int4:
@@ -122,6 +151,12 @@ def _wire(name: str, t: torch.Tensor, fmt: str, int4: set[str]) -> tuple[str, to
     if t.dtype in _WIRE_NAMES:
         return _WIRE_NAMES[t.dtype], t, ""
     raise WeightError(f"{name}: dtype {t.dtype} has no wire encoding (floating or int32/int64 only)")
+
+
+def wire_dtype(name: str, shape: Sequence[int], fmt: str, int4: set[str]) -> str:
+    """The wire dtype a floating tensor `name` of `shape` travels as in format `fmt` (`int4`: the
+    format's int4 names, `quant.int4_names`)."""
+    return _wire(name, torch.empty(tuple(shape), device="meta"), fmt, int4)[0]
 
 
 def weights_to_sync(
@@ -197,7 +232,10 @@ def fill(pieces: list[tuple[int, torch.Tensor, int, str]], out: torch.Tensor) ->
     out.zero_()  # the alignment gaps are hashed too: make them deterministic
     matrices = []
     for off, t, scale_off, dtype in pieces:
-        if dtype == "int4":
+        if isinstance(t, Quantized):
+            _put(out, off, t.values)
+            _put(out, scale_off, t.scales)
+        elif dtype == "int4":
             packed, scales = quantize_int4(t)
             _put(out, off, packed)
             _put(out, scale_off, scales)
