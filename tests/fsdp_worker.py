@@ -31,6 +31,8 @@ from slipstream.services.trainer.checkpoint import save_checkpoint  # noqa: E402
 from slipstream.services.trainer.parallel import init_parallel, shard_model, shutdown  # noqa: E402
 
 GLOBAL_BATCH = 8
+# `qat` and `wire` on GPUs (NCCL, one GPU a rank): tests/test_fsdp_gpu.py sets it to cuda.
+DEVICE = os.environ.get("FSDP_WORKER_DEVICE", "cpu")
 
 
 def global_batch(vocab: int) -> torch.Tensor:
@@ -293,7 +295,7 @@ QAT_TOKENS = [[3, 7, 8, 9, 5, 6, 4, 2, 11, 12]]
 def qat_values(model_dir: str, mode: str) -> dict:
     return dict(
         hf_checkpoint=model_dir, rollout_batch_size=2, n_samples_per_prompt=2, micro_batch_size=1,
-        lr=1e-3, device="cpu", rollout_max_response_len=4, **QAT_MODES[mode],
+        lr=1e-3, device=DEVICE, rollout_max_response_len=4, **QAT_MODES[mode],
     )  # fmt: skip
 
 
@@ -326,7 +328,7 @@ def qat(model_dir: str, out: Path):
         actor = Actor.from_config(config_from_values(qat_values(model_dir, mode)))
         losses = qat_steps(actor)
         with torch.no_grad():
-            logits = actor.model(torch.tensor(QAT_TOKENS))
+            logits = actor.model(torch.tensor(QAT_TOKENS, device=actor.device)).float().cpu()
         pushed = weights_to_sync(full_model_state(actor.model), actor.model.config.tie_word_embeddings)
         if actor.par.is_main:
             report = {"losses": losses, "logits": logits.tolist()}
@@ -366,7 +368,7 @@ def wire(model_dir: str, out: Path):
                    for v in state.values())  # fmt: skip
 
     for fmt, flags in WIRE_MODES.items():
-        cfg = config_from_values(dict(hf_checkpoint=model_dir, device="cpu", lr=1e-3, **flags))
+        cfg = config_from_values(dict(hf_checkpoint=model_dir, device=DEVICE, lr=1e-3, **flags))
         actor = Actor.from_config(cfg)
         report = {}
         for path, gather in (("gathered", lambda a=actor: full_model_state(a.model)),
