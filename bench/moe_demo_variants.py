@@ -19,13 +19,17 @@ dense demo's active MLP size (768) split differently:
 and the gate's scale (`routed_scaling_factor`, models/moe.py: with renormalised gates a layer is
 a convex combination of its k experts, so AdamW moves it ~k times less than a dense MLP):
 
-    top2of8-scaled  8 x 384, top-2, routed_scaling_factor 2 (the demo's since issue 15 item 6)
+    top2of8-scaled  8 x 384, top-2, routed_scaling_factor 2
     top4of8-scaled  8 x 192, top-4, routed_scaling_factor 4
     dense-2of2      the dense demo's own warm start cut into 2 experts x 384, top-2 of 2, zero
                     router (`warmstart.moe_of_dense`): the dense model's function exactly, as an
                     MoE whose gates are 1/2 (RL starts where the dense demo's does)
     dense-2of2-scaled  the same with routed_scaling_factor 2: the dense model's function, gradients
                     and AdamW steps (tests/test_moe_dense_equivalence.py)
+    upcycled-2of4   sparse upcycling (`WarmStartConfig.upcycle`): the dense demo's SFT, then 4
+                    experts x 768, each a copy of the dense MLP, top-2, random router: the dense
+                    warm start's function exactly, sparse from the first RL step
+    upcycled-2of8   the same with 8 experts
 
 The `dense-*` variants take the dense demo's warm start from `--dense-prep` (made there first,
 the demo's way, if missing).
@@ -49,19 +53,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-VARIANTS = {  # name: (num_experts, num_experts_per_tok, moe_intermediate_size, routed_scaling_factor)
-    "top2of8": (8, 2, 384, 1.0),
-    "top4of8": (8, 4, 192, 1.0),
-    "top8of8": (8, 8, 96, 1.0),
-    "top2of8-scaled": (8, 2, 384, 2.0),
-    "top4of8-scaled": (8, 4, 192, 4.0),
-    "dense-2of2": (2, 2, 384, 1.0),
-    "dense-2of2-scaled": (2, 2, 384, 2.0),
+VARIANTS = {  # name: (num_experts, num_experts_per_tok, moe_intermediate_size, routed_scaling_factor, upcycle)
+    "top2of8": (8, 2, 384, 1.0, False),
+    "top4of8": (8, 4, 192, 1.0, False),
+    "top8of8": (8, 8, 96, 1.0, False),
+    "top2of8-scaled": (8, 2, 384, 2.0, False),
+    "top4of8-scaled": (8, 4, 192, 4.0, False),
+    "dense-2of2": (2, 2, 384, 1.0, False),
+    "dense-2of2-scaled": (2, 2, 384, 2.0, False),
+    "upcycled-2of4": (4, 2, 768, 1.0, True),
+    "upcycled-2of8": (8, 2, 768, 1.0, True),
 }
 PREPARE = (
     "from slipstream.demo.warmstart import WarmStartConfig, prepare_demo; "
     "prepare_demo({prep!r}, seed=0, cfg=WarmStartConfig(num_experts={e}, num_experts_per_tok={k}, "
-    "moe_intermediate_size={i}, routed_scaling_factor={s}), log=print)"
+    "moe_intermediate_size={i}, routed_scaling_factor={s}, upcycle={u}), log=print)"
 )
 PREPARE_DENSE = (
     "from slipstream.demo.warmstart import prepare_demo; prepare_demo({prep!r}, seed=0, log=print)"
@@ -88,7 +94,7 @@ def cut_dense(dense_prep: Path, prep: Path, k: int, scale: float) -> None:
 
 
 def run_variant(name: str, root: Path, dense_prep: Path, demo_flags: list[str]) -> dict:
-    e, k, i, s = VARIANTS[name]
+    e, k, i, s, u = VARIANTS[name]
     run_dir = root / name
     prep = run_dir / "prep"
     t0 = time.perf_counter()
@@ -96,14 +102,14 @@ def run_variant(name: str, root: Path, dense_prep: Path, demo_flags: list[str]) 
         if name.startswith("dense-"):
             cut_dense(dense_prep, prep, k, s)
         else:
-            code = PREPARE.format(prep=str(prep), e=e, k=k, i=i, s=s)
+            code = PREPARE.format(prep=str(prep), e=e, k=k, i=i, s=s, u=u)
             subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     t1 = time.perf_counter()
     cmd = [sys.executable, "-m", "slipstream", "demo", "--moe", "--run-dir", str(run_dir), *demo_flags]
     proc = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     out = {
         "variant": name,
-        "experts": dict(num_experts=e, top_k=k, moe_intermediate_size=i, routed_scaling_factor=s),
+        "experts": dict(num_experts=e, top_k=k, moe_intermediate_size=i, routed_scaling_factor=s, upcycle=u),
     }
     out.update(
         demo_exit=proc.returncode, prepare_s=round(t1 - t0, 1), rl_s=round(time.perf_counter() - t1, 1)

@@ -22,8 +22,9 @@ import torch
 
 from mesh_fixtures import build_tiny_model
 from slipstream.config import config_from_values
-from slipstream.demo.warmstart import moe_of_dense
-from slipstream.models import load_model
+from slipstream.demo.tokenizer import build_char_tokenizer
+from slipstream.demo.warmstart import WarmStartConfig, model_config, moe_of_dense, upcycle
+from slipstream.models import Routing, init_model, load_model
 from slipstream.models.hf import save_model
 from slipstream.services.rollout.engine import NativeEngine, Request
 from slipstream.services.trainer.actor import Actor
@@ -177,3 +178,26 @@ def test_engine_prefill_and_decode_equal_the_dense_ones(pair):
         assert m.tokens == d.tokens
         torch.testing.assert_close(torch.tensor(m.log_probs), torch.tensor(d.log_probs), atol=1e-5, rtol=0)
         assert m.routed_experts.shape == (len(req.tokens) + len(m.tokens) - 1, 2 * pair.k)
+
+
+@torch.no_grad()
+def test_upcycled_moe_is_the_dense_model_whatever_the_routing(tmp_path):
+    """Sparse upcycling (`warmstart.upcycle`, the MoE demo's start): every expert a copy of its
+    layer's MLP, renormalised top-2 of 4: the dense logits under its own routing and under any
+    replayed ids, and the engine samples the dense model's tokens."""
+    tok = build_char_tokenizer(tmp_path)
+    cfg = WarmStartConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                          head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, upcycle=True)  # fmt: skip
+    dense = init_model(model_config(dataclasses.replace(cfg, num_experts=0), tok), seed=3)
+    moe = upcycle(dense, model_config(cfg, tok), seed=3)
+    ids = torch.randint(3, 19, (3, 11), generator=torch.Generator().manual_seed(0))
+    own = Routing()
+    torch.testing.assert_close(moe(ids, routing=own), dense(ids), atol=ATOL, rtol=0)
+    assert len({tuple(r) for r in own.stacked().reshape(-1, 2).sort(-1).values.tolist()}) > 1  # really routed
+    given = [torch.randint(0, 4, (3, 11, 2), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    torch.testing.assert_close(moe(ids, routing=Routing(replay=given)), dense(ids), atol=ATOL, rtol=0)
+    reqs = [Request(f"r{i}", [4 + i, 7, 9], 8, temperature=1.0, seed=i) for i in range(3)]
+    got = [NativeEngine(m, eos_token_ids=[]).generate(reqs) for m in (dense, moe)]
+    assert [r.tokens for r in got[0]] == [r.tokens for r in got[1]]
+    with pytest.raises(ValueError, match="norm_topk_prob and no gate scale"):
+        upcycle(dense, model_config(dataclasses.replace(cfg, routed_scaling_factor=2.0), tok), seed=3)

@@ -35,7 +35,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,10 @@ class WarmStartConfig:
     num_experts_per_tok: int = 2
     moe_intermediate_size: int = 384
     routed_scaling_factor: float = 1.0  # the gate weights times this (models/moe.py says why)
+    # Sparse upcycling (Komatsuzaki et al. 2022; Qwen1.5-MoE's start): the SFT trains the dense model,
+    # then every expert starts as a copy of its layer's MLP (moe_intermediate_size = intermediate_size)
+    # under a random router: the MoE computes the dense warm start's function exactly (`upcycle`).
+    upcycle: bool = False
     sft_steps: int = 800  # most optimizer steps of the SFT (the LR schedule spans them)
     check_every: int = 10  # steps between greedy-accuracy checks on the check problems
     stop_greedy_accuracy: float = 0.30  # stop the SFT once greedy accuracy reaches this
@@ -345,6 +349,30 @@ def model_config(cfg: WarmStartConfig, tokenizer: Any) -> Qwen3Config:
 
 
 @torch.no_grad()
+def upcycle(dense: Any, config: Any, seed: int) -> Any:
+    """The MoE of `config` whose every expert is a copy of its layer's dense MLP (router: `init_model`'s
+    random draw): with renormalised top-k gates (and no gate scale) any routing gives the dense output."""
+    if not (config.norm_topk_prob and config.routed_scaling_factor == 1.0):
+        raise ValueError("upcycling keeps the dense function only with norm_topk_prob and no gate scale")
+    if config.moe_intermediate_size != dense.config.intermediate_size or config.moe_layers != tuple(
+        range(config.num_hidden_layers)
+    ):
+        raise ValueError("upcycling needs every layer sparse, experts the dense MLP's size")
+    moe = init_model(config, seed)
+    state = moe.state_dict()
+    state.update({n: t for n, t in dense.state_dict().items() if ".mlp." not in n})
+    for layer, mlp in enumerate(m.mlp for m in dense.model.layers):
+        at, e = f"model.layers.{layer}.mlp.experts.", config.num_experts
+        state[at + "gate_up_proj"] = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])[None].repeat(
+            e, 1, 1
+        )
+        state[at + "down_proj"] = mlp.down_proj.weight[None].repeat(e, 1, 1)
+    moe.load_state_dict(state)
+    moe.tie_weights()
+    return moe
+
+
+@torch.no_grad()
 def moe_of_dense(dense: Any, k: int, scale: float = 1.0) -> Any:
     """A dense model as a Qwen3-MoE computing the same function: every MLP cut into k experts
     (column blocks of the intermediate; expert e has the gate/up rows and down columns of block e,
@@ -409,7 +437,8 @@ def prepare_demo(
     write_prompts(run_dir / "train.jsonl", cfg.num_train_prompts, seed, split="train")
     write_prompts(run_dir / "eval.jsonl", cfg.num_eval_prompts, seed, split="eval")
     tokenizer = build_char_tokenizer(model_dir)
-    model = init_model(model_config(cfg, tokenizer), seed)
+    sft_cfg = replace(cfg, num_experts=0) if cfg.upcycle else cfg
+    model = init_model(model_config(sft_cfg, tokenizer), seed)
     vocab = model.config.vocab_size
 
     train_problems = all_problems("train")
@@ -421,6 +450,8 @@ def prepare_demo(
     steps, model = sft_with_trainer(
         model, model_dir, train_problems, cfg, seed, run_dir / "sft", check=check_enc, log=log
     )
+    if cfg.upcycle:
+        model = upcycle(model, model_config(cfg, tokenizer), seed)
     sft_seconds = time.perf_counter() - t0
     after_sft = evaluate(model, tokenizer, eval_problems)
     log(
