@@ -13,8 +13,8 @@ The coordinator keeps its ledger in memory and journals it here, so a restarted 
   coordinator or trainer started again on this run id without --load refuses with `RunFinished`
   instead of resuming a run that has nothing left to do (what `docker compose up` twice did).
 
-Only one write must be atomic, and is: `store_group` appends a finished group to the groups
-stream, removes it from the assembly hash and bumps `num_stored` in ONE MULTI/EXEC. A crash
+Only one write must be atomic, and is: `store_groups` appends finished groups to the groups
+stream, removes them from the assembly hash and bumps `num_stored` in ONE MULTI/EXEC. A crash
 at any instant leaves a group either in the buffer or in assembly, never both (both would
 train it twice) and never neither. Every other write may lag: a lost journal write only means
 some work is generated again, under the same group id (`p<cursor index>`), which the trainer
@@ -40,7 +40,7 @@ from slipstream.proto import coordinator_pb2, types_pb2
 
 log = logging.getLogger(__name__)
 
-STORED = "num_stored"  # only `store_group` moves it, in the store's own transaction
+STORED = "num_stored"  # only `store_groups` moves it, in the store's own transaction
 FINISHED = "finished_step"  # set once the trainer reported its last step; never a counter
 
 
@@ -135,30 +135,31 @@ class CoordinatorStore:
         if drop:
             pipe.hdel(self.keys.assembly, *drop)
 
-    def store_group(
+    def store_groups(
         self,
-        group: types_pb2.Group,
+        groups: list[types_pb2.Group],
         counters: CoordinatorCounters | None = None,
         put: dict[str, bytes] | None = None,
         drop: list[str] = (),
-    ) -> str:
-        """Append a finished group to the buffer and take it out of assembly, atomically, with
-        whatever journal write was pending (`write`'s arguments); its entry id."""
-        if not group.samples:
-            raise ValueError(f"group {group.group_id!r} has no samples")
+    ) -> list[str]:
+        """Append finished groups to the buffer in order and take them out of assembly, atomically,
+        with whatever journal write was pending (`write`'s arguments); their entry ids."""
+        for group in groups:
+            if not group.samples:
+                raise ValueError(f"group {group.group_id!r} has no samples")
         try:
             with self.redis.pipeline(transaction=True) as pipe:
                 self._queue_write(pipe, counters, put or {}, drop)
-                pipe.xadd(self.keys.groups, {PAYLOAD: group.SerializeToString()})
-                pipe.hdel(self.keys.assembly, group.group_id)
-                pipe.hincrby(self.keys.coordinator_state, STORED, 1)
-                entry_id = pipe.execute()[-3]
+                for group in groups:
+                    pipe.xadd(self.keys.groups, {PAYLOAD: group.SerializeToString()})
+                pipe.hdel(self.keys.assembly, *(g.group_id for g in groups))
+                pipe.hincrby(self.keys.coordinator_state, STORED, len(groups))
+                replies = pipe.execute()
         except (redis.exceptions.OutOfMemoryError, redis.exceptions.ExecAbortError) as e:
-            # noeviction refuses the queued XADD and EXEC aborts the whole transaction: nothing written.
-            raise BufferFull(
-                f"Redis is full (maxmemory, noeviction): group {group.group_id} not stored: {e}"
-            ) from None
-        return _str(entry_id)
+            # noeviction refuses a queued XADD and EXEC aborts the whole transaction: nothing written.
+            ids = ("group " if len(groups) == 1 else "groups ") + ", ".join(g.group_id for g in groups)
+            raise BufferFull(f"Redis is full (maxmemory, noeviction): {ids} not stored: {e}") from None
+        return [_str(entry_id) for entry_id in replies[len(replies) - 2 - len(groups) : -2]]
 
     def mark_finished(self, step: int) -> None:
         """The trainer reported its last step: the run is over (read back by `finished_step`)."""

@@ -170,24 +170,29 @@ def test_a_restarted_coordinator_takes_the_same_version_again_when_it_holds_no_w
     asyncio.run(asyncio.wait_for(life(2), scaled(45)))
 
 
-def test_store_group_is_one_transaction(redis_url, run_id):
+def test_store_groups_is_one_transaction(redis_url, run_id):
     from slipstream.proto import types_pb2
 
     store = CoordinatorStore(redis_url, run_id)
     keys = Keys(run_id)
     try:
-        store.write(CoordinatorCounters(cursor=1), {"p0": b"record"}, [])
-        group = types_pb2.Group(group_id="p0", samples=[types_pb2.Sample(uid="p0/0", tokens=[1])])
+        store.write(CoordinatorCounters(cursor=2), {"p0": b"record", "p1": b"record"}, [])
+        groups = [
+            types_pb2.Group(group_id=f"p{i}", samples=[types_pb2.Sample(uid=f"p{i}/0", tokens=[1])])
+            for i in range(2)
+        ]
         with store.redis.monitor() as monitor:
-            store.store_group(group)
+            entry_ids = store.store_groups(groups)
             commands = []
             deadline = time.monotonic() + 5
-            while len(commands) < 5 and time.monotonic() < deadline:
+            while len(commands) < 6 and time.monotonic() < deadline:
                 cmd = monitor.next_command()["command"].split()[0].upper()
                 if cmd in ("MULTI", "XADD", "HDEL", "HINCRBY", "EXEC"):
                     commands.append(cmd)
-        assert commands == ["MULTI", "XADD", "HDEL", "HINCRBY", "EXEC"]
-        assert store.redis.xlen(keys.groups) == 1 and not store.redis.hexists(keys.assembly, "p0")
-        assert store.load().counters.num_stored == 1
+        assert commands == ["MULTI", "XADD", "XADD", "HDEL", "HINCRBY", "EXEC"]
+        stream = [e.decode() if isinstance(e, bytes) else e for e, _ in store.redis.xrange(keys.groups)]
+        assert stream == entry_ids  # in the order given
+        assert not store.redis.hlen(keys.assembly)
+        assert store.load().counters.num_stored == 2
     finally:
         store.close()

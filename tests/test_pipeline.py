@@ -102,6 +102,7 @@ class Notebook:
         self.dropped: set[str] = set()
         self.buffer: list[types_pb2.Group] = []
         self.refusals: dict[str, list[Exception]] = {}  # group id -> raised by its next stores, one each
+        self.batches: list[list[str]] = []  # the group ids of each store call
 
     def mark(self, group_id):
         self.marked.add(group_id)
@@ -112,10 +113,12 @@ class Notebook:
     def touch(self):
         pass
 
-    async def store_group(self, group, stored):
-        if self.refusals.get(group.group_id):
-            raise self.refusals[group.group_id].pop(0)
-        self.buffer.append(group)
+    async def store_groups(self, groups, stored):
+        self.batches.append([g.group_id for g in groups])
+        for group in groups:
+            if self.refusals.get(group.group_id):
+                raise self.refusals[group.group_id].pop(0)
+        self.buffer += groups
         stored()
 
 
@@ -415,3 +418,27 @@ def test_a_resumed_run_takes_whoever_comes_back():
     streams = Streams(lease_timeout=30.0)  # expected_servers 0: a journal was found
     conn = streams.attach("rollout-1", 2, 3)
     assert streams.capacity() == {conn.conn_id: 2}
+
+
+def test_groups_waiting_together_go_in_one_store_and_a_bad_one_alone_is_lost():
+    """Groups that finish while a store runs wait and go together, in position order; a batch
+    that fails with an error that wrote nothing is tried again one group at a time, so only the
+    group that fails alone is lost (and replaced)."""
+
+    async def go():
+        world, journal = World(), Notebook()
+        journal.refusals = {"p3": [ValueError("bad"), ValueError("bad")]}
+        p = _pipeline(world, journal, max_staleness=3)  # room for all 8 groups
+        p.dispatch()
+        items = {i.work_id: i for i in world.work()}
+        for gid in ("p0", "p1", "p2", "p3"):  # all in one event-loop turn
+            for k in (0, 1):
+                p.on_result("s#1", _result(items[f"{gid}/{k}"]))
+        await asyncio.sleep(0.05)
+        assert journal.batches[0] == ["p0", "p1", "p2", "p3"]  # scored together, stored together
+        assert journal.batches[1:] == [["p0"], ["p1"], ["p2"], ["p3"]]  # that failed: one at a time
+        assert [g.group_id for g in journal.buffer] == ["p0", "p1", "p2"]
+        assert "p3" not in p.groups and p.num_accepted == 3
+        await p.close()
+
+    asyncio.run(go())

@@ -11,7 +11,7 @@ Ordering with the store. The writer and the store path take the same lock, and s
 built *inside* it, so a group being stored is either journaled before its store transaction
 (which then deletes it) or no longer in assembly when the snapshot is taken: the journal can
 never put back a group the buffer already holds. The store transaction also carries whatever
-the journal had pending (`store_group`): the buffer never gets ahead of the journal, so a group
+the journal had pending (`store_groups`): the buffer never gets ahead of the journal, so a group
 in the buffer was always admitted under a journaled cursor (otherwise a crash could admit its
 prompt again and store it twice).
 
@@ -134,15 +134,15 @@ class Journal:
         self.num_writes += 1
         return True
 
-    async def store_group(self, group: types_pb2.Group, stored: Callable[[], None]) -> None:
-        """Append a finished group to the buffer in one transaction with what is pending; `stored()`
-        runs once it committed, still under the lock, so no snapshot can journal the group again.
+    async def store_groups(self, groups: list[types_pb2.Group], stored: Callable[[], None]) -> None:
+        """Append finished groups to the buffer in one transaction with what is pending; `stored()`
+        runs once it committed, still under the lock, so no snapshot can journal them again.
 
         Raises `BufferFull` (nothing written: try again later), `StoreInDoubt` (a Redis error)."""
         async with self.lock:
             dirty, dropped, counters, put = self.take()
             try:
-                await asyncio.to_thread(self.store.store_group, group, counters, put, sorted(dropped))
+                await asyncio.to_thread(self.store.store_groups, groups, counters, put, sorted(dropped))
             except redis.exceptions.RedisError as e:  # BufferFull is not one: that write did not run
                 self.give_back(dirty, dropped)
                 raise StoreInDoubt(str(e)) from e

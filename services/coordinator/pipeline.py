@@ -67,6 +67,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 BUFFER_FULL_RETRY_S = 1.0
+STORE_BATCH = 64  # groups per store transaction at most
 EPOCH_BITS = 32  # lease epochs are (incarnation << EPOCH_BITS) + a per-sample count
 
 _ARROWS = {
@@ -119,7 +120,7 @@ class Journaling(Protocol):
     def mark(self, group_id: str) -> None: ...
     def drop(self, group_id: str) -> None: ...
     def touch(self) -> None: ...
-    async def store_group(self, group: types_pb2.Group, stored: Callable[[], None]) -> None: ...
+    async def store_groups(self, groups: list[types_pb2.Group], stored: Callable[[], None]) -> None: ...
 
 
 def _abort(work_ids: list[str]) -> coordinator_pb2.RolloutCommand:
@@ -369,47 +370,57 @@ class Pipeline:
             )
 
     async def _store_in_order(self) -> None:
-        """Append STORING groups to the buffer one at a time, in position order."""
+        """Append STORING groups to the buffer in position order, those waiting together in one
+        transaction (one Redis round trip and one thread hop for a step's 64 groups, not 64)."""
         while True:
             storing = self._in(Stage.STORING)
             if not storing:
                 self._to_store.clear()
                 await self._to_store.wait()
                 continue
-            await self._store(min(storing, key=lambda g: g.position))
+            await self._store(sorted(storing, key=lambda g: g.position)[:STORE_BATCH])
             self.dispatch()
 
-    async def _store(self, group: GroupState) -> None:
-        """One group into the buffer: in the buffer and out of assembly together (journal.py). A
-        Redis error leaves it unknown whether the transaction ran, so the group is not retried:
-        recovery reloads from Redis, which knows."""
-        samples = group.finished_samples()
-        pb = types_pb2.Group(
-            group_id=group.group_id, samples=samples, created_unix_ms=int(time.time() * 1000)
-        )
+    async def _store(self, groups: list[GroupState]) -> None:
+        """Groups into the buffer: in the buffer and out of assembly together (journal.py). A Redis
+        error leaves it unknown whether the transaction ran, so they are not retried: recovery
+        reloads from Redis, which knows. Any other error wrote nothing: a batch is tried again one
+        group at a time, and a group that fails alone is lost and replaced."""
+        now = int(time.time() * 1000)
+        pbs = [
+            types_pb2.Group(group_id=g.group_id, samples=g.finished_samples(), created_unix_ms=now)
+            for g in groups
+        ]
+        ids = ", ".join(g.group_id for g in groups)
 
         def stored() -> None:
-            self.counters.num_stored += 1
-            self._move(group, Stage.STORED)
-            self.events.event("stored", group.group_id, [s.uid for s in samples])
+            for group, pb in zip(groups, pbs, strict=True):
+                self.counters.num_stored += 1
+                self._move(group, Stage.STORED)
+                self.events.event("stored", group.group_id, [s.uid for s in pb.samples])
 
         while True:
             try:
-                await self.journal.store_group(pb, stored)
+                await self.journal.store_groups(pbs, stored)
                 return
-            except BufferFull as e:  # backpressure: the group waits, nothing is dropped
+            except BufferFull as e:  # backpressure: the groups wait, nothing is dropped
                 log.warning("%s; retrying in %.0fs", e, BUFFER_FULL_RETRY_S)
                 await asyncio.sleep(BUFFER_FULL_RETRY_S)
             except StoreInDoubt as e:
-                log.warning("could not store group %s (%s); reloading from Redis", group.group_id, e)
-                self._move(group, Stage.IN_DOUBT)
+                log.warning("could not store groups %s (%s); reloading from Redis", ids, e)
+                for group in groups:
+                    self._move(group, Stage.IN_DOUBT)
                 self.ports.resync()
                 return
             except Exception:  # noqa: BLE001 - a lost group is replaced, the run goes on
-                log.exception("could not store group %s; it will be replaced", group.group_id)
+                if len(groups) > 1:
+                    for group in groups:
+                        await self._store([group])
+                    return
+                log.exception("could not store group %s; it will be replaced", ids)
                 for later in self._in(Stage.STORING):
-                    later.position -= later.position > group.position  # they move up a place
-                self._move(group, Stage.LOST)
+                    later.position -= later.position > groups[0].position  # they move up a place
+                self._move(groups[0], Stage.LOST)
                 return
 
     # ---- the journal and the end --------------------------------------------------------

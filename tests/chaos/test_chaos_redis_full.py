@@ -15,6 +15,9 @@ from slipstream.buffer.embedded import EmbeddedRedis
 from slipstream.buffer.replay import BufferFull, ReplayBuffer
 from slipstream.proto import types_pb2
 
+# a refused store names its groups, the first (lowest position) first
+NOT_STORED = r"groups? (p\d+)(?:, p\d+)* not stored"
+
 
 def _group(i: int) -> types_pb2.Group:
     sample = types_pb2.Sample(uid=f"p{i}/0", tokens=list(range(200)), response_length=100)
@@ -89,7 +92,7 @@ def test_the_coordinator_holds_groups_while_redis_is_full(chaos_assets, tmp_path
             r.config_set("maxmemory", int(r.info("memory")["used_memory"]))  # full from here on
 
             def refused() -> list[str]:
-                return re.findall(r"group (p\d+) not stored", coordinator.log())
+                return re.findall(NOT_STORED, coordinator.log())
 
             wait_for(refused, 60, "the coordinator's store refused (Redis full)", interval=0.02)
             full_at = time.monotonic()
@@ -118,7 +121,7 @@ def test_the_coordinator_holds_groups_while_redis_is_full(chaos_assets, tmp_path
         stamps.append(group.created_unix_ms)
     assert sorted(ids, key=lambda g: int(g[1:])) == [f"p{i}" for i in range(groups)]  # each once, none lost
     assert stamps == sorted(stamps)  # in position order
-    first_refused = re.search(r"group (p\d+) not stored", log).group(1)
+    first_refused = re.search(NOT_STORED, log).group(1)
     assert ids[stored_before] == first_refused  # the held group went in first, where it was refused
     assert "Redis is full (maxmemory, noeviction)" in log and "retrying in 1s" in log
     assert held_refusals >= 3  # retried about every second while full
