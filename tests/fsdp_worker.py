@@ -337,6 +337,23 @@ def qat(model_dir: str, out: Path):
     return actor.par
 
 
+def moe_values(model_dir: str) -> dict:
+    """An MoE trained with the load-balancing loss (its router logits kept through the forward)."""
+    return qat_values(model_dir, "int4") | dict(int4_qat=False, moe_aux_loss_coeff=0.01)
+
+
+def moe(model_dir: str, out: Path):
+    """An MoE under FSDP2: three steps; rank 0 writes the losses and the step's metrics (moe.json)."""
+    from slipstream.config import config_from_values
+    from slipstream.services.trainer.actor import Actor
+
+    actor = Actor.from_config(config_from_values(moe_values(model_dir)))
+    losses = qat_steps(actor)
+    if actor.par.is_main:
+        (out / "moe.json").write_text(json.dumps({"losses": losses}))
+    return actor.par
+
+
 WIRE_MODES = {"fp8": dict(weight_sync_dtype="fp8"), "int4": dict(weight_sync_dtype="int4")}
 
 
@@ -395,7 +412,15 @@ def wire(model_dir: str, out: Path):
 def main() -> None:
     model_dir, out = sys.argv[1], Path(sys.argv[2])
     torch.set_num_threads(1)
-    modes = {"schedule": schedule, "memory": memory, "draft": draft, "lora": lora, "qat": qat, "wire": wire}
+    modes = {
+        "schedule": schedule,
+        "memory": memory,
+        "draft": draft,
+        "lora": lora,
+        "qat": qat,
+        "wire": wire,
+        "moe": moe,
+    }
     if sys.argv[3:] and sys.argv[3] in modes:
         out.mkdir(parents=True, exist_ok=True)
         return shutdown(modes[sys.argv[3]](model_dir, out))

@@ -31,7 +31,6 @@ a fused kernel would wrap it, not change it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -40,15 +39,19 @@ from torch import nn
 from slipstream.models.config import ModelConfig
 
 
-@dataclass
 class Routing:
-    """One forward's routing side channel; MoE layers are numbered 0.. in layer order."""
+    """One forward's routing side channel; MoE layers are numbered 0.. in layer order.
 
-    replay: Sequence[torch.Tensor] | None = None  # per MoE layer: ids to use, [..., top_k] like the tokens
-    keep_router_logits: bool = False  # also keep each layer's router logits (for the aux loss)
-    experts: list[torch.Tensor] = field(default_factory=list)  # filled: per MoE layer, ids used [..., top_k]
-    chosen: list[torch.Tensor] = field(default_factory=list)  # filled under replay: the router's own top-k
-    router_logits: list[torch.Tensor] = field(default_factory=list)  # filled if kept: [tokens, E]
+    A plain class, not a dataclass: the trainer's FSDP2 units rebuild every dataclass among their
+    inputs that holds a tensor requiring grad (to hook its backward), so once the first layer had
+    put its router logits in, the later layers would fill a copy (tests/test_fsdp_moe.py)."""
+
+    def __init__(self, replay: Sequence[torch.Tensor] | None = None, keep_router_logits: bool = False):
+        self.replay = replay  # per MoE layer: ids to use, [..., top_k] like the tokens
+        self.keep_router_logits = keep_router_logits  # also keep each layer's router logits (aux loss)
+        self.experts: list[torch.Tensor] = []  # filled: per MoE layer, ids used [..., top_k]
+        self.chosen: list[torch.Tensor] = []  # filled under replay: the router's own top-k
+        self.router_logits: list[torch.Tensor] = []  # filled if kept: [tokens, E]
 
     def stacked(self) -> torch.Tensor:
         """The captured ids as one tensor [..., num_moe_layers, top_k]."""
