@@ -17,15 +17,7 @@ sys.path.insert(0, str(HERE))
 import fsdp_worker  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def reports(tmp_path_factory) -> dict:
-    # q/o/gate/up/down have 256 or 512 rows: two ranks hold whole 128-row FP8 blocks of them;
-    # k/v have 64 rows (32 a rank), which cut through a block: gathered in fp32 as before.
-    model_dir = build_tiny_model(
-        tmp_path_factory.mktemp("fsdp_wire") / "model", hidden_size=256, intermediate_size=512,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-    )  # fmt: skip
-    out = tmp_path_factory.mktemp("fsdp_wire_out")
+def _two_ranks(model_dir: Path, out: Path) -> dict:
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
         str(HERE / "fsdp_worker.py"), str(model_dir), str(out), "wire",
@@ -37,6 +29,17 @@ def reports(tmp_path_factory) -> dict:
         for fmt in fsdp_worker.WIRE_MODES
         for rank in (0, 1)
     }
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> dict:
+    # q/o/gate/up/down have 256 or 512 rows: two ranks hold whole 128-row FP8 blocks of them;
+    # k/v have 64 rows (32 a rank), which cut through a block: gathered in fp32 as before.
+    model_dir = build_tiny_model(
+        tmp_path_factory.mktemp("fsdp_wire") / "model", hidden_size=256, intermediate_size=512,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+    )  # fmt: skip
+    return _two_ranks(model_dir, tmp_path_factory.mktemp("fsdp_wire_out"))
 
 
 @pytest.mark.parametrize("fmt", fsdp_worker.WIRE_MODES)
@@ -65,6 +68,20 @@ def test_rank_0_receives_the_wire_size_and_no_rank_a_larger_tensor(fmt, reports)
         paths = reports[fmt, rank]
         # The largest either way is the embedding: gathered in fp32, or cast to bf16 first.
         assert paths["sharded"]["largest_tensor"] <= paths["gathered"]["largest_tensor"] // 2, (rank, paths)
+
+
+def test_stacked_moe_experts_are_quantized_on_the_ranks(tmp_path):
+    """int4's targets on an MoE are its stacked experts [E, out, in]: each rank holds whole experts."""
+    model_dir = build_tiny_model(
+        tmp_path / "moe", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=128,
+    )  # fmt: skip
+    report = _two_ranks(model_dir, tmp_path / "out")["int4", 0]
+    assert report["same_manifest"] and report["same_chunks"], report
+    assert report["quantized_on_ranks"] == [
+        f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")
+    ]
 
 
 def test_a_matrix_quantized_for_another_format_is_refused():
