@@ -314,15 +314,15 @@ def qat_steps(actor, steps: int = 3) -> list[float]:
 
 def qat(model_dir: str, out: Path):
     """--int4-qat and --fp8-format e4m3 under FSDP2, one after the other: three steps, then the
-    logits of QAT_TOKENS under the trained (sharded, quantized-in-forward) model and the masters
-    (which the push quantizes: tests/test_fsdp_wire.py). Rank 0 writes qat_<mode>.json (losses,
-    logits) and pushed_<mode>.safetensors."""
+    logits of QAT_TOKENS under the trained (sharded, quantized-in-forward) model, the masters, and
+    whether the push (`state_dict_for_sync`, quantized shard by shard) packs the masters' bytes.
+    Rank 0 writes qat_<mode>.json and the masters to pushed_<mode>.safetensors."""
     from safetensors.torch import save_file
 
     from slipstream.config import config_from_values
     from slipstream.services.trainer.actor import Actor
     from slipstream.services.trainer.parallel import full_model_state
-    from slipstream.weights import weights_to_sync
+    from slipstream.weights import pack, weights_to_sync
 
     for mode in QAT_MODES:
         actor = Actor.from_config(config_from_values(qat_values(model_dir, mode)))
@@ -330,8 +330,11 @@ def qat(model_dir: str, out: Path):
         with torch.no_grad():
             logits = actor.model(torch.tensor(QAT_TOKENS, device=actor.device)).float().cpu()
         pushed = weights_to_sync(full_model_state(actor.model), actor.model.config.tie_word_embeddings)
+        wire = actor.state_dict_for_sync()  # the push itself: quantized shard by shard
         if actor.par.is_main:
-            report = {"losses": losses, "logits": logits.tolist()}
+            fmt = actor.wire_format
+            report = {"losses": losses, "logits": logits.tolist(), "push_format": fmt}
+            report["push_is_the_masters_quantized"] = pack(wire, 1, fmt) == pack(pushed, 1, fmt)
             (out / f"qat_{mode}.json").write_text(json.dumps(report))
             save_file({k: v.contiguous() for k, v in pushed.items()}, str(out / f"pushed_{mode}.safetensors"))
     return actor.par

@@ -7,8 +7,8 @@ forward (`quantized.quantize_in_forward`), in fp32 also under --bf16. Checked pe
 FP8, FP8 with --bf16): the loss curve and the masters equal one process's on the same samples, and
 (fp32 compute) the logits the sharded model computes equal those of a plain model loaded with the
 masters quantized and dequantized as the push does (what a rollout engine serves), while the
-unquantized masters give other logits. (That the push under FSDP2, quantized shard by shard,
-packs the same bytes as the gathered masters: tests/test_fsdp_wire.py.)"""
+unquantized masters give other logits; and the push (under FSDP2 quantized shard by shard,
+`parallel.wire_state`) packs the same bytes as the gathered masters."""
 
 import json
 import subprocess
@@ -66,6 +66,8 @@ def test_two_ranks_train_like_one_process(mode, model_dir, two_ranks):
     single = Actor.from_config(cfg)
     losses = fsdp_worker.qat_steps(single)
     report = json.loads((two_ranks / f"qat_{mode}.json").read_text())
+    # The push (FSDP2: quantized shard by shard) packs exactly the masters' quantization.
+    assert report["push_format"] == mode.removesuffix("_bf16") and report["push_is_the_masters_quantized"]
     torch.testing.assert_close(torch.tensor(report["losses"]), torch.tensor(losses), rtol=1e-4, atol=1e-6)
     pushed = load_file(str(two_ranks / f"pushed_{mode}.safetensors"))
     expected = single.state_dict_for_sync()
