@@ -54,8 +54,10 @@ def _run(assets, run_dir: Path, redis_url: str, *extra: str) -> list[dict]:
     [
         (["--int4-qat", "--weight-sync-dtype", "int4"], "int4-group128"),
         (["--fp8-format", "e4m3"], "fp8-block128"),
+        # two FSDP2 ranks: quantized in each projection's forward, the push quantized shard by shard
+        (["--int4-qat", "--actor-num-gpus-per-node", "2", "--micro-batch-size", "4"], "int4-group128"),
     ],
-    ids=["int4-qat", "unified-fp8"],
+    ids=["int4-qat", "unified-fp8", "int4-qat-fsdp2"],
 )
 def test_quantization_aware_mesh_keeps_rollout_and_trainer_together(assets, tmp_path, redis_url, flags, wire):
     run_dir = tmp_path / "run"
