@@ -20,7 +20,12 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
 
-def test_mesh_trains_lora_adapters_and_pushes_merged_weights(tmp_path, redis_url):
+@pytest.mark.parametrize(
+    "trainer",
+    [[], ["--actor-num-gpus-per-node", "2", "--micro-batch-size", "4"]],  # one process; two FSDP2 ranks
+    ids=["one-process", "fsdp2"],
+)
+def test_mesh_trains_lora_adapters_and_pushes_merged_weights(tmp_path, redis_url, trainer):
     model, prompts = build_tiny_model(tmp_path / "model"), build_prompts(tmp_path / "train.jsonl")
     run_dir = tmp_path / "run"
     argv = [
@@ -30,6 +35,7 @@ def test_mesh_trains_lora_adapters_and_pushes_merged_weights(tmp_path, redis_url
         "--global-batch-size", "8", "--lr", "5e-2", "--rollout-num-servers", "2",
         "--lora-rank", "4", "--lora-alpha", "8", "--target-modules", "q_proj,v_proj,gate_proj",
         "--use-kl-loss", "--kl-loss-coef", "0.1",  # the reference: the base, adapters off
+        *trainer,
     ]  # fmt: skip
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
