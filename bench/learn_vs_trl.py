@@ -79,6 +79,7 @@ VARIANTS: dict[str, list[str]] = {
     # Processes and threads on a 2-core box (bench/cpu_per_process.py says where the CPU goes).
     "mesh+1server": ["--rollout-num-servers", "1"],
     "mesh+2servers": ["--rollout-num-servers", "2"],
+    "mesh+threads1": ["--torch-threads", "1"],  # the trainer's default before it took every core
     "mesh+threads2": ["--torch-threads", "2"],
     "mesh+1server+threads2": ["--rollout-num-servers", "1", "--torch-threads", "2"],
 }  # fmt: skip

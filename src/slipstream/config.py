@@ -431,8 +431,8 @@ class TrainConfig:
     use_dynamic_batch_size: bool = opt(
         False,
         "Form micro-batches by token budget instead of sample count: first fit of each optimizer "
-        "step's samples into micro-batches of at most --max-tokens-per-gpu tokens, each packed into "
-        "one row without padding (attention confined to each sequence).",
+        "step's samples into micro-batches of at most --max-tokens-per-gpu tokens. Either way each "
+        "micro-batch is packed into one row: no forward computes a pad; attention stays inside each sequence.",
     )
     max_tokens_per_gpu: int = opt(
         0, "Token budget of one micro-batch under --use-dynamic-batch-size (a longer sample sits alone)."
@@ -746,7 +746,12 @@ class InfraConfig:
         "re-dispatched; a slow server that keeps heartbeating keeps its work. (Slipstream)",
     )
     device: str = opt("auto", "Torch device of this process: auto, cpu, cuda, cuda:N. (Slipstream)")
-    torch_threads: int = opt(0, "Torch CPU threads of this process; 0 = torch's default. (Slipstream)")
+    torch_threads: int = opt(
+        0,
+        "Torch CPU threads of this process; 0 = the launcher's choice: every core it may use for a CPU "
+        "trainer, 1 for every other service and a GPU trainer (a service started alone: torch's default). "
+        "(Slipstream)",
+    )
     metrics_port: int = opt(0, "Port of this service's Prometheus /metrics endpoint; 0 = off. (Slipstream)")
     http_port: int = opt(
         0,

@@ -420,13 +420,20 @@ class Mesh:
         return f"trainer exited (code {code}) without a new checkpoint; see {trainer.log_path}"
 
 
-def trainer_threads(cfg: Config) -> int:
-    """Torch threads of the trainer: --torch-threads, or 1 when 0 (every other service keeps 1).
+def trainer_threads(cfg: Config, on_cpu: bool) -> int:
+    """Torch threads of the trainer: --torch-threads, or when 0 every core this launcher may run on
+    for a CPU trainer and 1 for a GPU one (every other service keeps 1). The CPU trainer is a
+    step's critical path and the rollout servers sleep most of it: on the idle 2-core box the
+    issue-14 run took 1.08 s a step with one thread, 0.82 s with two (docs/benchmarks.md)."""
+    if cfg.infra.torch_threads:
+        return cfg.infra.torch_threads
+    return len(os.sched_getaffinity(0)) if on_cpu else 1
 
-    One each is what learns fastest on the 2-core box: a CPU trainer given both cores (OpenMP
-    threads spinning or sleeping alike) took 1.3-8.7 s per 512-sample step against 1.2-1.5 s with
-    one, as its threads contend with the rollout servers' (issue 14, docs/benchmarks.md)."""
-    return cfg.infra.torch_threads or 1
+
+def thread_env(threads: int, on_cpu: bool) -> dict[str, str]:
+    """OpenMP threads that sleep when idle (unless the user chose): spinning ones burn the cores
+    the rollout servers share with a CPU trainer."""
+    return {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")} if on_cpu and threads > 1 else {}
 
 
 def _router_flags(cfg: Config, taken: set[int]) -> list[str]:
@@ -491,9 +498,11 @@ def start_mesh(mesh: Mesh) -> Proc:
         )
         for i, gpus in enumerate(place.rollout_gpus)
     ]  # fmt: skip
+    on_cpu = not place.trainer_gpus
+    threads = trainer_threads(cfg, on_cpu)
     trainer = mesh.service(
-        "trainer", "trainer", *dial, threads=trainer_threads(cfg),
-        env=cuda_visible(place.trainer_gpus), ranks=place.trainer_procs,
+        "trainer", "trainer", *dial, threads=threads,
+        env={**cuda_visible(place.trainer_gpus), **thread_env(threads, on_cpu)}, ranks=place.trainer_procs,
     )  # fmt: skip
     mesh.timeline.mark("services started")
     mesh.wait_all_ready([*procs, trainer])
