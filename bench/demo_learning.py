@@ -71,8 +71,8 @@ def measure(run_dir: Path, num_problems: int = 500) -> dict:
     warm = json.loads((start_dir / "warmstart.json").read_text())
     out["warm_start"] = {"sft_steps": warm["sft_steps"], **warm["eval_after_sft"]}
     ends = dict(last.named_parameters())
-    out["rel_change"] = {
-        n: round(((ends[n] - p).norm() / p.norm()).item(), 4)
+    out["rel_change"] = {  # None: the weight started at zero (a router cut from a dense model)
+        n: round(((ends[n] - p).norm() / p.norm()).item(), 4) if p.any() else None
         for n, p in start.named_parameters()
         if any(w in n for w in WATCHED)
     }

@@ -30,6 +30,7 @@ a convex combination of its k experts, so AdamW moves it ~k times less than a de
                     experts x 768, each a copy of the dense MLP, top-2, random router: the dense
                     warm start's function exactly, sparse from the first RL step
     upcycled-2of8   the same with 8 experts
+    dense-upcycled-2of4  upcycled-2of4 made from the `--dense-prep` warm start
 
 The `dense-*` variants take the dense demo's warm start from `--dense-prep` (made there first,
 the demo's way, if missing).
@@ -61,6 +62,7 @@ VARIANTS = {  # name: (num_experts, num_experts_per_tok, moe_intermediate_size, 
     "top4of8-scaled": (8, 4, 192, 4.0, False),
     "dense-2of2": (2, 2, 384, 1.0, False),
     "dense-2of2-scaled": (2, 2, 384, 2.0, False),
+    "dense-upcycled-2of4": (4, 2, 768, 1.0, True),
     "upcycled-2of4": (4, 2, 768, 1.0, True),
     "upcycled-2of8": (8, 2, 768, 1.0, True),
 }
@@ -74,12 +76,13 @@ PREPARE_DENSE = (
 )
 
 
-def cut_dense(dense_prep: Path, prep: Path, k: int, scale: float) -> None:
-    """`prep` = the dense demo's warm start (prompts, tokenizer) with its model as `moe_of_dense`'s MoE."""
+def cut_dense(dense_prep: Path, prep: Path, variant: tuple) -> None:
+    """`prep` = the dense demo's warm start (prompts, tokenizer) with its model as an MoE: cut into
+    experts (`moe_of_dense`) or upcycled (`upcycle`)."""
     import shutil
 
-    from slipstream.demo.warmstart import moe_of_dense
-    from slipstream.models.hf import load_model, save_model
+    from slipstream.demo.warmstart import WarmStartConfig, model_config, moe_of_dense, upcycle
+    from slipstream.models.hf import load_model, load_tokenizer, save_model
 
     if not (dense_prep / "model" / "config.json").exists():
         code = PREPARE_DENSE.format(prep=str(dense_prep))
@@ -90,7 +93,14 @@ def cut_dense(dense_prep: Path, prep: Path, k: int, scale: float) -> None:
     for f in (dense_prep / "model").iterdir():
         if f.name not in ("config.json", "model.safetensors"):
             shutil.copy2(f, prep / "model" / f.name)
-    save_model(moe_of_dense(load_model(dense_prep / "model"), k, scale), prep / "model")
+    e, k, i, s, u = variant
+    dense = load_model(dense_prep / "model")
+    if u:
+        cfg = WarmStartConfig(num_experts=e, num_experts_per_tok=k, moe_intermediate_size=i, upcycle=True)
+        moe = upcycle(dense, model_config(cfg, load_tokenizer(dense_prep / "model")), seed=0)
+    else:
+        moe = moe_of_dense(dense, k, s)
+    save_model(moe, prep / "model")
 
 
 def run_variant(name: str, root: Path, dense_prep: Path, demo_flags: list[str]) -> dict:
@@ -100,7 +110,7 @@ def run_variant(name: str, root: Path, dense_prep: Path, demo_flags: list[str]) 
     t0 = time.perf_counter()
     if not (prep / "model" / "config.json").exists():
         if name.startswith("dense-"):
-            cut_dense(dense_prep, prep, k, s)
+            cut_dense(dense_prep, prep, VARIANTS[name])
         else:
             code = PREPARE.format(prep=str(prep), e=e, k=k, i=i, s=s, u=u)
             subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
