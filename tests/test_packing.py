@@ -77,10 +77,14 @@ def test_pack_layout():
     p = b.packed
     lengths = [len(s.tokens) - 1 for s in samples]
     assert p.input_ids.shape == (1, sum(lengths))
-    assert p.cu_seqlens.tolist() == [0, *torch.tensor(lengths).cumsum(0).tolist()]
-    for i, s in enumerate(samples):
-        start = int(p.cu_seqlens[i])
-        assert p.input_ids[0, start : start + lengths[i]].tolist() == s.tokens[:-1]
+    order = p.order.tolist()
+    assert sorted(order) == list(range(4)) and [lengths[i] for i in order] == sorted(
+        lengths
+    )  # shortest first
+    assert p.cu_seqlens.tolist() == [0, *torch.tensor([lengths[i] for i in order]).cumsum(0).tolist()]
+    for k, i in enumerate(order):
+        start = int(p.cu_seqlens[k])
+        assert p.input_ids[0, start : start + lengths[i]].tolist() == samples[i].tokens[:-1]
         assert p.positions[0, start : start + lengths[i]].tolist() == list(range(lengths[i]))
     # the head reads exactly the trainable response positions, predicting the right tokens
     assert len(p.head_rows) == sum(s.response_length for s in samples if s.status is not Status.FAILED)
@@ -89,10 +93,11 @@ def test_pack_layout():
 
 
 def test_packed_attention_fallback_is_per_sequence_causal():
-    """The CPU fallback batches sequences of one length together (3 and 5 occur twice, out of
-    order): every sequence still attends causally inside itself only, forward and backward."""
+    """The CPU fallback runs each run of equal lengths as one batch (3 3 and 5 5 are runs; the
+    last 3 is not next to them): every sequence still attends causally inside itself only,
+    forward and backward."""
     torch.manual_seed(0)
-    lengths = [3, 7, 5, 3, 1, 5]
+    lengths = [3, 3, 7, 5, 5, 1, 3]
     starts = [sum(lengths[:i]) for i in range(len(lengths))]
     n_tok = sum(lengths)
     q, k, v = (torch.randn(1, h, n_tok, 8, requires_grad=True) for h in (4, 2, 2))

@@ -69,6 +69,7 @@ class Packed:
     input_ids: torch.Tensor  # [1, N]
     positions: torch.Tensor  # [1, N], restarting at 0 at each sequence start
     cu_seqlens: torch.Tensor  # [S+1] int32, sequence boundaries in the row
+    order: torch.Tensor  # [S] long: the sample (row of the padded frame) of each sequence, shortest first
     max_len: int  # longest sequence
     head_rows: torch.Tensor  # [M] long: row positions of the response tokens (the LM head's inputs)
     head_targets: torch.Tensor  # [M] long: the token each of them predicts
@@ -138,12 +139,14 @@ def _routed_experts(samples: list[Sample], width: int) -> torch.Tensor | None:
 
 
 def pack(samples: list[Sample], advantages: list[float], pad_id: int = 0) -> Batch:
-    """`collate` plus the same samples packed into one row (`Batch.packed`)."""
+    """`collate` plus the same samples packed into one row (`Batch.packed`), shortest first: the
+    sequences of one length sit together, and the CPU's attention runs each such run as one batch."""
     batch = collate(samples, advantages, pad_id)
     width = batch.input_ids.shape[1]
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].tokens))
     ids, positions, rows, index, bounds = [], [], [], [], [0]
-    for i, s in enumerate(samples):
-        n = len(s.tokens) - 1
+    for i in order:
+        s, n = samples[i], len(samples[i].tokens) - 1
         ids += s.tokens[:-1]
         positions += range(n)
         if s.is_trainable:
@@ -156,6 +159,7 @@ def pack(samples: list[Sample], advantages: list[float], pad_id: int = 0) -> Bat
         input_ids=torch.tensor(ids, dtype=torch.long)[None],
         positions=torch.tensor(positions, dtype=torch.long)[None],
         cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
+        order=torch.tensor(order, dtype=torch.long),
         max_len=width,
         head_rows=torch.tensor(rows, dtype=torch.long),
         head_targets=batch.targets.reshape(-1)[index_t],
@@ -163,7 +167,7 @@ def pack(samples: list[Sample], advantages: list[float], pad_id: int = 0) -> Bat
         routed_experts=(
             None
             if batch.routed_experts is None
-            else torch.cat([batch.routed_experts[i, : len(s.tokens) - 1] for i, s in enumerate(samples)])
+            else torch.cat([batch.routed_experts[i, : len(samples[i].tokens) - 1] for i in order])
         ),
     )
     return batch

@@ -43,7 +43,7 @@ _CHUNK = 4096  # response positions per LM-head chunk: never full-vocabulary log
 def padded_hidden(hidden: torch.Tensor, p: Packed, rows: int, cols: int) -> torch.Tensor:
     """A packed row's hidden states [N, H] -> the padded frame [rows, cols, H] (zeros past each end)."""
     lengths = p.cu_seqlens[1:] - p.cu_seqlens[:-1]
-    seq = torch.repeat_interleave(torch.arange(rows, device=hidden.device), lengths.to(hidden.device).long())
+    seq = torch.repeat_interleave(p.order.to(hidden.device), lengths.to(hidden.device).long())
     index = seq * cols + p.positions[0]
     frame = hidden.new_zeros(rows * cols, hidden.shape[-1]).index_copy(0, index, hidden)
     return frame.view(rows, cols, -1)

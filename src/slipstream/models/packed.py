@@ -7,10 +7,10 @@ as FlashAttention's varlen kernels take them.
 
 On CUDA the work goes to PyTorch's FlashAttention varlen kernel (`torch.nn.attention.varlen`),
 which reads only the S causal triangles. Where that kernel is missing (the CPU, an older torch,
-fp32) the fallback batches the sequences by length: the sequences of one length are gathered
-into one [n, H, L, D] batch for plain causal SDPA and scattered back, so a row of 512 short
-samples costs as many SDPA calls as it has distinct lengths (about ten), not 512. Tested against
-the padded path.
+fp32) the fallback runs plain causal SDPA on each run of consecutive sequences of one length as
+one [n, H, L, D] batch (views of the row, no copies). The trainer packs a micro-batch shortest
+first (`batch.pack`), so a row of 512 short samples costs as many SDPA calls as it has distinct
+lengths (about ten), not 512. Tested against the padded path.
 """
 
 from __future__ import annotations
@@ -37,29 +37,35 @@ def _varlen_kernel():
     return varlen_attn, causal, "enable_gqa" in params
 
 
-def _by_length(bounds: list[int]) -> list[tuple[int, torch.Tensor]]:
-    """(L, row positions [n * L]) for each distinct sequence length L in the packed row."""
-    starts: dict[int, list[int]] = {}
+def _runs(bounds: list[int]) -> list[tuple[int, int, int]]:
+    """(start, L, n) for each run of n consecutive sequences of length L in the packed row."""
+    runs: list[list[int]] = []
     for s, e in zip(bounds[:-1], bounds[1:], strict=True):
-        starts.setdefault(e - s, []).append(s)
-    return [(n, (torch.tensor(ss)[:, None] + torch.arange(n)).flatten()) for n, ss in sorted(starts.items())]
+        if runs and runs[-1][1] == e - s:
+            runs[-1][2] += 1
+        else:
+            runs.append([s, e - s, 1])
+    return [(s, n, count) for s, n, count in runs]
 
 
-def _per_length(q, k, v, groups: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
-    """Causal SDPA inside each sequence, one call per distinct length (q/k/v [1, H, N, D])."""
-    out = q.new_empty(q.shape)
-    for n, pos in groups:
-        pos = pos.to(q.device)
-        qs, ks, vs = (x[0].index_select(1, pos).unflatten(1, (-1, n)).transpose(0, 1) for x in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)  # [S_n, H, n, D]
-        out = out.index_copy(2, pos, o.transpose(0, 1).flatten(1, 2)[None])
-    return out
+def _per_run(q, k, v, runs: list[tuple[int, int, int]]) -> torch.Tensor:
+    """Causal SDPA inside each sequence, one call per run of equal lengths (q/k/v [1, H, N, D])."""
+    if not runs:
+        return torch.empty_like(q)
+    outs = []
+    for start, n, count in runs:
+        qs, ks, vs = (
+            x[0, :, start : start + n * count].unflatten(1, (count, n)).transpose(0, 1) for x in (q, k, v)
+        )
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)  # [count, H, n, D]
+        outs.append(o.transpose(0, 1).flatten(1, 2))
+    return torch.cat(outs, dim=1)[None]
 
 
 def packed_causal_attention(cu_seqlens: torch.Tensor, max_len: int, use_kernel: bool = True) -> Attention:
     """An `Attention` for one packed row (q/k/v [1,H,N,D]) whose sequences end at `cu_seqlens[1:]`."""
     kernel = _varlen_kernel() if use_kernel and cu_seqlens.is_cuda else None
-    groups = None if kernel else _by_length(cu_seqlens.tolist())
+    runs = None if kernel else _runs(cu_seqlens.tolist())
 
     def attention(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         half = (torch.bfloat16, torch.float16)
@@ -68,7 +74,7 @@ def packed_causal_attention(cu_seqlens: torch.Tensor, max_len: int, use_kernel: 
             dtype = torch.get_autocast_dtype(q.device.type)
             q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if kernel is None or q.dtype not in half:  # FlashAttention has no fp32 kernel
-            return _per_length(q, k, v, groups or _by_length(cu_seqlens.tolist()))
+            return _per_run(q, k, v, runs if runs is not None else _runs(cu_seqlens.tolist()))
         varlen_attn, causal, gqa = kernel
         qt, kt, vt = (x[0].transpose(0, 1).contiguous() for x in (q, k, v))  # [N, H, D]
         extra = dict(causal)
