@@ -23,11 +23,12 @@ import torch
 from mesh_fixtures import build_tiny_model
 from slipstream.config import config_from_values
 from slipstream.demo.tokenizer import build_char_tokenizer
-from slipstream.demo.warmstart import WarmStartConfig, model_config, moe_of_dense, upcycle
+from slipstream.demo.warmstart import WarmStartConfig, model_config, moe_of_dense, prepare_demo, upcycle
 from slipstream.models import Routing, init_model, load_model
 from slipstream.models.hf import save_model
 from slipstream.services.rollout.engine import NativeEngine, Request
 from slipstream.services.trainer.actor import Actor
+from slipstream.services.trainer.checkpoint import resolve_checkpoint
 from slipstream.types import Sample, Status
 
 torch.set_num_threads(1)
@@ -201,3 +202,21 @@ def test_upcycled_moe_is_the_dense_model_whatever_the_routing(tmp_path):
     assert [r.tokens for r in got[0]] == [r.tokens for r in got[1]]
     with pytest.raises(ValueError, match="norm_topk_prob and no gate scale"):
         upcycle(dense, model_config(dataclasses.replace(cfg, routed_scaling_factor=2.0), tok), seed=3)
+
+
+def test_upcycled_warm_start_is_the_dense_sft_as_an_moe(tmp_path):
+    """`prepare_demo` with `upcycle`: the SFT trains the dense model, the checkpoint is the MoE
+    upcycled from its result (same logits), which the demo then trains with R3."""
+    cfg = WarmStartConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sft_steps=4, batch_size=16, warmup_steps=1, check_every=2,
+        num_check=16, num_eval=32, num_train_prompts=16, num_eval_prompts=8,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=64, upcycle=True,
+    )  # fmt: skip
+    moe = load_model(prepare_demo(tmp_path, seed=0, cfg=cfg, log=lambda *_: None))
+    sft = load_model(resolve_checkpoint(str(tmp_path / "sft" / "checkpoints")))
+    assert sft.config.model_type == "qwen3" and moe.config.model_type == "qwen3_moe"
+    assert moe.config.moe_layers == (0, 1) and moe.config.num_experts == 4
+    ids = torch.randint(3, 19, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids), sft(ids), atol=ATOL, rtol=0)

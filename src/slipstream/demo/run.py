@@ -9,8 +9,9 @@
    `warmstart.evaluate`) at most START_AT_MOST before RL and at least END_AT_LEAST after it
    (printed; the exit code says whether it held).
 
-`slipstream demo --moe` runs the same task and promise with a tiny Qwen3-MoE (8 experts, top-2,
-every layer sparse; `MOE_WARM_START`) and rollout routing replay (`MOE_FLAGS`), in runs/demo-moe.
+`slipstream demo --moe` runs the same task and promise with a tiny Qwen3-MoE (4 experts, top-2,
+every layer sparse, upcycled from the dense warm start; `MOE_WARM_START`) and rollout routing
+replay (`MOE_FLAGS`), in runs/demo-moe.
 
 Any flag of `slipstream train` may be given to override the demo's defaults below.
 """
@@ -53,9 +54,13 @@ DEMO_FLAGS = [
 ]
 
 
-# `--moe`: the warm start's model is a Qwen3-MoE of the dense one's width (each expert half the dense
-# MLP, two active: the dense model's active MLP size), trained with rollout routing replay (R3).
-MOE_WARM_START = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=384)
+# `--moe`: the warm start's model is a Qwen3-MoE upcycled from the dense demo's SFT (sparse upcycling,
+# `WarmStartConfig.upcycle`): 4 experts per layer, each a copy of the dense MLP, top-2 under a random
+# router, so RL starts from the dense warm start's function and routes every token-layer sparsely;
+# trained with rollout routing replay (R3). From the same warm start it learns like the dense demo;
+# MoEs SFT'd from scratch scored like the dense warm start but learned far slower in RL (0.47-0.53;
+# docs/benchmarks.md, "The MoE demo").
+MOE_WARM_START = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=768, upcycle=True)
 MOE_FLAGS = ["--use-rollout-routing-replay"]
 
 # The promise: greedy held-out accuracy rises from <= START_AT_MOST to >= END_AT_LEAST.
