@@ -36,7 +36,7 @@ DEMO_FLAGS = [
     "--n-samples-per-prompt",
     "8",
     "--num-rollout",
-    "100",
+    "130",
     "--rollout-max-response-len",
     "8",
     "--rollout-temperature",
