@@ -35,6 +35,37 @@ GLOBAL_BATCH = 8
 DEVICE = os.environ.get("FSDP_WORKER_DEVICE", "cpu")
 
 
+def run_two_ranks(model_dir, out, mode: str, timeout: float = 240, env: dict | None = None) -> None:
+    """This worker's `mode` on two ranks under torchrun (gloo on CPU unless FSDP_WORKER_DEVICE), from a
+    test; its stderr's tail when it fails."""
+    import subprocess
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+        str(Path(__file__)), str(model_dir), str(out), mode,
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def largest_tensor_mode():
+    """A dispatch mode that records the largest tensor any torch operation produces (`.largest`,
+    bytes; FSDP's all-gather buffers included)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestTensor(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            for t in result if isinstance(result, tuple | list) else (result,):
+                if isinstance(t, torch.Tensor) and not t.is_meta:
+                    self.largest = max(self.largest, t.nbytes)
+            return result
+
+    return LargestTensor()
+
+
 def global_batch(vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (GLOBAL_BATCH, 12), generator=torch.Generator().manual_seed(7))
 
@@ -125,8 +156,6 @@ class _CountingSlices:
 
 
 def memory(model_dir: str, out: Path):
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     import slipstream.models.hf as hf
     from slipstream.config import config_from_values
     from slipstream.services.trainer import actor as actor_module
@@ -144,15 +173,6 @@ def memory(model_dir: str, out: Path):
         return model
 
     actor_module.load_model = counted_load
-    largest = [0]
-
-    class LargestTensor(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            for t in result if isinstance(result, tuple | list) else (result,):
-                if isinstance(t, torch.Tensor) and not t.is_meta:
-                    largest[0] = max(largest[0], t.nbytes)
-            return result
 
     cfg = config_from_values(
         dict(
@@ -165,7 +185,7 @@ def memory(model_dir: str, out: Path):
                status=Status.COMPLETED, rollout_log_probs=[-1.0, -1.0], policy_versions=[0, 0])
         for i in range(4)
     ]  # fmt: skip
-    with LargestTensor():
+    with largest_tensor_mode() as largest:
         actor = actor_module.Actor.from_config(cfg)
         actor.train_rollout(samples, [1.0, -1.0, 0.5, -0.5], 0)
 
@@ -176,7 +196,7 @@ def memory(model_dir: str, out: Path):
         "loads": loads,
         "policy_bytes_held": held(actor.model),
         "ref_bytes_held": held(actor.ref_model),
-        "largest_tensor": largest[0],
+        "largest_tensor": largest.largest,
     }
     (out / f"memory_{actor.par.rank}.json").write_text(json.dumps(report))
     return actor.par
@@ -365,23 +385,11 @@ def wire(model_dir: str, out: Path):
     fp32 state it replaces, per wire format: rank 0 packs both (wire_<fmt>.json says whether
     manifests and chunks are equal, and the bytes rank 0 received: the state's tensors); every
     rank records the largest tensor each path materialised (wire_<fmt>_<rank>.json)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from slipstream.config import config_from_values
     from slipstream.services.trainer.actor import Actor
     from slipstream.services.trainer.parallel import full_model_state
     from slipstream.weights import pack, weights_to_sync
     from slipstream.weights.packer import Quantized
-
-    largest = [0]
-
-    class LargestTensor(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            for t in result if isinstance(result, tuple | list) else (result,):
-                if isinstance(t, torch.Tensor) and not t.is_meta:
-                    largest[0] = max(largest[0], t.nbytes)
-            return result
 
     def nbytes(state: dict) -> int:
         return sum(v.values.nbytes + v.scales.nbytes if isinstance(v, Quantized) else v.nbytes
@@ -393,11 +401,10 @@ def wire(model_dir: str, out: Path):
         report = {}
         for path, gather in (("gathered", lambda a=actor: full_model_state(a.model)),
                              ("sharded", actor.state_dict_for_sync)):  # fmt: skip
-            largest[0] = 0
-            with LargestTensor():
+            with largest_tensor_mode() as largest:
                 state = gather()
             state = weights_to_sync(state, actor.model.config.tie_word_embeddings)
-            report[path] = {"largest_tensor": largest[0], "received": nbytes(state)}
+            report[path] = {"largest_tensor": largest.largest, "received": nbytes(state)}
             if actor.par.is_main:
                 report[path]["packed"] = pack(state, 1, fmt, chunk_bytes=1 << 16)
         if actor.par.is_main:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from fsdp_worker import run_two_ranks
 
 from mesh_fixtures import build_tiny_model
 from slipstream.config import config_from_values
@@ -206,7 +207,6 @@ def test_a_checkpoint_without_a_draft_leaves_the_draft_where_it_starts(model_dir
 def test_fsdp2_trains_the_draft_like_one_process(model_dir, tmp_path):
     """Under torchrun (2 gloo ranks) the replicated draft ends every step identical on both ranks
     and equal to the draft one process trains on the whole batch (summed gradients)."""
-    import subprocess
     import sys
     from pathlib import Path
 
@@ -217,10 +217,7 @@ def test_fsdp2_trains_the_draft_like_one_process(model_dir, tmp_path):
     from fsdp_worker import draft_config, draft_samples
 
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-           str(here / "fsdp_worker.py"), str(model_dir), str(out), "draft"]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_ranks(model_dir, out, "draft", timeout=300)
     two_ranks = load_file(str(out / "draft.safetensors"))
     saved = load_file(str(out / "ckpt" / "step_000002" / "draft" / "model.safetensors"))  # a collective save
     assert all(torch.equal(saved[k], v) for k, v in two_ranks.items())

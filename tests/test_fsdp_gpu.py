@@ -5,7 +5,6 @@ gathered fp32 state on the CPU with the PyTorch definition: the bytes must still
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,13 +34,9 @@ def model_dir(tmp_path_factory):
 
 
 def _two_gpus(model_dir: Path, out: Path, mode: str) -> None:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-        str(HERE / "fsdp_worker.py"), str(model_dir), str(out), mode,
-    ]  # fmt: skip
-    env = os.environ | {"FSDP_WORKER_DEVICE": "cuda"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fsdp_worker.run_two_ranks(
+        model_dir, out, mode, timeout=300, env=os.environ | {"FSDP_WORKER_DEVICE": "cuda"}
+    )
 
 
 def test_shard_by_shard_push_packs_the_same_bytes_on_gpus(model_dir, tmp_path):

@@ -8,7 +8,6 @@ holds the adapters in PEFT's format and resumes: on two ranks (a third step land
 uninterrupted run's does) and on one process."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -39,12 +38,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks(model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp_lora_out")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-        str(HERE / "fsdp_worker.py"), str(model_dir), str(out), "lora",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fsdp_worker.run_two_ranks(model_dir, out, "lora")
     return out
 
 

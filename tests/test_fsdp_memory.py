@@ -7,11 +7,10 @@ largest tensor any torch operation produced. Loading the full model and then sha
 the trainer did before) reads every byte on every rank; here each rank reads its half."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from fsdp_worker import run_two_ranks
 from safetensors import safe_open
 
 from mesh_fixtures import build_tiny_model
@@ -37,12 +36,7 @@ def _checkpoint_bytes(model_dir: Path) -> tuple[int, int]:
 
 def test_no_rank_holds_the_full_model(model_dir, tmp_path):
     full, largest_param = _checkpoint_bytes(model_dir)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-        str(HERE / "fsdp_worker.py"), str(model_dir), str(tmp_path), "memory",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_ranks(model_dir, tmp_path, "memory")
     for rank in (0, 1):
         report = json.loads((tmp_path / f"memory_{rank}.json").read_text())
         assert len(report["loads"]) == 2, report  # the policy and the reference, each sharded

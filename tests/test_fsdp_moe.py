@@ -7,7 +7,6 @@ logits in, each later layer appended to a copy, so the aux loss (and the capture
 the first MoE layer only, and two ranks trained another model than one process."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,12 +27,7 @@ def test_moe_with_aux_loss_on_two_ranks_trains_like_one_process(tmp_path):
         num_key_value_heads=2, head_dim=32, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=128,
     )  # fmt: skip
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-        str(HERE / "fsdp_worker.py"), str(model_dir), str(tmp_path), "moe",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fsdp_worker.run_two_ranks(model_dir, tmp_path, "moe")
     single = Actor.from_config(config_from_values(fsdp_worker.moe_values(str(model_dir))))
     losses = fsdp_worker.qat_steps(single)
     theirs = json.loads((tmp_path / "moe.json").read_text())["losses"]

@@ -11,7 +11,6 @@ unquantized masters give other logits; and the push (under FSDP2 quantized shard
 `parallel.wire_state`) packs the same bytes as the gathered masters."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -51,12 +50,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def two_ranks(model_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp_qat_out")
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-        str(HERE / "fsdp_worker.py"), str(model_dir), str(out), "qat",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fsdp_worker.run_two_ranks(model_dir, out, "qat")
     return out
 
 

@@ -4,7 +4,6 @@ quantizing them alone (`parallel.wire_state`). Two gloo ranks pack both ways: th
 and the same bytes, for a fraction of what rank 0 receives and no larger tensor on any rank."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,12 +17,7 @@ import fsdp_worker  # noqa: E402
 
 
 def _two_ranks(model_dir: Path, out: Path) -> dict:
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-        str(HERE / "fsdp_worker.py"), str(model_dir), str(out), "wire",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fsdp_worker.run_two_ranks(model_dir, out, "wire")
     return {
         (fmt, rank): json.loads((out / f"wire_{fmt}_{rank}.json").read_text())
         for fmt in fsdp_worker.WIRE_MODES

@@ -84,12 +84,7 @@ def test_followers_push_and_save_when_rank_0_does(model_dir, tmp_path):
     """The cadence lives on rank 0 only: a follower whose own config says "push and save every
     step" still gathers weights and saves exactly where rank 0 (interval 2, save interval 3)
     does, or the FSDP collectives would hang; the last save comes with the stop."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-        str(HERE / "fsdp_worker.py"), str(model_dir), str(tmp_path), "schedule",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fsdp_worker.run_two_ranks(model_dir, tmp_path, "schedule")
     expected = ["train", "train", "push", "train", "save 3", "train", "push", "train", "save 5"]
     for rank in (0, 1):
         assert json.loads((tmp_path / f"events_{rank}.json").read_text()) == expected, rank
