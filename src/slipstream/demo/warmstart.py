@@ -153,11 +153,14 @@ def _logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def answer_logprobs(model: Any, enc: EncodedProblems) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p of each answer token/EOS, whether it is the argmax), both [N, T], zero/True off-answer."""
-    logits = _logits(model, enc.input_ids).float()
+    """(log p of each answer token/EOS, whether it is the argmax), both [N, T], zero/True off-answer.
+    Computed on the model's device (the problems are encoded on the CPU)."""
+    device = next(model.parameters()).device
+    logits = _logits(model, enc.input_ids.to(device)).float()
     logp = F.log_softmax(logits, dim=-1)
-    mask = enc.targets != IGNORE
-    tgt = enc.targets.clamp(min=0)
+    targets = enc.targets.to(device)
+    mask = targets != IGNORE
+    tgt = targets.clamp(min=0)
     tok_logp = logp.gather(-1, tgt[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
     is_max = (logits.argmax(-1) == tgt) | ~mask
     return tok_logp, is_max
@@ -281,6 +284,7 @@ def sft_with_trainer(
     work_dir: Path,
     check: EncodedProblems | None = None,
     log: Any = print,
+    device: str = "cpu",
 ) -> tuple[int, Any]:
     """Supervised fine-tuning of `model` on `problems` by the trainer itself (`--loss-type
     sft_loss`, services/trainer/sft.py: its micro-batches, AdamW, lr schedule, checkpoints and
@@ -302,7 +306,7 @@ def sft_with_trainer(
             shutil.copy2(f, init_dir / f.name)
     data.write_text("".join(json.dumps({"prompt": p.prompt, "label": p.label}) + "\n" for p in problems))
     flags = dict(
-        hf_checkpoint=str(init_dir), prompt_data=str(data), loss_type="sft_loss", device="cpu",
+        hf_checkpoint=str(init_dir), prompt_data=str(data), loss_type="sft_loss", device=device,
         run_dir=str(work_dir), rollout_batch_size=cfg.batch_size, num_rollout=cfg.sft_steps,
         rollout_shuffle=True, seed=seed, lr=cfg.lr, lr_warmup_iters=cfg.warmup_steps,
         lr_decay_style="cosine", min_lr=0.05 * cfg.lr, weight_decay=cfg.weight_decay, adam_beta2=0.98,
@@ -321,7 +325,7 @@ def sft_with_trainer(
         return greedy >= cfg.stop_greedy_accuracy
 
     state = train_sft(config_from_values(flags), TrainerState(), after_step=after_step)
-    trained = load_model(resolve_checkpoint(str(work_dir / "checkpoints")))
+    trained = load_model(resolve_checkpoint(str(work_dir / "checkpoints")), device=device)
     return state.step, trained
 
 
@@ -429,9 +433,14 @@ def fp8_roundtrip(model: Qwen3ForCausalLM) -> Qwen3ForCausalLM:
 
 
 def prepare_demo(
-    run_dir: str | Path, seed: int = 0, cfg: WarmStartConfig | None = None, log: Any = print
+    run_dir: str | Path,
+    seed: int = 0,
+    cfg: WarmStartConfig | None = None,
+    log: Any = print,
+    device: str = "cpu",
 ) -> Path:
     """Write prompts, tokenizer and a warm-started checkpoint into `run_dir`; return `run_dir/model`.
+    `device`: where the SFT runs and the model is evaluated (cuda: bench/learn_vs_trl.py --preset h200).
 
     Files: `train.jsonl` (the RL prompts) and `eval.jsonl` (held-out problems), `model/`
     (config.json, model.safetensors, tokenizer files) and `model/warmstart.json` (the settings
@@ -457,7 +466,7 @@ def prepare_demo(
 
     t0 = time.perf_counter()
     steps, model = sft_with_trainer(
-        model, model_dir, train_problems, cfg, seed, run_dir / "sft", check=check_enc, log=log
+        model, model_dir, train_problems, cfg, seed, run_dir / "sft", check=check_enc, log=log, device=device
     )
     if cfg.upcycle:
         model = upcycle(model, model_config(cfg, tokenizer), seed)
