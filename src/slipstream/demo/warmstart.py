@@ -82,6 +82,7 @@ class WarmStartConfig:
     stop_greedy_accuracy: float = 0.42  # stop the SFT once greedy accuracy reaches this
     num_check: int = 512  # train problems used for the stopping check and the calibration
     batch_size: int = 192
+    micro_batch_size: int = 0  # the SFT trainer's --micro-batch-size; 0 = its auto (a CPU: the whole batch)
     lr: float = 6e-3
     warmup_steps: int = 30
     weight_decay: float = 0.01
@@ -307,7 +308,8 @@ def sft_with_trainer(
     data.write_text("".join(json.dumps({"prompt": p.prompt, "label": p.label}) + "\n" for p in problems))
     flags = dict(
         hf_checkpoint=str(init_dir), prompt_data=str(data), loss_type="sft_loss", device=device,
-        run_dir=str(work_dir), rollout_batch_size=cfg.batch_size, num_rollout=cfg.sft_steps,
+        run_dir=str(work_dir), rollout_batch_size=cfg.batch_size, micro_batch_size=cfg.micro_batch_size,
+        num_rollout=cfg.sft_steps,
         rollout_shuffle=True, seed=seed, lr=cfg.lr, lr_warmup_iters=cfg.warmup_steps,
         lr_decay_style="cosine", min_lr=0.05 * cfg.lr, weight_decay=cfg.weight_decay, adam_beta2=0.98,
         clip_grad=1.0,
