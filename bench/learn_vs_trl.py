@@ -4,6 +4,8 @@
         [--rollout-batch-size 64] [--n-samples-per-prompt 8] [--lr 3e-4] [--num-steps 120]
         [--eval-every 10] [--device cpu|cuda] [--prep runs/learn/prep] [--out bench/results/learn_vs_trl.json]
         [--parallel N --cpus-per-run 2 --first-cpu 2]   # N runs at once, each on its own 2 cores
+    sh scripts/gpu_env.sh run python3 bench/learn_vs_trl.py --preset h200 --device cuda --out $OUT/learn_h200.json
+    /work/venv-trl/bin/python bench/learn_vs_trl.py --preset h200 --smoke --out /tmp/smoke.json  # CPU, end to end
 
 One saved warm start (`--prep`, made once by `slipstream.demo.warmstart.prepare_demo`, the
 demo's own: a tiny Qwen3-shaped model SFT'd on 2-digit addition until its greedy accuracy is
@@ -32,7 +34,24 @@ shared ones, all real processes: Redis, reward, coordinator, 2 rollout servers, 
     old-defaults       the defaults before issue 14 (--max-staleness 1, fp8 wire, no TIS, micro-batch 8)
     and the one-factor-at-a-time ablations in VARIANTS below.
 
-Output: one JSON with every run's curve and a summary per variant (median over seeds).
+Presets (`--preset`; a flag given on the command line still wins):
+
+    h200               issue 14 item 5, one H200 in one call of ~9 minutes: a 25 M-parameter Qwen3 shape
+                       (hidden 512, 8 layers, 8 heads of 64, 4 KV heads, MLP 1536; char tokenizer, tied
+                       embeddings) SFT'd ON THE GPU by the demo's own `prepare_demo` (the trainer's SFT, stopped
+                       at greedy 0.42 on the check problems), then RL at 256 prompts x 8 samples, lr 5e-5, up to
+                       150 steps, a checkpoint every 10, greedy target 0.75; each side's whole optimizer step in
+                       one pass (ours: --micro-batch-size = the step, the GPU's auto would be passes of 8), fp32
+                       training on both sides (TRL bf16=False; our rollout engine samples from the bf16 weights
+                       the colocated push serves, TIS on: our defaults). The mesh runs with its defaults on one
+                       GPU: colocated (CUDA IPC pushes), one version stale, rollout overlapping training. The
+                       checkpoints are scored on the GPU while each run goes (`--stop-at-target`): a run stops at
+                       its first checkpoint at the target, or after `--max-run-s` 170 s.
+    --smoke            the same path shrunk to seconds on a CPU (a 2-layer 64-wide model, 10 SFT steps,
+                       4 prompts x 4 samples, 4 steps, target 0: stops at the first checkpoint).
+
+Output: one JSON with every run's curve and a summary per variant (median over seeds), written
+after the warm start and after every run.
 """
 
 from __future__ import annotations
@@ -41,6 +60,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -84,6 +104,34 @@ VARIANTS: dict[str, list[str]] = {
     "mesh+1server+threads2": ["--rollout-num-servers", "1", "--torch-threads", "2"],
 }  # fmt: skip
 
+# Issue 14 item 5 on one H200: (bench settings, warm start, mesh flags). The model and SFT: the
+# demo's lr scaled down with width and depth (6e-3 at 256 wide x 2 layers -> 1e-3), RL 20x below
+# the SFT's lr as in the demo (6e-3 / 3e-4); batch 4x the CPU's, so the GPU has work.
+PRESETS: dict[str, dict] = {
+    "h200": {
+        "args": dict(
+            rollout_batch_size=256, n_samples_per_prompt=8, lr=5e-5, num_steps=150, eval_every=10,
+            target=0.75, seeds=[1], stop_at_target=True, max_run_s=170.0,
+        ),
+        "warm_start": dict(
+            hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
+            num_key_value_heads=4, head_dim=64, lr=1e-3, batch_size=256, micro_batch_size=256,
+            sft_steps=1000, num_train_prompts=16384,
+        ),
+    },
+}  # fmt: skip
+SMOKE = {  # --smoke: the preset's path in seconds on a CPU
+    "args": dict(
+        rollout_batch_size=4, n_samples_per_prompt=4, num_steps=4, eval_every=2, target=0.0,
+        max_run_s=0.0,
+    ),
+    "warm_start": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, batch_size=32, micro_batch_size=32, sft_steps=10,
+        warmup_steps=2, stop_greedy_accuracy=2.0, num_check=64, num_eval=64, num_train_prompts=256,
+    ),
+}  # fmt: skip
+
 
 # ---- shared ---------------------------------------------------------------------------------
 
@@ -108,13 +156,48 @@ def evaluate_checkpoint(path: Path, device: str = "cpu") -> float:
         return evaluate(model, tok, _eval_problems())["greedy_accuracy"]
 
 
-def prepare(prep: Path, seed: int) -> dict:
-    """The shared warm start (the demo's own preparation), once."""
-    from slipstream.demo.warmstart import prepare_demo
+def prepare(prep: Path, seed: int, warm_start: dict | None = None, device: str = "cpu") -> dict:
+    """The shared warm start (the demo's own preparation, `warm_start` overriding its
+    WarmStartConfig, the SFT on `device`), once."""
+    from slipstream.demo.warmstart import WarmStartConfig, prepare_demo
 
     if not (prep / "model" / "config.json").exists():
-        prepare_demo(prep, seed=seed)
+        prepare_demo(prep, seed=seed, cfg=WarmStartConfig(**(warm_start or {})), device=device)
     return json.loads((prep / "model" / "warmstart.json").read_text())
+
+
+class LiveEval:
+    """Greedy accuracy of a run's checkpoints (`step_NNNNNN`, written whole under a temporary
+    name) in `ckpt_dir`, each scored once; `stop` says whether the run should end now: at its
+    first checkpoint at the target (--stop-at-target, checkpoints scored while it runs) or past
+    --max-run-s since `t_launch`. bench/cpu_per_process.py passes its own namespace, without
+    these two settings: never stop."""
+
+    def __init__(self, args, ckpt_dir: Path, t_launch: float) -> None:
+        self.args, self.dir, self.t_launch = args, ckpt_dir, t_launch
+        self.at_target = getattr(args, "stop_at_target", False)
+        self.max_run_s = getattr(args, "max_run_s", 0.0)
+        self.greedy: dict[int, float] = {}
+        self.stopped: str | None = None  # why the bench stopped the run: "target" or "time"
+
+    def score_new(self) -> None:
+        for d in sorted(self.dir.glob("step_*")) if self.dir.is_dir() else []:
+            step = int(d.name.removeprefix("step_"))
+            if step not in self.greedy:
+                self.greedy[step] = evaluate_checkpoint(d, self.args.device)
+
+    def stop(self) -> bool:
+        if self.stopped is None and self.at_target:
+            self.score_new()
+            if any(g >= self.args.target for g in self.greedy.values()):
+                self.stopped = "target"
+        if self.stopped is None and self.max_run_s and time.time() - self.t_launch > self.max_run_s:
+            self.stopped = "time"
+        return self.stopped is not None
+
+    def greedy_at(self, step: int) -> float | None:
+        self.score_new()
+        return self.greedy.get(step)
 
 
 _SLOTS = threading.local()
@@ -130,6 +213,12 @@ def _pin_prefix(args) -> list[str]:
     # Python's own sched_setaffinity, then exec: no dependency on util-linux's taskset.
     pin = "import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); os.execvp(sys.argv[2], sys.argv[2:])"
     return [sys.executable, "-c", pin, cpus]
+
+
+def _gpu_name(device: str) -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None
 
 
 def _first_at(curve: list[dict], target: float) -> dict | None:
@@ -162,9 +251,12 @@ def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dic
     seen: dict[int, float] = {}  # step -> wall seconds since launch when its row appeared
     log = open(run_dir.parent / f"{run_dir.name}.log", "w")  # noqa: SIM115
     proc = subprocess.Popen([*pin, *argv], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    live = LiveEval(args, run_dir / "checkpoints", t_launch)
     offset = 0
     while True:
         done = proc.poll() is not None
+        if not done and live.stopped is None and live.stop():
+            proc.send_signal(signal.SIGTERM)  # the launcher's orderly stop: last step, checkpoint, exit 143
         if metrics.exists():
             with metrics.open() as f:
                 f.seek(offset)
@@ -178,7 +270,9 @@ def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dic
             break
         time.sleep(0.05)
     log.close()
-    if proc.returncode != 0:
+    # Stopped by the bench: the launcher's exit code for SIGTERM, or the signal's own when it came
+    # after the launcher had put its handlers back (the run was ending anyway).
+    if proc.returncode not in ((0, 128 + signal.SIGTERM, -signal.SIGTERM) if live.stopped else (0,)):
         raise RuntimeError(f"{name} seed {seed}: slipstream train exited {proc.returncode}; see {log.name}")
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     # Checkpoint writes sit between a save step's row and the next step's start: the gap over a
@@ -207,11 +301,13 @@ def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dic
             "staleness_mean": r.get("staleness_mean"),
             "greedy": None,
         }
-        ckpt = run_dir / "checkpoints" / f"step_{r['step']:06d}"
-        if ckpt.is_dir():
-            point["greedy"] = evaluate_checkpoint(ckpt)
+        point["greedy"] = live.greedy_at(r["step"])
         curve.append(point)
-    return {"side": "mesh", "argv": argv[2:], "curve": curve, "checkpoint_s": round(saved, 3)}
+    placement = [x for x in Path(log.name).read_text().splitlines() if "placement:" in x]
+    return {
+        "side": "mesh", "argv": argv[2:], "curve": curve, "checkpoint_s": round(saved, 3),
+        "stopped": live.stopped, "placement": placement[-1] if placement else None,
+    }  # fmt: skip
 
 
 # ---- TRL ------------------------------------------------------------------------------------
@@ -229,11 +325,17 @@ def run_trl(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dict
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.json").write_text(json.dumps(spec))
     t_launch = time.time()
+    live = LiveEval(args, run_dir / "checkpoints", t_launch)
     with open(run_dir.parent / f"{run_dir.name}.log", "w") as log:
-        code = subprocess.call(
+        proc = subprocess.Popen(
             [*_pin_prefix(args), sys.executable, __file__, "--trl-child", str(run_dir / "spec.json")],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
         )  # fmt: skip
+        while proc.poll() is None:
+            if live.stopped is None and live.stop():
+                (run_dir / "stop").touch()  # the child's callback ends training after its step
+            time.sleep(0.05)
+    code = proc.returncode
     if code != 0:
         raise RuntimeError(
             f"{name} seed {seed}: TRL exited {code}; see {run_dir.parent / f'{run_dir.name}.log'}"
@@ -241,7 +343,6 @@ def run_trl(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dict
     steps = json.loads((run_dir / "steps.json").read_text())
     curve = []
     for s in steps["steps"]:
-        ckpt = run_dir / "checkpoints" / f"step_{s['step']:06d}"
         curve.append(
             {
                 "step": s["step"],
@@ -250,7 +351,7 @@ def run_trl(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dict
                 "sampled_accuracy": s.get("reward"),
                 "step_s": s["step_s"],
                 "cpu_s": s.get("cpu_s"),  # the TRL process's user+sys seconds so far
-                "greedy": evaluate_checkpoint(ckpt) if ckpt.is_dir() else None,
+                "greedy": live.greedy_at(s["step"]),
             }
         )
     return {
@@ -258,6 +359,7 @@ def run_trl(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dict
         "settings": steps["settings"],
         "curve": curve,
         "checkpoint_s": steps["checkpoint_s"],
+        "stopped": live.stopped,
     }
 
 
@@ -321,9 +423,14 @@ def trl_child(spec_path: str) -> None:
                 "step_s": round(now - clock["last"], 4),
             }  # fmt: skip
             if state.global_step % spec["eval_every"] == 0:
-                model.save_pretrained(out / "checkpoints" / f"step_{state.global_step:06d}")
-                tok.save_pretrained(out / "checkpoints" / f"step_{state.global_step:06d}")
+                name = f"step_{state.global_step:06d}"
+                tmp = out / "checkpoints" / f".{name}.tmp"  # whole before the bench sees it
+                model.save_pretrained(tmp)
+                tok.save_pretrained(tmp)
+                tmp.rename(out / "checkpoints" / name)
                 clock["saved"] += time.perf_counter() - now
+            if (out / "stop").exists():  # the bench's stop: target reached or time up
+                control.should_training_stop = True
             steps.append(row)
             clock["last"] = time.perf_counter()
 
@@ -390,10 +497,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-len", type=int, default=8, help="Most new tokens per sample.")
     p.add_argument("--num-steps", type=int, default=120, help="Optimizer steps (= rollout steps) per run.")
     p.add_argument("--eval-every", type=int, default=10, help="Steps between checkpoints that are evaluated.")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (every mesh process and TRL).")
-    p.add_argument("--prep", type=Path, default=ROOT / "runs" / "learn" / "prep")
+    p.add_argument(
+        "--device", default="cpu",
+        help="cpu or cuda: every mesh process, TRL, the checkpoints' scoring and a --preset's SFT.",
+    )  # fmt: skip
+    p.add_argument("--preset", choices=sorted(PRESETS), help="Settings and warm start of a machine (above).")
+    p.add_argument("--smoke", action="store_true", help="The --preset's path shrunk to seconds on a CPU.")
+    p.add_argument(
+        "--stop-at-target", action=argparse.BooleanOptionalAction, default=False,
+        help="Score checkpoints while a run goes (on --device) and stop it at its first one at --target.",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-run-s", type=float, default=0.0, help="Stop a run this long after its launch; 0 = never."
+    )
+    p.add_argument(
+        "--prep", type=Path, help="The warm start's directory (default: runs/learn/prep[-PRESET])."
+    )
     p.add_argument("--prep-seed", type=int, default=0, help="Seed of the warm start (made once).")
-    p.add_argument("--runs-dir", type=Path, default=ROOT / "runs" / "learn")
+    p.add_argument("--runs-dir", type=Path, help="Where the runs go (default: runs/learn[-PRESET]).")
     p.add_argument("--trl-micro-batch-size", type=int, default=0, help="0 = the whole step in one pass.")
     p.add_argument("--trl-threads", type=int, default=0, help="TRL's torch threads; 0 = torch's default.")
     p.add_argument("--trl-args", nargs="*", default=[], help="GRPOConfig overrides key=value for trl runs.")
@@ -413,6 +534,20 @@ def main(argv: list[str] | None = None) -> int:
     if args.trl_child:
         trl_child(args.trl_child)
         return 0
+    if args.smoke and not args.preset:
+        p.error("--smoke shrinks a --preset: give one")
+    warm_start: dict = {}
+    if args.preset:  # its settings become the defaults: flags given on the command line still win
+        preset = PRESETS[args.preset]
+        warm_start = {**preset["warm_start"], **(SMOKE["warm_start"] if args.smoke else {})}
+        p.set_defaults(**{**preset["args"], **(SMOKE["args"] if args.smoke else {})})
+        args = p.parse_args(argv)
+        # Each side's whole optimizer step in one pass, as TRL's (--trl-micro-batch-size 0) is.
+        step = str(args.rollout_batch_size * args.n_samples_per_prompt)
+        args.mesh_flags = ["--micro-batch-size", step, *args.mesh_flags]
+    tag = f"-{args.preset}{'-smoke' if args.smoke else ''}" if args.preset else ""
+    args.prep = args.prep or ROOT / "runs" / "learn" / f"prep{tag}"
+    args.runs_dir = args.runs_dir or ROOT / "runs" / f"learn{tag}"
 
     if args.cpus_per_run:  # the bench itself (evaluation) keeps off the runs' cores
         import torch
@@ -420,21 +555,33 @@ def main(argv: list[str] | None = None) -> int:
         if args.first_cpu:  # cores below --first-cpu are the bench's own (at most the first two)
             os.sched_setaffinity(0, set(range(min(2, args.first_cpu))))
         torch.set_num_threads(max(1, min(2, args.first_cpu or 1)))
-    warm = prepare(args.prep, args.prep_seed)
-    start_greedy = evaluate_checkpoint(args.prep / "model")
+    warm = prepare(args.prep, args.prep_seed, warm_start, args.device)
+    start_greedy = evaluate_checkpoint(args.prep / "model", args.device)
+    print(
+        f"warm start: {warm['num_parameters'] / 1e6:.1f} M parameters, {warm['sft_steps']} SFT steps in "
+        f"{warm['sft_seconds']:.1f} s, held-out greedy {start_greedy:.3f}",
+        flush=True,
+    )
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     if results.get("warm_start", {}).get("greedy") not in (None, start_greedy):
         results = {}  # another warm start: start over
     results.update(
         {
             "command": " ".join([sys.executable.rsplit("/", 1)[-1], *sys.argv]),
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "machine": {
+                "platform": platform.platform(),
+                "cpus": os.cpu_count(),
+                "gpu": _gpu_name(args.device),
+            },
             "warm_start": {"greedy": start_greedy, "prep": str(args.prep), **warm},
             "target": args.target,
             "settings": {k: v for k, v in vars(args).items() if k not in ("out", "trl_child")},
         }
     )
     results.setdefault("runs", {})
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    # The warm start, even if no run ends.
+    args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
 
     free = list(range(max(1, args.parallel)))
     lock = threading.Lock()
@@ -466,19 +613,27 @@ def main(argv: list[str] | None = None) -> int:
             parallel=args.parallel, cpus=(_pin_prefix(args) or [None] * 4)[3],
         )  # fmt: skip
         hit = _first_at(r["curve"], args.target)
+        last = next((p for p in reversed(r["curve"]) if p["greedy"] is not None), None)
+        step_s = statistics.median(p["step_s"] for p in r["curve"][1:]) if len(r["curve"]) > 1 else None
         print(
             f"{name} seed {seed}: "
             + (
-                f"greedy {args.target} at step {hit['step']}, {hit['train_s']:.1f} s"
+                f"greedy {args.target} at step {hit['step']}, train {hit['train_s']:.1f} s, "
+                f"wall {hit['wall_s']:.1f} s after launch"
                 if hit
                 else "target missed"
             )
-            + f"; final greedy {r['curve'][-1]['greedy']}; load {load[0]:.1f}->{r['load_after'][0]:.1f}",
+            + (f"; last scored greedy {last['greedy']:.3f} at step {last['step']}" if last else "")
+            + (f"; median step {step_s:.3f} s" if step_s is not None else "")
+            + f"; {len(r['curve'])} steps in {r['run_s']} s"
+            + (f", stopped by the bench ({r['stopped']})" if r.get("stopped") else "")
+            + f"; load {load[0]:.1f}->{r['load_after'][0]:.1f}",
             flush=True,
         )
         return r
 
-    jobs = [(name, seed) for name in args.only for seed in args.seeds]
+    # Seed by seed, both sides in turn: a run cut short by a time limit costs one side of one seed.
+    jobs = [(name, seed) for seed in args.seeds for name in args.only]
     done: dict[tuple[str, int], dict] = {}
 
     def record(job: tuple[str, int]) -> None:
