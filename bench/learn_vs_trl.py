@@ -40,13 +40,14 @@ Presets (`--preset`; a flag given on the command line still wins):
                        (hidden 512, 8 layers, 8 heads of 64, 4 KV heads, MLP 1536; char tokenizer, tied
                        embeddings) SFT'd ON THE GPU by the demo's own `prepare_demo` (the trainer's SFT, stopped
                        at greedy 0.42 on the check problems), then RL at 256 prompts x 8 samples, lr 5e-5, up to
-                       150 steps, a checkpoint every 10, greedy target 0.75; each side's whole optimizer step in
+                       300 steps, a checkpoint every 10, greedy target 0.75, one seed; each side's whole optimizer step in
                        one pass (ours: --micro-batch-size = the step, the GPU's auto would be passes of 8), fp32
                        training on both sides (TRL bf16=False; our rollout engine samples from the bf16 weights
                        the colocated push serves, TIS on: our defaults). The mesh runs with its defaults on one
                        GPU: colocated (CUDA IPC pushes), one version stale, rollout overlapping training. The
                        checkpoints are scored on the GPU while each run goes (`--stop-at-target`): a run stops at
-                       its first checkpoint at the target, or after `--max-run-s` 170 s.
+                       its first checkpoint at the target, or after `--max-run-s` 170 s, or sooner when
+                       the runs left would not fit in `--budget-s` 480 s from the bench's start.
     --smoke            the same path shrunk to seconds on a CPU (a 2-layer 64-wide model, 10 SFT steps,
                        4 prompts x 4 samples, 4 steps, target 0: stops at the first checkpoint).
 
@@ -107,11 +108,13 @@ VARIANTS: dict[str, list[str]] = {
 # Issue 14 item 5 on one H200: (bench settings, warm start, mesh flags). The model and SFT: the
 # demo's lr scaled down with width and depth (6e-3 at 256 wide x 2 layers -> 1e-3), RL 20x below
 # the SFT's lr as in the demo (6e-3 / 3e-4); batch 4x the CPU's, so the GPU has work.
+RUN_MARGIN_S = 20.0  # --budget-s: a stopped run's shutdown and last scoring
+
 PRESETS: dict[str, dict] = {
     "h200": {
         "args": dict(
-            rollout_batch_size=256, n_samples_per_prompt=8, lr=5e-5, num_steps=150, eval_every=10,
-            target=0.75, seeds=[1], stop_at_target=True, max_run_s=170.0,
+            rollout_batch_size=256, n_samples_per_prompt=8, lr=5e-5, num_steps=300, eval_every=10,
+            target=0.75, seeds=[1], stop_at_target=True, max_run_s=170.0, budget_s=480.0,
         ),
         "warm_start": dict(
             hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
@@ -123,7 +126,7 @@ PRESETS: dict[str, dict] = {
 SMOKE = {  # --smoke: the preset's path in seconds on a CPU
     "args": dict(
         rollout_batch_size=4, n_samples_per_prompt=4, num_steps=4, eval_every=2, target=0.0,
-        max_run_s=0.0,
+        max_run_s=0.0, budget_s=0.0,
     ),
     "warm_start": dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
@@ -274,7 +277,8 @@ def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dic
     # after the launcher had put its handlers back (the run was ending anyway).
     if proc.returncode not in ((0, 128 + signal.SIGTERM, -signal.SIGTERM) if live.stopped else (0,)):
         raise RuntimeError(f"{name} seed {seed}: slipstream train exited {proc.returncode}; see {log.name}")
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    # (No metrics: stopped before its first step.)
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
     # Checkpoint writes sit between a save step's row and the next step's start: the gap over a
     # step's own duration (num_trained_tokens / tokens_per_s) beyond the median gap is the save.
     durations = [r["num_trained_tokens"] / max(r["tokens_per_s"], 1e-9) for r in rows]
@@ -511,6 +515,11 @@ def main(argv: list[str] | None = None) -> int:
         "--max-run-s", type=float, default=0.0, help="Stop a run this long after its launch; 0 = never."
     )
     p.add_argument(
+        "--budget-s", type=float, default=0.0,
+        help="Seconds from the bench's start (warm start included) that every run must fit in: each run "
+        "is stopped by --max-run-s or an equal share of what is left, whichever is sooner; 0 = no budget.",
+    )  # fmt: skip
+    p.add_argument(
         "--prep", type=Path, help="The warm start's directory (default: runs/learn/prep[-PRESET])."
     )
     p.add_argument("--prep-seed", type=int, default=0, help="Seed of the warm start (made once).")
@@ -530,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument("--first-cpu", type=int, default=0, help="First core of the first slot (--cpus-per-run).")
     p.add_argument("--trl-child", help=argparse.SUPPRESS)
+    t_bench = time.time()
     args = p.parse_args(argv)
     if args.trl_child:
         trl_child(args.trl_child)
@@ -602,15 +612,20 @@ def main(argv: list[str] | None = None) -> int:
 
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
+        run_args = args
+        if args.budget_s:  # what is left of the budget, shared equally by the runs still to go
+            cap = (args.budget_s - (time.time() - t_bench)) / (len(jobs) - len(done)) - RUN_MARGIN_S
+            cap = max(cap, 30.0)  # a run cut to nothing measures nothing
+            run_args = argparse.Namespace(**{**vars(args), "max_run_s": min(args.max_run_s or cap, cap)})
         load = os.getloadavg()
         t0 = time.time()
         if name == "trl":
-            r = run_trl(args, name, args.trl_args, seed, run_dir)
+            r = run_trl(run_args, name, args.trl_args, seed, run_dir)
         else:
-            r = run_mesh(args, name, VARIANTS[name], seed, run_dir)
+            r = run_mesh(run_args, name, VARIANTS[name], seed, run_dir)
         r.update(
             seed=seed, load_before=load, load_after=os.getloadavg(), run_s=round(time.time() - t0, 1),
-            parallel=args.parallel, cpus=(_pin_prefix(args) or [None] * 4)[3],
+            parallel=args.parallel, cpus=(_pin_prefix(args) or [None] * 4)[3], max_run_s=run_args.max_run_s,
         )  # fmt: skip
         hit = _first_at(r["curve"], args.target)
         last = next((p for p in reversed(r["curve"]) if p["greedy"] is not None), None)
