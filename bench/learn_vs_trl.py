@@ -258,8 +258,6 @@ def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dic
     offset = 0
     while True:
         done = proc.poll() is not None
-        if not done and live.stopped is None and live.stop():
-            proc.send_signal(signal.SIGTERM)  # the launcher's orderly stop: last step, checkpoint, exit 143
         if metrics.exists():
             with metrics.open() as f:
                 f.seek(offset)
@@ -271,6 +269,9 @@ def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dic
                     seen.setdefault(json.loads(line)["step"], time.time() - t_launch)
         if done:
             break
+        # After the rows are stamped: scoring a checkpoint takes a moment.
+        if live.stopped is None and live.stop():
+            proc.send_signal(signal.SIGTERM)  # the launcher's orderly stop: last step, checkpoint, exit 143
         time.sleep(0.05)
     log.close()
     # Stopped by the bench: the launcher's exit code for SIGTERM, or the signal's own when it came
