@@ -107,9 +107,12 @@ def test_offloads_on_gpu_keep_state_on_the_host_and_train_alike(model_dir):
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    offloaded = _same_training(
-        model_dir, "cuda", dict(optimizer_cpu_offload=True, ref_offload=True), bf16=True
-    )
+    # float32: under --bf16 the compute copy is rounded from the masters every step, and a master
+    # one float32 rounding apart (AdamW on the CPU against the GPU's) can land on the neighbouring
+    # bf16 value, so the second step's gradients differ at bf16's resolution (measured on the
+    # H200: up to 9e-4 after two steps at lr 1e-2) and no tight check holds; in float32 the two
+    # agree to 1e-6, so this checks that offloading changes nothing it trains.
+    offloaded = _same_training(model_dir, "cuda", dict(optimizer_cpu_offload=True, ref_offload=True))
     assert all(p.device.type == "cpu" for p in offloaded.model.parameters())  # masters
     assert all(
         p.device.type == "cpu" for s in offloaded.optimizer.state.values() for p in s.values() if p.dim()

@@ -63,12 +63,6 @@ from slipstream.services.rollout.engine.slots import Slots
 
 _RUNNING, _STOP, _LENGTH = 0, 1, 2
 
-# The graphed MoE decode did not give the eager decode's tokens on the H200 (session 5:
-# tests/test_moe_grouped.py::test_engine_moe_decode_in_cuda_graphs_equals_eager failed, the
-# grouped-GEMM numerics test passed), so MoE models decode eagerly, grouped GEMMs included, until
-# that test passes; it runs the graphed path by setting this flag.
-MOE_CUDA_GRAPHS = False
-MOE_CUDA_GRAPHS_OFF = "graphed MoE decode not yet matching eager decode on the GPU"
 KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8_e4m3": FP8_DTYPE}
 _REASONS: dict[int, FinishReason] = {_STOP: "stop", _LENGTH: "length"}
 
@@ -138,11 +132,10 @@ class ModelRunner:
         expert_dtype = torch.uint8 if cfg.num_experts <= 256 else torch.int16
         if moe_layers and self.device.type == "cuda":
             fused_decode = False  # the fused decoder is dense-only
+            # Grouped GEMMs have static shapes and no host sync, so MoE decode runs in CUDA graphs;
+            # the expert loop reads per-expert counts on the host and cannot be captured.
             grouped = use_grouped_experts(model)
-            if cuda_graphs and not MOE_CUDA_GRAPHS:
-                log.info("MoE model: decoding without CUDA graphs (%s)", MOE_CUDA_GRAPHS_OFF)
-                cuda_graphs = False
-            elif not grouped and cuda_graphs:
+            if not grouped and cuda_graphs:
                 log.warning(
                     "MoE model: grouped expert GEMMs need a Hopper GPU and bf16; decoding without CUDA graphs"
                 )
