@@ -286,6 +286,7 @@ def sft_with_trainer(
     check: EncodedProblems | None = None,
     log: Any = print,
     device: str = "cpu",
+    watch: Any = None,
 ) -> tuple[int, Any]:
     """Supervised fine-tuning of `model` on `problems` by the trainer itself (`--loss-type
     sft_loss`, services/trainer/sft.py: its micro-batches, AdamW, lr schedule, checkpoints and
@@ -294,7 +295,8 @@ def sft_with_trainer(
     The loss is the negative log-likelihood of each answer and its EOS. Every `check_every`
     steps the greedy accuracy on `check` is measured and the run stops as soon as it reaches
     `stop_greedy_accuracy` (how fast the carry is learned varies with the seed, so a fixed step
-    count is either slow or unreliable). Everything is seeded, so the stopping step is too."""
+    count is either slow or unreliable). Everything is seeded, so the stopping step is too.
+    `watch(step, model)`, when given, sees the model after every step first; True ends the run."""
     from slipstream.config import config_from_values
     from slipstream.services.trainer.checkpoint import resolve_checkpoint
     from slipstream.services.trainer.sft import train_sft
@@ -316,6 +318,8 @@ def sft_with_trainer(
     )  # fmt: skip
 
     def after_step(step: int, actor: Any) -> bool:
+        if watch is not None and watch(step, actor.model):
+            return True
         if check is None or step % cfg.check_every:
             return False
         with torch.no_grad():
