@@ -106,6 +106,7 @@ VARIANTS: dict[str, list[str]] = {
 }  # fmt: skip
 
 RUN_MARGIN_S = 20.0  # --budget-s: a stopped run's shutdown and last scoring
+KILL_AFTER_S = 90.0  # a run still going this long after the bench stopped it is killed
 
 # Issue 14 item 5 on one H200: bench settings and warm start. Not tuned on a GPU: the demo's lrs
 # (SFT 6e-3, RL 3e-4 at 256 wide x 2 layers) over 1/width (muP's Adam rule, as GPT-3's lrs fall
@@ -183,6 +184,7 @@ class LiveEval:
         self.max_run_s = getattr(args, "max_run_s", 0.0)
         self.greedy: dict[int, float] = {}
         self.stopped: str | None = None  # why the bench stopped the run: "target" or "time"
+        self.t_stop = 0.0
 
     def score_new(self) -> None:
         for d in sorted(self.dir.glob("step_*")) if self.dir.is_dir() else []:
@@ -197,7 +199,14 @@ class LiveEval:
                 self.stopped = "target"
         if self.stopped is None and self.max_run_s and time.time() - self.t_launch > self.max_run_s:
             self.stopped = "time"
+        if self.stopped is not None:
+            self.t_stop = time.time()
         return self.stopped is not None
+
+    def kill_if_stuck(self, proc: subprocess.Popen) -> None:
+        """SIGKILL a run that has not ended KILL_AFTER_S after the bench stopped it (a step that hangs)."""
+        if self.stopped is not None and time.time() - self.t_stop > KILL_AFTER_S and proc.poll() is None:
+            proc.kill()
 
     def greedy_at(self, step: int) -> float | None:
         self.score_new()
@@ -273,6 +282,7 @@ def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dic
         # After the rows are stamped: scoring a checkpoint takes a moment.
         if live.stopped is None and live.stop():
             proc.send_signal(signal.SIGTERM)  # the launcher's orderly stop: last step, checkpoint, exit 143
+        live.kill_if_stuck(proc)
         time.sleep(0.05)
     log.close()
     # Stopped by the bench: the launcher's exit code for SIGTERM, or the signal's own when it came
@@ -340,6 +350,7 @@ def run_trl(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dict
         while proc.poll() is None:
             if live.stopped is None and live.stop():
                 (run_dir / "stop").touch()  # the child's callback ends training after its step
+            live.kill_if_stuck(proc)
             time.sleep(0.05)
     code = proc.returncode
     if code != 0:
@@ -546,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.trl_child:
         trl_child(args.trl_child)
         return 0
+    bad = [n for n in args.only if n != "trl" and n not in VARIANTS]
+    if bad:
+        p.error(f"--only {bad[0]}: not a variant (trl, {', '.join(VARIANTS)})")
     if args.smoke and not args.preset:
         p.error("--smoke shrinks a --preset: give one")
     warm_start: dict = {}
@@ -616,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.mkdir(parents=True)
         run_args = args
         if args.budget_s:  # what is left of the budget, shared equally by the runs still to go
-            cap = (args.budget_s - (time.time() - t_bench)) / (len(jobs) - len(done)) - RUN_MARGIN_S
+            to_go = len(jobs) - len(done) - len(failed)
+            cap = (args.budget_s - (time.time() - t_bench)) / to_go - RUN_MARGIN_S
             cap = max(cap, 30.0)  # a run cut to nothing measures nothing
             run_args = argparse.Namespace(**{**vars(args), "max_run_s": min(args.max_run_s or cap, cap)})
         load = os.getloadavg()
@@ -653,8 +668,21 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(name, seed) for seed in args.seeds for name in args.only]
     done: dict[tuple[str, int], dict] = {}
 
+    failed: dict[str, str] = {}
+
     def record(job: tuple[str, int]) -> None:
-        r = one(*job)
+        try:
+            r = one(*job)
+        except Exception as e:  # noqa: BLE001 - one run's failure must not cost the others their turn
+            import traceback
+
+            traceback.print_exc()
+            print(f"{job[0]} seed {job[1]}: failed: {e}", flush=True)
+            with lock:
+                failed[f"{job[0]}-s{job[1]}"] = str(e)
+                results["failed"] = failed
+                args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+            return
         with lock:  # write as runs finish: a run cut short by a time limit loses only itself
             done[job] = r
             name = job[0]
@@ -675,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{name:22s} steps {s['steps_to_target']}  train_s {s['train_s_to_target']}  step_s {s['median_step_s']}"
         )
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
