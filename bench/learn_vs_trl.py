@@ -116,7 +116,7 @@ PRESETS: dict[str, dict] = {
     "h200": {
         "args": dict(
             rollout_batch_size=256, n_samples_per_prompt=8, lr=5e-5, num_steps=300, eval_every=10,
-            target=0.75, seeds=[1], stop_at_target=True, max_run_s=170.0, budget_s=480.0,
+            target=0.75, seeds=[1], stop_at_target=True, max_run_s=170.0, budget_s=480.0, copy_logs=True,
         ),
         "warm_start": dict(
             hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
@@ -226,6 +226,19 @@ def _pin_prefix(args) -> list[str]:
     # Python's own sched_setaffinity, then exec: no dependency on util-linux's taskset.
     pin = "import os, sys; os.sched_setaffinity(0, {int(c) for c in sys.argv[1].split(',')}); os.execvp(sys.argv[2], sys.argv[2:])"
     return [sys.executable, "-c", pin, cpus]
+
+
+def copy_logs(args, name: str, seed: int) -> None:
+    """The run's logs (the bench's log of it; a mesh's services' logs), each its last 256 KiB, next
+    to --out in <out>_logs/: what comes back from a GPU machine is --out's folder, not runs/."""
+    run_dir = args.runs_dir / f"{name}-s{seed}"
+    dest = args.out.parent / f"{args.out.stem}_logs" / f"{name}-s{seed}"
+    dest.mkdir(parents=True, exist_ok=True)
+    for log in [args.runs_dir / f"{name}-s{seed}.log", *sorted((run_dir / "logs").glob("*.log"))]:
+        if log.is_file():
+            with log.open("rb") as f:
+                f.seek(max(0, log.stat().st_size - 256 * 1024))
+                (dest / log.name).write_bytes(f.read())
 
 
 def _gpu_name(device: str) -> str | None:
@@ -544,6 +557,10 @@ def main(argv: list[str] | None = None) -> int:
         "--mesh-flags", nargs=argparse.REMAINDER, default=[], help="Flags for every mesh run (last)."
     )
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "learn_vs_trl.json")
+    p.add_argument(
+        "--copy-logs", action=argparse.BooleanOptionalAction, default=False,
+        help="Copy each run's logs next to --out (<out>_logs/; the h200 preset does).",
+    )  # fmt: skip
     p.add_argument("--parallel", type=int, default=1, help="Runs at once (steps compare, clocks do not).")
     p.add_argument(
         "--cpus-per-run", type=int, default=0,
@@ -673,11 +690,15 @@ def main(argv: list[str] | None = None) -> int:
     def record(job: tuple[str, int]) -> None:
         try:
             r = one(*job)
+            if args.copy_logs:
+                copy_logs(args, *job)
         except Exception as e:  # noqa: BLE001 - one run's failure must not cost the others their turn
             import traceback
 
             traceback.print_exc()
             print(f"{job[0]} seed {job[1]}: failed: {e}", flush=True)
+            if args.copy_logs:
+                copy_logs(args, *job)
             with lock:
                 failed[f"{job[0]}-s{job[1]}"] = str(e)
                 results["failed"] = failed
