@@ -40,7 +40,7 @@ Presets (`--preset`; a flag given on the command line still wins):
                        (hidden 512, 8 layers, 8 heads of 64, 4 KV heads, MLP 1536; char tokenizer, tied
                        embeddings) SFT'd ON THE GPU by the demo's own `prepare_demo` (the trainer's SFT, stopped
                        at greedy 0.42 on the check problems), then RL at 256 prompts x 8 samples, lr 5e-5, up to
-                       300 steps, a checkpoint every 10, greedy target 0.75, one seed; each side's whole optimizer step in
+                       300 steps, a checkpoint every 10, greedy target 0.75, seeds 1 then 2 (2 in what 1 left); each side's whole optimizer step in
                        one pass (ours: --micro-batch-size = the step, the GPU's auto would be passes of 8), fp32
                        training on both sides (TRL bf16=False; our rollout engine samples from the bf16 weights
                        the colocated push serves, TIS on: our defaults). The mesh runs with its defaults on one
@@ -107,6 +107,7 @@ VARIANTS: dict[str, list[str]] = {
 
 RUN_MARGIN_S = 20.0  # --budget-s: a stopped run's shutdown and last scoring
 KILL_AFTER_S = 90.0  # a run still going this long after the bench stopped it is killed
+MIN_RUN_S = 60.0  # --budget-s: a later seed's run gets at least this or is skipped
 
 # Issue 14 item 5 on one H200: bench settings and warm start. Not tuned on a GPU: the demo's lrs
 # (SFT 6e-3, RL 3e-4 at 256 wide x 2 layers) over 1/width (muP's Adam rule, as GPT-3's lrs fall
@@ -116,7 +117,7 @@ PRESETS: dict[str, dict] = {
     "h200": {
         "args": dict(
             rollout_batch_size=256, n_samples_per_prompt=8, lr=5e-5, num_steps=300, eval_every=10,
-            target=0.75, seeds=[1], stop_at_target=True, max_run_s=170.0, budget_s=480.0, copy_logs=True,
+            target=0.75, seeds=[1, 2], stop_at_target=True, max_run_s=170.0, budget_s=480.0, copy_logs=True,
         ),
         "warm_start": dict(
             hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
@@ -629,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     free = list(range(max(1, args.parallel)))
     lock = threading.Lock()
 
-    def one(name: str, seed: int) -> dict:
+    def one(name: str, seed: int) -> dict | None:
         with lock:
             _SLOTS.slot = free.pop(0)
         try:
@@ -638,19 +639,26 @@ def main(argv: list[str] | None = None) -> int:
             with lock:
                 free.append(_SLOTS.slot)
 
-    def _one(name: str, seed: int) -> dict:
+    def _one(name: str, seed: int) -> dict | None:
+        run_args = args
+        if args.budget_s:
+            # What is left of the budget, shared equally by the runs still to go: the first seed's
+            # share it among themselves; a later seed runs only in what they left.
+            first = [j for j in jobs if j[1] == args.seeds[0]]
+            to_go = [j for j in jobs if j not in done and j not in failed and j not in skipped]
+            if (name, seed) in first:
+                to_go = [j for j in to_go if j in first]
+            cap = (args.budget_s - (time.time() - t_bench)) / len(to_go) - RUN_MARGIN_S
+            if cap < MIN_RUN_S and (name, seed) not in first:
+                return None
+            cap = max(cap, MIN_RUN_S)  # a run cut to nothing measures nothing
+            run_args = argparse.Namespace(**{**vars(args), "max_run_s": min(args.max_run_s or cap, cap)})
         run_dir = args.runs_dir / f"{name}-s{seed}"
         if run_dir.exists():
             import shutil
 
             shutil.rmtree(run_dir)
         run_dir.mkdir(parents=True)
-        run_args = args
-        if args.budget_s:  # what is left of the budget, shared equally by the runs still to go
-            to_go = len(jobs) - len(done) - len(failed)
-            cap = (args.budget_s - (time.time() - t_bench)) / to_go - RUN_MARGIN_S
-            cap = max(cap, 30.0)  # a run cut to nothing measures nothing
-            run_args = argparse.Namespace(**{**vars(args), "max_run_s": min(args.max_run_s or cap, cap)})
         load = os.getloadavg()
         t0 = time.time()
         if name == "trl":
@@ -685,11 +693,19 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(name, seed) for seed in args.seeds for name in args.only]
     done: dict[tuple[str, int], dict] = {}
 
-    failed: dict[str, str] = {}
+    failed: dict[tuple[str, int], str] = {}
+    skipped: set[tuple[str, int]] = set()
 
     def record(job: tuple[str, int]) -> None:
         try:
             r = one(*job)
+            if r is None:
+                print(f"{job[0]} seed {job[1]}: skipped, too little of --budget-s left", flush=True)
+                with lock:
+                    skipped.add(job)
+                    results.setdefault("skipped", []).append(f"{job[0]}-s{job[1]}")
+                    args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+                return
             if args.copy_logs:
                 copy_logs(args, *job)
         except Exception as e:  # noqa: BLE001 - one run's failure must not cost the others their turn
@@ -700,8 +716,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.copy_logs:
                 copy_logs(args, *job)
             with lock:
-                failed[f"{job[0]}-s{job[1]}"] = str(e)
-                results["failed"] = failed
+                failed[job] = str(e)
+                results["failed"] = {f"{n}-s{s}": why for (n, s), why in failed.items()}
                 args.out.write_text(json.dumps(results, indent=1, default=str) + "\n")
             return
         with lock:  # write as runs finish: a run cut short by a time limit loses only itself
