@@ -156,10 +156,10 @@ def _logits(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
 def answer_logprobs(model: Any, enc: EncodedProblems) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p of each answer token/EOS, whether it is the argmax), both [N, T], zero/True off-answer.
     Computed on the model's device (the problems are encoded on the CPU)."""
-    device = next(model.parameters()).device
-    logits = _logits(model, enc.input_ids.to(device)).float()
+    param = next(model.parameters(), None)  # none: a test's fixed-logit oracle, where the problems are
+    logits = _logits(model, enc.input_ids if param is None else enc.input_ids.to(param.device)).float()
     logp = F.log_softmax(logits, dim=-1)
-    targets = enc.targets.to(device)
+    targets = enc.targets.to(logits.device)
     mask = targets != IGNORE
     tgt = targets.clamp(min=0)
     tok_logp = logp.gather(-1, tgt[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
