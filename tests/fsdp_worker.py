@@ -21,6 +21,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -37,14 +38,18 @@ DEVICE = os.environ.get("FSDP_WORKER_DEVICE", "cpu")
 
 def run_two_ranks(model_dir, out, mode: str, timeout: float = 240, env: dict | None = None) -> None:
     """This worker's `mode` on two ranks under torchrun (gloo on CPU unless FSDP_WORKER_DEVICE), from a
-    test; its stderr's tail when it fails."""
+    test; its stderr's tail when it fails. `timeout` holds on an idle 2-core box (`scaled` here);
+    a rank that aborts prints every thread's Python stack (faulthandler) into that tail."""
     import subprocess
+
+    from machine_speed import scaled
 
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
         str(Path(__file__)), str(model_dir), str(out), mode,
     ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=scaled(timeout), env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -433,14 +438,38 @@ def main() -> None:
     }
     if sys.argv[3:] and sys.argv[3] in modes:
         out.mkdir(parents=True, exist_ok=True)
-        return shutdown(modes[sys.argv[3]](model_dir, out))
+        leave(modes[sys.argv[3]](model_dir, out))
     par = init_parallel(torch.device("cpu"))
     model = shard_model(load_model(model_dir), par)
     tokens = global_batch(model.config.vocab_size)
     share = GLOBAL_BATCH // par.world_size
     opt = train(model, tokens[par.rank * share : (par.rank + 1) * share])
     save_checkpoint(out, 2, model, opt, {"policy_version": 2}, par=par)
+    leave(par)
+
+
+def leave(par) -> NoReturn:
+    """End a rank whose mode returned: the ranks leave the group together (a barrier, then
+    destroy_process_group), then the process exits as the trainer's do (`exit_now`: streams
+    flushed, no interpreter teardown).
+
+    Before, each rank destroyed the group and ran Python's teardown as soon as its own mode
+    returned, while the other could still be working (rank 0 writes the reports after the last
+    collective, and the ranks of the qat, wire and lora modes build new actors one after another).
+    That teardown frees what FSDP2 and DTensor keep of the process group, gloo's connections
+    and the threads behind them in whatever order the garbage collector finds them. Once, in a
+    loaded `make test`, rank 1 of the qat mode (the rank that finishes first) died while rank 0
+    still ran, with "terminate called without an active exception" (SIGABRT: a C++ thread object
+    destroyed while its thread runs, what such a teardown produces), and every test of
+    tests/test_fsdp_qat.py errored in setup."""
+    import torch.distributed as dist
+
+    from slipstream.rpc.server import exit_now
+
+    if par.enabled and dist.is_initialized():
+        dist.barrier()
     shutdown(par)
+    exit_now(0)
 
 
 if __name__ == "__main__":
