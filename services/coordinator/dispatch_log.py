@@ -13,8 +13,8 @@ once per group id.
 
 from __future__ import annotations
 
-import json
 import time
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 
 NAME = "dispatch.jsonl"
@@ -35,11 +35,14 @@ class DispatchLog:
     def event(self, event: str, group_id: str, uids: list[str] | tuple[str, ...] = ()) -> None:
         if self._file is None:
             return
-        t = time.time()
-        lines = [{"event": event, "group_id": group_id, "uid": uid, "t": t} for uid in uids] or [
-            {"event": event, "group_id": group_id, "t": t}
-        ]
-        self._file.write("".join(json.dumps(line) + "\n" for line in lines))
+        # json.dumps of each line's dict, written out: a step's 1,024 lines cost a json.dumps
+        # call each otherwise (5% of the coordinator's CPU). Same bytes, keys in the same order.
+        head = f'{{"event": {encode_basestring_ascii(event)}, "group_id": {encode_basestring_ascii(group_id)}'
+        tail = f', "t": {float.__repr__(time.time())}}}\n'
+        if uids:
+            self._file.write("".join(f'{head}, "uid": {encode_basestring_ascii(u)}{tail}' for u in uids))
+        else:
+            self._file.write(head + tail)
         self._file.flush()
 
     def close(self) -> None:

@@ -64,21 +64,22 @@ class Prompts:
 
     def templates(self, group_id: str, index: int, record: PromptRecord, n: int) -> list[types_pb2.Sample]:
         """The `n` samples of group `group_id` (prompt number `index`), not yet generated."""
-        tokens = self._tokens[id(record)]
-        return [
-            sample_to_proto(
-                Sample(
-                    uid=f"{group_id}/{i}",
-                    group_index=index,
-                    index=i,
-                    prompt=record.prompt,
-                    tokens=list(tokens),
-                    label=record.label,
-                    metadata=dict(record.metadata),
-                )
+        template = sample_to_proto(
+            Sample(
+                group_index=index,
+                prompt=record.prompt,
+                tokens=self._tokens[id(record)],
+                label=record.label,
+                metadata=record.metadata,
             )
-            for i in range(n)
-        ]
+        )  # converted once, copied n times (the prompt's tokens, text and metadata JSON)
+        samples = []
+        for i in range(n):
+            sample = types_pb2.Sample()
+            sample.CopyFrom(template)
+            sample.uid, sample.index = f"{group_id}/{i}", i
+            samples.append(sample)
+        return samples
 
 
 def work_item(

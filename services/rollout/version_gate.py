@@ -31,6 +31,12 @@ class VersionGate:
 
         Returns False, without entering, once `abandoned()` is true (call `poke` after setting it).
         """
+        if not self._closed and self._version() >= min_version and not abandoned():
+            # The common case, one item of a burst: what the condition would find at once. No
+            # coroutine holds the lock across a suspension (waits release it), so this is what
+            # taking it would see.
+            self.num_running += 1
+            return True
         async with self._cond:
             await self._cond.wait_for(
                 lambda: abandoned() or (not self._closed and self._version() >= min_version)

@@ -14,6 +14,7 @@ it, and the coordinator reports the rollout idle fraction from it.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import queue
 import threading
@@ -27,6 +28,15 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
+
+
+def _name_os_thread(name: str) -> None:
+    """Give the calling thread `name` where the OS shows it (`top -H`, /proc/<pid>/task/*/comm,
+    py-spy), so the engine's CPU is told apart from the event loop's. Linux; elsewhere a no-op."""
+    try:
+        ctypes.CDLL("libc.so.6").prctl(15, name.encode()[:15], 0, 0, 0)  # PR_SET_NAME
+    except (OSError, AttributeError):
+        pass
 
 
 def _resolve(fut: asyncio.Future, value: Any = None, error: BaseException | None = None) -> None:
@@ -163,6 +173,7 @@ class EngineWorker:
         self.died.set()
 
     def _run(self) -> None:
+        _name_os_thread("engine")
         try:
             while not self._stopping:
                 while True:
