@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from machine_speed import scaled
 from safetensors.torch import load_file
 
 from mesh_fixtures import build_prompts, build_tiny_model
@@ -37,7 +38,7 @@ def test_mesh_trains_lora_adapters_and_pushes_merged_weights(tmp_path, redis_url
         "--use-kl-loss", "--kl-loss-coef", "0.1",  # the reference: the base, adapters off
         *trainer,
     ]  # fmt: skip
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=scaled(300))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["finished"] and summary["policy_version"] == 3

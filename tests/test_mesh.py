@@ -76,7 +76,10 @@ def test_mesh_trains_and_syncs_weights(assets, tmp_path, redis_url):
     model, prompts = assets
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        _argv(model, prompts, run_dir, "--redis-url", redis_url), capture_output=True, text=True, timeout=300
+        _argv(model, prompts, run_dir, "--redis-url", redis_url),
+        capture_output=True,
+        text=True,
+        timeout=scaled(300),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -156,6 +159,17 @@ def _launch_until_first_step(model: Path, prompts: Path, run_dir: Path, *extra: 
     return launcher
 
 
+def _stderr_at_exit(launcher: subprocess.Popen, timeout: float) -> str:
+    """The launcher's stderr once it has exited; a run still going after `timeout` fails the
+    test with what it printed so far."""
+    try:
+        return launcher.communicate(timeout=timeout)[1]
+    except subprocess.TimeoutExpired:
+        launcher.kill()
+        err = launcher.communicate()[1]
+        pytest.fail(f"the run did not end within {timeout:.0f} s; its stderr:\n{err[-3000:]}")
+
+
 @pytest.mark.parametrize("victim", ["rollout-1", "coordinator", "reward", "trainer", "redis"])
 def test_killing_a_service_stops_the_run(assets, tmp_path, victim):
     model, prompts = assets
@@ -183,7 +197,12 @@ def test_killing_a_service_stops_the_run(assets, tmp_path, victim):
 
 def test_max_restarts_brings_dead_services_back(assets, tmp_path):
     """Supervised like a Kubernetes pod: the reward service and a rollout server are SIGKILLed
-    after the first step, the launcher starts each again on its port, and the run finishes."""
+    after the first step, the launcher starts each again on its port, and the run finishes.
+
+    The wait for the run's end is bounded by `scaled` like the test's other waits (15-20 s on an
+    idle 2-core box, 21-29 s at a load average of 10-13: two services start again one after the
+    other, then five steps); it was the test's one fixed bound (180 s), and what a timeout left of
+    the launcher's stderr is in the failure."""
     model, prompts = assets
     run_dir = tmp_path / "run"
     launcher = _launch_until_first_step(model, prompts, run_dir, "--num-rollout", "6", "--max-restarts", "1")
@@ -191,7 +210,7 @@ def test_max_restarts_brings_dead_services_back(assets, tmp_path):
         before = json.loads((run_dir / "pids.json").read_text())
         for victim in ("reward", "rollout-1"):
             os.kill(before[victim], signal.SIGKILL)
-        _, err = launcher.communicate(timeout=180)
+        err = _stderr_at_exit(launcher, scaled(180))
     finally:
         if launcher.poll() is None:
             launcher.kill()
@@ -218,7 +237,7 @@ def test_bad_input_gives_one_line(assets, tmp_path):
         "rm-url": (_argv(model, prompts, tmp_path / "r3", "--rm-url", "http://127.0.0.1:9/rm"), "--rm-url"),
     }
     for name, (argv, needle) in cases.items():
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=scaled(120))
         assert proc.returncode != 0, name
         last = proc.stderr.strip().splitlines()[-1]
         assert needle in last, (name, proc.stderr[-2000:])
@@ -302,7 +321,7 @@ def test_mesh_with_a_two_rank_fsdp2_trainer(assets, tmp_path):
     model, prompts = assets
     run_dir = tmp_path / "run"
     argv = _argv(model, prompts, run_dir, "--actor-num-gpus-per-node", "2", "--micro-batch-size", "4")
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=scaled(300))
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["finished"] and summary["policy_version"] == 3
