@@ -36,9 +36,9 @@ GLOBAL_BATCH = 8
 DEVICE = os.environ.get("FSDP_WORKER_DEVICE", "cpu")
 
 
-def run_two_ranks(model_dir, out, mode: str, timeout: float = 240, env: dict | None = None) -> None:
-    """This worker's `mode` on two ranks under torchrun (gloo on CPU unless FSDP_WORKER_DEVICE), from a
-    test; its stderr's tail when it fails. `timeout` holds on an idle 2-core box (`scaled` here);
+def run_two_ranks(model_dir, out, mode: str | None, timeout: float = 240, env: dict | None = None) -> None:
+    """This worker's `mode` (None: two steps and a checkpoint) on two ranks under torchrun (gloo on
+    CPU unless FSDP_WORKER_DEVICE), from a test; its stderr's tail when it fails. `timeout` holds on an idle 2-core box (`scaled` here);
     a rank that aborts prints every thread's Python stack (faulthandler) into that tail."""
     import subprocess
 
@@ -46,7 +46,7 @@ def run_two_ranks(model_dir, out, mode: str, timeout: float = 240, env: dict | N
 
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
-        str(Path(__file__)), str(model_dir), str(out), mode,
+        str(Path(__file__)), str(model_dir), str(out), *([mode] if mode else []),
     ]  # fmt: skip
     env = {**(os.environ if env is None else env), "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=scaled(timeout), env=env)

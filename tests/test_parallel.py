@@ -3,7 +3,6 @@ checkpoints move between world sizes (written by 2 ranks, loaded by 1), and foll
 and save exactly when rank 0 does."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -53,19 +52,7 @@ def test_checkpoint_round_trip_single_process(model_dir, tmp_path):
 
 def test_fsdp2_world_size_2_matches_one_process_and_reshards(model_dir, tmp_path):
     out = tmp_path / "ckpt"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--standalone",
-        str(HERE / "fsdp_worker.py"),
-        str(model_dir),
-        str(out),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fsdp_worker.run_two_ranks(model_dir, out, None)
     ckpt = resolve_checkpoint(str(out))
     assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2
 
