@@ -338,15 +338,16 @@ class Pipeline:
     # ---- positions and the store --------------------------------------------------------
     def _position_ready(self) -> None:
         """Give ready groups buffer positions, earliest deadline first, while the bound allows."""
-        while not self.bound.window_full(self.ports.version(), self.num_accepted):
+        while not self.bound.window_full(self.ports.version(), accepted := self.num_accepted):
             running = self._in(*_RUNNING)
-            for group in sorted(self._in(Stage.READY), key=lambda g: (g.deadline, g.entered)):
+            ready = [g for g in running if g.stage is Stage.READY]
+            for group in sorted(ready, key=lambda g: (g.deadline, g.entered)):
                 others = [g.deadline for g in running if g is not group]
-                if may_store(self.num_accepted, group.deadline, others):
+                if may_store(accepted, group.deadline, others):
                     break
             else:
                 return  # each ready group would take a position an earlier, running group needs
-            group.position = self.num_accepted
+            group.position = accepted
             self._move(group, Stage.STORING)
             self._count_stale(group)
             self._to_store.set()

@@ -47,9 +47,10 @@ class VersionGate:
             return True
 
     async def leave(self) -> None:
-        async with self._cond:
-            self.num_running -= 1
-            self._cond.notify_all()
+        self.num_running -= 1
+        if self._closed:  # a draining swap waits for the last one out; an open gate has nobody to tell
+            async with self._cond:
+                self._cond.notify_all()
 
     async def poke(self) -> None:
         """Wake waiters to re-check their `abandoned` condition."""

@@ -139,7 +139,8 @@ class EngineWorker:
         if self.error is not None:
             raise RuntimeError(f"the engine thread died: {self.error}")
         self._commands.put(command)
-        self._wake.set()
+        if not self._wake.is_set():  # set and not yet cleared: the thread drains the queue after clearing
+            self._wake.set()
 
     # ---- engine thread -----------------------------------------------------------------
     def _add(self, request: Request) -> None:
