@@ -396,6 +396,14 @@ def main(argv: list[str] | None = None) -> int:
                 else ""
             )
             print(f"  {proc:12s} {v['cpu_s_per_step']:.3f}{idle}   ({top})")
+    parts = results["runs"].get(f"{args.label}parts") if "parts" in args.only else None
+    for name in (n for n in args.only if n not in ("trl", "parts")):
+        mesh = results["runs"].get(f"{args.label}{name}")
+        if parts and mesh:  # issue 20 item 5: the mesh keeps >= 90% of its parts' speed
+            share = parts["total_cpu_s_per_step"] / mesh["total_cpu_s_per_step"]
+            mesh["parts_share"] = round(share, 4)
+            print(f"{args.label}{name}: {share:.1%} of the parts' speed (CPU s a step, parts / mesh)")
+    args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 
