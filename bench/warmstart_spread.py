@@ -1,16 +1,23 @@
 """How far the demo's warm start moves under tiny numerics changes (docs/benchmarks.md, "The demo").
 
-    .venv/bin/python bench/warmstart_spread.py --variants base mbs64 noise order1 --out X.json
+    .venv/bin/python bench/warmstart_spread.py --variants base mbs64 noise order1 \
+        --prep-root runs/ws --out bench/results/warmstart_spread.json
+    .venv/bin/python -m slipstream demo --run-dir runs/ws/noise-live_g42   # RL from one of them
 
 Each variant is the demo's SFT (`warmstart.sft_with_trainer`, seed-0 init and prompts) with one
-small change, run without stopping to `--steps`; from `--from-step` on, every step records the
-check problems' and the held-out problems' greedy and sampled accuracy, mean answer log-prob and
-greedy accuracy on the sums whose units carry, so any stop rule can be replayed on the rows:
+small change:
 
     base    the demo's SFT as it is
     mbs64   --micro-batch-size 64: three micro-batches per step, the same loss summed in another order
     noise   every initial weight times (1 + 1e-7 N(0, 1)): a last-bit change
     orderN  the SFT's data order from seed N (the init unchanged)
+
+From `--from-step` on, every step scores the check problems (the demo's 512) with the live weights
+and with an EMA of them (`--ema`): greedy and sampled accuracy, mean answer log-prob, greedy on the
+sums whose units carry and on the rest. The run goes on until every stop rule of RULES has fired
+(`live_g42` is the demo's: the live weights' check greedy >= 0.42); each rule's warm start is then
+scored on every held-out problem (what the demo's promise reads) and, with `--prep-root`, written
+as a run directory that `slipstream demo --run-dir` trains from as it is.
 """
 
 from __future__ import annotations
@@ -18,13 +25,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from slipstream.demo.task import all_problems, sample_problems
+from slipstream.demo.task import all_problems, sample_problems, write_prompts
 from slipstream.demo.tokenizer import build_char_tokenizer
 from slipstream.demo.warmstart import (
     WarmStartConfig,
@@ -33,7 +41,7 @@ from slipstream.demo.warmstart import (
     model_config,
     sft_with_trainer,
 )
-from slipstream.models.hf import init_model
+from slipstream.models.hf import init_model, save_model
 
 
 def carry_mask(problems) -> torch.Tensor:
@@ -56,8 +64,18 @@ def measure(model, enc, carry) -> dict[str, float]:
     )
 
 
-def run(variant: str, steps: int, from_step: int, threads: int, ema_decay: float, live_held: bool) -> dict:
-    torch.set_num_threads(threads)
+# Stop rules replayed on the rows: (name, weights, metric, threshold); "live" is the current rule.
+RULES = [
+    ("live_g42", "check", "greedy", 0.42),
+    ("ema_g40", "ema_check", "greedy", 0.40),
+    ("ema_g42", "ema_check", "greedy", 0.42),
+    ("ema_g45", "ema_check", "greedy", 0.45),
+    ("ema_s25", "ema_check", "sampled", 0.25),
+]
+
+
+def run(variant: str, a: argparse.Namespace) -> dict:
+    torch.set_num_threads(a.threads)
     cfg = WarmStartConfig(micro_batch_size=64 if variant == "mbs64" else 0)
     work = Path(tempfile.mkdtemp(prefix=f"ws_{variant}_"))
     tokenizer = build_char_tokenizer(work / "tok")
@@ -78,50 +96,75 @@ def run(variant: str, steps: int, from_step: int, threads: int, ema_decay: float
     check, held = encode_problems(tokenizer, check_p, vocab), encode_problems(tokenizer, held_p, vocab)
     check_c, held_c = carry_mask(check_p), carry_mask(held_p)
     rows: list[dict] = []
-    ema_model, ema = None, None
+    shadow = copy.deepcopy(model)  # holds the EMA weights, or a snapshot being measured
+    ema = [p.detach().clone() for p in shadow.parameters()]
+    snaps: dict[tuple[str, int], list[torch.Tensor]] = {}
+    stops: dict[str, int] = {}
 
     def watch(step: int, m) -> bool:
-        nonlocal ema_model, ema
-        if ema_decay:
-            with torch.no_grad():
-                live = [p.detach() for p in m.parameters()]
-                if ema is None:
-                    ema_model = copy.deepcopy(m)
-                    ema = list(ema_model.parameters())
-                for e, p in zip(ema, live, strict=True):
-                    e.mul_(ema_decay).add_(p, alpha=1 - ema_decay)
-        if step < from_step and step % 10:
+        live = [p.detach() for p in m.parameters()]
+        with torch.no_grad():
+            for e, p in zip(ema, live, strict=True):
+                e.mul_(a.ema).add_(p, alpha=1 - a.ema)
+        if step < a.from_step:
             return False
-        row = {"step": step, "check": measure(m, check, check_c)}
-        if step >= from_step:
-            row["held_out"] = measure(m, held, held_c) if not ema_decay or live_held else None
-            if ema_decay:
-                row["ema_check"] = measure(ema_model, check, check_c)
-                row["ema_held_out"] = measure(ema_model, held, held_c)
+        with torch.no_grad():
+            for s_, e in zip(shadow.parameters(), ema, strict=True):
+                s_.copy_(e)
+        row = {
+            "step": step,
+            "check": measure(m, check, check_c),
+            "ema_check": measure(shadow, check, check_c),
+        }
         rows.append(row)
         print(variant, json.dumps(row), flush=True)
-        return step >= steps
+        for name, weights, metric, threshold in RULES:
+            if name not in stops and row[weights][metric] >= threshold:
+                stops[name] = step
+                snaps[(weights, step)] = [t.clone() for t in (live if weights == "check" else ema)]
+        return len(stops) == len(RULES) or step >= a.steps
 
     t0 = time.perf_counter()
-    # No check: the LR schedule spans sft_steps (800) as in the demo; `watch` ends the run at `steps`.
+    # No check: the LR schedule spans sft_steps (800) as in the demo; `watch` ends the run.
     sft_with_trainer(
         model, work / "tok", all_problems("train"), cfg, seed, work / "sft",
         check=None, log=lambda *_: None, watch=watch,
     )  # fmt: skip
-    return {"variant": variant, "seconds": round(time.perf_counter() - t0, 1), "rows": rows}
+    seconds = time.perf_counter() - t0
+    results = {}
+    for name, weights, _, _ in RULES:
+        if name not in stops:
+            results[name] = None
+            continue
+        step = stops[name]
+        with torch.no_grad():
+            for s_, t in zip(shadow.parameters(), snaps[(weights, step)], strict=True):
+                s_.copy_(t)
+        row = next(r for r in rows if r["step"] == step)
+        results[name] = {"step": step, "check": row[weights], "held_out": measure(shadow, held, held_c)}
+        print(variant, name, json.dumps(results[name]), flush=True)
+        if a.prep_root:  # a run directory `slipstream demo --run-dir` starts from as it is
+            prep = Path(a.prep_root) / f"{variant}-{name}" / "prep"
+            save_model(shadow, prep / "model")
+            for f in (work / "tok").iterdir():
+                if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+                    shutil.copy2(f, prep / "model" / f.name)
+            write_prompts(prep / "train.jsonl", cfg.num_train_prompts, 0, split="train")
+            write_prompts(prep / "eval.jsonl", cfg.num_eval_prompts, 0, split="eval")
+    return {"variant": variant, "seconds": round(seconds, 1), "stops": results, "rows": rows}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variants", nargs="+", default=["base", "mbs64", "noise", "order1"])
-    ap.add_argument("--steps", type=int, default=330)
-    ap.add_argument("--from-step", type=int, default=250)
+    ap.add_argument("--steps", type=int, default=450, help="the most SFT steps (every rule stops it sooner)")
+    ap.add_argument("--from-step", type=int, default=250, help="the first step measured")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--ema", type=float, default=0.0, help="also an EMA of the weights with this decay")
-    ap.add_argument("--live-held", action="store_true", help="with --ema, the live weights' held-out too")
+    ap.add_argument("--ema", type=float, default=0.95, help="the decay of the weights' EMA")
+    ap.add_argument("--prep-root", help="write each rule's warm start as ROOT/VARIANT-RULE/prep")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
-    out = [run(v, a.steps, a.from_step, a.threads, a.ema, a.live_held) for v in a.variants]
+    out = [run(v, a) for v in a.variants]
     Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
 
 
