@@ -199,3 +199,34 @@ def test_warm_start_sft_stops_at_the_first_check_that_passes(tmp_path, tokenizer
     assert steps == 2
     assert (tmp_path / "sft" / "checkpoints" / "latest").read_text().strip() == "step_000002"
     assert not torch.equal(trained.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_warm_start_sft_shows_every_step_to_watch_which_can_end_it(tmp_path, tokenizer):
+    """`watch(step, model)` (bench/warmstart_spread.py replays stop rules with it) sees the trainer's
+    model after every step, before the check; True ends the run there, with its checkpoint."""
+    from slipstream.demo.warmstart import model_config, sft_with_trainer
+    from slipstream.models.hf import init_model
+
+    cfg = WarmStartConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, sft_steps=50, batch_size=8, warmup_steps=2, check_every=1,
+        stop_greedy_accuracy=2.0,  # no check ever passes
+    )  # fmt: skip
+    model = init_model(model_config(cfg, tokenizer), 0)
+    tok_dir = tmp_path / "tok"
+    build_char_tokenizer(tok_dir)
+    check = encode_problems(tokenizer, sample_problems(8, 0, split="train"), model.config.vocab_size)
+    seen: list[tuple[int, torch.Tensor]] = []
+
+    def watch(step, m):
+        seen.append((step, m.model.embed_tokens.weight.detach().clone()))
+        return step == 3
+
+    steps, trained = sft_with_trainer(
+        model, tok_dir, all_problems("train")[:64], cfg, 0, tmp_path / "sft", check=check,
+        log=lambda *_: None, watch=watch,
+    )  # fmt: skip
+    assert steps == 3 and [s for s, _ in seen] == [1, 2, 3]
+    assert not torch.equal(seen[0][1], seen[1][1])  # the live weights, step by step
+    assert (tmp_path / "sft" / "checkpoints" / "latest").read_text().strip() == "step_000003"
+    torch.testing.assert_close(trained.model.embed_tokens.weight, seen[2][1])
