@@ -22,6 +22,7 @@ from pathlib import Path
 
 import redis
 from chaos_mesh import ChaosMesh, tiny_values, wait_for
+from machine_speed import scaled
 from test_resume import NUM_GROUPS, _group
 
 from slipstream.buffer.embedded import EmbeddedRedis, free_port
@@ -64,7 +65,7 @@ def test_trainer_killed_twice_resumes_without_loss_or_duplicates(
             if i:  # a restart: how long until it trains again
                 wait_for(lambda n=steps_before: len(mesh.metrics()) > n, 120, "a step after the restart")
                 recover_s.append(time.monotonic() - t0)
-            code = trainer.popen.wait(timeout=180)
+            code = trainer.popen.wait(timeout=scaled(180))
             if crash_at:
                 assert code == -9, (crash_at, code, trainer.log()[-3000:])
                 assert f"fault injection: SIGKILL at {crash_at}" in trainer.log()
@@ -135,7 +136,7 @@ def test_trainer_rides_out_redis_and_coordinator_restarts(chaos_assets, tmp_path
         mesh.start("coordinator", "coordinator", "--reward-addr", mesh.services["reward"].addr,
                    "--port", str(coordinator.port))  # fmt: skip
         feed(NUM_GROUPS - 6)
-        code = trainer.popen.wait(timeout=120)
+        code = trainer.popen.wait(timeout=scaled(120))
         assert code == 0, trainer.log()[-3000:]
         log = trainer.log()
         assert "Redis (replay buffer) reachable again" in log
@@ -167,7 +168,7 @@ def test_an_unreachable_redis_is_one_line_after_the_reconnect_timeout(chaos_asse
         nobody = f"redis://127.0.0.1:{free_port()}/0"
         trainer = mesh.start("trainer", "trainer", "--coordinator-addr", mesh.services["coordinator"].addr,
                              "--redis-url", nobody, "--reconnect-timeout", "1.5")  # fmt: skip
-        assert trainer.popen.wait(timeout=60) == 1
+        assert trainer.popen.wait(timeout=scaled(60)) == 1
         last = trainer.log().strip().splitlines()[-1]
         assert "Redis (replay buffer) unreachable for 2s (--reconnect-timeout)" in last, trainer.log()[-2000:]
         assert "Traceback" not in trainer.log()
