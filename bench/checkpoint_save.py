@@ -52,8 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = ModelConfig(tie_word_embeddings=True, num_hidden_layers=args.layers)
     device = torch.device(args.device)
-    with torch.device(device):
-        model = init_model(cfg)
+    model = init_model(cfg).to(device)  # init draws from a CPU generator
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
