@@ -467,7 +467,7 @@ def leave(par) -> NoReturn:
     from slipstream.rpc.server import exit_now
 
     if par.enabled and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(device_ids=[par.device.index] if par.device.type == "cuda" else None)
     shutdown(par)
     exit_now(0)
 
