@@ -54,6 +54,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             )
 
 
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """The slowest test files (setup, call and teardown of their tests summed), beside pytest's
+    slowest tests: what `make test`'s two workers share out file by file (--dist loadfile)."""
+    per_file: dict[str, float] = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if isinstance(report, pytest.TestReport):
+                path = report.nodeid.split("::")[0]
+                per_file[path] = per_file.get(path, 0.0) + report.duration
+    if not per_file:
+        return
+    terminalreporter.write_sep(
+        "=", f"slowest test files (of {len(per_file)}, {sum(per_file.values()):.0f} s in all)"
+    )
+    for path, seconds in sorted(per_file.items(), key=lambda kv: -kv[1])[:10]:
+        terminalreporter.write_line(f"{seconds:8.1f}s {path}")
+
+
 @pytest.fixture(name="scaled", scope="session")
 def scaled_fixture():
     """`scaled(30)`: a bound that holds on an idle 2-core box, for this machine now."""
