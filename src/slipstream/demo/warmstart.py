@@ -12,6 +12,9 @@ once), so the check runs every step. With today's trainer
 (0.61 after 160); at 0.40, 0.391 -> 0.637; at 0.45, 0.499 -> 0.728 (too near the 0.5 ceiling);
 at 0.42 with 130 steps, 0.415 -> 0.720. (The trainer's SFT before packing stopped at 0.30 on a
 warm start that reached 0.70-0.74: the trajectory moves with the trainer's last bits.)
+The rule itself is robust to such bits (bench/warmstart_spread.py: a 1e-7 change of the init, the
+loss in 3 micro-batches, another data order all stop at held-out greedy 0.41-0.44, sampled
+0.24-0.26), but RL from those equivalent warm starts ended at 0.63-0.73 (docs/benchmarks.md).
 
 Two knobs shape the model, deterministically:
 
