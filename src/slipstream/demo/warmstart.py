@@ -14,7 +14,8 @@ at 0.42 with 130 steps, 0.415 -> 0.720. (The trainer's SFT before packing stoppe
 warm start that reached 0.70-0.74: the trajectory moves with the trainer's last bits.)
 The rule itself is robust to such bits (bench/warmstart_spread.py: a 1e-7 change of the init, the
 loss in 3 micro-batches, another data order all stop at held-out greedy 0.41-0.44, sampled
-0.24-0.26), but RL from those equivalent warm starts ended at 0.63-0.73 (docs/benchmarks.md).
+0.24-0.26), but RL from those equivalent warm starts ended at 0.615-0.750, each start's runs
+within 0.03 (docs/benchmarks.md): the seed-0 start the demo uses is one of the good ones.
 
 Two knobs shape the model, deterministically:
 
