@@ -248,6 +248,25 @@ def test_abort_returns_partial_that_continues_identically(model):
     assert NativeEngine(model, eos_token_ids=[]).generate([rest])[0].tokens == full[5:]
 
 
+def test_a_request_id_is_held_once_until_its_result_comes_back(model):
+    engine = NativeEngine(model, eos_token_ids=[])
+    engine.add_request(Request("a", prompt(4), 3, temperature=0.0))
+    with pytest.raises(ValueError, match="request a is already in the engine"):
+        engine.add_request(Request("a", prompt(5), 3))  # waiting
+    engine.step()
+    with pytest.raises(ValueError, match="already in the engine"):
+        engine.add_request(Request("a", prompt(5), 3))  # running
+    done = []
+    while engine.has_work():
+        done += engine.step()
+    assert [r.rid for r in done] == ["a"]
+    engine.add_request(Request("a", prompt(4), 3, temperature=0.0))  # finished: the id is free again
+    assert engine.abort("a").finish_reason == "abort" and engine.abort("a") is None
+    engine.add_request(Request("a", prompt(4), 3, temperature=0.0))  # aborted: free again
+    assert [r.rid for r in engine.abort_all()] == ["a"]
+    engine.add_request(Request("a", prompt(4), 3, temperature=0.0))
+
+
 def test_group_prompts_are_prefilled_once_and_sample_independently(model):
     """The n samples of a group share one prefill; each still draws exactly what it would alone."""
     group = [Request(f"g{i}", prompt(9), 10, temperature=1.0, seed=100 + i) for i in range(4)]

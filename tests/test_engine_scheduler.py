@@ -23,7 +23,7 @@ def req(rid: str, tokens: list[int], max_new_tokens: int = 4) -> Request:
 def test_admission_fills_the_free_slots_in_arrival_order():
     s = Scheduler(max_batch_size=4, max_seq_len=64, max_prefill_tokens=1000)
     for i in range(5):
-        s.add(req(f"r{i}", [i + 1, 2, 3]), running=[])
+        s.add(req(f"r{i}", [i + 1, 2, 3]))
     results: list[Result] = []
     admission = s.admit(num_running=1, results=results)
     assert [r.rid for r in admission.batch] == ["r0", "r1", "r2"]  # 1 running + 3 = the batch
@@ -35,7 +35,7 @@ def test_same_prompts_form_one_group_led_by_the_first():
     s = Scheduler(max_batch_size=8, max_seq_len=64, max_prefill_tokens=1000)
     a, b = [1, 2, 3], [4, 5]
     for rid, tokens in [("a0", a), ("b0", b), ("a1", a), ("b1", b), ("a2", a)]:
-        s.add(req(rid, tokens), running=[])
+        s.add(req(rid, tokens))
     admission = s.admit(num_running=0, results=[])
     assert [r.rid for r in admission.leaders] == ["a0", "b0"]
     assert [r.rid for r in admission.followers] == ["a1", "b1", "a2"]
@@ -47,7 +47,7 @@ def test_same_prompts_form_one_group_led_by_the_first():
 def test_prefill_budget_counts_distinct_prompts_and_one_always_fits():
     s = Scheduler(max_batch_size=8, max_seq_len=64, max_prefill_tokens=10)
     for rid, tokens in [("a", [1] * 6), ("a'", [1] * 6), ("b", [2] * 4), ("c", [3] * 20)]:
-        s.add(req(rid, tokens), running=[])
+        s.add(req(rid, tokens))
     first = s.admit(num_running=0, results=[])
     # a (6) and its follower fit; b would pad the prefill to 2 x 6 = 12 > 10 tokens.
     assert [r.rid for r in first.batch] == ["a", "a'"]
@@ -57,9 +57,9 @@ def test_prefill_budget_counts_distinct_prompts_and_one_always_fits():
 
 def test_a_request_that_cannot_run_finishes_at_once_as_length():
     s = Scheduler(max_batch_size=4, max_seq_len=5, max_prefill_tokens=1000)
-    s.add(req("no-budget", [1, 2], max_new_tokens=0), running=[])
-    s.add(req("too-long", [1, 2, 3, 4, 5]), running=[])
-    s.add(req("ok", [1, 2]), running=[])
+    s.add(req("no-budget", [1, 2], max_new_tokens=0))
+    s.add(req("too-long", [1, 2, 3, 4, 5]))
+    s.add(req("ok", [1, 2]))
     results: list[Result] = []
     admission = s.admit(num_running=0, results=results)
     assert [(r.rid, r.finish_reason, r.tokens) for r in results] == [
@@ -69,19 +69,10 @@ def test_a_request_that_cannot_run_finishes_at_once_as_length():
     assert [r.rid for r in admission.batch] == ["ok"]
 
 
-def test_duplicate_ids_are_refused_waiting_or_running():
-    s = Scheduler(max_batch_size=4, max_seq_len=64, max_prefill_tokens=1000)
-    s.add(req("x", [1]), running=[])
-    with pytest.raises(ValueError, match="already in the engine"):
-        s.add(req("x", [2]), running=[])
-    with pytest.raises(ValueError, match="already in the engine"):
-        s.add(req("y", [2]), running=[req("y", [3])])
-
-
 def test_abort_takes_waiting_requests_out_of_the_queue():
     s = Scheduler(max_batch_size=4, max_seq_len=64, max_prefill_tokens=1000)
     for rid in ("a", "b", "c"):
-        s.add(req(rid, [1]), running=[])
+        s.add(req(rid, [1]))
     assert s.abort("b") == Result("b", [], [], [], "abort")
     assert s.abort("nope") is None
     assert [r.rid for r in s.abort_all()] == ["a", "c"] and not s.waiting

@@ -81,6 +81,7 @@ class NativeEngine:
             self.runner.speculator = Speculator(draft, speculative_num_steps, policy_version, self.runner)
         runner = self.runner  # the batch is sized by what the KV cache fits
         self.scheduler = Scheduler(runner.max_batch_size, runner.max_seq_len, max_prefill_tokens)
+        self._rids: set[str] = set()  # every request waiting or running: one id, one request
 
     # -- the Engine surface ----------------------------------------------------------------------
 
@@ -104,7 +105,10 @@ class NativeEngine:
         return bool(self.scheduler.waiting) or self.num_running > 0
 
     def add_request(self, req: Request) -> None:
-        self.scheduler.add(req, self.runner.slots.requests)
+        if req.rid in self._rids:
+            raise ValueError(f"request {req.rid} is already in the engine")
+        self._rids.add(req.rid)
+        self.scheduler.add(req)
 
     @torch.no_grad()
     def step(self) -> list[Result]:
@@ -122,6 +126,7 @@ class NativeEngine:
             if finished:
                 rows, reasons = zip(*finished, strict=True)
                 results += self.runner.retire(list(rows), list(reasons))
+        self._rids.difference_update(r.rid for r in results)
         return results
 
     def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
@@ -131,16 +136,18 @@ class NativeEngine:
     @torch.no_grad()
     def abort(self, rid: str) -> Result | None:
         """Stop one request now; its partial result (tokens so far), or None if unknown."""
+        if rid not in self._rids:
+            return None
+        self._rids.discard(rid)
         result = self.scheduler.abort(rid)
         if result is not None:
             return result
-        for row, req in enumerate(self.runner.slots.requests):
-            if req.rid == rid:
-                return self.runner.retire([row], ["abort"])[0]
-        return None
+        row = next(row for row, req in enumerate(self.runner.slots.requests) if req.rid == rid)
+        return self.runner.retire([row], ["abort"])[0]
 
     @torch.no_grad()
     def abort_all(self) -> list[Result]:
+        self._rids.clear()
         results = self.scheduler.abort_all()
         if self.num_running:
             results += self.runner.retire(list(range(self.num_running)), ["abort"] * self.num_running)

@@ -19,7 +19,6 @@ Plain Python: no tensors and no device here; `runner.py` says how a step runs.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from slipstream.services.rollout.engine.request import Request, Result
@@ -46,10 +45,8 @@ class Scheduler:
         self.max_prefill_tokens = max_prefill_tokens
         self.waiting: deque[Request] = deque()
 
-    def add(self, req: Request, running: Sequence[Request]) -> None:
-        if any(r.rid == req.rid for r in self.waiting) or any(r.rid == req.rid for r in running):
-            raise ValueError(f"request {req.rid} is already in the engine")
-        self.waiting.append(req)
+    def add(self, req: Request) -> None:
+        self.waiting.append(req)  # the engine refuses a request id it already holds
 
     def admit(self, num_running: int, results: list[Result]) -> Admission | None:
         """Take as many waiting requests as fit beside `num_running`; None if none is admitted.
