@@ -103,6 +103,11 @@ VARIANTS: dict[str, list[str]] = {
     "mesh+threads1": ["--torch-threads", "1"],  # the trainer's default before it took every core
     "mesh+threads2": ["--torch-threads", "2"],
     "mesh+1server+threads2": ["--rollout-num-servers", "1", "--torch-threads", "2"],
+    # One GPU (issue 14 item 5): more of the rollout's per-sample host work in parallel, and a
+    # server that decodes a whole step's samples at once (TRL generates them in one batch).
+    "mesh+4servers": ["--rollout-num-servers", "4"],
+    "mesh+batch2048": ["--rollout-max-batch-size", "2048"],
+    "mesh+4servers+batch512": ["--rollout-num-servers", "4", "--rollout-max-batch-size", "512"],
 }  # fmt: skip
 
 RUN_MARGIN_S = 20.0  # --budget-s: a stopped run's shutdown and last scoring
