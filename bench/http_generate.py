@@ -1,9 +1,11 @@
 """SGLang's HTTP `/generate` against `Rollout.Generate` (gRPC) on one rollout server process.
 
     .venv/bin/python bench/http_generate.py [--requests 200] [--seconds 10] [--clients 8 64]
+    sh scripts/gpu_env.sh run python3 bench/http_generate.py --shape qwen3-0.6b --device cuda --out $OUT/http_generate_gpu.json
 
-One rollout server (demo model shape, random weights, --torch-threads 1) serves both paths from the
-same engine thread. Latency: one client, one prompt, greedy, 8 new tokens, the same tokens on both
+One rollout server (demo model shape, random weights, --torch-threads 1; or `--shape qwen3-0.6b`:
+the Qwen3-0.6B shape with a word-level tokenizer over its 151,936 ids, random bf16 weights, on
+`--device`) serves both paths from the same engine thread. Latency: one client, one prompt, greedy, 8 new tokens, the same tokens on both
 paths; median and p90 of `--requests` calls each, alternated. Throughput: N concurrent clients, each
 sending one prompt at a time (an agent's turn) at temperature 1 with its own seeds, for `--seconds`
 per path; generated tokens/s. The clients run on the same box as the server (say its load:
@@ -35,7 +37,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, tmp: Path, http_port: int) -> tuple[subprocess.Popen, int]:
+def start_server(model: Path, tmp: Path, http_port: int, device: str) -> tuple[subprocess.Popen, int]:
     ready = tmp / "port"
     proc = subprocess.Popen(
         [
@@ -58,10 +60,12 @@ def start_server(model: Path, tmp: Path, http_port: int) -> tuple[subprocess.Pop
             "64",
             "--torch-threads",
             "1",
+            "--device",
+            device,
         ],
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 300  # a GPU server captures its CUDA graphs first
     while not (ready.exists() and ready.read_text().strip()):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
@@ -153,6 +157,10 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--clients", type=int, nargs="+", default=[8, 64])
+    p.add_argument(
+        "--shape", choices=["demo", "qwen3-0.6b"], default="demo", help="The served model's shape."
+    )
+    p.add_argument("--device", default="cpu", help="The rollout server's --device (cpu or cuda).")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "http_generate.json"))
     args = p.parse_args()
     from engine_cpu import build_model
@@ -160,13 +168,22 @@ def main() -> None:
     from slipstream.models.hf import load_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_model(Path(tmp) / "model")
-        ids = load_tokenizer(model)("12+34=", add_special_tokens=False)["input_ids"]
+        if args.shape == "demo":
+            model = build_model(Path(tmp) / "model")
+            ids = load_tokenizer(model)("12+34=", add_special_tokens=False)["input_ids"]
+        else:  # the GPU benches' 0.6B checkpoint; a 16-token prompt of its word-level ids
+            from mesh_gpu import build_checkpoint
+
+            model = Path(tmp) / "model"
+            build_checkpoint(model, 0)
+            ids = list(range(1000, 1016))
         http_port = _free_port()
-        proc, grpc_port = start_server(model, Path(tmp), http_port)
+        proc, grpc_port = start_server(model, Path(tmp), http_port, args.device)
         url, grpc_addr = f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}"
         try:
             result = {
+                "shape": args.shape,
+                "device": args.device,
                 "load_before": os.getloadavg(),
                 "cpus": os.cpu_count(),
                 "platform": platform.platform(),
