@@ -113,3 +113,39 @@ def test_should_quantize_only_linear_projections():
         assert not should_quantize(name, m), name
     assert not should_quantize("model.layers.0.self_attn.q_proj.weight", torch.zeros(8))
     assert not should_quantize("model.layers.0.mlp.up_proj.weight", torch.zeros(8, 8, dtype=torch.int64))
+
+
+# ---- stacked MoE experts [E, out, in] ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(3, 256, 128), (4, 200, 130), (2, 96, 300)])  # whole and partial blocks
+def test_stacked_experts_are_each_expert_quantized_alone(shape):
+    """3-D quantize/dequantize equal the 2-D functions applied expert by expert, bit for bit: no
+    block straddles two experts, also where out or in is not a multiple of 128."""
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(3)) * 0.02
+    w[1, :5] *= 300  # an outlier in one expert must not touch another's scales
+    q, scale_inv = quantize_blockwise(w)
+    assert q.dtype == FP8_DTYPE and q.shape == w.shape
+    assert scale_inv.dtype == torch.float32 and tuple(scale_inv.shape) == scale_shape(w.shape)
+    assert scale_shape(w.shape) == (shape[0], -(-shape[1] // BLOCK), -(-shape[2] // BLOCK))
+    for dtype in (torch.float32, torch.bfloat16):
+        back = dequantize_blockwise(q, scale_inv, dtype)
+        for e in range(shape[0]):
+            qe, se = quantize_blockwise(w[e])
+            assert torch.equal(q[e].view(torch.uint8), qe.view(torch.uint8)), e
+            assert torch.equal(scale_inv[e], se), e
+            assert torch.equal(back[e], dequantize_blockwise(qe, se, dtype)), e
+
+
+def test_should_quantize_takes_the_stacked_experts_and_leaves_the_router():
+    e = torch.zeros(4, 256, 128)
+    assert should_quantize("model.layers.0.mlp.experts.gate_up_proj", e)
+    assert should_quantize("model.layers.0.mlp.experts.down_proj", e)
+    assert not should_quantize(
+        "model.layers.0.mlp.experts.down_proj", torch.zeros(4, 8, 8, dtype=torch.int64)
+    )
+    assert not should_quantize("model.layers.0.mlp.gate.weight", torch.zeros(4, 128))  # router
+    assert not should_quantize("model.layers.0.self_attn.q_proj.weight", e)  # a 3-D non-expert
+    assert not should_quantize("model.layers.0.mlp.experts.gate_up_proj", torch.zeros(4, 2, 8, 8))
+    with pytest.raises(ValueError, match="stacked experts"):
+        quantize_blockwise(torch.zeros(2, 2, 8, 8))

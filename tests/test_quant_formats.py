@@ -19,7 +19,7 @@ from slipstream.quant import (
     quantize_blockwise,
     quantize_int4,
 )
-from slipstream.weights import WeightError, WeightStager, iter_messages, pack
+from slipstream.weights import WeightError, WeightStager, iter_messages, pack, weights_to_sync
 
 
 def _ref_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,3 +204,63 @@ def test_int4_manifest_lies_are_refused():
     next(x for x in bad.tensors if x.name == e.name).block_size = 64
     with pytest.raises(WeightError, match="block_size 128"):
         _stage(bad, chunks, state)
+
+
+# ---- MoE: the stacked experts travel FP8 ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("fp8_engine", [False, True], ids=["bf16-engine", "rollout-fp8-engine"])
+def test_moe_experts_travel_fp8_and_the_engine_serves_each_experts_blocks(tmp_path, fp8_engine):
+    """A tiny Qwen3-MoE pushed in FP8 (pack -> WeightStager -> load_weights): the stacked experts
+    [E, out, in] are e4m3 with per-expert block scales at half their bf16 bytes, and the engine
+    serves each expert as its own matrix quantized and dequantized; a --rollout-fp8 engine (FP8
+    layers for the projections) gets them dequantized too, there being no FP8 expert GEMM."""
+    from mesh_fixtures import build_tiny_model
+    from slipstream.models.hf import load_model
+    from slipstream.services.rollout.engine import NativeEngine, Request
+
+    moe_dir = build_tiny_model(
+        tmp_path / "moe", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=96,
+    )  # fmt: skip
+    source = load_model(str(moe_dir), device="cpu", dtype=torch.float32)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # a version other than the checkpoint the engine starts from
+        for p in source.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.01)
+    weights = weights_to_sync(source.state_dict(), source.config.tie_word_embeddings)
+    experts = [n for n in weights if ".mlp.experts." in n]
+    assert len(experts) == 4  # gate_up_proj [4, 192, 128] (a partial block), down_proj [4, 128, 96]
+    manifest, chunks = pack(weights, 1, "fp8", chunk_bytes=1 << 16)
+    entries = {e.name: e for e in manifest.tensors}
+    for name in experts:
+        e, scale = entries[name], entries[entries[name].scale_name]
+        n_experts, out_f, in_f = weights[name].shape
+        assert (e.dtype, list(e.shape), e.block_size) == ("float8_e4m3fn", [n_experts, out_f, in_f], 128)
+        assert (scale.dtype, list(scale.shape)) == ("float32", [n_experts, -(-out_f // 128), -(-in_f // 128)])
+    assert entries["model.layers.0.mlp.gate.weight"].dtype == "bfloat16"  # the router
+    fp8_bytes = sum(entries[n].nbytes + entries[entries[n].scale_name].nbytes for n in experts)
+    bf16_manifest, _ = pack(weights, 1, "bf16")
+    bf16_bytes = sum(e.nbytes for e in bf16_manifest.tensors if e.name in experts)
+    assert 0.5 < fp8_bytes / bf16_bytes < 0.51, (fp8_bytes, bf16_bytes)
+
+    engine = NativeEngine(
+        load_model(str(moe_dir), device="cpu", dtype=torch.float32), eos_token_ids=[], max_batch_size=2,
+        fp8=fp8_engine,
+    )  # fmt: skip
+    staged = _stage(manifest, chunks, weights, dtype=torch.float32, keep_fp8=fp8_engine)
+    for name in experts:
+        assert staged[name].dtype == torch.float32 and name + "_scale_inv" not in staged, name
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert (q_proj + "_scale_inv" in staged) == fp8_engine  # the projections' blocks as they travel
+    engine.load_weights(staged, 1)
+    served = dict(engine.model.named_parameters())
+    for name in experts:
+        per_expert = [dequantize_blockwise(*quantize_blockwise(w)) for w in weights[name]]
+        assert torch.equal(served[name], torch.stack(per_expert)), name
+    assert set(engine.runner.fp8_layers) == (
+        {n for n in weights if n.endswith("_proj.weight")} if fp8_engine else set()
+    )
+    (result,) = engine.generate([Request("r", [3, 4, 5], 4, temperature=0.0)])
+    assert len(result.tokens) == 4 and engine.runner.policy_version == 1

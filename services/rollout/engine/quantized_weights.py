@@ -10,7 +10,9 @@ they came (`WeightStager(keep_int4=..., keep_fp8=...)`):
   parameter (stacked MoE experts: no grouped W4A16 kernel yet) gets the dequantized values.
 - FP8 (--weight-sync-dtype fp8 into a --rollout-fp8 engine): the e4m3 values under the name and
   the 128x128 block scales under `<name>_scale_inv`; an `Fp8Linear` takes the blocks as they are
-  (`load_blocks_`), the very blocks unified FP8 training computed with.
+  (`load_blocks_`), the very blocks unified FP8 training computed with. Stacked MoE experts come
+  dequantized to the engine's dtype even then (the stager keeps FP8 blocks of [out, in] matrices
+  only: no FP8 grouped expert GEMM), and are copied in like any parameter.
 
 A quantized layer given a full-precision weight (a bf16 version) quantizes it itself.
 """

@@ -13,7 +13,9 @@ is replayed from a CUDA graph captured per batch/length bucket (`graphs.py`). Wi
 CUDA the decode forward is `fused_step.FusedDecoder`: the model's function in seven launches a
 layer instead of ~40 (fused q|k|v and gate|up GEMMs, fused glue kernels). Everywhere else (the
 CPU) it is the model's own forward, run eagerly. With `fp8=True` every linear projection holds
-e4m3 weights and runs through `slipstream.kernels.fp8_linear` (FP8 tensor cores on Hopper);
+e4m3 weights and runs through `slipstream.kernels.fp8_linear` (FP8 tensor cores on Hopper); an
+MoE's routers stay as they are and its routed experts in the model's dtype (there is no FP8
+grouped expert GEMM: an FP8 version's experts arrive dequantized, `WeightStager`);
 `kv_cache_dtype="fp8_e4m3"` stores keys and values as e4m3 (`kv_cache.py`). With `int4_targets`
 (--weight-sync-dtype int4) the `quant.int4_names` linear layers hold packed int4 weights and group
 scales and run W4A16 (`kernels.w4a16`: a Triton GEMM on CUDA, dequantize-then-matmul on the CPU);
@@ -106,10 +108,6 @@ class ModelRunner:
             make_invariant(model)
             round_to_served_(model)  # the checkpoint's weights as a bf16 version would bring them
             cuda_graphs = fused_decode = False
-        if fp8 and model.config.moe_layers:
-            raise ValueError(
-                "fp8=True is not implemented for MoE models yet (the router must stay unquantized)"
-            )
         if fp8 and int4_targets:
             raise ValueError("fp8=True and int4 weights exclude each other: a layer holds one format")
         self.fp8_layers = convert_to_fp8(model) if fp8 else {}

@@ -8,9 +8,10 @@ they are staged. The blob is the raw little-endian bytes of the tensors, laid en
 (safetensors-style, each start aligned to 64 bytes so a reader can view it in place); nothing
 is pickled, so a weight stream can never execute code on the receiver.
 
-In the "fp8" format every linear projection (see `quant.should_quantize`) travels as
-float8_e4m3fn plus a float32 `<name>_scale_inv` entry (DeepSeek-V3's name and layout); every
-other floating tensor travels as bf16. In the "int4" format the `quant.int4_names` weights (by
+In the "fp8" format every linear projection and the stacked routed experts of an MoE (see
+`quant.should_quantize`) travel as float8_e4m3fn plus a float32 `<name>_scale_inv` entry
+(DeepSeek-V3's name and layout; experts [E, out, in] with scales [E, out/128, in/128], each expert
+its own blocks); every other floating tensor travels as bf16. In the "int4" format the `quant.int4_names` weights (by
 --int4-qat-targets) travel as dtype "int4": the tensor's own shape in the manifest, its bytes the
 packed [..., in/2] uint8 of `quant/int4.py` (two values a byte), plus a float32 `<name>_scale`
 entry [..., in/128] (block_size 128: the group); every other floating tensor as bf16. Integer
@@ -44,6 +45,7 @@ from slipstream.proto import types_pb2
 from slipstream.quant import (
     BLOCK,
     GROUP,
+    as_block_matrix,
     int4_names,
     packed_shapes,
     quantize_blockwise,
@@ -78,8 +80,8 @@ _pool: ThreadPoolExecutor | None = None
 @dataclass(frozen=True)
 class Quantized:
     """A matrix already in its wire form, quantized where its rows were (under FSDP2 each rank
-    quantizes the rows it holds, `trainer.parallel.quantized_state`): `values` as they travel
-    (float8_e4m3fn [out, in], or int4's packed uint8 [..., in/2]) and their float32 scales.
+    quantizes the rows it holds, `trainer.parallel.wire_state`): `values` as they travel
+    (float8_e4m3fn [..., out, in], or int4's packed uint8 [..., in/2]) and their float32 scales.
     The packer lays it out as it would have quantized the full-precision matrix itself."""
 
     values: torch.Tensor
@@ -244,8 +246,11 @@ def fill(pieces: list[tuple[int, torch.Tensor, int, str]], out: torch.Tensor) ->
         else:
             _put(out, off, t)
     if matrices and fp8_block.many_available(out) and len({t.dtype for t, _, _ in matrices}) == 1:
-        fp8_block.quantize_many(out, matrices)
-        return out
+        # Stacked experts go in as one [E*out, in] matrix where that is their blocks exactly
+        # (`as_block_matrix`: the same bytes at the same offsets); any other one by one below.
+        flat = [(as_block_matrix(t), off, scale_off) for t, off, scale_off in matrices]
+        fp8_block.quantize_many(out, [job for job in flat if job[0] is not None])
+        matrices = [m for m, (f, _, _) in zip(matrices, flat, strict=True) if f is None]
     for t, off, scale_off in matrices:
         q, scale_inv = quantize_blockwise(t)
         _put(out, off, q)

@@ -93,8 +93,9 @@ class WeightStager:
         version always decodes on the sender's GPU. `dtype`: of the floating tensors returned.
         `keep_int4`: hand int4 tensors over as they travel (the packed uint8 under the tensor's
         name, its fp32 scales under the scale entry's), for an engine that serves W4A16; else
-        they are dequantized to `dtype` like FP8 ones. `keep_fp8`: the same for FP8 tensors (e4m3
-        under the name, the block scales under `<name>_scale_inv`), for an engine with FP8 layers.
+        they are dequantized to `dtype` like FP8 ones. `keep_fp8`: the same for FP8 matrices (e4m3
+        under the name, the block scales under `<name>_scale_inv`), for an engine with FP8 layers;
+        FP8 stacked experts are dequantized all the same (`_keeps`).
         `receiver`: this server's membership in the trainer's weights group, for a broadcast version."""
         self.expected_shapes = {name: tuple(int(d) for d in shape) for name, shape in expected_shapes.items()}
         self.current_version = current_version
@@ -160,20 +161,20 @@ class WeightStager:
                 blob = self._blob.to(self.device, non_blocking=True)
         entries = {e.name: e for e in m.tensors}
         scale_names = {e.scale_name for e in m.tensors if e.scale_name}
-        fp8 = [e for e in m.tensors if e.scale_name and e.dtype != "int4" and not self.keep_fp8]
+        fp8 = [e for e in m.tensors if e.dtype == "float8_e4m3fn" and not self._keeps(e)]
         out: dict[str, torch.Tensor] = {}
         if fp8 and fp8_block.many_available(blob) and self.dtype in _MANY_DTYPES:
-            # On a GPU: every FP8 matrix of the version in one launch, into one buffer.
-            specs = [(e.offset, entries[e.scale_name].offset, tuple(e.shape)) for e in fp8]
-            out.update(
-                zip((e.name for e in fp8), fp8_block.dequantize_many(blob, specs, self.dtype), strict=True)
-            )
+            # On a GPU: every FP8 matrix of the version in one launch, into one buffer (stacked
+            # experts as one [E*out, in] matrix where that is their blocks exactly, else below).
+            flat = [e for e in fp8 if len(e.shape) == 2 or e.shape[1] % BLOCK == 0]
+            specs = [(e.offset, entries[e.scale_name].offset, _matrix(e.shape)) for e in flat]
+            matrices = fp8_block.dequantize_many(blob, specs, self.dtype)
+            out.update((e.name, w.view(tuple(e.shape))) for e, w in zip(flat, matrices, strict=True))
         for e in m.tensors:
             if e.name in scale_names or e.name in out:
                 continue
             t = _view(blob, e)
-            keep = self.keep_int4 if e.dtype == "int4" else self.keep_fp8
-            if e.scale_name and keep:  # as it travels: values and scales, for quantized layers
+            if e.scale_name and self._keeps(e):  # as it travels: values and scales, for quantized layers
                 out[e.name], out[e.scale_name] = t, _view(blob, entries[e.scale_name])
             elif e.dtype == "int4":
                 out[e.name] = dequantize_int4(t, _view(blob, entries[e.scale_name]), self.dtype)
@@ -189,6 +190,14 @@ class WeightStager:
         self._done = True
         self.current_version = m.version
         return m.version, out
+
+    def _keeps(self, e: types_pb2.TensorEntry) -> bool:
+        """Whether the quantized entry `e` is handed over as it travels (else dequantized). FP8
+        ones only as [out, in] matrices, what an `Fp8Linear` takes: stacked experts [E, out, in]
+        are always dequantized, for there is no FP8 grouped expert GEMM to take their blocks."""
+        if e.dtype == "int4":
+            return self.keep_int4
+        return self.keep_fp8 and e.dtype == "float8_e4m3fn" and len(e.shape) == 2
 
     # ---- internals ------------------------------------------------------------------------
 
@@ -245,6 +254,11 @@ class WeightStager:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _matrix(shape) -> tuple[int, int]:
+    """An FP8 entry's shape as the [M, N] matrix the block kernels see ([E*out, in] for experts)."""
+    return (_numel(shape[:-1]), shape[-1])
 
 
 def _view(blob: torch.Tensor, e: types_pb2.TensorEntry) -> torch.Tensor:
@@ -358,10 +372,10 @@ def _check_scales(m: types_pb2.WeightManifest, entries: dict[str, types_pb2.Tens
             raise WeightError(f"version {v}: {e.dtype} tensor {e.name} in a {m.format!r} version")
         scale = entries.get(e.scale_name)
         block = BLOCK if quantized == "fp8" else GROUP
-        dims_ok = len(e.shape) == 2 if quantized == "fp8" else len(e.shape) >= 2
+        dims_ok = len(e.shape) in (2, 3) if quantized == "fp8" else len(e.shape) >= 2
         if not dims_ok or e.block_size != block or scale is None:
             raise WeightError(
-                f"version {v}: {e.dtype} tensor {e.name} needs {'2' if quantized == 'fp8' else '2+'} dims, "
+                f"version {v}: {e.dtype} tensor {e.name} needs {'2 or 3' if quantized == 'fp8' else '2+'} dims, "
                 f"block_size {block} and a listed scale entry (has shape {list(e.shape)}, block_size "
                 f"{e.block_size}, scale {e.scale_name!r})"
             )
