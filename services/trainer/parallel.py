@@ -177,7 +177,9 @@ def wire_state(model: torch.nn.Module, par: Parallel, fmt: str, int4_targets: st
 
     FSDP2 gives rank r rows [r c, (r + 1) c) of each matrix, c = ceil(rows / world). int4 groups
     run along a row, so any row shard quantizes alone; an FP8 block spans 128 rows, so a matrix whose
-    c is not a multiple of 128 is gathered in fp32 and quantized by the packer, as before.
+    c is not a multiple of 128 is gathered in fp32 and quantized by the packer, as before. Stacked
+    MoE experts [E, out, in] are sharded along E: a rank's rows are whole experts, each with its
+    own FP8 blocks, so they always quantize alone (scales [c, out/128, in/128], gathered by expert).
     """
     from torch.distributed.tensor import DTensor
 
@@ -192,7 +194,7 @@ def wire_state(model: torch.nn.Module, par: Parallel, fmt: str, int4_targets: st
         rows, chunk = param.shape[0], -(-param.shape[0] // par.world_size)
         dtype = wire_dtype(name, param.shape, fmt, int4)
         quantize = {"float8_e4m3fn": quantize_blockwise, "int4": quantize_int4}.get(dtype)
-        if dtype == "float8_e4m3fn" and chunk % BLOCK:
+        if dtype == "float8_e4m3fn" and param.dim() == 2 and chunk % BLOCK:
             quantize = None  # this rank's rows cut through an FP8 block
             dtype = "float32"
         with torch.no_grad():
@@ -204,7 +206,8 @@ def wire_state(model: torch.nn.Module, par: Parallel, fmt: str, int4_targets: st
                 out[name] = _gather_rows(wire, par, rows)
                 continue
             values, scales = quantize(padded)
-            scale_rows = -(-rows // BLOCK) if dtype == "float8_e4m3fn" else rows
+            # FP8 scales have a row per 128 rows of a matrix, one per expert of stacked experts
+            scale_rows = -(-rows // BLOCK) if dtype == "float8_e4m3fn" and param.dim() == 2 else rows
             # as bytes: a collective backend need not know float8
             values = _gather_rows(values.view(torch.uint8), par, rows)
             scales = _gather_rows(scales, par, scale_rows)
