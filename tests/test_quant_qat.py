@@ -17,7 +17,13 @@ from test_trainer import _samples
 from mesh_fixtures import build_tiny_model
 from slipstream.config import config_from_values
 from slipstream.models.hf import load_model
-from slipstream.quant import dequantize_int4, fake_quantize_blockwise, fake_quantize_int4, quantize_blockwise
+from slipstream.quant import (
+    dequantize_int4,
+    fake_quantize_blockwise,
+    fake_quantize_int4,
+    quantize_blockwise,
+    round_linears_,
+)
 from slipstream.services.rollout.engine import NativeEngine, Request
 from slipstream.services.trainer.actor import Actor
 from slipstream.services.trainer.batch import collate
@@ -259,6 +265,61 @@ def test_moe_int4_qat_rounds_the_experts_and_the_rollout_serves_them(tmp_path):
     fresh_compute = dict(fresh.compute.named_parameters())
     for name, p in model.named_parameters():
         assert torch.equal(p, fresh_compute[name]), name
+
+
+def _moe_dir(path):
+    # moe_intermediate_size 96: gate_up_proj [4, 192, 128] has a partial 128-row block per expert.
+    return build_tiny_model(
+        path, hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=32, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=96,
+    )  # fmt: skip
+
+
+def test_moe_unified_fp8_rounds_the_experts_and_the_rollout_serves_them(tmp_path):
+    """Unified FP8 on an MoE: the stacked experts are FP8 blocks on the wire and in the trainer's
+    forward (each expert its own blocks), so the engine serves the trainer's compute weights bit for
+    bit, experts included; with --rollout-fp8 the engine computes the experts in its dtype from the
+    dequantized blocks (no FP8 grouped GEMM) and the trainer rounds no expert input either."""
+    moe_dir = _moe_dir(tmp_path / "moe")
+    actor = _trained(moe_dir, fp8_format="e4m3")
+    names = actor.masters.quantized_names
+    experts = [n for n in names if ".mlp.experts." in n]
+    assert experts == [
+        f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")
+    ]
+    assert any(n.endswith("self_attn.q_proj.weight") for n in names)
+    assert not any(n.endswith("mlp.gate.weight") for n in names)  # routers stay full precision
+    compute = dict(actor.compute.named_parameters())
+    for name in experts:
+        master = dict(actor.model.named_parameters())[name].detach()
+        per_expert = torch.stack([fake_quantize_blockwise(m) for m in master])
+        assert torch.equal(compute[name], per_expert), name
+    engine = _served(actor, moe_dir, "fp8")
+    served = dict(engine.model.named_parameters())
+    for name in names:
+        assert torch.equal(served[name], compute[name]), name
+    # Version 0 too: the server rounds its checkpoint (`round_linears_`) as the fresh trainer does.
+    fresh = _actor(moe_dir, fp8_format="e4m3")
+    model = load_model(str(moe_dir), device="cpu", dtype=torch.float32)
+    assert set(experts) <= set(round_linears_(model))
+    fresh_compute = dict(fresh.compute.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, fresh_compute[name]), name
+
+    # --rollout-fp8: FP8 layers hold the projections' blocks, the experts arrive dequantized.
+    qat = _trained(moe_dir, fp8_format="e4m3", rollout_fp8=True)
+    _bf16_rest(qat)
+    fp8_engine = _served(qat, moe_dir, "fp8", fp8_engine=True)
+    assert not set(experts) & set(fp8_engine.runner.fp8_layers)
+    assert "model.layers.0.self_attn.q_proj.weight" in fp8_engine.runner.fp8_layers
+    served, compute = dict(fp8_engine.model.named_parameters()), dict(qat.compute.named_parameters())
+    for name in experts:
+        assert torch.equal(served[name], compute[name]), name
+    weights_only = _actor(moe_dir, fp8_format="e4m3")  # rounds weights, not activations
+    weights_only.model.load_state_dict(qat.model.state_dict())
+    (same, weights_gap) = _rollout_vs_trainer(fp8_engine, [qat, weights_only])
+    assert same < 1e-4, same
+    assert weights_gap > 10 * max(same, 1e-6), (same, weights_gap)
 
 
 @pytest.mark.parametrize(

@@ -4,8 +4,9 @@
 forward and backward run on the quantized weights the weight push delivers, so the rollout's
 log-probs and the trainer's are of the same numbers (FP8 sampling with full-precision training is
 the train/rollout gap that collapses RL on MoE models; a rollout serving int4 with a trainer that
-never saw the rounding is a wider one). Which weights: unified FP8 rounds the linear projections
-the FP8 wire quantizes (`quant.should_quantize`: q/k/v/o, gate/up/down), --int4-qat the
+never saw the rounding is a wider one). Which weights: unified FP8 rounds what the FP8 wire
+quantizes (`quant.should_quantize`: the q/k/v/o and gate/up/down projections, and on an MoE the
+stacked routed experts [E, out, in], each expert its own 128x128 blocks), --int4-qat the
 `quant.int4_names` set of --int4-qat-targets (every linear projection of a dense model, the routed
 experts of an MoE one). Embeddings, LM head, norms and routers stay full precision in both.
 `--true-on-policy-mode` rounds every weight to the bf16 it is pushed as (`kernels.invariant.served`;
@@ -25,7 +26,9 @@ Activations. A `--rollout-fp8` engine also rounds each projection's input to e4m
 token (`kernels.fp8_linear.quantize_rows`, before its FP8 GEMM). Under unified FP8 with
 `--rollout-fp8` the trainer does the same to the same projections' inputs in its forward (a
 pre-hook; straight-through in backward), so the two compute the same function; without
-`--rollout-fp8` the engine keeps its activations as they are, and so does the trainer.
+`--rollout-fp8` the engine keeps its activations as they are, and so does the trainer. Routed
+experts are FP8-rounded weights either way but never FP8 GEMMs (the engine has no FP8 grouped
+expert GEMM: it dequantizes them and computes in its own dtype), so their inputs are not rounded.
 
 Cost: one extra compute copy of the weights (the fp32 trainer has none otherwise) and one
 quantize/dequantize of the targets per optimizer step, not per micro-batch.
@@ -181,9 +184,12 @@ class QuantizedWeights(MasterWeights):
 
 def round_inputs_per_token(model: nn.Module, weight_names: list[str]) -> None:
     """The linear layers owning `weight_names` see their input rounded to e4m3 with one scale per
-    token, as a --rollout-fp8 engine's FP8 GEMM does; the gradient passes straight through."""
+    token, as a --rollout-fp8 engine's FP8 GEMM does; the gradient passes straight through. Other
+    owners (stacked experts, which that engine computes unrounded in its dtype) are left alone."""
     for name in weight_names:
-        model.get_submodule(name.removesuffix(".weight")).register_forward_pre_hook(_round_rows)
+        owner = model.get_submodule(name.rsplit(".", 1)[0])
+        if isinstance(owner, nn.Linear):
+            owner.register_forward_pre_hook(_round_rows)
 
 
 def _round_rows(module: nn.Module, args: tuple) -> tuple:
