@@ -337,8 +337,8 @@ def qat_steps(actor, steps: int = 3) -> list[float]:
     return [actor.train_rollout(samples, [1.0, -1.0, 0.5, -0.5], 0).loss for _ in range(steps)]
 
 
-def qat(model_dir: str, out: Path):
-    """--int4-qat and --fp8-format e4m3 under FSDP2, one after the other: three steps, then the
+def qat(model_dir: str, out: Path, modes=tuple(QAT_MODES)):
+    """--int4-qat and --fp8-format e4m3 under FSDP2 (`modes`), one after the other: three steps, then the
     logits of QAT_TOKENS under the trained (sharded, quantized-in-forward) model, the masters, and
     whether the push (`state_dict_for_sync`, quantized shard by shard) packs the masters' bytes.
     Rank 0 writes qat_<mode>.json and the masters to pushed_<mode>.safetensors."""
@@ -349,7 +349,7 @@ def qat(model_dir: str, out: Path):
     from slipstream.services.trainer.parallel import full_model_state
     from slipstream.weights import pack, weights_to_sync
 
-    for mode in QAT_MODES:
+    for mode in modes:
         actor = Actor.from_config(config_from_values(qat_values(model_dir, mode)))
         losses = qat_steps(actor)
         with torch.no_grad():
@@ -363,6 +363,11 @@ def qat(model_dir: str, out: Path):
             (out / f"qat_{mode}.json").write_text(json.dumps(report))
             save_file({k: v.contiguous() for k, v in pushed.items()}, str(out / f"pushed_{mode}.safetensors"))
     return actor.par
+
+
+def qat_moe(model_dir: str, out: Path):
+    """Unified FP8 on an MoE: `qat`'s fp8 mode (the stacked experts are FP8 units of their own)."""
+    return qat(model_dir, out, modes=("fp8",))
 
 
 def moe_values(model_dir: str) -> dict:
@@ -433,6 +438,7 @@ def main() -> None:
         "draft": draft,
         "lora": lora,
         "qat": qat,
+        "qat_moe": qat_moe,
         "wire": wire,
         "moe": moe,
     }

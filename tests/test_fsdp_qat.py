@@ -79,9 +79,39 @@ def test_two_ranks_train_like_one_process(mode, model_dir, two_ranks):
 
 @pytest.mark.parametrize("mode", ["int4", "fp8"])  # fp32 compute: a plain model computes the same
 def test_two_ranks_compute_with_the_weights_they_push(mode, model_dir, two_ranks):
+    _computes_with_what_it_pushes(mode, model_dir, two_ranks)
+
+
+def test_moe_experts_under_unified_fp8_on_two_ranks(tmp_path):
+    """Unified FP8 on an MoE under FSDP2: the stacked experts (an `Experts` parameter, not a linear
+    layer) are a unit of their own, gathered whole and FP8-rounded in its forward; the two ranks
+    train like one process, compute with what they push and push the masters' blocks."""
+    model_dir = build_tiny_model(
+        tmp_path / "moe", hidden_size=128, intermediate_size=256, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=128,
+    )  # fmt: skip
+    out = tmp_path / "out"
+    fsdp_worker.run_two_ranks(model_dir, out, "qat_moe")
+    cfg = config_from_values(fsdp_worker.qat_values(str(model_dir), "fp8"))
+    single = Actor.from_config(cfg)
+    assert {
+        f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")
+    } <= set(quantizers(cfg.train, single.model))
+    report = json.loads((out / "qat_fp8.json").read_text())
+    assert report["push_format"] == "fp8" and report["push_is_the_masters_quantized"]
+    torch.testing.assert_close(
+        torch.tensor(report["losses"]), torch.tensor(fsdp_worker.qat_steps(single)), rtol=1e-4, atol=1e-6
+    )
+    _computes_with_what_it_pushes("fp8", model_dir, out)
+
+
+def _computes_with_what_it_pushes(mode: str, model_dir: Path, out: Path) -> None:
+    """The logits the two ranks computed equal a plain model's on the pushed masters quantized and
+    dequantized as the push does (what a rollout serves), and not the masters' own."""
     cfg = config_from_values(fsdp_worker.qat_values(str(model_dir), mode))
-    pushed = load_file(str(two_ranks / f"pushed_{mode}.safetensors"))
-    logits = torch.tensor(json.loads((two_ranks / f"qat_{mode}.json").read_text())["logits"])
+    pushed = load_file(str(out / f"pushed_{mode}.safetensors"))
+    logits = torch.tensor(json.loads((out / f"qat_{mode}.json").read_text())["logits"])
     tokens = torch.tensor(fsdp_worker.QAT_TOKENS)
     quantize, dequantize = WIRE[mode]
     served = load_model(model_dir)

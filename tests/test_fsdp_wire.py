@@ -65,17 +65,21 @@ def test_rank_0_receives_the_wire_size_and_no_rank_a_larger_tensor(fmt, reports)
 
 
 def test_stacked_moe_experts_are_quantized_on_the_ranks(tmp_path):
-    """int4's targets on an MoE are its stacked experts [E, out, in]: each rank holds whole experts."""
+    """The stacked experts [E, out, in] of an MoE (int4's targets there, and FP8's bulk) are sharded
+    by expert: each rank holds whole experts and quantizes them alone, in both formats. (FP8's
+    q/k/v/o have 128 or 64 rows here, 64 or 32 a rank: gathered in fp32.)"""
     model_dir = build_tiny_model(
         tmp_path / "moe", hidden_size=128, intermediate_size=256, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, model_type="qwen3_moe", num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=128,
     )  # fmt: skip
-    report = _two_ranks(model_dir, tmp_path / "out")["int4", 0]
-    assert report["same_manifest"] and report["same_chunks"], report
-    assert report["quantized_on_ranks"] == [
-        f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")
-    ]
+    reports = _two_ranks(model_dir, tmp_path / "out")
+    for fmt in fsdp_worker.WIRE_MODES:
+        report = reports[fmt, 0]
+        assert report["same_manifest"] and report["same_chunks"], (fmt, report)
+        assert report["quantized_on_ranks"] == [
+            f"model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("down_proj", "gate_up_proj")
+        ], fmt
 
 
 def test_a_matrix_quantized_for_another_format_is_refused():
