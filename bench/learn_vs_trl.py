@@ -108,6 +108,7 @@ VARIANTS: dict[str, list[str]] = {
     "mesh+4servers": ["--rollout-num-servers", "4"],
     "mesh+batch2048": ["--rollout-max-batch-size", "2048"],
     "mesh+4servers+batch512": ["--rollout-num-servers", "4", "--rollout-max-batch-size", "512"],
+    "mesh+4servers+batch512+bf16": ["--rollout-num-servers", "4", "--rollout-max-batch-size", "512", "--bf16"],
 }  # fmt: skip
 
 RUN_MARGIN_S = 20.0  # --budget-s: a stopped run's shutdown and last scoring
@@ -238,7 +239,8 @@ def copy_logs(args, name: str, seed: int) -> None:
     """The run's logs (the bench's log of it; a mesh's services' logs), each its last 256 KiB, next
     to --out in <out>_logs/: what comes back from a GPU machine is --out's folder, not runs/."""
     run_dir = args.runs_dir / f"{name}-s{seed}"
-    dest = args.out.parent / f"{args.out.stem}_logs" / f"{name}-s{seed}"
+    safe = name.replace("+", "_")  # the device tool brings back no path with a "+" in it
+    dest = args.out.parent / f"{args.out.stem}_logs" / f"{safe}-s{seed}"
     dest.mkdir(parents=True, exist_ok=True)
     for log in [args.runs_dir / f"{name}-s{seed}.log", *sorted((run_dir / "logs").glob("*.log"))]:
         if log.is_file():
@@ -307,7 +309,11 @@ def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dic
     # Stopped by the bench: the launcher's exit code for SIGTERM, or the signal's own when it came
     # after the launcher had put its handlers back (the run was ending anyway).
     if proc.returncode not in ((0, 128 + signal.SIGTERM, -signal.SIGTERM) if live.stopped else (0,)):
-        raise RuntimeError(f"{name} seed {seed}: slipstream train exited {proc.returncode}; see {log.name}")
+        tail = Path(log.name).read_text(errors="replace").strip().splitlines()[-15:]
+        raise RuntimeError(
+            f"{name} seed {seed}: slipstream train exited {proc.returncode}; see {log.name}; its last lines:\n"
+            + "\n".join(tail)
+        )
     # (No metrics: stopped before its first step.)
     rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
     # Checkpoint writes sit between a save step's row and the next step's start: the gap over a
