@@ -21,9 +21,12 @@ the GPU; `--extra` is appended to every run's flags).
   to bf16 per seed; for the QAT modes also `held_out_greedy_served`, the same checkpoint with its
   projections rounded as the rollout serves them (int4 groups / FP8 blocks).
 - memory: weight bytes of Qwen3-0.6B / 8B / 30B-A3B / 235B-A22B per format, from their configs'
-  numbers (written below; no hub): bf16; FP8 (every linear projection e4m3 with an fp32 scale per
-  128x128 block, the rest bf16); INT4 (the --int4-qat-targets weights as int4 with an fp32 scale
-  per 128 inputs, the rest bf16), for targets "linear" and, on MoE models, "experts" (auto).
+  numbers (written below; no hub): bf16; FP8 (every linear projection and routed expert e4m3 with
+  an fp32 scale per 128x128 block of each matrix, the rest bf16); INT4 (the --int4-qat-targets
+  weights as int4 with an fp32 scale per 128 inputs, the rest bf16), for targets "linear" and, on
+  MoE models, "experts" (auto). The bf16 and FP8 figures are checked against the wire's own
+  layout: `packer.plan`'s manifest for a meta-device model of each config (our model code, its
+  experts stacked [E, out, in]) must list exactly these bytes.
 
 `--prep` is a demo warm start (`slipstream.demo.warmstart.prepare_demo`; made there, seed 0, when
 missing). The runs go one after another; JSON on stdout and in `--out`.
@@ -106,12 +109,34 @@ def _bytes(c: dict, fmt: str) -> int:
     return total
 
 
+def _manifest_bytes(c: dict, fmt: str) -> int:
+    """The bytes of the tensors `packer.plan` lists for a version of config `c` in format `fmt`
+    (a meta-device model: nothing allocated)."""
+    import torch
+
+    from slipstream.models import ModelConfig, Qwen3ForCausalLM
+    from slipstream.weights.packer import plan, weights_to_sync
+
+    cfg = ModelConfig(
+        hidden_size=c["h"], intermediate_size=c["i"], num_hidden_layers=c["layers"], num_attention_heads=c["heads"],
+        num_key_value_heads=c["kv"], head_dim=c["hd"], vocab_size=c["vocab"], tie_word_embeddings=c["tied"],
+        model_type="qwen3_moe" if c["e"] else "qwen3", num_experts=c["e"], moe_intermediate_size=c["mi"] or 768,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = Qwen3ForCausalLM(cfg)
+    manifest = plan(weights_to_sync(model.state_dict(), cfg.tie_word_embeddings), 0, fmt)[0]
+    return sum(e.nbytes for e in manifest.tensors)
+
+
 def memory() -> dict:
     rows = {}
     for name, c in QWEN3.items():
         params = sum(r * k * count for _, (r, k), count in _tensors(c))
         fmts = ["bf16", "fp8", "int4-linear"] + (["int4-experts"] if c["e"] else [])
         rows[name] = {"params": params, **{f: _bytes(c, f) for f in fmts}}
+        for fmt in ("bf16", "fp8"):
+            if rows[name][fmt] != _manifest_bytes(c, fmt):
+                raise RuntimeError(f"{name} {fmt}: the arithmetic and the wire's manifest disagree")
     return rows
 
 

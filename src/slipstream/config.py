@@ -141,7 +141,8 @@ class RolloutConfig:
     rollout_fp8: bool = opt(
         False,
         "Run the rollout engine's linear projections in FP8 (e4m3, row-wise scales; FP8 tensor cores "
-        "on Hopper, a dequantizing fallback elsewhere). (Slipstream)",
+        "on Hopper, a dequantizing fallback elsewhere). An MoE's routed experts stay in the engine's "
+        "dtype (no FP8 grouped GEMM): FP8 versions bring them dequantized. (Slipstream)",
     )
     kv_cache_dtype: Literal["auto", "fp8_e4m3"] = opt(
         "auto",
@@ -464,8 +465,8 @@ class TrainConfig:
     )
     fp8_format: Literal["e4m3"] | None = opt(
         None,
-        "Unified FP8: the trainer's linear projections compute forward with the same 128x128 "
-        "block-quantized e4m3 weights the FP8 push delivers (fp32 masters, straight-through "
+        "Unified FP8: the trainer's linear projections and routed experts compute forward with the "
+        "same 128x128 block-quantized e4m3 weights the FP8 push delivers (fp32 masters, straight-through "
         "gradients), so rollout and training use the same numbers; needs --weight-sync-dtype fp8 "
         "(auto picks it). Unset = off. (Megatron's name; only e4m3)",
     )

@@ -55,7 +55,7 @@ from slipstream.demo.task import DIGITS, Problem, all_problems, sample_problems,
 from slipstream.demo.tokenizer import build_char_tokenizer
 from slipstream.models.hf import init_model, load_model, save_model
 from slipstream.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
-from slipstream.quant.fp8 import dequantize_blockwise, quantize_blockwise, should_quantize
+from slipstream.quant.fp8 import round_linears_
 
 IGNORE = -100
 
@@ -432,13 +432,11 @@ def moe_of_dense(dense: Any, k: int, scale: float = 1.0) -> Any:
     return moe
 
 
-@torch.no_grad()
 def fp8_roundtrip(model: Qwen3ForCausalLM) -> Qwen3ForCausalLM:
-    """A copy of `model` whose linear weights went through FP8 and back, as a weight push does."""
+    """A copy of `model` whose FP8 weights (linear projections, an MoE's stacked experts) went
+    through FP8 and back, as a weight push does."""
     out = copy.deepcopy(model)
-    for name, p in out.named_parameters():
-        if should_quantize(name, p):
-            p.copy_(dequantize_blockwise(*quantize_blockwise(p), dtype=p.dtype))
+    round_linears_(out)
     return out
 
 
