@@ -12,6 +12,7 @@ from slipstream.quant import (
     BLOCK,
     FP8_DTYPE,
     FP8_MAX,
+    as_block_matrix,
     dequantize_blockwise,
     quantize_blockwise,
     scale_shape,
@@ -149,3 +150,38 @@ def test_should_quantize_takes_the_stacked_experts_and_leaves_the_router():
     assert not should_quantize("model.layers.0.mlp.experts.gate_up_proj", torch.zeros(4, 2, 8, 8))
     with pytest.raises(ValueError, match="stacked experts"):
         quantize_blockwise(torch.zeros(2, 2, 8, 8))
+
+
+def test_stacked_experts_as_one_matrix_are_the_same_blocks():
+    """What the GPU paths launch (`as_block_matrix`): [E, out, in] with out a multiple of 128 as one
+    [E*out, in] matrix has exactly the per-expert blocks, values and scales; with any other out it
+    is not offered (its blocks would straddle experts) and each expert goes alone."""
+    w = torch.randn(3, 256, 200, generator=torch.Generator().manual_seed(4))
+    flat = as_block_matrix(w)
+    assert flat.shape == (3 * 256, 200)
+    q, scale_inv = quantize_blockwise(flat)
+    q3, scale_inv3 = quantize_blockwise(w)
+    assert torch.equal(q.view(w.shape).view(torch.uint8), q3.view(torch.uint8))
+    assert torch.equal(scale_inv.view(scale_shape(w.shape)), scale_inv3)
+    assert torch.equal(dequantize_blockwise(q, scale_inv).view(w.shape), dequantize_blockwise(q3, scale_inv3))
+    assert as_block_matrix(torch.zeros(3, 200, 128)) is None
+    m = torch.zeros(5, 7)
+    assert as_block_matrix(m) is m
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("shape", [(4, 256, 384), (3, 200, 130)])  # one [E*out, in] launch; one per expert
+def test_stacked_experts_on_the_gpu_equal_the_pytorch_definition(shape):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(shape, generator=g, device="cuda") * 0.02).to(torch.bfloat16)
+    w[1, :7] *= 300
+    w[2, :128, :128] = 0  # an all-zero block
+    q, scale_inv = quantize_blockwise(w)
+    rq, rs = quantize_blockwise(w.cpu())  # the PyTorch definition
+    assert q.is_cuda and torch.equal(q.cpu().view(torch.uint8), rq.view(torch.uint8))
+    assert torch.equal(scale_inv.cpu(), rs)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(
+            dequantize_blockwise(q, scale_inv, dtype).cpu(), dequantize_blockwise(rq, rs, dtype)
+        )

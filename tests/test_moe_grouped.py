@@ -144,3 +144,49 @@ def test_engine_moe_decode_in_cuda_graphs_equals_eager():
         if a.tokens == b.tokens:
             agree = (a.routed_experts == b.routed_experts).float().mean()
             assert agree > 0.9, agree
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_engine_moe_with_fp8_projections_graphs_and_takes_fp8_versions():
+    """--rollout-fp8 on an MoE on the GPU: FP8 attention / dense-MLP projections, bf16 grouped
+    experts; the graphed decode equals the eager one, and an FP8 version (packed on the GPU, staged
+    keeping the projections' blocks) loads with its experts dequantized expert by expert."""
+    from slipstream.quant import dequantize_blockwise, quantize_blockwise
+    from slipstream.services.rollout.engine import NativeEngine, Request
+    from slipstream.weights import WeightStager, iter_messages, pack, weights_to_sync
+
+    if not available(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("grouped GEMM needs a Hopper GPU")
+    prompts = [[(7 * j + 5 * i + 1) % 96 for j in range(n)] for i, n in enumerate([20, 3, 27, 9, 14])]
+    reqs = [Request(f"r{i}", p, 16, temperature=0.0, seed=i) for i, p in enumerate(prompts)]
+    engines = {}
+    for graphs in (True, False):
+        model = init_model(ModelConfig(**MOE), seed=4).to("cuda", torch.bfloat16)
+        engines[graphs] = NativeEngine(
+            model, eos_token_ids=[], max_batch_size=8, max_seq_len=64, cuda_graphs=graphs, fp8=True
+        )
+    assert engines[True].runner.fp8_layers and not any(
+        ".experts." in n for n in engines[True].runner.fp8_layers
+    )
+    graphed, eager = engines[True].generate(reqs), engines[False].generate(reqs)
+    for a, b in zip(graphed, eager, strict=True):
+        assert a.tokens == b.tokens and torch.equal(a.routed_experts, b.routed_experts)
+
+    source = init_model(ModelConfig(**MOE), seed=5).to("cuda", torch.bfloat16)
+    weights = weights_to_sync(source.state_dict(), source.config.tie_word_embeddings)
+    manifest, chunks = pack(weights, 1, "fp8")
+    shapes = {n: tuple(t.shape) for n, t in weights.items()}
+    stager = WeightStager(shapes, 0, device="cuda", dtype=torch.bfloat16, keep_fp8=True)
+    for msg in iter_messages(manifest, chunks):
+        stager.add(msg)
+    engine = engines[True]
+    engine.load_weights(*reversed(stager.finish()))
+    served = dict(engine.model.named_parameters())
+    for name, w in weights.items():
+        if ".mlp.experts." in name:
+            want = torch.stack(
+                [dequantize_blockwise(*quantize_blockwise(m.cpu()), torch.bfloat16) for m in w]
+            )
+            assert torch.equal(served[name].cpu(), want), name
+    assert all(len(r.tokens) == 16 for r in engine.generate(reqs))

@@ -348,3 +348,30 @@ def test_a_version_packed_on_the_gpu_is_byte_identical_to_the_cpu_one_and_stages
         staged[device] = stager.finish()[1]
     for name, t in staged["cpu"].items():
         assert torch.equal(staged["cuda"][name].cpu(), t), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("keep_fp8", [False, True])
+def test_stacked_experts_pack_and_stage_on_the_gpu_as_on_the_cpu(keep_fp8):
+    """FP8 stacked experts on the GPU: `fill` quantizes [4, 256, 128] in the version's one launch (as
+    a [1024, 128] matrix) and [3, 200, 130] expert by expert, the stager dequantizes them the same two
+    ways (also for an FP8 engine: experts always dequantized); bytes and tensors equal the CPU's."""
+    g = torch.Generator().manual_seed(5)
+    sd = _state_dict(seed=5)
+    sd["model.layers.0.mlp.experts.gate_up_proj"] = torch.randn(4, 256, 128, generator=g).to(torch.bfloat16)
+    sd["model.layers.0.mlp.experts.down_proj"] = torch.randn(3, 200, 130, generator=g).to(torch.bfloat16)
+    cpu_manifest, cpu_chunks = pack(sd, 1, "fp8", chunk_bytes=4096)
+    gpu_manifest, gpu_chunks = pack({k: v.cuda() for k, v in sd.items()}, 1, "fp8", chunk_bytes=4096)
+    assert gpu_manifest == cpu_manifest and gpu_chunks == cpu_chunks
+    staged = {}
+    for device in ("cpu", "cuda"):
+        stager = WeightStager(_shapes(sd), 0, device=device, dtype=torch.bfloat16, keep_fp8=keep_fp8)
+        for msg in iter_messages(gpu_manifest, gpu_chunks):
+            stager.add(msg)
+        staged[device] = stager.finish()[1]
+    assert staged["cpu"].keys() == staged["cuda"].keys()
+    for name, t in staged["cpu"].items():
+        assert torch.equal(staged["cuda"][name].cpu().view(torch.uint8), t.view(torch.uint8)), name
+    for name in ("model.layers.0.mlp.experts.gate_up_proj", "model.layers.0.mlp.experts.down_proj"):
+        assert staged["cuda"][name].dtype == torch.bfloat16 and name + "_scale_inv" not in staged["cuda"]
