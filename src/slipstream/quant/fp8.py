@@ -73,15 +73,21 @@ def scale_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
     return (*lead, -(-out_f // BLOCK), -(-in_f // BLOCK))
 
 
-def as_block_matrix(t: torch.Tensor) -> torch.Tensor | None:
-    """A [out, in] matrix itself; stacked [E, out, in] as one [E*out, in] matrix when `out` is a
+def block_matrix_shape(shape: tuple[int, ...] | torch.Size) -> tuple[int, int] | None:
+    """[out, in] itself; stacked experts [E, out, in] as one [E*out, in] matrix when `out` is a
     multiple of 128, so that its 128x128 blocks are exactly the per-expert ones (its values and
     scales, row-major, are the stacked ones' bytes); else None (blocks would straddle experts)."""
-    if t.dim() == 2:
-        return t
-    if t.dim() == 3 and t.shape[1] % BLOCK == 0:
-        return t.reshape(-1, t.shape[2])
+    if len(shape) == 2:
+        return (int(shape[0]), int(shape[1]))
+    if len(shape) == 3 and shape[1] % BLOCK == 0:
+        return (int(shape[0]) * int(shape[1]), int(shape[2]))
     return None
+
+
+def as_block_matrix(t: torch.Tensor) -> torch.Tensor | None:
+    """`t` as its `block_matrix_shape` (a view where it can be), or None."""
+    shape = block_matrix_shape(t.shape)
+    return t if t.dim() == 2 else None if shape is None else t.reshape(shape)
 
 
 def _check_dims(t: torch.Tensor, what: str) -> None:

@@ -11,12 +11,12 @@ is pickled, so a weight stream can never execute code on the receiver.
 In the "fp8" format every linear projection and the stacked routed experts of an MoE (see
 `quant.should_quantize`) travel as float8_e4m3fn plus a float32 `<name>_scale_inv` entry
 (DeepSeek-V3's name and layout; experts [E, out, in] with scales [E, out/128, in/128], each expert
-its own blocks); every other floating tensor travels as bf16. In the "int4" format the `quant.int4_names` weights (by
---int4-qat-targets) travel as dtype "int4": the tensor's own shape in the manifest, its bytes the
-packed [..., in/2] uint8 of `quant/int4.py` (two values a byte), plus a float32 `<name>_scale`
-entry [..., in/128] (block_size 128: the group); every other floating tensor as bf16. Integer
-buffers travel unchanged. The coordinator relays
-the messages without decoding them; `WeightStager` is the reader. A matrix may also come
+its own blocks); every other floating tensor travels as bf16. In the "int4" format the
+`quant.int4_names` weights (by --int4-qat-targets) travel as dtype "int4": the tensor's own shape
+in the manifest, its bytes the packed [..., in/2] uint8 of `quant/int4.py` (two values a byte),
+plus a float32 `<name>_scale` entry [..., in/128] (block_size 128: the group); every other
+floating tensor as bf16. Integer buffers travel unchanged. The coordinator relays the messages
+without decoding them; `WeightStager` is the reader. A matrix may also come
 quantized already (`Quantized`: under FSDP2 each trainer rank quantizes the rows it holds); it is
 laid out exactly as if the packer had quantized it.
 

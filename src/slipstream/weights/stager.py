@@ -38,7 +38,15 @@ import torch
 
 from slipstream.kernels import fp8_block
 from slipstream.proto import types_pb2
-from slipstream.quant import BLOCK, GROUP, dequantize_blockwise, dequantize_int4, packed_shapes, scale_shape
+from slipstream.quant import (
+    BLOCK,
+    GROUP,
+    block_matrix_shape,
+    dequantize_blockwise,
+    dequantize_int4,
+    packed_shapes,
+    scale_shape,
+)
 from slipstream.weights import broadcast, ipc, shm
 from slipstream.weights.packer import (
     ALIGN,
@@ -166,10 +174,10 @@ class WeightStager:
         if fp8 and fp8_block.many_available(blob) and self.dtype in _MANY_DTYPES:
             # On a GPU: every FP8 matrix of the version in one launch, into one buffer (stacked
             # experts as one [E*out, in] matrix where that is their blocks exactly, else below).
-            flat = [e for e in fp8 if len(e.shape) == 2 or e.shape[1] % BLOCK == 0]
-            specs = [(e.offset, entries[e.scale_name].offset, _matrix(e.shape)) for e in flat]
+            flat = [(e, shape) for e in fp8 if (shape := block_matrix_shape(tuple(e.shape)))]
+            specs = [(e.offset, entries[e.scale_name].offset, shape) for e, shape in flat]
             matrices = fp8_block.dequantize_many(blob, specs, self.dtype)
-            out.update((e.name, w.view(tuple(e.shape))) for e, w in zip(flat, matrices, strict=True))
+            out.update((e.name, w.view(tuple(e.shape))) for (e, _), w in zip(flat, matrices, strict=True))
         for e in m.tensors:
             if e.name in scale_names or e.name in out:
                 continue
@@ -254,11 +262,6 @@ class WeightStager:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _matrix(shape) -> tuple[int, int]:
-    """An FP8 entry's shape as the [M, N] matrix the block kernels see ([E*out, in] for experts)."""
-    return (_numel(shape[:-1]), shape[-1])
 
 
 def _view(blob: torch.Tensor, e: types_pb2.TensorEntry) -> torch.Tensor:
