@@ -101,6 +101,11 @@ def test_mesh_trains_and_syncs_weights(assets, tmp_path, redis_url):
         assert all(key in r for r in rows), key
     assert rows[-1]["policy_version"] == 3
     assert all(r["num_samples"] == 16 for r in rows)
+    for r in rows:  # the step's parts add up to the step (tokens_per_s is over the whole step)
+        parts = r["wait_data_s"] + r["compute_s"] + r["push_weights_s"] + r["commit_s"]
+        assert r["commit_s"] > 0 and parts == pytest.approx(
+            r["num_trained_tokens"] / r["tokens_per_s"], rel=1e-6
+        )
     # Rewards were computed by the reward service: the math rule gives exactly 0 or 1.
     assert all(0.0 <= r["reward_mean"] <= 1.0 for r in rows)
 

@@ -67,6 +67,7 @@ class StepTimes:
     compute_s: float  # scores, staleness policy, training
     push_weights_s: float  # packing and pushing a new version (0 when none was due)
     total_s: float  # the whole step, the progress report included
+    commit_s: float = 0.0  # after training, besides the push: the buffer's record and the progress report
 
 
 def step_row(
@@ -112,6 +113,7 @@ def step_row(
         wait_data_s=times.wait_data_s,
         compute_s=times.compute_s,
         push_weights_s=times.push_weights_s,
+        commit_s=times.commit_s,
         trainer_idle_frac=times.wait_data_s / max(times.total_s, 1e-9),
         trainer_idle_frac_run=state.idle_frac,
         num_optimizer_steps=stats.num_optimizer_steps,
