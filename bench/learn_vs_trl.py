@@ -31,6 +31,7 @@ shared ones, all real processes: Redis, reward, coordinator, 2 rollout servers, 
                        optimizer step per generation); matched: lr (constant), AdamW betas, clip 1,
                        fp32 (no bf16 autocast), no gradient checkpointing
     mesh               our defaults (whatever config.py says now)
+    trl+bf16           the same with TRL's bf16 mixed precision (bf16=True, its default where the GPU has bf16)
     old-defaults       the defaults before issue 14 (--max-staleness 1, fp8 wire, no TIS, micro-batch 8)
     and the one-factor-at-a-time ablations in VARIANTS below.
 
@@ -108,8 +109,15 @@ VARIANTS: dict[str, list[str]] = {
     "mesh+4servers": ["--rollout-num-servers", "4"],
     "mesh+batch2048": ["--rollout-max-batch-size", "2048"],
     "mesh+4servers+batch512": ["--rollout-num-servers", "4", "--rollout-max-batch-size", "512"],
+    "mesh+4servers+bf16": ["--rollout-num-servers", "4", "--bf16"],
     "mesh+4servers+batch512+bf16": ["--rollout-num-servers", "4", "--rollout-max-batch-size", "512", "--bf16"],
 }  # fmt: skip
+
+# TRL's rows: GRPOConfig settings on top of the matched ones (`trl_child`), as "key=value".
+TRL_VARIANTS: dict[str, list[str]] = {
+    "trl": [],
+    "trl+bf16": ["bf16=true"],  # TRL's own mixed precision (its default where the GPU has bf16)
+}
 
 RUN_MARGIN_S = 20.0  # --budget-s: a stopped run's shutdown and last scoring
 KILL_AFTER_S = 90.0  # a run still going this long after the bench stopped it is killed
@@ -530,7 +538,10 @@ def summarize(runs: list[dict], target: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "--only", nargs="*", default=["trl", "mesh"], help=f"Variants: trl, {', '.join(VARIANTS)}."
+        "--only",
+        nargs="*",
+        default=["trl", "mesh"],
+        help=f"Variants: {', '.join([*TRL_VARIANTS, *VARIANTS])}.",
     )
     p.add_argument("--seeds", type=int, nargs="*", default=[1, 2])
     p.add_argument("--target", type=float, default=0.75, help="Greedy held-out accuracy to reach.")
@@ -588,9 +599,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.trl_child:
         trl_child(args.trl_child)
         return 0
-    bad = [n for n in args.only if n != "trl" and n not in VARIANTS]
+    bad = [n for n in args.only if n not in TRL_VARIANTS and n not in VARIANTS]
     if bad:
-        p.error(f"--only {bad[0]}: not a variant (trl, {', '.join(VARIANTS)})")
+        p.error(f"--only {bad[0]}: not a variant ({', '.join([*TRL_VARIANTS, *VARIANTS])})")
     if args.smoke and not args.preset:
         p.error("--smoke shrinks a --preset: give one")
     warm_start: dict = {}
@@ -674,8 +685,8 @@ def main(argv: list[str] | None = None) -> int:
         run_dir.mkdir(parents=True)
         load = os.getloadavg()
         t0 = time.time()
-        if name == "trl":
-            r = run_trl(run_args, name, args.trl_args, seed, run_dir)
+        if name in TRL_VARIANTS:
+            r = run_trl(run_args, name, [*TRL_VARIANTS[name], *args.trl_args], seed, run_dir)
         else:
             r = run_mesh(run_args, name, VARIANTS[name], seed, run_dir)
         r.update(
