@@ -7,6 +7,8 @@ forward (what the trainer computes) to a mean absolute difference under 0.02 (bf
 cached vs recomputed activations).
 """
 
+import threading
+
 import pytest
 import torch
 
@@ -279,3 +281,39 @@ def test_fp8_kv_cache_on_gpu_tracks_the_bf16_cache():
     diffs = shared_prefix_log_prob_diffs(*runs)
     assert len(diffs) >= len(reqs) * 8
     assert diffs.mean() < 0.02 and diffs.max() < 0.2
+
+
+def test_cuda_work_on_another_thread_does_not_break_a_graph_capture():
+    """The rollout server stages weights on a worker thread (CUDA IPC opens, copies, a header read
+    back) while the engine thread may be capturing a new batch bucket. Under CUDA's default global
+    capture mode either side's call failed (the H200 run's dead rollout servers); with thread-local
+    capture both go on and the graphs give what they give without the other thread."""
+    reqs = [Request(f"r{i}", prompt(3 + i % 5, offset=i), 10, temperature=0.0) for i in range(16)]
+    sizes = (1, 2, 3, 5, 9, 16)  # a new batch bucket (a capture) for most of them
+    alone = NativeEngine(make_model().cuda(), eos_token_ids=[], max_batch_size=16, max_seq_len=64)
+    expected = [r.tokens for n in sizes for r in alone.generate(reqs[:n])]
+
+    engine = NativeEngine(make_model().cuda(), eos_token_ids=[], max_batch_size=16, max_seq_len=64)
+    stop, errors, reads = threading.Event(), [], [0]
+
+    def stage() -> None:  # what stager.finish does on its thread, as fast as it can
+        side = torch.cuda.Stream()
+        try:
+            while not stop.is_set():
+                with torch.cuda.stream(side):
+                    blob = torch.arange(1 << 16, device="cuda", dtype=torch.int64)
+                    assert blob[:4].tolist() == [0, 1, 2, 3]
+                reads[0] += 1
+        except Exception as e:  # noqa: BLE001 - the test's verdict
+            errors.append(e)
+
+    worker = threading.Thread(target=stage)
+    worker.start()
+    try:
+        got = [r.tokens for n in sizes for r in engine.generate(reqs[:n])]
+    finally:
+        stop.set()
+        worker.join()
+    assert not errors, errors[0]
+    assert reads[0] > 0 and len(engine.graphs.graphs) >= 4
+    assert got == expected

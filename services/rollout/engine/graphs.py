@@ -131,7 +131,11 @@ class DecodeGraphs:
             self._step(b, kv_len, truncate)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # Thread-local capture: the rollout server stages a weights version on another thread
+        # (CUDA IPC opens, copies, a header read back) while this thread may be capturing a new
+        # bucket; under the default global mode any such call invalidates the capture and fails
+        # itself (cudaErrorStreamCaptureInvalidated / ...Unsupported: the H200 run's dead servers).
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             tokens, log_probs, experts = self._step(b, kv_len, truncate)
         captured = _Captured(graph, tokens, log_probs, experts)
         self.graphs[(b, kv_len, truncate)] = captured
