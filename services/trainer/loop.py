@@ -53,6 +53,7 @@ from .metrics import MetricsLog, StepTimes, step_row
 from .nothing_trained import warn_if_nothing_trained
 from .ranks import SharedStep, follow, share_step, weight_gather
 from .reconnect import Reconnect, Unreachable
+from .rollout_bound import RolloutBoundHint
 from .state import NonFiniteStop, TrainerState
 from .versions import Versions
 from .weight_push import WeightPusher
@@ -138,6 +139,7 @@ class Trainer:
         self.metrics = MetricsLog(infra.run_dir)
         self.sinks = open_sinks(cfg)  # TensorBoard, W&B: the same rows
         state.observers.append(self.sinks.log)
+        state.observers.append(RolloutBoundHint(self.bound.max_staleness))  # on the console
         self.feed = Feed(self.buffer, consumption, self.reconnect, self.bound)
         self.checkpointer = Checkpointer(
             cfg.save_dir, cfg.train.save_interval, actor.model, actor.optimizer, actor.par,
