@@ -344,7 +344,6 @@ def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dic
             "wait_data_s": r.get("wait_data_s"),
             "push_weights_s": r.get("push_weights_s"),
             "commit_s": r.get("commit_s"),
-            "step_total_s": r["num_trained_tokens"] / max(r["tokens_per_s"], 1e-9),
             "logprob_abs_diff_mean": r.get("logprob_abs_diff_mean"),
             "ppo_kl": r.get("ppo_kl"),
             "pg_clipfrac": r.get("pg_clipfrac"),

@@ -186,7 +186,7 @@ def served_greedy(run_dir: Path, mode: str) -> float | None:
     from slipstream.demo.task import all_problems
     from slipstream.demo.warmstart import evaluate
     from slipstream.models.hf import load_model
-    from slipstream.quant import fake_quantize_int4, int4_names, round_linears_
+    from slipstream.quant import fake_quantize_int4, int4_names, round_fp8_weights_
 
     if mode not in ("int4-qat", "unified-fp8"):
         return None
@@ -194,7 +194,7 @@ def served_greedy(run_dir: Path, mode: str) -> float | None:
     ckpt = save / (save / "latest").read_text().strip()
     model = load_model(ckpt, dtype=torch.float32)
     if mode == "unified-fp8":
-        round_linears_(model)
+        round_fp8_weights_(model)
     else:
         params = dict(model.named_parameters())
         with torch.no_grad():

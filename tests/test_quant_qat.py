@@ -22,7 +22,7 @@ from slipstream.quant import (
     fake_quantize_blockwise,
     fake_quantize_int4,
     quantize_blockwise,
-    round_linears_,
+    round_fp8_weights_,
 )
 from slipstream.services.rollout.engine import NativeEngine, Request
 from slipstream.services.trainer.actor import Actor
@@ -298,10 +298,10 @@ def test_moe_unified_fp8_rounds_the_experts_and_the_rollout_serves_them(tmp_path
     served = dict(engine.model.named_parameters())
     for name in names:
         assert torch.equal(served[name], compute[name]), name
-    # Version 0 too: the server rounds its checkpoint (`round_linears_`) as the fresh trainer does.
+    # Version 0 too: the server rounds its checkpoint (`round_fp8_weights_`) as the fresh trainer does.
     fresh = _actor(moe_dir, fp8_format="e4m3")
     model = load_model(str(moe_dir), device="cpu", dtype=torch.float32)
-    assert set(experts) <= set(round_linears_(model))
+    assert set(experts) <= set(round_fp8_weights_(model))
     fresh_compute = dict(fresh.compute.named_parameters())
     for name, p in model.named_parameters():
         assert torch.equal(p, fresh_compute[name]), name

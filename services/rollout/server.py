@@ -86,9 +86,9 @@ class RolloutService(rollout_pb2_grpc.RolloutServicer):
 def build_engine(settings: EngineConfig, model: Qwen3ForCausalLM, eos_ids: list[int]) -> Engine:
     """The engine --rollout-engine names, serving `model` (a new engine is one more branch)."""
     if settings.unified_fp8:  # version 0 as the unified FP8 trainer computes it; later ones come rounded
-        from slipstream.quant import round_linears_
+        from slipstream.quant import round_fp8_weights_
 
-        round_linears_(model)
+        round_fp8_weights_(model)
     if settings.engine == "native":
         from slipstream.services.rollout.engine.native import NativeEngine
 

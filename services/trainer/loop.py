@@ -206,8 +206,7 @@ class Trainer:
             s, trained_version=trained_version, samples=samples, staleness=staleness, stats=stats,
             batch=batch, num_requeued=len(requeue),
             num_duplicates_skipped=self.feed.consumption.num_duplicates_skipped,
-            times=StepTimes(t_data - t0, t_compute - t_data, push_s, t_end - t0, t_end - t_compute - push_s),
-            status=status,
+            times=StepTimes(t_data - t0, t_compute - t_data, push_s, t_end - t0), status=status,
         )  # fmt: skip
         self.metrics.write(**row)
         for observe in s.observers:  # e.g. Prometheus (slipstream.telemetry)

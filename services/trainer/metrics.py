@@ -67,7 +67,11 @@ class StepTimes:
     compute_s: float  # scores, staleness policy, training
     push_weights_s: float  # packing and pushing a new version (0 when none was due)
     total_s: float  # the whole step, the progress report included
-    commit_s: float = 0.0  # after training, besides the push: the buffer's record and the progress report
+
+    @property
+    def commit_s(self) -> float:
+        """After training, besides the push: the buffer's record and the progress report."""
+        return self.total_s - self.wait_data_s - self.compute_s - self.push_weights_s
 
 
 def step_row(

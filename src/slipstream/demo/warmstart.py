@@ -55,7 +55,7 @@ from slipstream.demo.task import DIGITS, Problem, all_problems, sample_problems,
 from slipstream.demo.tokenizer import build_char_tokenizer
 from slipstream.models.hf import init_model, load_model, save_model
 from slipstream.models.qwen3 import Qwen3Config, Qwen3ForCausalLM
-from slipstream.quant.fp8 import round_linears_
+from slipstream.quant.fp8 import round_fp8_weights_
 
 IGNORE = -100
 
@@ -436,7 +436,7 @@ def fp8_roundtrip(model: Qwen3ForCausalLM) -> Qwen3ForCausalLM:
     """A copy of `model` whose FP8 weights (linear projections, an MoE's stacked experts) went
     through FP8 and back, as a weight push does."""
     out = copy.deepcopy(model)
-    round_linears_(out)
+    round_fp8_weights_(out)
     return out
 
 

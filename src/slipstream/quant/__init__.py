@@ -10,7 +10,7 @@ from slipstream.quant.fp8 import (
     dequantize_blockwise,
     fake_quantize_blockwise,
     quantize_blockwise,
-    round_linears_,
+    round_fp8_weights_,
     scale_shape,
     should_quantize,
 )
@@ -38,7 +38,7 @@ __all__ = [
     "packed_shapes",
     "quantize_blockwise",
     "quantize_int4",
-    "round_linears_",
+    "round_fp8_weights_",
     "scale_shape",
     "should_quantize",
 ]

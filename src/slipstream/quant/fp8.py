@@ -174,7 +174,7 @@ def fake_quantize_blockwise(w: torch.Tensor, dtype: torch.dtype | None = None) -
 
 
 @torch.no_grad()
-def round_linears_(model: torch.nn.Module) -> list[str]:
+def round_fp8_weights_(model: torch.nn.Module) -> list[str]:
     """Replace every FP8 weight (`should_quantize`: the linear projections and the stacked routed
     experts) by its FP8 block rounding, in place: a rollout engine under unified FP8 serves version
     0 (the checkpoint) as the trainer computes it, as it serves every pushed version. Returns the
