@@ -143,11 +143,14 @@ def test_the_mode_refuses_what_it_does_not_cover(model_dir):
     for bad, says in (
         (dict(rollout_fp8=True), "--rollout-fp8"),
         (dict(weight_sync_dtype="fp8"), "--weight-sync-dtype"),
-        (dict(bf16=True), "--bf16"),
-        (dict(device="cuda"), "--device cuda"),
+        (dict(speculative_algorithm="EAGLE", mtp_num_layers=1), "--speculative-algorithm"),
+        (dict(bf16=True), "drop --bf16"),  # a bf16 trainer against the CPU's fp32 rollout
+        (dict(device="cuda"), "add --bf16"),  # an fp32 trainer against the GPU's bf16 rollout
     ):
         with pytest.raises(ConfigError, match=says.replace("-", "\\-")):
             _cfg(model_dir, **bad)
+    _cfg(model_dir, device="cuda", bf16=True)  # one dtype on both sides: bf16
+    _cfg(model_dir, device="cuda", dtype="float32")  # ... or fp32
 
 
 @pytest.mark.slow

@@ -54,9 +54,7 @@ class EngineConfig:
         device = infra.device
         if device == "auto":
             device = "cuda" if cuda_available else "cpu"
-        dtype = model.dtype
-        if dtype == "auto":
-            dtype = "bfloat16" if device.startswith("cuda") else "float32"
+        dtype = model.rollout_dtype(device)
         return cls(
             engine=rollout.rollout_engine,
             model_path=model.hf_checkpoint,

@@ -57,7 +57,7 @@ from slipstream.algorithms.losses import (
     compiled_log_probs_and_entropy,
     compiled_token_log_probs,
 )
-from slipstream.config import AlgoConfig, Config, ModelConfig, TrainConfig
+from slipstream.config import AlgoConfig, Config, ModelConfig, TrainConfig, check_true_on_policy_dtypes
 from slipstream.kernels import invariant
 from slipstream.kernels.invariant import make_invariant
 from slipstream.kernels.moe import use_grouped_experts
@@ -146,6 +146,8 @@ class Actor:
         self.device = self.par.device
         self.wire_format = train.effective_weight_sync_dtype(self.device.type, colocate)  # of the pushes
         self.lora = train.lora_rank > 0
+        if train.true_on_policy_mode:
+            check_true_on_policy_dtypes(model_cfg, train, self.device.type)
         dtype = DTYPES[model_cfg.dtype]
         if train.bf16:  # fp32 masters; a frozen LoRA base needs none (its adapters are float32)
             dtype = torch.bfloat16 if self.lora else torch.float32
@@ -157,7 +159,7 @@ class Actor:
             self.masters = self.masters or MasterWeights(model, dtype=dtype)
             self.masters.compute.to(self.device)
         compute = self.masters.compute if self.masters else model
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not train.true_on_policy_mode:
             use_grouped_experts(compute)  # MoE: the experts as grouped GEMMs (kernels/moe.py)
         if train.torch_compile:
             split_layers(compute)  # two compiled graphs per layer around the attention call
@@ -167,8 +169,6 @@ class Actor:
         self.compute = compute if self.masters else self.model
         self.invariant = train.true_on_policy_mode  # its compute copy holds the served bf16 values
         if self.invariant:
-            if self.device.type != "cpu":
-                raise ValueError("--true-on-policy-mode is CPU-only for now (the GPU needs its own kernels)")
             make_invariant(self.compute)
         self.compute.train()
         self.moe = MoERouting(model.config, train)  # expert routing: replay, aux loss, metrics

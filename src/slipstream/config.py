@@ -57,6 +57,12 @@ class ModelConfig:
         "target's last hidden state, sharing its embedding and LM head; models/draft.py); 0 = no draft.",
     )
 
+    def rollout_dtype(self, device_type: str) -> str:
+        """The dtype the rollout engine computes in: --dtype, or when auto bfloat16 on CUDA, else float32."""
+        if self.dtype != "auto":
+            return self.dtype
+        return "bfloat16" if device_type.startswith("cuda") else "float32"
+
 
 @dataclass
 class DataConfig:
@@ -485,8 +491,9 @@ class TrainConfig:
         "Bitwise on-policy training: rollout engine and trainer compute every token with batch-invariant "
         "kernels (kernels/invariant.py) and the same bf16-valued weights (the wire's, in both), so the "
         "log-probs the sampler reports for its tokens equal the trainer's bit for bit (train/rollout "
-        "mismatch exactly 0). For now: CPU, dense and MoE models, one trainer process, fp32 arithmetic, bf16 "
-        "weight sync; it costs throughput (docs/benchmarks.md). (miles' name)",
+        "mismatch exactly 0). CPU (fp32) and CUDA (Triton kernels; add --bf16 for the engine's bf16), "
+        "dense and MoE models, one trainer process, bf16 weight sync; it costs throughput "
+        "(docs/benchmarks.md). (miles' name)",
     )
     use_rollout_routing_replay: bool = opt(
         False,
@@ -598,10 +605,10 @@ class TrainConfig:
         )
         _require(
             not self.true_on_policy_mode
-            or not (self.int4_qat or self.fp8_format or self.torch_compile or self.bf16)
+            or not (self.int4_qat or self.fp8_format or self.torch_compile)
             and self.weight_sync_dtype in ("auto", "bf16"),
-            "--true-on-policy-mode computes in fp32 with the bf16 weights it syncs: it excludes --int4-qat, "
-            "--fp8-format, --torch-compile, --bf16 and a --weight-sync-dtype other than bf16",
+            "--true-on-policy-mode computes with the bf16 weights it syncs: it excludes --int4-qat, "
+            "--fp8-format, --torch-compile and a --weight-sync-dtype other than bf16",
         )
         _require(
             not self.int4_qat or self.weight_sync_dtype in ("auto", "int4"),
@@ -952,12 +959,12 @@ class Config:
             not t.true_on_policy_mode
             or not (self.rollout.rollout_fp8 or self.rollout.kv_cache_dtype != "auto")
             and not self.rollout.speculative_algorithm
-            and self.cluster.actor_num_gpus_per_node == 1
-            and self.infra.device in ("auto", "cpu"),
-            "--true-on-policy-mode runs the CPU's full-precision kernels in one trainer process: it "
-            "excludes --rollout-fp8, --kv-cache-dtype fp8_e4m3, --speculative-algorithm, "
-            "--actor-num-gpus-per-node > 1 and --device cuda",
+            and self.cluster.actor_num_gpus_per_node == 1,
+            "--true-on-policy-mode runs its own kernels in one trainer process: it excludes --rollout-fp8, "
+            "--kv-cache-dtype fp8_e4m3, --speculative-algorithm and --actor-num-gpus-per-node > 1",
         )
+        if t.true_on_policy_mode and self.infra.device != "auto":
+            check_true_on_policy_dtypes(self.model, t, self.infra.device)
         _require(
             t.weight_transport != "ipc" or self.cluster.colocate,
             "--weight-transport ipc shares the trainer's GPU buffer with rollout servers on that GPU: "
@@ -1000,6 +1007,18 @@ def redact(url: str) -> str:
         return url
     netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_true_on_policy_dtypes(model: ModelConfig, train: TrainConfig, device_type: str) -> None:
+    """--true-on-policy-mode: the trainer computes in the rollout engine's dtype on `device_type`."""
+    trainer = "bfloat16" if train.bf16 or model.dtype == "bfloat16" else "float32"
+    rollout = model.rollout_dtype(device_type)
+    _require(
+        trainer == rollout,
+        f"--true-on-policy-mode needs the trainer and the rollout in one dtype; on {device_type} the "
+        f"trainer computes in {trainer} and the rollout in {rollout}: "
+        + ("add --bf16 (or --dtype float32 for both)" if rollout == "bfloat16" else "drop --bf16"),
+    )
 
 
 def _require(ok: bool, message: str) -> None:

@@ -149,12 +149,12 @@ class KVCache:
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             self.k[layer, rows, :, positions] = self._stored(k[:, :, 0])
             self.v[layer, rows, :, positions] = self._stored(v[:, :, 0])
+            if self.invariant:
+                return invariant.decode_attention(q, self.k[layer], self.v[layer], lengths, kv_len)
             if fast:  # reads each slot only up to its own length (kernels/attention.py)
                 return decode_kernel.decode_attention(q, self.k[layer], self.v[layer], lengths)
             keys = self.k[layer, :n, :, :kv_len].to(q.dtype)
             values = self.v[layer, :n, :, :kv_len].to(q.dtype)
-            if self.invariant:
-                return invariant.attention(q, keys, values, mask)
             # The query heads that share a KV head become that head's "query positions"
             # ([n, Hkv, group, D]): one attention per KV head, no repeated keys, and the
             # memory-efficient kernel (which takes a mask) instead of a GQA expansion.

@@ -103,11 +103,9 @@ class ModelRunner:
                     "--true-on-policy-mode runs at full precision: no FP8/int4 weights, FP8 KV cache or "
                     "speculative draft"
                 )
-            if model.model.embed_tokens.weight.device.type != "cpu":
-                raise ValueError("--true-on-policy-mode is CPU-only for now (the GPU needs its own kernels)")
             make_invariant(model)
             round_to_served_(model)  # the checkpoint's weights as a bf16 version would bring them
-            cuda_graphs = fused_decode = False
+            fused_decode = False  # the model's own forward (CUDA graphs capture it on the GPU)
         if fp8 and int4_targets:
             raise ValueError("fp8=True and int4 weights exclude each other: a layer holds one format")
         self.fp8_layers = convert_to_fp8(model) if fp8 else {}
@@ -128,7 +126,9 @@ class ModelRunner:
         moe_layers = cfg.moe_layers
         self.experts_per_token = len(moe_layers) * cfg.num_experts_per_tok  # 0: dense
         expert_dtype = torch.uint8 if cfg.num_experts <= 256 else torch.int16
-        if moe_layers and self.device.type == "cuda":
+        if moe_layers and self.device.type == "cuda" and invariant:
+            cuda_graphs = False  # the invariant experts' loop reads per-expert counts on the host
+        elif moe_layers and self.device.type == "cuda":
             fused_decode = False  # the fused decoder is dense-only
             # Grouped GEMMs have static shapes and no host sync, so MoE decode runs in CUDA graphs;
             # the expert loop reads per-expert counts on the host and cannot be captured.

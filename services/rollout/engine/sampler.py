@@ -12,8 +12,10 @@ softmax). No generator state is carried between steps, so there is no per-row lo
 rollout continued at token index t draws what it would have drawn uninterrupted.
 
 On CUDA, rows without truncation go through one fused Triton pass over the logits
-(`slipstream.kernels.sampling`, same function, bit-identical noise); this file is the reference
-and the path everywhere else.
+(`slipstream.kernels.sampling`, same function, bit-identical noise), and the log-probs of tokens
+drawn here come from that kernel's loop too (`sampling.log_probs`), so a reported log-prob has one
+arithmetic on the GPU, the one the trainer uses under --true-on-policy-mode; this file is the
+reference and the path everywhere else.
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ def sample(
     gumbel = -torch.log(-torch.log(u))
     sampled = (candidates + gumbel).argmax(-1)
     tokens = torch.where(greedy, logits.argmax(-1), sampled)
+    if fused.available(logits):  # the fused kernel's arithmetic: on CUDA a log-prob has one spelling
+        return tokens, fused.log_probs(logits, params.temperature, tokens)
     return tokens, log_probs.gather(-1, tokens[:, None]).squeeze(-1)
 
 

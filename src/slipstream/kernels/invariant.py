@@ -16,17 +16,26 @@ that sums does so in an order fixed by the token alone:
 - `token_log_probs`: log-softmax of logits / temperature, then the pick: the sampler's own
   formula (`engine/sampler.py`), not logits minus logsumexp.
 
-RMSNorm, RoPE, SiLU, the residual adds and the embedding are row-wise or elementwise already
-(`tests/test_true_on_policy.py` checks the whole model: the engine's log-probs of the tokens it
-sampled equal the trainer's, bit for bit). Backward is autograd's over the same ops: only the
-forward must match. These are plain PyTorch for CPU fp32; the GPU wants kernels of its own.
+- a mixture-of-experts layer sums each token's expert outputs by k adds in ascending expert id
+  (`index_add_` adds with atomics on the GPU, in no fixed order).
+
+RMSNorm, RoPE, SiLU, the residual adds and the embedding are row-wise or elementwise already on the
+CPU (`tests/test_true_on_policy.py` checks the whole model: the engine's log-probs of the tokens
+it sampled equal the trainer's, bit for bit). Backward is autograd's over the same ops: only the
+forward must match. These are plain PyTorch for the CPU's fp32; on CUDA every function here runs
+`invariant_gpu.py`'s Triton kernels instead (bf16 or fp32, RMSNorm too), and the log-prob is the
+sampling kernel's own loop.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from slipstream.kernels import invariant_gpu as gpu
+from slipstream.kernels import sampling
+from slipstream.models.decoder import RMSNorm
 from slipstream.models.moe import Experts
 
 TILE = 16  # rows per GEMM problem
@@ -35,6 +44,9 @@ CHUNK = 16  # keys are padded to a multiple of this (one AVX-512 vector of fp32)
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)`, each row computed as the same [TILE, K] problem."""
+    if gpu.available(x):
+        out = gpu.linear(x, weight)
+        return out if bias is None else out + bias
     *lead, k = x.shape
     rows = x.reshape(-1, k)
     n = rows.shape[0]
@@ -53,22 +65,47 @@ class InvariantLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
+class InvariantRMSNorm(RMSNorm):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gpu.rms_norm(x, self.weight, self.eps) if gpu.available(x) else super().forward(x)
+
+
 class InvariantExperts(Experts):
     """A mixture-of-experts layer's experts, each on however many rows routed to it, through `linear`.
-    (The router is an `nn.Linear`; its softmax and top-k are row-wise; the experts' outputs are
-    added per token in ascending expert id on both sides.)"""
+    (The router is an `nn.Linear`; its softmax and top-k are row-wise.)"""
 
     linear = staticmethod(linear)
 
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`Experts.forward`, each token's k outputs summed by k adds in ascending expert id (what
+        `index_add_` does on the CPU and not on the GPU)."""
+        n, top_k = ids.shape
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)  # token-slots grouped by expert, ascending
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        ys = []
+        for expert, rows in enumerate(x[order // top_k].split(counts)):
+            if rows.shape[0]:
+                gate, up = self.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
+                ys.append(self.linear(F.silu(gate) * up, self.down_proj[expert]))
+        y = torch.cat(ys) * weights.reshape(-1)[order, None]
+        per_slot = torch.empty_like(y).index_copy_(0, order, y).view(n, top_k, -1)
+        per_slot = per_slot.gather(
+            1, ids.argsort(-1)[..., None].expand_as(per_slot)
+        )  # a token's ids are distinct
+        out = torch.zeros_like(x)
+        for j in range(top_k):
+            out = out + per_slot[:, j]
+        return out
+
 
 def make_invariant(model: nn.Module) -> nn.Module:
-    """Every `nn.Linear` and MoE expert stack of `model` computes through `linear` (in place;
-    parameters untouched)."""
+    """Every `nn.Linear`, RMSNorm and MoE expert stack of `model` computes through this module's
+    kernels (in place; parameters untouched)."""
+    swaps = {nn.Linear: InvariantLinear, RMSNorm: InvariantRMSNorm, Experts: InvariantExperts}
     for module in model.modules():
-        if type(module) is nn.Linear:
-            module.__class__ = InvariantLinear
-        elif type(module) is Experts:
-            module.__class__ = InvariantExperts
+        if type(module) in swaps:
+            module.__class__ = swaps[type(module)]
     return model
 
 
@@ -117,26 +154,69 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 def causal_attention(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """The model's `Attention` for a whole batch (the trainer's forward, the engine's prefill)."""
+    if gpu.available(q):
+        return gpu.causal_attention(q, k, v)
     t = q.shape[2]
     positions = torch.arange(t, device=q.device)
     return attention(q, k, v, (positions[None, :] <= positions[:, None])[None, None])
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor, kv_len: int
+) -> torch.Tensor:
+    """The engine's decode: q [n,H,1,D], one query per slot 0..n-1, over that slot's cached keys
+    0..lengths[i]-1 (k_cache, v_cache [slots,Hkv,capacity,D]; kv_len >= every length)."""
+    if gpu.available(q):
+        return gpu.decode_attention(q, k_cache, v_cache, lengths)
+    n = q.shape[0]
+    mask = (torch.arange(kv_len, device=q.device)[None, :] < lengths[:, None])[:, None, None]
+    keys, values = (c[:n, :, :kv_len].to(q.dtype) for c in (k_cache, v_cache))
+    return attention(q, keys, values, mask)
+
+
+class _TokenLogProbs(torch.autograd.Function):
+    """The sampling kernel's log-probs of given tokens (forward), softmax's gradient (backward)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature):
+        ctx.save_for_backward(logits, targets)
+        ctx.temperature = temperature
+        temps = torch.full((logits.shape[0],), temperature, dtype=torch.float32, device=logits.device)
+        return sampling.log_probs(logits, temps, targets)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, targets = ctx.saved_tensors
+        t = ctx.temperature if ctx.temperature > 0 else 1.0
+        g = torch.softmax(logits.float() / t, dim=-1) * -grad[:, None]
+        g.scatter_add_(1, targets[:, None], grad[:, None])
+        return (g / t).to(logits.dtype), None, None
+
+
+def _log_probs(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log-softmax(logits / temperature)[targets] fp32, as the sampler computes it on this device."""
+    if sampling.available(logits.view(-1, logits.shape[-1])):
+        flat = _TokenLogProbs.apply(
+            logits.view(-1, logits.shape[-1]), targets.reshape(-1).long(), temperature
+        )
+        return flat.view(targets.shape)
+    scale = torch.tensor(temperature if temperature > 0 else 1.0, dtype=torch.float32, device=logits.device)
+    log_p = torch.log_softmax(logits.float() / scale, dim=-1)
+    return log_p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
 
 
 def token_log_probs(
     hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
     """log-softmax(logits / temperature)[targets], hidden [B,T,H] -> [B,T] fp32, as the sampler does it."""
-    logits = linear(hidden, lm_head_weight).float()
-    scale = torch.tensor(temperature if temperature > 0 else 1.0, dtype=torch.float32, device=logits.device)
-    log_p = torch.log_softmax(logits / scale, dim=-1)
-    return log_p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    return _log_probs(linear(hidden, lm_head_weight), targets, temperature)
 
 
 def log_probs_and_entropy(
     hidden: torch.Tensor, lm_head_weight: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`token_log_probs` and each position's entropy."""
-    logits = linear(hidden, lm_head_weight).float()
-    scale = torch.tensor(temperature if temperature > 0 else 1.0, dtype=torch.float32, device=logits.device)
-    log_p = torch.log_softmax(logits / scale, dim=-1)
-    return log_p.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1), -(log_p.exp() * log_p).sum(-1)
+    """`token_log_probs` and each position's entropy (not part of the bitwise promise)."""
+    logits = linear(hidden, lm_head_weight)
+    scale = temperature if temperature > 0 else 1.0
+    log_p = torch.log_softmax(logits.float() / scale, dim=-1)
+    return _log_probs(logits, targets, temperature), -(log_p.exp() * log_p).sum(-1)

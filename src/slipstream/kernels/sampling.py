@@ -30,6 +30,7 @@ except ImportError:  # CPU-only installs: the plain sampler runs instead
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
+_BLOCK, _WARPS = 4096, 8  # logits per loop step, warps: one setting, so sampling and `log_probs` agree
 
 
 def available(logits: torch.Tensor) -> bool:
@@ -56,8 +57,11 @@ if triton is not None:
     @triton.jit
     def _sample_kernel(
         logits_ptr, stride, temp_ptr, seed_ptr, pos_ptr, tok_ptr, lp_ptr,
-        V, MASK, GOLDEN, BLOCK: tl.constexpr,
+        V, MASK, GOLDEN, BLOCK: tl.constexpr, GIVEN: tl.constexpr,
     ):  # fmt: skip
+        # GIVEN: the tokens are given (tok_ptr, read) and only their log-probs are computed, by the
+        # same log-sum-exp loop that sampling runs (`log_probs`: the trainer's side of
+        # --true-on-policy-mode on the GPU).
         row = tl.program_id(0)
         t = tl.load(temp_ptr + row)
         greedy = t <= 0
@@ -87,23 +91,27 @@ if triton is not None:
             m = tl.maximum(run_max, tl.max(z, axis=0))
             run_sum = run_sum * tl.exp(run_max - m) + tl.sum(tl.exp(z - m), axis=0)
             run_max = m
-            # counter-based noise, as sampler.uniform_noise spells it
-            h = _mix32_u32(_mix32_u32(key32 + offs.to(tl.uint32) * golden32, mul32) ^ key32, mul32)
-            u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-            y = tl.where(valid, z - tl.log(-tl.log(u)), float("-inf"))
-            i = tl.argmax(y, axis=0)
-            v = tl.max(y, axis=0)
-            better = v > best  # strict: the earlier block wins a tie, like torch.argmax
-            best_idx = tl.where(better, start + i, best_idx)
-            best = tl.where(better, v, best)
-            j = tl.argmax(x, axis=0)
-            w = tl.max(x, axis=0)
-            higher = w > top
-            top_idx = tl.where(higher, start + j, top_idx)
-            top = tl.where(higher, w, top)
-        tok = tl.where(greedy, top_idx, best_idx)
+            if not GIVEN:
+                # counter-based noise, as sampler.uniform_noise spells it
+                h = _mix32_u32(_mix32_u32(key32 + offs.to(tl.uint32) * golden32, mul32) ^ key32, mul32)
+                u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+                y = tl.where(valid, z - tl.log(-tl.log(u)), float("-inf"))
+                i = tl.argmax(y, axis=0)
+                v = tl.max(y, axis=0)
+                better = v > best  # strict: the earlier block wins a tie, like torch.argmax
+                best_idx = tl.where(better, start + i, best_idx)
+                best = tl.where(better, v, best)
+                j = tl.argmax(x, axis=0)
+                w = tl.max(x, axis=0)
+                higher = w > top
+                top_idx = tl.where(higher, start + j, top_idx)
+                top = tl.where(higher, w, top)
+        if GIVEN:
+            tok = tl.load(tok_ptr + row)
+        else:
+            tok = tl.where(greedy, top_idx, best_idx)
+            tl.store(tok_ptr + row, tok.to(tl.int64))
         x_tok = tl.load(base + tok).to(tl.float32)
-        tl.store(tok_ptr + row, tok.to(tl.int64))
         tl.store(lp_ptr + row, x_tok / t - (run_max + tl.log(run_sum)))
 
 
@@ -118,6 +126,23 @@ def sample(
     log_probs = torch.empty(n, dtype=torch.float32, device=logits.device)
     _sample_kernel[(n,)](
         logits, logits.stride(0), temperature.float().contiguous(), seeds.contiguous(),
-        positions.contiguous(), tokens, log_probs, vocab, _MASK32, _GOLDEN, BLOCK=4096, num_warps=8,
+        positions.contiguous(), tokens, log_probs, vocab, _MASK32, _GOLDEN, BLOCK=_BLOCK, GIVEN=False,
+        num_warps=_WARPS,
     )  # fmt: skip
     return tokens, log_probs
+
+
+def log_probs(logits: torch.Tensor, temperature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log-softmax(logits / temperature)[tokens] [n] float32 from logits [n, V], by `sample`'s own
+    loop: bit for bit the log-prob `sample` reports when it draws these tokens; CUDA only."""
+    n, vocab = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    out = torch.empty(n, dtype=torch.float32, device=logits.device)
+    unused = torch.zeros(n, dtype=torch.int64, device=logits.device)
+    _sample_kernel[(n,)](
+        logits, logits.stride(0), temperature.float().contiguous(), unused, unused,
+        tokens.to(torch.int64).contiguous(), out, vocab, _MASK32, _GOLDEN, BLOCK=_BLOCK, GIVEN=True,
+        num_warps=_WARPS,
+    )  # fmt: skip
+    return out

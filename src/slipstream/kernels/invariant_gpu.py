@@ -1,0 +1,294 @@
+"""Batch-invariant kernels on the GPU (--true-on-policy-mode on CUDA), in Triton.
+
+The contract is `invariant.py`'s: a token's numbers never depend on the batch it is computed in,
+so the log-prob the engine's sampler reports for a token it decoded (one row of a decode step over
+its KV cache) equals the trainer's (one position of a padded causal forward) bit for bit. On the
+GPU what varies with the batch is the library's choice of kernel: cuBLAS picks its GEMM tiles and
+split-K from M, attention kernels split the keys differently for one query than for a block of
+them, and a reduction's thread layout follows its shape. Here every kernel's tiling is a constant:
+
+- `linear`: x @ W^T in [BLOCK_M, BLOCK_N] tiles with the K range walked in BLOCK_K steps from 0,
+  the same tensor-core instruction for every M (a row's result is a function of that row alone;
+  rows past M are masked loads). No split-K.
+- `causal_attention` (trainer, engine prefill) and `decode_attention` (engine decode) share one
+  loop, `_attend`: a BLOCK_M tile of query rows against key blocks of BLOCK_N from position 0 up,
+  online softmax. A training tile's rows are 64 positions of one head; a decode tile's rows are the
+  query heads that share one KV head, padded to 64: the same instructions either way. Keys past a
+  row's own position score -inf and weigh exact zeros, and a block that holds none of a row's keys
+  leaves its running max, sum and output exactly as they were, so a row gets the same numbers over
+  the trainer's T keys as over the engine's cache up to its length.
+- `rms_norm`: one program per row over the whole row.
+- The sampled token's log-prob is `kernels.sampling`'s own kernel (`sampling.log_probs`): the
+  trainer computes it with the loop the sampler ran.
+
+Backward is PyTorch's over the same function (only the forward must match the sampler).
+Everything is checked on the CPU under `TRITON_INTERPRET=1` against PyTorch and for row/length
+invariance (`tests/test_true_on_policy_gpu.py`); the bitwise match of whole models on the H200.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: invariant.py's PyTorch kernels run instead
+    triton = None
+
+BLOCK_M = 64  # rows per tile: GEMM rows, attention queries
+BLOCK_N = 64  # GEMM columns; attention keys per step
+BLOCK_K = 64  # GEMM inputs per step
+WARPS = 4
+
+
+def available(x: torch.Tensor) -> bool:
+    return triton is not None and x.is_cuda
+
+
+def _check_head_dim(d: int) -> None:
+    if d not in (16, 32, 64, 128, 256):
+        raise ValueError(f"--true-on-policy-mode on the GPU: head_dim {d} is not one of 16, 32, 64, 128, 256")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _linear_kernel(
+        x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
+        IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        ks = tl.arange(0, BK)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + ks
+            x = tl.load(
+                x_ptr + rows[:, None].to(tl.int64) * stride_x + k[None, :],
+                mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0,
+            )  # fmt: skip
+            w = tl.load(
+                w_ptr + cols[None, :].to(tl.int64) * stride_w + k[:, None],
+                mask=(cols[None, :] < N) & (k[:, None] < K), other=0.0,
+            )  # fmt: skip
+            if IEEE:
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
+        out = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+    @triton.jit
+    def _attend(
+        q, pos, k_base, v_base, stride_kn, num_keys, n_blocks, scale,
+        D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """q [BM, D] (rows at positions pos [BM]) against keys 0..pos of one (sequence, KV head),
+        whose keys and values start at k_base/v_base, num_keys of them in memory; n_blocks key
+        blocks from 0. -> [BM, D] fp32."""
+        d = tl.arange(0, D)
+        run_max = tl.full([BM], float("-inf"), tl.float32)
+        run_sum = tl.zeros([BM], tl.float32)
+        acc = tl.zeros([BM, D], tl.float32)
+        for j in range(0, n_blocks):
+            keys = j * BN + tl.arange(0, BN)
+            inside = keys[:, None] < num_keys
+            offs = keys[:, None].to(tl.int64) * stride_kn + d[None, :]
+            k = tl.load(k_base + offs, mask=inside, other=0.0)
+            v = tl.load(v_base + offs, mask=inside, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = tl.where(keys[None, :] <= pos[:, None], s * scale, float("-inf"))
+            new_max = tl.maximum(run_max, tl.max(s, 1))
+            alpha = tl.exp(run_max - new_max)
+            p = tl.exp(s - new_max[:, None])
+            run_sum = run_sum * alpha + tl.sum(p, 1)
+            if IEEE:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            run_max = new_max
+        return acc / run_sum[:, None]
+
+    @triton.jit
+    def _causal_kernel(
+        q_ptr, k_ptr, v_ptr, out_ptr, T, H, GROUP,
+        sq_b, sq_h, sq_t, sk_b, sk_h, sk_t, so_b, so_h, so_t, scale,
+        D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """One program: BM positions of one (sequence, query head); keys of its KV head."""
+        b = (tl.program_id(1) // H).to(tl.int64)
+        h = tl.program_id(1) % H
+        t = tl.program_id(0) * BM + tl.arange(0, BM)
+        d = tl.arange(0, D)
+        rows = t[:, None] < T
+        q = tl.load(q_ptr + b * sq_b + h * sq_h + t[:, None] * sq_t + d[None, :], mask=rows, other=0.0)
+        last = tl.minimum(tl.program_id(0) * BM + BM, T)  # keys up to the tile's last position
+        kv = b * sk_b + (h // GROUP) * sk_h
+        out = _attend(q, t, k_ptr + kv, v_ptr + kv, sk_t, T, tl.cdiv(last, BN), scale, D, BM, BN, IEEE)
+        dst = out_ptr + b * so_b + h * so_h + t[:, None] * so_t + d[None, :]
+        tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=rows)
+
+    @triton.jit
+    def _decode_kernel(
+        q_ptr, k_ptr, v_ptr, len_ptr, out_ptr, GROUP,
+        sq_b, sq_h, sk_b, sk_h, sk_t, so_b, so_h, scale,
+        D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
+    ):  # fmt: skip
+        """One program: the query heads of one (slot, KV head) at the slot's last position, as
+        the rows of a BM tile (the rest padding); keys from the cache up to the slot's length."""
+        b = tl.program_id(0).to(tl.int64)
+        kvh = tl.program_id(1)
+        g = tl.arange(0, BM)
+        d = tl.arange(0, D)
+        rows = g[:, None] < GROUP
+        heads = kvh * GROUP + g
+        q = tl.load(q_ptr + b * sq_b + heads[:, None] * sq_h + d[None, :], mask=rows, other=0.0)
+        n = tl.load(len_ptr + b).to(tl.int32)
+        pos = tl.zeros([BM], tl.int32) + (n - 1)
+        kv = b * sk_b + kvh * sk_h
+        out = _attend(q, pos, k_ptr + kv, v_ptr + kv, sk_t, n, tl.cdiv(n, BN), scale, D, BM, BN, IEEE)
+        tl.store(
+            out_ptr + b * so_b + heads[:, None] * so_h + d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=rows,
+        )
+
+    @triton.jit
+    def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, N, eps, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        inside = cols < N
+        x = tl.load(x_ptr + row * N + cols, mask=inside, other=0.0).to(tl.float32)
+        normed = x * (1.0 / tl.sqrt(tl.sum(x * x, 0) / N + eps))
+        # The model's order: normalise in fp32, round to the input's dtype, then scale.
+        normed = normed.to(out_ptr.dtype.element_ty).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=inside, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * N + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _ieee(x: torch.Tensor) -> bool:
+    return x.dtype == torch.float32  # fp32 stays fp32 (no TF32); bf16/fp16 use the tensor cores as they are
+
+
+def _linear_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    *lead, k = x.shape
+    rows = x.reshape(-1, k).contiguous()
+    weight = weight.contiguous()
+    m, n = rows.shape[0], weight.shape[0]
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
+    _linear_kernel[grid](
+        rows, weight, out, m, n, k, rows.stride(0), weight.stride(0), out.stride(0),
+        IEEE=_ieee(x), BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=WARPS,
+    )  # fmt: skip
+    return out.view(*lead, n)
+
+
+class _Linear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return _linear_forward(x, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        return grad_x, grad_w
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight^T, [..., K] x [N, K] -> [..., N] in x's dtype; each row as the same tile problem."""
+    return _Linear.apply(x, weight)
+
+
+def _causal_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    b, h, t, d = q.shape
+    _check_head_dim(d)
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    out = torch.empty_like(q)
+    _causal_kernel[(triton.cdiv(t, BLOCK_M), b * h)](
+        q, k, v, out, t, h, h // k.shape[1],
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), d**-0.5,
+        D=d, BM=BLOCK_M, BN=BLOCK_N, IEEE=_ieee(q), num_warps=WARPS,
+    )  # fmt: skip
+    return out
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v):
+        ctx.save_for_backward(q, k, v)
+        return _causal_forward(q, k, v)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v = (x.detach().requires_grad_() for x in ctx.saved_tensors)
+        with torch.enable_grad():
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return torch.autograd.grad(out, (q, k, v), grad)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention over a batch: q [B,H,T,D], k and v [B,Hkv,T,D] -> [B,H,T,D]."""
+    return _CausalAttention.apply(q, k, v)
+
+
+def decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor
+) -> torch.Tensor:
+    """One query per slot: q [n,H,1,D] against slot i's cached keys 0..lengths[i]-1 (k_cache and
+    v_cache [slots,Hkv,capacity,D]) -> [n,H,1,D]. No host sync: CUDA graphs capture it."""
+    n, h, _, d = q.shape
+    _check_head_dim(d)
+    hkv = k_cache.shape[1]
+    if h // hkv > BLOCK_M:
+        raise ValueError(f"decode_attention: {h // hkv} query heads per KV head, at most {BLOCK_M}")
+    out = torch.empty_like(q)
+    _decode_kernel[(n, hkv)](
+        q, k_cache, v_cache, lengths, out, h // hkv,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), out.stride(1), d**-0.5,
+        D=d, BM=BLOCK_M, BN=BLOCK_N, IEEE=_ieee(q), num_warps=WARPS,
+    )  # fmt: skip
+    return out
+
+
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    n = x.shape[-1]
+    rows = x.contiguous()
+    out = torch.empty_like(rows)
+    _rms_norm_kernel[(rows.numel() // n,)](
+        rows, weight.contiguous(), out, n, eps, BLOCK=triton.next_power_of_2(n)
+    )
+    return out
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+        return _rms_norm_forward(x, weight, eps)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = (t.detach().requires_grad_() for t in ctx.saved_tensors)
+        with torch.enable_grad():
+            out = weight * F.rms_norm(x.float(), (x.shape[-1],), eps=ctx.eps).to(x.dtype)
+        grad_x, grad_w = torch.autograd.grad(out, (x, weight), grad)
+        return grad_x, grad_w, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's RMSNorm (`models/decoder.py`: normalise in fp32, round, scale), one program a row."""
+    return _RMSNorm.apply(x, weight, eps)

@@ -1,0 +1,130 @@
+"""--true-on-policy-mode on CUDA (kernels/invariant_gpu.py): the Triton kernels compute what their
+PyTorch definitions do, a row's numbers do not depend on its batch or on the keys stored past its
+position, and on a GPU the sampler's log-probs equal the trainer's bit for bit (dense and MoE,
+bf16, CUDA graphs on).
+
+Without a GPU the kernels run under Triton's interpreter (`TRITON_INTERPRET=1`, in a subprocess;
+skipped where Triton is not installed, as in the project's CPU venv).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from importlib.util import find_spec
+
+import pytest
+import torch
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+KERNEL_CHECKS = textwrap.dedent(
+    """
+    import torch
+    import torch.nn.functional as F
+    from slipstream.kernels import invariant_gpu as gpu, sampling
+    from slipstream.models.decoder import RMSNorm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    # linear: F.linear's values; row i alone equals row i of a 70-row batch, bit for bit
+    x, w = torch.randn(70, 96, device=device), torch.randn(40, 96, device=device)
+    full = gpu.linear(x, w)
+    assert torch.allclose(full, F.linear(x, w), atol=1e-4), (full - F.linear(x, w)).abs().max()
+    for i in (0, 13, 69):
+        assert torch.equal(gpu.linear(x[i : i + 1], w)[0], full[i]), i
+    # causal attention: SDPA's values (GQA, T not a multiple of the tile)
+    for t_len in (5, 70):
+        q = torch.randn(2, 4, t_len, 32, device=device)
+        k, v = torch.randn(2, 2, t_len, 32, device=device), torch.randn(2, 2, t_len, 32, device=device)
+        causal = gpu.causal_attention(q, k, v)
+        ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        assert torch.allclose(causal, ref, atol=1e-4), (causal - ref).abs().max()
+        # decode: a query at position t over a cache holding garbage past t equals causal row t
+        cache_k = torch.randn(3, 2, 80, 32, device=device)
+        cache_v = torch.randn(3, 2, 80, 32, device=device)
+        cache_k[1, :, :t_len], cache_v[1, :, :t_len] = k[1], v[1]
+        for t in sorted({0, t_len // 2, t_len - 1}):
+            lengths = torch.tensor([7, t + 1, 80], device=device)
+            qs = torch.randn(3, 4, 1, 32, device=device)
+            qs[1] = q[1, :, t : t + 1]
+            one = gpu.decode_attention(qs, cache_k, cache_v, lengths)
+            assert torch.equal(one[1, :, 0], causal[1, :, t]), (t_len, t)
+    # RMSNorm: the model's module
+    norm = RMSNorm(48, 1e-6).to(device)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(48) + 0.5)
+    h = torch.randn(5, 3, 48, device=device)
+    assert torch.allclose(gpu.rms_norm(h, norm.weight, 1e-6), norm(h), atol=1e-5)
+    # the sampler's log-probs of given tokens: log-softmax(logits / T) picked; sample() reports them
+    logits = torch.randn(6, 5000, device=device)
+    temps = torch.tensor([1.0, 0.7, 0.0, 1.3, 1.0, 2.0], device=device)
+    tokens = torch.randint(0, 5000, (6,), device=device)
+    lp = sampling.log_probs(logits, temps, tokens)
+    scale = torch.where(temps > 0, temps, torch.ones_like(temps))
+    ref = torch.log_softmax(logits / scale[:, None], -1).gather(-1, tokens[:, None])[:, 0]
+    assert torch.allclose(lp, ref, atol=1e-5), (lp - ref).abs().max()
+    drawn, reported = sampling.sample(logits, temps, torch.arange(6, device=device), torch.arange(6, device=device))
+    assert torch.equal(reported, sampling.log_probs(logits, temps, drawn))
+    print("ok")
+    """
+)
+
+
+@pytest.mark.skipif(find_spec("triton") is None, reason="Triton is not installed")
+def test_kernels_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    out = subprocess.run(
+        [sys.executable, "-c", KERNEL_CHECKS], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@cuda
+def test_kernels_on_the_gpu():
+    out = subprocess.run([sys.executable, "-c", KERNEL_CHECKS], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_sampler_log_probs_equal_the_trainers_on_the_gpu(kind, tmp_path):
+    """bf16 on both sides, the engine with CUDA graphs (dense) over batches that change size every
+    few steps; after an optimizer step and a bf16 push too."""
+    from test_true_on_policy import MOE, _cfg, _generate, _mismatch
+
+    from mesh_fixtures import build_tiny_model
+    from slipstream.models.hf import load_model
+    from slipstream.services.rollout.engine.native import NativeEngine
+    from slipstream.services.rollout.engine.request import Request
+    from slipstream.services.trainer.actor import Actor
+
+    extra = MOE if kind == "moe" else {}
+    # head_dim 16: a tensor-core dot needs 16 inputs or more
+    model_dir = build_tiny_model(
+        tmp_path / "model", max_position_embeddings=160, hidden_size=64, head_dim=16, **extra
+    )
+    actor = Actor.from_config(_cfg(model_dir, device="cuda", bf16=True, lr=1e-2))
+    prompts = [[3, 4, 5], [6, 7, 8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19]]
+
+    def rollout(model):
+        engine = NativeEngine(model, eos_token_ids=[], max_batch_size=5, true_on_policy=True)
+        reqs = [
+            Request(f"{i}-{j}", p, 12 + 7 * j, seed=100 * i + j)
+            for i, p in enumerate(prompts)
+            for j in range(4)
+        ]
+        return _generate(engine, reqs)
+
+    samples = rollout(load_model(model_dir, device="cuda", dtype=torch.bfloat16))
+    worst, n = _mismatch(actor, samples)
+    assert n > 250 and worst == 0.0, (worst, n)
+    actor.train_rollout(samples, [1.0, -1.0] * (len(samples) // 2))
+    moved = load_model(model_dir, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        for name, p in moved.named_parameters():  # a bf16 push, as the stager loads it
+            p.copy_(dict(actor.model.named_parameters())[name].to(torch.bfloat16))
+    worst, n = _mismatch(actor, rollout(moved))
+    assert worst == 0.0, (worst, n)
