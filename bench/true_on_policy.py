@@ -34,12 +34,11 @@ from slipstream.models.hf import init_model, load_model, save_model
 from slipstream.services.rollout.engine.native import NativeEngine
 from slipstream.services.rollout.engine.request import Request
 from slipstream.services.trainer.actor import Actor
-from slipstream.services.trainer.batch import collate
 from slipstream.types import Sample, Status
 
 SHAPES = {
     "qwen3-0.6b": dict(
-        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072,
         num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
     ),
     "qwen3-30b-a3b": dict(
@@ -87,7 +86,7 @@ def mismatch(actor: Actor, samples: list[Sample]) -> tuple[float, int]:
     for i in range(0, len(samples), 64):
         part = samples[i : i + 64]
         with torch.no_grad():
-            lp = actor.log_probs(collate(part, [0.0] * len(part)))
+            lp = actor.log_probs(actor.tensors(part, [0.0] * len(part)))  # the padded frame, on the device
         for row, s in enumerate(part):
             start = len(s.tokens) - s.response_length - 1
             diff = lp[row, start : start + s.response_length].cpu() - torch.tensor(s.rollout_log_probs)

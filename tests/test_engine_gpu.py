@@ -18,7 +18,7 @@ from slipstream.models import ModelConfig, init_model
 from slipstream.services.rollout.engine import NativeEngine, Request
 from slipstream.services.rollout.engine.fused_step import FusedDecoder
 from slipstream.services.rollout.engine.kv_cache import KVCache
-from slipstream.services.rollout.engine.sampler import SamplingParams
+from slipstream.services.rollout.engine.sampler import SamplingParams, tempered_log_probs
 from slipstream.services.rollout.engine.sampler import sample as plain_sample
 from tests.test_engine import make_model, prompt, shared_prefix_log_prob_diffs
 
@@ -145,6 +145,9 @@ def test_fused_sampler_matches_the_plain_sampler():
     assert torch.equal(tokens[greedy], ref_tokens[greedy])
     same = tokens == ref_tokens
     torch.testing.assert_close(log_probs[same], ref_log_probs[same], atol=1e-4, rtol=0)
+    # the definition in PyTorch (the plain path reports the kernel's own numbers on CUDA)
+    exact = tempered_log_probs(logits, params.temperature).gather(-1, tokens[:, None]).squeeze(-1)
+    torch.testing.assert_close(log_probs, exact, atol=1e-4, rtol=0)
 
 
 @pytest.mark.skipif(not scaled_mm_supported(torch.device("cuda")), reason="needs FP8 tensor cores")
