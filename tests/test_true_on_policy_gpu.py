@@ -103,7 +103,7 @@ def test_kernels_on_the_gpu():
 def test_sampler_log_probs_equal_the_trainers_on_the_gpu(kind, tmp_path):
     """bf16 on both sides, the engine with CUDA graphs (dense) over batches that change size every
     few steps; after an optimizer step and a bf16 push too."""
-    from test_true_on_policy import MOE, _cfg, _generate, _mismatch
+    from test_true_on_policy import MOE, _cfg, _generate
 
     from mesh_fixtures import build_tiny_model
     from slipstream.models.hf import load_model
@@ -128,13 +128,23 @@ def test_sampler_log_probs_equal_the_trainers_on_the_gpu(kind, tmp_path):
         ]
         return _generate(engine, reqs)
 
+    def mismatch(samples):  # (max |trainer - sampler|, tokens compared)
+        with torch.no_grad():
+            trainer = actor.log_probs(actor.tensors(samples, [0.0] * len(samples))).cpu()
+        worst, n = 0.0, 0
+        for row, s in enumerate(samples):
+            start = len(s.tokens) - s.response_length - 1
+            diff = trainer[row, start : start + s.response_length] - torch.tensor(s.rollout_log_probs)
+            worst, n = max(worst, float(diff.abs().max())), n + s.response_length
+        return worst, n
+
     samples = rollout(load_model(model_dir, device="cuda", dtype=torch.bfloat16))
-    worst, n = _mismatch(actor, samples)
+    worst, n = mismatch(samples)
     assert n > 250 and worst == 0.0, (worst, n)
     actor.train_rollout(samples, [1.0, -1.0] * (len(samples) // 2))
     moved = load_model(model_dir, device="cuda", dtype=torch.bfloat16)
     with torch.no_grad():
         for name, p in moved.named_parameters():  # a bf16 push, as the stager loads it
             p.copy_(dict(actor.model.named_parameters())[name].to(torch.bfloat16))
-    worst, n = _mismatch(actor, rollout(moved))
+    worst, n = mismatch(rollout(moved))
     assert worst == 0.0, (worst, n)
