@@ -11,7 +11,9 @@ timed runs after a warm-up run (which captures the CUDA graphs), transformers' i
 short warm-up. The roofline reads all weights plus the KV cache at the mean context once per
 decode step at --hbm-tbps (4.3 TB/s measured on the H200 with a device-to-device copy), with a
 bf16 cache (an FP8 cache reads half of that part). Also in the JSON: the GPU time of one graphed
-decode step alone, kernel time by name over one decode step at the largest batch (eager and
+decode step alone next to the wall-clock step at the same KV bucket (the median time between two
+`step()` returns while only decoding; their difference is the host time the GPU waits on, 0 when the
+host keeps ahead), kernel time by name over one decode step at the largest batch (eager and
 replayed from its graph), and each FP8 variant's log-prob agreement with bf16 (`agreement`).
 `--attention-sweep` first times decode-attention block/warp/stage choices and uses the fastest.
 """
@@ -53,12 +55,17 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
 
 def bench_ours(model, batch, args, fp8: bool, kv_cache_dtype: str = "auto") -> dict:
     from slipstream.services.rollout.engine import NativeEngine, Request
+    from slipstream.services.rollout.engine.graphs import kv_bucket
 
     engine = NativeEngine(
         model, eos_token_ids=[], max_batch_size=batch, max_seq_len=args.prompt_len + args.new_tokens,
         fp8=fp8, kv_cache_dtype=kv_cache_dtype,
     )  # fmt: skip
     best, step_ms = float("inf"), []
+    capacity = args.prompt_len + args.new_tokens
+    # Step j (1-based) decodes over prompt_len + j - 1 positions: every sequence moves in lockstep.
+    bucket_of_step = [kv_bucket(args.prompt_len + j - 1, capacity) for j in range(1, args.new_tokens + 4)]
+    wall_by_kv: dict[int, list[float]] = {}
     for r in range(3):
         reqs = [
             Request(f"{r}-{i}", p, args.new_tokens, temperature=1.0, seed=i)
@@ -78,6 +85,10 @@ def bench_ours(model, batch, args, fp8: bool, kv_cache_dtype: str = "auto") -> d
             best = min(best, dt)
             gaps = sorted(b - a for a, b in zip(stamps[1:-1], stamps[2:], strict=True))
             step_ms.append(1e3 * gaps[len(gaps) // 2])
+            # Decode-only steps: from the second decode step (the first follows the prefill) to the
+            # last one that samples (the steps after it retire the batch).
+            for j in range(3, args.new_tokens + 1):
+                wall_by_kv.setdefault(bucket_of_step[j - 1], []).append(stamps[j - 1] - stamps[j - 2])
     replay_ms = {}
     if engine.graphs:  # GPU time of one graphed decode step alone (no host work in between)
         for (b, kv, _), captured in sorted(engine.graphs.graphs.items()):
@@ -90,11 +101,16 @@ def bench_ours(model, batch, args, fp8: bool, kv_cache_dtype: str = "auto") -> d
                 end.record()
                 torch.cuda.synchronize()
                 replay_ms[str(kv)] = round(start.elapsed_time(end) / 20, 3)
+    wall_ms = {str(kv): round(1e3 * sorted(g)[len(g) // 2], 3) for kv, g in sorted(wall_by_kv.items())}
     return {
         "tokens_per_s": batch * args.new_tokens / best,
         "seconds": best,
         "decode_step_ms_median": min(step_ms),
         "graph_replay_ms_by_kv_bucket": replay_ms,
+        "wall_step_ms_by_kv_bucket": wall_ms,
+        "host_ms_by_kv_bucket": {
+            kv: round(wall_ms[kv] - ms, 3) for kv, ms in replay_ms.items() if kv in wall_ms
+        },
         "graphs_captured": len(engine.graphs.graphs) if engine.graphs else 0,
     }
 
@@ -359,6 +375,15 @@ def main() -> None:
             + f" {r['roofline']['tokens_per_s']:>9.0f} "
             f"{r.get('ours_over_transformers', 0):>6.1f} {100 * r['ours_over_roofline']:>5.1f}%"
         )
+    print("wall-clock decode step vs its graph replay (ms), bf16, by KV bucket:")
+    for r in result["rows"]:
+        ours = r["ours_bf16"]
+        for kv, replay in ours["graph_replay_ms_by_kv_bucket"].items():
+            wall = ours["wall_step_ms_by_kv_bucket"].get(kv)
+            if wall is not None:
+                print(
+                    f"  batch {r['batch']:>4} kv {kv:>5}: step {wall:7.3f}  replay {replay:7.3f}  host {wall - replay:+.3f}"
+                )
     for key in ("profile_eager_step", "profile_graph_step"):
         total = sum(p["us"] for p in result[key])
         print(f"{key}: {total:.0f} us in the top 25")

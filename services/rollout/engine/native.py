@@ -1,9 +1,11 @@
 """The native engine: batched prefill and decode over a slot-based KV cache, continuous batching.
 
-One `step()` is: decode one token for every sequence that was already running, admit waiting
-requests (one right-padded prefill that also samples each one's first token), then retire the
-finished ones and hand back their `Result`s. Requests join between steps, so the batch refills
-as soon as a slot frees up.
+One `step()` is: queue the decode of one token for every sequence in a slot, admit waiting
+requests (one right-padded prefill that also samples each one's first token), then read which
+rows the previous step finished, retire them and hand back the `Result`s of those retired the step
+before. Reading one step late keeps the GPU busy while the host schedules (`runner.py`: a row
+decodes one token past its finish, which is dropped; results are those of reading at once).
+Requests join between steps, so the batch refills as soon as a slot frees up.
 
 The engine is two parts, nano-vllm's split: what runs next (`scheduler.py`: the waiting queue,
 admission with prefill shared within a GRPO group, which slots a retire frees) and how it runs
@@ -81,7 +83,11 @@ class NativeEngine:
             self.runner.speculator = Speculator(draft, speculative_num_steps, policy_version, self.runner)
         runner = self.runner  # the batch is sized by what the KV cache fits
         self.scheduler = Scheduler(runner.max_batch_size, runner.max_seq_len, max_prefill_tokens)
-        self._rids: set[str] = set()  # every request waiting or running: one id, one request
+        self._rids: set[str] = set()  # every request waiting, running or finished but not handed back
+        self._ready: list[Result] = []  # finished results an abort read early, for the next step
+        # A speculative step reads its kept counts on the host anyway: reading its finishes late
+        # would save nothing, so that engine reads each step's results at once.
+        self._read_late = draft is None
 
     # -- the Engine surface ----------------------------------------------------------------------
 
@@ -102,7 +108,7 @@ class NativeEngine:
         return len(self.scheduler.waiting)
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.waiting) or self.num_running > 0
+        return bool(self.scheduler.waiting or self._ready) or self.num_running > 0 or self.runner.in_flight
 
     def add_request(self, req: Request) -> None:
         if req.rid in self._rids:
@@ -112,8 +118,9 @@ class NativeEngine:
 
     @torch.no_grad()
     def step(self) -> list[Result]:
-        """Decode one token for the running requests, admit waiting ones; return the finished."""
-        results: list[Result] = []
+        """Decode one token for the running requests, admit waiting ones; return the results that
+        came back (a request's, two steps after its last token)."""
+        results, self._ready = self._ready, []
         num_old = self.num_running
         codes = []
         if num_old:
@@ -121,11 +128,10 @@ class NativeEngine:
         admission = self.scheduler.admit(num_old, results)  # adds those that cannot run at all
         if admission is not None:
             codes.append(self.runner.prefill(admission, first=num_old))
-        if codes:
-            finished = self.runner.finished(torch.cat(codes))  # the step's one sync
-            if finished:
-                rows, reasons = zip(*finished, strict=True)
-                results += self.runner.retire(list(rows), list(reasons))
+        # The GPU has this step queued: now read the last one's finishes, retire those rows.
+        results += self.runner.settle(torch.cat(codes) if codes else None)
+        if not self._read_late:
+            results += self.runner.drain()
         self._rids.difference_update(r.rid for r in results)
         return results
 
@@ -135,22 +141,29 @@ class NativeEngine:
 
     @torch.no_grad()
     def abort(self, rid: str) -> Result | None:
-        """Stop one request now; its partial result (tokens so far), or None if unknown."""
+        """Stop one request now; its partial result (tokens so far), or None if unknown. A request
+        that finished in a step whose result has not come back yet returns that result instead."""
         if rid not in self._rids:
             return None
         self._rids.discard(rid)
+        self._ready += self.runner.drain()
+        for i, result in enumerate(self._ready):
+            if result.rid == rid:
+                return self._ready.pop(i)
         result = self.scheduler.abort(rid)
         if result is not None:
             return result
         row = next(row for row, req in enumerate(self.runner.slots.requests) if req.rid == rid)
-        return self.runner.retire([row], ["abort"])[0]
+        return self.runner.abort([row])[0]
 
     @torch.no_grad()
     def abort_all(self) -> list[Result]:
+        """Stop everything; the finished ones not handed back yet come back as they finished."""
         self._rids.clear()
-        results = self.scheduler.abort_all()
+        results, self._ready = self._ready + self.runner.drain(), []
+        results += self.scheduler.abort_all()
         if self.num_running:
-            results += self.runner.retire(list(range(self.num_running)), ["abort"] * self.num_running)
+            results += self.runner.abort(list(range(self.num_running)))
         return results
 
     def generate(self, requests: list[Request]) -> list[Result]:

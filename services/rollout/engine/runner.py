@@ -5,7 +5,17 @@ followers then copy their leader's KV (`scheduler.py` says who is admitted). Dec
 running sequence its last token and samples the next one: one batched forward and one vectorised
 sample, with no Python loop over sequences. Sampled tokens, their log-probs and the policy version
 that produced them are written on the device (`slots.py`) and read back once, when a sequence
-retires; a step's only host sync is reading which rows finished.
+retires.
+
+The host stays off the GPU's critical path: nothing in a step waits for the device. Each step's
+status codes (running/stop/length) start their way to the host as the step is queued and are read
+one step later (`settle`), after the next step is queued, so the GPU always has work. A row that
+finished is therefore decoded once more before it retires; that token lies past the row's end and
+is never returned (every row records the length it finished at). Its outputs are copied out
+when it retires and read a step later again, so a result reaches the caller two steps after its
+last token; compaction (`scheduler.compaction`) moves the survivors as soon as the finish is read.
+`drain` reads everything in flight at once (a device sync): an abort, or a speculative engine,
+whose steps read their kept counts on the host anyway.
 
 There are three decode paths, same function, fastest first. On a GPU the KV cache is
 preallocated once from a fraction of the free memory and each decode step (forward and sampling)
@@ -61,12 +71,17 @@ from slipstream.services.rollout.engine.quantized_weights import (
 from slipstream.services.rollout.engine.request import FinishReason, Result
 from slipstream.services.rollout.engine.sampler import SamplingParams, sample
 from slipstream.services.rollout.engine.scheduler import Admission, compaction
-from slipstream.services.rollout.engine.slots import Slots
-
-_RUNNING, _STOP, _LENGTH = 0, 1, 2
+from slipstream.services.rollout.engine.slots import (
+    LENGTH,
+    RUNNING,
+    STOP,
+    Retired,
+    Slots,
+    Statuses,
+    to_device,
+)
 
 KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8_e4m3": FP8_DTYPE}
-_REASONS: dict[int, FinishReason] = {_STOP: "stop", _LENGTH: "length"}
 
 if TYPE_CHECKING:
     from slipstream.services.rollout.engine.speculative import Speculator
@@ -160,6 +175,8 @@ class ModelRunner:
         self._rng = torch.Generator().manual_seed(seed)
         self._params = dict(model.named_parameters())
         self.num_prefill_tokens = 0  # prompt tokens actually run through prefill (shared ones once)
+        self._statuses: Statuses | None = None  # the last step's status codes, on their way to the host
+        self._retired: Retired | None = None  # the outputs of the slots retired in the last step
 
     def _preallocate(self, fraction: float) -> None:
         cfg = self.model.config
@@ -211,19 +228,19 @@ class ModelRunner:
         ids = torch.zeros((len(leaders), longest), dtype=torch.int64)
         for i, req in enumerate(leaders):
             ids[i, : len(req.tokens)] = torch.tensor(req.tokens)
-        ids = ids.to(self.device)
+        ids = to_device(ids, self.device)
         self.num_prefill_tokens += sum(len(r.tokens) for r in leaders)
         routing = self._routing()
         hidden = self.model.model(ids, attention=self.cache.prefill(first), routing=routing)
         if routing is not None:  # every prompt position's experts; padding rows are overwritten later
             rows = slice(first, first + len(leaders))
             self.slots.out_experts[rows, :longest] = self._experts(routing)
-        last = torch.tensor([len(r.tokens) - 1 for r in leaders], device=self.device)
+        last = to_device(torch.tensor([len(r.tokens) - 1 for r in leaders]), self.device)
         if self.speculator is not None:  # the draft's KV too, before followers copy the leaders'
             self.speculator.prefill(self, first, ids, hidden, last, admission.leader_of)
         logits = self.model.lm_head(hidden[torch.arange(len(leaders), device=self.device), last])
         if followers:
-            group = torch.tensor(admission.leader_of, device=self.device)
+            group = to_device(torch.tensor(admission.leader_of), self.device)
             dst = torch.arange(first + len(leaders), first + len(batch), device=self.device)
             self.cache.share(first + group, dst, max(len(r.tokens) for r in followers))
             if routing is not None:
@@ -237,7 +254,7 @@ class ModelRunner:
         if spec is not None and spec.active(self.policy_version) and (k := spec.steps_for(self, n)):
             return spec.decode(self, n, k)
         kv_len = int(self.slots.length[:n].max())
-        self._reserve(n, kv_len + 1)
+        self._reserve(n, kv_len)  # the new token goes to the outputs' column kv_len (`slots.py`)
         rows = slice(0, n)
         params, truncate = self.slots.sampling(rows)
         if self.graphs is not None:
@@ -294,9 +311,9 @@ class ModelRunner:
         hit_length = (s.length[rows] - s.prompt_len[rows] >= s.max_new[rows]) | (
             s.length[rows] >= self.max_seq_len
         )
-        stopped = (tokens[:, None] == s.stop_ids[rows].to(self.device)).any(-1)
-        status = torch.where(hit_length.to(self.device), _LENGTH, _RUNNING)
-        return torch.where(stopped, _STOP, status)
+        stopped = (tokens[:, None] == to_device(s.stop_ids[rows], self.device)).any(-1)
+        status = torch.where(to_device(hit_length, self.device), LENGTH, RUNNING)
+        return torch.where(stopped, STOP, status)
 
     def _reserve(self, num_slots: int, length: int) -> None:
         if self.cache.reserve(num_slots, length):
@@ -304,44 +321,55 @@ class ModelRunner:
             if self.speculator is not None:
                 self.speculator.resize(self.cache.num_slots)
 
-    @staticmethod
-    def finished(status: torch.Tensor) -> list[tuple[int, FinishReason]]:
-        """(row, reason) of every row whose status says it finished; reading it is a device sync."""
-        done = torch.nonzero(status).squeeze(1)
-        pairs = torch.stack([done, status[done]], dim=1).tolist()
-        return [(row, _REASONS[code]) for row, code in pairs]
+    def settle(self, status: torch.Tensor | None) -> list[Result]:
+        """Hand in the statuses of the step just queued (slots 0..n-1; None: no step); get back the
+        results of the slots retired a step ago. Reads what the last step sent the host, which waits
+        for that step only: this one is queued behind it. Slots it says finished retire now."""
+        results = self._retired.results() if self._retired is not None else []
+        finished = self._statuses.finished(self.slots) if self._statuses is not None else []
+        self._statuses = Statuses(status, self.slots) if status is not None else None
+        self._retired = self._retire(*zip(*finished, strict=True)) if finished else None
+        return results
 
-    def retire(self, rows: list[int], reasons: list[FinishReason]) -> list[Result]:
-        """Build the results of `rows` and free their slots, keeping running slots contiguous."""
-        s = self.slots
-        index = torch.tensor(rows, device=self.device)
-        tokens, log_probs, versions = (
-            t[index].cpu() for t in (s.out_tokens, s.out_log_probs, s.out_versions)
-        )
-        experts = s.out_experts[index].cpu() if self.experts_per_token else None
+    @property
+    def in_flight(self) -> bool:
+        """Whether a step's statuses or a retirement's outputs are still on their way."""
+        return self._statuses is not None or self._retired is not None
+
+    def drain(self) -> list[Result]:
+        """The results of every slot that finished so far, now (waits for the device)."""
         results = []
-        for k, (row, reason) in enumerate(zip(rows, reasons, strict=True)):
-            span = slice(int(s.prompt_len[row]), int(s.length[row]))
-            results.append(
-                Result(
-                    rid=s.requests[row].rid,
-                    tokens=tokens[k, span].tolist(),
-                    log_probs=log_probs[k, span].tolist(),
-                    versions=versions[k, span].tolist(),
-                    finish_reason=reason,
-                    routed_experts=None if experts is None else experts[k, : int(s.length[row]) - 1].clone(),
-                )
-            )
-        keep, movers, holes = compaction(self.num_running, rows)
+        while self.in_flight:
+            results += self.settle(None)
+        return results
+
+    def abort(self, rows: list[int]) -> list[Result]:
+        """Retire `rows` as they are now, "abort"; `drain` first (a row may have finished, and
+        slots move when finished rows retire)."""
+        if self.in_flight:
+            raise RuntimeError("abort: drain() first, the slots may still move")
+        ends = [int(self.slots.length[row]) for row in rows]
+        self._retired = self._retire(rows, ["abort"] * len(rows), ends)
+        return self.drain()
+
+    def _retire(self, rows: list[int], reasons: list[FinishReason], ends: list[int]) -> Retired:
+        """Start copying the outputs of `rows` out, then free their slots, keeping running slots
+        contiguous (the copies are queued first, so they read the rows before anything moves in)."""
+        s = self.slots
+        retired = Retired(s, list(rows), list(reasons), list(ends))
+        keep, movers, holes = compaction(self.num_running, list(rows))
         if holes:
             longest = int(s.length[movers].max())  # no mover has cached anything past it
             s.move(movers, holes)
-            src, dst = torch.tensor(movers, device=self.device), torch.tensor(holes, device=self.device)
+            src, dst = (
+                to_device(torch.tensor(movers), self.device),
+                to_device(torch.tensor(holes), self.device),
+            )
             self.cache.move(src, dst, longest)
             if self.speculator is not None:
                 self.speculator.move(src, dst)
         del s.requests[keep:]
-        return results
+        return retired
 
     # -- weights ---------------------------------------------------------------------------------
 
@@ -393,4 +421,7 @@ class ModelRunner:
             copy()
         if self.speculator is not None:
             self.speculator.apply(draft_updates, version)
+        if self.device.type == "cuda":
+            # The copies are queued behind a step still running: done, the caller may reuse the sources.
+            torch.cuda.current_stream(self.device).synchronize()
         self.policy_version = version
