@@ -20,6 +20,8 @@ interleaved in one run (--repeats each); the JSON carries every timing.
 from __future__ import annotations
 
 import argparse
+import copy
+import functools
 import json
 import sys
 import tempfile
@@ -49,10 +51,14 @@ SHAPES = {
 }  # fmt: skip
 
 
+@functools.cache
+def loaded(model_dir: Path, device: str) -> torch.nn.Module:
+    return load_model(model_dir, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+
+
 def generate(model_dir: Path, mode: bool, concurrency: int, length: int, tokens: int, seed: int, device: str):
     """(samples, decode seconds) until `tokens` sampled tokens, `concurrency` requests at a time."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = load_model(model_dir, device=device, dtype=dtype)
+    model = copy.deepcopy(loaded(model_dir, device))  # a fresh engine converts its model in place
     engine = NativeEngine(model, eos_token_ids=[], max_batch_size=concurrency, true_on_policy=mode)
     vocab = model.config.vocab_size
     samples, seconds, n = [], 0.0, 0
