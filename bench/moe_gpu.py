@@ -26,6 +26,7 @@ random init, bf16. In one run:
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import tempfile
@@ -67,12 +68,15 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(0, vocab, (batch, length), generator=g).tolist()
 
 
-def bench_ours(model, batch: int, args) -> tuple[dict, list]:
+def bench_ours(model, batch: int, args, fp8: bool = False) -> tuple[dict, list]:
+    """`fp8`: the engine's FP8 (--rollout-fp8 on a copy of the model: attention and router GEMMs in
+    e4m3, the experts dequantized to bf16 as an FP8 version brings them; --kv-cache-dtype fp8_e4m3)."""
     from slipstream.services.rollout.engine import NativeEngine, Request
 
     engine = NativeEngine(
-        model, eos_token_ids=[], max_batch_size=batch, max_seq_len=args.prompt_len + args.new_tokens
-    )
+        copy.deepcopy(model) if fp8 else model, eos_token_ids=[], max_batch_size=batch,
+        max_seq_len=args.prompt_len + args.new_tokens, fp8=fp8, kv_cache_dtype="fp8_e4m3" if fp8 else "auto",
+    )  # fmt: skip
     best, results = float("inf"), []
     for r in range(3):
         reqs = [
@@ -269,6 +273,7 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--train-samples", type=int, default=64)
     ap.add_argument("--micro-batch-size", type=int, default=8)
+    ap.add_argument("--fp8", action="store_true", help="also the engine's FP8 (weights and KV cache)")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-trainer", action="store_true")
     ap.add_argument(
@@ -296,6 +301,11 @@ def main() -> None:
     for batch in args.batch_sizes:
         row = {"batch": batch, "roofline": roofline(config, batch, args, wb)}
         row["ours_bf16"], results = bench_ours(model, batch, args)
+        if args.fp8:
+            row["ours_fp8"], _ = bench_ours(model, batch, args, fp8=True)
+            row["fp8_over_bf16"] = row["ours_fp8"]["tokens_per_s"] / row["ours_bf16"]["tokens_per_s"]
+            gc.collect()
+            torch.cuda.empty_cache()
         if batch == max(args.batch_sizes):
             train_results = (results, prompts(batch, args.prompt_len, config.vocab_size, 2))
         if not args.skip_hf:
