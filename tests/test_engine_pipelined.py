@@ -1,12 +1,13 @@
-"""The engine reads each step's finished flags one step late (`runner.py`): a finished row decodes one
-token more before it retires, and admission may wait a step for its slot. Results must not change:
-each scenario runs twice, once as the engine runs and once in the synchronous order (every step's
-finishes read and retired before it returns, what the engine did before), and every request's
-tokens, log-probs, versions, finish reason and routed experts must be equal. Under
---true-on-policy-mode the kernels are batch-invariant, so a row's numbers do not depend on its
-batch and the two runs agree bit for bit; the default kernels' log-probs may move in the last bit
-with the batch (the same as before this change: a request's batch was never fixed), so there they
-are compared to fp32 noise.
+"""A GPU engine reads each step's finished flags one step late (`runner.py`): a finished row decodes
+one token more before it retires, and admission may wait a step for its slot. Results must not
+change: each scenario runs twice on the CPU, reading late (`read_late`, which the CPU engine leaves
+off by default: there it only costs) and in the synchronous order (every step's finishes read and
+retired before it returns), and every request's tokens, log-probs, versions, finish reason and
+routed experts must be equal. Under --true-on-policy-mode the kernels are batch-invariant, so a
+row's numbers do not depend on its batch and the two runs agree bit for bit; the default kernels'
+log-probs may move in the last bit with the batch (as they always could: a request's batch was
+never fixed), so there they are compared to fp32 noise. The GPU test runs the real thing: pinned
+copies, events and CUDA graphs.
 """
 
 import copy
@@ -68,8 +69,13 @@ def run(engine: NativeEngine, script: Script) -> tuple[dict[str, Result], list[i
         take(engine.step(), step)
 
 
+def reading_late(engine: NativeEngine) -> NativeEngine:
+    engine.read_late = True  # what a GPU engine does (the CPU's default reads at once)
+    return engine
+
+
 def synchronous(engine: NativeEngine) -> NativeEngine:
-    engine._read_late = False  # the speculative engine's order: each step's finishes read at once
+    engine.read_late = False  # each step's finishes read and retired before it returns
     return engine
 
 
@@ -112,7 +118,7 @@ def both(make, script: Script, **kw) -> tuple[dict[str, Result], dict[str, Resul
     """The results of `script` on the engine as it runs and in the synchronous order, and the step
     each came back in as the engine runs."""
     model = make()
-    late, came_back = run(NativeEngine(copy.deepcopy(model), eos_token_ids=[], **kw), script)
+    late, came_back = run(reading_late(NativeEngine(copy.deepcopy(model), eos_token_ids=[], **kw)), script)
     sync, _ = run(synchronous(NativeEngine(copy.deepcopy(model), eos_token_ids=[], **kw)), script)
     return late, sync, came_back
 
@@ -187,7 +193,7 @@ def test_a_finish_is_read_one_step_late_and_its_extra_token_dropped():
     its last token (its finish is read after the next step is queued, its outputs a step after
     that), and the token it decoded meanwhile is not in it."""
     script: Script = {0: [add([Request("r", prompt(5), 3, temperature=0.0)])]}
-    late, came_back = run(NativeEngine(dense_model(), eos_token_ids=[]), script)
+    late, came_back = run(reading_late(NativeEngine(dense_model(), eos_token_ids=[])), script)
     sync, sync_came_back = run(synchronous(NativeEngine(dense_model(), eos_token_ids=[])), script)
     assert sync_came_back["r"] == 3 and came_back["r"] == 5
     assert late["r"].tokens == sync["r"].tokens and len(late["r"].tokens) == 3
@@ -216,6 +222,7 @@ def test_on_cuda_graphs_the_late_reads_return_the_same(scenario):
         for make in (lambda e: e, synchronous)
     ]
     (late, _), (sync, _) = (run(engine, script) for engine in engines)
+    assert engines[0].read_late, "a GPU engine reads late by default"
     assert all(engine.graphs is not None and engine.graphs.graphs for engine in engines)
     assert_same(late, sync, atol=1e-4)
     assert sync["edge"].finish_reason == "length" and len(sync["edge"].tokens) == 24 - 20

@@ -14,8 +14,8 @@ finished is therefore decoded once more before it retires; that token lies past 
 is never returned (every row records the length it finished at). Its outputs are copied out
 when it retires and read a step later again, so a result reaches the caller two steps after its
 last token; compaction (`scheduler.compaction`) moves the survivors as soon as the finish is read.
-`drain` reads everything in flight at once (a device sync): an abort, or a speculative engine,
-whose steps read their kept counts on the host anyway.
+`drain` reads everything in flight at once (a device sync): an abort, the CPU engine (its steps
+are done when they return) and a speculative one (its steps read their kept counts anyway).
 
 There are three decode paths, same function, fastest first. On a GPU the KV cache is
 preallocated once from a fraction of the free memory and each decode step (forward and sampling)
