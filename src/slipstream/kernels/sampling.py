@@ -115,34 +115,29 @@ if triton is not None:
         tl.store(lp_ptr + row, x_tok / t - (run_max + tl.log(run_sum)))
 
 
+def _launch(logits, temperature, seeds, positions, tokens, given: bool) -> torch.Tensor:
+    n, vocab = logits.shape
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    log_probs = torch.empty(n, dtype=torch.float32, device=logits.device)
+    _sample_kernel[(n,)](
+        logits, logits.stride(0), temperature.float().contiguous(), seeds.contiguous(),
+        positions.contiguous(), tokens, log_probs, vocab, _MASK32, _GOLDEN, BLOCK=_BLOCK, GIVEN=given,
+        num_warps=_WARPS,
+    )  # fmt: skip
+    return log_probs
+
+
 def sample(
     logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """tokens [n] int64 and log-probs [n] float32 from logits [n, V] (no truncation); CUDA only."""
-    n, vocab = logits.shape
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    tokens = torch.empty(n, dtype=torch.int64, device=logits.device)
-    log_probs = torch.empty(n, dtype=torch.float32, device=logits.device)
-    _sample_kernel[(n,)](
-        logits, logits.stride(0), temperature.float().contiguous(), seeds.contiguous(),
-        positions.contiguous(), tokens, log_probs, vocab, _MASK32, _GOLDEN, BLOCK=_BLOCK, GIVEN=False,
-        num_warps=_WARPS,
-    )  # fmt: skip
-    return tokens, log_probs
+    tokens = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    return tokens, _launch(logits, temperature, seeds, positions, tokens, given=False)
 
 
 def log_probs(logits: torch.Tensor, temperature: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """log-softmax(logits / temperature)[tokens] [n] float32 from logits [n, V], by `sample`'s own
     loop: bit for bit the log-prob `sample` reports when it draws these tokens; CUDA only."""
-    n, vocab = logits.shape
-    if logits.stride(1) != 1:
-        logits = logits.contiguous()
-    out = torch.empty(n, dtype=torch.float32, device=logits.device)
-    unused = torch.zeros(n, dtype=torch.int64, device=logits.device)
-    _sample_kernel[(n,)](
-        logits, logits.stride(0), temperature.float().contiguous(), unused, unused,
-        tokens.to(torch.int64).contiguous(), out, vocab, _MASK32, _GOLDEN, BLOCK=_BLOCK, GIVEN=True,
-        num_warps=_WARPS,
-    )  # fmt: skip
-    return out
+    unused = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)  # seeds, positions
+    return _launch(logits, temperature, unused, unused, tokens.to(torch.int64).contiguous(), given=True)
