@@ -9,8 +9,10 @@ what finished since the last call".
 Contract, whatever the engine:
 - `step()` and every other method run on one thread (the engine thread), never concurrently.
 - Every request ends in exactly one `Result`: from `step()` once finished ("stop"/"length"),
-  or from `abort`/`abort_all` with the tokens generated so far ("abort"). A request the engine
-  refuses raises `ValueError` from `add_request` and leaves the engine as it was.
+  or from `abort`/`abort_all` with the tokens generated so far ("abort"). A result may come back
+  a step or two after the request's last token (the native engine on a GPU reads finishes one
+  step late), and `abort`/`abort_all` then return the finished result itself. A request the
+  engine refuses raises `ValueError` from `add_request` and leaves the engine as it was.
 - Each generated token carries the policy version that produced it; `load_weights` swaps in a
   version between two steps (a refused update raises `ValueError` and changes nothing), and
   every token sampled after it carries the new version.
@@ -37,7 +39,7 @@ class Engine(Protocol):
 
     @property
     def num_running(self) -> int:
-        """Sequences being generated now (admitted, not finished)."""
+        """Sequences holding a slot now (admitted; on a GPU, one step past a finish not yet read)."""
         ...
 
     def has_work(self) -> bool:
