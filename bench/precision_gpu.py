@@ -4,7 +4,8 @@ Qwen3-8B shape (where the GEMMs, not attention, dominate a step; --layers-8b tak
 36 layers), in one run.
 
     python bench/precision_gpu.py [--batch-sizes 1 16 64 256] [--prompt-len 128] [--new-tokens 64]
-                                  [--layers-8b 36] [--shapes 0.6b 8b] [--skip-kernels]
+                                  [--layers-8b 36] [--shapes 0.6b 8b] [--skip-kernels | --skip-engine]
+                                  [--variants] [--repeats 1] [--gemm-sweep] [--sweep-shapes 8b]
                                   [--out bench/results/precision_gpu.json]
 
 Our engine as the rollout server runs it (`NativeEngine`: fused decode step, CUDA graphs), random
@@ -42,6 +43,36 @@ FORMATS = {  # name: (NativeEngine keywords, int4 weights)
     "fp8_weights": ({"fp8": True}, False),
     "w4a16": ({}, True),
 }
+# --variants: the same formats with another GEMM choice (kernels/gemm_plan.py's and fp8_linear.py's
+# knobs), side by side with the defaults in one run. name: (format, {module.attribute: value}).
+VARIANTS = {
+    "fp8_cublas": ("fp8", {"fp8_linear.CUBLAS_FROM_M": 256}),
+    "fp8_tiles_128": ("fp8", {"gemm_plan.DECODE_BLOCK_N": 128, "gemm_plan.DECODE_BLOCK_M": 128,
+                              "gemm_plan.DECODE_WARPS": 8}),
+    "w4a16_tensor_cores": ("w4a16", {"gemm_plan.W4A16_GEMV": False}),
+    "w4a16_prefetch": ("w4a16", {"gemm_plan.GEMV_PREFETCH": True}),
+}  # fmt: skip
+
+
+def _knobs(settings: dict) -> dict:
+    """Set `module.ATTR` knobs of slipstream.kernels; returns the previous values."""
+    import importlib
+
+    previous = {}
+    for name, value in settings.items():
+        module, attr = name.rsplit(".", 1)
+        mod = importlib.import_module(f"slipstream.kernels.{module}")
+        previous[name] = getattr(mod, attr)
+        setattr(mod, attr, value)
+    return previous
+
+
+def _plan_knobs() -> dict:
+    """The GEMM choices this run's defaults make (kernels/gemm_plan.py, fp8_linear.py)."""
+    from slipstream.kernels import fp8_linear, gemm_plan
+
+    names = [n for n in dir(gemm_plan) if n.isupper() and not n.startswith("_")]
+    return {n: getattr(gemm_plan, n) for n in names} | {"CUBLAS_FROM_M": fp8_linear.CUBLAS_FROM_M}
 
 
 def qwen3_8b_slice(layers: int) -> Qwen3Config:
@@ -97,8 +128,12 @@ def bench_shape(name: str, config: Qwen3Config, args) -> dict:
     from slipstream.services.rollout.engine import NativeEngine
 
     rows = {}
-    for fmt, (kw, int4) in FORMATS.items():
+    runs = {fmt: (kw, int4, {}) for fmt, (kw, int4) in FORMATS.items()}
+    if args.variants:
+        runs |= {name: (*FORMATS[fmt], knobs) for name, (fmt, knobs) in VARIANTS.items()}
+    for fmt, (kw, int4, knobs) in runs.items():
         t0 = time.perf_counter()
+        previous = _knobs(knobs)
         model = random_model(config)
         if int4:
             convert_to_w4a16(model)
@@ -112,10 +147,11 @@ def bench_shape(name: str, config: Qwen3Config, args) -> dict:
             rows[fmt][str(batch)] = run_engine(engine, batch, args, config.vocab_size)
             print(f"{name} {fmt} batch {batch}: {json.dumps(rows[fmt][str(batch)])}", flush=True)
         rows[fmt]["seconds"] = round(time.perf_counter() - t0, 1)
+        _knobs(previous)
         del engine, model
         gc.collect()
         torch.cuda.empty_cache()
-    for fmt in FORMATS:
+    for fmt in runs:
         if fmt != "bf16":
             rows[f"{fmt}_over_bf16"] = {
                 str(b): round(
@@ -158,6 +194,9 @@ def _gemm_row(x: torch.Tensor, w: dict, copies: int) -> dict:
     row["fp8_with_quantize_us"] = _time_us(
         lambda i: fp8_matmul(*quantize_rows(x), *fp8[i][:2], torch.bfloat16), copies
     )
+    previous = _knobs({"fp8_linear.CUBLAS_FROM_M": 1})  # fp8_matmul's cuBLAS route, its scale copies too
+    row["fp8_cublas_route_us"] = _time_us(lambda i: fp8_matmul(xq, xs, *fp8[i][:2], torch.bfloat16), copies)
+    _knobs(previous)
     xs_groups = xs.expand(m, (k + 127) // 128).t().contiguous().t()  # per-128 group, outer-dim-major
     references = {  # torch's own FP8 GEMMs, where this torch/cuBLAS takes them
         "scaled_mm_rowwise_us": lambda i: torch._scaled_mm(
@@ -212,37 +251,62 @@ def gemm_table(config: Qwen3Config, batch_sizes: list[int]) -> list[dict]:
     return rows
 
 
-SWEEP = [  # (DECODE_BLOCK_N, DECODE_STAGES, SPLIT_PROGRAMS_PER_SM); the first is the default
-    (64, 3, 2), (128, 3, 2), (64, 4, 2), (64, 3, 4), (128, 4, 1),
+FP8_SWEEP = [  # gemm_plan's (DECODE_BLOCK_N, DECODE_BLOCK_M, DECODE_WARPS, DECODE_STAGES,
+    # SPLIT_PROGRAMS_PER_SM) at M >= 16; the first is the default
+    (64, 64, 4, 3, 2), (128, 64, 4, 3, 2), (128, 128, 8, 3, 2), (128, 128, 4, 3, 2), (64, 128, 4, 3, 2),
+    (128, 64, 4, 4, 1),
 ]  # fmt: skip
+GEMV_SWEEP = [  # W4A16 at M = 1: gemm_plan's (GEMV_BLOCK_N, GEMV_WARPS, GEMV_STAGES,
+    # GEMV_PROGRAMS_PER_SM, GEMV_PREFETCH), the first the default; None: the tensor-core kernel
+    (128, 4, 3, 4, False), None, (128, 4, 3, 4, True), (128, 4, 3, 8, True), (64, 4, 3, 8, True),
+    (128, 4, 3, 8, False), (64, 4, 3, 8, False), (256, 8, 3, 4, False),
+]  # fmt: skip
+_FP8_KNOBS = ("DECODE_BLOCK_N", "DECODE_BLOCK_M", "DECODE_WARPS", "DECODE_STAGES", "SPLIT_PROGRAMS_PER_SM")
+_GEMV_KNOBS = ("GEMV_BLOCK_N", "GEMV_WARPS", "GEMV_STAGES", "GEMV_PROGRAMS_PER_SM", "GEMV_PREFETCH")
 
 
 def gemm_sweep(config: Qwen3Config, batch_sizes: list[int]) -> list[dict]:
-    """Our two decode GEMMs under other tilings (kernels/gemm_plan.py's knobs), in us."""
-    from slipstream.kernels import gemm_plan
-    from slipstream.kernels.fp8_linear import quantize_rows
+    """Our decode GEMMs under other tilings (kernels/gemm_plan.py's knobs), in us: FP8 at each
+    batch size >= 16, W4A16 at batch 1 (its GEMV, and the tensor-core kernel)."""
+    from slipstream.kernels.fp8_linear import fp8_matmul, quantize_rows
+    from slipstream.kernels.w4a16 import w4a16_linear
     from slipstream.quant import quantize_blockwise
     from slipstream.quant.int4 import quantize_int4
 
     h, inter = config.hidden_size, config.intermediate_size
-    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
-    default = (gemm_plan.DECODE_BLOCK_N, gemm_plan.DECODE_STAGES, gemm_plan.SPLIT_PROGRAMS_PER_SM)
+    heads, kv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    gemms = {
+        "qkv": ((heads + 2 * kv) * d, h),
+        "o": (h, heads * d),
+        "gate_up": (2 * inter, h),
+        "down": (h, inter),
+    }
     rows = []
-    for gemm, (n, k) in {"qkv": (qkv, h), "gate_up": (2 * inter, h), "down": (h, inter)}.items():
+    for gemm, (n, k) in gemms.items():
         copies = max(2, min(16, (256 << 20) // (n * k * 2)))
         bf16 = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         fp8 = [(q, s.repeat_interleave(128, 0)[:n].contiguous()) for q, s in map(quantize_blockwise, bf16)]
         int4 = [quantize_int4(t) for t in bf16]
-        for m in [b for b in batch_sizes if b <= 256]:
-            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            xq, xs = quantize_rows(x)
-            for setting in SWEEP:
-                gemm_plan.DECODE_BLOCK_N, gemm_plan.DECODE_STAGES, gemm_plan.SPLIT_PROGRAMS_PER_SM = setting
-                row = {"gemm": gemm, "n": n, "k": k, "m": m, "block_n/stages/programs_per_sm": setting}
-                rows.append(row | _ours_us(x, xq, xs, fp8, int4, copies))
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        for setting in GEMV_SWEEP:
+            knobs = {"gemm_plan.W4A16_GEMV": setting is not None}
+            knobs |= {f"gemm_plan.{a}": v for a, v in zip(_GEMV_KNOBS, setting or (), strict=False)}
+            previous = _knobs(knobs)
+            us = _time_us(lambda i, x=x, int4=int4: w4a16_linear(x, *int4[i]), copies)
+            _knobs(previous)
+            rows.append({"gemm": gemm, "n": n, "k": k, "m": 1, "gemv": setting, "w4a16_us": us})
+            print("gemm sweep", json.dumps(rows[-1]), flush=True)
+        for m in [b for b in batch_sizes if 16 <= b <= 256]:
+            xq, xs = quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            for setting in FP8_SWEEP:
+                previous = _knobs({f"gemm_plan.{a}": v for a, v in zip(_FP8_KNOBS, setting, strict=True)})
+                us = _time_us(
+                    lambda i, xq=xq, xs=xs, fp8=fp8: fp8_matmul(xq, xs, *fp8[i], torch.bfloat16), copies
+                )
+                _knobs(previous)
+                rows.append({"gemm": gemm, "n": n, "k": k, "m": m, "fp8_tiles": setting, "fp8_block_us": us})
                 print("gemm sweep", json.dumps(rows[-1]), flush=True)
         torch.cuda.empty_cache()
-    gemm_plan.DECODE_BLOCK_N, gemm_plan.DECODE_STAGES, gemm_plan.SPLIT_PROGRAMS_PER_SM = default
     return rows
 
 
@@ -287,6 +351,13 @@ def main() -> None:
     ap.add_argument("--skip-kernels", action="store_true", help="engine rows only (no GEMM/attention tables)")
     ap.add_argument("--skip-engine", action="store_true", help="the GEMM/attention tables only")
     ap.add_argument("--gemm-sweep", action="store_true", help="also time our GEMMs under other tilings")
+    ap.add_argument("--sweep-shapes", nargs="+", choices=["0.6b", "8b"], default=["8b"])
+    ap.add_argument(
+        "--variants", action="store_true", help="also run the engine under VARIANTS' GEMM choices"
+    )
+    ap.add_argument(
+        "--repeats", type=int, default=1, help="engine rows this many times (runs 2.. in `repeats`)"
+    )
     ap.add_argument("--out", default="bench/results/precision_gpu.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -303,17 +374,28 @@ def main() -> None:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "formats": {k: {"engine": kw, "int4_weights": int4} for k, (kw, int4) in FORMATS.items()},
+        "variants": VARIANTS if args.variants else {},
+        "plan": _plan_knobs(),
         "shapes": {},
     }
     for name, config in shapes.items():
         if not args.skip_engine:
             result["shapes"][name] = bench_shape(name, config, args)
+    if not args.skip_engine and args.repeats > 1:
+        result["repeats"] = [
+            {name: bench_shape(name, config, args) for name, config in shapes.items()}
+            for _ in range(args.repeats - 1)
+        ]
     if not args.skip_kernels:
         context = args.prompt_len + args.new_tokens // 2
         result["gemms"] = {name: gemm_table(config, args.batch_sizes) for name, config in shapes.items()}
         result["attention"] = attention_table(next(iter(shapes.values())), args.batch_sizes, context)
     if args.gemm_sweep:
-        result["gemm_sweep"] = {name: gemm_sweep(config, args.batch_sizes) for name, config in shapes.items()}
+        result["gemm_sweep"] = {
+            name: gemm_sweep(config, args.batch_sizes)
+            for name, config in shapes.items()
+            if name.split("_")[1] in args.sweep_shapes
+        }
     result["seconds"] = round(time.perf_counter() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

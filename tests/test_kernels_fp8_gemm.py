@@ -15,6 +15,7 @@ from importlib.util import find_spec
 import pytest
 import torch
 
+from slipstream.kernels import fp8_linear
 from slipstream.kernels.fp8_linear import Fp8Linear, fp8_matmul, quantize_rows, scaled_mm_supported
 from slipstream.quant import dequantize_blockwise, quantize_blockwise
 
@@ -127,3 +128,39 @@ def test_fp8_gemm_kernel_matches_the_dequantized_product():
             out = fp8_matmul(xq, xs, q, ws, torch.bfloat16, bias)
             assert out.dtype == torch.bfloat16
             assert rel(out.float(), block_reference(xq, xs, q, scale_inv, bias)) < 5e-3, (n, k, m)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not scaled_mm_supported(torch.device("cuda")),
+    reason="needs a GPU with FP8 tensor cores",
+)
+@torch.no_grad()
+def test_fp8_cublas_route_computes_the_same_product(monkeypatch):
+    """fp8_matmul's cuBLAS route (`CUBLAS_FROM_M`: the same e4m3 values, each token's scale over
+    its 128-wide groups, the wire's 128x128 blocks) against the dequantized product, where this
+    torch takes it (elsewhere the route falls back to the Triton kernel, which must pass too)."""
+    monkeypatch.setattr(fp8_linear, "CUBLAS_FROM_M", 1)
+    torch.manual_seed(0)
+    for n, k in [(4096, 1024), (24576, 4096), (4096, 12288)]:
+        q, scale_inv = quantize_blockwise(torch.randn(n, k, device="cuda") * 0.02)
+        ws = scale_inv.repeat_interleave(128, dim=0)[:n].contiguous()
+        bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+        for m in (1, 64, 256):  # cuBLAS refuses M = 1 (torch 2.11, CUDA 13): the Triton kernel runs
+            xq, xs = quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+            out = fp8_matmul(xq, xs, q, ws, torch.bfloat16, bias)
+            assert rel(out.float(), block_reference(xq, xs, q, scale_inv, bias)) < 5e-3, (n, k, m)
+    print(
+        "cuBLAS refused (device, M, N, K):", sorted((m, n, k) for _, m, n, k in fp8_linear._scaled_mm_failed)
+    )
+
+
+def test_whole_blocks_tells_block_scales_from_row_scales():
+    """The cuBLAS route reads [N, K/128] scales back as 128x128 blocks only where rows repeat
+    their block's scale (what Fp8Linear holds); distinct row scales, [N, 1] ones, or N not a
+    multiple of 128 keep the Triton kernel."""
+    _, scale_inv = quantize_blockwise(torch.randn(256, 384))
+    assert fp8_linear._whole_blocks(scale_inv.repeat_interleave(128, dim=0).contiguous())
+    assert not fp8_linear._whole_blocks(torch.rand(256, 3) + 0.5)
+    assert not fp8_linear._whole_blocks(torch.rand(256, 1))
+    assert not fp8_linear._whole_blocks(scale_inv.repeat_interleave(128, dim=0)[:200].contiguous())

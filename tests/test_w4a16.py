@@ -80,15 +80,22 @@ def test_convert_to_w4a16_swaps_the_int4_projections():
 _INTERPRETED = textwrap.dedent(
     """
     import torch
+    from slipstream.kernels import gemm_plan
     from slipstream.kernels.w4a16 import w4a16_matmul
     from slipstream.quant.int4 import dequantize_int4, quantize_int4
 
     torch.manual_seed(0)
-    for m, n, k, dtype, bias in [
-        (1, 64, 128, torch.float32, False), (5, 192, 640, torch.float32, True),
-        (7, 100, 384, torch.float16, True), (300, 130, 256, torch.float32, True),
-        (3, 1024, 640, torch.float32, False),  # 2 splits of 4 steps, the last one past K
+    for m, n, k, dtype, bias, prefetch in [
+        (1, 64, 128, torch.float32, False, False), (5, 192, 640, torch.float32, True, False),
+        (7, 100, 384, torch.float16, True, False), (300, 130, 256, torch.float32, True, False),
+        (3, 1024, 640, torch.float32, False, False),  # 2 splits of 4 steps, the last one past K
+        # one token: the GEMV (int32 words, no tensor cores), with and without loading a step ahead;
+        # 16 "SMs": 2 splits of 4 and 8 steps, the last past K, and 16 splits of one step
+        (1, 4096, 640, torch.float32, True, False), (1, 4096, 640, torch.float32, True, True),
+        (1, 4096, 2048, torch.float32, False, True), (1, 130, 2048, torch.float32, True, True),
+        (1, 100, 384, torch.float16, True, False), (1, 200, 256, torch.float32, False, False),
     ]:
+        gemm_plan.GEMV_PREFETCH = prefetch
         packed, scales = quantize_int4(torch.randn(n, k))
         x = torch.randn(m, k).to(dtype)
         b = torch.randn(n).to(dtype) if bias else None
@@ -129,8 +136,9 @@ def test_w4a16_kernel_matches_dequantize_then_matmul():
             out = w4a16_linear(x, packed, scales, bias)
             assert out.dtype == torch.bfloat16
             assert rel(out.float(), ref) < 5e-3, (n, k, m)  # bf16 output rounding
-        x32 = torch.randn(7, k, device="cuda")
-        assert rel(w4a16_linear(x32, packed, scales), x32 @ w.t()) < 1e-5  # fp32: IEEE dots
+        for m in (1, 7):  # fp32: the GEMV's exact products, the tensor-core kernel's IEEE dots
+            x32 = torch.randn(m, k, device="cuda")
+            assert rel(w4a16_linear(x32, packed, scales), x32 @ w.t()) < 1e-5, (n, k, m)
 
 
 @pytest.mark.gpu

@@ -2,13 +2,13 @@
 
 out[m, n] = x_scale[m] * sum over 128-wide K steps j of w_scale[n, j] * (xq[m, j-th 128] . wq[n, j-th 128])
 
-Why not `torch._scaled_mm`. Its row-wise mode (one scale per weight row) needs the 128x128 blocks
-the trainer pushes (`quant/fp8.py`) re-quantized per row: a second rounding, so the rollout
-would not compute with the trainer's numbers. Its block-wise mode (cuBLAS, 1x128 activation
-groups x 128x128 weight blocks) wants activation scales per 128-wide group, which the fused
-decode's norm and SiLU kernels do not produce (they quantize per token, in the same pass), and
-cuBLAS picks its tiles for large M; at M <= 256 on an H200 the row-wise kernels it chose were no
-faster than bf16 ones (docs/benchmarks.md). Here the weight scale is one per (row, 128-wide K
+Why not `torch._scaled_mm` everywhere. Its row-wise mode (one scale per weight row) needs the
+128x128 blocks the trainer pushes (`quant/fp8.py`) re-quantized per row: a second rounding, so the
+rollout would not compute with the trainer's numbers. Its block-wise mode (cuBLAS, 1x128 activation
+groups x 128x128 weight blocks) computes the same function once each token's scale is repeated over
+its groups (`fp8_linear.CUBLAS_FROM_M` routes there), but on torch 2.11 + CUDA 13 on an H200 it
+refuses one token, and in the decode step it was slower than this kernel at batch 64 and faster at
+256 (docs/benchmarks.md, issue 16). Here the weight scale is one per (row, 128-wide K
 step), which holds the wire's blocks exactly (each block's scale repeated over its 128 rows: 3%
 of the FP8 bytes) and also survives fusing q|k|v or gate|up whose row counts are not multiples of
 128; a [N, 1] scale (one per row) is accepted too. Tiling, split-K and why K goes 128 at a time:

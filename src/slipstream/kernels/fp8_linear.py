@@ -22,6 +22,8 @@ two against each other and against the bf16 layer.
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -76,6 +78,58 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+# From this many tokens on, FP8 GEMMs whose weight scales are whole 128x128 blocks go to cuBLAS
+# (`torch._scaled_mm` with 1x128 activation and 128x128 weight scales) instead of our Triton
+# kernel; None: never. On the H200 (docs/benchmarks.md, issue 16) it made the Qwen3-8B shape's
+# decode at batch 256 1.18-1.20x bf16 (Triton: 0.90-0.93x) and batch 64 slower (0.99-1.01x
+# against 1.20-1.22x); it stays off until its numerics are checked on a GPU
+# (tests/test_kernels_fp8_gemm.py's cuBLAS test), then 256 is the measured choice.
+CUBLAS_FROM_M: int | None = None
+_blocks_verdict: dict[tuple[int, tuple[int, ...]], tuple[weakref.ref, bool]] = {}
+_scaled_mm_failed: set[tuple[torch.device, int, int, int]] = set()  # (device, M, N, K) cuBLAS refused
+
+
+def _whole_blocks(w_scale: torch.Tensor) -> bool:
+    """Whether a [N, ceil(K/128)] weight scale repeats each 128x128 block's scale over its 128
+    rows (what `Fp8Linear.load_blocks_` stores, and q|k|v or gate|up fused from parts whose row
+    counts are multiples of 128), so the blocks can be read back as [N/128, K/128]. Decided once
+    per buffer, eagerly (the engine runs every step eagerly before capturing it); weight updates
+    write the wire's blocks into the same buffers, so the verdict holds. Under capture an unseen
+    buffer answers False."""
+    n = w_scale.shape[0]
+    if w_scale.shape[1] == 1 or n % BLOCK:
+        return False
+    key = (w_scale.data_ptr(), tuple(w_scale.shape))
+    seen = _blocks_verdict.get(key)
+    if seen is not None and seen[0]() is w_scale:  # the same tensor, not a later one at its address
+        return seen[1]
+    if w_scale.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    verdict = bool(torch.equal(w_scale, w_scale[::BLOCK].repeat_interleave(BLOCK, 0)))
+    _blocks_verdict[key] = (weakref.ref(w_scale), verdict)
+    return verdict
+
+
+def _scaled_mm_blocks(xq, x_scale, wq, w_scale, out_dtype) -> torch.Tensor | None:
+    """cuBLAS's block-scaled FP8 GEMM on the same numbers: each token's one scale repeated over its
+    128-wide groups (1x128), the wire's 128x128 weight blocks. None where this torch/cuBLAS refuses
+    the shape (found on its first, eager, call and remembered: torch 2.11 + CUDA 13 on an H200
+    refuses M = 1 and takes M = 16..256)."""
+    shape = (xq.device, xq.shape[0], wq.shape[0], xq.shape[1])
+    if shape in _scaled_mm_failed:
+        return None
+    m, steps = xq.shape[0], w_scale.shape[1]
+    a_scale = x_scale.reshape(1, m).expand(steps, m).contiguous().t()  # [M, K/128], M-major
+    b_scale = w_scale[::BLOCK].contiguous().t()  # [K/128, N/128]
+    try:
+        return torch._scaled_mm(xq, wq.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
+    except (RuntimeError, ValueError, NotImplementedError):
+        if torch.cuda.is_current_stream_capturing():
+            raise
+        _scaled_mm_failed.add(shape)
+        return None
+
+
 def fp8_matmul(
     xq: torch.Tensor,
     x_scale: torch.Tensor,
@@ -87,6 +141,10 @@ def fp8_matmul(
     """(xq * x_scale) @ (wq * w_scale).T (+ bias): xq [M, K], x_scale [M, 1], wq [N, K], and w_scale
     [N, 1] (one scale per row) or [N, ceil(K/128)] (one per row and 128-wide input step) -> [M, N]."""
     if fp8_gemm.available(xq):
+        if CUBLAS_FROM_M is not None and xq.shape[0] >= CUBLAS_FROM_M and _whole_blocks(w_scale):
+            out = _scaled_mm_blocks(xq, x_scale, wq, w_scale, out_dtype)
+            if out is not None:
+                return out if bias is None else out + bias
         return fp8_gemm.fp8_block_matmul(xq, x_scale, wq, w_scale, out_dtype, bias)
     if w_scale.shape[1] > 1:
         w_scale = w_scale.repeat_interleave(GROUP_K, dim=1)[:, : wq.shape[1]]

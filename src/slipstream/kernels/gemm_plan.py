@@ -44,6 +44,16 @@ _MAX_SPLITS = 16
 # aims for. Chosen without a GPU at hand (sm_90 compiles: wgmma, 3-stage cp.async); the sweep says
 # whether another choice is faster.
 DECODE_BLOCK_N, DECODE_STAGES, SPLIT_PROGRAMS_PER_SM = 64, 3, 2
+# Tokens per program at decode (the tensor cores' N side) and warps: a larger token tile reads each
+# weight tile fewer times at batch 64-256.
+DECODE_BLOCK_M, DECODE_WARPS = 64, 4
+# W4A16 at one token runs without tensor cores (`w4a16.py`'s GEMV; False: the tensor-core kernel):
+# weight rows per program, warps, pipeline stages, and the programs per SM its split-K aims for.
+W4A16_GEMV = True
+GEMV_BLOCK_N, GEMV_WARPS, GEMV_STAGES, GEMV_PROGRAMS_PER_SM = 128, 4, 3, 4
+# Whether the GEMV loads a group's words one step ahead, into registers (Triton does not pipeline
+# its plain loads: without this each step waits out a memory latency). Not yet measured: off.
+GEMV_PREFETCH = False
 
 
 @dataclass(frozen=True)
@@ -73,7 +83,8 @@ def plan(m: int, n: int, k: int, sms: int) -> Plan:
     if m > 256:  # prefill: compute-bound, big square-ish tiles
         block_m, block_n, warps = 128, 128, 8
     else:
-        block_m, block_n, warps = min(64, max(16, triton.next_power_of_2(m))), DECODE_BLOCK_N, 4
+        block_m = min(DECODE_BLOCK_M, max(16, triton.next_power_of_2(m)))
+        block_n, warps = DECODE_BLOCK_N, DECODE_WARPS
     steps = triton.cdiv(k, GROUP_K)
     tiles = triton.cdiv(n, block_n) * triton.cdiv(m, block_m)
     if m > 256:
@@ -82,6 +93,15 @@ def plan(m: int, n: int, k: int, sms: int) -> Plan:
         want = min(triton.cdiv(SPLIT_PROGRAMS_PER_SM * sms, tiles), steps, _MAX_SPLITS)
         chunk, stages = triton.next_power_of_2(triton.cdiv(steps, want)), DECODE_STAGES
     return Plan(block_n, block_m, chunk, triton.cdiv(steps, chunk), warps, stages)
+
+
+def gemv_plan(n: int, k: int, sms: int) -> Plan:
+    """Tiles for W4A16's one-token GEMV (`w4a16.py`): GEMV_BLOCK_N weight rows a program, K split
+    until every SM has GEMV_PROGRAMS_PER_SM programs (a function of the shapes only)."""
+    steps, tiles = triton.cdiv(k, GROUP_K), triton.cdiv(n, GEMV_BLOCK_N)
+    want = min(triton.cdiv(GEMV_PROGRAMS_PER_SM * sms, tiles), steps, _MAX_SPLITS)
+    chunk = triton.next_power_of_2(triton.cdiv(steps, want))
+    return Plan(GEMV_BLOCK_N, 1, chunk, triton.cdiv(steps, chunk), GEMV_WARPS, GEMV_STAGES)
 
 
 _MAX_TILES = 4096  # a split GEMM has fewer tiles than SPLIT_PROGRAMS_PER_SM per SM

@@ -12,6 +12,15 @@ nibbles (odd inputs) into exact small integers in the activations' dtype with bi
 multiplies them by the activations on the tensor cores, and adds the product times the group's
 scale (loaded one group ahead) to an fp32 accumulator. The weights are never widened in memory.
 
+One token (decode at batch 1, where W4A16 is meant to pay) takes a GEMV instead
+(`_w4a16_gemv_kernel`): a tensor-core dot would waste 15 of its 16 token columns and needs the
+nibbles interleaved in registers first. The GEMV reads the packed bytes as int32 words (8 inputs
+each, 16-byte loads), turns each nibble into an exact fp32 with one `lop3` and one subtraction
+(`_magic`), and multiplies on CUDA cores in fp32 (products q * x are exact). On the H200 it made the
+Qwen3-8B shape's batch-1 decode step 3.35 ms against the tensor-core kernel's 4.28 ms
+(docs/benchmarks.md, issue 16); it is still short of the bytes' floor: its loads wait out their
+latency each step (`gemm_plan.GEMV_PREFETCH` loads a step ahead, not yet measured).
+
 Same function as `dequantize_int4` then matmul, which is what runs on the CPU (and on GPUs
 without Triton); the roundings differ only in where fp32 products meet bf16 (the kernel scales
 after each group's product instead of rounding q * scale to bf16 first).
@@ -93,6 +102,84 @@ if triton is not None:
             acc, out_ptr, part_ptr, count_ptr, bias_ptr, offs_n, offs_m, M, N, stride_om, SPLITS, HAS_BIAS
         )
 
+    @triton.jit
+    def _magic(src, mask: tl.constexpr, ASM: tl.constexpr):
+        """(src & mask) | 0x4B000000 (the bits of 2^23 + the masked nibble). ptxas emits an AND and
+        an OR for it; one `lop3` does both (CUDA only: the interpreter runs the plain form)."""
+        if ASM:
+            return tl.inline_asm_elementwise(
+                "lop3.b32 $0, $1, $2, 0x4B000000, 0xEA;", "=r,r,r",
+                [src, tl.full(src.shape, mask, tl.int32)], dtype=tl.int32, is_pure=True, pack=1,
+            )  # fmt: skip
+        else:
+            return (src & mask) | 0x4B000000
+
+    @triton.jit
+    def _w4a16_gemv_kernel(
+        x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, N, K, stride_wn, stride_sn,
+        CHUNK: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
+        PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_K: tl.constexpr,
+    ):  # fmt: skip
+        """One token: out[n] = sum over groups g of scale[n, g] * sum_i q[n, i] * x[i], on CUDA
+        cores. w is the packed bytes read as int32 words: word w holds inputs 8w..8w+7, input
+        8w+j in bits 4j..4j+3 (little-endian bytes, low nibble first)."""
+        pid_n, split = tl.program_id(0), tl.program_id(2)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        words_per_group: tl.constexpr = GROUP_K // 8
+        offs_w = tl.arange(0, words_per_group)
+        n_mask = offs_n < N
+        w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+        s_rows = s_ptr + offs_n * stride_sn
+        acc = tl.zeros([BLOCK_N, words_per_group], tl.float32)
+        lo = split * CHUNK
+        if PREFETCH:  # the first group's words; each step then loads the next one's before its math
+            ahead = tl.load(
+                w_rows + (lo * words_per_group + offs_w)[None, :],
+                mask=n_mask[:, None] & (lo * GROUP_K < K),
+                other=0,
+            )
+        else:
+            ahead = tl.zeros([BLOCK_N, words_per_group], tl.int32)
+        for step in range(CHUNK):  # the last split may run past K: masked
+            g = lo + step
+            inside = g * GROUP_K < K
+            if PREFETCH:
+                words = ahead
+                ahead_mask = n_mask[:, None] & ((step + 1 < CHUNK) & ((g + 1) * GROUP_K < K))
+                ahead = tl.load(
+                    w_rows + ((g + 1) * words_per_group + offs_w)[None, :], mask=ahead_mask, other=0
+                )
+            else:
+                words = tl.load(
+                    w_rows + (g * words_per_group + offs_w)[None, :], mask=n_mask[:, None] & inside, other=0
+                )
+            scale = tl.load(s_rows + g, mask=n_mask & inside, other=0.0)
+            x_group = x_ptr + g * GROUP_K + offs_w * 8
+            part = tl.zeros([BLOCK_N, words_per_group], tl.float32)
+            for half in tl.static_range(2):
+                src = words >> (16 * half)  # inputs 4..7 of a word: its high half
+                for j in tl.static_range(4):
+                    # Nibble j of src, in place (times 16^j), OR-ed into the mantissa of 2^23: the
+                    # float 2^23 + nibble * 16^j exactly, and one subtraction leaves q * 16^j (one
+                    # LOP3 and one FADD a weight, no shift, no int-to-float conversion). The
+                    # activation is scaled by 16^-j (a power of two: exact) to match.
+                    f = _magic(src, 15 << (4 * j), ASM).to(tl.float32, bitcast=True)
+                    q = f - (8388608.0 + 8.0 * 16**j)
+                    x = tl.load(x_group + 4 * half + j, mask=inside, other=0.0).to(tl.float32)
+                    part += q * (x * (1.0 / 16**j))[None, :]
+            acc += part * scale[:, None]
+        out = tl.sum(acc, axis=1)[:, None]  # [BLOCK_N, 1]: store_tile's transposed tile of one token
+        gemm_plan.store_tile(
+            out, out_ptr, part_ptr, count_ptr, bias_ptr, offs_n, tl.arange(0, 1), 1, N, N, SPLITS, HAS_BIAS
+        )
+
+
+def _as_words(packed: torch.Tensor) -> torch.Tensor | None:
+    """packed uint8 [N, K/2] viewed as int32 [N, K/8] (no copy), or None where its strides forbid it."""
+    if packed.stride(1) != 1 or packed.stride(0) % 4 or packed.storage_offset() % 4:
+        return None
+    return packed.view(torch.int32)
+
 
 def w4a16_linear(
     x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None
@@ -118,6 +205,9 @@ def w4a16_matmul(
     under TRITON_INTERPRET=1)."""
     x2 = x if x.stride(-1) == 1 else x.contiguous()
     (m, k), n = x2.shape, packed.shape[0]
+    words = _as_words(packed) if m == 1 and gemm_plan.W4A16_GEMV else None
+    if words is not None:  # one token: the GEMV, no tensor cores
+        return _gemv(x2[0], words, scales, bias)
     p = gemm_plan.plan(m, n, k, gemm_plan.num_sms(x.device))
     out, part, counters = gemm_plan.outputs(m, n, p, x.dtype, x.device)
     _w4a16_kernel[(triton.cdiv(n, p.block_n), triton.cdiv(m, p.block_m), p.splits)](
@@ -125,6 +215,23 @@ def w4a16_matmul(
         x2.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
         CHUNK=p.chunk, SPLITS=p.splits, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
         BLOCK_N=p.block_n, BLOCK_M=p.block_m, GROUP_K=GROUP, num_warps=p.num_warps, num_stages=p.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def _gemv(
+    x: torch.Tensor, words: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """One token x [K] against int32 words [N, K/8] -> [1, N] in x's dtype."""
+    n, k = words.shape[0], x.shape[0]
+    p = gemm_plan.gemv_plan(n, k, gemm_plan.num_sms(x.device))
+    out, part, counters = gemm_plan.outputs(1, n, p, x.dtype, x.device)
+    _w4a16_gemv_kernel[(triton.cdiv(n, p.block_n), 1, p.splits)](
+        x, words, scales, bias if bias is not None else scales, out, part, counters, n, k,
+        words.stride(0), scales.stride(0),
+        CHUNK=p.chunk, SPLITS=p.splits, HAS_BIAS=bias is not None, ASM=x.is_cuda,
+        PREFETCH=gemm_plan.GEMV_PREFETCH,
+        BLOCK_N=p.block_n, GROUP_K=GROUP, num_warps=p.num_warps, num_stages=p.num_stages,
     )  # fmt: skip
     return out
 
