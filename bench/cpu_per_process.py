@@ -225,10 +225,11 @@ def run_trl(args) -> dict:
 
 
 def run_parts(args) -> dict:
-    """The same engine, reward rule and trainer called one after another in this process, one
-    torch thread (what each mesh process has): generate the step's 64 x 8, score, train, copy the
-    weights in. No gRPC, protobuf, Redis or asyncio: the figure the mesh is held against (issue
-    20 item 5: the mesh keeps >= 90% of its speed)."""
+    """The same engine, reward rule and trainer called one after another in this process,
+    --parts-threads torch threads (1: what each mesh process has under --torch-threads 1; 2: the
+    whole 2-core box, as one process would take it): generate the step's 64 x 8, score, train, copy
+    the weights in. No gRPC, protobuf, Redis or asyncio: the figure the mesh is held against (issue
+    20 item 5: the mesh keeps >= 90% of its speed), in CPU seconds and in wall-clock seconds."""
     import torch
 
     from slipstream.algorithms.staleness import apply_staleness_policy
@@ -245,7 +246,7 @@ def run_parts(args) -> dict:
     from slipstream.services.trainer.loop import _scores
     from slipstream.types import Sample, Status
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.parts_threads)
     run_dir = args.runs_dir / "cpu-parts"
     cfg = parse_config(lvt.mesh_argv(args, [], args.seed, run_dir)[4:])
     torch.manual_seed(cfg.train.seed)
@@ -266,8 +267,9 @@ def run_parts(args) -> dict:
     warm_up()
     n, clock = r.n_samples_per_prompt, time.process_time
     finished = {"stop": Status.COMPLETED, "length": Status.TRUNCATED}
-    rows = []
+    rows, walls = [], []
     for step in range(1, args.num_steps + 1):
+        walls.append(time.perf_counter())
         t = [clock()]
         prompts = [cursor.next() for _ in range(r.rollout_batch_size)]
         reqs = [
@@ -308,6 +310,7 @@ def run_parts(args) -> dict:
         t.append(clock())
         rows.append([b - a for a, b in zip(t, t[1:], strict=False)])
         print(f"parts step {step}: " + " ".join(f"{x:.3f}" for x in rows[-1]), flush=True)
+    walls.append(time.perf_counter())
     window = rows[args.skip_steps :]
     parts = {
         k: round(statistics.mean(row[i] for row in window), 4)
@@ -318,7 +321,8 @@ def run_parts(args) -> dict:
         "steps": [args.skip_steps, args.num_steps],
         "parts_cpu_s_per_step": parts,
         "total_cpu_s_per_step": round(sum(parts.values()), 4),
-        "wall_s_per_step": None,
+        "wall_s_per_step": round((walls[-1] - walls[args.skip_steps]) / len(window), 4),
+        "torch_threads": args.parts_threads,
         "load": os.getloadavg(),
     }
 
@@ -343,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prep-seed", type=int, default=0)
     p.add_argument("--runs-dir", type=Path, default=lvt.ROOT / "runs" / "learn")
     p.add_argument("--trl-threads", type=int, default=2, help="TRL's torch threads (a 2-core box's).")
+    p.add_argument(
+        "--parts-threads", type=int, default=1, help="The parts' torch threads (1: a mesh process's)."
+    )
     p.add_argument("--trl-args", nargs="*", default=[])
     p.add_argument(
         "--idle-probe",
@@ -402,7 +409,11 @@ def main(argv: list[str] | None = None) -> int:
         if parts and mesh:  # issue 20 item 5: the mesh keeps >= 90% of its parts' speed
             share = parts["total_cpu_s_per_step"] / mesh["total_cpu_s_per_step"]
             mesh["parts_share"] = round(share, 4)
-            print(f"{args.label}{name}: {share:.1%} of the parts' speed (CPU s a step, parts / mesh)")
+            mesh["parts_wall_share"] = round(parts["wall_s_per_step"] / mesh["wall_s_per_step"], 4)
+            print(
+                f"{args.label}{name}: {share:.1%} of the parts' speed in CPU s a step (parts / mesh), "
+                f"{mesh['parts_wall_share']:.1%} in wall-clock s a step"
+            )
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
