@@ -1,4 +1,4 @@
-"""A GPU engine reads each step's finished flags one step late (`runner.py`): a finished row decodes
+"""A GPU engine reads each step's finished flags one step late (`finishes.py`): a finished row decodes
 one token more before it retires, and admission may wait a step for its slot. Results must not
 change: each scenario runs twice on the CPU, reading late (`read_late`, which the CPU engine leaves
 off by default: there it only costs) and in the synchronous order (every step's finishes read and

@@ -3,7 +3,7 @@
 One `step()` is: queue the decode of one token for every sequence in a slot, admit waiting
 requests (one right-padded prefill that also samples each one's first token), then read which
 rows the previous step finished, retire them and hand back the `Result`s of those retired the step
-before. Reading one step late keeps the GPU busy while the host schedules (`runner.py`: a row
+before. Reading one step late keeps the GPU busy while the host schedules (`finishes.py`: a row
 decodes one token past its finish, which is dropped; results are those of reading at once); on
 the CPU, or with a draft head, a step reads its own finishes at once (`read_late`).
 Requests join between steps, so the batch refills as soon as a slot frees up.
@@ -112,7 +112,11 @@ class NativeEngine:
         return len(self.scheduler.waiting)
 
     def has_work(self) -> bool:
-        return bool(self.scheduler.waiting or self._ready) or self.num_running > 0 or self.runner.in_flight
+        return (
+            bool(self.scheduler.waiting or self._ready)
+            or self.num_running > 0
+            or self.runner.finishes.in_flight
+        )
 
     def add_request(self, req: Request) -> None:
         if req.rid in self._rids:
@@ -133,9 +137,9 @@ class NativeEngine:
         if admission is not None:
             codes.append(self.runner.prefill(admission, first=num_old))
         # The GPU has this step queued: now read the last one's finishes, retire those rows.
-        results += self.runner.settle(torch.cat(codes) if codes else None)
+        results += self.runner.finishes.settle(torch.cat(codes) if codes else None)
         if not self.read_late:
-            results += self.runner.drain()
+            results += self.runner.finishes.drain()
         self._rids.difference_update(r.rid for r in results)
         return results
 
@@ -150,7 +154,7 @@ class NativeEngine:
         if rid not in self._rids:
             return None
         self._rids.discard(rid)
-        self._ready += self.runner.drain()
+        self._ready += self.runner.finishes.drain()
         for i, result in enumerate(self._ready):
             if result.rid == rid:
                 return self._ready.pop(i)
@@ -158,16 +162,16 @@ class NativeEngine:
         if result is not None:
             return result
         row = next(row for row, req in enumerate(self.runner.slots.requests) if req.rid == rid)
-        return self.runner.abort([row])[0]
+        return self.runner.finishes.abort([row])[0]
 
     @torch.no_grad()
     def abort_all(self) -> list[Result]:
         """Stop everything; the finished ones not handed back yet come back as they finished."""
         self._rids.clear()
-        results, self._ready = self._ready + self.runner.drain(), []
+        results, self._ready = self._ready + self.runner.finishes.drain(), []
         results += self.scheduler.abort_all()
         if self.num_running:
-            results += self.runner.abort(list(range(self.num_running)))
+            results += self.runner.finishes.abort(list(range(self.num_running)))
         return results
 
     def generate(self, requests: list[Request]) -> list[Result]:

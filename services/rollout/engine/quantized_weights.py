@@ -1,4 +1,5 @@
-"""Loading quantized weights into the engine as they travel: never rounded twice.
+"""Loading a weights version into the engine's layers; quantized weights as they travel, never
+rounded twice.
 
 A rollout server whose engine holds quantized layers stages a version keeping those tensors as
 they came (`WeightStager(keep_int4=..., keep_fp8=...)`):
@@ -14,7 +15,9 @@ they came (`WeightStager(keep_int4=..., keep_fp8=...)`):
   dequantized to the engine's dtype even then (the stager keeps FP8 blocks of [out, in] matrices
   only: no FP8 grouped expert GEMM), and are copied in like any parameter.
 
-A quantized layer given a full-precision weight (a bf16 version) quantizes it itself.
+A quantized layer given a full-precision weight (a bf16 version) quantizes it itself
+(`take_full_precision`, which takes whatever the two above left). Each `take_*` checks every entry
+it takes before returning the copies, so a bad update changes nothing.
 """
 
 from __future__ import annotations
@@ -97,4 +100,30 @@ def take_fp8_blocks(
                 q.to(layer.weight.device), s.to(layer.weight.device)
             )
         )
+    return copies
+
+
+def take_full_precision(
+    state_dict: dict[str, torch.Tensor], fp8_layers: dict[str, nn.Module], params: dict[str, torch.Tensor],
+    tied: bool,
+) -> list[Callable[[], None]]:  # fmt: skip
+    """Take every remaining entry, full-precision weights: check its name and shape (ValueError names
+    a wrong one) and return the copies, cast to each parameter's dtype; an `Fp8Linear` given one
+    quantizes it itself. A tied `lm_head.weight` is skipped: the embedding it shares comes too."""
+    copies: list[Callable[[], None]] = []
+    for name, tensor in state_dict.items():
+        if tied and name == "lm_head.weight":
+            continue
+        layer = fp8_layers.get(name)
+        param = params.get(name)
+        if layer is None and param is None:
+            raise ValueError(f"load_weights: unknown parameter {name!r}")
+        want = (layer.out_features, layer.in_features) if layer is not None else tuple(param.shape)
+        if tuple(tensor.shape) != want:
+            raise ValueError(f"load_weights: {name} has shape {tuple(tensor.shape)}, expected {want}")
+        if layer is not None:  # re-quantized row-wise into the layer's own buffers
+            copies.append(lambda layer=layer, t=tensor: layer.load_(t))
+        else:
+            copies.append(lambda p=param, t=tensor: p.copy_(t.to(device=p.device, dtype=p.dtype)))
+    state_dict.clear()
     return copies

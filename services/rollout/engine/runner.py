@@ -8,14 +8,9 @@ that produced them are written on the device (`slots.py`) and read back once, wh
 retires.
 
 The host stays off the GPU's critical path: nothing in a step waits for the device. Each step's
-status codes (running/stop/length) start their way to the host as the step is queued and are read
-one step later (`settle`), after the next step is queued, so the GPU always has work. A row that
-finished is therefore decoded once more before it retires; that token lies past the row's end and
-is never returned (every row records the length it finished at). Its outputs are copied out
-when it retires and read a step later again, so a result reaches the caller two steps after its
-last token; compaction (`scheduler.compaction`) moves the survivors as soon as the finish is read.
-`drain` reads everything in flight at once (a device sync): an abort, the CPU engine (its steps
-are done when they return) and a speculative one (its steps read their kept counts anyway).
+status codes (running/stop/length) are read one step later, after the next step is queued, and the
+outputs of the rows they say finished one step after that (`finishes.py`); compaction
+(`scheduler.compaction`) moves the survivors as soon as a finish is read.
 
 There are three decode paths, same function, fastest first. On a GPU the KV cache is
 preallocated once from a fraction of the free memory and each decode step (forward and sampling)
@@ -61,25 +56,19 @@ from slipstream.models import Qwen3ForCausalLM, Routing
 from slipstream.models.draft import is_draft_name
 from slipstream.quant import FP8_DTYPE
 from slipstream.services.rollout.engine import fused_step
+from slipstream.services.rollout.engine.finishes import LENGTH, RUNNING, STOP, Finishes, Retired
 from slipstream.services.rollout.engine.graphs import DecodeGraphs
 from slipstream.services.rollout.engine.kv_cache import KV_ALIGN, KVCache
 from slipstream.services.rollout.engine.quantized_weights import (
     round_unconverted_,
     take_fp8_blocks,
+    take_full_precision,
     take_int4,
 )
-from slipstream.services.rollout.engine.request import FinishReason, Result
+from slipstream.services.rollout.engine.request import FinishReason
 from slipstream.services.rollout.engine.sampler import SamplingParams, sample
 from slipstream.services.rollout.engine.scheduler import Admission, compaction
-from slipstream.services.rollout.engine.slots import (
-    LENGTH,
-    RUNNING,
-    STOP,
-    Retired,
-    Slots,
-    Statuses,
-    to_device,
-)
+from slipstream.services.rollout.engine.slots import Slots, to_device
 
 KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8_e4m3": FP8_DTYPE}
 
@@ -175,8 +164,7 @@ class ModelRunner:
         self._rng = torch.Generator().manual_seed(seed)
         self._params = dict(model.named_parameters())
         self.num_prefill_tokens = 0  # prompt tokens actually run through prefill (shared ones once)
-        self._statuses: Statuses | None = None  # the last step's status codes, on their way to the host
-        self._retired: Retired | None = None  # the outputs of the slots retired in the last step
+        self.finishes = Finishes(self.slots, self._retire)  # read one step late (`finishes.py`)
 
     def _preallocate(self, fraction: float) -> None:
         cfg = self.model.config
@@ -321,43 +309,12 @@ class ModelRunner:
             if self.speculator is not None:
                 self.speculator.resize(self.cache.num_slots)
 
-    def settle(self, status: torch.Tensor | None) -> list[Result]:
-        """Hand in the statuses of the step just queued (slots 0..n-1; None: no step); get back the
-        results of the slots retired a step ago. Reads what the last step sent the host, which waits
-        for that step only: this one is queued behind it. Slots it says finished retire now."""
-        results = self._retired.results() if self._retired is not None else []
-        finished = self._statuses.finished(self.slots) if self._statuses is not None else []
-        self._statuses = Statuses(status, self.slots) if status is not None else None
-        self._retired = self._retire(*zip(*finished, strict=True)) if finished else None
-        return results
-
-    @property
-    def in_flight(self) -> bool:
-        """Whether a step's statuses or a retirement's outputs are still on their way."""
-        return self._statuses is not None or self._retired is not None
-
-    def drain(self) -> list[Result]:
-        """The results of every slot that finished so far, now (waits for the device)."""
-        results = []
-        while self.in_flight:
-            results += self.settle(None)
-        return results
-
-    def abort(self, rows: list[int]) -> list[Result]:
-        """Retire `rows` as they are now, "abort"; `drain` first (a row may have finished, and
-        slots move when finished rows retire)."""
-        if self.in_flight:
-            raise RuntimeError("abort: drain() first, the slots may still move")
-        ends = [int(self.slots.length[row]) for row in rows]
-        self._retired = self._retire(rows, ["abort"] * len(rows), ends)
-        return self.drain()
-
     def _retire(self, rows: list[int], reasons: list[FinishReason], ends: list[int]) -> Retired:
         """Start copying the outputs of `rows` out, then free their slots, keeping running slots
         contiguous (the copies are queued first, so they read the rows before anything moves in)."""
         s = self.slots
-        retired = Retired(s, list(rows), list(reasons), list(ends))
-        keep, movers, holes = compaction(self.num_running, list(rows))
+        retired = Retired(s, rows, reasons, ends)
+        keep, movers, holes = compaction(self.num_running, rows)
         if holes:
             longest = int(s.length[movers].max())  # no mover has cached anything past it
             s.move(movers, holes)
@@ -389,35 +346,10 @@ class ModelRunner:
             for name in [n for n in state_dict if is_draft_name(n, self.model.config)]:
                 del state_dict[name]
         state_dict = dict(state_dict)
-        int4_copies = take_int4(state_dict, self.int4_layers, self._params)  # packed int4 + scales
-        int4_copies += take_fp8_blocks(state_dict, self.fp8_layers)  # the wire's FP8 blocks as they are
-        updates = []
-        for name, tensor in state_dict.items():
-            if tied and name == "lm_head.weight":
-                continue  # the same tensor as the embedding, which the update also carries
-            if name in self.fp8_layers:
-                layer = self.fp8_layers[name]
-                if tuple(tensor.shape) != (layer.out_features, layer.in_features):
-                    raise ValueError(
-                        f"load_weights: {name} has shape {tuple(tensor.shape)}, "
-                        f"expected {(layer.out_features, layer.in_features)}"
-                    )
-                updates.append((layer, tensor))
-                continue
-            param = self._params.get(name)
-            if param is None:
-                raise ValueError(f"load_weights: unknown parameter {name!r}")
-            if tuple(tensor.shape) != tuple(param.shape):
-                raise ValueError(
-                    f"load_weights: {name} has shape {tuple(tensor.shape)}, expected {tuple(param.shape)}"
-                )
-            updates.append((param, tensor))
-        for param, tensor in updates:
-            if isinstance(param, torch.Tensor):
-                param.copy_(tensor.to(device=param.device, dtype=param.dtype))
-            else:  # an Fp8Linear: re-quantized row-wise into its own buffers
-                param.load_(tensor)
-        for copy in int4_copies:
+        copies = take_int4(state_dict, self.int4_layers, self._params)  # packed int4 + scales
+        copies += take_fp8_blocks(state_dict, self.fp8_layers)  # the wire's FP8 blocks as they are
+        copies += take_full_precision(state_dict, self.fp8_layers, self._params, tied)  # the rest
+        for copy in copies:
             copy()
         if self.speculator is not None:
             self.speculator.apply(draft_updates, version)

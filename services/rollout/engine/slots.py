@@ -13,21 +13,18 @@ position of every token it is fed (prompt included, by prefill), the expert ids 
 routed it to: `out_experts[i, pos]`, `experts_per_token` = MoE layers x top-k small integers.
 
 Nothing here makes the host wait for the GPU. Host -> device copies go through pinned memory
-(`to_device`: from pageable memory CUDA may synchronise the stream first); device -> host reads
-are started with `non_blocking=True` into pinned memory and an event, and waited on one step
-later (`Statuses`, `Retired`), when the GPU is already busy with the next step.
+(`to_device`: from pageable memory CUDA may synchronise the stream first); what travels back, the
+statuses and the outputs of finished rows, is `finishes.py`'s.
 """
 
 from __future__ import annotations
 
 import torch
 
-from slipstream.services.rollout.engine.request import FinishReason, Request, Result
+from slipstream.services.rollout.engine.request import Request
 from slipstream.services.rollout.engine.sampler import SamplingParams
 
 _SEED_MASK = (1 << 63) - 1
-RUNNING, STOP, LENGTH = 0, 1, 2  # a row's status code after a step
-_REASONS: dict[int, FinishReason] = {STOP: "stop", LENGTH: "length"}
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -36,22 +33,6 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
-
-
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """A device tensor's copy in pinned host memory, queued; valid once the caller's event is done."""
-    if t.device.type != "cuda":
-        return t
-    return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
-
-
-def _recorded(device: torch.device) -> torch.cuda.Event | None:
-    """An event after the work queued so far (None on the CPU, where that work is done)."""
-    if device.type != "cuda":
-        return None
-    event = torch.cuda.Event()
-    event.record(torch.cuda.current_stream(device))
-    return event
 
 
 class Slots:
@@ -148,68 +129,3 @@ class Slots:
             t[d] = t[s]
         for i, j in zip(src, dst, strict=True):
             self.requests[j] = self.requests[i]
-
-
-class Statuses:
-    """One step's status codes on their way to the host, with the rows they describe then."""
-
-    def __init__(self, status: torch.Tensor, slots: Slots) -> None:
-        """`status` [n]: the codes of slots 0..n-1 (every occupied slot) after the step just queued."""
-        self.codes = _to_host(status)
-        self.requests = list(slots.requests)
-        self.lengths = slots.length[: len(self.requests)].clone()  # where a finished response ends
-        self.event = _recorded(status.device)
-
-    def finished(self, slots: Slots) -> list[tuple[int, FinishReason, int]]:
-        """(slot now, reason, length when it finished) of each finished row still in a slot; waits
-        for the step. Slots may have moved since (compaction), so rows are found by their request."""
-        if self.event is not None:
-            self.event.synchronize()
-        done = torch.nonzero(self.codes).squeeze(1).tolist()
-        if not done:
-            return []
-        slot_of = {id(req): i for i, req in enumerate(slots.requests)}
-        return [
-            (slot_of[id(self.requests[i])], _REASONS[int(self.codes[i])], int(self.lengths[i]))
-            for i in done
-            if id(self.requests[i]) in slot_of  # else retired already (an earlier finish)
-        ]
-
-
-class Retired:
-    """The outputs of retiring slots on their way to the host; `results()` waits and builds them.
-
-    Queued before the slots are reused, so the copies read what the slots held at retirement.
-    """
-
-    def __init__(self, slots: Slots, rows: list[int], reasons: list[FinishReason], ends: list[int]) -> None:
-        """`ends`: each row's length when it finished (a response is prompt_len..end-1)."""
-        index = to_device(torch.tensor(rows), slots.device)
-        width = max(ends)
-        self.tokens, self.log_probs, self.versions = (
-            _to_host(t[index, :width]) for t in (slots.out_tokens, slots.out_log_probs, slots.out_versions)
-        )
-        self.experts = _to_host(slots.out_experts[index, :width]) if slots.out_experts.shape[2] else None
-        self.rows = [
-            (slots.requests[row].rid, int(slots.prompt_len[row]), end, reason)
-            for row, reason, end in zip(rows, reasons, ends, strict=True)
-        ]
-        self.event = _recorded(slots.device)
-
-    def results(self) -> list[Result]:
-        if self.event is not None:
-            self.event.synchronize()
-        results = []
-        for k, (rid, prompt_len, end, reason) in enumerate(self.rows):
-            span = slice(prompt_len, end)
-            results.append(
-                Result(
-                    rid=rid,
-                    tokens=self.tokens[k, span].tolist(),
-                    log_probs=self.log_probs[k, span].tolist(),
-                    versions=self.versions[k, span].tolist(),
-                    finish_reason=reason,
-                    routed_experts=None if self.experts is None else self.experts[k, : end - 1].clone(),
-                )
-            )
-        return results

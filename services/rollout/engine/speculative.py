@@ -57,6 +57,7 @@ from slipstream.kernels import decode_layer as decode_kernels
 from slipstream.models import Attention
 from slipstream.models.draft import DraftHead, is_draft_name
 from slipstream.models.rope import rope_cos_sin
+from slipstream.services.rollout.engine.finishes import LENGTH, RUNNING, STOP
 from slipstream.services.rollout.engine.fused_step import FusedDecoder
 from slipstream.services.rollout.engine.graphs import batch_buckets, kv_bucket
 from slipstream.services.rollout.engine.kv_cache import KV_ALIGN, KVCache
@@ -69,7 +70,6 @@ log = logging.getLogger(__name__)
 
 # Noise salts: each use of a position's randomness draws from its own stream.
 _SALT_DRAFT, _SALT_ACCEPT, _SALT_RESIDUAL = 0x5EED_D4AF, 0x0ACC_E9F7, 0x4E51_D0A1
-_RUNNING, _STOP, _LENGTH = 0, 1, 2  # the runner's status codes
 
 
 def multi_token_attention(cache: KVCache, positions: torch.Tensor, kv_len: int) -> Attention:
@@ -396,8 +396,8 @@ class Speculator:
         self.num_verified_rows += n
         self.num_kept_tokens += int(kept_host.sum())
         hit_length = (s.length[:n] - s.prompt_len[:n] >= s.max_new[:n]) | (s.length[:n] >= runner.max_seq_len)
-        status = torch.where(hit_length.to(dev), _LENGTH, _RUNNING)
-        return torch.where(first_stop < kept, _STOP, status)
+        status = torch.where(hit_length.to(dev), LENGTH, RUNNING)
+        return torch.where(first_stop < kept, STOP, status)
 
     # -- CUDA graphs -----------------------------------------------------------------------------
 

@@ -30,7 +30,6 @@ sampling kernel's own loop.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from slipstream.kernels import invariant_gpu as gpu
@@ -76,23 +75,15 @@ class InvariantExperts(Experts):
 
     linear = staticmethod(linear)
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """`Experts.forward`, each token's k outputs summed by k adds in ascending expert id (what
-        `index_add_` does on the CPU and not on the GPU)."""
+    def combine(
+        self, x: torch.Tensor, ids: torch.Tensor, order: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """`Experts.combine` by k adds in ascending expert id per token (what `index_add_` does on
+        the CPU, and on the GPU in no fixed order: it adds with atomics)."""
         n, top_k = ids.shape
-        flat = ids.reshape(-1)
-        order = flat.argsort(stable=True)  # token-slots grouped by expert, ascending
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        ys = []
-        for expert, rows in enumerate(x[order // top_k].split(counts)):
-            if rows.shape[0]:
-                gate, up = self.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
-                ys.append(self.linear(F.silu(gate) * up, self.down_proj[expert]))
-        y = torch.cat(ys) * weights.reshape(-1)[order, None]
         per_slot = torch.empty_like(y).index_copy_(0, order, y).view(n, top_k, -1)
-        per_slot = per_slot.gather(
-            1, ids.argsort(-1)[..., None].expand_as(per_slot)
-        )  # a token's ids are distinct
+        # a token's ids are distinct: argsort puts its slots in ascending expert id
+        per_slot = per_slot.gather(1, ids.argsort(-1)[..., None].expand_as(per_slot))
         out = torch.zeros_like(x)
         for j in range(top_k):
             out = out + per_slot[:, j]

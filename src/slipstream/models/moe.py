@@ -99,20 +99,25 @@ class Experts(nn.Module):
         """x [N, H], ids and weights [N, k] -> sum over k of weight * expert(x), [N, H].
 
         The token-slots are grouped by expert (one gather), each expert runs on its contiguous
-        rows, and one index_add_ sums them back: per token in ascending expert id, as transformers'
-        loop over the experts adds them (bit for bit on the CPU)."""
+        rows, and `combine` sums them back."""
         top_k = ids.shape[-1]
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)  # token-slots grouped by expert, ascending
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        tokens = order // top_k
         ys = []
-        for expert, rows in enumerate(x[tokens].split(counts)):
+        for expert, rows in enumerate(x[order // top_k].split(counts)):
             if rows.shape[0]:
                 gate, up = self.linear(rows, self.gate_up_proj[expert]).chunk(2, dim=-1)
                 ys.append(self.linear(F.silu(gate) * up, self.down_proj[expert]))
-        y = torch.cat(ys) * weights.reshape(-1)[order, None]
-        return torch.zeros_like(x).index_add_(0, tokens, y)
+        return self.combine(x, ids, order, torch.cat(ys) * weights.reshape(-1)[order, None])
+
+    def combine(
+        self, x: torch.Tensor, ids: torch.Tensor, order: torch.Tensor, y: torch.Tensor
+    ) -> torch.Tensor:
+        """Each token's sum of its k weighted expert outputs, [N, H]; y's rows are the token-slots in
+        `order`. One index_add_: per token in ascending expert id, as transformers' loop over the
+        experts adds them (bit for bit on the CPU)."""
+        return torch.zeros_like(x).index_add_(0, order // ids.shape[-1], y)
 
 
 class SparseMoE(nn.Module):
