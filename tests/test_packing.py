@@ -92,6 +92,45 @@ def test_pack_layout():
     assert torch.equal(p.input_ids[0, p.head_rows], b.input_ids.reshape(-1)[p.head_index])
 
 
+def test_collate_puts_each_field_where_its_tokens_are():
+    """Every row of the padded frame, field by field, against the sample it came from: failed and
+    empty samples train nothing, a sample without a per-token field gets the field's fill."""
+    samples = _samples(8)
+    samples[1] = dataclasses.replace(samples[1], response_length=0, policy_versions=None)
+    samples[2] = dataclasses.replace(
+        samples[2],
+        loss_mask=[1, 0] * (samples[2].response_length // 2) + [1] * (samples[2].response_length % 2),
+        rollout_log_probs=None,
+    )
+    samples[5] = dataclasses.replace(
+        samples[5], policy_versions=None, rollout_log_probs=[-0.5] * samples[5].response_length
+    )
+    advantages = [float(i) - 3.5 for i in range(8)]
+    b = collate(samples, advantages, pad_id=-7)
+    width = max(len(s.tokens) for s in samples) - 1
+    assert b.input_ids.shape == (8, width) and b.seq_lens.tolist() == [len(s.tokens) - 1 for s in samples]
+    for i, s in enumerate(samples):
+        n, r, first = len(s.tokens) - 1, s.response_length, s.prompt_length - 1
+        assert b.input_ids[i].tolist() == s.tokens[:-1] + [-7] * (width - n)
+        assert b.targets[i].tolist() == s.tokens[1:] + [-7] * (width - n)
+        trained = s.status is not Status.FAILED and r > 0
+        response = slice(first, first + r) if trained else slice(0, 0)
+        expect = {
+            "loss_mask": ([1.0] * r if s.loss_mask is None else s.loss_mask, 0.0),
+            "rollout_log_probs": ([0.0] * r if s.rollout_log_probs is None else s.rollout_log_probs, 0.0),
+            "advantages": ([advantages[i]] * r, 0.0),
+            "versions": ([-1] * r if s.policy_versions is None else s.policy_versions, -1),
+        }
+        for field, (values, fill) in expect.items():
+            row = getattr(b, field)[i].tolist()
+            assert row[response] == (values if trained else []), (i, field)
+            outside = row[: response.start] + row[response.stop :] if trained else row
+            assert set(outside) <= {fill}, (i, field)
+    assert b.num_tokens == int(b.loss_mask.sum())
+    with pytest.raises(ValueError, match="sample .* 3 entries, its response"):
+        collate([dataclasses.replace(samples[0], loss_mask=[1, 1, 1], response_length=4)], [0.0])
+
+
 def test_packed_attention_fallback_is_per_sequence_causal():
     """The CPU fallback runs each run of equal lengths as one batch (3 3 and 5 5 are runs; the
     last 3 is not next to them): every sequence still attends causally inside itself only,

@@ -17,8 +17,10 @@ on response positions only: nothing reads a log-prob anywhere else.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from slipstream.types import Sample
@@ -83,37 +85,82 @@ class Packed:
 
 def collate(samples: list[Sample], advantages: list[float], pad_id: int = 0) -> Batch:
     """Right-pad samples into one batch (pads come after real tokens, so causal attention is exact).
-    Rows are built as Python lists and become tensors once per field: a step of 512 short samples
-    made ~4 small tensors per sample before, 8% of a CPU training step."""
-    width = max(len(s.tokens) - 1 for s in samples)
-    ids, targets, loss_mask, rollout_lp, adv, versions = [], [], [], [], [], []
-    for s, a in zip(samples, advantages, strict=True):
-        tokens, n = list(s.tokens), len(s.tokens) - 1
-        ids.append(tokens[:-1] + [pad_id] * (width - n))
-        targets.append(tokens[1:] + [pad_id] * (width - n))
-        rows = [0.0] * width, [0.0] * width, [0.0] * width, [-1] * width
-        if s.is_trainable:
-            start, r = s.prompt_length - 1, s.response_length
-            values = (
-                s.loss_mask if s.loss_mask is not None else [1] * r,
-                s.rollout_log_probs,
-                [a] * r,
-                s.policy_versions,
-            )
-            for row, v in zip(rows, values, strict=True):
-                if v is not None:
-                    _require_len(v, r, s)
-                    row[start : start + r] = v
-        for out, row in zip((loss_mask, rollout_lp, adv, versions), rows, strict=True):
-            out.append(row)
-    mask = torch.tensor(loss_mask, dtype=torch.float32)
+
+    Built from flat arrays: each field's values of all samples are concatenated once (one C-level
+    pass) and scattered into the [B, T] frame by index arithmetic, so a step of 2,048 short samples
+    costs a few milliseconds (a Python loop over every position took ~25 ms on the 2-core box)."""
+    return _collate(samples, advantages, pad_id, _Layout(samples))
+
+
+def _collate(samples: list[Sample], advantages: list[float], pad_id: int, t: _Layout) -> Batch:
+    b, width = len(samples), t.width
+    frame = np.arange(width)
+    inside = frame[None, :] < t.n[:, None]
+    at = np.where(inside, t.starts[:, None] + frame[None, :], 0)  # row i, position j: flat[at]
+    ids = np.where(inside, t.flat[at], pad_id)
+    targets = np.where(inside, t.flat[np.minimum(at + 1, t.flat.size - 1)], pad_id)
+    index = t.response_index()  # flat [B * T] positions of the trainable response tokens
+    r = t.r[t.trainable]
+    mask = _scatter(b * width, index, t.field(samples, "loss_mask", 1.0), np.float32, 0.0)
+    rollout_lp = _scatter(b * width, index, t.field(samples, "rollout_log_probs", 0.0), np.float32, 0.0)
+    versions = _scatter(b * width, index, t.field(samples, "policy_versions", -1), np.int64, -1)
+    adv = np.zeros(b * width, dtype=np.float32)
+    adv[index] = np.repeat(np.asarray(advantages, dtype=np.float32)[t.trainable], r)
+    mask_t = torch.from_numpy(mask).view(b, width)
     return Batch(
-        torch.tensor(ids, dtype=torch.long), torch.tensor(targets, dtype=torch.long), mask,
-        torch.tensor(rollout_lp, dtype=torch.float32), torch.tensor(adv, dtype=torch.float32),
-        torch.tensor(versions, dtype=torch.long), int(mask.sum().item()),
-        seq_lens=torch.tensor([len(s.tokens) - 1 for s in samples], dtype=torch.long),
+        torch.from_numpy(ids), torch.from_numpy(targets), mask_t,
+        torch.from_numpy(rollout_lp).view(b, width), torch.from_numpy(adv).view(b, width),
+        torch.from_numpy(versions).view(b, width), int(mask.sum()),
+        seq_lens=torch.from_numpy(t.n.copy()),
         routed_experts=_routed_experts(samples, width),
     )  # fmt: skip
+
+
+class _Layout:
+    """Where every sample's tokens and response sit: flat token array, per-sample lengths."""
+
+    def __init__(self, samples: list[Sample]) -> None:
+        lens = np.fromiter((len(s.tokens) for s in samples), dtype=np.int64, count=len(samples))
+        self.flat = np.fromiter(
+            itertools.chain.from_iterable(s.tokens for s in samples), dtype=np.int64, count=int(lens.sum())
+        )
+        self.starts = np.cumsum(lens) - lens  # where each sample's tokens begin in `flat`
+        self.n = lens - 1  # input positions of each row
+        self.width = int(self.n.max())
+        self.trainable = np.fromiter((s.is_trainable for s in samples), dtype=bool, count=len(samples))
+        self.r = np.fromiter((s.response_length for s in samples), dtype=np.int64, count=len(samples))
+        self.first = lens - self.r - 1  # input position predicting the first response token
+
+    def response_index(self) -> np.ndarray:
+        """Flat [B * T] indices of the trainable samples' response positions, sample by sample."""
+        rows = np.flatnonzero(self.trainable)
+        return _ranges(rows * self.width + self.first[rows], self.r[rows])
+
+    def field(self, samples: list[Sample], name: str, fill: float) -> list:
+        """One per-token field of the trainable samples, concatenated; a sample without it
+        contributes `fill` on every response token."""
+        out: list = []
+        for s in itertools.compress(samples, self.trainable):
+            values = getattr(s, name)
+            if values is None:
+                out += [fill] * s.response_length
+            else:
+                _require_len(values, s.response_length, s)
+                out += values
+        return out
+
+
+def _ranges(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The concatenation of arange(s, s + n) for each (s, n)."""
+    total = int(lengths.sum())
+    offsets = np.cumsum(lengths) - lengths
+    return np.repeat(starts - offsets, lengths) + np.arange(total)
+
+
+def _scatter(size: int, index: np.ndarray, values: list, dtype, fill) -> np.ndarray:
+    out = np.full(size, fill, dtype=dtype)
+    out[index] = np.asarray(values, dtype=dtype)
+    return out
 
 
 def _require_len(values: list, r: int, s: Sample) -> None:
@@ -141,33 +188,28 @@ def _routed_experts(samples: list[Sample], width: int) -> torch.Tensor | None:
 def pack(samples: list[Sample], advantages: list[float], pad_id: int = 0) -> Batch:
     """`collate` plus the same samples packed into one row (`Batch.packed`), shortest first: the
     sequences of one length sit together, and the CPU's attention runs each such run as one batch."""
-    batch = collate(samples, advantages, pad_id)
-    width = batch.input_ids.shape[1]
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].tokens))
-    ids, positions, rows, index, bounds = [], [], [], [], [0]
-    for i in order:
-        s, n = samples[i], len(samples[i].tokens) - 1
-        ids += s.tokens[:-1]
-        positions += range(n)
-        if s.is_trainable:
-            start, r = s.prompt_length - 1, s.response_length
-            rows += range(bounds[-1] + start, bounds[-1] + start + r)
-            index += range(i * width + start, i * width + start + r)
-        bounds.append(bounds[-1] + n)
-    index_t = torch.tensor(index, dtype=torch.long)
+    t = _Layout(samples)
+    batch = _collate(samples, advantages, pad_id, t)
+    width = t.width
+    order = np.argsort(t.n, kind="stable")  # shortest first, ties in arrival order
+    n = t.n[order]
+    bounds = np.concatenate([[0], np.cumsum(n)])
+    keep = order[t.trainable[order]]  # trainable samples, in packed order
+    at = bounds[:-1][t.trainable[order]]  # where each of them starts in the row
+    index_t = torch.from_numpy(_ranges(keep * width + t.first[keep], t.r[keep]))
     batch.packed = Packed(
-        input_ids=torch.tensor(ids, dtype=torch.long)[None],
-        positions=torch.tensor(positions, dtype=torch.long)[None],
-        cu_seqlens=torch.tensor(bounds, dtype=torch.int32),
-        order=torch.tensor(order, dtype=torch.long),
+        input_ids=torch.from_numpy(t.flat[_ranges(t.starts[order], n)])[None],
+        positions=torch.from_numpy(_ranges(np.zeros_like(n), n))[None],
+        cu_seqlens=torch.from_numpy(bounds.astype(np.int32)),
+        order=torch.from_numpy(order),
         max_len=width,
-        head_rows=torch.tensor(rows, dtype=torch.long),
+        head_rows=torch.from_numpy(_ranges(at + t.first[keep], t.r[keep])),
         head_targets=batch.targets.reshape(-1)[index_t],
         head_index=index_t,
         routed_experts=(
             None
             if batch.routed_experts is None
-            else torch.cat([batch.routed_experts[i, : len(samples[i].tokens) - 1] for i in order])
+            else torch.cat([batch.routed_experts[i, : len(samples[i].tokens) - 1] for i in order.tolist()])
         ),
     )
     return batch
