@@ -11,7 +11,8 @@
         scores   = group_scores(rewards)               # per group, per --advantage-estimator
         stats    = actor.train_rollout(samples)        # old/ref log-probs, advantages, optimizer steps
         versions.after_step(step)                      # a new version every --update-weights-interval
-        report progress to the coordinator (admission control), write metrics.jsonl
+        report progress to the coordinator (admission control; its reply read a step later),
+        write metrics.jsonl
         checkpointer.maybe_save(step)                  # every --save-interval: checkpoint,
                                                        # trained.jsonl, then the Redis commit
     checkpointer.maybe_save(step, last=True)
@@ -51,6 +52,7 @@ from .ledger import Consumption, StepRecord, TrainedLedger
 from .logging_sinks import open_sinks
 from .metrics import MetricsLog, StepTimes, step_row
 from .nothing_trained import warn_if_nothing_trained
+from .progress import ProgressReports
 from .ranks import SharedStep, follow, share_step, weight_gather
 from .reconnect import Reconnect, Unreachable
 from .rollout_bound import RolloutBoundHint
@@ -127,6 +129,9 @@ class Trainer:
         self.channel = sync_channel(infra.coordinator_addr)
         wait_for_coordinator(self.channel, cfg, state.stop)
         self.coordinator = coordinator_pb2_grpc.CoordinatorStub(self.channel)
+        self.progress = ProgressReports(
+            self.coordinator, infra.coordinator_addr, infra.rpc_timeout, self.reconnect
+        )
         pusher = WeightPusher(
             self.coordinator, cfg.train.effective_weight_sync_dtype(actor.device.type, cfg.cluster.colocate),
             infra.rpc_timeout, self.reconnect,
@@ -170,6 +175,7 @@ class Trainer:
                 )
             self.summarize()
         finally:
+            self.progress.close()
             self.versions.pusher.close()  # its /dev/shm files (servers that mapped one keep it)
             self.buffer.close()
             self.channel.close()
@@ -231,17 +237,14 @@ class Trainer:
         return samples, [x for g in scores for x in g], staleness
 
     def report(self, step: int) -> coordinator_pb2.CoordinatorStatus:
-        """ReportProgress (the coordinator's admission control follows it), then its version rules."""
-        infra = self.cfg.infra
+        """ReportProgress for `step` (the coordinator's admission control follows it), then the
+        version rules of the reply in hand: the previous step's (`progress.py` says why)."""
         progress = coordinator_pb2.TrainerProgress(
             step=step,
             num_groups_consumed=self.state.num_groups_consumed,
             finished=step >= self.cfg.rollout.num_rollout,
         )
-        status = self.reconnect.call(
-            f"coordinator at {infra.coordinator_addr} (ReportProgress)",
-            lambda: self.coordinator.ReportProgress(progress, timeout=infra.rpc_timeout),
-        )
+        status = self.progress.send(progress)
         self.state.policy_version = self.versions.after_report(status, self.state.policy_version)
         return status
 
