@@ -111,6 +111,9 @@ VARIANTS: dict[str, list[str]] = {
     "mesh+4servers+batch512": ["--rollout-num-servers", "4", "--rollout-max-batch-size", "512"],
     "mesh+4servers+bf16": ["--rollout-num-servers", "4", "--bf16"],
     "mesh+4servers+batch512+bf16": ["--rollout-num-servers", "4", "--rollout-max-batch-size", "512", "--bf16"],
+    # Since session 11 the launcher itself puts 4 servers on a shared GPU for a model under 100M
+    # parameters (placement.shared_gpu_servers): "mesh" is then what "mesh+4servers" was.
+    "mesh+bf16": ["--bf16"],
 }  # fmt: skip
 
 # TRL's rows: GRPOConfig settings on top of the matched ones (`trl_child`), as "key=value".

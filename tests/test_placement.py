@@ -1,10 +1,12 @@
 """Placement arithmetic for slime's flags, and its resolution on a host with N GPUs (pure: no GPU
 needed; the GPU count is an input)."""
 
+import json
+
 import pytest
 
 from slipstream.config import parse_config
-from slipstream.placement import PlacementError, cuda_visible, given_fields, plan, resolve
+from slipstream.placement import PlacementError, cuda_visible, given_fields, model_parameters, plan, resolve
 
 
 def test_cpu_default_uses_rollout_num_servers():
@@ -48,7 +50,7 @@ def test_one_gpu_default_placement_colocates_over_cuda_ipc():
     assert r.line() == (
         "placement: 1 GPU visible: trainer GPU 0, rollout-0 GPU 0; colocated "
         "(chosen: trainer and rollout share GPU 0; --no-colocate keeps the byte path); weights over CUDA IPC; "
-        "one rollout server on the shared GPU (--rollout-num-servers sets more)"
+        "one rollout server on the shared GPU (--rollout-num-servers sets the number)"
     )
 
 
@@ -118,10 +120,34 @@ def test_visible_gpus_counts_device_nodes_narrowed_by_cuda_visible_devices(tmp_p
     assert visible_gpus({}, tmp_path / "none") == 0
 
 
-def test_rollout_servers_sharing_one_gpu_become_one_unless_asked_for():
+def test_rollout_servers_sharing_one_gpu_are_one_or_four_by_model_size_unless_asked_for(tmp_path):
     r = _resolve([], gpus=1)
-    assert r.one_server and r.placement.num_rollout_servers == 1 and r.rollout_on == (0,)
+    assert r.servers_chosen == 1 and r.placement.num_rollout_servers == 1 and r.rollout_on == (0,)
     assert "one rollout server on the shared GPU" in r.line()
     r = _resolve(["--rollout-num-servers", "3"], gpus=1)
-    assert not r.one_server and r.rollout_on == (0, 0, 0)
-    assert not _resolve([], gpus=0).one_server  # the CPU keeps --rollout-num-servers
+    assert not r.servers_chosen and r.rollout_on == (0, 0, 0)
+    assert not _resolve([], gpus=0).servers_chosen  # the CPU keeps --rollout-num-servers
+
+    # The size comes from config.json: the learn_vs_trl H200 preset's 25M shape, and Qwen3-0.6B's.
+    small = dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4,
+                 head_dim=64, intermediate_size=1536, vocab_size=20, tie_word_embeddings=True)  # fmt: skip
+    qwen3_06b = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                     head_dim=128, intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True)  # fmt: skip
+    for name, c in (("small", small), ("qwen3_06b", qwen3_06b)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps(c))
+    assert model_parameters(str(tmp_path / "small")) == 25_176_064  # its matrices (norms left out)
+    assert (
+        590e6 < model_parameters(str(tmp_path / "qwen3_06b")) < 600e6
+    )  # 596M: 0.44B layers + 0.16B embedding
+    assert model_parameters(str(tmp_path / "missing")) is None
+
+    def resolve_for(name, argv=()):
+        cfg = parse_config(["--hf-checkpoint", str(tmp_path / name), *argv])
+        return resolve(cfg, 1, given_fields(list(argv), {}), model_parameters(str(tmp_path / name)))
+
+    r = resolve_for("small")
+    assert r.servers_chosen == 4 and r.rollout_on == (0, 0, 0, 0) and r.colocate
+    assert "4 rollout servers on the shared GPU (a model under 100M parameters" in r.line()
+    assert resolve_for("qwen3_06b").rollout_on == (0,)
+    assert resolve_for("small", ["--rollout-num-servers", "2"]).rollout_on == (0, 0)

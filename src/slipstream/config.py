@@ -136,7 +136,11 @@ class RolloutConfig:
     rollout_top_p: float = opt(1.0, "Nucleus sampling threshold.")
     rollout_top_k: int = opt(-1, "Top-k sampling; -1 disables it.")
     rollout_stop_token_ids: list[int] = opt([], "Extra token ids that end a response (EOS always does).")
-    rollout_num_servers: int = opt(2, "Rollout servers the launcher starts. (Slipstream)")
+    rollout_num_servers: int = opt(
+        2,
+        "Rollout servers the launcher starts. Not given, on a GPU shared with the trainer: 1, or 4 for a "
+        "model under 100M parameters (placement.shared_gpu_servers). (Slipstream)",
+    )
     rollout_max_batch_size: int = opt(256, "Most sequences one rollout server decodes at once. (Slipstream)")
     rollout_attach_grace: float = opt(
         0.0,

@@ -50,7 +50,15 @@ from typing import Any
 from slipstream.config import Config
 from slipstream.console import ConsoleRelay
 from slipstream.log import rotate_logs, write_config_table
-from slipstream.placement import PlacementError, Resolved, cuda_visible, plan, resolve, visible_gpus
+from slipstream.placement import (
+    PlacementError,
+    Resolved,
+    cuda_visible,
+    model_parameters,
+    plan,
+    resolve,
+    visible_gpus,
+)
 from slipstream.report import report_at_end
 from slipstream.shm_files import sweep_orphans
 
@@ -604,7 +612,7 @@ def place_on_host(cfg: Config, given: Collection[str]) -> Resolved:
     """Where the run's processes land on this host's GPUs; --colocate turned on when the launcher
     chooses it (the trainer reads it from config.json and sends CUDA IPC handles)."""
     try:
-        placed = resolve(cfg, visible_gpus(), given)
+        placed = resolve(cfg, visible_gpus(), given, model_parameters(cfg.model.hf_checkpoint))
     except PlacementError as e:
         raise LaunchError(str(e)) from None
     cfg.cluster.colocate = placed.colocate

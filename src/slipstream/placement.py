@@ -16,6 +16,7 @@ GPU (weights then travel over CUDA IPC instead of the gRPC byte path) unless the
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, replace
@@ -75,9 +76,9 @@ class Resolved:
     rollout_on: tuple[int | None, ...]  # one per rollout server
     colocate: bool  # what the services run with (config.json's cluster.colocate)
     chosen: bool = False  # colocate turned on by the launcher (not asked for, not refused)
-    one_server: bool = (
-        False  # the launcher ran one rollout server on the shared GPU, not --rollout-num-servers
-    )
+    # Rollout servers the launcher put on the shared GPU (`shared_gpu_servers`) in place of
+    # --rollout-num-servers; 0 when it chose nothing.
+    servers_chosen: int = 0
 
     @property
     def transport(self) -> str:
@@ -103,12 +104,15 @@ class Resolved:
             )
         else:
             how = "colocated (--colocate)" if self.colocate else "not colocated"
-        one = (
-            "; one rollout server on the shared GPU (--rollout-num-servers sets more)"
-            if self.one_server
+        n = self.servers_chosen
+        servers = (
+            f"; {'one rollout server' if n == 1 else f'{n} rollout servers'} on the shared GPU "
+            f"({'a model under 100M parameters decodes host-bound; ' if n > 1 else ''}"
+            "--rollout-num-servers sets the number)"
+            if n
             else ""
         )
-        return f"placement: {where}; {how}; weights over {self.transport}{one}"
+        return f"placement: {where}; {how}; weights over {self.transport}{servers}"
 
 
 def _gpus(gpus: tuple[int, ...]) -> str:
@@ -131,15 +135,53 @@ def _landing(cfg: Config, place: Placement) -> tuple[tuple[int, ...], tuple[int 
     return trainer, tuple(first for _ in place.rollout_gpus)
 
 
-def resolve(cfg: Config, gpus: int, given: Collection[str] = ()) -> Resolved:
-    """The run's placement on a host with `gpus` visible GPUs (pure: the count is an input).
+SMALL_MODEL_PARAMS = 100_000_000  # under it, a rollout server's decode is bound by its host work
+SMALL_MODEL_SERVERS = 4
+
+
+def shared_gpu_servers(model_params: int | None) -> int:
+    """Rollout servers on a GPU shared with the trainer when --rollout-num-servers is not given.
+
+    One for a model whose decode fills the GPU: Qwen3-0.6B's shape ran the mesh at 96% of its
+    parts' speed with one engine, 85% with two time-slicing the H200 (bench/mesh_gpu.py). Four for
+    a model under 100M parameters, whose decode costs the GPU little and each server's per-sample
+    host work (requests, `Sample`s, rewards, the buffer) a lot: a 25M model's trainer waited 0.43 s
+    of a 0.66 s step for samples with one server, 0.01-0.03 s with four (bench/learn_vs_trl.py
+    --preset h200, session 9). The threshold sits between those two measured sizes."""
+    return SMALL_MODEL_SERVERS if model_params is not None and model_params < SMALL_MODEL_PARAMS else 1
+
+
+def model_parameters(hf_checkpoint: str) -> int | None:
+    """Weight-matrix parameters a token passes through (MoE: the experts it is routed to; norms left
+    out), from config.json alone (no torch: the launcher starts services before anything imports
+    it); None when unreadable."""
+    try:
+        c = json.loads((Path(hf_checkpoint) / "config.json").read_text())
+        hidden, layers, vocab = c["hidden_size"], c["num_hidden_layers"], c["vocab_size"]
+        heads = c["num_attention_heads"]
+        kv, head_dim = c.get("num_key_value_heads", heads), c.get("head_dim") or hidden // heads
+        mlp = (
+            3
+            * hidden
+            * c.get("moe_intermediate_size", c["intermediate_size"])
+            * c.get("num_experts_per_tok", 1)
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    attention = hidden * head_dim * (2 * heads + 2 * kv)
+    embeddings = vocab * hidden * (1 if c.get("tie_word_embeddings", False) else 2)
+    return layers * (attention + mlp) + embeddings
+
+
+def resolve(cfg: Config, gpus: int, given: Collection[str] = (), model_params: int | None = None) -> Resolved:
+    """The run's placement on a host with `gpus` visible GPUs (pure: the count and the model's
+    size, `model_parameters`, are inputs).
 
     With every rollout server on the one GPU the (single) trainer process uses, weights go over
     CUDA IPC: the launcher turns --colocate on unless the user gave it (`given`, from
     `given_fields`: an explicit --no-colocate, in flags, --config or SLIPSTREAM_COLOCATE, wins).
-    Rollout servers without GPUs of their own share the trainer's: one engine per GPU, unless
-    --rollout-num-servers was given (two engines time-slicing one H200 ran the mesh at 85% of its
-    parts' speed, one at 96%: bench/mesh_gpu.py). A placement that
+    Rollout servers without GPUs of their own share the trainer's: `shared_gpu_servers` engines (one,
+    or four for a small model), unless --rollout-num-servers was given. A placement that
     needs more GPUs than the host has is refused; one process trainer and one rollout GPU on a
     one-GPU host colocate instead.
     """
@@ -147,10 +189,11 @@ def resolve(cfg: Config, gpus: int, given: Collection[str] = ()) -> Resolved:
     place = plan(cfg)
     if gpus <= 0 or cfg.infra.device == "cpu":
         return Resolved(place, 0, (), tuple(None for _ in place.rollout_gpus), c.colocate)
-    chosen = one_server = False
-    if not place.trainer_gpus and place.num_rollout_servers > 1 and "rollout_num_servers" not in given:
-        cfg = replace(cfg, rollout=replace(cfg.rollout, rollout_num_servers=1))
-        place, one_server = plan(cfg), True
+    chosen, servers_chosen = False, 0
+    if not place.trainer_gpus and "rollout_num_servers" not in given:
+        servers_chosen = shared_gpu_servers(model_params)
+        cfg = replace(cfg, rollout=replace(cfg.rollout, rollout_num_servers=servers_chosen))
+        place = plan(cfg)
     if not c.colocate and "colocate" not in given and place.trainer_procs == 1:
         trainer, rollout = _landing(cfg, place)
         if not _fits(trainer, rollout, gpus) or set(rollout) == set(trainer):
@@ -168,7 +211,7 @@ def resolve(cfg: Config, gpus: int, given: Collection[str] = ()) -> Resolved:
             f"{'is' if gpus == 1 else 'are'} visible; lower --actor-num-gpus-per-node/--rollout-num-gpus "
             "or share GPUs with --colocate"
         )
-    return Resolved(place, gpus, trainer, rollout, c.colocate or chosen, chosen, one_server)
+    return Resolved(place, gpus, trainer, rollout, c.colocate or chosen, chosen, servers_chosen)
 
 
 def visible_gpus(environ: Mapping[str, str] | None = None, dev: Path = Path("/dev")) -> int:
