@@ -159,6 +159,23 @@ def test_micro_batching_does_not_change_the_step(model_dir, mode):
         assert torch.allclose(a, b, atol=3e-5)
 
 
+def test_a_warm_up_changes_nothing(model_dir):
+    """The GPU loop's warm-up pass (`Actor.warm_up`) leaves the weights, the optimizer's state and
+    the next step exactly as they would be without it."""
+    params = []
+    for warm in (False, True):
+        actor = Actor.from_config(_cfg(model_dir, micro_batch_size=4, lr=1e-2))
+        if warm:
+            before = [p.detach().clone() for p in actor.model.parameters()]
+            actor.warm_up()
+            assert all(torch.equal(a, p) for a, p in zip(before, actor.model.parameters(), strict=True))
+            assert all(p.grad is None for p in actor.model.parameters()) and not actor.optimizer.state
+        torch.manual_seed(0)
+        actor.train_rollout(_with_own_log_probs(actor, _samples()), [1.0, -1.0, 0.5, -0.5])
+        params.append([p.detach().clone() for p in actor.model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*params, strict=True))
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

@@ -159,6 +159,8 @@ class Trainer:
         try:
             self.checkpointer.recover(last_steps, self.cfg.infra.lease_timeout)
             s.policy_version = self.versions.start(s.policy_version, self.gather)
+            if self.actor.device.type == "cuda" and not self.actor.par.enabled:
+                self.actor.warm_up()  # while the rollout servers make the first samples
             nonfinite = False
             for step in range(s.step + 1, self.cfg.rollout.num_rollout + 1):
                 if not self.train_step(step):
