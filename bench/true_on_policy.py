@@ -116,6 +116,11 @@ def main() -> None:
     parser.add_argument("--response-len", type=int, default=48)
     parser.add_argument("--hidden", type=int, default=128, help="of --shape tiny")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--cost-tokens", type=int, default=None,
+        help="sampled tokens per cost row (at least one wave of --concurrency requests); default "
+        "min(--tokens, 8 x concurrency x --response-len)",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -154,9 +159,10 @@ def main() -> None:
         row = {"concurrency": c, "tokens": n, "max_abs_diff": worst}
         print(json.dumps(row), flush=True)
         result["mismatch"].append(row)
+        save(result, args.out)
         for r in range(args.repeats):  # cost: tokens/s with the mode on and off, interleaved
             for mode in (True, False):
-                budget = min(tokens[c], 8 * c * args.response_len)
+                budget = args.cost_tokens or min(tokens[c], 8 * c * args.response_len)
                 samples, seconds = generate(
                     model_dir, mode, c, args.response_len, budget, seed=r, device=args.device
                 )
@@ -165,6 +171,7 @@ def main() -> None:
                     {"concurrency": c, "mode": mode, "repeat": r, "tokens_per_s": n / seconds}
                 )
                 print(json.dumps(result["engine"][-1]), flush=True)
+                save(result, args.out)
     batch = samples[:64]
     for actor in actors.values():  # a first step compiles kernels and grows caches: not timed
         actor.train_rollout(batch, [1.0, -1.0] * (len(batch) // 2))
@@ -191,9 +198,14 @@ def main() -> None:
         / median([s["seconds"] for s in result["train_step"] if not s["mode"]]),
     }
     print(json.dumps(result["cost"]), flush=True)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save(result, args.out)
+
+
+def save(result: dict, out: Path | None) -> None:
+    """The JSON so far (rewritten after every row: a run cut by its time limit keeps what it measured)."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
