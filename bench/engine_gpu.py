@@ -14,7 +14,10 @@ bf16 cache (an FP8 cache reads half of that part). Also in the JSON: the GPU tim
 decode step alone next to the wall-clock step at the same KV bucket (the median time between two
 `step()` returns while only decoding; their difference is the host time the GPU waits on, 0 when the
 host keeps ahead), kernel time by name over one decode step at the largest batch (eager and
-replayed from its graph), and each FP8 variant's log-prob agreement with bf16 (`agreement`).
+replayed from its graph), and each FP8 variant's log-prob agreement with bf16 (`agreement`). The
+replay is timed with every row at the middle of the lengths the run decoded in that bucket (the
+graph reads the slots' tables). `host_profile`: the CUDA runtime calls and ATen ops of 30
+decode-only steps by host time, and how long a step waits for the GPU.
 `--attention-sweep` first times decode-attention block/warp/stage choices and uses the fastest.
 """
 
@@ -89,10 +92,20 @@ def bench_ours(model, batch, args, fp8: bool, kv_cache_dtype: str = "auto") -> d
             # last one that samples (the steps after it retire the batch).
             for j in range(3, args.new_tokens + 1):
                 wall_by_kv.setdefault(bucket_of_step[j - 1], []).append(stamps[j - 1] - stamps[j - 2])
+    host = host_profile(engine, batch, args)
     replay_ms = {}
     if engine.graphs:  # GPU time of one graphed decode step alone (no host work in between)
-        for (b, kv, _), captured in sorted(engine.graphs.graphs.items()):
-            if b == engine.graphs.bucket(batch):
+        graphs, slots = engine.graphs, engine.runner.slots
+        graphs.num_running.fill_(batch)  # the graphs read the slots' tables: `batch` rows live
+        graphs._num_running = batch
+        for (b, kv, _), captured in sorted(graphs.graphs.items()):
+            if b == graphs.bucket(batch):
+                # Each row at the middle of the lengths the run decoded in this bucket (the replays
+                # move them on, 21 positions, well inside the cache).
+                lengths = [
+                    n for n in range(args.prompt_len + 1, capacity + 1) if kv_bucket(n, capacity) == kv
+                ]
+                slots.dev_ints[0, :batch] = lengths[len(lengths) // 2]
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 captured.graph.replay()
                 start.record()
@@ -103,6 +116,7 @@ def bench_ours(model, batch, args, fp8: bool, kv_cache_dtype: str = "auto") -> d
                 replay_ms[str(kv)] = round(start.elapsed_time(end) / 20, 3)
     wall_ms = {str(kv): round(1e3 * sorted(g)[len(g) // 2], 3) for kv, g in sorted(wall_by_kv.items())}
     return {
+        "host_profile": host,
         "tokens_per_s": batch * args.new_tokens / best,
         "seconds": best,
         "decode_step_ms_median": min(step_ms),
@@ -112,6 +126,47 @@ def bench_ours(model, batch, args, fp8: bool, kv_cache_dtype: str = "auto") -> d
             kv: round(wall_ms[kv] - ms, 3) for kv, ms in replay_ms.items() if kv in wall_ms
         },
         "graphs_captured": len(engine.graphs.graphs) if engine.graphs else 0,
+    }
+
+
+def host_profile(engine, batch: int, args, steps: int = 30) -> dict:
+    """Where the host's time goes in decode-only steps: the CUDA runtime calls and the ATen ops the
+    steps make, host microseconds a step by name (torch.profiler's host side; its own overhead is
+    in these figures), and how long a step waits for the GPU (`cudaEventSynchronize`, reading the
+    last step's finishes): a step that waits is GPU-bound, one that does not is host-bound."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from slipstream.services.rollout.engine import Request
+
+    for i, p in enumerate(prompts(batch, args.prompt_len, engine.model.config.vocab_size, 7)):
+        engine.add_request(Request(f"h{i}", p, steps + 8, temperature=1.0, seed=i))
+    for _ in range(4):  # admit, then decode-only steps
+        engine.step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            engine.step()
+    wall = time.perf_counter() - t0
+    while engine.has_work():
+        engine.step()
+    rows = [
+        {
+            "name": e.key[:60],
+            "calls_per_step": round(e.count / steps, 2),
+            "us_per_step": round(e.self_cpu_time_total / steps, 1),
+        }
+        for e in prof.key_averages()
+        if e.self_cpu_time_total > 0
+    ]
+    rows.sort(key=lambda r: -r["us_per_step"])
+    wait = sum(
+        r["us_per_step"] for r in rows if r["name"] in ("cudaEventSynchronize", "cudaStreamSynchronize")
+    )
+    return {
+        "wall_ms_per_step_profiled": round(1e3 * wall / steps, 3),
+        "wait_us_per_step": round(wait, 1),
+        "top": rows[:20],
     }
 
 
@@ -384,6 +439,11 @@ def main() -> None:
                 print(
                     f"  batch {r['batch']:>4} kv {kv:>5}: step {wall:7.3f}  replay {replay:7.3f}  host {wall - replay:+.3f}"
                 )
+    print("host profile, decode-only steps (us a step; torch.profiler's overhead included):")
+    for r in result["rows"]:
+        host = r["ours_bf16"]["host_profile"]
+        top = ", ".join(f"{t['name']} {t['us_per_step']:.0f}" for t in host["top"][:8])
+        print(f"  batch {r['batch']:>4}: wait for the GPU {host['wait_us_per_step']:.0f}  |  {top}")
     for key in ("profile_eager_step", "profile_graph_step"):
         total = sum(p["us"] for p in result[key])
         print(f"{key}: {total:.0f} us in the top 25")

@@ -1,7 +1,8 @@
 """Which rows finished, and their results, on their way from the device to the host.
 
-A step's status codes (running/stop/length, `ModelRunner._record`) are copied to pinned host
-memory behind an event as the step is queued (`Statuses`), and read at the next `settle`, after the
+A step's status codes (running/stop/length, `Slots.record`) are copied to pinned host memory
+behind an event as the step is queued (`Statuses`: two buffers and two events, used in turn, so a
+step costs the host one copy and one event record), and read at the next `settle`, after the
 next step is queued: the host waits for that step only, and the GPU always has work. The rows
 they say finished then retire: their outputs start their way to the host the same way (`Retired`)
 and are read, as `Result`s, at the `settle` after. So a finished row decodes one token more before
@@ -21,9 +22,9 @@ from collections.abc import Callable
 import torch
 
 from slipstream.services.rollout.engine.request import FinishReason, Result
-from slipstream.services.rollout.engine.slots import Slots, to_device
+from slipstream.services.rollout.engine.slots import LENGTH, RUNNING, STOP, Slots, to_device
 
-RUNNING, STOP, LENGTH = 0, 1, 2  # a row's status code after a step
+__all__ = ["LENGTH", "RUNNING", "STOP", "Finishes", "Retired", "Statuses"]  # the codes are slots.py's
 _REASONS: dict[int, FinishReason] = {STOP: "stop", LENGTH: "length"}
 
 
@@ -43,15 +44,35 @@ def _recorded(device: torch.device) -> torch.cuda.Event | None:
     return event
 
 
+class _Turns:
+    """Pinned host buffers and their events, used in turn (CUDA). A step's statuses are read at the
+    next step's `settle`, before the step after that copies into the same buffer: two suffice."""
+
+    def __init__(self) -> None:
+        self.buffers = [torch.empty(0, dtype=torch.int64, pin_memory=True) for _ in range(2)]
+        self.events = [torch.cuda.Event() for _ in range(2)]
+        self.turn = 0
+
+    def copy(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """`t`'s copy on the host, queued, and the event after it."""
+        i, self.turn = self.turn, 1 - self.turn
+        if self.buffers[i].numel() < t.numel():  # the old one stays alive until its copy has run
+            self.buffers[i] = torch.empty(2 * t.numel(), dtype=t.dtype, pin_memory=True)
+        host = self.buffers[i][: t.numel()]
+        host.copy_(t, non_blocking=True)
+        self.events[i].record(torch.cuda.current_stream(t.device))
+        return host, self.events[i]
+
+
 class Statuses:
     """One step's status codes on their way to the host, with the rows they describe then."""
 
-    def __init__(self, status: torch.Tensor, slots: Slots) -> None:
-        """`status` [n]: the codes of slots 0..n-1 (every occupied slot) after the step just queued."""
-        self.codes = _to_host(status)
+    def __init__(self, status: torch.Tensor, slots: Slots, turns: _Turns | None) -> None:
+        """`status` [n]: the codes of slots 0..n-1 (every occupied slot) after the step just queued;
+        `turns`: the pinned buffers to copy them into (None on the CPU: they are the host's)."""
+        self.codes, self.event = turns.copy(status) if turns is not None else (status, None)
         self.requests = list(slots.requests)
         self.lengths = slots.length[: len(self.requests)].clone()  # where a finished response ends
-        self.event = _recorded(status.device)
 
     def finished(self, slots: Slots) -> list[tuple[int, FinishReason, int]]:
         """(slot now, reason, length when it finished) of each finished row still in a slot; waits
@@ -118,6 +139,7 @@ class Finishes:
 
     def __init__(self, slots: Slots, retire: Retire) -> None:
         self.slots, self.retire = slots, retire
+        self.turns = _Turns() if slots.device.type == "cuda" else None
         self.statuses: Statuses | None = None
         self.retired: Retired | None = None
 
@@ -131,7 +153,7 @@ class Finishes:
         for that step only: this one is queued behind it. Slots it says finished retire now."""
         results = self.retired.results() if self.retired is not None else []
         finished = self.statuses.finished(self.slots) if self.statuses is not None else []
-        self.statuses = Statuses(status, self.slots) if status is not None else None
+        self.statuses = Statuses(status, self.slots, self.turns) if status is not None else None
         self.retired = self.retire(*map(list, zip(*finished, strict=True))) if finished else None
         return results
 

@@ -5,30 +5,40 @@ forward, ~290 through `fused_step.py`); launched one by one from Python the GPU 
 (20-30 ms a step at batch 1 on an H200 for the unfused forward, where the kernels themselves need
 about a tenth of that). Captured once and replayed, the launches cost one call.
 
+What the host does a step: nothing but the replay. The graph reads its inputs from the slots'
+device tables (`slots.py`: the last tokens, lengths and sampling parameters, written there at
+admission and compaction only) and writes its outputs there too: the sampled token, its log-prob
+and version into the rows' outputs, the lengths one further, and each row's status
+(running/stop/length), which `finishes.py` copies to the host. So a step launches no kernel and
+copies nothing before the replay, and one small copy after it (the step's host work was longer
+than its replay at small batches when it copied six inputs in and wrote the outputs eagerly).
+
 How shapes stay static. A graph replays fixed shapes at fixed addresses, so each one is captured
 for a (batch bucket, KV-length bucket, truncation) key: the batch is padded up to the next bucket,
 attention runs over the preallocated cache up to the KV bucket with a length mask (`kv_cache.py`;
-the fused step's attention kernel reads each slot to its own length instead), and every input is
-copied into one set of static buffers before the replay. Padding rows decode a dummy token into
-free slots (slots >= n are unused during decode and overwritten at admission), so they cost
-compute but never touch a live sequence. Graphs are captured lazily, the first time
-their key is seen, into one shared memory pool: only one of them runs at a time, and its outputs
-are consumed before the next replay.
+the fused step's attention kernel reads each slot to its own length instead), and the number of
+running rows is a device scalar the graph reads. Padding rows (slots >= n, unused during decode
+and overwritten at admission) decode a dummy token at position 0 of their free slot and write
+it into that slot's outputs, never touching a live sequence; their lengths stay. Graphs are
+captured lazily, the first time their key is seen, into one shared memory pool: only one of them
+runs at a time, and its status is copied out before the next replay. A device table that is
+reallocated (`Slots.generation`: a wider stop-id table) drops the graphs that read the old one.
 
-Weights are updated in place (`NativeEngine.load_weights` copies into the same tensors) and the
-cache never moves once preallocated, so the graphs stay valid across weight versions.
+Off CUDA (tests), the same step runs eagerly each time: the graph's function without the graph.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from slipstream.models import Qwen3ForCausalLM, Routing
-from slipstream.services.rollout.engine.fused_step import FusedDecoder
-from slipstream.services.rollout.engine.kv_cache import KVCache
-from slipstream.services.rollout.engine.sampler import SamplingParams, sample
+from slipstream.models import Routing
+from slipstream.services.rollout.engine.sampler import sample
+
+if TYPE_CHECKING:
+    from slipstream.services.rollout.engine.runner import ModelRunner
 
 KV_BUCKET = 128
 
@@ -51,84 +61,81 @@ def kv_bucket(kv_len: int, capacity: int) -> int:
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    tokens: torch.Tensor
-    log_probs: torch.Tensor
-    experts: torch.Tensor | None  # MoE: the expert ids each fed token was routed to, [b, layers, k]
+    status: torch.Tensor  # [b] each row's status code after the step
 
 
 class DecodeGraphs:
-    def __init__(
-        self, model: Qwen3ForCausalLM, cache: KVCache, max_batch: int, fused: FusedDecoder | None = None
-    ) -> None:
-        """`fused`: the forward to capture (`fused_step.py`); None captures the model's own."""
-        if not cache.fixed:
+    def __init__(self, runner: ModelRunner) -> None:
+        """Capture `runner`'s decode step (its fused decoder if it has one, else the model's own
+        forward) over its cache, slots, version and length limit."""
+        if not runner.cache.fixed:
             raise ValueError("CUDA graphs need a preallocated KV cache")
-        self.model, self.cache, self.fused = model, cache, fused
-        self.buckets = batch_buckets(max_batch)
-        device = cache.device
-        self.tokens = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        # Index of the token being sampled (= sequence length so far); its KV position is one less.
-        self.index = torch.ones(max_batch, dtype=torch.int64, device=device)
-        self.seeds = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.top_k = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self.temperature = torch.ones(max_batch, dtype=torch.float32, device=device)
-        self.top_p = torch.ones(max_batch, dtype=torch.float32, device=device)
+        self.model, self.cache, self.fused = runner.model, runner.cache, runner.fused
+        self.slots, self.version = runner.slots, runner.version
+        self.buckets = batch_buckets(runner.max_batch_size)
+        device = self.cache.device
+        self.capture = device.type == "cuda"
+        self.rows = torch.arange(runner.max_batch_size, device=device)
+        self.num_running = torch.zeros((), dtype=torch.int64, device=device)  # rows < it hold a sequence
+        self._num_running = 0  # what the host last wrote there
         self.graphs: dict[tuple[int, int, bool], _Captured] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self._generation = self.slots.generation
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def run(
-        self, n: int, kv_len: int, last_token: torch.Tensor, params: SamplingParams, truncate: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Decode one token for slots 0..n-1 (their KV spans < kv_len); tokens [n], log-probs [n], and
-        for an MoE model the experts of each fed token [n, layers, k] (else None)."""
+    def run(self, n: int, kv_len: int, truncate: bool) -> torch.Tensor:
+        """Decode one token for slots 0..n-1 (their KV spans < kv_len); each row's status [n]. The
+        rows' outputs, last tokens and device lengths are written (`Slots.record`); the caller
+        advances the host's lengths."""
+        if self.slots.generation != self._generation:  # a table the graphs read was reallocated
+            self.graphs.clear()
+            self._generation = self.slots.generation
+        if n != self._num_running:  # a scalar fill, queued: no copy, no wait
+            self.num_running.fill_(n)
+            self._num_running = n
         b = self.bucket(n)
         key = (b, kv_bucket(kv_len, self.cache.capacity), truncate)
-        self.tokens[:n].copy_(last_token)
-        self.index[:n].copy_(params.positions)
-        self.seeds[:n].copy_(params.seeds)
-        self.top_k[:n].copy_(params.top_k)
-        self.temperature[:n].copy_(params.temperature)
-        self.top_p[:n].copy_(params.top_p)
-        if b > n:  # padding rows: token 0 at KV position 0 of a free slot, plain sampling
-            self.tokens[n:b] = 0
-            self.index[n:b] = 1
-            self.temperature[n:b] = 1.0
-            self.top_p[n:b] = 1.0
-            self.top_k[n:b] = 0
+        if not self.capture:
+            return self._step(*key)[:n]
         captured = self.graphs.get(key) or self._capture(*key)
         captured.graph.replay()
-        experts = None if captured.experts is None else captured.experts[:n]
-        return captured.tokens[:n], captured.log_probs[:n], experts
+        return captured.status[:n]
 
-    def _step(self, b: int, kv_len: int, truncate: bool):
-        positions = self.index[:b] - 1
+    def _step(self, b: int, kv_len: int, truncate: bool) -> torch.Tensor:
+        s = self.slots
+        live = self.rows[:b] < self.num_running
+        index = torch.where(live, s.dev_ints[0, :b], 1)  # the token sampled; padding: the second
+        positions = index - 1  # its KV position
+        tokens = s.last_token[:b]  # a padding row's is some earlier token of its free slot
         routing = Routing() if self.model.config.moe_layers else None
         if self.fused is not None:  # attends over each slot's own length; kv_len only keys the graph
-            hidden = self.fused(self.tokens[:b], positions, self.cache)
+            hidden = self.fused(tokens, positions, self.cache)
         else:
             attention = self.cache.decode(positions, kv_len)
-            hidden = self.model.model(self.tokens[:b, None], positions[:, None], attention, routing)[:, -1]
+            hidden = self.model.model(tokens[:, None], positions[:, None], attention, routing)[:, -1]
         logits = self.model.lm_head(hidden)
-        params = SamplingParams(
-            temperature=self.temperature[:b],
-            top_p=self.top_p[:b],
-            top_k=self.top_k[:b],
-            seeds=self.seeds[:b],
-            positions=self.index[:b],
-        )
-        return (*sample(logits, params, truncate), None if routing is None else routing.stacked()[:, 0])
+        params = s.params(slice(0, b))  # a padding row's: its free slot's last, any valid ones
+        params.positions = index
+        sampled, log_probs = sample(logits, params, truncate)
+        if routing is not None:  # [b, layers * k]: the experts of each fed token
+            fed = routing.stacked()[:, 0].reshape(b, -1).to(s.out_experts.dtype)
+            s.out_experts[s.slot_ids[:b], positions] = fed
+        return s.record(slice(0, b), index, sampled, log_probs, self.version, live)
 
     def _capture(self, b: int, kv_len: int, truncate: bool) -> _Captured:
         # One eager run first, on a side stream as capture requires: it initializes cuBLAS
         # workspaces, compiles Triton kernels and fills lazy caches (RoPE frequencies) that must
-        # not be created during capture. It writes the same KV values the replay will write.
+        # not be created during capture. Its writes are the replay's: the same KV values, the
+        # same outputs; it moves the lengths and last tokens on, so those are put back after it.
+        s = self.slots
+        lengths, last = s.dev_ints[0, :b].clone(), s.last_token[:b].clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._step(b, kv_len, truncate)
+            s.dev_ints[0, :b], s.last_token[:b] = lengths, last
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # Thread-local capture: the rollout server stages a weights version on another thread
@@ -136,7 +143,7 @@ class DecodeGraphs:
         # bucket; under the default global mode any such call invalidates the capture and fails
         # itself (cudaErrorStreamCaptureInvalidated / ...Unsupported: the H200 run's dead servers).
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            tokens, log_probs, experts = self._step(b, kv_len, truncate)
-        captured = _Captured(graph, tokens, log_probs, experts)
+            status = self._step(b, kv_len, truncate)
+        captured = _Captured(graph, status)
         self.graphs[(b, kv_len, truncate)] = captured
         return captured

@@ -137,7 +137,8 @@ class NativeEngine:
         if admission is not None:
             codes.append(self.runner.prefill(admission, first=num_old))
         # The GPU has this step queued: now read the last one's finishes, retire those rows.
-        results += self.runner.finishes.settle(torch.cat(codes) if codes else None)
+        status = codes[0] if len(codes) == 1 else torch.cat(codes) if codes else None
+        results += self.runner.finishes.settle(status)
         if not self.read_late:
             results += self.runner.finishes.drain()
         self._rids.difference_update(r.rid for r in results)

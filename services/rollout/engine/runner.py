@@ -4,8 +4,8 @@ Prefill is one right-padded batch of the admitted leaders through the model's ow
 followers then copy their leader's KV (`scheduler.py` says who is admitted). Decode feeds every
 running sequence its last token and samples the next one: one batched forward and one vectorised
 sample, with no Python loop over sequences. Sampled tokens, their log-probs and the policy version
-that produced them are written on the device (`slots.py`) and read back once, when a sequence
-retires.
+that produced them are written on the device (`Slots.record`, which also moves the device's
+lengths on and computes each row's status there) and read back once, when a sequence retires.
 
 The host stays off the GPU's critical path: nothing in a step waits for the device. Each step's
 status codes (running/stop/length) are read one step later, after the next step is queued, and the
@@ -14,7 +14,8 @@ outputs of the rows they say finished one step after that (`finishes.py`); compa
 
 There are three decode paths, same function, fastest first. On a GPU the KV cache is
 preallocated once from a fraction of the free memory and each decode step (forward and sampling)
-is replayed from a CUDA graph captured per batch/length bucket (`graphs.py`). Without graphs, on
+is replayed from a CUDA graph captured per batch/length bucket (`graphs.py`: inputs, outputs and
+statuses inside it, so the host's part of a step is the replay and one copy). Without graphs, on
 CUDA the decode forward is `fused_step.FusedDecoder`: the model's function in seven launches a
 layer instead of ~40 (fused q|k|v and gate|up GEMMs, fused glue kernels). Everywhere else (the
 CPU) it is the model's own forward, run eagerly. With `fp8=True` every linear projection holds
@@ -56,7 +57,7 @@ from slipstream.models import Qwen3ForCausalLM, Routing
 from slipstream.models.draft import is_draft_name
 from slipstream.quant import FP8_DTYPE
 from slipstream.services.rollout.engine import fused_step
-from slipstream.services.rollout.engine.finishes import LENGTH, RUNNING, STOP, Finishes, Retired
+from slipstream.services.rollout.engine.finishes import Finishes, Retired
 from slipstream.services.rollout.engine.graphs import DecodeGraphs
 from slipstream.services.rollout.engine.kv_cache import KV_ALIGN, KVCache
 from slipstream.services.rollout.engine.quantized_weights import (
@@ -155,11 +156,11 @@ class ModelRunner:
             self._preallocate(kv_memory_fraction)
         self.slots = Slots(self.device, self.experts_per_token, expert_dtype)
         self.slots.resize(self.cache.num_slots, self.cache.capacity)
+        # The version the tokens sampled next carry, on the device too (a graph reads it there).
+        self.version = torch.tensor(policy_version, dtype=torch.int64, device=self.device)
         self.fused = fused_step.FusedDecoder(model) if fused_decode and fused_step.available(model) else None
         self.graphs = (
-            DecodeGraphs(model, self.cache, self.max_batch_size, self.fused)
-            if cuda_graphs and preallocate and self.device.type == "cuda"
-            else None
+            DecodeGraphs(self) if cuda_graphs and preallocate and self.device.type == "cuda" else None
         )
         self._rng = torch.Generator().manual_seed(seed)
         self._params = dict(model.named_parameters())
@@ -212,7 +213,7 @@ class ModelRunner:
         batch = admission.batch
         self._reserve(first + len(batch), longest + 1)
         seeds = torch.randint(0, 1 << 62, (len(batch),), generator=self._rng).tolist()
-        self.slots.fill(first, batch, self.eos_token_ids, seeds)
+        self.slots.fill(first, batch, self.eos_token_ids, seeds, self.max_seq_len)
         ids = torch.zeros((len(leaders), longest), dtype=torch.int64)
         for i, req in enumerate(leaders):
             ids[i, : len(req.tokens)] = torch.tensor(req.tokens)
@@ -240,19 +241,17 @@ class ModelRunner:
         """One token for slots 0..n-1: feed each last token, attend over its cached prefix."""
         spec = self.speculator
         if spec is not None and spec.active(self.policy_version) and (k := spec.steps_for(self, n)):
-            return spec.decode(self, n, k)
+            status = spec.decode(self, n, k)
+            self.slots.sync_lengths(n)  # it moved them on the host only
+            return status
         kv_len = int(self.slots.length[:n].max())
         self._reserve(n, kv_len)  # the new token goes to the outputs' column kv_len (`slots.py`)
         rows = slice(0, n)
-        params, truncate = self.slots.sampling(rows)
-        if self.graphs is not None:
-            tokens, log_probs, experts = self.graphs.run(
-                n, kv_len, self.slots.last_token[:n], params, truncate
-            )
-            if experts is not None:  # [n, layers, k]: the experts of each fed token
-                at = (torch.arange(n, device=self.device), params.positions - 1)
-                self.slots.out_experts[at] = experts.reshape(n, -1).to(self.slots.out_experts.dtype)
-            return self._record(rows, params, tokens, log_probs)
+        if self.graphs is not None:  # the whole step, records and statuses included, is the replay
+            status = self.graphs.run(n, kv_len, self.slots.truncate)
+            self.slots.advance(rows)
+            return status
+        params, truncate = self.slots.params(rows), self.slots.truncate
         positions = params.positions - 1
         if self.fused is not None:
             hidden = self.fused(self.slots.last_token[:n], positions, self.cache)
@@ -267,7 +266,7 @@ class ModelRunner:
         hidden = self.model.model(self.slots.last_token[:n, None], positions[:, None], attention, routing)
         if routing is not None:
             fed = self._experts(routing)[:, 0]  # [n, layers * k]: the experts of each fed token
-            self.slots.out_experts[torch.arange(n, device=self.device), positions] = fed
+            self.slots.out_experts[self.slots.slot_ids[:n], positions] = fed
         tokens, log_probs = sample(self.model.lm_head(hidden[:, -1]), params, truncate)
         return self._record(rows, params, tokens, log_probs)
 
@@ -289,19 +288,9 @@ class ModelRunner:
         self, rows: slice, params: SamplingParams, tokens: torch.Tensor, log_probs: torch.Tensor
     ) -> torch.Tensor:
         """Write the sampled tokens into the rows' outputs; each row's status (running/stop/length)."""
-        s = self.slots
-        index = torch.arange(rows.start, rows.stop, device=self.device)
-        s.out_tokens[index, params.positions] = tokens
-        s.out_log_probs[index, params.positions] = log_probs
-        s.out_versions[index, params.positions] = self.policy_version
-        s.last_token[rows] = tokens
-        s.length[rows] += 1
-        hit_length = (s.length[rows] - s.prompt_len[rows] >= s.max_new[rows]) | (
-            s.length[rows] >= self.max_seq_len
-        )
-        stopped = (tokens[:, None] == to_device(s.stop_ids[rows], self.device)).any(-1)
-        status = torch.where(to_device(hit_length, self.device), LENGTH, RUNNING)
-        return torch.where(stopped, STOP, status)
+        status = self.slots.record(rows, params.positions, tokens, log_probs, self.version)
+        self.slots.advance(rows)
+        return status
 
     def _reserve(self, num_slots: int, length: int) -> None:
         if self.cache.reserve(num_slots, length):
@@ -325,7 +314,7 @@ class ModelRunner:
             self.cache.move(src, dst, longest)
             if self.speculator is not None:
                 self.speculator.move(src, dst)
-        del s.requests[keep:]
+        s.release(keep)
         return retired
 
     # -- weights ---------------------------------------------------------------------------------
@@ -353,6 +342,7 @@ class ModelRunner:
             copy()
         if self.speculator is not None:
             self.speculator.apply(draft_updates, version)
+        self.version.fill_(version)  # queued: the steps queued before it keep the old one
         if self.device.type == "cuda":
             # The copies are queued behind a step still running: done, the caller may reuse the sources.
             torch.cuda.current_stream(self.device).synchronize()
