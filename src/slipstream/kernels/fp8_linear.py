@@ -82,9 +82,10 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # (`torch._scaled_mm` with 1x128 activation and 128x128 weight scales) instead of our Triton
 # kernel; None: never. On the H200 (docs/benchmarks.md, issue 16) it made the Qwen3-8B shape's
 # decode at batch 256 1.18-1.20x bf16 (Triton: 0.90-0.93x) and batch 64 slower (0.99-1.01x
-# against 1.20-1.22x); it stays off until its numerics are checked on a GPU
-# (tests/test_kernels_fp8_gemm.py's cuBLAS test), then 256 is the measured choice.
-CUBLAS_FROM_M: int | None = None
+# against 1.20-1.22x), so it starts at 256. Its numerics were checked on the H200 (torch 2.11,
+# CUDA 13: tests/test_kernels_fp8_gemm.py's cuBLAS test, cuBLAS taking M = 64 and 256 on the 0.6B
+# and 8B shapes, within 5e-3 of the dequantized product; it refuses M = 1, which stays Triton).
+CUBLAS_FROM_M: int | None = 256
 _blocks_verdict: dict[tuple[int, tuple[int, ...]], tuple[weakref.ref, bool]] = {}
 _scaled_mm_failed: set[tuple[torch.device, int, int, int]] = set()  # (device, M, N, K) cuBLAS refused
 
