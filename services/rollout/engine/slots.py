@@ -5,11 +5,11 @@ Slot i of this table is slot i of the KV cache. The per-slot scalars (length, pr
 token budget, seed, top-k, the length a row stops at; temperature, top-p; stop token ids) are
 kept twice, in the same packed layout: on the host, where the engine needs their maxima and
 flags every step without a device sync, and on the device, where the decode step reads them
-and advances the lengths itself, inside its CUDA graph. The device copy is written when the
-host's changes (admission, compaction) and read by the device only, so a decode step costs the
-host no copy at all: the host adds one to its lengths as the device does. What the decode step
-writes every token (the last token, the generated tokens, their log-probs and versions) lives
-on the device only and is read back once, when the sequence finishes. Outputs are indexed by
+and advances the lengths itself, inside its CUDA graph. The host writes the device's copy when
+it changes the table (admission, compaction); a decode step costs it no copy at all: it adds one
+to its own lengths as the device does to its. What the decode step writes every token (the last
+token, the generated tokens, their log-probs and versions) lives on the device only and is read
+back once, when the sequence finishes. Outputs are indexed by
 absolute position in the sequence, so a row's response is `out_tokens[i, prompt_len:length]`;
 they hold one position more than the KV cache, for the token a row that already finished
 decodes before the host knows it finished (`runner.py` reads the finished flags one step late).
