@@ -95,25 +95,13 @@ def bench_ours(model, batch, args, fp8: bool, kv_cache_dtype: str = "auto") -> d
     host = host_profile(engine, batch, args)
     replay_ms = {}
     if engine.graphs:  # GPU time of one graphed decode step alone (no host work in between)
-        graphs, slots = engine.graphs, engine.runner.slots
-        graphs.num_running.fill_(batch)  # the graphs read the slots' tables: `batch` rows live
-        graphs._num_running = batch
-        for (b, kv, _), captured in sorted(graphs.graphs.items()):
-            if b == graphs.bucket(batch):
-                # Each row at the middle of the lengths the run decoded in this bucket (the replays
-                # move them on, 21 positions, well inside the cache).
+        for (b, kv, _), captured in sorted(engine.graphs.graphs.items()):
+            if b == engine.graphs.bucket(batch):
+                # Each row at the middle of the lengths the run decoded in this bucket.
                 lengths = [
                     n for n in range(args.prompt_len + 1, capacity + 1) if kv_bucket(n, capacity) == kv
                 ]
-                slots.dev_ints[0, :batch] = lengths[len(lengths) // 2]
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                captured.graph.replay()
-                start.record()
-                for _ in range(20):
-                    captured.graph.replay()
-                end.record()
-                torch.cuda.synchronize()
-                replay_ms[str(kv)] = round(start.elapsed_time(end) / 20, 3)
+                replay_ms[str(kv)] = time_replay(engine, captured, batch, lengths[len(lengths) // 2])
     wall_ms = {str(kv): round(1e3 * sorted(g)[len(g) // 2], 3) for kv, g in sorted(wall_by_kv.items())}
     return {
         "host_profile": host,
@@ -127,6 +115,28 @@ def bench_ours(model, batch, args, fp8: bool, kv_cache_dtype: str = "auto") -> d
         },
         "graphs_captured": len(engine.graphs.graphs) if engine.graphs else 0,
     }
+
+
+def time_replay(engine, captured, batch: int, length: int, repeats: int = 20) -> float:
+    """GPU milliseconds of one replay of a captured decode step with `batch` rows live at `length`.
+
+    The graph reads the slots' device tables and moves the lengths on itself (`graphs.py`), so
+    each replay starts one position further: `repeats` + 1 positions past `length` must stay
+    inside the cache (the rows' lengths after a finished run are past it: replaying there writes
+    out of bounds)."""
+    graphs, slots = engine.graphs, engine.runner.slots
+    assert length + repeats + 1 <= engine.runner.cache.capacity, "replays would run past the cache"
+    graphs.num_running.fill_(batch)  # the graph reads how many rows are live from the device
+    graphs._num_running = batch
+    slots.dev_ints[0, :batch] = length
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    captured.graph.replay()
+    start.record()
+    for _ in range(repeats):
+        captured.graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return round(start.elapsed_time(end) / repeats, 3)
 
 
 def host_profile(engine, batch: int, args, steps: int = 30) -> dict:
