@@ -13,6 +13,15 @@ deterministic. Two phases mimic a policy that keeps moving, as in RL:
 - phase B: the target keeps training on rule g (g = f on half the tokens, different on the
   other half): the policy has moved. The online draft keeps training beside it: "online".
 
+Several online drafts train beside the same target on the same batches, one per --draft-lrs
+(bf16 autocast, like the target) and one in fp32 (--fp32-draft-lr): session 5's one draft (lr
+1e-3) ended phase A at ln(512) nats, the best a draft that ignores its input can do, while every
+CPU-sized repro of the same code learnt the rule as fast as the target did, so the run records
+each draft's cross-entropy, regression loss and pre-norm residual (its RMS, and the share of it
+that depends on the input: a collapsed draft outputs one vector) every --log-every steps. The
+draft that ends phase B lowest is the "online" (and its end-of-A copy the "frozen") measured in
+full; the others' online rows follow.
+
 Then, on phase-B prompts with the final target, at batch 1/16/64/256 (one wave of that many
 requests, 16-token prompts, --new-tokens new tokens each, temperature 1): tokens/s of the plain
 engine (its defaults: fused decode in CUDA graphs; also unfused in CUDA graphs, the same forward
@@ -55,16 +64,23 @@ NOISE = 0.1
 SHAPES = {
     "0.6b": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16),
     "1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16),
+    # CPU smoke: small enough to learn the chains in ~100 steps at --lr 3e-3 on two cores
     "tiny": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8
-    ),  # CPU smoke
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+    ),  # fmt: skip
 }
 
 
 def config(shape: str) -> Qwen3Config:
+    kw = dict(num_key_value_heads=8, head_dim=128) | SHAPES[shape]
     return Qwen3Config(
-        vocab_size=2048 if shape == "tiny" else 151936, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-        max_position_embeddings=4096, **SHAPES[shape],
+        vocab_size=2048 if shape == "tiny" else 151936, tie_word_embeddings=True, max_position_embeddings=4096,
+        **kw,
     )  # fmt: skip
 
 
@@ -88,12 +104,50 @@ def chains(rule: torch.Tensor, batch: int, length: int, gen: torch.Generator) ->
     return x + OFFSET
 
 
-def sft(model, draft: DraftTrainer, rule, steps: int, args, gen) -> dict:
-    """Train target and draft on `rule` (bf16 autocast, fp32 weights); first and last losses."""
+class OnlineDraft:
+    """One draft trained beside the target with the trainer's loss (`DraftTrainer`), its own AdamW
+    and the trainer's clipping; `bf16` runs its loss under the target's autocast, else in fp32."""
+
+    def __init__(self, name: str, cfg, lr: float, bf16: bool, args) -> None:
+        self.name, self.lr, self.bf16 = name, lr, bf16
+        self.trainer = DraftTrainer(cfg, 1, "", 1.0, torch.device(args.device))
+        self.opt = torch.optim.AdamW(self.trainer.parameters(), lr=lr, fused=args.device == "cuda")
+        self.trajectory: list[dict] = []
+        self.frozen: dict[str, torch.Tensor] = {}  # the head's weights at the end of phase A
+        self.probe: dict[str, float] = {}
+        for layer in self.trainer.head.modules_in_order:  # the pre-norm residual, for the trajectory
+            layer.register_forward_hook(self._record)
+
+    def _record(self, module, inputs, out) -> None:
+        x = out.detach().float().flatten(0, 1)
+        rms = x.pow(2).mean().sqrt()
+        # How much of the residual depends on the input: a collapsed draft outputs one vector.
+        self.probe = {"resid_rms": rms, "input_dependent": (x - x.mean(0)).pow(2).mean().sqrt() / rms}
+
+    def step(self, hidden, batch, model, weights, device: str) -> StepMeans:
+        """One optimizer step of the draft on the target's (detached) hidden states of this batch."""
+        means = StepMeans()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = self.trainer.loss(hidden, batch, model, weights, means)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.trainer.parameters(), 1.0)  # as actor.py clips the draft
+        self.opt.step()
+        return means
+
+    def log(self, means: StepMeans, phase: str, step: int, target_loss: float) -> float:
+        stats = means.result() | {k: float(v) for k, v in self.probe.items()}
+        self.trajectory.append({"phase": phase, "step": step, "target_loss": target_loss} | {
+            k: round(stats[k], 4) for k in ("mtp_loss", "mtp_regression_loss", "resid_rms", "input_dependent")
+        })  # fmt: skip
+        return self.trajectory[-1]["mtp_loss"]
+
+
+def sft(model, drafts: list[OnlineDraft], rule, steps: int, args, gen, phase: str) -> dict:
+    """Train the target on `rule` (bf16 autocast, fp32 weights) with every draft beside it on the
+    same batches; the target's loss and each draft's cross-entropy every --log-every steps."""
     params = list(model.parameters())
-    fused = args.device == "cuda"
-    opt = torch.optim.AdamW(params, lr=args.lr, fused=fused)
-    draft_opt = torch.optim.AdamW(draft.parameters(), lr=args.draft_lr, fused=fused)
+    opt = torch.optim.AdamW(params, lr=args.lr, fused=args.device == "cuda")
     rows = []
     for step in range(steps):
         ids = chains(rule, args.train_batch, args.train_len, gen).to(args.device)
@@ -101,20 +155,23 @@ def sft(model, draft: DraftTrainer, rule, steps: int, args, gen) -> dict:
             hidden = model.model(ids[:, :-1])
             logits = model.lm_head(hidden)
             loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-            mask = torch.ones_like(ids[:, 1:], dtype=torch.float32)
-            batch = SimpleNamespace(targets=ids[:, 1:], loss_mask=mask)
-            means = StepMeans()
-            draft_loss = draft.loss(hidden.float(), batch, model, mask / mask.sum(), means)
         opt.zero_grad(set_to_none=True)
-        draft_opt.zero_grad(set_to_none=True)
-        (loss + draft_loss).backward()
+        loss.backward()
+        # The drafts step on this batch before the target does: the embedding and LM head they
+        # read are the ones that produced `hidden`, as in the trainer's single step.
+        mask = torch.ones_like(ids[:, 1:], dtype=torch.float32)
+        batch = SimpleNamespace(targets=ids[:, 1:], loss_mask=mask)
+        stepped = [
+            d.step(hidden.detach().float(), batch, model, mask / mask.sum(), args.device) for d in drafts
+        ]
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        draft_opt.step()
-        if step in (0, steps - 1):
-            rows.append(
-                {"loss": round(loss.item(), 4), "draft_ce": round(float(means.result()["mtp_loss"]), 4)}
-            )
+        if step % args.log_every == 0 or step == steps - 1:
+            row = {"phase": phase, "step": step, "loss": round(loss.item(), 4)}
+            for d, means in zip(drafts, stepped, strict=True):
+                row[f"draft_ce[{d.name}]"] = d.log(means, phase, step, row["loss"])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     return {"steps": steps, "first": rows[0], "last": rows[-1]}
 
 
@@ -178,7 +235,15 @@ def main() -> None:
     ap.add_argument("--train-batch", type=int, default=32)
     ap.add_argument("--train-len", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--draft-lr", type=float, default=1e-3)
+    ap.add_argument(
+        "--draft-lrs",
+        type=float,
+        nargs="+",
+        default=[1e-3, 3e-4, 1e-4],
+        help="one online draft per lr (bf16 autocast), all trained beside the same target",
+    )
+    ap.add_argument("--fp32-draft-lr", type=float, default=1e-3, help="and one trained in fp32 (0: none)")
+    ap.add_argument("--log-every", type=int, default=20)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--budget-s", type=float, default=250.0)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (--shape tiny)")
@@ -200,13 +265,18 @@ def main() -> None:
         for name, p in model.named_parameters():
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
     untrained = init_draft(cfg, 1)
-    draft = DraftTrainer(cfg, 1, "", 1.0, torch.device(args.device))
+    drafts = [OnlineDraft(f"lr{lr:g}", cfg, lr, True, args) for lr in args.draft_lrs]
+    if args.fp32_draft_lr > 0:
+        drafts.append(OnlineDraft(f"lr{args.fp32_draft_lr:g}-fp32", cfg, args.fp32_draft_lr, False, args))
     f, g = rules()
     gen = torch.Generator().manual_seed(1)
     model.train()
-    phase_a = sft(model, draft, f, args.phase_a_steps, args, gen)
-    frozen = copy.deepcopy(draft.head).eval()
-    phase_b = sft(model, draft, g, args.phase_b_steps, args, gen)
+    phase_a = sft(model, drafts, f, args.phase_a_steps, args, gen, "A")
+    for d in drafts:
+        d.frozen = {k: v.clone() for k, v in d.trainer.state_dict().items()}
+    phase_b = sft(model, drafts, g, args.phase_b_steps, args, gen, "B")
+    # The online draft measured in full is the recipe that ended phase B lowest (all are reported).
+    drafts.sort(key=lambda d: d.trajectory[-1]["mtp_loss"])
     train_s = time.perf_counter() - t_start
     serve = model.to(torch.bfloat16).eval()
     del model
@@ -243,8 +313,11 @@ def main() -> None:
         serve, [], max_batch_size=max_batch, max_seq_len=max_len, draft=copy.deepcopy(untrained),
         speculative_num_steps=args.steps,
     )  # fmt: skip
-    for name, head in (("untrained", untrained), ("frozen", frozen), ("online", draft.head)):
-        engine.speculator.draft.load_state_dict(head.state_dict())  # the draft under test, bf16
+    best = drafts[0]
+    heads = [("untrained", untrained.state_dict()), (f"frozen-{best.name}", best.frozen)]
+    heads += [(f"online-{d.name}", d.trainer.state_dict()) for d in drafts]
+    for name, weights in heads:
+        engine.speculator.draft.load_state_dict(weights)  # the draft under test, bf16
         for b in args.batches:
             if over_budget(f"{name} batch {b}"):
                 continue
@@ -259,14 +332,20 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
     online_small = [
-        r["speedup_vs_plain"] for r in results if r["variant"] == "speculative-online" and r["batch"] <= 16
-    ]
+        r["speedup_vs_plain"] for r in results
+        if r["variant"] == f"speculative-online-{best.name}" and r["batch"] <= 16 and r["speedup_vs_plain"]
+    ]  # fmt: skip
     out = {
         "shape": args.shape,
         "task": f"token chains over {SUB_VOCAB} ids, next = rule(current) w.p. {1 - NOISE}; phase A rule f, phase B rule g (= f on half)",
         "speculative_num_steps": args.steps,
         "new_tokens": args.new_tokens,
         "sft": {"phase_a": phase_a, "phase_b": phase_b, "seconds": round(train_s, 1)},
+        "drafts": {
+            d.name: {"lr": d.lr, "loss_dtype": "bf16" if d.bf16 else "fp32", "trajectory": d.trajectory}
+            for d in drafts
+        },
+        "online_draft_measured": best.name,
         "results": results,
         "skipped_for_budget": skipped,
         "target_met_online_batch_le_16": bool(online_small) and min(online_small) >= 1.4,
