@@ -203,6 +203,44 @@ def run_engine(engine: NativeEngine, batch: int, prompts: list[list[int]], args)
     return dt
 
 
+def profile_steps(engine: NativeEngine, batch: int, prompts: list[list[int]], args, steps: int = 16) -> dict:
+    """Where one decode step's time goes, at `batch` (graphs already captured by `run_engine`):
+    wall clock per step, GPU kernel time per step, and the top host and device ops by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for i in range(batch):
+        engine.add_request(Request(f"p-{i}", prompts[i], args.new_tokens, temperature=1.0, seed=7 + i))
+    for _ in range(3):  # past the prefill
+        engine.step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+    sync(args)
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            engine.step()
+        sync(args)
+        wall = time.perf_counter() - t0
+    while engine.has_work():
+        engine.step()
+    events = prof.key_averages()
+
+    def device_us(e) -> float:
+        return float(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0.0)))
+
+    def top(key, n: int = 8) -> list[dict]:
+        rows = sorted(events, key=key, reverse=True)[:n]
+        return [
+            {"op": e.key[:80], "us_per_step": round(key(e) / steps, 1), "calls_per_step": e.count / steps}
+            for e in rows
+        ]
+
+    return {
+        "batch": batch, "steps": steps, "wall_ms_per_step": round(1e3 * wall / steps, 3),
+        "gpu_ms_per_step": round(sum(device_us(e) for e in events) / steps / 1e3, 3),
+        "top_host": top(lambda e: float(e.self_cpu_time_total)), "top_device": top(device_us),
+    }  # fmt: skip
+
+
 SPECULATIVE_FLAGS = [
     "--rollout-num-servers", "1", "--mtp-num-layers", "1", "--enable-mtp-training",
     "--speculative-algorithm", "EAGLE", "--speculative-num-steps", "3", "--speculative-num-draft-tokens", "4",
@@ -244,6 +282,10 @@ def main() -> None:
     )
     ap.add_argument("--fp32-draft-lr", type=float, default=1e-3, help="and one trained in fp32 (0: none)")
     ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument(
+        "--profile-batches", type=int, nargs="*", default=[1, 64],
+        help="profile a few decode steps at these batches (plain, untrained and online speculative)",
+    )  # fmt: skip
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--budget-s", type=float, default=250.0)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (--shape tiny)")
@@ -294,6 +336,7 @@ def main() -> None:
         return False
 
     plain_tps: dict[int, float] = {}
+    profiles: dict[str, dict] = {}
     for name, kw in (("plain", {}), ("plain-unfused", {"fused_decode": False})):
         engine = NativeEngine(serve, [], max_batch_size=max_batch, max_seq_len=max_len, **kw)
         for b in args.batches:
@@ -303,6 +346,8 @@ def main() -> None:
             tps = b * args.new_tokens / dt
             if name == "plain":
                 plain_tps[b] = tps
+            if b in args.profile_batches:
+                profiles[f"{name} batch {b}"] = profile_steps(engine, b, prompts, args)
             results.append(
                 {"variant": name, "batch": b, "tokens_per_s": round(tps, 1), "seconds": round(dt, 3)}
             )
@@ -330,6 +375,8 @@ def main() -> None:
             }  # fmt: skip
             results.append(row)
             print(json.dumps(row), flush=True)
+            if b in args.profile_batches and name in (f"online-{best.name}", "untrained"):
+                profiles[f"speculative-{name} batch {b}"] = profile_steps(engine, b, prompts, args)
 
     online_small = [
         r["speedup_vs_plain"] for r in results
@@ -348,6 +395,7 @@ def main() -> None:
         "online_draft_measured": best.name,
         "results": results,
         "skipped_for_budget": skipped,
+        "profiles": profiles,
         "target_met_online_batch_le_16": bool(online_small) and min(online_small) >= 1.4,
         "seconds_total": round(time.perf_counter() - t_start, 1),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
