@@ -62,11 +62,16 @@ def _our_flags() -> set[str]:
         for path in (ROOT / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text(), str(path))):
                 if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
-                    flags |= {
+                    names = {
                         a.value
                         for a in node.args
                         if isinstance(a, ast.Constant) and str(a.value).startswith("--")
                     }
+                    negatable = any(  # argparse.BooleanOptionalAction adds --no-<name>
+                        k.arg == "action" and getattr(k.value, "attr", "") == "BooleanOptionalAction"
+                        for k in node.keywords
+                    )
+                    flags |= names | ({"--no-" + n[2:] for n in names} if negatable else set())
     for path in (ROOT / "scripts").glob("*.sh"):  # a shell script's options: its `case` labels
         flags |= set(re.findall(r"^\s*(--[a-z][a-z0-9-]*)\)", path.read_text(), flags=re.MULTILINE))
     return flags
