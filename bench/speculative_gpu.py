@@ -14,13 +14,14 @@ deterministic. Two phases mimic a policy that keeps moving, as in RL:
   other half): the policy has moved. The online draft keeps training beside it: "online".
 
 Several online drafts train beside the same target on the same batches, one per --draft-lrs
-(bf16 autocast, like the target) and one in fp32 (--fp32-draft-lr): session 5's one draft (lr
-1e-3) ended phase A at ln(512) nats, the best a draft that ignores its input can do, while every
-CPU-sized repro of the same code learnt the rule as fast as the target did, so the run records
-each draft's cross-entropy, regression loss and pre-norm residual (its RMS, and the share of it
-that depends on the input: a collapsed draft outputs one vector) every --log-every steps. The
-draft that ends phase B lowest is the "online" (and its end-of-A copy the "frozen") measured in
-full; the others' online rows follow.
+(bf16 autocast, like the target) and one in fp32 (--fp32-draft-lr), each with its own AdamW and
+its gradient norm clipped to 1 as actor.py clips the draft. Session 5's bench did not clip, and
+its draft (lr 1e-3, same target, data and seed) ended phase A at ln(512) nats, the best a draft
+that ignores its input can do; clipped, the same recipe is at 1.2 nats by step 20 (H200,
+session 12). The run records each draft's cross-entropy, regression loss and pre-norm residual
+(its RMS, and the share of it that depends on the input: a collapsed draft outputs one vector)
+every --log-every steps. The draft that ends phase B lowest is the "online" (and its end-of-A
+copy the "frozen") measured in full; the others' online rows follow.
 
 Then, on phase-B prompts with the final target, at batch 1/16/64/256 (one wave of that many
 requests, 16-token prompts, --new-tokens new tokens each, temperature 1): tokens/s of the plain
