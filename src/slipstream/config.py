@@ -192,7 +192,9 @@ class RolloutConfig:
         "",
         "Speculative decoding in the native engine: EAGLE or MTP (the same --mtp-num-layers draft "
         "head, drafted autoregressively and verified exactly: the sampled tokens keep the target's "
-        "distribution); empty = off. slime's --sglang-speculative-algorithm.",
+        "distribution); empty = off. Pays only at small batches with a draft trained online "
+        "(--enable-mtp-training); on the H200 it is not faster than plain decode yet "
+        "(docs/benchmarks.md, issue 19). slime's --sglang-speculative-algorithm.",
         aliases=["--sglang-speculative-algorithm"],
     )
     speculative_num_steps: int = opt(
