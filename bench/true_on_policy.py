@@ -115,7 +115,9 @@ def main() -> None:
     )
     parser.add_argument("--response-len", type=int, default=48)
     parser.add_argument("--hidden", type=int, default=128, help="of --shape tiny")
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="cost rows per setting (0: the mismatch alone)"
+    )
     parser.add_argument(
         "--cost-tokens", type=int, default=None,
         help="sampled tokens per cost row (at least one wave of --concurrency requests); default "
@@ -172,6 +174,8 @@ def main() -> None:
                 )
                 print(json.dumps(result["engine"][-1]), flush=True)
                 save(result, args.out)
+    if not args.repeats:  # --repeats 0: the mismatch alone
+        return
     batch = samples[:64]
     for actor in actors.values():  # a first step compiles kernels and grows caches: not timed
         actor.train_rollout(batch, [1.0, -1.0] * (len(batch) // 2))
