@@ -25,13 +25,7 @@ from slipstream.services.trainer.actor import Actor
 from slipstream.types import Sample, Status
 from slipstream.weights import WeightError, WeightStager, iter_messages, pack, weights_to_sync
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

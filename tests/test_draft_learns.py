@@ -26,12 +26,7 @@ from slipstream.services.trainer.step_metrics import StepMeans
 VOCAB = 48
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def chains(rule: torch.Tensor, batch: int, length: int, gen: torch.Generator) -> torch.Tensor:

@@ -28,13 +28,7 @@ FALSE_FAILURE_RATE = 1e-4
 VOCAB = 6
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: more threads only contend on a shared box (40x slower measured)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(vocab: int = VOCAB) -> ModelConfig:
