@@ -181,8 +181,10 @@ def test_a_hurt_weight_transfer_is_fetched_again(mode, larger_model, chaos_asset
 
         serving_at = asyncio.run(asyncio.wait_for(go(), scaled(90)))
         assert proxy.hurt_at is not None, f"the transfer never passed {HURT_AFTER} bytes"
-        # The coordinator hears of it on the (re-)attached stream.
-        wait_for(lambda: "rollout-0 serves version 1" in coordinator.log(), 10, "WeightsApplied(ok)")
+        # The coordinator hears of it on the (re-)attached stream. The re-attach backs off 0.5 s
+        # doubling to 5 s (attach.py): four failed tries are 7.5 s of waiting before the fifth, so
+        # the bound leaves room for that on a loaded box (10 s timed out once in a full suite).
+        wait_for(lambda: "rollout-0 serves version 1" in coordinator.log(), 30, "WeightsApplied(ok)")
     finally:
         mesh.stop()
         if proxy is not None:
