@@ -126,8 +126,7 @@ def time_replay(engine, captured, batch: int, length: int, repeats: int = 20) ->
     out of bounds)."""
     graphs, slots = engine.graphs, engine.runner.slots
     assert length + repeats + 1 <= engine.runner.cache.capacity, "replays would run past the cache"
-    graphs.num_running.fill_(batch)  # the graph reads how many rows are live from the device
-    graphs._num_running = batch
+    graphs.set_running(batch)
     slots.dev_ints[0, :batch] = length
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     captured.graph.replay()

@@ -99,7 +99,7 @@ def _collate(samples: list[Sample], advantages: list[float], pad_id: int, t: _La
     at = np.where(inside, t.starts[:, None] + frame[None, :], 0)  # row i, position j: flat[at]
     ids = np.where(inside, t.flat[at], pad_id)
     targets = np.where(inside, t.flat[np.minimum(at + 1, t.flat.size - 1)], pad_id)
-    index = t.response_index()  # flat [B * T] positions of the trainable response tokens
+    index = t.response_index(np.flatnonzero(t.trainable))  # flat [B * T]: the trained tokens
     r = t.r[t.trainable]
     mask = _scatter(b * width, index, t.field(samples, "loss_mask", 1.0), np.float32, 0.0)
     rollout_lp = _scatter(b * width, index, t.field(samples, "rollout_log_probs", 0.0), np.float32, 0.0)
@@ -131,9 +131,8 @@ class _Layout:
         self.r = np.fromiter((s.response_length for s in samples), dtype=np.int64, count=len(samples))
         self.first = lens - self.r - 1  # input position predicting the first response token
 
-    def response_index(self) -> np.ndarray:
-        """Flat [B * T] indices of the trainable samples' response positions, sample by sample."""
-        rows = np.flatnonzero(self.trainable)
+    def response_index(self, rows: np.ndarray) -> np.ndarray:
+        """Flat [B * T] indices of the response positions of samples `rows`, in that order."""
         return _ranges(rows * self.width + self.first[rows], self.r[rows])
 
     def field(self, samples: list[Sample], name: str, fill: float) -> list:
@@ -196,7 +195,7 @@ def pack(samples: list[Sample], advantages: list[float], pad_id: int = 0) -> Bat
     bounds = np.concatenate([[0], np.cumsum(n)])
     keep = order[t.trainable[order]]  # trainable samples, in packed order
     at = bounds[:-1][t.trainable[order]]  # where each of them starts in the row
-    index_t = torch.from_numpy(_ranges(keep * width + t.first[keep], t.r[keep]))
+    index_t = torch.from_numpy(t.response_index(keep))
     batch.packed = Packed(
         input_ids=torch.from_numpy(t.flat[_ranges(t.starts[order], n)])[None],
         positions=torch.from_numpy(_ranges(np.zeros_like(n), n))[None],

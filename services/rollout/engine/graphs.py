@@ -85,6 +85,12 @@ class DecodeGraphs:
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
+    def set_running(self, n: int) -> None:
+        """Rows < n hold a sequence, the rest are padding (a scalar fill, queued: no copy, no wait)."""
+        if n != self._num_running:
+            self.num_running.fill_(n)
+            self._num_running = n
+
     def run(self, n: int, kv_len: int, truncate: bool) -> torch.Tensor:
         """Decode one token for slots 0..n-1 (their KV spans < kv_len); each row's status [n]. The
         rows' outputs, last tokens and device lengths are written (`Slots.record`); the caller
@@ -92,9 +98,7 @@ class DecodeGraphs:
         if self.slots.generation != self._generation:  # a table the graphs read was reallocated
             self.graphs.clear()
             self._generation = self.slots.generation
-        if n != self._num_running:  # a scalar fill, queued: no copy, no wait
-            self.num_running.fill_(n)
-            self._num_running = n
+        self.set_running(n)
         b = self.bucket(n)
         key = (b, kv_bucket(kv_len, self.cache.capacity), truncate)
         if not self.capture:

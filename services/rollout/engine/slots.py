@@ -163,15 +163,17 @@ class Slots:
 
     def sampling(self, rows: slice) -> tuple[SamplingParams, bool]:
         """`params(rows)`, and whether any of the rows truncates (top-k/top-p)."""
-        return self.params(rows), bool((self.top_k[rows] > 0).any() or (self.top_p[rows] < 1).any())
+        return self.params(rows), self._truncates(rows)
 
     @property
     def truncate(self) -> bool:
         """Whether any running row truncates (top-k/top-p): the decode step's sampler key."""
         if self._truncate is None:
-            n = self.num_running
-            self._truncate = bool((self.top_k[:n] > 0).any() or (self.top_p[:n] < 1).any())
+            self._truncate = self._truncates(slice(0, self.num_running))
         return self._truncate
+
+    def _truncates(self, rows: slice) -> bool:
+        return bool((self.top_k[rows] > 0).any() or (self.top_p[rows] < 1).any())
 
     def record(
         self,

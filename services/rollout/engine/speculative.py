@@ -57,11 +57,11 @@ from slipstream.kernels import decode_layer as decode_kernels
 from slipstream.models import Attention
 from slipstream.models.draft import DraftHead, is_draft_name
 from slipstream.models.rope import rope_cos_sin
-from slipstream.services.rollout.engine.finishes import LENGTH, RUNNING, STOP
 from slipstream.services.rollout.engine.fused_step import FusedDecoder
 from slipstream.services.rollout.engine.graphs import batch_buckets, kv_bucket
 from slipstream.services.rollout.engine.kv_cache import KV_ALIGN, KVCache
 from slipstream.services.rollout.engine.sampler import tempered_log_probs, truncated, uniform_noise
+from slipstream.services.rollout.engine.slots import LENGTH, RUNNING, STOP
 
 if TYPE_CHECKING:
     from slipstream.services.rollout.engine.runner import ModelRunner
@@ -395,8 +395,7 @@ class Speculator:
         self.num_verify_steps += 1
         self.num_verified_rows += n
         self.num_kept_tokens += int(kept_host.sum())
-        hit_length = (s.length[:n] - s.prompt_len[:n] >= s.max_new[:n]) | (s.length[:n] >= runner.max_seq_len)
-        status = torch.where(hit_length.to(dev), LENGTH, RUNNING)
+        status = torch.where((s.length[:n] >= s.limit[:n]).to(dev), LENGTH, RUNNING)
         return torch.where(first_stop < kept, STOP, status)
 
     # -- CUDA graphs -----------------------------------------------------------------------------
