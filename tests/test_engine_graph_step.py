@@ -109,3 +109,41 @@ def test_captured_graphs_return_what_the_eager_engine_returns():
         and engine.graphs._generation == engine.runner.slots.generation
     )
     assert_same(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("true_on_policy", [True, False], ids=["invariant", "default"])
+def test_warming_up_every_bucket_changes_nothing(true_on_policy):
+    """`warm_up` runs every batch bucket's step before any request (off CUDA: eagerly, what a
+    capture runs first), all rows padding: the run after it returns what an engine that never
+    warmed up returns, bit for bit."""
+    model = dense_model()
+    kw = dict(max_batch_size=16, max_seq_len=24, preallocate=True, true_on_policy=true_on_policy)
+    script = events(dense_model(seed=1).state_dict())
+    engine = graphed(NativeEngine(copy.deepcopy(model), eos_token_ids=[], **kw))
+    engine.runner.slots.dev_ints[0, :] = 5  # stale lengths in the free slots must stay
+    before = engine.runner.slots.dev_ints.clone(), engine.runner.slots.last_token.clone()
+    assert engine.warm_up() == 0  # nothing captured off CUDA; every bucket's step ran
+    assert torch.equal(engine.runner.slots.dev_ints, before[0])
+    assert torch.equal(engine.runner.slots.last_token, before[1])
+    got, _ = run(engine, script)
+    want, _ = run(graphed(NativeEngine(copy.deepcopy(model), eos_token_ids=[], **kw)), script)
+    assert_same(got, want, atol=0)
+    with pytest.raises(RuntimeError, match="idle engine"):
+        engine.add_request(Request("busy", [1, 2], 4, seed=0))
+        engine.step()
+        engine.warm_up()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graphs_captured_before_any_request_return_what_the_eager_engine_returns():
+    """The rollout server's start-up capture: every batch bucket at the first KV bucket, then a
+    run that replays them (and captures the rest lazily) against the engine without graphs."""
+    model = dense_model().cuda()
+    kw = dict(max_batch_size=16, max_seq_len=24)
+    engine = NativeEngine(copy.deepcopy(model), eos_token_ids=[], **kw)
+    assert engine.warm_up() == len(engine.graphs.buckets) and engine.warm_up() == 0
+    script = events(dense_model(seed=1).cuda().state_dict())
+    got, _ = run(engine, script)
+    want, _ = run(NativeEngine(copy.deepcopy(model), eos_token_ids=[], cuda_graphs=False, **kw), script)
+    assert_same(got, want, atol=1e-4)

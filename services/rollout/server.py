@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import grpc
@@ -217,6 +218,10 @@ async def serve(cfg: Config) -> None:
 
         expected_shapes.update(draft_shapes(model.config, engine_cfg.mtp_num_layers))
     engine = build_engine(engine_cfg, model, eos_token_ids(model.config, tokenizer))
+    started = time.perf_counter()
+    if captured := engine.warm_up():  # before it serves: the first batches replay at once
+        log.info("rollout server %s: %d decode graphs captured in %.1f s", settings.server_id,
+                 captured, time.perf_counter() - started)  # fmt: skip
     worker = EngineWorker(engine, asyncio.get_running_loop())
     worker.start()
     stopping = asyncio.Event()

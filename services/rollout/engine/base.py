@@ -46,6 +46,11 @@ class Engine(Protocol):
         """Whether `step()` has anything to do (requests waiting or running)."""
         ...
 
+    def warm_up(self) -> int:
+        """Before the first request: compile and capture what a first batch needs (how many
+        graphs it captured; 0 where there is nothing to prepare)."""
+        ...
+
     def add_request(self, req: Request) -> None:
         """Queue a request; `ValueError` if it cannot run here (its id already in the engine...)."""
         ...

@@ -19,9 +19,10 @@ attention runs over the preallocated cache up to the KV bucket with a length mas
 the fused step's attention kernel reads each slot to its own length instead), and the number of
 running rows is a device scalar the graph reads. Padding rows (slots >= n, unused during decode
 and overwritten at admission) decode a dummy token at position 0 of their free slot and write
-it into that slot's outputs, never touching a live sequence; their lengths stay. Graphs are
-captured lazily, the first time their key is seen, into one shared memory pool: only one of them
-runs at a time, and its status is copied out before the next replay. A device table that is
+it into that slot's outputs, never touching a live sequence; their lengths stay. The rollout
+server captures every batch bucket at the first KV bucket before it serves (`warm_up`); other
+keys are captured the first time they are seen. All go into one shared memory pool: only one of
+them runs at a time, and its status is copied out before the next replay. A device table that is
 reallocated (`Slots.generation`: a wider stop-id table) drops the graphs that read the old one.
 
 Off CUDA (tests), the same step runs eagerly each time: the graph's function without the graph.
@@ -128,18 +129,43 @@ class DecodeGraphs:
             s.out_experts[s.slot_ids[:b], positions] = fed
         return s.record(slice(0, b), index, sampled, log_probs, self.version, live)
 
+    def warm_up(self, kv_len: int = KV_BUCKET, truncate: bool = False) -> int:
+        """Capture every batch bucket's graph at `kv_len`'s KV bucket (untruncated sampling by
+        default) before any request: a first batch of any size then replays, as SGLang's graphs
+        are captured at start-up. Captured lazily instead, the first batches of a run wait for
+        Triton's compiles and one capture per new bucket (a 25M-parameter model's first training
+        step waited 1.3-2.3 s for its four rollout servers doing that at once). Every row is
+        padding here, so no sequence is touched. Returns how many graphs it captured; off CUDA it
+        runs each bucket's step once (what a capture runs first) and captures nothing."""
+        if self.slots.num_running:
+            raise RuntimeError("warm_up() needs an idle engine: no sequence may be running")
+        self.set_running(0)
+        kv = kv_bucket(kv_len, self.cache.capacity)
+        keys = [(b, kv, truncate) for b in self.buckets if (b, kv, truncate) not in self.graphs]
+        for key in keys:
+            if self.capture:
+                self._capture(*key)
+            else:
+                self._rehearse(*key)
+        return len(keys) if self.capture else 0
+
+    def _rehearse(self, b: int, kv_len: int, truncate: bool) -> None:
+        """Run the step once eagerly and put back the lengths and last tokens it moved on. Its
+        other writes are a replay's: the same KV values and outputs (a padding row writes only
+        into its own free slot)."""
+        s = self.slots
+        lengths, last = s.dev_ints[0, :b].clone(), s.last_token[:b].clone()
+        self._step(b, kv_len, truncate)
+        s.dev_ints[0, :b], s.last_token[:b] = lengths, last
+
     def _capture(self, b: int, kv_len: int, truncate: bool) -> _Captured:
         # One eager run first, on a side stream as capture requires: it initializes cuBLAS
         # workspaces, compiles Triton kernels and fills lazy caches (RoPE frequencies) that must
-        # not be created during capture. Its writes are the replay's: the same KV values, the
-        # same outputs; it moves the lengths and last tokens on, so those are put back after it.
-        s = self.slots
-        lengths, last = s.dev_ints[0, :b].clone(), s.last_token[:b].clone()
+        # not be created during capture.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            self._step(b, kv_len, truncate)
-            s.dev_ints[0, :b], s.last_token[:b] = lengths, last
+            self._rehearse(b, kv_len, truncate)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         # Thread-local capture: the rollout server stages a weights version on another thread

@@ -118,6 +118,12 @@ class NativeEngine:
             or self.runner.finishes.in_flight
         )
 
+    @torch.no_grad()
+    def warm_up(self) -> int:
+        """Capture the decode graphs of every batch size at the first KV bucket before any request
+        (`DecodeGraphs.warm_up`); how many were captured (0 without CUDA graphs)."""
+        return self.runner.graphs.warm_up() if self.runner.graphs is not None else 0
+
     def add_request(self, req: Request) -> None:
         if req.rid in self._rids:
             raise ValueError(f"request {req.rid} is already in the engine")
