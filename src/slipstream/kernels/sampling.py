@@ -8,6 +8,16 @@ running scalars: an online log-sum-exp of logits/T, the arg-max of logits/T + Gu
 (Gumbel-max draws exactly from the softmax, and the per-row log-sum-exp does not move the arg-max)
 and the plain arg-max for greedy rows.
 
+Each row's vocabulary is cut into runs of whole blocks, one program each (`split`: ~32 a row, a
+function of the vocabulary size only), and a second one-program-a-row kernel merges the runs'
+scalars in vocabulary order. One program a row left the GPU mostly idle at batch 256 (256
+programs, each hashing and taking two logs per vocabulary entry: ~0.2 ms a step); the merge keeps
+the answers: the noise and each candidate's value are per entry, so the token is the same, ties go
+to the lowest id as before (each run keeps its lowest, the merge takes the lowest of the runs that
+reach the maximum), and the log-sum-exp is the runs' partial sums rescaled to the common maximum,
+in an order fixed per row, so a row's log-prob does not depend on its batch
+(--true-on-policy-mode's trainer calls `log_probs` on batches of another size).
+
 It computes the same function as the plain sampler without truncation: the same counter-based
 hash (seed, token index, vocab id) -> uniform -> Gumbel, the same log-prob convention (full
 vocabulary, before truncation; greedy under the raw logits). The hash is spelled in 64-bit
@@ -30,7 +40,10 @@ except ImportError:  # CPU-only installs: the plain sampler runs instead
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
-_BLOCK, _WARPS = 4096, 8  # logits per loop step, warps: one setting, so sampling and `log_probs` agree
+# Logits per loop step and warps: one setting, so sampling and `log_probs` agree. PARTS: programs a
+# row aims for (the vocabulary is cut into that many runs of whole blocks; 152k ids -> 25 of 6,144).
+_BLOCK, _WARPS = 2048, 4
+PARTS = 32
 
 
 def available(logits: torch.Tensor) -> bool:
@@ -55,25 +68,21 @@ if triton is not None:
         return x ^ (x >> 16)
 
     @triton.jit
-    def _sample_kernel(
-        logits_ptr, stride, temp_ptr, seed_ptr, pos_ptr, tok_ptr, lp_ptr,
-        V, MASK, GOLDEN, BLOCK: tl.constexpr, GIVEN: tl.constexpr,
+    def _partial_kernel(
+        logits_ptr, stride, temp_ptr, seed_ptr, pos_ptr, stats_ptr, idx_ptr,
+        V, CHUNK, MASK, GOLDEN, SPLITS: tl.constexpr, BLOCK: tl.constexpr, GIVEN: tl.constexpr,
     ):  # fmt: skip
-        # GIVEN: the tokens are given (tok_ptr, read) and only their log-probs are computed, by the
-        # same log-sum-exp loop that sampling runs (`log_probs`: the trainer's side of
-        # --true-on-policy-mode on the GPU).
+        # Program (row, part) runs over vocabulary ids [part * CHUNK, (part + 1) * CHUNK) and leaves
+        # its running scalars in stats [row, 4, SPLITS] (max and sum of the log-sum-exp, best noisy
+        # and best plain value) and idx [row, 2, SPLITS] (their vocabulary ids).
+        # GIVEN: only the log-sum-exp is needed (`log_probs`: the trainer's side of
+        # --true-on-policy-mode on the GPU), by the same loop that sampling runs.
         row = tl.program_id(0)
+        part = tl.program_id(1)
         t = tl.load(temp_ptr + row)
-        greedy = t <= 0
-        t = tl.where(greedy, 1.0, t)
-        seed = tl.load(seed_ptr + row)
-        pos = tl.load(pos_ptr + row)
-        s = _mix32((seed & MASK) ^ _mix32((seed >> 32) & MASK, MASK), MASK)
-        key = _mix32(s ^ _mix32((pos & MASK) + 0x3C6EF372, MASK), MASK)
-
-        key32 = key.to(tl.uint32)
-        golden32 = GOLDEN.to(tl.uint32)
-        mul32 = tl.full([], 0x45D9F3B, tl.uint32)
+        t = tl.where(t <= 0, 1.0, t)
+        lo = part * CHUNK
+        hi = tl.minimum(lo + CHUNK, V)
         base = logits_ptr + row.to(tl.int64) * stride
         neg = tl.full([BLOCK], float("-inf"), tl.float32)
         run_max = tl.max(neg, axis=0)
@@ -82,12 +91,20 @@ if triton is not None:
         best_idx = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
         top = tl.max(neg, axis=0)
         top_idx = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
-        for start in range(0, V, BLOCK):
+        if not GIVEN:
+            seed = tl.load(seed_ptr + row)
+            pos = tl.load(pos_ptr + row)
+            s = _mix32((seed & MASK) ^ _mix32((seed >> 32) & MASK, MASK), MASK)
+            key = _mix32(s ^ _mix32((pos & MASK) + 0x3C6EF372, MASK), MASK)
+            key32 = key.to(tl.uint32)
+            golden32 = GOLDEN.to(tl.uint32)
+            mul32 = tl.full([], 0x45D9F3B, tl.uint32)
+        for start in range(lo, hi, BLOCK):
             offs = start + tl.arange(0, BLOCK)
-            valid = offs < V
+            valid = offs < hi
             x = tl.load(base + offs, mask=valid, other=float("-inf")).to(tl.float32)
             z = x / t
-            # online log-sum-exp of z
+            # online log-sum-exp of z (every block holds at least one valid id: m is finite)
             m = tl.maximum(run_max, tl.max(z, axis=0))
             run_sum = run_sum * tl.exp(run_max - m) + tl.sum(tl.exp(z - m), axis=0)
             run_max = m
@@ -106,24 +123,77 @@ if triton is not None:
                 higher = w > top
                 top_idx = tl.where(higher, start + j, top_idx)
                 top = tl.where(higher, w, top)
+        out = stats_ptr + row.to(tl.int64) * (4 * SPLITS) + part
+        tl.store(out, run_max)
+        tl.store(out + SPLITS, run_sum)
+        if not GIVEN:
+            tl.store(out + 2 * SPLITS, best)
+            tl.store(out + 3 * SPLITS, top)
+            ids = idx_ptr + row.to(tl.int64) * (2 * SPLITS) + part
+            tl.store(ids, best_idx)
+            tl.store(ids + SPLITS, top_idx)
+
+    @triton.jit
+    def _merge_kernel(
+        logits_ptr, stride, temp_ptr, stats_ptr, idx_ptr, tok_ptr, lp_ptr, NUM_SPLITS,
+        SPLITS: tl.constexpr, GIVEN: tl.constexpr,
+    ):  # fmt: skip
+        # One program a row, over its parts in vocabulary order: a fixed order for a given
+        # vocabulary size, whatever the batch (the log-prob's reduction is a function of the row).
+        row = tl.program_id(0)
+        t = tl.load(temp_ptr + row)
+        greedy = t <= 0
+        t = tl.where(greedy, 1.0, t)
+        parts = tl.arange(0, SPLITS)
+        live = parts < NUM_SPLITS
+        stats = stats_ptr + row.to(tl.int64) * (4 * SPLITS) + parts
+        maxes = tl.load(stats, mask=live, other=float("-inf"))
+        sums = tl.load(stats + SPLITS, mask=live, other=0.0)
+        m = tl.max(maxes, axis=0)
+        total = tl.sum(tl.where(live, sums * tl.exp(maxes - m), 0.0), axis=0)
+        base = logits_ptr + row.to(tl.int64) * stride
         if GIVEN:
             tok = tl.load(tok_ptr + row)
         else:
+            # the lowest vocabulary id among the parts that reach the maximum: each part already
+            # holds its own lowest, so this is torch.argmax's tie rule over the whole row
+            ids = idx_ptr + row.to(tl.int64) * (2 * SPLITS) + parts
+            best = tl.load(stats + 2 * SPLITS, mask=live, other=float("-inf"))
+            best_ids = tl.load(ids, mask=live, other=2147483647)
+            best_idx = tl.min(tl.where(live & (best == tl.max(best, axis=0)), best_ids, 2147483647), axis=0)
+            top = tl.load(stats + 3 * SPLITS, mask=live, other=float("-inf"))
+            top_ids = tl.load(ids + SPLITS, mask=live, other=2147483647)
+            top_idx = tl.min(tl.where(live & (top == tl.max(top, axis=0)), top_ids, 2147483647), axis=0)
             tok = tl.where(greedy, top_idx, best_idx)
             tl.store(tok_ptr + row, tok.to(tl.int64))
         x_tok = tl.load(base + tok).to(tl.float32)
-        tl.store(lp_ptr + row, x_tok / t - (run_max + tl.log(run_sum)))
+        tl.store(lp_ptr + row, x_tok / t - (m + tl.log(total)))
+
+
+def split(vocab: int) -> tuple[int, int]:
+    """(vocabulary ids per program, programs per row) for a vocabulary: a function of its size
+    alone, so a CUDA graph's launch and a row's reduction order never depend on the batch."""
+    per = max(_BLOCK, -(-vocab // (PARTS * _BLOCK)) * _BLOCK)
+    return per, -(-vocab // per)
 
 
 def _launch(logits, temperature, seeds, positions, tokens, given: bool) -> torch.Tensor:
     n, vocab = logits.shape
     if logits.stride(1) != 1:
         logits = logits.contiguous()
+    per, parts = split(vocab)
+    padded = triton.next_power_of_2(parts)
+    stats = torch.empty(n, 4, padded, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(n, 2, padded, dtype=torch.int32, device=logits.device)
+    temperature = temperature.float().contiguous()
     log_probs = torch.empty(n, dtype=torch.float32, device=logits.device)
-    _sample_kernel[(n,)](
-        logits, logits.stride(0), temperature.float().contiguous(), seeds.contiguous(),
-        positions.contiguous(), tokens, log_probs, vocab, _MASK32, _GOLDEN, BLOCK=_BLOCK, GIVEN=given,
-        num_warps=_WARPS,
+    _partial_kernel[(n, parts)](
+        logits, logits.stride(0), temperature, seeds.contiguous(), positions.contiguous(), stats, ids,
+        vocab, per, _MASK32, _GOLDEN, SPLITS=padded, BLOCK=_BLOCK, GIVEN=given, num_warps=_WARPS,
+    )  # fmt: skip
+    _merge_kernel[(n,)](
+        logits, logits.stride(0), temperature, stats, ids, tokens, log_probs, parts,
+        SPLITS=padded, GIVEN=given, num_warps=1,
     )  # fmt: skip
     return log_probs
 
