@@ -72,7 +72,7 @@ _INTERPRETED = textwrap.dedent(
     """
     import torch
     from slipstream.kernels.fp8_gemm import fp8_block_matmul
-    from slipstream.kernels.fp8_linear import quantize_rows
+    from slipstream.kernels.fp8_linear import _quantize_rows_triton, quantize_rows
     from slipstream.quant import dequantize_blockwise, quantize_blockwise
 
     torch.manual_seed(0)
@@ -94,6 +94,18 @@ _INTERPRETED = textwrap.dedent(
         out = fp8_block_matmul(xq, xs, q, ws, torch.float32, b)
         err = float((out - ref).norm() / ref.norm())
         assert err < 1e-6, (m, n, k, err)
+    # the quantize kernel, with the scales laid over 128-wide groups (cuBLAS's layout) and without:
+    # the scales exactly the PyTorch definition's, the values the same either way (not compared
+    # with PyTorch's: the interpreter's cast to e4m3 rounds down at binade edges, the GPU's does not)
+    for m, k in [(5, 600), (3, 256)]:
+        x = torch.randn(m, k) * torch.logspace(-3, 2, m)[:, None]
+        _, xs = quantize_rows(x)  # the PyTorch definition on CPU tensors
+        values = []
+        for groups in (1, -(-k // 128)):
+            scale = torch.empty((groups, m)).t()
+            values.append(_quantize_rows_triton(x, scale[:, :1], groups).view(torch.uint8))
+            assert torch.equal(scale, xs.expand(m, groups)), (m, k, groups)
+        assert torch.equal(*values), (m, k)
     print("ok")
     """
 )
@@ -146,7 +158,7 @@ def test_fp8_cublas_route_computes_the_same_product(monkeypatch):
         q, scale_inv = quantize_blockwise(torch.randn(n, k, device="cuda") * 0.02)
         ws = scale_inv.repeat_interleave(128, dim=0)[:n].contiguous()
         bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-        for m in (1, 64, 256):  # cuBLAS refuses M = 1 (torch 2.11, CUDA 13): the Triton kernel runs
+        for m in (1, 16, 64, 256):  # cuBLAS refuses M = 1 (torch 2.11, CUDA 13): the Triton kernel runs
             xq, xs = quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
             out = fp8_matmul(xq, xs, q, ws, torch.bfloat16, bias)
             assert rel(out.float(), block_reference(xq, xs, q, scale_inv, bias)) < 5e-3, (n, k, m)
@@ -155,12 +167,81 @@ def test_fp8_cublas_route_computes_the_same_product(monkeypatch):
     )
 
 
-def test_whole_blocks_tells_block_scales_from_row_scales():
-    """The cuBLAS route reads [N, K/128] scales back as 128x128 blocks only where rows repeat
-    their block's scale (what Fp8Linear holds); distinct row scales, [N, 1] ones, or N not a
-    multiple of 128 keep the Triton kernel."""
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not scaled_mm_supported(torch.device("cuda")),
+    reason="needs a GPU with FP8 tensor cores",
+)
+@torch.no_grad()
+def test_fp8_cublas_route_in_a_cuda_graph_follows_weight_updates(monkeypatch):
+    """A CUDA graph captured over the cuBLAS route (the kept block scales, the token scales in the
+    quantize step's group layout) computes with a weight update loaded after the capture, as the
+    engine's decode graphs must."""
+    monkeypatch.setattr(fp8_linear, "CUBLAS_FROM_M", 16)
+    torch.manual_seed(0)
+    layer = Fp8Linear(4096, 6144, torch.device("cuda"))
+    layer.load_(torch.randn(6144, 4096, device="cuda") * 0.02)
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    xq, xs = quantize_rows(x)
+    assert torch.equal(xs.group_scales, xs.expand(64, 32))
+    layer(x)  # eager first: reads the block scales (and finds whether cuBLAS takes the shape)
+    assert (x.device, 64, 6144, 4096) not in fp8_linear._scaled_mm_failed, "cuBLAS refused M = 64"
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream), torch.cuda.graph(graph, stream=stream):
+        out = layer(x)
+    torch.cuda.current_stream().wait_stream(stream)
+    q, scale_inv = quantize_blockwise(torch.randn(6144, 4096, device="cuda") * 0.05)
+    layer.load_blocks_(q, scale_inv)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel(out.float(), block_reference(xq, xs, q, scale_inv)) < 5e-3
+
+
+def test_block_scales_tells_block_scales_from_row_scales():
+    """The cuBLAS route reads [N, K/128] scales back as 128x128 blocks ([K/128, N/128], the layout
+    cuBLAS takes) only where rows repeat their block's scale (what Fp8Linear holds); distinct row
+    scales, [N, 1] ones, or N not a multiple of 128 keep the Triton kernel."""
     _, scale_inv = quantize_blockwise(torch.randn(256, 384))
-    assert fp8_linear._whole_blocks(scale_inv.repeat_interleave(128, dim=0).contiguous())
-    assert not fp8_linear._whole_blocks(torch.rand(256, 3) + 0.5)
-    assert not fp8_linear._whole_blocks(torch.rand(256, 1))
-    assert not fp8_linear._whole_blocks(scale_inv.repeat_interleave(128, dim=0)[:200].contiguous())
+    blocks = fp8_linear._block_scales(scale_inv.repeat_interleave(128, dim=0).contiguous())
+    assert torch.equal(blocks, scale_inv.t()) and blocks.stride() == (1, 3)
+    assert fp8_linear._block_scales(torch.rand(256, 3) + 0.5) is None
+    assert fp8_linear._block_scales(torch.rand(256, 1)) is None
+    assert fp8_linear._block_scales(scale_inv.repeat_interleave(128, dim=0)[:200].contiguous()) is None
+
+
+@torch.no_grad()
+def test_block_scales_follow_weight_updates_in_place():
+    """The block scales are read once per buffer and kept (no copy per GEMM), and follow the
+    buffer in place (a CUDA graph that captured them reads the new values): a weight update
+    through a fused layer's view (`load_blocks_`) and any other in-place write seen by the version
+    counter both land in the same tensor."""
+    torch.manual_seed(0)
+    layers = [Fp8Linear(384, rows, torch.device("cpu")) for rows in (256, 128)]
+    for layer in layers:
+        layer.load_(torch.randn(layer.out_features, 384))
+    fused = torch.cat([layer.weight_scale for layer in layers])  # q|k|v-style, as fused_step fuses
+    layers[0].weight_scale, layers[1].weight_scale = fused[:256], fused[256:]
+    blocks = fp8_linear._block_scales(fused)
+    assert fp8_linear._block_scales(fused) is blocks
+    q, scale_inv = quantize_blockwise(torch.randn(128, 384) * 5)
+    layers[1].load_blocks_(q, scale_inv)  # a weight update into the second part
+    assert torch.equal(blocks[:, 2], scale_inv[0]) and torch.equal(blocks, fused[::128].t())
+    fused.mul_(2)  # a write that bypasses load_blocks_: the next call sees the version move
+    assert fp8_linear._block_scales(fused) is blocks and torch.equal(blocks, fused[::128].t())
+    key = (fused.data_ptr(), tuple(fused.shape))
+    del layers, layer, fused  # the views keep the buffer alive
+    assert key not in fp8_linear._blocks  # a dead buffer's entry goes with it
+
+
+def test_row_scales_carry_cublas_group_layout():
+    """Where the next GEMM takes cuBLAS's route, the quantize step lays each token's scale over its
+    128-wide groups, group-major (what torch._scaled_mm's 1x128 mode reads), in the buffer whose
+    first group is the [M, 1] scale: no copy per GEMM. Below CUBLAS_FROM_M it writes one column."""
+    scale, groups = fp8_linear.new_row_scales(300, 1000, torch.device("cpu"))
+    assert groups == 8 and scale.shape == (300, 1)
+    assert scale.group_scales.shape == (300, 8) and scale.group_scales.stride() == (1, 300)
+    assert scale.group_scales.data_ptr() == scale.data_ptr()
+    scale, groups = fp8_linear.new_row_scales(64, 1000, torch.device("cpu"))
+    assert groups == 1 and not hasattr(scale, "group_scales")

@@ -23,6 +23,7 @@ two against each other and against the bf16 layer.
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -50,7 +51,17 @@ def scaled_mm_supported(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_x, BLOCK: tl.constexpr):
+    def _quantize_rows_kernel(
+        x_ptr,
+        q_ptr,
+        s_ptr,
+        M,
+        K,
+        stride_x,
+        GROUPS: tl.constexpr,
+        GROUPS_P2: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         mask = offs < K
@@ -58,20 +69,44 @@ if triton is not None:
         scale = tl.maximum(tl.max(tl.abs(x), axis=0), 1e-12) / 448.0
         q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
         tl.store(q_ptr + row * K + offs, q.to(tl.float8e4nv), mask=mask)
-        tl.store(s_ptr + row, scale)
+        # the scale once per 128-wide group, group-major ([GROUPS, M]): cuBLAS's 1x128 layout
+        groups = tl.arange(0, GROUPS_P2)
+        tl.store(s_ptr + groups * M + row, tl.zeros_like(groups.to(tl.float32)) + scale, mask=groups < GROUPS)
+
+
+def new_row_scales(m: int, k: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    """Where a quantize kernel writes the per-token scales of an [m, k] activation: (scale [m, 1]
+    fp32, groups). The kernel stores token r's scale at scale_ptr + j * m + r for j < groups. With
+    groups > 1 (the next GEMM takes cuBLAS's route: `CUBLAS_FROM_M`) the scale carries
+    `group_scales`, the [m, ceil(k/128)] view cuBLAS reads (each token's scale over its 128-wide
+    groups, group-major), so the GEMM needs no copy of it; `scale` is that buffer's first group."""
+    groups = scale_shape((1, k))[1] if CUBLAS_FROM_M is not None and m >= CUBLAS_FROM_M else 1
+    buffer = torch.empty((groups, m), dtype=torch.float32, device=device)
+    scale = buffer[0].unsqueeze(1)
+    if groups > 1:
+        scale.group_scales = buffer.t()
+    return scale, groups
+
+
+def _quantize_rows_triton(x: torch.Tensor, scale: torch.Tensor, groups: int) -> torch.Tensor:
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
+    block = triton.next_power_of_2(k)
+    _quantize_rows_kernel[(m,)](
+        x, q, scale, m, k, x.stride(0), GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), BLOCK=block
+    )
+    return q
 
 
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize a [M, K] matrix row by row: (q float8_e4m3fn [M, K], scale float32 [M, 1]), x ~= q * scale.
 
     On CUDA one Triton pass (a decode step quantizes four activations per layer: one launch each
-    instead of six); elsewhere the same arithmetic in PyTorch."""
+    instead of six), which also lays the scales out for cuBLAS where the GEMM will go there
+    (`new_row_scales`); elsewhere the same arithmetic in PyTorch."""
     if triton is not None and x.is_cuda and x.stride(-1) == 1 and x.shape[-1] <= 16384:
-        m, k = x.shape
-        q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
-        scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
-        _quantize_rows_kernel[(m,)](x, q, scale, k, x.stride(0), BLOCK=triton.next_power_of_2(k))
-        return q, scale
+        scale, groups = new_row_scales(*x.shape, x.device)
+        return _quantize_rows_triton(x, scale, groups), scale
     xf = x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True).clamp_(min=_TINY) / FP8_MAX
     q = (xf / scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
@@ -86,42 +121,91 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # CUDA 13: tests/test_kernels_fp8_gemm.py's cuBLAS test, cuBLAS taking M = 64 and 256 on the 0.6B
 # and 8B shapes, within 5e-3 of the dequantized product; it refuses M = 1, which stays Triton).
 CUBLAS_FROM_M: int | None = 256
-_blocks_verdict: dict[tuple[int, tuple[int, ...]], tuple[weakref.ref, bool]] = {}
 _scaled_mm_failed: set[tuple[torch.device, int, int, int]] = set()  # (device, M, N, K) cuBLAS refused
 
 
-def _whole_blocks(w_scale: torch.Tensor) -> bool:
-    """Whether a [N, ceil(K/128)] weight scale repeats each 128x128 block's scale over its 128
-    rows (what `Fp8Linear.load_blocks_` stores, and q|k|v or gate|up fused from parts whose row
-    counts are multiples of 128), so the blocks can be read back as [N/128, K/128]. Decided once
-    per buffer, eagerly (the engine runs every step eagerly before capturing it); weight updates
-    write the wire's blocks into the same buffers, so the verdict holds. Under capture an unseen
-    buffer answers False."""
+@dataclass
+class _Blocks:
+    """The cuBLAS route's view of one [N, ceil(K/128)] weight scale buffer."""
+
+    owner: weakref.ref  # the buffer (a later tensor at its address is another buffer)
+    version: int  # the buffer's version counter when `scales` was last read from it
+    scales: torch.Tensor | None  # [K/128, N/128] as cuBLAS reads them; None: not whole blocks
+
+
+_blocks: dict[tuple[int, tuple[int, ...]], _Blocks] = {}
+
+
+def _version(t: torch.Tensor) -> int:
+    return 0 if t.is_inference() else t._version  # inference tensors count no writes
+
+
+def _read_blocks(entry: _Blocks, w_scale: torch.Tensor) -> None:
+    if entry.scales is not None:  # in place: a CUDA graph that captured them reads the new ones
+        entry.scales.t().copy_(w_scale[::BLOCK])
+    entry.version = _version(w_scale)
+
+
+def _forget(key: tuple[int, tuple[int, ...]], owner: weakref.ref) -> None:
+    entry = _blocks.get(key)
+    if entry is not None and entry.owner is owner:  # not a later buffer's entry at the same address
+        del _blocks[key]
+
+
+def _block_scales(w_scale: torch.Tensor) -> torch.Tensor | None:
+    """The wire's 128x128 block scales behind a [N, ceil(K/128)] weight scale, as cuBLAS reads them
+    ([K/128, N/128], the transpose of a contiguous [N/128, K/128]), or None where its rows do not
+    repeat whole 128x128 blocks (distinct row scales, [N, 1] ones, N not a multiple of 128).
+
+    Read once per buffer, eagerly (the engine runs every step eagerly before capturing it), and
+    kept: a decode step asks 4 times a layer, and a copy each time was a kernel per GEMM in the
+    graph. Whether the rows are whole blocks is the layout's (what `Fp8Linear.load_blocks_`
+    stores, and q|k|v or gate|up fused from parts whose row counts are multiples of 128), decided
+    on the first read. The values follow the buffer: `Fp8Linear.load_blocks_` re-reads them in
+    place after a weight update (`refresh_block_scales`), and an eager call that finds the
+    buffer's version counter moved since re-reads them too. Under capture an unseen or changed
+    buffer answers None (the Triton kernel: the same function from the buffer itself)."""
     n = w_scale.shape[0]
     if w_scale.shape[1] == 1 or n % BLOCK:
-        return False
+        return None
     key = (w_scale.data_ptr(), tuple(w_scale.shape))
-    seen = _blocks_verdict.get(key)
-    if seen is not None and seen[0]() is w_scale:  # the same tensor, not a later one at its address
-        return seen[1]
+    entry = _blocks.get(key)
+    if entry is not None and entry.owner() is w_scale and entry.version == _version(w_scale):
+        return entry.scales
     if w_scale.is_cuda and torch.cuda.is_current_stream_capturing():
-        return False
-    verdict = bool(torch.equal(w_scale, w_scale[::BLOCK].repeat_interleave(BLOCK, 0)))
-    _blocks_verdict[key] = (weakref.ref(w_scale), verdict)
-    return verdict
+        return None
+    if entry is None or entry.owner() is not w_scale:
+        blocks = w_scale[::BLOCK]
+        whole = bool(torch.equal(w_scale, blocks.repeat_interleave(BLOCK, 0)))
+        scales = torch.empty(blocks.shape, dtype=blocks.dtype, device=blocks.device).t() if whole else None
+        entry = _blocks[key] = _Blocks(weakref.ref(w_scale, lambda ref: _forget(key, ref)), -1, scales)
+    _read_blocks(entry, w_scale)
+    return entry.scales
 
 
-def _scaled_mm_blocks(xq, x_scale, wq, w_scale, out_dtype) -> torch.Tensor | None:
+@torch.no_grad()
+def refresh_block_scales(w_scale: torch.Tensor) -> None:
+    """Re-read the cuBLAS route's block scales of `w_scale` (or of the buffer it is a view of, as a
+    fused q|k|v layer's scales are) after an in-place write."""
+    for t in (w_scale, w_scale._base):
+        entry = None if t is None else _blocks.get((t.data_ptr(), tuple(t.shape)))
+        if entry is not None and entry.owner() is t:
+            _read_blocks(entry, t)
+
+
+def _scaled_mm_blocks(xq, x_scale, wq, b_scale, out_dtype) -> torch.Tensor | None:
     """cuBLAS's block-scaled FP8 GEMM on the same numbers: each token's one scale repeated over its
-    128-wide groups (1x128), the wire's 128x128 weight blocks. None where this torch/cuBLAS refuses
-    the shape (found on its first, eager, call and remembered: torch 2.11 + CUDA 13 on an H200
-    refuses M = 1 and takes M = 16..256)."""
+    128-wide groups (1x128), the wire's 128x128 weight blocks (`_block_scales`). The token scales
+    come in that layout from `quantize_rows` (`group_scales`); others are copied into it. None
+    where this torch/cuBLAS refuses the shape (found on its first, eager, call and remembered:
+    torch 2.11 + CUDA 13 on an H200 refuses M = 1 and takes M = 16..256)."""
     shape = (xq.device, xq.shape[0], wq.shape[0], xq.shape[1])
     if shape in _scaled_mm_failed:
         return None
-    m, steps = xq.shape[0], w_scale.shape[1]
-    a_scale = x_scale.reshape(1, m).expand(steps, m).contiguous().t()  # [M, K/128], M-major
-    b_scale = w_scale[::BLOCK].contiguous().t()  # [K/128, N/128]
+    m, steps = xq.shape[0], b_scale.shape[0]
+    a_scale = getattr(x_scale, "group_scales", None)
+    if a_scale is None or a_scale.shape != (m, steps):
+        a_scale = x_scale.reshape(1, m).expand(steps, m).contiguous().t()  # [M, K/128], M-major
     try:
         return torch._scaled_mm(xq, wq.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=out_dtype)
     except (RuntimeError, ValueError, NotImplementedError):
@@ -142,8 +226,11 @@ def fp8_matmul(
     """(xq * x_scale) @ (wq * w_scale).T (+ bias): xq [M, K], x_scale [M, 1], wq [N, K], and w_scale
     [N, 1] (one scale per row) or [N, ceil(K/128)] (one per row and 128-wide input step) -> [M, N]."""
     if fp8_gemm.available(xq):
-        if CUBLAS_FROM_M is not None and xq.shape[0] >= CUBLAS_FROM_M and _whole_blocks(w_scale):
-            out = _scaled_mm_blocks(xq, x_scale, wq, w_scale, out_dtype)
+        b_scale = None
+        if CUBLAS_FROM_M is not None and xq.shape[0] >= CUBLAS_FROM_M:
+            b_scale = _block_scales(w_scale)
+        if b_scale is not None:
+            out = _scaled_mm_blocks(xq, x_scale, wq, b_scale, out_dtype)
             if out is not None:
                 return out if bias is None else out + bias
         return fp8_gemm.fp8_block_matmul(xq, x_scale, wq, w_scale, out_dtype, bias)
@@ -193,6 +280,7 @@ class Fp8Linear(nn.Module):
         scales) as they are: no second rounding."""
         self.weight.copy_(q)
         self.weight_scale.copy_(scale_inv.repeat_interleave(BLOCK, dim=0)[: self.out_features])
+        refresh_block_scales(self.weight_scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
