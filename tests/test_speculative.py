@@ -233,3 +233,37 @@ def test_sequences_that_reach_the_length_limit_decode_plainly_at_the_end():
         for r, q in zip(got, reqs, strict=True)
     )
     assert spec.speculator.num_verify_steps > 0
+
+
+def test_the_graph_step_with_padding_rows_is_the_eager_step():
+    """The step a CUDA graph captures (inputs read from the slots' device tables, the batch padded
+    up to its bucket with rows in free slots, the kept tokens, lengths and statuses written on the
+    device) run eagerly on the CPU: the eager step's tokens, versions, finishes and log-probs,
+    through admissions into padded buckets, stops, the sequence limit and truncated sampling."""
+    from slipstream.services.rollout.engine.graphs import DecodeGraphs
+
+    cfg = tiny_config(vocab=11)
+
+    def run(graphed: bool) -> list:
+        engine = NativeEngine(
+            peaked_model(cfg), [], max_batch_size=8, max_seq_len=16, preallocate=True,
+            draft=init_draft(cfg, 1, seed=7), speculative_num_steps=3,
+        )  # fmt: skip
+        if graphed:
+            engine.runner.graphs = DecodeGraphs(engine.runner)
+            engine.runner.graphs.buckets = [4, 8]  # padding at 1-3 and 5-7 running rows
+        reqs = _requests(9, temperature=1.0) + _requests(5, temperature=0.0)
+        reqs += _requests(4, temperature=0.8, top_p=0.9)
+        for i, r in enumerate(reqs):
+            r.rid, r.seed = f"q{i}", i
+        results = engine.generate(reqs)
+        assert engine.speculator.num_verify_steps > 0
+        return [(r.tokens, r.log_probs, r.versions, r.finish_reason) for r in results]
+
+    graphed, eager = run(True), run(False)
+    for (tokens, log_probs, *rest), (want_tokens, want_log_probs, *want_rest) in zip(
+        graphed, eager, strict=True
+    ):
+        assert (tokens, rest) == (want_tokens, want_rest)
+        assert log_probs == pytest.approx(want_log_probs, abs=1e-5)  # a padded batch's matmuls round apart
+    assert any(reason == "length" for *_, reason in eager) and any(reason == "stop" for *_, reason in eager)

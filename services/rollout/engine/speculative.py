@@ -54,14 +54,15 @@ import torch.nn.functional as F
 
 from slipstream.kernels import attention as attention_kernel
 from slipstream.kernels import decode_layer as decode_kernels
+from slipstream.kernels import sampling as fused_sampling
 from slipstream.models import Attention
 from slipstream.models.draft import DraftHead, is_draft_name
 from slipstream.models.rope import rope_cos_sin
 from slipstream.services.rollout.engine.fused_step import FusedDecoder
-from slipstream.services.rollout.engine.graphs import batch_buckets, kv_bucket
+from slipstream.services.rollout.engine.graphs import kv_bucket
 from slipstream.services.rollout.engine.kv_cache import KV_ALIGN, KVCache
 from slipstream.services.rollout.engine.sampler import tempered_log_probs, truncated, uniform_noise
-from slipstream.services.rollout.engine.slots import LENGTH, RUNNING, STOP
+from slipstream.services.rollout.engine.slots import LENGTH, RUNNING, STOP, to_device
 
 if TYPE_CHECKING:
     from slipstream.services.rollout.engine.runner import ModelRunner
@@ -70,6 +71,7 @@ log = logging.getLogger(__name__)
 
 # Noise salts: each use of a position's randomness draws from its own stream.
 _SALT_DRAFT, _SALT_ACCEPT, _SALT_RESIDUAL = 0x5EED_D4AF, 0x0ACC_E9F7, 0x4E51_D0A1
+_LOG_ZERO = -1e30
 
 
 def multi_token_attention(cache: KVCache, positions: torch.Tensor, kv_len: int) -> Attention:
@@ -133,15 +135,22 @@ def _salted(seeds: torch.Tensor, salt: int) -> torch.Tensor:
     return seeds ^ salt
 
 
-def _gumbel_argmax(log_weights: torch.Tensor, seeds: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """A draw from softmax(log_weights) [n, V] with the noise of (seed, token index)."""
+def _draw(log_weights: torch.Tensor, seeds: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A draw from softmax(log_weights) [n, V] with the noise of (seed, token index): the sampler's
+    fused Gumbel-max kernel where it runs (the noise made in registers), else the same noise
+    materialised ([n, V] int64 hashes: most of a batch-64 step's GPU time when the GPU ran it)."""
+    if fused_sampling.available(log_weights):
+        # log(0) (a truncated token, or none left of the residual) as a large finite number: never
+        # drawn, and the kernel's running log-sum-exp, which the draw does not use, stays finite.
+        ones = torch.ones(log_weights.shape[0], device=log_weights.device)
+        return fused_sampling.sample(log_weights.clamp(min=_LOG_ZERO), ones, seeds, index)[0]
     u = uniform_noise(seeds, index, log_weights.shape[-1])
     return (log_weights - torch.log(-torch.log(u))).argmax(-1)
 
 
 @dataclass
 class _Inputs:
-    """The core's inputs, one row per slot (static on CUDA: a graph reads them in place)."""
+    """The core's inputs, one row per slot (views of, or padding over, the slots' device tables)."""
 
     last_token: torch.Tensor  # [B] x_{len-1}
     length: torch.Tensor  # [B] len: the index of the next token
@@ -171,7 +180,7 @@ class Speculator:
         self.pend_n = torch.ones(0, dtype=torch.int64, device=self.device)
         self._params = dict(self.draft.named_parameters())
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple]] = {}
-        self._static: _Inputs | None = None
+        self._generation = runner.slots.generation
         self._pool = None
         self.resize(runner.cache.num_slots)
         self.num_verify_steps = 0  # speculative steps run (one target forward each)
@@ -249,7 +258,7 @@ class Speculator:
             )  # fmt: skip
         tail = hidden[torch.arange(ids.shape[0], device=self.device), last]
         if leader_of:
-            tail = torch.cat([tail, tail[torch.tensor(leader_of, device=self.device)]])
+            tail = torch.cat([tail, tail[to_device(torch.tensor(leader_of), self.device)]])
         rows = slice(first, first + tail.shape[0])
         self.pend_hidden[rows, 0] = tail.to(self.pend_hidden.dtype)
         self.pend_n[rows] = 1
@@ -264,31 +273,55 @@ class Speculator:
 
     @torch.no_grad()
     def decode(self, runner: ModelRunner, n: int, k: int) -> torch.Tensor:
-        """Draft k, verify, accept for slots 0..n-1; each row's status (running/stop/length)."""
+        """Draft k, verify, accept for slots 0..n-1; each row's status (running/stop/length).
+
+        The step is device work from end to end (one graph replay on CUDA): it reads its inputs
+        from the slots' device tables and writes the kept tokens and the device's lengths there.
+        The host then reads how many tokens each row kept, its one wait a step, and moves its own
+        lengths on."""
         s, cache = runner.slots, runner.cache
-        length_host = s.length[:n]
-        runner._reserve(n, int(length_host.max()) + k + 1)
-        params, truncate = s.sampling(slice(0, n))
-        length = params.positions
-        # The token after each pending position: the last `pending` tokens of the sequence.
-        first_pending = length - self.pend_n[:n]
-        at = (first_pending[:, None] + torch.arange(k + 1, device=self.device)).clamp(
-            max=s.out_tokens.shape[1] - 1
-        )
-        inputs = _Inputs(
-            last_token=s.last_token[:n], length=length, pending=self.pend_n[:n],
-            pend_tokens=s.out_tokens[:n].gather(1, at), temperature=params.temperature,
-            top_p=params.top_p, top_k=params.top_k, seeds=params.seeds,
-        )  # fmt: skip
-        kv_len = int(length_host.max()) + k
-        if runner.graphs is not None:  # CUDA with a preallocated cache: one graph replay
-            tokens, log_probs, accepted, hidden = self._replay(runner, n, kv_len, truncate, k, inputs)
+        longest = int(s.length[:n].max())
+        runner._reserve(n, longest + k + 1)
+        kv_len = longest + k
+        if runner.graphs is not None:  # a preallocated cache: the padded graph step
+            status, kept = self._replay(runner, n, kv_len, s.truncate, k)
         else:
             kv_len = min(cache.capacity, -(-kv_len // KV_ALIGN) * KV_ALIGN)
-            tokens, log_probs, accepted, hidden = self._core(
-                runner, inputs, self.pend_hidden[:n], kv_len, truncate, k
-            )
-        return self._keep(runner, n, k, tokens, log_probs, accepted, hidden)
+            status, kept = self._step(runner, n, kv_len, s.truncate, k, live=None)
+        kept = kept[:n].cpu()  # the host needs the new lengths (one small read per step)
+        s.length[:n] += kept
+        self.num_verify_steps += 1
+        self.num_verified_rows += n
+        self.num_kept_tokens += int(kept.sum())
+        return status[:n]
+
+    def _step(
+        self, runner: ModelRunner, b: int, kv_len: int, truncate: bool, k: int, live: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One speculative step for rows 0..b-1, device work only (what a CUDA graph captures); each
+        row's status and kept count. `live` [b] bool: the rows that hold a sequence (None: all); the
+        others, a graph's padding, run a dummy row in their free slot (as `graphs.py`'s do) and keep
+        their length."""
+        s = runner.slots
+        ints, floats = s.dev_ints[:, :b], s.dev_floats[:, :b]
+
+        def running(value: torch.Tensor, padding: float) -> torch.Tensor:
+            return value if live is None else torch.where(live, value, padding)
+
+        length, pending = running(ints[0], 2), running(self.pend_n[:b], 1)
+        # The token after each pending position: the last `pending` tokens of the sequence.
+        at = ((length - pending)[:, None] + torch.arange(k + 1, device=self.device)).clamp(
+            max=s.out_tokens.shape[1] - 1
+        )
+        x = _Inputs(
+            last_token=running(s.last_token[:b], 0), length=length, pending=pending,
+            pend_tokens=s.out_tokens[:b].gather(1, at), temperature=running(floats[0], 1.0),
+            top_p=running(floats[1], 1.0), top_k=running(ints[4], 0), seeds=ints[3],
+        )  # fmt: skip
+        tokens, log_probs, accepted, hidden = self._core(
+            runner, x, self.pend_hidden[:b, : k + 1], kv_len, truncate, k
+        )
+        return self._keep(runner, x, k, live, tokens, log_probs, accepted, hidden)
 
     def _core(
         self, runner: ModelRunner, x: _Inputs, pend_hidden: torch.Tensor, kv_len: int, truncate: bool, k: int
@@ -298,56 +331,74 @@ class Speculator:
         Returns the k+1 candidate tokens per row [n, k+1] (the accepted drafts, then the token
         drawn at the first rejection or the bonus; later entries are junk), the target's log-prob
         of each [n, k+1], how many drafts were accepted [n], and the target's hidden states at the
-        verified positions [n, k+1, H]."""
+        verified positions [n, k+1, H].
+
+        Where the sampler's fused kernel runs and no row truncates (`fused`), no distribution is
+        materialised but the one row a sequence resamples from: the drafts are drawn by the kernel
+        from the draft's logits (which also gives log q(d_j)), log p(d_j) and the kept tokens'
+        log-probs come from its log-prob pass over the target's logits, and max(0, p - q) is built
+        from the logits of the row at the first rejection only. Elsewhere the tempered (and
+        truncated) log-probs are materialised, as the plain sampler does."""
         model, embed, cache = runner.model, runner.model.model.embed_tokens, runner.cache
         n, dev = x.length.shape[0], self.device
         rows = torch.arange(n, device=dev)
         span = torch.arange(k + 1, device=dev)
         limit = cache.capacity - 1
         greedy = x.temperature <= 0
-
-        def draft_dist(g: torch.Tensor) -> torch.Tensor:
-            lp = tempered_log_probs(model.lm_head(g), x.temperature)
-            return truncated(lp, x.top_p, x.top_k) if truncate else lp
+        fused = not truncate and fused_sampling.available(embed.weight)
 
         # 1. Catch up on the pending positions; the last one's output proposes d_1.
         pos = (x.length[:, None] - 1 - x.pending[:, None] + span).clamp(max=limit)
         out = self.draft(pend_hidden, x.pend_tokens, embed, pos, multi_token_attention(cache, pos, kv_len))
         g = out[rows, x.pending - 1]
-        drafts, draft_lps = [], []
+        drafts, draft_lps, proposals = [], [], []  # d_j [n]; log q_j(d_j) [n]; q_j's logits or log-probs
         for j in range(1, k + 1):
             if j > 1:  # EAGLE: the draft's own output as the next position's hidden state
                 at = (x.length - 3 + j).clamp(max=limit)[:, None]
                 g = self.draft(
                     g[:, None], drafts[-1][:, None], embed, at, multi_token_attention(cache, at, kv_len)
                 )[:, 0]
-            q = draft_dist(g)
-            index = x.length - 1 + j  # the token index d_j is drawn for
-            d = torch.where(greedy, q.argmax(-1), _gumbel_argmax(q, _salted(x.seeds, _SALT_DRAFT), index))
+            logits = model.lm_head(g)
+            seeds, index = _salted(x.seeds, _SALT_DRAFT), x.length - 1 + j  # d_j is token index len-1+j
+            if fused:
+                d, lq = fused_sampling.sample(logits, x.temperature, seeds, index)
+                proposals.append(logits)
+            else:
+                q = tempered_log_probs(logits, x.temperature)
+                if truncate:  # renormalised after truncation: q(d) = exp(q[d] - logsumexp(q))
+                    q = truncated(q, x.top_p, x.top_k)
+                d = torch.where(greedy, q.argmax(-1), _draw(q, seeds, index))
+                lq = q.gather(-1, d[:, None])[:, 0] - (q.logsumexp(-1) if truncate else 0)
+                proposals.append(q)
             drafts.append(d)
-            draft_lps.append(q)
+            draft_lps.append(lq)
+        d = torch.stack(drafts, 1)  # [n, k]
 
         # 2. Verify: the target over [x_{len-1}, d_1..d_k] in one forward.
         pos = (x.length[:, None] - 1 + span).clamp(max=limit)
-        fed = torch.cat([x.last_token[:, None], torch.stack(drafts, 1)], 1)
+        fed = torch.cat([x.last_token[:, None], d], 1)
         if runner.fused is not None:  # CUDA: the fused decode's kernels, ~13 launches a layer
             hidden = fused_verify(runner.fused, fed, pos, cache)  # [n, k+1, H]
         else:
             hidden = model.model(fed, pos, multi_token_attention(cache, pos, kv_len))
-        logits = model.lm_head(hidden).float()
+        logits = model.lm_head(hidden)  # [n, k+1, V]
         vocab = logits.shape[-1]
-        temps = x.temperature.repeat_interleave(k + 1)
-        full = tempered_log_probs(logits.reshape(-1, vocab), temps)  # the log-probs the trainer sees
-        target = full
-        if truncate:
-            target = truncated(full, x.top_p.repeat_interleave(k + 1), x.top_k.repeat_interleave(k + 1))
-        full, target = full.view(n, k + 1, vocab), target.view(n, k + 1, vocab)
+        flat, temps = logits.view(-1, vocab), x.temperature.repeat_interleave(k + 1)
+        if fused:  # log p_{j-1}(d_j) by the kernel's log-prob pass (row k's entry is unused)
+            lp_d = fused_sampling.log_probs(flat, temps, torch.cat([d, d[:, :1]], 1).view(-1))
+            lp_d = lp_d.view(n, k + 1)[:, :k]
+        else:
+            full = tempered_log_probs(flat, temps)  # the log-probs the trainer sees
+            target = full
+            if truncate:
+                target = truncated(full, x.top_p.repeat_interleave(k + 1), x.top_k.repeat_interleave(k + 1))
+            full, target = full.view(n, k + 1, vocab), target.view(n, k + 1, vocab)
+            lp_d = target[:, :k].gather(-1, d[..., None])[..., 0]
+            if truncate:
+                lp_d = lp_d - target[:, :k].logsumexp(-1)
 
         # 3. Accept: d_j with probability min(1, p(d_j) / q(d_j)), both renormalised after truncation.
-        p = torch.softmax(target, -1)  # [n, k+1, V]
-        q = torch.softmax(torch.stack(draft_lps, 1), -1)  # [n, k, V]
-        d = torch.stack(drafts, 1)  # [n, k]
-        ratio = p[:, :k].gather(-1, d[..., None])[..., 0] / q.gather(-1, d[..., None])[..., 0]
+        ratio = (lp_d - torch.stack(draft_lps, 1)).exp()
         index = x.length[:, None] + span[:k]  # token index of d_1..d_k
         u = uniform_noise(
             _salted(x.seeds, _SALT_ACCEPT).repeat_interleave(k), index.reshape(-1), 1
@@ -355,98 +406,100 @@ class Speculator:
         ok = torch.where(greedy[:, None], d == logits[:, :k].argmax(-1), u < ratio)
         accepted = ok.long().cumprod(1).sum(1)  # [n] leading accepted drafts
 
-        # The token at the first rejection (or the bonus after k): normalise(max(0, p - q)).
-        q_pad = torch.cat([q, torch.zeros_like(q[:, :1])], 1)
-        p_at, q_at = p[rows, accepted], q_pad[rows, accepted]
-        residual = (p_at - q_at).clamp(min=0)
+        # The token at the first rejection (or the bonus after k): normalise(max(0, p - q)), built
+        # for that one row of each sequence (q = 0 for the bonus).
+        rejected = torch.stack(proposals, 1)[rows, accepted.clamp(max=k - 1)]  # [n, V]
+        if fused:
+            divisor = torch.where(greedy, 1.0, x.temperature)[:, None]
+            p_at = torch.softmax(logits[rows, accepted].float() / divisor, -1)
+            q_at = torch.softmax(rejected.float() / divisor, -1)
+        else:
+            p_at, q_at = torch.softmax(target[rows, accepted], -1), torch.softmax(rejected, -1)
+        residual = (p_at - q_at * (accepted < k)[:, None]).clamp(min=0)
         residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)  # p == q to rounding
-        drawn = _gumbel_argmax(residual.log(), _salted(x.seeds, _SALT_RESIDUAL), x.length + accepted)
+        drawn = _draw(residual.log(), _salted(x.seeds, _SALT_RESIDUAL), x.length + accepted)
         final = torch.where(greedy, logits[rows, accepted].argmax(-1), drawn)
         tokens = torch.cat([d, torch.zeros_like(d[:, :1])], 1)
         tokens[rows, accepted] = final
-        log_probs = full.gather(-1, tokens[..., None])[..., 0]
+        if fused_sampling.available(flat):  # the plain sampler's arithmetic on the GPU (`sampler.py`)
+            log_probs = fused_sampling.log_probs(flat, temps, tokens.view(-1)).view(n, k + 1)
+        else:
+            log_probs = full.gather(-1, tokens[..., None])[..., 0]
         return tokens, log_probs, accepted, hidden
 
     def _keep(
-        self, runner: ModelRunner, n: int, k: int, tokens: torch.Tensor, log_probs: torch.Tensor,
-        accepted: torch.Tensor, hidden: torch.Tensor,
-    ) -> torch.Tensor:  # fmt: skip
-        """Write each row's kept tokens (accepted drafts + one, cut at a stop or the length limit)."""
-        s, dev = runner.slots, self.device
-        rows = torch.arange(n, device=dev)
-        span = torch.arange(k + 1, device=dev)
-        length = s.length[:n].to(dev)
-        room = torch.minimum(
-            s.max_new[:n] - (s.length[:n] - s.prompt_len[:n]), runner.max_seq_len - s.length[:n]
-        )
-        kept = torch.minimum(accepted + 1, room.to(dev))
-        stop = (tokens[..., None] == s.stop_ids[:n].to(dev)[:, None, :]).any(-1) & (span < kept[:, None])
+        self, runner: ModelRunner, x: _Inputs, k: int, live: torch.Tensor | None, tokens: torch.Tensor,
+        log_probs: torch.Tensor, accepted: torch.Tensor, hidden: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Write each row's kept tokens (accepted drafts + one, cut at a stop or the length limit)
+        and move its device length on; each row's status and kept count. Device work only."""
+        s = runner.slots
+        b = tokens.shape[0]
+        rows, span = s.slot_ids[:b], torch.arange(k + 1, device=self.device)
+        limit = s.dev_ints[5, :b]
+        room = limit - x.length  # >= 1 for a running row (it would have finished otherwise)
+        kept = torch.minimum(accepted + 1, room if live is None else torch.where(live, room, k + 1))
+        stop = (tokens[..., None] == s.dev_stop_ids[:b, None, :]).any(-1) & (span < kept[:, None])
         first_stop = torch.where(stop, span, k + 1).min(1).values
         kept = torch.minimum(kept, first_stop + 1)
-        at = (length[:, None] + span).clamp(max=s.out_tokens.shape[1] - 1)
+        at = (x.length[:, None] + span).clamp(max=s.out_tokens.shape[1] - 1)
         s.out_tokens[rows[:, None], at] = tokens  # entries past `kept` are overwritten later
         s.out_log_probs[rows[:, None], at] = log_probs
-        s.out_versions[rows[:, None], at] = runner.policy_version
-        s.last_token[:n] = tokens[rows, kept - 1]
-        self.pend_hidden[:n, : k + 1] = hidden.to(self.pend_hidden.dtype)
-        self.pend_n[:n] = kept
-        kept_host = kept.cpu()  # the host needs the new lengths (one small read per step)
-        s.length[:n] += kept_host
-        self.num_verify_steps += 1
-        self.num_verified_rows += n
-        self.num_kept_tokens += int(kept_host.sum())
-        status = torch.where((s.length[:n] >= s.limit[:n]).to(dev), LENGTH, RUNNING)
-        return torch.where(first_stop < kept, STOP, status)
+        s.out_versions[rows[:, None], at] = runner.version
+        s.last_token[:b] = tokens[rows, kept - 1]
+        self.pend_hidden[:b, : k + 1] = hidden.to(self.pend_hidden.dtype)
+        self.pend_n[:b] = kept
+        length = x.length + kept  # x.length may be a view of the table: read before it moves
+        s.dev_ints[0, :b] = length if live is None else torch.where(live, length, s.dev_ints[0, :b])
+        status = torch.where(length >= limit, LENGTH, RUNNING)
+        return torch.where(first_stop < kept, STOP, status), kept
 
     # -- CUDA graphs -----------------------------------------------------------------------------
 
     def _replay(
-        self, runner: ModelRunner, n: int, kv_len: int, truncate: bool, k: int, x: _Inputs
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        cache = runner.cache
-        if self._static is None:
-            b, dev, w = runner.max_batch_size, self.device, self.num_steps + 1
-            i64 = dict(dtype=torch.int64, device=dev)
-            self._static = _Inputs(
-                last_token=torch.zeros(b, **i64), length=torch.full((b,), 2, **i64),
-                pending=torch.ones(b, **i64), pend_tokens=torch.zeros((b, w), **i64),
-                temperature=torch.ones(b, device=dev), top_p=torch.ones(b, device=dev),
-                top_k=torch.zeros(b, **i64), seeds=torch.zeros(b, **i64),
-            )  # fmt: skip
-            self._pool = torch.cuda.graph_pool_handle()
-            self._buckets = batch_buckets(runner.max_batch_size)
-        st = self._static
-        b = next(size for size in self._buckets if size >= n)
-        for name in ("last_token", "length", "pending", "temperature", "top_p", "top_k", "seeds"):
-            getattr(st, name)[:n].copy_(getattr(x, name))
-        st.pend_tokens[:n, : k + 1].copy_(x.pend_tokens)
-        if b > n:  # padding rows draft and verify a dummy token in free slots (as graphs.py does)
-            st.last_token[n:b], st.length[n:b], st.pending[n:b] = 0, 2, 1
-            st.temperature[n:b], st.top_p[n:b], st.top_k[n:b] = 1.0, 1.0, 0
-        key = (b, kv_bucket(kv_len, cache.capacity), truncate, k)
+        self, runner: ModelRunner, n: int, kv_len: int, truncate: bool, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step for slots 0..n-1 from the graph of its (batch bucket, KV bucket, truncation, k)
+        key, padded as `graphs.py` pads (its live-row count is the one both steps read)."""
+        s, graphs = runner.slots, runner.graphs
+        if s.generation != self._generation:  # a table the graphs read was reallocated
+            self.graphs.clear()
+            self._generation = s.generation
+        graphs.set_running(n)
+        key = (graphs.bucket(n), kv_bucket(kv_len, runner.cache.capacity), truncate, k)
+        if not graphs.capture:  # off CUDA (tests): the graph's function, eagerly
+            return self._graph_step(runner, *key)
         if key not in self.graphs:
             self.graphs[key] = self._capture(runner, key)
         graph, outs = self.graphs[key]
         graph.replay()
-        return tuple(t[:n] for t in outs)  # type: ignore[return-value]
+        return outs
+
+    def _graph_step(
+        self, runner: ModelRunner, b: int, kv_len: int, truncate: bool, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        live = runner.graphs.rows[:b] < runner.graphs.num_running
+        return self._step(runner, b, kv_len, truncate, k, live)
 
     def _capture(self, runner: ModelRunner, key: tuple) -> tuple[torch.cuda.CUDAGraph, tuple]:
-        b, kv_len, truncate, k = key
-        st = self._static
-        view = _Inputs(**{name: getattr(st, name)[:b] for name in _Inputs.__dataclass_fields__})
-        view.pend_tokens = st.pend_tokens[:b, : k + 1]
-
-        def run():
-            return self._core(runner, view, self.pend_hidden[:b, : k + 1], kv_len, truncate, k)
-
-        side = torch.cuda.Stream()  # warm-up off the capture, as graphs.py explains
+        # The warm-up (off the capture, as graphs.py explains) moves the rows on; put what it moved
+        # back, so the replay runs the step once. Its other writes (KV, outputs at the same
+        # positions) are the replay's own.
+        s, b = runner.slots, key[0]
+        moved = [s.dev_ints[0, :b], s.last_token[:b], self.pend_n[:b], self.pend_hidden[:b]]
+        saved = [t.clone() for t in moved]
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            run()
+            self._graph_step(runner, *key)
+            for t, before in zip(moved, saved, strict=True):
+                t.copy_(before)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(
             graph, pool=self._pool, capture_error_mode="thread_local"
         ):  # graphs.py says why
-            outs = run()
+            outs = self._graph_step(runner, *key)
         return graph, outs
