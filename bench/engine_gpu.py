@@ -19,6 +19,14 @@ replay is timed with every row at the middle of the lengths the run decoded in t
 graph reads the slots' tables). `host_profile`: the CUDA runtime calls and ATen ops of 30
 decode-only steps by host time, and how long a step waits for the GPU.
 `--attention-sweep` first times decode-attention block/warp/stage choices and uses the fastest.
+
+Before and after in one process (session 12): each batch runs the engine as `--variants` name them,
+--repeats times each, interleaved: `before` is the one-program-a-row sampler (4096 logits a step,
+8 warps) with cuBLAS for every projection; `sampler` the split sampler (`kernels/sampling.py`);
+`sampler_gemm` that plus `kernels/dense_gemm.py`'s tile for each projection where `--gemm-sweep`
+(run first: every candidate tile against `F.linear` at the largest batch, in CUDA graphs, weights
+rotated so the L2 holds none) found one faster; `ours_bf16` is the last variant's first run.
+`sampler_sweep` times the sampler alone, before and after, in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -56,7 +64,9 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(0, vocab, (batch, length), generator=g).tolist()
 
 
-def bench_ours(model, batch, args, fp8: bool, kv_cache_dtype: str = "auto") -> dict:
+def bench_ours(
+    model, batch, args, fp8: bool, kv_cache_dtype: str = "auto", profile_host: bool = True
+) -> dict:
     from slipstream.services.rollout.engine import NativeEngine, Request
     from slipstream.services.rollout.engine.graphs import kv_bucket
 
@@ -92,7 +102,7 @@ def bench_ours(model, batch, args, fp8: bool, kv_cache_dtype: str = "auto") -> d
             # last one that samples (the steps after it retire the batch).
             for j in range(3, args.new_tokens + 1):
                 wall_by_kv.setdefault(bucket_of_step[j - 1], []).append(stamps[j - 1] - stamps[j - 2])
-    host = host_profile(engine, batch, args)
+    host = host_profile(engine, batch, args) if profile_host else None
     replay_ms = {}
     if engine.graphs:  # GPU time of one graphed decode step alone (no host work in between)
         for (b, kv, _), captured in sorted(engine.graphs.graphs.items()):
@@ -255,6 +265,132 @@ def attention_sweep(config: Qwen3Config, args, kv_dtype: torch.dtype = torch.bfl
     return {"chosen": top, "rows": rows}
 
 
+def set_variant(name: str, plan: dict) -> None:
+    """The module knobs of a before/after variant (read when a graph is captured: set them before
+    building the engine)."""
+    from slipstream.kernels import dense_gemm, sampling
+
+    sampling.BLOCK, sampling.WARPS, sampling.PARTS = (4096, 8, 1) if name == "before" else SAMPLER_AFTER
+    dense_gemm.PLAN.clear()
+    if name == "sampler_gemm":
+        dense_gemm.PLAN.update(plan)
+
+
+def _graph_us(fn, calls: list[tuple], reps: int = 20) -> float:
+    """Microseconds of one call of fn replayed from a CUDA graph of `reps` calls, call i on the
+    arguments calls[i % len(calls)] (launch gaps out of the figure, as in the engine's graphed step)."""
+    fn(*calls[0])  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            fn(*calls[i % len(calls)])
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / reps)
+    return sorted(times)[len(times) // 2]
+
+
+def gemm_sweep(config: Qwen3Config, batch: int) -> tuple[dict, dict]:
+    """Each decode projection at M = batch: F.linear (cuBLAS), cuBLAS on a transposed copy of the
+    weight, and every `dense_gemm.CANDIDATES` tile; the plan is the fastest tile per weight shape
+    where it beats F.linear by more than 3% (the LM head is timed but runs outside the fused step)."""
+    import torch.nn.functional as F
+
+    from slipstream.kernels import dense_gemm
+
+    h, d = config.hidden_size, config.head_dim
+    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * d
+    shapes = {
+        "qkv": (qkv, h),
+        "o": (h, config.num_attention_heads * d),
+        "gate_up": (2 * config.intermediate_size, h),
+        "down": (h, config.intermediate_size),
+        "lm_head": (config.vocab_size, h),
+    }
+    rows, plan = [], {}
+    for name, (n, k) in shapes.items():
+        g = torch.Generator(device="cuda").manual_seed(n + k)
+        x = torch.randn(batch, k, device="cuda", generator=g).to(torch.bfloat16)
+        copies = max(1, -(-(256 << 20) // (2 * n * k)))  # >= 256 MB of weights in turn: not the L2's
+        ws = [
+            (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16) for _ in range(copies)
+        ]
+        ref = F.linear(x, ws[0]).float()
+        row = {"name": name, "n": n, "k": k, "m": batch, "weight_copies": copies}
+        row["cublas_us"] = round(_graph_us(F.linear, [(x, w) for w in ws]), 2)
+        transposed = [(x, w.t().contiguous()) for w in ws[: min(copies, 4)]]
+        row["cublas_transposed_us"] = round(_graph_us(torch.mm, transposed), 2)
+        transposed.clear()
+        tiles = []
+        for tile in dense_gemm.CANDIDATES:
+            try:
+                err = float((dense_gemm.gemm(x, ws[0], None, tile).float() - ref).norm() / ref.norm())
+                us = _graph_us(dense_gemm.gemm, [(x, w, None, tile) for w in ws])
+            except Exception as e:  # a tile that does not compile (shared memory)
+                tiles.append({**vars(tile), "error": str(e)[:80]})
+                continue
+            tiles.append({**vars(tile), "us": round(us, 2), "rel_err": err})
+        row["tiles"] = tiles
+        ok = [t for t in tiles if "us" in t and t["rel_err"] < 1e-2]
+        best = min(ok, key=lambda t: t["us"]) if ok else None
+        row["best_tile_us"] = best["us"] if best else None
+        row["weight_bytes_us"] = round(2 * n * k / 4.3e6, 2)
+        if best and best["us"] < 0.97 * row["cublas_us"] and name != "lm_head":
+            plan[(n, k)] = dense_gemm.Tile(
+                *(best[f] for f in ("block_m", "block_n", "block_k", "warps", "stages", "group_m"))
+            )
+        rows.append(row)
+        print("gemm:", json.dumps({kk: v for kk, v in row.items() if kk != "tiles"}), flush=True)
+        ws.clear()
+        torch.cuda.empty_cache()
+    return {"rows": rows, "plan": {f"{n}x{k}": vars(t) for (n, k), t in plan.items()}}, plan
+
+
+def sampler_sweep(config: Qwen3Config, batch_sizes: list[int]) -> list[dict]:
+    """The fused sampler alone on [batch, vocab] logits, one-program-a-row (before) and split
+    (after), in a CUDA graph; both must draw the same tokens."""
+    from slipstream.kernels import sampling
+
+    rows = []
+    for batch in batch_sizes:
+        g = torch.Generator(device="cuda").manual_seed(batch)
+        logits = [
+            torch.randn(batch, config.vocab_size, device="cuda", generator=g).to(torch.bfloat16)
+            for _ in range(4)
+        ]
+        temps = torch.ones(batch, device="cuda")
+        seeds = torch.arange(batch, device="cuda")
+        positions = torch.full((batch,), 200, device="cuda")
+        row = {"batch": batch}
+        drawn = {}
+        for name, knobs in (("before", (4096, 8, 1)), ("after", SAMPLER_AFTER)):
+            sampling.BLOCK, sampling.WARPS, sampling.PARTS = knobs
+            drawn[name] = sampling.sample(logits[0], temps, seeds, positions)
+            calls = [(lg, temps, seeds, positions) for lg in logits]
+            row[f"{name}_us"] = round(_graph_us(sampling.sample, calls), 2)
+        row["same_tokens"] = bool(torch.equal(drawn["before"][0], drawn["after"][0]))
+        row["max_abs_log_prob_diff"] = float((drawn["before"][1] - drawn["after"][1]).abs().max())
+        sampling.BLOCK, sampling.WARPS, sampling.PARTS = SAMPLER_AFTER
+        rows.append(row)
+        print("sampler:", json.dumps(row), flush=True)
+    return rows
+
+
+def _sampler_defaults() -> tuple[int, int, int]:
+    from slipstream.kernels import sampling
+
+    return sampling.BLOCK, sampling.WARPS, sampling.PARTS
+
+
+SAMPLER_AFTER = _sampler_defaults()
+
 VARIANTS = {  # name -> NativeEngine options, each against bf16 weights and a bf16 cache
     "ours_fp8": dict(fp8=True),
     "ours_bf16_fp8kv": dict(fp8=False, kv_cache_dtype="fp8_e4m3"),
@@ -375,6 +511,12 @@ def main() -> None:
     ap.add_argument(
         "--sweep-only", choices=["bf16", "fp8"], help="only the attention sweep, this cache dtype"
     )
+    ap.add_argument("--hf-batch-sizes", type=int, nargs="+", help="transformers at these batches only")
+    ap.add_argument(
+        "--variants", nargs="+", default=["before", "sampler", "sampler_gemm"],
+        choices=["before", "sampler", "sampler_gemm"], help="bf16 engine variants, each --repeats times",
+    )  # fmt: skip
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each variant, interleaved")
     ap.add_argument("--out", default="bench/results/engine_gpu.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -402,29 +544,67 @@ def main() -> None:
     if args.attention_sweep:
         result["attention_sweep"] = attention_sweep(config, args)
         print("attention:", json.dumps(result["attention_sweep"]["chosen"]), flush=True)
+    from slipstream.kernels import dense_gemm
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each stage: a call cut by its time limit keeps what it measured
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+
+    result["sampler_sweep"] = sampler_sweep(config, args.batch_sizes)
+    plan = {}
+    if "sampler_gemm" in args.variants:
+        result["gemm_sweep"], plan = gemm_sweep(config, max(args.batch_sizes))
+    save()
     for batch in args.batch_sizes:
-        row = {"batch": batch, "roofline": roofline(config, batch, args, weight_bytes)}
-        row["ours_bf16"] = bench_ours(model, batch, args, fp8=False)
+        row = {"batch": batch, "roofline": roofline(config, batch, args, weight_bytes), "variants": {}}
+        names = [v for v in args.variants if v != "sampler_gemm" or (plan and batch >= dense_gemm.MIN_M)]
+        for _ in range(args.repeats):
+            for name in names:
+                set_variant(name, plan)
+                run = bench_ours(model, batch, args, fp8=False, profile_host=name != "before")
+                row["variants"].setdefault(name, []).append(run)
+                print(f"batch {batch} {name}: {run['tokens_per_s']:.0f} tokens/s", flush=True)
+        for name, runs in row["variants"].items():
+            tps = [r["tokens_per_s"] for r in runs]
+            row[f"{name}_tokens_per_s"] = [min(tps), max(tps)]
+            row[f"{name}_over_roofline"] = [t / row["roofline"]["tokens_per_s"] for t in (min(tps), max(tps))]
+        row["ours_bf16"] = row["variants"][names[-1]][0]
+        row["ours_variant"] = names[-1]
+        set_variant(names[-1], plan)  # the FP8 rows and the profiles run the last variant
         if not args.skip_fp8:
             for name, kw in VARIANTS.items():
                 row[name] = bench_ours(random_model(config), batch, args, **kw)
                 row[name.replace("ours_", "") + "_over_bf16"] = (
                     row[name]["tokens_per_s"] / row["ours_bf16"]["tokens_per_s"]
                 )
-        if not args.skip_hf:
+        if not args.skip_hf and (args.hf_batch_sizes is None or batch in args.hf_batch_sizes):
             row["transformers"] = bench_hf(model, batch, args)
         ours = row["ours_bf16"]["tokens_per_s"]
         row["ours_over_roofline"] = ours / row["roofline"]["tokens_per_s"]
         if "transformers" in row:
             row["ours_over_transformers"] = ours / row["transformers"]["tokens_per_s"]
+            for name in row["variants"]:
+                row[f"{name}_over_transformers"] = [
+                    t / row["transformers"]["tokens_per_s"] for t in row[f"{name}_tokens_per_s"]
+                ]
         result["rows"].append(row)
+        save()
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
     if not args.skip_fp8:
         result["agreement_with_bf16"] = agreement(config, args)
         print("agreement:", json.dumps(result["agreement_with_bf16"]), flush=True)
+    biggest = max(result["rows"], key=lambda r: r["batch"])
+    set_variant(biggest["ours_variant"], plan)
+    result["profile_variant"] = biggest["ours_variant"]
     result["profile_eager_step"] = profile_step(model, max(args.batch_sizes), args)[:25]
     result["profile_graph_step"] = profile_step(model, max(args.batch_sizes), args, graphs=True)[:25]
+    if "before" in args.variants:
+        set_variant("before", plan)
+        result["profile_graph_step_before"] = profile_step(model, max(args.batch_sizes), args, graphs=True)[
+            :25
+        ]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(
@@ -451,9 +631,20 @@ def main() -> None:
     print("host profile, decode-only steps (us a step; torch.profiler's overhead included):")
     for r in result["rows"]:
         host = r["ours_bf16"]["host_profile"]
+        if host is None:
+            continue
         top = ", ".join(f"{t['name']} {t['us_per_step']:.0f}" for t in host["top"][:8])
         print(f"  batch {r['batch']:>4}: wait for the GPU {host['wait_us_per_step']:.0f}  |  {top}")
-    for key in ("profile_eager_step", "profile_graph_step"):
+    for r in result["rows"]:
+        ranges = ", ".join(
+            f"{name} {r[f'{name}_tokens_per_s'][0]:.0f}-{r[f'{name}_tokens_per_s'][1]:.0f}"
+            f" ({100 * r[f'{name}_over_roofline'][0]:.1f}-{100 * r[f'{name}_over_roofline'][1]:.1f}%)"
+            for name in r["variants"]
+        )
+        print(f"batch {r['batch']:>4} tokens/s over repeats: {ranges}")
+    for key in ("profile_eager_step", "profile_graph_step", "profile_graph_step_before"):
+        if key not in result:
+            continue
         total = sum(p["us"] for p in result[key])
         print(f"{key}: {total:.0f} us in the top 25")
         for p in result[key][:12]:

@@ -42,8 +42,8 @@ _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
 # Logits per loop step and warps: one setting, so sampling and `log_probs` agree. PARTS: programs a
 # row aims for (the vocabulary is cut into that many runs of whole blocks; 152k ids -> 25 of 6,144).
-_BLOCK, _WARPS = 2048, 4
-PARTS = 32
+# Read per call, so bench/engine_gpu.py can run the one-program-a-row kernel of before (4096, 8, 1).
+BLOCK, WARPS, PARTS = 2048, 4, 32
 
 
 def available(logits: torch.Tensor) -> bool:
@@ -173,7 +173,7 @@ if triton is not None:
 def split(vocab: int) -> tuple[int, int]:
     """(vocabulary ids per program, programs per row) for a vocabulary: a function of its size
     alone, so a CUDA graph's launch and a row's reduction order never depend on the batch."""
-    per = max(_BLOCK, -(-vocab // (PARTS * _BLOCK)) * _BLOCK)
+    per = max(BLOCK, -(-vocab // (PARTS * BLOCK)) * BLOCK)
     return per, -(-vocab // per)
 
 
@@ -189,7 +189,7 @@ def _launch(logits, temperature, seeds, positions, tokens, given: bool) -> torch
     log_probs = torch.empty(n, dtype=torch.float32, device=logits.device)
     _partial_kernel[(n, parts)](
         logits, logits.stride(0), temperature, seeds.contiguous(), positions.contiguous(), stats, ids,
-        vocab, per, _MASK32, _GOLDEN, SPLITS=padded, BLOCK=_BLOCK, GIVEN=given, num_warps=_WARPS,
+        vocab, per, _MASK32, _GOLDEN, SPLITS=padded, BLOCK=BLOCK, GIVEN=given, num_warps=WARPS,
     )  # fmt: skip
     _merge_kernel[(n,)](
         logits, logits.stride(0), temperature, stats, ids, tokens, log_probs, parts,
