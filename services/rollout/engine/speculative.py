@@ -34,12 +34,18 @@ policy_version`): weights that arrive without draft tensors leave the draft olde
 and the engine then decodes plainly (`active`). The trainer ships the draft inside every weights
 version under --enable-mtp-training, so the two move together.
 
-The CUDA path is the same function over static buffers, captured as one CUDA graph per (batch
-bucket, KV bucket, truncation, k) like `graphs.py` does for plain decode: draft, verify and
-accept replay as one launch; deciding how many tokens each row keeps (stops, limits) and the
-bookkeeping run eagerly after it, with one small device-to-host read of the kept counts. Where the
-fused decode runs (`fused_step.py`), the verify runs its kernels too (`fused_verify`: ~13 launches
-a layer for k = 3, against ~40 for the model's own forward); the draft's one layer runs the
+The step is device work from end to end: it reads its inputs from the slots' device tables
+(`slots.py`: lengths, sampling parameters, last tokens, outputs) and the pending state here, and
+writes the kept tokens, their log-probs and versions, the last tokens, the pending state, the
+device's lengths and each row's status back, so on CUDA it is one CUDA graph replay per (batch
+bucket, KV bucket, truncation, k), padded as `graphs.py` pads plain decode. The host's part is the
+replay and one small read of the kept counts (its lengths move by them). Where the sampler's
+fused kernel runs (CUDA, no truncation), the drafts and the residual token are drawn by it from
+the logits with the salted seeds, and the acceptance ratio comes from its log-probs: no [n, V]
+noise is materialised, and max(0, p - q) is built only for the row each sequence resamples at;
+elsewhere the same noise is materialised, as the plain sampler does. Where the fused decode runs
+(`fused_step.py`), the verify runs its kernels too (`fused_verify`), attention one launch a layer
+over all k+1 queries of a slot (`kernels/verify_attention.py`); the draft's one layer runs the
 model's forward. A row within k tokens of the sequence limit makes the step decode plainly.
 """
 
@@ -52,9 +58,9 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from slipstream.kernels import attention as attention_kernel
 from slipstream.kernels import decode_layer as decode_kernels
 from slipstream.kernels import sampling as fused_sampling
+from slipstream.kernels.verify_attention import verify_attention
 from slipstream.models import Attention
 from slipstream.models.draft import DraftHead, is_draft_name
 from slipstream.models.rope import rope_cos_sin
@@ -100,14 +106,16 @@ def fused_verify(
     final-normed hidden [n, T, H], each position attending over its slot up to itself.
 
     The rows are laid out token-major (row j*n + b), so the GEMMs, norms and SiLU run once over all
-    n*T rows, and the two per-slot kernels (q/k norm + RoPE + KV write, decode attention), which
-    map row b to slot b, run once per token index j over the n contiguous rows of that j: all KV
-    writes first, then the attentions, so token j sees tokens 0..j of its own slot."""
+    n*T rows. The q/k norm + RoPE + KV write kernel maps row b to slot b, so it runs once per token
+    index j over the n contiguous rows of that j; then one attention launch a layer takes all T
+    queries of each slot (`kernels/verify_attention.py`), after every key is written, so token j
+    sees tokens 0..j of its own slot."""
     n, t = tokens.shape
     model, cfg = fused.model, fused.model.config
     flat_pos = positions.T.reshape(-1)
+    lengths = (positions + 1).T.contiguous()  # [T, n]
     x = model.model.embed_tokens(tokens.T.reshape(-1))
-    dtype, heads, dim = x.dtype, fused.num_heads, fused.head_dim
+    dtype, heads = x.dtype, fused.num_heads
     cos, sin = rope_cos_sin(flat_pos, cfg.rope, dtype)
     spans = [slice(j * n, (j + 1) * n) for j in range(t)]
     residual = None
@@ -120,11 +128,8 @@ def fused_verify(
             )
             for r in spans
         ]  # fmt: skip
-        outs = [
-            attention_kernel.decode_attention(q.view(n, heads, 1, dim), cache.k[i], cache.v[i], flat_pos[r] + 1)
-            for q, r in zip(qs, spans, strict=True)
-        ]  # fmt: skip
-        attn = o(torch.cat([out.reshape(n, -1) for out in outs]), dtype)
+        out = verify_attention(torch.stack(qs), cache.k[i], cache.v[i], lengths)  # [T, n, heads, D]
+        attn = o(out.view(t * n, -1), dtype)
         h = decode_kernels.add_rmsnorm(x, attn, post_norm, fused.eps, quant=fused.fp8)
         residual = down(decode_kernels.silu_mul(gate_up(h, dtype), quant=fused.fp8), dtype)
     hidden = decode_kernels.add_rmsnorm(x, residual, model.model.norm.weight, fused.eps)
