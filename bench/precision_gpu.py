@@ -5,7 +5,7 @@ Qwen3-8B shape (where the GEMMs, not attention, dominate a step; --layers-8b tak
 
     python bench/precision_gpu.py [--batch-sizes 1 16 64 256] [--prompt-len 128] [--new-tokens 64]
                                   [--layers-8b 36] [--shapes 0.6b 8b] [--skip-kernels | --skip-engine]
-                                  [--variants] [--repeats 1] [--gemm-sweep] [--sweep-shapes 8b]
+                                  [--variants] [--repeats 1] [--profile] [--gemm-sweep] [--sweep-shapes 8b]
                                   [--out bench/results/precision_gpu.json]
 
 Our engine as the rollout server runs it (`NativeEngine`: fused decode step, CUDA graphs), random
@@ -44,14 +44,23 @@ FORMATS = {  # name: (NativeEngine keywords, int4 weights)
     "w4a16": ({}, True),
 }
 # --variants: the same formats with another GEMM choice (kernels/gemm_plan.py's and fp8_linear.py's
-# knobs), side by side with the defaults in one run. name: (format, {module.attribute: value}).
+# knobs), side by side with the defaults in one run, at the batch sizes where the choice can
+# differ. name: (format, {module.attribute: value}, batch sizes).
 VARIANTS = {
-    "fp8_cublas": ("fp8", {"fp8_linear.CUBLAS_FROM_M": 256}),
-    "fp8_tiles_128": ("fp8", {"gemm_plan.DECODE_BLOCK_N": 128, "gemm_plan.DECODE_BLOCK_M": 128,
-                              "gemm_plan.DECODE_WARPS": 8}),
-    "w4a16_tensor_cores": ("w4a16", {"gemm_plan.W4A16_GEMV": False}),
-    "w4a16_prefetch": ("w4a16", {"gemm_plan.GEMV_PREFETCH": True}),
+    "fp8_cublas_64": ("fp8", {"fp8_linear.CUBLAS_FROM_M": 64}, [64]),
+    "fp8_cublas_small_16": ("fp8", {"fp8_linear.CUBLAS_SMALL_FROM_M": 16}, [16, 64]),
+    "fp8_merge_unrolled": ("fp8", {"gemm_plan.MERGE_UNROLL": True}, [1, 16, 64]),
+    "fp8_block_n_128": ("fp8", {"gemm_plan.DECODE_BLOCK_N": 128}, [16, 64]),
+    "fp8_split_4": ("fp8", {"gemm_plan.SPLIT_PROGRAMS_PER_SM": 4}, [1, 16, 64]),
+    "fp8_stages_4": ("fp8", {"gemm_plan.DECODE_STAGES": 4}, [16, 64]),
+    "w4a16_prefetch": ("w4a16", {"gemm_plan.GEMV_PREFETCH": True}, [1]),
+    "w4a16_merge_unrolled": ("w4a16", {"gemm_plan.MERGE_UNROLL": True}, [1]),
+    "w4a16_gemv_64_rows": ("w4a16", {"gemm_plan.GEMV_BLOCK_N": 64, "gemm_plan.GEMV_PROGRAMS_PER_SM": 8}, [1]),
+    "w4a16_gemv_all": ("w4a16", {"gemm_plan.GEMV_PREFETCH": True, "gemm_plan.MERGE_UNROLL": True,
+                                 "gemm_plan.GEMV_BLOCK_N": 64, "gemm_plan.GEMV_PROGRAMS_PER_SM": 8}, [1]),
 }  # fmt: skip
+# --profile: GPU time by kernel over replays of these (format, batch) decode graphs (first run).
+PROFILED = [("bf16", 1), ("bf16", 64), ("bf16", 256), ("fp8", 64), ("fp8", 256), ("w4a16", 1)]
 
 
 def _knobs(settings: dict) -> dict:
@@ -72,7 +81,8 @@ def _plan_knobs() -> dict:
     from slipstream.kernels import fp8_linear, gemm_plan
 
     names = [n for n in dir(gemm_plan) if n.isupper() and not n.startswith("_")]
-    return {n: getattr(gemm_plan, n) for n in names} | {"CUBLAS_FROM_M": fp8_linear.CUBLAS_FROM_M}
+    cublas = {n: getattr(fp8_linear, n) for n in dir(fp8_linear) if n.startswith("CUBLAS_")}
+    return {n: getattr(gemm_plan, n) for n in names} | cublas
 
 
 def qwen3_8b_slice(layers: int) -> Qwen3Config:
@@ -83,16 +93,42 @@ def qwen3_8b_slice(layers: int) -> Qwen3Config:
     )  # fmt: skip
 
 
-def _replay_ms(engine, batch: int, args) -> float | None:
-    """One replay of the batch's bucket at the largest KV bucket it used, rows mid-way."""
+def _graph(engine, batch: int):
+    """The batch's bucket's decode graph at the largest KV bucket it used (None without graphs)."""
     graphs = engine.graphs
     if not graphs:
         return None
-    key = max(k for k in graphs.graphs if k[0] == graphs.bucket(batch))
-    return time_replay(engine, graphs.graphs[key], batch, args.prompt_len + args.new_tokens // 2, repeats=10)
+    return graphs.graphs[max(k for k in graphs.graphs if k[0] == graphs.bucket(batch))]
 
 
-def run_engine(engine, batch: int, args, vocab: int) -> dict:
+def _replay_ms(engine, batch: int, args) -> float | None:
+    """One replay of that graph, rows mid-way."""
+    graph = _graph(engine, batch)
+    if graph is None:
+        return None
+    return time_replay(engine, graph, batch, args.prompt_len + args.new_tokens // 2, repeats=10)
+
+
+def replay_profile(engine, batch: int, args, top: int = 12) -> list[dict]:
+    """GPU microseconds per decode step by kernel name over 4 replays of the graph (the largest
+    `top`), so a step's time can be read off by part: GEMMs, attention, glue, LM head, sampling."""
+    from torch.profiler import ProfilerActivity, profile
+
+    graph = _graph(engine, batch)
+    if graph is None:
+        return []
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        time_replay(engine, graph, batch, args.prompt_len + args.new_tokens // 2, repeats=3)
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
+        if us > 0:
+            rows.append({"name": e.key[:80], "calls_per_step": e.count / 4, "us_per_step": round(us / 4, 1)})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return rows[:top]
+
+
+def run_engine(engine, batch: int, args, vocab: int, profiled: bool = False) -> dict:
     from slipstream.services.rollout.engine import Request
 
     for r, new_tokens in enumerate((4, args.new_tokens)):  # warm-up (captures the graphs), timed
@@ -108,23 +144,31 @@ def run_engine(engine, batch: int, args, vocab: int) -> dict:
         assert done == batch
     gaps = sorted(b - a for a, b in zip(stamps[1:-1], stamps[2:], strict=True))  # decode steps only
     step = gaps[len(gaps) // 2]
-    return {
+    row = {
         "decode_tokens_per_s": round(batch / step, 1),
         "decode_step_ms": round(1e3 * step, 4),
         "graph_replay_ms": _replay_ms(engine, batch, args),
         "tokens_per_s": round(batch * args.new_tokens / seconds, 1),
     }
+    if profiled:
+        row["replay_profile"] = replay_profile(engine, batch, args)
+    return row
 
 
-def bench_shape(name: str, config: Qwen3Config, args) -> dict:
+def bench_shape(name: str, config: Qwen3Config, args, profile: bool = False) -> dict:
     from slipstream.kernels.w4a16 import convert_to_w4a16
     from slipstream.services.rollout.engine import NativeEngine
 
     rows = {}
-    runs = {fmt: (kw, int4, {}) for fmt, (kw, int4) in FORMATS.items()}
+    runs = {fmt: (kw, int4, {}, args.batch_sizes) for fmt, (kw, int4) in FORMATS.items()}
     if args.variants:
-        runs |= {name: (*FORMATS[fmt], knobs) for name, (fmt, knobs) in VARIANTS.items()}
-    for fmt, (kw, int4, knobs) in runs.items():
+        runs |= {
+            name: (*FORMATS[fmt], knobs, [b for b in args.batch_sizes if b in batches])
+            for name, (fmt, knobs, batches) in VARIANTS.items()
+        }
+    for fmt, (kw, int4, knobs, batch_sizes) in runs.items():
+        if not batch_sizes:
+            continue
         t0 = time.perf_counter()
         previous = _knobs(knobs)
         model = random_model(config)
@@ -136,22 +180,21 @@ def bench_shape(name: str, config: Qwen3Config, args) -> dict:
         )  # fmt: skip
         weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         rows[fmt] = {"weight_bytes": weight_bytes}
-        for batch in args.batch_sizes:
-            rows[fmt][str(batch)] = run_engine(engine, batch, args, config.vocab_size)
+        for batch in batch_sizes:
+            profiled = profile and (fmt, batch) in PROFILED
+            rows[fmt][str(batch)] = run_engine(engine, batch, args, config.vocab_size, profiled)
             print(f"{name} {fmt} batch {batch}: {json.dumps(rows[fmt][str(batch)])}", flush=True)
         rows[fmt]["seconds"] = round(time.perf_counter() - t0, 1)
         _knobs(previous)
         del engine, model
         gc.collect()
         torch.cuda.empty_cache()
-    for fmt in runs:
-        if fmt != "bf16":
-            rows[f"{fmt}_over_bf16"] = {
-                str(b): round(
-                    rows[fmt][str(b)]["decode_tokens_per_s"] / rows["bf16"][str(b)]["decode_tokens_per_s"], 3
-                )
-                for b in args.batch_sizes
-            }
+    for fmt in [f for f in runs if f in rows and f != "bf16"]:
+        rows[f"{fmt}_over_bf16"] = {
+            b: round(rows[fmt][b]["decode_tokens_per_s"] / rows["bf16"][b]["decode_tokens_per_s"], 3)
+            for b in map(str, args.batch_sizes)
+            if b in rows[fmt]
+        }
     return rows
 
 
@@ -351,6 +394,9 @@ def main() -> None:
     ap.add_argument(
         "--repeats", type=int, default=1, help="engine rows this many times (runs 2.. in `repeats`)"
     )
+    ap.add_argument(
+        "--profile", action="store_true", help="GPU time by kernel for PROFILED's graphs (first run)"
+    )
     ap.add_argument("--out", default="bench/results/precision_gpu.json")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -371,14 +417,24 @@ def main() -> None:
         "plan": _plan_knobs(),
         "shapes": {},
     }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each part, so a run cut short keeps what it measured
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+
     for name, config in shapes.items():
         if not args.skip_engine:
-            result["shapes"][name] = bench_shape(name, config, args)
+            result["shapes"][name] = bench_shape(name, config, args, profile=args.profile)
+            save()
     if not args.skip_engine and args.repeats > 1:
-        result["repeats"] = [
-            {name: bench_shape(name, config, args) for name, config in shapes.items()}
-            for _ in range(args.repeats - 1)
-        ]
+        result["repeats"] = []
+        for _ in range(args.repeats - 1):
+            result["repeats"].append({})
+            for name, config in shapes.items():
+                result["repeats"][-1][name] = bench_shape(name, config, args)
+                save()
     if not args.skip_kernels:
         context = args.prompt_len + args.new_tokens // 2
         result["gemms"] = {name: gemm_table(config, args.batch_sizes) for name, config in shapes.items()}
@@ -389,9 +445,7 @@ def main() -> None:
             for name, config in shapes.items()
             if name.split("_")[1] in args.sweep_shapes
         }
-    result["seconds"] = round(time.perf_counter() - t0, 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    save()
     print(
         f"\n{'shape':<24} {'batch':>5} "
         + " ".join(f"{f:>12}" for f in FORMATS)

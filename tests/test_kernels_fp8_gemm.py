@@ -15,7 +15,7 @@ from importlib.util import find_spec
 import pytest
 import torch
 
-from slipstream.kernels import fp8_linear
+from slipstream.kernels import fp8_gemm, fp8_linear
 from slipstream.kernels.fp8_linear import Fp8Linear, fp8_matmul, quantize_rows, scaled_mm_supported
 from slipstream.quant import dequantize_blockwise, quantize_blockwise
 
@@ -71,15 +71,18 @@ def test_fp8_matmul_takes_row_or_block_scales():
 _INTERPRETED = textwrap.dedent(
     """
     import torch
+    from slipstream.kernels import gemm_plan
     from slipstream.kernels.fp8_gemm import fp8_block_matmul
     from slipstream.kernels.fp8_linear import _quantize_rows_triton, quantize_rows
     from slipstream.quant import dequantize_blockwise, quantize_blockwise
 
     torch.manual_seed(0)
-    for m, n, k, bias, rows in [
-        (1, 64, 128, False, False), (5, 192, 600, True, False), (3, 70, 256, False, True),
-        (300, 130, 256, True, False), (3, 1024, 600, False, False),  # the last split past K
+    for m, n, k, bias, rows, unroll in [
+        (1, 64, 128, False, False, False), (5, 192, 600, True, False, False), (3, 70, 256, False, True, False),
+        (300, 130, 256, True, False, False), (3, 1024, 600, False, False, False),  # the last split past K
+        (3, 1024, 600, True, False, True),  # the split-K merge unrolled
     ]:
+        gemm_plan.MERGE_UNROLL = unroll
         w = torch.randn(n, k)
         xq, xs = quantize_rows(torch.randn(m, k))
         b = torch.randn(n) if bias else None
@@ -140,6 +143,34 @@ def test_fp8_gemm_kernel_matches_the_dequantized_product():
             out = fp8_matmul(xq, xs, q, ws, torch.bfloat16, bias)
             assert out.dtype == torch.bfloat16
             assert rel(out.float(), block_reference(xq, xs, q, scale_inv, bias)) < 5e-3, (n, k, m)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or not scaled_mm_supported(torch.device("cuda")),
+    reason="needs a GPU with FP8 tensor cores",
+)
+@pytest.mark.parametrize(
+    "knobs",
+    [{"MERGE_UNROLL": True}, {"DECODE_BLOCK_N": 128}, {"SPLIT_PROGRAMS_PER_SM": 4}, {"DECODE_STAGES": 4}],
+)
+@torch.no_grad()
+def test_fp8_gemm_under_the_benchmarked_tilings(monkeypatch, knobs):
+    """The kernel under the tilings bench/precision_gpu.py --variants times (any may become the
+    default), on a split-K shape at one token and at 64."""
+    from slipstream.kernels import gemm_plan
+
+    for name, value in knobs.items():
+        monkeypatch.setattr(gemm_plan, name, value)
+    torch.manual_seed(0)
+    n, k = 1024, 4096
+    q, scale_inv = quantize_blockwise(torch.randn(n, k, device="cuda") * 0.02)
+    ws = scale_inv.repeat_interleave(128, dim=0)[:n].contiguous()
+    bias = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    for m in (1, 64):
+        xq, xs = quantize_rows(torch.randn(m, k, device="cuda", dtype=torch.bfloat16))
+        out = fp8_gemm.fp8_block_matmul(xq, xs, q, ws, torch.bfloat16, bias)
+        assert rel(out.float(), block_reference(xq, xs, q, scale_inv, bias)) < 5e-3, (knobs, m)
 
 
 @pytest.mark.gpu
@@ -245,3 +276,16 @@ def test_row_scales_carry_cublas_group_layout():
     assert scale.group_scales.data_ptr() == scale.data_ptr()
     scale, groups = fp8_linear.new_row_scales(64, 1000, torch.device("cpu"))
     assert groups == 1 and not hasattr(scale, "group_scales")
+
+
+def test_cublas_route_takes_the_gemms_its_knobs_name(monkeypatch):
+    """From CUBLAS_FROM_M tokens every GEMM, from CUBLAS_SMALL_FROM_M those of at most
+    CUBLAS_SMALL_WEIGHTS weights (the 8B shape's q|k|v and o, not gate|up or down)."""
+    monkeypatch.setattr(fp8_linear, "CUBLAS_FROM_M", 256)
+    monkeypatch.setattr(fp8_linear, "CUBLAS_SMALL_FROM_M", None)
+    assert fp8_linear._takes_cublas(256, 4096, 24576) and not fp8_linear._takes_cublas(64, 4096, 6144)
+    monkeypatch.setattr(fp8_linear, "CUBLAS_SMALL_FROM_M", 16)
+    assert fp8_linear._takes_cublas(64, 4096, 6144) and fp8_linear._takes_cublas(16, 4096, 4096)
+    assert not fp8_linear._takes_cublas(64, 4096, 24576) and not fp8_linear._takes_cublas(64, 12288, 4096)
+    assert not fp8_linear._takes_cublas(1, 4096, 4096)
+    assert fp8_linear.new_row_scales(16, 4096, torch.device("cpu"))[1] == 32  # laid out for cuBLAS

@@ -45,7 +45,7 @@ if triton is not None:
     def _fp8_gemm_kernel(
         x_ptr, xs_ptr, w_ptr, ws_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
         stride_xm, stride_wn, stride_wsn, stride_wsk, stride_om,
-        CHUNK: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        CHUNK: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, MERGE_UNROLL: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     ):  # fmt: skip
         pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -73,8 +73,9 @@ if triton is not None:
             ws = next_ws
         acc = acc * tl.load(xs_ptr + offs_m, mask=m_mask, other=0.0)[None, :]
         gemm_plan.store_tile(
-            acc, out_ptr, part_ptr, count_ptr, bias_ptr, offs_n, offs_m, M, N, stride_om, SPLITS, HAS_BIAS
-        )
+            acc, out_ptr, part_ptr, count_ptr, bias_ptr, offs_n, offs_m, M, N, stride_om, SPLITS, HAS_BIAS,
+            MERGE_UNROLL,
+        )  # fmt: skip
 
 
 def fp8_block_matmul(
@@ -104,7 +105,7 @@ def fp8_block_matmul(
     _fp8_gemm_kernel[(triton.cdiv(n, p.block_n), triton.cdiv(m, p.block_m), p.splits)](
         xq, x_scale, wq, w_scale, bias if bias is not None else w_scale, out, part, counters, m, n, k,
         xq.stride(0), wq.stride(0), w_scale.stride(0), stride_wsk, out.stride(0),
-        CHUNK=p.chunk, SPLITS=p.splits, HAS_BIAS=bias is not None,
+        CHUNK=p.chunk, SPLITS=p.splits, HAS_BIAS=bias is not None, MERGE_UNROLL=gemm_plan.MERGE_UNROLL,
         BLOCK_N=p.block_n, BLOCK_M=p.block_m, BLOCK_K=GROUP_K, num_warps=p.num_warps, num_stages=p.num_stages,
     )  # fmt: skip
     return out

@@ -80,7 +80,8 @@ def new_row_scales(m: int, k: int, device: torch.device) -> tuple[torch.Tensor, 
     groups > 1 (the next GEMM takes cuBLAS's route: `CUBLAS_FROM_M`) the scale carries
     `group_scales`, the [m, ceil(k/128)] view cuBLAS reads (each token's scale over its 128-wide
     groups, group-major), so the GEMM needs no copy of it; `scale` is that buffer's first group."""
-    groups = scale_shape((1, k))[1] if CUBLAS_FROM_M is not None and m >= CUBLAS_FROM_M else 1
+    starts = [t for t in (CUBLAS_FROM_M, CUBLAS_SMALL_FROM_M) if t is not None]
+    groups = scale_shape((1, k))[1] if starts and m >= min(starts) else 1
     buffer = torch.empty((groups, m), dtype=torch.float32, device=device)
     scale = buffer[0].unsqueeze(1)
     if groups > 1:
@@ -121,6 +122,11 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # CUDA 13: tests/test_kernels_fp8_gemm.py's cuBLAS test, cuBLAS taking M = 64 and 256 on the 0.6B
 # and 8B shapes, within 5e-3 of the dequantized product; it refuses M = 1, which stays Triton).
 CUBLAS_FROM_M: int | None = 256
+# From this many tokens on, the GEMMs of at most CUBLAS_SMALL_WEIGHTS weights (N * K) go to cuBLAS
+# too (None: never): on the H200 at M = 64 cuBLAS's block-wise GEMM alone timed faster than ours
+# for the 8B shape's q|k|v and o (19 / 18 against 31 / 41 us), slower for gate|up and down.
+CUBLAS_SMALL_FROM_M: int | None = None
+CUBLAS_SMALL_WEIGHTS = 32 << 20
 _scaled_mm_failed: set[tuple[torch.device, int, int, int]] = set()  # (device, M, N, K) cuBLAS refused
 
 
@@ -215,6 +221,12 @@ def _scaled_mm_blocks(xq, x_scale, wq, b_scale, out_dtype) -> torch.Tensor | Non
         return None
 
 
+def _takes_cublas(m: int, k: int, n: int) -> bool:
+    if CUBLAS_FROM_M is not None and m >= CUBLAS_FROM_M:
+        return True
+    return CUBLAS_SMALL_FROM_M is not None and m >= CUBLAS_SMALL_FROM_M and n * k <= CUBLAS_SMALL_WEIGHTS
+
+
 def fp8_matmul(
     xq: torch.Tensor,
     x_scale: torch.Tensor,
@@ -226,9 +238,7 @@ def fp8_matmul(
     """(xq * x_scale) @ (wq * w_scale).T (+ bias): xq [M, K], x_scale [M, 1], wq [N, K], and w_scale
     [N, 1] (one scale per row) or [N, ceil(K/128)] (one per row and 128-wide input step) -> [M, N]."""
     if fp8_gemm.available(xq):
-        b_scale = None
-        if CUBLAS_FROM_M is not None and xq.shape[0] >= CUBLAS_FROM_M:
-            b_scale = _block_scales(w_scale)
+        b_scale = _block_scales(w_scale) if _takes_cublas(*xq.shape, wq.shape[0]) else None
         if b_scale is not None:
             out = _scaled_mm_blocks(xq, x_scale, wq, b_scale, out_dtype)
             if out is not None:

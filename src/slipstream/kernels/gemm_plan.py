@@ -54,6 +54,10 @@ GEMV_BLOCK_N, GEMV_WARPS, GEMV_STAGES, GEMV_PROGRAMS_PER_SM = 128, 4, 3, 4
 # Whether the GEMV loads a group's words one step ahead, into registers (Triton does not pipeline
 # its plain loads: without this each step waits out a memory latency). Not yet measured: off.
 GEMV_PREFETCH = False
+# Whether the split-K merge (the last split of a tile sums every split's partial) is unrolled, so
+# its loads from L2 are issued together instead of one round trip per split (a GEMV at one token
+# splits K up to 16 ways). The same sum in the same order either way. Not yet measured: off.
+MERGE_UNROLL = False
 
 
 @dataclass(frozen=True)
@@ -146,7 +150,7 @@ if triton is not None:
     @triton.jit
     def store_tile(
         acc, out_ptr, part_ptr, count_ptr, bias_ptr, offs_n, offs_m, M, N, stride_om,
-        SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr,
+        SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, MERGE_UNROLL: tl.constexpr,
     ):  # fmt: skip
         """Write a program's [BLOCK_N, BLOCK_M] tile of out (transposed), through the split-K
         merge when K is split (program axis 2)."""
@@ -161,8 +165,13 @@ if triton is not None:
             tl.debug_barrier()
             if tl.atomic_add(tile, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
                 total = tl.zeros_like(acc)
-                for s in range(SPLITS):  # a fixed order: the same sum whichever split came last
-                    total += tl.load(part + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                # a fixed order: the same sum whichever split came last
+                if MERGE_UNROLL:
+                    for s in tl.static_range(SPLITS):
+                        total += tl.load(part + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
+                else:
+                    for s in range(SPLITS):
+                        total += tl.load(part + s * M * N, mask=mask, other=0.0, cache_modifier=".cg")
                 tl.store(tile, 0)
                 _store_out(total, out_ptr, bias_ptr, offs_n, offs_m, n_mask, mask, stride_om, HAS_BIAS)
         else:

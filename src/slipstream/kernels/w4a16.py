@@ -66,7 +66,7 @@ if triton is not None:
         x_ptr, p_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
         stride_xm, stride_pn, stride_sn, stride_om,
         CHUNK: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_K: tl.constexpr,
+        MERGE_UNROLL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_K: tl.constexpr,
     ):  # fmt: skip
         pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -99,8 +99,9 @@ if triton is not None:
             acc += prod * scale[:, None]
             scale = next_scale
         gemm_plan.store_tile(
-            acc, out_ptr, part_ptr, count_ptr, bias_ptr, offs_n, offs_m, M, N, stride_om, SPLITS, HAS_BIAS
-        )
+            acc, out_ptr, part_ptr, count_ptr, bias_ptr, offs_n, offs_m, M, N, stride_om, SPLITS, HAS_BIAS,
+            MERGE_UNROLL,
+        )  # fmt: skip
 
     @triton.jit
     def _magic(src, mask: tl.constexpr, ASM: tl.constexpr):
@@ -118,7 +119,7 @@ if triton is not None:
     def _w4a16_gemv_kernel(
         x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, N, K, stride_wn, stride_sn,
         CHUNK: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-        PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_K: tl.constexpr,
+        PREFETCH: tl.constexpr, MERGE_UNROLL: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_K: tl.constexpr,
     ):  # fmt: skip
         """One token: out[n] = sum over groups g of scale[n, g] * sum_i q[n, i] * x[i], on CUDA
         cores. w is the packed bytes read as int32 words: word w holds inputs 8w..8w+7, input
@@ -170,8 +171,9 @@ if triton is not None:
             acc += part * scale[:, None]
         out = tl.sum(acc, axis=1)[:, None]  # [BLOCK_N, 1]: store_tile's transposed tile of one token
         gemm_plan.store_tile(
-            out, out_ptr, part_ptr, count_ptr, bias_ptr, offs_n, tl.arange(0, 1), 1, N, N, SPLITS, HAS_BIAS
-        )
+            out, out_ptr, part_ptr, count_ptr, bias_ptr, offs_n, tl.arange(0, 1), 1, N, N, SPLITS, HAS_BIAS,
+            MERGE_UNROLL,
+        )  # fmt: skip
 
 
 def _as_words(packed: torch.Tensor) -> torch.Tensor | None:
@@ -214,7 +216,8 @@ def w4a16_matmul(
         x2, packed, scales, bias if bias is not None else scales, out, part, counters, m, n, k,
         x2.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
         CHUNK=p.chunk, SPLITS=p.splits, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-        BLOCK_N=p.block_n, BLOCK_M=p.block_m, GROUP_K=GROUP, num_warps=p.num_warps, num_stages=p.num_stages,
+        MERGE_UNROLL=gemm_plan.MERGE_UNROLL, BLOCK_N=p.block_n, BLOCK_M=p.block_m, GROUP_K=GROUP,
+        num_warps=p.num_warps, num_stages=p.num_stages,
     )  # fmt: skip
     return out
 
@@ -230,7 +233,7 @@ def _gemv(
         x, words, scales, bias if bias is not None else scales, out, part, counters, n, k,
         words.stride(0), scales.stride(0),
         CHUNK=p.chunk, SPLITS=p.splits, HAS_BIAS=bias is not None, ASM=x.is_cuda,
-        PREFETCH=gemm_plan.GEMV_PREFETCH,
+        PREFETCH=gemm_plan.GEMV_PREFETCH, MERGE_UNROLL=gemm_plan.MERGE_UNROLL,
         BLOCK_N=p.block_n, GROUP_K=GROUP, num_warps=p.num_warps, num_stages=p.num_stages,
     )  # fmt: skip
     return out
