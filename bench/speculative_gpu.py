@@ -37,8 +37,9 @@ bench/mesh_gpu.py's random 0.6B checkpoint and run, the draft trained online in 
     sh scripts/gpu_env.sh run python3 bench/speculative_gpu.py --mesh --out bench/results/speculative_mesh_gpu.json
 
 Shapes: Qwen3-0.6B (default) or --shape 1.7b (Qwen3-1.7B's dense shape). Bounded: each timed
-configuration runs once after a warm-up that captures its graphs; the script stops adding
-configurations past --budget-s and says which it skipped.
+configuration runs --repeats timed waves (median and range reported; session 11 ran one, and
+batch 1 varied by ~20% between recipes of equal acceptance) after a warm-up that captures its
+graphs; the script stops adding configurations past --budget-s and says which it skipped.
 """
 
 from __future__ import annotations
@@ -181,9 +182,11 @@ def sync(args) -> None:
         torch.cuda.synchronize()
 
 
-def run_engine(engine: NativeEngine, batch: int, prompts: list[list[int]], args) -> float:
-    """Seconds for one wave of `batch` requests (after a warm-up wave that captures the graphs)."""
-    for wave in range(2):
+def run_engine(engine: NativeEngine, batch: int, prompts: list[list[int]], args) -> list[float]:
+    """Seconds for each of --repeats timed waves of `batch` requests, after a warm-up wave that
+    captures the graphs; a speculator's counters cover the timed waves."""
+    times = []
+    for wave in range(1 + args.repeats):
         reqs = [
             Request(f"{wave}-{i}", prompts[i], args.new_tokens, temperature=1.0, seed=wave * 10_000 + i)
             for i in range(batch)
@@ -191,7 +194,7 @@ def run_engine(engine: NativeEngine, batch: int, prompts: list[list[int]], args)
         for r in reqs:
             engine.add_request(r)
         spec = engine.speculator
-        if spec is not None:
+        if spec is not None and wave == 1:
             spec.num_verify_steps = spec.num_verified_rows = spec.num_kept_tokens = 0
         sync(args)
         t0 = time.perf_counter()
@@ -199,9 +202,19 @@ def run_engine(engine: NativeEngine, batch: int, prompts: list[list[int]], args)
         while engine.has_work():
             done += len(engine.step())
         sync(args)
-        dt = time.perf_counter() - t0
+        if wave:
+            times.append(time.perf_counter() - t0)
         assert done == batch
-    return dt
+    return times
+
+
+def timed_row(variant: str, batch: int, times: list[float], args) -> dict:
+    """tokens/s of the median wave, and the range over the waves."""
+    tps = sorted(batch * args.new_tokens / dt for dt in times)
+    return {
+        "variant": variant, "batch": batch, "tokens_per_s": round(tps[len(tps) // 2], 1),
+        "tokens_per_s_range": [round(tps[0], 1), round(tps[-1], 1)], "seconds": [round(dt, 3) for dt in times],
+    }  # fmt: skip
 
 
 def profile_steps(engine: NativeEngine, batch: int, prompts: list[list[int]], args, steps: int = 16) -> dict:
@@ -288,6 +301,9 @@ def main() -> None:
         help="profile a few decode steps at these batches (plain, untrained and online speculative)",
     )  # fmt: skip
     ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="timed waves per configuration (the median is reported)"
+    )
     ap.add_argument("--budget-s", type=float, default=250.0)
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the script itself (--shape tiny)")
     ap.add_argument("--mesh", action="store_true", help="the end-to-end mesh step time instead (see above)")
@@ -343,15 +359,11 @@ def main() -> None:
         for b in args.batches:
             if over_budget(f"{name} batch {b}"):
                 continue
-            dt = run_engine(engine, b, prompts, args)
-            tps = b * args.new_tokens / dt
+            results.append(timed_row(name, b, run_engine(engine, b, prompts, args), args))
             if name == "plain":
-                plain_tps[b] = tps
+                plain_tps[b] = results[-1]["tokens_per_s"]
             if b in args.profile_batches:
                 profiles[f"{name} batch {b}"] = profile_steps(engine, b, prompts, args)
-            results.append(
-                {"variant": name, "batch": b, "tokens_per_s": round(tps, 1), "seconds": round(dt, 3)}
-            )
             print(json.dumps(results[-1]), flush=True)
         del engine
 
@@ -367,13 +379,9 @@ def main() -> None:
         for b in args.batches:
             if over_budget(f"{name} batch {b}"):
                 continue
-            dt = run_engine(engine, b, prompts, args)
-            tps = b * args.new_tokens / dt
-            row = {
-                "variant": f"speculative-{name}", "batch": b, "tokens_per_s": round(tps, 1), "seconds": round(dt, 3),
-                "acceptance_length": round(engine.speculator.acceptance_length, 3),
-                "speedup_vs_plain": round(tps / plain_tps[b], 3) if b in plain_tps else None,
-            }  # fmt: skip
+            row = timed_row(f"speculative-{name}", b, run_engine(engine, b, prompts, args), args)
+            row["acceptance_length"] = round(engine.speculator.acceptance_length, 3)
+            row["speedup_vs_plain"] = round(row["tokens_per_s"] / plain_tps[b], 3) if b in plain_tps else None
             results.append(row)
             print(json.dumps(row), flush=True)
             if b in args.profile_batches and name in (f"online-{best.name}", "untrained"):

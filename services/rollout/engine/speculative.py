@@ -388,7 +388,7 @@ class Speculator:
             hidden = model.model(fed, pos, multi_token_attention(cache, pos, kv_len))
         logits = model.lm_head(hidden)  # [n, k+1, V]
         vocab = logits.shape[-1]
-        flat, temps = logits.view(-1, vocab), x.temperature.repeat_interleave(k + 1)
+        flat, temps = logits.reshape(-1, vocab), x.temperature.repeat_interleave(k + 1)
         if fused:  # log p_{j-1}(d_j) by the kernel's log-prob pass (row k's entry is unused)
             lp_d = fused_sampling.log_probs(flat, temps, torch.cat([d, d[:, :1]], 1).view(-1))
             lp_d = lp_d.view(n, k + 1)[:, :k]
