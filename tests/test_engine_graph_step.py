@@ -113,18 +113,20 @@ def test_captured_graphs_return_what_the_eager_engine_returns():
 
 @pytest.mark.parametrize("true_on_policy", [True, False], ids=["invariant", "default"])
 def test_warming_up_every_bucket_changes_nothing(true_on_policy):
-    """`warm_up` runs every batch bucket's step before any request (off CUDA: eagerly, what a
-    capture runs first), all rows padding: the run after it returns what an engine that never
-    warmed up returns, bit for bit."""
+    """`warm_up` runs a group of two through prefill, decode and retire, then every batch bucket's
+    step (off CUDA: eagerly, what a capture runs first) with all rows padding: the run after it
+    returns what an engine that never warmed up returns, bit for bit (its request without a seed
+    included: the seeds drawn for prefills are put back)."""
     model = dense_model()
     kw = dict(max_batch_size=16, max_seq_len=24, preallocate=True, true_on_policy=true_on_policy)
     script = events(dense_model(seed=1).state_dict())
     engine = graphed(NativeEngine(copy.deepcopy(model), eos_token_ids=[], **kw))
-    engine.runner.slots.dev_ints[0, :] = 5  # stale lengths in the free slots must stay
-    before = engine.runner.slots.dev_ints.clone(), engine.runner.slots.last_token.clone()
-    assert engine.warm_up() == 0  # nothing captured off CUDA; every bucket's step ran
-    assert torch.equal(engine.runner.slots.dev_ints, before[0])
-    assert torch.equal(engine.runner.slots.last_token, before[1])
+    assert engine.warm_up() == 0 and engine.runner.num_prefill_tokens == 0  # nothing captured off CUDA
+    slots = engine.runner.slots
+    slots.dev_ints[0, :] = 5  # stale lengths in the free slots must stay
+    before = slots.dev_ints.clone(), slots.last_token.clone()
+    engine.runner.graphs.warm_up()  # every bucket's step again
+    assert torch.equal(slots.dev_ints, before[0]) and torch.equal(slots.last_token, before[1])
     got, _ = run(engine, script)
     want, _ = run(graphed(NativeEngine(copy.deepcopy(model), eos_token_ids=[], **kw)), script)
     assert_same(got, want, atol=0)
@@ -142,7 +144,8 @@ def test_graphs_captured_before_any_request_return_what_the_eager_engine_returns
     model = dense_model().cuda()
     kw = dict(max_batch_size=16, max_seq_len=24)
     engine = NativeEngine(copy.deepcopy(model), eos_token_ids=[], **kw)
-    assert engine.warm_up() == len(engine.graphs.buckets) and engine.warm_up() == 0
+    assert engine.warm_up() == len(engine.graphs.buckets) == len(engine.graphs.graphs)
+    assert engine.warm_up() == len(engine.graphs.buckets)  # nothing new to capture
     script = events(dense_model(seed=1).cuda().state_dict())
     got, _ = run(engine, script)
     want, _ = run(NativeEngine(copy.deepcopy(model), eos_token_ids=[], cuda_graphs=False, **kw), script)
