@@ -114,6 +114,9 @@ VARIANTS: dict[str, list[str]] = {
     # Since session 11 the launcher itself puts 4 servers on a shared GPU for a model under 100M
     # parameters (placement.shared_gpu_servers): "mesh" is then what "mesh+4servers" was.
     "mesh+bf16": ["--bf16"],
+    # The trainer and the four servers as clients of one CUDA MPS server: kernels side by side
+    # instead of the GPU time-slicing between five processes (mps.py).
+    "mesh+bf16+mps": ["--bf16", "--cuda-mps"],
 }  # fmt: skip
 
 # TRL's rows: GRPOConfig settings on top of the matched ones (`trl_child`), as "key=value".

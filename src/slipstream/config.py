@@ -892,6 +892,11 @@ class ClusterConfig:
         "GPUs per rollout engine; only 1 is supported (the native engine runs on one GPU, no tensor parallelism).",
     )
     colocate: bool = opt(False, "Trainer and rollout share the same GPUs.")
+    cuda_mps: bool = opt(
+        False,
+        "Run the GPU services as clients of one CUDA MPS server the launcher starts (nvidia-cuda-mps-control), "
+        "so processes sharing a GPU run their kernels side by side instead of taking turns.",
+    )
 
     def __post_init__(self) -> None:
         _require(

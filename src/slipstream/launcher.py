@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slipstream import mps
 from slipstream.config import Config
 from slipstream.console import ConsoleRelay
 from slipstream.log import rotate_logs, write_config_table
@@ -197,6 +198,7 @@ class Mesh:
     started_at: float = field(default_factory=time.time)
     timeline: Timeline = field(default_factory=lambda: Timeline(None))
     interrupted: Callable[[], bool] = lambda: False  # a stop was asked for (Ctrl-C, SIGTERM)
+    mps_env: dict[str, str] = field(default_factory=dict)  # --cuda-mps: its daemon's directories
 
     @property
     def run_dir(self) -> Path:
@@ -491,6 +493,11 @@ def start_mesh(mesh: Mesh) -> Proc:
     coord_port = listen_port(frozenset({reward_port}))
     coord_addr = f"127.0.0.1:{coord_port}"
     place = plan(cfg)
+    if cfg.cluster.cuda_mps:
+        try:
+            mesh.mps_env = mps.start(mesh.run_dir)
+        except (mps.MpsError, OSError, subprocess.SubprocessError) as e:
+            raise LaunchError(str(e)) from e
     procs = [
         mesh.service("reward", "reward", port=reward_port),
         mesh.service(
@@ -502,7 +509,7 @@ def start_mesh(mesh: Mesh) -> Proc:
     procs += [
         mesh.service(
             f"rollout-{i}", "rollout", *dial, "--server-id", f"rollout-{i}", *_router_flags(cfg, taken),
-            env=cuda_visible(gpus),
+            env={**cuda_visible(gpus), **mesh.mps_env},
         )
         for i, gpus in enumerate(place.rollout_gpus)
     ]  # fmt: skip
@@ -510,7 +517,8 @@ def start_mesh(mesh: Mesh) -> Proc:
     threads = trainer_threads(cfg, on_cpu)
     trainer = mesh.service(
         "trainer", "trainer", *dial, threads=threads,
-        env={**cuda_visible(place.trainer_gpus), **thread_env(threads, on_cpu)}, ranks=place.trainer_procs,
+        env={**cuda_visible(place.trainer_gpus), **thread_env(threads, on_cpu), **mesh.mps_env},
+        ranks=place.trainer_procs,
     )  # fmt: skip
     mesh.timeline.mark("services started")
     mesh.wait_all_ready([*procs, trainer])
@@ -615,6 +623,10 @@ def place_on_host(cfg: Config, given: Collection[str]) -> Resolved:
         placed = resolve(cfg, visible_gpus(), given, model_parameters(cfg.model.hf_checkpoint))
     except PlacementError as e:
         raise LaunchError(str(e)) from None
+    if cfg.cluster.cuda_mps and not placed.gpus:
+        raise LaunchError("--cuda-mps: this run has no GPU (MPS shares one GPU between processes)")
+    if cfg.cluster.cuda_mps and shutil.which(mps.CONTROL) is None:
+        raise LaunchError(f"--cuda-mps: {mps.CONTROL} is not on PATH (it comes with the NVIDIA driver)")
     cfg.cluster.colocate = placed.colocate
     cfg.rollout.rollout_num_servers = placed.placement.num_rollout_servers
     # Every service starts at once: the coordinator waits for the servers started here (streams.py).
@@ -702,6 +714,8 @@ def run(cfg: Config, given: Collection[str] = ()) -> int:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if mesh.mps_env:  # every client is down
+            mps.stop(mesh.mps_env)
         sweep_orphans()  # /dev/shm weights files of a trainer killed before it could unlink them
         # Finished, failed or stopped, once every service is down: the report of what was trained
         # (stdout, so the error stays the last line on stderr).
