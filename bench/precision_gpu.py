@@ -11,11 +11,13 @@ Qwen3-8B shape (where the GEMMs, not attention, dominate a step; --layers-8b tak
 Our engine as the rollout server runs it (`NativeEngine`: fused decode step, CUDA graphs), random
 init, every sequence sampling --new-tokens tokens at temperature 1 from a distinct random
 --prompt-len prompt, EOS ignored. Per (shape, format, batch): a short warm-up run that captures
-the same graphs (4 new tokens already reach the timed run's KV bucket), then one timed run. `decode_tokens_per_s` is batch / the median wall-clock decode step
-(host included, prefill excluded); `graph_replay_ms` is the GPU time of one replayed decode step
-at the final context (no host work); `tokens_per_s` counts the whole run, prefill included.
-The ratios to bf16 are of `decode_tokens_per_s`. Targets (issue 16): FP8 >= 1.25x bf16 at batch 64
-and 256, W4A16 >= 1.8x bf16 at batch 1.
+the same graphs (4 new tokens already reach the timed run's KV bucket), then one timed run.
+`decode_tokens_per_s` is batch / the median wall-clock decode step (host included, prefill
+excluded); `graph_replay_ms` is the GPU time of one replayed decode step at the final context (no
+host work); `tokens_per_s` counts the whole run, prefill included. The ratios to bf16 are of
+`decode_tokens_per_s`. Targets (issue 16): FP8 >= 1.25x bf16 at batch 64 and 256, W4A16 >= 1.8x
+bf16 at batch 1. --variants adds the formats under other GEMM choices (VARIANTS) at the batch
+sizes each can change; --profile adds GPU time by kernel over replays of PROFILED's graphs.
 
 Also in the JSON, so a missed target can be read off: each layer GEMM of both shapes alone
 (bf16 `F.linear`, our FP8 block-scaled GEMM, `torch._scaled_mm` row-wise and block-wise where
@@ -49,15 +51,18 @@ FORMATS = {  # name: (NativeEngine keywords, int4 weights)
 VARIANTS = {
     "fp8_cublas_64": ("fp8", {"fp8_linear.CUBLAS_FROM_M": 64}, [64]),
     "fp8_cublas_small_16": ("fp8", {"fp8_linear.CUBLAS_SMALL_FROM_M": 16}, [16, 64]),
-    "fp8_merge_unrolled": ("fp8", {"gemm_plan.MERGE_UNROLL": True}, [1, 16, 64]),
-    "fp8_block_n_128": ("fp8", {"gemm_plan.DECODE_BLOCK_N": 128}, [16, 64]),
-    "fp8_split_4": ("fp8", {"gemm_plan.SPLIT_PROGRAMS_PER_SM": 4}, [1, 16, 64]),
-    "fp8_stages_4": ("fp8", {"gemm_plan.DECODE_STAGES": 4}, [16, 64]),
+    "fp8_merge_unrolled": ("fp8", {"gemm_plan.MERGE_UNROLL": True}, [1, 64]),
+    "fp8_block_n_128": ("fp8", {"gemm_plan.DECODE_BLOCK_N": 128}, [64]),
+    "fp8_split_4": ("fp8", {"gemm_plan.SPLIT_PROGRAMS_PER_SM": 4}, [64]),
+    "fp8_stages_4": ("fp8", {"gemm_plan.DECODE_STAGES": 4}, [64]),
     "w4a16_prefetch": ("w4a16", {"gemm_plan.GEMV_PREFETCH": True}, [1]),
-    "w4a16_merge_unrolled": ("w4a16", {"gemm_plan.MERGE_UNROLL": True}, [1]),
+    "w4a16_own_scales": ("w4a16", {"gemm_plan.GEMV_OWN_SCALES": True}, [1]),
+    "w4a16_own_scales_prefetch": ("w4a16", {"gemm_plan.GEMV_OWN_SCALES": True,
+                                            "gemm_plan.GEMV_PREFETCH": True}, [1]),
     "w4a16_gemv_64_rows": ("w4a16", {"gemm_plan.GEMV_BLOCK_N": 64, "gemm_plan.GEMV_PROGRAMS_PER_SM": 8}, [1]),
-    "w4a16_gemv_all": ("w4a16", {"gemm_plan.GEMV_PREFETCH": True, "gemm_plan.MERGE_UNROLL": True,
-                                 "gemm_plan.GEMV_BLOCK_N": 64, "gemm_plan.GEMV_PROGRAMS_PER_SM": 8}, [1]),
+    "w4a16_gemv_64_rows_all": ("w4a16", {"gemm_plan.GEMV_BLOCK_N": 64, "gemm_plan.GEMV_PROGRAMS_PER_SM": 8,
+                                         "gemm_plan.GEMV_OWN_SCALES": True,
+                                         "gemm_plan.GEMV_PREFETCH": True}, [1]),
 }  # fmt: skip
 # --profile: GPU time by kernel over replays of these (format, batch) decode graphs (first run).
 PROFILED = [("bf16", 1), ("bf16", 64), ("bf16", 256), ("fp8", 64), ("fp8", 256), ("w4a16", 1)]
@@ -155,11 +160,11 @@ def run_engine(engine, batch: int, args, vocab: int, profiled: bool = False) -> 
     return row
 
 
-def bench_shape(name: str, config: Qwen3Config, args, profile: bool = False) -> dict:
+def bench_shape(name: str, config: Qwen3Config, args, rows: dict, save, profile: bool = False) -> dict:
+    """Every format and variant on one shape, into `rows` (calling `save` after each)."""
     from slipstream.kernels.w4a16 import convert_to_w4a16
     from slipstream.services.rollout.engine import NativeEngine
 
-    rows = {}
     runs = {fmt: (kw, int4, {}, args.batch_sizes) for fmt, (kw, int4) in FORMATS.items()}
     if args.variants:
         runs |= {
@@ -185,6 +190,7 @@ def bench_shape(name: str, config: Qwen3Config, args, profile: bool = False) -> 
             rows[fmt][str(batch)] = run_engine(engine, batch, args, config.vocab_size, profiled)
             print(f"{name} {fmt} batch {batch}: {json.dumps(rows[fmt][str(batch)])}", flush=True)
         rows[fmt]["seconds"] = round(time.perf_counter() - t0, 1)
+        save()
         _knobs(previous)
         del engine, model
         gc.collect()
@@ -195,6 +201,7 @@ def bench_shape(name: str, config: Qwen3Config, args, profile: bool = False) -> 
             for b in map(str, args.batch_sizes)
             if b in rows[fmt]
         }
+    save()
     return rows
 
 
@@ -426,15 +433,13 @@ def main() -> None:
 
     for name, config in shapes.items():
         if not args.skip_engine:
-            result["shapes"][name] = bench_shape(name, config, args, profile=args.profile)
-            save()
+            bench_shape(name, config, args, result["shapes"].setdefault(name, {}), save, args.profile)
     if not args.skip_engine and args.repeats > 1:
         result["repeats"] = []
         for _ in range(args.repeats - 1):
             result["repeats"].append({})
             for name, config in shapes.items():
-                result["repeats"][-1][name] = bench_shape(name, config, args)
-                save()
+                bench_shape(name, config, args, result["repeats"][-1].setdefault(name, {}), save)
     if not args.skip_kernels:
         context = args.prompt_len + args.new_tokens // 2
         result["gemms"] = {name: gemm_table(config, args.batch_sizes) for name, config in shapes.items()}

@@ -78,7 +78,8 @@ _INTERPRETED = textwrap.dedent(
 
     torch.manual_seed(0)
     for m, n, k, bias, rows, unroll in [
-        (1, 64, 128, False, False, False), (5, 192, 600, True, False, False), (3, 70, 256, False, True, False),
+        (1, 64, 128, False, False, False), (5, 192, 600, True, False, False),
+        (3, 70, 256, False, True, False),
         (300, 130, 256, True, False, False), (3, 1024, 600, False, False, False),  # the last split past K
         (3, 1024, 600, True, False, True),  # the split-K merge unrolled
     ]:

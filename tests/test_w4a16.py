@@ -101,7 +101,8 @@ _INTERPRETED = textwrap.dedent(
         (1, 100, 384, torch.float16, True, False, False, 128),
         (1, 200, 256, torch.float32, False, False, False, 128),
         # 64 rows a program, the merge unrolled, with and without the look-ahead
-        (1, 200, 2048, torch.float32, True, False, True, 64), (1, 4096, 640, torch.float32, True, True, True, 64),
+        (1, 200, 2048, torch.float32, True, False, True, 64),
+        (1, 4096, 640, torch.float32, True, True, True, 64),
     ]:
         gemm_plan.GEMV_PREFETCH, gemm_plan.MERGE_UNROLL, gemm_plan.GEMV_BLOCK_N = prefetch, unroll, rows
         packed, scales = quantize_int4(torch.randn(n, k))
@@ -155,9 +156,10 @@ def test_w4a16_kernel_matches_dequantize_then_matmul():
     "knobs",
     [
         {"GEMV_PREFETCH": True},
-        {"MERGE_UNROLL": True},
+        {"GEMV_OWN_SCALES": True},
+        {"GEMV_OWN_SCALES": True, "GEMV_PREFETCH": True},
         {"GEMV_BLOCK_N": 64, "GEMV_PROGRAMS_PER_SM": 8},
-        {"GEMV_PREFETCH": True, "MERGE_UNROLL": True, "GEMV_BLOCK_N": 64, "GEMV_PROGRAMS_PER_SM": 8},
+        {"GEMV_BLOCK_N": 64, "GEMV_PROGRAMS_PER_SM": 8, "GEMV_OWN_SCALES": True, "GEMV_PREFETCH": True},
     ],
 )
 @torch.no_grad()

@@ -54,9 +54,14 @@ GEMV_BLOCK_N, GEMV_WARPS, GEMV_STAGES, GEMV_PROGRAMS_PER_SM = 128, 4, 3, 4
 # Whether the GEMV loads a group's words one step ahead, into registers (Triton does not pipeline
 # its plain loads: without this each step waits out a memory latency). Not yet measured: off.
 GEMV_PREFETCH = False
+# Whether each GEMV thread loads its own rows' group scales (no trip through shared memory and
+# no barriers a step: `w4a16._group_scales`). Not yet measured: off.
+GEMV_OWN_SCALES = False
 # Whether the split-K merge (the last split of a tile sums every split's partial) is unrolled, so
-# its loads from L2 are issued together instead of one round trip per split (a GEMV at one token
-# splits K up to 16 ways). The same sum in the same order either way. Not yet measured: off.
+# its loads from L2 are issued together instead of one round trip per split. The same sum in the
+# same order either way. LLVM already unrolls the GEMV's (one value a thread), not the FP8
+# kernel's (sm_90 SASS, [64, 64] tiles, 4 splits: 180 loads rolled, 276 unrolled). Not yet
+# measured: off.
 MERGE_UNROLL = False
 
 

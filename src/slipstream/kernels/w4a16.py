@@ -116,10 +116,27 @@ if triton is not None:
             return (src & mask) | 0x4B000000
 
     @triton.jit
+    def _group_scales(s_ptr, s_rows, g, mask, WORDS: tl.constexpr, OWN: tl.constexpr):
+        """Group g's scale of each row, [BLOCK_N, 1] or broadcast over the words [BLOCK_N, WORDS]. A
+        plain load is laid out for coalescing and then moved into the words' layout through shared
+        memory, two barriers a step that hold a program's warps in lockstep; with OWN each thread
+        loads its own rows' scales in the words' layout (an `ld.global.nc` Triton does not re-lay)."""
+        if OWN:
+            ok = mask[:, None] & (tl.arange(0, WORDS) >= 0)[None, :]
+            scale = tl.inline_asm_elementwise(
+                "ld.global.nc.f32 $0, [$1];", "=f,l", [tl.where(ok, s_rows[:, None] + g, s_ptr)],
+                dtype=tl.float32, is_pure=True, pack=1,
+            )  # fmt: skip
+            return tl.where(ok, scale, 0.0)
+        else:
+            return tl.load(s_rows + g, mask=mask, other=0.0)[:, None]
+
+    @triton.jit
     def _w4a16_gemv_kernel(
         x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, N, K, stride_wn, stride_sn,
         CHUNK: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-        PREFETCH: tl.constexpr, MERGE_UNROLL: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_K: tl.constexpr,
+        PREFETCH: tl.constexpr, OWN_SCALES: tl.constexpr, MERGE_UNROLL: tl.constexpr, BLOCK_N: tl.constexpr,
+        GROUP_K: tl.constexpr,
     ):  # fmt: skip
         """One token: out[n] = sum over groups g of scale[n, g] * sum_i q[n, i] * x[i], on CUDA
         cores. w is the packed bytes read as int32 words: word w holds inputs 8w..8w+7, input
@@ -154,7 +171,7 @@ if triton is not None:
                 words = tl.load(
                     w_rows + (g * words_per_group + offs_w)[None, :], mask=n_mask[:, None] & inside, other=0
                 )
-            scale = tl.load(s_rows + g, mask=n_mask & inside, other=0.0)
+            scale = _group_scales(s_ptr, s_rows, g, n_mask & inside, words_per_group, OWN_SCALES and ASM)
             x_group = x_ptr + g * GROUP_K + offs_w * 8
             part = tl.zeros([BLOCK_N, words_per_group], tl.float32)
             for half in tl.static_range(2):
@@ -168,7 +185,7 @@ if triton is not None:
                     q = f - (8388608.0 + 8.0 * 16**j)
                     x = tl.load(x_group + 4 * half + j, mask=inside, other=0.0).to(tl.float32)
                     part += q * (x * (1.0 / 16**j))[None, :]
-            acc += part * scale[:, None]
+            acc += part * scale
         out = tl.sum(acc, axis=1)[:, None]  # [BLOCK_N, 1]: store_tile's transposed tile of one token
         gemm_plan.store_tile(
             out, out_ptr, part_ptr, count_ptr, bias_ptr, offs_n, tl.arange(0, 1), 1, N, N, SPLITS, HAS_BIAS,
@@ -233,7 +250,8 @@ def _gemv(
         x, words, scales, bias if bias is not None else scales, out, part, counters, n, k,
         words.stride(0), scales.stride(0),
         CHUNK=p.chunk, SPLITS=p.splits, HAS_BIAS=bias is not None, ASM=x.is_cuda,
-        PREFETCH=gemm_plan.GEMV_PREFETCH, MERGE_UNROLL=gemm_plan.MERGE_UNROLL,
+        PREFETCH=gemm_plan.GEMV_PREFETCH, OWN_SCALES=gemm_plan.GEMV_OWN_SCALES,
+        MERGE_UNROLL=gemm_plan.MERGE_UNROLL,
         BLOCK_N=p.block_n, GROUP_K=GROUP, num_warps=p.num_warps, num_stages=p.num_stages,
     )  # fmt: skip
     return out
