@@ -22,11 +22,9 @@ decode-only steps by host time, and how long a step waits for the GPU.
 
 Before and after in one process (session 12): each batch runs the engine as `--variants` name them,
 --repeats times each, interleaved: `before` is the one-program-a-row sampler (4096 logits a step,
-8 warps) with cuBLAS for every projection; `sampler` the split sampler (`kernels/sampling.py`);
-`sampler_gemm` that plus `kernels/dense_gemm.py`'s tile for each projection where `--gemm-sweep`
-(run first: every candidate tile against `F.linear` at the largest batch, in CUDA graphs, weights
-rotated so the L2 holds none) found one faster; `ours_bf16` is the last variant's first run.
-`sampler_sweep` times the sampler alone, before and after, in a CUDA graph.
+8 warps), `sampler` the engine as it is (the vocabulary split across programs,
+`kernels/sampling.py`); `ours_bf16` is the last variant's first run. `sampler_sweep` times the
+sampler alone, before and after, in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -265,15 +263,12 @@ def attention_sweep(config: Qwen3Config, args, kv_dtype: torch.dtype = torch.bfl
     return {"chosen": top, "rows": rows}
 
 
-def set_variant(name: str, plan: dict) -> None:
-    """The module knobs of a before/after variant (read when a graph is captured: set them before
-    building the engine)."""
-    from slipstream.kernels import dense_gemm, sampling
+def set_variant(name: str) -> None:
+    """The sampler's knobs for a before/after variant (read when a graph is captured: set them
+    before building the engine)."""
+    from slipstream.kernels import sampling
 
     sampling.BLOCK, sampling.WARPS, sampling.PARTS = (4096, 8, 1) if name == "before" else SAMPLER_AFTER
-    dense_gemm.PLAN.clear()
-    if name == "sampler_gemm":
-        dense_gemm.PLAN.update(plan)
 
 
 def _graph_us(fn, calls: list[tuple], reps: int = 20) -> float:
@@ -295,62 +290,6 @@ def _graph_us(fn, calls: list[tuple], reps: int = 20) -> float:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end) * 1e3 / reps)
     return sorted(times)[len(times) // 2]
-
-
-def gemm_sweep(config: Qwen3Config, batch: int) -> tuple[dict, dict]:
-    """Each decode projection at M = batch: F.linear (cuBLAS), cuBLAS on a transposed copy of the
-    weight, and every `dense_gemm.CANDIDATES` tile; the plan is the fastest tile per weight shape
-    where it beats F.linear by more than 3% (the LM head is timed but runs outside the fused step)."""
-    import torch.nn.functional as F
-
-    from slipstream.kernels import dense_gemm
-
-    h, d = config.hidden_size, config.head_dim
-    qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * d
-    shapes = {
-        "qkv": (qkv, h),
-        "o": (h, config.num_attention_heads * d),
-        "gate_up": (2 * config.intermediate_size, h),
-        "down": (h, config.intermediate_size),
-        "lm_head": (config.vocab_size, h),
-    }
-    rows, plan = [], {}
-    for name, (n, k) in shapes.items():
-        g = torch.Generator(device="cuda").manual_seed(n + k)
-        x = torch.randn(batch, k, device="cuda", generator=g).to(torch.bfloat16)
-        copies = max(1, -(-(256 << 20) // (2 * n * k)))  # >= 256 MB of weights in turn: not the L2's
-        ws = [
-            (torch.randn(n, k, device="cuda", generator=g) * 0.02).to(torch.bfloat16) for _ in range(copies)
-        ]
-        ref = F.linear(x, ws[0]).float()
-        row = {"name": name, "n": n, "k": k, "m": batch, "weight_copies": copies}
-        row["cublas_us"] = round(_graph_us(F.linear, [(x, w) for w in ws]), 2)
-        transposed = [(x, w.t().contiguous()) for w in ws[: min(copies, 4)]]
-        row["cublas_transposed_us"] = round(_graph_us(torch.mm, transposed), 2)
-        transposed.clear()
-        tiles = []
-        for tile in dense_gemm.CANDIDATES:
-            try:
-                err = float((dense_gemm.gemm(x, ws[0], None, tile).float() - ref).norm() / ref.norm())
-                us = _graph_us(dense_gemm.gemm, [(x, w, None, tile) for w in ws])
-            except Exception as e:  # a tile that does not compile (shared memory)
-                tiles.append({**vars(tile), "error": str(e)[:80]})
-                continue
-            tiles.append({**vars(tile), "us": round(us, 2), "rel_err": err})
-        row["tiles"] = tiles
-        ok = [t for t in tiles if "us" in t and t["rel_err"] < 1e-2]
-        best = min(ok, key=lambda t: t["us"]) if ok else None
-        row["best_tile_us"] = best["us"] if best else None
-        row["weight_bytes_us"] = round(2 * n * k / 4.3e6, 2)
-        if best and best["us"] < 0.97 * row["cublas_us"] and name != "lm_head":
-            plan[(n, k)] = dense_gemm.Tile(
-                *(best[f] for f in ("block_m", "block_n", "block_k", "warps", "stages", "group_m"))
-            )
-        rows.append(row)
-        print("gemm:", json.dumps({kk: v for kk, v in row.items() if kk != "tiles"}), flush=True)
-        ws.clear()
-        torch.cuda.empty_cache()
-    return {"rows": rows, "plan": {f"{n}x{k}": vars(t) for (n, k), t in plan.items()}}, plan
 
 
 def sampler_sweep(config: Qwen3Config, batch_sizes: list[int]) -> list[dict]:
@@ -513,8 +452,8 @@ def main() -> None:
     )
     ap.add_argument("--hf-batch-sizes", type=int, nargs="+", help="transformers at these batches only")
     ap.add_argument(
-        "--variants", nargs="+", default=["before", "sampler", "sampler_gemm"],
-        choices=["before", "sampler", "sampler_gemm"], help="bf16 engine variants, each --repeats times",
+        "--variants", nargs="+", default=["before", "sampler"], choices=["before", "sampler"],
+        help="bf16 engine variants, each --repeats times",
     )  # fmt: skip
     ap.add_argument("--repeats", type=int, default=1, help="runs of each variant, interleaved")
     ap.add_argument("--out", default="bench/results/engine_gpu.json")
@@ -544,24 +483,19 @@ def main() -> None:
     if args.attention_sweep:
         result["attention_sweep"] = attention_sweep(config, args)
         print("attention:", json.dumps(result["attention_sweep"]["chosen"]), flush=True)
-    from slipstream.kernels import dense_gemm
-
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:  # after each stage: a call cut by its time limit keeps what it measured
         Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
     result["sampler_sweep"] = sampler_sweep(config, args.batch_sizes)
-    plan = {}
-    if "sampler_gemm" in args.variants:
-        result["gemm_sweep"], plan = gemm_sweep(config, max(args.batch_sizes))
     save()
     for batch in args.batch_sizes:
         row = {"batch": batch, "roofline": roofline(config, batch, args, weight_bytes), "variants": {}}
-        names = [v for v in args.variants if v != "sampler_gemm" or (plan and batch >= dense_gemm.MIN_M)]
+        names = args.variants
         for _ in range(args.repeats):
             for name in names:
-                set_variant(name, plan)
+                set_variant(name)
                 run = bench_ours(model, batch, args, fp8=False, profile_host=name != "before")
                 row["variants"].setdefault(name, []).append(run)
                 print(f"batch {batch} {name}: {run['tokens_per_s']:.0f} tokens/s", flush=True)
@@ -571,7 +505,7 @@ def main() -> None:
             row[f"{name}_over_roofline"] = [t / row["roofline"]["tokens_per_s"] for t in (min(tps), max(tps))]
         row["ours_bf16"] = row["variants"][names[-1]][0]
         row["ours_variant"] = names[-1]
-        set_variant(names[-1], plan)  # the FP8 rows and the profiles run the last variant
+        set_variant(names[-1])  # the FP8 rows and the profiles run the last variant
         if not args.skip_fp8:
             for name, kw in VARIANTS.items():
                 row[name] = bench_ours(random_model(config), batch, args, **kw)
@@ -596,12 +530,12 @@ def main() -> None:
         result["agreement_with_bf16"] = agreement(config, args)
         print("agreement:", json.dumps(result["agreement_with_bf16"]), flush=True)
     biggest = max(result["rows"], key=lambda r: r["batch"])
-    set_variant(biggest["ours_variant"], plan)
+    set_variant(biggest["ours_variant"])
     result["profile_variant"] = biggest["ours_variant"]
     result["profile_eager_step"] = profile_step(model, max(args.batch_sizes), args)[:25]
     result["profile_graph_step"] = profile_step(model, max(args.batch_sizes), args, graphs=True)[:25]
     if "before" in args.variants:
-        set_variant("before", plan)
+        set_variant("before")
         result["profile_graph_step_before"] = profile_step(model, max(args.batch_sizes), args, graphs=True)[
             :25
         ]

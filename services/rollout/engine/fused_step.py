@@ -21,8 +21,7 @@ them) with no extra step. FP8 layers (`Fp8Linear`) are fused the same way, e4m3 
 wire's block scales, and run on FP8 tensor cores (`kernels/fp8_gemm.py`); their activations are
 quantized inside the norm and SiLU kernels, so only the attention output pays a separate quantize
 launch. W4A16 layers (`W4A16Linear`: packed int4 + group scales) are fused alike and run
-`kernels/w4a16.py`'s GEMM on the bf16 activations. Dense layers run `F.linear`, or at large batch
-`kernels/dense_gemm.py`'s tile for a weight shape where it measured faster on the GPU.
+`kernels/w4a16.py`'s GEMM on the bf16 activations.
 
 Used by the engine on CUDA for decode (graphed and eager) when `available`; prefill and the CPU
 path run the model's forward. `tests/test_engine_gpu.py` pins it against that forward.
@@ -31,11 +30,11 @@ path run the model's forward. `tests/test_engine_gpu.py` pins it against that fo
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slipstream.kernels import attention as attention_kernel
 from slipstream.kernels import decode_layer as kernels
-from slipstream.kernels import dense_gemm
 from slipstream.kernels.fp8_linear import Fp8Linear, fp8_matmul, quantize_rows
 from slipstream.kernels.w4a16 import W4A16Linear, w4a16_linear
 from slipstream.models import CausalLM
@@ -91,7 +90,7 @@ class _Fused:
             return fp8_matmul(xq, xs, self.weight, self.scale, dtype, self.bias)
         if self.kind == "w4a16":
             return w4a16_linear(x, self.weight, self.scale, self.bias)
-        return dense_gemm.linear(x, self.weight, self.bias)  # F.linear unless a tile won on this GPU
+        return F.linear(x, self.weight, self.bias)
 
 
 class FusedDecoder:
