@@ -51,18 +51,14 @@ FORMATS = {  # name: (NativeEngine keywords, int4 weights)
 VARIANTS = {
     "fp8_cublas_64": ("fp8", {"fp8_linear.CUBLAS_FROM_M": 64}, [64]),
     "fp8_cublas_small_16": ("fp8", {"fp8_linear.CUBLAS_SMALL_FROM_M": 16}, [16, 64]),
-    "fp8_merge_unrolled": ("fp8", {"gemm_plan.MERGE_UNROLL": True}, [1, 64]),
+    "fp8_merge_rolled": ("fp8", {"gemm_plan.MERGE_UNROLL": False}, [1, 64]),
     "fp8_block_n_128": ("fp8", {"gemm_plan.DECODE_BLOCK_N": 128}, [64]),
     "fp8_split_4": ("fp8", {"gemm_plan.SPLIT_PROGRAMS_PER_SM": 4}, [64]),
     "fp8_stages_4": ("fp8", {"gemm_plan.DECODE_STAGES": 4}, [64]),
-    "w4a16_prefetch": ("w4a16", {"gemm_plan.GEMV_PREFETCH": True}, [1]),
-    "w4a16_own_scales": ("w4a16", {"gemm_plan.GEMV_OWN_SCALES": True}, [1]),
-    "w4a16_own_scales_prefetch": ("w4a16", {"gemm_plan.GEMV_OWN_SCALES": True,
-                                            "gemm_plan.GEMV_PREFETCH": True}, [1]),
+    "w4a16_gemv_s11": ("w4a16", {"gemm_plan.GEMV_OWN_SCALES": False, "gemm_plan.GEMV_PREFETCH": False}, [1]),
+    "w4a16_own_scales_only": ("w4a16", {"gemm_plan.GEMV_PREFETCH": False}, [1]),
+    "w4a16_prefetch_only": ("w4a16", {"gemm_plan.GEMV_OWN_SCALES": False}, [1]),
     "w4a16_gemv_64_rows": ("w4a16", {"gemm_plan.GEMV_BLOCK_N": 64, "gemm_plan.GEMV_PROGRAMS_PER_SM": 8}, [1]),
-    "w4a16_gemv_64_rows_all": ("w4a16", {"gemm_plan.GEMV_BLOCK_N": 64, "gemm_plan.GEMV_PROGRAMS_PER_SM": 8,
-                                         "gemm_plan.GEMV_OWN_SCALES": True,
-                                         "gemm_plan.GEMV_PREFETCH": True}, [1]),
 }  # fmt: skip
 # --profile: GPU time by kernel over replays of these (format, batch) decode graphs (first run).
 PROFILED = [("bf16", 1), ("bf16", 64), ("bf16", 256), ("fp8", 64), ("fp8", 256), ("w4a16", 1)]

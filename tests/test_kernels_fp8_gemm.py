@@ -153,7 +153,7 @@ def test_fp8_gemm_kernel_matches_the_dequantized_product():
 )
 @pytest.mark.parametrize(
     "knobs",
-    [{"MERGE_UNROLL": True}, {"DECODE_BLOCK_N": 128}, {"SPLIT_PROGRAMS_PER_SM": 4}, {"DECODE_STAGES": 4}],
+    [{"MERGE_UNROLL": False}, {"DECODE_BLOCK_N": 128}, {"SPLIT_PROGRAMS_PER_SM": 4}, {"DECODE_STAGES": 4}],
 )
 @torch.no_grad()
 def test_fp8_gemm_under_the_benchmarked_tilings(monkeypatch, knobs):

@@ -85,26 +85,25 @@ _INTERPRETED = textwrap.dedent(
     from slipstream.quant.int4 import dequantize_int4, quantize_int4
 
     torch.manual_seed(0)
-    for m, n, k, dtype, bias, prefetch, unroll, rows in [
-        (1, 64, 128, torch.float32, False, False, False, 128),
-        (5, 192, 640, torch.float32, True, False, False, 128),
-        (7, 100, 384, torch.float16, True, False, False, 128),
-        (300, 130, 256, torch.float32, True, False, False, 128),
-        (3, 1024, 640, torch.float32, False, False, False, 128),  # 2 splits of 4 steps, the last past K
-        (3, 1024, 640, torch.float32, True, False, True, 128),  # the split-K merge unrolled
+    for m, n, k, dtype, bias, prefetch, rows in [
+        (1, 64, 128, torch.float32, False, False, 128),
+        (5, 192, 640, torch.float32, True, False, 128),
+        (7, 100, 384, torch.float16, True, False, 128),
+        (300, 130, 256, torch.float32, True, False, 128),
+        (3, 1024, 640, torch.float32, False, False, 128),  # 2 splits of 4 steps, the last one past K
+        (3, 1024, 640, torch.float32, True, False, 128),
         # one token: the GEMV (int32 words, no tensor cores), with and without loading a step ahead;
         # 16 "SMs": 2 splits of 4 and 8 steps, the last past K, and 16 splits of one step
-        (1, 4096, 640, torch.float32, True, False, False, 128),
-        (1, 4096, 640, torch.float32, True, True, False, 128),
-        (1, 4096, 2048, torch.float32, False, True, False, 128),
-        (1, 130, 2048, torch.float32, True, True, False, 128),
-        (1, 100, 384, torch.float16, True, False, False, 128),
-        (1, 200, 256, torch.float32, False, False, False, 128),
-        # 64 rows a program, the merge unrolled, with and without the look-ahead
-        (1, 200, 2048, torch.float32, True, False, True, 64),
-        (1, 4096, 640, torch.float32, True, True, True, 64),
+        (1, 4096, 640, torch.float32, True, False, 128),
+        (1, 4096, 640, torch.float32, True, True, 128),
+        (1, 4096, 2048, torch.float32, False, True, 128),
+        (1, 130, 2048, torch.float32, True, True, 128),
+        (1, 100, 384, torch.float16, True, False, 128),
+        (1, 200, 256, torch.float32, False, False, 128),
+        (1, 200, 2048, torch.float32, True, False, 64),  # 64 rows a program, with and without the look-ahead
+        (1, 4096, 640, torch.float32, True, True, 64),
     ]:
-        gemm_plan.GEMV_PREFETCH, gemm_plan.MERGE_UNROLL, gemm_plan.GEMV_BLOCK_N = prefetch, unroll, rows
+        gemm_plan.GEMV_PREFETCH, gemm_plan.GEMV_BLOCK_N = prefetch, rows
         packed, scales = quantize_int4(torch.randn(n, k))
         x = torch.randn(m, k).to(dtype)
         b = torch.randn(n).to(dtype) if bias else None
@@ -155,17 +154,18 @@ def test_w4a16_kernel_matches_dequantize_then_matmul():
 @pytest.mark.parametrize(
     "knobs",
     [
-        {"GEMV_PREFETCH": True},
-        {"GEMV_OWN_SCALES": True},
-        {"GEMV_OWN_SCALES": True, "GEMV_PREFETCH": True},
+        {"GEMV_OWN_SCALES": False, "GEMV_PREFETCH": False},
+        {"GEMV_OWN_SCALES": False, "GEMV_PREFETCH": True},
+        {"GEMV_OWN_SCALES": True, "GEMV_PREFETCH": False},
+        {"GEMV_BLOCK_N": 64, "GEMV_PROGRAMS_PER_SM": 8, "GEMV_OWN_SCALES": False, "GEMV_PREFETCH": False},
         {"GEMV_BLOCK_N": 64, "GEMV_PROGRAMS_PER_SM": 8},
-        {"GEMV_BLOCK_N": 64, "GEMV_PROGRAMS_PER_SM": 8, "GEMV_OWN_SCALES": True, "GEMV_PREFETCH": True},
     ],
 )
 @torch.no_grad()
 def test_w4a16_gemv_under_the_benchmarked_tilings(monkeypatch, knobs):
-    """The one-token GEMV under the choices bench/precision_gpu.py --variants times (any may become
-    the default): a 16-way split-K shape and a 2-way one, bf16 and fp32 activations."""
+    """The one-token GEMV under the other choices bench/precision_gpu.py --variants times (the
+    defaults, own scales and the look-ahead, run in the test above): a 16-way split-K shape and a
+    2-way one, bf16 and fp32 activations."""
     from slipstream.kernels import gemm_plan
 
     for name, value in knobs.items():

@@ -15,6 +15,15 @@ orders of magnitude; one scale per token keeps each row's own range. Computing t
 pass over the activations, which is tiny next to the weight read it halves, and the fused decode
 folds it into its norm and SiLU kernels.
 
+From `CUBLAS_FROM_M` tokens on, the product goes to cuBLAS's block-scaled `torch._scaled_mm` on the
+same numbers. It reads the weight's scales as [K/128, N/128] blocks and each token's scale
+repeated over its 128-wide groups, group-major. The first are derived once per scale buffer and
+kept (re-read in place when a weight update writes the buffer, so a CUDA graph that captured them
+computes with the new version); the second the quantize step writes in that layout as it makes
+them (`new_row_scales`). A decode step pays no scale copies for either where its quantize steps
+do so (the fused norm/SiLU kernels of `kernels/decode_layer.py` still write [M, 1], copied once
+per GEMM).
+
 The fallback (CPU, GPUs without FP8 tensor cores) computes the same function in fp32: dequantize
 both operands and multiply. `tests/test_kernels.py` and `tests/test_kernels_fp8_gemm.py` pin the
 two against each other and against the bf16 layer.
@@ -116,15 +125,18 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 # From this many tokens on, FP8 GEMMs whose weight scales are whole 128x128 blocks go to cuBLAS
 # (`torch._scaled_mm` with 1x128 activation and 128x128 weight scales) instead of our Triton
-# kernel; None: never. On the H200 (docs/benchmarks.md, issue 16) it made the Qwen3-8B shape's
-# decode at batch 256 1.18-1.20x bf16 (Triton: 0.90-0.93x) and batch 64 slower (0.99-1.01x
-# against 1.20-1.22x), so it starts at 256. Its numerics were checked on the H200 (torch 2.11,
-# CUDA 13: tests/test_kernels_fp8_gemm.py's cuBLAS test, cuBLAS taking M = 64 and 256 on the 0.6B
-# and 8B shapes, within 5e-3 of the dequantized product; it refuses M = 1, which stays Triton).
+# kernel; None: never. Its numerics were checked on the H200 (torch 2.11, CUDA 13:
+# tests/test_kernels_fp8_gemm.py's cuBLAS tests, M = 16..256 taken, within 5e-3 of the
+# dequantized product, and under a CUDA graph across a weight update; it refuses M = 1, which
+# stays Triton). On the H200 (docs/benchmarks.md, issue 16, the Qwen3-8B shape) it makes the decode
+# at batch 256 1.24x bf16 (Triton: 0.90-0.93x) since its scales stopped costing a copy per GEMM
+# (session 11, with the copies: 1.21x), and batch 64 slower (1.05x against Triton's 1.25x), so it
+# starts at 256.
 CUBLAS_FROM_M: int | None = 256
 # From this many tokens on, the GEMMs of at most CUBLAS_SMALL_WEIGHTS weights (N * K) go to cuBLAS
-# too (None: never): on the H200 at M = 64 cuBLAS's block-wise GEMM alone timed faster than ours
-# for the 8B shape's q|k|v and o (19 / 18 against 31 / 41 us), slower for gate|up and down.
+# too (None: never). Alone at M = 64 cuBLAS's block-wise GEMM timed faster than ours for the 8B
+# shape's q|k|v and o (19 / 18 against 31 / 41 us); in the decode step it lost (session 12, from
+# 16: 1.21x bf16 at batch 16 against 1.32x, 1.20x at 64 against 1.24x), so it stays off.
 CUBLAS_SMALL_FROM_M: int | None = None
 CUBLAS_SMALL_WEIGHTS = 32 << 20
 _scaled_mm_failed: set[tuple[torch.device, int, int, int]] = set()  # (device, M, N, K) cuBLAS refused
@@ -164,10 +176,10 @@ def _block_scales(w_scale: torch.Tensor) -> torch.Tensor | None:
     repeat whole 128x128 blocks (distinct row scales, [N, 1] ones, N not a multiple of 128).
 
     Read once per buffer, eagerly (the engine runs every step eagerly before capturing it), and
-    kept: a decode step asks 4 times a layer, and a copy each time was a kernel per GEMM in the
-    graph. Whether the rows are whole blocks is the layout's (what `Fp8Linear.load_blocks_`
-    stores, and q|k|v or gate|up fused from parts whose row counts are multiples of 128), decided
-    on the first read. The values follow the buffer: `Fp8Linear.load_blocks_` re-reads them in
+    kept: a copy per call was a kernel per GEMM in the decode graph (144 a step on the 8B shape).
+    Whether the rows are whole blocks is the layout's (what `Fp8Linear.load_blocks_` stores, and
+    q|k|v or gate|up fused from parts whose row counts are multiples of 128), decided on the
+    first read. The values follow the buffer: `Fp8Linear.load_blocks_` re-reads them in
     place after a weight update (`refresh_block_scales`), and an eager call that finds the
     buffer's version counter moved since re-reads them too. Under capture an unseen or changed
     buffer answers None (the Triton kernel: the same function from the buffer itself)."""

@@ -52,17 +52,20 @@ DECODE_BLOCK_M, DECODE_WARPS = 64, 4
 W4A16_GEMV = True
 GEMV_BLOCK_N, GEMV_WARPS, GEMV_STAGES, GEMV_PROGRAMS_PER_SM = 128, 4, 3, 4
 # Whether the GEMV loads a group's words one step ahead, into registers (Triton does not pipeline
-# its plain loads: without this each step waits out a memory latency). Not yet measured: off.
-GEMV_PREFETCH = False
-# Whether each GEMV thread loads its own rows' group scales (no trip through shared memory and
-# no barriers a step: `w4a16._group_scales`). Not yet measured: off.
-GEMV_OWN_SCALES = False
-# Whether the split-K merge (the last split of a tile sums every split's partial) is unrolled, so
-# its loads from L2 are issued together instead of one round trip per split. The same sum in the
-# same order either way. LLVM already unrolls the GEMV's (one value a thread), not the FP8
-# kernel's (sm_90 SASS, [64, 64] tiles, 4 splits: 180 loads rolled, 276 unrolled). Not yet
-# measured: off.
-MERGE_UNROLL = False
+# its plain loads), and whether each thread loads its own rows' group scales (no trip through
+# shared memory and no barriers a step: `w4a16._group_scales`). On the H200 (docs/benchmarks.md,
+# issue 16, session 12, the Qwen3-8B shape at batch 1, two runs) the two together made the decode
+# step's replay 3.15 ms against 3.29 (1.52x bf16 against 1.45x); own scales alone 3.19-3.20, the
+# look-ahead alone 3.32-3.33; 64 rows a program (8 per SM) 3.35-3.36, with both 3.31-3.32.
+GEMV_PREFETCH = True
+GEMV_OWN_SCALES = True
+# Whether the FP8 kernel's split-K merge (the last split of a tile sums every split's partial) is
+# unrolled, so its loads from L2 are issued together instead of one round trip per split: LLVM
+# leaves the loop rolled for [64, 64] tiles (sm_90 SASS: 180 loads rolled, 276 unrolled). The same
+# sum in the same order either way. On the H200 (session 12, 8B shape, two runs) batch 64's step
+# replayed in 4.37-4.38 ms against 4.40 (1.250-1.253x bf16 against 1.244-1.245x), batch 1 the same.
+# The W4A16 kernels keep the loop: the GEMV's is unrolled by LLVM anyway (one value a thread).
+MERGE_UNROLL = True
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,12 @@ One token (decode at batch 1, where W4A16 is meant to pay) takes a GEMV instead
 (`_w4a16_gemv_kernel`): a tensor-core dot would waste 15 of its 16 token columns and needs the
 nibbles interleaved in registers first. The GEMV reads the packed bytes as int32 words (8 inputs
 each, 16-byte loads), turns each nibble into an exact fp32 with one `lop3` and one subtraction
-(`_magic`), and multiplies on CUDA cores in fp32 (products q * x are exact). On the H200 it made the
-Qwen3-8B shape's batch-1 decode step 3.35 ms against the tensor-core kernel's 4.28 ms
-(docs/benchmarks.md, issue 16); it is still short of the bytes' floor: its loads wait out their
-latency each step (`gemm_plan.GEMV_PREFETCH` loads a step ahead, not yet measured).
+(`_magic`), and multiplies on CUDA cores in fp32 (products q * x are exact). Each step's words are
+loaded one step ahead (`gemm_plan.GEMV_PREFETCH`) and each thread loads its own rows' scales
+(`_group_scales`: no trip through shared memory, no barrier a step). On the H200 the GEMV made the
+Qwen3-8B shape's batch-1 decode step 3.35 ms against the tensor-core kernel's 4.28 ms, and the two
+choices 3.15 ms (docs/benchmarks.md, issue 16); its 144 launches a step still stream ~1.7 TB/s,
+a third of the bandwidth.
 
 Same function as `dequantize_int4` then matmul, which is what runs on the CPU (and on GPUs
 without Triton); the roundings differ only in where fp32 products meet bf16 (the kernel scales
@@ -66,7 +68,7 @@ if triton is not None:
         x_ptr, p_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, M, N, K,
         stride_xm, stride_pn, stride_sn, stride_om,
         CHUNK: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
-        MERGE_UNROLL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_K: tl.constexpr,
     ):  # fmt: skip
         pid_n, pid_m, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -100,7 +102,7 @@ if triton is not None:
             scale = next_scale
         gemm_plan.store_tile(
             acc, out_ptr, part_ptr, count_ptr, bias_ptr, offs_n, offs_m, M, N, stride_om, SPLITS, HAS_BIAS,
-            MERGE_UNROLL,
+            False,
         )  # fmt: skip
 
     @triton.jit
@@ -135,8 +137,7 @@ if triton is not None:
     def _w4a16_gemv_kernel(
         x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, N, K, stride_wn, stride_sn,
         CHUNK: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-        PREFETCH: tl.constexpr, OWN_SCALES: tl.constexpr, MERGE_UNROLL: tl.constexpr, BLOCK_N: tl.constexpr,
-        GROUP_K: tl.constexpr,
+        PREFETCH: tl.constexpr, OWN_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_K: tl.constexpr,
     ):  # fmt: skip
         """One token: out[n] = sum over groups g of scale[n, g] * sum_i q[n, i] * x[i], on CUDA
         cores. w is the packed bytes read as int32 words: word w holds inputs 8w..8w+7, input
@@ -189,7 +190,7 @@ if triton is not None:
         out = tl.sum(acc, axis=1)[:, None]  # [BLOCK_N, 1]: store_tile's transposed tile of one token
         gemm_plan.store_tile(
             out, out_ptr, part_ptr, count_ptr, bias_ptr, offs_n, tl.arange(0, 1), 1, N, N, SPLITS, HAS_BIAS,
-            MERGE_UNROLL,
+            False,
         )  # fmt: skip
 
 
@@ -233,8 +234,7 @@ def w4a16_matmul(
         x2, packed, scales, bias if bias is not None else scales, out, part, counters, m, n, k,
         x2.stride(0), packed.stride(0), scales.stride(0), out.stride(0),
         CHUNK=p.chunk, SPLITS=p.splits, HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32,
-        MERGE_UNROLL=gemm_plan.MERGE_UNROLL, BLOCK_N=p.block_n, BLOCK_M=p.block_m, GROUP_K=GROUP,
-        num_warps=p.num_warps, num_stages=p.num_stages,
+        BLOCK_N=p.block_n, BLOCK_M=p.block_m, GROUP_K=GROUP, num_warps=p.num_warps, num_stages=p.num_stages,
     )  # fmt: skip
     return out
 
@@ -251,7 +251,6 @@ def _gemv(
         words.stride(0), scales.stride(0),
         CHUNK=p.chunk, SPLITS=p.splits, HAS_BIAS=bias is not None, ASM=x.is_cuda,
         PREFETCH=gemm_plan.GEMV_PREFETCH, OWN_SCALES=gemm_plan.GEMV_OWN_SCALES,
-        MERGE_UNROLL=gemm_plan.MERGE_UNROLL,
         BLOCK_N=p.block_n, GROUP_K=GROUP, num_warps=p.num_warps, num_stages=p.num_stages,
     )  # fmt: skip
     return out
