@@ -18,7 +18,7 @@ Several online drafts train beside the same target on the same batches, one per 
 its gradient norm clipped to 1 as actor.py clips the draft. Session 5's bench did not clip, and
 its draft (lr 1e-3, same target, data and seed) ended phase A at ln(512) nats, the best a draft
 that ignores its input can do; clipped, the same recipe is at 1.2 nats by step 20 (H200,
-session 12). The run records each draft's cross-entropy, regression loss and pre-norm residual
+session 11). The run records each draft's cross-entropy, regression loss and pre-norm residual
 (its RMS, and the share of it that depends on the input: a collapsed draft outputs one vector)
 every --log-every steps. The draft that ends phase B lowest is the "online" (and its end-of-A
 copy the "frozen") measured in full; the others' online rows follow.
