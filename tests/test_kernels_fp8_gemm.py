@@ -290,3 +290,29 @@ def test_cublas_route_takes_the_gemms_its_knobs_name(monkeypatch):
     assert not fp8_linear._takes_cublas(64, 4096, 24576) and not fp8_linear._takes_cublas(64, 12288, 4096)
     assert not fp8_linear._takes_cublas(1, 4096, 4096)
     assert fp8_linear.new_row_scales(16, 4096, torch.device("cpu"))[1] == 32  # laid out for cuBLAS
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@torch.no_grad()
+def test_fused_norm_and_silu_quantize_as_quantize_rows_in_cublas_layout():
+    """The decode step's fused add+RMSNorm and SiLU*up kernels quantize their rows exactly as
+    `quantize_rows` does, and from CUBLAS_FROM_M tokens write each token's scale over its 128-wide
+    groups (the layout cuBLAS's route reads without a copy), below it one column."""
+    from slipstream.kernels.decode_layer import add_rmsnorm, silu_mul
+
+    torch.manual_seed(0)
+    for m in (64, 256):
+        x = torch.randn(m, 1024, device="cuda", dtype=torch.bfloat16)
+        w = torch.randn(1024, device="cuda", dtype=torch.bfloat16)
+        gate_up = torch.randn(m, 2 * 3072, device="cuda", dtype=torch.bfloat16)
+        for plain, (q, s) in [
+            (add_rmsnorm(x.clone(), None, w, 1e-6), add_rmsnorm(x.clone(), None, w, 1e-6, quant=True)),
+            (silu_mul(gate_up), silu_mul(gate_up, quant=True)),
+        ]:
+            want_q, want_s = quantize_rows(plain)
+            assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8)) and torch.equal(s, want_s)
+            groups = getattr(s, "group_scales", None)
+            assert (groups is not None) == (m >= fp8_linear.CUBLAS_FROM_M), m
+            if groups is not None:
+                assert torch.equal(groups, s.expand_as(groups))

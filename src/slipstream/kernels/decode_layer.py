@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from slipstream.kernels.fp8_linear import new_row_scales
 from slipstream.quant import FP8_DTYPE
 
 try:
@@ -41,18 +42,23 @@ def available(device: torch.device, head_dim: int) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _store_quantized_row(h, q_ptr, s_ptr, row, N, offs, mask):
-        # per-token e4m3 of the row just computed, exactly fp8_linear.quantize_rows
+    def _store_quantized_row(
+        h, q_ptr, s_ptr, row, N, M, offs, mask, GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr
+    ):
+        # per-token e4m3 of the row just computed, exactly fp8_linear.quantize_rows, its scale
+        # stored once per 128-wide group, group-major ([GROUPS, M]: `fp8_linear.new_row_scales`)
         hf = h.to(tl.float32)
         scale = tl.maximum(tl.max(tl.abs(hf), axis=0), 1e-12) / 448.0
         q = tl.minimum(tl.maximum(hf / scale, -448.0), 448.0)
         tl.store(q_ptr + row * N + offs, q.to(tl.float8e4nv), mask=mask)
-        tl.store(s_ptr + row, scale)
+        groups = tl.arange(0, GROUPS_P2)
+        tl.store(s_ptr + groups * M + row, tl.zeros_like(groups.to(tl.float32)) + scale, mask=groups < GROUPS)
 
     @triton.jit
     def _add_rmsnorm_kernel(
-        x_ptr, r_ptr, w_ptr, out_ptr, q_ptr, s_ptr, N, eps,
+        x_ptr, r_ptr, w_ptr, out_ptr, q_ptr, s_ptr, N, M, eps,
         HAS_RES: tl.constexpr, QUANT: tl.constexpr, BLOCK: tl.constexpr,
+        GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr,
     ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
@@ -70,7 +76,7 @@ if triton is not None:
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         h = (w * y).to(dt)
         if QUANT:
-            _store_quantized_row(h, q_ptr, s_ptr, row, N, offs, mask)
+            _store_quantized_row(h, q_ptr, s_ptr, row, N, M, offs, mask, GROUPS, GROUPS_P2)
         else:
             tl.store(out_ptr + row * N + offs, h, mask=mask)
 
@@ -128,7 +134,10 @@ if triton is not None:
         tl.store(v_dst + D // 2 + half, v2.to(kv_ty), mask=is_v)
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, q_ptr, s_ptr, N, QUANT: tl.constexpr, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(
+        gu_ptr, out_ptr, q_ptr, s_ptr, N, M,
+        QUANT: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr, GROUPS_P2: tl.constexpr,
+    ):  # fmt: skip
         row = tl.program_id(0).to(tl.int64)
         offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < N
@@ -138,7 +147,7 @@ if triton is not None:
         a = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)  # F.silu rounds before the multiply
         h = (a * u).to(dt)
         if QUANT:  # one block holds the whole row here (the wrapper says so)
-            _store_quantized_row(h, q_ptr, s_ptr, row, N, offs, mask)
+            _store_quantized_row(h, q_ptr, s_ptr, row, N, M, offs, mask, GROUPS, GROUPS_P2)
         else:
             tl.store(out_ptr + row * N + offs, h, mask=mask)
 
@@ -152,20 +161,23 @@ def add_rmsnorm(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """x [M, N] (contiguous) += residual (in place, when given); RMSNorm(x) * weight.
 
-    Returns the normed rows, or with `quant` their per-token e4m3 quantization (q, scale [M, 1])."""
+    Returns the normed rows, or with `quant` their per-token e4m3 quantization (q, scale [M, 1];
+    laid out for cuBLAS too where the next GEMM goes there: `fp8_linear.new_row_scales`)."""
     m, n = x.shape
     block = triton.next_power_of_2(n)
+    groups = 1
     if quant:
         q = torch.empty((m, n), dtype=FP8_DTYPE, device=x.device)
-        scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+        scale, groups = new_row_scales(m, n, x.device)
         out = x  # unused
     else:
         out = torch.empty_like(x)
         q = scale = x  # unused
     r = residual if residual is not None else x
     _add_rmsnorm_kernel[(m,)](
-        x, r, weight, out, q, scale, n, eps,
-        HAS_RES=residual is not None, QUANT=quant, BLOCK=block, num_warps=_warps(block),
+        x, r, weight, out, q, scale, n, m, eps,
+        HAS_RES=residual is not None, QUANT=quant, BLOCK=block,
+        GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), num_warps=_warps(block),
     )  # fmt: skip
     return (q, scale) if quant else out
 
@@ -205,16 +217,18 @@ def silu_mul(gate_up: torch.Tensor, quant: bool = False) -> torch.Tensor | tuple
     """gate_up [M, 2N] (gate | up) -> SiLU(gate) * up [M, N], or its per-token e4m3 (q, scale)."""
     m, n2 = gate_up.shape
     n = n2 // 2
+    groups = 1
     if quant:
         block = triton.next_power_of_2(n)
         q = torch.empty((m, n), dtype=FP8_DTYPE, device=gate_up.device)
-        scale = torch.empty((m, 1), dtype=torch.float32, device=gate_up.device)
+        scale, groups = new_row_scales(m, n, gate_up.device)
         out = gate_up
     else:
         block = min(1024, triton.next_power_of_2(n))
         out = torch.empty((m, n), dtype=gate_up.dtype, device=gate_up.device)
         q = scale = gate_up
     _silu_mul_kernel[(m, triton.cdiv(n, block))](
-        gate_up, out, q, scale, n, QUANT=quant, BLOCK=block, num_warps=_warps(block)
-    )
+        gate_up, out, q, scale, n, m, QUANT=quant, BLOCK=block,
+        GROUPS=groups, GROUPS_P2=triton.next_power_of_2(groups), num_warps=_warps(block),
+    )  # fmt: skip
     return (q, scale) if quant else out
