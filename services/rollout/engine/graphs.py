@@ -98,6 +98,9 @@ class DecodeGraphs:
         advances the host's lengths."""
         if self.slots.generation != self._generation:  # a table the graphs read was reallocated
             self.graphs.clear()
+            # and a new pool: capturing into one whose graphs are all gone trips the caching
+            # allocator's assert (use_count > 0, torch 2.11 on the H200)
+            self.pool = torch.cuda.graph_pool_handle() if self.capture else None
             self._generation = self.slots.generation
         self.set_running(n)
         b = self.bucket(n)
