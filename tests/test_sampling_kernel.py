@@ -9,14 +9,11 @@ on CUDA.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from importlib.util import find_spec
 
 import pytest
 import torch
+from kernel_checks import needs_interpreter, run_checks
 
 CHECKS = textwrap.dedent(
     """
@@ -57,24 +54,12 @@ CHECKS = textwrap.dedent(
 )
 
 
-def _interpreter_runs_loops() -> bool:
-    """Triton 3.6's interpreter needs NumPy < 2.3 for a runtime loop bound (test_true_on_policy_gpu)."""
-    if find_spec("triton") is None:
-        return False
-    import numpy
-
-    return tuple(int(x) for x in numpy.__version__.split(".")[:2]) < (2, 3)
-
-
-@pytest.mark.skipif(not _interpreter_runs_loops(), reason="needs Triton and NumPy < 2.3 (its interpreter)")
+@needs_interpreter
 def test_split_sampler_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run([sys.executable, "-c", CHECKS], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_checks(CHECKS, interpret=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_split_sampler_on_the_gpu():
-    out = subprocess.run([sys.executable, "-c", CHECKS], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_checks(CHECKS, interpret=False)

@@ -9,14 +9,11 @@ skipped where Triton is not installed, as in the project's CPU venv).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from importlib.util import find_spec
 
 import pytest
 import torch
+from kernel_checks import needs_interpreter, run_checks
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -73,29 +70,14 @@ KERNEL_CHECKS = textwrap.dedent(
 )
 
 
-def _interpreter_runs_loops() -> bool:
-    """Triton 3.6's interpreter turns a runtime loop bound into an index through `int()` of a
-    one-element array, which NumPy 2.3 and later refuse."""
-    if find_spec("triton") is None:
-        return False
-    import numpy
-
-    return tuple(int(x) for x in numpy.__version__.split(".")[:2]) < (2, 3)
-
-
-@pytest.mark.skipif(not _interpreter_runs_loops(), reason="needs Triton and NumPy < 2.3 (its interpreter)")
+@needs_interpreter
 def test_kernels_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    out = subprocess.run(
-        [sys.executable, "-c", KERNEL_CHECKS], env=env, capture_output=True, text=True, timeout=600
-    )
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_checks(KERNEL_CHECKS, interpret=True)
 
 
 @cuda
 def test_kernels_on_the_gpu():
-    out = subprocess.run([sys.executable, "-c", KERNEL_CHECKS], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+    run_checks(KERNEL_CHECKS, interpret=False)
 
 
 @cuda
