@@ -129,9 +129,9 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # tests/test_kernels_fp8_gemm.py's cuBLAS tests, M = 16..256 taken, within 5e-3 of the
 # dequantized product, and under a CUDA graph across a weight update; it refuses M = 1, which
 # stays Triton). On the H200 (docs/benchmarks.md, issue 16, the Qwen3-8B shape) it makes the decode
-# at batch 256 1.24x bf16 (Triton: 0.90-0.93x) since its scales stopped costing a copy per GEMM
-# (session 11, with the copies: 1.21x), and batch 64 slower (1.05x against Triton's 1.25x), so it
-# starts at 256.
+# at batch 256 1.25-1.28x bf16 (Triton: 0.90-0.93x) since neither the weight's nor the tokens'
+# scales cost a copy per GEMM (session 11, with the copies: 1.21x), and batch 64 slower (1.05x
+# against Triton's 1.25x), so it starts at 256.
 CUBLAS_FROM_M: int | None = 256
 # From this many tokens on, the GEMMs of at most CUBLAS_SMALL_WEIGHTS weights (N * K) go to cuBLAS
 # too (None: never). Alone at M = 64 cuBLAS's block-wise GEMM timed faster than ours for the 8B
