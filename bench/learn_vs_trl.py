@@ -62,6 +62,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import statistics
 import subprocess
@@ -363,7 +364,25 @@ def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dic
     return {
         "side": "mesh", "argv": argv[2:], "curve": curve, "checkpoint_s": round(saved, 3),
         "stopped": live.stopped, "placement": placement[-1] if placement else None,
+        **_start_up(run_dir),
     }  # fmt: skip
+
+
+# What a run's first steps waited for, kept in the JSON (a GPU call brings back few files, so the
+# logs themselves often stay behind): the launcher's timeline (each service's ready, the first
+# step) and the rollout servers' warm-up and first weights versions, with their log times.
+_START_UP_LINES = re.compile(
+    r"decode graphs captured|now serving weights version [1-3] |attached to coordinator"
+)
+
+
+def _start_up(run_dir: Path) -> dict:
+    timeline = run_dir / "timeline.json"
+    events = json.loads(timeline.read_text())["events"] if timeline.exists() else []
+    lines = []
+    for path in sorted((run_dir / "logs").glob("rollout-*.log")):
+        lines += [x for x in path.read_text(errors="replace").splitlines() if _START_UP_LINES.search(x)]
+    return {"timeline": events, "rollout_start_up": lines}
 
 
 # ---- TRL ------------------------------------------------------------------------------------
