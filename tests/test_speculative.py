@@ -97,13 +97,17 @@ def sample_counts(engine: NativeEngine, prompt: list[int], length: int, num: int
     return counts
 
 
+@pytest.mark.parametrize("at_limit", [False, True], ids=["anywhere", "at-the-limit"])
 @pytest.mark.parametrize(
     "sampling", [dict(temperature=1.0), dict(temperature=0.7, top_p=0.9, top_k=4)], ids=["plain", "truncated"]
 )
-def test_token_frequencies_match_the_target_with_and_without_speculation(sampling):
+def test_token_frequencies_match_the_target_with_and_without_speculation(sampling, at_limit):
+    """`at_limit`: the sequences end at max_seq_len and k = 3 > the 2 tokens left after prefill, so
+    every verify runs positions past the cache (clamped, never kept)."""
     cfg = tiny_config()
-    spec, plain = engines(cfg, steps=2, max_batch_size=256)
     prompt, length, num = [1, 4, 2], 3, 6000
+    kw = dict(max_seq_len=len(prompt) + length) if at_limit else {}
+    spec, plain = engines(cfg, steps=3 if at_limit else 2, max_batch_size=256, **kw)
     probs = exact_joint(
         spec.model,
         prompt,
@@ -219,7 +223,9 @@ def test_weight_swap_mid_generation_versions_each_token():
         assert r.versions == sorted(r.versions) and r.versions[-1] == 5 and r.versions[0] == 0
 
 
-def test_sequences_that_reach_the_length_limit_decode_plainly_at_the_end():
+def test_sequences_that_reach_the_sequence_limit_speculate_to_its_last_token():
+    """Within k of max_seq_len a row still drafts k (the verify's positions past the cache are
+    clamped and what they compute is never kept): greedy, the plain engine's tokens to the end."""
     cfg = tiny_config(vocab=11)
     spec, plain = engines(cfg, steps=3, max_batch_size=4, max_seq_len=14)
     reqs = _requests(temperature=0.0)

@@ -9,7 +9,12 @@ and are read, as `Result`s, at the `settle` after. So a finished row decodes one
 it retires (it lies past the length the row finished at, which each row records, and is never
 returned), and a result reaches the caller two steps after its last token. `drain` reads
 everything in flight at once (a device sync): an abort, the CPU engine (its steps are done when
-they return) and a speculative one (its steps read their kept counts anyway).
+they return).
+
+A speculative step keeps a number of tokens a row that only the device knows; the host has moved
+its lengths by the most a row can keep (`Slots.advance_at_most`). Its statuses then bring the
+device's lengths along, in the same copy: a finished row's end, and for every row still in a slot
+how far the host's length overshot, which is taken off when they are read.
 
 Rows are found by their request, not their slot: retiring compacts the running slots
 (`scheduler.compaction`), so a slot may hold another request by the time its status is read.
@@ -69,22 +74,36 @@ class Statuses:
 
     def __init__(self, status: torch.Tensor, slots: Slots, turns: _Turns | None) -> None:
         """`status` [n]: the codes of slots 0..n-1 (every occupied slot) after the step just queued;
-        `turns`: the pinned buffers to copy them into (None on the CPU: they are the host's)."""
-        self.codes, self.event = turns.copy(status) if turns is not None else (status, None)
+        `turns`: the pinned buffers to copy them into (None on the CPU: they are the host's). After
+        a speculative step (`slots.bounded`) the device's lengths come too."""
+        n = status.shape[0]
         self.requests = list(slots.requests)
-        self.lengths = slots.length[: len(self.requests)].clone()  # where a finished response ends
+        self.lengths = slots.length[:n].clone()  # where a finished response ends, or a bound of it
+        self.exact = not slots.bounded
+        if not self.exact:
+            status = torch.cat([status, slots.dev_ints[0, :n]])
+            slots.bounded = False
+        self.codes, self.event = turns.copy(status) if turns is not None else (status, None)
 
     def finished(self, slots: Slots) -> list[tuple[int, FinishReason, int]]:
         """(slot now, reason, length when it finished) of each finished row still in a slot; waits
-        for the step. Slots may have moved since (compaction), so rows are found by their request."""
+        for the step. Slots may have moved since (compaction), so rows are found by their request.
+        After a speculative step, the host's lengths of the rows still in a slot are corrected."""
         if self.event is not None:
             self.event.synchronize()
-        done = torch.nonzero(self.codes).squeeze(1).tolist()
-        if not done:
+        n = len(self.requests)
+        codes, lengths = self.codes[:n], self.lengths if self.exact else self.codes[n:]
+        done = torch.nonzero(codes).squeeze(1).tolist()
+        if self.exact and not done:
             return []
         slot_of = {id(req): i for i, req in enumerate(slots.requests)}
+        if not self.exact:  # rows retired already (an earlier finish) are gone
+            here = [(i, slot_of[id(req)]) for i, req in enumerate(self.requests) if id(req) in slot_of]
+            if here:
+                rows, now = torch.tensor(here).T
+                slots.length[now] -= self.lengths[rows] - lengths[rows]
         return [
-            (slot_of[id(self.requests[i])], _REASONS[int(self.codes[i])], int(self.lengths[i]))
+            (slot_of[id(self.requests[i])], _REASONS[int(codes[i])], int(lengths[i]))
             for i in done
             if id(self.requests[i]) in slot_of  # else retired already (an earlier finish)
         ]

@@ -5,7 +5,8 @@ requests (one right-padded prefill that also samples each one's first token), th
 rows the previous step finished, retire them and hand back the `Result`s of those retired the step
 before. Reading one step late keeps the GPU busy while the host schedules (`finishes.py`: a row
 decodes one token past its finish, which is dropped; results are those of reading at once); on
-the CPU, or with a draft head, a step reads its own finishes at once (`read_late`).
+the CPU a step reads its own finishes at once (`read_late`). A speculative step is read late too:
+the host's lengths are upper bounds until its statuses bring the device's (`finishes.py`).
 Requests join between steps, so the batch refills as soon as a slot frees up.
 
 The engine is two parts, nano-vllm's split: what runs next (`scheduler.py`: the waiting queue,
@@ -90,8 +91,8 @@ class NativeEngine:
         # own (at once). Late pays only where a step runs asynchronously: on a GPU. On the CPU a
         # step is done when its ops return, and the token a finished row decodes before its finish
         # is read (and the step an admission then waits for its slot) is pure loss: 2-11% of CPU
-        # tokens/s measured. A speculative step reads its kept counts on the host anyway.
-        self.read_late = runner.device.type == "cuda" and draft is None
+        # tokens/s measured.
+        self.read_late = runner.device.type == "cuda"
 
     # -- the Engine surface ----------------------------------------------------------------------
 

@@ -240,11 +240,10 @@ class ModelRunner:
     def decode(self, n: int) -> torch.Tensor:
         """One token for slots 0..n-1: feed each last token, attend over its cached prefix."""
         spec = self.speculator
-        if spec is not None and spec.active(self.policy_version) and (k := spec.steps_for(self, n)):
-            status = spec.decode(self, n, k)
-            self.slots.sync_lengths(n)  # it moved them on the host only
-            return status
-        kv_len = int(self.slots.length[:n].max())
+        if spec is not None and spec.active(self.policy_version):
+            return spec.decode(self, n)
+        # Capped: after a speculative step the host's lengths are upper bounds (`slots.py`).
+        kv_len = min(int(self.slots.length[:n].max()), self.max_seq_len)
         self._reserve(n, kv_len)  # the new token goes to the outputs' column kv_len (`slots.py`)
         rows = slice(0, n)
         if self.graphs is not None:  # the whole step, records and statuses included, is the replay

@@ -7,9 +7,11 @@ kept twice, in the same packed layout: on the host, where the engine needs their
 flags every step without a device sync, and on the device, where the decode step reads them
 and advances the lengths itself, inside its CUDA graph. The host writes the device's copy when
 it changes the table (admission, compaction); a decode step costs it no copy at all: it adds one
-to its own lengths as the device does to its. What the decode step writes every token (the last
-token, the generated tokens, their log-probs and versions) lives on the device only and is read
-back once, when the sequence finishes. Outputs are indexed by
+to its own lengths as the device does to its. A speculative step keeps 1..k+1 tokens a row, which
+the host learns a step later: it adds k + 1, so its lengths are upper bounds (`bounded`) until
+the step's lengths come back with its statuses and correct them (`finishes.py`). What the decode
+step writes every token (the last token, the generated tokens, their log-probs and versions)
+lives on the device only and is read back once, when the sequence finishes. Outputs are indexed by
 absolute position in the sequence, so a row's response is `out_tokens[i, prompt_len:length]`;
 they hold one position more than the KV cache, for the token a row that already finished
 decodes before the host knows it finished (`runner.py` reads the finished flags one step late).
@@ -84,6 +86,8 @@ class Slots:
         # Bumped whenever a device table is reallocated: a CUDA graph that read the old one is stale.
         self.generation = 0
         self._truncate: bool | None = None  # whether a running row truncates (top-k/top-p), cached
+        # The host's lengths are upper bounds: a speculative step was queued since the last statuses.
+        self.bounded = False
 
     @property
     def num_running(self) -> int:
@@ -205,10 +209,13 @@ class Slots:
         """The host's side of `record`: one token more in each row."""
         self.ints[0, rows].add_(1)
 
-    def sync_lengths(self, n: int) -> None:
-        """Copy the host's lengths of slots 0..n-1 to the device (after a step that moved them on
-        the host only: a speculative one)."""
-        self.dev_ints[0, :n] = to_device(self.length[:n], self.device)
+    def advance_at_most(self, rows: slice, most: int) -> None:
+        """The host's side of a speculative step: each row kept at most `most` tokens (how many is
+        on the device), so its length is an upper bound until `finishes.Statuses` takes off what it
+        overshot. (Not capped at the row's limit: the correction is a difference, and the sizes
+        taken from the bounds are capped at the sequence limit instead.)"""
+        self.ints[0, rows].add_(most)
+        self.bounded = True
 
     def release(self, keep: int) -> None:
         """Slots keep.. are free (after `move` filled the holes)."""

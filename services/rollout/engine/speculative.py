@@ -39,14 +39,25 @@ The step is device work from end to end: it reads its inputs from the slots' dev
 writes the kept tokens, their log-probs and versions, the last tokens, the pending state, the
 device's lengths and each row's status back, so on CUDA it is one CUDA graph replay per (batch
 bucket, KV bucket, truncation, k), padded as `graphs.py` pads plain decode. The host's part is the
-replay and one small read of the kept counts (its lengths move by them). Where the sampler's
-fused kernel runs (CUDA, no truncation), the drafts and the residual token are drawn by it from
-the logits with the salted seeds, and the acceptance ratio comes from its log-probs: no [n, V]
-noise is materialised, and max(0, p - q) is built only for the row each sequence resamples at;
-elsewhere the same noise is materialised, as the plain sampler does. Where the fused decode runs
-(`fused_step.py`), the verify runs its kernels too (`fused_verify`), attention one launch a layer
-over all k+1 queries of a slot (`kernels/verify_attention.py`); the draft's one layer runs the
-model's forward. A row within k tokens of the sequence limit makes the step decode plainly.
+replay: it does not wait for the kept counts. It moves its lengths by k + 1, an upper bound, and
+the step's lengths come back one step late with its statuses, which correct them (`finishes.py`),
+so the host queues step t+1 while the GPU runs step t, as in plain decode. Read late, a row that
+finished runs one more step before it retires; the step sees it finished (at its limit, or its
+last token a stop) and it keeps nothing.
+
+Where the sampler's fused kernel runs (CUDA, no truncation), the drafts and the residual token
+are drawn by it from the logits with the salted seeds, and the acceptance ratio comes from its
+log-probs: no [n, V] noise is materialised, and max(0, p - q) is built only for the row each
+sequence resamples at; elsewhere the same noise is materialised, as the plain sampler does.
+Where the fused decode runs (`fused_step.py`), the verify runs its kernels too (`fused_verify`),
+attention one launch a layer over all k+1 queries of a slot (`kernels/verify_attention.py`); the
+draft's one layer runs the model's forward.
+
+Near the sequence limit a row still drafts k. The verify's positions past the cache's last one
+are clamped to it, so junk keys land there; only a query at that last position reads them, and the
+token it would draw lies past the sequence limit, so it is never kept. Every row's tokens thus
+depend on its own request only, never on its batch, and reading late (which admits a request a
+step later) gives the results reading at once gives.
 """
 
 from __future__ import annotations
@@ -184,13 +195,14 @@ class Speculator:
         )
         self.pend_n = torch.ones(0, dtype=torch.int64, device=self.device)
         self._params = dict(self.draft.named_parameters())
-        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, tuple]] = {}
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._generation = runner.slots.generation
         self._pool = None
         self.resize(runner.cache.num_slots)
         self.num_verify_steps = 0  # speculative steps run (one target forward each)
-        self.num_verified_rows = 0  # row-steps: sum over steps of the batch size
-        self.num_kept_tokens = 0  # tokens those row-steps kept (acceptance length = kept / rows)
+        # [row-steps (sum over steps of the running rows), tokens they kept], counted by the step on
+        # the device: the host never reads the kept counts (`num_verified_rows`, `num_kept_tokens`).
+        self._tallies = torch.zeros(2, dtype=torch.int64, device=self.device)
 
     # -- bookkeeping that follows the slots -----------------------------------------------------
 
@@ -208,6 +220,22 @@ class Speculator:
     def active(self, policy_version: int) -> bool:
         """Draft only with a draft exactly as new as the target (never an older one)."""
         return self.draft_version == policy_version
+
+    @property
+    def num_verified_rows(self) -> int:
+        return int(self._tallies[0])
+
+    @num_verified_rows.setter
+    def num_verified_rows(self, value: int) -> None:
+        self._tallies[0] = value
+
+    @property
+    def num_kept_tokens(self) -> int:
+        return int(self._tallies[1])
+
+    @num_kept_tokens.setter
+    def num_kept_tokens(self, value: int) -> None:
+        self._tallies[1] = value
 
     @property
     def acceptance_length(self) -> float:
@@ -270,43 +298,34 @@ class Speculator:
 
     # -- one speculative step --------------------------------------------------------------------
 
-    def steps_for(self, runner: ModelRunner, n: int) -> int:
-        """Draft tokens this step proposes: k, or 0 (decode plainly) when a row is within k of the
-        sequence limit (the verify writes k+1 positions; one k keeps the buffers' shapes fixed)."""
-        room = runner.max_seq_len - int(runner.slots.length[:n].max()) - 1
-        return self.num_steps if room >= self.num_steps else 0
-
     @torch.no_grad()
-    def decode(self, runner: ModelRunner, n: int, k: int) -> torch.Tensor:
+    def decode(self, runner: ModelRunner, n: int) -> torch.Tensor:
         """Draft k, verify, accept for slots 0..n-1; each row's status (running/stop/length).
 
         The step is device work from end to end (one graph replay on CUDA): it reads its inputs
         from the slots' device tables and writes the kept tokens and the device's lengths there.
-        The host then reads how many tokens each row kept, its one wait a step, and moves its own
-        lengths on."""
-        s, cache = runner.slots, runner.cache
-        longest = int(s.length[:n].max())
-        runner._reserve(n, longest + k + 1)
+        The host waits for nothing: its lengths move by k + 1, the most a row keeps, until the
+        step's statuses bring the device's back (`finishes.py`)."""
+        s, cache, k = runner.slots, runner.cache, self.num_steps
+        longest = int(s.length[:n].max())  # an upper bound: the KV the step may reach
+        runner._reserve(n, min(longest + k + 1, runner.max_seq_len))  # clamped past it
         kv_len = longest + k
         if runner.graphs is not None:  # a preallocated cache: the padded graph step
-            status, kept = self._replay(runner, n, kv_len, s.truncate, k)
+            status = self._replay(runner, n, kv_len, s.truncate, k)
         else:
             kv_len = min(cache.capacity, -(-kv_len // KV_ALIGN) * KV_ALIGN)
-            status, kept = self._step(runner, n, kv_len, s.truncate, k, live=None)
-        kept = kept[:n].cpu()  # the host needs the new lengths (one small read per step)
-        s.length[:n] += kept
+            status = self._step(runner, n, kv_len, s.truncate, k, live=None)
+        s.advance_at_most(slice(0, n), k + 1)
         self.num_verify_steps += 1
-        self.num_verified_rows += n
-        self.num_kept_tokens += int(kept.sum())
         return status[:n]
 
     def _step(
         self, runner: ModelRunner, b: int, kv_len: int, truncate: bool, k: int, live: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor:
         """One speculative step for rows 0..b-1, device work only (what a CUDA graph captures); each
-        row's status and kept count. `live` [b] bool: the rows that hold a sequence (None: all); the
-        others, a graph's padding, run a dummy row in their free slot (as `graphs.py`'s do) and keep
-        their length."""
+        row's status. `live` [b] bool: the rows that hold a sequence (None: all); the others, a
+        graph's padding, run a dummy row in their free slot (as `graphs.py`'s do) and keep their
+        length."""
         s = runner.slots
         ints, floats = s.dev_ints[:, :b], s.dev_floats[:, :b]
 
@@ -435,18 +454,27 @@ class Speculator:
     def _keep(
         self, runner: ModelRunner, x: _Inputs, k: int, live: torch.Tensor | None, tokens: torch.Tensor,
         log_probs: torch.Tensor, accepted: torch.Tensor, hidden: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    ) -> torch.Tensor:  # fmt: skip
         """Write each row's kept tokens (accepted drafts + one, cut at a stop or the length limit)
-        and move its device length on; each row's status and kept count. Device work only."""
+        and move its device length on; each row's status. Device work only.
+
+        A row that finished in the last step (read late, the host has not retired it yet: at its
+        limit, or its last token a stop) keeps nothing; what the step wrote past its end is never
+        read. The tallies count the other live rows."""
         s = runner.slots
         b = tokens.shape[0]
         rows, span = s.slot_ids[:b], torch.arange(k + 1, device=self.device)
         limit = s.dev_ints[5, :b]
-        room = limit - x.length  # >= 1 for a running row (it would have finished otherwise)
+        room = limit - x.length  # >= 1 for a running row, 0 for one that finished at its limit
+        finished = (room <= 0) | (x.last_token[:, None] == s.dev_stop_ids[:b]).any(-1)
+        counted = ~finished
+        if live is not None:  # a padding row is neither: it keeps what it drew, in its free slot
+            finished, counted = finished & live, counted & live
         kept = torch.minimum(accepted + 1, room if live is None else torch.where(live, room, k + 1))
         stop = (tokens[..., None] == s.dev_stop_ids[:b, None, :]).any(-1) & (span < kept[:, None])
         first_stop = torch.where(stop, span, k + 1).min(1).values
-        kept = torch.minimum(kept, first_stop + 1)
+        kept = torch.where(finished, 0, torch.minimum(kept, first_stop + 1))
+        self._tallies += torch.stack([counted.sum(), (kept * counted).sum()])
         at = (x.length[:, None] + span).clamp(max=s.out_tokens.shape[1] - 1)
         s.out_tokens[rows[:, None], at] = tokens  # entries past `kept` are overwritten later
         s.out_log_probs[rows[:, None], at] = log_probs
@@ -457,13 +485,11 @@ class Speculator:
         length = x.length + kept  # x.length may be a view of the table: read before it moves
         s.dev_ints[0, :b] = length if live is None else torch.where(live, length, s.dev_ints[0, :b])
         status = torch.where(length >= limit, LENGTH, RUNNING)
-        return torch.where(first_stop < kept, STOP, status), kept
+        return torch.where(first_stop < kept, STOP, status)
 
     # -- CUDA graphs -----------------------------------------------------------------------------
 
-    def _replay(
-        self, runner: ModelRunner, n: int, kv_len: int, truncate: bool, k: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _replay(self, runner: ModelRunner, n: int, kv_len: int, truncate: bool, k: int) -> torch.Tensor:
         """The step for slots 0..n-1 from the graph of its (batch bucket, KV bucket, truncation, k)
         key, padded as `graphs.py` pads (its live-row count is the one both steps read)."""
         s, graphs = runner.slots, runner.graphs
@@ -476,22 +502,20 @@ class Speculator:
             return self._graph_step(runner, *key)
         if key not in self.graphs:
             self.graphs[key] = self._capture(runner, key)
-        graph, outs = self.graphs[key]
+        graph, status = self.graphs[key]
         graph.replay()
-        return outs
+        return status
 
-    def _graph_step(
-        self, runner: ModelRunner, b: int, kv_len: int, truncate: bool, k: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _graph_step(self, runner: ModelRunner, b: int, kv_len: int, truncate: bool, k: int) -> torch.Tensor:
         live = runner.graphs.rows[:b] < runner.graphs.num_running
         return self._step(runner, b, kv_len, truncate, k, live)
 
-    def _capture(self, runner: ModelRunner, key: tuple) -> tuple[torch.cuda.CUDAGraph, tuple]:
+    def _capture(self, runner: ModelRunner, key: tuple) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         # The warm-up (off the capture, as graphs.py explains) moves the rows on; put what it moved
         # back, so the replay runs the step once. Its other writes (KV, outputs at the same
         # positions) are the replay's own.
         s, b = runner.slots, key[0]
-        moved = [s.dev_ints[0, :b], s.last_token[:b], self.pend_n[:b], self.pend_hidden[:b]]
+        moved = [s.dev_ints[0, :b], s.last_token[:b], self.pend_n[:b], self.pend_hidden[:b], self._tallies]
         saved = [t.clone() for t in moved]
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -506,5 +530,5 @@ class Speculator:
         with torch.cuda.graph(
             graph, pool=self._pool, capture_error_mode="thread_local"
         ):  # graphs.py says why
-            outs = self._graph_step(runner, *key)
-        return graph, outs
+            status = self._graph_step(runner, *key)
+        return graph, status
