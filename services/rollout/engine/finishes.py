@@ -27,9 +27,8 @@ from collections.abc import Callable
 import torch
 
 from slipstream.services.rollout.engine.request import FinishReason, Result
-from slipstream.services.rollout.engine.slots import LENGTH, RUNNING, STOP, Slots, to_device
+from slipstream.services.rollout.engine.slots import LENGTH, STOP, Slots, to_device
 
-__all__ = ["LENGTH", "RUNNING", "STOP", "Finishes", "Retired", "Statuses"]  # the codes are slots.py's
 _REASONS: dict[int, FinishReason] = {STOP: "stop", LENGTH: "length"}
 
 

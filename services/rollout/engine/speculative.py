@@ -178,6 +178,124 @@ class _Inputs:
     seeds: torch.Tensor  # [B]
 
 
+def _propose(
+    draft: DraftHead, runner: ModelRunner, x: _Inputs, pend_hidden: torch.Tensor, kv_len: int,
+    truncate: bool, k: int, fused: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Step 1, draft: catch up on the pending positions (the last one's output proposes d_1),
+    then d_2..d_k autoregressively. Returns the drafts [n, k], log q_j(d_j) [n, k] and each
+    q_j [n, k, V] (its logits where `fused`, else its tempered, truncated log-probs)."""
+    model, embed, cache = runner.model, runner.model.model.embed_tokens, runner.cache
+    rows = torch.arange(x.length.shape[0], device=runner.device)
+    span = torch.arange(k + 1, device=runner.device)
+    limit = cache.capacity - 1
+    greedy = x.temperature <= 0
+    pos = (x.length[:, None] - 1 - x.pending[:, None] + span).clamp(max=limit)
+    out = draft(pend_hidden, x.pend_tokens, embed, pos, multi_token_attention(cache, pos, kv_len))
+    g = out[rows, x.pending - 1]
+    drafts, draft_lps, proposals = [], [], []  # d_j [n]; log q_j(d_j) [n]; q_j's logits or log-probs
+    for j in range(1, k + 1):
+        if j > 1:  # EAGLE: the draft's own output as the next position's hidden state
+            at = (x.length - 3 + j).clamp(max=limit)[:, None]
+            attention = multi_token_attention(cache, at, kv_len)
+            g = draft(g[:, None], drafts[-1][:, None], embed, at, attention)[:, 0]
+        logits = model.lm_head(g)
+        seeds, index = _salted(x.seeds, _SALT_DRAFT), x.length - 1 + j  # d_j is token index len-1+j
+        if fused:
+            d, lq = fused_sampling.sample(logits, x.temperature, seeds, index)
+            proposals.append(logits)
+        else:
+            q = tempered_log_probs(logits, x.temperature)
+            if truncate:  # renormalised after truncation: q(d) = exp(q[d] - logsumexp(q))
+                q = truncated(q, x.top_p, x.top_k)
+            d = torch.where(greedy, q.argmax(-1), _draw(q, seeds, index))
+            lq = q.gather(-1, d[:, None])[:, 0] - (q.logsumexp(-1) if truncate else 0)
+            proposals.append(q)
+        drafts.append(d)
+        draft_lps.append(lq)
+    return torch.stack(drafts, 1), torch.stack(draft_lps, 1), torch.stack(proposals, 1)
+
+
+def _speculate(
+    draft: DraftHead, runner: ModelRunner, x: _Inputs, pend_hidden: torch.Tensor, kv_len: int,
+    truncate: bool, k: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Draft, verify, accept (device work only, no host sync: what a CUDA graph captures).
+
+    Returns the k+1 candidate tokens per row [n, k+1] (the accepted drafts, then the token
+    drawn at the first rejection or the bonus; later entries are junk), the target's log-prob
+    of each [n, k+1], how many drafts were accepted [n], and the target's hidden states at the
+    verified positions [n, k+1, H].
+
+    Where the sampler's fused kernel runs and no row truncates (`fused`), no distribution is
+    materialised but the one row a sequence resamples from: the drafts are drawn by the kernel
+    from the draft's logits (which also gives log q(d_j)), log p(d_j) and the kept tokens'
+    log-probs come from its log-prob pass over the target's logits, and max(0, p - q) is built
+    from the logits of the row at the first rejection only. Elsewhere the tempered (and
+    truncated) log-probs are materialised, as the plain sampler does."""
+    model, embed, cache = runner.model, runner.model.model.embed_tokens, runner.cache
+    n, dev = x.length.shape[0], runner.device
+    rows = torch.arange(n, device=dev)
+    span = torch.arange(k + 1, device=dev)
+    limit = cache.capacity - 1
+    greedy = x.temperature <= 0
+    fused = not truncate and fused_sampling.available(embed.weight)
+    d, draft_lps, proposals = _propose(draft, runner, x, pend_hidden, kv_len, truncate, k, fused)
+
+    # 2. Verify: the target over [x_{len-1}, d_1..d_k] in one forward.
+    pos = (x.length[:, None] - 1 + span).clamp(max=limit)
+    fed = torch.cat([x.last_token[:, None], d], 1)
+    if runner.fused is not None:  # CUDA: the fused decode's kernels, ~13 launches a layer
+        hidden = fused_verify(runner.fused, fed, pos, cache)  # [n, k+1, H]
+    else:
+        hidden = model.model(fed, pos, multi_token_attention(cache, pos, kv_len))
+    logits = model.lm_head(hidden)  # [n, k+1, V]
+    vocab = logits.shape[-1]
+    flat, temps = logits.reshape(-1, vocab), x.temperature.repeat_interleave(k + 1)
+    if fused:  # log p_{j-1}(d_j) by the kernel's log-prob pass (row k's entry is unused)
+        lp_d = fused_sampling.log_probs(flat, temps, torch.cat([d, d[:, :1]], 1).view(-1))
+        lp_d = lp_d.view(n, k + 1)[:, :k]
+    else:
+        full = tempered_log_probs(flat, temps)  # the log-probs the trainer sees
+        target = full
+        if truncate:
+            target = truncated(full, x.top_p.repeat_interleave(k + 1), x.top_k.repeat_interleave(k + 1))
+        full, target = full.view(n, k + 1, vocab), target.view(n, k + 1, vocab)
+        lp_d = target[:, :k].gather(-1, d[..., None])[..., 0]
+        if truncate:
+            lp_d = lp_d - target[:, :k].logsumexp(-1)
+
+    # 3. Accept: d_j with probability min(1, p(d_j) / q(d_j)), both renormalised after truncation.
+    ratio = (lp_d - draft_lps).exp()
+    index = x.length[:, None] + span[:k]  # token index of d_1..d_k
+    u = uniform_noise(
+        _salted(x.seeds, _SALT_ACCEPT).repeat_interleave(k), index.reshape(-1), 1
+    ).view(n, k)  # fmt: skip
+    ok = torch.where(greedy[:, None], d == logits[:, :k].argmax(-1), u < ratio)
+    accepted = ok.long().cumprod(1).sum(1)  # [n] leading accepted drafts
+
+    # The token at the first rejection (or the bonus after k): normalise(max(0, p - q)), built
+    # for that one row of each sequence (q = 0 for the bonus).
+    rejected = proposals[rows, accepted.clamp(max=k - 1)]  # [n, V]
+    if fused:
+        divisor = torch.where(greedy, 1.0, x.temperature)[:, None]
+        p_at = torch.softmax(logits[rows, accepted].float() / divisor, -1)
+        q_at = torch.softmax(rejected.float() / divisor, -1)
+    else:
+        p_at, q_at = torch.softmax(target[rows, accepted], -1), torch.softmax(rejected, -1)
+    residual = (p_at - q_at * (accepted < k)[:, None]).clamp(min=0)
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)  # p == q to rounding
+    drawn = _draw(residual.log(), _salted(x.seeds, _SALT_RESIDUAL), x.length + accepted)
+    final = torch.where(greedy, logits[rows, accepted].argmax(-1), drawn)
+    tokens = torch.cat([d, torch.zeros_like(d[:, :1])], 1)
+    tokens[rows, accepted] = final
+    if fused_sampling.available(flat):  # the plain sampler's arithmetic on the GPU (`sampler.py`)
+        log_probs = fused_sampling.log_probs(flat, temps, tokens.view(-1)).view(n, k + 1)
+    else:
+        log_probs = full.gather(-1, tokens[..., None])[..., 0]
+    return tokens, log_probs, accepted, hidden
+
+
 class Speculator:
     def __init__(self, draft: DraftHead, num_steps: int, draft_version: int, runner: ModelRunner) -> None:
         if runner.experts_per_token:
@@ -342,114 +460,10 @@ class Speculator:
             pend_tokens=s.out_tokens[:b].gather(1, at), temperature=running(floats[0], 1.0),
             top_p=running(floats[1], 1.0), top_k=running(ints[4], 0), seeds=ints[3],
         )  # fmt: skip
-        tokens, log_probs, accepted, hidden = self._core(
-            runner, x, self.pend_hidden[:b, : k + 1], kv_len, truncate, k
+        tokens, log_probs, accepted, hidden = _speculate(
+            self.draft, runner, x, self.pend_hidden[:b, : k + 1], kv_len, truncate, k
         )
         return self._keep(runner, x, k, live, tokens, log_probs, accepted, hidden)
-
-    def _core(
-        self, runner: ModelRunner, x: _Inputs, pend_hidden: torch.Tensor, kv_len: int, truncate: bool, k: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Draft, verify, accept (device work only, no host sync: what a CUDA graph captures).
-
-        Returns the k+1 candidate tokens per row [n, k+1] (the accepted drafts, then the token
-        drawn at the first rejection or the bonus; later entries are junk), the target's log-prob
-        of each [n, k+1], how many drafts were accepted [n], and the target's hidden states at the
-        verified positions [n, k+1, H].
-
-        Where the sampler's fused kernel runs and no row truncates (`fused`), no distribution is
-        materialised but the one row a sequence resamples from: the drafts are drawn by the kernel
-        from the draft's logits (which also gives log q(d_j)), log p(d_j) and the kept tokens'
-        log-probs come from its log-prob pass over the target's logits, and max(0, p - q) is built
-        from the logits of the row at the first rejection only. Elsewhere the tempered (and
-        truncated) log-probs are materialised, as the plain sampler does."""
-        model, embed, cache = runner.model, runner.model.model.embed_tokens, runner.cache
-        n, dev = x.length.shape[0], self.device
-        rows = torch.arange(n, device=dev)
-        span = torch.arange(k + 1, device=dev)
-        limit = cache.capacity - 1
-        greedy = x.temperature <= 0
-        fused = not truncate and fused_sampling.available(embed.weight)
-
-        # 1. Catch up on the pending positions; the last one's output proposes d_1.
-        pos = (x.length[:, None] - 1 - x.pending[:, None] + span).clamp(max=limit)
-        out = self.draft(pend_hidden, x.pend_tokens, embed, pos, multi_token_attention(cache, pos, kv_len))
-        g = out[rows, x.pending - 1]
-        drafts, draft_lps, proposals = [], [], []  # d_j [n]; log q_j(d_j) [n]; q_j's logits or log-probs
-        for j in range(1, k + 1):
-            if j > 1:  # EAGLE: the draft's own output as the next position's hidden state
-                at = (x.length - 3 + j).clamp(max=limit)[:, None]
-                g = self.draft(
-                    g[:, None], drafts[-1][:, None], embed, at, multi_token_attention(cache, at, kv_len)
-                )[:, 0]
-            logits = model.lm_head(g)
-            seeds, index = _salted(x.seeds, _SALT_DRAFT), x.length - 1 + j  # d_j is token index len-1+j
-            if fused:
-                d, lq = fused_sampling.sample(logits, x.temperature, seeds, index)
-                proposals.append(logits)
-            else:
-                q = tempered_log_probs(logits, x.temperature)
-                if truncate:  # renormalised after truncation: q(d) = exp(q[d] - logsumexp(q))
-                    q = truncated(q, x.top_p, x.top_k)
-                d = torch.where(greedy, q.argmax(-1), _draw(q, seeds, index))
-                lq = q.gather(-1, d[:, None])[:, 0] - (q.logsumexp(-1) if truncate else 0)
-                proposals.append(q)
-            drafts.append(d)
-            draft_lps.append(lq)
-        d = torch.stack(drafts, 1)  # [n, k]
-
-        # 2. Verify: the target over [x_{len-1}, d_1..d_k] in one forward.
-        pos = (x.length[:, None] - 1 + span).clamp(max=limit)
-        fed = torch.cat([x.last_token[:, None], d], 1)
-        if runner.fused is not None:  # CUDA: the fused decode's kernels, ~13 launches a layer
-            hidden = fused_verify(runner.fused, fed, pos, cache)  # [n, k+1, H]
-        else:
-            hidden = model.model(fed, pos, multi_token_attention(cache, pos, kv_len))
-        logits = model.lm_head(hidden)  # [n, k+1, V]
-        vocab = logits.shape[-1]
-        flat, temps = logits.reshape(-1, vocab), x.temperature.repeat_interleave(k + 1)
-        if fused:  # log p_{j-1}(d_j) by the kernel's log-prob pass (row k's entry is unused)
-            lp_d = fused_sampling.log_probs(flat, temps, torch.cat([d, d[:, :1]], 1).view(-1))
-            lp_d = lp_d.view(n, k + 1)[:, :k]
-        else:
-            full = tempered_log_probs(flat, temps)  # the log-probs the trainer sees
-            target = full
-            if truncate:
-                target = truncated(full, x.top_p.repeat_interleave(k + 1), x.top_k.repeat_interleave(k + 1))
-            full, target = full.view(n, k + 1, vocab), target.view(n, k + 1, vocab)
-            lp_d = target[:, :k].gather(-1, d[..., None])[..., 0]
-            if truncate:
-                lp_d = lp_d - target[:, :k].logsumexp(-1)
-
-        # 3. Accept: d_j with probability min(1, p(d_j) / q(d_j)), both renormalised after truncation.
-        ratio = (lp_d - torch.stack(draft_lps, 1)).exp()
-        index = x.length[:, None] + span[:k]  # token index of d_1..d_k
-        u = uniform_noise(
-            _salted(x.seeds, _SALT_ACCEPT).repeat_interleave(k), index.reshape(-1), 1
-        ).view(n, k)  # fmt: skip
-        ok = torch.where(greedy[:, None], d == logits[:, :k].argmax(-1), u < ratio)
-        accepted = ok.long().cumprod(1).sum(1)  # [n] leading accepted drafts
-
-        # The token at the first rejection (or the bonus after k): normalise(max(0, p - q)), built
-        # for that one row of each sequence (q = 0 for the bonus).
-        rejected = torch.stack(proposals, 1)[rows, accepted.clamp(max=k - 1)]  # [n, V]
-        if fused:
-            divisor = torch.where(greedy, 1.0, x.temperature)[:, None]
-            p_at = torch.softmax(logits[rows, accepted].float() / divisor, -1)
-            q_at = torch.softmax(rejected.float() / divisor, -1)
-        else:
-            p_at, q_at = torch.softmax(target[rows, accepted], -1), torch.softmax(rejected, -1)
-        residual = (p_at - q_at * (accepted < k)[:, None]).clamp(min=0)
-        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_at)  # p == q to rounding
-        drawn = _draw(residual.log(), _salted(x.seeds, _SALT_RESIDUAL), x.length + accepted)
-        final = torch.where(greedy, logits[rows, accepted].argmax(-1), drawn)
-        tokens = torch.cat([d, torch.zeros_like(d[:, :1])], 1)
-        tokens[rows, accepted] = final
-        if fused_sampling.available(flat):  # the plain sampler's arithmetic on the GPU (`sampler.py`)
-            log_probs = fused_sampling.log_probs(flat, temps, tokens.view(-1)).view(n, k + 1)
-        else:
-            log_probs = full.gather(-1, tokens[..., None])[..., 0]
-        return tokens, log_probs, accepted, hidden
 
     def _keep(
         self, runner: ModelRunner, x: _Inputs, k: int, live: torch.Tensor | None, tokens: torch.Tensor,
