@@ -509,6 +509,7 @@ class Speculator:
         s, graphs = runner.slots, runner.graphs
         if s.generation != self._generation:  # a table the graphs read was reallocated
             self.graphs.clear()
+            self._pool = None  # and a new pool for the next captures (`DecodeGraphs.run` says why)
             self._generation = s.generation
         graphs.set_running(n)
         key = (graphs.bucket(n), kv_bucket(kv_len, runner.cache.capacity), truncate, k)
