@@ -3,8 +3,9 @@
 Why. Processes on one GPU without MPS take turns: the GPU time-slices between their contexts, so
 a kernel of the trainer waits out the rollout servers' and the other way round. A small model
 feels it most: on the H200 a 25M-parameter trainer step took ~0.065 s of compute when the four
-rollout servers beside it were idle and 0.10-0.13 s while they decoded. Under MPS every process
-is a client of one server, and their kernels run side by side.
+rollout servers beside it were idle and 0.096-0.123 s (medians of four runs) while they decoded.
+Under MPS every process is a client of one server, and their kernels run side by side: the
+median fell to 0.103-0.107 s in its first measurement (docs/benchmarks.md, issue 14).
 
 The launcher starts a control daemon of its own (pipe and log directories inside the run
 directory, so it never meets a system-wide one), gives every service the two directories, and
