@@ -372,7 +372,7 @@ def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dic
 # logs themselves often stay behind): the launcher's timeline (each service's ready, the first
 # step) and the rollout servers' warm-up and first weights versions, with their log times.
 _START_UP_LINES = re.compile(
-    r"decode graphs captured|now serving weights version [1-3] |attached to coordinator"
+    r"decode graphs captured|now serving weights version [1-3] |attached to coordinator|after the warm-up"
 )
 
 

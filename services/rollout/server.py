@@ -30,6 +30,7 @@ import grpc
 from slipstream import telemetry
 from slipstream.config import Config
 from slipstream.proto import rollout_pb2, rollout_pb2_grpc
+from slipstream.services.rollout import late_compiles
 from slipstream.services.rollout.attach import CoordinatorClient
 from slipstream.services.rollout.engine import Engine
 from slipstream.services.rollout.samples import Tokenizer, eos_token_ids, finish_sample, make_request
@@ -222,6 +223,8 @@ async def serve(cfg: Config) -> None:
     if captured := engine.warm_up():  # before it serves: the first batches replay at once
         log.info("rollout server %s: %d decode graphs captured in %.1f s", settings.server_id,
                  captured, time.perf_counter() - started)  # fmt: skip
+    if device.startswith("cuda"):
+        late_compiles.watch(settings.server_id)
     worker = EngineWorker(engine, asyncio.get_running_loop())
     worker.start()
     stopping = asyncio.Event()
