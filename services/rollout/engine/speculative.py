@@ -116,11 +116,10 @@ def fused_verify(
     """The target over T tokens a slot (tokens, positions [n, T]) with the fused decode's kernels:
     final-normed hidden [n, T, H], each position attending over its slot up to itself.
 
-    The rows are laid out token-major (row j*n + b), so the GEMMs, norms and SiLU run once over all
-    n*T rows. The q/k norm + RoPE + KV write kernel maps row b to slot b, so it runs once per token
-    index j over the n contiguous rows of that j; then one attention launch a layer takes all T
-    queries of each slot (`kernels/verify_attention.py`), after every key is written, so token j
-    sees tokens 0..j of its own slot."""
+    The rows are laid out token-major (row j*n + b), so every kernel of a layer runs once over all
+    n*T rows: the q/k norm + RoPE + KV write maps row r to slot r mod n, and one attention launch
+    takes all T queries of each slot (`kernels/verify_attention.py`) after every key is written,
+    so token j sees tokens 0..j of its own slot."""
     n, t = tokens.shape
     model, cfg = fused.model, fused.model.config
     flat_pos = positions.T.reshape(-1)
@@ -128,18 +127,14 @@ def fused_verify(
     x = model.model.embed_tokens(tokens.T.reshape(-1))
     dtype, heads = x.dtype, fused.num_heads
     cos, sin = rope_cos_sin(flat_pos, cfg.rope, dtype)
-    spans = [slice(j * n, (j + 1) * n) for j in range(t)]
     residual = None
     for i, (in_norm, qkv, q_norm, k_norm, o, post_norm, gate_up, down) in enumerate(fused.layers):
         h = decode_kernels.add_rmsnorm(x, residual, in_norm, fused.eps, quant=fused.fp8)
         mixed = qkv(h, dtype)
-        qs = [
-            decode_kernels.qk_norm_rope_kv(
-                mixed[r], q_norm, k_norm, cos[r], sin[r], flat_pos[r], cache.k[i], cache.v[i], heads, fused.eps
-            )
-            for r in spans
-        ]  # fmt: skip
-        out = verify_attention(torch.stack(qs), cache.k[i], cache.v[i], lengths)  # [T, n, heads, D]
+        q = decode_kernels.qk_norm_rope_kv(
+            mixed, q_norm, k_norm, cos, sin, flat_pos, cache.k[i], cache.v[i], heads, fused.eps, num_slots=n
+        )  # [T n, heads, D]
+        out = verify_attention(q.view(t, n, heads, -1), cache.k[i], cache.v[i], lengths)  # [T, n, heads, D]
         attn = o(out.view(t * n, -1), dtype)
         h = decode_kernels.add_rmsnorm(x, attn, post_norm, fused.eps, quant=fused.fp8)
         residual = down(decode_kernels.silu_mul(gate_up(h, dtype), quant=fused.fp8), dtype)

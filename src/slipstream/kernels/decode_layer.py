@@ -82,14 +82,16 @@ if triton is not None:
 
     @triton.jit
     def _qk_norm_rope_kv_kernel(
-        qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_ptr, v_ptr,
+        qkv_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, pos_ptr, q_out_ptr, k_ptr, v_ptr, num_slots,
         stride_qkv, stride_cs, stride_kb, stride_kh, stride_kn, eps,
         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_H: tl.constexpr, KV_FP8: tl.constexpr,
         QK_NORM: tl.constexpr,
     ):  # fmt: skip
         # One program per token, a [heads, D/2] tile per half: rows 0..H-1 are the query heads,
-        # then the KV heads' keys, then their values (the fused projection's column order).
+        # then the KV heads' keys, then their values (the fused projection's column order). Row b
+        # writes cache slot b mod num_slots (a verify's rows are token-major: row j*n + s is slot s).
         b = tl.program_id(0).to(tl.int64)
+        slot = b % num_slots
         j = tl.arange(0, BLOCK_H)[:, None]
         half = tl.arange(0, D // 2)[None, :]
         is_q = j < H
@@ -126,10 +128,10 @@ if triton is not None:
             k1, k2 = tl.clamp(k1, -448.0, 448.0), tl.clamp(k2, -448.0, 448.0)
             v1, v2 = tl.clamp(v1, -448.0, 448.0), tl.clamp(v2, -448.0, 448.0)
         kv_ty = k_ptr.dtype.element_ty
-        k_dst = k_ptr + b * stride_kb + (j - H) * stride_kh + pos * stride_kn
+        k_dst = k_ptr + slot * stride_kb + (j - H) * stride_kh + pos * stride_kn
         tl.store(k_dst + half, k1.to(kv_ty), mask=is_k)
         tl.store(k_dst + D // 2 + half, k2.to(kv_ty), mask=is_k)
-        v_dst = v_ptr + b * stride_kb + (j - H - HKV) * stride_kh + pos * stride_kn
+        v_dst = v_ptr + slot * stride_kb + (j - H - HKV) * stride_kh + pos * stride_kn
         tl.store(v_dst + half, v1.to(kv_ty), mask=is_v)
         tl.store(v_dst + D // 2 + half, v2.to(kv_ty), mask=is_v)
 
@@ -193,11 +195,13 @@ def qk_norm_rope_kv(
     v_cache: torch.Tensor,
     num_heads: int,
     eps: float,
+    num_slots: int | None = None,
 ) -> torch.Tensor:
     """qkv [B, (H + 2 Hkv) D] -> q [B, H, D] normed and rotated; the rotated key and the value of
-    row b land at position positions[b] of cache slot b (k/v_cache [>=B, Hkv, L, D], one layer).
-    cos/sin [B, D] (the halves duplicated, as `rope_cos_sin` gives them). q/k_weight: the head
-    RMSNorm weights [D], or None for a family without them (q and k are then only rotated)."""
+    row b land at position positions[b] of cache slot b mod num_slots (default B: slot b;
+    k/v_cache [>=min(B, num_slots), Hkv, L, D], one layer). cos/sin [B, D] (the halves duplicated,
+    as `rope_cos_sin` gives them). q/k_weight: the head RMSNorm weights [D], or None for a family
+    without them (q and k are then only rotated)."""
     b = qkv.shape[0]
     hkv, d = k_cache.shape[1], k_cache.shape[3]
     q = torch.empty((b, num_heads, d), dtype=qkv.dtype, device=qkv.device)
@@ -205,7 +209,7 @@ def qk_norm_rope_kv(
     qk_norm = q_weight is not None
     _qk_norm_rope_kv_kernel[(b,)](
         qkv, q_weight if qk_norm else qkv, k_weight if qk_norm else qkv,  # unread without norms
-        cos, sin, positions, q, k_cache, v_cache,
+        cos, sin, positions, q, k_cache, v_cache, num_slots or b,
         qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), eps,
         H=num_heads, HKV=hkv, D=d, BLOCK_H=block_h, KV_FP8=k_cache.dtype == FP8_DTYPE, QK_NORM=qk_norm,
         num_warps=_warps(block_h * d // 2),
