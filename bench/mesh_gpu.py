@@ -108,27 +108,48 @@ def mesh_run(name: str, flags: list[str], a, model: Path, prompts: Path, work: P
         *(["--torch-compile"] if a.compile else []), *flags,
     ]  # fmt: skip
     t0 = time.monotonic()
-    proc = subprocess.run(argv, capture_output=True, text=True, timeout=a.timeout)
+    timeout = a.timeout if a.deadline is None else min(a.timeout, a.deadline - t0)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, timed_out = proc.communicate(timeout=max(timeout, 1.0))[0], False
+    except subprocess.TimeoutExpired:
+        # The launcher stops its services in order on SIGTERM (and they die with it on SIGKILL):
+        # the steps it logged so far still give a step time, and the next run gets a free GPU.
+        proc.terminate()
+        try:
+            output = proc.communicate(timeout=20)[0]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output = proc.communicate()[0]
+        timed_out = True
     wall = time.monotonic() - t0
-    if proc.returncode != 0:
+    metrics = run_dir / "metrics.jsonl"
+    rows = (
+        [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        if metrics.exists()
+        else []
+    )
+    if (proc.returncode != 0 and not timed_out) or len(rows) < 2:
         return {
             "variant": name,
-            "error": f"exit {proc.returncode}",
-            "tail": (proc.stdout + proc.stderr)[-3000:],
+            "error": f"timed out after {timeout:.0f} s" if timed_out else f"exit {proc.returncode}",
+            "steps_logged": len(rows),
+            "tail": output[-3000:],
         }
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     gaps = [b["elapsed_s"] - a_["elapsed_s"] for a_, b in zip(rows, rows[1:], strict=False)]
     steady = gaps[1:] or gaps  # the first gap carries the first version's push and compile
-    timeline = json.loads((run_dir / "timeline.json").read_text())
+    timeline_file = run_dir / "timeline.json"
+    timeline = json.loads(timeline_file.read_text()) if timeline_file.exists() else {}
     trainer_log = run_dir / "logs" / "trainer.log"
     saves = [
         line.split("trainer")[-1].strip()
         for line in (trainer_log.read_text().splitlines() if trainer_log.exists() else [])
         if "checkpoint step" in line
     ]
-    placement = next((line for line in (proc.stdout + proc.stderr).splitlines() if "placement:" in line), "")
+    placement = next((line for line in output.splitlines() if "placement:" in line), "")
     out = {
         "variant": name,
+        **({"error": f"timed out after {timeout:.0f} s; the steps logged before it"} if timed_out else {}),
         "flags": flags,
         "placement": placement.strip(),
         "step_s_median": round(statistics.median(steady), 3),
@@ -161,13 +182,19 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--max-tokens-per-gpu", type=int, default=16384)
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--timeout", type=float, default=400)
+    p.add_argument("--timeout", type=float, default=400, help="seconds per mesh run")
+    p.add_argument(
+        "--budget-s", type=float, default=None,
+        help="seconds for the whole script: a mesh run past it is stopped (its logged steps kept)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "mesh_gpu.json")
     a = p.parse_args()
+    a.deadline = None if a.budget_s is None else time.monotonic() + a.budget_s
     import torch
 
     result: dict = {"bench": "mesh_gpu", "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                    "config": {k: str(v) for k, v in vars(a).items() if k != "out"}, "mesh": []}  # fmt: skip
+                    "config": {k: str(v) for k, v in vars(a).items() if k not in ("out", "deadline")},
+                    "mesh": []}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="mesh-gpu-") as tmp:
         work = Path(tmp)
         model, prompts = work / "model", work / "prompts.jsonl"
