@@ -20,11 +20,14 @@ graph reads the slots' tables). `host_profile`: the CUDA runtime calls and ATen 
 decode-only steps by host time, and how long a step waits for the GPU.
 `--attention-sweep` first times decode-attention block/warp/stage choices and uses the fastest.
 
-Before and after in one process (session 12): each batch runs the engine as `--variants` name them,
---repeats times each, interleaved: `before` is the one-program-a-row sampler (4096 logits a step,
-8 warps), `sampler` the engine as it is (the vocabulary split across programs,
-`kernels/sampling.py`); `ours_bf16` is the last variant's first run. `sampler_sweep` times the
-sampler alone, before and after, in a CUDA graph.
+Before and after in one process: each batch runs the engine as `--variants` name them (the
+sampler's knobs, `SAMPLER_VARIANTS`), --repeats times each, interleaved: `before` is the
+one-program-a-row sampler of session 11 (4096 logits a step, 8 warps), `split` session 12's (the
+vocabulary split across programs, four block reductions a block), `lanes` the engine as it is
+(`kernels/sampling.py`: per-lane accumulators reduced once per run); `ours_bf16` is the last
+variant's first run, and the graphed step is profiled under the first and the last. `sampler_sweep`
+times the sampler alone in a CUDA graph under each of `SAMPLER_SWEEP`'s knobs. `--attention-splits`
+times decode attention at the largest batch with the keys split across programs or not.
 """
 
 from __future__ import annotations
@@ -268,7 +271,7 @@ def set_variant(name: str) -> None:
     before building the engine)."""
     from slipstream.kernels import sampling
 
-    sampling.BLOCK, sampling.WARPS, sampling.PARTS = (4096, 8, 1) if name == "before" else SAMPLER_AFTER
+    sampling.BLOCK, sampling.WARPS, sampling.PARTS, sampling.LANES = SAMPLER_VARIANTS[name]
 
 
 def _graph_us(fn, calls: list[tuple], reps: int = 20) -> float:
@@ -293,8 +296,9 @@ def _graph_us(fn, calls: list[tuple], reps: int = 20) -> float:
 
 
 def sampler_sweep(config: Qwen3Config, batch_sizes: list[int]) -> list[dict]:
-    """The fused sampler alone on [batch, vocab] logits, one-program-a-row (before) and split
-    (after), in a CUDA graph; both must draw the same tokens."""
+    """The fused sampler alone on [batch, vocab] logits, in a CUDA graph: session 12's split
+    kernel, and the per-lane kernel (LANES) at its default and a few other blocks/warps/parts;
+    each must draw the split kernel's tokens."""
     from slipstream.kernels import sampling
 
     rows = []
@@ -308,27 +312,83 @@ def sampler_sweep(config: Qwen3Config, batch_sizes: list[int]) -> list[dict]:
         seeds = torch.arange(batch, device="cuda")
         positions = torch.full((batch,), 200, device="cuda")
         row = {"batch": batch}
-        drawn = {}
-        for name, knobs in (("before", (4096, 8, 1)), ("after", SAMPLER_AFTER)):
-            sampling.BLOCK, sampling.WARPS, sampling.PARTS = knobs
-            drawn[name] = sampling.sample(logits[0], temps, seeds, positions)
+        for name, knobs in SAMPLER_SWEEP.items():
+            sampling.BLOCK, sampling.WARPS, sampling.PARTS, sampling.LANES = knobs
+            tokens, lps = sampling.sample(logits[0], temps, seeds, positions)
+            if name == "split":
+                ref_tokens, ref_lps = tokens, lps
+            else:
+                row[f"{name}_same_tokens"] = bool(torch.equal(tokens, ref_tokens))
+                row[f"{name}_max_abs_log_prob_diff"] = float((lps - ref_lps).abs().max())
             calls = [(lg, temps, seeds, positions) for lg in logits]
             row[f"{name}_us"] = round(_graph_us(sampling.sample, calls), 2)
-        row["same_tokens"] = bool(torch.equal(drawn["before"][0], drawn["after"][0]))
-        row["max_abs_log_prob_diff"] = float((drawn["before"][1] - drawn["after"][1]).abs().max())
-        sampling.BLOCK, sampling.WARPS, sampling.PARTS = SAMPLER_AFTER
+        set_variant("lanes")
         rows.append(row)
         print("sampler:", json.dumps(row), flush=True)
     return rows
 
 
-def _sampler_defaults() -> tuple[int, int, int]:
+def _sampler_defaults() -> tuple[int, int, int, bool]:
     from slipstream.kernels import sampling
 
-    return sampling.BLOCK, sampling.WARPS, sampling.PARTS
+    return sampling.BLOCK, sampling.WARPS, sampling.PARTS, sampling.LANES
 
 
 SAMPLER_AFTER = _sampler_defaults()
+# name -> (BLOCK, WARPS, PARTS, LANES) of kernels/sampling.py
+SAMPLER_VARIANTS = {
+    "before": (4096, 8, 1, False),  # one program a row (session 11)
+    "split": (2048, 4, 32, False),  # the vocabulary split across programs (session 12)
+    "lanes": SAMPLER_AFTER,  # ... reduced once per run, greedy rows without noise (session 13)
+}
+SAMPLER_SWEEP = {
+    "split": SAMPLER_VARIANTS["split"],
+    "lanes": SAMPLER_AFTER,
+    "lanes_w8": (2048, 8, 32, True),
+    "lanes_b1024": (1024, 4, 32, True),
+    "lanes_b1024_w2": (1024, 2, 32, True),
+    "lanes_b4096_w8": (4096, 8, 32, True),
+}
+
+
+def attention_splits(config: Qwen3Config, args) -> list[dict]:
+    """Decode attention at the largest batch, one program per (sequence, KV head) against the keys
+    split across 2-3 programs (`splits`, merged by a second kernel), at the bench's mean context
+    and a longer one; measured only (the engine's choice is `attention.num_splits`)."""
+    from slipstream.kernels import attention
+
+    hkv, h, d = config.num_key_value_heads, config.num_attention_heads, config.head_dim
+    capacity, batch = args.prompt_len + args.new_tokens, max(args.batch_sizes)
+    g = torch.Generator(device="cuda").manual_seed(batch)
+    q = torch.randn(batch, h, 1, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    shape = (batch, hkv, capacity, d)  # four layers' worth of cache, used in turn (not the L2's)
+    ks = [torch.randn(shape, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4)]
+    vs = [torch.randn(shape, device="cuda", generator=g).to(torch.bfloat16) for _ in range(4)]
+    rows = []
+    for context in (args.prompt_len + args.new_tokens // 2 + 2, capacity - 64):
+        lengths = torch.full((batch,), context, device="cuda")
+        mask = (torch.arange(capacity, device="cuda")[None, :] < lengths[:, None])[:, None, None]
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q.float(), ks[0].float(), vs[0].float(), attn_mask=mask, enable_gqa=True
+        )
+        kv_bytes = 2 * batch * hkv * context * d * 2
+        for bn, w, st, sp in [
+            (128, 4, 2, 1),
+            (128, 4, 2, 2),
+            (64, 4, 3, 1),
+            (64, 4, 3, 2),
+            (64, 4, 3, 3),
+            (32, 4, 3, 2),
+        ]:
+            kw = dict(block_n=bn, num_warps=w, num_stages=st, splits=sp)
+            out = attention.decode_attention(q, ks[0], vs[0], lengths, **kw)
+            err = float((out.float() - ref).norm() / ref.norm())
+            us = _time_rotating(attention.decode_attention, q, ks, vs, lengths, kw)
+            row = {"batch": batch, "context": context, **kw, "us": round(us, 1), "rel_err": err}
+            rows.append({**row, "tb_per_s": round(kv_bytes / us / 1e6, 2)})
+            print("attention:", json.dumps(rows[-1]), flush=True)
+    return rows
+
 
 VARIANTS = {  # name -> NativeEngine options, each against bf16 weights and a bf16 cache
     "ours_fp8": dict(fp8=True),
@@ -448,11 +508,14 @@ def main() -> None:
     ap.add_argument("--skip-fp8", action="store_true")
     ap.add_argument("--attention-sweep", action="store_true", help="tune decode attention first")
     ap.add_argument(
+        "--attention-splits", action="store_true", help="time split-KV decode attention at the largest batch"
+    )
+    ap.add_argument(
         "--sweep-only", choices=["bf16", "fp8"], help="only the attention sweep, this cache dtype"
     )
     ap.add_argument("--hf-batch-sizes", type=int, nargs="+", help="transformers at these batches only")
     ap.add_argument(
-        "--variants", nargs="+", default=["before", "sampler"], choices=["before", "sampler"],
+        "--variants", nargs="+", default=["split", "lanes"], choices=list(SAMPLER_VARIANTS),
         help="bf16 engine variants, each --repeats times",
     )  # fmt: skip
     ap.add_argument("--repeats", type=int, default=1, help="runs of each variant, interleaved")
@@ -490,13 +553,16 @@ def main() -> None:
 
     result["sampler_sweep"] = sampler_sweep(config, args.batch_sizes)
     save()
+    if args.attention_splits:
+        result["attention_splits"] = attention_splits(config, args)
+        save()
     for batch in args.batch_sizes:
         row = {"batch": batch, "roofline": roofline(config, batch, args, weight_bytes), "variants": {}}
         names = args.variants
         for _ in range(args.repeats):
             for name in names:
                 set_variant(name)
-                run = bench_ours(model, batch, args, fp8=False, profile_host=name != "before")
+                run = bench_ours(model, batch, args, fp8=False, profile_host=name == names[-1])
                 row["variants"].setdefault(name, []).append(run)
                 print(f"batch {batch} {name}: {run['tokens_per_s']:.0f} tokens/s", flush=True)
         for name, runs in row["variants"].items():
@@ -534,8 +600,9 @@ def main() -> None:
     result["profile_variant"] = biggest["ours_variant"]
     result["profile_eager_step"] = profile_step(model, max(args.batch_sizes), args)[:25]
     result["profile_graph_step"] = profile_step(model, max(args.batch_sizes), args, graphs=True)[:25]
-    if "before" in args.variants:
-        set_variant("before")
+    if len(args.variants) > 1:  # the first variant named is the "before"
+        set_variant(args.variants[0])
+        result["profile_variant_before"] = args.variants[0]
         result["profile_graph_step_before"] = profile_step(model, max(args.batch_sizes), args, graphs=True)[
             :25
         ]

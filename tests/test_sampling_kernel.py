@@ -23,8 +23,11 @@ CHECKS = textwrap.dedent(
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    # vocabularies: one block, one run of several blocks, a last run of one id, Qwen's 151,936
-    for n, vocab in [(4, 20), (5, 5000), (4, 2049), (3, 18433), (6, 151936)]:
+    # vocabularies: one block, one run of several blocks, a last run of one id, Qwen's 151,936;
+    # each under the per-lane kernel (LANES, the default) and session 12's block reductions
+    cases = [(lanes, n, vocab) for lanes in (True, False) for n, vocab in [(4, 20), (5, 5000), (4, 2049), (3, 18433), (6, 151936)]]
+    for lanes, n, vocab in cases:
+        sampling.LANES = lanes
         per, parts = sampling.split(vocab)
         assert per % 2048 == 0 and (parts - 1) * per < vocab <= parts * per, (vocab, per, parts)
         logits = torch.randn(n, vocab, device=device) * 3

@@ -44,6 +44,11 @@ _GOLDEN = 0x9E3779B9
 # row aims for (the vocabulary is cut into that many runs of whole blocks; 152k ids -> 25 of 6,144).
 # Read per call, so bench/engine_gpu.py can run the one-program-a-row kernel of before (4096, 8, 1).
 BLOCK, WARPS, PARTS = 2048, 4, 32
+# LANES: each lane keeps its own running sum and best value over the run's blocks, reduced once at
+# the run's end, and greedy rows skip the noise (False: session 12's kernel, four block reductions
+# a block; kept so bench/engine_gpu.py can run both in one process). Same tokens either way; the
+# log-sum-exp's summation order differs, so a log-prob may differ in its last bits between the two.
+LANES = True
 
 
 def available(logits: torch.Tensor) -> bool:
@@ -71,26 +76,39 @@ if triton is not None:
     def _partial_kernel(
         logits_ptr, stride, temp_ptr, seed_ptr, pos_ptr, stats_ptr, idx_ptr,
         V, CHUNK, MASK, GOLDEN, SPLITS: tl.constexpr, BLOCK: tl.constexpr, GIVEN: tl.constexpr,
+        LANES: tl.constexpr,
     ):  # fmt: skip
         # Program (row, part) runs over vocabulary ids [part * CHUNK, (part + 1) * CHUNK) and leaves
-        # its running scalars in stats [row, 4, SPLITS] (max and sum of the log-sum-exp, best noisy
-        # and best plain value) and idx [row, 2, SPLITS] (their vocabulary ids).
+        # its scalars in stats [row, 4, SPLITS] (max and sum of the log-sum-exp, best noisy and best
+        # plain value) and idx [row, 2, SPLITS] (their vocabulary ids). Under LANES the best value
+        # is the row's own kind (logit + Gumbel noise for a sampled row, the plain logit for a
+        # greedy one), in slot 2 and id slot 0 only.
         # GIVEN: only the log-sum-exp is needed (`log_probs`: the trainer's side of
         # --true-on-policy-mode on the GPU), by the same loop that sampling runs.
         row = tl.program_id(0)
         part = tl.program_id(1)
         t = tl.load(temp_ptr + row)
-        t = tl.where(t <= 0, 1.0, t)
+        greedy = t <= 0
+        t = tl.where(greedy, 1.0, t)
         lo = part * CHUNK
         hi = tl.minimum(lo + CHUNK, V)
         base = logits_ptr + row.to(tl.int64) * stride
         neg = tl.full([BLOCK], float("-inf"), tl.float32)
         run_max = tl.max(neg, axis=0)
-        run_sum = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
-        best = tl.max(neg, axis=0)
-        best_idx = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
-        top = tl.max(neg, axis=0)
-        top_idx = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+        if LANES:
+            # Per-lane accumulators: lane l sees ids lo + l, lo + l + BLOCK, ... in order, so a
+            # strict `>` keeps each lane's lowest id of its maximum, and one reduction after the
+            # loop finds the lowest id of the run's maximum; the loop reduces once per block (the
+            # log-sum-exp's max) instead of four times.
+            run_sum = tl.zeros([BLOCK], tl.float32)
+            best = neg
+            best_idx = tl.zeros([BLOCK], tl.int32)
+        else:
+            run_sum = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+            best = tl.max(neg, axis=0)
+            best_idx = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+            top = tl.max(neg, axis=0)
+            top_idx = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
         if not GIVEN:
             seed = tl.load(seed_ptr + row)
             pos = tl.load(pos_ptr + row)
@@ -106,37 +124,60 @@ if triton is not None:
             z = x / t
             # online log-sum-exp of z (every block holds at least one valid id: m is finite)
             m = tl.maximum(run_max, tl.max(z, axis=0))
-            run_sum = run_sum * tl.exp(run_max - m) + tl.sum(tl.exp(z - m), axis=0)
+            if LANES:
+                run_sum = run_sum * tl.exp(run_max - m) + tl.exp(z - m)
+            else:
+                run_sum = run_sum * tl.exp(run_max - m) + tl.sum(tl.exp(z - m), axis=0)
             run_max = m
             if not GIVEN:
-                # counter-based noise, as sampler.uniform_noise spells it
-                h = _mix32_u32(_mix32_u32(key32 + offs.to(tl.uint32) * golden32, mul32) ^ key32, mul32)
-                u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-                y = tl.where(valid, z - tl.log(-tl.log(u)), float("-inf"))
-                i = tl.argmax(y, axis=0)
-                v = tl.max(y, axis=0)
-                better = v > best  # strict: the earlier block wins a tie, like torch.argmax
-                best_idx = tl.where(better, start + i, best_idx)
-                best = tl.where(better, v, best)
-                j = tl.argmax(x, axis=0)
-                w = tl.max(x, axis=0)
-                higher = w > top
-                top_idx = tl.where(higher, start + j, top_idx)
-                top = tl.where(higher, w, top)
+                if LANES:
+                    if greedy:  # the plain arg-max; no noise
+                        y = x
+                    else:  # counter-based noise, as sampler.uniform_noise spells it
+                        h = _mix32_u32(
+                            _mix32_u32(key32 + offs.to(tl.uint32) * golden32, mul32) ^ key32, mul32
+                        )
+                        u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+                        y = tl.where(valid, z - tl.log(-tl.log(u)), float("-inf"))
+                    better = y > best  # strict: a lane's earlier id wins a tie, like torch.argmax
+                    best_idx = tl.where(better, offs, best_idx)
+                    best = tl.where(better, y, best)
+                else:
+                    # counter-based noise, as sampler.uniform_noise spells it
+                    h = _mix32_u32(_mix32_u32(key32 + offs.to(tl.uint32) * golden32, mul32) ^ key32, mul32)
+                    u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+                    y = tl.where(valid, z - tl.log(-tl.log(u)), float("-inf"))
+                    i = tl.argmax(y, axis=0)
+                    v = tl.max(y, axis=0)
+                    better = v > best  # strict: the earlier block wins a tie, like torch.argmax
+                    best_idx = tl.where(better, start + i, best_idx)
+                    best = tl.where(better, v, best)
+                    j = tl.argmax(x, axis=0)
+                    w = tl.max(x, axis=0)
+                    higher = w > top
+                    top_idx = tl.where(higher, start + j, top_idx)
+                    top = tl.where(higher, w, top)
         out = stats_ptr + row.to(tl.int64) * (4 * SPLITS) + part
         tl.store(out, run_max)
-        tl.store(out + SPLITS, run_sum)
-        if not GIVEN:
-            tl.store(out + 2 * SPLITS, best)
-            tl.store(out + 3 * SPLITS, top)
-            ids = idx_ptr + row.to(tl.int64) * (2 * SPLITS) + part
-            tl.store(ids, best_idx)
-            tl.store(ids + SPLITS, top_idx)
+        ids = idx_ptr + row.to(tl.int64) * (2 * SPLITS) + part
+        if LANES:
+            tl.store(out + SPLITS, tl.sum(run_sum, axis=0))
+            if not GIVEN:
+                v = tl.max(best, axis=0)
+                tl.store(out + 2 * SPLITS, v)
+                tl.store(ids, tl.min(tl.where(best == v, best_idx, 2147483647), axis=0))
+        else:
+            tl.store(out + SPLITS, run_sum)
+            if not GIVEN:
+                tl.store(out + 2 * SPLITS, best)
+                tl.store(out + 3 * SPLITS, top)
+                tl.store(ids, best_idx)
+                tl.store(ids + SPLITS, top_idx)
 
     @triton.jit
     def _merge_kernel(
         logits_ptr, stride, temp_ptr, stats_ptr, idx_ptr, tok_ptr, lp_ptr, NUM_SPLITS,
-        SPLITS: tl.constexpr, GIVEN: tl.constexpr,
+        SPLITS: tl.constexpr, GIVEN: tl.constexpr, LANES: tl.constexpr,
     ):  # fmt: skip
         # One program a row, over its parts in vocabulary order: a fixed order for a given
         # vocabulary size, whatever the batch (the log-prob's reduction is a function of the row).
@@ -160,11 +201,12 @@ if triton is not None:
             ids = idx_ptr + row.to(tl.int64) * (2 * SPLITS) + parts
             best = tl.load(stats + 2 * SPLITS, mask=live, other=float("-inf"))
             best_ids = tl.load(ids, mask=live, other=2147483647)
-            best_idx = tl.min(tl.where(live & (best == tl.max(best, axis=0)), best_ids, 2147483647), axis=0)
-            top = tl.load(stats + 3 * SPLITS, mask=live, other=float("-inf"))
-            top_ids = tl.load(ids + SPLITS, mask=live, other=2147483647)
-            top_idx = tl.min(tl.where(live & (top == tl.max(top, axis=0)), top_ids, 2147483647), axis=0)
-            tok = tl.where(greedy, top_idx, best_idx)
+            tok = tl.min(tl.where(live & (best == tl.max(best, axis=0)), best_ids, 2147483647), axis=0)
+            if not LANES:  # the plain arg-max is kept apart from the noisy one
+                top = tl.load(stats + 3 * SPLITS, mask=live, other=float("-inf"))
+                top_ids = tl.load(ids + SPLITS, mask=live, other=2147483647)
+                top_idx = tl.min(tl.where(live & (top == tl.max(top, axis=0)), top_ids, 2147483647), axis=0)
+                tok = tl.where(greedy, top_idx, tok)
             tl.store(tok_ptr + row, tok.to(tl.int64))
         x_tok = tl.load(base + tok).to(tl.float32)
         tl.store(lp_ptr + row, x_tok / t - (m + tl.log(total)))
@@ -189,11 +231,12 @@ def _launch(logits, temperature, seeds, positions, tokens, given: bool) -> torch
     log_probs = torch.empty(n, dtype=torch.float32, device=logits.device)
     _partial_kernel[(n, parts)](
         logits, logits.stride(0), temperature, seeds.contiguous(), positions.contiguous(), stats, ids,
-        vocab, per, _MASK32, _GOLDEN, SPLITS=padded, BLOCK=BLOCK, GIVEN=given, num_warps=WARPS,
+        vocab, per, _MASK32, _GOLDEN, SPLITS=padded, BLOCK=BLOCK, GIVEN=given, LANES=LANES,
+        num_warps=WARPS,
     )  # fmt: skip
     _merge_kernel[(n,)](
         logits, logits.stride(0), temperature, stats, ids, tokens, log_probs, parts,
-        SPLITS=padded, GIVEN=given, num_warps=1,
+        SPLITS=padded, GIVEN=given, LANES=LANES, num_warps=1,
     )  # fmt: skip
     return log_probs
 
