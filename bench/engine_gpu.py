@@ -571,6 +571,8 @@ def main() -> None:
             row[f"{name}_over_roofline"] = [t / row["roofline"]["tokens_per_s"] for t in (min(tps), max(tps))]
         row["ours_bf16"] = row["variants"][names[-1]][0]
         row["ours_variant"] = names[-1]
+        result["rows"].append(row)  # saved now and again below: a cut call keeps the variants
+        save()
         set_variant(names[-1])  # the FP8 rows and the profiles run the last variant
         if not args.skip_fp8:
             for name, kw in VARIANTS.items():
@@ -588,7 +590,6 @@ def main() -> None:
                 row[f"{name}_over_transformers"] = [
                     t / row["transformers"]["tokens_per_s"] for t in row[f"{name}_tokens_per_s"]
                 ]
-        result["rows"].append(row)
         save()
         print(json.dumps(row), flush=True)
         torch.cuda.empty_cache()
