@@ -5,7 +5,7 @@ Qwen3-8B shape (where the GEMMs, not attention, dominate a step; --layers-8b tak
 
     python bench/precision_gpu.py [--batch-sizes 1 16 64 256] [--prompt-len 128] [--new-tokens 64]
                                   [--layers-8b 36] [--shapes 0.6b 8b] [--skip-kernels | --skip-engine]
-                                  [--variants] [--repeats 1] [--profile] [--gemm-sweep] [--sweep-shapes 8b]
+                                  [--variants [NAME ...]] [--repeats 1] [--profile] [--gemm-sweep] [--sweep-shapes 8b]
                                   [--out bench/results/precision_gpu.json]
 
 Our engine as the rollout server runs it (`NativeEngine`: fused decode step, CUDA graphs), random
@@ -59,8 +59,18 @@ VARIANTS = {
     "w4a16_own_scales_only": ("w4a16", {"gemm_plan.GEMV_PREFETCH": False}, [1]),
     "w4a16_prefetch_only": ("w4a16", {"gemm_plan.GEMV_OWN_SCALES": False}, [1]),
     "w4a16_gemv_64_rows": ("w4a16", {"gemm_plan.GEMV_BLOCK_N": 64, "gemm_plan.GEMV_PROGRAMS_PER_SM": 8}, [1]),
+    # session 13: two groups' words ahead in registers; Triton's pipeliner staging them through
+    # shared memory (cp.async) 2 or 3 groups ahead; either with fewer, longer programs (2 per SM)
+    "w4a16_ahead_2": ("w4a16", {"gemm_plan.GEMV_PREFETCH": 2}, [1]),
+    "w4a16_pipelined_3": ("w4a16", {"gemm_plan.GEMV_PREFETCH": 0, "gemm_plan.GEMV_PIPELINE": 3}, [1]),
+    "w4a16_pipelined_4": ("w4a16", {"gemm_plan.GEMV_PREFETCH": 0, "gemm_plan.GEMV_PIPELINE": 4}, [1]),
+    "w4a16_ahead_2_2_per_sm": ("w4a16", {"gemm_plan.GEMV_PREFETCH": 2, "gemm_plan.GEMV_PROGRAMS_PER_SM": 2}, [1]),
+    "w4a16_pipelined_4_2_per_sm": (
+        "w4a16", {"gemm_plan.GEMV_PREFETCH": 0, "gemm_plan.GEMV_PIPELINE": 4, "gemm_plan.GEMV_PROGRAMS_PER_SM": 2}, [1],
+    ),
 }  # fmt: skip
-# --profile: GPU time by kernel over replays of these (format, batch) decode graphs (first run).
+# --profile: GPU time by kernel over replays of these (format, batch) decode graphs (first run), and
+# of the variants of these formats at these batch sizes.
 PROFILED = [("bf16", 1), ("bf16", 64), ("bf16", 256), ("fp8", 64), ("fp8", 256), ("w4a16", 1)]
 
 
@@ -161,13 +171,14 @@ def bench_shape(name: str, config: Qwen3Config, args, rows: dict, save, profile:
     from slipstream.kernels.w4a16 import convert_to_w4a16
     from slipstream.services.rollout.engine import NativeEngine
 
-    runs = {fmt: (kw, int4, {}, args.batch_sizes) for fmt, (kw, int4) in FORMATS.items()}
-    if args.variants:
+    runs = {fmt: (fmt, kw, int4, {}, args.batch_sizes) for fmt, (kw, int4) in FORMATS.items()}
+    if args.variants is not None:
         runs |= {
-            name: (*FORMATS[fmt], knobs, [b for b in args.batch_sizes if b in batches])
+            name: (fmt, *FORMATS[fmt], knobs, [b for b in args.batch_sizes if b in batches])
             for name, (fmt, knobs, batches) in VARIANTS.items()
+            if not args.variants or name in args.variants
         }
-    for fmt, (kw, int4, knobs, batch_sizes) in runs.items():
+    for fmt, (base, kw, int4, knobs, batch_sizes) in runs.items():
         if not batch_sizes:
             continue
         t0 = time.perf_counter()
@@ -181,10 +192,16 @@ def bench_shape(name: str, config: Qwen3Config, args, rows: dict, save, profile:
         )  # fmt: skip
         weight_bytes = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         rows[fmt] = {"weight_bytes": weight_bytes}
-        for batch in batch_sizes:
-            profiled = profile and (fmt, batch) in PROFILED
-            rows[fmt][str(batch)] = run_engine(engine, batch, args, config.vocab_size, profiled)
-            print(f"{name} {fmt} batch {batch}: {json.dumps(rows[fmt][str(batch)])}", flush=True)
+        try:
+            for batch in batch_sizes:
+                profiled = profile and (base, batch) in PROFILED
+                rows[fmt][str(batch)] = run_engine(engine, batch, args, config.vocab_size, profiled)
+                print(f"{name} {fmt} batch {batch}: {json.dumps(rows[fmt][str(batch)])}", flush=True)
+        except Exception as e:  # a variant that does not compile is recorded; the formats' must run
+            if fmt in FORMATS:
+                raise
+            rows[fmt]["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+            print(f"{name} {fmt}: {rows[fmt]['error']}", flush=True)
         rows[fmt]["seconds"] = round(time.perf_counter() - t0, 1)
         save()
         _knobs(previous)
@@ -392,7 +409,10 @@ def main() -> None:
     ap.add_argument("--gemm-sweep", action="store_true", help="also time our GEMMs under other tilings")
     ap.add_argument("--sweep-shapes", nargs="+", choices=["0.6b", "8b"], default=["8b"])
     ap.add_argument(
-        "--variants", action="store_true", help="also run the engine under VARIANTS' GEMM choices"
+        "--variants",
+        nargs="*",
+        choices=list(VARIANTS),
+        help="also run the engine under VARIANTS' GEMM choices (these names; none: all)",
     )
     ap.add_argument(
         "--repeats", type=int, default=1, help="engine rows this many times (runs 2.. in `repeats`)"
@@ -416,7 +436,11 @@ def main() -> None:
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
         "formats": {k: {"engine": kw, "int4_weights": int4} for k, (kw, int4) in FORMATS.items()},
-        "variants": VARIANTS if args.variants else {},
+        "variants": {
+            k: v
+            for k, v in VARIANTS.items()
+            if args.variants is not None and k in (args.variants or VARIANTS)
+        },
         "plan": _plan_knobs(),
         "shapes": {},
     }

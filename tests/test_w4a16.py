@@ -85,25 +85,33 @@ _INTERPRETED = textwrap.dedent(
     from slipstream.quant.int4 import dequantize_int4, quantize_int4
 
     torch.manual_seed(0)
-    for m, n, k, dtype, bias, prefetch, rows in [
-        (1, 64, 128, torch.float32, False, False, 128),
-        (5, 192, 640, torch.float32, True, False, 128),
-        (7, 100, 384, torch.float16, True, False, 128),
-        (300, 130, 256, torch.float32, True, False, 128),
-        (3, 1024, 640, torch.float32, False, False, 128),  # 2 splits of 4 steps, the last one past K
-        (3, 1024, 640, torch.float32, True, False, 128),
-        # one token: the GEMV (int32 words, no tensor cores), with and without loading a step ahead;
-        # 16 "SMs": 2 splits of 4 and 8 steps, the last past K, and 16 splits of one step
-        (1, 4096, 640, torch.float32, True, False, 128),
-        (1, 4096, 640, torch.float32, True, True, 128),
-        (1, 4096, 2048, torch.float32, False, True, 128),
-        (1, 130, 2048, torch.float32, True, True, 128),
-        (1, 100, 384, torch.float16, True, False, 128),
-        (1, 200, 256, torch.float32, False, False, 128),
-        (1, 200, 2048, torch.float32, True, False, 64),  # 64 rows a program, with and without the look-ahead
-        (1, 4096, 640, torch.float32, True, True, 64),
+    for m, n, k, dtype, bias, prefetch, pipeline, rows in [
+        (1, 64, 128, torch.float32, False, 0, 0, 128),
+        (5, 192, 640, torch.float32, True, 0, 0, 128),
+        (7, 100, 384, torch.float16, True, 0, 0, 128),
+        (300, 130, 256, torch.float32, True, 0, 0, 128),
+        (3, 1024, 640, torch.float32, False, 0, 0, 128),  # 2 splits of 4 steps, the last one past K
+        (3, 1024, 640, torch.float32, True, 0, 0, 128),
+        # one token: the GEMV (int32 words, no tensor cores), loading 0, 1 or 2 groups ahead or
+        # with the loop pipelined; 16 "SMs": 2 splits of 4 and 8 steps, the last past K, and 16
+        # splits of one step
+        (1, 4096, 640, torch.float32, True, 0, 0, 128),
+        (1, 4096, 640, torch.float32, True, 1, 0, 128),
+        (1, 4096, 640, torch.float32, True, 2, 0, 128),
+        (1, 4096, 640, torch.float32, True, 0, 3, 128),
+        (1, 4096, 2048, torch.float32, False, 1, 0, 128),
+        (1, 4096, 2048, torch.float32, False, 2, 0, 128),
+        (1, 130, 2048, torch.float32, True, 1, 0, 128),
+        (1, 130, 2048, torch.float32, True, 2, 0, 128),
+        (1, 130, 2048, torch.float32, True, 0, 4, 128),
+        (1, 100, 384, torch.float16, True, 0, 0, 128),
+        (1, 100, 384, torch.float16, True, 2, 0, 128),
+        (1, 200, 256, torch.float32, False, 0, 0, 128),
+        (1, 200, 256, torch.float32, False, 2, 0, 128),  # one step a program: nothing ahead
+        (1, 200, 2048, torch.float32, True, 0, 0, 64),  # 64 rows a program, with and without the look-ahead
+        (1, 4096, 640, torch.float32, True, 1, 0, 64),
     ]:
-        gemm_plan.GEMV_PREFETCH, gemm_plan.GEMV_BLOCK_N = prefetch, rows
+        gemm_plan.GEMV_PREFETCH, gemm_plan.GEMV_PIPELINE, gemm_plan.GEMV_BLOCK_N = prefetch, pipeline, rows
         packed, scales = quantize_int4(torch.randn(n, k))
         x = torch.randn(m, k).to(dtype)
         b = torch.randn(n).to(dtype) if bias else None
@@ -154,11 +162,16 @@ def test_w4a16_kernel_matches_dequantize_then_matmul():
 @pytest.mark.parametrize(
     "knobs",
     [
-        {"GEMV_OWN_SCALES": False, "GEMV_PREFETCH": False},
-        {"GEMV_OWN_SCALES": False, "GEMV_PREFETCH": True},
-        {"GEMV_OWN_SCALES": True, "GEMV_PREFETCH": False},
-        {"GEMV_BLOCK_N": 64, "GEMV_PROGRAMS_PER_SM": 8, "GEMV_OWN_SCALES": False, "GEMV_PREFETCH": False},
+        {"GEMV_OWN_SCALES": False, "GEMV_PREFETCH": 0},
+        {"GEMV_OWN_SCALES": False, "GEMV_PREFETCH": 1},
+        {"GEMV_OWN_SCALES": True, "GEMV_PREFETCH": 0},
+        {"GEMV_BLOCK_N": 64, "GEMV_PROGRAMS_PER_SM": 8, "GEMV_OWN_SCALES": False, "GEMV_PREFETCH": 0},
         {"GEMV_BLOCK_N": 64, "GEMV_PROGRAMS_PER_SM": 8},
+        {"GEMV_PREFETCH": 2},
+        {"GEMV_PREFETCH": 2, "GEMV_PROGRAMS_PER_SM": 2},
+        {"GEMV_PREFETCH": 0, "GEMV_PIPELINE": 3},
+        {"GEMV_PREFETCH": 0, "GEMV_PIPELINE": 4},
+        {"GEMV_PREFETCH": 0, "GEMV_PIPELINE": 4, "GEMV_PROGRAMS_PER_SM": 2},
     ],
 )
 @torch.no_grad()

@@ -51,14 +51,20 @@ DECODE_BLOCK_M, DECODE_WARPS = 64, 4
 # weight rows per program, warps, pipeline stages, and the programs per SM its split-K aims for.
 W4A16_GEMV = True
 GEMV_BLOCK_N, GEMV_WARPS, GEMV_STAGES, GEMV_PROGRAMS_PER_SM = 128, 4, 3, 4
-# Whether the GEMV loads a group's words one step ahead, into registers (Triton does not pipeline
-# its plain loads), and whether each thread loads its own rows' group scales (no trip through
-# shared memory and no barriers a step: `w4a16._group_scales`). On the H200 (docs/benchmarks.md,
-# issue 16, session 12, the Qwen3-8B shape at batch 1, two runs) the two together made the decode
-# step's replay 3.15 ms against 3.29 (1.52x bf16 against 1.45x); own scales alone 3.19-3.20, the
-# look-ahead alone 3.32-3.33; 64 rows a program (8 per SM) 3.35-3.36, with both 3.31-3.32.
-GEMV_PREFETCH = True
+# How many groups' words the GEMV loads ahead, into registers (0, 1 or 2; Triton does not pipeline
+# a loop's plain loads unless the loop has its own stage count, GEMV_PIPELINE), and whether each
+# thread loads its own rows' group scales (no trip through shared memory and no barriers a step:
+# `w4a16._group_scales`). On the H200 (docs/benchmarks.md, issue 16, session 12, the Qwen3-8B
+# shape at batch 1, two runs) one group ahead and own scales made the decode step's replay 3.15 ms
+# against 3.29 (1.52x bf16 against 1.45x); own scales alone 3.19-3.20, the look-ahead alone
+# 3.32-3.33; 64 rows a program (8 per SM) 3.35-3.36, with both 3.31-3.32.
+GEMV_PREFETCH = 1
 GEMV_OWN_SCALES = True
+# A stage count for the GEMV's K loop (0: none): Triton's pipeliner then stages every wide load of
+# the loop (the words) through shared memory with cp.async, GEMV_PIPELINE - 1 groups ahead, as it
+# does for loads that feed a dot. Meant with GEMV_PREFETCH = 0 (a loop-carried look-ahead keeps
+# the pipeliner off).
+GEMV_PIPELINE = 0
 # Whether the FP8 kernel's split-K merge (the last split of a tile sums every split's partial) is
 # unrolled, so its loads from L2 are issued together instead of one round trip per split: LLVM
 # leaves the loop rolled for [64, 64] tiles (sm_90 SASS: 180 loads rolled, 276 unrolled). The same

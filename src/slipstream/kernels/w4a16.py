@@ -137,11 +137,14 @@ if triton is not None:
     def _w4a16_gemv_kernel(
         x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, N, K, stride_wn, stride_sn,
         CHUNK: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-        PREFETCH: tl.constexpr, OWN_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_K: tl.constexpr,
+        PREFETCH: tl.constexpr, PIPELINE: tl.constexpr, OWN_SCALES: tl.constexpr, BLOCK_N: tl.constexpr,
+        GROUP_K: tl.constexpr,
     ):  # fmt: skip
         """One token: out[n] = sum over groups g of scale[n, g] * sum_i q[n, i] * x[i], on CUDA
         cores. w is the packed bytes read as int32 words: word w holds inputs 8w..8w+7, input
-        8w+j in bits 4j..4j+3 (little-endian bytes, low nibble first)."""
+        8w+j in bits 4j..4j+3 (little-endian bytes, low nibble first). PREFETCH groups' words are
+        loaded ahead into registers (0-2); PIPELINE (None or a stage count) has Triton's pipeliner
+        stage the words through shared memory with cp.async instead, PIPELINE - 1 groups ahead."""
         pid_n, split = tl.program_id(0), tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         words_per_group: tl.constexpr = GROUP_K // 8
@@ -151,27 +154,37 @@ if triton is not None:
         s_rows = s_ptr + offs_n * stride_sn
         acc = tl.zeros([BLOCK_N, words_per_group], tl.float32)
         lo = split * CHUNK
-        if PREFETCH:  # the first group's words; each step then loads the next one's before its math
+        group_words = w_rows + offs_w[None, :]  # + g * words_per_group: group g's words
+        # The words PREFETCH groups ahead ride in registers from step to step (Triton pipelines only
+        # loads that feed a dot, or every load of a loop given its own num_stages: PIPELINE).
+        ahead = tl.zeros([BLOCK_N, words_per_group], tl.int32)
+        ahead2 = ahead
+        if PREFETCH >= 1:
             ahead = tl.load(
-                w_rows + (lo * words_per_group + offs_w)[None, :],
-                mask=n_mask[:, None] & (lo * GROUP_K < K),
+                group_words + lo * words_per_group, mask=n_mask[:, None] & (lo * GROUP_K < K), other=0
+            )
+        if PREFETCH >= 2:
+            ahead2 = tl.load(
+                group_words + (lo + 1) * words_per_group,
+                mask=n_mask[:, None] & ((1 < CHUNK) & ((lo + 1) * GROUP_K < K)),
                 other=0,
             )
-        else:
-            ahead = tl.zeros([BLOCK_N, words_per_group], tl.int32)
-        for step in range(CHUNK):  # the last split may run past K: masked
+        for step in tl.range(CHUNK, num_stages=PIPELINE):  # the last split may run past K: masked
             g = lo + step
             inside = g * GROUP_K < K
-            if PREFETCH:
-                words = ahead
-                ahead_mask = n_mask[:, None] & ((step + 1 < CHUNK) & ((g + 1) * GROUP_K < K))
-                ahead = tl.load(
-                    w_rows + ((g + 1) * words_per_group + offs_w)[None, :], mask=ahead_mask, other=0
-                )
+            if PREFETCH == 0:
+                words = tl.load(group_words + g * words_per_group, mask=n_mask[:, None] & inside, other=0)
             else:
-                words = tl.load(
-                    w_rows + (g * words_per_group + offs_w)[None, :], mask=n_mask[:, None] & inside, other=0
-                )
+                words = ahead
+                if PREFETCH == 1:
+                    next_g = g + 1
+                else:
+                    ahead, next_g = ahead2, g + 2
+                next_mask = n_mask[:, None] & ((next_g - lo < CHUNK) & (next_g * GROUP_K < K))
+                if PREFETCH == 1:
+                    ahead = tl.load(group_words + next_g * words_per_group, mask=next_mask, other=0)
+                else:
+                    ahead2 = tl.load(group_words + next_g * words_per_group, mask=next_mask, other=0)
             scale = _group_scales(s_ptr, s_rows, g, n_mask & inside, words_per_group, OWN_SCALES and ASM)
             x_group = x_ptr + g * GROUP_K + offs_w * 8
             part = tl.zeros([BLOCK_N, words_per_group], tl.float32)
@@ -250,7 +263,8 @@ def _gemv(
         x, words, scales, bias if bias is not None else scales, out, part, counters, n, k,
         words.stride(0), scales.stride(0),
         CHUNK=p.chunk, SPLITS=p.splits, HAS_BIAS=bias is not None, ASM=x.is_cuda,
-        PREFETCH=gemm_plan.GEMV_PREFETCH, OWN_SCALES=gemm_plan.GEMV_OWN_SCALES,
+        PREFETCH=int(gemm_plan.GEMV_PREFETCH), PIPELINE=gemm_plan.GEMV_PIPELINE or None,
+        OWN_SCALES=gemm_plan.GEMV_OWN_SCALES,
         BLOCK_N=p.block_n, GROUP_K=GROUP, num_warps=p.num_warps, num_stages=p.num_stages,
     )  # fmt: skip
     return out
