@@ -4,7 +4,7 @@ Qwen3-8B shape (where the GEMMs, not attention, dominate a step; --layers-8b tak
 36 layers), in one run.
 
     python bench/precision_gpu.py [--batch-sizes 1 16 64 256] [--prompt-len 128] [--new-tokens 64]
-                                  [--layers-8b 36] [--shapes 0.6b 8b] [--skip-kernels | --skip-engine]
+                                  [--layers-8b 36] [--shapes 0.6b 8b] [--formats bf16 fp8 fp8_weights w4a16] [--skip-kernels | --skip-engine]
                                   [--variants [NAME ...]] [--repeats 1] [--profile] [--gemm-sweep] [--sweep-shapes 8b]
                                   [--out bench/results/precision_gpu.json]
 
@@ -60,11 +60,17 @@ VARIANTS = {
     "w4a16_prefetch_only": ("w4a16", {"gemm_plan.GEMV_OWN_SCALES": False}, [1]),
     "w4a16_gemv_64_rows": ("w4a16", {"gemm_plan.GEMV_BLOCK_N": 64, "gemm_plan.GEMV_PROGRAMS_PER_SM": 8}, [1]),
     # session 13: two groups' words ahead in registers; Triton's pipeliner staging them through
-    # shared memory (cp.async) 2 or 3 groups ahead; either with fewer, longer programs (2 per SM)
+    # shared memory (cp.async) 2 or 3 groups ahead; either with fewer, longer programs (2 per SM);
+    # launched as programmatic dependent launches (the launch gap overlaps the kernel before)
     "w4a16_ahead_2": ("w4a16", {"gemm_plan.GEMV_PREFETCH": 2}, [1]),
     "w4a16_pipelined_3": ("w4a16", {"gemm_plan.GEMV_PREFETCH": 0, "gemm_plan.GEMV_PIPELINE": 3}, [1]),
     "w4a16_pipelined_4": ("w4a16", {"gemm_plan.GEMV_PREFETCH": 0, "gemm_plan.GEMV_PIPELINE": 4}, [1]),
     "w4a16_ahead_2_2_per_sm": ("w4a16", {"gemm_plan.GEMV_PREFETCH": 2, "gemm_plan.GEMV_PROGRAMS_PER_SM": 2}, [1]),
+    "w4a16_pdl": ("w4a16", {"gemm_plan.GEMV_PDL": True}, [1]),
+    "w4a16_pdl_ahead_2": ("w4a16", {"gemm_plan.GEMV_PDL": True, "gemm_plan.GEMV_PREFETCH": 2}, [1]),
+    "w4a16_pdl_pipelined_4": (
+        "w4a16", {"gemm_plan.GEMV_PDL": True, "gemm_plan.GEMV_PREFETCH": 0, "gemm_plan.GEMV_PIPELINE": 4}, [1],
+    ),
     "w4a16_pipelined_4_2_per_sm": (
         "w4a16", {"gemm_plan.GEMV_PREFETCH": 0, "gemm_plan.GEMV_PIPELINE": 4, "gemm_plan.GEMV_PROGRAMS_PER_SM": 2}, [1],
     ),
@@ -171,12 +177,12 @@ def bench_shape(name: str, config: Qwen3Config, args, rows: dict, save, profile:
     from slipstream.kernels.w4a16 import convert_to_w4a16
     from slipstream.services.rollout.engine import NativeEngine
 
-    runs = {fmt: (fmt, kw, int4, {}, args.batch_sizes) for fmt, (kw, int4) in FORMATS.items()}
+    runs = {fmt: (fmt, *FORMATS[fmt], {}, args.batch_sizes) for fmt in args.formats}
     if args.variants is not None:
         runs |= {
             name: (fmt, *FORMATS[fmt], knobs, [b for b in args.batch_sizes if b in batches])
             for name, (fmt, knobs, batches) in VARIANTS.items()
-            if not args.variants or name in args.variants
+            if (not args.variants or name in args.variants) and fmt in args.formats
         }
     for fmt, (base, kw, int4, knobs, batch_sizes) in runs.items():
         if not batch_sizes:
@@ -404,6 +410,13 @@ def main() -> None:
         "--layers-8b", type=int, default=36, help="layers of the Qwen3-8B shape (all 36 by default)"
     )
     ap.add_argument("--shapes", nargs="+", choices=["0.6b", "8b"], default=["0.6b", "8b"])
+    ap.add_argument(
+        "--formats",
+        nargs="+",
+        choices=list(FORMATS),
+        default=list(FORMATS),
+        help="bf16 (the baseline) and these",
+    )
     ap.add_argument("--skip-kernels", action="store_true", help="engine rows only (no GEMM/attention tables)")
     ap.add_argument("--skip-engine", action="store_true", help="the GEMM/attention tables only")
     ap.add_argument("--gemm-sweep", action="store_true", help="also time our GEMMs under other tilings")
@@ -422,6 +435,7 @@ def main() -> None:
     )
     ap.add_argument("--out", default="bench/results/precision_gpu.json")
     args = ap.parse_args()
+    args.formats = ["bf16"] + [f for f in args.formats if f != "bf16"]
     if not torch.cuda.is_available():
         raise SystemExit("precision_gpu: needs a CUDA device")
     t0 = time.perf_counter()
@@ -435,7 +449,9 @@ def main() -> None:
         "torch": torch.__version__,
         "prompt_len": args.prompt_len,
         "new_tokens": args.new_tokens,
-        "formats": {k: {"engine": kw, "int4_weights": int4} for k, (kw, int4) in FORMATS.items()},
+        "formats": {
+            k: {"engine": kw, "int4_weights": int4} for k, (kw, int4) in FORMATS.items() if k in args.formats
+        },
         "variants": {
             k: v
             for k, v in VARIANTS.items()
@@ -473,13 +489,13 @@ def main() -> None:
     save()
     print(
         f"\n{'shape':<24} {'batch':>5} "
-        + " ".join(f"{f:>12}" for f in FORMATS)
+        + " ".join(f"{f:>12}" for f in args.formats)
         + "   (decode tokens/s; x bf16)"
     )
     for name, rows in result["shapes"].items():
         for b in args.batch_sizes:
             cells = []
-            for f in FORMATS:
+            for f in args.formats:
                 tps = rows[f][str(b)]["decode_tokens_per_s"]
                 ratio = "" if f == "bf16" else f" {rows[f'{f}_over_bf16'][str(b)]:.2f}x"
                 cells.append(f"{tps:>7.0f}{ratio:>6}" if ratio else f"{tps:>12.0f}")

@@ -172,6 +172,9 @@ def test_w4a16_kernel_matches_dequantize_then_matmul():
         {"GEMV_PREFETCH": 0, "GEMV_PIPELINE": 3},
         {"GEMV_PREFETCH": 0, "GEMV_PIPELINE": 4},
         {"GEMV_PREFETCH": 0, "GEMV_PIPELINE": 4, "GEMV_PROGRAMS_PER_SM": 2},
+        {"GEMV_PDL": True},
+        {"GEMV_PDL": True, "GEMV_PREFETCH": 2},
+        {"GEMV_PDL": True, "GEMV_PREFETCH": 0, "GEMV_PIPELINE": 4},
     ],
 )
 @torch.no_grad()
@@ -197,12 +200,22 @@ def test_w4a16_gemv_under_the_benchmarked_tilings(monkeypatch, knobs):
 
 @pytest.mark.gpu
 @cuda
-def test_int4_engine_serves_the_dequantized_weights():
+@pytest.mark.parametrize(
+    "knobs",
+    [{}, {"GEMV_PDL": True}, {"GEMV_PREFETCH": 2}, {"GEMV_PREFETCH": 0, "GEMV_PIPELINE": 4}],
+    ids=["defaults", "pdl", "ahead_2", "pipelined_4"],
+)
+def test_int4_engine_serves_the_dequantized_weights(monkeypatch, knobs):
     """The engine over int4 weights (fused decode, CUDA graphs, the W4A16 GEMM) against the same
     model in bf16 with the int4-rounded weights (what the QAT trainer computes with): greedy tokens
-    follow it until a near-tie flips, log-probs within the bf16 tolerance."""
+    follow it until a near-tie flips, log-probs within the bf16 tolerance. Also under the GEMV's
+    candidate choices (a programmatic dependent launch must keep its wait inside a captured graph)."""
+    from slipstream.kernels import gemm_plan
     from slipstream.services.rollout.engine import NativeEngine, Request
     from tests.test_engine import shared_prefix_log_prob_diffs
+
+    for name, value in knobs.items():
+        monkeypatch.setattr(gemm_plan, name, value)
 
     config = Qwen3Config(
         vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
@@ -228,4 +241,12 @@ def test_int4_engine_serves_the_dequantized_weights():
     assert engine.graphs.graphs, "decode ran eagerly, not from CUDA graphs"
     diffs = shared_prefix_log_prob_diffs(*runs)
     assert len(diffs) >= len(reqs) * 8
+    assert diffs.mean() < 0.02 and diffs.max() < 0.2
+    # one row alone: its decode steps are the one-token GEMV's
+    alone = [
+        NativeEngine(rounded, eos_token_ids=[], max_seq_len=64).generate(reqs[:1]),
+        engine.generate(reqs[:1]),
+    ]
+    diffs = shared_prefix_log_prob_diffs(*alone)
+    assert len(diffs) >= 4
     assert diffs.mean() < 0.02 and diffs.max() < 0.2

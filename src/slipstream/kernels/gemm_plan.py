@@ -65,6 +65,11 @@ GEMV_OWN_SCALES = True
 # does for loads that feed a dot. Meant with GEMV_PREFETCH = 0 (a loop-carried look-ahead keeps
 # the pipeliner off).
 GEMV_PIPELINE = 0
+# Whether the GEMV is launched as a programmatic dependent launch (sm_90+, kept by CUDA graph
+# capture): its programs may become resident as the kernel before it (a norm or SiLU writing its
+# x) drains, load their first weights, and wait for that kernel before reading x
+# (`griddepcontrol.wait`): the launch gap and the first loads' latency overlap the last kernel.
+GEMV_PDL = False
 # Whether the FP8 kernel's split-K merge (the last split of a tile sums every split's partial) is
 # unrolled, so its loads from L2 are issued together instead of one round trip per split: LLVM
 # leaves the loop rolled for [64, 64] tiles (sm_90 SASS: 180 loads rolled, 276 unrolled). The same

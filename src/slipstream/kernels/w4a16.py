@@ -137,14 +137,17 @@ if triton is not None:
     def _w4a16_gemv_kernel(
         x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, N, K, stride_wn, stride_sn,
         CHUNK: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-        PREFETCH: tl.constexpr, PIPELINE: tl.constexpr, OWN_SCALES: tl.constexpr, BLOCK_N: tl.constexpr,
-        GROUP_K: tl.constexpr,
+        PREFETCH: tl.constexpr, PIPELINE: tl.constexpr, OWN_SCALES: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_N: tl.constexpr, GROUP_K: tl.constexpr,
     ):  # fmt: skip
         """One token: out[n] = sum over groups g of scale[n, g] * sum_i q[n, i] * x[i], on CUDA
         cores. w is the packed bytes read as int32 words: word w holds inputs 8w..8w+7, input
         8w+j in bits 4j..4j+3 (little-endian bytes, low nibble first). PREFETCH groups' words are
         loaded ahead into registers (0-2); PIPELINE (None or a stage count) has Triton's pipeliner
-        stage the words through shared memory with cp.async instead, PIPELINE - 1 groups ahead."""
+        stage the words through shared memory with cp.async instead, PIPELINE - 1 groups ahead.
+        With PDL (launched as a programmatic dependent launch) the program may start before the
+        kernel that writes x has finished: it loads its first weights, then waits for that kernel
+        (`griddepcontrol.wait`) before it reads x or writes anything."""
         pid_n, split = tl.program_id(0), tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         words_per_group: tl.constexpr = GROUP_K // 8
@@ -169,6 +172,8 @@ if triton is not None:
                 mask=n_mask[:, None] & ((1 < CHUNK) & ((lo + 1) * GROUP_K < K)),
                 other=0,
             )
+        if PDL:  # the weights never depend on the kernel before; x and the outputs do
+            tl.extra.cuda.gdc_wait()
         for step in tl.range(CHUNK, num_stages=PIPELINE):  # the last split may run past K: masked
             g = lo + step
             inside = g * GROUP_K < K
@@ -259,13 +264,14 @@ def _gemv(
     n, k = words.shape[0], x.shape[0]
     p = gemm_plan.gemv_plan(n, k, gemm_plan.num_sms(x.device))
     out, part, counters = gemm_plan.outputs(1, n, p, x.dtype, x.device)
+    pdl = gemm_plan.GEMV_PDL and x.is_cuda
     _w4a16_gemv_kernel[(triton.cdiv(n, p.block_n), 1, p.splits)](
         x, words, scales, bias if bias is not None else scales, out, part, counters, n, k,
         words.stride(0), scales.stride(0),
         CHUNK=p.chunk, SPLITS=p.splits, HAS_BIAS=bias is not None, ASM=x.is_cuda,
         PREFETCH=int(gemm_plan.GEMV_PREFETCH), PIPELINE=gemm_plan.GEMV_PIPELINE or None,
-        OWN_SCALES=gemm_plan.GEMV_OWN_SCALES,
-        BLOCK_N=p.block_n, GROUP_K=GROUP, num_warps=p.num_warps, num_stages=p.num_stages,
+        OWN_SCALES=gemm_plan.GEMV_OWN_SCALES, PDL=pdl, BLOCK_N=p.block_n, GROUP_K=GROUP,
+        num_warps=p.num_warps, num_stages=p.num_stages, launch_pdl=pdl,
     )  # fmt: skip
     return out
 
