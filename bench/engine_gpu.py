@@ -22,12 +22,12 @@ decode-only steps by host time, and how long a step waits for the GPU.
 
 Before and after in one process: each batch runs the engine as `--variants` name them (the
 sampler's knobs, `SAMPLER_VARIANTS`), --repeats times each, interleaved: `before` is the
-one-program-a-row sampler of session 11 (4096 logits a step, 8 warps), `split` session 12's (the
-vocabulary split across programs, four block reductions a block), `lanes` the engine as it is
-(`kernels/sampling.py`: per-lane accumulators reduced once per run); `ours_bf16` is the last
-variant's first run, and the graphed step is profiled under the first and the last. `sampler_sweep`
-times the sampler alone in a CUDA graph under each of `SAMPLER_SWEEP`'s knobs. `--attention-splits`
-times decode attention at the largest batch with the keys split across programs or not.
+one-program-a-row sampler (4096 logits a step, 8 warps), `b2048` the split over the vocabulary
+in runs of 2048-logit blocks, `default` the engine as it is (`kernels/sampling.py`);
+`ours_bf16` is the last variant's first run, and the graphed step is profiled under the first and
+the last. `sampler_sweep` times the sampler alone in a CUDA graph under each of `SAMPLER_SWEEP`'s
+knobs. `--attention-splits` times decode attention at the largest batch with the keys split
+across programs or not.
 """
 
 from __future__ import annotations
@@ -271,7 +271,7 @@ def set_variant(name: str) -> None:
     before building the engine)."""
     from slipstream.kernels import sampling
 
-    sampling.BLOCK, sampling.WARPS, sampling.PARTS, sampling.LANES = SAMPLER_VARIANTS[name]
+    sampling.BLOCK, sampling.WARPS, sampling.PARTS = SAMPLER_VARIANTS[name]
 
 
 def _graph_us(fn, calls: list[tuple], reps: int = 20) -> float:
@@ -296,9 +296,8 @@ def _graph_us(fn, calls: list[tuple], reps: int = 20) -> float:
 
 
 def sampler_sweep(config: Qwen3Config, batch_sizes: list[int]) -> list[dict]:
-    """The fused sampler alone on [batch, vocab] logits, in a CUDA graph: session 12's split
-    kernel, and the per-lane kernel (LANES) at its default and a few other blocks/warps/parts;
-    each must draw the split kernel's tokens."""
+    """The fused sampler alone on [batch, vocab] logits, in a CUDA graph, under each of
+    SAMPLER_SWEEP's blocks/warps/parts; each must draw the first setting's tokens."""
     from slipstream.kernels import sampling
 
     rows = []
@@ -313,41 +312,40 @@ def sampler_sweep(config: Qwen3Config, batch_sizes: list[int]) -> list[dict]:
         positions = torch.full((batch,), 200, device="cuda")
         row = {"batch": batch}
         for name, knobs in SAMPLER_SWEEP.items():
-            sampling.BLOCK, sampling.WARPS, sampling.PARTS, sampling.LANES = knobs
+            sampling.BLOCK, sampling.WARPS, sampling.PARTS = knobs
             tokens, lps = sampling.sample(logits[0], temps, seeds, positions)
-            if name == "split":
+            if len(row) == 1:
                 ref_tokens, ref_lps = tokens, lps
             else:
                 row[f"{name}_same_tokens"] = bool(torch.equal(tokens, ref_tokens))
                 row[f"{name}_max_abs_log_prob_diff"] = float((lps - ref_lps).abs().max())
             calls = [(lg, temps, seeds, positions) for lg in logits]
             row[f"{name}_us"] = round(_graph_us(sampling.sample, calls), 2)
-        set_variant("lanes")
+        set_variant("default")
         rows.append(row)
         print("sampler:", json.dumps(row), flush=True)
     return rows
 
 
-def _sampler_defaults() -> tuple[int, int, int, bool]:
+def _sampler_defaults() -> tuple[int, int, int]:
     from slipstream.kernels import sampling
 
-    return sampling.BLOCK, sampling.WARPS, sampling.PARTS, sampling.LANES
+    return sampling.BLOCK, sampling.WARPS, sampling.PARTS
 
 
 SAMPLER_AFTER = _sampler_defaults()
-# name -> (BLOCK, WARPS, PARTS, LANES) of kernels/sampling.py
+# name -> (BLOCK, WARPS, PARTS) of kernels/sampling.py. Session 13's call (b48aac3's bench) ran
+# session 12's kernel (four block reductions a block, removed since) against the per-lane one.
 SAMPLER_VARIANTS = {
-    "before": (4096, 8, 1, False),  # one program a row (session 11)
-    "split": (2048, 4, 32, False),  # the vocabulary split across programs (session 12)
-    "lanes": SAMPLER_AFTER,  # ... reduced once per run, greedy rows without noise (session 13)
+    "before": (4096, 8, 1),  # one program a row
+    "b2048": (2048, 4, 32),  # session 12's block
+    "default": SAMPLER_AFTER,
 }
 SAMPLER_SWEEP = {
-    "split": SAMPLER_VARIANTS["split"],
-    "lanes": SAMPLER_AFTER,
-    "lanes_w8": (2048, 8, 32, True),
-    "lanes_b1024": (1024, 4, 32, True),
-    "lanes_b1024_w2": (1024, 2, 32, True),
-    "lanes_b4096_w8": (4096, 8, 32, True),
+    "b2048": (2048, 4, 32),
+    "default": SAMPLER_AFTER,
+    "b1024_w2": (1024, 2, 32),
+    "b512": (512, 4, 32),
 }
 
 
@@ -515,7 +513,7 @@ def main() -> None:
     )
     ap.add_argument("--hf-batch-sizes", type=int, nargs="+", help="transformers at these batches only")
     ap.add_argument(
-        "--variants", nargs="+", default=["split", "lanes"], choices=list(SAMPLER_VARIANTS),
+        "--variants", nargs="+", default=["b2048", "default"], choices=list(SAMPLER_VARIANTS),
         help="bf16 engine variants, each --repeats times",
     )  # fmt: skip
     ap.add_argument("--repeats", type=int, default=1, help="runs of each variant, interleaved")

@@ -24,15 +24,17 @@ CHECKS = textwrap.dedent(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     # vocabularies: one block, one run of several blocks, a last run of one id, Qwen's 151,936;
-    # each under the per-lane kernel (LANES, the default) and session 12's block reductions
-    cases = [(lanes, n, vocab) for lanes in (True, False) for n, vocab in [(4, 20), (5, 5000), (4, 2049), (3, 18433), (6, 151936)]]
-    for lanes, n, vocab in cases:
-        sampling.LANES = lanes
+    # each at the module's block and at 2048 (bench/engine_gpu.py's other setting)
+    cases = [(block, n, vocab) for block in (sampling.BLOCK, 2048) for n, vocab in [(4, 20), (5, 5000), (4, 2049), (3, 18433), (6, 151936)]]
+    for block, n, vocab in cases:
+        sampling.BLOCK = block
         per, parts = sampling.split(vocab)
-        assert per % 2048 == 0 and (parts - 1) * per < vocab <= parts * per, (vocab, per, parts)
+        assert per % block == 0 and (parts - 1) * per < vocab <= parts * per, (vocab, per, parts)
         logits = torch.randn(n, vocab, device=device) * 3
         # a tie for the greedy row (in two different runs where the vocabulary has several)
         logits[0, 3] = logits[0, vocab - 1] = 60.0
+        if vocab > 3 + block:  # ... and one in the same lane of the same run (a later block)
+            logits[0, 3 + block] = 60.0
         temps = torch.tensor([0.0, 0.9, 1.0, 1.3, 0.7, 2.0][:n], device=device)
         seeds = torch.randint(0, 1 << 62, (n,), device=device)
         positions = torch.randint(0, 4096, (n,), device=device)

@@ -18,6 +18,12 @@ reach the maximum), and the log-sum-exp is the runs' partial sums rescaled to th
 in an order fixed per row, so a row's log-prob does not depend on its batch
 (--true-on-policy-mode's trainer calls `log_probs` on batches of another size).
 
+Inside a run each lane keeps its own running sum and best value over the run's blocks (lane l sees
+ids lo + l, lo + l + BLOCK, ... in order) and the program reduces them once at the run's end: a
+block costs one reduction (its maximum, for the log-sum-exp's rescaling) instead of four, and a
+greedy row skips the noise (session 12's kernel reduced the sum, the noisy and the plain arg-max
+every block: 176 us at batch 256 on an H200 against 154 us now, bench/results/engine_gpu_s13.json).
+
 It computes the same function as the plain sampler without truncation: the same counter-based
 hash (seed, token index, vocab id) -> uniform -> Gumbel, the same log-prob convention (full
 vocabulary, before truncation; greedy under the raw logits). The hash is spelled in 64-bit
@@ -41,14 +47,12 @@ except ImportError:  # CPU-only installs: the plain sampler runs instead
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
 # Logits per loop step and warps: one setting, so sampling and `log_probs` agree. PARTS: programs a
-# row aims for (the vocabulary is cut into that many runs of whole blocks; 152k ids -> 25 of 6,144).
-# Read per call, so bench/engine_gpu.py can run the one-program-a-row kernel of before (4096, 8, 1).
-BLOCK, WARPS, PARTS = 2048, 4, 32
-# LANES: each lane keeps its own running sum and best value over the run's blocks, reduced once at
-# the run's end, and greedy rows skip the noise (False: session 12's kernel, four block reductions
-# a block; kept so bench/engine_gpu.py can run both in one process). Same tokens either way; the
-# log-sum-exp's summation order differs, so a log-prob may differ in its last bits between the two.
-LANES = True
+# row aims for (the vocabulary is cut into that many runs of whole blocks; 152k ids -> 30 of 5,120).
+# Read per call, so bench/engine_gpu.py can time other settings in one process. 1024 / 4 warps was
+# the fastest of the H200's sweep (bench/results/engine_gpu_s13.json, `sampler_sweep`: 153.7 us at
+# batch 256 and 44.1 at 64; 2048 / 4: 162.3 and 48.3; 2048 / 8: 172.5 and 49.5; 1024 / 2: 155.9
+# and 47.2; 4096 / 8: 271.6 and 75.0), the same tokens under each.
+BLOCK, WARPS, PARTS = 1024, 4, 32
 
 
 def available(logits: torch.Tensor) -> bool:
@@ -76,13 +80,11 @@ if triton is not None:
     def _partial_kernel(
         logits_ptr, stride, temp_ptr, seed_ptr, pos_ptr, stats_ptr, idx_ptr,
         V, CHUNK, MASK, GOLDEN, SPLITS: tl.constexpr, BLOCK: tl.constexpr, GIVEN: tl.constexpr,
-        LANES: tl.constexpr,
     ):  # fmt: skip
         # Program (row, part) runs over vocabulary ids [part * CHUNK, (part + 1) * CHUNK) and leaves
-        # its scalars in stats [row, 4, SPLITS] (max and sum of the log-sum-exp, best noisy and best
-        # plain value) and idx [row, 2, SPLITS] (their vocabulary ids). Under LANES the best value
-        # is the row's own kind (logit + Gumbel noise for a sampled row, the plain logit for a
-        # greedy one), in slot 2 and id slot 0 only.
+        # its scalars in stats [row, 3, SPLITS] (max and sum of the log-sum-exp, the best value:
+        # logit + Gumbel noise for a sampled row, the plain logit for a greedy one) and idx
+        # [row, SPLITS] (the best value's vocabulary id).
         # GIVEN: only the log-sum-exp is needed (`log_probs`: the trainer's side of
         # --true-on-policy-mode on the GPU), by the same loop that sampling runs.
         row = tl.program_id(0)
@@ -93,22 +95,13 @@ if triton is not None:
         lo = part * CHUNK
         hi = tl.minimum(lo + CHUNK, V)
         base = logits_ptr + row.to(tl.int64) * stride
-        neg = tl.full([BLOCK], float("-inf"), tl.float32)
-        run_max = tl.max(neg, axis=0)
-        if LANES:
-            # Per-lane accumulators: lane l sees ids lo + l, lo + l + BLOCK, ... in order, so a
-            # strict `>` keeps each lane's lowest id of its maximum, and one reduction after the
-            # loop finds the lowest id of the run's maximum; the loop reduces once per block (the
-            # log-sum-exp's max) instead of four times.
-            run_sum = tl.zeros([BLOCK], tl.float32)
-            best = neg
-            best_idx = tl.zeros([BLOCK], tl.int32)
-        else:
-            run_sum = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
-            best = tl.max(neg, axis=0)
-            best_idx = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
-            top = tl.max(neg, axis=0)
-            top_idx = tl.sum(tl.zeros([BLOCK], tl.int32), axis=0)
+        # Per-lane accumulators: lane l sees ids lo + l, lo + l + BLOCK, ... in order, so a strict
+        # `>` keeps each lane's lowest id of its maximum, and one reduction after the loop finds the
+        # lowest id of the run's maximum; the loop reduces once per block (the log-sum-exp's max).
+        run_max = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+        run_sum = tl.zeros([BLOCK], tl.float32)
+        best = tl.full([BLOCK], float("-inf"), tl.float32)  # noisy values (sampled rows) or plain (greedy)
+        best_idx = tl.zeros([BLOCK], tl.int32)
         if not GIVEN:
             seed = tl.load(seed_ptr + row)
             pos = tl.load(pos_ptr + row)
@@ -124,60 +117,31 @@ if triton is not None:
             z = x / t
             # online log-sum-exp of z (every block holds at least one valid id: m is finite)
             m = tl.maximum(run_max, tl.max(z, axis=0))
-            if LANES:
-                run_sum = run_sum * tl.exp(run_max - m) + tl.exp(z - m)
-            else:
-                run_sum = run_sum * tl.exp(run_max - m) + tl.sum(tl.exp(z - m), axis=0)
+            run_sum = run_sum * tl.exp(run_max - m) + tl.exp(z - m)
             run_max = m
             if not GIVEN:
-                if LANES:
-                    if greedy:  # the plain arg-max; no noise
-                        y = x
-                    else:  # counter-based noise, as sampler.uniform_noise spells it
-                        h = _mix32_u32(
-                            _mix32_u32(key32 + offs.to(tl.uint32) * golden32, mul32) ^ key32, mul32
-                        )
-                        u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
-                        y = tl.where(valid, z - tl.log(-tl.log(u)), float("-inf"))
-                    better = y > best  # strict: a lane's earlier id wins a tie, like torch.argmax
-                    best_idx = tl.where(better, offs, best_idx)
-                    best = tl.where(better, y, best)
-                else:
-                    # counter-based noise, as sampler.uniform_noise spells it
+                if greedy:  # the plain arg-max; no noise
+                    y = x
+                else:  # counter-based noise, as sampler.uniform_noise spells it
                     h = _mix32_u32(_mix32_u32(key32 + offs.to(tl.uint32) * golden32, mul32) ^ key32, mul32)
                     u = ((h >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
                     y = tl.where(valid, z - tl.log(-tl.log(u)), float("-inf"))
-                    i = tl.argmax(y, axis=0)
-                    v = tl.max(y, axis=0)
-                    better = v > best  # strict: the earlier block wins a tie, like torch.argmax
-                    best_idx = tl.where(better, start + i, best_idx)
-                    best = tl.where(better, v, best)
-                    j = tl.argmax(x, axis=0)
-                    w = tl.max(x, axis=0)
-                    higher = w > top
-                    top_idx = tl.where(higher, start + j, top_idx)
-                    top = tl.where(higher, w, top)
-        out = stats_ptr + row.to(tl.int64) * (4 * SPLITS) + part
+                better = y > best  # strict: a lane's earlier id wins a tie, like torch.argmax
+                best_idx = tl.where(better, offs, best_idx)
+                best = tl.where(better, y, best)
+        out = stats_ptr + row.to(tl.int64) * (3 * SPLITS) + part
         tl.store(out, run_max)
-        ids = idx_ptr + row.to(tl.int64) * (2 * SPLITS) + part
-        if LANES:
-            tl.store(out + SPLITS, tl.sum(run_sum, axis=0))
-            if not GIVEN:
-                v = tl.max(best, axis=0)
-                tl.store(out + 2 * SPLITS, v)
-                tl.store(ids, tl.min(tl.where(best == v, best_idx, 2147483647), axis=0))
-        else:
-            tl.store(out + SPLITS, run_sum)
-            if not GIVEN:
-                tl.store(out + 2 * SPLITS, best)
-                tl.store(out + 3 * SPLITS, top)
-                tl.store(ids, best_idx)
-                tl.store(ids + SPLITS, top_idx)
+        tl.store(out + SPLITS, tl.sum(run_sum, axis=0))
+        if not GIVEN:
+            v = tl.max(best, axis=0)
+            i = tl.min(tl.where(best == v, best_idx, 2147483647), axis=0)
+            tl.store(out + 2 * SPLITS, v)
+            tl.store(idx_ptr + row.to(tl.int64) * SPLITS + part, i)
 
     @triton.jit
     def _merge_kernel(
         logits_ptr, stride, temp_ptr, stats_ptr, idx_ptr, tok_ptr, lp_ptr, NUM_SPLITS,
-        SPLITS: tl.constexpr, GIVEN: tl.constexpr, LANES: tl.constexpr,
+        SPLITS: tl.constexpr, GIVEN: tl.constexpr,
     ):  # fmt: skip
         # One program a row, over its parts in vocabulary order: a fixed order for a given
         # vocabulary size, whatever the batch (the log-prob's reduction is a function of the row).
@@ -187,7 +151,7 @@ if triton is not None:
         t = tl.where(greedy, 1.0, t)
         parts = tl.arange(0, SPLITS)
         live = parts < NUM_SPLITS
-        stats = stats_ptr + row.to(tl.int64) * (4 * SPLITS) + parts
+        stats = stats_ptr + row.to(tl.int64) * (3 * SPLITS) + parts
         maxes = tl.load(stats, mask=live, other=float("-inf"))
         sums = tl.load(stats + SPLITS, mask=live, other=0.0)
         m = tl.max(maxes, axis=0)
@@ -198,15 +162,10 @@ if triton is not None:
         else:
             # the lowest vocabulary id among the parts that reach the maximum: each part already
             # holds its own lowest, so this is torch.argmax's tie rule over the whole row
-            ids = idx_ptr + row.to(tl.int64) * (2 * SPLITS) + parts
+            ids = idx_ptr + row.to(tl.int64) * SPLITS + parts
             best = tl.load(stats + 2 * SPLITS, mask=live, other=float("-inf"))
             best_ids = tl.load(ids, mask=live, other=2147483647)
             tok = tl.min(tl.where(live & (best == tl.max(best, axis=0)), best_ids, 2147483647), axis=0)
-            if not LANES:  # the plain arg-max is kept apart from the noisy one
-                top = tl.load(stats + 3 * SPLITS, mask=live, other=float("-inf"))
-                top_ids = tl.load(ids + SPLITS, mask=live, other=2147483647)
-                top_idx = tl.min(tl.where(live & (top == tl.max(top, axis=0)), top_ids, 2147483647), axis=0)
-                tok = tl.where(greedy, top_idx, tok)
             tl.store(tok_ptr + row, tok.to(tl.int64))
         x_tok = tl.load(base + tok).to(tl.float32)
         tl.store(lp_ptr + row, x_tok / t - (m + tl.log(total)))
@@ -225,18 +184,17 @@ def _launch(logits, temperature, seeds, positions, tokens, given: bool) -> torch
         logits = logits.contiguous()
     per, parts = split(vocab)
     padded = triton.next_power_of_2(parts)
-    stats = torch.empty(n, 4, padded, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(n, 2, padded, dtype=torch.int32, device=logits.device)
+    stats = torch.empty(n, 3, padded, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(n, padded, dtype=torch.int32, device=logits.device)
     temperature = temperature.float().contiguous()
     log_probs = torch.empty(n, dtype=torch.float32, device=logits.device)
     _partial_kernel[(n, parts)](
         logits, logits.stride(0), temperature, seeds.contiguous(), positions.contiguous(), stats, ids,
-        vocab, per, _MASK32, _GOLDEN, SPLITS=padded, BLOCK=BLOCK, GIVEN=given, LANES=LANES,
-        num_warps=WARPS,
+        vocab, per, _MASK32, _GOLDEN, SPLITS=padded, BLOCK=BLOCK, GIVEN=given, num_warps=WARPS,
     )  # fmt: skip
     _merge_kernel[(n,)](
         logits, logits.stride(0), temperature, stats, ids, tokens, log_probs, parts,
-        SPLITS=padded, GIVEN=given, LANES=LANES, num_warps=1,
+        SPLITS=padded, GIVEN=given, num_warps=1,
     )  # fmt: skip
     return log_probs
 
