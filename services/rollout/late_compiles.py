@@ -28,10 +28,12 @@ def watch(server_id: str) -> bool:
         started[str(key)] = time.perf_counter()
         return None  # not True: True would skip the compile
 
-    def after(*, key, repr, fn, **_) -> None:
+    def after(*, key, fn, **_) -> None:
         took = time.perf_counter() - started.pop(str(key), time.perf_counter())
-        log.warning("rollout server %s: Triton compiled %s after the warm-up, %.2f s: %s",
-                    server_id, fn.name, took, repr[:400])  # fmt: skip
+        # The key holds each argument's specialisation (dtype, alignment, 1 or a multiple of 16),
+        # what differs from the warm-up's compile of the same kernel.
+        log.warning("rollout server %s: Triton compiled %s after the warm-up, %.2f s; its key: %s",
+                    server_id, fn.name, took, key)  # fmt: skip
 
     knobs.runtime.jit_cache_hook = before
     knobs.runtime.jit_post_compile_hook = after
