@@ -34,7 +34,7 @@ k+1). Target (issue 19): >= +40% tokens/s at batch <= 16 with the online draft.
 The end-to-end mesh step time with and without speculation is the other mode (one rollout server,
 bench/mesh_gpu.py's random 0.6B checkpoint and run, the draft trained online in the run):
 
-    sh scripts/gpu_env.sh run python3 bench/speculative_gpu.py --mesh --budget-s 110 --out bench/results/speculative_mesh_gpu.json
+    sh scripts/gpu_env.sh run python3 bench/speculative_gpu.py --mesh --budget-s 130 --out bench/results/speculative_mesh_gpu.json
 
 Shapes: Qwen3-0.6B (default) or --shape 1.7b (Qwen3-1.7B's dense shape). Bounded: each timed
 configuration runs --repeats timed waves (median and range reported; session 11 ran one, and
