@@ -55,25 +55,10 @@ VARIANTS = {
     "fp8_block_n_128": ("fp8", {"gemm_plan.DECODE_BLOCK_N": 128}, [64]),
     "fp8_split_4": ("fp8", {"gemm_plan.SPLIT_PROGRAMS_PER_SM": 4}, [64]),
     "fp8_stages_4": ("fp8", {"gemm_plan.DECODE_STAGES": 4}, [64]),
-    "w4a16_gemv_s11": ("w4a16", {"gemm_plan.GEMV_OWN_SCALES": False, "gemm_plan.GEMV_PREFETCH": False}, [1]),
-    "w4a16_own_scales_only": ("w4a16", {"gemm_plan.GEMV_PREFETCH": False}, [1]),
-    "w4a16_prefetch_only": ("w4a16", {"gemm_plan.GEMV_OWN_SCALES": False}, [1]),
+    "w4a16_gemv_s11": ("w4a16", {"gemm_plan.GEMV_OWN_SCALES": False, "gemm_plan.GEMV_PREFETCH": 0}, [1]),
+    "w4a16_own_scales_only": ("w4a16", {"gemm_plan.GEMV_PREFETCH": 0}, [1]),
+    "w4a16_ahead_1": ("w4a16", {"gemm_plan.GEMV_PREFETCH": 1}, [1]),  # session 12's default
     "w4a16_gemv_64_rows": ("w4a16", {"gemm_plan.GEMV_BLOCK_N": 64, "gemm_plan.GEMV_PROGRAMS_PER_SM": 8}, [1]),
-    # session 13: two groups' words ahead in registers; Triton's pipeliner staging them through
-    # shared memory (cp.async) 2 or 3 groups ahead; either with fewer, longer programs (2 per SM);
-    # launched as programmatic dependent launches (the launch gap overlaps the kernel before)
-    "w4a16_ahead_2": ("w4a16", {"gemm_plan.GEMV_PREFETCH": 2}, [1]),
-    "w4a16_pipelined_3": ("w4a16", {"gemm_plan.GEMV_PREFETCH": 0, "gemm_plan.GEMV_PIPELINE": 3}, [1]),
-    "w4a16_pipelined_4": ("w4a16", {"gemm_plan.GEMV_PREFETCH": 0, "gemm_plan.GEMV_PIPELINE": 4}, [1]),
-    "w4a16_ahead_2_2_per_sm": ("w4a16", {"gemm_plan.GEMV_PREFETCH": 2, "gemm_plan.GEMV_PROGRAMS_PER_SM": 2}, [1]),
-    "w4a16_pdl": ("w4a16", {"gemm_plan.GEMV_PDL": True}, [1]),
-    "w4a16_pdl_ahead_2": ("w4a16", {"gemm_plan.GEMV_PDL": True, "gemm_plan.GEMV_PREFETCH": 2}, [1]),
-    "w4a16_pdl_pipelined_4": (
-        "w4a16", {"gemm_plan.GEMV_PDL": True, "gemm_plan.GEMV_PREFETCH": 0, "gemm_plan.GEMV_PIPELINE": 4}, [1],
-    ),
-    "w4a16_pipelined_4_2_per_sm": (
-        "w4a16", {"gemm_plan.GEMV_PREFETCH": 0, "gemm_plan.GEMV_PIPELINE": 4, "gemm_plan.GEMV_PROGRAMS_PER_SM": 2}, [1],
-    ),
 }  # fmt: skip
 # --profile: GPU time by kernel over replays of these (format, batch) decode graphs (first run), and
 # of the variants of these formats at these batch sizes.

@@ -51,25 +51,19 @@ DECODE_BLOCK_M, DECODE_WARPS = 64, 4
 # weight rows per program, warps, pipeline stages, and the programs per SM its split-K aims for.
 W4A16_GEMV = True
 GEMV_BLOCK_N, GEMV_WARPS, GEMV_STAGES, GEMV_PROGRAMS_PER_SM = 128, 4, 3, 4
-# How many groups' words the GEMV loads ahead, into registers (0, 1 or 2; Triton does not pipeline
-# a loop's plain loads unless the loop has its own stage count, GEMV_PIPELINE), and whether each
-# thread loads its own rows' group scales (no trip through shared memory and no barriers a step:
-# `w4a16._group_scales`). On the H200 (docs/benchmarks.md, issue 16, session 12, the Qwen3-8B
-# shape at batch 1, two runs) one group ahead and own scales made the decode step's replay 3.15 ms
-# against 3.29 (1.52x bf16 against 1.45x); own scales alone 3.19-3.20, the look-ahead alone
-# 3.32-3.33; 64 rows a program (8 per SM) 3.35-3.36, with both 3.31-3.32.
-GEMV_PREFETCH = 1
+# How many groups' words the GEMV loads ahead, into registers (0, 1 or 2: Triton does not pipeline
+# a loop's plain loads), and whether each thread loads its own rows' group scales (no trip through
+# shared memory and no barriers a step: `w4a16._group_scales`). On the H200 (docs/benchmarks.md,
+# issue 16, the Qwen3-8B shape at batch 1, two runs each): session 12, one group ahead and own
+# scales made the decode step's replay 3.15 ms against 3.29 (own scales alone 3.19-3.20, the
+# look-ahead alone 3.32-3.33; 64 rows a program, 8 per SM, 3.31-3.36); session 13, two groups ahead
+# 3.111-3.115 ms against one group's 3.39 in the same runs (1.557-1.561x bf16 against 1.43x; the
+# GEMV's 144 launches 2,187 us a step against 2,457; 127 registers against 96). Lost in those
+# runs (bb08944/bbe192c, since removed): Triton's pipeliner staging the words through shared memory
+# (cp.async, the loop given num_stages 3/4: 3.50-3.58 ms), a programmatic dependent launch (3.47
+# ms; 3.20-3.21 with two ahead), two programs per SM with two ahead (3.39).
+GEMV_PREFETCH = 2
 GEMV_OWN_SCALES = True
-# A stage count for the GEMV's K loop (0: none): Triton's pipeliner then stages every wide load of
-# the loop (the words) through shared memory with cp.async, GEMV_PIPELINE - 1 groups ahead, as it
-# does for loads that feed a dot. Meant with GEMV_PREFETCH = 0 (a loop-carried look-ahead keeps
-# the pipeliner off).
-GEMV_PIPELINE = 0
-# Whether the GEMV is launched as a programmatic dependent launch (sm_90+, kept by CUDA graph
-# capture): its programs may become resident as the kernel before it (a norm or SiLU writing its
-# x) drains, load their first weights, and wait for that kernel before reading x
-# (`griddepcontrol.wait`): the launch gap and the first loads' latency overlap the last kernel.
-GEMV_PDL = False
 # Whether the FP8 kernel's split-K merge (the last split of a tile sums every split's partial) is
 # unrolled, so its loads from L2 are issued together instead of one round trip per split: LLVM
 # leaves the loop rolled for [64, 64] tiles (sm_90 SASS: 180 loads rolled, 276 unrolled). The same

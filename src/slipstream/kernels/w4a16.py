@@ -16,12 +16,12 @@ One token (decode at batch 1, where W4A16 is meant to pay) takes a GEMV instead
 (`_w4a16_gemv_kernel`): a tensor-core dot would waste 15 of its 16 token columns and needs the
 nibbles interleaved in registers first. The GEMV reads the packed bytes as int32 words (8 inputs
 each, 16-byte loads), turns each nibble into an exact fp32 with one `lop3` and one subtraction
-(`_magic`), and multiplies on CUDA cores in fp32 (products q * x are exact). Each step's words are
-loaded one step ahead (`gemm_plan.GEMV_PREFETCH`) and each thread loads its own rows' scales
-(`_group_scales`: no trip through shared memory, no barrier a step). On the H200 the GEMV made the
-Qwen3-8B shape's batch-1 decode step 3.35 ms against the tensor-core kernel's 4.28 ms, and the two
-choices 3.15 ms (docs/benchmarks.md, issue 16); its 144 launches a step still stream ~1.7 TB/s,
-a third of the bandwidth.
+(`_magic`), and multiplies on CUDA cores in fp32 (products q * x are exact). The words of the next
+two groups are already loading while a step computes (`gemm_plan.GEMV_PREFETCH`), and each thread
+loads its own rows' scales (`_group_scales`: no trip through shared memory, no barrier a step). On
+the H200 the GEMV made the Qwen3-8B shape's batch-1 decode step 3.35 ms against the tensor-core
+kernel's 4.28 ms, and these choices 3.11 ms (docs/benchmarks.md, issue 16); its 144 launches a
+step still stream ~1.7 TB/s, about a third of the bandwidth.
 
 Same function as `dequantize_int4` then matmul, which is what runs on the CPU (and on GPUs
 without Triton); the roundings differ only in where fp32 products meet bf16 (the kernel scales
@@ -137,17 +137,12 @@ if triton is not None:
     def _w4a16_gemv_kernel(
         x_ptr, w_ptr, s_ptr, bias_ptr, out_ptr, part_ptr, count_ptr, N, K, stride_wn, stride_sn,
         CHUNK: tl.constexpr, SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-        PREFETCH: tl.constexpr, PIPELINE: tl.constexpr, OWN_SCALES: tl.constexpr, PDL: tl.constexpr,
-        BLOCK_N: tl.constexpr, GROUP_K: tl.constexpr,
+        PREFETCH: tl.constexpr, OWN_SCALES: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_K: tl.constexpr,
     ):  # fmt: skip
         """One token: out[n] = sum over groups g of scale[n, g] * sum_i q[n, i] * x[i], on CUDA
         cores. w is the packed bytes read as int32 words: word w holds inputs 8w..8w+7, input
-        8w+j in bits 4j..4j+3 (little-endian bytes, low nibble first). PREFETCH groups' words are
-        loaded ahead into registers (0-2); PIPELINE (None or a stage count) has Triton's pipeliner
-        stage the words through shared memory with cp.async instead, PIPELINE - 1 groups ahead.
-        With PDL (launched as a programmatic dependent launch) the program may start before the
-        kernel that writes x has finished: it loads its first weights, then waits for that kernel
-        (`griddepcontrol.wait`) before it reads x or writes anything."""
+        8w+j in bits 4j..4j+3 (little-endian bytes, low nibble first). The words of the next
+        PREFETCH groups (0-2) ride in registers from step to step."""
         pid_n, split = tl.program_id(0), tl.program_id(2)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         words_per_group: tl.constexpr = GROUP_K // 8
@@ -158,8 +153,8 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, words_per_group], tl.float32)
         lo = split * CHUNK
         group_words = w_rows + offs_w[None, :]  # + g * words_per_group: group g's words
-        # The words PREFETCH groups ahead ride in registers from step to step (Triton pipelines only
-        # loads that feed a dot, or every load of a loop given its own num_stages: PIPELINE).
+        # Triton pipelines only loads that feed a dot (or, given the loop's own num_stages, stages
+        # these through shared memory with a barrier a step: slower on the H200, session 13).
         ahead = tl.zeros([BLOCK_N, words_per_group], tl.int32)
         ahead2 = ahead
         if PREFETCH >= 1:
@@ -172,9 +167,7 @@ if triton is not None:
                 mask=n_mask[:, None] & ((1 < CHUNK) & ((lo + 1) * GROUP_K < K)),
                 other=0,
             )
-        if PDL:  # the weights never depend on the kernel before; x and the outputs do
-            tl.extra.cuda.gdc_wait()
-        for step in tl.range(CHUNK, num_stages=PIPELINE):  # the last split may run past K: masked
+        for step in range(CHUNK):  # the last split may run past K: masked
             g = lo + step
             inside = g * GROUP_K < K
             if PREFETCH == 0:
@@ -264,14 +257,12 @@ def _gemv(
     n, k = words.shape[0], x.shape[0]
     p = gemm_plan.gemv_plan(n, k, gemm_plan.num_sms(x.device))
     out, part, counters = gemm_plan.outputs(1, n, p, x.dtype, x.device)
-    pdl = gemm_plan.GEMV_PDL and x.is_cuda
     _w4a16_gemv_kernel[(triton.cdiv(n, p.block_n), 1, p.splits)](
         x, words, scales, bias if bias is not None else scales, out, part, counters, n, k,
         words.stride(0), scales.stride(0),
         CHUNK=p.chunk, SPLITS=p.splits, HAS_BIAS=bias is not None, ASM=x.is_cuda,
-        PREFETCH=int(gemm_plan.GEMV_PREFETCH), PIPELINE=gemm_plan.GEMV_PIPELINE or None,
-        OWN_SCALES=gemm_plan.GEMV_OWN_SCALES, PDL=pdl, BLOCK_N=p.block_n, GROUP_K=GROUP,
-        num_warps=p.num_warps, num_stages=p.num_stages, launch_pdl=pdl,
+        PREFETCH=int(gemm_plan.GEMV_PREFETCH), OWN_SCALES=gemm_plan.GEMV_OWN_SCALES,
+        BLOCK_N=p.block_n, GROUP_K=GROUP, num_warps=p.num_warps, num_stages=p.num_stages,
     )  # fmt: skip
     return out
 
