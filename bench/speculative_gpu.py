@@ -182,10 +182,16 @@ def sync(args) -> None:
         torch.cuda.synchronize()
 
 
-def run_engine(engine: NativeEngine, batch: int, prompts: list[list[int]], args) -> list[float]:
+def run_engine(
+    engine: NativeEngine, batch: int, prompts: list[list[int]], args
+) -> tuple[list[float], list[float]]:
     """Seconds for each of --repeats timed waves of `batch` requests, after a warm-up wave that
-    captures the graphs; a speculator's counters cover the timed waves."""
-    times = []
+    captures the graphs, and the milliseconds of each `step()` of the last timed wave (reading
+    late, a step returns once the one before it is done, so these are the pipeline's step times:
+    session 13's batch-1 waves ran ~1 ms a step slower than the profiled steady step, and
+    these say where in the wave); a speculator's counters cover the timed waves."""
+    times: list[float] = []
+    step_ms: list[float] = []
     for wave in range(1 + args.repeats):
         reqs = [
             Request(f"{wave}-{i}", prompts[i], args.new_tokens, temperature=1.0, seed=wave * 10_000 + i)
@@ -198,22 +204,26 @@ def run_engine(engine: NativeEngine, batch: int, prompts: list[list[int]], args)
             spec.num_verify_steps = spec.num_verified_rows = spec.num_kept_tokens = 0
         sync(args)
         t0 = time.perf_counter()
-        done = 0
+        done, step_ms = 0, []
         while engine.has_work():
+            t = time.perf_counter()
             done += len(engine.step())
+            step_ms.append(1e3 * (time.perf_counter() - t))
         sync(args)
         if wave:
             times.append(time.perf_counter() - t0)
         assert done == batch
-    return times
+    return times, step_ms
 
 
-def timed_row(variant: str, batch: int, times: list[float], args) -> dict:
-    """tokens/s of the median wave, and the range over the waves."""
+def timed_row(variant: str, batch: int, timed: tuple[list[float], list[float]], args) -> dict:
+    """tokens/s of the median wave, the range over the waves, and the last wave's step times."""
+    times, step_ms = timed
     tps = sorted(batch * args.new_tokens / dt for dt in times)
     return {
         "variant": variant, "batch": batch, "tokens_per_s": round(tps[len(tps) // 2], 1),
         "tokens_per_s_range": [round(tps[0], 1), round(tps[-1], 1)], "seconds": [round(dt, 3) for dt in times],
+        "last_wave_step_ms": [round(ms, 3) for ms in step_ms],
     }  # fmt: skip
 
 
