@@ -37,7 +37,11 @@ def test_a_kernel_compiled_after_the_warm_up_is_logged(caplog):
         triton.knobs.runtime.jit_cache_hook = triton.knobs.runtime.jit_post_compile_hook = None
     assert torch.equal(x, torch.full((8,), 3.0, device="cuda"))
     (record,) = caplog.records
-    assert "rollout server s0: Triton compiled add_one after the warm-up" in record.getMessage()
+    message = record.getMessage()  # the kernel by its qualified name, then its specialisation key
+    assert (
+        message.startswith("rollout server s0: Triton compiled ") and ".add_one after the warm-up" in message
+    )
+    assert "('constexpr', 16)" in message
 
 
 def test_the_sampler_does_not_compile_again_for_rows_at_another_offset(caplog):
