@@ -193,8 +193,9 @@ class RolloutConfig:
         "Speculative decoding in the native engine: EAGLE or MTP (the same --mtp-num-layers draft "
         "head, drafted autoregressively and verified exactly: the sampled tokens keep the target's "
         "distribution); empty = off. Pays only at small batches with a draft trained online "
-        "(--enable-mtp-training); on the H200 it is 1.46x plain decode at batch 1 and 1.17x at 16, "
-        "even at 64 and slower at 256 (docs/benchmarks.md, issue 19). slime's --sglang-speculative-algorithm.",
+        "(--enable-mtp-training) that follows the policy; on the H200 it is 1.5-1.8x plain decode at "
+        "batch 1, 1.5-1.6x at 16, 1.3-1.4x at 64 and even at 256 (docs/benchmarks.md, issue 19). "
+        "slime's --sglang-speculative-algorithm.",
         aliases=["--sglang-speculative-algorithm"],
     )
     speculative_num_steps: int = opt(
