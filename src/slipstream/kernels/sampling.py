@@ -80,9 +80,7 @@ if triton is not None:
     # slot table at the batch's first row, so their alignment changes from batch to batch: not
     # specialised on it, a kernel compiled in the rollout server's warm-up serves every batch (each
     # new alignment class compiled again on a real batch: 0.8 s on a cold cache, session 13).
-    _PER_ROW = ["temp_ptr", "seed_ptr", "pos_ptr", "tok_ptr"]
-
-    @triton.jit(do_not_specialize_on_alignment=_PER_ROW[:3])
+    @triton.jit(do_not_specialize_on_alignment=["temp_ptr", "seed_ptr", "pos_ptr"])
     def _partial_kernel(
         logits_ptr, stride, temp_ptr, seed_ptr, pos_ptr, stats_ptr, idx_ptr,
         V, CHUNK, MASK, GOLDEN, SPLITS: tl.constexpr, BLOCK: tl.constexpr, GIVEN: tl.constexpr,
@@ -144,7 +142,7 @@ if triton is not None:
             tl.store(out + 2 * SPLITS, v)
             tl.store(idx_ptr + row.to(tl.int64) * SPLITS + part, i)
 
-    @triton.jit(do_not_specialize_on_alignment=[_PER_ROW[0], _PER_ROW[3]])
+    @triton.jit(do_not_specialize_on_alignment=["temp_ptr", "tok_ptr"])  # as _partial_kernel's
     def _merge_kernel(
         logits_ptr, stride, temp_ptr, stats_ptr, idx_ptr, tok_ptr, lp_ptr, NUM_SPLITS,
         SPLITS: tl.constexpr, GIVEN: tl.constexpr,
