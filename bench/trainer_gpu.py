@@ -35,7 +35,8 @@ kind (GEMM, attention, elementwise/norm glue, log-softmax/entropy, optimizer, co
 busy fraction of the step's wall time (low = launch- or host-bound) and the top kernels.
 
 MFU: model FLOPs over wall time against the dense bf16 peak (--peak-tflops, the H200's 989).
-`mfu` counts 6 x params x tokens (the usual convention, every token through every parameter);
+`mfu` counts 6 x params x tokens (the usual convention, every token through every parameter; an
+untied input embedding, a lookup, is not counted);
 `mfu_needed` counts what a step must compute, 6 x (params - LM head) x tokens + 6 x LM head x
 response tokens (no log-prob of a prompt position is ever read), and is the fair figure when
 packing runs the head on response positions only. Attention score FLOPs and the proximal
@@ -266,7 +267,11 @@ def main() -> None:
         torch.manual_seed(0)
         model = Qwen3ForCausalLM(Qwen3Config(**SHAPES[args.shape])).to(torch.bfloat16)
         save_model(model, d)
+        # A matmul's parameters: an untied input embedding is a lookup and computes nothing (a tied
+        # one is the LM head, counted once). The 8B slice's untied embedding is 31% of its parameters.
         params = sum(p.numel() for p in model.parameters())
+        if not model.config.tie_word_embeddings:
+            params -= model.model.embed_tokens.weight.numel()
         head = model.lm_head.weight.numel()
         del model
         for v in args.variants:
