@@ -201,7 +201,7 @@ def run_engine(
             engine.add_request(r)
         spec = engine.speculator
         if spec is not None and wave == 1:
-            spec.num_verify_steps = spec.num_verified_rows = spec.num_kept_tokens = 0
+            spec.reset_tallies()
         sync(args)
         t0 = time.perf_counter()
         done, step_ms = 0, []

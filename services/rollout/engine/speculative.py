@@ -338,17 +338,14 @@ class Speculator:
     def num_verified_rows(self) -> int:
         return int(self._tallies[0])
 
-    @num_verified_rows.setter
-    def num_verified_rows(self, value: int) -> None:
-        self._tallies[0] = value
-
     @property
     def num_kept_tokens(self) -> int:
         return int(self._tallies[1])
 
-    @num_kept_tokens.setter
-    def num_kept_tokens(self, value: int) -> None:
-        self._tallies[1] = value
+    def reset_tallies(self) -> None:
+        """Count from zero again: steps, rows and kept tokens (a benchmark's timed wave)."""
+        self.num_verify_steps = 0
+        self._tallies.zero_()
 
     @property
     def acceptance_length(self) -> float:

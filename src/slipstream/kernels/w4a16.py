@@ -172,17 +172,14 @@ if triton is not None:
             inside = g * GROUP_K < K
             if PREFETCH == 0:
                 words = tl.load(group_words + g * words_per_group, mask=n_mask[:, None] & inside, other=0)
-            else:
-                words = ahead
-                if PREFETCH == 1:
-                    next_g = g + 1
-                else:
-                    ahead, next_g = ahead2, g + 2
+            else:  # this step's words came PREFETCH steps ago; the group PREFETCH ahead starts loading
+                next_g = g + PREFETCH
                 next_mask = n_mask[:, None] & ((next_g - lo < CHUNK) & (next_g * GROUP_K < K))
+                coming = tl.load(group_words + next_g * words_per_group, mask=next_mask, other=0)
                 if PREFETCH == 1:
-                    ahead = tl.load(group_words + next_g * words_per_group, mask=next_mask, other=0)
+                    words, ahead = ahead, coming
                 else:
-                    ahead2 = tl.load(group_words + next_g * words_per_group, mask=next_mask, other=0)
+                    words, ahead, ahead2 = ahead, ahead2, coming
             scale = _group_scales(s_ptr, s_rows, g, n_mask & inside, words_per_group, OWN_SCALES and ASM)
             x_group = x_ptr + g * GROUP_K + offs_w * 8
             part = tl.zeros([BLOCK_N, words_per_group], tl.float32)
