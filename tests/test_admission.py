@@ -7,6 +7,9 @@ groups_per_version groups per version, in buffer order.
 
 from __future__ import annotations
 
+import random
+from collections import Counter
+
 import pytest
 
 from slipstream.algorithms.staleness import StalenessBound
@@ -97,18 +100,28 @@ def test_reuse_capacity_holds_every_group_still_within_the_bound(interval, max_s
 
 def test_may_store_keeps_positions_for_earlier_deadlines():
     # nothing else waits: any group may take the next position
-    assert may_store(0, 4, [])
+    assert may_store(0, 4, Counter([]))
     # A straggler due by 4 still runs; 3 groups stored. A later group (due by 6) taking
     # position 3 would push the straggler to position 4: too late. It waits.
-    assert not may_store(3, 6, [4])
-    assert may_store(2, 6, [4])  # position 2 leaves position 3 for the straggler
+    assert not may_store(3, 6, Counter([4]))
+    assert may_store(2, 6, Counter([4]))  # position 2 leaves position 3 for the straggler
     # the straggler itself may always go
-    assert may_store(5, 4, [6, 6])
+    assert may_store(5, 4, Counter([6, 6]))
     # two stragglers due by 4 (positions < 4) and a ready group due by 6:
-    assert may_store(1, 6, [4, 4])  # it takes 1, the stragglers 2 and 3
-    assert not may_store(2, 6, [4, 4])  # it would take 2, leaving only 3 for two stragglers
+    assert may_store(1, 6, Counter([4, 4]))  # it takes 1, the stragglers 2 and 3
+    assert not may_store(2, 6, Counter([4, 4]))  # it would take 2, leaving only 3 for two stragglers
     # equal deadlines do not hold each other back (they are interchangeable)
-    assert may_store(3, 4, [4])
+    assert may_store(3, 4, Counter([4]))
+
+
+def test_may_store_is_the_rule_for_every_earlier_deadline():
+    # The rule as the docstring states it, checked deadline by deadline on random waiting sets.
+    rng = random.Random(0)
+    for _ in range(2000):
+        waiting = [rng.randint(1, 12) for _ in range(rng.randint(0, 6))]
+        accepted, deadline = rng.randint(0, 10), rng.randint(1, 12)
+        rule = all(accepted + 1 + sum(w <= d for w in waiting) <= d for d in waiting if d < deadline)
+        assert may_store(accepted, deadline, Counter(waiting)) == rule, (accepted, deadline, waiting)
 
 
 def test_reward_nonzero_std_filter_by_hand():

@@ -28,18 +28,21 @@ functions of counts, so the dispatcher's loop stays readable and the policy is t
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 
 
-def may_store(num_accepted: int, deadline: int, waiting_deadlines: Iterable[int]) -> bool:
+def may_store(num_accepted: int, deadline: int, waiting: Mapping[int, int]) -> bool:
     """Whether a finished group due by `deadline` may take buffer position `num_accepted` now.
 
-    `waiting_deadlines` are the deadlines of every other group not yet stored. Storing this one
-    must leave, for each strictly earlier deadline d, room for all groups due by d:
-    `num_accepted + 1 + #{w <= d} <= d`. The group with the earliest deadline always may, so
-    holding a group back never deadlocks: it waits only for work that is itself running.
+    `waiting` counts the groups not yet stored by deadline (this one may be among them: only
+    strictly earlier deadlines matter). Storing this one must leave, for each earlier deadline
+    d, room for all groups due by d: `num_accepted + 1 + #{w <= d} <= d`. The group with the
+    earliest deadline always may, so holding a group back never deadlocks: it waits only for
+    work that is itself running.
     """
-    earlier = sorted(d for d in waiting_deadlines if d < deadline)
-    # After storing, the k-th earliest of them (0-based) needs positions for itself and the k
-    # before it: num_accepted + 1 + (k + 1) <= d. Ties are covered by their last index.
-    return all(num_accepted + k + 2 <= d for k, d in enumerate(earlier))
+    due = 0  # groups due by d, d < deadline
+    for d in sorted(d for d in waiting if d < deadline):
+        due += waiting[d]
+        if num_accepted + 1 + due > d:
+            return False
+    return True

@@ -158,6 +158,10 @@ class Ledger:
     def num_queued(self) -> int:
         return sum(len(idx) for _, idx in self._queue)
 
+    @property
+    def has_queued(self) -> bool:
+        return bool(self._queue)
+
     def in_flight(self, conn_id: str) -> int:
         return self._in_flight[conn_id]
 

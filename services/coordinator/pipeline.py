@@ -43,6 +43,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -144,6 +145,10 @@ class Pipeline:
         self.cursor = prompts.cursor(counters.cursor)
         self.ledger = Ledger(epoch_base=counters.incarnation << EPOCH_BITS)
         self.groups: dict[str, GroupState] = {}  # every group not stored, filtered nor lost
+        # The same groups by stage, and the deadlines of the running ones: what dispatch() reads
+        # on every event, kept by _enter/_move instead of a scan over all groups each time.
+        self._staged: dict[Stage, dict[str, GroupState]] = {stage: {} for stage in Stage}
+        self._running_deadlines: Counter[int] = Counter()
         self._moves = itertools.count(1)
         self._aborting: set[str] = set()  # work ids an abort was sent for
         self.partials = Partials(
@@ -157,21 +162,37 @@ class Pipeline:
     def _move(self, group: GroupState, stage: Stage) -> None:
         if stage not in _ARROWS.get(group.stage, ()):
             raise RuntimeError(f"group {group.group_id} cannot go from {group.stage.name} to {stage.name}")
-        group.stage, group.entered = stage, next(self._moves)
+        self._leave(group)
         if stage in _GONE:
+            group.stage, group.entered = stage, next(self._moves)
             del self.groups[group.group_id]
+        else:
+            self._enter(group, stage)
+
+    def _enter(self, group: GroupState, stage: Stage) -> None:
+        group.stage, group.entered = stage, next(self._moves)
+        self.groups[group.group_id] = self._staged[stage][group.group_id] = group
+        if stage in _RUNNING:
+            self._running_deadlines[group.deadline] += 1
+
+    def _leave(self, group: GroupState) -> None:
+        del self._staged[group.stage][group.group_id]
+        if group.stage in _RUNNING:
+            self._running_deadlines[group.deadline] -= 1
+            if not self._running_deadlines[group.deadline]:
+                del self._running_deadlines[group.deadline]
 
     def _in(self, *stages: Stage) -> list[GroupState]:
-        return [g for g in self.groups.values() if g.stage in stages]
+        return [g for stage in stages for g in self._staged[stage].values()]
 
     @property
     def num_running(self) -> int:
-        return len(self._in(*_RUNNING))
+        return sum(len(self._staged[stage]) for stage in _RUNNING)
 
     @property
     def num_accepted(self) -> int:
         """Groups given a buffer position: stored, or being stored."""
-        return self.counters.num_stored + len(self._in(Stage.STORING, Stage.IN_DOUBT))
+        return self.counters.num_stored + len(self._staged[Stage.STORING]) + len(self._staged[Stage.IN_DOUBT])
 
     @property
     def num_in_flight(self) -> int:
@@ -179,11 +200,11 @@ class Pipeline:
 
     def restore(self, group: GroupState, parked: set[int]) -> None:
         """Take a journaled group back: a complete one is scored again, the rest generated."""
-        self.groups[group.group_id] = group
         if group.complete:  # finished before the crash: score it again and store it
-            group.stage = Stage.SCORING
+            self._enter(group, Stage.SCORING)
             self._spawn(self._finish(group))
         else:
+            self._enter(group, Stage.GENERATING)
             self.ledger.restore_group(group, parked)
 
     def start(self) -> None:
@@ -208,7 +229,7 @@ class Pipeline:
                     cmd = work_item(a, self.settings.rollout, self.settings.seed, self.ports.version())
                     self.ports.send(a.conn_id, cmd)
                 continue
-            if self.ledger.num_queued or pick_server(n, slots) is None or not self._may_admit():
+            if self.ledger.has_queued or pick_server(n, slots) is None or not self._may_admit():
                 return
             self._admit()
 
@@ -229,7 +250,7 @@ class Pipeline:
         samples = self.prompts.templates(group_id, index, record, self.settings.rollout.n_samples_per_prompt)
         version = self.ports.version()
         group = self.ledger.add_group(group_id, samples, version, self.bound.accept_limit(version))
-        self.groups[group_id] = group
+        self._enter(group, Stage.GENERATING)
         self.journal.mark(group_id)
         self.events.event("dispatched", group_id, [s.uid for s in samples])
 
@@ -338,15 +359,12 @@ class Pipeline:
     # ---- positions and the store --------------------------------------------------------
     def _position_ready(self) -> None:
         """Give ready groups buffer positions, earliest deadline first, while the bound allows."""
-        while not self.bound.window_full(self.ports.version(), accepted := self.num_accepted):
-            running = self._in(*_RUNNING)
-            ready = [g for g in running if g.stage is Stage.READY]
-            for group in sorted(ready, key=lambda g: (g.deadline, g.entered)):
-                others = [g.deadline for g in running if g is not group]
-                if may_store(accepted, group.deadline, others):
-                    break
-            else:
-                return  # each ready group would take a position an earlier, running group needs
+        for group in sorted(self._staged[Stage.READY].values(), key=lambda g: (g.deadline, g.entered)):
+            accepted = self.num_accepted
+            if self.bound.window_full(self.ports.version(), accepted):
+                return
+            if not may_store(accepted, group.deadline, self._running_deadlines):
+                return  # it would take a position an earlier, running group needs; so would any later one
             group.position = accepted
             self._move(group, Stage.STORING)
             self._count_stale(group)
