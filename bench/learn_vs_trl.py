@@ -18,10 +18,13 @@ greedy accuracy by one teacher-forced forward, every answer token and EOS the ar
 every checkpoint on all held-out problems (never trained on). The first checkpoint whose
 greedy accuracy reaches `--target` gives the steps and the time to target.
 
-Two clocks per step: `train_s`, training time since the first step began with checkpoint
-writes taken out (mesh: the trainer's `elapsed_s`, minus the save gaps it measures;
-TRL: `on_step_end` times since `on_train_begin`, minus the saves the callback times), and
-`wall_s`, seconds since the bench launched the run (process start-up and saves included).
+Two clocks per step: `train_s`, training time with checkpoint writes taken out, and `wall_s`,
+seconds since the bench launched the run (process start-up and saves included). TRL's training
+begins at `on_train_begin` (its model loaded; `on_step_end` times, minus the saves the callback
+times). The mesh's begins when it can train: the trainer's clock (`elapsed_s`) or, when the
+trainer started first, the first rollout server's ready (its engine warmed up, graphs captured,
+as TRL's model is loaded before `on_train_begin`); minus the save gaps the trainer's rows show.
+What the trainer waited before that is kept as `start_wait_s`.
 
 Variants (`--only`; mesh ones are `slipstream train` with the flags shown on top of the
 shared ones, all real processes: Redis, reward, coordinator, 2 rollout servers, trainer):
@@ -336,14 +339,14 @@ def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dic
     durations = [r["num_trained_tokens"] / max(r["tokens_per_s"], 1e-9) for r in rows]
     gaps = [rows[i]["elapsed_s"] - rows[i - 1]["elapsed_s"] - durations[i] for i in range(1, len(rows))]
     base = statistics.median(gaps) if gaps else 0.0
-    saved = 0.0
+    saved, start_wait = 0.0, _start_wait(run_dir, rows)
     curve = []
     for i, r in enumerate(rows):
         if i and rows[i - 1]["step"] % args.eval_every == 0:
             saved += max(0.0, gaps[i - 1] - base)
         point = {
             "step": r["step"],
-            "train_s": round(r["elapsed_s"] - saved, 3),
+            "train_s": round(r["elapsed_s"] - start_wait - saved, 3),
             "wall_s": round(seen.get(r["step"], float("nan")), 3),
             "sampled_accuracy": r["accuracy"],
             "step_s": round(durations[i], 4),
@@ -363,6 +366,7 @@ def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dic
     placement = [x for x in Path(log.name).read_text().splitlines() if "placement:" in x]
     return {
         "side": "mesh", "argv": argv[2:], "curve": curve, "checkpoint_s": round(saved, 3),
+        "start_wait_s": round(start_wait, 3),
         "stopped": live.stopped, "placement": placement[-1] if placement else None,
         **_start_up(run_dir),
     }  # fmt: skip
@@ -374,6 +378,20 @@ def run_mesh(args, name: str, extra: list[str], seed: int, run_dir: Path) -> dic
 _START_UP_LINES = re.compile(
     r"decode graphs captured|now serving weights version [1-3] |attached to coordinator|after the warm-up"
 )
+
+
+def _start_wait(run_dir: Path, rows: list[dict]) -> float:
+    """Seconds the trainer's clock ran before the first rollout server was ready (0 when it
+    started later, or when the timeline or the rows' `unix_s` are missing)."""
+    timeline = run_dir / "timeline.json"
+    if not rows or "unix_s" not in rows[0] or not timeline.exists():
+        return 0.0
+    t = json.loads(timeline.read_text())
+    ready = [e["s"] for e in t["events"] if re.fullmatch(r"rollout-\d+ ready", e["event"])]
+    if not ready:
+        return 0.0
+    trainer_start = rows[0]["unix_s"] - rows[0]["elapsed_s"]
+    return max(0.0, t["launched_at_epoch"] + min(ready) - trainer_start)
 
 
 def _start_up(run_dir: Path) -> dict:

@@ -145,6 +145,7 @@ class MetricsLog:
     def write(self, **row: Any) -> None:
         row = {k: _clean(v) for k, v in row.items()}
         row["elapsed_s"] = round(time.monotonic() - self.start, 3)
+        row["unix_s"] = round(time.time(), 3)  # to line rows up with logs and other processes
         self.rows.append(row)
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
