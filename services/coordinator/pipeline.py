@@ -60,7 +60,7 @@ from slipstream.services.coordinator.dispatch_log import DispatchLog
 from slipstream.services.coordinator.groups import GroupState, Ledger, Slots, Stage, StaleResult, pick_server
 from slipstream.services.coordinator.journal import StoreInDoubt, to_record
 from slipstream.services.coordinator.partials import Partials
-from slipstream.services.coordinator.prompts import Prompts, work_item
+from slipstream.services.coordinator.prompts import Prompts, sampling_params, work_item
 
 if TYPE_CHECKING:
     from slipstream.services.coordinator.scoring import Scored
@@ -150,6 +150,7 @@ class Pipeline:
         self._staged: dict[Stage, dict[str, GroupState]] = {stage: {} for stage in Stage}
         self._running_deadlines: Counter[int] = Counter()
         self._moves = itertools.count(1)
+        self._sampling = sampling_params(settings.rollout)  # what every work item samples with
         self._aborting: set[str] = set()  # work ids an abort was sent for
         self.partials = Partials(
             self.ledger, ports.park, ports.take_partials, journal.mark, self._spawn, then=self.dispatch
@@ -226,7 +227,7 @@ class Pipeline:
             placed = self.ledger.place_next(slots)
             if placed:
                 for a in placed:
-                    cmd = work_item(a, self.settings.rollout, self.settings.seed, self.ports.version())
+                    cmd = work_item(a, self._sampling, self.settings.seed, self.ports.version())
                     self.ports.send(a.conn_id, cmd)
                 continue
             if self.ledger.has_queued or pick_server(n, slots) is None or not self._may_admit():

@@ -82,22 +82,30 @@ class Prompts:
         return samples
 
 
+def sampling_params(rollout: RolloutConfig) -> types_pb2.SamplingParams:
+    """What every work item's sampling starts from (built once: a copy is one call per item)."""
+    return types_pb2.SamplingParams(
+        temperature=rollout.rollout_temperature,
+        top_p=rollout.rollout_top_p,
+        top_k=max(rollout.rollout_top_k, 0),
+        max_new_tokens=rollout.rollout_max_response_len,
+        stop_token_ids=rollout.rollout_stop_token_ids,
+    )
+
+
 def work_item(
-    a: Assignment, rollout: RolloutConfig, seed: int, version: int
+    a: Assignment, sampling: types_pb2.SamplingParams, seed: int, version: int
 ) -> coordinator_pb2.RolloutCommand:
-    """The command that hands sample `a` to its stream, `version` being the newest one."""
+    """The command that hands sample `a` to its stream (`sampling` from `sampling_params`),
+    `version` being the newest one."""
     cmd = coordinator_pb2.RolloutCommand()
     work = cmd.work  # filled in place: each sub-message given whole would be copied into it again
     work.work_id, work.lease_epoch = a.work_id, a.epoch
     work.sample.CopyFrom(a.sample)
-    sampling = work.sampling
-    sampling.temperature = rollout.rollout_temperature
-    sampling.top_p = rollout.rollout_top_p
-    sampling.top_k = max(rollout.rollout_top_k, 0)
+    work.sampling.CopyFrom(sampling)
     # A continued (partial) sample only gets what is left of the response budget.
-    sampling.max_new_tokens = rollout.rollout_max_response_len - a.sample.response_length
-    sampling.stop_token_ids.extend(rollout.rollout_stop_token_ids)
-    sampling.seed = sample_seed(seed, a.work_id)
+    work.sampling.max_new_tokens -= a.sample.response_length
+    work.sampling.seed = sample_seed(seed, a.work_id)
     # Fresh work is generated on the version it was admitted under (or newer); a partial
     # being continued goes on under the newest weights.
     work.min_policy_version = version if a.continued else a.group_version
