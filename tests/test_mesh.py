@@ -204,13 +204,15 @@ def test_max_restarts_brings_dead_services_back(assets, tmp_path):
     """Supervised like a Kubernetes pod: the reward service and a rollout server are SIGKILLed
     after the first step, the launcher starts each again on its port, and the run finishes.
 
-    The wait for the run's end is bounded by `scaled` like the test's other waits (15-20 s on an
-    idle 2-core box, 21-29 s at a load average of 10-13: two services start again one after the
-    other, then five steps); it was the test's one fixed bound (180 s), and what a timeout left of
-    the launcher's stderr is in the failure."""
+    Twelve rollouts: one version stale, at most the first few have been scored when the test
+    kills (it sees the first step up to 0.2 s late), so the rest need the reward service back.
+    With six, the buffer sometimes held every remaining step's groups already and the run ended
+    before the launcher saw a death (a restart that was never needed, not a failure to restart).
+    The wait for the run's end is bounded by `scaled` like the test's other waits; what a
+    timeout left of the launcher's stderr is in the failure."""
     model, prompts = assets
     run_dir = tmp_path / "run"
-    launcher = _launch_until_first_step(model, prompts, run_dir, "--num-rollout", "6", "--max-restarts", "1")
+    launcher = _launch_until_first_step(model, prompts, run_dir, "--num-rollout", "12", "--max-restarts", "1")
     try:
         before = json.loads((run_dir / "pids.json").read_text())
         for victim in ("reward", "rollout-1"):
@@ -222,7 +224,7 @@ def test_max_restarts_brings_dead_services_back(assets, tmp_path):
     assert launcher.returncode == 0, err[-3000:]
     after = json.loads((run_dir / "pids.json").read_text())
     for victim in ("reward", "rollout-1"):
-        assert after[victim] != before[victim]
+        assert after[victim] != before[victim], f"{victim} was not restarted"
         assert any(
             line.startswith(f"slipstream: {victim} died (killed by SIGKILL)")
             and "restarting it (1/1)" in line
