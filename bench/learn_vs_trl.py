@@ -121,6 +121,9 @@ VARIANTS: dict[str, list[str]] = {
     # The trainer and the four servers as clients of one CUDA MPS server: kernels side by side
     # instead of the GPU time-slicing between five processes (mps.py).
     "mesh+bf16+mps": ["--bf16", "--cuda-mps"],
+    # Two versions stale: the rollout of a step may take two of the trainer's steps (the H200's
+    # rollout cycle, admit -> generate -> score -> store, ran longer than one 0.13 s step).
+    "mesh+bf16+stale2": ["--bf16", "--max-staleness", "2"],
 }  # fmt: skip
 
 # TRL's rows: GRPOConfig settings on top of the matched ones (`trl_child`), as "key=value".
