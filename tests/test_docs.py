@@ -33,6 +33,7 @@ OTHER_TOOLS = {
     "kubectl": {"--from-literal", "--from-file"},
     "torchrun": {"--nnodes", "--nproc-per-node", "--standalone"},
     "pytest, pytest-xdist": {"--durations", "--noconftest", "--dist", "--no-loadscope-reorder"},
+    "py-spy record": {"--nonblocking", "--threads"},
     # slime / Megatron / SGLang names that our flags' help gives as equivalents
     "slime, Megatron, SGLang": {"--calculate-per-token-loss", "--recompute-granularity",
                                 "--sglang-kv-cache-dtype"},
