@@ -718,8 +718,8 @@ def main(argv: list[str] | None = None) -> int:
             if (name, seed) in first:
                 to_go = [j for j in to_go if j in first]
             cap = (args.budget_s - (time.time() - t_bench)) / len(to_go) - RUN_MARGIN_S
-            if cap < MIN_RUN_S and (name, seed) not in first:
-                return None
+            if (name, seed) not in first and (cap < MIN_RUN_S or any(j[1] == seed for j in skipped)):
+                return None  # a seed runs whole or not at all: a side without the other compares nothing
             cap = max(cap, MIN_RUN_S)  # a run cut to nothing measures nothing
             run_args = argparse.Namespace(**{**vars(args), "max_run_s": min(args.max_run_s or cap, cap)})
         run_dir = args.runs_dir / f"{name}-s{seed}"
@@ -769,7 +769,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             r = one(*job)
             if r is None:
-                print(f"{job[0]} seed {job[1]}: skipped, too little of --budget-s left", flush=True)
+                print(
+                    f"{job[0]} seed {job[1]}: skipped, too little of --budget-s left for its seed", flush=True
+                )
                 with lock:
                     skipped.add(job)
                     results.setdefault("skipped", []).append(f"{job[0]}-s{job[1]}")
