@@ -24,7 +24,7 @@ torch.set_num_threads(1)
 
 def test_scalars_rename_to_slime_and_keep_the_rest():
     row = {"step": 3, "loss": 0.5, "lr": 1e-5, "reward_mean": 0.25, "num_stale": 2, "flag": True,
-           "staleness_hist": "{}", "accuracy": None, "grad_norm": float("nan")}  # fmt: skip
+           "staleness_hist": "{}", "accuracy": None, "grad_norm": float("nan"), "unix_s": 1.8e9}  # fmt: skip
     assert scalars(row) == {
         "train/loss": 0.5, "train/lr-pg_0": 1e-5, "rollout/raw_reward": 0.25, "num_stale": 2.0, "flag": 1.0,
     }  # fmt: skip

@@ -38,11 +38,14 @@ SLIME_NAMES = {
 }
 
 
+NOT_SERIES = {"step", "unix_s"}  # the x axis, and the row's wall-clock time (each sink keeps its own)
+
+
 def scalars(row: dict[str, Any]) -> dict[str, float]:
-    """The row's numeric values under their logged names (`step` is the x axis, not a series)."""
+    """The row's numeric values under their logged names (not `NOT_SERIES`)."""
     out = {}
     for key, value in row.items():
-        if key == "step" or isinstance(value, str | dict | list) or value is None:
+        if key in NOT_SERIES or isinstance(value, str | dict | list) or value is None:
             continue
         value = float(value)
         if math.isfinite(value):
