@@ -28,7 +28,9 @@ functions of counts, so the dispatcher's loop stays readable and the policy is t
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+
+from slipstream.algorithms.staleness import HasVersions, StalenessBound
 
 
 def may_store(num_accepted: int, deadline: int, waiting: Mapping[int, int]) -> bool:
@@ -46,3 +48,9 @@ def may_store(num_accepted: int, deadline: int, waiting: Mapping[int, int]) -> b
         if num_accepted + 1 + due > d:
             return False
     return True
+
+
+def num_stale(bound: StalenessBound, position: int, samples: Iterable[HasVersions]) -> int:
+    """Samples of a group stored at buffer `position` that hold a token older than `bound` allows
+    (none, when rules 1-3 held; a server generating on older weights than it was told shows here)."""
+    return sum(1 for s in samples if s.policy_versions and bound.is_stale(position, min(s.policy_versions)))

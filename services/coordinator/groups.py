@@ -23,6 +23,7 @@ The ledger is plain bookkeeping: no I/O, no clock, no asyncio. The pipeline driv
 from __future__ import annotations
 
 import enum
+import itertools
 import logging
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -68,6 +69,46 @@ class GroupState:
 
     def finished_samples(self) -> list[types_pb2.Sample]:
         return [self.results[i] for i in range(len(self.samples))]
+
+
+GONE = {Stage.STORED, Stage.FILTERED, Stage.LOST}  # the pipeline forgets these
+RUNNING = {Stage.GENERATING, Stage.SCORING, Stage.READY}  # admitted, no buffer position yet
+
+
+class Stages:
+    """The pipeline's groups by stage, and how many running ones are due by each deadline: what
+    every dispatch reads, kept as groups move instead of scanned for. Only `enter` and `move`
+    change a group's stage, so none of it can drift from `group.stage`."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, GroupState] = {}  # every group not stored, filtered nor lost
+        self.running_deadlines: Counter[int] = Counter()  # deadline -> running groups due by it
+        self._of: dict[Stage, dict[str, GroupState]] = {stage: {} for stage in Stage}
+        self._moves = itertools.count(1)
+
+    def enter(self, group: GroupState, stage: Stage) -> None:
+        """A group new to the pipeline (admitted or restored), or one leaving its stage."""
+        group.stage, group.entered = stage, next(self._moves)
+        if stage in GONE:
+            del self.groups[group.group_id]
+            return
+        self.groups[group.group_id] = self._of[stage][group.group_id] = group
+        if stage in RUNNING:
+            self.running_deadlines[group.deadline] += 1
+
+    def move(self, group: GroupState, stage: Stage) -> None:
+        del self._of[group.stage][group.group_id]
+        if group.stage in RUNNING:
+            self.running_deadlines[group.deadline] -= 1
+            if not self.running_deadlines[group.deadline]:
+                del self.running_deadlines[group.deadline]
+        self.enter(group, stage)
+
+    def of(self, *stages: Stage) -> list[GroupState]:
+        return [g for stage in stages for g in self._of[stage].values()]
+
+    def count(self, *stages: Stage) -> int:
+        return sum(len(self._of[stage]) for stage in stages)
 
 
 @dataclass

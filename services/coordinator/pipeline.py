@@ -40,10 +40,8 @@ cancelled, so nothing it started lands) and builds a new one from the journal.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Protocol
@@ -53,11 +51,20 @@ from slipstream.buffer.coordinator_store import CoordinatorCounters
 from slipstream.buffer.replay import BufferFull
 from slipstream.config import RolloutConfig
 from slipstream.proto import coordinator_pb2, types_pb2
-from slipstream.rollout_filters import FilterFn, keeps
+from slipstream.rollout_filters import FilterFn, kept
 from slipstream.rpc.convert import SampleError, check_sample, sample_from_proto
-from slipstream.services.coordinator.admission import may_store
+from slipstream.services.coordinator.admission import may_store, num_stale
 from slipstream.services.coordinator.dispatch_log import DispatchLog
-from slipstream.services.coordinator.groups import GroupState, Ledger, Slots, Stage, StaleResult, pick_server
+from slipstream.services.coordinator.groups import (
+    RUNNING,
+    GroupState,
+    Ledger,
+    Slots,
+    Stage,
+    Stages,
+    StaleResult,
+    pick_server,
+)
 from slipstream.services.coordinator.journal import StoreInDoubt, to_record
 from slipstream.services.coordinator.partials import Partials
 from slipstream.services.coordinator.prompts import Prompts, sampling_params, work_item
@@ -77,8 +84,6 @@ _ARROWS = {
     Stage.READY: {Stage.STORING},
     Stage.STORING: {Stage.STORED, Stage.LOST, Stage.IN_DOUBT},
 }
-_GONE = {Stage.STORED, Stage.FILTERED, Stage.LOST}  # the pipeline forgets these
-_RUNNING = {Stage.GENERATING, Stage.SCORING, Stage.READY}  # admitted, no position yet
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,14 @@ class PipelineSettings:
     def max_tokens(self) -> int:
         """The longest sample a result may hold: prompt and response limits together."""
         return self.rollout.rollout_max_prompt_len + self.rollout.rollout_max_response_len
+
+    def keeps(self, group_id: str, samples: list[types_pb2.Sample]) -> bool:
+        """Whether --dynamic-sampling-filter-path keeps the scored group (no filter: it does)."""
+        if self.group_filter is None:
+            return True
+        return kept(
+            self.group_filter, self.filter_args, [sample_from_proto(s) for s in samples], f"group {group_id}"
+        )
 
 
 OnRewardFailure = Callable[[types_pb2.Sample, str], None]
@@ -144,12 +157,8 @@ class Pipeline:
         self.prompts = prompts
         self.cursor = prompts.cursor(counters.cursor)
         self.ledger = Ledger(epoch_base=counters.incarnation << EPOCH_BITS)
-        self.groups: dict[str, GroupState] = {}  # every group not stored, filtered nor lost
-        # The same groups by stage, and the deadlines of the running ones: what dispatch() reads
-        # on every event, kept by _enter/_move instead of a scan over all groups each time.
-        self._staged: dict[Stage, dict[str, GroupState]] = {stage: {} for stage in Stage}
-        self._running_deadlines: Counter[int] = Counter()
-        self._moves = itertools.count(1)
+        self.stages = Stages()
+        self.groups = self.stages.groups  # every group not stored, filtered nor lost
         self._sampling = sampling_params(settings.rollout)  # what every work item samples with
         self._aborting: set[str] = set()  # work ids an abort was sent for
         self.partials = Partials(
@@ -163,37 +172,16 @@ class Pipeline:
     def _move(self, group: GroupState, stage: Stage) -> None:
         if stage not in _ARROWS.get(group.stage, ()):
             raise RuntimeError(f"group {group.group_id} cannot go from {group.stage.name} to {stage.name}")
-        self._leave(group)
-        if stage in _GONE:
-            group.stage, group.entered = stage, next(self._moves)
-            del self.groups[group.group_id]
-        else:
-            self._enter(group, stage)
-
-    def _enter(self, group: GroupState, stage: Stage) -> None:
-        group.stage, group.entered = stage, next(self._moves)
-        self.groups[group.group_id] = self._staged[stage][group.group_id] = group
-        if stage in _RUNNING:
-            self._running_deadlines[group.deadline] += 1
-
-    def _leave(self, group: GroupState) -> None:
-        del self._staged[group.stage][group.group_id]
-        if group.stage in _RUNNING:
-            self._running_deadlines[group.deadline] -= 1
-            if not self._running_deadlines[group.deadline]:
-                del self._running_deadlines[group.deadline]
-
-    def _in(self, *stages: Stage) -> list[GroupState]:
-        return [g for stage in stages for g in self._staged[stage].values()]
+        self.stages.move(group, stage)
 
     @property
     def num_running(self) -> int:
-        return sum(len(self._staged[stage]) for stage in _RUNNING)
+        return self.stages.count(*RUNNING)
 
     @property
     def num_accepted(self) -> int:
         """Groups given a buffer position: stored, or being stored."""
-        return self.counters.num_stored + len(self._staged[Stage.STORING]) + len(self._staged[Stage.IN_DOUBT])
+        return self.counters.num_stored + self.stages.count(Stage.STORING, Stage.IN_DOUBT)
 
     @property
     def num_in_flight(self) -> int:
@@ -202,10 +190,10 @@ class Pipeline:
     def restore(self, group: GroupState, parked: set[int]) -> None:
         """Take a journaled group back: a complete one is scored again, the rest generated."""
         if group.complete:  # finished before the crash: score it again and store it
-            self._enter(group, Stage.SCORING)
+            self.stages.enter(group, Stage.SCORING)
             self._spawn(self._finish(group))
         else:
-            self._enter(group, Stage.GENERATING)
+            self.stages.enter(group, Stage.GENERATING)
             self.ledger.restore_group(group, parked)
 
     def start(self) -> None:
@@ -251,7 +239,7 @@ class Pipeline:
         samples = self.prompts.templates(group_id, index, record, self.settings.rollout.n_samples_per_prompt)
         version = self.ports.version()
         group = self.ledger.add_group(group_id, samples, version, self.bound.accept_limit(version))
-        self._enter(group, Stage.GENERATING)
+        self.stages.enter(group, Stage.GENERATING)
         self.journal.mark(group_id)
         self.events.event("dispatched", group_id, [s.uid for s in samples])
 
@@ -338,7 +326,7 @@ class Pipeline:
         for sample, reason in dead:
             await self.ports.dead_letter(sample, reason)
             self.events.event("dead_lettered", group.group_id, [sample.uid])
-        if self.settings.group_filter is not None and not self._keep(group.group_id, samples):
+        if not self.settings.keeps(group.group_id, samples):
             self.counters.num_filtered += 1
             self._move(group, Stage.FILTERED)
             self.journal.drop(group.group_id)
@@ -347,24 +335,14 @@ class Pipeline:
             self._move(group, Stage.READY)
         self.dispatch()
 
-    def _keep(self, group_id: str, samples: list[types_pb2.Sample]) -> bool:
-        try:
-            verdict = self.settings.group_filter(
-                self.settings.filter_args, [sample_from_proto(s) for s in samples]
-            )
-            return keeps(verdict)
-        except Exception:  # noqa: BLE001 - a broken user filter keeps the group rather than lose it
-            log.exception("--dynamic-sampling-filter-path failed on group %s; keeping it", group_id)
-            return True
-
     # ---- positions and the store --------------------------------------------------------
     def _position_ready(self) -> None:
         """Give ready groups buffer positions, earliest deadline first, while the bound allows."""
-        for group in sorted(self._staged[Stage.READY].values(), key=lambda g: (g.deadline, g.entered)):
+        for group in sorted(self.stages.of(Stage.READY), key=lambda g: (g.deadline, g.entered)):
             accepted = self.num_accepted
             if self.bound.window_full(self.ports.version(), accepted):
                 return
-            if not may_store(accepted, group.deadline, self._running_deadlines):
+            if not may_store(accepted, group.deadline, self.stages.running_deadlines):
                 return  # it would take a position an earlier, running group needs; so would any later one
             group.position = accepted
             self._move(group, Stage.STORING)
@@ -374,17 +352,12 @@ class Pipeline:
                 self._storer = self._spawn(self._store_in_order())
 
     def _count_stale(self, group: GroupState) -> None:
-        stale = [
-            s
-            for s in group.finished_samples()
-            if s.policy_versions and self.bound.is_stale(group.position, min(s.policy_versions))
-        ]
-        if stale:
-            self.counters.num_stale_samples += len(stale)
+        if stale := num_stale(self.bound, group.position, group.finished_samples()):
+            self.counters.num_stale_samples += stale
             log.warning(
                 "group %s: %d samples hold tokens older than --max-staleness %d allows at position %d",
                 group.group_id,
-                len(stale),
+                stale,
                 self.bound.max_staleness,
                 group.position,
             )
@@ -393,7 +366,7 @@ class Pipeline:
         """Append STORING groups to the buffer in position order, those waiting together in one
         transaction (one Redis round trip and one thread hop for a step's 64 groups, not 64)."""
         while True:
-            storing = self._in(Stage.STORING)
+            storing = self.stages.of(Stage.STORING)
             if not storing:
                 self._to_store.clear()
                 await self._to_store.wait()
@@ -438,7 +411,7 @@ class Pipeline:
                         await self._store([group])
                     return
                 log.exception("could not store group %s; it will be replaced", ids)
-                for later in self._in(Stage.STORING):
+                for later in self.stages.of(Stage.STORING):
                     later.position -= later.position > groups[0].position  # they move up a place
                 self._move(groups[0], Stage.LOST)
                 return

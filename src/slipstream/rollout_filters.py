@@ -14,6 +14,7 @@ filters port unchanged. `args` is the flat config namespace (`Config.as_namespac
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,8 @@ from typing import Any
 from slipstream.types import Sample
 
 FilterFn = Callable[..., Any]
+
+log = logging.getLogger(__name__)
 
 
 def check_reward_nonzero_std(args: Any, samples: list[Sample], **kwargs: Any) -> bool:
@@ -40,6 +43,16 @@ def check_reward_nonzero_std(args: Any, samples: list[Sample], **kwargs: Any) ->
 def keeps(result: Any) -> bool:
     """A filter's answer as a bool: a bool itself, or slime's `DynamicFilterOutput.keep`."""
     return bool(getattr(result, "keep", result))
+
+
+def kept(fn: FilterFn, args: Any, samples: list[Sample], what: str) -> bool:
+    """Whether filter `fn` keeps the group `samples` (`what` names it in the log). A filter that
+    raises keeps the group: a bug in user code must not drop data."""
+    try:
+        return keeps(fn(args, samples))
+    except Exception:  # noqa: BLE001 - whatever the user's code raised
+        log.exception("--dynamic-sampling-filter-path failed on %s; keeping it", what)
+        return True
 
 
 class FilterLoadError(ValueError):
