@@ -14,7 +14,9 @@ The coordinator keeps its ledger in memory and journals it here, so a restarted 
   instead of resuming a run that has nothing left to do (what `docker compose up` twice did).
 
 Only one write must be atomic, and is: `store_groups` appends finished groups to the groups
-stream, removes them from the assembly hash and bumps `num_stored` in ONE MULTI/EXEC. A crash
+stream, removes them from the assembly hash and bumps `num_stored` in ONE MULTI/EXEC (and keeps
+the groups' ids and uids in `Keys.last_stored`: the coordinator writes their dispatch-ledger lines
+after the commit, so one killed in between writes them when it resumes). A crash
 at any instant leaves a group either in the buffer or in assembly, never both (both would
 train it twice) and never neither. Every other write may lag: a lost journal write only means
 some work is generated again, under the same group id (`p<cursor index>`), which the trainer
@@ -28,6 +30,7 @@ Synchronous redis-py, like the replay buffer: the coordinator calls it through `
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field, fields
 
@@ -87,6 +90,7 @@ class Snapshot:
     groups: list[coordinator_pb2.JournalGroup] = field(default_factory=list)
     corrupt: list[str] = field(default_factory=list)  # group ids whose record did not decode
     finished_step: int | None = None  # the run is over at this step (`mark_finished`)
+    last_stored: dict[str, list[str]] = field(default_factory=dict)  # the last store: group id -> uids
 
 
 def _str(value: bytes | str) -> str:
@@ -104,11 +108,16 @@ class CoordinatorStore:
         with self.redis.pipeline(transaction=True) as pipe:
             pipe.hgetall(self.keys.coordinator_state)
             pipe.hgetall(self.keys.assembly)
-            state, assembly = pipe.execute()
+            pipe.get(self.keys.last_stored)
+            state, assembly, last_stored = pipe.execute()
         if not state:
             return None
         values = {_str(k): int(v) for k, v in state.items()}
-        snap = Snapshot(CoordinatorCounters.from_hash(values), finished_step=values.get(FINISHED))
+        snap = Snapshot(
+            CoordinatorCounters.from_hash(values),
+            finished_step=values.get(FINISHED),
+            last_stored=json.loads(last_stored) if last_stored else {},
+        )
         for raw_id, data in sorted(assembly.items()):
             group = coordinator_pb2.JournalGroup()
             try:
@@ -150,6 +159,8 @@ class CoordinatorStore:
         try:
             with self.redis.pipeline(transaction=True) as pipe:
                 self._queue_write(pipe, counters, put or {}, drop)
+                stored = {g.group_id: [s.uid for s in g.samples] for g in groups}
+                pipe.set(self.keys.last_stored, json.dumps(stored))
                 for group in groups:
                     pipe.xadd(self.keys.groups, {PAYLOAD: group.SerializeToString()})
                 pipe.hdel(self.keys.assembly, *(g.group_id for g in groups))

@@ -65,6 +65,12 @@ class Keys:
         return f"{self.base}:assembly"
 
     @property
+    def last_stored(self) -> str:
+        """String: the last store transaction's group ids and sample uids (JSON), for the dispatch
+        ledger of a coordinator killed between that commit and its `stored` lines."""
+        return f"{self.base}:last-stored"
+
+    @property
     def leases(self) -> str:
         """Hash sample/group id -> lease record of work dispatched to rollout servers."""
         return f"{self.base}:leases"

@@ -173,6 +173,8 @@ def test_keys_share_one_prefix_per_run():
         k.partials,
         k.dead_letter,
         k.coordinator_state,
+        k.assembly,
+        k.last_stored,
         k.leases,
         k.trainer_state,
         k.heartbeat("r0"),

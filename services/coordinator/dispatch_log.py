@@ -8,11 +8,13 @@ is `{"event", "group_id", "uid", "t"}` and is flushed as written, so a coordinat
 any instant leaves whole lines; a restarted one appends. `scripts/check_ledger.py` joins this
 with the trainer's `trained.jsonl`: every dispatched sample must end trained or accounted for.
 A sample may be `dispatched` more than once (its work regenerated after a crash); it is stored
-once per group id.
+once per group id. A group's `stored` lines follow its store's commit; a coordinator killed in
+between writes them when it resumes (`complete`, from the store's own record of its last groups).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from json.encoder import encode_basestring_ascii
 from pathlib import Path
@@ -26,7 +28,8 @@ class DispatchLog:
         # a coordinator started bare must not litter its working directory.
         self._file = None
         if run_dir and Path(run_dir).is_dir():
-            self._file = open(Path(run_dir) / NAME, "a", buffering=1)  # noqa: SIM115 - lives with the service
+            self.path = Path(run_dir) / NAME
+            self._file = open(self.path, "a", buffering=1)  # noqa: SIM115 - lives with the service
 
     @property
     def enabled(self) -> bool:
@@ -44,6 +47,24 @@ class DispatchLog:
         else:
             self._file.write(head + tail)
         self._file.flush()
+
+    def complete(self, event: str, groups: dict[str, list[str]]) -> list[str]:
+        """Write `event` for each of `groups` (group id -> uids) that the ledger lacks it for;
+        the group ids written."""
+        if self._file is None or not groups:
+            return []
+        have = set()
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a torn line (a kill mid-write)
+                continue
+            if row.get("event") == event and row.get("group_id") in groups:
+                have.add(row["group_id"])
+        missing = [g for g in groups if g not in have]
+        for group_id in missing:
+            self.event(event, group_id, groups[group_id])
+        return missing
 
     def close(self) -> None:
         if self._file is not None:

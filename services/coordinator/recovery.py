@@ -88,6 +88,11 @@ class Recovery:
             log.error("journal record of group %s does not decode; it is lost", group_id)
         for record in snap.groups:
             pipeline.restore(from_record(record), set(record.parked))
+        if written := pipeline.events.complete("stored", snap.last_stored):
+            log.info(
+                "dispatch ledger: wrote the stored lines of %s (stored before the stop, not yet logged)",
+                ", ".join(written),
+            )
         pipeline.start()
         self.pipeline, self.journal = pipeline, journal
         if resumed:
