@@ -12,7 +12,7 @@ from chaos_mesh import ChaosMesh, tiny_values, wait_for
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from machine_speed import scaled
 
-from slipstream.launcher import GRACE_S
+from slipstream.processes import GRACE_S
 
 
 def _watch(addr: str, seen: list[str], started: threading.Event) -> None:
