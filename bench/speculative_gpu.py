@@ -15,7 +15,7 @@ deterministic. Two phases mimic a policy that keeps moving, as in RL:
 
 Several online drafts train beside the same target on the same batches, one per --draft-lrs
 (bf16 autocast, like the target) and one in fp32 (--fp32-draft-lr), each with its own AdamW and
-its gradient norm clipped to 1 as actor.py clips the draft. Session 5's bench did not clip, and
+its gradient norm clipped to 1 as the trainer clips the draft (steps.py). Session 5's bench did not clip, and
 its draft (lr 1e-3, same target, data and seed) ended phase A at ln(512) nats, the best a draft
 that ignores its input can do; clipped, the same recipe is at 1.2 nats by step 20 (H200,
 session 11). The run records each draft's cross-entropy, regression loss and pre-norm residual
@@ -133,7 +133,7 @@ class OnlineDraft:
             loss = self.trainer.loss(hidden, batch, model, weights, means)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.trainer.parameters(), 1.0)  # as actor.py clips the draft
+        torch.nn.utils.clip_grad_norm_(self.trainer.parameters(), 1.0)  # as steps.py clips the draft
         self.opt.step()
         return means
 

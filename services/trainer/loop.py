@@ -20,7 +20,7 @@
 Each rule has one home: exactly-once consumption across crashes in `feed.py`; when to save and
 what a save makes durable in `checkpointer.py`; policy versions across trainer and coordinator
 restarts in `versions.py`; what other torchrun ranks do (what rank 0 tells them) in `ranks.py`;
-the arithmetic of a step in `actor.py`; the metrics row in `metrics.py`.
+the arithmetic of a step in `steps.py` (on the model `actor.py` holds); the metrics row in `metrics.py`.
 """
 
 from __future__ import annotations
