@@ -15,6 +15,14 @@ bench reports max |trainer - sampler| (the mode promises exactly 0.0) with the t
 engine tokens/s and the trainer's training step (forward+backward+AdamW on 64 of the samples),
 mode on against off (off: the engine's defaults, fused decode and CUDA graphs on the GPU),
 interleaved in one run (--repeats each); the JSON carries every timing.
+
+--invariant-moe-graphs (qwen3-30b-a3b on CUDA) measures the mode's MoE decode in CUDA graphs
+(`runner.INVARIANT_MOE_GRAPHS`, off in the engine until a GPU run has checked it) beside the mode
+without them: mismatch rows for both, and a third engine setting in the cost rows:
+
+    sh scripts/gpu_env.sh run python3 bench/true_on_policy.py --device cuda --shape qwen3-30b-a3b --layers 2 \
+        --concurrency 64 8 1 --tokens 12000 3000 500 --response-len 64 --repeats 1 --invariant-moe-graphs \
+        --out $OUT/true_on_policy_gpu_moe_graphs.json
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import torch
 from slipstream.config import config_from_values
 from slipstream.models.config import ModelConfig
 from slipstream.models.hf import init_model, load_model, save_model
+from slipstream.services.rollout.engine import runner
 from slipstream.services.rollout.engine.native import NativeEngine
 from slipstream.services.rollout.engine.request import Request
 from slipstream.services.trainer.actor import Actor
@@ -56,8 +65,13 @@ def loaded(model_dir: Path, device: str) -> torch.nn.Module:
     return load_model(model_dir, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
 
 
-def generate(model_dir: Path, mode: bool, concurrency: int, length: int, tokens: int, seed: int, device: str):
-    """(samples, decode seconds) until `tokens` sampled tokens, `concurrency` requests at a time."""
+def generate(
+    model_dir: Path, mode: bool, concurrency: int, length: int, tokens: int, seed: int, device: str,
+    moe_graphs: bool = False,
+):  # fmt: skip
+    """(samples, decode seconds) until `tokens` sampled tokens, `concurrency` requests at a time;
+    `moe_graphs`: the mode's MoE decode in CUDA graphs."""
+    runner.INVARIANT_MOE_GRAPHS = moe_graphs  # read when the engine is built
     model = copy.deepcopy(loaded(model_dir, device))  # a fresh engine converts its model in place
     engine = NativeEngine(model, eos_token_ids=[], max_batch_size=concurrency, true_on_policy=mode)
     vocab = model.config.vocab_size
@@ -123,11 +137,20 @@ def main() -> None:
         help="sampled tokens per cost row (at least one wave of --concurrency requests); default "
         "min(--tokens, 8 x concurrency x --response-len)",
     )  # fmt: skip
+    parser.add_argument(
+        "--invariant-moe-graphs", action="store_true",
+        help="qwen3-30b-a3b on cuda: also run the mode's MoE decode in CUDA graphs (off in the engine "
+        "until a GPU run checks the capture and the bitwise match): its own mismatch and cost rows",
+    )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     if len(args.tokens) not in (1, len(args.concurrency)):
         parser.error("--tokens takes one count or one per --concurrency")
+    if args.invariant_moe_graphs and (args.device, args.shape) != ("cuda", "qwen3-30b-a3b"):
+        parser.error("--invariant-moe-graphs is for --shape qwen3-30b-a3b on --device cuda")
+    # (mode, MoE graphs): the mode as the engine runs it, the mode with MoE graphs, the default
+    settings = [(True, False), *[(True, True)] * args.invariant_moe_graphs, (False, False)]
     counts = args.tokens * len(args.concurrency) if len(args.tokens) == 1 else args.tokens
     tokens = dict(zip(args.concurrency, counts, strict=True))
     torch.set_num_threads(args.threads)
@@ -154,24 +177,28 @@ def main() -> None:
                     "device": args.device, "threads": args.threads, "argv": sys.argv[1:],
                     "mismatch": [], "engine": [], "train_step": []}  # fmt: skip
     for c in args.concurrency:
-        samples, seconds = generate(
-            model_dir, True, c, args.response_len, tokens[c], seed=c, device=args.device
-        )
-        worst, n = mismatch(actors[True], samples)
-        row = {"concurrency": c, "tokens": n, "max_abs_diff": worst}
-        print(json.dumps(row), flush=True)
-        result["mismatch"].append(row)
-        save(result, args.out)
+        for moe_graphs in [graphs for mode, graphs in settings if mode]:
+            samples, seconds = generate(
+                model_dir, True, c, args.response_len, tokens[c], seed=c, device=args.device,
+                moe_graphs=moe_graphs,
+            )  # fmt: skip
+            worst, n = mismatch(actors[True], samples)
+            row = {"concurrency": c, "moe_graphs": moe_graphs, "tokens": n, "max_abs_diff": worst}
+            print(json.dumps(row), flush=True)
+            result["mismatch"].append(row)
+            save(result, args.out)
         for r in range(args.repeats):  # cost: tokens/s with the mode on and off, interleaved
-            for mode in (True, False):
+            for mode, moe_graphs in settings:
                 budget = args.cost_tokens or min(tokens[c], 8 * c * args.response_len)
                 samples, seconds = generate(
-                    model_dir, mode, c, args.response_len, budget, seed=r, device=args.device
-                )
+                    model_dir, mode, c, args.response_len, budget, seed=r, device=args.device,
+                    moe_graphs=moe_graphs,
+                )  # fmt: skip
                 n = sum(s.response_length for s in samples)
-                result["engine"].append(
-                    {"concurrency": c, "mode": mode, "repeat": r, "tokens_per_s": n / seconds}
-                )
+                result["engine"].append({
+                    "concurrency": c, "mode": mode, "moe_graphs": moe_graphs, "repeat": r,
+                    "tokens_per_s": n / seconds,
+                })  # fmt: skip
                 print(json.dumps(result["engine"][-1]), flush=True)
                 save(result, args.out)
     if not args.repeats:  # --repeats 0: the mismatch alone
@@ -192,15 +219,22 @@ def main() -> None:
         xs = sorted(xs)
         return xs[len(xs) // 2]
 
+    def tokens_per_s(c: int, mode: bool, moe_graphs: bool = False) -> float:
+        key = (c, mode, moe_graphs)
+        rows = [e for e in result["engine"] if (e["concurrency"], e["mode"], e["moe_graphs"]) == key]
+        return median([e["tokens_per_s"] for e in rows])
+
     result["cost"] = {
         "engine_tokens_per_s_ratio": {
-            c: median([e["tokens_per_s"] for e in result["engine"] if e["concurrency"] == c and e["mode"]])
-            / median([e["tokens_per_s"] for e in result["engine"] if e["concurrency"] == c and not e["mode"]])
-            for c in args.concurrency
+            c: tokens_per_s(c, True) / tokens_per_s(c, False) for c in args.concurrency
         },
         "train_step_time_ratio": median([s["seconds"] for s in result["train_step"] if s["mode"]])
         / median([s["seconds"] for s in result["train_step"] if not s["mode"]]),
     }
+    if args.invariant_moe_graphs:  # the mode with MoE graphs against the default
+        result["cost"]["engine_tokens_per_s_ratio_moe_graphs"] = {
+            c: tokens_per_s(c, True, True) / tokens_per_s(c, False) for c in args.concurrency
+        }
     print(json.dumps(result["cost"]), flush=True)
     save(result, args.out)
 

@@ -1,7 +1,8 @@
 """--true-on-policy-mode on CUDA (kernels/invariant_gpu.py): the Triton kernels compute what their
 PyTorch definitions do, a row's numbers do not depend on its batch or on the keys stored past its
 position, and on a GPU the sampler's log-probs equal the trainer's bit for bit (dense and MoE,
-bf16, CUDA graphs on).
+bf16, CUDA graphs on; MoE with them off too). The MoE experts' grouped GEMM computes each row as
+the per-expert `linear` does, bit for bit, and so does the whole experts layer against its loop.
 
 Without a GPU the kernels run under Triton's interpreter (`TRITON_INTERPRET=1`, in a subprocess;
 skipped where Triton is not installed, as in the project's CPU venv).
@@ -70,6 +71,88 @@ KERNEL_CHECKS = textwrap.dedent(
 )
 
 
+GROUPED_CHECKS = textwrap.dedent(
+    """
+    import torch
+    from slipstream.kernels import invariant, invariant_gpu as gpu
+    from slipstream.models.moe import Experts
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # the interpreter runs the CUDA path on CPU tensors
+        gpu.available = lambda x: True
+    torch.manual_seed(0)
+
+
+    def grouped(x, w, counts):
+        return gpu.grouped_linear(x, w, gpu.expert_tiles(counts, x.shape[0]))
+
+    # grouped_linear: each expert's rows as `linear` computes them, bit for bit; experts with no
+    # rows, one row, and more than one tile of rows (70)
+    counts = [0, 1, 70, 5, 0]
+    c = torch.tensor(counts, dtype=torch.int32, device=device)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(sum(counts), 96, device=device).to(dtype)
+        w = torch.randn(len(counts), 40, 96, device=device).to(dtype)
+        out = grouped(x, w, c)
+        for e, (rows, got) in enumerate(zip(x.split(counts), out.split(counts))):
+            assert torch.equal(got, gpu.linear(rows, w[e])), (dtype, e)
+        # a row alone (its expert's only row, the rest empty) equals the row in the batch: expert 1's
+        # one row, expert 2's at positions 0, 13, 63 of its first tile and 0, 5 of its second
+        for i, e in ((0, 1), (1, 2), (14, 2), (64, 2), (65, 2), (70, 2), (75, 3)):
+            one = torch.zeros_like(c)
+            one[e] = 1
+            assert torch.equal(grouped(x[i : i + 1], w, one)[0], out[i]), (dtype, i)
+        assert grouped(x[:0], w, torch.zeros_like(c)).shape == (0, 40)
+    # InvariantExperts: its grouped forward equals the expert loop through `linear` (what it computes
+    # off CUDA, `Experts.forward`), bit for bit; its gradients equal the loop's up to rounding.
+    # Expert 0 takes every token (two tiles), expert 5 none; a token's ids are not sorted.
+    tokens = torch.arange(80, device=device)
+    ids = torch.stack([torch.zeros_like(tokens), 1 + tokens % 4], -1)
+    ids[1::2] = ids[1::2].flip(-1)
+    for dtype in (torch.float32, torch.bfloat16):
+        experts = Experts(6, 64, 32).to(device)
+        with torch.no_grad():
+            experts.gate_up_proj.normal_(0, 0.1)
+            experts.down_proj.normal_(0, 0.1)
+        experts = invariant.make_invariant(experts.to(dtype))
+        weights = torch.rand(80, 2, device=device).softmax(-1).to(dtype)
+        x = torch.randn(80, 64, device=device).to(dtype)
+        runs = []
+        for forward in (experts.forward, lambda *a: Experts.forward(experts, *a)):
+            xg = x.clone().requires_grad_()
+            out = forward(xg, ids, weights)
+            params = (experts.gate_up_proj, experts.down_proj)
+            runs.append((out, *torch.autograd.grad(out.float().square().sum(), (xg, *params))))
+        assert torch.equal(runs[0][0], runs[1][0]), dtype
+        if dtype == torch.float32:  # the backward is no part of the promise: fp32 shows it is right
+            for got, ref in zip(runs[0][1:], runs[1][1:]):
+                assert torch.allclose(got, ref, rtol=1e-4, atol=1e-5), (got - ref).abs().max()
+    print("ok")
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [[1], [0, 2, 0], [65] * 4, [64, 0, 1, 129, 0], [0] * 120 + [3, 1, 0, 0, 2, 1, 0, 1], list(range(40))],
+)
+def test_expert_tiles_cover_each_experts_rows_once(counts):
+    """The grouped GEMM's tile table (tensor ops alone: checked without Triton too): each expert's
+    rows in tiles of BLOCK_M from its first row, each tile with its expert's end row, in expert
+    order, then spare tiles (end = start), within the grid's upper bound; an expert with no rows
+    has no tile."""
+    from slipstream.kernels import invariant_gpu as gpu
+
+    tiles = gpu.expert_tiles(torch.tensor(counts, dtype=torch.int32), sum(counts))
+    expected, first = [], 0
+    for e, c in enumerate(counts):
+        expected += [(e, s, first + c) for s in range(first, first + c, gpu.BLOCK_M)]
+        first += c
+    table = list(zip(tiles.expert.tolist(), tiles.start.tolist(), tiles.end.tolist(), strict=True))
+    assert table[: len(expected)] == expected
+    assert all(start == end for _, start, end in table[len(expected) :])
+
+
 @needs_interpreter
 def test_kernels_under_the_interpreter():
     run_checks(KERNEL_CHECKS, interpret=True)
@@ -80,20 +163,33 @@ def test_kernels_on_the_gpu():
     run_checks(KERNEL_CHECKS, interpret=False)
 
 
+@needs_interpreter
+def test_grouped_experts_under_the_interpreter():
+    run_checks(GROUPED_CHECKS, interpret=True)
+
+
 @cuda
-@pytest.mark.parametrize("kind", ["dense", "moe"])
-def test_sampler_log_probs_equal_the_trainers_on_the_gpu(kind, tmp_path):
-    """bf16 on both sides, the engine with CUDA graphs (dense) over batches that change size every
-    few steps; after an optimizer step and a bf16 push too."""
+def test_grouped_experts_on_the_gpu():
+    run_checks(GROUPED_CHECKS, interpret=False)
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["dense", "moe", "moe-graphs"])
+def test_sampler_log_probs_equal_the_trainers_on_the_gpu(kind, tmp_path, monkeypatch):
+    """bf16 on both sides, the engine over batches that change size every few steps; after an
+    optimizer step and a bf16 push too. CUDA graphs: dense, and MoE with `INVARIANT_MOE_GRAPHS` on
+    (moe-graphs: the check that the switch waits for)."""
     from test_true_on_policy import MOE, _cfg, _generate
 
     from mesh_fixtures import build_tiny_model
     from slipstream.models.hf import load_model
+    from slipstream.services.rollout.engine import runner
     from slipstream.services.rollout.engine.native import NativeEngine
     from slipstream.services.rollout.engine.request import Request
     from slipstream.services.trainer.actor import Actor
 
-    extra = MOE if kind == "moe" else {}
+    extra = MOE if kind.startswith("moe") else {}
+    monkeypatch.setattr(runner, "INVARIANT_MOE_GRAPHS", kind == "moe-graphs")
     # head_dim 16: a tensor-core dot needs 16 inputs or more
     model_dir = build_tiny_model(
         tmp_path / "model", max_position_embeddings=160, hidden_size=64, head_dim=16, **extra
@@ -103,6 +199,7 @@ def test_sampler_log_probs_equal_the_trainers_on_the_gpu(kind, tmp_path):
 
     def rollout(model):
         engine = NativeEngine(model, eos_token_ids=[], max_batch_size=5, true_on_policy=True)
+        assert (engine.runner.graphs is not None) == (kind != "moe")
         reqs = [
             Request(f"{i}-{j}", p, 12 + 7 * j, seed=100 * i + j)
             for i, p in enumerate(prompts)

@@ -31,10 +31,12 @@ an int4 version is copied in as the packed bytes it arrived as, an FP8 one as it
 A mixture-of-experts model (Qwen3-MoE) runs its experts as two grouped GEMMs on a Hopper GPU in
 bf16 (`kernels.moe`: no host sync), so its decode steps are CUDA graphs like a dense model's (the
 fused decoder is dense-only); elsewhere (the CPU, fp32) it runs the model's eager expert loop
-without graphs (one warning line on CUDA). Prefill and decode pass the model a `Routing` and
-record the expert ids it routed each fed position to (`slots.out_experts`; the graphs return
-them), read back at retire like the tokens: every position of the sequence but the last, prompt
-included (prefill computes them anyway, and R3 must replay the prompt's routing too).
+without graphs (one warning line on CUDA). Under --true-on-policy-mode on CUDA the experts are the
+invariant grouped GEMMs instead (`kernels.invariant_gpu.grouped_linear`, no host sync either), and
+decode runs without graphs while `INVARIANT_MOE_GRAPHS` is off. Prefill and decode pass the model
+a `Routing` and record the expert ids it routed each fed position to (`slots.out_experts`; the
+graphs return them), read back at retire like the tokens: every position of the sequence but the
+last, prompt included (prefill computes them anyway, and R3 must replay the prompt's routing too).
 
 Weights are swapped in place between steps (`load_weights`): the KV cache is kept, and every
 token sampled afterwards carries the new policy version, so a trajectory that spans the swap
@@ -72,6 +74,12 @@ from slipstream.services.rollout.engine.scheduler import Admission, compaction
 from slipstream.services.rollout.engine.slots import Slots, to_device
 
 KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8_e4m3": FP8_DTYPE}
+
+# --true-on-policy-mode's MoE decode in CUDA graphs. Its experts run as grouped GEMMs with the
+# per-expert counts on the device (`kernels/invariant_gpu.grouped_linear`), which a graph could
+# capture; off until a GPU run has checked the capture and the bitwise match with the trainer
+# (tests/test_true_on_policy_gpu.py's moe-graphs case; bench/true_on_policy.py --invariant-moe-graphs).
+INVARIANT_MOE_GRAPHS = False
 
 if TYPE_CHECKING:
     from slipstream.services.rollout.engine.speculative import Speculator
@@ -132,7 +140,7 @@ class ModelRunner:
         self.experts_per_token = len(moe_layers) * cfg.num_experts_per_tok  # 0: dense
         expert_dtype = torch.uint8 if cfg.num_experts <= 256 else torch.int16
         if moe_layers and self.device.type == "cuda" and invariant:
-            cuda_graphs = False  # the invariant experts' loop reads per-expert counts on the host
+            cuda_graphs = cuda_graphs and INVARIANT_MOE_GRAPHS
         elif moe_layers and self.device.type == "cuda":
             fused_decode = False  # the fused decoder is dense-only
             # Grouped GEMMs have static shapes and no host sync, so MoE decode runs in CUDA graphs;

@@ -17,7 +17,9 @@ that sums does so in an order fixed by the token alone:
   formula (`engine/sampler.py`), not logits minus logsumexp.
 
 - a mixture-of-experts layer sums each token's expert outputs by k adds in ascending expert id
-  (`index_add_` adds with atomics on the GPU, in no fixed order).
+  (`index_add_` adds with atomics on the GPU, in no fixed order). On CUDA its experts run as one
+  grouped GEMM a projection (`gpu.grouped_linear`), each row as the loop over the experts' `linear`
+  computes it, with no host sync.
 
 RMSNorm, RoPE, SiLU, the residual adds and the embedding are row-wise or elementwise already on the
 CPU (`tests/test_true_on_policy.py` checks the whole model: the engine's log-probs of the tokens
@@ -30,6 +32,7 @@ sampling kernel's own loop.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from slipstream.kernels import invariant_gpu as gpu
@@ -71,9 +74,26 @@ class InvariantRMSNorm(RMSNorm):
 
 class InvariantExperts(Experts):
     """A mixture-of-experts layer's experts, each on however many rows routed to it, through `linear`.
-    (The router is an `nn.Linear`; its softmax and top-k are row-wise.)"""
+    (The router is an `nn.Linear`; its softmax and top-k are row-wise.)
+
+    On CUDA the experts run as two grouped GEMMs over all of them (`gpu.grouped_linear`), each row
+    computed as `gpu.linear` computes it, so the result equals the expert loop's bit for bit, with
+    the per-expert counts left on the device (the engine's CUDA graphs can capture it)."""
 
     linear = staticmethod(linear)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if not gpu.available(x):
+            return super().forward(x, ids, weights)
+        top_k = ids.shape[-1]
+        flat = ids.reshape(-1)
+        order = flat.argsort(stable=True)  # `Experts.forward`'s grouping of the token-slots
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=x.device)
+        counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        tiles = gpu.expert_tiles(counts, flat.numel())  # one table for both GEMMs
+        gate, up = gpu.grouped_linear(x[order // top_k], self.gate_up_proj, tiles).chunk(2, dim=-1)
+        y = gpu.grouped_linear(F.silu(gate) * up, self.down_proj, tiles)
+        return self.combine(x, ids, order, y * weights.reshape(-1)[order, None])
 
     def combine(
         self, x: torch.Tensor, ids: torch.Tensor, order: torch.Tensor, y: torch.Tensor

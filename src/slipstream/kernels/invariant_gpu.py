@@ -10,6 +10,13 @@ them, and a reduction's thread layout follows its shape. Here every kernel's til
 - `linear`: x @ W^T in [BLOCK_M, BLOCK_N] tiles with the K range walked in BLOCK_K steps from 0,
   the same tensor-core instruction for every M (a row's result is a function of that row alone;
   rows past M are masked loads). No split-K.
+- `grouped_linear` (a mixture-of-experts layer's experts): `linear`'s tile loop over token-slot
+  rows sorted by expert, each expert's rows in BLOCK_M-row tiles that start at its first row and
+  mask the rows past its last, so a row meets `linear(row, weight[e])`'s arithmetic exactly. The
+  per-expert counts stay on the device: which expert and row range each program takes is a table
+  built by tensor ops, over a grid sized from the shapes alone (programs past the real tiles
+  return at once), so the engine's CUDA graphs can capture it, where `Experts.forward`'s loop over
+  the experts reads the counts on the host.
 - `causal_attention` (trainer, engine prefill) and `decode_attention` (engine decode) share one
   loop, `_attend`: a BLOCK_M tile of query rows against key blocks of BLOCK_N from position 0 up,
   online softmax. A training tile's rows are 64 positions of one head; a decode tile's rows are the
@@ -21,12 +28,15 @@ them, and a reduction's thread layout follows its shape. Here every kernel's til
 - The sampled token's log-prob is `kernels.sampling`'s own kernel (`sampling.log_probs`): the
   trainer computes it with the loop the sampler ran.
 
-Backward is PyTorch's over the same function (only the forward must match the sampler).
+Backward is PyTorch's over the same function (only the forward must match the sampler; the grouped
+GEMM's backward loops over the experts, reading their counts on the host).
 Everything is checked on the CPU under `TRITON_INTERPRET=1` against PyTorch and for row/length
 invariance (`tests/test_true_on_policy_gpu.py`); the bitwise match of whole models on the H200.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +89,40 @@ if triton is not None:
                 acc = tl.dot(x, w, acc)
         out = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+    @triton.jit
+    def _grouped_linear_kernel(
+        x_ptr, w_ptr, out_ptr, tile_expert_ptr, tile_start_ptr, tile_end_ptr, N, K,
+        stride_x, stride_we, stride_wn, stride_out,
+        IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ):  # fmt: skip
+        """`_linear_kernel` on the BM rows from start, those before end (the expert's end row),
+        against that expert's weight: the same loads, masks and dots, so the same numbers a row."""
+        start = tl.load(tile_start_ptr + tl.program_id(0))
+        end = tl.load(tile_end_ptr + tl.program_id(0))
+        if start >= end:  # past the real tiles (the grid is an upper bound)
+            return
+        w_base = w_ptr + tl.load(tile_expert_ptr + tl.program_id(0)).to(tl.int64) * stride_we
+        rows = start + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        ks = tl.arange(0, BK)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        for k0 in range(0, K, BK):
+            k = k0 + ks
+            x = tl.load(
+                x_ptr + rows[:, None].to(tl.int64) * stride_x + k[None, :],
+                mask=(rows[:, None] < end) & (k[None, :] < K), other=0.0,
+            )  # fmt: skip
+            w = tl.load(
+                w_base + cols[None, :].to(tl.int64) * stride_wn + k[:, None],
+                mask=(cols[None, :] < N) & (k[:, None] < K), other=0.0,
+            )  # fmt: skip
+            if IEEE:
+                acc = tl.dot(x, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, w, acc)
+        out = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
+        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < end) & (cols[None, :] < N))
 
     @triton.jit
     def _attend(
@@ -208,6 +252,77 @@ class _Linear(torch.autograd.Function):
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight^T, [..., K] x [N, K] -> [..., N] in x's dtype; each row as the same tile problem."""
     return _Linear.apply(x, weight)
+
+
+class ExpertTiles(NamedTuple):
+    """A grouped GEMM's row tiles over rows sorted by expert (`expert_tiles`), on the device."""
+
+    counts: torch.Tensor  # [E] rows per expert
+    expert: torch.Tensor  # [tiles] each tile's expert,
+    start: torch.Tensor  # its first row (it takes BLOCK_M rows from there)
+    end: torch.Tensor  # and its expert's end row, which masks the rest (end = start: a spare tile)
+
+
+def expert_tiles(counts: torch.Tensor, rows: int) -> ExpertTiles:
+    """The tiles of `rows` rows sorted by expert, counts [E] of them per expert (no host sync): as
+    many tiles as such rows can ever need, the real ones first.
+
+    Expert e's rows are ends[e] - counts[e] .. ends[e] - 1, in ceil(counts[e] / BLOCK_M) tiles, so
+    there are at most rows // BLOCK_M + (experts with rows) <= rows // BLOCK_M + min(E, rows) tiles:
+    each expert adds at most one part-filled tile.
+    """
+    experts = counts.numel()
+    ends = counts.cumsum(0, dtype=torch.int32)
+    per_expert = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_ends = per_expert.cumsum(0, dtype=torch.int32)
+    tile = torch.arange(rows // BLOCK_M + min(experts, rows), dtype=torch.int32, device=counts.device)
+    # the expert whose tiles hold `tile`: the first with tile_ends > tile (none for the spare tiles)
+    expert = torch.searchsorted(tile_ends, tile, right=True, out_int32=True).clamp_(max=experts - 1)
+    start = (ends - counts)[expert] + (tile - (tile_ends - per_expert)[expert]) * BLOCK_M
+    end = torch.where(tile < tile_ends[-1], ends[expert], start)
+    return ExpertTiles(counts, expert, start, end)
+
+
+def _grouped_linear_forward(x: torch.Tensor, weight: torch.Tensor, tiles: ExpertTiles) -> torch.Tensor:
+    rows, k = x.shape
+    n = weight.shape[1]
+    out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
+    if rows == 0:
+        return out
+    x, weight = x.contiguous(), weight.contiguous()
+    _grouped_linear_kernel[(tiles.expert.numel(), triton.cdiv(n, BLOCK_N))](
+        x, weight, out, tiles.expert, tiles.start, tiles.end, n, k,
+        x.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
+        IEEE=_ieee(x), BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=WARPS,
+    )  # fmt: skip
+    return out
+
+
+class _GroupedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, *tiles):
+        tiles = ExpertTiles(*tiles)
+        ctx.save_for_backward(x, weight, tiles.counts)
+        return _grouped_linear_forward(x, weight, tiles)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, counts = ctx.saved_tensors
+        sizes = counts.tolist()  # a host sync: backward is not captured in a graph
+        grads = grad.split(sizes)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.cat([g @ weight[e] for e, g in enumerate(grads)])
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.stack([g.t() @ rows for g, rows in zip(grads, x.split(sizes), strict=True)])
+        return grad_x, grad_w, *[None] * len(ExpertTiles._fields)
+
+
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, tiles: ExpertTiles) -> torch.Tensor:
+    """Each expert's rows times its weight^T: x [R, K] (rows sorted by expert), weight [E, N, K],
+    `tiles` = expert_tiles(rows per expert, R) -> [R, N] in x's dtype. A row of expert e equals
+    `linear(row, weight[e])` bit for bit, in any batch; no host sync."""
+    return _GroupedLinear.apply(x, weight, *tiles)
 
 
 def _causal_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
