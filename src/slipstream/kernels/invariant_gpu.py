@@ -65,19 +65,20 @@ def _check_head_dim(d: int) -> None:
 if triton is not None:
 
     @triton.jit
-    def _linear_kernel(
-        x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
+    def _tile(
+        x_ptr, w_ptr, rows, row_end, cols, N, K, stride_x, stride_w,
         IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     ):  # fmt: skip
-        rows = tl.program_id(0) * BM + tl.arange(0, BM)
-        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        """x[rows] @ w[cols]^T over the whole K range in BK steps from 0, fp32: the one loop every
+        GEMM of this module runs, so a row's numbers are the same in each (rows from row_end on,
+        columns from N on and inputs from K on load zeros)."""
         ks = tl.arange(0, BK)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for k0 in range(0, K, BK):
             k = k0 + ks
             x = tl.load(
                 x_ptr + rows[:, None].to(tl.int64) * stride_x + k[None, :],
-                mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0,
+                mask=(rows[:, None] < row_end) & (k[None, :] < K), other=0.0,
             )  # fmt: skip
             w = tl.load(
                 w_ptr + cols[None, :].to(tl.int64) * stride_w + k[:, None],
@@ -87,6 +88,16 @@ if triton is not None:
                 acc = tl.dot(x, w, acc, input_precision="ieee")
             else:
                 acc = tl.dot(x, w, acc)
+        return acc
+
+    @triton.jit
+    def _linear_kernel(
+        x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
+        IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    ):  # fmt: skip
+        rows = tl.program_id(0) * BM + tl.arange(0, BM)
+        cols = tl.program_id(1) * BN + tl.arange(0, BN)
+        acc = _tile(x_ptr, w_ptr, rows, M, cols, N, K, stride_x, stride_w, IEEE, BM, BN, BK)
         out = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
 
@@ -97,7 +108,7 @@ if triton is not None:
         IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     ):  # fmt: skip
         """`_linear_kernel` on the BM rows from start, those before end (the expert's end row),
-        against that expert's weight: the same loads, masks and dots, so the same numbers a row."""
+        against that expert's weight: the same `_tile`, so the same numbers a row."""
         start = tl.load(tile_start_ptr + tl.program_id(0))
         end = tl.load(tile_end_ptr + tl.program_id(0))
         if start >= end:  # past the real tiles (the grid is an upper bound)
@@ -105,22 +116,7 @@ if triton is not None:
         w_base = w_ptr + tl.load(tile_expert_ptr + tl.program_id(0)).to(tl.int64) * stride_we
         rows = start + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        ks = tl.arange(0, BK)
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for k0 in range(0, K, BK):
-            k = k0 + ks
-            x = tl.load(
-                x_ptr + rows[:, None].to(tl.int64) * stride_x + k[None, :],
-                mask=(rows[:, None] < end) & (k[None, :] < K), other=0.0,
-            )  # fmt: skip
-            w = tl.load(
-                w_base + cols[None, :].to(tl.int64) * stride_wn + k[:, None],
-                mask=(cols[None, :] < N) & (k[:, None] < K), other=0.0,
-            )  # fmt: skip
-            if IEEE:
-                acc = tl.dot(x, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(x, w, acc)
+        acc = _tile(x_ptr, w_base, rows, end, cols, N, K, stride_x, stride_wn, IEEE, BM, BN, BK)
         out = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < end) & (cols[None, :] < N))
 
