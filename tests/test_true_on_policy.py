@@ -128,15 +128,29 @@ def test_invariant_linear_and_attention_do_not_depend_on_the_batch():
     w, x = torch.randn(48, 32), torch.randn(70, 32)
     full = invariant.linear(x, w)
     assert all(torch.equal(invariant.linear(x[i : i + 1], w)[0], full[i]) for i in range(70))
-    for t_len, d in ((40, 8), (13, 32)):  # 13: the trainer's keys fit one 16-key vector, the cache's four
-        q, k, v = torch.randn(1, 4, t_len, d), torch.randn(1, 2, t_len, d), torch.randn(1, 2, t_len, d)
+    # 13: the trainer's keys fit one chunk, the cache's four; query heads per KV head 2, 4 and 1
+    for t_len, d, h, h_kv in ((40, 8, 4, 2), (13, 32, 4, 2), (37, 16, 8, 2), (21, 32, 3, 3)):
+        q, k, v = torch.randn(1, h, t_len, d), torch.randn(1, h_kv, t_len, d), torch.randn(1, h_kv, t_len, d)
         causal = invariant.causal_attention(0, q, k, v)
+        # the trainer's padded batch: the sequence as row 1 of 3, padded to 19 more positions
+        batch = [torch.randn(3, n, t_len + 19, d) for n in (h, h_kv, h_kv)]
+        for whole, part in zip(batch, (q, k, v), strict=True):
+            whole[1, :, :t_len] = part[0]
+        assert torch.equal(invariant.causal_attention(0, *batch)[1, :, :t_len], causal[0])
         for t in range(t_len):  # one query over a longer cache with garbage past its position
-            cache_k = torch.cat([k[:, :, : t + 1], torch.randn(1, 2, 64 - t - 1, d)], 2)
-            cache_v = torch.cat([v[:, :, : t + 1], torch.randn(1, 2, 64 - t - 1, d)], 2)
+            cache_k = torch.cat([k[:, :, : t + 1], torch.randn(1, h_kv, 64 - t - 1, d)], 2)
+            cache_v = torch.cat([v[:, :, : t + 1], torch.randn(1, h_kv, 64 - t - 1, d)], 2)
             mask = (torch.arange(64) <= t)[None, None, None]
             one = invariant.attention(q[:, :, t : t + 1], cache_k, cache_v, mask)
             assert torch.equal(one[:, :, 0], causal[:, :, t]), (t_len, d, t)
+        # a decode step of t_len slots, slot i at position i, over kv_len 50 of a cache of 64
+        cache_k, cache_v = torch.randn(t_len, h_kv, 64, d), torch.randn(t_len, h_kv, 64, d)
+        for i in range(t_len):
+            cache_k[i, :, : i + 1], cache_v[i, :, : i + 1] = k[0, :, : i + 1], v[0, :, : i + 1]
+        step = invariant.decode_attention(
+            q[0].transpose(0, 1)[:, :, None], cache_k, cache_v, torch.arange(1, t_len + 1), 50
+        )
+        assert torch.equal(step[:, :, 0], causal[0].transpose(0, 1)), (t_len, d, h)
 
 
 def test_the_mode_refuses_what_it_does_not_cover(model_dir):

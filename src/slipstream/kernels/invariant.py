@@ -9,10 +9,15 @@ that sums does so in an order fixed by the token alone:
 
 - `linear`: the rows in tiles of TILE, one batched GEMM of identical [TILE, K] x [K, N] problems
   (`torch.bmm`), so a row gets the same result in any tile position and any batch;
-- `attention`: the scores q.k and the softmax's sums as chains of elementwise adds in index order,
-  the max exact in any order. Keys a query does not see weigh exact zeros, and adding zeros
-  changes nothing, so a query gets the same numbers over the engine's L cached keys as over the
-  trainer's causal T x T batch;
+- `attention`: the same for the scores and the softmax's sums. A KV head's queries (its query
+  heads at every position) are rows in tiles of QUERIES, its keys are zero-padded chunks of CHUNK;
+  every (tile, chunk) pair is one [QUERIES, D] x [D, CHUNK] problem (the scores q.k), then one
+  [QUERIES, CHUNK] x [CHUNK, D + 1 ...] problem (the chunk's share of p @ v, and of the softmax's
+  denominator in a column of ones), and `cumsum`, a sequential scan, adds the chunks' shares in
+  index order; the max is exact in any order, exp elementwise. A key a query does not see weighs
+  exp(-inf) = 0, times a finite value that adds exact zeros, and a chunk of such keys adds zero,
+  so a query gets the same numbers over the engine's L cached keys as over the trainer's causal
+  T x T batch, in whichever row of whichever tile it lands;
 - `token_log_probs`: log-softmax of logits / temperature, then the pick: the sampler's own
   formula (`engine/sampler.py`), not logits minus logsumexp.
 
@@ -20,6 +25,13 @@ that sums does so in an order fixed by the token alone:
   (`index_add_` adds with atomics on the GPU, in no fixed order). On CUDA its experts run as one
   grouped GEMM a projection (`gpu.grouped_linear`), each row as the loop over the experts' `linear`
   computes it, with no host sync.
+
+What this rests on, tested on this CPU (MKL, fp32, 1 and 2 threads): `torch.bmm` computes an
+element of an [M, K] x [K, N] problem the same way in any item of a call of any count (one item
+is MKL's plain sgemm, more its batched one), at any row whatever the other rows hold, with zeros
+where a row's entries are zero, for M of 1 to 16 and N a multiple of 16; not for every shape (at
+N of 5-11 a row's result depends on its row, at odd N also on the count when M <= 2), hence the
+value columns padded to a whole number of CHUNK. exp of a value does not depend on where it sits.
 
 RMSNorm, RoPE, SiLU, the residual adds and the embedding are row-wise or elementwise already on the
 CPU (`tests/test_true_on_policy.py` checks the whole model: the engine's log-probs of the tokens
@@ -40,8 +52,9 @@ from slipstream.kernels import sampling
 from slipstream.models.decoder import RMSNorm
 from slipstream.models.moe import Experts
 
-TILE = 16  # rows per GEMM problem
-CHUNK = 16  # keys are padded to a multiple of this (one AVX-512 vector of fp32)
+TILE = 16  # rows per GEMM problem (8: no faster at batch 1 end to end, a slower training step)
+QUERIES = 4  # attention's rows per problem: a decode step's rows are one KV head's query heads
+CHUNK = 16  # keys per attention problem (one AVX-512 vector of fp32)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -49,17 +62,30 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if gpu.available(x):
         out = gpu.linear(x, weight)
         return out if bias is None else out + bias
-    *lead, k = x.shape
-    rows = x.reshape(-1, k)
-    n = rows.shape[0]
-    if pad := (-n) % TILE:
-        rows = torch.cat([rows, rows.new_zeros(pad, k)])
-    tiles = rows.shape[0] // TILE
-    out = torch.bmm(rows.view(tiles, TILE, k), weight.t().unsqueeze(0).expand(tiles, k, weight.shape[0]))
-    out = out.reshape(-1, weight.shape[0])[:n]
+    out = _TiledLinear.apply(x.reshape(-1, x.shape[-1]), weight)
     if bias is not None:
         out = out + bias
-    return out.reshape(*lead, weight.shape[0])
+    return out.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class _TiledLinear(torch.autograd.Function):
+    """rows [n, K] @ weight.t() as identical [TILE, K] problems (forward); the plain GEMMs' gradients
+    (backward: autograd's own, through the tiles, would sum a [K, N] weight gradient per tile)."""
+
+    @staticmethod
+    def forward(ctx, rows, weight):
+        ctx.save_for_backward(rows, weight)
+        n, k = rows.shape
+        if pad := (-n) % TILE:
+            rows = torch.cat([rows, rows.new_zeros(pad, k)])
+        tiles = rows.shape[0] // TILE
+        out = torch.bmm(rows.view(tiles, TILE, k), weight.t().unsqueeze(0).expand(tiles, k, weight.shape[0]))
+        return out.reshape(-1, weight.shape[0])[:n]
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows, weight = ctx.saved_tensors
+        return grad.mm(weight), grad.t().mm(rows)
 
 
 class InvariantLinear(nn.Linear):
@@ -134,33 +160,36 @@ def round_to_served_(model: nn.Module) -> None:
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax attention: q [B,H,Tq,D], k and v [B,Hkv,L,D], mask [B|1, 1, Tq, L] (True: attend)
-    -> [B,H,Tq,D]. Every query must see at least one key.
-
-    Every sum is a chain of elementwise adds in index order (over head_dim for a score, over key
-    positions for the softmax's sums): a reduction kernel picks its order from the whole tensor's
-    shape (one chunk of keys against four summed differently, tested), an add does not. Keys are
-    padded to a multiple of CHUNK so the elementwise kernels see whole vectors, never a scalar tail.
+    -> [B,H,Tq,D]. Every query must see at least one key. Computed as the module docstring says:
+    each (tile of queries, chunk of keys) pair one problem of each `torch.bmm`, the chunks' shares
+    added by `cumsum`.
     """
     b, h, tq, d = q.shape
-    if (group := h // k.shape[1]) > 1:  # grouped-query heads: each KV head serves `group` of them
-        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    length = k.shape[2]
-    mask = mask.expand(b, 1, tq, length)
-    if pad := (-length) % CHUNK:
-        k = torch.cat([k, k.new_zeros(b, h, pad, d)], 2)
-        v = torch.cat([v, v.new_zeros(b, h, pad, d)], 2)
-        mask = torch.cat([mask, mask.new_zeros(b, 1, tq, pad)], 3)
-    keys = k.transpose(2, 3)  # [B,H,D,L]
-    scores = q[..., 0, None] * keys[:, :, None, 0]  # [B,H,Tq,L]
-    for i in range(1, d):
-        scores = scores + q[..., i, None] * keys[:, :, None, i]
-    scores = (scores * d**-0.5).masked_fill(~mask, float("-inf"))
-    p = torch.exp(scores - scores.amax(-1, keepdim=True))  # exact zeros where masked
-    den, num = p[..., 0], p[..., 0, None] * v[:, :, None, 0]
-    for j in range(1, p.shape[-1]):  # keys past a query's own add exact zeros
-        den = den + p[..., j]
-        num = num + p[..., j, None] * v[:, :, None, j]
-    return num / den[..., None]
+    hkv, length = k.shape[1], k.shape[2]
+    rows = h // hkv * tq  # query head g of a KV head at position t is row g * tq + t
+    mask = mask.expand(mask.shape[0], h // hkv, tq, length).reshape(-1, 1, rows, length)
+    q = q.reshape(b, hkv, rows, d)
+    if pad := (-rows) % QUERIES:  # padding rows attend to every key: finite, and dropped
+        q = F.pad(q, (0, 0, 0, pad))
+        mask = F.pad(mask, (0, 0, 0, pad), value=True)
+    cols = -(-(d + 1) // CHUNK) * CHUNK  # v, a column of ones, zeros: a whole number of vectors
+    values = torch.cat([v, v.new_ones(b, hkv, length, 1)], -1)
+    pad = (-length) % CHUNK
+    k, values = F.pad(k, (0, 0, 0, pad)), F.pad(values, (0, cols - d - 1, 0, pad))
+    mask = F.pad(mask, (0, pad), value=False)
+    tiles, chunks = q.shape[2] // QUERIES, k.shape[2] // CHUNK
+    pairs = (b, hkv, tiles, chunks)
+    q = q.view(b, hkv, tiles, 1, QUERIES, d).expand(*pairs, QUERIES, d).reshape(-1, QUERIES, d)
+    k = k.view(b, hkv, 1, chunks, CHUNK, d).expand(*pairs, CHUNK, d).reshape(-1, CHUNK, d)
+    values = values.view(b, hkv, 1, chunks, CHUNK, cols).expand(*pairs, CHUNK, cols)
+    mask = mask.view(-1, 1, tiles, QUERIES, chunks, CHUNK).transpose(3, 4)
+    scores = torch.bmm(q, k.transpose(1, 2)).view(*pairs, QUERIES, CHUNK) * d**-0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    p = torch.exp(scores - scores.amax((3, 5), keepdim=True))  # exact zeros where masked
+    shares = torch.bmm(p.view(-1, QUERIES, CHUNK), values.reshape(-1, CHUNK, cols))
+    sums = shares.view(*pairs, QUERIES, cols).cumsum(3)[:, :, :, -1]  # [B,Hkv,tiles,QUERIES,cols]
+    out = (sums[..., :d] / sums[..., d, None]).reshape(b, hkv, -1, d)[:, :, :rows]
+    return out.reshape(b, h, tq, d)
 
 
 def causal_attention(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
