@@ -112,7 +112,7 @@ def test_status_once_names_the_servers_their_versions_and_load(assets, redis_url
     )
 
     async def scenario():
-        previous = security.use(security.configure(cfg, "coordinator"))
+        previous = security.use(security.settings_from_config(cfg, "coordinator"))
         coord = await start_coordinator(cfg)
         channel = aio_channel(f"127.0.0.1:{coord.port}")
         stub = coordinator_pb2_grpc.CoordinatorStub(channel)
