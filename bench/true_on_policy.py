@@ -17,8 +17,9 @@ mode on against off (off: the engine's defaults, fused decode and CUDA graphs on
 interleaved in one run (--repeats each); the JSON carries every timing.
 
 --invariant-moe-graphs (qwen3-30b-a3b on CUDA) measures the mode's MoE decode in CUDA graphs
-(`runner.INVARIANT_MOE_GRAPHS`, off in the engine until a GPU run has checked it) beside the mode
-without them: mismatch rows for both, and a third engine setting in the cost rows:
+(`runner.INVARIANT_MOE_GRAPHS`, the engine's default since session 15's GPU check) beside the mode
+without them (the bench's plain "mode" rows for an MoE shape): mismatch rows for both, and a third
+engine setting in the cost rows:
 
     sh scripts/gpu_env.sh run python3 bench/true_on_policy.py --device cuda --shape qwen3-30b-a3b --layers 2 \
         --concurrency 64 8 1 --tokens 12000 3000 500 --response-len 64 --repeats 1 --invariant-moe-graphs \
@@ -139,8 +140,8 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument(
         "--invariant-moe-graphs", action="store_true",
-        help="qwen3-30b-a3b on cuda: also run the mode's MoE decode in CUDA graphs (off in the engine "
-        "until a GPU run checks the capture and the bitwise match): its own mismatch and cost rows",
+        help="qwen3-30b-a3b on cuda: the mode's MoE decode in CUDA graphs (the engine's default) beside "
+        "it without them (the plain mode rows): its own mismatch and cost rows",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
