@@ -268,9 +268,12 @@ def test_compose_services_train_as_local_processes_and_rollout_scales(tmp_path):
     assert len(rows) >= step_at_kill + 3
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["finished"] is False  # stopped early, on purpose
-    # The servers at the end: the survivor and the newcomer, both on the last version.
+    # The servers at the end: the survivor and the newcomer, each on the last version or the one
+    # before: a stopped trainer takes one look at the coordinator for its summary and does not wait
+    # for its last push to land (loop.summarize); once a fresh clone's suite caught them at 51 of 52.
     assert len(summary["rollout_server_versions"]) == 2
-    assert set(summary["rollout_server_versions"].values()) == {rows[-1]["policy_version"]}
+    last = rows[-1]["policy_version"]
+    assert set(summary["rollout_server_versions"].values()) <= {last - 1, last}, (summary, last)
     coordinator_log = coordinator.log.read_text()
     assert coordinator_log.count("attached (capacity") == 3
     released = re.search(rf":{victim.popen.pid} detached; (\d+) samples go to other servers", coordinator_log)
