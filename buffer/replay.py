@@ -16,8 +16,8 @@ their training count (`n`). Trainers take reuse entries (`read_reuse`, oldest fi
 complete a batch that fresh groups cannot fill right now; a reuse entry is deleted when it is
 committed, so each group is trained at most K times and every training is accounted for once.
 
-Partial trajectories (aborted on a weight update, to be continued) wait in a second stream;
-`take_partials` pops them atomically so two takers never get the same one.
+Partial trajectories (aborted on a weight update, to be continued) wait in a second stream,
+`partials` (`partials.py`), which pops them atomically so two takers never get the same one.
 
 A payload that cannot be decoded is data, not a reason to crash a trainer: it is copied to the
 dead-letter stream with the reason and acknowledged (or removed) in the same MULTI/EXEC, so it
@@ -33,58 +33,21 @@ import logging
 from dataclasses import dataclass
 
 import redis
-from google.protobuf.message import DecodeError
 
 from slipstream.buffer.keys import DEFAULT_CONSUMER_GROUP, Keys
+from slipstream.buffer.partials import Partials
+from slipstream.buffer.payloads import PAYLOAD, CorruptPayload, as_str, decode_group
 from slipstream.proto import types_pb2
-from slipstream.rpc.convert import SampleError, check_sample, sample_metadata
 
 log = logging.getLogger(__name__)
 
-PAYLOAD = b"p"  # the one field of a stream entry: the protobuf bytes
 TIMES_TRAINED = b"n"  # on reuse-stream entries: how many times the group was trained already
 DEAD_LETTER_MAXLEN = 10_000  # approximate; dead letters are for inspection, not an archive
-
-
-class CorruptPayload(ValueError):
-    """A stream entry whose payload is not the message it should be."""
 
 
 class BufferFull(RuntimeError):
     """Redis refused a write: it is at `maxmemory` with `noeviction`. Nothing was written or evicted;
     the writer should wait for trainers to acknowledge (and trim) and try again: backpressure."""
-
-
-def _decode_group(fields: dict[bytes, bytes]) -> types_pb2.Group:
-    data = fields.get(PAYLOAD)
-    if data is None:
-        raise CorruptPayload(f"no {PAYLOAD.decode()!r} field (fields: {sorted(k.decode() for k in fields)})")
-    group = types_pb2.Group()
-    try:
-        group.ParseFromString(data)
-    except DecodeError as e:
-        raise CorruptPayload(f"not a Group: {e}") from None
-    if not group.samples:
-        raise CorruptPayload("Group without samples")
-    try:  # parseable is not enough: the trainer must be able to use every number in it
-        for sample in group.samples:
-            check_sample(sample)
-            sample_metadata(sample)  # what converting it checks beyond check_sample
-    except SampleError as e:
-        raise CorruptPayload(str(e)) from None
-    return group
-
-
-def _decode_sample(fields: dict[bytes, bytes]) -> types_pb2.Sample:
-    data = fields.get(PAYLOAD)
-    if data is None:
-        raise CorruptPayload(f"no {PAYLOAD.decode()!r} field")
-    sample = types_pb2.Sample()
-    try:
-        sample.ParseFromString(data)
-    except DecodeError as e:
-        raise CorruptPayload(f"not a Sample: {e}") from None
-    return sample
 
 
 def _next_id(entry_id: str) -> str:
@@ -98,10 +61,6 @@ def _id_key(entry_id: str) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-def _str(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
 @dataclass
 class ReusedGroup:
     """A group from the reuse stream: trained `times_trained` times already."""
@@ -112,7 +71,7 @@ class ReusedGroup:
 
 
 class ReplayBuffer:
-    """Groups stream + partials stream + dead letters of one run, over one Redis."""
+    """Groups stream + partials stream (`.partials`) + dead letters of one run, over one Redis."""
 
     def __init__(self, url: str, run_id: str, consumer_group: str = DEFAULT_CONSUMER_GROUP):
         self.keys = Keys(run_id)
@@ -120,6 +79,7 @@ class ReplayBuffer:
         # RESP2 pinned: the reply shapes parsed below do not depend on the server's default.
         self.redis = redis.Redis.from_url(url, protocol=2, health_check_interval=30)
         self._group_ready = False
+        self.partials = Partials(self.redis, self.keys, self._queue_dead_letter)
 
     # ---- groups --------------------------------------------------------------------------
     def put_group(self, group: types_pb2.Group) -> str:
@@ -127,7 +87,7 @@ class ReplayBuffer:
         if not group.samples:
             raise ValueError(f"group {group.group_id!r} has no samples")
         try:
-            return _str(self.redis.xadd(self.keys.groups, {PAYLOAD: group.SerializeToString()}))
+            return as_str(self.redis.xadd(self.keys.groups, {PAYLOAD: group.SerializeToString()}))
         except redis.exceptions.OutOfMemoryError as e:
             raise BufferFull(
                 f"Redis is full (maxmemory, noeviction): group {group.group_id} not stored: {e}"
@@ -174,11 +134,11 @@ class ReplayBuffer:
     def _decode_entries(self, entries) -> list[tuple[str, types_pb2.Group]]:
         good: list[tuple[str, types_pb2.Group]] = []
         for raw_id, fields in entries:
-            entry_id = _str(raw_id)
+            entry_id = as_str(raw_id)
             if fields is None:  # deleted while pending (RESP2 gives a nil body)
                 continue
             try:
-                good.append((entry_id, _decode_group(fields)))
+                good.append((entry_id, decode_group(fields)))
             except CorruptPayload as e:
                 self._dead_letter_group_entry(entry_id, fields, str(e))
         return good
@@ -216,11 +176,11 @@ class ReplayBuffer:
     def _decode_reuse(self, entries) -> list[ReusedGroup]:
         out: list[ReusedGroup] = []
         for raw_id, fields in entries:
-            entry_id = _str(raw_id)
+            entry_id = as_str(raw_id)
             if fields is None:
                 continue
             try:
-                group = _decode_group(fields)
+                group = decode_group(fields)
                 times = int(fields.get(TIMES_TRAINED, b"1"))
             except (CorruptPayload, ValueError) as e:
                 self._dead_letter_group_entry(entry_id, fields, str(e), self.keys.reuse)
@@ -268,7 +228,7 @@ class ReplayBuffer:
                 self.keys.groups, self.consumer_group, consumer, min_idle_ms,
                 start_id=cursor, count=count - len(claimed),
             )  # fmt: skip
-            cursor = _str(reply[0])
+            cursor = as_str(reply[0])
             claimed += self._decode_entries(reply[1])
             if cursor == "0-0":  # the whole pending list was scanned
                 break
@@ -294,11 +254,11 @@ class ReplayBuffer:
             entries = reply[0][1] if reply else []
             if not entries:
                 return out
-            gone = [_str(raw_id) for raw_id, fields in entries if fields is None]
+            gone = [as_str(raw_id) for raw_id, fields in entries if fields is None]
             if gone:  # deleted while pending: nothing left to train, so nothing left to wait for
                 self.redis.xack(stream, self.consumer_group, *gone)
             out += [(raw_id, fields) for raw_id, fields in entries if fields is not None]
-            cursor = _str(entries[-1][0])
+            cursor = as_str(entries[-1][0])
 
     def num_groups(self) -> int:
         """Entries in the groups stream (read or not; until trimmed)."""
@@ -329,56 +289,22 @@ class ReplayBuffer:
                 if "no such key" in str(e) or "NOGROUP" in str(e):
                     return 0
                 raise
-        info = next((g for g in groups_info if _str(g["name"]) == self.consumer_group), None)
+        info = next((g for g in groups_info if as_str(g["name"]) == self.consumer_group), None)
         if info is None:
             return 0
         if pending["pending"]:
-            min_id = _str(pending["min"])
+            min_id = as_str(pending["min"])
         else:
-            last = _str(info["last-delivered-id"])
+            last = as_str(info["last-delivered-id"])
             if _id_key(last) == (0, 0):
                 return 0
             min_id = _next_id(last)
         return int(self.redis.xtrim(self.keys.groups, minid=min_id, approximate=False))
 
-    # ---- partial trajectories ------------------------------------------------------------
-    def put_partial(self, sample: types_pb2.Sample) -> str:
-        """Park a partial trajectory until the coordinator re-dispatches it."""
-        return _str(self.redis.xadd(self.keys.partials, {PAYLOAD: sample.SerializeToString()}))
-
-    def take_partials(self, count: int) -> list[types_pb2.Sample]:
-        """Remove and return up to `count` of the oldest partials; corrupt ones go to dead letters."""
-        if count <= 0:
-            return []
-        taken: list[types_pb2.Sample] = []
-
-        def take(pipe: redis.client.Pipeline) -> None:
-            taken.clear()  # the transaction reruns if another taker changed the stream meanwhile
-            entries = pipe.xrange(self.keys.partials, count=count)
-            if not entries:
-                return
-            pipe.multi()
-            for raw_id, fields in entries:
-                entry_id = _str(raw_id)
-                try:
-                    taken.append(_decode_sample(fields))
-                except CorruptPayload as e:
-                    log.warning("partials entry %s is corrupt (%s): moved to dead letters", entry_id, e)
-                    self._queue_dead_letter(
-                        pipe, fields.get(PAYLOAD, b""), str(e), self.keys.partials, entry_id
-                    )
-            pipe.xdel(self.keys.partials, *[_str(raw_id) for raw_id, _ in entries])
-
-        self.redis.transaction(take, self.keys.partials)
-        return taken
-
-    def num_partials(self) -> int:
-        return int(self.redis.xlen(self.keys.partials))
-
     # ---- dead letters --------------------------------------------------------------------
     def dead_letter(self, payload: bytes, reason: str, source: str = "", entry_id: str = "") -> str:
         """Keep an unusable payload with why, where from; returns its dead-letter entry id."""
-        return _str(self._queue_dead_letter(self.redis, payload, reason, source, entry_id))
+        return as_str(self._queue_dead_letter(self.redis, payload, reason, source, entry_id))
 
     def _queue_dead_letter(self, client, payload: bytes, reason: str, source: str, entry_id: str):
         fields = {PAYLOAD: payload, b"reason": reason, b"source": source, b"entry_id": entry_id}
@@ -390,7 +316,7 @@ class ReplayBuffer:
         for raw_id, fields in self.redis.xrange(self.keys.dead_letter, count=count):
             row: dict[str, bytes | str] = {k.decode(): v.decode() for k, v in fields.items() if k != PAYLOAD}
             row["payload"] = fields.get(PAYLOAD, b"")
-            out.append((_str(raw_id), row))
+            out.append((as_str(raw_id), row))
         return out
 
     # ---- the whole run -------------------------------------------------------------------

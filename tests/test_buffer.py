@@ -147,14 +147,14 @@ def test_dead_letter_direct(buf: ReplayBuffer):
 def test_partials_are_taken_once_in_order(redis_url: str, run_id: str):
     with ReplayBuffer(redis_url, run_id) as a, ReplayBuffer(redis_url, run_id) as b:
         for i in range(5):
-            a.put_partial(types_pb2.Sample(uid=f"p{i}/0", tokens=[1, 2, i], response_length=1))
+            a.partials.put(types_pb2.Sample(uid=f"p{i}/0", tokens=[1, 2, i], response_length=1))
         a.redis.xadd(a.keys.partials, {b"p": b"\xff\xff"})
-        first = a.take_partials(3)
-        rest = b.take_partials(10)
+        first = a.partials.take(3)
+        rest = b.partials.take(10)
         assert [s.uid for s in first] == ["p0/0", "p1/0", "p2/0"]
         assert [s.uid for s in rest] == ["p3/0", "p4/0"]  # the corrupt one went to dead letters
         assert first[2].tokens == [1, 2, 2]
-        assert a.num_partials() == 0 and a.take_partials(5) == []
+        assert a.partials.count() == 0 and a.partials.take(5) == []
         assert len(a.dead_letters()) == 1
 
 
@@ -224,12 +224,12 @@ def test_embedded_restart_keeps_data_and_password(tmp_path):
 def test_clear_run_deletes_this_run_only(redis_url: str, run_id: str):
     with ReplayBuffer(redis_url, run_id) as mine, ReplayBuffer(redis_url, run_id + "-other") as other:
         mine.put_group(make_group(0))
-        mine.put_partial(make_group(1).samples[0])
+        mine.partials.put(make_group(1).samples[0])
         mine.redis.hset(mine.keys.coordinator_state, "cursor", 3)
         other.put_group(make_group(2))
 
         assert mine.clear_run() == 3
-        assert mine.num_groups() == 0 and mine.num_partials() == 0
+        assert mine.num_groups() == 0 and mine.partials.count() == 0
         assert not mine.redis.exists(mine.keys.coordinator_state)
         assert other.num_groups() == 1  # another run's keys are untouched
         assert mine.clear_run() == 0

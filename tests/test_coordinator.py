@@ -669,7 +669,7 @@ def test_over_sampling_fills_the_batch_with_passing_groups_and_recycles_the_rest
 
                 async def parked():
                     s = await status()
-                    return s.num_partials_recycled == 4 and buffer.num_partials() == 4
+                    return s.num_partials_recycled == 4 and buffer.partials.count() == 4
 
                 await _until(parked, "4 partials in the Redis partial stream")
                 await rollout.nothing_more(0.3)  # the batch is full: nothing new until the next version
@@ -683,7 +683,7 @@ def test_over_sampling_fills_the_batch_with_passing_groups_and_recycles_the_rest
                     assert item.sample.response_length == 2 and list(item.sample.tokens)[-2:] == [5, 6]
                     assert item.min_policy_version == 1  # continued under the new weights
                     assert item.sampling.max_new_tokens == 8 - 2  # what is left of the budget
-                assert buffer.num_partials() == 0
+                assert buffer.partials.count() == 0
                 for item in again:
                     rollout.answer(item, item.sample.label if item.sample.index == 0 else "x")
 

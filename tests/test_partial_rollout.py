@@ -176,7 +176,7 @@ def _run(assets: Path, redis_url: str, run_id: str, reward_addr: str, mode: str)
     buffer = ReplayBuffer(redis_url, run_id)
     try:
         (group,) = [g for _, g in buffer.read_groups("test", count=10, block_ms=0)]
-        assert buffer.num_partials() == 0  # every parked partial was taken back
+        assert buffer.partials.count() == 0  # every parked partial was taken back
     finally:
         buffer.close()
     return status, info, list(group.samples), engine_state

@@ -59,11 +59,11 @@ def buffer_ports(buffer: ReplayBuffer) -> dict:
 
     async def take_partials(count: int | None) -> list[types_pb2.Sample]:
         if count is None:
-            count = await asyncio.to_thread(buffer.num_partials)
-        return await asyncio.to_thread(buffer.take_partials, count)
+            count = await asyncio.to_thread(buffer.partials.count)
+        return await asyncio.to_thread(buffer.partials.take, count)
 
     async def park(sample: types_pb2.Sample) -> None:
-        await asyncio.to_thread(buffer.put_partial, sample)
+        await asyncio.to_thread(buffer.partials.put, sample)
 
     return dict(dead_letter=dead_letter, park=park, take_partials=take_partials)
 

@@ -285,7 +285,7 @@ def buffer_metrics(buffer: Any) -> Iterable[Metric]:
         buffer.num_pending(),
     )
     yield gauge(
-        "slipstream_buffer_partials", "Partial trajectories waiting to be recycled.", buffer.num_partials()
+        "slipstream_buffer_partials", "Partial trajectories waiting to be recycled.", buffer.partials.count()
     )
 
 
