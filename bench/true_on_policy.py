@@ -24,6 +24,13 @@ engine setting in the cost rows:
     sh scripts/gpu_env.sh run python3 bench/true_on_policy.py --device cuda --shape qwen3-30b-a3b --layers 2 \
         --concurrency 64 8 1 --tokens 12000 3000 500 --response-len 64 --repeats 1 --invariant-moe-graphs \
         --out $OUT/true_on_policy_gpu_moe_graphs.json
+
+--profile first profiles decode steps at each --concurrency with the mode on and off (wall ms,
+kernels and GPU-busy ms a step, the largest kernels); --gemm-blocks M N K WARPS runs the mode's
+GEMMs, the trainer's and the engine's alike, at another tiling (still one for every batch);
+--unfused-glue runs the mode's layers without `invariant_fused`'s kernels (the model's own ops);
+--split-programs 0 runs its GEMMs without split-K; --attention-rows 64 its attention in the
+64-row tiles it had before session 16.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from pathlib import Path
 import torch
 
 from slipstream.config import config_from_values
+from slipstream.kernels import invariant, invariant_gpu
 from slipstream.models.config import ModelConfig
 from slipstream.models.hf import init_model, load_model, save_model
 from slipstream.services.rollout.engine import runner
@@ -115,6 +123,43 @@ def mismatch(actor: Actor, samples: list[Sample]) -> tuple[float, int]:
     return worst, n
 
 
+def profile_decode(model_dir: Path, mode: bool, concurrency: int, length: int, device: str) -> dict:
+    """The engine's decode steps at `concurrency` full rows (CUDA graphs as the engine runs them):
+    wall ms a step over 40 steps, then torch.profiler over 10: kernels a step, GPU busy ms a step
+    (kernel time summed) and the largest kernels by time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = copy.deepcopy(loaded(model_dir, device))
+    engine = NativeEngine(model, eos_token_ids=[], max_batch_size=concurrency, true_on_policy=mode)
+    for i in range(concurrency):
+        engine.add_request(Request(f"p{i}", [5 + i % 50] * 8, length // 2 + 64, seed=i))  # outlasts the steps
+    for _ in range(2 + length // 2):  # admit, then decode to a mid-length context
+        engine.step()
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(40):
+        engine.step()
+    sync(device)
+    wall = (time.perf_counter() - t) / 40
+    cuda = device == "cuda"  # on the CPU (a smoke test of the script): ATen ops' own time instead
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(10):
+            engine.step()
+        sync(device)
+    rows = []
+    for e in prof.key_averages():
+        us = e.device_time_total if cuda else e.self_cpu_time_total
+        if us > 0:
+            rows.append({"name": e.key[:90], "calls_per_step": e.count / 10, "us_per_step": us / 10})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    engine.abort_all()
+    return {
+        "concurrency": concurrency, "mode": mode, "wall_ms_per_step": 1e3 * wall,
+        "kernels_per_step": sum(r["calls_per_step"] for r in rows),
+        "gpu_busy_ms_per_step": sum(r["us_per_step"] for r in rows) / 1e3, "top": rows[:20],
+    }  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -142,6 +187,26 @@ def main() -> None:
         "--invariant-moe-graphs", action="store_true",
         help="qwen3-30b-a3b on cuda: the mode's MoE decode in CUDA graphs (the engine's default) beside "
         "it without them (the plain mode rows): its own mismatch and cost rows",
+    )  # fmt: skip
+    parser.add_argument(
+        "--profile", action="store_true",
+        help="first profile the decode step, mode on and off, at each --concurrency (cuda)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gemm-blocks", type=int, nargs=4, metavar=("M", "N", "K", "WARPS"),
+        help="the mode's GEMM tiling on cuda, trainer and engine alike (default: invariant_gpu's)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--split-programs", type=int, default=None,
+        help="invariant_gpu.SPLIT_PROGRAMS for the run (0: no split-K in the mode's GEMMs)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--attention-rows", type=int, default=None,
+        help="invariant_gpu.QUERY_ROWS for the run: the mode's attention tile rows (default 16)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--unfused-glue", action="store_true",
+        help="the mode's layers with the model's own ops between the GEMMs (invariant.FUSED_GLUE off)",
     )  # fmt: skip
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
@@ -177,6 +242,25 @@ def main() -> None:
     result: dict = {"model": f"{args.shape} ({cfg.num_hidden_layers} layers, vocab {cfg.vocab_size}), {dtype}",
                     "device": args.device, "threads": args.threads, "argv": sys.argv[1:],
                     "mismatch": [], "engine": [], "train_step": []}  # fmt: skip
+    if args.unfused_glue:
+        invariant.FUSED_GLUE = False
+        result["fused_glue"] = False
+    if args.attention_rows is not None:
+        invariant_gpu.QUERY_ROWS = args.attention_rows
+        result["attention_rows"] = args.attention_rows
+    if args.split_programs is not None:
+        invariant_gpu.SPLIT_PROGRAMS = args.split_programs
+        result["split_programs"] = args.split_programs
+    if args.gemm_blocks:
+        invariant_gpu.INVARIANT = invariant_gpu.Blocks(*args.gemm_blocks)
+        result["gemm_blocks"] = args.gemm_blocks
+    if args.profile:
+        result["profile"] = []
+        for c in args.concurrency:
+            for mode in (True, False):
+                result["profile"].append(profile_decode(model_dir, mode, c, args.response_len, args.device))
+                print(json.dumps({k: v for k, v in result["profile"][-1].items() if k != "top"}), flush=True)
+                save(result, args.out)
     for c in args.concurrency:
         for moe_graphs in [graphs for mode, graphs in settings if mode]:
             samples, seconds = generate(

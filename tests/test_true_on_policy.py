@@ -153,6 +153,31 @@ def test_invariant_linear_and_attention_do_not_depend_on_the_batch():
         assert torch.equal(step[:, :, 0], causal[0].transpose(0, 1)), (t_len, d, h)
 
 
+def test_make_invariant_swaps_every_layer_class_also_under_fsdp2s_subclasses():
+    """FSDP2 gives each sharded module a class of its own (`FSDP` + the class's name, with
+    `FSDPModule` first): a sharded trainer's decoder layers must still take the mode's classes, or
+    its arithmetic would differ from the engine's."""
+    from slipstream.models import ModelConfig, init_model
+    from slipstream.models.decoder import DecoderLayer
+
+    class FSDPModule:  # stands in for torch.distributed.fsdp.FSDPModule
+        pass
+
+    model = init_model(ModelConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8), seed=0)  # fmt: skip
+    layer = model.model.layers[1]
+    layer.__class__ = type("FSDPDecoderLayer", (FSDPModule, DecoderLayer), {})
+    invariant.make_invariant(model)
+    assert type(model.model.layers[0]) is invariant.InvariantDecoderLayer
+    assert isinstance(layer, FSDPModule) and isinstance(layer, invariant.InvariantDecoderLayer)
+    assert type(layer).after_attention is invariant.InvariantDecoderLayer.after_attention
+    assert isinstance(layer.self_attn, invariant.InvariantSelfAttention)
+    assert isinstance(layer.mlp, invariant.InvariantMLP)
+    assert isinstance(layer.self_attn.q_proj, invariant.InvariantLinear)
+    ids = torch.randint(0, 32, (2, 5))
+    assert model(ids).shape == (2, 5, 32)  # on the CPU the classes compute the model's own ops
+
+
 def test_the_mode_refuses_what_it_does_not_cover(model_dir):
     for bad, says in (
         (dict(rollout_fp8=True), "--rollout-fp8"),

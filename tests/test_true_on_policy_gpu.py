@@ -50,6 +50,13 @@ KERNEL_CHECKS = textwrap.dedent(
             qs[1] = q[1, :, t : t + 1]
             one = gpu.decode_attention(qs, cache_k, cache_v, lengths)
             assert torch.equal(one[1, :, 0], causal[1, :, t]), (t_len, t)
+    # a KV head shared by more query heads than a tile's rows (20: two tiles of QUERY_ROWS 16)
+    q, k, v = torch.randn(1, 40, 9, 32, device=device), torch.randn(1, 2, 9, 32, device=device), torch.randn(1, 2, 9, 32, device=device)
+    causal = gpu.causal_attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    assert torch.allclose(causal, ref, atol=1e-4), (causal - ref).abs().max()
+    one = gpu.decode_attention(q[:, :, 6:7], k, v, torch.tensor([7], device=device))
+    assert torch.equal(one[0, :, 0], causal[0, :, 6])
     # RMSNorm: the model's module
     norm = RMSNorm(48, 1e-6).to(device)
     with torch.no_grad():
@@ -132,21 +139,137 @@ GROUPED_CHECKS = textwrap.dedent(
 )
 
 
+FUSED_CHECKS = textwrap.dedent(
+    """
+    import torch
+    import torch.nn.functional as F
+    from slipstream.kernels import invariant, invariant_fused as fused, invariant_gpu as gpu
+    from slipstream.models import ModelConfig, init_model
+    from slipstream.models.rope import apply_rope
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":  # the interpreter runs the CUDA path on CPU tensors
+        gpu.available = fused.usable = lambda x: True
+    torch.manual_seed(0)
+    # multi_linear: each weight's columns as `linear` computes them, bit for bit; a row alone too
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(70, 96, device=device).to(dtype)
+        ws = [torch.randn(n, 96, device=device).to(dtype) for n in (128, 64, 64)]
+        for count in (2, 3):
+            out = fused.multi_linear(x, *ws[:count])
+            assert torch.equal(out, torch.cat([gpu.linear(x, w) for w in ws[:count]], -1)), (dtype, count)
+            for i in (0, 33, 69):
+                assert torch.equal(fused.multi_linear(x[i : i + 1], *ws[:count])[0], out[i]), (dtype, i)
+    assert not fused.fits(torch.zeros(64, 8), torch.zeros(40, 8))  # 40 rows: not whole column blocks
+    # split-K (K = 640 and one column block: two parts of 320; SPLIT_PROGRAMS 1: none): F.linear's
+    # values, a row alone equals itself in the batch; and multi_linear splits as `linear` of one
+    # weight of all its rows does
+    assert gpu.k_splits(64, 640) == (2, 320) and gpu.k_splits(151936, 640) == (1, 640)
+    assert gpu.k_splits(1024, 3072) == (8, 384) and gpu.k_splits(1024, 2000) == (7, 320)
+    for programs in (128, 1):
+        gpu.SPLIT_PROGRAMS = programs
+        x, w = torch.randn(70, 640, device=device), torch.randn(64, 640, device=device)
+        full = gpu.linear(x, w)
+        assert torch.allclose(full, F.linear(x, w), atol=1e-3), (full - F.linear(x, w)).abs().max()
+        assert all(torch.equal(gpu.linear(x[i : i + 1], w)[0], full[i]) for i in (0, 40, 69))
+        parts = [w, torch.randn(128, 640, device=device)]
+        both = fused.multi_linear(x, *parts)
+        assert torch.equal(both, gpu.linear(x, torch.cat(parts))), programs
+        assert torch.equal(fused.multi_linear(x[5:6], *parts)[0], both[5])
+    gpu.SPLIT_PROGRAMS = 128
+
+    def norm_ref(x, w, eps=1e-6):
+        return w * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+    # norm_rope: the per-head norm and RoPE of strided q and k (views of a q|k|v output), with and
+    # without the norm; each token's numbers alone equal its numbers in the batch
+    b, t, h, hkv, d = 2, 5, 4, 2, 32
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        qkv = torch.randn(b, t, (h + 2 * hkv) * d, device=device).to(dtype)
+        q = qkv[..., : h * d].view(b, t, h, d)
+        k = qkv[..., h * d : (h + hkv) * d].view(b, t, hkv, d)
+        qw, kw = (torch.rand(d, device=device) + 0.5).to(dtype), (torch.rand(d, device=device) + 0.5).to(dtype)
+        angles = torch.randn(b, t, d // 2, device=device)
+        cos, sin = (torch.cat([f(angles)] * 2, -1).to(dtype) for f in (torch.cos, torch.sin))
+        for weights in ((qw, kw), (None, None)):
+            got_q, got_k = fused.norm_rope(q, k, *weights, cos, sin, 1e-6)
+            ref_q, ref_k = (
+                apply_rope((x if w is None else norm_ref(x, w)).transpose(1, 2), cos, sin)
+                for x, w in ((q, weights[0]), (k, weights[1]))
+            )
+            assert torch.allclose(got_q.float(), ref_q.float(), atol=tol, rtol=tol), (got_q - ref_q).abs().max()
+            assert torch.allclose(got_k.float(), ref_k.float(), atol=tol, rtol=tol), (got_k - ref_k).abs().max()
+            one_q, one_k = fused.norm_rope(q[1:, 3:4], k[1:, 3:4], *weights, cos[1:, 3:4], sin[1:, 3:4], 1e-6)
+            assert torch.equal(one_q[0, :, 0], got_q[1, :, 3]) and torch.equal(one_k[0, :, 0], got_k[1, :, 3])
+    # add_rms_norm: x + y exactly as PyTorch adds, and the norm; silu_mul
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        x, y = torch.randn(3, 7, 96, device=device).to(dtype), torch.randn(3, 7, 96, device=device).to(dtype)
+        w = (torch.rand(96, device=device) + 0.5).to(dtype)
+        total, normed = fused.add_rms_norm(x, y, w, 1e-6)
+        # (the interpreter rounds to bf16 its own way: exact there in fp32 only)
+        assert torch.equal(total, x + y) or device == "cpu" and dtype == torch.bfloat16
+        assert torch.allclose(total.float(), (x + y).float(), atol=tol, rtol=tol)
+        assert torch.allclose(normed.float(), norm_ref(x + y, w).float(), atol=tol, rtol=tol)
+        gu = torch.randn(5, 2 * 80, device=device).to(dtype)
+        ref = F.silu(gu[:, :80]) * gu[:, 80:]
+        assert torch.allclose(fused.silu_mul(gu).float(), ref.float(), atol=tol, rtol=tol)
+    # backward: PyTorch's over the model's ops (fp32)
+    x = torch.randn(6, 96, device=device, requires_grad=True)
+    ws = [torch.randn(n, 96, device=device, requires_grad=True) for n in (128, 64)]
+    got = torch.autograd.grad(fused.multi_linear(x, *ws).square().sum(), (x, *ws))
+    want = torch.autograd.grad(torch.cat([x @ w.t() for w in ws], -1).square().sum(), (x, *ws))
+    assert all(torch.allclose(g, r, atol=1e-3, rtol=1e-4) for g, r in zip(got, want))
+    # the whole layer stack: the fused glue against the model's own ops (FUSED_GLUE off), values
+    # and gradients; a sequence alone equals itself in a batch, bit for bit
+    cfg = ModelConfig(
+        vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=64, tie_word_embeddings=True,
+    )
+    model = invariant.make_invariant(init_model(cfg, seed=1).to(device))
+    ids = torch.randint(0, 64, (3, 9), device=device)
+    runs = []
+    for glue in (True, False):
+        invariant.FUSED_GLUE = glue
+        model.zero_grad()
+        logits = model(ids)
+        logits.float().square().mean().backward()
+        runs.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+        if glue:
+            assert torch.equal(model(ids[1:2])[0], logits[1]), "a sequence alone"
+    assert torch.allclose(runs[0][0], runs[1][0], atol=1e-4, rtol=1e-4), (runs[0][0] - runs[1][0]).abs().max()
+    for got, want in zip(runs[0][1], runs[1][1]):
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-3), (got - want).abs().max()
+    print("ok")
+    """
+)
+
+
+@needs_interpreter
+def test_fused_glue_under_the_interpreter():
+    run_checks(FUSED_CHECKS, interpret=True)
+
+
+@cuda
+def test_fused_glue_on_the_gpu():
+    run_checks(FUSED_CHECKS, interpret=False)
+
+
 @pytest.mark.parametrize(
     "counts",
     [[1], [0, 2, 0], [65] * 4, [64, 0, 1, 129, 0], [0] * 120 + [3, 1, 0, 0, 2, 1, 0, 1], list(range(40))],
 )
-def test_expert_tiles_cover_each_experts_rows_once(counts):
+@pytest.mark.parametrize("block_m", [None, 16])
+def test_expert_tiles_cover_each_experts_rows_once(counts, block_m):
     """The grouped GEMM's tile table (tensor ops alone: checked without Triton too): each expert's
-    rows in tiles of BLOCK_M from its first row, each tile with its expert's end row, in expert
-    order, then spare tiles (end = start), within the grid's upper bound; an expert with no rows
-    has no tile."""
+    rows in tiles of BLOCK_M (or the engine's block_m) from its first row, each tile with its
+    expert's end row, in expert order, then spare tiles (end = start), within the grid's upper
+    bound; an expert with no rows has no tile."""
     from slipstream.kernels import invariant_gpu as gpu
 
-    tiles = gpu.expert_tiles(torch.tensor(counts, dtype=torch.int32), sum(counts))
+    tiles = gpu.expert_tiles(torch.tensor(counts, dtype=torch.int32), sum(counts), block_m)
     expected, first = [], 0
     for e, c in enumerate(counts):
-        expected += [(e, s, first + c) for s in range(first, first + c, gpu.BLOCK_M)]
+        expected += [(e, s, first + c) for s in range(first, first + c, block_m or gpu.BLOCK_M)]
         first += c
     table = list(zip(tiles.expert.tolist(), tiles.start.tolist(), tiles.end.tolist(), strict=True))
     assert table[: len(expected)] == expected
@@ -174,7 +297,7 @@ def test_grouped_experts_on_the_gpu():
 
 
 @cuda
-@pytest.mark.parametrize("kind", ["dense", "moe", "moe-graphs"])
+@pytest.mark.parametrize("kind", ["dense", "dense-fused", "moe", "moe-graphs"])
 def test_sampler_log_probs_equal_the_trainers_on_the_gpu(kind, tmp_path, monkeypatch):
     """bf16 on both sides, the engine over batches that change size every few steps; after an
     optimizer step and a bf16 push too. CUDA graphs: dense, and MoE with `INVARIANT_MOE_GRAPHS` on
@@ -191,8 +314,14 @@ def test_sampler_log_probs_equal_the_trainers_on_the_gpu(kind, tmp_path, monkeyp
     extra = MOE if kind.startswith("moe") else {}
     monkeypatch.setattr(runner, "INVARIANT_MOE_GRAPHS", kind == "moe-graphs")
     # head_dim 16: a tensor-core dot needs 16 inputs or more
+    # dense-fused: every projection a whole number of the fused GEMM's column blocks (q|k|v fused
+    # too; at dense's head_dim 16 its k/v projections of 32 rows go one by one)
+    wide = dict(hidden_size=128, head_dim=32, intermediate_size=256) if kind == "dense-fused" else {}
     model_dir = build_tiny_model(
-        tmp_path / "model", max_position_embeddings=160, hidden_size=64, head_dim=16, **extra
+        tmp_path / "model",
+        max_position_embeddings=160,
+        **{"hidden_size": 64, "head_dim": 16, **wide},
+        **extra,
     )
     actor = Actor.from_config(_cfg(model_dir, device="cuda", bf16=True, lr=1e-2))
     prompts = [[3, 4, 5], [6, 7, 8, 9, 10, 11, 12, 13, 14], [15, 16, 17, 18, 19]]

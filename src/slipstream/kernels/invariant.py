@@ -47,11 +47,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slipstream.kernels import invariant_fused as fused
 from slipstream.kernels import invariant_gpu as gpu
 from slipstream.kernels import sampling
-from slipstream.models.decoder import RMSNorm
-from slipstream.models.moe import Experts
+from slipstream.models.decoder import MLP, DecoderLayer, RMSNorm, SelfAttention
+from slipstream.models.moe import Experts, SparseMoE
 
+# On CUDA, the layer's glue in fused kernels (`invariant_fused.py`): q|k|v and gate|up one launch
+# each, the heads' norm + RoPE one, the residual add + norm one. False: the model's own ops (each
+# still row-wise), for comparing the two (bench/true_on_policy.py --unfused-glue).
+FUSED_GLUE = True
 TILE = 16  # rows per GEMM problem (8: no faster at batch 1 end to end, a slower training step)
 QUERIES = 4  # attention's rows per problem: a decode step's rows are one KV head's query heads
 CHUNK = 16  # keys per attention problem (one AVX-512 vector of fp32)
@@ -98,6 +103,53 @@ class InvariantRMSNorm(RMSNorm):
         return gpu.rms_norm(x, self.weight, self.eps) if gpu.available(x) else super().forward(x)
 
 
+def _plain(*layers: nn.Module) -> bool:
+    """Linear layers the fused kernels may read the weights of: no bias, no adapter around them."""
+    return all(type(layer) is InvariantLinear and layer.bias is None for layer in layers)
+
+
+class InvariantSelfAttention(SelfAttention):
+    """On CUDA q|k|v in one GEMM launch and the heads' norm + RoPE in one kernel (`invariant_fused`)."""
+
+    def project_qkv(self, x, cos, sin):
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        weights = [p.weight for p in projections]
+        if not (FUSED_GLUE and fused.usable(x) and _plain(*projections) and fused.fits(*weights)):
+            return super().project_qkv(x, cos, sin)
+        b, t, _ = x.shape
+        d, nq, nk = self.head_dim, weights[0].shape[0], weights[1].shape[0]
+        qkv = fused.multi_linear(x, *weights)
+        q = qkv[..., :nq].view(b, t, self.num_heads, d)
+        k = qkv[..., nq : nq + nk].view(b, t, self.num_kv_heads, d)
+        v = qkv[..., nq + nk :].view(b, t, self.num_kv_heads, d).transpose(1, 2)
+        norms = (self.q_norm, self.k_norm)
+        q_weight, k_weight = (None, None) if self.q_norm is None else (n.weight for n in norms)
+        eps = 0.0 if self.q_norm is None else self.q_norm.eps
+        q, k = fused.norm_rope(q, k, q_weight, k_weight, cos, sin, eps)
+        return q, k, v
+
+
+class InvariantMLP(MLP):
+    """On CUDA gate|up in one GEMM launch and SiLU(gate) * up in one kernel."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_proj, self.up_proj
+        if not (FUSED_GLUE and fused.usable(x) and _plain(gate, up) and fused.fits(gate.weight, up.weight)):
+            return super().forward(x)
+        return self.down_proj(fused.silu_mul(fused.multi_linear(x, gate.weight, up.weight)))
+
+
+class InvariantDecoderLayer(DecoderLayer):
+    """On CUDA the residual add after attention and the next RMSNorm in one kernel."""
+
+    def after_attention(self, x, out, routing=None):
+        if not (FUSED_GLUE and fused.usable(x)):
+            return super().after_attention(x, out, routing)
+        norm = self.post_attention_layernorm
+        x, h = fused.add_rms_norm(x, self.self_attn.project_out(out), norm.weight, norm.eps)
+        return x + (self.mlp(h, routing) if isinstance(self.mlp, SparseMoE) else self.mlp(h))
+
+
 class InvariantExperts(Experts):
     """A mixture-of-experts layer's experts, each on however many rows routed to it, through `linear`.
     (The router is an `nn.Linear`; its softmax and top-k are row-wise.)
@@ -136,13 +188,26 @@ class InvariantExperts(Experts):
         return out
 
 
+_SWAPS = {
+    nn.Linear: InvariantLinear, RMSNorm: InvariantRMSNorm, Experts: InvariantExperts,
+    SelfAttention: InvariantSelfAttention, MLP: InvariantMLP, DecoderLayer: InvariantDecoderLayer,
+}  # fmt: skip
+
+
 def make_invariant(model: nn.Module) -> nn.Module:
-    """Every `nn.Linear`, RMSNorm and MoE expert stack of `model` computes through this module's
-    kernels (in place; parameters untouched)."""
-    swaps = {nn.Linear: InvariantLinear, RMSNorm: InvariantRMSNorm, Experts: InvariantExperts}
+    """Every `nn.Linear`, RMSNorm, MoE expert stack, attention, MLP and decoder layer of `model`
+    computes through this module's kernels (in place; parameters untouched). A module whose class
+    FSDP2 has subclassed (`FSDPDecoderLayer`: its per-layer units) gets a class of both, so a
+    sharded trainer's layers compute exactly as the engine's do."""
     for module in model.modules():
-        if type(module) in swaps:
-            module.__class__ = swaps[type(module)]
+        cls = type(module)
+        if cls in _SWAPS:
+            module.__class__ = _SWAPS[cls]
+            continue
+        for base, swap in _SWAPS.items():
+            if isinstance(module, base) and not isinstance(module, swap) and cls.__name__.startswith("FSDP"):
+                module.__class__ = type(f"FSDP{swap.__name__}", (cls, swap), {})
+                break
     return model
 
 

@@ -9,7 +9,9 @@ them, and a reduction's thread layout follows its shape. Here every kernel's til
 
 - `linear`: x @ W^T in [BLOCK_M, BLOCK_N] tiles with the K range walked in BLOCK_K steps from 0,
   the same tensor-core instruction for every M (a row's result is a function of that row alone;
-  rows past M are masked loads). No split-K.
+  rows past M are masked loads). A weight with few column blocks (N = hidden: o_proj, down_proj)
+  splits K in parts fixed by its shape (`k_splits`), added in part order: more programs at
+  decode's few rows, the same split for the trainer's many.
 - `grouped_linear` (a mixture-of-experts layer's experts): `linear`'s tile loop over token-slot
   rows sorted by expert, each expert's rows in BLOCK_M-row tiles that start at its first row and
   mask the rows past its last, so a row meets `linear(row, weight[e])`'s arithmetic exactly. The
@@ -18,9 +20,10 @@ them, and a reduction's thread layout follows its shape. Here every kernel's til
   return at once), so the engine's CUDA graphs can capture it, where `Experts.forward`'s loop over
   the experts reads the counts on the host.
 - `causal_attention` (trainer, engine prefill) and `decode_attention` (engine decode) share one
-  loop, `_attend`: a BLOCK_M tile of query rows against key blocks of BLOCK_N from position 0 up,
-  online softmax. A training tile's rows are 64 positions of one head; a decode tile's rows are the
-  query heads that share one KV head, padded to 64: the same instructions either way. Keys past a
+  loop, `_attend`: a QUERY_ROWS tile of query rows against key blocks of KEYS from position 0 up,
+  online softmax. A training tile's rows are QUERY_ROWS positions of one head; a decode tile's rows
+  are the query heads that share one KV head (in tiles of QUERY_ROWS, the last padded): the same
+  instructions either way. Keys past a
   row's own position score -inf and weigh exact zeros, and a block that holds none of a row's keys
   leaves its running max, sum and output exactly as they were, so a row gets the same numbers over
   the trainer's T keys as over the engine's cache up to its length.
@@ -47,10 +50,14 @@ try:
 except ImportError:  # CPU-only installs: invariant.py's PyTorch kernels run instead
     triton = None
 
-BLOCK_M = 64  # rows per tile: GEMM rows, attention queries
-BLOCK_N = 64  # GEMM columns; attention keys per step
+BLOCK_M = 64  # GEMM rows per tile
+BLOCK_N = 64  # GEMM columns
 BLOCK_K = 64  # GEMM inputs per step
 WARPS = 4
+KEYS = 64  # attention's keys per step
+# attention's query rows a tile: a training tile's positions of one head, a decode tile's query
+# heads of one KV head (Qwen3-0.6B: 2; padding is MMA work at decode, where 64 rows cost ~4x 16)
+QUERY_ROWS = 16
 
 
 def available(x: torch.Tensor) -> bool:
@@ -66,23 +73,23 @@ if triton is not None:
 
     @triton.jit
     def _tile(
-        x_ptr, w_ptr, rows, row_end, cols, N, K, stride_x, stride_w,
+        x_ptr, w_ptr, rows, row_end, cols, N, k_lo, k_hi, stride_x, stride_w,
         IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
     ):  # fmt: skip
-        """x[rows] @ w[cols]^T over the whole K range in BK steps from 0, fp32: the one loop every
-        GEMM of this module runs, so a row's numbers are the same in each (rows from row_end on,
-        columns from N on and inputs from K on load zeros)."""
+        """x[rows] @ w[cols]^T over inputs k_lo..k_hi-1 in BK steps from k_lo, fp32: the one loop
+        every GEMM of this module runs, so a row's numbers are the same in each (rows from row_end
+        on, columns from N on and inputs from k_hi on load zeros)."""
         ks = tl.arange(0, BK)
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-        for k0 in range(0, K, BK):
+        for k0 in range(k_lo, k_hi, BK):
             k = k0 + ks
             x = tl.load(
                 x_ptr + rows[:, None].to(tl.int64) * stride_x + k[None, :],
-                mask=(rows[:, None] < row_end) & (k[None, :] < K), other=0.0,
+                mask=(rows[:, None] < row_end) & (k[None, :] < k_hi), other=0.0,
             )  # fmt: skip
             w = tl.load(
                 w_ptr + cols[None, :].to(tl.int64) * stride_w + k[:, None],
-                mask=(cols[None, :] < N) & (k[:, None] < K), other=0.0,
+                mask=(cols[None, :] < N) & (k[:, None] < k_hi), other=0.0,
             )  # fmt: skip
             if IEEE:
                 acc = tl.dot(x, w, acc, input_precision="ieee")
@@ -91,15 +98,52 @@ if triton is not None:
         return acc
 
     @triton.jit
+    def _finish(acc, rows, cols, M, N, out_ptr, stride_out, part_ptr, SPLIT: tl.constexpr):
+        """A tile's result: to the output in its dtype, or (split-K) its split's fp32 share to
+        part [SPLIT, M, N] for `_split_sum_kernel` to add in split order."""
+        inside = (rows[:, None] < M) & (cols[None, :] < N)
+        if SPLIT == 1:
+            out = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
+            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=inside)
+        else:
+            share = (tl.program_id(2).to(tl.int64) * M + rows[:, None]) * N + cols[None, :]
+            tl.store(part_ptr + share, acc, mask=inside)
+
+    @triton.jit
     def _linear_kernel(
-        x_ptr, w_ptr, out_ptr, M, N, K, stride_x, stride_w, stride_out,
-        IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+        x_ptr, w_ptr, out_ptr, part_ptr, M, N, K, KS, stride_x, stride_w, stride_out,
+        IEEE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, SPLIT: tl.constexpr,
     ):  # fmt: skip
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        acc = _tile(x_ptr, w_ptr, rows, M, cols, N, K, stride_x, stride_w, IEEE, BM, BN, BK)
-        out = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < M) & (cols[None, :] < N))
+        k_lo = tl.program_id(2) * KS
+        acc = _tile(
+            x_ptr,
+            w_ptr,
+            rows,
+            M,
+            cols,
+            N,
+            k_lo,
+            tl.minimum(k_lo + KS, K),
+            stride_x,
+            stride_w,
+            IEEE,
+            BM,
+            BN,
+            BK,
+        )
+        _finish(acc, rows, cols, M, N, out_ptr, stride_out, part_ptr, SPLIT)
+
+    @triton.jit
+    def _split_sum_kernel(part_ptr, out_ptr, MN, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+        """out = part[0] + part[1] + ... in that order, fp32, rounded once."""
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        inside = i < MN
+        acc = tl.load(part_ptr + i, mask=inside, other=0.0)
+        for s in tl.static_range(1, SPLIT):
+            acc += tl.load(part_ptr + s * MN + i, mask=inside, other=0.0)
+        tl.store(out_ptr + i, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
     @triton.jit
     def _grouped_linear_kernel(
@@ -116,7 +160,7 @@ if triton is not None:
         w_base = w_ptr + tl.load(tile_expert_ptr + tl.program_id(0)).to(tl.int64) * stride_we
         rows = start + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
-        acc = _tile(x_ptr, w_base, rows, end, cols, N, K, stride_x, stride_wn, IEEE, BM, BN, BK)
+        acc = _tile(x_ptr, w_base, rows, end, cols, N, 0, K, stride_x, stride_wn, IEEE, BM, BN, BK)
         out = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
         tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < end) & (cols[None, :] < N))
 
@@ -179,11 +223,12 @@ if triton is not None:
         sq_b, sq_h, sk_b, sk_h, sk_t, so_b, so_h, scale,
         D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
-        """One program: the query heads of one (slot, KV head) at the slot's last position, as
-        the rows of a BM tile (the rest padding); keys from the cache up to the slot's length."""
+        """One program: BM of the query heads of one (slot, KV head) at the slot's last position,
+        as the rows of a BM tile (past the group's last: padding); keys from the cache up to the
+        slot's length."""
         b = tl.program_id(0).to(tl.int64)
         kvh = tl.program_id(1)
-        g = tl.arange(0, BM)
+        g = tl.program_id(2) * BM + tl.arange(0, BM)
         d = tl.arange(0, D)
         rows = g[:, None] < GROUP
         heads = kvh * GROUP + g
@@ -211,8 +256,47 @@ if triton is not None:
         tl.store(out_ptr + row * N + cols, (w * normed).to(out_ptr.dtype.element_ty), mask=inside)
 
 
+class Blocks(NamedTuple):
+    """A GEMM's tiling: rows, columns and inputs a step per program, and warps a program."""
+
+    m: int = BLOCK_M
+    n: int = BLOCK_N
+    k: int = BLOCK_K
+    warps: int = WARPS
+
+
+INVARIANT = Blocks()  # the mode's one tiling of every GEMM, trainer and engine (read at each call)
+
+
 def _ieee(x: torch.Tensor) -> bool:
     return x.dtype == torch.float32  # fp32 stays fp32 (no TF32); bf16/fp16 use the tensor cores as they are
+
+
+# Split-K, by the weight's shape alone (never the rows): a GEMM whose column blocks are too few to
+# fill the GPU at decode's few rows (o_proj and down_proj: N = hidden) splits its K range in fixed
+# parts, each summed by `_tile`, then added in part order (`_split_sum_kernel`). The trainer's
+# GEMM of the same weight splits the same way, so a row's numbers still depend on the row alone.
+SPLIT_PROGRAMS = 128  # column blocks x splits aimed at (0: no split-K)
+SPLIT_MIN_K = 256  # the fewest inputs one split sums
+
+
+def k_splits(n: int, k: int) -> tuple[int, int]:
+    """(splits, inputs a split) of an [.., k] x [k, n] GEMM: a function of the weight's shape."""
+    b = INVARIANT
+    parts = max(1, min(SPLIT_PROGRAMS // triton.cdiv(n, b.n), k // SPLIT_MIN_K))
+    per = triton.cdiv(triton.cdiv(k, parts), b.k) * b.k  # whole BLOCK_K steps
+    return triton.cdiv(k, per), per
+
+
+def split_output(m: int, n: int, parts: int, like: torch.Tensor) -> torch.Tensor:
+    """The fp32 shares of a split GEMM (a placeholder when it does not split)."""
+    return torch.empty((parts, m, n) if parts > 1 else (1,), dtype=torch.float32, device=like.device)
+
+
+def add_splits(part: torch.Tensor, out: torch.Tensor) -> None:
+    if part.dim() == 3:
+        mn, block = out.numel(), 1024
+        _split_sum_kernel[(triton.cdiv(mn, block),)](part, out, mn, SPLIT=part.shape[0], BLOCK=block)
 
 
 def _linear_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -221,11 +305,14 @@ def _linear_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     weight = weight.contiguous()
     m, n = rows.shape[0], weight.shape[0]
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    grid = (triton.cdiv(m, BLOCK_M), triton.cdiv(n, BLOCK_N))
-    _linear_kernel[grid](
-        rows, weight, out, m, n, k, rows.stride(0), weight.stride(0), out.stride(0),
-        IEEE=_ieee(x), BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=WARPS,
+    b = INVARIANT
+    parts, per = k_splits(n, k)
+    part = split_output(m, n, parts, x)
+    _linear_kernel[(triton.cdiv(m, b.m), triton.cdiv(n, b.n), parts)](
+        rows, weight, out, part, m, n, k, per, rows.stride(0), weight.stride(0), out.stride(0),
+        IEEE=_ieee(x), BM=b.m, BN=b.n, BK=b.k, SPLIT=parts, num_warps=b.warps,
     )  # fmt: skip
+    add_splits(part, out)
     return out.view(*lead, n)
 
 
@@ -259,39 +346,49 @@ class ExpertTiles(NamedTuple):
     end: torch.Tensor  # and its expert's end row, which masks the rest (end = start: a spare tile)
 
 
-def expert_tiles(counts: torch.Tensor, rows: int) -> ExpertTiles:
+def expert_tiles(counts: torch.Tensor, rows: int, block_m: int | None = None) -> ExpertTiles:
     """The tiles of `rows` rows sorted by expert, counts [E] of them per expert (no host sync): as
     many tiles as such rows can ever need, the real ones first.
 
-    Expert e's rows are ends[e] - counts[e] .. ends[e] - 1, in ceil(counts[e] / BLOCK_M) tiles, so
-    there are at most rows // BLOCK_M + (experts with rows) <= rows // BLOCK_M + min(E, rows) tiles:
-    each expert adds at most one part-filled tile.
+    Expert e's rows are ends[e] - counts[e] .. ends[e] - 1, in ceil(counts[e] / block_m) tiles, so
+    there are at most rows // block_m + (experts with rows) <= rows // block_m + min(E, rows) tiles:
+    each expert adds at most one part-filled tile. (`block_m` other than the mode's: `grouped_matmul`'s.)
     """
+    block_m = block_m or INVARIANT.m
     experts = counts.numel()
     ends = counts.cumsum(0, dtype=torch.int32)
-    per_expert = (counts + BLOCK_M - 1) // BLOCK_M
+    per_expert = (counts + block_m - 1) // block_m
     tile_ends = per_expert.cumsum(0, dtype=torch.int32)
-    tile = torch.arange(rows // BLOCK_M + min(experts, rows), dtype=torch.int32, device=counts.device)
+    tile = torch.arange(rows // block_m + min(experts, rows), dtype=torch.int32, device=counts.device)
     # the expert whose tiles hold `tile`: the first with tile_ends > tile (none for the spare tiles)
     expert = torch.searchsorted(tile_ends, tile, right=True, out_int32=True).clamp_(max=experts - 1)
-    start = (ends - counts)[expert] + (tile - (tile_ends - per_expert)[expert]) * BLOCK_M
+    start = (ends - counts)[expert] + (tile - (tile_ends - per_expert)[expert]) * block_m
     end = torch.where(tile < tile_ends[-1], ends[expert], start)
     return ExpertTiles(counts, expert, start, end)
 
 
-def _grouped_linear_forward(x: torch.Tensor, weight: torch.Tensor, tiles: ExpertTiles) -> torch.Tensor:
+def _grouped_linear_forward(
+    x: torch.Tensor, weight: torch.Tensor, tiles: ExpertTiles, blocks: Blocks | None = None
+) -> torch.Tensor:
+    blocks = blocks or INVARIANT
     rows, k = x.shape
     n = weight.shape[1]
     out = torch.empty((rows, n), dtype=x.dtype, device=x.device)
     if rows == 0:
         return out
     x, weight = x.contiguous(), weight.contiguous()
-    _grouped_linear_kernel[(tiles.expert.numel(), triton.cdiv(n, BLOCK_N))](
+    _grouped_linear_kernel[(tiles.expert.numel(), triton.cdiv(n, blocks.n))](
         x, weight, out, tiles.expert, tiles.start, tiles.end, n, k,
         x.stride(0), weight.stride(0), weight.stride(1), out.stride(0),
-        IEEE=_ieee(x), BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K, num_warps=WARPS,
+        IEEE=_ieee(x), BM=blocks.m, BN=blocks.n, BK=blocks.k, num_warps=blocks.warps,
     )  # fmt: skip
     return out
+
+
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, tiles: ExpertTiles, blocks: Blocks) -> torch.Tensor:
+    """`grouped_linear`'s forward alone (no autograd) at any tiling, `tiles` built with blocks.m:
+    the default engine's experts (`kernels/moe.py`), where speed alone picks the tiles."""
+    return _grouped_linear_forward(x, weight, tiles, blocks)
 
 
 class _GroupedLinear(torch.autograd.Function):
@@ -326,11 +423,11 @@ def _causal_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
     _check_head_dim(d)
     q, k, v = (x.contiguous() for x in (q, k, v))
     out = torch.empty_like(q)
-    _causal_kernel[(triton.cdiv(t, BLOCK_M), b * h)](
+    _causal_kernel[(triton.cdiv(t, QUERY_ROWS), b * h)](
         q, k, v, out, t, h, h // k.shape[1],
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         out.stride(0), out.stride(1), out.stride(2), d**-0.5,
-        D=d, BM=BLOCK_M, BN=BLOCK_N, IEEE=_ieee(q), num_warps=WARPS,
+        D=d, BM=QUERY_ROWS, BN=KEYS, IEEE=_ieee(q), num_warps=WARPS,
     )  # fmt: skip
     return out
 
@@ -362,14 +459,12 @@ def decode_attention(
     n, h, _, d = q.shape
     _check_head_dim(d)
     hkv = k_cache.shape[1]
-    if h // hkv > BLOCK_M:
-        raise ValueError(f"decode_attention: {h // hkv} query heads per KV head, at most {BLOCK_M}")
     out = torch.empty_like(q)
-    _decode_kernel[(n, hkv)](
+    _decode_kernel[(n, hkv, triton.cdiv(h // hkv, QUERY_ROWS))](
         q, k_cache, v_cache, lengths, out, h // hkv,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), d**-0.5,
-        D=d, BM=BLOCK_M, BN=BLOCK_N, IEEE=_ieee(q), num_warps=WARPS,
+        D=d, BM=QUERY_ROWS, BN=KEYS, IEEE=_ieee(q), num_warps=WARPS,
     )  # fmt: skip
     return out
 
