@@ -8,7 +8,9 @@ random init, bf16. In one run:
 
 1. engine (ours): tokens/s at --batch-sizes, each sequence sampling exactly --new-tokens at
    temperature 1 from a distinct random --prompt-len prompt (best of two timed runs after a
-   warm-up that captures the CUDA graphs; the experts run as grouped GEMMs, `kernels/moe.py`),
+   warm-up that captures the CUDA graphs; the experts run as grouped GEMMs, `kernels/moe.py`:
+   torch._grouped_mm, or each of --expert-kernels side by side; --expert-sweep first times one
+   layer's experts at each Triton tiling against torch._grouped_mm),
    next to transformers' `generate` on the same weights (its run capped at --hf-new-tokens
    tokens, so the script stays short; tokens/s is a rate either way) and a roofline: the bytes
    one decode step must read at --hbm-tbps (attention, norms, routers and LM head, plus the
@@ -68,10 +70,13 @@ def prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[int]]:
     return torch.randint(0, vocab, (batch, length), generator=g).tolist()
 
 
-def bench_ours(model, batch: int, args, fp8: bool = False) -> tuple[dict, list]:
+def bench_ours(model, batch: int, args, fp8: bool = False, kernel: str = "grouped_mm") -> tuple[dict, list]:
     """`fp8`: the engine's FP8 (--rollout-fp8 on a copy of the model: attention and router GEMMs in
-    e4m3, the experts dequantized to bf16 as an FP8 version brings them; --kv-cache-dtype fp8_e4m3)."""
-    from slipstream.services.rollout.engine import NativeEngine, Request
+    e4m3, the experts dequantized to bf16 as an FP8 version brings them; --kv-cache-dtype fp8_e4m3).
+    `kernel`: the experts' grouped GEMM (`runner.MOE_EXPERT_KERNEL`)."""
+    from slipstream.services.rollout.engine import NativeEngine, Request, runner
+
+    runner.MOE_EXPERT_KERNEL = kernel  # read when the engine is built
 
     engine = NativeEngine(
         copy.deepcopy(model) if fp8 else model, eos_token_ids=[], max_batch_size=batch,
@@ -96,6 +101,64 @@ def bench_ours(model, batch: int, args, fp8: bool = False) -> tuple[dict, list]:
     }
     del engine
     return row, results
+
+
+SWEEP_BLOCKS = [(64, 64, 64, 4), (32, 64, 64, 4), (16, 64, 64, 4), (64, 128, 64, 4), (64, 128, 64, 8),
+                (32, 128, 64, 4), (16, 128, 64, 4), (64, 64, 128, 4), (32, 64, 128, 4), (16, 64, 128, 4),
+                (64, 32, 64, 4), (16, 32, 128, 4)]  # fmt: skip
+
+
+def expert_sweep(config: ModelConfig, batch_sizes: list[int]) -> list[dict]:
+    """One MoE layer's experts (`kernels.moe.grouped_experts`, routing uniform at random) at each
+    batch: microseconds a call replayed from a CUDA graph of 20 calls, torch._grouped_mm against the
+    Triton grouped GEMM at each tiling of SWEEP_BLOCKS."""
+    from slipstream.kernels import invariant_gpu, moe
+
+    e, k, h, i = (
+        config.num_experts,
+        config.num_experts_per_tok,
+        config.hidden_size,
+        config.moe_intermediate_size,
+    )
+    g = torch.Generator(device="cuda").manual_seed(0)
+    gate_up = 0.02 * torch.randn(e, 2 * i, h, device="cuda", generator=g, dtype=torch.bfloat16)
+    down = 0.02 * torch.randn(e, h, i, device="cuda", generator=g, dtype=torch.bfloat16)
+    rows = []
+    for batch in batch_sizes:
+        x = torch.randn(batch, h, device="cuda", generator=g, dtype=torch.bfloat16)
+        ids = torch.rand(batch, e, device="cuda", generator=g).topk(k, dim=-1).indices
+        weights = torch.rand(batch, k, device="cuda", generator=g).softmax(-1).bfloat16()
+        want = moe.grouped_experts(x, ids, weights, gate_up, down)
+        for blocks in [None, *SWEEP_BLOCKS]:
+            if blocks is not None:
+                moe.TRITON_BLOCKS = invariant_gpu.Blocks(*blocks)
+
+            def call(x=x, ids=ids, weights=weights, kernel="grouped_mm" if blocks is None else "triton"):
+                return moe.grouped_experts(x, ids, weights, gate_up, down, kernel)
+
+            got = call()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                call()
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(20):
+                    call()
+            graph.replay()
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(10):
+                graph.replay()
+            sync()
+            us = (time.perf_counter() - t0) / 200 * 1e6
+            rows.append({
+                "batch": batch, "kernel": "grouped_mm" if blocks is None else "triton", "blocks": blocks,
+                "us": round(us, 2), "max_abs_diff_vs_grouped_mm": float((got.float() - want.float()).abs().max()),
+            })  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def bench_hf(model, batch: int, args) -> dict:
@@ -277,6 +340,13 @@ def main() -> None:
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-trainer", action="store_true")
     ap.add_argument(
+        "--expert-kernels", nargs="+", default=["grouped_mm"], choices=["triton", "grouped_mm"],
+        help="the engine's grouped expert GEMM; the first is the table's, the others run beside it",
+    )  # fmt: skip
+    ap.add_argument(
+        "--expert-sweep", action="store_true", help="first time one layer's experts at each tiling"
+    )
+    ap.add_argument(
         "--device", default="cuda", help="cuda (the benchmark); cpu only to smoke-test the script"
     )
     ap.add_argument("--out", default="bench/results/moe_gpu.json")
@@ -297,12 +367,21 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "rows": [],
     }
+    if args.expert_sweep:
+        result["expert_sweep"] = expert_sweep(config, args.batch_sizes)
     train_results = None
+    first, *others = args.expert_kernels
+    result["expert_kernel"] = first
     for batch in args.batch_sizes:
         row = {"batch": batch, "roofline": roofline(config, batch, args, wb)}
-        row["ours_bf16"], results = bench_ours(model, batch, args)
+        row["ours_bf16"], results = bench_ours(model, batch, args, kernel=first)
+        for kernel in others:
+            row[f"ours_bf16_{kernel}"], _ = bench_ours(model, batch, args, kernel=kernel)
+            row[f"{first}_over_{kernel}"] = (
+                row["ours_bf16"]["tokens_per_s"] / row[f"ours_bf16_{kernel}"]["tokens_per_s"]
+            )
         if args.fp8:
-            row["ours_fp8"], _ = bench_ours(model, batch, args, fp8=True)
+            row["ours_fp8"], _ = bench_ours(model, batch, args, fp8=True, kernel=first)
             row["fp8_over_bf16"] = row["ours_fp8"]["tokens_per_s"] / row["ours_bf16"]["tokens_per_s"]
             gc.collect()
             torch.cuda.empty_cache()

@@ -6,8 +6,11 @@ H200 it is CUTLASS's grouped GEMM, and the engine's graphed bf16 decode must giv
 path's greedy tokens and expert records.
 """
 
+import textwrap
+
 import pytest
 import torch
+from kernel_checks import needs_interpreter, run_checks
 
 from slipstream.kernels.moe import available, grouped_experts, use_grouped_experts
 from slipstream.models import ModelConfig, Routing, init_model
@@ -82,6 +85,48 @@ def test_a_model_switched_to_grouped_experts_routes_and_computes_alike():
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(replayed, got, atol=0, rtol=0)
     assert torch.equal(got_routing.stacked(), want_routing.stacked())
+
+
+TRITON_CHECKS = textwrap.dedent(
+    """
+    import torch
+    from slipstream.kernels import invariant_gpu, moe
+    from slipstream.models.moe import Experts
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(0)
+    e = Experts(16, 64, 32)
+    with torch.no_grad():
+        e.gate_up_proj.copy_(0.1 * torch.randn(e.gate_up_proj.shape, generator=g))
+        e.down_proj.copy_(0.1 * torch.randn(e.down_proj.shape, generator=g))
+    e = e.to(device)
+    for n in (1, 5, 70):
+        x = torch.randn(n, 64, generator=g).to(device)
+        scores = torch.rand(n, 16, generator=g)
+        scores[:, [3, 7]] = -1  # experts nobody chose
+        ids = scores.topk(4, dim=-1).indices.to(device)
+        weights = torch.rand(n, 4, generator=g).softmax(-1).to(device)
+        want = e(x, ids, weights)
+        for blocks in ((64, 64, 64, 4), (16, 128, 64, 4), (32, 32, 128, 4)):
+            moe.TRITON_BLOCKS = invariant_gpu.Blocks(*blocks)
+            got = moe.grouped_experts(x, ids, weights, e.gate_up_proj, e.down_proj, "triton")
+            assert torch.allclose(got, want, atol=1e-5, rtol=1e-4), (n, blocks, (got - want).abs().max())
+    print("ok")
+    """
+)
+
+
+@needs_interpreter
+def test_triton_grouped_experts_under_the_interpreter():
+    """The engine's experts on CUDA (`kernel="triton"`, at several tilings) against the expert loop,
+    fp32, under Triton's interpreter (a subprocess; skipped without Triton)."""
+    run_checks(TRITON_CHECKS, interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_triton_grouped_experts_on_the_gpu():
+    run_checks(TRITON_CHECKS, interpret=False)
 
 
 @pytest.mark.gpu

@@ -28,12 +28,12 @@ scales and run W4A16 (`kernels.w4a16`: a Triton GEMM on CUDA, dequantize-then-ma
 an int4 version is copied in as the packed bytes it arrived as, an FP8 one as its blocks
 (`quantized_weights.py`).
 
-A mixture-of-experts model (Qwen3-MoE) runs its experts as two grouped GEMMs on a Hopper GPU in
-bf16 (`kernels.moe`: no host sync), so its decode steps are CUDA graphs like a dense model's (the
-fused decoder is dense-only); elsewhere (the CPU, fp32) it runs the model's eager expert loop
-without graphs (one warning line on CUDA). Under --true-on-policy-mode on CUDA the experts are the
-invariant grouped GEMMs instead (`kernels.invariant_gpu.grouped_linear`, no host sync either), and
-decode runs in graphs too (`INVARIANT_MOE_GRAPHS`). Prefill and decode pass the model
+A mixture-of-experts model (Qwen3-MoE) runs its experts as two grouped GEMMs on CUDA (`kernels.moe`:
+torch._grouped_mm on Hopper in bf16, Triton elsewhere, `MOE_EXPERT_KERNEL`; no host sync), so its
+decode steps are CUDA graphs like a dense model's (the fused decoder is dense-only); on the CPU it runs the model's eager expert loop. Under
+--true-on-policy-mode on CUDA the experts are the invariant grouped GEMMs at the mode's one tiling
+(`kernels.invariant_gpu.grouped_linear`), decoded in graphs too (`INVARIANT_MOE_GRAPHS`), and
+summed over k in the trainer's order. Prefill and decode pass the model
 a `Routing` and record the expert ids it routed each fed position to (`slots.out_experts`; the
 graphs return them), read back at retire like the tokens: every position of the sequence but the
 last, prompt included (prefill computes them anyway, and R3 must replay the prompt's routing too).
@@ -81,6 +81,13 @@ KV_CACHE_DTYPES: dict[str, torch.dtype | None] = {"auto": None, "fp8_e4m3": FP8_
 # max |trainer - sampler| 0.0 over 16,416 sampled tokens at concurrency 1/8/64 with graphs on,
 # 3.5-4.9x the mode's tokens/s without them (bench/true_on_policy.py --invariant-moe-graphs).
 INVARIANT_MOE_GRAPHS = True
+
+# The default engine's MoE experts on CUDA (`kernels/moe.py`): "grouped_mm", torch._grouped_mm
+# (CUTLASS, Hopper bf16 only), or "triton", the bitwise mode's grouped GEMM at the engine's tiling,
+# which runs on any CUDA GPU and dtype and is what a model takes where grouped_mm does not. On the
+# H200 at the Qwen3-30B-A3B shape neither wins throughout (bench/moe_gpu.py --expert-kernels,
+# session 16: Triton 0.99x / 1.12x / 0.94x grouped_mm's tokens/s at batch 1 / 64 / 256).
+MOE_EXPERT_KERNEL = "grouped_mm"
 
 if TYPE_CHECKING:
     from slipstream.services.rollout.engine.speculative import Speculator
@@ -146,10 +153,10 @@ class ModelRunner:
             fused_decode = False  # the fused decoder is dense-only
             # Grouped GEMMs have static shapes and no host sync, so MoE decode runs in CUDA graphs;
             # the expert loop reads per-expert counts on the host and cannot be captured.
-            grouped = use_grouped_experts(model)
+            grouped = use_grouped_experts(model, MOE_EXPERT_KERNEL) or use_grouped_experts(model, "triton")
             if not grouped and cuda_graphs:
                 log.warning(
-                    "MoE model: grouped expert GEMMs need a Hopper GPU and bf16; decoding without CUDA graphs"
+                    "MoE model: no grouped expert GEMM for these weights; decoding without CUDA graphs"
                 )
                 cuda_graphs = False
         self.draft_layers = draft_layers
