@@ -213,6 +213,17 @@ FUSED_CHECKS = textwrap.dedent(
         gu = torch.randn(5, 2 * 80, device=device).to(dtype)
         ref = F.silu(gu[:, :80]) * gu[:, 80:]
         assert torch.allclose(fused.silu_mul(gu).float(), ref.float(), atol=tol, rtol=tol)
+    # write_kv: a step's keys and values (v strided, as a view of q|k|v) into the cache at each
+    # slot's position, as indexed assignment writes them; nothing else moves
+    kc, vc = torch.randn(5, 2, 16, 32, device=device), torch.randn(5, 2, 16, 32, device=device)
+    want_k, want_v = kc.clone(), vc.clone()
+    k = torch.randn(3, 2, 1, 32, device=device)
+    v = torch.randn(3, 1, 4 * 32, device=device)[..., 64:].view(3, 1, 2, 32).transpose(1, 2)
+    positions = torch.tensor([0, 9, 15], device=device)
+    gpu.write_kv(k, v, positions, kc, vc)
+    rows = torch.arange(3, device=device)
+    want_k[rows, :, positions], want_v[rows, :, positions] = k[:, :, 0], v[:, :, 0]
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
     # backward: PyTorch's over the model's ops (fp32)
     x = torch.randn(6, 96, device=device, requires_grad=True)
     ws = [torch.randn(n, 96, device=device, requires_grad=True) for n in (128, 64)]

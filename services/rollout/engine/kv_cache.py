@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from slipstream.kernels import attention as decode_kernel
-from slipstream.kernels import invariant
+from slipstream.kernels import invariant, invariant_gpu
 from slipstream.models import Attention
 from slipstream.quant import FP8_DTYPE, FP8_MAX
 
@@ -145,10 +145,14 @@ class KVCache:
 
         lengths = positions + 1
         fast = decode_kernel.available(self.k) and not self.invariant
+        write_in_one = self.invariant and invariant_gpu.available(self.k)  # the mode's cache: model dtype
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.k[layer, rows, :, positions] = self._stored(k[:, :, 0])
-            self.v[layer, rows, :, positions] = self._stored(v[:, :, 0])
+            if write_in_one:  # one launch for the keys and values (the mode's decode on CUDA)
+                invariant_gpu.write_kv(k, v, positions, self.k[layer], self.v[layer])
+            else:
+                self.k[layer, rows, :, positions] = self._stored(k[:, :, 0])
+                self.v[layer, rows, :, positions] = self._stored(v[:, :, 0])
             if self.invariant:
                 return invariant.decode_attention(q, self.k[layer], self.v[layer], lengths, kv_len)
             if fast:  # reads each slot only up to its own length (kernels/attention.py)

@@ -244,6 +244,19 @@ if triton is not None:
         )
 
     @triton.jit
+    def _write_kv_kernel(
+        k_ptr, v_ptr, pos_ptr, kc_ptr, vc_ptr, sk_n, sk_h, sv_n, sv_h, sc_n, sc_h, sc_t,
+        D: tl.constexpr,
+    ):  # fmt: skip
+        """Program (slot, KV head): the step's key and value into the cache at the slot's position."""
+        i = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        d = tl.arange(0, D)
+        dst = i * sc_n + h * sc_h + tl.load(pos_ptr + i).to(tl.int64) * sc_t + d
+        tl.store(kc_ptr + dst, tl.load(k_ptr + i * sk_n + h * sk_h + d))
+        tl.store(vc_ptr + dst, tl.load(v_ptr + i * sv_n + h * sv_h + d))
+
+    @triton.jit
     def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, N, eps, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
@@ -467,6 +480,21 @@ def decode_attention(
         D=d, BM=QUERY_ROWS, BN=KEYS, IEEE=_ieee(q), num_warps=WARPS,
     )  # fmt: skip
     return out
+
+
+def write_kv(
+    k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> None:
+    """A decode step's keys and values (k, v [n,Hkv,1,D], any strides with D contiguous) into slots
+    0..n-1 of one layer's cache ([slots,Hkv,capacity,D], the same dtype) at `positions` [n]: one
+    launch for both, where indexed assignment takes two and a copy."""
+    n, hkv, _, d = k.shape
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        k, v = k.contiguous(), v.contiguous()
+    _write_kv_kernel[(n, hkv)](
+        k, v, positions, k_cache, v_cache, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), D=d,
+    )  # fmt: skip
 
 
 def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
