@@ -23,15 +23,20 @@ class CorruptPayload(ValueError):
     """A stream entry whose payload is not the message it should be."""
 
 
-def decode_group(fields: dict[bytes, bytes]) -> types_pb2.Group:
+def _parse(fields: dict[bytes, bytes], message, name: str):
+    """The entry's payload parsed into `message` (a fresh protobuf message of type `name`)."""
     data = fields.get(PAYLOAD)
     if data is None:
         raise CorruptPayload(f"no {PAYLOAD.decode()!r} field (fields: {sorted(k.decode() for k in fields)})")
-    group = types_pb2.Group()
     try:
-        group.ParseFromString(data)
+        message.ParseFromString(data)
     except DecodeError as e:
-        raise CorruptPayload(f"not a Group: {e}") from None
+        raise CorruptPayload(f"not a {name}: {e}") from None
+    return message
+
+
+def decode_group(fields: dict[bytes, bytes]) -> types_pb2.Group:
+    group = _parse(fields, types_pb2.Group(), "Group")
     if not group.samples:
         raise CorruptPayload("Group without samples")
     try:  # parseable is not enough: the trainer must be able to use every number in it
@@ -44,12 +49,4 @@ def decode_group(fields: dict[bytes, bytes]) -> types_pb2.Group:
 
 
 def decode_sample(fields: dict[bytes, bytes]) -> types_pb2.Sample:
-    data = fields.get(PAYLOAD)
-    if data is None:
-        raise CorruptPayload(f"no {PAYLOAD.decode()!r} field")
-    sample = types_pb2.Sample()
-    try:
-        sample.ParseFromString(data)
-    except DecodeError as e:
-        raise CorruptPayload(f"not a Sample: {e}") from None
-    return sample
+    return _parse(fields, types_pb2.Sample(), "Sample")
