@@ -201,6 +201,15 @@ FUSED_CHECKS = textwrap.dedent(
             assert torch.allclose(got_k.float(), ref_k.float(), atol=tol, rtol=tol), (got_k - ref_k).abs().max()
             one_q, one_k = fused.norm_rope(q[1:, 3:4], k[1:, 3:4], *weights, cos[1:, 3:4], sin[1:, 3:4], 1e-6)
             assert torch.equal(one_q[0, :, 0], got_q[1, :, 3]) and torch.equal(one_k[0, :, 0], got_k[1, :, 3])
+    # a decode step's shape ([n, 1, ...] views: the size-1 dimension's stride is not the row's):
+    # read in place, the same numbers as from contiguous copies
+    qkv = torch.randn(5, 1, (h + 2 * hkv) * d, device=device)
+    q, k = qkv[..., : h * d].view(5, 1, h, d), qkv[..., h * d : (h + hkv) * d].view(5, 1, hkv, d)
+    assert q.stride(0) != q.shape[1] * q.stride(1)
+    qw, kw = torch.rand(d, device=device) + 0.5, torch.rand(d, device=device) + 0.5
+    cos, sin = torch.randn(5, 1, d, device=device), torch.randn(5, 1, d, device=device)
+    got, want = fused.norm_rope(q, k, qw, kw, cos, sin, 1e-6), fused.norm_rope(q.contiguous(), k.contiguous(), qw, kw, cos, sin, 1e-6)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
     # add_rms_norm: x + y exactly as PyTorch adds, and the norm; silu_mul
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
         x, y = torch.randn(3, 7, 96, device=device).to(dtype), torch.randn(3, 7, 96, device=device).to(dtype)
@@ -253,6 +262,37 @@ FUSED_CHECKS = textwrap.dedent(
     print("ok")
     """
 )
+
+
+ENGINE_CHECKS = textwrap.dedent(
+    """
+    import sys, tempfile
+    from pathlib import Path
+    sys.path.insert(0, "tests")
+    from slipstream.kernels import invariant_gpu as gpu, invariant_fused as fused
+    gpu.available = fused.usable = lambda x: True  # the CUDA path, on CPU tensors
+    from mesh_fixtures import build_tiny_model
+    from test_true_on_policy import _cfg, _mismatch, _rollout
+    from slipstream.services.trainer.actor import Actor
+
+    # every projection a whole number of column blocks (fused q|k|v and gate|up), down_proj split
+    # in two (K = 512), and the engine's decode shapes: [n, 1] rows, the KV writes in one launch
+    model_dir = Path(tempfile.mkdtemp()) / "model"
+    build_tiny_model(model_dir, max_position_embeddings=96, hidden_size=128, head_dim=32, intermediate_size=512)
+    assert gpu.k_splits(128, 512) == (2, 256)
+    worst, n = _mismatch(Actor.from_config(_cfg(model_dir)), _rollout(model_dir, True))
+    assert n > 250 and worst == 0.0, (worst, n)
+    print("ok")
+    """
+)
+
+
+@needs_interpreter
+def test_the_engine_decodes_what_the_trainer_computes_through_the_kernels_under_the_interpreter():
+    """The engine's sampled log-probs against the trainer's, bit for bit, with every CUDA kernel of the
+    mode (fused glue, split-K, KV writes, attention) run by Triton's interpreter on the CPU (fp32):
+    what `test_sampler_log_probs_equal_the_trainers_on_the_gpu` checks on a GPU, where one is lent."""
+    run_checks(ENGINE_CHECKS, interpret=True)
 
 
 @needs_interpreter

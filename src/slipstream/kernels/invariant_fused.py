@@ -118,7 +118,7 @@ if triton is not None:
     @triton.jit
     def _norm_rope_kernel(
         q_ptr, k_ptr, qw_ptr, kw_ptr, cos_ptr, sin_ptr, q_out, k_out, T, H, HKV,
-        sq_tok, sk_tok, s_cos_b, s_cos_t, eps, NORM: tl.constexpr, D: tl.constexpr,
+        sq_b, sq_t, sk_b, sk_t, s_cos_b, s_cos_t, eps, NORM: tl.constexpr, D: tl.constexpr,
     ):  # fmt: skip
         """Program (token, head): heads 0..H-1 are q's, H..H+HKV-1 k's; out [B, heads, T, D]."""
         tok = tl.program_id(0).to(tl.int64)
@@ -127,12 +127,12 @@ if triton is not None:
         cos_row = cos_ptr + b * s_cos_b + t * s_cos_t
         sin_row = sin_ptr + b * s_cos_b + t * s_cos_t
         if head < H:
-            src = q_ptr + tok * sq_tok + head * D
+            src = q_ptr + b * sq_b + t * sq_t + head * D
             dst = q_out + ((b * H + head) * T + t) * D
             _norm_rope_row(src, qw_ptr, cos_row, sin_row, dst, eps, NORM, D)
         else:
             h = head - H
-            src = k_ptr + tok * sk_tok + h * D
+            src = k_ptr + b * sk_b + t * sk_t + h * D
             dst = k_out + ((b * HKV + h) * T + t) * D
             _norm_rope_row(src, kw_ptr, cos_row, sin_row, dst, eps, NORM, D)
 
@@ -236,7 +236,7 @@ class _NormRope(torch.autograd.Function):
         norm = q_weight is not None
         _norm_rope_kernel[(b * t, h + hkv)](
             q, k, q_weight if norm else q, k_weight if norm else k, cos, sin, q_out, k_out, t, h, hkv,
-            q.stride(1), k.stride(1), cos.stride(0), cos.stride(1), eps, NORM=norm, D=d,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), cos.stride(1), eps, NORM=norm, D=d,
             num_warps=GLUE_WARPS,
         )  # fmt: skip
         return q_out, k_out
@@ -259,14 +259,12 @@ def norm_rope(
     q: torch.Tensor, k: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
     cos: torch.Tensor, sin: torch.Tensor, eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """q [B,T,H,D], k [B,T,Hkv,D] (rows may be strided: views of a q|k|v output; heads contiguous),
+    """q [B,T,H,D], k [B,T,Hkv,D] (tokens at any strides: views of a q|k|v output; heads contiguous),
     per-head RMSNorm weights (None: no norm), cos/sin [B,T,D] -> q [B,H,T,D], k [B,Hkv,T,D]."""
     d = q.shape[-1]
     gpu._check_head_dim(d)
     if q.stride(-1) != 1 or q.stride(-2) != d or k.stride(-1) != 1 or k.stride(-2) != d:
-        q, k = q.contiguous(), k.contiguous()
-    if q.stride(0) != q.shape[1] * q.stride(1) or k.stride(0) != k.shape[1] * k.stride(1):
-        q, k = q.contiguous(), k.contiguous()  # the kernel walks tokens as b * T + t
+        q, k = q.contiguous(), k.contiguous()  # a token's heads side by side (any token strides)
     if cos.stride(-1) != 1:
         cos, sin = cos.contiguous(), sin.contiguous()
     return _NormRope.apply(q, k, q_weight, k_weight, cos, sin, eps)
