@@ -26,9 +26,7 @@ engine setting in the cost rows:
         --out $OUT/true_on_policy_gpu_moe_graphs.json
 
 --profile first profiles decode steps at each --concurrency with the mode on and off (wall ms,
-kernels and GPU-busy ms a step, the largest kernels); --gemm-blocks M N K WARPS runs the mode's
-GEMMs, the trainer's and the engine's alike, at another tiling (still one for every batch);
---unfused-glue runs the mode's layers without `invariant_fused`'s kernels (the model's own ops);
+kernels and GPU-busy ms a step, the largest kernels); --unfused-glue runs the mode's layers without `invariant_fused`'s kernels (the model's own ops);
 --split-programs 0 runs its GEMMs without split-K; --attention-rows 64 its attention in the
 64-row tiles it had before session 16.
 """
@@ -193,10 +191,6 @@ def main() -> None:
         help="first profile the decode step, mode on and off, at each --concurrency (cuda)",
     )  # fmt: skip
     parser.add_argument(
-        "--gemm-blocks", type=int, nargs=4, metavar=("M", "N", "K", "WARPS"),
-        help="the mode's GEMM tiling on cuda, trainer and engine alike (default: invariant_gpu's)",
-    )  # fmt: skip
-    parser.add_argument(
         "--split-programs", type=int, default=None,
         help="invariant_gpu.SPLIT_PROGRAMS for the run (0: no split-K in the mode's GEMMs)",
     )  # fmt: skip
@@ -251,9 +245,6 @@ def main() -> None:
     if args.split_programs is not None:
         invariant_gpu.SPLIT_PROGRAMS = args.split_programs
         result["split_programs"] = args.split_programs
-    if args.gemm_blocks:
-        invariant_gpu.INVARIANT = invariant_gpu.Blocks(*args.gemm_blocks)
-        result["gemm_blocks"] = args.gemm_blocks
     if args.profile:
         result["profile"] = []
         for c in args.concurrency:

@@ -30,11 +30,11 @@ an int4 version is copied in as the packed bytes it arrived as, an FP8 one as it
 
 A mixture-of-experts model (Qwen3-MoE) runs its experts as two grouped GEMMs on CUDA (`kernels.moe`:
 torch._grouped_mm on Hopper in bf16, Triton elsewhere, `MOE_EXPERT_KERNEL`; no host sync), so its
-decode steps are CUDA graphs like a dense model's (the fused decoder is dense-only); on the CPU it runs the model's eager expert loop. Under
---true-on-policy-mode on CUDA the experts are the invariant grouped GEMMs at the mode's one tiling
-(`kernels.invariant_gpu.grouped_linear`), decoded in graphs too (`INVARIANT_MOE_GRAPHS`), and
-summed over k in the trainer's order. Prefill and decode pass the model
-a `Routing` and record the expert ids it routed each fed position to (`slots.out_experts`; the
+decode steps are CUDA graphs like a dense model's (the fused decoder is dense-only); on the CPU it
+runs the model's eager expert loop. Under --true-on-policy-mode on CUDA the experts are the
+invariant grouped GEMMs at the mode's one tiling (`kernels.invariant_gpu.grouped_linear`), decoded
+in graphs too (`INVARIANT_MOE_GRAPHS`), and summed over k in the trainer's order. Prefill and
+decode pass the model a `Routing` and record the expert ids it routed each fed position to (`slots.out_experts`; the
 graphs return them), read back at retire like the tokens: every position of the sequence but the
 last, prompt included (prefill computes them anyway, and R3 must replay the prompt's routing too).
 

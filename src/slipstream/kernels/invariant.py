@@ -51,7 +51,7 @@ from slipstream.kernels import invariant_fused as fused
 from slipstream.kernels import invariant_gpu as gpu
 from slipstream.kernels import sampling
 from slipstream.models.decoder import MLP, DecoderLayer, RMSNorm, SelfAttention
-from slipstream.models.moe import Experts, SparseMoE
+from slipstream.models.moe import Experts
 
 # On CUDA, the layer's glue in fused kernels (`invariant_fused.py`): q|k|v and gate|up one launch
 # each, the heads' norm + RoPE one, the residual add + norm one. False: the model's own ops (each
@@ -147,7 +147,7 @@ class InvariantDecoderLayer(DecoderLayer):
             return super().after_attention(x, out, routing)
         norm = self.post_attention_layernorm
         x, h = fused.add_rms_norm(x, self.self_attn.project_out(out), norm.weight, norm.eps)
-        return x + (self.mlp(h, routing) if isinstance(self.mlp, SparseMoE) else self.mlp(h))
+        return x + self.feed_forward(h, routing)
 
 
 class InvariantExperts(Experts):

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from slipstream.kernels import invariant_gpu as gpu
+from slipstream.models.decoder import rms_norm
 from slipstream.models.rope import apply_rope
 
 try:
@@ -180,7 +181,7 @@ def _multi_linear_forward(x: torch.Tensor, weights: tuple[torch.Tensor, ...]) ->
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     b = gpu.INVARIANT
     parts, per = gpu.k_splits(n, k)  # as `linear` of one weight of n rows would
-    part = gpu.split_output(m, n, parts, x)
+    part = gpu.split_output(parts, out)
     _multi_linear_kernel[(triton.cdiv(m, b.m), n // b.n, parts)](
         rows, *ws, out, part, m, *sizes, k, per, rows.stride(0), *[w.stride(0) for w in ws], out.stride(0),
         IEEE=gpu._ieee(x), BM=b.m, BN=b.n, BK=b.k, SPLIT=parts, num_warps=b.warps,
@@ -213,14 +214,10 @@ def multi_linear(x: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
     return _MultiLinear.apply(x, *weights)
 
 
-def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)  # models/decoder.py's
-
-
 def _norm_rope_ref(x, weight, eps, cos, sin):
     """The model's ops: x [B,T,H,D] -> [B,H,T,D] normed (weight not None) and rotated."""
     if weight is not None:
-        x = _rms_norm_ref(x, weight, eps)
+        x = rms_norm(x, weight, eps)
     return apply_rope(x.transpose(1, 2), cos, sin)
 
 
@@ -288,7 +285,7 @@ class _AddRMSNorm(torch.autograd.Function):
         x, y, weight = (t.detach().requires_grad_() for t in ctx.saved_tensors)
         with torch.enable_grad():
             total = x + y
-            out = _rms_norm_ref(total, weight, ctx.eps)
+            out = rms_norm(total, weight, ctx.eps)
         pairs = [(o, g) for o, g in ((total, grad_total), (out, grad_out)) if g is not None]
         grads = torch.autograd.grad([o for o, _ in pairs], (x, y, weight), [g for _, g in pairs])
         return *grads, None

@@ -44,6 +44,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from slipstream.models.decoder import rms_norm as model_rms_norm
+
 try:
     import triton
     import triton.language as tl
@@ -117,22 +119,8 @@ if triton is not None:
         rows = tl.program_id(0) * BM + tl.arange(0, BM)
         cols = tl.program_id(1) * BN + tl.arange(0, BN)
         k_lo = tl.program_id(2) * KS
-        acc = _tile(
-            x_ptr,
-            w_ptr,
-            rows,
-            M,
-            cols,
-            N,
-            k_lo,
-            tl.minimum(k_lo + KS, K),
-            stride_x,
-            stride_w,
-            IEEE,
-            BM,
-            BN,
-            BK,
-        )
+        k_hi = tl.minimum(k_lo + KS, K)
+        acc = _tile(x_ptr, w_ptr, rows, M, cols, N, k_lo, k_hi, stride_x, stride_w, IEEE, BM, BN, BK)
         _finish(acc, rows, cols, M, N, out_ptr, stride_out, part_ptr, SPLIT)
 
     @triton.jit
@@ -278,7 +266,7 @@ class Blocks(NamedTuple):
     warps: int = WARPS
 
 
-INVARIANT = Blocks()  # the mode's one tiling of every GEMM, trainer and engine (read at each call)
+INVARIANT = Blocks()  # the mode's one tiling of every GEMM, trainer and engine
 
 
 def _ieee(x: torch.Tensor) -> bool:
@@ -301,13 +289,14 @@ def k_splits(n: int, k: int) -> tuple[int, int]:
     return triton.cdiv(k, per), per
 
 
-def split_output(m: int, n: int, parts: int, like: torch.Tensor) -> torch.Tensor:
-    """The fp32 shares of a split GEMM (a placeholder when it does not split)."""
-    return torch.empty((parts, m, n) if parts > 1 else (1,), dtype=torch.float32, device=like.device)
+def split_output(parts: int, out: torch.Tensor) -> torch.Tensor:
+    """The fp32 shares of a split GEMM into `out` [m, n]; `out` itself when it does not split (the
+    kernel then stores there and never touches the shares' pointer)."""
+    return torch.empty((parts, *out.shape), dtype=torch.float32, device=out.device) if parts > 1 else out
 
 
 def add_splits(part: torch.Tensor, out: torch.Tensor) -> None:
-    if part.dim() == 3:
+    if part is not out:
         mn, block = out.numel(), 1024
         _split_sum_kernel[(triton.cdiv(mn, block),)](part, out, mn, SPLIT=part.shape[0], BLOCK=block)
 
@@ -320,7 +309,7 @@ def _linear_forward(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     b = INVARIANT
     parts, per = k_splits(n, k)
-    part = split_output(m, n, parts, x)
+    part = split_output(parts, out)
     _linear_kernel[(triton.cdiv(m, b.m), triton.cdiv(n, b.n), parts)](
         rows, weight, out, part, m, n, k, per, rows.stride(0), weight.stride(0), out.stride(0),
         IEEE=_ieee(x), BM=b.m, BN=b.n, BK=b.k, SPLIT=parts, num_warps=b.warps,
@@ -380,9 +369,12 @@ def expert_tiles(counts: torch.Tensor, rows: int, block_m: int | None = None) ->
     return ExpertTiles(counts, expert, start, end)
 
 
-def _grouped_linear_forward(
+def grouped_matmul(
     x: torch.Tensor, weight: torch.Tensor, tiles: ExpertTiles, blocks: Blocks | None = None
 ) -> torch.Tensor:
+    """`grouped_linear`'s forward (no autograd), at the mode's tiling or `blocks` (`tiles` built
+    with blocks.m): the default engine's experts take it too (`kernels/moe.py`), where speed alone
+    picks the tiles."""
     blocks = blocks or INVARIANT
     rows, k = x.shape
     n = weight.shape[1]
@@ -398,18 +390,12 @@ def _grouped_linear_forward(
     return out
 
 
-def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, tiles: ExpertTiles, blocks: Blocks) -> torch.Tensor:
-    """`grouped_linear`'s forward alone (no autograd) at any tiling, `tiles` built with blocks.m:
-    the default engine's experts (`kernels/moe.py`), where speed alone picks the tiles."""
-    return _grouped_linear_forward(x, weight, tiles, blocks)
-
-
 class _GroupedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, *tiles):
         tiles = ExpertTiles(*tiles)
         ctx.save_for_backward(x, weight, tiles.counts)
-        return _grouped_linear_forward(x, weight, tiles)
+        return grouped_matmul(x, weight, tiles)
 
     @staticmethod
     def backward(ctx, grad):
@@ -518,7 +504,7 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = (t.detach().requires_grad_() for t in ctx.saved_tensors)
         with torch.enable_grad():
-            out = weight * F.rms_norm(x.float(), (x.shape[-1],), eps=ctx.eps).to(x.dtype)
+            out = model_rms_norm(x, weight, ctx.eps)
         grad_x, grad_w = torch.autograd.grad(out, (x, weight), grad)
         return grad_x, grad_w, None
 

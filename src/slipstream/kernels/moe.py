@@ -85,12 +85,13 @@ def use_grouped_experts(model: nn.Module, kernel: str = "grouped_mm") -> int:
 
     switched = 0
     for module in model.modules():
-        weight = module.gate_up_proj if isinstance(module, Experts) else None
-        if weight is None:
+        if not isinstance(module, Experts):
             continue
-        if kernel == "triton" and not invariant_gpu.available(weight):
-            continue
-        if kernel == "grouped_mm" and not available(weight.device, weight.dtype):
+        weight = module.gate_up_proj
+        runs = (
+            invariant_gpu.available(weight) if kernel == "triton" else available(weight.device, weight.dtype)
+        )
+        if not runs:
             continue
 
         def forward(x, ids, weights, _m=module):

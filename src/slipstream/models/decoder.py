@@ -35,6 +35,12 @@ from slipstream.models.rope import apply_rope, rope_cos_sin
 Attention = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Normalise in fp32, cast back, then scale: the order transformers uses (bf16 logits match).
+    F.rms_norm is one fused kernel where the backend has one (decode is launch-bound)."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -42,9 +48,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32, cast back, then scale: the order transformers uses (bf16 logits match).
-        # F.rms_norm is one fused kernel where the backend has one (decode is launch-bound).
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def causal_attention(layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -134,8 +138,11 @@ class DecoderLayer(nn.Module):
         self, x: torch.Tensor, out: torch.Tensor, routing: Routing | None = None
     ) -> torch.Tensor:
         x = x + self.self_attn.project_out(out)
-        h = self.post_attention_layernorm(x)
-        return x + (self.mlp(h, routing) if isinstance(self.mlp, SparseMoE) else self.mlp(h))
+        return x + self.feed_forward(self.post_attention_layernorm(x), routing)
+
+    def feed_forward(self, h: torch.Tensor, routing: Routing | None = None) -> torch.Tensor:
+        """The MLP, or the MoE block with its routing."""
+        return self.mlp(h, routing) if isinstance(self.mlp, SparseMoE) else self.mlp(h)
 
 
 class DecoderModel(nn.Module):
